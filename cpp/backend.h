@@ -1,0 +1,133 @@
+// L2 compute: the Backend interface. The model (L3) expresses a forward pass as a sequence of
+// these ops on device buffers; a backend implements them (CPU: cpp/cpu/, CUDA: a later milestone).
+//
+// Conventions shared by every op:
+//   - Activations are fp32 at this interface (a backend may compute in lower precision inside an
+//     op, e.g. tensor-core GEMMs, but inputs and outputs are fp32 buffers). SSM and conv states are
+//     always fp32.
+//   - Large weights keep their storage dtype (Weight::dtype); small per-channel parameters (norm
+//     weights, conv weights and biases, A, D, dt biases) are fp32 (Param).
+//   - Shapes use mamba_ssm's names: B batch rows, L tokens per row, d d_model, E d_inner, N
+//     d_state, W d_conv, H nheads, P headdim, G ngroups. Row-major; "ld" is a row stride in
+//     elements, letting ops read column slices of a wider buffer (e.g. x and z inside xz).
+//   - All pointers are device pointers of the backend. Ops are asynchronous on backends that can
+//     be; copy_to_host synchronises.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "config.h"
+#include "dtype.h"
+
+namespace mambart {
+
+enum class DeviceKind { CPU, CUDA };
+
+// A large matrix (N rows of K elements) in its storage dtype.
+struct Weight {
+    const void* data = nullptr;
+    DType dtype = DType::F32;
+    int64_t rows = 0;  // N (output features)
+    int64_t cols = 0;  // K (input features)
+};
+
+// A small fp32 parameter vector or matrix.
+struct Param {
+    const float* data = nullptr;
+    int64_t numel = 0;
+};
+
+struct ConvParams {          // causal depthwise conv1d + SiLU, with a rolling state
+    const float* x;          // (B, L, C) pre-conv input, row stride ld_x
+    int64_t ld_x;
+    float* conv_state;       // (B, C, W) inout: the last W pre-conv inputs, oldest first
+    const float* weight;     // (C, W)
+    const float* bias;       // (C) or nullptr
+    float* out;              // (B, L, C) post-SiLU, contiguous
+    int64_t B, L, C, W;
+};
+
+struct SelectiveScanParams {  // Mamba-1: fused dt softplus, scan, D skip, SiLU(z) gate
+    const float* x;           // (B, L, E) post-conv input u, contiguous
+    const float* dt;          // (B, L, E) dt before bias and softplus, contiguous
+    const float* Bm;          // (B, L, N), row stride ld_bc
+    const float* Cm;          // (B, L, N), row stride ld_bc
+    int64_t ld_bc;
+    const float* z;           // (B, L, E), row stride ld_z
+    int64_t ld_z;
+    const float* A;           // (E, N) = -exp(A_log)
+    const float* D;           // (E)
+    const float* dt_bias;     // (E)
+    float* ssm_state;         // (B, E, N) inout
+    float* y;                 // (B, L, E) out, contiguous
+    int64_t B, L, E, N;
+};
+
+struct SsdParams {            // Mamba-2: dt softplus + clamp, chunked SSD scan, D skip, optional gate
+    const float* x;           // (B, L, H*P), row stride ld_xbc
+    const float* Bm;          // (B, L, G*N), row stride ld_xbc
+    const float* Cm;          // (B, L, G*N), row stride ld_xbc
+    int64_t ld_xbc;
+    const float* dt;          // (B, L, H) before bias and softplus, row stride ld_dt
+    int64_t ld_dt;
+    const float* z;           // (B, L, H*P) row stride ld_z, or nullptr (gate applied later)
+    int64_t ld_z;
+    const float* A;           // (H) = -exp(A_log)
+    const float* D;           // (H)
+    const float* dt_bias;     // (H)
+    float dt_min, dt_max;     // clamp of dt after softplus
+    float* ssm_state;         // (B, H, P, N) inout
+    float* y;                 // (B, L, H*P) out, contiguous
+    int64_t B, L, H, P, G, N;
+    int64_t chunk_size;       // Q
+};
+
+class Backend {
+ public:
+    virtual ~Backend() = default;
+    virtual DeviceKind kind() const = 0;
+    virtual std::string name() const = 0;
+
+    // ---- memory (allocation happens at load / stream set-up, never per token) ----
+    virtual void* alloc(size_t bytes, const char* what) = 0;
+    virtual void dealloc(void* p) noexcept = 0;
+    virtual void copy_to_device(void* dst, const void* src, size_t bytes) = 0;
+    virtual void copy_to_host(void* dst, const void* src, size_t bytes) = 0;
+    virtual void copy_device(void* dst, const void* src, size_t bytes) = 0;
+    virtual void zero(void* dst, size_t bytes) = 0;
+    // Places a weight from host memory (e.g. an mmap'd file) on the device in `dtype`. `keepalive`
+    // is host memory that outlives the backend's use of `src` (CPU zero-copy views rely on it).
+    // Returns the device pointer; `*owned` says whether dealloc() must free it.
+    virtual const void* place_weight(const void* src, DType src_dtype, size_t numel, DType dtype,
+                                     bool* owned) = 0;
+
+    // ---- ops ----
+    // out[n, :] = table[ids[n], :]  (table rows >= max id; ids validated by the caller)
+    virtual void embedding(const int32_t* ids, int64_t n, const Weight& table, float* out) = 0;
+    // residual (n, d) inout: residual += hidden (when hidden != nullptr);
+    // out (n, d) = norm(residual) * w (+ b for LayerNorm).
+    virtual void add_norm(float* residual, const float* hidden, const Param& w, const Param& b,
+                          NormKind kind, float eps, int64_t n, int64_t d, float* out) = 0;
+    // y[M, N] = x[M, K] · Wᵀ + bias, with row strides ldx / ldy; N may be < W.rows (first N rows).
+    virtual void linear(const float* x, int64_t ldx, int64_t M, const Weight& W, int64_t N,
+                        const float* bias, float* y, int64_t ldy) = 0;
+    virtual void conv1d(const ConvParams& p) = 0;
+    virtual void selective_scan(const SelectiveScanParams& p) = 0;
+    virtual void ssd_scan(const SsdParams& p) = 0;
+    // Grouped gated RMSNorm (norm_before_gate=False): v = y * silu(z);
+    // out = v * rsqrt(mean_group(v²) + eps) * w, groups of `group_size` along each row of E.
+    virtual void gated_rmsnorm(const float* y, const float* z, int64_t ld_z, const float* w,
+                               int64_t n, int64_t E, int64_t group_size, float eps, float* out) = 0;
+    // y (n, E) contiguous *= silu(z (n, E) row stride ld_z)
+    virtual void silu_gate(float* y, const float* z, int64_t ld_z, int64_t n, int64_t E) = 0;
+};
+
+std::unique_ptr<Backend> make_cpu_backend();
+// Device names: "cpu", "cuda", "cuda:N", "auto". Throws InvalidArgument / Unsupported.
+std::unique_ptr<Backend> make_backend(const std::string& device);
+bool cuda_available();
+
+}  // namespace mambart

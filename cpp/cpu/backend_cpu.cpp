@@ -1,0 +1,352 @@
+// The CPU backend: the reference implementation of every op, multi-threaded with OpenMP.
+// Projections go to cpu::linear (cpp/cpu/linear.cpp); the scans are written so that their inner
+// loops (over d_state N or headdim P) vectorize.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <vector>
+
+#include "backend.h"
+#include "cpu/linear.h"
+#include "error.h"
+
+namespace mambart {
+namespace {
+
+// softplus with the reference's threshold: v > 20 -> v.
+inline float softplus(float v) { return v > 20.0f ? v : std::log1p(std::exp(v)); }
+inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
+
+// exp(x) for x <= 0 (decays), vectorizable (no calls, no branches): 2^(x log2 e) split into an
+// integer power built in the exponent bits and a degree-6 polynomial for 2^f, f in [-0.5, 0.5].
+// Relative error < 2e-7; x below -87 gives 0.
+#pragma omp declare simd
+inline float exp_neg(float x) {
+    x = std::max(x, -87.0f);
+    const float t = x * 1.44269504088896341f;
+    const float k = std::nearbyint(t);
+    const float f = t - k;
+    // 2^f minimax-style Taylor coefficients (ln2^i / i!)
+    float p = 1.5403530393381606e-4f;
+    p = p * f + 1.3333558146428443e-3f;
+    p = p * f + 9.6181291076284772e-3f;
+    p = p * f + 5.5504108664821580e-2f;
+    p = p * f + 2.4022650695910072e-1f;
+    p = p * f + 6.9314718055994531e-1f;
+    p = p * f + 1.0f;
+    const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+
+class CpuBackend final : public Backend {
+ public:
+    DeviceKind kind() const override { return DeviceKind::CPU; }
+    std::string name() const override {
+        return str_cat("cpu (", omp_get_max_threads(), " threads)");
+    }
+
+    void* alloc(size_t bytes, const char* what) override {
+        void* p = std::aligned_alloc(64, ((bytes + 63) / 64) * 64 + 64);
+        if (!p) throw Error(str_cat("out of host memory allocating ", bytes, " bytes for ", what));
+        return p;
+    }
+    void dealloc(void* p) noexcept override { std::free(p); }
+    void copy_to_device(void* dst, const void* src, size_t n) override { std::memcpy(dst, src, n); }
+    void copy_to_host(void* dst, const void* src, size_t n) override { std::memcpy(dst, src, n); }
+    void copy_device(void* dst, const void* src, size_t n) override { std::memmove(dst, src, n); }
+    void zero(void* dst, size_t n) override { std::memset(dst, 0, n); }
+
+    const void* place_weight(const void* src, DType src_dtype, size_t numel, DType dtype,
+                             bool* owned) override {
+        const bool aligned = reinterpret_cast<uintptr_t>(src) % dtype_size(src_dtype) == 0;
+        if (src_dtype == dtype && aligned) {  // zero-copy view into the mapping
+            *owned = false;
+            return src;
+        }
+        if (src_dtype == dtype) {  // misaligned in the file: an aligned copy
+            void* dst = alloc(numel * dtype_size(dtype), "an aligned weight copy");
+            std::memcpy(dst, src, numel * dtype_size(dtype));
+            *owned = true;
+            return dst;
+        }
+        void* dst = alloc(numel * dtype_size(dtype), "a converted weight");
+        if (dtype == DType::F32) {
+            convert_to_f32(src, src_dtype, static_cast<float*>(dst), numel);
+        } else {
+            std::vector<float> tmp(std::min<size_t>(numel, size_t(1) << 20));
+            for (size_t off = 0; off < numel; off += tmp.size()) {
+                const size_t n = std::min(tmp.size(), numel - off);
+                convert_to_f32(static_cast<const char*>(src) + off * dtype_size(src_dtype),
+                               src_dtype, tmp.data(), n);
+                convert_from_f32(tmp.data(), static_cast<char*>(dst) + off * dtype_size(dtype),
+                                 dtype, n);
+            }
+        }
+        *owned = true;
+        return dst;
+    }
+
+    void embedding(const int32_t* ids, int64_t n, const Weight& table, float* out) override {
+        const int64_t d = table.cols;
+        const size_t es = dtype_size(table.dtype);
+        for (int64_t i = 0; i < n; ++i)
+            convert_to_f32(static_cast<const char*>(table.data) + size_t(ids[i]) * d * es,
+                           table.dtype, out + i * d, size_t(d));
+    }
+
+    void add_norm(float* residual, const float* hidden, const Param& w, const Param& b,
+                  NormKind kind, float eps, int64_t n, int64_t d, float* out) override {
+#pragma omp parallel for if (n > 4)
+        for (int64_t i = 0; i < n; ++i) {
+            float* r = residual + i * d;
+            if (hidden) {
+                const float* h = hidden + i * d;
+                for (int64_t j = 0; j < d; ++j) r[j] += h[j];
+            }
+            float* o = out + i * d;
+            if (kind == NormKind::RMSNorm) {
+                double ss = 0.0;
+                for (int64_t j = 0; j < d; ++j) ss += double(r[j]) * r[j];
+                const float rstd = 1.0f / std::sqrt(float(ss / d) + eps);
+                for (int64_t j = 0; j < d; ++j) o[j] = r[j] * rstd * w.data[j];
+            } else {
+                double s = 0.0;
+                for (int64_t j = 0; j < d; ++j) s += r[j];
+                const float mean = float(s / d);
+                double ss = 0.0;
+                for (int64_t j = 0; j < d; ++j) ss += double(r[j] - mean) * (r[j] - mean);
+                const float rstd = 1.0f / std::sqrt(float(ss / d) + eps);
+                for (int64_t j = 0; j < d; ++j)
+                    o[j] = (r[j] - mean) * rstd * w.data[j] + (b.data ? b.data[j] : 0.0f);
+            }
+        }
+    }
+
+    void linear(const float* x, int64_t ldx, int64_t M, const Weight& W, int64_t N,
+                const float* bias, float* y, int64_t ldy) override {
+        cpu::linear(x, ldx, M, W.cols, W.data, W.dtype, N, bias, y, ldy);
+    }
+
+    // Rolling-window causal conv: for each token the window shifts left by one, takes the new
+    // input in slot W-1, and y = bias + Σ_k w[k]·window[k]; SiLU after. The state is the window.
+    void conv1d(const ConvParams& p) override {
+        const int64_t C = p.C, W = p.W;
+        for (int64_t b = 0; b < p.B; ++b) {
+            float* state = p.conv_state + b * C * W;
+#pragma omp parallel for schedule(static) if (C * p.L > 4096)
+            for (int64_t c = 0; c < C; ++c) {
+                float* win = state + c * W;
+                const float* w = p.weight + c * W;
+                const float bias = p.bias ? p.bias[c] : 0.0f;
+                for (int64_t t = 0; t < p.L; ++t) {
+                    for (int64_t k = 0; k + 1 < W; ++k) win[k] = win[k + 1];
+                    win[W - 1] = p.x[(b * p.L + t) * p.ld_x + c];
+                    float acc = bias;
+                    for (int64_t k = 0; k < W; ++k) acc += w[k] * win[k];
+                    p.out[(b * p.L + t) * C + c] = silu(acc);
+                }
+            }
+        }
+    }
+
+    void selective_scan(const SelectiveScanParams& p) override {
+        const int64_t E = p.E, N = p.N, L = p.L;
+        for (int64_t b = 0; b < p.B; ++b) {
+#pragma omp parallel for schedule(static) if (E * L > 256)
+            for (int64_t e = 0; e < E; ++e) {
+                float* h = p.ssm_state + (b * E + e) * N;
+                const float* A = p.A + e * N;
+                for (int64_t t = 0; t < L; ++t) {
+                    const int64_t bt = b * L + t;
+                    const float delta = softplus(p.dt[bt * E + e] + p.dt_bias[e]);
+                    const float u = p.x[bt * E + e];
+                    const float* Bt = p.Bm + bt * p.ld_bc;
+                    const float* Ct = p.Cm + bt * p.ld_bc;
+                    const float du = delta * u;
+                    float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+                    for (int64_t n = 0; n < N; ++n) {
+                        const float hn = exp_neg(delta * A[n]) * h[n] + du * Bt[n];
+                        h[n] = hn;
+                        acc += Ct[n] * hn;
+                    }
+                    const float zz = p.z[bt * p.ld_z + e];
+                    p.y[bt * E + e] = (acc + p.D[e] * u) * silu(zz);
+                }
+            }
+        }
+    }
+
+    void ssd_scan(const SsdParams& p) override {
+        if (p.L == 1) {
+            ssd_step(p);
+        } else {
+            ssd_chunked(p);
+        }
+    }
+
+    void gated_rmsnorm(const float* y, const float* z, int64_t ld_z, const float* w, int64_t n,
+                       int64_t E, int64_t group_size, float eps, float* out) override {
+        const int64_t groups = E / group_size;
+#pragma omp parallel for if (n > 4)
+        for (int64_t i = 0; i < n; ++i) {
+            const float* yi = y + i * E;
+            const float* zi = z + i * ld_z;
+            float* oi = out + i * E;
+            for (int64_t j = 0; j < E; ++j) oi[j] = yi[j] * silu(zi[j]);
+            for (int64_t g = 0; g < groups; ++g) {
+                float* og = oi + g * group_size;
+                double ss = 0.0;
+                for (int64_t j = 0; j < group_size; ++j) ss += double(og[j]) * og[j];
+                const float rstd = 1.0f / std::sqrt(float(ss / group_size) + eps);
+                const float* wg = w + g * group_size;
+                for (int64_t j = 0; j < group_size; ++j) og[j] = og[j] * rstd * wg[j];
+            }
+        }
+    }
+
+    void silu_gate(float* y, const float* z, int64_t ld_z, int64_t n, int64_t E) override {
+        for (int64_t i = 0; i < n; ++i)
+            for (int64_t j = 0; j < E; ++j) y[i * E + j] *= silu(z[i * ld_z + j]);
+    }
+
+ private:
+    static float dt_value(const SsdParams& p, int64_t bt, int64_t h) {
+        const float v = softplus(p.dt[bt * p.ld_dt + h] + p.dt_bias[h]);
+        return std::min(std::max(v, p.dt_min), p.dt_max);
+    }
+
+    // One token per row: s = s·exp(Δ A) + Δ·x ⊗ B;  y = s·C + D x  (+ gate)
+    void ssd_step(const SsdParams& p) {
+        const int64_t H = p.H, P = p.P, N = p.N, heads_per_group = p.H / p.G;
+        for (int64_t b = 0; b < p.B; ++b) {
+#pragma omp parallel for schedule(static) if (H * P * N > 16384)
+            for (int64_t h = 0; h < H; ++h) {
+                const int64_t g = h / heads_per_group;
+                const float delta = dt_value(p, b, h);
+                const float dA = exp_neg(delta * p.A[h]);
+                const float* x = p.x + b * p.ld_xbc + h * P;
+                const float* Bv = p.Bm + b * p.ld_xbc + g * N;
+                const float* Cv = p.Cm + b * p.ld_xbc + g * N;
+                float* s = p.ssm_state + (b * H + h) * P * N;
+                float* y = p.y + b * H * P + h * P;
+                for (int64_t pp = 0; pp < P; ++pp) {
+                    const float dx = delta * x[pp];
+                    float* sp = s + pp * N;
+                    float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+                    for (int64_t n = 0; n < N; ++n) {
+                        const float v = sp[n] * dA + dx * Bv[n];
+                        sp[n] = v;
+                        acc += v * Cv[n];
+                    }
+                    y[pp] = acc + p.D[h] * x[pp];
+                }
+                if (p.z) {
+                    const float* z = p.z + b * p.ld_z + h * P;
+                    for (int64_t pp = 0; pp < P; ++pp) y[pp] *= silu(z[pp]);
+                }
+            }
+        }
+    }
+
+    // The SSD chunked algorithm (Mamba-2 paper, Listing 1), per row and chunk of Q tokens:
+    //   a_t = Δ_t A_h,  Λ_l = Σ_{i<=l} a_i  (within the chunk),  X_s = Δ_s x_s
+    //   Y_diag[l] = Σ_{s<=l} (C_l·B_s) exp(Λ_l − Λ_s) X_s            (intra-chunk, "stable segsum")
+    //   Y_off[l]  = exp(Λ_l) C_l·S                                    (S: state at chunk start)
+    //   S        <- exp(Λ_last) S + Σ_s exp(Λ_last − Λ_s) X_s ⊗ B_s   (state passing)
+    //   y = Y_diag + Y_off + D x (+ z gate)
+    void ssd_chunked(const SsdParams& p) {
+        const int64_t H = p.H, P = p.P, N = p.N, G = p.G, Q = p.chunk_size;
+        const int64_t heads_per_group = H / G;
+        std::vector<float> CB(size_t(G) * Q * Q);   // (G, Q, Q): C_l·B_s per group
+        std::vector<float> scratch(size_t(H) * Q * 3);  // per head: Δ, Λ, decay-to-end
+        for (int64_t b = 0; b < p.B; ++b) {
+            for (int64_t c0 = 0; c0 < p.L; c0 += Q) {
+                const int64_t Lc = std::min(Q, p.L - c0);
+#pragma omp parallel for collapse(2) schedule(static)
+                for (int64_t g = 0; g < G; ++g)
+                    for (int64_t l = 0; l < Lc; ++l) {
+                        const float* Cl = p.Cm + (b * p.L + c0 + l) * p.ld_xbc + g * N;
+                        float* row = CB.data() + (g * Q + l) * Q;
+                        for (int64_t s = 0; s <= l; ++s) {
+                            const float* Bs = p.Bm + (b * p.L + c0 + s) * p.ld_xbc + g * N;
+                            float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+                            for (int64_t n = 0; n < N; ++n) acc += Cl[n] * Bs[n];
+                            row[s] = acc;
+                        }
+                    }
+#pragma omp parallel for schedule(static)
+                for (int64_t h = 0; h < H; ++h) {
+                    const int64_t g = h / heads_per_group;
+                    float* delta = scratch.data() + h * Q * 3;
+                    float* cum = delta + Q;
+                    float* to_end = cum + Q;
+                    float run = 0.0f;
+                    for (int64_t l = 0; l < Lc; ++l) {
+                        delta[l] = dt_value(p, b * p.L + c0 + l, h);
+                        run += delta[l] * p.A[h];
+                        cum[l] = run;
+                    }
+                    for (int64_t l = 0; l < Lc; ++l) to_end[l] = exp_neg(cum[Lc - 1] - cum[l]);
+                    float* S = p.ssm_state + (b * H + h) * P * N;  // (P, N)
+                    for (int64_t l = 0; l < Lc; ++l) {
+                        const int64_t bt = b * p.L + c0 + l;
+                        const float* Cl = p.Cm + bt * p.ld_xbc + g * N;
+                        const float* xl = p.x + bt * p.ld_xbc + h * P;
+                        float* y = p.y + bt * H * P + h * P;
+                        const float off = exp_neg(cum[l]);
+                        // Y_off: exp(Λ_l) · S C_l ; then D skip
+                        for (int64_t pp = 0; pp < P; ++pp) {
+                            const float* Sp = S + pp * N;
+                            float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+                            for (int64_t n = 0; n < N; ++n) acc += Sp[n] * Cl[n];
+                            y[pp] = off * acc + p.D[h] * xl[pp];
+                        }
+                        // Y_diag
+                        const float* cb = CB.data() + (g * Q + l) * Q;
+                        for (int64_t s = 0; s <= l; ++s) {
+                            const float wgt = cb[s] * exp_neg(cum[l] - cum[s]) * delta[s];
+                            const float* xs = p.x + (b * p.L + c0 + s) * p.ld_xbc + h * P;
+#pragma omp simd
+                            for (int64_t pp = 0; pp < P; ++pp) y[pp] += wgt * xs[pp];
+                        }
+                        if (p.z) {
+                            const float* z = p.z + bt * p.ld_z + h * P;
+                            for (int64_t pp = 0; pp < P; ++pp) y[pp] *= silu(z[pp]);
+                        }
+                    }
+                    // State passing: S <- exp(Λ_last) S + Σ_s exp(Λ_last − Λ_s) Δ_s x_s ⊗ B_s
+                    const float total = exp_neg(cum[Lc - 1]);
+                    for (int64_t i = 0; i < P * N; ++i) S[i] *= total;
+                    for (int64_t s = 0; s < Lc; ++s) {
+                        const int64_t bt = b * p.L + c0 + s;
+                        const float* xs = p.x + bt * p.ld_xbc + h * P;
+                        const float* Bs = p.Bm + bt * p.ld_xbc + g * N;
+                        const float wgt = to_end[s] * delta[s];
+                        for (int64_t pp = 0; pp < P; ++pp) {
+                            const float coef = wgt * xs[pp];
+                            float* Sp = S + pp * N;
+#pragma omp simd
+                            for (int64_t n = 0; n < N; ++n) Sp[n] += coef * Bs[n];
+                        }
+                    }
+                }
+            }
+        }
+    }
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cpu_backend() { return std::make_unique<CpuBackend>(); }
+
+}  // namespace mambart

@@ -1,0 +1,29 @@
+// CPU matrix kernels behind every projection: y = x · Wᵀ (+ bias).
+//
+// The weight keeps its storage dtype (fp32, fp16 or bf16) and is converted to fp32 on the fly;
+// activations and accumulation are fp32. Two regimes:
+//   - M small (decode, batch 1..8): bandwidth-bound GEMV, each weight row read once per call;
+//   - M large (prefill): compute-bound GEMM.
+// Both use every core (OpenMP) and never allocate on the decode path beyond thread-local scratch
+// sized once.
+#pragma once
+
+#include <cstdint>
+
+#include "dtype.h"
+
+namespace mambart {
+namespace cpu {
+
+// y[M, N] = x[M, K] · W[N, K]ᵀ + bias[N]
+//   x:    (M, K) fp32, row stride ldx (elements, >= K)
+//   W:    (N, K) in `w_dtype`, contiguous rows (row stride K)
+//   bias: (N) fp32 or nullptr
+//   y:    (M, N) fp32, row stride ldy (elements, >= N); must not alias x
+void linear(const float* x, int64_t ldx, int64_t M, int64_t K,
+            const void* W, DType w_dtype, int64_t N,
+            const float* bias,
+            float* y, int64_t ldy);
+
+}  // namespace cpu
+}  // namespace mambart

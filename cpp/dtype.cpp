@@ -1,0 +1,128 @@
+#include "dtype.h"
+
+#include <cmath>
+
+#include "error.h"
+
+namespace mambart {
+
+size_t dtype_size(DType dt) {
+    switch (dt) {
+        case DType::F32: return 4;
+        case DType::F16: return 2;
+        case DType::BF16: return 2;
+    }
+    return 0;
+}
+
+const char* dtype_name(DType dt) {
+    switch (dt) {
+        case DType::F32: return "float32";
+        case DType::F16: return "float16";
+        case DType::BF16: return "bfloat16";
+    }
+    return "?";
+}
+
+DType dtype_from_name(const std::string& name, const char* what) {
+    if (name == "float32" || name == "fp32" || name == "f32") return DType::F32;
+    if (name == "float16" || name == "fp16" || name == "f16" || name == "half") return DType::F16;
+    if (name == "bfloat16" || name == "bf16") return DType::BF16;
+    throw InvalidArgument(str_cat(what, ": unknown dtype '", name,
+                                  "' (expected float32, float16 or bfloat16)"));
+}
+
+// IEEE half <-> single, bit-exact, round to nearest even.
+float f16_to_f32(uint16_t h) {
+    const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+    const uint32_t exp = (h >> 10) & 0x1fu;
+    uint32_t mant = h & 0x3ffu;
+    uint32_t u;
+    if (exp == 0) {
+        if (mant == 0) {
+            u = sign;
+        } else {  // subnormal: normalize
+            int e = -1;
+            do {
+                ++e;
+                mant <<= 1;
+            } while ((mant & 0x400u) == 0);
+            u = sign | (static_cast<uint32_t>(127 - 15 - e) << 23) | ((mant & 0x3ffu) << 13);
+        }
+    } else if (exp == 0x1f) {
+        u = sign | 0x7f800000u | (mant << 13);
+    } else {
+        u = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+    }
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+uint16_t f32_to_f16(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+    const uint32_t absu = u & 0x7fffffffu;
+    if (absu > 0x7f800000u) return sign | 0x7e00u;  // NaN
+    if (absu >= 0x477ff000u) {                       // rounds to >= 65520: inf
+        return sign | 0x7c00u;
+    }
+    if (absu < 0x38800000u) {  // result is subnormal or zero (|f| < 2^-14)
+        if (absu < 0x33000000u) return sign;  // < 2^-25 rounds to 0
+        const uint32_t e = absu >> 23;
+        uint32_t mant = (absu & 0x7fffffu) | 0x800000u;
+        const uint32_t shift = 126 - e;  // 14 - (e - 127) + 13 - ... bits to drop
+        // value = mant * 2^(e-150); half subnormal unit is 2^-24 -> q = mant >> (126 - e)
+        const uint32_t q = mant >> shift;
+        const uint32_t rem = mant & ((1u << shift) - 1);
+        const uint32_t half = 1u << (shift - 1);
+        uint32_t r = q;
+        if (rem > half || (rem == half && (q & 1u))) ++r;
+        return sign | static_cast<uint16_t>(r);
+    }
+    // normal
+    uint32_t r = absu - (112u << 23);  // rebias exponent 127 -> 15
+    const uint32_t rem = r & 0x1fffu;
+    r >>= 13;
+    if (rem > 0x1000u || (rem == 0x1000u && (r & 1u))) ++r;
+    return sign | static_cast<uint16_t>(r);
+}
+
+void convert_to_f32(const void* src, DType src_dt, float* dst, size_t n) {
+    switch (src_dt) {
+        case DType::F32:
+            std::memcpy(dst, src, n * 4);
+            return;
+        case DType::F16: {
+            const uint16_t* s = static_cast<const uint16_t*>(src);
+            for (size_t i = 0; i < n; ++i) dst[i] = f16_to_f32(s[i]);
+            return;
+        }
+        case DType::BF16: {
+            const uint16_t* s = static_cast<const uint16_t*>(src);
+            for (size_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(s[i]);
+            return;
+        }
+    }
+}
+
+void convert_from_f32(const float* src, void* dst, DType dst_dt, size_t n) {
+    switch (dst_dt) {
+        case DType::F32:
+            std::memcpy(dst, src, n * 4);
+            return;
+        case DType::F16: {
+            uint16_t* d = static_cast<uint16_t*>(dst);
+            for (size_t i = 0; i < n; ++i) d[i] = f32_to_f16(src[i]);
+            return;
+        }
+        case DType::BF16: {
+            uint16_t* d = static_cast<uint16_t*>(dst);
+            for (size_t i = 0; i < n; ++i) d[i] = f32_to_bf16(src[i]);
+            return;
+        }
+    }
+}
+
+}  // namespace mambart

@@ -1,0 +1,131 @@
+#include "sampling.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "error.h"
+
+namespace mambart {
+
+void validate(const SamplingOptions& o) {
+    MAMBART_CHECK_ARG(std::isfinite(o.temperature) && o.temperature >= 0.0f,
+                      "temperature must be >= 0 (0 = greedy), got ", o.temperature);
+    MAMBART_CHECK_ARG(o.top_k >= 0, "top_k must be >= 0 (0 = off), got ", o.top_k);
+    MAMBART_CHECK_ARG(o.top_p > 0.0f && o.top_p <= 1.0f, "top_p must be in (0, 1], got ", o.top_p);
+    MAMBART_CHECK_ARG(o.min_p >= 0.0f && o.min_p <= 1.0f, "min_p must be in [0, 1], got ",
+                      o.min_p);
+    MAMBART_CHECK_ARG(std::isfinite(o.repetition_penalty) && o.repetition_penalty > 0.0f,
+                      "repetition_penalty must be > 0 (1 = off), got ", o.repetition_penalty);
+}
+
+namespace {
+inline uint64_t splitmix64(uint64_t x) {
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+}  // namespace
+
+double uniform_draw(uint64_t seed, uint64_t stream, uint64_t counter) {
+    const uint64_t h = splitmix64(splitmix64(splitmix64(seed) ^ stream) ^ counter);
+    return double(h >> 11) * (1.0 / 9007199254740992.0);  // 53 bits
+}
+
+Sampler::Sampler(int64_t vocab_size)
+    : vocab_(vocab_size), seen_(size_t(vocab_size), 0), cand_(size_t(vocab_size)) {}
+
+void Sampler::observe(int32_t id) {
+    if (id < 0 || id >= vocab_ || seen_[size_t(id)]) return;
+    seen_[size_t(id)] = 1;
+    seen_list_.push_back(id);
+}
+
+void Sampler::clear_seen() {
+    for (int32_t id : seen_list_) seen_[size_t(id)] = 0;
+    seen_list_.clear();
+}
+
+double Sampler::filter(float* logits, const SamplingOptions& o) {
+    const int64_t V = vocab_;
+    if (o.repetition_penalty != 1.0f)
+        for (int32_t id : seen_list_) {
+            float& l = logits[id];
+            l = l < 0.0f ? l * o.repetition_penalty : l / o.repetition_penalty;
+        }
+    cand_.clear();
+    if (o.temperature == 0.0f) {
+        int32_t best = 0;
+        for (int64_t i = 1; i < V; ++i)
+            if (logits[i] > logits[best]) best = int32_t(i);
+        cand_.push_back({1.0f, best});
+        return 1.0;
+    }
+    const float inv_t = 1.0f / o.temperature;
+    for (int64_t i = 0; i < V; ++i) cand_.push_back({logits[i] * inv_t, int32_t(i)});
+    // Order: larger value first, lower id on ties.
+    auto before = [](const Cand& a, const Cand& b) { return a.p > b.p || (a.p == b.p && a.id < b.id); };
+    bool sorted = false;
+    if (o.top_k > 0 && o.top_k < V) {
+        std::partial_sort(cand_.begin(), cand_.begin() + o.top_k, cand_.end(), before);
+        cand_.resize(size_t(o.top_k));
+        sorted = true;
+    }
+    // Softmax over the candidates (max subtracted; sums in double).
+    float mx = -std::numeric_limits<float>::infinity();
+    for (const Cand& c : cand_) mx = std::max(mx, c.p);
+    double total = 0.0;
+    for (Cand& c : cand_) {
+        c.p = std::exp(c.p - mx);
+        total += c.p;
+    }
+    if (o.top_p < 1.0f) {
+        if (!sorted) std::sort(cand_.begin(), cand_.end(), before);
+        sorted = true;
+        double cum = 0.0;
+        size_t keep = 0;
+        while (keep < cand_.size()) {
+            cum += cand_[keep].p;
+            ++keep;
+            if (cum >= o.top_p * total) break;
+        }
+        cand_.resize(keep);
+        total = cum;
+    }
+    if (o.min_p > 0.0f) {
+        float pmax = 0.0f;
+        for (const Cand& c : cand_) pmax = std::max(pmax, c.p);
+        const float thr = o.min_p * pmax;
+        size_t j = 0;
+        total = 0.0;
+        for (size_t i = 0; i < cand_.size(); ++i)
+            if (cand_[i].p >= thr) {
+                cand_[j++] = cand_[i];
+                total += cand_[i].p;
+            }
+        cand_.resize(j);
+    }
+    return total;
+}
+
+int32_t Sampler::sample(float* logits, const SamplingOptions& o, uint64_t seed, uint64_t stream,
+                        uint64_t counter) {
+    const double total = filter(logits, o);
+    if (cand_.size() == 1) return cand_[0].id;
+    const double target = uniform_draw(seed, stream, counter) * total;
+    double cum = 0.0;
+    for (const Cand& c : cand_) {
+        cum += c.p;
+        if (cum > target) return c.id;
+    }
+    return cand_.back().id;  // rounding: u * total at the very top
+}
+
+void Sampler::probs(float* logits, const SamplingOptions& o, float* out) {
+    const double total = filter(logits, o);
+    std::fill(out, out + vocab_, 0.0f);
+    for (const Cand& c : cand_) out[c.id] = float(c.p / total);
+}
+
+}  // namespace mambart

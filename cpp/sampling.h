@@ -1,0 +1,68 @@
+// L4 runtime: sampling on fp32 logits.
+//
+// Order (each step optional): repetition penalty -> temperature -> top-k -> softmax -> top-p ->
+// min-p -> renormalise -> draw. temperature == 0 is greedy (argmax, lowest id on ties) after the
+// repetition penalty; the other filters do not apply then. These are the semantics any device
+// sampler must reproduce given the same uniform draw.
+//   repetition penalty: for each distinct id already seen, logit < 0 ? logit * p : logit / p
+//   top-k (k > 0): keep the k largest logits (ties broken by lower id)
+//   top-p (< 1): keep the smallest prefix, in order of decreasing probability, whose cumulative
+//                probability reaches top_p (the most likely token always survives)
+//   min-p (> 0): keep tokens whose probability >= min_p * the largest probability (standard
+//                min-p; the reference's variant compares logits, see docs)
+// The draw is a counter-based RNG: u = uniform(seed, stream, counter) in [0, 1), and the token
+// is the first (in decreasing-probability order, then id) whose cumulative probability exceeds
+// u * total. Same seed, same tokens.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace mambart {
+
+struct SamplingOptions {
+    float temperature = 0.0f;         // 0: greedy; > 0: sample from softmax(logits / T)
+    int64_t top_k = 0;                // 0: off
+    float top_p = 1.0f;               // 1: off; in (0, 1]
+    float min_p = 0.0f;               // 0: off; in [0, 1]
+    float repetition_penalty = 1.0f;  // 1: off; > 0
+};
+
+// Throws InvalidArgument naming the bad field.
+void validate(const SamplingOptions& opt);
+
+// A uniform double in [0, 1) from (seed, stream, counter): splitmix64 mixing, stateless.
+double uniform_draw(uint64_t seed, uint64_t stream, uint64_t counter);
+
+class Sampler {
+ public:
+    explicit Sampler(int64_t vocab_size);
+
+    // Marks ids as seen (prompt and generated tokens) for the repetition penalty.
+    void observe(int32_t id);
+    void clear_seen();
+
+    // Picks the next token from logits[vocab_size]; `logits` is used as scratch (modified).
+    int32_t sample(float* logits, const SamplingOptions& opt, uint64_t seed, uint64_t stream,
+                   uint64_t counter);
+
+    // The final distribution over the vocabulary after every filter (one-hot for greedy);
+    // for tests and for scoring the filters. `logits` is used as scratch.
+    void probs(float* logits, const SamplingOptions& opt, float* out);
+
+ private:
+    // Applies penalty/temperature/filters; fills cand_ with the surviving (id, prob) in draw order
+    // and returns their total probability. Greedy: a single candidate.
+    double filter(float* logits, const SamplingOptions& opt);
+
+    int64_t vocab_;
+    std::vector<uint8_t> seen_;       // (V) 1 if the id occurred
+    std::vector<int32_t> seen_list_;  // distinct seen ids
+    struct Cand {
+        float p;
+        int32_t id;
+    };
+    std::vector<Cand> cand_;          // (V) scratch, allocated once
+};
+
+}  // namespace mambart

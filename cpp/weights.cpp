@@ -1,0 +1,127 @@
+#include "weights.h"
+
+#include <cmath>
+#include <set>
+
+#include "error.h"
+
+namespace mambart {
+
+namespace {
+
+std::string shape_str(const std::vector<int64_t>& s) {
+    std::string out = "(";
+    for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+    return out + (s.size() == 1 ? ",)" : ")");
+}
+
+}  // namespace
+
+ModelWeights::ModelWeights(const std::string& dir, const ModelConfig& c, Backend& backend,
+                           DType dt)
+    : dtype(dt), backend_(backend) {
+    const std::string path = dir + "/model.safetensors";
+    file_ = std::make_unique<SafetensorsFile>(path);
+    std::set<std::string> used;
+
+    auto fetch = [&](const std::string& name, std::vector<int64_t> shape) -> const TensorInfo& {
+        const TensorInfo& t = file_->get(name);
+        if (t.shape != shape)
+            throw ModelLoadError(str_cat(path, ": tensor '", name, "' has shape ",
+                                         shape_str(t.shape), " but the config implies ",
+                                         shape_str(shape)));
+        used.insert(name);
+        return t;
+    };
+    auto track = [&](const void* p, bool owned, size_t bytes) {
+        if (owned) {
+            owned_.push_back(const_cast<void*>(p));
+            device_bytes += bytes;
+        }
+    };
+    auto weight = [&](const std::string& name, int64_t rows, int64_t cols) {
+        const TensorInfo& t = fetch(name, {rows, cols});
+        bool owned = false;
+        Weight w;
+        w.data = backend.place_weight(t.data, t.dtype, size_t(rows * cols), dt, &owned);
+        track(w.data, owned, size_t(rows * cols) * dtype_size(dt));
+        w.dtype = dt;
+        w.rows = rows;
+        w.cols = cols;
+        return w;
+    };
+    // Small parameters: fp32 on the device; `transform` is applied on the host first.
+    auto param = [&](const std::string& name, std::vector<int64_t> shape,
+                     float (*transform)(float) = nullptr) {
+        const TensorInfo& t = fetch(name, shape);
+        const size_t n = size_t(t.numel());
+        std::vector<float> host(n);
+        convert_to_f32(t.data, t.dtype, host.data(), n);
+        if (transform)
+            for (float& v : host) v = transform(v);
+        for (float v : host)
+            if (!std::isfinite(v))
+                throw ModelLoadError(str_cat(path, ": tensor '", name, "' holds NaN or Inf"));
+        bool owned = false;
+        const void* p = backend.place_weight(host.data(), DType::F32, n, DType::F32, &owned);
+        if (!owned) {  // the CPU backend returns views: copy, since `host` dies here
+            void* q = backend.alloc(n * 4, name.c_str());
+            backend.copy_to_device(q, host.data(), n * 4);
+            p = q;
+            owned = true;
+        }
+        track(p, owned, n * 4);
+        return Param{static_cast<const float*>(p), int64_t(n)};
+    };
+    auto neg_exp = [](float v) { return -std::exp(v); };
+
+    const int64_t d = c.d_model, E = c.d_inner, N = c.d_state, W = c.d_conv;
+    const bool ln = c.norm == NormKind::LayerNorm;
+    try {
+        embedding = weight("embedding.weight", c.vocab_size_padded, d);
+        norm_f_w = param("norm_f.weight", {d});
+        if (ln) norm_f_b = param("norm_f.bias", {d});
+        lm_head = c.tie_embeddings ? embedding : weight("lm_head.weight", c.vocab_size_padded, d);
+        layers.resize(size_t(c.n_layer));
+        for (int64_t i = 0; i < c.n_layer; ++i) {
+            LayerWeights& L = layers[size_t(i)];
+            const std::string pre = str_cat("layers.", i, ".");
+            const std::string mx = pre + "mixer.";
+            L.norm_w = param(pre + "norm.weight", {d});
+            if (ln) L.norm_b = param(pre + "norm.bias", {d});
+            L.in_proj = weight(mx + "in_proj.weight", c.d_in_proj(), d);
+            if (c.bias) L.in_proj_b = param(mx + "in_proj.bias", {c.d_in_proj()});
+            L.conv_w = param(mx + "conv1d.weight", {c.conv_dim(), 1, W});
+            if (c.conv_bias) L.conv_b = param(mx + "conv1d.bias", {c.conv_dim()});
+            if (c.arch == Arch::Mamba1) {
+                L.x_proj = weight(mx + "x_proj.weight", c.x_proj_dim(), E);
+                L.dt_proj = weight(mx + "dt_proj.weight", E, c.dt_rank);
+                L.dt_bias = param(mx + "dt_proj.bias", {E});
+                L.A = param(mx + "A_log", {E, N}, neg_exp);
+                L.D = param(mx + "D", {E});
+            } else {
+                L.dt_bias = param(mx + "dt_bias", {c.nheads});
+                L.A = param(mx + "A_log", {c.nheads}, neg_exp);
+                L.D = param(mx + "D", {c.nheads});
+                if (c.gated_norm) L.gated_norm_w = param(mx + "norm.weight", {E});
+            }
+            L.out_proj = weight(mx + "out_proj.weight", d, E);
+            if (c.bias) L.out_proj_b = param(mx + "out_proj.bias", {d});
+        }
+        for (const auto& kv : file_->tensors())
+            if (!used.count(kv.first))
+                throw ModelLoadError(str_cat(path, ": unexpected tensor '", kv.first,
+                                             "' (not part of a ", arch_name(c.arch),
+                                             " model with this config)"));
+    } catch (...) {
+        for (void* p : owned_) backend_.dealloc(p);
+        owned_.clear();
+        throw;
+    }
+}
+
+ModelWeights::~ModelWeights() {
+    for (void* p : owned_) backend_.dealloc(p);
+}
+
+}  // namespace mambart

@@ -1,0 +1,235 @@
+// The _C pybind11 module: Generator, GenerationStream, options and results, exception
+// translation, and a few test-only entry points (safetensors inspection, sampling on given
+// logits). Every call that computes releases the GIL.
+#include <pybind11/functional.h>
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <optional>
+
+#include "backend.h"
+#include "config.h"
+#include "error.h"
+#include "generator.h"
+#include "safetensors.h"
+#include "sampling.h"
+
+namespace py = pybind11;
+using namespace mambart;
+
+namespace {
+
+std::optional<DType> parse_dtype(const std::optional<std::string>& s) {
+    if (!s) return std::nullopt;
+    return dtype_from_name(*s, "dtype");
+}
+
+py::dict config_to_dict(const ModelConfig& c) {
+    py::dict d;
+    d["architecture"] = arch_name(c.arch);
+    d["d_model"] = c.d_model;
+    d["n_layer"] = c.n_layer;
+    d["vocab_size"] = c.vocab_size;
+    d["vocab_size_padded"] = c.vocab_size_padded;
+    d["d_inner"] = c.d_inner;
+    d["d_state"] = c.d_state;
+    d["d_conv"] = c.d_conv;
+    d["dt_rank"] = c.dt_rank;
+    d["headdim"] = c.headdim;
+    d["nheads"] = c.nheads;
+    d["ngroups"] = c.ngroups;
+    d["chunk_size"] = c.chunk_size;
+    d["norm"] = c.norm == NormKind::RMSNorm ? "rmsnorm" : "layernorm";
+    d["norm_eps"] = c.norm_eps;
+    d["residual_in_fp32"] = c.residual_in_fp32;
+    d["tie_embeddings"] = c.tie_embeddings;
+    d["eos_token_id"] = c.eos_token_id >= 0 ? py::object(py::int_(c.eos_token_id)) : py::none();
+    d["bos_token_id"] = c.bos_token_id >= 0 ? py::object(py::int_(c.bos_token_id)) : py::none();
+    d["dtype"] = dtype_name(c.dtype);
+    d["num_params"] = c.num_params();
+    return d;
+}
+
+SamplingOptions make_sampling(float temperature, int64_t top_k, float top_p, float min_p,
+                              float repetition_penalty) {
+    SamplingOptions o;
+    o.temperature = temperature;
+    o.top_k = top_k;
+    o.top_p = top_p;
+    o.min_p = min_p;
+    o.repetition_penalty = repetition_penalty;
+    validate(o);
+    return o;
+}
+
+std::vector<float> logits_vector(const py::array_t<float, py::array::c_style | py::array::forcecast>& a) {
+    if (a.ndim() != 1) throw InvalidArgument("logits must be a 1-D float32 array");
+    return std::vector<float>(a.data(), a.data() + a.size());
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+    m.doc() = "mambart native core (C++). Use the `mambart` package, not this module directly.";
+
+    // ModelLoadError maps to the one Python class, mambart.errors.ModelLoadError (a ValueError).
+    py::register_exception_translator([](std::exception_ptr p) {
+        try {
+            if (p) std::rethrow_exception(p);
+        } catch (const ModelLoadError& e) {
+            py::object cls = py::module_::import("mambart.errors").attr("ModelLoadError");
+            py::set_error(cls, e.what());
+        } catch (const InvalidArgument& e) {
+            py::set_error(PyExc_ValueError, e.what());
+        } catch (const Unsupported& e) {
+            py::set_error(PyExc_NotImplementedError, e.what());
+        } catch (const Error& e) {
+            py::set_error(PyExc_RuntimeError, e.what());
+        }
+    });
+
+    m.def("cuda_available", &cuda_available, "Whether this build has a usable CUDA backend.");
+
+    py::class_<GenerationOptions>(m, "GenerationOptions")
+        .def(py::init<>())
+        .def_readwrite("max_new_tokens", &GenerationOptions::max_new_tokens)
+        .def_readwrite("seed", &GenerationOptions::seed)
+        .def_readwrite("stop_token_ids", &GenerationOptions::stop_token_ids)
+        .def_readwrite("ignore_eos", &GenerationOptions::ignore_eos)
+        .def_property(
+            "temperature", [](const GenerationOptions& o) { return o.sampling.temperature; },
+            [](GenerationOptions& o, float v) { o.sampling.temperature = v; })
+        .def_property(
+            "top_k", [](const GenerationOptions& o) { return o.sampling.top_k; },
+            [](GenerationOptions& o, int64_t v) { o.sampling.top_k = v; })
+        .def_property(
+            "top_p", [](const GenerationOptions& o) { return o.sampling.top_p; },
+            [](GenerationOptions& o, float v) { o.sampling.top_p = v; })
+        .def_property(
+            "min_p", [](const GenerationOptions& o) { return o.sampling.min_p; },
+            [](GenerationOptions& o, float v) { o.sampling.min_p = v; })
+        .def_property(
+            "repetition_penalty",
+            [](const GenerationOptions& o) { return o.sampling.repetition_penalty; },
+            [](GenerationOptions& o, float v) { o.sampling.repetition_penalty = v; });
+
+    py::class_<GenerationResult>(m, "RawResult")
+        .def_readonly("token_ids", &GenerationResult::token_ids)
+        .def_property_readonly("finish_reason",
+                               [](const GenerationResult& r) {
+                                   return std::string(finish_reason_name(r.finish_reason));
+                               })
+        .def_readonly("prompt_tokens", &GenerationResult::prompt_tokens)
+        .def_readonly("prefill_ms", &GenerationResult::prefill_ms)
+        .def_readonly("decode_ms", &GenerationResult::decode_ms);
+
+    py::class_<GenerationStream>(m, "GenerationStream")
+        .def(
+            "next",
+            [](GenerationStream& s) -> py::object {
+                std::vector<std::pair<int64_t, int32_t>> ev;
+                bool more;
+                {
+                    py::gil_scoped_release release;
+                    more = s.next(&ev);
+                }
+                if (!more) return py::none();
+                return py::cast(ev);
+            },
+            "Advances one step; returns a list of (row, token) or None when every row is done.")
+        .def("finish_row",
+             [](GenerationStream& s, int64_t row, const std::string& reason) {
+                 (void)reason;
+                 s.finish_row(row, FinishReason::StopToken);
+             })
+        .def_property_readonly("done", &GenerationStream::done)
+        .def_property_readonly("batch", &GenerationStream::batch)
+        .def_property_readonly("results", &GenerationStream::results);
+
+    py::class_<Generator>(m, "Generator")
+        .def(py::init([](const std::string& dir, const std::string& device,
+                         const std::optional<std::string>& dtype) {
+                 auto dt = parse_dtype(dtype);
+                 py::gil_scoped_release release;
+                 return std::make_unique<Generator>(dir, device, dt ? &*dt : nullptr);
+             }),
+             py::arg("model_dir"), py::arg("device") = "cpu", py::arg("dtype") = py::none())
+        .def_property_readonly("config",
+                               [](const Generator& g) { return config_to_dict(g.config()); })
+        .def_property_readonly("device", &Generator::device_name)
+        .def_property_readonly("dtype",
+                               [](const Generator& g) { return dtype_name(g.model().dtype()); })
+        .def(
+            "logits",
+            [](Generator& g, const std::vector<int32_t>& ids) {
+                const int64_t V = g.config().vocab_size;
+                if (ids.empty()) throw InvalidArgument("token_ids must not be empty");
+                g.check_ids(ids, "token_ids");
+                py::array_t<float> out({int64_t(ids.size()), V});
+                float* p = out.mutable_data();
+                {
+                    py::gil_scoped_release release;
+                    g.logits(ids, p);
+                }
+                return out;
+            },
+            py::arg("token_ids"))
+        .def(
+            "start",
+            [](Generator& g, const std::vector<std::vector<int32_t>>& prompts,
+               const GenerationOptions& opt) { return g.start(prompts, opt); },
+            py::arg("prompts"), py::arg("options"), py::keep_alive<0, 1>())
+        .def(
+            "generate",
+            [](Generator& g, const std::vector<std::vector<int32_t>>& prompts,
+               const GenerationOptions& opt) {
+                py::gil_scoped_release release;
+                return g.generate(prompts, opt);
+            },
+            py::arg("prompts"), py::arg("options"));
+
+    // ---- test-only entry points ----
+    m.def(
+        "inspect_safetensors",
+        [](const std::string& path) {
+            SafetensorsFile f(path);
+            py::dict d;
+            for (const auto& kv : f.tensors())
+                d[py::str(kv.first)] = py::make_tuple(std::string(dtype_name(kv.second.dtype)),
+                                                      py::tuple(py::cast(kv.second.shape)));
+            return d;
+        },
+        py::arg("path"), "Validates a safetensors file; returns {name: (dtype, shape)}.");
+    m.def(
+        "sampling_probs",
+        [](py::array_t<float, py::array::c_style | py::array::forcecast> logits,
+           float temperature, int64_t top_k, float top_p, float min_p, float repetition_penalty,
+           const std::vector<int32_t>& previous_tokens) {
+            std::vector<float> l = logits_vector(logits);
+            SamplingOptions o = make_sampling(temperature, top_k, top_p, min_p, repetition_penalty);
+            Sampler s(int64_t(l.size()));
+            for (int32_t t : previous_tokens) s.observe(t);
+            py::array_t<float> out(int64_t(l.size()));
+            s.probs(l.data(), o, out.mutable_data());
+            return out;
+        },
+        py::arg("logits"), py::arg("temperature") = 1.0f, py::arg("top_k") = 0,
+        py::arg("top_p") = 1.0f, py::arg("min_p") = 0.0f, py::arg("repetition_penalty") = 1.0f,
+        py::arg("previous_tokens") = std::vector<int32_t>{});
+    m.def(
+        "sample_token",
+        [](py::array_t<float, py::array::c_style | py::array::forcecast> logits,
+           float temperature, int64_t top_k, float top_p, float min_p, float repetition_penalty,
+           const std::vector<int32_t>& previous_tokens, uint64_t seed, uint64_t counter) {
+            std::vector<float> l = logits_vector(logits);
+            SamplingOptions o = make_sampling(temperature, top_k, top_p, min_p, repetition_penalty);
+            Sampler s(int64_t(l.size()));
+            for (int32_t t : previous_tokens) s.observe(t);
+            return s.sample(l.data(), o, seed, 0, counter);
+        },
+        py::arg("logits"), py::arg("temperature") = 1.0f, py::arg("top_k") = 0,
+        py::arg("top_p") = 1.0f, py::arg("min_p") = 0.0f, py::arg("repetition_penalty") = 1.0f,
+        py::arg("previous_tokens") = std::vector<int32_t>{}, py::arg("seed") = 0,
+        py::arg("counter") = 0);
+}

@@ -1,0 +1,271 @@
+"""The public Generator: model resolution, tokens or text in, results or streams out."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence, Union
+
+import numpy as np
+
+from . import _C
+
+Prompt = Union[str, Sequence[int]]
+
+
+@dataclass
+class GenerationResult:
+    """One prompt's generation.
+
+    token_ids: the new tokens (an eos or stop token that ended generation included);
+    text: the new text (None without a tokenizer), cut before a matched stop string;
+    finish_reason: "length", "eos", "stop_token" or "stop_string".
+    """
+
+    token_ids: List[int]
+    finish_reason: str
+    prompt_tokens: int
+    prefill_ms: float
+    decode_ms: float
+    text: Optional[str] = None
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode speed: tokens after the first over the decode time."""
+        n = len(self.token_ids) - 1
+        return n / (self.decode_ms / 1e3) if n > 0 and self.decode_ms > 0 else 0.0
+
+
+def _is_mambart_dir(path: Path) -> bool:
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return False
+    import json
+
+    try:
+        return "mambart_format" in json.loads(cfg.read_text())
+    except ValueError:
+        return False
+
+
+def _resolve(model, revision, dtype):
+    """-> (mambart model dir, tokenizer.json path or None, provenance string)."""
+    path = Path(os.fspath(model)).expanduser()
+    if path.is_dir():
+        if _is_mambart_dir(path):
+            tok = path / "tokenizer.json"
+            return path, (tok if tok.is_file() else None)
+        from ._cache import ensure_converted
+
+        out = Path(ensure_converted(path, dtype=dtype))
+        tok = out / "tokenizer.json"
+        return out, (tok if tok.is_file() else None)
+    if path.exists():
+        from .errors import ModelLoadError
+
+        raise ModelLoadError(f"{path}: not a directory (expected a model directory)")
+    from . import hub
+
+    out, tok = hub.load_model_dir(str(model), revision=revision, dtype=dtype)
+    return Path(out), (Path(tok) if tok else None)
+
+
+class Generator:
+    """Loads a Mamba model and generates from it.
+
+    model: a mambart model directory; a Hugging Face transformers or state-spaces checkpoint
+        directory (converted on the fly into the cache, see docs/format.md); or a hub name such
+        as "mamba-130m" or "state-spaces/mamba2-1.3b".
+    device: "cpu" (default), "cuda", "cuda:N" or "auto".
+    dtype: None keeps the stored dtype; "float32", "float16" or "bfloat16" converts at load.
+    tokenizer: a `tokenizers.Tokenizer`, a path to a tokenizer.json, or None to use the model's.
+    revision: hub revision (branch, tag or commit) for hub names.
+    """
+
+    def __init__(self, model, device: str = "cpu", dtype: Optional[str] = None,
+                 tokenizer=None, revision: Optional[str] = None):
+        if dtype is not None and dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"dtype must be None, 'float32', 'float16' or 'bfloat16', got {dtype!r}")
+        model_dir, tok_path = _resolve(model, revision, dtype)
+        self.model_dir = Path(model_dir)
+        self._g = _C.Generator(str(self.model_dir), device, dtype)
+        self.config = self._g.config
+        self.vocab_size: int = self.config["vocab_size"]
+        self.tokenizer = self._load_tokenizer(tokenizer, tok_path)
+
+    @staticmethod
+    def _load_tokenizer(tokenizer, tok_path):
+        if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
+            return tokenizer
+        path = tokenizer if tokenizer is not None else tok_path
+        if path is None:
+            return None
+        from .text import load_tokenizer
+
+        return load_tokenizer(path)
+
+    @property
+    def device(self) -> str:
+        return self._g.device
+
+    @property
+    def dtype(self) -> str:
+        return self._g.dtype
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"Generator({c['architecture']}, d_model={c['d_model']}, n_layer={c['n_layer']}, "
+                f"dtype={self.dtype}, device={self.device!r}, dir={str(self.model_dir)!r})")
+
+    # ---- prompts ----
+    def _encode(self, prompt) -> List[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt is text but this model has no tokenizer: pass token ids "
+                                 "or Generator(..., tokenizer=...)")
+            return self.tokenizer.encode(prompt).ids
+        if isinstance(prompt, np.ndarray):
+            if prompt.ndim != 1 or not np.issubdtype(prompt.dtype, np.integer):
+                raise ValueError("prompt array must be 1-D integer token ids")
+            return [int(t) for t in prompt]
+        try:
+            ids = [int(t) for t in prompt]
+        except (TypeError, ValueError):
+            raise ValueError("prompt must be a string or a sequence of integer token ids") from None
+        if any(i != t for i, t in zip(ids, prompt)):
+            raise ValueError("prompt token ids must be integers")
+        return ids
+
+    @staticmethod
+    def _is_batch(prompt) -> bool:
+        if isinstance(prompt, (str, np.ndarray)):
+            return isinstance(prompt, np.ndarray) and prompt.ndim == 2
+        if isinstance(prompt, (list, tuple)) and prompt:
+            return not isinstance(prompt[0], (int, np.integer))
+        return False
+
+    def logits(self, token_ids) -> np.ndarray:
+        """Next-token logits at every position: float32 array [len(token_ids), vocab_size]."""
+        return self._g.logits(self._encode(token_ids))
+
+    # ---- generation ----
+    def _options(self, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
+                 seed, stop_token_ids, ignore_eos):
+        o = _C.GenerationOptions()
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
+            raise ValueError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        o.max_new_tokens = int(max_new_tokens)
+        o.temperature = float(temperature)
+        o.top_k = int(top_k)
+        o.top_p = float(top_p)
+        o.min_p = float(min_p)
+        o.repetition_penalty = float(repetition_penalty)
+        if seed is None:
+            seed = int.from_bytes(os.urandom(8), "little")
+        if not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+        o.seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+        o.stop_token_ids = [int(t) for t in (stop_token_ids or [])]
+        o.ignore_eos = bool(ignore_eos)
+        return o
+
+    def _start(self, prompts, stop, kwargs):
+        opts = self._options(**kwargs)
+        if stop is not None and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if any(not isinstance(s, str) or not s for s in stops):
+            raise ValueError("stop must be a non-empty string or a list of non-empty strings")
+        ids = [self._encode(p) for p in prompts]
+        stream = self._g.start(ids, opts)
+        return stream, stops
+
+    def _row_texts(self, n, stops):
+        if self.tokenizer is None:
+            return None
+        from .text import TextStream
+
+        return [TextStream(self.tokenizer, stops) for _ in range(n)]
+
+    def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                 repetition_penalty: float = 1.0, seed: Optional[int] = None,
+                 stop_token_ids: Optional[Sequence[int]] = None,
+                 stop: Union[str, Sequence[str], None] = None, ignore_eos: bool = False):
+        """Generates from one prompt (token ids or text) or a list of prompts.
+
+        temperature=0 is greedy; top_k=0, top_p=1, min_p=0 and repetition_penalty=1 are off.
+        Returns a GenerationResult, or a list of them for a list of prompts.
+        """
+        batch = self._is_batch(prompt)
+        prompts = list(prompt) if batch else [prompt]
+        if batch and not prompts:
+            return []
+        kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                      top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+                      stop_token_ids=stop_token_ids, ignore_eos=ignore_eos)
+        stream, stops = self._start(prompts, stop, kwargs)
+        texts = self._row_texts(len(prompts), stops)
+        stopped = set()
+        while True:
+            events = stream.next()
+            if events is None:
+                break
+            if texts is not None:
+                for row, tok in events:
+                    texts[row].push(tok)
+                    if texts[row].stopped and row not in stopped:
+                        stopped.add(row)
+                        stream.finish_row(row, "stop_string")
+        results = []
+        for row, raw in enumerate(stream.results):
+            reason = "stop_string" if row in stopped else raw.finish_reason
+            text = None
+            if texts is not None:
+                texts[row].finish()
+                text = texts[row].text
+            results.append(GenerationResult(list(raw.token_ids), reason, raw.prompt_tokens,
+                                            raw.prefill_ms, raw.decode_ms, text))
+        return results if batch else results[0]
+
+    def stream(self, prompt: Prompt, max_new_tokens: int = 64, temperature: float = 0.0,
+               top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+               repetition_penalty: float = 1.0, seed: Optional[int] = None,
+               stop_token_ids: Optional[Sequence[int]] = None,
+               stop: Union[str, Sequence[str], None] = None,
+               ignore_eos: bool = False) -> Iterator[Union[int, str]]:
+        """Yields new token ids as they are made (token-id prompt), or text pieces that are
+        always valid UTF-8 (text prompt)."""
+        if self._is_batch(prompt):
+            raise ValueError("stream takes one prompt; use generate for a list of prompts")
+        kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                      top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+                      stop_token_ids=stop_token_ids, ignore_eos=ignore_eos)
+        text_mode = isinstance(prompt, str)
+        stream, stops = self._start([prompt], stop, kwargs)
+        return self._iterate(stream, text_mode, stops)
+
+    def _iterate(self, stream, text_mode, stops):
+        texts = self._row_texts(1, stops) if (text_mode or stops) else None
+        while True:
+            events = stream.next()
+            if events is None:
+                break
+            for _, tok in events:
+                if texts is None:
+                    yield tok
+                    continue
+                piece = texts[0].push(tok)
+                if text_mode and piece:
+                    yield piece
+                elif not text_mode:
+                    yield tok
+                if texts[0].stopped:
+                    stream.finish_row(0, "stop_string")
+        if texts is not None:
+            tail = texts[0].finish()
+            if text_mode and tail:
+                yield tail
