@@ -39,13 +39,14 @@ void Generator::check_ids(const std::vector<int32_t>& ids, const std::string& wh
 }
 
 void Generator::prefill_row(State& st, int64_t row, const std::vector<int32_t>& ids,
-                            float* last_logits, float* all_logits) {
+                            float* last_logits, float* all_logits, int64_t chunk) {
     Model& m = *model_;
     Backend& be = m.backend();
     const int64_t V = config().vocab_size;
     const int64_t n = int64_t(ids.size());
     // All-logits prefill runs in chunks the logits workspace holds; otherwise in big chunks.
-    const int64_t chunk = all_logits ? Model::kLogitsRows : Model::kPrefillChunk;
+    const int64_t max_chunk = all_logits ? Model::kLogitsRows : Model::kPrefillChunk;
+    chunk = chunk > 0 ? std::min(chunk, max_chunk) : max_chunk;
     m.reserve(std::min(chunk, n), Model::kLogitsRows);
     st.reset_row(row);
     for (int64_t off = 0; off < n; off += chunk) {
@@ -63,12 +64,12 @@ void Generator::prefill_row(State& st, int64_t row, const std::vector<int32_t>& 
     }
 }
 
-void Generator::logits(const std::vector<int32_t>& ids, float* out) {
+void Generator::logits(const std::vector<int32_t>& ids, float* out, int64_t chunk) {
     MAMBART_CHECK_ARG(!ids.empty(), "token_ids must not be empty");
     check_ids(ids, "token_ids");
     std::lock_guard<std::mutex> lock(compute_mu_);
     State st(config(), model_->backend(), 1);
-    prefill_row(st, 0, ids, nullptr, out);
+    prefill_row(st, 0, ids, nullptr, out, chunk);
 }
 
 std::unique_ptr<GenerationStream> Generator::start(

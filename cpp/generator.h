@@ -82,8 +82,10 @@ class Generator {
     std::string device_name() const { return model_->backend().name(); }
 
     // Next-token logits at every position of `ids` (one prefill from a fresh state):
-    // out has ids.size() x vocab_size floats.
-    void logits(const std::vector<int32_t>& ids, float* out);
+    // out has ids.size() x vocab_size floats. `chunk` > 0 runs the prefill in forward calls of
+    // that many tokens (1 = the decode-step path token by token), for tests of the invariant
+    // prefill(N) == prefill(k) + steps; 0 picks the default.
+    void logits(const std::vector<int32_t>& ids, float* out, int64_t chunk = 0);
 
     // Starts generating from each prompt (prompts may differ in length). Validates everything
     // first; throws InvalidArgument naming the parameter.
@@ -104,7 +106,7 @@ class Generator {
     // Prefills `ids` into row `row` of `state` (reset first) in chunks; returns the last logits
     // copied to `last_logits` (V floats, host) unless nullptr, or all logits to `all_logits`.
     void prefill_row(State& state, int64_t row, const std::vector<int32_t>& ids,
-                     float* last_logits, float* all_logits);
+                     float* last_logits, float* all_logits, int64_t chunk = 0);
 
     std::unique_ptr<Model> model_;
     std::mutex compute_mu_;  // one forward at a time: the workspace is shared

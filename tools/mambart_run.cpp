@@ -2,7 +2,8 @@
 // from token ids.
 //
 //   mambart-run MODEL_DIR --tokens 1,2,3 [--max-new-tokens N] [--temperature T] [--top-k K]
-//               [--top-p P] [--seed S] [--device cpu]
+//               [--top-p P] [--min-p P] [--repetition-penalty R] [--seed S] [--device cpu]
+//               [--ignore-eos]
 //
 // Prints the generated token ids, space separated, on one line; errors go to stderr, exit 1.
 #include <cstdio>
@@ -37,7 +38,8 @@ std::vector<int32_t> parse_ids(const std::string& s) {
 int usage() {
     std::fprintf(stderr,
                  "usage: mambart-run MODEL_DIR --tokens 1,2,3 [--max-new-tokens N] "
-                 "[--temperature T] [--top-k K] [--top-p P] [--seed S] [--device cpu]\n");
+                 "[--temperature T] [--top-k K] [--top-p P] [--min-p P] [--repetition-penalty R] "
+                 "[--seed S] [--device cpu] [--ignore-eos]\n");
     return 1;
 }
 
@@ -51,6 +53,10 @@ int main(int argc, char** argv) {
         mambart::GenerationOptions opt;
         for (int i = 2; i < argc; ++i) {
             const std::string a = argv[i];
+            if (a == "--ignore-eos") {
+                opt.ignore_eos = true;
+                continue;
+            }
             if (i + 1 >= argc) return usage();
             const std::string v = argv[++i];
             if (a == "--tokens") ids = parse_ids(v);
@@ -58,6 +64,8 @@ int main(int argc, char** argv) {
             else if (a == "--temperature") opt.sampling.temperature = std::stof(v);
             else if (a == "--top-k") opt.sampling.top_k = std::stoll(v);
             else if (a == "--top-p") opt.sampling.top_p = std::stof(v);
+            else if (a == "--min-p") opt.sampling.min_p = std::stof(v);
+            else if (a == "--repetition-penalty") opt.sampling.repetition_penalty = std::stof(v);
             else if (a == "--seed") opt.seed = std::stoull(v);
             else if (a == "--device") device = v;
             else return usage();

@@ -133,23 +133,45 @@ class CpuBackend final : public Backend {
         cpu::linear(x, ldx, M, W.cols, W.data, W.dtype, N, bias, y, ldy);
     }
 
-    // Rolling-window causal conv: for each token the window shifts left by one, takes the new
-    // input in slot W-1, and y = bias + Σ_k w[k]·window[k]; SiLU after. The state is the window.
+    // Causal depthwise conv over [history | x]: out[t, c] = silu(bias[c] + Σ_k w[c, k]·in[t-W+1+k, c])
+    // where in[τ] = x[τ] for τ >= 0 and the conv state (the previous W inputs, oldest first)
+    // for τ < 0. The state then becomes the last W inputs. Threads split the channels; the inner
+    // loop runs over a contiguous block of channels of one token row.
     void conv1d(const ConvParams& p) override {
-        const int64_t C = p.C, W = p.W;
+        const int64_t C = p.C, W = p.W, L = p.L;
+        constexpr int64_t kBlock = 64;
+        const int64_t nblocks = (C + kBlock - 1) / kBlock;
         for (int64_t b = 0; b < p.B; ++b) {
             float* state = p.conv_state + b * C * W;
-#pragma omp parallel for schedule(static) if (C * p.L > 4096)
-            for (int64_t c = 0; c < C; ++c) {
-                float* win = state + c * W;
-                const float* w = p.weight + c * W;
-                const float bias = p.bias ? p.bias[c] : 0.0f;
-                for (int64_t t = 0; t < p.L; ++t) {
-                    for (int64_t k = 0; k + 1 < W; ++k) win[k] = win[k + 1];
-                    win[W - 1] = p.x[(b * p.L + t) * p.ld_x + c];
-                    float acc = bias;
-                    for (int64_t k = 0; k < W; ++k) acc += w[k] * win[k];
-                    p.out[(b * p.L + t) * C + c] = silu(acc);
+            const float* xb = p.x + b * L * p.ld_x;
+            float* ob = p.out + b * L * C;
+#pragma omp parallel for schedule(static) if (C * L > 4096)
+            for (int64_t blk = 0; blk < nblocks; ++blk) {
+                const int64_t c0 = blk * kBlock, c1 = std::min(C, c0 + kBlock);
+                for (int64_t t = 0; t < L; ++t) {
+                    float* o = ob + t * C;
+                    for (int64_t c = c0; c < c1; ++c) o[c] = p.bias ? p.bias[c] : 0.0f;
+                    for (int64_t k = 0; k < W; ++k) {
+                        const int64_t tau = t - (W - 1) + k;
+                        if (tau >= 0) {
+                            const float* xr = xb + tau * p.ld_x;
+                            for (int64_t c = c0; c < c1; ++c) o[c] += p.weight[c * W + k] * xr[c];
+                        } else {
+                            for (int64_t c = c0; c < c1; ++c)
+                                o[c] += p.weight[c * W + k] * state[c * W + (W + tau)];
+                        }
+                    }
+                    for (int64_t c = c0; c < c1; ++c) o[c] = silu(o[c]);
+                }
+                // New state: the last W inputs of [history | x].
+                for (int64_t c = c0; c < c1; ++c) {
+                    float* win = state + c * W;
+                    if (L >= W) {
+                        for (int64_t j = 0; j < W; ++j) win[j] = xb[(L - W + j) * p.ld_x + c];
+                    } else {
+                        for (int64_t j = 0; j < W - L; ++j) win[j] = win[j + L];
+                        for (int64_t j = 0; j < L; ++j) win[W - L + j] = xb[j * p.ld_x + c];
+                    }
                 }
             }
         }

@@ -162,7 +162,7 @@ PYBIND11_MODULE(_C, m) {
                                [](const Generator& g) { return dtype_name(g.model().dtype()); })
         .def(
             "logits",
-            [](Generator& g, const std::vector<int32_t>& ids) {
+            [](Generator& g, const std::vector<int32_t>& ids, int64_t chunk) {
                 const int64_t V = g.config().vocab_size;
                 if (ids.empty()) throw InvalidArgument("token_ids must not be empty");
                 g.check_ids(ids, "token_ids");
@@ -170,11 +170,11 @@ PYBIND11_MODULE(_C, m) {
                 float* p = out.mutable_data();
                 {
                     py::gil_scoped_release release;
-                    g.logits(ids, p);
+                    g.logits(ids, p, chunk);
                 }
                 return out;
             },
-            py::arg("token_ids"))
+            py::arg("token_ids"), py::arg("chunk") = 0)
         .def(
             "start",
             [](Generator& g, const std::vector<std::vector<int32_t>>& prompts,

@@ -1,0 +1,62 @@
+"""Tiny random transformers checkpoints (MambaForCausalLM, Mamba2ForCausalLM) for the oracle
+tests, with every parameter perturbed away from its structured initialisation (norm weights 1,
+D 1, zero biases) so that a mistake in any of them shows in the logits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
+
+
+def mamba1_config(**kw) -> MambaConfig:
+    base = dict(vocab_size=96, hidden_size=24, state_size=5, num_hidden_layers=2, expand=2,
+                conv_kernel=4, time_step_rank=3, use_bias=False, use_conv_bias=True,
+                residual_in_fp32=True, tie_word_embeddings=True, layer_norm_epsilon=1e-5,
+                eos_token_id=0, bos_token_id=0, pad_token_id=0)
+    base.update(kw)
+    return MambaConfig(**base)
+
+
+def mamba2_config(**kw) -> Mamba2Config:
+    base = dict(vocab_size=112, hidden_size=16, state_size=12, num_hidden_layers=2, expand=2,
+                head_dim=8, num_heads=4, n_groups=2, conv_kernel=4, chunk_size=8,
+                use_bias=False, use_conv_bias=True, residual_in_fp32=True, rms_norm=True,
+                tie_word_embeddings=False, layer_norm_epsilon=1e-5, time_step_limit=(0.0, float("inf")),
+                eos_token_id=0, bos_token_id=0, pad_token_id=0)
+    base.update(kw)
+    return Mamba2Config(**base)
+
+
+def build(config, out_dir: Path | None = None, seed: int = 0, scale: float = 0.2):
+    """Builds a random model for `config` (fp32, eval mode); saves it with save_pretrained
+    (safetensors) into out_dir when given. Returns the model."""
+    torch.manual_seed(seed)
+    cls = MambaForCausalLM if isinstance(config, MambaConfig) else Mamba2ForCausalLM
+    model = cls(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "A_log" in name:
+                p.add_(scale * torch.randn_like(p))
+            elif name.endswith("norm.weight") or name.endswith("norm_f.weight"):
+                p.copy_(1.0 + scale * torch.randn_like(p))
+            elif name.endswith(".D"):
+                p.copy_(torch.randn_like(p))
+            else:
+                p.add_(scale * torch.randn_like(p))
+    if out_dir is not None:
+        model.save_pretrained(out_dir, safe_serialization=True)
+    return model
+
+
+def hf_logits(model, ids) -> "torch.Tensor":
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float()
+
+
+def hf_greedy(model, ids, n: int):
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                             min_new_tokens=n, eos_token_id=None, pad_token_id=0)
+    return out[0, len(ids):].tolist()
