@@ -1,6 +1,10 @@
 #include "config.h"
 
+#include <sys/stat.h>
+
+#include <cerrno>
 #include <cmath>
+#include <cstring>
 #include <fstream>
 #include <limits>
 #include <nlohmann/json.hpp>
@@ -8,6 +12,7 @@
 #include <sstream>
 
 #include "error.h"
+#include "strict_json.h"
 
 namespace mambart {
 
@@ -47,6 +52,7 @@ namespace {
 // Bounds that keep every derived size and product far from int64 overflow and reject absurd
 // configs before anything is allocated.
 constexpr int64_t kMaxDim = int64_t(1) << 24;
+constexpr int64_t kMaxConfigBytes = 16 << 20;  // a config.json is a few hundred bytes
 
 class Reader {
  public:
@@ -107,8 +113,9 @@ class Reader {
 ModelConfig ModelConfig::from_json_text(const std::string& text, const std::string& origin) {
     json j;
     try {
-        j = json::parse(text);
-    } catch (const json::exception& e) {
+        j = parse_json_strict(text.data(), text.data() + text.size());
+    } catch (const StrictJsonError& e) {
+        if (e.duplicate_key) throw ModelLoadError(str_cat(origin, ": ", e.what()));
         throw ModelLoadError(str_cat(origin, ": not valid JSON (", e.what(), ")"));
     }
     if (!j.is_object()) throw ModelLoadError(str_cat(origin, ": not a JSON object"));
@@ -148,10 +155,16 @@ ModelConfig ModelConfig::from_json_text(const std::string& text, const std::stri
         if (!lim.is_array() || lim.size() != 2 || !lim[0].is_number() ||
             !(lim[1].is_number() || lim[1].is_null()))
             r.fail("dt_limit", "must be [min, max or null]");
-        c.dt_min = lim[0].get<float>();
-        c.dt_max = lim[1].is_null() ? std::numeric_limits<float>::infinity() : lim[1].get<float>();
-        if (!(c.dt_min >= 0.0f) || !(c.dt_max > c.dt_min))
-            r.fail("dt_limit", "must satisfy 0 <= min < max");
+        // Checked as doubles: converting an out-of-range double to float is undefined.
+        const double lo = lim[0].get<double>();
+        const double hi = lim[1].is_null() ? std::numeric_limits<double>::infinity()
+                                           : lim[1].get<double>();
+        const double fmax = std::numeric_limits<float>::max();
+        if (!(lo >= 0.0 && lo < fmax) || !(hi > lo) || (std::isfinite(hi) && hi > fmax))
+            r.fail("dt_limit", "must satisfy 0 <= min < max (finite float32 values, max may be null)");
+        c.dt_min = static_cast<float>(lo);
+        c.dt_max = std::isfinite(hi) ? static_cast<float>(hi) : std::numeric_limits<float>::infinity();
+        if (!(c.dt_max > c.dt_min)) r.fail("dt_limit", "must satisfy 0 <= min < max");
     }
     c.gated_norm = r.boolean("gated_norm");
     if (r.boolean("norm_before_gate"))
@@ -204,6 +217,14 @@ ModelConfig ModelConfig::from_json_text(const std::string& text, const std::stri
 }
 
 ModelConfig ModelConfig::from_file(const std::string& path) {
+    // A regular file of bounded size: a directory, FIFO or /dev/zero link must not hang or OOM.
+    struct stat st;
+    if (::stat(path.c_str(), &st) != 0)
+        throw ModelLoadError(str_cat(path, ": cannot open config: ", std::strerror(errno)));
+    if (!S_ISREG(st.st_mode)) throw ModelLoadError(str_cat(path, ": config is not a regular file"));
+    if (st.st_size > kMaxConfigBytes)
+        throw ModelLoadError(str_cat(path, ": config is ", st.st_size, " bytes, more than the limit of ",
+                                     kMaxConfigBytes));
     std::ifstream f(path, std::ios::binary);
     if (!f) throw ModelLoadError(str_cat(path, ": cannot open config"));
     std::stringstream ss;

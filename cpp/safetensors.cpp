@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include "error.h"
+#include "strict_json.h"
 
 namespace mambart {
 
@@ -78,8 +79,9 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
         const char* hdr = reinterpret_cast<const char*>(base + 8);
         nlohmann::json j;
         try {
-            j = nlohmann::json::parse(hdr, hdr + header_len);
-        } catch (const nlohmann::json::exception& e) {
+            j = parse_json_strict(hdr, hdr + header_len);
+        } catch (const StrictJsonError& e) {
+            if (e.duplicate_key) throw fail(str_cat("header has a ", e.what()));
             throw fail(str_cat("header is not valid JSON (", e.what(), ")"));
         }
         if (!j.is_object()) throw fail("header is not a JSON object");
