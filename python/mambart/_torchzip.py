@@ -1,0 +1,383 @@
+"""Reads torch-pickled checkpoints (`pytorch_model.bin`) without torch and without running code.
+
+`torch.save` writes a zip archive: `<archive>/data.pkl` (a pickle of the state dict) and one
+member `<archive>/data/<key>` per storage, stored uncompressed. The pickle names a few globals
+(`torch._utils._rebuild_tensor_v2`, `torch.FloatStorage`, `collections.OrderedDict`, ...) and
+refers to storages through persistent ids. We unpickle with a restricted Unpickler whose
+find_class returns our own harmless stand-ins for exactly those globals and refuses every other
+one, so a malicious pickle (one naming os.system, builtins.eval, ...) fails before anything runs.
+Tensors come back as LazyTensor views into the zip members: no data is read until conversion.
+
+The legacy (pre-1.6, non-zip) torch.save format is read too: magic number, protocol and
+sys-info pickles, the data pickle, the storage key list, then each storage's raw bytes.
+
+Entry point: load_torch_checkpoint(path) -> {name: LazyTensor}.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import struct
+import zipfile
+from collections import OrderedDict
+from typing import Any, Dict, Optional
+
+from ._tensorio import DTYPES, LazyTensor, numel
+from .errors import ConversionError
+
+STORAGE_DTYPES = {
+    "FloatStorage": "float32",
+    "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16",
+    "DoubleStorage": "float64",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
+}
+TORCH_DTYPES = {"float32": "float32", "float": "float32", "float16": "float16",
+                "half": "float16", "bfloat16": "bfloat16", "float64": "float64",
+                "double": "float64", "int64": "int64", "long": "int64", "int32": "int32",
+                "int": "int32", "int16": "int16", "short": "int16", "int8": "int8",
+                "uint8": "uint8", "bool": "bool"}
+
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+MAX_PICKLE = 256 * 1024 * 1024
+
+
+class _StorageType:
+    """Stand-in for torch.<X>Storage: only carries the dtype."""
+
+    def __init__(self, dtype: str):
+        self.dtype = dtype
+
+
+class _DType:
+    def __init__(self, name: str):
+        self.name = name
+
+
+class _Storage:
+    """A storage in the checkpoint: where its bytes live (lazily)."""
+
+    def __init__(self, path: str, offset: int, nbytes: int, dtype: str, origin: str,
+                 byteswap: bool, reader=None):
+        self.path, self.offset, self.nbytes, self.dtype = path, offset, nbytes, dtype
+        self.origin, self.byteswap, self.reader = origin, byteswap, reader
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, *unused):
+    if not isinstance(storage, _Storage):
+        raise pickle.UnpicklingError("tensor rebuilt from something that is not a storage")
+    if not (isinstance(storage_offset, int) and isinstance(size, tuple)
+            and isinstance(stride, tuple) and len(size) == len(stride)
+            and all(isinstance(v, int) and v >= 0 for v in size + stride)
+            and storage_offset >= 0):
+        raise pickle.UnpicklingError("malformed tensor metadata")
+    es = DTYPES[storage.dtype][1]
+    n = numel(size)
+    if n:
+        span = storage_offset + 1 + sum((s - 1) * st for s, st in zip(size, stride))
+        if span * es > storage.nbytes:
+            raise pickle.UnpicklingError(
+                f"tensor of shape {size} at offset {storage_offset} runs past its storage "
+                f"({storage.nbytes} bytes)")
+    t = LazyTensor(storage.path, storage.offset + storage_offset * es, storage.dtype, size,
+                   strides=stride, origin=storage.origin, byteswap=storage.byteswap,
+                   reader=_offset_reader(storage.reader, storage.offset) if storage.reader
+                   else None)
+    t._legacy_storage = storage
+    return t
+
+
+def _offset_reader(reader, base):
+    # LazyTensor passes absolute offsets (storage.offset + ...); member readers take relative ones.
+    return lambda off, n: reader(off - base, n)
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
+                       backward_hooks=None, metadata=None):
+    return _rebuild_tensor(storage, storage_offset, size, stride)
+
+
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
+    if not isinstance(data, LazyTensor):
+        raise pickle.UnpicklingError("parameter rebuilt from something that is not a tensor")
+    return data
+
+
+def _rebuild_from_type_v2(func, new_type, args, state):
+    if func not in (_rebuild_tensor_v2, _rebuild_parameter):
+        raise pickle.UnpicklingError("unexpected rebuild function")
+    return func(*args)
+
+
+class _Marker:
+    def __init__(self, name):
+        self.name = name
+
+
+# (module, name) -> object. Nothing here can run code beyond building these descriptions.
+def _allowed(module: str, name: str):
+    if module == "collections" and name == "OrderedDict":
+        return OrderedDict
+    if module == "torch._utils":
+        if name in ("_rebuild_tensor_v2",):
+            return _rebuild_tensor_v2
+        if name == "_rebuild_tensor":
+            return _rebuild_tensor
+        if name in ("_rebuild_parameter", "_rebuild_parameter_with_state"):
+            return _rebuild_parameter
+    if module == "torch._tensor" and name == "_rebuild_from_type_v2":
+        return _rebuild_from_type_v2
+    if module == "torch" and name in STORAGE_DTYPES:
+        return _StorageType(STORAGE_DTYPES[name])
+    if module == "torch" and name in TORCH_DTYPES:
+        return _DType(TORCH_DTYPES[name])
+    if (module, name) in (("torch", "Tensor"), ("torch.nn.parameter", "Parameter")):
+        return _Marker(name)
+    return None
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Accepts only the globals that rebuild tensors and storages; every other global (os.system,
+    builtins.eval, ...) raises before it can be called."""
+
+    def __init__(self, file, storage_loader):
+        super().__init__(file)
+        self._storage_loader = storage_loader
+
+    def find_class(self, module, name):
+        obj = _allowed(module, name)
+        if obj is None:
+            raise pickle.UnpicklingError(
+                f"refusing to load global '{module}.{name}': only tensor and storage globals "
+                f"are allowed in a checkpoint")
+        return obj
+
+    def persistent_load(self, pid):
+        return self._storage_loader(pid)
+
+
+def _storage_dtype(st) -> str:
+    if isinstance(st, _StorageType):
+        return st.dtype
+    if isinstance(st, _DType):
+        return st.name
+    raise pickle.UnpicklingError(f"persistent id names an unknown storage type {st!r}")
+
+
+def _check_state_dict(obj, path: str) -> Dict[str, LazyTensor]:
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict) \
+            and not isinstance(obj.get("state_dict"), LazyTensor):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ConversionError(f"{path}: the pickle holds a {type(obj).__name__}, not a state dict")
+    out: Dict[str, LazyTensor] = {}
+    for k, v in obj.items():
+        if not isinstance(k, str):
+            raise ConversionError(f"{path}: state dict key {k!r} is not a string")
+        if not isinstance(v, LazyTensor):
+            raise ConversionError(f"{path}: state dict entry '{k}' is a {type(v).__name__}, "
+                                  f"not a tensor")
+        out[k] = v
+    return out
+
+
+def _load_zip(path: str) -> Dict[str, LazyTensor]:
+    try:
+        zf = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as e:
+        raise ConversionError(f"{path}: not a valid torch checkpoint (bad zip archive: {e}; "
+                              f"truncated download?)") from None
+    with zf:
+        names = zf.namelist()
+        pkl = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
+        if len(pkl) != 1:
+            raise ConversionError(f"{path}: zip archive has no single data.pkl; not a torch "
+                                  f"checkpoint")
+        prefix = pkl[0][: -len("data.pkl")]
+        infos = {i.filename: i for i in zf.infolist()}
+        byteswap = False
+        if prefix + "byteorder" in infos:
+            order = zf.read(prefix + "byteorder").decode("ascii", "replace").strip()
+            if order not in ("little", "big"):
+                raise ConversionError(f"{path}: unknown byteorder {order!r}")
+            byteswap = order == "big"
+        if infos[pkl[0]].file_size > MAX_PICKLE:
+            raise ConversionError(f"{path}: data.pkl is implausibly large")
+        try:
+            data = zf.read(pkl[0])
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            raise ConversionError(f"{path}: cannot read data.pkl ({e})") from None
+
+        storages: Dict[str, _Storage] = {}
+        fsize = _file_size(path)
+
+        def load_storage(pid):
+            if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != "storage":
+                raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
+            dtype = _storage_dtype(pid[1])
+            key, nelem = pid[2], pid[4]
+            if not isinstance(key, str) or not isinstance(nelem, int) or nelem < 0:
+                raise pickle.UnpicklingError(f"malformed storage reference {pid!r}")
+            member = f"{prefix}data/{key}"
+            info = infos.get(member)
+            if info is None:
+                raise ConversionError(f"{path}: storage '{member}' is missing from the archive "
+                                      f"(truncated file?)")
+            nbytes = nelem * DTYPES[dtype][1]
+            if info.file_size < nbytes:
+                raise ConversionError(f"{path}: storage '{member}' holds {info.file_size} bytes, "
+                                      f"fewer than the {nbytes} its tensors need")
+            cached = storages.get(key)
+            if cached is not None and cached.dtype == dtype:
+                return cached
+            origin = path
+            if info.compress_type == zipfile.ZIP_STORED:
+                off = _member_data_offset(path, info)
+                if off + info.file_size > fsize:
+                    raise ConversionError(f"{path}: storage '{member}' runs past the end of "
+                                          f"the file (truncated?)")
+                st = _Storage(path, off, info.file_size, dtype, origin, byteswap)
+            else:  # compressed member (not written by torch): read through zipfile
+                reader = _member_reader(path, member)
+                st = _Storage(path, 0, info.file_size, dtype, origin, byteswap, reader=reader)
+            storages[key] = st
+            return st
+
+        try:
+            obj = RestrictedUnpickler(io.BytesIO(data), load_storage).load()
+        except ConversionError:
+            raise
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+                IndexError, KeyError, struct.error, RecursionError, MemoryError) as e:
+            raise ConversionError(f"{path}: refused or malformed pickle: {e}") from None
+    return _check_state_dict(obj, path)
+
+
+def _file_size(path: str) -> int:
+    import os
+
+    return os.path.getsize(path)
+
+
+def _member_data_offset(path: str, info: zipfile.ZipInfo) -> int:
+    """Byte offset of a stored member's data: after its local header (whose extra field may
+    differ from the central directory's, so read it)."""
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        h = f.read(30)
+        if len(h) != 30 or h[:4] != b"PK\x03\x04":
+            raise ConversionError(f"{path}: bad zip local header for '{info.filename}' "
+                                  f"(truncated or corrupt archive)")
+        nlen, xlen = struct.unpack("<HH", h[26:30])
+        return info.header_offset + 30 + nlen + xlen
+
+
+def _member_reader(path: str, member: str):
+    def read(off: int, n: int) -> bytes:
+        with zipfile.ZipFile(path) as zf, zf.open(member) as m:
+            m.seek(off)
+            return m.read(n)
+
+    return read
+
+
+def _load_legacy(path: str) -> Dict[str, LazyTensor]:
+    """The pre-1.6 torch.save format (a sequence of pickles, then raw storages)."""
+    f = open(path, "rb")
+    with f:
+        def small_pickle():
+            return RestrictedUnpickler(f, lambda pid: (_ for _ in ()).throw(
+                pickle.UnpicklingError("unexpected persistent id"))).load()
+
+        try:
+            magic = small_pickle()
+            if magic != LEGACY_MAGIC:
+                raise ConversionError(f"{path}: not a torch checkpoint (neither a zip archive "
+                                      f"nor the legacy torch.save format)")
+            small_pickle()  # protocol version
+            sys_info = small_pickle()
+            if isinstance(sys_info, dict) and sys_info.get("little_endian") is False:
+                raise ConversionError(f"{path}: big-endian legacy checkpoints are not supported")
+            pending: Dict[str, tuple] = {}
+
+            def load_storage(pid):
+                if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != "storage":
+                    raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
+                dtype = _storage_dtype(pid[1])
+                key, nelem = pid[2], pid[4]
+                if len(pid) > 5 and pid[5] is not None:
+                    raise pickle.UnpicklingError("legacy storage views are not supported")
+                st = pending.get(key)
+                if st is None:
+                    st = _Storage(path, -1, nelem * DTYPES[dtype][1], dtype, path, False)
+                    pending[key] = st
+                return st
+
+            obj = RestrictedUnpickler(f, load_storage).load()
+            keys = small_pickle()
+        except ConversionError:
+            raise
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+                IndexError, KeyError, struct.error, RecursionError, MemoryError) as e:
+            raise ConversionError(f"{path}: refused or malformed pickle: {e}") from None
+        if not isinstance(keys, list):
+            raise ConversionError(f"{path}: malformed legacy checkpoint (storage key list)")
+        size = _file_size(path)
+        pos = f.tell()
+        for key in keys:
+            st = pending.get(key)
+            if st is None:
+                raise ConversionError(f"{path}: storage key {key!r} is not used by any tensor")
+            f.seek(pos)
+            h = f.read(8)
+            if len(h) != 8:
+                raise ConversionError(f"{path}: truncated (storage {key!r} missing)")
+            (n,) = struct.unpack("<q", h)
+            nbytes = n * DTYPES[st.dtype][1]
+            if n < 0 or pos + 8 + nbytes > size:
+                raise ConversionError(f"{path}: truncated (storage {key!r} runs past the end)")
+            if nbytes < st.nbytes:
+                raise ConversionError(f"{path}: storage {key!r} is shorter than declared")
+            st.offset = pos + 8
+            pos += 8 + nbytes
+    # Tensors were built with offset -1 + storage_offset; rebase them now that offsets are known.
+    return _rebase_legacy(_check_state_dict(obj, path), path)
+
+
+def _rebase_legacy(tensors, path):
+    # LazyTensor.offset was computed as storage.offset(-1) + storage_offset*es; the storage is
+    # found through the _storage attribute set by _rebuild_tensor on legacy storages.
+    out = {}
+    for k, t in tensors.items():
+        st = t._legacy_storage
+        if st.offset < 0:
+            raise ConversionError(f"{path}: storage of tensor '{k}' has no data")
+        t.offset = t.offset + 1 + st.offset
+        t.key = (t.key[0], t.offset) + t.key[2:]
+        out[k] = t
+    return out
+
+
+def load_torch_checkpoint(path: str) -> Dict[str, LazyTensor]:
+    """Reads a torch.save'd state dict without torch. Returns {name: LazyTensor}.
+
+    Raises ConversionError (naming the file) for a truncated or corrupt archive, a pickle that
+    names any global outside the tensor/storage allowlist, or anything that is not a flat
+    dict of tensors."""
+    path = str(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise ConversionError(f"{path}: cannot read: {e.strerror or e}") from None
+    if head[:2] == b"PK":
+        return _load_zip(path)
+    if head[:1] == b"\x80":
+        return _load_legacy(path)
+    raise ConversionError(f"{path}: not a torch checkpoint (neither a zip archive nor a pickle)")

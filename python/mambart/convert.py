@@ -1,0 +1,690 @@
+"""Checkpoint conversion into the mambart model directory (docs/format.md), without torch.
+
+Sources:
+- Hugging Face transformers (`MambaForCausalLM`, `Mamba2ForCausalLM`, as written by
+  `save_pretrained`): `config.json` with `model_type` "mamba" / "mamba2" and
+  `model.safetensors`, sharded safetensors with `model.safetensors.index.json`, or
+  `pytorch_model.bin` (sharded with `pytorch_model.bin.index.json`).
+- state-spaces (`mamba_ssm`, `MambaLMHeadModel`): `config.json` with d_model / n_layer / ssm_cfg
+  keys and a torch-pickled `pytorch_model.bin`, read by a restricted unpickler (_torchzip).
+- a mambart directory (to change its dtype).
+
+The conversion streams: tensor by tensor, in chunks, so peak memory is a few chunks, not the
+model. Every shape is checked against the config before anything is written; the output is
+written into a temporary directory next to `dst` and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from ._tensorio import (CHUNK_ELEMS, FLOAT_DTYPES, OUT_DTYPES, LazyTensor, SafetensorsWriter,
+                        WeightSet, convert_chunk, read_safetensors_header)
+from .errors import ConversionError
+
+CONVERTER_VERSION = "mambart-convert 1"
+FORMAT_VERSION = 1
+
+# Kept in float32 whatever the output dtype: tiny, and they feed exponentials.
+FP32_PARAMS = ("A_log", "D", "dt_bias", "dt_proj.bias")
+
+__all__ = ["convert", "ConversionError", "read_source", "open_weights", "load_json"]
+
+
+# ---------------------------------------------------------------- helpers
+
+def _special_floats(obj: dict):
+    # transformers >= 5 writes non-finite floats as {"__float__": "Infinity"}.
+    if len(obj) == 1 and isinstance(obj.get("__float__"), str):
+        try:
+            return float(obj["__float__"])
+        except ValueError:
+            return obj
+    return obj
+
+
+def load_json(path: Path) -> dict:
+    """Reads a JSON object. Accepts the bare Infinity/NaN tokens Python's writer emits (older
+    HF Mamba-2 configs hold `time_step_limit: [0.0, Infinity]`) and transformers 5's
+    `{"__float__": "Infinity"}` encoding."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConversionError(f"{path}: cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConversionError(f"{path}: not UTF-8 text") from None
+    try:
+        obj = json.loads(text, object_hook=_special_floats)
+    except ValueError as e:
+        raise ConversionError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ConversionError(f"{path}: not a JSON object")
+    return obj
+
+
+def _plain_name(fname, index_path) -> str:
+    if not isinstance(fname, str) or not fname or "/" in fname or "\\" in fname \
+            or fname in (".", ".."):
+        raise ConversionError(f"{index_path}: weight_map names an invalid file {fname!r}")
+    return fname
+
+
+def open_weights(src: Path) -> WeightSet:
+    """Finds the weights of a checkpoint directory; returns lazy tensors by name."""
+    st_index = src / "model.safetensors.index.json"
+    st_single = src / "model.safetensors"
+    pt_index = src / "pytorch_model.bin.index.json"
+    pt_single = src / "pytorch_model.bin"
+    if st_index.is_file() or st_single.is_file():
+        kind = "safetensors"
+        index, single = st_index, st_single
+    elif pt_index.is_file() or pt_single.is_file():
+        kind = "pytorch"
+        index, single = pt_index, pt_single
+    else:
+        found = sorted(p.name for p in src.iterdir()) if src.is_dir() else []
+        raise ConversionError(
+            f"{src}: no weights found (expected model.safetensors, "
+            f"model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json; "
+            f"the directory holds {found or 'nothing'})")
+
+    def load_file(path: Path) -> Dict[str, LazyTensor]:
+        if not path.is_file():
+            raise ConversionError(f"{path}: weight file is missing")
+        if kind == "safetensors":
+            return read_safetensors_header(str(path))
+        from ._torchzip import load_torch_checkpoint
+
+        return load_torch_checkpoint(str(path))
+
+    if index.is_file():
+        idx = load_json(index)
+        wm = idx.get("weight_map")
+        if not isinstance(wm, dict) or not wm:
+            raise ConversionError(f"{index}: no 'weight_map' object")
+        shards: Dict[str, List[str]] = {}
+        for name, fname in wm.items():
+            shards.setdefault(_plain_name(fname, index), []).append(name)
+        tensors: Dict[str, LazyTensor] = {}
+        files = []
+        for fname, names in sorted(shards.items()):
+            path = src / fname
+            files.append(str(path))
+            got = load_file(path)
+            for name in names:
+                if name not in got:
+                    raise ConversionError(f"{path}: tensor '{name}' is missing (the index "
+                                          f"{index.name} places it in this shard)")
+            for name, t in got.items():
+                if wm.get(name) != fname:
+                    raise ConversionError(f"{path}: tensor '{name}' is not listed for this shard "
+                                          f"in {index.name}")
+                tensors[name] = t
+        return WeightSet(tensors, files, kind)
+    return WeightSet(load_file(single), [str(single)], kind)
+
+
+def _pad(v: int, m: int) -> int:
+    return v + ((m - v % m) % m) if m > 1 else v
+
+
+def _int(cfg: dict, key: str, where: str, default=None, lo: int = 1) -> int:
+    v = cfg.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ConversionError(f"{where}: config key '{key}' must be an integer >= {lo}, got {v!r}")
+    return v
+
+
+def _bool(cfg: dict, key: str, where: str, default=None) -> bool:
+    v = cfg.get(key, default)
+    if not isinstance(v, bool):
+        raise ConversionError(f"{where}: config key '{key}' must be true or false, got {v!r}")
+    return v
+
+
+def _opt_id(v, where: str, key: str):
+    if isinstance(v, list):  # transformers allows lists of eos ids; we keep the first
+        v = v[0] if v else None
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ConversionError(f"{where}: config key '{key}' must be a token id or null, got {v!r}")
+    return v
+
+
+def _dt_limit(v, where: str, key: str):
+    if not isinstance(v, (list, tuple)) or len(v) != 2 or \
+            not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+        raise ConversionError(f"{where}: config key '{key}' must be [min, max], got {v!r}")
+    lo, hi = float(v[0]), float(v[1])
+    if not (lo >= 0.0 and hi > lo) or math.isnan(hi):
+        raise ConversionError(f"{where}: config key '{key}' = {v!r} must satisfy 0 <= min < max")
+    return [lo, None if math.isinf(hi) else hi]
+
+
+# ---------------------------------------------------------------- source formats
+
+@dataclass
+class Source:
+    """A parsed checkpoint: our config (without dtype/source) and the name mapping."""
+
+    fmt: str                         # "transformers", "state-spaces" or "mambart"
+    config: dict                     # mambart config keys
+    names: Dict[str, str]            # canonical name -> source tensor name
+    optional_tied: Optional[str] = None  # source name of an lm_head to drop when tied
+    notes: List[str] = field(default_factory=list)
+
+
+def _base_config(arch: str) -> dict:
+    return {"mambart_format": FORMAT_VERSION, "architecture": arch}
+
+
+def _names_for(cfg: dict, prefix: str, emb: str) -> Dict[str, str]:
+    """canonical -> source names for `prefix` (e.g. 'backbone.') and embedding name `emb`."""
+    n: Dict[str, str] = {"embedding.weight": emb, "norm_f.weight": prefix + "norm_f.weight"}
+    ln = cfg["norm"] == "layernorm"
+    if ln:
+        n["norm_f.bias"] = prefix + "norm_f.bias"
+    if not cfg["tie_embeddings"]:
+        n["lm_head.weight"] = "lm_head.weight"
+    mixer1 = ["in_proj.weight", "conv1d.weight", "x_proj.weight", "dt_proj.weight",
+              "dt_proj.bias", "A_log", "D", "out_proj.weight"]
+    mixer2 = ["in_proj.weight", "conv1d.weight", "dt_bias", "A_log", "D", "out_proj.weight"]
+    mixer = list(mixer1 if cfg["architecture"] == "mamba1" else mixer2)
+    if cfg["architecture"] == "mamba2" and cfg["gated_norm"]:
+        mixer.append("norm.weight")
+    if cfg["conv_bias"]:
+        mixer.append("conv1d.bias")
+    if cfg["bias"]:
+        mixer += ["in_proj.bias", "out_proj.bias"]
+    for i in range(cfg["n_layer"]):
+        c = f"layers.{i}."
+        n[c + "norm.weight"] = prefix + c + "norm.weight"
+        if ln:
+            n[c + "norm.bias"] = prefix + c + "norm.bias"
+        for m in mixer:
+            n[c + "mixer." + m] = prefix + c + "mixer." + m
+    return n
+
+
+def expected_shapes(cfg: dict) -> Dict[str, Tuple[int, ...]]:
+    """canonical tensor name -> shape implied by a mambart config (docs/format.md)."""
+    d, E, N, W = cfg["d_model"], cfg["d_inner"], cfg["d_state"], cfg["d_conv"]
+    Vp = cfg["vocab_size_padded"]
+    m1 = cfg["architecture"] == "mamba1"
+    if m1:
+        conv_dim, d_in = E, 2 * E
+    else:
+        G, H = cfg["ngroups"], cfg["nheads"]
+        conv_dim, d_in = E + 2 * G * N, 2 * E + 2 * G * N + H
+    s: Dict[str, Tuple[int, ...]] = {"embedding.weight": (Vp, d), "norm_f.weight": (d,)}
+    ln = cfg["norm"] == "layernorm"
+    if ln:
+        s["norm_f.bias"] = (d,)
+    if not cfg["tie_embeddings"]:
+        s["lm_head.weight"] = (Vp, d)
+    for i in range(cfg["n_layer"]):
+        p = f"layers.{i}."
+        x = p + "mixer."
+        s[p + "norm.weight"] = (d,)
+        if ln:
+            s[p + "norm.bias"] = (d,)
+        s[x + "in_proj.weight"] = (d_in, d)
+        if cfg["bias"]:
+            s[x + "in_proj.bias"] = (d_in,)
+            s[x + "out_proj.bias"] = (d,)
+        s[x + "conv1d.weight"] = (conv_dim, 1, W)
+        if cfg["conv_bias"]:
+            s[x + "conv1d.bias"] = (conv_dim,)
+        if m1:
+            R = cfg["dt_rank"]
+            s[x + "x_proj.weight"] = (R + 2 * N, E)
+            s[x + "dt_proj.weight"] = (E, R)
+            s[x + "dt_proj.bias"] = (E,)
+            s[x + "A_log"] = (E, N)
+            s[x + "D"] = (E,)
+        else:
+            H = cfg["nheads"]
+            s[x + "dt_bias"] = (H,)
+            s[x + "A_log"] = (H,)
+            s[x + "D"] = (H,)
+            if cfg["gated_norm"]:
+                s[x + "norm.weight"] = (E,)
+        s[x + "out_proj.weight"] = (d, E)
+    return s
+
+
+def _hf_source(cfg: dict, where: str, weights: WeightSet) -> Source:
+    mt = cfg.get("model_type")
+    if mt not in ("mamba", "mamba2"):
+        raise ConversionError(f"{where}: model_type {mt!r} is not supported (mamba, mamba2; "
+                              f"Falcon-Mamba, Jamba, Zamba, Mamba-3 and hybrids are not)")
+    arch = "mamba1" if mt == "mamba" else "mamba2"
+    d = _int(cfg, "hidden_size", where)
+    c = _base_config(arch)
+    c["d_model"] = d
+    c["n_layer"] = _int(cfg, "num_hidden_layers", where)
+    expand = cfg.get("expand", 2)
+    if not isinstance(expand, (int, float)) or isinstance(expand, bool) or expand <= 0:
+        raise ConversionError(f"{where}: config key 'expand' must be a positive number")
+    E = cfg.get("intermediate_size", int(expand * d)) if arch == "mamba1" else int(expand * d)
+    if not isinstance(E, int) or E < 1:
+        raise ConversionError(f"{where}: config key 'intermediate_size' must be a positive int")
+    V = _int(cfg, "vocab_size", where)
+    c["vocab_size"] = V
+    c["vocab_size_padded"] = V  # fixed below from the embedding rows
+    c["d_inner"] = E
+    c["d_state"] = _int(cfg, "state_size", where, 16 if arch == "mamba1" else 128)
+    c["d_conv"] = _int(cfg, "conv_kernel", where, 4)
+    c["conv_bias"] = _bool(cfg, "use_conv_bias", where, True)
+    c["bias"] = _bool(cfg, "use_bias", where, False)
+    if arch == "mamba1":
+        r = cfg.get("time_step_rank", "auto")
+        c["dt_rank"] = math.ceil(d / 16) if r == "auto" else _int(cfg, "time_step_rank", where)
+        c.update(headdim=0, nheads=0, ngroups=1, chunk_size=0, dt_limit=[0.0, None],
+                 gated_norm=False)
+    else:
+        c["dt_rank"] = 0
+        c["headdim"] = _int(cfg, "head_dim", where, 64)
+        c["nheads"] = _int(cfg, "num_heads", where, 128)
+        if c["nheads"] * c["headdim"] != E:
+            raise ConversionError(f"{where}: num_heads x head_dim ({c['nheads']} x "
+                                  f"{c['headdim']}) must equal expand x hidden_size ({E})")
+        c["ngroups"] = _int(cfg, "n_groups", where, 8)
+        if c["nheads"] % c["ngroups"]:
+            raise ConversionError(f"{where}: n_groups ({c['ngroups']}) must divide num_heads "
+                                  f"({c['nheads']})")
+        c["chunk_size"] = _int(cfg, "chunk_size", where, 256)
+        c["dt_limit"] = _dt_limit(cfg.get("time_step_limit", [0.0, math.inf]), where,
+                                  "time_step_limit")
+        c["gated_norm"] = True  # HF's Mamba2Mixer always has the gated RMSNorm
+    c["norm_before_gate"] = False
+    c["norm"] = "rmsnorm"
+    eps = cfg.get("layer_norm_epsilon", 1e-5)
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < 1:
+        raise ConversionError(f"{where}: config key 'layer_norm_epsilon' must be in (0, 1)")
+    c["norm_eps"] = float(eps)
+    c["residual_in_fp32"] = _bool(cfg, "residual_in_fp32", where, True)
+    c["tie_embeddings"] = _bool(cfg, "tie_word_embeddings", where, arch == "mamba1")
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        c[k] = _opt_id(cfg.get(k), where, k)
+    emb = "backbone.embeddings.weight"
+    if emb not in weights.tensors and "backbone.embedding.weight" in weights.tensors:
+        emb = "backbone.embedding.weight"
+    src = Source("transformers", c, {})
+    if emb in weights.tensors and len(weights.tensors[emb].shape) == 2:
+        rows = weights.tensors[emb].shape[0]
+        if rows < V:
+            raise ConversionError(f"{weights.files[0]}: tensor '{emb}' has {rows} rows, fewer "
+                                  f"than vocab_size {V}")
+        c["vocab_size_padded"] = rows
+    src.names = _names_for(c, "backbone.", emb)
+    if c["tie_embeddings"]:
+        src.optional_tied = "lm_head.weight"
+    return src
+
+
+SS_TOP_KEYS = {"d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg", "attn_layer_idx",
+               "attn_cfg", "rms_norm", "residual_in_fp32", "fused_add_norm",
+               "pad_vocab_size_multiple", "tie_embeddings"}
+SS_M1_KEYS = {"layer", "d_state", "d_conv", "expand", "dt_rank", "dt_min", "dt_max", "dt_init",
+              "dt_scale", "dt_init_floor", "conv_bias", "bias", "use_fast_path"}
+SS_M2_KEYS = {"layer", "d_state", "d_conv", "conv_init", "expand", "headdim", "d_ssm", "ngroups",
+              "A_init_range", "D_has_hdim", "rmsnorm", "norm_before_gate", "dt_min", "dt_max",
+              "dt_init_floor", "dt_limit", "bias", "conv_bias", "chunk_size", "use_mem_eff_path"}
+
+
+def _ss_source(cfg: dict, where: str, weights: WeightSet) -> Source:
+    unknown = sorted(set(cfg) - SS_TOP_KEYS)
+    if unknown:
+        raise ConversionError(f"{where}: unknown state-spaces config key(s) {unknown} "
+                              f"(mamba_ssm's MambaConfig would refuse them too)")
+    attn = cfg.get("attn_layer_idx") or []
+    if attn:
+        raise ConversionError(
+            f"{where}: this checkpoint has attention layers (attn_layer_idx={attn}, a "
+            f"Mamba/attention hybrid such as mamba2attn); mambart does not run attention "
+            f"layers yet")
+    di = cfg.get("d_intermediate", 0)
+    if di:
+        raise ConversionError(f"{where}: this checkpoint has MLP layers (d_intermediate={di}); "
+                              f"mambart does not run MLP layers yet")
+    ssm = cfg.get("ssm_cfg", {}) or {}
+    if not isinstance(ssm, dict):
+        raise ConversionError(f"{where}: config key 'ssm_cfg' must be an object")
+    layer = ssm.get("layer", "Mamba1")
+    if layer == "Mamba3":
+        raise ConversionError(f"{where}: ssm_cfg.layer 'Mamba3' is not supported yet (mambart "
+                              f"runs Mamba1 and Mamba2 layers)")
+    if layer not in ("Mamba1", "Mamba2"):
+        raise ConversionError(f"{where}: unknown layer type ssm_cfg.layer={layer!r} (mambart "
+                              f"runs Mamba1 and Mamba2)")
+    arch = "mamba1" if layer == "Mamba1" else "mamba2"
+    allowed = SS_M1_KEYS if arch == "mamba1" else SS_M2_KEYS
+    bad = sorted(set(ssm) - allowed)
+    if bad:
+        raise ConversionError(f"{where}: unknown ssm_cfg key(s) {bad} for layer {layer}")
+    d = _int(cfg, "d_model", where)
+    c = _base_config(arch)
+    c["d_model"] = d
+    c["n_layer"] = _int(cfg, "n_layer", where)
+    V = _int(cfg, "vocab_size", where, 50277)
+    m = _int(cfg, "pad_vocab_size_multiple", where, 8)
+    c["vocab_size"] = V
+    c["vocab_size_padded"] = _pad(V, m)
+    expand = ssm.get("expand", 2)
+    if not isinstance(expand, (int, float)) or isinstance(expand, bool) or expand <= 0:
+        raise ConversionError(f"{where}: ssm_cfg.expand must be a positive number")
+    E = int(expand * d)
+    c["d_inner"] = E
+    c["d_state"] = _int(ssm, "d_state", where + " ssm_cfg", 16 if arch == "mamba1" else 128)
+    c["d_conv"] = _int(ssm, "d_conv", where + " ssm_cfg", 4)
+    c["conv_bias"] = _bool(ssm, "conv_bias", where + " ssm_cfg", True)
+    c["bias"] = _bool(ssm, "bias", where + " ssm_cfg", False)
+    if arch == "mamba1":
+        r = ssm.get("dt_rank", "auto")
+        c["dt_rank"] = math.ceil(d / 16) if r == "auto" else _int(ssm, "dt_rank",
+                                                                 where + " ssm_cfg")
+        c.update(headdim=0, nheads=0, ngroups=1, chunk_size=0, dt_limit=[0.0, None],
+                 gated_norm=False, norm_before_gate=False)
+    else:
+        d_ssm = ssm.get("d_ssm")
+        if d_ssm is not None and d_ssm != E:
+            raise ConversionError(f"{where}: ssm_cfg.d_ssm={d_ssm} != expand x d_model ({E}) "
+                                  f"means an MLP part inside the mixer, which mambart does not "
+                                  f"run yet")
+        if ssm.get("D_has_hdim", False):
+            raise ConversionError(f"{where}: ssm_cfg.D_has_hdim=true is not supported")
+        if ssm.get("norm_before_gate", False):
+            raise ConversionError(f"{where}: ssm_cfg.norm_before_gate=true is not supported")
+        c["dt_rank"] = 0
+        c["headdim"] = _int(ssm, "headdim", where + " ssm_cfg", 64)
+        if E % c["headdim"]:
+            raise ConversionError(f"{where}: ssm_cfg.headdim={c['headdim']} does not divide "
+                                  f"d_inner={E}")
+        c["nheads"] = E // c["headdim"]
+        c["ngroups"] = _int(ssm, "ngroups", where + " ssm_cfg", 1)
+        if c["nheads"] % c["ngroups"]:
+            raise ConversionError(f"{where}: ssm_cfg.ngroups={c['ngroups']} does not divide the "
+                                  f"{c['nheads']} heads")
+        c["chunk_size"] = _int(ssm, "chunk_size", where + " ssm_cfg", 256)
+        c["dt_limit"] = _dt_limit(ssm.get("dt_limit", [0.0, math.inf]), where, "ssm_cfg.dt_limit")
+        c["gated_norm"] = _bool(ssm, "rmsnorm", where + " ssm_cfg", True)
+        c["norm_before_gate"] = False
+    c["norm"] = "rmsnorm" if _bool(cfg, "rms_norm", where, True) else "layernorm"
+    c["norm_eps"] = 1e-5  # MambaLMHeadModel never passes an eps: every norm uses 1e-5
+    c["residual_in_fp32"] = _bool(cfg, "residual_in_fp32", where, True)
+    c["tie_embeddings"] = _bool(cfg, "tie_embeddings", where, True)
+    c["bos_token_id"] = c["eos_token_id"] = c["pad_token_id"] = None  # set from the tokenizer
+    src = Source("state-spaces", c, _names_for(c, "backbone.", "backbone.embedding.weight"))
+    if c["tie_embeddings"]:
+        src.optional_tied = "lm_head.weight"
+    return src
+
+
+MAMBART_KEYS = {"mambart_format", "architecture", "d_model", "n_layer", "vocab_size",
+                "vocab_size_padded", "d_inner", "d_state", "d_conv", "conv_bias", "bias",
+                "dt_rank", "headdim", "nheads", "ngroups", "chunk_size", "dt_limit", "gated_norm",
+                "norm_before_gate", "norm", "norm_eps", "residual_in_fp32", "tie_embeddings",
+                "bos_token_id", "eos_token_id", "pad_token_id", "dtype", "source"}
+
+
+def _mambart_source(cfg: dict, where: str) -> Source:
+    if cfg.get("mambart_format") != FORMAT_VERSION:
+        raise ConversionError(f"{where}: mambart_format {cfg.get('mambart_format')!r} is not "
+                              f"supported (expected {FORMAT_VERSION})")
+    missing = sorted(MAMBART_KEYS - set(cfg) - {"source"})
+    unknown = sorted(set(cfg) - MAMBART_KEYS)
+    if missing or unknown:
+        raise ConversionError(f"{where}: missing keys {missing} / unknown keys {unknown}")
+    c = {k: v for k, v in cfg.items() if k not in ("dtype", "source")}
+    names = {n: n for n in expected_shapes(c)}
+    return Source("mambart", c, names)
+
+
+def read_source(src: Path, weights: Optional[WeightSet] = None) -> Tuple[Source, WeightSet]:
+    """Parses `src`'s config, detects its format and opens its weights (lazily)."""
+    src = Path(src)
+    if not src.exists():
+        raise ConversionError(f"{src}: no such file or directory")
+    if not src.is_dir():
+        raise ConversionError(f"{src}: not a directory (pass the checkpoint's directory)")
+    cfg_path = src / "config.json"
+    if not cfg_path.is_file():
+        if (src / "params.json").is_file():
+            raise ConversionError(f"{src}: params.json (Mistral/Codestral native format) is not "
+                                  f"supported; convert it with transformers first")
+        raise ConversionError(f"{src}: no config.json")
+    cfg = load_json(cfg_path)
+    where = str(cfg_path)
+    if "mambart_format" in cfg:
+        weights = weights or open_weights(src)
+        return _mambart_source(cfg, where), weights
+    weights = weights or open_weights(src)
+    if "model_type" in cfg or "architectures" in cfg:
+        return _hf_source(cfg, where, weights), weights
+    if "d_model" in cfg and "n_layer" in cfg:
+        return _ss_source(cfg, where, weights), weights
+    raise ConversionError(f"{where}: unrecognized config (neither a transformers config with "
+                          f"model_type nor a state-spaces config with d_model / n_layer)")
+
+
+# ---------------------------------------------------------------- planning and writing
+
+@dataclass
+class PlanItem:
+    name: str
+    tensor: LazyTensor
+    out_dtype: str
+
+
+def _same_data(a: LazyTensor, b: LazyTensor) -> bool:
+    if a.key == b.key:
+        return True
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    import numpy as np
+
+    for x, y in zip(a.chunks(), b.chunks()):
+        if not np.array_equal(x, y):
+            return False
+    return True
+
+
+def _source_dtype(weights: WeightSet, names: Dict[str, str]) -> str:
+    """The dtype of the large matrices: that of the embedding (float64 becomes float32)."""
+    t = weights.tensors.get(names.get("embedding.weight", ""))
+    dt = t.dtype if t is not None else "float32"
+    return "float32" if dt not in OUT_DTYPES else dt
+
+
+def plan(source: Source, weights: WeightSet, dtype: Optional[str]) -> Tuple[List[PlanItem], str]:
+    """Validates every tensor against the config; returns what to write, in file order."""
+    if dtype is not None and dtype not in OUT_DTYPES:
+        raise ConversionError(f"dtype must be None, 'float32', 'float16' or 'bfloat16', got "
+                              f"{dtype!r}")
+    T = dtype or _source_dtype(weights, source.names)
+    shapes = expected_shapes(source.config)
+    origin = {n: t.origin for n, t in weights.tensors.items()}
+    files = ", ".join(sorted(set(weights.files))) or "the checkpoint"
+    items: List[PlanItem] = []
+    used = set()
+    for canon, shape in shapes.items():
+        sname = source.names[canon]
+        t = weights.tensors.get(sname)
+        if t is None:
+            raise ConversionError(f"{files}: missing tensor '{sname}' (the config implies it)")
+        if t.shape != shape:
+            raise ConversionError(f"{origin[sname]}: tensor '{sname}' has shape {t.shape} but "
+                                  f"the config implies {shape}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise ConversionError(f"{origin[sname]}: tensor '{sname}' has dtype {t.dtype}, not a "
+                                  f"floating-point type")
+        used.add(sname)
+        leaf = canon.split("mixer.", 1)[-1]
+        out = "float32" if leaf in FP32_PARAMS and canon.startswith("layers.") else T
+        items.append(PlanItem(canon, t, out))
+    extra = [n for n in weights.tensors if n not in used]
+    if source.optional_tied in extra:
+        emb = weights.tensors[source.names["embedding.weight"]]
+        head = weights.tensors[source.optional_tied]
+        if not _same_data(emb, head):
+            raise ConversionError(
+                f"{origin[source.optional_tied]}: tensor '{source.optional_tied}' differs from "
+                f"the embedding, but the config says the embeddings are tied")
+        extra.remove(source.optional_tied)
+    if extra:
+        hint = ""
+        if any(".mlp." in n or "norm2" in n for n in extra):
+            hint = " (MLP layers are not supported)"
+        elif any(re.search(r"\.(q_proj|k_proj|v_proj|attn|self_attn)\b", n) for n in extra):
+            hint = " (attention layers are not supported)"
+        shown = ", ".join(f"'{n}'" for n in extra[:5]) + (" ..." if len(extra) > 5 else "")
+        raise ConversionError(f"{origin[extra[0]]}: unexpected tensor(s) {shown} not part of a "
+                              f"{source.config['architecture']} model with this config{hint}")
+    # 4-byte tensors first keeps every tensor aligned to its element size.
+    items.sort(key=lambda it: 0 if it.out_dtype == "float32" else 1)
+    return items, T
+
+
+def _eos_from_tokenizer(tok_path: Optional[Path]):
+    if tok_path is None:
+        return None
+    try:
+        tj = json.loads(Path(tok_path).read_text(encoding="utf-8"))
+        for t in tj.get("added_tokens", []) or []:
+            if t.get("content") in ("<|endoftext|>", "</s>", "<eos>"):
+                return int(t["id"])
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+    return None
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def convert(src, dst, dtype: Optional[str] = None, *, overwrite: bool = False,
+            progress: bool = False, tokenizer=None, source_info: Optional[dict] = None) -> str:
+    """Converts a checkpoint directory into a mambart model directory at `dst`.
+
+    src: a transformers (MambaForCausalLM / Mamba2ForCausalLM) or state-spaces checkpoint
+        directory, or a mambart directory (to change its dtype).
+    dtype: None keeps the checkpoint's dtype (float64 becomes float32); "float32", "float16" or
+        "bfloat16" converts the large matrices. A_log, D, dt_bias and dt_proj.bias stay float32.
+    overwrite: replace an existing `dst` (otherwise an existing non-empty `dst` is an error).
+    progress: show a tqdm progress bar on stderr.
+    tokenizer: a tokenizer.json to copy into `dst` (default: `src`/tokenizer.json if present).
+    source_info: extra provenance merged into config["source"] (hub repo, revision, ...).
+
+    Returns str(dst). Raises ConversionError naming the file and tensor on any bad input; an
+    interrupted conversion leaves `dst` untouched (the output appears only when complete).
+    """
+    src_p = Path(os.fspath(src)).expanduser()
+    dst_p = Path(os.fspath(dst)).expanduser()
+    source, weights = read_source(src_p)
+    items, T = plan(source, weights, dtype)
+
+    tok_path = Path(os.fspath(tokenizer)) if tokenizer is not None else None
+    if tok_path is None and (src_p / "tokenizer.json").is_file():
+        tok_path = src_p / "tokenizer.json"
+    if tok_path is not None and not tok_path.is_file():
+        raise ConversionError(f"{tok_path}: tokenizer file not found")
+
+    cfg = dict(source.config)
+    if source.fmt == "state-spaces":
+        eos = _eos_from_tokenizer(tok_path)
+        if eos is not None and eos < cfg["vocab_size"]:
+            cfg["bos_token_id"] = cfg["eos_token_id"] = eos
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if cfg.get(k) is not None and cfg[k] >= cfg["vocab_size"]:
+            cfg[k] = None  # an id outside the vocabulary can never be generated
+    cfg["dtype"] = T
+    prov = {"format": source.fmt, "path": str(src_p.resolve()), "converter": CONVERTER_VERSION,
+            "weights": [os.path.basename(f) for f in weights.files],
+            "source_dtype": _source_dtype(weights, source.names)}
+    if source.fmt == "mambart" and isinstance(source.config.get("source"), dict):
+        prov["original"] = source.config["source"]
+    if source_info:
+        prov.update(source_info)
+    cfg["source"] = prov
+
+    if dst_p.exists():
+        if dst_p.is_dir() and not any(dst_p.iterdir()):
+            dst_p.rmdir()
+        elif not overwrite:
+            raise ConversionError(f"{dst_p}: already exists (pass overwrite=True / --force to "
+                                  f"replace it)")
+        elif not dst_p.is_dir():
+            raise ConversionError(f"{dst_p}: exists and is not a directory")
+        elif dst_p.resolve() == src_p.resolve():
+            raise ConversionError(f"{dst_p}: the destination is the source directory")
+    parent = dst_p.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst_p.name}.", suffix=".converting", dir=parent))
+    bar = None
+    try:
+        writer = SafetensorsWriter(
+            str(tmp / "model.safetensors"),
+            [(it.name, it.out_dtype, it.tensor.shape) for it in items],
+            metadata={"format": "mambart", "mambart_format": str(FORMAT_VERSION)})
+        total = sum(it.tensor.numel * (4 if it.out_dtype == "float32" else 2) for it in items)
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                       desc=f"converting {src_p.name}", leave=True)
+        try:
+            for it in items:
+                what = f"{it.tensor.origin}: tensor '{source.names[it.name]}'"
+                for chunk in it.tensor.chunks(CHUNK_ELEMS):
+                    out = convert_chunk(chunk, it.tensor.dtype, it.out_dtype, what)
+                    writer.write(it.name, out)
+                    if bar is not None:
+                        bar.update(out.nbytes)
+                    del out, chunk
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        if tok_path is not None:
+            shutil.copyfile(tok_path, tmp / "tokenizer.json")
+        # config.json last: a directory without it is not a model directory.
+        cfg_text = json.dumps(cfg, indent=2, allow_nan=False) + "\n"
+        with open(tmp / "config.json", "w", encoding="utf-8") as f:
+            f.write(cfg_text)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if dst_p.exists():  # overwrite: move the old one aside, then swap
+            old = Path(tempfile.mkdtemp(prefix=f".{dst_p.name}.", suffix=".old", dir=parent))
+            os.rename(dst_p, old / "x")
+            os.rename(tmp, dst_p)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, dst_p)
+        _fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return str(dst_p)
