@@ -70,6 +70,9 @@ std::vector<float> logits_vector(const py::array_t<float, py::array::c_style | p
 
 }  // namespace
 
+// python/bindings/ops.cpp: the test-only `_C._ops` submodule.
+void register_ops(py::module_& parent);
+
 PYBIND11_MODULE(_C, m) {
     m.doc() = "mambart native core (C++). Use the `mambart` package, not this module directly.";
 
@@ -90,6 +93,7 @@ PYBIND11_MODULE(_C, m) {
     });
 
     m.def("cuda_available", &cuda_available, "Whether this build has a usable CUDA backend.");
+    register_ops(m);
 
     py::class_<GenerationOptions>(m, "GenerationOptions")
         .def(py::init<>())
@@ -177,9 +181,26 @@ PYBIND11_MODULE(_C, m) {
             py::arg("token_ids"), py::arg("chunk") = 0)
         .def(
             "start",
-            [](Generator& g, const std::vector<std::vector<int32_t>>& prompts,
-               const GenerationOptions& opt) { return g.start(prompts, opt); },
-            py::arg("prompts"), py::arg("options"), py::keep_alive<0, 1>())
+            // Arguments are converted by hand and the stream keeps the Generator alive by hand:
+            // pybind11's py::keep_alive<0, 1> runs its post-call hook even when argument
+            // conversion failed and then segfaults (pybind/pybind11#6154), so a call with
+            // wrong argument types would crash the process.
+            [](py::object self, py::handle prompts, py::handle options) {
+                Generator& g = self.cast<Generator&>();
+                std::vector<std::vector<int32_t>> p;
+                try {
+                    p = prompts.cast<std::vector<std::vector<int32_t>>>();
+                } catch (const py::cast_error&) {
+                    throw py::type_error("prompts must be a list of lists of int32 token ids");
+                }
+                if (!py::isinstance<GenerationOptions>(options))
+                    throw py::type_error("options must be a GenerationOptions");
+                const GenerationOptions& opt = options.cast<const GenerationOptions&>();
+                py::object stream = py::cast(g.start(p, opt));
+                py::detail::keep_alive_impl(stream, self);  // the stream keeps `self` alive
+                return stream;
+            },
+            py::arg("prompts"), py::arg("options"))
         .def(
             "generate",
             [](Generator& g, const std::vector<std::vector<int32_t>>& prompts,
