@@ -1,6 +1,7 @@
 #include "generator.h"
 
 #include <algorithm>
+#include <cmath>
 
 #include "error.h"
 
@@ -180,10 +181,19 @@ bool GenerationStream::next(std::vector<std::pair<int64_t, int32_t>>* out) {
         be.copy_to_host(logits_host_.data(), lg, size_t(B_ * V) * sizeof(float));
     }
     // Sample one token for every active row. Row r's k-th token uses counter k.
+    // NaN or Inf logits would make the sampler pick an arbitrary token: an error instead of a
+    // silent wrong answer. The sampler works on a copy so last_logits() stays the raw logits.
     for (int64_t r = 0; r < B_; ++r) {
         if (finished_[size_t(r)]) continue;
         GenerationResult& res = results_[size_t(r)];
-        const int32_t tok = samplers_[size_t(r)].sample(logits_host_.data() + r * V,
+        const float* row = logits_host_.data() + r * V;
+        for (int64_t v = 0; v < V; ++v)
+            if (!std::isfinite(row[v]))
+                throw Error(str_cat("the model produced a non-finite logit (", row[v],
+                                    ") for token id ", v, " in row ", r, " after ",
+                                    res.token_ids.size(), " generated tokens"));
+        scratch_.assign(row, row + V);
+        const int32_t tok = samplers_[size_t(r)].sample(scratch_.data(),
                                                         opt_.sampling, opt_.seed, uint64_t(r),
                                                         uint64_t(res.token_ids.size()));
         if (decode_step) res.decode_ms += ms_since(t0);

@@ -48,6 +48,9 @@ class GenerationStream {
     // Stops row `row` now (e.g. a stop string matched on the text side).
     void finish_row(int64_t row, FinishReason reason);
     const std::vector<GenerationResult>& results() const { return results_; }
+    // (B, V) the raw logits each row's latest token was sampled from (a row that finished
+    // keeps the logits of its last step).
+    const std::vector<float>& last_logits() const { return logits_host_; }
     int64_t batch() const { return B_; }
 
  private:
@@ -67,6 +70,7 @@ class GenerationStream {
     std::unique_ptr<State> state_;      // (B rows)
     std::vector<Sampler> samplers_;     // one per row
     std::vector<float> logits_host_;    // (B, V)
+    std::vector<float> scratch_;        // (V) the sampler's working copy of one row
     std::vector<int32_t> last_;         // (B) the token each row feeds next
     std::vector<uint8_t> finished_;     // (B)
     std::vector<GenerationResult> results_;

@@ -70,8 +70,6 @@ std::vector<float> logits_vector(const py::array_t<float, py::array::c_style | p
 
 }  // namespace
 
-// python/bindings/ops.cpp: the test-only `_C._ops` submodule.
-void register_ops(py::module_& parent);
 
 PYBIND11_MODULE(_C, m) {
     m.doc() = "mambart native core (C++). Use the `mambart` package, not this module directly.";
@@ -93,7 +91,6 @@ PYBIND11_MODULE(_C, m) {
     });
 
     m.def("cuda_available", &cuda_available, "Whether this build has a usable CUDA backend.");
-    register_ops(m);
 
     py::class_<GenerationOptions>(m, "GenerationOptions")
         .def(py::init<>())
@@ -149,7 +146,17 @@ PYBIND11_MODULE(_C, m) {
              })
         .def_property_readonly("done", &GenerationStream::done)
         .def_property_readonly("batch", &GenerationStream::batch)
-        .def_property_readonly("results", &GenerationStream::results);
+        .def_property_readonly("results", &GenerationStream::results)
+        .def_property_readonly(
+            "last_logits",
+            [](const GenerationStream& s) {
+                const std::vector<float>& l = s.last_logits();
+                const int64_t B = s.batch(), V = B ? int64_t(l.size()) / B : 0;
+                py::array_t<float> out({B, V});
+                std::copy(l.begin(), l.end(), out.mutable_data());
+                return out;
+            },
+            "(batch, vocab) float32 copy of the raw logits each row's latest token was sampled from.");
 
     py::class_<Generator>(m, "Generator")
         .def(py::init([](const std::string& dir, const std::string& device,
