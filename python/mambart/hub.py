@@ -1,0 +1,150 @@
+"""Model names: short names ("mamba-1.4b") and hub repositories ("state-spaces/mamba2-2.7b"),
+found or downloaded through huggingface_hub, converted once into the mambart cache.
+
+HF_HUB_OFFLINE=1 (or `local_files_only`) uses only what is in the Hugging Face cache
+(HF_HUB_CACHE / HF_HOME, read when called). The tokenizer is the repository's tokenizer.json if
+it has one, else EleutherAI/gpt-neox-20b's for state-spaces checkpoints (the tokenizer they were
+trained with), resolved the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from .errors import ModelLoadError
+
+SHORT_NAMES: Dict[str, str] = {
+    n: f"state-spaces/{n}" for n in (
+        "mamba-130m", "mamba-370m", "mamba-790m", "mamba-1.4b", "mamba-2.8b",
+        "mamba-2.8b-slimpj", "mamba2-130m", "mamba2-370m", "mamba2-780m", "mamba2-1.3b",
+        "mamba2-2.7b", "mamba2attn-2.7b",
+        "mamba-130m-hf", "mamba-370m-hf", "mamba-790m-hf", "mamba-1.4b-hf", "mamba-2.8b-hf")
+}
+NEOX_TOKENIZER_REPO = "EleutherAI/gpt-neox-20b"
+
+_SMALL_FILES = ["config.json", "tokenizer.json", "*.index.json"]
+
+
+def _truthy(v: Optional[str]) -> bool:
+    return (v or "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def hub_offline() -> bool:
+    if "HF_HUB_OFFLINE" in os.environ:
+        return _truthy(os.environ["HF_HUB_OFFLINE"])
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def hub_cache_dir() -> str:
+    """The huggingface_hub cache, read from the environment now (the library reads it once at
+    import, which would ignore a later change)."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return os.path.expanduser(os.environ[var])
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.path.expanduser(os.environ["HF_HOME"]), "hub")
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def resolve_repo_id(name: str) -> str:
+    """Short name -> state-spaces repository; 'owner/repo' passes through."""
+    if name in SHORT_NAMES:
+        return SHORT_NAMES[name]
+    parts = name.split("/")
+    if len(parts) == 2 and all(parts) and not name.startswith((".", "~")):
+        return name
+    raise ModelLoadError(
+        f"unknown model {name!r}: not an existing directory, not a known short name "
+        f"({', '.join(sorted(SHORT_NAMES))}) and not a hub repository 'owner/name'")
+
+
+def _pick_weights(files: List[str]) -> List[str]:
+    names = set(files)
+    for index, single in (("model.safetensors.index.json", "model.safetensors"),
+                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if index in names:
+            ext = ".safetensors" if single.endswith(".safetensors") else ".bin"
+            return [index] + [f for f in files if f.endswith(ext) and "/" not in f]
+        if single in names:
+            return [single]
+    return []
+
+
+def snapshot(repo_id: str, revision: Optional[str] = None) -> str:
+    """The local snapshot directory of `repo_id` at `revision` (config, weights, tokenizer),
+    downloading what is missing unless offline."""
+    from huggingface_hub import snapshot_download
+
+    cache = hub_cache_dir()
+    offline = hub_offline()
+    online_error = None
+    if not offline:
+        try:
+            from huggingface_hub import HfApi
+
+            info = HfApi().model_info(repo_id, revision=revision)
+            files = [s.rfilename for s in (info.siblings or [])]
+            weights = _pick_weights(files)
+            if not weights:
+                raise ModelLoadError(f"{repo_id}: the repository has no model.safetensors or "
+                                     f"pytorch_model.bin (files: {sorted(files)})")
+            return snapshot_download(repo_id, revision=info.sha, cache_dir=cache,
+                                     allow_patterns=_SMALL_FILES + weights)
+        except ModelLoadError:
+            raise
+        except Exception as e:  # network down, repo not found, ...: try the cache
+            online_error = e
+    try:
+        return snapshot_download(repo_id, revision=revision, cache_dir=cache,
+                                 local_files_only=True)
+    except Exception as e:
+        why = f"HF_HUB_OFFLINE is set and it is not in the cache ({cache})" if offline else \
+            f"download failed ({type(online_error).__name__}: {online_error}) and it is not in " \
+            f"the cache ({cache})"
+        rev = f" at revision {revision!r}" if revision else ""
+        raise ModelLoadError(f"{repo_id}{rev}: cannot load: {why}") from e
+
+
+def _neox_tokenizer() -> Optional[str]:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(NEOX_TOKENIZER_REPO, "tokenizer.json", cache_dir=hub_cache_dir(),
+                               local_files_only=hub_offline())
+    except Exception as e:
+        warnings.warn(f"the tokenizer {NEOX_TOKENIZER_REPO} could not be found or downloaded "
+                      f"({type(e).__name__}); the model will take and give token ids only",
+                      stacklevel=3)
+        return None
+
+
+def load_model_dir(name: str, revision: Optional[str] = None,
+                   dtype: Optional[str] = None) -> Tuple[str, Optional[str]]:
+    """Resolves a hub name to a converted mambart model directory in the cache.
+
+    Returns (model_dir, tokenizer.json path or None)."""
+    repo_id = resolve_repo_id(name)
+    snap = Path(snapshot(repo_id, revision))
+    tok: Optional[str] = None
+    if (snap / "tokenizer.json").is_file():
+        tok = str(snap / "tokenizer.json")
+    else:
+        from .convert import load_json
+
+        cfg = load_json(snap / "config.json") if (snap / "config.json").is_file() else {}
+        if "model_type" not in cfg and "d_model" in cfg:  # a state-spaces checkpoint
+            tok = _neox_tokenizer()
+    from ._cache import ensure_converted
+
+    out = ensure_converted(snap, dtype=dtype, tokenizer=tok, name=repo_id.replace("/", "--"),
+                           source_info={"repo": repo_id, "revision": snap.name,
+                                        "requested_revision": revision})
+    t = Path(out) / "tokenizer.json"
+    return out, (str(t) if t.is_file() else None)
