@@ -1,16 +1,46 @@
 #include "backend.h"
 
+#include <cstdlib>
+
 #include "error.h"
 
 namespace mambart {
 
+void Backend::sample(const DeviceSampleParams&) {
+    throw Unsupported(str_cat("device-side sampling is not implemented by the ", name(), " backend"));
+}
+
+#ifdef MAMBART_WITH_CUDA
+// cpp/cuda/backend_cuda.cpp
+std::unique_ptr<Backend> make_cuda_backend(int device);
+bool cuda_device_present();
+
+bool cuda_available() { return cuda_device_present(); }
+#else
 bool cuda_available() { return false; }
+#endif
 
 std::unique_ptr<Backend> make_backend(const std::string& device) {
-    if (device == "cpu" || device == "auto") return make_cpu_backend();
-    if (device == "cuda" || device.rfind("cuda:", 0) == 0)
+    if (device == "cpu") return make_cpu_backend();
+    if (device == "auto") return cuda_available() ? make_backend("cuda") : make_cpu_backend();
+    if (device == "cuda" || device.rfind("cuda:", 0) == 0) {
+#ifdef MAMBART_WITH_CUDA
+        int index = 0;
+        if (device.size() > 5) {
+            const std::string num = device.substr(5);
+            char* end = nullptr;
+            const long v = std::strtol(num.c_str(), &end, 10);
+            if (num.empty() || *end != '\0' || v < 0 || v > 1024)
+                throw InvalidArgument(str_cat("device: bad CUDA device '", device,
+                                              "' (expected 'cuda' or 'cuda:N')"));
+            index = int(v);
+        }
+        return make_cuda_backend(index);
+#else
         throw Unsupported(str_cat("device='", device,
                                   "': this build of mambart has no CUDA backend (CPU only)"));
+#endif
+    }
     throw InvalidArgument(str_cat("device: unknown device '", device,
                                   "' (expected 'cpu', 'cuda', 'cuda:N' or 'auto')"));
 }

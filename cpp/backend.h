@@ -16,6 +16,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -85,6 +86,21 @@ struct SsdParams {            // Mamba-2: dt softplus + clamp, chunked SSD scan,
     int64_t chunk_size;       // Q
 };
 
+// Device-side sampling of one token per row (decode fast path), with mambart::Sampler's
+// semantics (cpp/sampling.h) given the same draw uniform(seed, row, *counter).
+struct DeviceSampleParams {
+    const float* logits;       // (B, V) row stride ld
+    int64_t ld, B, V;
+    float temperature;         // 0: greedy
+    int64_t top_k;             // 0: off
+    float top_p, min_p;        // 1: off, 0: off
+    float repetition_penalty;  // 1: off
+    uint64_t seed;
+    const uint64_t* counter;   // (1) device: read when the op runs (so graphs replay with new values)
+    uint8_t* seen;             // (B, V) device: ids seen per row, the sampled id gets marked; or nullptr
+    int32_t* out;              // (B) device: the sampled ids
+};
+
 class Backend {
  public:
     virtual ~Backend() = default;
@@ -123,6 +139,20 @@ class Backend {
                                int64_t n, int64_t E, int64_t group_size, float eps, float* out) = 0;
     // y (n, E) contiguous *= silu(z (n, E) row stride ld_z)
     virtual void silu_gate(float* y, const float* z, int64_t ld_z, int64_t n, int64_t E) = 0;
+
+    // ---- decode fast path (optional; backends whose supports_graphs() is true) ----
+    virtual bool supports_graphs() const { return false; }
+    // Runs what `record` enqueues. Graph backends record it once per `key` into a graph and
+    // replay that graph for later calls with the same key: `record` must only enqueue ops (no
+    // host reads, allocation or synchronisation), and the key must change whenever a buffer it
+    // uses does (or clear_graphs()).
+    virtual void run_graph(uint64_t key, const std::function<void()>& record) {
+        (void)key;
+        record();
+    }
+    virtual void clear_graphs() {}
+    virtual void sample(const DeviceSampleParams& p);  // default: throws Unsupported
+    virtual void synchronize() {}
 };
 
 std::unique_ptr<Backend> make_cpu_backend();

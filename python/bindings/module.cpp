@@ -70,6 +70,8 @@ std::vector<float> logits_vector(const py::array_t<float, py::array::c_style | p
 
 }  // namespace
 
+// python/bindings/ops.cpp: the test-only `_C._ops` submodule.
+void register_ops(py::module_& parent);
 
 PYBIND11_MODULE(_C, m) {
     m.doc() = "mambart native core (C++). Use the `mambart` package, not this module directly.";
@@ -91,6 +93,7 @@ PYBIND11_MODULE(_C, m) {
     });
 
     m.def("cuda_available", &cuda_available, "Whether this build has a usable CUDA backend.");
+    register_ops(m);
 
     py::class_<GenerationOptions>(m, "GenerationOptions")
         .def(py::init<>())

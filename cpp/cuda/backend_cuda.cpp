@@ -1,0 +1,322 @@
+// The CUDA backend: owns the device, a stream, the pinned staging buffers for weight uploads and
+// the cache of decode graphs; fills the kernels' params structs (cuda/kernels.h). The only file
+// under cpp/ that sees cuda/.
+//
+// Everything is enqueued on one non-blocking stream; copy_to_host is the only synchronisation.
+// Weights are uploaded through two pinned staging buffers (double-buffered async copies),
+// converted to the requested dtype on the host while staged.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstring>
+#include <unordered_map>
+#include <vector>
+
+#include "backend.h"
+#include "error.h"
+#include "../../cuda/check.h"
+#include "../../cuda/kernels.h"
+
+namespace mambart {
+namespace {
+
+using cuda::check;
+
+class CudaBackend final : public Backend {
+ public:
+    explicit CudaBackend(int device) : device_(device) {
+        int count = 0;
+        if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+            (void)cudaGetLastError();
+            throw Unsupported("device='cuda': no CUDA device is available");
+        }
+        if (device < 0 || device >= count)
+            throw InvalidArgument(str_cat("device='cuda:", device, "': only ", count,
+                                          " CUDA device(s) present"));
+        check(cudaSetDevice(device_), "cudaSetDevice");
+        cudaDeviceProp prop{};
+        check(cudaGetDeviceProperties(&prop, device_), "cudaGetDeviceProperties");
+        gpu_name_ = prop.name;
+        if (prop.major < 8)
+            throw Unsupported(str_cat("device='cuda:", device, "': ", gpu_name_, " has compute capability ",
+                                      prop.major, ".", prop.minor, "; mambart needs 8.0 or newer"));
+        check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+    }
+
+    ~CudaBackend() override {
+        cudaSetDevice(device_);
+        clear_graphs();
+        if (stream_) cudaStreamSynchronize(stream_);
+        for (int i = 0; i < 2; ++i) {
+            if (staging_[i]) cudaFreeHost(staging_[i]);
+            if (staged_[i]) cudaEventDestroy(staged_[i]);
+        }
+        if (stream_) cudaStreamDestroy(stream_);
+    }
+
+    DeviceKind kind() const override { return DeviceKind::CUDA; }
+    std::string name() const override { return str_cat("cuda:", device_, " (", gpu_name_, ")"); }
+
+    // ---- memory ----
+    void* alloc(size_t bytes, const char* what) override {
+        dev();
+        void* p = nullptr;
+        const cudaError_t e = cudaMalloc(&p, std::max<size_t>(bytes, 1));
+        if (e != cudaSuccess) {
+            (void)cudaGetLastError();
+            size_t free_b = 0, total_b = 0;
+            cudaMemGetInfo(&free_b, &total_b);
+            throw CudaError(str_cat("out of device memory allocating ", bytes, " bytes for ", what,
+                                    " on cuda:", device_, " (", free_b >> 20, " MiB free of ",
+                                    total_b >> 20, " MiB): ", cudaGetErrorString(e)));
+        }
+        return p;
+    }
+    void dealloc(void* p) noexcept override {
+        if (!p) return;
+        cudaSetDevice(device_);
+        cudaFree(p);
+    }
+    void copy_to_device(void* dst, const void* src, size_t n) override {
+        dev();
+        check(cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, stream_), "copy_to_device");
+    }
+    void copy_to_host(void* dst, const void* src, size_t n) override {
+        dev();
+        check(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToHost, stream_), "copy_to_host");
+        check(cudaStreamSynchronize(stream_), "copy_to_host (a kernel before it failed)");
+    }
+    void copy_device(void* dst, const void* src, size_t n) override {
+        dev();
+        check(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToDevice, stream_), "copy_device");
+    }
+    void zero(void* dst, size_t n) override {
+        dev();
+        check(cudaMemsetAsync(dst, 0, n, stream_), "zero");
+    }
+
+    const void* place_weight(const void* src, DType src_dtype, size_t numel, DType dtype,
+                             bool* owned) override {
+        dev();
+        const size_t out_es = dtype_size(dtype), in_es = dtype_size(src_dtype);
+        void* dst = alloc(numel * out_es, "a weight");
+        *owned = true;
+        try {
+            ensure_staging();
+            const size_t chunk = kStagingBytes / std::max(out_es, in_es) / 4 * 4;
+            std::vector<float> tmp;
+            for (size_t off = 0, i = 0; off < numel; off += chunk, ++i) {
+                const size_t n = std::min(chunk, numel - off);
+                const int buf = int(i % 2);
+                check(cudaEventSynchronize(staged_[buf]), "place_weight (staging)");
+                char* stage = static_cast<char*>(staging_[buf]);
+                const char* s = static_cast<const char*>(src) + off * in_es;
+                if (src_dtype == dtype) {
+                    std::memcpy(stage, s, n * out_es);
+                } else if (dtype == DType::F32) {
+                    convert_to_f32(s, src_dtype, reinterpret_cast<float*>(stage), n);
+                } else {
+                    tmp.resize(n);
+                    convert_to_f32(s, src_dtype, tmp.data(), n);
+                    convert_from_f32(tmp.data(), stage, dtype, n);
+                }
+                check(cudaMemcpyAsync(static_cast<char*>(dst) + off * out_es, stage, n * out_es,
+                                      cudaMemcpyHostToDevice, stream_),
+                      "place_weight (copy)");
+                check(cudaEventRecord(staged_[buf], stream_), "place_weight (event)");
+            }
+        } catch (...) {
+            dealloc(dst);
+            throw;
+        }
+        return dst;
+    }
+
+    // ---- ops ----
+    void embedding(const int32_t* ids, int64_t n, const Weight& table, float* out) override {
+        dev();
+        cuda::launch_embedding({ids, table.data, table.dtype, out, n, table.cols}, stream_);
+    }
+
+    void add_norm(float* residual, const float* hidden, const Param& w, const Param& b,
+                  NormKind kind, float eps, int64_t n, int64_t d, float* out) override {
+        dev();
+        cuda::launch_add_norm(
+            {residual, hidden, w.data, b.data, kind == NormKind::RMSNorm, eps, out, n, d}, stream_);
+    }
+
+    void linear(const float* x, int64_t ldx, int64_t M, const Weight& W, int64_t N,
+                const float* bias, float* y, int64_t ldy) override {
+        dev();
+        MAMBART_CHECK_ARG(N <= W.rows, "linear: N=", N, " exceeds the weight's ", W.rows, " rows");
+        cuda::launch_linear({x, ldx, W.data, W.dtype, bias, y, ldy, M, N, W.cols}, stream_);
+    }
+
+    void conv1d(const ConvParams& p) override {
+        dev();
+        cuda::launch_conv1d(
+            {p.x, p.ld_x, p.conv_state, p.weight, p.bias, p.out, p.B, p.L, p.C, p.W}, stream_);
+    }
+
+    void selective_scan(const SelectiveScanParams& p) override {
+        dev();
+        cuda::SelectiveScanParams q{};
+        q.x = p.x;
+        q.dt = p.dt;
+        q.Bm = p.Bm;
+        q.Cm = p.Cm;
+        q.ld_bc = p.ld_bc;
+        q.z = p.z;
+        q.ld_z = p.ld_z;
+        q.A = p.A;
+        q.D = p.D;
+        q.dt_bias = p.dt_bias;
+        q.ssm_state = p.ssm_state;
+        q.y = p.y;
+        q.B = p.B;
+        q.L = p.L;
+        q.E = p.E;
+        q.N = p.N;
+        cuda::launch_selective_scan(q, stream_);
+    }
+
+    void ssd_scan(const SsdParams& p) override {
+        dev();
+        cuda::SsdParams q{};
+        q.x = p.x;
+        q.Bm = p.Bm;
+        q.Cm = p.Cm;
+        q.ld_xbc = p.ld_xbc;
+        q.dt = p.dt;
+        q.ld_dt = p.ld_dt;
+        q.z = p.z;
+        q.ld_z = p.ld_z;
+        q.A = p.A;
+        q.D = p.D;
+        q.dt_bias = p.dt_bias;
+        q.dt_min = p.dt_min;
+        q.dt_max = p.dt_max;
+        q.ssm_state = p.ssm_state;
+        q.y = p.y;
+        q.B = p.B;
+        q.L = p.L;
+        q.H = p.H;
+        q.P = p.P;
+        q.G = p.G;
+        q.N = p.N;
+        cuda::launch_ssd_scan(q, stream_);
+    }
+
+    void gated_rmsnorm(const float* y, const float* z, int64_t ld_z, const float* w, int64_t n,
+                       int64_t E, int64_t group_size, float eps, float* out) override {
+        dev();
+        cuda::launch_gated_rmsnorm({y, z, ld_z, w, out, n, E, group_size, eps}, stream_);
+    }
+
+    void silu_gate(float* y, const float* z, int64_t ld_z, int64_t n, int64_t E) override {
+        dev();
+        cuda::launch_silu_gate({y, z, ld_z, n, E}, stream_);
+    }
+
+    // ---- decode fast path ----
+    bool supports_graphs() const override { return true; }
+
+    void run_graph(uint64_t key, const std::function<void()>& record) override {
+        dev();
+        auto it = graphs_.find(key);
+        if (it == graphs_.end()) {
+            if (graphs_.size() >= kMaxGraphs) clear_graphs();
+            cudaGraph_t graph = nullptr;
+            check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal),
+                  "cudaStreamBeginCapture (decode graph)");
+            try {
+                record();
+            } catch (...) {
+                cudaStreamEndCapture(stream_, &graph);
+                if (graph) cudaGraphDestroy(graph);
+                (void)cudaGetLastError();
+                throw;
+            }
+            check(cudaStreamEndCapture(stream_, &graph), "cudaStreamEndCapture (decode graph)");
+            cudaGraphExec_t exec = nullptr;
+            const cudaError_t e = cudaGraphInstantiate(&exec, graph, 0);
+            cudaGraphDestroy(graph);
+            check(e, "cudaGraphInstantiate (decode graph)");
+            it = graphs_.emplace(key, exec).first;
+        }
+        check(cudaGraphLaunch(it->second, stream_), "cudaGraphLaunch (decode graph)");
+    }
+
+    void clear_graphs() override {
+        for (auto& kv : graphs_) cudaGraphExecDestroy(kv.second);
+        graphs_.clear();
+    }
+
+    void sample(const DeviceSampleParams& p) override {
+        dev();
+        cuda::SampleParams q{};
+        q.logits = p.logits;
+        q.ld = p.ld;
+        q.B = p.B;
+        q.V = p.V;
+        q.temperature = p.temperature;
+        q.top_k = p.top_k;
+        q.top_p = p.top_p;
+        q.min_p = p.min_p;
+        q.repetition_penalty = p.repetition_penalty;
+        q.seed = p.seed;
+        q.counter = p.counter;
+        q.seen = p.seen;
+        q.out = p.out;
+        cuda::launch_sample(q, stream_);
+    }
+
+    void synchronize() override {
+        dev();
+        check(cudaStreamSynchronize(stream_), "synchronize");
+    }
+
+ private:
+    static constexpr size_t kStagingBytes = size_t(16) << 20;
+    static constexpr size_t kMaxGraphs = 16;
+
+    void dev() const {
+        const cudaError_t e = cudaSetDevice(device_);
+        if (e != cudaSuccess) check(e, "cudaSetDevice");
+    }
+
+    void ensure_staging() {
+        for (int i = 0; i < 2; ++i) {
+            if (staging_[i]) continue;
+            check(cudaHostAlloc(&staging_[i], kStagingBytes, cudaHostAllocDefault),
+                  "cudaHostAlloc (pinned staging for weight uploads)");
+            check(cudaEventCreateWithFlags(&staged_[i], cudaEventDisableTiming),
+                  "cudaEventCreate");
+        }
+    }
+
+    int device_;
+    std::string gpu_name_;
+    cudaStream_t stream_ = nullptr;
+    void* staging_[2] = {nullptr, nullptr};       // pinned host, kStagingBytes each
+    cudaEvent_t staged_[2] = {nullptr, nullptr};  // the last copy out of each staging buffer
+    std::unordered_map<uint64_t, cudaGraphExec_t> graphs_;
+};
+
+}  // namespace
+
+// Called by make_backend / cuda_available (cpp/backend.cpp) in CUDA builds.
+std::unique_ptr<Backend> make_cuda_backend(int device) {
+    return std::make_unique<CudaBackend>(device);
+}
+
+bool cuda_device_present() {
+    int count = 0;
+    if (cudaGetDeviceCount(&count) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return false;
+    }
+    return count > 0;
+}
+
+}  // namespace mambart

@@ -1,0 +1,44 @@
+// cuda/common.cu: CUDA error checks.
+#include <cstdlib>
+#include <cstring>
+
+#include "common.cuh"
+
+namespace mambart {
+namespace cuda {
+
+void check(cudaError_t e, const char* what) {
+    if (e == cudaSuccess) return;
+    (void)cudaGetLastError();  // clear a non-sticky error so later calls are not blamed
+    throw CudaError(str_cat(what, ": ", cudaGetErrorName(e), " (", cudaGetErrorString(e), ")"));
+}
+
+namespace {
+bool sync_after_launch() {
+    static const bool on = [] {
+        const char* v = std::getenv("MAMBART_CUDA_SYNC");
+        return v && std::strcmp(v, "0") != 0 && v[0] != '\0';
+    }();
+    return on;
+}
+}  // namespace
+
+void check_launch(const char* kernel, cudaStream_t stream) {
+    cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess)
+        throw CudaError(str_cat("launching ", kernel, ": ", cudaGetErrorName(e), " (",
+                                cudaGetErrorString(e), ")"));
+    if (sync_after_launch()) {
+        cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+        cudaStreamIsCapturing(stream, &cs);
+        if (cs == cudaStreamCaptureStatusNone) {
+            e = cudaStreamSynchronize(stream);
+            if (e != cudaSuccess)
+                throw CudaError(str_cat("running ", kernel, ": ", cudaGetErrorName(e), " (",
+                                        cudaGetErrorString(e), ")"));
+        }
+    }
+}
+
+}  // namespace cuda
+}  // namespace mambart

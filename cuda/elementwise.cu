@@ -1,0 +1,98 @@
+// cuda/elementwise.cu: embedding gather, the SiLU gate and dtype conversion.
+//
+// embedding: out[i, j] = float(table[ids[i], j])
+//   Grid: (n); block: 256 threads striding over d. Requires ids in [0, V) (checked by the caller).
+// silu_gate: y[i, j] *= silu(z[i * ld_z + j])
+//   Grid: ceil(n*E / 256); one element per thread.
+// convert: dst[i] = dst_dtype(src[i]) (round to nearest even)
+//   Grid: ceil(n / 256), grid-stride.
+#include "common.cuh"
+#include "kernels.h"
+
+namespace mambart {
+namespace cuda {
+namespace {
+
+template <typename T>
+__global__ void embedding_kernel(const int32_t* __restrict__ ids, const T* __restrict__ table,
+                                 float* __restrict__ out, int64_t d) {
+    const int64_t i = blockIdx.x;
+    const T* row = table + int64_t(ids[i]) * d;
+    float* o = out + i * d;
+    for (int64_t j = threadIdx.x; j < d; j += blockDim.x) o[j] = to_f32(row[j]);
+}
+
+__global__ void silu_gate_kernel(float* __restrict__ y, const float* __restrict__ z, int64_t ld_z,
+                                 int64_t n, int64_t E) {
+    const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (idx >= n * E) return;
+    const int64_t i = idx / E, j = idx % E;
+    y[idx] *= silu_f(z[i * ld_z + j]);
+}
+
+template <typename S, typename D>
+__global__ void convert_kernel(const S* __restrict__ src, D* __restrict__ dst, int64_t n) {
+    for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+         i += int64_t(gridDim.x) * blockDim.x)
+        dst[i] = from_f32<D>(to_f32(src[i]));
+}
+
+template <typename S>
+void convert_from(const S* src, void* dst, DType dt, int64_t n, int grid, cudaStream_t s) {
+    switch (dt) {
+        case DType::F32: convert_kernel<<<grid, 256, 0, s>>>(src, static_cast<float*>(dst), n); break;
+        case DType::F16: convert_kernel<<<grid, 256, 0, s>>>(src, static_cast<__half*>(dst), n); break;
+        case DType::BF16:
+            convert_kernel<<<grid, 256, 0, s>>>(src, static_cast<__nv_bfloat16*>(dst), n);
+            break;
+    }
+}
+
+}  // namespace
+
+void launch_embedding(const EmbeddingParams& p, cudaStream_t s) {
+    MAMBART_CHECK_ARG(p.n >= 0 && p.d > 0, "launch_embedding: bad sizes n=", p.n, " d=", p.d);
+    MAMBART_CHECK_ARG(p.ids && p.table && p.out, "launch_embedding: null pointer");
+    if (p.n == 0) return;
+    MAMBART_CHECK_ARG(p.n <= 0x7fffffff, "launch_embedding: n=", p.n, " too large");
+    const int grid = int(p.n);
+    switch (p.dtype) {
+        case DType::F32:
+            embedding_kernel<<<grid, 256, 0, s>>>(p.ids, static_cast<const float*>(p.table), p.out, p.d);
+            break;
+        case DType::F16:
+            embedding_kernel<<<grid, 256, 0, s>>>(p.ids, static_cast<const __half*>(p.table), p.out, p.d);
+            break;
+        case DType::BF16:
+            embedding_kernel<<<grid, 256, 0, s>>>(p.ids, static_cast<const __nv_bfloat16*>(p.table),
+                                                  p.out, p.d);
+            break;
+    }
+    check_launch("embedding_kernel", s);
+}
+
+void launch_silu_gate(const SiluGateParams& p, cudaStream_t s) {
+    MAMBART_CHECK_ARG(p.n >= 0 && p.E > 0 && p.ld_z >= p.E, "launch_silu_gate: bad sizes n=", p.n,
+                      " E=", p.E, " ld_z=", p.ld_z);
+    if (p.n == 0) return;
+    const int64_t total = p.n * p.E;
+    silu_gate_kernel<<<unsigned(ceil_div(total, 256)), 256, 0, s>>>(p.y, p.z, p.ld_z, p.n, p.E);
+    check_launch("silu_gate_kernel", s);
+}
+
+void launch_convert(const void* src, DType st, void* dst, DType dt, int64_t n, cudaStream_t s) {
+    MAMBART_CHECK_ARG(n >= 0, "launch_convert: n=", n);
+    if (n == 0) return;
+    const int grid = int(std::min<int64_t>(ceil_div(n, 256), 65535));
+    switch (st) {
+        case DType::F32: convert_from(static_cast<const float*>(src), dst, dt, n, grid, s); break;
+        case DType::F16: convert_from(static_cast<const __half*>(src), dst, dt, n, grid, s); break;
+        case DType::BF16:
+            convert_from(static_cast<const __nv_bfloat16*>(src), dst, dt, n, grid, s);
+            break;
+    }
+    check_launch("convert_kernel", s);
+}
+
+}  // namespace cuda
+}  // namespace mambart

@@ -1,0 +1,144 @@
+// cuda/kernels.h: the host-side API of the CUDA kernels: one POD params struct and one launcher
+// per kernel. The only CUDA-facing header that cpp/cuda/backend_cuda.cpp sees.
+//
+// Conventions: sizes and strides in elements (int64_t); pointers are device pointers; every
+// launcher validates its params (throws InvalidArgument / Unsupported naming the field) and then
+// enqueues asynchronously on `stream`, checking the launch (CudaError names the kernel).
+// Activations are fp32; large weights are fp32, fp16 or bf16 (`dtype`); states are fp32.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "dtype.h"
+
+namespace mambart {
+namespace cuda {
+
+struct EmbeddingParams {
+    const int32_t* ids;   // (n)
+    const void* table;    // (V, d) in `dtype`
+    DType dtype;
+    float* out;           // (n, d)
+    int64_t n, d;
+};
+void launch_embedding(const EmbeddingParams& p, cudaStream_t stream);
+
+struct AddNormParams {
+    float* residual;      // (n, d) inout: residual += hidden
+    const float* hidden;  // (n, d) or nullptr
+    const float* w;       // (d)
+    const float* b;       // (d) or nullptr (LayerNorm only)
+    bool rms;             // RMSNorm (true) or LayerNorm
+    float eps;
+    float* out;           // (n, d)
+    int64_t n, d;
+};
+void launch_add_norm(const AddNormParams& p, cudaStream_t stream);
+
+struct LinearParams {
+    const float* x;       // (M, K) row stride ldx
+    int64_t ldx;
+    const void* W;        // (>= N, K) in `dtype`, contiguous rows
+    DType dtype;
+    const float* bias;    // (N) or nullptr
+    float* y;             // (M, N) row stride ldy
+    int64_t ldy;
+    int64_t M, N, K;
+};
+// M <= kGemvMaxRows: a bandwidth-bound GEMV; larger M: a tiled tensor-core GEMM (fp16/bf16
+// weights; x rounded to the weight dtype, fp32 accumulation) or an fp32 SIMT GEMM.
+constexpr int64_t kGemvMaxRows = 8;
+void launch_linear(const LinearParams& p, cudaStream_t stream);
+
+struct Conv1dParams {
+    const float* x;       // (B, L, C) row stride ld_x
+    int64_t ld_x;
+    float* conv_state;    // (B, C, W) inout, oldest first
+    const float* weight;  // (C, W)
+    const float* bias;    // (C) or nullptr
+    float* out;           // (B, L, C) contiguous, post-SiLU
+    int64_t B, L, C, W;
+};
+constexpr int64_t kConvMaxWidth = 8;
+void launch_conv1d(const Conv1dParams& p, cudaStream_t stream);
+
+struct SelectiveScanParams {
+    const float* x;       // (B, L, E)
+    const float* dt;      // (B, L, E) before bias + softplus
+    const float* Bm;      // (B, L, N) row stride ld_bc
+    const float* Cm;      // (B, L, N) row stride ld_bc
+    int64_t ld_bc;
+    const float* z;       // (B, L, E) row stride ld_z
+    int64_t ld_z;
+    const float* A;       // (E, N)
+    const float* D;       // (E)
+    const float* dt_bias; // (E)
+    float* ssm_state;     // (B, E, N) inout
+    float* y;             // (B, L, E)
+    int64_t B, L, E, N;
+};
+void launch_selective_scan(const SelectiveScanParams& p, cudaStream_t stream);
+
+struct SsdParams {
+    const float* x;       // (B, L, H*P) row stride ld_xbc
+    const float* Bm;      // (B, L, G*N) row stride ld_xbc
+    const float* Cm;      // (B, L, G*N) row stride ld_xbc
+    int64_t ld_xbc;
+    const float* dt;      // (B, L, H) row stride ld_dt
+    int64_t ld_dt;
+    const float* z;       // (B, L, H*P) row stride ld_z, or nullptr
+    int64_t ld_z;
+    const float* A;       // (H)
+    const float* D;       // (H)
+    const float* dt_bias; // (H)
+    float dt_min, dt_max;
+    float* ssm_state;     // (B, H, P, N) inout
+    float* y;             // (B, L, H*P)
+    int64_t B, L, H, P, G, N;
+};
+void launch_ssd_scan(const SsdParams& p, cudaStream_t stream);
+
+struct GatedRmsNormParams {
+    const float* y;       // (n, E)
+    const float* z;       // (n, E) row stride ld_z
+    int64_t ld_z;
+    const float* w;       // (E)
+    float* out;           // (n, E)
+    int64_t n, E, group_size;
+    float eps;
+};
+void launch_gated_rmsnorm(const GatedRmsNormParams& p, cudaStream_t stream);
+
+struct SiluGateParams {
+    float* y;             // (n, E) inout
+    const float* z;       // (n, E) row stride ld_z
+    int64_t ld_z;
+    int64_t n, E;
+};
+void launch_silu_gate(const SiluGateParams& p, cudaStream_t stream);
+
+struct SampleParams {
+    const float* logits;        // (B, V) row stride ld
+    int64_t ld;
+    int64_t B, V;
+    float temperature;          // 0: greedy
+    int64_t top_k;              // 0: off
+    float top_p;                // 1: off
+    float min_p;                // 0: off
+    float repetition_penalty;   // 1: off (then `seen` may be null)
+    uint64_t seed;              // row r draws uniform(seed, r, *counter)
+    const uint64_t* counter;    // (1) device: the draw counter (read when the kernel runs)
+    uint8_t* seen;              // (B, V) inout: ids seen per row (the sampled id is marked)
+    int32_t* out;               // (B) the sampled ids
+};
+// Samples one token per row with the semantics of mambart::Sampler (cpp/sampling.h).
+void launch_sample(const SampleParams& p, cudaStream_t stream);
+
+// Converts n elements of `src` (src_dtype) into `dst` (dst_dtype), on the device.
+void launch_convert(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64_t n,
+                    cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace mambart

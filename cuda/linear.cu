@@ -1,0 +1,287 @@
+// cuda/linear.cu: every projection, y[M, N] = x[M, K] · W[N, K]ᵀ (+ bias[N]).
+//
+// gemv_kernel (M <= kGemvMaxRows, decode): bandwidth-bound; each weight row is streamed once.
+//   Grid: ceil(N / kGemvWarps); block: kGemvWarps warps; warp w owns output column
+//   n = blockIdx.x * kGemvWarps + w for all M rows. Lanes stride over K with 16-byte weight
+//   vectors (kVec: K % (16 / sizeof(T)) == 0, W and x 16-byte aligned, ldx % 4 == 0), several
+//   in flight per lane; fp32 accumulation; a warp reduction at the end.
+// gemm_wmma_kernel (M > kGemvMaxRows, fp16/bf16 weights): tensor cores (WMMA 16x16x16), x
+//   rounded to the weight dtype while staged into shared memory, fp32 accumulation.
+//   Grid: (ceil(N / 64), ceil(M / 128)); block: 8 warps in a 4 (M) x 2 (N) layout, 32 x 32
+//   outputs per warp; K in steps of 32; shared memory 23 KB.
+// gemm_f32_kernel (M > kGemvMaxRows, fp32 weights): a 64 x 64 tile SIMT GEMM, 4 x 4 outputs
+//   per thread, K in steps of 16, exact fp32 products.
+// Preconditions: y does not alias x; ldx >= K; ldy >= N.
+#include <mma.h>
+
+#include "common.cuh"
+#include "kernels.h"
+
+namespace mambart {
+namespace cuda {
+namespace {
+
+constexpr int kGemvWarps = 8;
+constexpr int kGemvUnroll = 4;
+
+// Unpacks a 16-byte vector of T into floats.
+template <typename T> struct Vec;
+template <> struct Vec<float> {
+    static constexpr int kN = 4;
+    __device__ static void unpack(const uint4& r, float* f) {
+        f[0] = __uint_as_float(r.x); f[1] = __uint_as_float(r.y);
+        f[2] = __uint_as_float(r.z); f[3] = __uint_as_float(r.w);
+    }
+};
+template <> struct Vec<__half> {
+    static constexpr int kN = 8;
+    __device__ static void unpack(const uint4& r, float* f) {
+        const uint32_t u[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            __half2 h = *reinterpret_cast<const __half2*>(&u[i]);
+            float2 v = __half22float2(h);
+            f[2 * i] = v.x; f[2 * i + 1] = v.y;
+        }
+    }
+};
+template <> struct Vec<__nv_bfloat16> {
+    static constexpr int kN = 8;
+    __device__ static void unpack(const uint4& r, float* f) {
+        const uint32_t u[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            f[2 * i] = __uint_as_float(u[i] << 16);
+            f[2 * i + 1] = __uint_as_float(u[i] & 0xffff0000u);
+        }
+    }
+};
+
+template <typename T, int M, bool kVec>
+__global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(LinearParams p) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int64_t n = int64_t(blockIdx.x) * kGemvWarps + warp;
+    if (n >= p.N) return;
+    const T* w = static_cast<const T*>(p.W) + n * p.K;
+    float acc[M];
+#pragma unroll
+    for (int m = 0; m < M; ++m) acc[m] = 0.0f;
+    if (kVec) {
+        constexpr int kE = Vec<T>::kN;
+        const int64_t nvec = p.K / kE;
+        const uint4* wv = reinterpret_cast<const uint4*>(w);
+        for (int64_t v0 = lane; v0 < nvec; v0 += 32 * kGemvUnroll) {
+            uint4 raw[kGemvUnroll];
+#pragma unroll
+            for (int u = 0; u < kGemvUnroll; ++u) {
+                const int64_t v = v0 + int64_t(u) * 32;
+                raw[u] = v < nvec ? __ldcs(wv + v) : make_uint4(0, 0, 0, 0);
+            }
+#pragma unroll
+            for (int u = 0; u < kGemvUnroll; ++u) {
+                const int64_t v = v0 + int64_t(u) * 32;
+                if (v >= nvec) break;
+                float wf[kE];
+                Vec<T>::unpack(raw[u], wf);
+#pragma unroll
+                for (int m = 0; m < M; ++m) {
+                    const float4* xr = reinterpret_cast<const float4*>(p.x + m * p.ldx + v * kE);
+#pragma unroll
+                    for (int q = 0; q < kE / 4; ++q) {
+                        const float4 xv = __ldg(xr + q);
+                        acc[m] += wf[4 * q] * xv.x + wf[4 * q + 1] * xv.y + wf[4 * q + 2] * xv.z +
+                                  wf[4 * q + 3] * xv.w;
+                    }
+                }
+            }
+        }
+    } else {
+        for (int64_t k = lane; k < p.K; k += 32) {
+            const float wk = to_f32(w[k]);
+#pragma unroll
+            for (int m = 0; m < M; ++m) acc[m] += wk * p.x[m * p.ldx + k];
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < M; ++m) acc[m] = warp_sum(acc[m]);
+    if (lane == 0) {
+        const float b = p.bias ? p.bias[n] : 0.0f;
+#pragma unroll
+        for (int m = 0; m < M; ++m) p.y[m * p.ldy + n] = acc[m] + b;
+    }
+}
+
+constexpr int kBM = 128, kBN = 64, kBK = 32, kPad = 8;
+
+template <typename T>
+__global__ void __launch_bounds__(256) gemm_wmma_kernel(LinearParams p) {
+    using namespace nvcuda;
+    __shared__ __align__(128) T As[kBM][kBK + kPad];  // x tile (m, k)
+    __shared__ __align__(128) T Bs[kBN][kBK + kPad];  // W tile (n, k)
+    __shared__ __align__(128) float Cs[8][16 * 16];   // per-warp epilogue staging
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int warp_m = warp & 3, warp_n = warp >> 2;
+    const int64_t m0 = int64_t(blockIdx.y) * kBM, n0 = int64_t(blockIdx.x) * kBN;
+    const T* W = static_cast<const T*>(p.W);
+
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+
+    for (int64_t k0 = 0; k0 < p.K; k0 += kBK) {
+#pragma unroll
+        for (int i = 0; i < kBM * kBK / 256; ++i) {
+            const int idx = tid + i * 256, r = idx / kBK, c = idx % kBK;
+            const int64_t gm = m0 + r, gk = k0 + c;
+            const float v = (gm < p.M && gk < p.K) ? p.x[gm * p.ldx + gk] : 0.0f;
+            As[r][c] = from_f32<T>(v);
+        }
+#pragma unroll
+        for (int i = 0; i < kBN * kBK / 256; ++i) {
+            const int idx = tid + i * 256, r = idx / kBK, c = idx % kBK;
+            const int64_t gn = n0 + r, gk = k0 + c;
+            Bs[r][c] = (gn < p.N && gk < p.K) ? W[gn * p.K + gk] : from_f32<T>(0.0f);
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < kBK; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[2];
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b[2];
+#pragma unroll
+            for (int i = 0; i < 2; ++i)
+                wmma::load_matrix_sync(a[i], &As[warp_m * 32 + i * 16][kk], kBK + kPad);
+#pragma unroll
+            for (int j = 0; j < 2; ++j)
+                wmma::load_matrix_sync(b[j], &Bs[warp_n * 32 + j * 16][kk], kBK + kPad);
+#pragma unroll
+            for (int i = 0; i < 2; ++i)
+#pragma unroll
+                for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            wmma::store_matrix_sync(Cs[warp], acc[i][j], 16, wmma::mem_row_major);
+            __syncwarp();
+            for (int e = lane; e < 256; e += 32) {
+                const int64_t gm = m0 + warp_m * 32 + i * 16 + e / 16;
+                const int64_t gn = n0 + warp_n * 32 + j * 16 + e % 16;
+                if (gm < p.M && gn < p.N)
+                    p.y[gm * p.ldy + gn] = Cs[warp][e] + (p.bias ? p.bias[gn] : 0.0f);
+            }
+            __syncwarp();
+        }
+}
+
+constexpr int kFT = 64, kFK = 16;
+
+__global__ void __launch_bounds__(256) gemm_f32_kernel(LinearParams p) {
+    __shared__ float As[kFK][kFT + 4];  // x tile transposed (k, m)
+    __shared__ float Bs[kFK][kFT + 4];  // W tile transposed (k, n)
+    const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+    const int64_t m0 = int64_t(blockIdx.y) * kFT, n0 = int64_t(blockIdx.x) * kFT;
+    const float* W = static_cast<const float*>(p.W);
+    float acc[4][4] = {};
+    for (int64_t k0 = 0; k0 < p.K; k0 += kFK) {
+#pragma unroll
+        for (int i = 0; i < kFT * kFK / 256; ++i) {
+            const int idx = tid + i * 256, r = idx / kFK, c = idx % kFK;
+            const int64_t gk = k0 + c;
+            As[c][r] = (m0 + r < p.M && gk < p.K) ? p.x[(m0 + r) * p.ldx + gk] : 0.0f;
+            Bs[c][r] = (n0 + r < p.N && gk < p.K) ? W[(n0 + r) * p.K + gk] : 0.0f;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int k = 0; k < kFK; ++k) {
+            float a[4], b[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                a[i] = As[k][ty * 4 + i];
+                b[i] = Bs[k][tx * 4 + i];
+            }
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int64_t gm = m0 + ty * 4 + i, gn = n0 + tx * 4 + j;
+            if (gm < p.M && gn < p.N) p.y[gm * p.ldy + gn] = acc[i][j] + (p.bias ? p.bias[gn] : 0.0f);
+        }
+}
+
+template <typename T, bool kVec>
+void gemv_dispatch(const LinearParams& p, cudaStream_t s) {
+    const unsigned grid = unsigned(ceil_div(p.N, kGemvWarps));
+    const int threads = kGemvWarps * 32;
+    switch (p.M) {
+        case 1: gemv_kernel<T, 1, kVec><<<grid, threads, 0, s>>>(p); break;
+        case 2: gemv_kernel<T, 2, kVec><<<grid, threads, 0, s>>>(p); break;
+        case 3: gemv_kernel<T, 3, kVec><<<grid, threads, 0, s>>>(p); break;
+        case 4: gemv_kernel<T, 4, kVec><<<grid, threads, 0, s>>>(p); break;
+        case 5: gemv_kernel<T, 5, kVec><<<grid, threads, 0, s>>>(p); break;
+        case 6: gemv_kernel<T, 6, kVec><<<grid, threads, 0, s>>>(p); break;
+        case 7: gemv_kernel<T, 7, kVec><<<grid, threads, 0, s>>>(p); break;
+        case 8: gemv_kernel<T, 8, kVec><<<grid, threads, 0, s>>>(p); break;
+    }
+}
+
+template <typename T>
+void gemv_launch(const LinearParams& p, cudaStream_t s) {
+    constexpr int kE = 16 / int(sizeof(T));
+    const bool vec = p.K % kE == 0 && p.ldx % 4 == 0 &&
+                     reinterpret_cast<uintptr_t>(p.W) % 16 == 0 &&
+                     reinterpret_cast<uintptr_t>(p.x) % 16 == 0;
+    if (vec)
+        gemv_dispatch<T, true>(p, s);
+    else
+        gemv_dispatch<T, false>(p, s);
+}
+
+}  // namespace
+
+void launch_linear(const LinearParams& p, cudaStream_t s) {
+    MAMBART_CHECK_ARG(p.M >= 0 && p.N > 0 && p.K > 0, "launch_linear: bad sizes M=", p.M,
+                      " N=", p.N, " K=", p.K);
+    MAMBART_CHECK_ARG(p.ldx >= p.K, "launch_linear: ldx=", p.ldx, " < K=", p.K);
+    MAMBART_CHECK_ARG(p.ldy >= p.N, "launch_linear: ldy=", p.ldy, " < N=", p.N);
+    MAMBART_CHECK_ARG(p.x && p.W && p.y, "launch_linear: null pointer");
+    if (p.M == 0) return;
+    if (p.M <= kGemvMaxRows) {
+        MAMBART_CHECK_ARG(ceil_div(p.N, kGemvWarps) <= 0x7fffffff, "launch_linear: N too large");
+        switch (p.dtype) {
+            case DType::F32: gemv_launch<float>(p, s); break;
+            case DType::F16: gemv_launch<__half>(p, s); break;
+            case DType::BF16: gemv_launch<__nv_bfloat16>(p, s); break;
+        }
+        check_launch("gemv_kernel", s);
+        return;
+    }
+    if (p.dtype == DType::F32) {
+        const dim3 grid(unsigned(ceil_div(p.N, kFT)), unsigned(ceil_div(p.M, kFT)));
+        MAMBART_CHECK_ARG(grid.y <= 65535, "launch_linear: M=", p.M, " too large");
+        gemm_f32_kernel<<<grid, 256, 0, s>>>(p);
+        check_launch("gemm_f32_kernel", s);
+        return;
+    }
+    const dim3 grid(unsigned(ceil_div(p.N, kBN)), unsigned(ceil_div(p.M, kBM)));
+    MAMBART_CHECK_ARG(grid.y <= 65535, "launch_linear: M=", p.M, " too large");
+    if (p.dtype == DType::F16)
+        gemm_wmma_kernel<__half><<<grid, 256, 0, s>>>(p);
+    else
+        gemm_wmma_kernel<__nv_bfloat16><<<grid, 256, 0, s>>>(p);
+    check_launch("gemm_wmma_kernel", s);
+}
+
+}  // namespace cuda
+}  // namespace mambart

@@ -1,0 +1,95 @@
+// cuda/norm.cu: the fused residual add + RMSNorm / LayerNorm, and Mamba-2's grouped gated RMSNorm.
+//
+// add_norm:  r = residual + hidden (written back to residual, fp32);
+//            RMSNorm:   out = r * rsqrt(mean(r²) + eps) * w
+//            LayerNorm: out = (r - mean(r)) * rsqrt(var(r) + eps) * w + b
+//   Grid: (n rows); block: 256 threads striding over d; fp32 block reductions.
+//
+// gated_rmsnorm (norm_before_gate=False): v = y * silu(z);
+//            out = v * rsqrt(mean_group(v²) + eps) * w, per group of group_size along E
+//   Grid: (n rows, E / group_size groups); block: 256 threads striding over the group.
+//   Requires E % group_size == 0.
+#include "common.cuh"
+#include "kernels.h"
+
+namespace mambart {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+__global__ void add_norm_kernel(AddNormParams p) {
+    __shared__ float red[32];
+    const int64_t i = blockIdx.x, d = p.d;
+    float* r = p.residual + i * d;
+    const float* h = p.hidden ? p.hidden + i * d : nullptr;
+    float s = 0.0f;
+    for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
+        float v = r[j];
+        if (h) {
+            v += h[j];
+            r[j] = v;
+        }
+        s += p.rms ? v * v : v;
+    }
+    s = block_sum(s, red);
+    float* o = p.out + i * d;
+    if (p.rms) {
+        const float rstd = rsqrtf(s / float(d) + p.eps);
+        for (int64_t j = threadIdx.x; j < d; j += blockDim.x) o[j] = r[j] * rstd * p.w[j];
+    } else {
+        const float mean = s / float(d);
+        float ss = 0.0f;
+        for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
+            const float c = r[j] - mean;
+            ss += c * c;
+        }
+        ss = block_sum(ss, red);
+        const float rstd = rsqrtf(ss / float(d) + p.eps);
+        for (int64_t j = threadIdx.x; j < d; j += blockDim.x)
+            o[j] = (r[j] - mean) * rstd * p.w[j] + (p.b ? p.b[j] : 0.0f);
+    }
+}
+
+__global__ void gated_rmsnorm_kernel(GatedRmsNormParams p) {
+    __shared__ float red[32];
+    const int64_t i = blockIdx.x, g0 = int64_t(blockIdx.y) * p.group_size;
+    const float* y = p.y + i * p.E + g0;
+    const float* z = p.z + i * p.ld_z + g0;
+    float* o = p.out + i * p.E + g0;
+    float s = 0.0f;
+    for (int64_t j = threadIdx.x; j < p.group_size; j += blockDim.x) {
+        const float v = y[j] * silu_f(z[j]);
+        s += v * v;
+    }
+    s = block_sum(s, red);
+    const float rstd = rsqrtf(s / float(p.group_size) + p.eps);
+    const float* w = p.w + g0;
+    for (int64_t j = threadIdx.x; j < p.group_size; j += blockDim.x)
+        o[j] = y[j] * silu_f(z[j]) * rstd * w[j];
+}
+
+}  // namespace
+
+void launch_add_norm(const AddNormParams& p, cudaStream_t s) {
+    MAMBART_CHECK_ARG(p.n >= 0 && p.d > 0, "launch_add_norm: bad sizes n=", p.n, " d=", p.d);
+    MAMBART_CHECK_ARG(p.residual && p.w && p.out, "launch_add_norm: null pointer");
+    MAMBART_CHECK_ARG(p.n <= 0x7fffffff, "launch_add_norm: n=", p.n, " too large");
+    if (p.n == 0) return;
+    add_norm_kernel<<<unsigned(p.n), kThreads, 0, s>>>(p);
+    check_launch("add_norm_kernel", s);
+}
+
+void launch_gated_rmsnorm(const GatedRmsNormParams& p, cudaStream_t s) {
+    MAMBART_CHECK_ARG(p.n >= 0 && p.E > 0 && p.group_size > 0 && p.E % p.group_size == 0,
+                      "launch_gated_rmsnorm: E=", p.E, " must be a positive multiple of group_size=",
+                      p.group_size);
+    MAMBART_CHECK_ARG(p.ld_z >= p.E, "launch_gated_rmsnorm: ld_z=", p.ld_z, " < E=", p.E);
+    MAMBART_CHECK_ARG(p.E / p.group_size <= 65535, "launch_gated_rmsnorm: too many groups");
+    if (p.n == 0) return;
+    gated_rmsnorm_kernel<<<dim3(unsigned(p.n), unsigned(p.E / p.group_size)), kThreads, 0, s>>>(p);
+    check_launch("gated_rmsnorm_kernel", s);
+}
+
+}  // namespace cuda
+}  // namespace mambart

@@ -1,0 +1,135 @@
+// cuda/ssd_scan.cu: the Mamba-2 SSM over a sequence (prefill) or one token (decode), in its
+// recurrent form, which equals the chunked SSD algorithm exactly in real arithmetic:
+//
+//   δ_t = clamp(softplus(dt[t, h] + dt_bias[h]), dt_min, dt_max)     (threshold 20)
+//   s[h, p, n] <- exp(δ_t A[h]) s[h, p, n] + δ_t x[t, h, p] B[t, g(h), n]   (fp32 state)
+//   y[t, h, p] = Σ_n C[t, g(h), n] s[h, p, n] + D[h] x[t, h, p]   (· silu(z[t, h, p]) if z)
+//   g(h) = h / (H / G)  (grouped B and C)
+//
+// Grid: (H, B); block: 8 warps. Warp w owns rows p = w + 8 r (r < RPW) of the head's state,
+// lane l owns states n = l + 32 i (i < SPL): the (P, N) state stays in registers for the whole
+// sequence. Per token the block stages B_t, C_t (N each) and x_t (P) in shared memory; each
+// row's y is a warp reduction over n.
+// Preconditions: 1 <= P <= 128, 1 <= N <= 256, H % G == 0; ld_xbc >= H*P (B and C are
+// separate pointers into the same rows); y does not alias the inputs.
+#include "common.cuh"
+#include "kernels.h"
+
+namespace mambart {
+namespace cuda {
+namespace {
+
+constexpr int kSsdWarps = 8;
+
+template <int RPW, int SPL>
+__global__ void __launch_bounds__(kSsdWarps * 32) ssd_scan_kernel(SsdParams p) {
+    extern __shared__ float smem[];
+    const int64_t N = p.N, P = p.P, H = p.H;
+    float* Bs = smem;       // (N)
+    float* Cs = Bs + N;     // (N)
+    float* xs = Cs + N;     // (P)
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int64_t h = blockIdx.x, b = blockIdx.y;
+    const int64_t g = h / (H / p.G);
+    float* state = p.ssm_state + (b * H + h) * P * N;
+    float s[RPW][SPL];
+#pragma unroll
+    for (int r = 0; r < RPW; ++r)
+#pragma unroll
+        for (int i = 0; i < SPL; ++i) {
+            const int64_t pp = warp + kSsdWarps * r, n = lane + 32 * i;
+            s[r][i] = (pp < P && n < N) ? state[pp * N + n] : 0.0f;
+        }
+    const float A = p.A[h], Dv = p.D[h], dtb = p.dt_bias[h];
+    for (int64_t t = 0; t < p.L; ++t) {
+        const int64_t bt = b * p.L + t;
+        const float* row = p.x + bt * p.ld_xbc;
+        __syncthreads();  // the previous token's reads of the stage are done
+        for (int64_t k = threadIdx.x; k < N; k += blockDim.x) {
+            Bs[k] = p.Bm[bt * p.ld_xbc + g * N + k];
+            Cs[k] = p.Cm[bt * p.ld_xbc + g * N + k];
+        }
+        for (int64_t k = threadIdx.x; k < P; k += blockDim.x) xs[k] = row[h * P + k];
+        __syncthreads();
+        const float delta =
+            fminf(fmaxf(softplus_f(p.dt[bt * p.ld_dt + h] + dtb), p.dt_min), p.dt_max);
+        const float dA = expf(delta * A);
+#pragma unroll
+        for (int r = 0; r < RPW; ++r) {
+            const int64_t pp = warp + kSsdWarps * r;
+            if (pp >= P) break;  // warp-uniform
+            const float dx = delta * xs[pp];
+            float acc = 0.0f;
+#pragma unroll
+            for (int i = 0; i < SPL; ++i) {
+                const int64_t n = lane + 32 * i;
+                if (n < N) {
+                    s[r][i] = s[r][i] * dA + dx * Bs[n];
+                    acc += s[r][i] * Cs[n];
+                }
+            }
+            acc = warp_sum(acc);
+            if (lane == 0) {
+                float yv = acc + Dv * xs[pp];
+                if (p.z) yv *= silu_f(p.z[bt * p.ld_z + h * P + pp]);
+                p.y[bt * H * P + h * P + pp] = yv;
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < RPW; ++r)
+#pragma unroll
+        for (int i = 0; i < SPL; ++i) {
+            const int64_t pp = warp + kSsdWarps * r, n = lane + 32 * i;
+            if (pp < P && n < N) state[pp * N + n] = s[r][i];
+        }
+}
+
+template <int RPW>
+void dispatch_spl(const SsdParams& p, int spl, dim3 grid, size_t smem, cudaStream_t s) {
+    const int threads = kSsdWarps * 32;
+    if (spl == 1)
+        ssd_scan_kernel<RPW, 1><<<grid, threads, smem, s>>>(p);
+    else if (spl == 2)
+        ssd_scan_kernel<RPW, 2><<<grid, threads, smem, s>>>(p);
+    else if (spl <= 4)
+        ssd_scan_kernel<RPW, 4><<<grid, threads, smem, s>>>(p);
+    else
+        ssd_scan_kernel<RPW, 8><<<grid, threads, smem, s>>>(p);
+}
+
+}  // namespace
+
+void launch_ssd_scan(const SsdParams& p, cudaStream_t s) {
+    MAMBART_CHECK_ARG(p.B >= 0 && p.L >= 0 && p.H > 0 && p.G > 0,
+                      "launch_ssd_scan: bad sizes B=", p.B, " L=", p.L, " H=", p.H, " G=", p.G);
+    MAMBART_CHECK_ARG(p.H % p.G == 0, "launch_ssd_scan: nheads=", p.H,
+                      " is not a multiple of ngroups=", p.G);
+    if (!(p.P >= 1 && p.P <= 128))
+        throw Unsupported(str_cat("launch_ssd_scan: headdim=", p.P, " unsupported (1..128)"));
+    if (!(p.N >= 1 && p.N <= 256))
+        throw Unsupported(str_cat("launch_ssd_scan: d_state=", p.N, " unsupported (1..256)"));
+    MAMBART_CHECK_ARG(p.ld_xbc >= p.H * p.P && p.ld_dt >= p.H && (!p.z || p.ld_z >= p.H * p.P),
+                      "launch_ssd_scan: bad strides");
+    MAMBART_CHECK_ARG(p.x && p.Bm && p.Cm && p.dt && p.A && p.D && p.dt_bias && p.ssm_state && p.y,
+                      "launch_ssd_scan: null pointer");
+    MAMBART_CHECK_ARG(p.B <= 65535 && p.H <= 0x7fffffff, "launch_ssd_scan: grid too large");
+    if (p.B == 0) return;
+    const int rpw = int(ceil_div(p.P, kSsdWarps)), spl = int(ceil_div(p.N, 32));
+    const dim3 grid(unsigned(p.H), unsigned(p.B));
+    const size_t smem = size_t(2 * p.N + p.P) * sizeof(float);
+    if (rpw == 1)
+        dispatch_spl<1>(p, spl, grid, smem, s);
+    else if (rpw == 2)
+        dispatch_spl<2>(p, spl, grid, smem, s);
+    else if (rpw <= 4)
+        dispatch_spl<4>(p, spl, grid, smem, s);
+    else if (rpw <= 8)
+        dispatch_spl<8>(p, spl, grid, smem, s);
+    else
+        dispatch_spl<16>(p, spl, grid, smem, s);
+    check_launch("ssd_scan_kernel", s);
+}
+
+}  // namespace cuda
+}  // namespace mambart

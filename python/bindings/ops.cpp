@@ -1,0 +1,311 @@
+// The private `_C._ops` submodule: every Backend op on numpy arrays, for the CPU and the CUDA
+// backend alike, so tests (tests/test_cuda.py) and benchmarks can compare them op by op. Not
+// public API: each call allocates device buffers, uploads, runs one op and downloads.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include "backend.h"
+#include "error.h"
+#include "sampling.h"
+
+namespace py = pybind11;
+using namespace mambart;
+
+namespace {
+
+using F32 = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using I32 = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+using U8 = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>;
+
+// A device buffer owned for the duration of one op.
+class Buf {
+ public:
+    Buf(Backend& be, size_t bytes) : be_(be), bytes_(bytes) {
+        p_ = be_.alloc(bytes, "an _ops buffer");
+        be_.zero(p_, bytes);
+    }
+    template <typename A>
+    Buf(Backend& be, const A& a) : Buf(be, size_t(a.size()) * sizeof(typename A::value_type)) {
+        if (bytes_) be_.copy_to_device(p_, a.data(), bytes_);
+    }
+    ~Buf() { be_.dealloc(p_); }
+    Buf(const Buf&) = delete;
+    Buf& operator=(const Buf&) = delete;
+    template <typename T>
+    T* as() const { return static_cast<T*>(p_); }
+    template <typename T>
+    py::array_t<T> download(std::vector<py::ssize_t> shape) const {
+        py::array_t<T> out(shape);
+        if (bytes_) be_.copy_to_host(out.mutable_data(), p_, size_t(out.size()) * sizeof(T));
+        return out;
+    }
+
+ private:
+    Backend& be_;
+    size_t bytes_;
+    void* p_ = nullptr;
+};
+
+std::unique_ptr<Buf> maybe(Backend& be, const std::optional<F32>& a) {
+    if (!a) return nullptr;
+    return std::make_unique<Buf>(be, *a);
+}
+template <typename T>
+const T* ptr(const std::unique_ptr<Buf>& b) { return b ? b->as<T>() : nullptr; }
+
+void need(bool cond, const char* msg) {
+    if (!cond) throw InvalidArgument(std::string("_ops: ") + msg);
+}
+
+// A weight placed on the backend in `dtype`, freed with it.
+class PlacedWeight {
+ public:
+    PlacedWeight(Backend& be, const F32& w, const std::string& dtype) : be_(be) {
+        need(w.ndim() == 2, "weight must be 2-D");
+        const DType dt = dtype_from_name(dtype, "dtype");
+        bool owned = false;
+        data_ = be.place_weight(w.data(), DType::F32, size_t(w.size()), dt, &owned);
+        owned_ = owned;
+        weight.data = data_;
+        weight.dtype = dt;
+        weight.rows = w.shape(0);
+        weight.cols = w.shape(1);
+    }
+    ~PlacedWeight() {
+        if (owned_) be_.dealloc(const_cast<void*>(data_));
+    }
+    Weight weight;
+
+ private:
+    Backend& be_;
+    const void* data_;
+    bool owned_;
+};
+
+struct Ops {
+    std::shared_ptr<Backend> be;
+};
+
+}  // namespace
+
+void register_ops(py::module_& parent) {
+    py::module_ m = parent.def_submodule("_ops", "Test-only: Backend ops on numpy arrays.");
+    py::class_<Ops>(m, "Backend")
+        .def(py::init([](const std::string& device) {
+                 return Ops{std::shared_ptr<Backend>(make_backend(device))};
+             }),
+             py::arg("device"))
+        .def_property_readonly("name", [](const Ops& o) { return o.be->name(); })
+        .def("embedding",
+             [](Ops& o, const I32& ids, const F32& table, const std::string& dtype) {
+                 Backend& be = *o.be;
+                 PlacedWeight w(be, table, dtype);
+                 Buf d_ids(be, ids), out(be, size_t(ids.size() * table.shape(1)) * 4);
+                 be.embedding(d_ids.as<int32_t>(), ids.size(), w.weight, out.as<float>());
+                 return out.download<float>({ids.size(), table.shape(1)});
+             })
+        .def("add_norm",
+             [](Ops& o, const F32& residual, const std::optional<F32>& hidden, const F32& w,
+                const std::optional<F32>& b, const std::string& kind, float eps) {
+                 Backend& be = *o.be;
+                 need(residual.ndim() == 2, "residual must be (n, d)");
+                 const int64_t n = residual.shape(0), d = residual.shape(1);
+                 Buf r(be, residual), wb(be, w), out(be, size_t(n * d) * 4);
+                 auto h = maybe(be, hidden);
+                 auto bb = maybe(be, b);
+                 be.add_norm(r.as<float>(), ptr<float>(h), Param{wb.as<float>(), d},
+                             Param{ptr<float>(bb), bb ? d : 0},
+                             kind == "rms" ? NormKind::RMSNorm : NormKind::LayerNorm, eps, n, d,
+                             out.as<float>());
+                 return py::make_tuple(r.download<float>({n, d}), out.download<float>({n, d}));
+             })
+        .def("linear",
+             [](Ops& o, const F32& x, const F32& W, const std::string& dtype,
+                const std::optional<F32>& bias, int64_t N) {
+                 Backend& be = *o.be;
+                 need(x.ndim() == 2, "x must be (M, ldx)");
+                 PlacedWeight w(be, W, dtype);
+                 const int64_t M = x.shape(0), ldx = x.shape(1);
+                 if (N <= 0) N = w.weight.rows;
+                 Buf dx(be, x), y(be, size_t(M * N) * 4);
+                 auto bb = maybe(be, bias);
+                 be.linear(dx.as<float>(), ldx, M, w.weight, N, ptr<float>(bb), y.as<float>(), N);
+                 return y.download<float>({M, N});
+             },
+             py::arg("x"), py::arg("W"), py::arg("dtype"), py::arg("bias") = py::none(),
+             py::arg("N") = 0)
+        .def("conv1d",
+             [](Ops& o, const F32& x, int64_t C, const F32& state, const F32& weight,
+                const std::optional<F32>& bias) {
+                 Backend& be = *o.be;
+                 need(x.ndim() == 3 && state.ndim() == 3, "x (B, L, ld_x), state (B, C, W)");
+                 const int64_t B = x.shape(0), L = x.shape(1), ld = x.shape(2), W = state.shape(2);
+                 Buf dx(be, x), st(be, state), wt(be, weight), out(be, size_t(B * L * C) * 4);
+                 auto bb = maybe(be, bias);
+                 be.conv1d(ConvParams{dx.as<float>(), ld, st.as<float>(), wt.as<float>(),
+                                      ptr<float>(bb), out.as<float>(), B, L, C, W});
+                 return py::make_tuple(out.download<float>({B, L, C}),
+                                       st.download<float>({B, C, W}));
+             })
+        .def("selective_scan",
+             [](Ops& o, const F32& x, const F32& dt, const F32& bc, int64_t b_off, int64_t c_off,
+                const F32& z, int64_t z_off, const F32& A, const F32& D, const F32& dt_bias,
+                const F32& state) {
+                 // x, dt: (B, L, E); bc: (B, L, ld_bc) holding B at b_off and C at c_off;
+                 // z: (B, L, ld_z) at z_off; A (E, N); state (B, E, N)
+                 Backend& be = *o.be;
+                 need(x.ndim() == 3 && bc.ndim() == 3 && z.ndim() == 3 && state.ndim() == 3,
+                      "bad ranks");
+                 const int64_t B = x.shape(0), L = x.shape(1), E = x.shape(2), N = state.shape(2);
+                 Buf dx(be, x), ddt(be, dt), dbc(be, bc), dz(be, z), dA(be, A), dD(be, D),
+                     db(be, dt_bias), st(be, state), y(be, size_t(B * L * E) * 4);
+                 SelectiveScanParams p{};
+                 p.x = dx.as<float>();
+                 p.dt = ddt.as<float>();
+                 p.Bm = dbc.as<float>() + b_off;
+                 p.Cm = dbc.as<float>() + c_off;
+                 p.ld_bc = bc.shape(2);
+                 p.z = dz.as<float>() + z_off;
+                 p.ld_z = z.shape(2);
+                 p.A = dA.as<float>();
+                 p.D = dD.as<float>();
+                 p.dt_bias = db.as<float>();
+                 p.ssm_state = st.as<float>();
+                 p.y = y.as<float>();
+                 p.B = B;
+                 p.L = L;
+                 p.E = E;
+                 p.N = N;
+                 be.selective_scan(p);
+                 return py::make_tuple(y.download<float>({B, L, E}),
+                                       st.download<float>({B, E, N}));
+             })
+        .def("ssd_scan",
+             [](Ops& o, const F32& xbc, int64_t b_off, int64_t c_off, const F32& dt,
+                int64_t dt_off, const std::optional<F32>& z, const F32& A, const F32& D,
+                const F32& dt_bias, float dt_min, float dt_max, const F32& state, int64_t G,
+                int64_t chunk_size) {
+                 // xbc: (B, L, ld) with x (H*P) at column 0, B at b_off, C at c_off;
+                 // dt: (B, L, ld_dt) with dt at dt_off; z: (B, L, H*P); state (B, H, P, N)
+                 Backend& be = *o.be;
+                 need(xbc.ndim() == 3 && dt.ndim() == 3 && state.ndim() == 4, "bad ranks");
+                 const int64_t B = xbc.shape(0), L = xbc.shape(1), H = state.shape(1),
+                               P = state.shape(2), N = state.shape(3);
+                 Buf dx(be, xbc), ddt(be, dt), dA(be, A), dD(be, D), db(be, dt_bias),
+                     st(be, state), y(be, size_t(B * L * H * P) * 4);
+                 auto dz = maybe(be, z);
+                 SsdParams p{};
+                 p.x = dx.as<float>();
+                 p.Bm = dx.as<float>() + b_off;
+                 p.Cm = dx.as<float>() + c_off;
+                 p.ld_xbc = xbc.shape(2);
+                 p.dt = ddt.as<float>() + dt_off;
+                 p.ld_dt = dt.shape(2);
+                 p.z = ptr<float>(dz);
+                 p.ld_z = H * P;
+                 p.A = dA.as<float>();
+                 p.D = dD.as<float>();
+                 p.dt_bias = db.as<float>();
+                 p.dt_min = dt_min;
+                 p.dt_max = dt_max;
+                 p.ssm_state = st.as<float>();
+                 p.y = y.as<float>();
+                 p.B = B;
+                 p.L = L;
+                 p.H = H;
+                 p.P = P;
+                 p.G = G;
+                 p.N = N;
+                 p.chunk_size = chunk_size;
+                 be.ssd_scan(p);
+                 return py::make_tuple(y.download<float>({B, L, H * P}),
+                                       st.download<float>({B, H, P, N}));
+             })
+        .def("gated_rmsnorm",
+             [](Ops& o, const F32& y, const F32& z, const F32& w, int64_t group_size, float eps) {
+                 Backend& be = *o.be;
+                 need(y.ndim() == 2 && z.ndim() == 2, "y (n, E), z (n, ld_z)");
+                 const int64_t n = y.shape(0), E = y.shape(1);
+                 Buf dy(be, y), dz(be, z), dw(be, w), out(be, size_t(n * E) * 4);
+                 be.gated_rmsnorm(dy.as<float>(), dz.as<float>(), z.shape(1), dw.as<float>(), n,
+                                  E, group_size, eps, out.as<float>());
+                 return out.download<float>({n, E});
+             })
+        .def("silu_gate",
+             [](Ops& o, const F32& y, const F32& z) {
+                 Backend& be = *o.be;
+                 need(y.ndim() == 2 && z.ndim() == 2, "y (n, E), z (n, ld_z)");
+                 const int64_t n = y.shape(0), E = y.shape(1);
+                 Buf dy(be, y), dz(be, z);
+                 be.silu_gate(dy.as<float>(), dz.as<float>(), z.shape(1), n, E);
+                 return dy.download<float>({n, E});
+             })
+        .def("sample",
+             [](Ops& o, const F32& logits, float temperature, int64_t top_k, float top_p,
+                float min_p, float repetition_penalty, uint64_t seed, uint64_t counter,
+                const std::optional<U8>& seen) -> py::tuple {
+                 // One token per row; row r draws uniform(seed, r, counter). The CPU backend
+                 // answers with mambart::Sampler (the reference), the CUDA backend on the device.
+                 Backend& be = *o.be;
+                 need(logits.ndim() == 2, "logits must be (B, V)");
+                 const int64_t B = logits.shape(0), V = logits.shape(1);
+                 SamplingOptions so;
+                 so.temperature = temperature;
+                 so.top_k = top_k;
+                 so.top_p = top_p;
+                 so.min_p = min_p;
+                 so.repetition_penalty = repetition_penalty;
+                 validate(so);
+                 py::array_t<int32_t> ids(B);
+                 py::array_t<uint8_t> seen_out({B, V});
+                 std::vector<uint8_t> seen_host(size_t(B * V), 0);
+                 if (seen) {
+                     need(seen->ndim() == 2 && seen->shape(0) == B && seen->shape(1) == V,
+                          "seen must be (B, V)");
+                     std::copy(seen->data(), seen->data() + B * V, seen_host.begin());
+                 }
+                 if (be.kind() == DeviceKind::CPU) {
+                     std::vector<float> row(static_cast<size_t>(V));
+                     for (int64_t r = 0; r < B; ++r) {
+                         Sampler s(V);
+                         for (int64_t i = 0; i < V; ++i)
+                             if (seen_host[size_t(r * V + i)]) s.observe(int32_t(i));
+                         std::copy(logits.data() + r * V, logits.data() + (r + 1) * V, row.begin());
+                         const int32_t t = s.sample(row.data(), so, seed, uint64_t(r), counter);
+                         ids.mutable_data()[r] = t;
+                         seen_host[size_t(r * V + t)] = 1;
+                     }
+                     std::copy(seen_host.begin(), seen_host.end(), seen_out.mutable_data());
+                     return py::make_tuple(ids, seen_out);
+                 }
+                 Buf dl(be, logits), dseen(be, size_t(B * V)), dout(be, size_t(B) * 4),
+                     dctr(be, sizeof(uint64_t));
+                 be.copy_to_device(dseen.as<uint8_t>(), seen_host.data(), seen_host.size());
+                 be.copy_to_device(dctr.as<uint64_t>(), &counter, sizeof(uint64_t));
+                 DeviceSampleParams p{};
+                 p.logits = dl.as<float>();
+                 p.ld = V;
+                 p.B = B;
+                 p.V = V;
+                 p.temperature = temperature;
+                 p.top_k = top_k;
+                 p.top_p = top_p;
+                 p.min_p = min_p;
+                 p.repetition_penalty = repetition_penalty;
+                 p.seed = seed;
+                 p.counter = dctr.as<uint64_t>();
+                 p.seen = dseen.as<uint8_t>();
+                 p.out = dout.as<int32_t>();
+                 be.sample(p);
+                 return py::make_tuple(dout.download<int32_t>({B}), dseen.download<uint8_t>({B, V}));
+             },
+             py::arg("logits"), py::arg("temperature") = 0.0f, py::arg("top_k") = 0,
+             py::arg("top_p") = 1.0f, py::arg("min_p") = 0.0f,
+             py::arg("repetition_penalty") = 1.0f, py::arg("seed") = 0, py::arg("counter") = 0,
+             py::arg("seen") = py::none());
+}
