@@ -12,55 +12,15 @@
 
 #include "backend.h"
 #include "cpu/linear.h"
+#include "cpu/vec.h"
 #include "error.h"
 
 namespace mambart {
 namespace {
 
-inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
-
-// exp(x) for x <= 0 (decays), vectorizable (no calls, no branches): 2^(x log2 e) split into an
-// integer power built in the exponent bits and a degree-6 polynomial for 2^f, f in [-0.5, 0.5].
-// Relative error < 2e-7; x below -87 gives 0.
-#pragma omp declare simd
-inline float exp_neg(float x) {
-    x = std::max(x, -87.0f);
-    const float t = x * 1.44269504088896341f;
-    const float k = (t + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23 trick)
-    const float f = t - k;
-    // 2^f minimax-style Taylor coefficients (ln2^i / i!)
-    float p = 1.5403530393381606e-4f;
-    p = p * f + 1.3333558146428443e-3f;
-    p = p * f + 9.6181291076284772e-3f;
-    p = p * f + 5.5504108664821580e-2f;
-    p = p * f + 2.4022650695910072e-1f;
-    p = p * f + 6.9314718055994531e-1f;
-    p = p * f + 1.0f;
-    const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-    float scale;
-    std::memcpy(&scale, &bits, 4);
-    return p * scale;
-}
-
-// softplus with the reference's threshold: v > 20 -> v, else log(1 + e^v), written without libm
-// calls so that loops over it vectorize:  log(1 + e^v) = max(v, 0) + log1p(e^-|v|), and
-// log1p(u) = 2 atanh(s) = 2 (s + s³/3 + s⁵/5 + ...) with s = u / (2 + u) in [0, 1/3] for u in
-// [0, 1] (8 terms: truncation < 1e-8 relative). Accurate to a few ulps, also for tiny results.
-#pragma omp declare simd
-inline float softplus(float v) {
-    const float u = exp_neg(-std::fabs(v));
-    const float s = u / (2.0f + u), s2 = s * s;
-    float q = 1.0f / 15.0f;
-    q = q * s2 + 1.0f / 13.0f;
-    q = q * s2 + 1.0f / 11.0f;
-    q = q * s2 + 1.0f / 9.0f;
-    q = q * s2 + 1.0f / 7.0f;
-    q = q * s2 + 1.0f / 5.0f;
-    q = q * s2 + 1.0f / 3.0f;
-    q = q * s2 + 1.0f;
-    const float r = std::max(v, 0.0f) + 2.0f * s * q;
-    return v > 20.0f ? v : r;
-}
+inline float silu(float v) { return cpu::silu1(v); }
+inline float softplus(float v) { return cpu::softplus1(v); }
+inline float exp_neg(float v) { return cpu::exp1(v); }
 
 class CpuBackend final : public Backend {
  public:
@@ -203,44 +163,87 @@ class CpuBackend final : public Backend {
     }
 
     // Mamba-1: Δ = softplus(dt + dt_bias); h = exp(Δ A) h + Δ B u; y = (C·h + D u) silu(z).
-    // Δ for every (token, channel) is computed first in one vectorized pass into scratch; then
-    // threads split the channels, each running its channels' recurrences over the tokens with
-    // the d_state loop vectorized.
+    // Threads split the channels E into blocks of 8; a block's state (N x 8, fp32) and A live in
+    // thread-local tiles, transposed so that one vector holds 8 channels of one state entry n;
+    // the tokens then run in order with every operation 8 channels wide. B_t[n] and C_t[n] are
+    // broadcast (shared by all channels). The state is read once and written once per call.
+    static constexpr int64_t kMaxScanN = 256;  // larger d_state takes the scalar path
+
     void selective_scan(const SelectiveScanParams& p) override {
+        if (p.N > kMaxScanN) return selective_scan_scalar(p);
         const int64_t E = p.E, N = p.N, L = p.L;
-        if (delta_.size() < size_t(L * E)) delta_.resize(size_t(L * E));  // grows once, not per token
-        float* delta_all = delta_.data();  // (L, E) Δ of the current row
+        const int64_t nblk = (E + 7) / 8;
         for (int64_t b = 0; b < p.B; ++b) {
-#pragma omp parallel for schedule(static) if (E * L > 4096)
-            for (int64_t t = 0; t < L; ++t) {
-                const float* dt = p.dt + (b * L + t) * E;
-                float* dl = delta_all + t * E;
-#pragma omp simd
-                for (int64_t e = 0; e < E; ++e) dl[e] = softplus(dt[e] + p.dt_bias[e]);
+#pragma omp parallel for schedule(static) if (nblk * L * N > 8192)
+            for (int64_t blk = 0; blk < nblk; ++blk) {
+                const int64_t e0 = blk * 8, ne = std::min<int64_t>(8, E - e0);
+                alignas(32) float h[kMaxScanN][8];   // (N, 8) state of channels e0..e0+7
+                alignas(32) float At[kMaxScanN][8];  // (N, 8) A of those channels
+                float* st = p.ssm_state + (b * E + e0) * N;  // (ne, N) rows of the state
+                for (int64_t n = 0; n < N; ++n)
+                    for (int64_t j = 0; j < 8; ++j) {
+                        h[n][j] = j < ne ? st[j * N + n] : 0.0f;
+                        At[n][j] = j < ne ? p.A[(e0 + j) * N + n] : 0.0f;
+                    }
+                const cpu::f8 bias = load_part(p.dt_bias + e0, ne), D = load_part(p.D + e0, ne);
+                for (int64_t t = 0; t < L; ++t) {
+                    const int64_t bt = b * L + t;
+                    const cpu::f8 delta = cpu::softplus8(load_part(p.dt + bt * E + e0, ne) + bias);
+                    const cpu::f8 u = load_part(p.x + bt * E + e0, ne);
+                    const cpu::f8 du = delta * u;
+                    const float* Bt = p.Bm + bt * p.ld_bc;
+                    const float* Ct = p.Cm + bt * p.ld_bc;
+                    cpu::f8 acc = cpu::splat(0.0f);
+                    for (int64_t n = 0; n < N; ++n) {
+                        const cpu::f8 hn = cpu::exp8(delta * cpu::load8(At[n])) * cpu::load8(h[n]) +
+                                           du * Bt[n];
+                        cpu::store8(h[n], hn);
+                        acc += hn * Ct[n];
+                    }
+                    const cpu::f8 y = (acc + D * u) * cpu::silu8(load_part(p.z + bt * p.ld_z + e0, ne));
+                    store_part(p.y + bt * E + e0, y, ne);
+                }
+                for (int64_t n = 0; n < N; ++n)
+                    for (int64_t j = 0; j < ne; ++j) st[j * N + n] = h[n][j];
             }
+        }
+    }
+
+    // The same recurrence one channel at a time (d_state > kMaxScanN).
+    void selective_scan_scalar(const SelectiveScanParams& p) {
+        const int64_t E = p.E, N = p.N, L = p.L;
+        for (int64_t b = 0; b < p.B; ++b) {
 #pragma omp parallel for schedule(static) if (E * L > 256)
             for (int64_t e = 0; e < E; ++e) {
                 float* h = p.ssm_state + (b * E + e) * N;
                 const float* A = p.A + e * N;
                 for (int64_t t = 0; t < L; ++t) {
                     const int64_t bt = b * L + t;
-                    const float delta = delta_all[t * E + e];
+                    const float delta = cpu::softplus1(p.dt[bt * E + e] + p.dt_bias[e]);
                     const float u = p.x[bt * E + e];
                     const float* Bt = p.Bm + bt * p.ld_bc;
                     const float* Ct = p.Cm + bt * p.ld_bc;
-                    const float du = delta * u;
                     float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
                     for (int64_t n = 0; n < N; ++n) {
-                        const float hn = exp_neg(delta * A[n]) * h[n] + du * Bt[n];
+                        const float hn = cpu::exp1(delta * A[n]) * h[n] + delta * u * Bt[n];
                         h[n] = hn;
                         acc += Ct[n] * hn;
                     }
-                    const float zz = p.z[bt * p.ld_z + e];
-                    p.y[bt * E + e] = (acc + p.D[e] * u) * silu(zz);
+                    p.y[bt * E + e] = (acc + p.D[e] * u) * cpu::silu1(p.z[bt * p.ld_z + e]);
                 }
             }
         }
+    }
+
+    static cpu::f8 load_part(const float* src, int64_t n) {
+        if (n == 8) return cpu::load8(src);
+        alignas(32) float tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int64_t j = 0; j < n; ++j) tmp[j] = src[j];
+        return cpu::load8(tmp);
+    }
+    static void store_part(float* dst, cpu::f8 v, int64_t n) {
+        if (n == 8) return cpu::store8(dst, v);
+        for (int64_t j = 0; j < n; ++j) dst[j] = v[j];
     }
 
     void ssd_scan(const SsdParams& p) override {
@@ -277,8 +280,6 @@ class CpuBackend final : public Backend {
     }
 
  private:
-    std::vector<float> delta_;  // (L, E) Mamba-1 Δ scratch; grows to the largest chunk once
-
     static float dt_value(const SsdParams& p, int64_t bt, int64_t h) {
         const float v = softplus(p.dt[bt * p.ld_dt + h] + p.dt_bias[h]);
         return std::min(std::max(v, p.dt_min), p.dt_max);

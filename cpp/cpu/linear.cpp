@@ -1,13 +1,13 @@
 // CPU projections: y[M, N] = x[M, K] · W[N, K]ᵀ + bias[N]   (see linear.h)
 //
-// Both regimes are written as register-tiled dot products: a micro-kernel computes an MR x NR
-// block of y (MR activation rows x NR weight rows) over the whole K, 8 lanes at a time, with
-// MR*NR vector accumulators and one horizontal sum per output at the end.
+// Both regimes are register-tiled micro-kernels over the whole K (no K blocking: K <= a few
+// thousand, so a panel stays in L2).
 //   - GEMV (M <= kGemvMaxM, decode): weight rows are widened to fp32 on the fly, each weight
 //     row read from memory once per call; threads split the N weight rows.
-//   - GEMM (M > kGemvMaxM, prefill): threads split N into blocks of kNBlock weight rows; each
-//     thread widens its block to fp32 once into thread-local scratch, then sweeps every MR-row
-//     tile of x over it, so the conversion is amortised over M.
+//   - GEMM (M > kGemvMaxM, prefill): threads split N into panels of 16 weight rows; each panel
+//     is widened to fp32 and packed transposed (K, 16) once into thread-local scratch, then
+//     every 6-row tile of x runs an outer-product micro-kernel (6 x 16 accumulators) over it,
+//     so the conversion is amortised over M.
 // The AVX2 + FMA (+ F16C) path is picked at run time (__builtin_cpu_supports), so one binary
 // runs on any x86-64; other machines take the portable path, which computes the same sums.
 #include "cpu/linear.h"
@@ -29,7 +29,6 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kGemvMaxM = 8;   // up to this many rows: bandwidth-bound GEMV path
-constexpr int64_t kNBlock = 48;    // GEMM: weight rows widened per block (a multiple of NR)
 
 // ---- portable path ---------------------------------------------------------------------------
 
@@ -167,42 +166,111 @@ MAMBART_AVX2 void gemv_dispatch(const float* x, int64_t ldx, int64_t M, int64_t 
     }
 }
 
-// Widens weight rows [n0, n1) into fp32 scratch (rows of K floats).
-template <DType D>
-MAMBART_AVX2 void widen_rows(const void* W, int64_t K, int64_t n0, int64_t n1, float* dst) {
-    if constexpr (D == DType::F32) {
-        std::memcpy(dst, static_cast<const float*>(W) + n0 * K, size_t((n1 - n0) * K) * 4);
-    } else {
-        const uint16_t* src = static_cast<const uint16_t*>(W) + n0 * K;
-        const int64_t total = (n1 - n0) * K;
-        int64_t i = 0;
-        for (; i + 8 <= total; i += 8) _mm256_storeu_ps(dst + i, load8<D>(src, i));
-        for (; i < total; ++i) dst[i] = load1<D>(src, i);
+// GEMM micro-kernel, outer-product form: acc[i][v] (MR rows x 16 columns) += x[i][k] * wp[k][16].
+// wp is a packed panel of 16 weight rows, transposed to (K, 16) fp32, so each k step loads two
+// vectors of weights and broadcasts MR activations: 2 loads + MR broadcasts per 2*MR FMAs.
+template <int MR>
+MAMBART_AVX2 inline void panel_tile(const float* x, int64_t ldx, int64_t K, const float* wp,
+                                    const float* bias, float* y, int64_t ldy, int64_t ncols) {
+    static_assert(MR >= 1 && MR <= 6, "panel_tile: 1..6 rows");
+    // Named accumulators (an array of __m256 gets spilled to the stack every k step by GCC).
+    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00,
+           a30 = a00, a31 = a00, a40 = a00, a41 = a00, a50 = a00, a51 = a00;
+    const float* x0 = x;
+    const float* x1 = x + 1 * ldx;
+    const float* x2 = x + 2 * ldx;
+    const float* x3 = x + 3 * ldx;
+    const float* x4 = x + 4 * ldx;
+    const float* x5 = x + 5 * ldx;
+    for (int64_t k = 0; k < K; ++k) {
+        const __m256 w0 = _mm256_loadu_ps(wp + k * 16), w1 = _mm256_loadu_ps(wp + k * 16 + 8);
+        __m256 xv = _mm256_broadcast_ss(x0 + k);
+        a00 = _mm256_fmadd_ps(xv, w0, a00);
+        a01 = _mm256_fmadd_ps(xv, w1, a01);
+        if (MR > 1) {
+            xv = _mm256_broadcast_ss(x1 + k);
+            a10 = _mm256_fmadd_ps(xv, w0, a10);
+            a11 = _mm256_fmadd_ps(xv, w1, a11);
+        }
+        if (MR > 2) {
+            xv = _mm256_broadcast_ss(x2 + k);
+            a20 = _mm256_fmadd_ps(xv, w0, a20);
+            a21 = _mm256_fmadd_ps(xv, w1, a21);
+        }
+        if (MR > 3) {
+            xv = _mm256_broadcast_ss(x3 + k);
+            a30 = _mm256_fmadd_ps(xv, w0, a30);
+            a31 = _mm256_fmadd_ps(xv, w1, a31);
+        }
+        if (MR > 4) {
+            xv = _mm256_broadcast_ss(x4 + k);
+            a40 = _mm256_fmadd_ps(xv, w0, a40);
+            a41 = _mm256_fmadd_ps(xv, w1, a41);
+        }
+        if (MR > 5) {
+            xv = _mm256_broadcast_ss(x5 + k);
+            a50 = _mm256_fmadd_ps(xv, w0, a50);
+            a51 = _mm256_fmadd_ps(xv, w1, a51);
+        }
+    }
+    const __m256 acc[6][2] = {{a00, a01}, {a10, a11}, {a20, a21},
+                              {a30, a31}, {a40, a41}, {a50, a51}};
+    alignas(32) float out[16];
+    for (int i = 0; i < MR; ++i) {
+        _mm256_store_ps(out, acc[i][0]);
+        _mm256_store_ps(out + 8, acc[i][1]);
+        float* yi = y + i * ldy;
+        for (int64_t j = 0; j < ncols; ++j) yi[j] = out[j] + (bias ? bias[j] : 0.0f);
     }
 }
 
-// GEMM: threads split N into blocks of kNBlock rows; each block is widened to fp32 once and
-// every 4-row tile of x is swept over it with 4 x 3 register tiles.
+// Packs weight rows [n0, n0 + ncols) (ncols <= 16) into wp (K, 16) fp32, zero-padded.
+template <DType D>
+MAMBART_AVX2 void pack_panel(const void* W, int64_t K, int64_t n0, int64_t ncols, float* wp) {
+    const size_t es = D == DType::F32 ? 4 : 2;
+    for (int64_t j = 0; j < 16; ++j) {
+        if (j >= ncols) {
+            for (int64_t k = 0; k < K; ++k) wp[k * 16 + j] = 0.0f;
+            continue;
+        }
+        const void* row = static_cast<const char*>(W) + size_t((n0 + j) * K) * es;
+        int64_t k = 0;
+        alignas(32) float tmp[8];
+        for (; k + 8 <= K; k += 8) {
+            _mm256_store_ps(tmp, load8<D>(row, k));
+            for (int q = 0; q < 8; ++q) wp[(k + q) * 16 + j] = tmp[q];
+        }
+        for (; k < K; ++k) wp[k * 16 + j] = load1<D>(row, k);
+    }
+}
+
+// GEMM: threads split N into panels of 16 weight rows; each panel is widened and packed once
+// (K x 16 fp32, thread-local), then every 6-row tile of x runs the outer-product micro-kernel
+// over it.
 template <DType D>
 MAMBART_AVX2 void gemm(const float* x, int64_t ldx, int64_t M, int64_t K, const void* W,
                        int64_t N, const float* bias, float* y, int64_t ldy) {
-    constexpr int MR = 4, NR = 3;
-    const int64_t nblocks = (N + kNBlock - 1) / kNBlock;
+    constexpr int MR = 6;
+    const int64_t npanels = (N + 15) / 16;
 #pragma omp parallel
     {
-        std::vector<float> wblk(static_cast<size_t>(kNBlock * K));  // (kNBlock, K) widened weight rows
+        std::vector<float> wp(static_cast<size_t>(K * 16));  // (K, 16) packed panel
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t b = 0; b < nblocks; ++b) {
-            const int64_t n0 = b * kNBlock, n1 = std::min(N, n0 + kNBlock);
-            widen_rows<D>(W, K, n0, n1, wblk.data());
+        for (int64_t pnl = 0; pnl < npanels; ++pnl) {
+            const int64_t n0 = pnl * 16, nc = std::min<int64_t>(16, N - n0);
+            pack_panel<D>(W, K, n0, nc, wp.data());
             const float* bb = bias ? bias + n0 : nullptr;
             int64_t m = 0;
             for (; m + MR <= M; m += MR)
-                sweep_n<MR, NR, DType::F32>(x + m * ldx, ldx, K, wblk.data(), K, 0, n1 - n0, bb,
-                                            y + m * ldy + n0, ldy);
-            for (; m < M; ++m)
-                sweep_n<1, 4, DType::F32>(x + m * ldx, ldx, K, wblk.data(), K, 0, n1 - n0, bb,
-                                          y + m * ldy + n0, ldy);
+                panel_tile<MR>(x + m * ldx, ldx, K, wp.data(), bb, y + m * ldy + n0, ldy, nc);
+            switch (M - m) {
+                case 5: panel_tile<5>(x + m * ldx, ldx, K, wp.data(), bb, y + m * ldy + n0, ldy, nc); break;
+                case 4: panel_tile<4>(x + m * ldx, ldx, K, wp.data(), bb, y + m * ldy + n0, ldy, nc); break;
+                case 3: panel_tile<3>(x + m * ldx, ldx, K, wp.data(), bb, y + m * ldy + n0, ldy, nc); break;
+                case 2: panel_tile<2>(x + m * ldx, ldx, K, wp.data(), bb, y + m * ldy + n0, ldy, nc); break;
+                case 1: panel_tile<1>(x + m * ldx, ldx, K, wp.data(), bb, y + m * ldy + n0, ldy, nc); break;
+                default: break;
+            }
         }
     }
 }
