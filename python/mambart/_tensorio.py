@@ -40,8 +40,9 @@ ST_TO_NAME = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfl
               "BOOL": "bool"}
 NAME_TO_ST = {v: k for k, v in ST_TO_NAME.items()}
 
-# Elements per streamed chunk (4 Mi elements = 16 MB of fp32): bounds the converter's memory.
-CHUNK_ELEMS = 1 << 22
+# Elements per streamed chunk (1 Mi elements = 4 MB of fp32): bounds the converter's memory
+# (a chunk and a few same-sized temporaries of the dtype conversion).
+CHUNK_ELEMS = 1 << 20
 
 
 def numel(shape: Sequence[int]) -> int:

@@ -354,13 +354,17 @@ def _rebase_legacy(tensors, path):
     # LazyTensor.offset was computed as storage.offset(-1) + storage_offset*es; the storage is
     # found through the _storage attribute set by _rebuild_tensor on legacy storages.
     out = {}
+    done = set()
     for k, t in tensors.items():
+        out[k] = t
+        if id(t) in done:  # the same tensor object under two names (tied weights)
+            continue
+        done.add(id(t))
         st = t._legacy_storage
         if st.offset < 0:
             raise ConversionError(f"{path}: storage of tensor '{k}' has no data")
         t.offset = t.offset + 1 + st.offset
         t.key = (t.key[0], t.offset) + t.key[2:]
-        out[k] = t
     return out
 
 
