@@ -325,84 +325,112 @@ class CpuBackend final : public Backend {
     //   Y_off[l]  = exp(Λ_l) C_l·S                                    (S: state at chunk start)
     //   S        <- exp(Λ_last) S + Σ_s exp(Λ_last − Λ_s) X_s ⊗ B_s   (state passing)
     //   y = Y_diag + Y_off + D x (+ z gate)
+    // Each of the three sums is a small matrix product and runs through cpu::linear (the packed
+    // GEMM) on per-thread scratch: Y_off = C·Sᵀ, Y_diag = M·Xᵀ with M[l,s] the decayed C_l·B_s,
+    // and the state update Xwᵀ·B. Threads split the heads (the GEMMs inside run on one thread).
     void ssd_chunked(const SsdParams& p) {
         const int64_t H = p.H, P = p.P, N = p.N, G = p.G, Q = p.chunk_size;
         const int64_t heads_per_group = H / G;
-        std::vector<float> CB(size_t(G) * Q * Q);   // (G, Q, Q): C_l·B_s per group
-        std::vector<float> scratch(size_t(H) * Q * 3);  // per head: Δ, Λ, decay-to-end
+        const int64_t T = p.L;  // tokens per row
         for (int64_t b = 0; b < p.B; ++b) {
-            for (int64_t c0 = 0; c0 < p.L; c0 += Q) {
-                const int64_t Lc = std::min(Q, p.L - c0);
-#pragma omp parallel for collapse(2) schedule(static)
-                for (int64_t g = 0; g < G; ++g)
-                    for (int64_t l = 0; l < Lc; ++l) {
-                        const float* Cl = p.Cm + (b * p.L + c0 + l) * p.ld_xbc + g * N;
-                        float* row = CB.data() + (g * Q + l) * Q;
-                        for (int64_t s = 0; s <= l; ++s) {
-                            const float* Bs = p.Bm + (b * p.L + c0 + s) * p.ld_xbc + g * N;
-                            float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-                            for (int64_t n = 0; n < N; ++n) acc += Cl[n] * Bs[n];
-                            row[s] = acc;
+            for (int64_t c0 = 0; c0 < T; c0 += Q) {
+                const int64_t Lc = std::min(Q, T - c0);
+                auto row = [&](int64_t l) { return (b * T + c0 + l); };  // token row in the batch
+#pragma omp parallel
+                {
+                    std::vector<float> Cg(size_t(Lc * N));   // (Lc, N) C of the head's group
+                    std::vector<float> Bt(size_t(N * Lc));   // (N, Lc) B of the group, transposed
+                    std::vector<float> CB(size_t(Lc * Lc));  // (Lc, Lc) C_l·B_s
+                    std::vector<float> Mx(size_t(Lc * Lc));  // (Lc, Lc) decayed, masked C_l·B_s Δ_s
+                    std::vector<float> Xt(size_t(P * Lc));   // (P, Lc) x of the head, transposed
+                    std::vector<float> Xw(size_t(P * Lc));   // (P, Lc) x weighted to the chunk end
+                    std::vector<float> Yo(size_t(Lc * P));   // (Lc, P) C·Sᵀ
+                    std::vector<float> Yd(size_t(Lc * P));   // (Lc, P) M·Xᵀ
+                    std::vector<float> dS(size_t(P * N));    // (P, N) state increment
+                    std::vector<float> delta(static_cast<size_t>(Lc)), cum(static_cast<size_t>(Lc));
+                    int64_t cur_g = -1;
+#pragma omp for schedule(static)
+                    for (int64_t h = 0; h < H; ++h) {
+                        const int64_t g = h / heads_per_group;
+                        if (g != cur_g) {  // the group's B and C (static schedule: heads in order)
+                            for (int64_t l = 0; l < Lc; ++l) {
+                                const float* Cl = p.Cm + row(l) * p.ld_xbc + g * N;
+                                const float* Bl = p.Bm + row(l) * p.ld_xbc + g * N;
+                                for (int64_t n = 0; n < N; ++n) {
+                                    Cg[size_t(l * N + n)] = Cl[n];
+                                    Bt[size_t(n * Lc + l)] = Bl[n];
+                                }
+                            }
+                            std::fill(CB.begin(), CB.end(), 0.0f);
+                            ssd_cb(Cg.data(), Bt.data(), Lc, N, CB.data());
+                            cur_g = g;
                         }
-                    }
-#pragma omp parallel for schedule(static)
-                for (int64_t h = 0; h < H; ++h) {
-                    const int64_t g = h / heads_per_group;
-                    float* delta = scratch.data() + h * Q * 3;
-                    float* cum = delta + Q;
-                    float* to_end = cum + Q;
-                    float run = 0.0f;
-                    for (int64_t l = 0; l < Lc; ++l) {
-                        delta[l] = dt_value(p, b * p.L + c0 + l, h);
-                        run += delta[l] * p.A[h];
-                        cum[l] = run;
-                    }
-                    for (int64_t l = 0; l < Lc; ++l) to_end[l] = exp_neg(cum[Lc - 1] - cum[l]);
-                    float* S = p.ssm_state + (b * H + h) * P * N;  // (P, N)
-                    for (int64_t l = 0; l < Lc; ++l) {
-                        const int64_t bt = b * p.L + c0 + l;
-                        const float* Cl = p.Cm + bt * p.ld_xbc + g * N;
-                        const float* xl = p.x + bt * p.ld_xbc + h * P;
-                        float* y = p.y + bt * H * P + h * P;
-                        const float off = exp_neg(cum[l]);
-                        // Y_off: exp(Λ_l) · S C_l ; then D skip
-                        for (int64_t pp = 0; pp < P; ++pp) {
-                            const float* Sp = S + pp * N;
-                            float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-                            for (int64_t n = 0; n < N; ++n) acc += Sp[n] * Cl[n];
-                            y[pp] = off * acc + p.D[h] * xl[pp];
+                        float run = 0.0f;
+                        for (int64_t l = 0; l < Lc; ++l) {
+                            delta[size_t(l)] = dt_value(p, row(l), h);
+                            run += delta[size_t(l)] * p.A[h];
+                            cum[size_t(l)] = run;
                         }
-                        // Y_diag
-                        const float* cb = CB.data() + (g * Q + l) * Q;
-                        for (int64_t s = 0; s <= l; ++s) {
-                            const float wgt = cb[s] * exp_neg(cum[l] - cum[s]) * delta[s];
-                            const float* xs = p.x + (b * p.L + c0 + s) * p.ld_xbc + h * P;
-#pragma omp simd
-                            for (int64_t pp = 0; pp < P; ++pp) y[pp] += wgt * xs[pp];
+                        const float last = cum[size_t(Lc - 1)];
+                        for (int64_t s2 = 0; s2 < Lc; ++s2) {
+                            const float* xs = p.x + row(s2) * p.ld_xbc + h * P;
+                            const float wend = exp_neg(last - cum[size_t(s2)]) * delta[size_t(s2)];
+                            for (int64_t pp = 0; pp < P; ++pp) {
+                                Xt[size_t(pp * Lc + s2)] = xs[pp];
+                                Xw[size_t(pp * Lc + s2)] = xs[pp] * wend;
+                            }
                         }
-                        if (p.z) {
-                            const float* z = p.z + bt * p.ld_z + h * P;
-                            for (int64_t pp = 0; pp < P; ++pp) y[pp] *= silu(z[pp]);
+                        for (int64_t l = 0; l < Lc; ++l) {  // 8 columns s at a time
+                            float* mrow = Mx.data() + l * Lc;
+                            const float* cbrow = CB.data() + l * Lc;
+                            const cpu::f8 cl = cpu::splat(cum[size_t(l)]);
+                            int64_t s2 = 0;
+                            for (; s2 + 8 <= l + 1; s2 += 8)
+                                cpu::store8(mrow + s2, cpu::load8(cbrow + s2) *
+                                                           cpu::exp8(cl - cpu::load8(&cum[size_t(s2)])) *
+                                                           cpu::load8(&delta[size_t(s2)]));
+                            for (; s2 <= l; ++s2)
+                                mrow[s2] = cbrow[s2] * exp_neg(cum[size_t(l)] - cum[size_t(s2)]) *
+                                           delta[size_t(s2)];
+                            for (; s2 < Lc; ++s2) mrow[s2] = 0.0f;
                         }
-                    }
-                    // State passing: S <- exp(Λ_last) S + Σ_s exp(Λ_last − Λ_s) Δ_s x_s ⊗ B_s
-                    const float total = exp_neg(cum[Lc - 1]);
-                    for (int64_t i = 0; i < P * N; ++i) S[i] *= total;
-                    for (int64_t s = 0; s < Lc; ++s) {
-                        const int64_t bt = b * p.L + c0 + s;
-                        const float* xs = p.x + bt * p.ld_xbc + h * P;
-                        const float* Bs = p.Bm + bt * p.ld_xbc + g * N;
-                        const float wgt = to_end[s] * delta[s];
-                        for (int64_t pp = 0; pp < P; ++pp) {
-                            const float coef = wgt * xs[pp];
-                            float* Sp = S + pp * N;
-#pragma omp simd
-                            for (int64_t n = 0; n < N; ++n) Sp[n] += coef * Bs[n];
+                        float* S = p.ssm_state + (b * H + h) * P * N;  // (P, N)
+                        cpu::linear(Cg.data(), N, Lc, N, S, DType::F32, P, nullptr, Yo.data(), P);
+                        cpu::linear(Mx.data(), Lc, Lc, Lc, Xt.data(), DType::F32, P, nullptr,
+                                    Yd.data(), P);
+                        for (int64_t l = 0; l < Lc; ++l) {
+                            const float* xl = p.x + row(l) * p.ld_xbc + h * P;
+                            float* y = p.y + row(l) * H * P + h * P;
+                            const float off = exp_neg(cum[size_t(l)]);
+                            for (int64_t pp = 0; pp < P; ++pp)
+                                y[pp] = off * Yo[size_t(l * P + pp)] + Yd[size_t(l * P + pp)] +
+                                        p.D[h] * xl[pp];
+                            if (p.z) {
+                                const float* z = p.z + row(l) * p.ld_z + h * P;
+                                for (int64_t pp = 0; pp < P; ++pp) y[pp] *= silu(z[pp]);
+                            }
                         }
+                        // S <- exp(Λ_last) S + Xw · B   (Bt is (N, Lc): W rows = B columns)
+                        cpu::linear(Xw.data(), Lc, P, Lc, Bt.data(), DType::F32, N, nullptr,
+                                    dS.data(), N);
+                        const float total = exp_neg(last);
+                        for (int64_t i = 0; i < P * N; ++i) S[i] = S[i] * total + dS[size_t(i)];
                     }
                 }
+            }
+        }
+    }
+
+    // CB[l, s] = Σ_n C[l, n] B[s, n] for s <= l (the causal half), from Cg (Lc, N) and the
+    // transposed Bt (N, Lc).
+    static void ssd_cb(const float* Cg, const float* Bt, int64_t Lc, int64_t N, float* CB) {
+        for (int64_t l = 0; l < Lc; ++l) {
+            float* out = CB + l * Lc;
+            for (int64_t n = 0; n < N; ++n) {
+                const float c = Cg[l * N + n];
+                const float* bn = Bt + n * Lc;
+#pragma omp simd
+                for (int64_t s2 = 0; s2 <= l; ++s2) out[s2] += c * bn[s2];
             }
         }
     }
