@@ -62,24 +62,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text from a prompt (streams to stdout)",
                        description="Generate a continuation of PROMPT and stream it to stdout. "
-                                   "Greedy unless --temperature > 0.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   "Greedy unless --temperature > 0.")
     g.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     g.add_argument("prompt", metavar="PROMPT", help="the prompt text (or token ids with --token-ids)")
-    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    g.add_argument("--min-p", type=float, default=0.0,
-                   help="drop tokens below min_p x the top probability (0 = off)")
-    g.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
-    g.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
+    g.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
+                   help="tokens to generate at most (default 64)")
+    g.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="sampling temperature; 0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0, metavar="K",
+                   help="sample from the K most likely tokens (default 0 = off)")
+    g.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                   help="nucleus sampling: the smallest set with probability >= P "
+                        "(default 1 = off)")
+    g.add_argument("--min-p", type=float, default=0.0, metavar="P",
+                   help="drop tokens less likely than P x the top token (default 0 = off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
+                   help="penalize tokens already in the prompt or output (default 1 = off)")
+    g.add_argument("--seed", type=int, default=None, metavar="S",
+                   help="random seed: the same seed gives the same output (default: random)")
+    g.add_argument("--ignore-eos", action="store_true",
+                   help="keep generating after the end-of-text token")
     g.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="stop when this text appears (repeatable); the text is not printed")
-    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    g.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     g.add_argument("--dtype", choices=DTYPES, default=None,
                    help="compute/storage dtype of the weights (default: the model's)")
-    g.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    g.add_argument("--revision", default=None, metavar="REV",
+                   help="hub revision (branch, tag or commit)")
     g.add_argument("--token-ids", action="store_true",
                    help="PROMPT is token ids (e.g. '1,2,3'); print token ids")
     g.add_argument("--echo", action="store_true", help="print the prompt before the output")
@@ -127,7 +136,7 @@ def _cmd_generate(a) -> int:
     prompt = _parse_ids(a.prompt) if a.token_ids else a.prompt
     kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
               top_p=a.top_p, min_p=a.min_p, repetition_penalty=a.repetition_penalty,
-              seed=a.seed, stop=a.stop)
+              seed=a.seed, stop=a.stop, ignore_eos=a.ignore_eos)
     out = sys.stdout
     if a.echo:
         out.write(a.prompt if not a.token_ids else " ".join(map(str, prompt)))

@@ -673,12 +673,13 @@ def convert(src, dst, dtype: Optional[str] = None, *, overwrite: bool = False,
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(tmp)
-        if dst_p.exists():  # overwrite: move the old one aside, then swap
+        if overwrite and dst_p.exists():  # move the old one aside, then swap
             old = Path(tempfile.mkdtemp(prefix=f".{dst_p.name}.", suffix=".old", dir=parent))
             os.rename(dst_p, old / "x")
             os.rename(tmp, dst_p)
             shutil.rmtree(old, ignore_errors=True)
         else:
+            # Fails (EEXIST / ENOTEMPTY) if another process finished the same output first.
             os.rename(tmp, dst_p)
         _fsync_dir(parent)
     except BaseException:

@@ -95,7 +95,8 @@ def snapshot(repo_id: str, revision: Optional[str] = None) -> str:
             if not weights:
                 raise ModelLoadError(f"{repo_id}: the repository has no model.safetensors or "
                                      f"pytorch_model.bin (files: {sorted(files)})")
-            return snapshot_download(repo_id, revision=info.sha, cache_dir=cache,
+            # revision (not info.sha) so that refs/<branch> is recorded for later offline use
+            return snapshot_download(repo_id, revision=revision, cache_dir=cache,
                                      allow_patterns=_SMALL_FILES + weights)
         except ModelLoadError:
             raise
