@@ -45,7 +45,8 @@ void linear_portable(const float* x, int64_t ldx, int64_t M, int64_t K, const vo
                      int64_t N, const float* bias, float* y, int64_t ldy) {
 #pragma omp parallel
     {
-        std::vector<float> wrow(static_cast<size_t>(K));  // (K) one weight row widened to fp32
+        thread_local std::vector<float> wrow;  // (K) one weight row widened to fp32, grown once
+        if (wrow.size() < static_cast<size_t>(K)) wrow.resize(static_cast<size_t>(K));
 #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; ++n) {
             for (int64_t k = 0; k < K; ++k) wrow[size_t(k)] = load_w(W, dt, size_t(n * K + k));
@@ -254,7 +255,10 @@ MAMBART_AVX2 void gemm(const float* x, int64_t ldx, int64_t M, int64_t K, const 
     const int64_t npanels = (N + 15) / 16;
 #pragma omp parallel
     {
-        std::vector<float> wp(static_cast<size_t>(K * 16));  // (K, 16) packed panel
+        // (K, 16) packed panel; thread-local and grown once, so decode at batch > kGemvMaxM
+        // allocates nothing per step.
+        thread_local std::vector<float> wp;
+        if (wp.size() < static_cast<size_t>(K * 16)) wp.resize(static_cast<size_t>(K * 16));
 #pragma omp for schedule(dynamic, 1)
         for (int64_t pnl = 0; pnl < npanels; ++pnl) {
             const int64_t n0 = pnl * 16, nc = std::min<int64_t>(16, N - n0);
