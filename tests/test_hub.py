@@ -213,3 +213,25 @@ def test_short_names_cover_the_published_models():
               "mamba2-2.7b"):
         assert hub.resolve_repo_id(n) == f"state-spaces/{n}"
     assert hub.resolve_repo_id("someone/x") == "someone/x"
+
+
+def test_losing_a_conversion_race_uses_the_winner(env, monkeypatch):
+    """Another process finishes the same cache entry between our write and our rename: our
+    rename fails, our temporary is removed, and the winner's directory is returned."""
+    conv = importlib.import_module("mambart.convert")
+    real_fsync = conv._fsync_dir
+    state = {"raced": False}
+
+    def fsync_then_race(path):
+        real_fsync(path)
+        if not state["raced"] and Path(path).name.endswith(".converting"):
+            state["raced"] = True
+            dst = Path(path).parent / Path(path).name[1:].rsplit(".", 2)[0]
+            conv.convert(env["snaps"]["m1"], dst)  # the "other process" wins
+
+    monkeypatch.setattr(conv, "_fsync_dir", fsync_then_race)
+    out, _ = hub.load_model_dir("mamba-130m")
+    assert state["raced"]
+    assert logits_match(out, env["m1"])
+    left = [p.name for p in (env["mcache"] / "converted").iterdir()]
+    assert left == [Path(out).name]
