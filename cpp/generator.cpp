@@ -40,7 +40,8 @@ void Generator::check_ids(const std::vector<int32_t>& ids, const std::string& wh
 }
 
 void Generator::prefill_row(State& st, int64_t row, const std::vector<int32_t>& ids,
-                            float* last_logits, float* all_logits, int64_t chunk) {
+                            float* last_logits, float* all_logits, int64_t chunk,
+                            const SequenceState* from) {
     Model& m = *model_;
     Backend& be = m.backend();
     const int64_t V = config().vocab_size;
@@ -49,7 +50,16 @@ void Generator::prefill_row(State& st, int64_t row, const std::vector<int32_t>& 
     const int64_t max_chunk = all_logits ? Model::kLogitsRows : Model::kPrefillChunk;
     chunk = chunk > 0 ? std::min(chunk, max_chunk) : max_chunk;
     m.reserve(std::min(chunk, n), Model::kLogitsRows);
-    st.reset_row(row);
+    if (from) {
+        restore_row(st, row, *from);
+        if (n == 0 && last_logits) {  // nothing to feed: the state's own next-token logits
+            MAMBART_CHECK_ARG(int64_t(from->logits.size()) == V,
+                              "the state has pending tokens but none were given to feed");
+            std::copy(from->logits.begin(), from->logits.end(), last_logits);
+        }
+    } else {
+        st.reset_row(row);
+    }
     for (int64_t off = 0; off < n; off += chunk) {
         const int64_t L = std::min(chunk, n - off);
         const bool last_chunk = off + L == n;
@@ -63,6 +73,177 @@ void Generator::prefill_row(State& st, int64_t row, const std::vector<int32_t>& 
         else if (mode == LogitsMode::Last)
             be.copy_to_host(last_logits, lg, size_t(V) * sizeof(float));
     }
+}
+
+// ---- issue 7: states, per-row options, scoring ----
+
+void Generator::check_state(const SequenceState& s, const std::string& what) const {
+    const ModelConfig& c = config();
+    MAMBART_CHECK_ARG(s.state && s.state->batch() == 1 && s.state->n_layer() == c.n_layer,
+                      what, ": the state does not fit this model (different n_layer)");
+    const int64_t ssm_elems = c.arch == Arch::Mamba1 ? c.d_inner * c.d_state
+                                                    : c.nheads * c.headdim * c.d_state;
+    MAMBART_CHECK_ARG(s.state->conv_elems() == c.conv_dim() * c.d_conv &&
+                          s.state->ssm_elems() == ssm_elems,
+                      what, ": the state does not fit this model (different state shape)");
+    check_ids(s.tokens, what + ".tokens");
+    MAMBART_CHECK_ARG(s.fed >= 0 && s.fed <= int64_t(s.tokens.size()), what, ": fed = ", s.fed,
+                      " outside [0, ", s.tokens.size(), "]");
+    MAMBART_CHECK_ARG(s.pending() > 0 || int64_t(s.logits.size()) == c.vocab_size, what,
+                      ": a state with no pending tokens needs its ", c.vocab_size,
+                      " next-token logits, got ", s.logits.size());
+}
+
+void Generator::restore_row(State& st, int64_t row, const SequenceState& from) {
+    if (&from.state->backend() == &st.backend()) {
+        st.copy_row_from(*from.state, 0, row);
+        return;
+    }
+    // Another backend (e.g. a CPU state continued on CUDA): through the host.
+    std::vector<float> conv, ssm;
+    state_to_host(from, &conv, &ssm);
+    st.row_from_host(row, conv.data(), ssm.data());
+}
+
+void Generator::state_to_host(const SequenceState& s, std::vector<float>* conv,
+                              std::vector<float>* ssm) const {
+    const State& st = *s.state;
+    conv->resize(size_t(st.n_layer() * st.conv_elems()));
+    ssm->resize(size_t(st.n_layer() * st.ssm_elems()));
+    st.row_to_host(0, conv->data(), ssm->data());
+}
+
+std::shared_ptr<SequenceState> Generator::state_from_host(const std::vector<float>& conv,
+                                                          const std::vector<float>& ssm,
+                                                          std::vector<int32_t> tokens,
+                                                          int64_t fed,
+                                                          std::vector<float> logits) {
+    auto s = std::make_shared<SequenceState>();
+    s->backend = model_->backend_shared();
+    s->state = std::make_unique<State>(config(), *s->backend, 1);
+    const State& st = *s->state;
+    MAMBART_CHECK_ARG(int64_t(conv.size()) == st.n_layer() * st.conv_elems(),
+                      "conv state has ", conv.size(), " values, this model needs ",
+                      st.n_layer() * st.conv_elems());
+    MAMBART_CHECK_ARG(int64_t(ssm.size()) == st.n_layer() * st.ssm_elems(), "ssm state has ",
+                      ssm.size(), " values, this model needs ", st.n_layer() * st.ssm_elems());
+    s->tokens = std::move(tokens);
+    s->fed = fed;
+    s->logits = std::move(logits);
+    check_state(*s, "state");
+    s->state->row_from_host(0, conv.data(), ssm.data());
+    return s;
+}
+
+std::shared_ptr<SequenceState> Generator::prefill(const std::vector<int32_t>& ids,
+                                                  const SequenceState* from) {
+    check_ids(ids, "prompt");
+    if (from) check_state(*from, "state");
+    MAMBART_CHECK_ARG(!ids.empty() || from, "prompt is empty: give at least one token");
+    auto s = std::make_shared<SequenceState>();
+    s->backend = model_->backend_shared();
+    s->state = std::make_unique<State>(config(), *s->backend, 1);
+    std::vector<int32_t> feed;
+    if (from) {
+        s->tokens = from->tokens;
+        feed.assign(from->tokens.begin() + from->fed, from->tokens.end());
+    }
+    feed.insert(feed.end(), ids.begin(), ids.end());
+    s->tokens.insert(s->tokens.end(), ids.begin(), ids.end());
+    s->fed = int64_t(s->tokens.size());
+    s->logits.resize(size_t(config().vocab_size));
+    std::lock_guard<std::mutex> lock(compute_mu_);
+    prefill_row(*s->state, 0, feed, s->logits.data(), nullptr, 0, from);
+    return s;
+}
+
+namespace {
+// log p(target) from one row of logits: log-softmax over the full vocabulary in double.
+void logprob_of(const float* logits, int64_t V, int32_t target, double* lp, uint8_t* greedy) {
+    int64_t best = 0;
+    for (int64_t v = 1; v < V; ++v)
+        if (logits[v] > logits[best]) best = v;
+    const double mx = logits[best];
+    double sum = 0.0;
+    for (int64_t v = 0; v < V; ++v) sum += std::exp(double(logits[v]) - mx);
+    *lp = double(logits[target]) - mx - std::log(sum);
+    *greedy = best == target ? 1 : 0;
+}
+}  // namespace
+
+void Generator::score(const std::vector<int32_t>& ids, const SequenceState* from,
+                      double* logprobs, uint8_t* greedy) {
+    check_ids(ids, "token_ids");
+    if (from) check_state(*from, "state");
+    MAMBART_CHECK_ARG(from ? !ids.empty() : ids.size() >= 2,
+                      from ? "token_ids must not be empty"
+                           : "token_ids needs at least 2 tokens to score (the first has no "
+                             "context; pass a state to score it)");
+    const int64_t V = config().vocab_size;
+    // seq = the state's pending tokens, then ids; position j's logits predict seq[j + 1].
+    std::vector<int32_t> seq;
+    if (from) seq.assign(from->tokens.begin() + from->fed, from->tokens.end());
+    const int64_t p = int64_t(seq.size());
+    seq.insert(seq.end(), ids.begin(), ids.end());
+    const int64_t n = int64_t(seq.size());
+    // Output k (0-based) is the logprob of seq[first + k]: first = p with a state, else 1.
+    const int64_t first = from ? p : 1;
+    if (from && p == 0) logprob_of(from->logits.data(), V, seq[0], logprobs, greedy);
+    Model& m = *model_;
+    Backend& be = m.backend();
+    const int64_t chunk = Model::kLogitsRows;
+    std::lock_guard<std::mutex> lock(compute_mu_);
+    State st(config(), be, 1);
+    m.reserve(std::min(chunk, n), Model::kLogitsRows);
+    if (from)
+        restore_row(st, 0, *from);
+    else
+        st.reset_row(0);
+    std::vector<float> lg_host(size_t(std::min(chunk, n) * V));  // (chunk, V)
+    for (int64_t off = 0; off < n - 1; off += chunk) {  // the last token predicts nothing
+        const int64_t L = std::min(chunk, n - 1 - off);
+        be.copy_to_device(m.ids_buffer(), seq.data() + off, size_t(L) * sizeof(int32_t));
+        const float* lg = m.forward(st, 0, 1, L, m.ids_buffer(), LogitsMode::All);
+        be.copy_to_host(lg_host.data(), lg, size_t(L * V) * sizeof(float));
+        for (int64_t i = 0; i < L; ++i) {
+            const int64_t t = off + i + 1;  // the token these logits predict
+            if (t < first) continue;
+            logprob_of(lg_host.data() + i * V, V, seq[size_t(t)], logprobs + (t - first),
+                       greedy + (t - first));
+        }
+    }
+}
+
+std::unique_ptr<GenerationStream> Generator::start(
+    const std::vector<std::vector<int32_t>>& prompts,
+    const std::vector<GenerationOptions>& row_opts,
+    const std::vector<std::shared_ptr<const SequenceState>>& starts, bool keep_states) {
+    const size_t B = prompts.size();
+    MAMBART_CHECK_ARG(B > 0, "prompts must not be empty");
+    MAMBART_CHECK_ARG(row_opts.size() == B || row_opts.size() == 1, "got ", row_opts.size(),
+                      " option sets for ", B, " prompts (give one, or one per prompt)");
+    MAMBART_CHECK_ARG(starts.empty() || starts.size() == B, "got ", starts.size(),
+                      " start states for ", B, " prompts");
+    for (size_t i = 0; i < B; ++i) {
+        const std::string row = B == 1 ? "" : str_cat(" (row ", i, ")");
+        const GenerationOptions& o = row_opts[row_opts.size() == 1 ? 0 : i];
+        MAMBART_CHECK_ARG(o.max_new_tokens >= 0, "max_new_tokens must be >= 0, got ",
+                          o.max_new_tokens, row);
+        MAMBART_CHECK_ARG(o.rng_stream >= -1, "rng_stream must be >= -1", row);
+        validate(o.sampling);
+        check_ids(o.stop_token_ids, "stop_token_ids" + row);
+        const SequenceState* from = starts.empty() ? nullptr : starts[i].get();
+        if (from) check_state(*from, B == 1 ? "state" : str_cat("states[", i, "]"));
+        MAMBART_CHECK_ARG(!prompts[i].empty() || from, "prompt ", i,
+                          " is empty: give at least one token");
+        check_ids(prompts[i], B == 1 ? "prompt" : str_cat("prompts[", i, "]"));
+    }
+    std::vector<GenerationOptions> opts(B, row_opts[0]);
+    if (row_opts.size() == B) opts = row_opts;
+    std::vector<std::shared_ptr<const SequenceState>> st = starts;
+    st.resize(B);
+    return std::unique_ptr<GenerationStream>(
+        new GenerationStream(*this, prompts, std::move(opts), std::move(st), keep_states));
 }
 
 void Generator::logits(const std::vector<int32_t>& ids, float* out, int64_t chunk) {
@@ -84,7 +265,9 @@ std::unique_ptr<GenerationStream> Generator::start(
         check_ids(prompts[i], prompts.size() == 1 ? "prompt" : str_cat("prompts[", i, "]"));
     }
     check_ids(opt.stop_token_ids, "stop_token_ids");
-    return std::unique_ptr<GenerationStream>(new GenerationStream(*this, prompts, opt));
+    return std::unique_ptr<GenerationStream>(new GenerationStream(
+        *this, prompts, std::vector<GenerationOptions>(prompts.size(), opt),
+        std::vector<std::shared_ptr<const SequenceState>>(prompts.size()), false));
 }
 
 std::vector<GenerationResult> Generator::generate(
@@ -107,9 +290,12 @@ std::vector<GenerationResult> Generator::generate(
 // ---- GenerationStream ------------------------------------------------------------------------
 
 GenerationStream::GenerationStream(Generator& g, std::vector<std::vector<int32_t>> prompts,
-                                   const GenerationOptions& opt)
-    : gen_(g), opt_(opt), prompts_(std::move(prompts)), B_(int64_t(prompts_.size())),
-      active_(B_) {
+                                   std::vector<GenerationOptions> row_opts,
+                                   std::vector<std::shared_ptr<const SequenceState>> starts,
+                                   bool keep_states)
+    : gen_(g), opt_(row_opts.at(0)), prompts_(std::move(prompts)), B_(int64_t(prompts_.size())),
+      active_(B_), row_opt_(std::move(row_opts)), starts_(std::move(starts)),
+      keep_states_(keep_states) {
     const ModelConfig& c = g.config();
     state_ = std::make_unique<State>(c, g.model_->backend(), B_);
     samplers_.reserve(size_t(B_));
@@ -118,18 +304,79 @@ GenerationStream::GenerationStream(Generator& g, std::vector<std::vector<int32_t
     last_.assign(size_t(B_), 0);
     finished_.assign(size_t(B_), 0);
     results_.resize(size_t(B_));
-    for (int64_t r = 0; r < B_; ++r) results_[size_t(r)].prompt_tokens = int64_t(prompts_[r].size());
-    if (opt_.max_new_tokens == 0) {
-        for (auto& res : results_) res.finish_reason = FinishReason::Length;
-        finished_.assign(size_t(B_), 1);
-        active_ = 0;
+    // Issue 7: per-row RNG streams, histories (a start state's tokens, then the prompt),
+    // rows with max_new_tokens 0 finished from the start.
+    stream_id_.resize(size_t(B_));
+    history_.resize(size_t(B_));
+    final_states_.resize(size_t(B_));
+    prompt_states_.resize(size_t(B_));
+    for (int64_t r = 0; r < B_; ++r) {
+        const GenerationOptions& o = row_opt_[size_t(r)];
+        stream_id_[size_t(r)] = o.rng_stream < 0 ? uint64_t(r) : uint64_t(o.rng_stream);
+        const auto& o0 = row_opt_[0];
+        if (o.rng_stream >= 0 || o.rng_counter != 0 || o.seed != o0.seed ||
+            o.sampling.temperature != o0.sampling.temperature ||
+            o.sampling.top_k != o0.sampling.top_k || o.sampling.top_p != o0.sampling.top_p ||
+            o.sampling.min_p != o0.sampling.min_p ||
+            o.sampling.repetition_penalty != o0.sampling.repetition_penalty)
+            uniform_sampling_ = false;
+        auto& h = history_[size_t(r)];
+        if (starts_[size_t(r)]) h = starts_[size_t(r)]->tokens;
+        h.insert(h.end(), prompts_[size_t(r)].begin(), prompts_[size_t(r)].end());
+        results_[size_t(r)].prompt_tokens = int64_t(h.size());
+        if (o.max_new_tokens == 0) {
+            results_[size_t(r)].finish_reason = FinishReason::Length;
+            finished_[size_t(r)] = 1;
+            --active_;
+        }
     }
+}
+
+std::shared_ptr<SequenceState> GenerationStream::snapshot_row(int64_t r, bool with_logits) {
+    const int64_t V = gen_.config().vocab_size;
+    auto s = std::make_shared<SequenceState>();
+    s->backend = gen_.model_->backend_shared();
+    s->state = std::make_unique<State>(gen_.config(), *s->backend, 1);
+    s->state->copy_row_from(*state_, r, 0);
+    const GenerationOptions& o = row_opt_[size_t(r)];
+    const auto& gen = results_[size_t(r)].token_ids;
+    s->tokens = history_[size_t(r)];
+    // After a sampled token the state has not run it yet (it is the next step's input).
+    s->fed = int64_t(s->tokens.size()) - (gen.empty() ? 0 : 1);
+    if (with_logits) s->logits.assign(logits_host_.begin() + r * V, logits_host_.begin() + (r + 1) * V);
+    s->has_rng = true;
+    s->seed = o.seed;
+    s->stream = stream_id_[size_t(r)];
+    s->counter = o.rng_counter + uint64_t(gen.size());
+    return s;
+}
+
+std::shared_ptr<SequenceState> GenerationStream::prompt_state(int64_t row) const {
+    MAMBART_CHECK_ARG(row >= 0 && row < B_, "row ", row, " out of range [0, ", B_, ")");
+    return prompt_states_[size_t(row)];
+}
+
+std::shared_ptr<SequenceState> GenerationStream::row_state(int64_t row) {
+    MAMBART_CHECK_ARG(row >= 0 && row < B_, "row ", row, " out of range [0, ", B_, ")");
+    MAMBART_CHECK_ARG(keep_states_, "this generation was started without keep_states");
+    if (final_states_[size_t(row)]) return final_states_[size_t(row)];
+    std::lock_guard<std::mutex> lock(gen_.compute_mu_);
+    if (!prefilled_) prefill();  // e.g. every row had max_new_tokens 0
+    if (prompt_states_[size_t(row)] && results_[size_t(row)].token_ids.empty())
+        return prompt_states_[size_t(row)];
+    return snapshot_row(row, false);  // a row still running (the caller stopped early)
 }
 
 GenerationStream::~GenerationStream() = default;
 
 void GenerationStream::finish_row(int64_t row, FinishReason reason) {
     if (row < 0 || row >= B_ || finished_[size_t(row)]) return;
+    // Issue 7: later decode steps still run this row (the batch decodes together), so its state
+    // is taken now. Not yet prefilled: row_state() prefills on demand.
+    if (keep_states_ && prefilled_)
+        final_states_[size_t(row)] = results_[size_t(row)].token_ids.empty()
+                                         ? prompt_states_[size_t(row)]
+                                         : snapshot_row(row, false);
     finished_[size_t(row)] = 1;
     results_[size_t(row)].finish_reason = reason;
     --active_;
@@ -138,17 +385,19 @@ void GenerationStream::finish_row(int64_t row, FinishReason reason) {
 void GenerationStream::emit(int64_t row, int32_t token,
                             std::vector<std::pair<int64_t, int32_t>>* out) {
     GenerationResult& res = results_[size_t(row)];
+    const GenerationOptions& o = row_opt_[size_t(row)];  // issue 7: per-row options
     res.token_ids.push_back(token);
+    history_[size_t(row)].push_back(token);
     samplers_[size_t(row)].observe(token);
     last_[size_t(row)] = token;
     out->emplace_back(row, token);
     const ModelConfig& c = gen_.config();
-    if (!opt_.ignore_eos && c.eos_token_id >= 0 && token == c.eos_token_id)
+    if (!o.ignore_eos && c.eos_token_id >= 0 && token == c.eos_token_id)
         finish_row(row, FinishReason::Eos);
-    else if (std::find(opt_.stop_token_ids.begin(), opt_.stop_token_ids.end(), token) !=
-             opt_.stop_token_ids.end())
+    else if (std::find(o.stop_token_ids.begin(), o.stop_token_ids.end(), token) !=
+             o.stop_token_ids.end())
         finish_row(row, FinishReason::StopToken);
-    else if (int64_t(res.token_ids.size()) >= opt_.max_new_tokens)
+    else if (int64_t(res.token_ids.size()) >= o.max_new_tokens)
         finish_row(row, FinishReason::Length);
 }
 
@@ -156,13 +405,23 @@ void GenerationStream::prefill() {
     const int64_t V = gen_.config().vocab_size;
     for (int64_t r = 0; r < B_; ++r) {
         const auto t0 = Clock::now();
-        gen_.prefill_row(*state_, r, prompts_[size_t(r)], logits_host_.data() + r * V, nullptr);
+        // Issue 7: a start state's pending tokens are fed before the prompt.
+        const SequenceState* from = starts_[size_t(r)].get();
+        std::vector<int32_t> feed;
+        if (from) feed.assign(from->tokens.begin() + from->fed, from->tokens.end());
+        feed.insert(feed.end(), prompts_[size_t(r)].begin(), prompts_[size_t(r)].end());
+        gen_.prefill_row(*state_, r, feed, logits_host_.data() + r * V, nullptr, 0, from);
         results_[size_t(r)].prefill_ms = ms_since(t0);
-        for (int32_t id : prompts_[size_t(r)]) samplers_[size_t(r)].observe(id);
+        results_[size_t(r)].prefill_tokens = int64_t(feed.size());
+        for (int32_t id : history_[size_t(r)]) samplers_[size_t(r)].observe(id);
+        if (keep_states_) prompt_states_[size_t(r)] = snapshot_row(r, true);
     }
     // Decode steps run all B rows together: reserve their workspace now, not per token.
     gen_.model_->reserve(B_, B_);
     prefilled_ = true;
+    if (keep_states_)  // rows that finished before their first token (max_new_tokens 0)
+        for (int64_t r = 0; r < B_; ++r)
+            if (finished_[size_t(r)]) final_states_[size_t(r)] = prompt_states_[size_t(r)];
 }
 
 bool GenerationStream::next(std::vector<std::pair<int64_t, int32_t>>* out) {
@@ -193,9 +452,10 @@ bool GenerationStream::next(std::vector<std::pair<int64_t, int32_t>>* out) {
                                     ") for token id ", v, " in row ", r, " after ",
                                     res.token_ids.size(), " generated tokens"));
         scratch_.assign(row, row + V);
-        const int32_t tok = samplers_[size_t(r)].sample(scratch_.data(),
-                                                        opt_.sampling, opt_.seed, uint64_t(r),
-                                                        uint64_t(res.token_ids.size()));
+        const GenerationOptions& o = row_opt_[size_t(r)];  // issue 7: per-row RNG position
+        const int32_t tok = samplers_[size_t(r)].sample(
+            scratch_.data(), o.sampling, o.seed, stream_id_[size_t(r)],
+            o.rng_counter + uint64_t(res.token_ids.size()));
         if (decode_step) res.decode_ms += ms_since(t0);
         emit(r, tok, out);
     }

@@ -21,6 +21,34 @@ struct GenerationOptions {
     uint64_t seed = 0;                    // RNG seed; row r draws from stream r
     std::vector<int32_t> stop_token_ids;  // generation of a row stops after one of these
     bool ignore_eos = false;              // true: the config's eos_token_id does not stop
+    // RNG position (issue 7): the row's k-th new token draws uniform(seed, stream, rng_counter
+    // + k); rng_stream -1 is the row index (one seed for a batch), a per-row seed uses 0 so that
+    // the row equals a single run with that seed.
+    int64_t rng_stream = -1;
+    uint64_t rng_counter = 0;
+};
+
+// A snapshot of one sequence (issue 7): its recurrent state on the device plus what continuing
+// it exactly needs. `state` holds tokens[0, fed); tokens[fed, end) are pending (given to the
+// sequence, not yet run through the model: after a generation, the last sampled token). When
+// nothing is pending, `logits` are the next-token logits after tokens[fed - 1] (host, V floats).
+// Immutable once made: a generation copies it into its own rows (Backend::copy_device).
+struct SequenceState {
+    std::shared_ptr<Backend> backend;  // first member: destroyed last, after `state`
+    std::unique_ptr<State> state;      // 1 row
+    std::vector<int32_t> tokens;       // the whole sequence so far
+    int64_t fed = 0;
+    std::vector<float> logits;         // (V) when fed == tokens.size(), else empty
+    // The RNG position of the generation that made it (has_rng false after a plain prefill):
+    // its next token would draw uniform(seed, stream, counter).
+    bool has_rng = false;
+    uint64_t seed = 0, stream = 0, counter = 0;
+
+    int64_t pending() const { return int64_t(tokens.size()) - fed; }
+    size_t bytes() const {  // device state + host logits + tokens
+        return (state ? state->bytes() : 0) + logits.size() * sizeof(float) +
+               tokens.size() * sizeof(int32_t);
+    }
 };
 
 enum class FinishReason { None, Length, Eos, StopToken };
@@ -32,6 +60,8 @@ struct GenerationResult {
     int64_t prompt_tokens = 0;
     double prefill_ms = 0.0;         // this row's prefill
     double decode_ms = 0.0;          // the decode steps while this row was active
+    int64_t prefill_tokens = 0;      // tokens run through the model at prefill (issue 7: fewer
+                                     // than prompt_tokens when starting from a state)
 };
 
 class Generator;
@@ -53,10 +83,21 @@ class GenerationStream {
     const std::vector<float>& last_logits() const { return logits_host_; }
     int64_t batch() const { return B_; }
 
+    // Issue 7 (streams started with keep_states): the state of row `row` now (at its finish if
+    // it finished: later decode steps do not touch it), and the state right after its prompt
+    // (with the prompt's next-token logits; nullptr before the prefill).
+    std::shared_ptr<SequenceState> row_state(int64_t row);
+    std::shared_ptr<SequenceState> prompt_state(int64_t row) const;
+    // True when every row shares sampling options and seed and draws from stream = its index
+    // from counter 0 (what a one-options-for-all device sampler assumes).
+    bool uniform_sampling() const { return uniform_sampling_; }
+
  private:
     friend class Generator;
     GenerationStream(Generator& g, std::vector<std::vector<int32_t>> prompts,
-                     const GenerationOptions& opt);
+                     std::vector<GenerationOptions> row_opts,
+                     std::vector<std::shared_ptr<const SequenceState>> starts, bool keep_states);
+    std::shared_ptr<SequenceState> snapshot_row(int64_t row, bool with_logits);
     void prefill();
     void emit(int64_t row, int32_t token, std::vector<std::pair<int64_t, int32_t>>* out);
 
@@ -74,6 +115,15 @@ class GenerationStream {
     std::vector<int32_t> last_;         // (B) the token each row feeds next
     std::vector<uint8_t> finished_;     // (B)
     std::vector<GenerationResult> results_;
+    // Issue 7: per-row options (opt_ is row 0's), start states, histories, snapshots.
+    std::vector<GenerationOptions> row_opt_;                    // (B)
+    std::vector<uint64_t> stream_id_;                           // (B) RNG stream per row
+    std::vector<std::shared_ptr<const SequenceState>> starts_;  // (B) or nullptr: fresh
+    std::vector<std::vector<int32_t>> history_;                 // (B) start tokens + prompt + new
+    bool keep_states_ = false;
+    bool uniform_sampling_ = true;
+    std::vector<std::shared_ptr<SequenceState>> final_states_;   // (B) taken at finish
+    std::vector<std::shared_ptr<SequenceState>> prompt_states_;  // (B) taken after prefill
 };
 
 class Generator {
@@ -105,12 +155,46 @@ class Generator {
     // Checks ids are in [0, vocab_size); `what` names the argument in the error.
     void check_ids(const std::vector<int32_t>& ids, const std::string& what) const;
 
+    // ---- issue 7: states, per-row options, scoring ----
+    // start() with one options struct per row and a start state per row (empty vector or
+    // nullptr entries: a fresh sequence). A row with a start state continues it: its pending
+    // tokens and then its prompt (which may be empty) are prefilled after it.
+    // keep_states: the stream keeps each row's states (row_state / prompt_state).
+    std::unique_ptr<GenerationStream> start(
+        const std::vector<std::vector<int32_t>>& prompts,
+        const std::vector<GenerationOptions>& row_opts,
+        const std::vector<std::shared_ptr<const SequenceState>>& starts, bool keep_states);
+    // Prefills `ids` after `from` (nullptr: a fresh sequence) into a new 1-row state, with the
+    // next-token logits. ids may be empty when `from` is given.
+    std::shared_ptr<SequenceState> prefill(const std::vector<int32_t>& ids,
+                                           const SequenceState* from);
+    // Log-probabilities (float64, from a full-vocabulary log-softmax in double) of ids[i] given
+    // everything before it: for a fresh sequence ids[0] has none, so n - 1 values for ids[1..];
+    // after `from`, n values (ids[0] given the state). greedy[i] = 1 when the token is the
+    // argmax (lowest id on ties). Memory: one logits chunk (Model::kLogitsRows x V).
+    void score(const std::vector<int32_t>& ids, const SequenceState* from, double* logprobs,
+               uint8_t* greedy);
+    // A state from host arrays (conv (n_layer, C, W), ssm (n_layer, ssm_elems), fp32), e.g. a
+    // loaded file; validates sizes, ids and fed. And the reverse, for saving.
+    std::shared_ptr<SequenceState> state_from_host(const std::vector<float>& conv,
+                                                   const std::vector<float>& ssm,
+                                                   std::vector<int32_t> tokens, int64_t fed,
+                                                   std::vector<float> logits);
+    void state_to_host(const SequenceState& s, std::vector<float>* conv,
+                       std::vector<float>* ssm) const;
+    // Checks that `s` fits this model (state shape, ids, fed/logits invariant).
+    void check_state(const SequenceState& s, const std::string& what) const;
+
  private:
     friend class GenerationStream;
     // Prefills `ids` into row `row` of `state` (reset first) in chunks; returns the last logits
     // copied to `last_logits` (V floats, host) unless nullptr, or all logits to `all_logits`.
+    // `from` (issue 7): restore the row from this state instead of resetting it (ids are then
+    // fed after it; they may be empty: last_logits then gets the state's logits).
     void prefill_row(State& state, int64_t row, const std::vector<int32_t>& ids,
-                     float* last_logits, float* all_logits, int64_t chunk = 0);
+                     float* last_logits, float* all_logits, int64_t chunk = 0,
+                     const SequenceState* from = nullptr);
+    void restore_row(State& state, int64_t row, const SequenceState& from);
 
     std::unique_ptr<Model> model_;
     std::mutex compute_mu_;  // one forward at a time: the workspace is shared

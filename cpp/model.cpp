@@ -36,6 +36,40 @@ void State::reset_row(int64_t row) {
     }
 }
 
+void State::copy_row_from(const State& src, int64_t src_row, int64_t dst_row) {
+    if (&src.backend_ != &backend_ || src.n_layer_ != n_layer_ ||
+        src.conv_elems_ != conv_elems_ || src.ssm_elems_ != ssm_elems_)
+        throw InvalidArgument("State::copy_row_from: the source state belongs to another model "
+                              "or backend");
+    if (src_row < 0 || src_row >= src.batch_ || dst_row < 0 || dst_row >= batch_)
+        throw InvalidArgument(str_cat("State::copy_row_from: row ", src_row, " -> ", dst_row,
+                                      " out of range"));
+    for (int64_t l = 0; l < n_layer_; ++l) {
+        backend_.copy_device(conv(l, dst_row), src.conv(l, src_row),
+                             size_t(conv_elems_) * sizeof(float));
+        backend_.copy_device(ssm(l, dst_row), src.ssm(l, src_row),
+                             size_t(ssm_elems_) * sizeof(float));
+    }
+}
+
+void State::row_to_host(int64_t row, float* conv_out, float* ssm_out) const {
+    for (int64_t l = 0; l < n_layer_; ++l) {
+        backend_.copy_to_host(conv_out + l * conv_elems_, conv(l, row),
+                              size_t(conv_elems_) * sizeof(float));
+        backend_.copy_to_host(ssm_out + l * ssm_elems_, ssm(l, row),
+                              size_t(ssm_elems_) * sizeof(float));
+    }
+}
+
+void State::row_from_host(int64_t row, const float* conv_in, const float* ssm_in) {
+    for (int64_t l = 0; l < n_layer_; ++l) {
+        backend_.copy_to_device(conv(l, row), conv_in + l * conv_elems_,
+                                size_t(conv_elems_) * sizeof(float));
+        backend_.copy_to_device(ssm(l, row), ssm_in + l * ssm_elems_,
+                                size_t(ssm_elems_) * sizeof(float));
+    }
+}
+
 // ---- Model -----------------------------------------------------------------------------------
 
 Model::Model(const std::string& dir, std::shared_ptr<Backend> backend, const DType* dtype)

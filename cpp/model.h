@@ -31,6 +31,16 @@ class State {
     size_t bytes() const { return bytes_; }
     int64_t conv_elems() const { return conv_elems_; }  // per row and layer
     int64_t ssm_elems() const { return ssm_elems_; }    // per row and layer
+    int64_t n_layer() const { return n_layer_; }
+    Backend& backend() const { return backend_; }
+
+    // Snapshot / restore (issue 7), backend-generic (Backend copies only):
+    // Copies row `src_row` of `src` into row `dst_row` of this state (device to device). `src`
+    // must have the same shape per row and live on the same backend (InvalidArgument otherwise).
+    void copy_row_from(const State& src, int64_t src_row, int64_t dst_row);
+    // Host copies of one row: conv (n_layer, C, W) and ssm (n_layer, ssm_elems), fp32.
+    void row_to_host(int64_t row, float* conv_out, float* ssm_out) const;
+    void row_from_host(int64_t row, const float* conv_in, const float* ssm_in);
 
  private:
     Backend& backend_;
@@ -54,6 +64,7 @@ class Model {
 
     const ModelConfig& config() const { return config_; }
     Backend& backend() const { return *backend_; }
+    std::shared_ptr<Backend> backend_shared() const { return backend_; }  // keeps it alive
     DType dtype() const { return weights_->dtype; }
     size_t weight_bytes() const { return weights_->device_bytes; }
 

@@ -73,6 +73,165 @@ std::vector<float> logits_vector(const py::array_t<float, py::array::c_style | p
 // python/bindings/ops.cpp: the test-only `_C._ops` submodule.
 void register_ops(py::module_& parent);
 
+// ---- issue 7: sequence states, per-row options, scoring (registered after the classes above) --
+namespace {
+
+py::array_t<float> to_array(const std::vector<float>& v) {
+    py::array_t<float> a(int64_t(v.size()));
+    std::copy(v.begin(), v.end(), a.mutable_data());
+    return a;
+}
+
+std::vector<std::shared_ptr<const SequenceState>> state_list(py::handle starts, size_t n) {
+    std::vector<std::shared_ptr<const SequenceState>> out;
+    if (starts.is_none()) return out;
+    for (py::handle h : starts) {
+        if (h.is_none())
+            out.emplace_back();
+        else if (py::isinstance<SequenceState>(h))
+            out.push_back(h.cast<std::shared_ptr<SequenceState>>());
+        else
+            throw py::type_error("states must be a list of SequenceState or None");
+    }
+    (void)n;
+    return out;
+}
+
+void register_state_api(py::module_& m) {
+    auto opts = py::reinterpret_borrow<py::class_<GenerationOptions>>(m.attr("GenerationOptions"));
+    opts.def_readwrite("rng_stream", &GenerationOptions::rng_stream)
+        .def_readwrite("rng_counter", &GenerationOptions::rng_counter);
+    auto res = py::reinterpret_borrow<py::class_<GenerationResult>>(m.attr("RawResult"));
+    res.def_readonly("prefill_tokens", &GenerationResult::prefill_tokens);
+
+    py::class_<SequenceState, std::shared_ptr<SequenceState>>(m, "SequenceState")
+        .def_property_readonly("tokens", [](const SequenceState& s) { return s.tokens; })
+        .def_property_readonly("num_tokens",
+                               [](const SequenceState& s) { return int64_t(s.tokens.size()); })
+        .def_readonly("fed", &SequenceState::fed)
+        .def_property_readonly("pending", &SequenceState::pending)
+        .def_property_readonly("logits",
+                               [](const SequenceState& s) -> py::object {
+                                   if (s.logits.empty()) return py::none();
+                                   return to_array(s.logits);
+                               })
+        .def_readonly("has_rng", &SequenceState::has_rng)
+        .def_readonly("seed", &SequenceState::seed)
+        .def_readonly("stream", &SequenceState::stream)
+        .def_readonly("counter", &SequenceState::counter)
+        .def_property_readonly("nbytes", &SequenceState::bytes)
+        .def("to_host",
+             [](const SequenceState& s) {  // -> (conv, ssm) flat fp32 host copies
+                 const State& st = *s.state;
+                 std::vector<float> conv(size_t(st.n_layer() * st.conv_elems()));
+                 std::vector<float> ssm(size_t(st.n_layer() * st.ssm_elems()));
+                 st.row_to_host(0, conv.data(), ssm.data());
+                 return py::make_tuple(to_array(conv), to_array(ssm));
+             })
+        .def_property_readonly("device", [](const SequenceState& s) {
+            return s.backend ? s.backend->name() : std::string("none");
+        });
+
+    auto stream = py::reinterpret_borrow<py::class_<GenerationStream>>(m.attr("GenerationStream"));
+    stream
+        .def("row_state",
+             [](GenerationStream& s, int64_t row) {
+                 py::gil_scoped_release release;
+                 return s.row_state(row);
+             })
+        .def("prompt_state", &GenerationStream::prompt_state);
+
+    auto gen = py::reinterpret_borrow<py::class_<Generator>>(m.attr("Generator"));
+    gen.def(
+           "start_rows",
+           // Like start(); per-row options (a list of GenerationOptions, one or one per prompt),
+           // start states (None or a list of SequenceState/None) and keep_states.
+           [](py::object self, py::handle prompts, py::handle options, py::handle starts,
+              bool keep_states) {
+               Generator& g = self.cast<Generator&>();
+               std::vector<std::vector<int32_t>> p;
+               std::vector<GenerationOptions> o;
+               try {
+                   p = prompts.cast<std::vector<std::vector<int32_t>>>();
+               } catch (const py::cast_error&) {
+                   throw py::type_error("prompts must be a list of lists of int32 token ids");
+               }
+               for (py::handle h : options) {
+                   if (!py::isinstance<GenerationOptions>(h))
+                       throw py::type_error("options must be a list of GenerationOptions");
+                   o.push_back(h.cast<const GenerationOptions&>());
+               }
+               if (o.empty()) throw InvalidArgument("options must not be empty");
+               auto st = state_list(starts, p.size());
+               py::object s = py::cast(g.start(p, o, st, keep_states));
+               py::detail::keep_alive_impl(s, self);
+               return s;
+           },
+           py::arg("prompts"), py::arg("options"), py::arg("states") = py::none(),
+           py::arg("keep_states") = false)
+        .def(
+            "prefill",
+            [](Generator& g, const std::vector<int32_t>& ids,
+               std::shared_ptr<SequenceState> from) {
+                py::gil_scoped_release release;
+                return g.prefill(ids, from.get());
+            },
+            py::arg("token_ids"), py::arg("state") = nullptr)
+        .def(
+            "score",
+            [](Generator& g, const std::vector<int32_t>& ids,
+               std::shared_ptr<SequenceState> from) {
+                const int64_t n = int64_t(ids.size()) - (from ? 0 : 1);
+                py::array_t<double> lp(std::max<int64_t>(n, 0));
+                py::array_t<bool> greedy(std::max<int64_t>(n, 0));
+                std::vector<uint8_t> gr(size_t(std::max<int64_t>(n, 0)));
+                {
+                    double* p = lp.mutable_data();
+                    py::gil_scoped_release release;
+                    g.score(ids, from.get(), p, gr.data());
+                }
+                bool* gp = greedy.mutable_data();
+                for (size_t i = 0; i < gr.size(); ++i) gp[i] = gr[i] != 0;
+                return py::make_tuple(lp, greedy);
+            },
+            py::arg("token_ids"), py::arg("state") = nullptr,
+            "-> (logprobs float64 array, greedy bool array); see Generator::score.")
+        .def(
+            "state_to_host",
+            [](const Generator& g, const SequenceState& s) {
+                std::vector<float> conv, ssm;
+                g.state_to_host(s, &conv, &ssm);
+                return py::make_tuple(to_array(conv), to_array(ssm));
+            },
+            py::arg("state"))
+        .def(
+            "state_from_host",
+            [](Generator& g, py::array_t<float, py::array::c_style | py::array::forcecast> conv,
+               py::array_t<float, py::array::c_style | py::array::forcecast> ssm,
+               const std::vector<int32_t>& tokens, int64_t fed, py::object logits,
+               bool has_rng, uint64_t seed, uint64_t stream, uint64_t counter) {
+                std::vector<float> c(conv.data(), conv.data() + conv.size());
+                std::vector<float> s(ssm.data(), ssm.data() + ssm.size());
+                std::vector<float> l;
+                if (!logits.is_none()) {
+                    auto a = logits.cast<py::array_t<float, py::array::c_style |
+                                                                py::array::forcecast>>();
+                    l.assign(a.data(), a.data() + a.size());
+                }
+                auto st = g.state_from_host(c, s, tokens, fed, std::move(l));
+                st->has_rng = has_rng;
+                st->seed = seed;
+                st->stream = stream;
+                st->counter = counter;
+                return st;
+            },
+            py::arg("conv"), py::arg("ssm"), py::arg("tokens"), py::arg("fed"),
+            py::arg("logits"), py::arg("has_rng") = false, py::arg("seed") = 0,
+            py::arg("stream") = 0, py::arg("counter") = 0);
+}
+
+}  // namespace
+
 PYBIND11_MODULE(_C, m) {
     m.doc() = "mambart native core (C++). Use the `mambart` package, not this module directly.";
 
@@ -263,4 +422,6 @@ PYBIND11_MODULE(_C, m) {
         py::arg("top_p") = 1.0f, py::arg("min_p") = 0.0f, py::arg("repetition_penalty") = 1.0f,
         py::arg("previous_tokens") = std::vector<int32_t>{}, py::arg("seed") = 0,
         py::arg("counter") = 0);
+
+    register_state_api(m);  // issue 7
 }

@@ -17,6 +17,8 @@ except ImportError as e:  # fail loudly: nothing works without the native core
 
 from .convert import convert
 from .generator import GenerationResult, Generator
+from .sequences import ScoreResult
+from .state import PromptCache, SequenceState, StateError, load_state
 
 __version__ = "0.1.0"
 
@@ -27,6 +29,11 @@ __all__ = [
     "GenerationResult",
     "Generator",
     "ModelLoadError",
+    "PromptCache",
+    "ScoreResult",
+    "SequenceState",
+    "StateError",
+    "load_state",
     "convert",
     "cuda_available",
     "__version__",

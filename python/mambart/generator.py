@@ -10,6 +10,8 @@ from typing import Iterator, List, Optional, Sequence, Union
 import numpy as np
 
 from . import _C
+from .sequences import ScoreResult, SequenceAPI  # issue 7: states, prompt cache, scoring
+from .state import PromptCache, SequenceState, model_fingerprint
 
 Prompt = Union[str, Sequence[int]]
 
@@ -21,6 +23,9 @@ class GenerationResult:
     token_ids: the new tokens (an eos or stop token that ended generation included);
     text: the new text (None without a tokenizer), cut before a matched stop string;
     finish_reason: "length", "eos", "stop_token" or "stop_string".
+    prefill_tokens: tokens actually run at prefill (fewer than prompt_tokens when the row
+        started from a state or a prompt-cache hit); state: the sequence's state after this
+        generation (generate(..., return_state=True)), to continue it with generate(state=...).
     """
 
     token_ids: List[int]
@@ -29,6 +34,8 @@ class GenerationResult:
     prefill_ms: float
     decode_ms: float
     text: Optional[str] = None
+    prefill_tokens: int = 0
+    state: Optional[SequenceState] = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -71,7 +78,7 @@ def _resolve(model, revision, dtype):
     return Path(out), (Path(tok) if tok else None)
 
 
-class Generator:
+class Generator(SequenceAPI):
     """Loads a Mamba model and generates from it.
 
     model: a mambart model directory; a Hugging Face transformers or state-spaces checkpoint
@@ -81,10 +88,12 @@ class Generator:
     dtype: None keeps the stored dtype; "float32", "float16" or "bfloat16" converts at load.
     tokenizer: a `tokenizers.Tokenizer`, a path to a tokenizer.json, or None to use the model's.
     revision: hub revision (branch, tag or commit) for hub names.
+    prompt_cache_bytes: > 0 turns on the exact prefix cache of states with this byte budget
+        (see enable_prompt_cache).
     """
 
     def __init__(self, model, device: str = "cpu", dtype: Optional[str] = None,
-                 tokenizer=None, revision: Optional[str] = None):
+                 tokenizer=None, revision: Optional[str] = None, prompt_cache_bytes: int = 0):
         if dtype is not None and dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be None, 'float32', 'float16' or 'bfloat16', got {dtype!r}")
         model_dir, tok_path = _resolve(model, revision, dtype)
@@ -93,6 +102,9 @@ class Generator:
         self.config = self._g.config
         self.vocab_size: int = self.config["vocab_size"]
         self.tokenizer = self._load_tokenizer(tokenizer, tok_path)
+        self.fingerprint: str = model_fingerprint(self.model_dir)  # states carry it (issue 7)
+        self.prompt_cache: Optional[PromptCache] = None
+        self.enable_prompt_cache(prompt_cache_bytes)
 
     @staticmethod
     def _load_tokenizer(tokenizer, tok_path):
@@ -172,16 +184,14 @@ class Generator:
         o.ignore_eos = bool(ignore_eos)
         return o
 
-    def _start(self, prompts, stop, kwargs):
-        opts = self._options(**kwargs)
+    def _start(self, prompts, stop, kwargs, states=None, keep_states=False):
         if stop is not None and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if any(not isinstance(s, str) or not s for s in stops):
             raise ValueError("stop must be a non-empty string or a list of non-empty strings")
-        ids = [self._encode(p) for p in prompts]
-        stream = self._g.start(ids, opts)
-        return stream, stops
+        stream, rows = self._start_rows(prompts, states, kwargs, keep_states)  # sequences.py
+        return stream, stops, rows
 
     def _row_texts(self, n, stops):
         if self.tokenizer is None:
@@ -190,24 +200,30 @@ class Generator:
 
         return [TextStream(self.tokenizer, stops) for _ in range(n)]
 
-    def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0,
+    def generate(self, prompt=None, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                  repetition_penalty: float = 1.0, seed: Optional[int] = None,
                  stop_token_ids: Optional[Sequence[int]] = None,
-                 stop: Union[str, Sequence[str], None] = None, ignore_eos: bool = False):
+                 stop: Union[str, Sequence[str], None] = None, ignore_eos: bool = False,
+                 state=None, return_state: bool = False):
         """Generates from one prompt (token ids or text) or a list of prompts.
 
         temperature=0 is greedy; top_k=0, top_p=1, min_p=0 and repetition_penalty=1 are off.
+        For a list of prompts, max_new_tokens, the sampling options, seed, stop_token_ids (a list
+        of lists) and ignore_eos may be lists with one value per prompt; a per-row seed makes
+        the row equal a single run with that seed.
+        state: a SequenceState (or one per row) to continue; the prompt (may be None) is then
+        the tokens added after it. Without a seed, a state from a generation continues its RNG
+        exactly. return_state=True puts each row's final state in result.state.
         Returns a GenerationResult, or a list of them for a list of prompts.
         """
-        batch = self._is_batch(prompt)
-        prompts = list(prompt) if batch else [prompt]
+        batch, prompts, states = self._rows(prompt, state)
         if batch and not prompts:
             return []
         kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                       top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
                       stop_token_ids=stop_token_ids, ignore_eos=ignore_eos)
-        stream, stops = self._start(prompts, stop, kwargs)
+        stream, stops, rows = self._start(prompts, stop, kwargs, states, return_state)
         texts = self._row_texts(len(prompts), stops)
         stopped = set()
         while True:
@@ -220,6 +236,7 @@ class Generator:
                     if texts[row].stopped and row not in stopped:
                         stopped.add(row)
                         stream.finish_row(row, "stop_string")
+        row_states = self._finish_rows(stream, rows, return_state)
         results = []
         for row, raw in enumerate(stream.results):
             reason = "stop_string" if row in stopped else raw.finish_reason
@@ -228,27 +245,29 @@ class Generator:
                 texts[row].finish()
                 text = texts[row].text
             results.append(GenerationResult(list(raw.token_ids), reason, raw.prompt_tokens,
-                                            raw.prefill_ms, raw.decode_ms, text))
+                                            raw.prefill_ms, raw.decode_ms, text,
+                                            raw.prefill_tokens, row_states[row]))
         return results if batch else results[0]
 
-    def stream(self, prompt: Prompt, max_new_tokens: int = 64, temperature: float = 0.0,
+    def stream(self, prompt: Prompt = None, max_new_tokens: int = 64, temperature: float = 0.0,
                top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                repetition_penalty: float = 1.0, seed: Optional[int] = None,
                stop_token_ids: Optional[Sequence[int]] = None,
                stop: Union[str, Sequence[str], None] = None,
-               ignore_eos: bool = False) -> Iterator[Union[int, str]]:
+               ignore_eos: bool = False, state=None) -> Iterator[Union[int, str]]:
         """Yields new token ids as they are made (token-id prompt), or text pieces that are
-        always valid UTF-8 (text prompt)."""
-        if self._is_batch(prompt):
+        always valid UTF-8 (text prompt). state: a SequenceState to continue (see generate)."""
+        if self._is_batch(prompt) or isinstance(state, (list, tuple)):
             raise ValueError("stream takes one prompt; use generate for a list of prompts")
         kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                       top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
                       stop_token_ids=stop_token_ids, ignore_eos=ignore_eos)
         text_mode = isinstance(prompt, str)
-        stream, stops = self._start([prompt], stop, kwargs)
-        return self._iterate(stream, text_mode, stops)
+        stream, stops, rows = self._start([prompt], stop, kwargs,
+                                          None if state is None else [state])
+        return self._iterate(stream, text_mode, stops, rows)
 
-    def _iterate(self, stream, text_mode, stops):
+    def _iterate(self, stream, text_mode, stops, rows=None):
         texts = self._row_texts(1, stops) if (text_mode or stops) else None
         while True:
             events = stream.next()
@@ -269,3 +288,5 @@ class Generator:
             tail = texts[0].finish()
             if text_mode and tail:
                 yield tail
+        if rows is not None:
+            self._finish_rows(stream, rows, False)  # prompt-cache inserts

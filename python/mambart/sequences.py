@@ -1,0 +1,206 @@
+"""Issue 7 on the Generator: sequence states, the prompt cache, per-row options and scoring.
+
+`Generator` (generator.py) inherits these methods from `SequenceAPI`; they only use the native
+core's backend-generic entry points (prefill, start_rows, score, state copies), so they work the
+same on the CPU and CUDA backends.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+
+from .state import PromptCache, SequenceState, StateError, _state_shapes, load_state
+
+# Generation parameters that may be given per row (a list with one value per prompt).
+ROW_PARAMS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+              "seed", "stop_token_ids", "ignore_eos")
+
+
+@dataclass
+class ScoreResult:
+    """Log-probabilities of a token sequence under the model.
+
+    token_ids: the tokens scored (without a state: tokens 1..n-1 of the input, since the first
+        token has no context; with a state: every input token, each given the state's history);
+    logprobs: float64 log p(token | everything before it), from a full-vocabulary log-softmax
+        computed in float64 on the fp32 logits;
+    greedy: whether each token is the argmax of its distribution (lowest id on ties).
+    """
+
+    token_ids: List[int]
+    logprobs: np.ndarray
+    greedy: np.ndarray
+
+    @property
+    def sum(self) -> float:
+        return float(np.sum(self.logprobs))
+
+    @property
+    def is_greedy(self) -> bool:
+        return bool(np.all(self.greedy))
+
+
+class SequenceAPI:
+    """Mixin for Generator (which provides _g, _encode, _options, config, dtype, device,
+    fingerprint, prompt_cache)."""
+
+    # ---- states ----
+    def _wrap_state(self, native) -> Optional[SequenceState]:
+        if native is None:
+            return None
+        return SequenceState(native, fingerprint=self.fingerprint, dtype=self.dtype,
+                             architecture=self.config["architecture"],
+                             shapes=_state_shapes(self.config))
+
+    def _cache_key(self) -> tuple:
+        return (self.fingerprint, self.dtype, self.device)
+
+    def enable_prompt_cache(self, max_bytes: int) -> PromptCache:
+        """Turns on the exact prefix cache with a budget of `max_bytes` (LRU eviction); 0 turns
+        it off. Returns the cache (its hits/misses/nbytes are for inspection). One cache may be
+        shared by several generators: `g2.prompt_cache = g1.prompt_cache`."""
+        self.prompt_cache = PromptCache(max_bytes) if max_bytes else None
+        return self.prompt_cache
+
+    def _encode_or_empty(self, prompt) -> List[int]:
+        return [] if prompt is None else self._encode(prompt)
+
+    def prefill(self, prompt=None, state: Optional[SequenceState] = None) -> SequenceState:
+        """Runs `prompt` (text or token ids) through the model, after `state` when given, and
+        returns the sequence's state (with its next-token logits). With the prompt cache on,
+        only the tokens after the longest cached prefix are run."""
+        ids = self._encode_or_empty(prompt)
+        start, ids, _ = self._start_state(ids, state)
+        native = self._g.prefill(ids, start)
+        out = self._wrap_state(native)
+        if self.prompt_cache is not None:
+            self.prompt_cache.insert(self._cache_key(), out)
+        return out
+
+    def load_state(self, path) -> SequenceState:
+        """Loads a state file for this generator: checks the model identity and dtype (a
+        StateError naming the file otherwise) and places the state on this device."""
+        st = load_state(path)
+        return self._wrap_state(st._native_for(self))
+
+    def _start_state(self, ids: List[int], state):
+        """-> (native start state or None, tokens to feed, tokens served by the cache)."""
+        if state is not None:
+            if not isinstance(state, SequenceState):
+                raise TypeError(f"state must be a SequenceState, got {type(state).__name__}")
+            return state._native_for(self), ids, 0
+        if self.prompt_cache is not None and ids:
+            hit = self.prompt_cache.lookup(self._cache_key(), ids)
+            if hit is not None:
+                return hit._native_for(self), ids[hit.num_tokens:], hit._native.fed
+        return None, ids, 0
+
+    # ---- rows ----
+    def _rows(self, prompt, state):
+        """-> (batch?, prompts, states per row or None)."""
+        for st in (state if isinstance(state, (list, tuple)) else [state]):
+            if st is not None and not isinstance(st, SequenceState):
+                raise TypeError(f"state must be a SequenceState (or a list of them), got "
+                                f"{type(st).__name__}")
+        if state is None:
+            batch = self._is_batch(prompt)
+            return batch, (list(prompt) if batch else [prompt]), None
+        if isinstance(state, (list, tuple)):
+            n = len(state)
+            if prompt is None:
+                prompts = [None] * n
+            elif self._is_batch(prompt) and len(prompt) == n:
+                prompts = list(prompt)
+            else:
+                raise ValueError(f"state is a list of {n} states: give prompt=None or a list of "
+                                 f"{n} prompts (the tokens each row adds after its state)")
+            return True, prompts, list(state)
+        if prompt is not None and self._is_batch(prompt):
+            return True, list(prompt), [state] * len(prompt)
+        return False, [prompt], [state]
+
+    def _row_options(self, n: int, kwargs: dict, states):
+        """One _C.GenerationOptions per row; list-valued parameters are per row."""
+        per_row = {}
+        for k in ROW_PARAMS:
+            v = kwargs[k]
+            if k == "stop_token_ids":
+                is_rows = isinstance(v, (list, tuple)) and len(v) > 0 and all(
+                    x is None or isinstance(x, (list, tuple, np.ndarray)) for x in v)
+            else:
+                is_rows = isinstance(v, (list, tuple, np.ndarray))
+            if is_rows:
+                if len(v) != n:
+                    raise ValueError(f"{k} has {len(v)} values for {n} prompts (give one value, "
+                                     f"or one per prompt)")
+                per_row[k] = list(v)
+        opts = []
+        for r in range(n):
+            kw = {k: (per_row[k][r] if k in per_row else kwargs[k]) for k in ROW_PARAMS}
+            st = states[r] if states is not None else None
+            rng = st.rng if st is not None else None
+            try:
+                o = self._options(**kw)
+            except ValueError as e:
+                raise ValueError(f"{e} (row {r})" if per_row else str(e)) from None
+            if kw["seed"] is None and rng is not None:
+                # Continue the state's generation exactly: same seed, stream and counter.
+                o.seed, o.rng_stream, o.rng_counter = int(rng[0]), int(rng[1]), int(rng[2])
+            elif "seed" in per_row:
+                o.rng_stream = 0  # a per-row seed: the row equals a single run with that seed
+            opts.append(o)
+        return opts
+
+    def _start_rows(self, prompts, states, kwargs, keep_states: bool):
+        n = len(prompts)
+        ids = [self._encode_or_empty(p) for p in prompts]
+        opts = self._row_options(n, kwargs, states)
+        starts, feeds, cached = [], [], []
+        for r in range(n):
+            st, feed, c = self._start_state(ids[r], states[r] if states is not None else None)
+            if st is None and not feed:
+                raise ValueError(f"prompt {r} is empty: give at least one token")
+            starts.append(st)
+            feeds.append(feed)
+            cached.append(c)
+        keep = keep_states or self.prompt_cache is not None
+        stream = self._g.start_rows(feeds, opts, starts, keep)
+        return stream, dict(keep=keep, cached=cached, n=n)
+
+    def _finish_rows(self, stream, rows, return_state: bool):
+        """After a stream: its rows' states (when asked) and prompt-cache inserts."""
+        states = [None] * rows["n"]
+        if not rows["keep"]:
+            return states
+        cache = self.prompt_cache
+        for r in range(rows["n"]):
+            final = self._wrap_state(stream.row_state(r))
+            if return_state:
+                states[r] = final
+            if cache is not None:
+                prompt_state = self._wrap_state(stream.prompt_state(r))
+                if prompt_state is not None:
+                    cache.insert(self._cache_key(), prompt_state)
+                cache.insert(self._cache_key(), final)
+        return states
+
+    # ---- scoring ----
+    def score(self, tokens, state: Optional[SequenceState] = None):
+        """Log-probabilities of `tokens` (text or token ids; or a list of them: a list of
+        results). Without a state the first token has no context and is not scored (the result
+        covers tokens 1..n-1); with `state`, every token is scored given the state's history.
+        Memory is bounded (logits are made 64 positions at a time)."""
+        if self._is_batch(tokens):
+            return [self.score(t, state) for t in tokens]
+        ids = self._encode(tokens)
+        native = state._native_for(self) if state is not None else None
+        if native is None and len(ids) < 2:
+            raise ValueError("score needs at least 2 tokens without a state (the first token "
+                             "has no context); pass state= to score a single token")
+        lp, greedy = self._g.score(ids, native)
+        scored = ids if native is not None else ids[1:]
+        return ScoreResult(list(scored), lp, greedy)

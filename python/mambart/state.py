@@ -1,0 +1,388 @@
+"""Sequence states as first-class objects (issue 7): snapshots, files, and the prompt cache.
+
+A Mamba sequence's whole memory is a fixed-size recurrent state (per layer a conv state and an
+SSM state, fp32). `SequenceState` wraps one such state plus what continuing it exactly needs:
+the token history (for the prompt cache key and the repetition penalty), how many of those
+tokens the state has already run ("fed"; the rest are pending, e.g. the last sampled token of a
+generation), the next-token logits when nothing is pending, and the RNG position of the
+generation that made it. States are immutable: a generation copies a state into its own rows.
+
+State files are safetensors (tensors `conv`, `ssm`, `tokens`, optional `logits`; metadata with
+the format, the model fingerprint and dtype). `load_state(path)` reads one into host memory; the
+model identity and dtype are checked when it is used with a Generator (`Generator.load_state`
+checks at once).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections import OrderedDict
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+FORMAT = "mambart-state"
+FORMAT_VERSION = "1"
+
+
+class StateError(ValueError):
+    """A state file is malformed, or a state does not belong to this model / dtype."""
+
+
+def model_fingerprint(model_dir) -> str:
+    """The identity of a mambart model directory, computed at load: sha256 over config.json's
+    bytes, model.safetensors' header (tensor names, dtypes, shapes, offsets) and its size.
+    Weight bytes are not read (a multi-GB file would take seconds); two checkpoints with the
+    same config and layout but different weight values share a fingerprint only if they also
+    have the same file size and header, which a conversion of different weights normally keeps:
+    this is a guard against using a state with the wrong model shape or file, not a checksum."""
+    d = Path(model_dir)
+    h = hashlib.sha256()
+    h.update(b"mambart-fingerprint-v1\0")
+    h.update((d / "config.json").read_bytes())
+    wpath = d / "model.safetensors"
+    size = wpath.stat().st_size
+    with open(wpath, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        h.update(head)
+        h.update(f.read(min(n, size)))
+    h.update(str(size).encode())
+    return h.hexdigest()
+
+
+class SequenceState:
+    """One sequence's state. Made by `Generator.prefill`, `GenerationResult.state`
+    (generate(..., return_state=True)) or `load_state`; used with `generate(..., state=s)`,
+    `prefill(..., state=s)` and `score(..., state=s)`.
+
+    tokens: every token of the sequence so far (tuple); num_tokens; pending: tokens given but
+    not yet run through the model (the state continues with them); nbytes: memory held
+    (device state + logits + tokens); fingerprint / dtype: the model it belongs to.
+    """
+
+    def __init__(self, native=None, *, fingerprint: str, dtype: str, architecture: str,
+                 host: Optional[dict] = None, source: Optional[str] = None,
+                 shapes: Optional[tuple] = None):
+        self._native = native            # _C.SequenceState (device) or None for a loaded file
+        self._host = host                # loaded file: conv, ssm, tokens, fed, logits, rng
+        self.fingerprint = fingerprint
+        self.dtype = dtype
+        self.architecture = architecture
+        self.source = source             # the file it was loaded from, for error messages
+        self._shapes = shapes            # (conv shape, ssm shape) for files
+
+    # ---- read-only views ----
+    @property
+    def tokens(self) -> Tuple[int, ...]:
+        if self._native is not None:
+            return tuple(self._native.tokens)
+        return tuple(int(t) for t in self._host["tokens"])
+
+    @property
+    def num_tokens(self) -> int:
+        return self._native.num_tokens if self._native is not None else len(self._host["tokens"])
+
+    @property
+    def pending(self) -> int:
+        if self._native is not None:
+            return self._native.pending
+        return len(self._host["tokens"]) - self._host["fed"]
+
+    @property
+    def nbytes(self) -> int:
+        if self._native is not None:
+            return int(self._native.nbytes)
+        h = self._host
+        return int(h["conv"].nbytes + h["ssm"].nbytes + h["tokens"].nbytes +
+                   (h["logits"].nbytes if h["logits"] is not None else 0))
+
+    @property
+    def rng(self) -> Optional[Tuple[int, int, int]]:
+        """(seed, stream, counter) of the generation that made it, or None (a plain prefill):
+        continuing without a seed draws from here, exactly as the uninterrupted run would."""
+        if self._native is not None:
+            s = self._native
+            return (s.seed, s.stream, s.counter) if s.has_rng else None
+        return self._host["rng"]
+
+    def __repr__(self) -> str:
+        where = self._native.device if self._native is not None else f"host ({self.source})"
+        return (f"SequenceState({self.num_tokens} tokens, {self.pending} pending, "
+                f"{self.nbytes} bytes, {self.architecture}/{self.dtype}, {where})")
+
+    # ---- use with a generator ----
+    def _check_model(self, g) -> None:
+        where = f" (loaded from {self.source})" if self.source else ""
+        if self.fingerprint != g.fingerprint:
+            raise StateError(f"state{where} belongs to another model (fingerprint "
+                             f"{self.fingerprint[:12]}..., this model {g.fingerprint[:12]}... "
+                             f"in {g.model_dir})")
+        if self.dtype != g.dtype:
+            raise StateError(f"state{where} was made with dtype {self.dtype}, this generator "
+                             f"runs {g.dtype}")
+
+    def _native_for(self, g):
+        """The device handle for generator `g` (identity and dtype checked)."""
+        self._check_model(g)
+        if self._native is not None:
+            return self._native
+        h = self._host
+        conv_shape, ssm_shape = _state_shapes(g.config)
+        if h["conv"].shape != conv_shape or h["ssm"].shape != ssm_shape:
+            raise StateError(f"{self.source}: state shapes conv {h['conv'].shape}, ssm "
+                             f"{h['ssm'].shape} do not fit this model (conv {conv_shape}, ssm "
+                             f"{ssm_shape})")
+        try:
+            rng = h["rng"] or (0, 0, 0)
+            return g._g.state_from_host(h["conv"].reshape(-1), h["ssm"].reshape(-1),
+                                        [int(t) for t in h["tokens"]], int(h["fed"]),
+                                        h["logits"], h["rng"] is not None, *rng)
+        except ValueError as e:
+            raise StateError(f"{self.source}: {e}") from None
+
+    # ---- files ----
+    def save(self, path) -> None:
+        """Writes the state to `path` (safetensors; the parent directory must exist)."""
+        _write_state_file(path, self._host_dict(), self.fingerprint, self.dtype,
+                          self.architecture)
+
+    def _host_dict(self) -> dict:
+        if self._native is None:
+            return self._host
+        n = self._native
+        conv, ssm = n.to_host()  # Backend copy-out (device -> host)
+        if self._shapes is not None:
+            conv, ssm = conv.reshape(self._shapes[0]), ssm.reshape(self._shapes[1])
+        return dict(conv=conv, ssm=ssm, tokens=np.asarray(n.tokens, dtype=np.int32),
+                    fed=int(n.fed), logits=n.logits,
+                    rng=(n.seed, n.stream, n.counter) if n.has_rng else None)
+
+    def __getstate__(self):
+        raise TypeError("SequenceState is not picklable; use state.save(path) / load_state")
+
+
+def _state_shapes(cfg: dict) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    L = cfg["n_layer"]
+    if cfg["architecture"] == "mamba1":
+        conv_dim = cfg["d_inner"]
+        ssm = (L, cfg["d_inner"], cfg["d_state"])
+    else:
+        conv_dim = cfg["d_inner"] + 2 * cfg["ngroups"] * cfg["d_state"]
+        ssm = (L, cfg["nheads"], cfg["headdim"], cfg["d_state"])
+    return (L, conv_dim, cfg["d_conv"]), ssm
+
+
+def _write_state_file(path, h: dict, fingerprint: str, dtype: str, arch: str) -> None:
+    tensors = [("conv", "F32", np.ascontiguousarray(h["conv"], dtype="<f4")),
+               ("ssm", "F32", np.ascontiguousarray(h["ssm"], dtype="<f4")),
+               ("tokens", "I32", np.ascontiguousarray(h["tokens"], dtype="<i4"))]
+    if h["logits"] is not None:
+        tensors.append(("logits", "F32", np.ascontiguousarray(h["logits"], dtype="<f4")))
+    rng = h["rng"]
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model_fingerprint": fingerprint,
+            "dtype": dtype, "architecture": arch, "fed": str(int(h["fed"])),
+            "has_rng": "1" if rng is not None else "0"}
+    if rng is not None:
+        meta.update(seed=str(int(rng[0])), stream=str(int(rng[1])), counter=str(int(rng[2])))
+    header: Dict[str, object] = {"__metadata__": meta}
+    off = 0
+    for name, st_dtype, a in tensors:
+        header[name] = {"dtype": st_dtype, "shape": list(a.shape),
+                        "data_offsets": [off, off + a.nbytes]}
+        off += a.nbytes
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)
+    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(hb)))
+        f.write(hb)
+        for _, _, a in tensors:
+            f.write(a.tobytes())
+    os.replace(tmp, path)  # never a half-written state file under the final name
+
+
+def _no_duplicates(pairs):
+    d = {}
+    for k, v in pairs:
+        if k in d:
+            raise ValueError(f"duplicate key {k!r}")
+        d[k] = v
+    return d
+
+
+def load_state(path) -> SequenceState:
+    """Reads a state file written by `SequenceState.save` into host memory. The model identity
+    and dtype are checked when the state is used (generate/prefill/score with state=...), or at
+    once with `Generator.load_state`. Raises StateError naming the file when it is malformed."""
+    path = os.fspath(path)
+
+    def bad(msg):
+        return StateError(f"{path}: not a valid mambart state file: {msg}")
+
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise StateError(f"{path}: cannot read the state file ({e.strerror})") from None
+    if size < 8:
+        raise bad("shorter than the 8-byte header length")
+    n = struct.unpack("<Q", data[:8])[0]
+    if n > size - 8 or n > 1 << 24:
+        raise bad(f"header length {n} exceeds the file ({size} bytes)")
+    try:
+        header = json.loads(data[8:8 + n].decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise bad(f"header is not valid JSON ({e})") from None
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__"), dict):
+        raise bad("no __metadata__")
+    meta = header.pop("__metadata__")
+    if meta.get("format") != FORMAT:
+        raise bad(f"format is {meta.get('format')!r}, expected {FORMAT!r}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise bad(f"format_version {meta.get('format_version')!r} is not supported "
+                  f"(this mambart reads {FORMAT_VERSION})")
+    for k in ("model_fingerprint", "dtype", "architecture", "fed", "has_rng"):
+        if not isinstance(meta.get(k), str):
+            raise bad(f"metadata {k!r} missing")
+    want = {"conv": "F32", "ssm": "F32", "tokens": "I32", "logits": "F32"}
+    np_dtype = {"F32": "<f4", "I32": "<i4"}
+    arrays = {}
+    body = 8 + n
+    expect_off = 0
+    for name, info in sorted(header.items(), key=lambda kv: str(kv[1].get("data_offsets")
+                                                                  if isinstance(kv[1], dict)
+                                                                  else "")):
+        if name not in want:
+            raise bad(f"unexpected tensor {name!r}")
+        if not isinstance(info, dict) or info.get("dtype") != want[name]:
+            raise bad(f"tensor {name!r} must be {want[name]}")
+        shape, offs = info.get("shape"), info.get("data_offsets")
+        if (not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape)
+                or not isinstance(offs, list) or len(offs) != 2
+                or not all(isinstance(o, int) for o in offs)):
+            raise bad(f"tensor {name!r} has a malformed shape or data_offsets")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * 4
+        if offs[0] != expect_off or offs[1] - offs[0] != nbytes or body + offs[1] > size:
+            raise bad(f"tensor {name!r} offsets {offs} do not match its shape {shape} and the "
+                      f"file size")
+        expect_off = offs[1]
+        arrays[name] = np.frombuffer(data, dtype=np_dtype[want[name]], count=nbytes // 4,
+                                     offset=body + offs[0]).reshape(shape).copy()
+    if body + expect_off != size:
+        raise bad(f"{size - body - expect_off} trailing bytes after the tensors")
+    for name in ("conv", "ssm", "tokens"):
+        if name not in arrays:
+            raise bad(f"tensor {name!r} missing")
+    try:
+        fed = int(meta["fed"])
+        rng = None
+        if meta["has_rng"] == "1":
+            rng = (int(meta["seed"]), int(meta["stream"]), int(meta["counter"]))
+    except (KeyError, ValueError):
+        raise bad("metadata fed/seed/stream/counter are not integers") from None
+    tokens = arrays["tokens"]
+    if tokens.ndim != 1 or not 0 <= fed <= len(tokens):
+        raise bad(f"fed = {fed} does not fit {len(tokens)} tokens")
+    logits = arrays.get("logits")
+    if fed == len(tokens) and (logits is None or logits.ndim != 1):
+        raise bad("a state with no pending tokens needs its next-token logits")
+    host = dict(conv=arrays["conv"], ssm=arrays["ssm"], tokens=tokens, fed=fed,
+                logits=logits if fed == len(tokens) else None, rng=rng)
+    return SequenceState(None, fingerprint=meta["model_fingerprint"], dtype=meta["dtype"],
+                         architecture=meta["architecture"], host=host, source=path)
+
+
+# ---- prompt cache -----------------------------------------------------------------------------
+
+
+class PromptCache:
+    """An exact prefix cache of sequence states, bounded by a byte budget with LRU eviction.
+
+    Keyed by the whole token prefix (any length, no block alignment) and by the model identity
+    (fingerprint, dtype, device), so one cache may be shared by several generators. A lookup
+    returns the longest cached prefix of the prompt; candidates are found by a hash of the
+    prefix and then compared token by token, so a hash collision can cost time but never serve
+    another sequence. Entries are immutable states: generation copies them into its own rows.
+    """
+
+    def __init__(self, max_bytes: int):
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, np.integer)) \
+                or max_bytes < 0:
+            raise ValueError(f"prompt cache max_bytes must be a non-negative integer, got "
+                             f"{max_bytes!r}")
+        self.max_bytes = int(max_bytes)
+        self.nbytes = 0
+        self.hits = 0
+        self.misses = 0
+        # (model key, length, hash) -> list of (tokens array, SequenceState); LRU order
+        self._entries: "OrderedDict[tuple, List[Tuple[np.ndarray, SequenceState]]]" = OrderedDict()
+        self._lengths: Dict[tuple, Dict[int, int]] = {}  # model key -> {length: entry count}
+
+    @staticmethod
+    def _hash(tokens: np.ndarray) -> bytes:
+        """The bucket hash of a prefix (tests replace it to force collisions)."""
+        return hashlib.blake2b(tokens.tobytes(), digest_size=16).digest()
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._entries.values())
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._lengths.clear()
+        self.nbytes = 0
+
+    def lookup(self, model_key: tuple, tokens: Sequence[int]) -> Optional[SequenceState]:
+        """The state of the longest cached prefix of `tokens` for this model, or None."""
+        arr = np.asarray(tokens, dtype=np.int32)
+        lengths = self._lengths.get(model_key, {})
+        for n in sorted(lengths, reverse=True):
+            if n > len(arr):
+                continue
+            prefix = arr[:n]
+            k = (model_key, n, self._hash(prefix))
+            bucket = self._entries.get(k)
+            if not bucket:
+                continue
+            for toks, st in bucket:
+                if np.array_equal(toks, prefix):  # exact: a hash match alone never serves
+                    self._entries.move_to_end(k)
+                    self.hits += 1
+                    return st
+        self.misses += 1
+        return None
+
+    def insert(self, model_key: tuple, state: SequenceState) -> None:
+        toks = np.asarray(state.tokens, dtype=np.int32)
+        size = state.nbytes
+        if size > self.max_bytes or len(toks) == 0:
+            return
+        k = (model_key, len(toks), self._hash(toks))
+        bucket = self._entries.setdefault(k, [])
+        for t, _ in bucket:
+            if np.array_equal(t, toks):
+                self._entries.move_to_end(k)
+                return
+        bucket.append((toks, state))
+        self._entries.move_to_end(k)
+        self.nbytes += size
+        lens = self._lengths.setdefault(model_key, {})
+        lens[len(toks)] = lens.get(len(toks), 0) + 1
+        while self.nbytes > self.max_bytes:
+            self._evict_oldest()
+
+    def _evict_oldest(self) -> None:
+        k, bucket = next(iter(self._entries.items()))
+        toks, st = bucket.pop(0)
+        self.nbytes -= st.nbytes
+        if not bucket:
+            del self._entries[k]
+        lens = self._lengths[k[0]]
+        lens[k[1]] -= 1
+        if lens[k[1]] == 0:
+            del lens[k[1]]
