@@ -87,7 +87,7 @@ struct SsdParams {            // Mamba-2: dt softplus + clamp, chunked SSD scan,
 };
 
 // Device-side sampling of one token per row (decode fast path), with mambart::Sampler's
-// semantics (cpp/sampling.h) given the same draw uniform(seed, row, *counter).
+// semantics (cpp/sampling.h) given the same draw uniform(seed, stream, counter).
 struct DeviceSampleParams {
     const float* logits;       // (B, V) row stride ld
     int64_t ld, B, V;
@@ -95,10 +95,10 @@ struct DeviceSampleParams {
     int64_t top_k;             // 0: off
     float top_p, min_p;        // 1: off, 0: off
     float repetition_penalty;  // 1: off
-    uint64_t seed;
-    const uint64_t* counter;   // (1) device: read when the op runs (so graphs replay with new values)
+    const uint64_t* rng;       // (B, 3) device: per row (seed, stream, counter) of the draw,
+                               // read when the op runs (graphs replay with new values)
     uint8_t* seen;             // (B, V) device: ids seen per row, the sampled id gets marked; or nullptr
-    int32_t* out;              // (B) device: the sampled ids
+    int32_t* out;              // (B) device: the sampled ids; -1 for a row with a non-finite logit
 };
 
 class Backend {

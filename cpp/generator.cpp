@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 
 #include "error.h"
 
@@ -343,7 +344,10 @@ std::shared_ptr<SequenceState> GenerationStream::snapshot_row(int64_t r, bool wi
     s->tokens = history_[size_t(r)];
     // After a sampled token the state has not run it yet (it is the next step's input).
     s->fed = int64_t(s->tokens.size()) - (gen.empty() ? 0 : 1);
-    if (with_logits) s->logits.assign(logits_host_.begin() + r * V, logits_host_.begin() + (r + 1) * V);
+    if (with_logits) {
+        const std::vector<float>& lh = last_logits();
+        s->logits.assign(lh.begin() + r * V, lh.begin() + (r + 1) * V);
+    }
     s->has_rng = true;
     s->seed = o.seed;
     s->stream = stream_id_[size_t(r)];
@@ -367,7 +371,71 @@ std::shared_ptr<SequenceState> GenerationStream::row_state(int64_t row) {
     return snapshot_row(row, false);  // a row still running (the caller stopped early)
 }
 
-GenerationStream::~GenerationStream() = default;
+GenerationStream::~GenerationStream() {
+    if (seen_dev_) gen_.model_->backend().dealloc(seen_dev_);
+}
+
+const std::vector<float>& GenerationStream::last_logits() const {
+    if (logits_stale_) {
+        gen_.model_->backend().copy_to_host(logits_host_.data(), logits_dev_,
+                                            logits_host_.size() * sizeof(float));
+        logits_stale_ = false;
+    }
+    return logits_host_;
+}
+
+bool GenerationStream::use_device_decode() {
+    if (device_decode_ < 0) {
+        const char* env = std::getenv("MAMBART_DEVICE_SAMPLING");
+        const bool off = env && std::string(env) == "0";
+        device_decode_ = !off && uniform_sampling_ && gen_.model_->backend().supports_graphs();
+    }
+    return device_decode_ == 1;
+}
+
+void GenerationStream::decode_on_device(std::vector<std::pair<int64_t, int32_t>>* out) {
+    const auto t0 = Clock::now();
+    Model& m = *gen_.model_;
+    Backend& be = m.backend();
+    const int64_t V = gen_.config().vocab_size;
+    const SamplingOptions& so = row_opt_[0].sampling;  // uniform across rows here
+    if (so.repetition_penalty != 1.0f && !seen_dev_) {  // once: the ids each sampler has seen
+        std::vector<uint8_t> seen(size_t(B_ * V), 0);
+        for (int64_t r = 0; r < B_; ++r)
+            for (int32_t id : samplers_[size_t(r)].seen_ids()) seen[size_t(r * V + id)] = 1;
+        seen_dev_ = static_cast<uint8_t*>(be.alloc(seen.size(), "the repetition-penalty mask"));
+        be.copy_to_device(seen_dev_, seen.data(), seen.size());
+    }
+    rng_host_.resize(size_t(B_) * 3);
+    tokens_host_.resize(size_t(B_));
+    for (int64_t r = 0; r < B_; ++r) {  // the same draw as the host sampler's
+        const GenerationOptions& o = row_opt_[size_t(r)];
+        rng_host_[size_t(3 * r)] = o.seed;
+        rng_host_[size_t(3 * r + 1)] = stream_id_[size_t(r)];
+        rng_host_[size_t(3 * r + 2)] = o.rng_counter + uint64_t(results_[size_t(r)].token_ids.size());
+    }
+    be.copy_to_device(m.ids_buffer(), last_.data(), size_t(B_) * sizeof(int32_t));
+    DeviceSampleParams sp{};
+    sp.temperature = so.temperature;
+    sp.top_k = so.top_k;
+    sp.top_p = so.top_p;
+    sp.min_p = so.min_p;
+    sp.repetition_penalty = so.repetition_penalty;
+    sp.seen = seen_dev_;
+    logits_dev_ = m.decode_step(*state_, B_, sp, rng_host_.data(), tokens_host_.data());
+    logits_stale_ = true;
+    const double ms = ms_since(t0);
+    for (int64_t r = 0; r < B_; ++r) {
+        if (finished_[size_t(r)]) continue;
+        GenerationResult& res = results_[size_t(r)];
+        const int32_t tok = tokens_host_[size_t(r)];
+        if (tok < 0)
+            throw Error(str_cat("the model produced a non-finite logit in row ", r, " after ",
+                                res.token_ids.size(), " generated tokens"));
+        res.decode_ms += ms;
+        emit(r, tok, out);
+    }
+}
 
 void GenerationStream::finish_row(int64_t row, FinishReason reason) {
     if (row < 0 || row >= B_ || finished_[size_t(row)]) return;
@@ -432,6 +500,10 @@ bool GenerationStream::next(std::vector<std::pair<int64_t, int32_t>>* out) {
     const bool decode_step = prefilled_;
     if (!prefilled_) {
         prefill();
+    } else if (use_device_decode()) {
+        decode_on_device(out);
+        ++step_;
+        return true;
     } else {
         Model& m = *gen_.model_;
         Backend& be = m.backend();

@@ -80,7 +80,7 @@ class GenerationStream {
     const std::vector<GenerationResult>& results() const { return results_; }
     // (B, V) the raw logits each row's latest token was sampled from (a row that finished
     // keeps the logits of its last step).
-    const std::vector<float>& last_logits() const { return logits_host_; }
+    const std::vector<float>& last_logits() const;  // fetched from the device when stale
     int64_t batch() const { return B_; }
 
     // Issue 7 (streams started with keep_states): the state of row `row` now (at its finish if
@@ -100,6 +100,11 @@ class GenerationStream {
     std::shared_ptr<SequenceState> snapshot_row(int64_t row, bool with_logits);
     void prefill();
     void emit(int64_t row, int32_t token, std::vector<std::pair<int64_t, int32_t>>* out);
+    // Decode fast path (CUDA): forward + device sampling as one graph replay per step
+    // (Model::decode_step), taken when the backend supports graphs and every row samples with
+    // the same options; MAMBART_DEVICE_SAMPLING=0 (env) turns it off.
+    bool use_device_decode();
+    void decode_on_device(std::vector<std::pair<int64_t, int32_t>>* out);
 
     Generator& gen_;
     GenerationOptions opt_;
@@ -110,7 +115,7 @@ class GenerationStream {
     bool prefilled_ = false;
     std::unique_ptr<State> state_;      // (B rows)
     std::vector<Sampler> samplers_;     // one per row
-    std::vector<float> logits_host_;    // (B, V)
+    mutable std::vector<float> logits_host_;  // (B, V)
     std::vector<float> scratch_;        // (V) the sampler's working copy of one row
     std::vector<int32_t> last_;         // (B) the token each row feeds next
     std::vector<uint8_t> finished_;     // (B)
@@ -124,6 +129,13 @@ class GenerationStream {
     bool uniform_sampling_ = true;
     std::vector<std::shared_ptr<SequenceState>> final_states_;   // (B) taken at finish
     std::vector<std::shared_ptr<SequenceState>> prompt_states_;  // (B) taken after prefill
+    // Decode fast path state (see use_device_decode):
+    int device_decode_ = -1;             // -1: not decided yet; 0: host sampling; 1: device
+    uint8_t* seen_dev_ = nullptr;        // (B, V) device: ids seen per row (repetition penalty)
+    std::vector<uint64_t> rng_host_;     // (B, 3) (seed, stream, counter) per row
+    std::vector<int32_t> tokens_host_;   // (B) the ids sampled on the device
+    const float* logits_dev_ = nullptr;  // (B, V) device logits of the last fast step
+    mutable bool logits_stale_ = false;  // logits_host_ lags logits_dev_
 };
 
 class Generator {

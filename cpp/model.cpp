@@ -1,6 +1,7 @@
 #include "model.h"
 
 #include <algorithm>
+#include <cstring>
 
 #include "error.h"
 
@@ -85,8 +86,11 @@ void Model::free_workspace() {
                     static_cast<void*>(residual_), static_cast<void*>(normed_),
                     static_cast<void*>(proj_), static_cast<void*>(xconv_),
                     static_cast<void*>(xdbl_), static_cast<void*>(dt_), static_cast<void*>(y_),
-                    static_cast<void*>(y2_), static_cast<void*>(logits_)})
+                    static_cast<void*>(y2_), static_cast<void*>(logits_),
+                    static_cast<void*>(rng_)})
         if (p) backend_->dealloc(p);
+    backend_->clear_graphs();  // recorded graphs use these buffers
+    rng_ = nullptr;
     ids_ = nullptr;
     hidden_ = residual_ = normed_ = proj_ = xconv_ = xdbl_ = dt_ = y_ = y2_ = logits_ = nullptr;
     ws_rows_ = logits_rows_ = 0;
@@ -103,6 +107,7 @@ void Model::reserve(int64_t rows, int64_t logits_rows) {
         return static_cast<float*>(be.alloc(size_t(rows * cols) * sizeof(float), what));
     };
     ids_ = static_cast<int32_t*>(be.alloc(size_t(rows) * sizeof(int32_t), "token ids"));
+    rng_ = static_cast<uint64_t*>(be.alloc(size_t(rows) * 3 * sizeof(uint64_t), "sampling draws"));
     hidden_ = buf(c.d_model, "hidden activations");
     residual_ = buf(c.d_model, "the residual stream");
     normed_ = buf(c.d_model, "normed activations");
@@ -231,6 +236,48 @@ void Model::mixer_mamba2(const LayerWeights& w, State& st, int64_t layer, int64_
         out = y2_;
     }
     be.linear(out, E, R, w.out_proj, c.d_model, w.out_proj_b.data, hidden_, c.d_model);
+}
+
+// ---- decode fast path (CUDA graphs + device sampling) --------------------------------------
+
+namespace {
+inline uint64_t mix_key(uint64_t h, uint64_t v) {
+    h ^= v + 0x9E3779B97F4A7C15ull + (h << 6) + (h >> 2);
+    return h;
+}
+inline uint64_t float_bits(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
+}  // namespace
+
+const float* Model::decode_step(State& st, int64_t B, DeviceSampleParams s, const uint64_t* rng,
+                                int32_t* tokens) {
+    Backend& be = *backend_;
+    const int64_t V = config_.vocab_size;
+    if (B < 1 || B > ws_rows_ || B > logits_rows_ || B > st.batch())
+        throw InvalidArgument(str_cat("Model::decode_step: batch ", B,
+                                      " exceeds the reserved workspace or state"));
+    be.copy_to_device(rng_, rng, size_t(B) * 3 * sizeof(uint64_t));
+    s.logits = logits_;
+    s.ld = V;
+    s.B = B;
+    s.V = V;
+    s.rng = rng_;
+    s.out = ids_;
+    uint64_t key = 0;
+    for (uint64_t v : {uint64_t(B), uint64_t(reinterpret_cast<uintptr_t>(st.conv(0, 0))),
+                       uint64_t(reinterpret_cast<uintptr_t>(s.seen)), float_bits(s.temperature),
+                       uint64_t(s.top_k), float_bits(s.top_p), float_bits(s.min_p),
+                       float_bits(s.repetition_penalty)})
+        key = mix_key(key, v);
+    be.run_graph(key, [&] {
+        forward(st, 0, B, 1, ids_, LogitsMode::Last);
+        be.sample(s);
+    });
+    be.copy_to_host(tokens, ids_, size_t(B) * sizeof(int32_t));
+    return logits_;
 }
 
 }  // namespace mambart

@@ -114,10 +114,21 @@ class Model {
     float* y2_ = nullptr;         // (rows, E)          M2: gated-norm output
     float* logits_ = nullptr;     // (logits_rows, V)
     int64_t logits_rows_ = 0;
+    uint64_t* rng_ = nullptr;     // (rows, 3)     decode_step: (seed, stream, counter) per row
 
  public:
     // The staging buffer for ids (device): callers copy ids here and pass it to forward.
     int32_t* ids_buffer() const { return ids_; }
+
+    // Decode fast path (backends with supports_graphs(), i.e. CUDA): one token for each of
+    // rows [0, B) of `state`, fed from the B ids in ids_buffer(); the forward and the device
+    // sampling (`s`: options and `seen`; logits, ld, B, V, rng and out are filled here) are
+    // one graph replay per step, recorded once per (B, state, seen, options). The sampled ids
+    // stay in ids_buffer() and are copied to `tokens` (B, host): the only copy back.
+    // `rng` (B, 3) host: (seed, stream, counter) per row, uploaded before the replay.
+    // Returns the device logits (B, V), valid until the next forward. Needs reserve(B, B).
+    const float* decode_step(State& state, int64_t B, DeviceSampleParams s, const uint64_t* rng,
+                             int32_t* tokens);
 };
 
 }  // namespace mambart

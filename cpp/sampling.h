@@ -41,6 +41,7 @@ class Sampler {
     // Marks ids as seen (prompt and generated tokens) for the repetition penalty.
     void observe(int32_t id);
     void clear_seen();
+    const std::vector<int32_t>& seen_ids() const { return seen_list_; }  // distinct, in order seen
 
     // Picks the next token from logits[vocab_size]; `logits` is used as scratch (modified).
     int32_t sample(float* logits, const SamplingOptions& opt, uint64_t seed, uint64_t stream,

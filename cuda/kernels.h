@@ -128,10 +128,10 @@ struct SampleParams {
     float top_p;                // 1: off
     float min_p;                // 0: off
     float repetition_penalty;   // 1: off (then `seen` may be null)
-    uint64_t seed;              // row r draws uniform(seed, r, *counter)
-    const uint64_t* counter;    // (1) device: the draw counter (read when the kernel runs)
+    const uint64_t* rng;        // (B, 3) device: per row (seed, stream, counter) of the draw
+                                // uniform(seed, stream, counter), read when the kernel runs
     uint8_t* seen;              // (B, V) inout: ids seen per row (the sampled id is marked)
-    int32_t* out;               // (B) the sampled ids
+    int32_t* out;               // (B) the sampled ids; -1 where the row has a non-finite logit
 };
 // Samples one token per row with the semantics of mambart::Sampler (cpp/sampling.h).
 void launch_sample(const SampleParams& p, cudaStream_t stream);

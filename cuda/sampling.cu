@@ -6,7 +6,8 @@
 //   top-p keeps the shortest prefix in (p desc, id asc) order whose sum reaches top_p · Σp;
 //   min-p keeps p_i >= min_p · max p; the draw walks the kept tokens in the reference's order
 //   ((p desc, id asc) when top-p is on, else (s desc, id asc) when top-k is on, else id order)
-//   and takes the first whose running sum exceeds u · Σ kept p, u = uniform(seed, row, counter).
+//   and takes the first whose running sum exceeds u · Σ kept p, u = uniform(seed, stream,
+//   counter) from the row's entry of `rng`. A row with a NaN or infinite logit gets id -1.
 //
 // Grid: (B); block: 1024 threads, one row per block, striding over V (logits stay in global
 // memory / L2). Each "k-th element" question is answered by a radix descent over a 64-bit key
@@ -144,8 +145,10 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleParams p) {
     {
         float best = -INFINITY;
         int64_t bi = V;
+        int bad = 0;
         for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
             float v = row.value(i);
+            bad |= !isfinite(row.logits[i]);
             if (p.temperature > 0.0f) v *= row.inv_t;
             if (v > best || (v == best && i < bi)) {
                 best = v;
@@ -159,6 +162,11 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleParams p) {
                 best = ob;
                 bi = oi;
             }
+        }
+        bad = __syncthreads_or(bad);
+        if (bad) {  // uniform across the block
+            if (threadIdx.x == 0) p.out[r] = -1;
+            return;
         }
         if (lane == 0) {
             sh.red_f[warp] = best;
@@ -231,7 +239,8 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleParams p) {
             if (kept(i, &pr)) part2 += double(pr);
         }
         const double total = block_sum_d(part2, sh);
-        const double target = uniform_draw(p.seed, uint64_t(r), *p.counter) * total;
+        const uint64_t* rng = p.rng + 3 * r;
+        const double target = uniform_draw(rng[0], rng[1], rng[2]) * total;
         auto draw_key = [&](int64_t i, float s, float pr) {
             if (topp) return make_key(__float_as_uint(pr), i);
             if (topk) return make_key(ordered(s), i);
@@ -283,7 +292,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleParams p) {
 void launch_sample(const SampleParams& p, cudaStream_t s) {
     MAMBART_CHECK_ARG(p.B >= 0 && p.V >= 1 && p.V < 0x7fffffff && p.ld >= p.V,
                       "launch_sample: bad sizes B=", p.B, " V=", p.V, " ld=", p.ld);
-    MAMBART_CHECK_ARG(p.logits && p.out && p.counter, "launch_sample: null pointer");
+    MAMBART_CHECK_ARG(p.logits && p.out && p.rng, "launch_sample: null pointer");
     MAMBART_CHECK_ARG(p.temperature >= 0.0f && p.top_k >= 0 && p.top_p > 0.0f && p.top_p <= 1.0f &&
                           p.min_p >= 0.0f && p.min_p <= 1.0f && p.repetition_penalty > 0.0f,
                       "launch_sample: invalid sampling options");

@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <unordered_map>
 #include <vector>
@@ -41,6 +42,8 @@ class CudaBackend final : public Backend {
             throw Unsupported(str_cat("device='cuda:", device, "': ", gpu_name_, " has compute capability ",
                                       prop.major, ".", prop.minor, "; mambart needs 8.0 or newer"));
         check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+        const char* env = std::getenv("MAMBART_CUDA_GRAPHS");  // "0": run decode steps eagerly
+        graphs_enabled_ = !(env && std::strcmp(env, "0") == 0);
     }
 
     ~CudaBackend() override {
@@ -223,6 +226,10 @@ class CudaBackend final : public Backend {
 
     void run_graph(uint64_t key, const std::function<void()>& record) override {
         dev();
+        if (!graphs_enabled_) {
+            record();
+            return;
+        }
         auto it = graphs_.find(key);
         if (it == graphs_.end()) {
             if (graphs_.size() >= kMaxGraphs) clear_graphs();
@@ -264,8 +271,7 @@ class CudaBackend final : public Backend {
         q.top_p = p.top_p;
         q.min_p = p.min_p;
         q.repetition_penalty = p.repetition_penalty;
-        q.seed = p.seed;
-        q.counter = p.counter;
+        q.rng = p.rng;
         q.seen = p.seen;
         q.out = p.out;
         cuda::launch_sample(q, stream_);
@@ -301,6 +307,7 @@ class CudaBackend final : public Backend {
     void* staging_[2] = {nullptr, nullptr};       // pinned host, kStagingBytes each
     cudaEvent_t staged_[2] = {nullptr, nullptr};  // the last copy out of each staging buffer
     std::unordered_map<uint64_t, cudaGraphExec_t> graphs_;
+    bool graphs_enabled_ = true;
 };
 
 }  // namespace

@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <memory>
 #include <optional>
 #include <vector>
@@ -101,6 +102,10 @@ void register_ops(py::module_& parent) {
              }),
              py::arg("device"))
         .def_property_readonly("name", [](const Ops& o) { return o.be->name(); })
+        .def("alloc",
+             [](Ops& o, size_t bytes) {  // allocates and frees: out-of-memory reporting
+                 Buf b(*o.be, bytes);
+             })
         .def("embedding",
              [](Ops& o, const I32& ids, const F32& table, const std::string& dtype) {
                  Backend& be = *o.be;
@@ -276,6 +281,12 @@ void register_ops(py::module_& parent) {
                          for (int64_t i = 0; i < V; ++i)
                              if (seen_host[size_t(r * V + i)]) s.observe(int32_t(i));
                          std::copy(logits.data() + r * V, logits.data() + (r + 1) * V, row.begin());
+                         bool finite = true;
+                         for (float v : row) finite = finite && std::isfinite(v);
+                         if (!finite) {  // the device sampler's convention
+                             ids.mutable_data()[r] = -1;
+                             continue;
+                         }
                          const int32_t t = s.sample(row.data(), so, seed, uint64_t(r), counter);
                          ids.mutable_data()[r] = t;
                          seen_host[size_t(r * V + t)] = 1;
@@ -284,9 +295,15 @@ void register_ops(py::module_& parent) {
                      return py::make_tuple(ids, seen_out);
                  }
                  Buf dl(be, logits), dseen(be, size_t(B * V)), dout(be, size_t(B) * 4),
-                     dctr(be, sizeof(uint64_t));
+                     drng(be, size_t(B) * 3 * sizeof(uint64_t));
                  be.copy_to_device(dseen.as<uint8_t>(), seen_host.data(), seen_host.size());
-                 be.copy_to_device(dctr.as<uint64_t>(), &counter, sizeof(uint64_t));
+                 std::vector<uint64_t> rng(size_t(B) * 3);
+                 for (int64_t r = 0; r < B; ++r) {
+                     rng[size_t(3 * r)] = seed;
+                     rng[size_t(3 * r + 1)] = uint64_t(r);
+                     rng[size_t(3 * r + 2)] = counter;
+                 }
+                 be.copy_to_device(drng.as<uint64_t>(), rng.data(), rng.size() * sizeof(uint64_t));
                  DeviceSampleParams p{};
                  p.logits = dl.as<float>();
                  p.ld = V;
@@ -297,8 +314,7 @@ void register_ops(py::module_& parent) {
                  p.top_p = top_p;
                  p.min_p = min_p;
                  p.repetition_penalty = repetition_penalty;
-                 p.seed = seed;
-                 p.counter = dctr.as<uint64_t>();
+                 p.rng = drng.as<uint64_t>();
                  p.seen = dseen.as<uint8_t>();
                  p.out = dout.as<int32_t>();
                  be.sample(p);
