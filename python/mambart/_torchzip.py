@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import io
 import pickle
+import pickletools
 import struct
 import zipfile
+import zlib
 from collections import OrderedDict
 from typing import Any, Dict, Optional
 
@@ -142,9 +144,33 @@ def _allowed(module: str, name: str):
     return None
 
 
-class RestrictedUnpickler(pickle.Unpickler):
+_CALLABLES = (OrderedDict, _rebuild_tensor_v2, _rebuild_tensor, _rebuild_parameter,
+              _rebuild_from_type_v2)
+
+
+def _short(obj, n: int = 80) -> str:
+    try:
+        r = repr(obj)
+    except RecursionError:
+        r = f"<deeply nested {type(obj).__name__}>"
+    return r if len(r) <= n else r[:n] + "..."
+
+
+class RestrictedUnpickler(pickle._Unpickler):  # the pure-Python unpickler, see below
     """Accepts only the globals that rebuild tensors and storages; every other global (os.system,
-    builtins.eval, ...) raises before it can be called."""
+    builtins.eval, ...) raises before it can be called.
+
+    Built on pickle's pure-Python unpickler, with these opcodes narrowed:
+    - REDUCE / NEWOBJ / NEWOBJ_EX / OBJ / INST call or instantiate only the allowed stand-ins;
+    - BUILD sets attributes only on an OrderedDict (torch's state dicts carry `_metadata`), so
+      a pickle cannot rewrite the file, offset or shape of a tensor object;
+    - BYTEARRAY8 (protocol 5, never written by torch) is refused: it allocates its length
+      before reading.
+    The C unpickler is not used: it keeps the memo as an array sized by the largest index, so a
+    20-byte pickle with LONG_BINPUT 1258647924 allocates gigabytes (found by fuzzing), and the
+    memo here is a dict."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def __init__(self, file, storage_loader):
         super().__init__(file)
@@ -154,12 +180,73 @@ class RestrictedUnpickler(pickle.Unpickler):
         obj = _allowed(module, name)
         if obj is None:
             raise pickle.UnpicklingError(
-                f"refusing to load global '{module}.{name}': only tensor and storage globals "
-                f"are allowed in a checkpoint")
+                f"refusing to load global '{_short(module, 60)}.{_short(name, 60)}': only "
+                f"tensor and storage globals are allowed in a checkpoint")
         return obj
 
     def persistent_load(self, pid):
         return self._storage_loader(pid)
+
+    @staticmethod
+    def _check_callable(func, what):
+        if not any(func is c for c in _CALLABLES):
+            raise pickle.UnpicklingError(f"refusing to {what} {_short(func)}")
+
+    def load_reduce(self):
+        stack = self.stack
+        args = stack.pop()
+        func = stack[-1]
+        self._check_callable(func, "call")
+        if not isinstance(args, tuple):
+            raise pickle.UnpicklingError("REDUCE arguments are not a tuple")
+        stack[-1] = func(*args)
+
+    dispatch[pickle.REDUCE[0]] = load_reduce
+
+    def load_newobj(self):
+        args = self.stack.pop()
+        cls = self.stack.pop()
+        if cls is not OrderedDict or not isinstance(args, tuple):
+            raise pickle.UnpicklingError(f"refusing to instantiate {_short(cls)}")
+        self.append(OrderedDict.__new__(OrderedDict, *args))
+
+    dispatch[pickle.NEWOBJ[0]] = load_newobj
+
+    def load_newobj_ex(self):
+        kwargs = self.stack.pop()
+        args = self.stack.pop()
+        cls = self.stack.pop()
+        if cls is not OrderedDict or not isinstance(args, tuple) or not isinstance(kwargs, dict):
+            raise pickle.UnpicklingError(f"refusing to instantiate {_short(cls)}")
+        self.append(OrderedDict.__new__(OrderedDict, *args, **kwargs))
+
+    dispatch[pickle.NEWOBJ_EX[0]] = load_newobj_ex
+
+    def _instantiate(self, klass, args):
+        if klass is not OrderedDict:
+            raise pickle.UnpicklingError(f"refusing to instantiate {_short(klass)}")
+        self.append(OrderedDict(*args))
+
+    def load_build(self):
+        stack = self.stack
+        state = stack.pop()
+        inst = stack[-1]
+        if type(inst) is not OrderedDict:
+            raise pickle.UnpicklingError(f"refusing to set the state of a {type(inst).__name__}")
+        if isinstance(state, tuple) and len(state) == 2 and state[1] is None:
+            state = state[0]
+        if state is None:
+            return
+        if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+            raise pickle.UnpicklingError("malformed OrderedDict state")
+        inst.__dict__.update(state)
+
+    dispatch[pickle.BUILD[0]] = load_build
+
+    def load_bytearray8(self):
+        raise pickle.UnpicklingError("BYTEARRAY8 (pickle protocol 5) is not used by checkpoints")
+
+    dispatch[pickle.BYTEARRAY8[0]] = load_bytearray8
 
 
 def _storage_dtype(st) -> str:
@@ -167,7 +254,7 @@ def _storage_dtype(st) -> str:
         return st.dtype
     if isinstance(st, _DType):
         return st.name
-    raise pickle.UnpicklingError(f"persistent id names an unknown storage type {st!r}")
+    raise pickle.UnpicklingError(f"persistent id names an unknown storage type {_short(st)}")
 
 
 def _check_state_dict(obj, path: str) -> Dict[str, LazyTensor]:
@@ -179,7 +266,7 @@ def _check_state_dict(obj, path: str) -> Dict[str, LazyTensor]:
     out: Dict[str, LazyTensor] = {}
     for k, v in obj.items():
         if not isinstance(k, str):
-            raise ConversionError(f"{path}: state dict key {k!r} is not a string")
+            raise ConversionError(f"{path}: state dict key {_short(k)} is not a string")
         if not isinstance(v, LazyTensor):
             raise ConversionError(f"{path}: state dict entry '{k}' is a {type(v).__name__}, "
                                   f"not a tensor")
@@ -205,7 +292,7 @@ def _load_zip(path: str) -> Dict[str, LazyTensor]:
         if prefix + "byteorder" in infos:
             order = zf.read(prefix + "byteorder").decode("ascii", "replace").strip()
             if order not in ("little", "big"):
-                raise ConversionError(f"{path}: unknown byteorder {order!r}")
+                raise ConversionError(f"{path}: unknown byteorder {_short(order)}")
             byteswap = order == "big"
         if infos[pkl[0]].file_size > MAX_PICKLE:
             raise ConversionError(f"{path}: data.pkl is implausibly large")
@@ -219,11 +306,11 @@ def _load_zip(path: str) -> Dict[str, LazyTensor]:
 
         def load_storage(pid):
             if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != "storage":
-                raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
+                raise pickle.UnpicklingError(f"unexpected persistent id {_short(pid)}")
             dtype = _storage_dtype(pid[1])
             key, nelem = pid[2], pid[4]
             if not isinstance(key, str) or not isinstance(nelem, int) or nelem < 0:
-                raise pickle.UnpicklingError(f"malformed storage reference {pid!r}")
+                raise pickle.UnpicklingError(f"malformed storage reference {_short(pid)}")
             member = f"{prefix}data/{key}"
             info = infos.get(member)
             if info is None:
@@ -244,13 +331,19 @@ def _load_zip(path: str) -> Dict[str, LazyTensor]:
                                           f"the file (truncated?)")
                 st = _Storage(path, off, info.file_size, dtype, origin, byteswap)
             else:  # compressed member (not written by torch): read through zipfile
+                if info.compress_type not in (zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2,
+                                              zipfile.ZIP_LZMA):
+                    raise ConversionError(f"{path}: storage '{member}' uses an unsupported zip "
+                                          f"compression method ({info.compress_type})")
                 reader = _member_reader(path, member)
                 st = _Storage(path, 0, info.file_size, dtype, origin, byteswap, reader=reader)
             storages[key] = st
             return st
 
         try:
-            obj = RestrictedUnpickler(io.BytesIO(data), load_storage).load()
+            buf = io.BytesIO(data)
+            _prescan(buf)
+            obj = RestrictedUnpickler(buf, load_storage).load()
         except ConversionError:
             raise
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
@@ -287,12 +380,65 @@ def _member_reader(path: str, member: str):
     return read
 
 
+def _prescan(stream) -> None:
+    """Walks the pickle's opcodes (pickletools) without building anything, then rewinds. The
+    unpickler allocates the size a counted opcode (BINBYTES8, BINUNICODE8, ...) claims before
+    reading it, so a 20-byte pickle can make it allocate 18 GB; here such a claim fails against
+    the bytes actually left, as does a huge memo index (found by tests/fuzz, torchzip target)."""
+    start = stream.tell()
+    for n, (op, arg, _pos) in enumerate(pickletools.genops(stream)):
+        # The unpickler sizes its memo table by the largest index stored: one LONG_BINPUT of
+        # 2**32 - 1 asks for 32 GB. A pickler numbers memo entries 0, 1, 2, ... (at most one
+        # per opcode), so an index beyond the opcode count is not from a real checkpoint.
+        if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and int(arg) > n:
+            raise pickle.UnpicklingError(f"memo index {arg} at opcode {n} is implausible")
+    stream.seek(start)
+
+
+class _BoundedFile:
+    """What the unpickler reads a legacy checkpoint through: a read of more bytes than the file
+    has left fails at once. (Reading a plain file object, a 20-byte pickle whose opcode claims
+    an 18 GB string makes file.read allocate the 18 GB first; found by tests/fuzz, torchzip.)"""
+
+    def __init__(self, f, size: int):
+        self._f = f
+        self._size = size
+
+    def _check(self, n: int) -> None:
+        left = self._size - self._f.tell()
+        if n > left:
+            raise pickle.UnpicklingError(f"pickle data was truncated (an opcode needs {n} "
+                                         f"bytes, {left} are left in the file)")
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = max(self._size - self._f.tell(), 0)
+        self._check(n)
+        return self._f.read(n)
+
+    def readinto(self, b) -> int:
+        self._check(len(b))
+        return self._f.readinto(b)
+
+    def readline(self, limit: int = -1) -> bytes:
+        return self._f.readline(MAX_PICKLE if limit is None or limit < 0 else limit)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def seek(self, pos: int) -> int:
+        return self._f.seek(pos)
+
+
 def _load_legacy(path: str) -> Dict[str, LazyTensor]:
     """The pre-1.6 torch.save format (a sequence of pickles, then raw storages)."""
     f = open(path, "rb")
     with f:
+        bf = _BoundedFile(f, _file_size(path))
+
         def small_pickle():
-            return RestrictedUnpickler(f, lambda pid: (_ for _ in ()).throw(
+            _prescan(bf)
+            return RestrictedUnpickler(bf, lambda pid: (_ for _ in ()).throw(
                 pickle.UnpicklingError("unexpected persistent id"))).load()
 
         try:
@@ -308,7 +454,7 @@ def _load_legacy(path: str) -> Dict[str, LazyTensor]:
 
             def load_storage(pid):
                 if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != "storage":
-                    raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
+                    raise pickle.UnpicklingError(f"unexpected persistent id {_short(pid)}")
                 dtype = _storage_dtype(pid[1])
                 key, nelem = pid[2], pid[4]
                 if len(pid) > 5 and pid[5] is not None:
@@ -319,7 +465,8 @@ def _load_legacy(path: str) -> Dict[str, LazyTensor]:
                     pending[key] = st
                 return st
 
-            obj = RestrictedUnpickler(f, load_storage).load()
+            _prescan(bf)
+            obj = RestrictedUnpickler(bf, load_storage).load()
             keys = small_pickle()
         except ConversionError:
             raise
@@ -333,17 +480,17 @@ def _load_legacy(path: str) -> Dict[str, LazyTensor]:
         for key in keys:
             st = pending.get(key)
             if st is None:
-                raise ConversionError(f"{path}: storage key {key!r} is not used by any tensor")
+                raise ConversionError(f"{path}: storage key {_short(key)} is not used by any tensor")
             f.seek(pos)
             h = f.read(8)
             if len(h) != 8:
-                raise ConversionError(f"{path}: truncated (storage {key!r} missing)")
+                raise ConversionError(f"{path}: truncated (storage {_short(key)} missing)")
             (n,) = struct.unpack("<q", h)
             nbytes = n * DTYPES[st.dtype][1]
             if n < 0 or pos + 8 + nbytes > size:
-                raise ConversionError(f"{path}: truncated (storage {key!r} runs past the end)")
+                raise ConversionError(f"{path}: truncated (storage {_short(key)} runs past the end)")
             if nbytes < st.nbytes:
-                raise ConversionError(f"{path}: storage {key!r} is shorter than declared")
+                raise ConversionError(f"{path}: storage {_short(key)} is shorter than declared")
             st.offset = pos + 8
             pos += 8 + nbytes
     # Tensors were built with offset -1 + storage_offset; rebase them now that offsets are known.
@@ -380,8 +527,18 @@ def load_torch_checkpoint(path: str) -> Dict[str, LazyTensor]:
             head = f.read(4)
     except OSError as e:
         raise ConversionError(f"{path}: cannot read: {e.strerror or e}") from None
-    if head[:2] == b"PK":
-        return _load_zip(path)
-    if head[:1] == b"\x80":
-        return _load_legacy(path)
+    try:
+        if head[:2] == b"PK":
+            return _load_zip(path)
+        if head[:1] == b"\x80":
+            return _load_legacy(path)
+    except ConversionError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError,
+            NotImplementedError, struct.error, zlib.error, TypeError, KeyError, IndexError,
+            AttributeError, RecursionError, MemoryError, RuntimeError, pickle.UnpicklingError) as e:
+        # A corrupt archive can make zipfile fail in many ways (negative seeks, bad headers,
+        # unsupported compression); found by tests/fuzz (torchzip target).
+        raise ConversionError(f"{path}: corrupt torch checkpoint ({type(e).__name__}: "
+                              f"{_short(str(e), 160)})") from None
     raise ConversionError(f"{path}: not a torch checkpoint (neither a zip archive nor a pickle)")
