@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import struct
+import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -323,6 +324,7 @@ class PromptCache:
         # (model key, length, hash) -> list of (tokens array, SequenceState); LRU order
         self._entries: "OrderedDict[tuple, List[Tuple[np.ndarray, SequenceState]]]" = OrderedDict()
         self._lengths: Dict[tuple, Dict[int, int]] = {}  # model key -> {length: entry count}
+        self._lock = threading.Lock()  # generators may be used from several threads
 
     @staticmethod
     def _hash(tokens: np.ndarray) -> bytes:
@@ -333,12 +335,20 @@ class PromptCache:
         return sum(len(v) for v in self._entries.values())
 
     def clear(self) -> None:
+        with self._lock:
+            self._clear()
+
+    def _clear(self) -> None:
         self._entries.clear()
         self._lengths.clear()
         self.nbytes = 0
 
     def lookup(self, model_key: tuple, tokens: Sequence[int]) -> Optional[SequenceState]:
         """The state of the longest cached prefix of `tokens` for this model, or None."""
+        with self._lock:
+            return self._lookup(model_key, tokens)
+
+    def _lookup(self, model_key: tuple, tokens: Sequence[int]) -> Optional[SequenceState]:
         arr = np.asarray(tokens, dtype=np.int32)
         lengths = self._lengths.get(model_key, {})
         for n in sorted(lengths, reverse=True):
@@ -358,6 +368,13 @@ class PromptCache:
         return None
 
     def insert(self, model_key: tuple, state: SequenceState) -> None:
+        """Adds `state` under its tokens (kept as is: states are immutable), evicting the least
+        recently used entries beyond the byte budget; a state larger than the budget is not
+        kept."""
+        with self._lock:
+            self._insert(model_key, state)
+
+    def _insert(self, model_key: tuple, state: SequenceState) -> None:
         toks = np.asarray(state.tokens, dtype=np.int32)
         size = state.nbytes
         if size > self.max_bytes or len(toks) == 0:
