@@ -203,3 +203,62 @@ def test_compressed_members_are_read(tmp_path):
             zout.writestr(info.filename, zin.read(info.filename))
     got = load_torch_checkpoint(str(comp))
     np.testing.assert_array_equal(got["w"].read(), w.numpy())
+
+
+def test_memo_index_bomb_allocates_nothing(tmp_path):
+    """LONG_BINPUT 1258647924 makes the C unpickler size its memo array to 1.2 G entries
+    (~10 GB); the restricted unpickler keeps the memo in a dict."""
+    import struct
+    import tracemalloc
+
+    real = tmp_path / "real.bin"
+    torch.save({"w": torch.zeros(2)}, real)
+    bomb = b"\x80\x02N" + b"r" + struct.pack("<I", 1258647924) + b"."
+    bad = tmp_path / "bomb.bin"
+    _swap_pickle(str(real), str(bad), bomb)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ConversionError, match="bomb.bin.*(memo index|not a state dict)"):
+            load_torch_checkpoint(str(bad))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 50e6, peak
+
+
+def test_pickle_cannot_rewrite_a_tensor_to_read_another_file(tmp_path):
+    """BUILD (set state) on a rebuilt tensor would let a pickle point it at /etc/passwd; only
+    an OrderedDict's state may be set."""
+    import torch._utils as tu
+
+    marker = object()
+
+    class Retarget:
+        def __reduce__(self):
+            return (tu._rebuild_tensor_v2, (marker, 0, (2,), (1,), False, OrderedDict()),
+                    {"path": "/etc/passwd", "offset": 0})
+
+    class P(pickle.Pickler):
+        def persistent_id(self, obj):
+            if obj is marker:
+                return ("storage", torch.FloatStorage, "0", "cpu", 2)
+            return None
+
+    buf = io.BytesIO()
+    P(buf, protocol=2).dump({"w": Retarget()})
+    real = tmp_path / "real.bin"
+    torch.save({"w": torch.zeros(2)}, real)
+    bad = tmp_path / "retarget.bin"
+    _swap_pickle(str(real), str(bad), buf.getvalue())
+    with pytest.raises(ConversionError, match="refusing to set the state of a LazyTensor"):
+        load_torch_checkpoint(str(bad))
+    # the same pickle without the state loads (the persistent id and rebuild are genuine)
+    buf = io.BytesIO()
+
+    class Plain:
+        def __reduce__(self):
+            return (tu._rebuild_tensor_v2, (marker, 0, (2,), (1,), False, OrderedDict()))
+
+    P(buf, protocol=2).dump({"w": Plain()})
+    _swap_pickle(str(real), str(bad), buf.getvalue())
+    assert load_torch_checkpoint(str(bad))["w"].shape == (2,)

@@ -102,7 +102,13 @@ class LazyTensor:
 
     def _read_bytes(self, f, offset: int, nbytes: int) -> np.ndarray:
         if self._reader is not None:
-            raw = self._reader(offset, nbytes)
+            try:
+                raw = self._reader(offset, nbytes)
+            except ConversionError:
+                raise
+            except Exception as e:  # a corrupt compressed member: zlib, CRC, method errors
+                raise ConversionError(f"{self.origin}: cannot read tensor data "
+                                      f"({type(e).__name__}: {str(e)[:160]})") from None
             if len(raw) != nbytes:
                 raise ConversionError(f"{self.origin}: truncated data ({len(raw)} of {nbytes} "
                                       f"bytes at offset {offset})")

@@ -136,10 +136,14 @@ def _pad(v: int, m: int) -> int:
     return v + ((m - v % m) % m) if m > 1 else v
 
 
-def _int(cfg: dict, key: str, where: str, default=None, lo: int = 1) -> int:
+MAX_DIM = 1 << 24  # the runtime's bound on every size (and n_layer <= 4096)
+
+
+def _int(cfg: dict, key: str, where: str, default=None, lo: int = 1, hi: int = MAX_DIM) -> int:
     v = cfg.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ConversionError(f"{where}: config key '{key}' must be an integer >= {lo}, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ConversionError(f"{where}: config key '{key}' must be an integer in [{lo}, {hi}], "
+                              f"got {str(v)[:40]}")
     return v
 
 
@@ -271,13 +275,14 @@ def _hf_source(cfg: dict, where: str, weights: WeightSet) -> Source:
     d = _int(cfg, "hidden_size", where)
     c = _base_config(arch)
     c["d_model"] = d
-    c["n_layer"] = _int(cfg, "num_hidden_layers", where)
+    c["n_layer"] = _int(cfg, "num_hidden_layers", where, hi=4096)
     expand = cfg.get("expand", 2)
-    if not isinstance(expand, (int, float)) or isinstance(expand, bool) or expand <= 0:
-        raise ConversionError(f"{where}: config key 'expand' must be a positive number")
+    if not isinstance(expand, (int, float)) or isinstance(expand, bool) or not 0 < expand <= 1024:
+        raise ConversionError(f"{where}: config key 'expand' must be a number in (0, 1024]")
     E = cfg.get("intermediate_size", int(expand * d)) if arch == "mamba1" else int(expand * d)
-    if not isinstance(E, int) or E < 1:
-        raise ConversionError(f"{where}: config key 'intermediate_size' must be a positive int")
+    if isinstance(E, bool) or not isinstance(E, int) or not 1 <= E <= MAX_DIM:
+        raise ConversionError(f"{where}: config key 'intermediate_size' (or expand x "
+                              f"hidden_size) must be an integer in [1, {MAX_DIM}]")
     V = _int(cfg, "vocab_size", where)
     c["vocab_size"] = V
     c["vocab_size_padded"] = V  # fixed below from the embedding rows
@@ -375,15 +380,17 @@ def _ss_source(cfg: dict, where: str, weights: WeightSet) -> Source:
     d = _int(cfg, "d_model", where)
     c = _base_config(arch)
     c["d_model"] = d
-    c["n_layer"] = _int(cfg, "n_layer", where)
+    c["n_layer"] = _int(cfg, "n_layer", where, hi=4096)
     V = _int(cfg, "vocab_size", where, 50277)
     m = _int(cfg, "pad_vocab_size_multiple", where, 8)
     c["vocab_size"] = V
     c["vocab_size_padded"] = _pad(V, m)
     expand = ssm.get("expand", 2)
-    if not isinstance(expand, (int, float)) or isinstance(expand, bool) or expand <= 0:
-        raise ConversionError(f"{where}: ssm_cfg.expand must be a positive number")
+    if not isinstance(expand, (int, float)) or isinstance(expand, bool) or not 0 < expand <= 1024:
+        raise ConversionError(f"{where}: ssm_cfg.expand must be a number in (0, 1024]")
     E = int(expand * d)
+    if not 1 <= E <= MAX_DIM:
+        raise ConversionError(f"{where}: expand x d_model = {E} is out of range")
     c["d_inner"] = E
     c["d_state"] = _int(ssm, "d_state", where + " ssm_cfg", 16 if arch == "mamba1" else 128)
     c["d_conv"] = _int(ssm, "d_conv", where + " ssm_cfg", 4)
@@ -437,14 +444,56 @@ MAMBART_KEYS = {"mambart_format", "architecture", "d_model", "n_layer", "vocab_s
                 "bos_token_id", "eos_token_id", "pad_token_id", "dtype", "source"}
 
 
-def _mambart_source(cfg: dict, where: str) -> Source:
-    if cfg.get("mambart_format") != FORMAT_VERSION:
-        raise ConversionError(f"{where}: mambart_format {cfg.get('mambart_format')!r} is not "
-                              f"supported (expected {FORMAT_VERSION})")
-    missing = sorted(MAMBART_KEYS - set(cfg) - {"source"})
-    unknown = sorted(set(cfg) - MAMBART_KEYS)
+def validate_config(c: dict, where: str) -> None:
+    """Types, ranges and consistency of a mambart config (docs/format.md), as the runtime
+    checks them; ConversionError naming the key."""
+    missing = sorted(MAMBART_KEYS - set(c) - {"source", "dtype"})
+    unknown = sorted(set(c) - MAMBART_KEYS)
     if missing or unknown:
         raise ConversionError(f"{where}: missing keys {missing} / unknown keys {unknown}")
+    if c["mambart_format"] != FORMAT_VERSION or isinstance(c["mambart_format"], bool):
+        raise ConversionError(f"{where}: mambart_format {str(c['mambart_format'])[:20]} is not "
+                              f"supported (expected {FORMAT_VERSION})")
+    if c["architecture"] not in ("mamba1", "mamba2"):
+        raise ConversionError(f"{where}: config key 'architecture' must be mamba1 or mamba2")
+    m1 = c["architecture"] == "mamba1"
+    for k in ("d_model", "vocab_size", "vocab_size_padded", "d_inner", "d_state", "d_conv"):
+        _int(c, k, where)
+    _int(c, "n_layer", where, hi=4096)
+    _int(c, "ngroups", where)
+    for k in ("dt_rank", "headdim", "nheads", "chunk_size"):
+        _int(c, k, where, lo=0 if not (k == "dt_rank" and m1 or k != "dt_rank" and not m1) else 1)
+    for k in ("conv_bias", "bias", "gated_norm", "norm_before_gate", "residual_in_fp32",
+              "tie_embeddings"):
+        _bool(c, k, where)
+    if c["norm_before_gate"]:
+        raise ConversionError(f"{where}: norm_before_gate=true is not supported")
+    if c["norm"] not in ("rmsnorm", "layernorm"):
+        raise ConversionError(f"{where}: config key 'norm' must be rmsnorm or layernorm")
+    eps = c["norm_eps"]
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise ConversionError(f"{where}: config key 'norm_eps' must be in (0, 1)")
+    lim = c["dt_limit"]
+    if not isinstance(lim, list) or len(lim) != 2:
+        raise ConversionError(f"{where}: config key 'dt_limit' must be [min, max or null]")
+    _dt_limit([lim[0], math.inf if lim[1] is None else lim[1]], where, "dt_limit")
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        v = c.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise ConversionError(f"{where}: config key '{k}' must be a token id or null")
+    if c["vocab_size_padded"] < c["vocab_size"]:
+        raise ConversionError(f"{where}: vocab_size_padded < vocab_size")
+    if not m1:
+        if c["nheads"] * c["headdim"] != c["d_inner"]:
+            raise ConversionError(f"{where}: nheads x headdim must equal d_inner")
+        if c["nheads"] % c["ngroups"]:
+            raise ConversionError(f"{where}: ngroups must divide nheads")
+    if "dtype" in c and c["dtype"] not in OUT_DTYPES:
+        raise ConversionError(f"{where}: config key 'dtype' must be one of {OUT_DTYPES}")
+
+
+def _mambart_source(cfg: dict, where: str) -> Source:
+    validate_config(cfg, where)
     c = {k: v for k, v in cfg.items() if k not in ("dtype", "source")}
     names = {n: n for n in expected_shapes(c)}
     return Source("mambart", c, names)
@@ -617,6 +666,7 @@ def convert(src, dst, dtype: Optional[str] = None, *, overwrite: bool = False,
         if cfg.get(k) is not None and cfg[k] >= cfg["vocab_size"]:
             cfg[k] = None  # an id outside the vocabulary can never be generated
     cfg["dtype"] = T
+    validate_config(cfg, "the converted config")  # what the runtime will check, before writing
     prov = {"format": source.fmt, "path": str(src_p.resolve()), "converter": CONVERTER_VERSION,
             "weights": [os.path.basename(f) for f in weights.files],
             "source_dtype": _source_dtype(weights, source.names)}
