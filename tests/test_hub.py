@@ -235,3 +235,44 @@ def test_losing_a_conversion_race_uses_the_winner(env, monkeypatch):
     assert logits_match(out, env["m1"])
     left = [p.name for p in (env["mcache"] / "converted").iterdir()]
     assert left == [Path(out).name]
+
+
+def test_online_resolution_downloads_only_the_needed_files(env, monkeypatch):
+    """The online path (network mocked): the repository listing picks safetensors over .bin,
+    and a network failure falls back to the cache."""
+    import types
+
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    calls = []
+    listing = ["config.json", "pytorch_model.bin", "model.safetensors", "README.md"]
+
+    def model_info(self, repo_id, revision=None, **kw):
+        if repo_id == "state-spaces/mamba2-130m":
+            raise ConnectionError("network is unreachable")
+        return types.SimpleNamespace(sha="f" * 40, siblings=[
+            types.SimpleNamespace(rfilename=f) for f in listing])
+
+    real = huggingface_hub.snapshot_download
+
+    def snapshot_download(repo_id, **kw):
+        calls.append((repo_id, kw.get("allow_patterns"), kw.get("local_files_only", False)))
+        return real(repo_id, **dict(kw, local_files_only=True, allow_patterns=None))
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    hub.snapshot("state-spaces/mamba-130m")
+    repo, patterns, local = calls[-1]
+    assert repo == "state-spaces/mamba-130m" and not local
+    assert "model.safetensors" in patterns and "pytorch_model.bin" not in patterns
+    assert "config.json" in patterns and "tokenizer.json" in patterns
+    listing[:] = ["config.json", "pytorch_model.bin"]
+    hub.snapshot("state-spaces/mamba-130m")
+    assert "pytorch_model.bin" in calls[-1][1]
+    # network down: the cached snapshot is used
+    snap = hub.snapshot("state-spaces/mamba2-130m")
+    assert Path(snap) == env["snaps"]["m2"] and calls[-1][2] is True
+    listing[:] = ["config.json", "README.md"]
+    with pytest.raises(ModelLoadError, match="no model.safetensors or pytorch_model.bin"):
+        hub.snapshot("state-spaces/mamba-130m")

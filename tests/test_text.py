@@ -186,3 +186,19 @@ def test_stop_string_in_generation(text_model):
     assert r.finish_reason == "stop_string" and r.text == cut
     assert "".join(g.stream("The future of AI is", max_new_tokens=32, ignore_eos=True,
                             stop=[stop])) == cut
+
+
+def test_streamed_pieces_equal_the_full_decode_for_random_tokens(tok):
+    """Random token sequences (invalid UTF-8 byte runs included): the pieces always add up to
+    decode(all ids), and a piece never ends inside a character."""
+    import random
+
+    rng = random.Random(0)
+    n = tok.get_vocab_size()
+    for _ in range(500):
+        ids = [rng.randrange(n) for _ in range(rng.randint(1, 24))]
+        s = TextStream(tok)
+        pieces = [s.push(i) for i in ids]
+        assert all(not p.endswith("\ufffd") for p in pieces)
+        pieces.append(s.finish())
+        assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True)
