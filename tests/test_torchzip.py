@@ -262,3 +262,24 @@ def test_pickle_cannot_rewrite_a_tensor_to_read_another_file(tmp_path):
     P(buf, protocol=2).dump({"w": Plain()})
     _swap_pickle(str(real), str(bad), buf.getvalue())
     assert load_torch_checkpoint(str(bad))["w"].shape == (2,)
+
+
+def test_big_endian_archive(tmp_path):
+    w = torch.randn(5, 3)
+    h = torch.randn(4).half()
+    path = tmp_path / "le.bin"
+    torch.save({"w": w, "h": h}, path)
+    be = tmp_path / "be.bin"
+    with zipfile.ZipFile(path) as zin, zipfile.ZipFile(be, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            if info.filename.endswith("/byteorder"):
+                data = b"big"
+            elif info.filename.endswith("/data/0"):
+                data = np.frombuffer(data, "<f4").astype(">f4").tobytes()
+            elif info.filename.endswith("/data/1"):
+                data = np.frombuffer(data, "<f2").astype(">f2").tobytes()
+            zout.writestr(info, data)
+    got = load_torch_checkpoint(str(be))
+    np.testing.assert_array_equal(got["w"].read(), w.numpy())
+    np.testing.assert_array_equal(got["h"].read(), h.numpy())
