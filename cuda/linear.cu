@@ -5,8 +5,12 @@
 //   n = blockIdx.x * kGemvWarps + w for all M rows. Lanes stride over K with 16-byte weight
 //   vectors (kVec: K % (16 / sizeof(T)) == 0, W and x 16-byte aligned, ldx % 4 == 0), several
 //   in flight per lane; fp32 accumulation; a warp reduction at the end.
-// gemm_wmma_kernel (M > kGemvMaxRows, fp16/bf16 weights): tensor cores (WMMA 16x16x16), x
-//   rounded to the weight dtype while staged into shared memory, fp32 accumulation.
+// gemm_tc_kernel (M > kGemvMaxRows, fp16/bf16 weights, aligned: K % 8 == 0, ldx % 4 == 0):
+//   tensor cores (WMMA 16x16x16), x rounded to the weight dtype while staged into shared
+//   memory, fp32 accumulation, the next K tile loaded into registers during the MMAs.
+//   Grid: (ceil(N / BN), ceil(M / BM)); 128 x 128 tiles of 8 warps (64 x 32 per warp), or
+//   32 x 64 tiles of 4 warps when M <= 64 (decode batches).
+// gemm_wmma_kernel (the same, unaligned shapes): simple staged tiles, scalar loads.
 //   Grid: (ceil(N / 64), ceil(M / 128)); block: 8 warps in a 4 (M) x 2 (N) layout, 32 x 32
 //   outputs per warp; K in steps of 32; shared memory 23 KB.
 // gemm_f32_kernel (M > kGemvMaxRows, fp32 weights): a 64 x 64 tile SIMT GEMM, 4 x 4 outputs
@@ -178,6 +182,117 @@ __global__ void __launch_bounds__(256) gemm_wmma_kernel(LinearParams p) {
         }
 }
 
+// Pipelined tensor-core GEMM (the fast path of gemm_wmma_kernel): WM x WN warps, each owning
+// FM x FN 16x16 fragments; K in steps of 32; 16-byte global loads (x as float4, converted to T
+// when staged; W as 8-element vectors); the next K tile is loaded into registers while the
+// current one is multiplied. Requires K % 8 == 0, ldx % 4 == 0, x and W 16-byte aligned.
+template <typename T, int WM, int WN, int FM, int FN>
+__global__ void __launch_bounds__(WM * WN * 32) gemm_tc_kernel(LinearParams p) {
+    using namespace nvcuda;
+    constexpr int kThreads = WM * WN * 32;
+    constexpr int BM = WM * FM * 16, BN = WN * FN * 16, BK = 32, LD = BK + 8;
+    constexpr int kA = BM * BK / 4 / kThreads;  // float4 loads of x per thread
+    constexpr int kB = BN * BK / 8 / kThreads;  // 16-byte loads of W per thread
+    static_assert(kA * kThreads * 4 == BM * BK && kB * kThreads * 8 == BN * BK, "tile split");
+    __shared__ __align__(128) T As[BM][LD];
+    __shared__ __align__(128) T Bs[BN][LD];
+    __shared__ __align__(128) float Cs[WM * WN][16 * 16];
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int warp_m = warp % WM, warp_n = warp / WM;
+    const int64_t m0 = int64_t(blockIdx.y) * BM, n0 = int64_t(blockIdx.x) * BN;
+    const T* W = static_cast<const T*>(p.W);
+
+    float4 ra[kA];
+    uint4 rb[kB];
+    auto load = [&](int64_t k0) {
+#pragma unroll
+        for (int i = 0; i < kA; ++i) {
+            const int idx = tid + i * kThreads, r = idx / (BK / 4), c = (idx % (BK / 4)) * 4;
+            const int64_t gm = m0 + r, gk = k0 + c;
+            ra[i] = (gm < p.M && gk < p.K)
+                        ? __ldg(reinterpret_cast<const float4*>(p.x + gm * p.ldx + gk))
+                        : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+#pragma unroll
+        for (int i = 0; i < kB; ++i) {
+            const int idx = tid + i * kThreads, r = idx / (BK / 8), c = (idx % (BK / 8)) * 8;
+            const int64_t gn = n0 + r, gk = k0 + c;
+            rb[i] = (gn < p.N && gk < p.K) ? __ldg(reinterpret_cast<const uint4*>(W + gn * p.K + gk))
+                                           : make_uint4(0, 0, 0, 0);
+        }
+    };
+    auto store = [&]() {
+#pragma unroll
+        for (int i = 0; i < kA; ++i) {
+            const int idx = tid + i * kThreads, r = idx / (BK / 4), c = (idx % (BK / 4)) * 4;
+            T* dst = &As[r][c];
+            dst[0] = from_f32<T>(ra[i].x);
+            dst[1] = from_f32<T>(ra[i].y);
+            dst[2] = from_f32<T>(ra[i].z);
+            dst[3] = from_f32<T>(ra[i].w);
+        }
+#pragma unroll
+        for (int i = 0; i < kB; ++i) {
+            const int idx = tid + i * kThreads, r = idx / (BK / 8), c = (idx % (BK / 8)) * 8;
+            *reinterpret_cast<uint4*>(&Bs[r][c]) = rb[i];
+        }
+    };
+
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[FM][FN];
+#pragma unroll
+    for (int i = 0; i < FM; ++i)
+#pragma unroll
+        for (int j = 0; j < FN; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+
+    load(0);
+    for (int64_t k0 = 0; k0 < p.K; k0 += BK) {
+        store();
+        __syncthreads();
+        if (k0 + BK < p.K) load(k0 + BK);  // in flight during the MMAs below
+#pragma unroll
+        for (int kk = 0; kk < BK; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[FM];
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b[FN];
+#pragma unroll
+            for (int i = 0; i < FM; ++i)
+                wmma::load_matrix_sync(a[i], &As[(warp_m * FM + i) * 16][kk], LD);
+#pragma unroll
+            for (int j = 0; j < FN; ++j)
+                wmma::load_matrix_sync(b[j], &Bs[(warp_n * FN + j) * 16][kk], LD);
+#pragma unroll
+            for (int i = 0; i < FM; ++i)
+#pragma unroll
+                for (int j = 0; j < FN; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < FM; ++i)
+#pragma unroll
+        for (int j = 0; j < FN; ++j) {
+            wmma::store_matrix_sync(Cs[warp], acc[i][j], 16, wmma::mem_row_major);
+            __syncwarp();
+            for (int e = lane; e < 256; e += 32) {
+                const int64_t gm = m0 + (warp_m * FM + i) * 16 + e / 16;
+                const int64_t gn = n0 + (warp_n * FN + j) * 16 + e % 16;
+                if (gm < p.M && gn < p.N)
+                    p.y[gm * p.ldy + gn] = Cs[warp][e] + (p.bias ? p.bias[gn] : 0.0f);
+            }
+            __syncwarp();
+        }
+}
+
+template <typename T>
+void gemm_tc_launch(const LinearParams& p, cudaStream_t s) {
+    if (p.M <= 64) {  // decode batches: small M tiles, more blocks along N
+        const dim3 grid(unsigned(ceil_div(p.N, 64)), unsigned(ceil_div(p.M, 32)));
+        gemm_tc_kernel<T, 1, 4, 2, 1><<<grid, 128, 0, s>>>(p);
+    } else {
+        const dim3 grid(unsigned(ceil_div(p.N, 128)), unsigned(ceil_div(p.M, 128)));
+        gemm_tc_kernel<T, 2, 4, 4, 2><<<grid, 256, 0, s>>>(p);
+    }
+}
+
 constexpr int kFT = 64, kFK = 16;
 
 __global__ void __launch_bounds__(256) gemm_f32_kernel(LinearParams p) {
@@ -276,6 +391,17 @@ void launch_linear(const LinearParams& p, cudaStream_t s) {
     }
     const dim3 grid(unsigned(ceil_div(p.N, kBN)), unsigned(ceil_div(p.M, kBM)));
     MAMBART_CHECK_ARG(grid.y <= 65535, "launch_linear: M=", p.M, " too large");
+    const bool aligned = p.K % 8 == 0 && p.ldx % 4 == 0 &&
+                         reinterpret_cast<uintptr_t>(p.W) % 16 == 0 &&
+                         reinterpret_cast<uintptr_t>(p.x) % 16 == 0;
+    if (aligned) {
+        if (p.dtype == DType::F16)
+            gemm_tc_launch<__half>(p, s);
+        else
+            gemm_tc_launch<__nv_bfloat16>(p, s);
+        check_launch("gemm_tc_kernel", s);
+        return;
+    }
     if (p.dtype == DType::F16)
         gemm_wmma_kernel<__half><<<grid, 256, 0, s>>>(p);
     else
