@@ -85,6 +85,7 @@ def test_convert_and_info(setup, tmp_path):
     r = cli(setup, "convert", setup["hf"], dst, "--dtype", "bfloat16", check=0)
     assert r.stdout.strip() == str(dst)
     assert "converted" in r.stderr and "mamba2" in r.stderr
+    assert "converting hf" in r.stderr and "100%" in r.stderr  # the tqdm progress bar
     g = mambart.Generator(str(dst))
     assert g.dtype == "bfloat16"
     r = cli(setup, "info", dst, check=0)
