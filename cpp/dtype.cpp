@@ -89,25 +89,37 @@ uint16_t f32_to_f16(float f) {
     return sign | static_cast<uint16_t>(r);
 }
 
+// `src` may be misaligned (a safetensors data section starts wherever the header ends), so
+// 16-bit values are loaded with memcpy, not through a uint16_t pointer (UB; found by the
+// libFuzzer safetensors target under UBSan).
 void convert_to_f32(const void* src, DType src_dt, float* dst, size_t n) {
+    if (n == 0) return;
+    const unsigned char* s = static_cast<const unsigned char*>(src);
     switch (src_dt) {
         case DType::F32:
             std::memcpy(dst, src, n * 4);
             return;
         case DType::F16: {
-            const uint16_t* s = static_cast<const uint16_t*>(src);
-            for (size_t i = 0; i < n; ++i) dst[i] = f16_to_f32(s[i]);
+            for (size_t i = 0; i < n; ++i) {
+                uint16_t h;
+                std::memcpy(&h, s + 2 * i, 2);
+                dst[i] = f16_to_f32(h);
+            }
             return;
         }
         case DType::BF16: {
-            const uint16_t* s = static_cast<const uint16_t*>(src);
-            for (size_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(s[i]);
+            for (size_t i = 0; i < n; ++i) {
+                uint16_t h;
+                std::memcpy(&h, s + 2 * i, 2);
+                dst[i] = bf16_to_f32(h);
+            }
             return;
         }
     }
 }
 
 void convert_from_f32(const float* src, void* dst, DType dst_dt, size_t n) {
+    if (n == 0) return;
     switch (dst_dt) {
         case DType::F32:
             std::memcpy(dst, src, n * 4);

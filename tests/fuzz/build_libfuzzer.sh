@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Builds the libFuzzer targets (tests/fuzz/cpp/*.cpp) with clang, ASan and UBSan, into OUT
+# (default build/fuzz), and with --run SECONDS runs each from the committed seeds for that long.
+#   tests/fuzz/build_libfuzzer.sh [--out DIR] [--run SECONDS]
+# Needs clang++ (14+) with the libFuzzer runtime (Debian: clang-14 libclang-rt-14-dev).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+OUT=build/fuzz
+RUN=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --out) OUT="$2"; shift 2 ;;
+    --run) RUN="$2"; shift 2 ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+CXX=""
+for c in clang++ clang++-19 clang++-18 clang++-17 clang++-16 clang++-15 clang++-14; do
+  if command -v "$c" >/dev/null 2>&1; then CXX="$c"; break; fi
+done
+if [ -z "$CXX" ]; then echo "build_libfuzzer.sh: no clang++ found" >&2; exit 3; fi
+JSON_INC=$(python -c "import nlohmann_json; print(nlohmann_json.get_include())" 2>/dev/null || true)
+[ -n "$JSON_INC" ] || JSON_INC=/usr/include
+mkdir -p "$OUT"
+FLAGS=(-std=c++17 -O1 -g -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined
+       -fno-sanitize-recover=all -Icpp -isystem "$JSON_INC")
+CORE=(cpp/safetensors.cpp cpp/config.cpp cpp/dtype.cpp cpp/error.cpp)
+for t in safetensors config; do
+  "$CXX" "${FLAGS[@]}" "${CORE[@]}" "tests/fuzz/cpp/fuzz_$t.cpp" -o "$OUT/fuzz_$t"
+done
+echo "built $OUT/fuzz_safetensors $OUT/fuzz_config with $CXX"
+if [ "$RUN" != "0" ]; then
+  status=0
+  for t in safetensors config; do
+    seeds=tests/fuzz/corpus/safetensors_cpp
+    [ "$t" = config ] && seeds=tests/fuzz/corpus/libfuzzer_config
+    work=$(mktemp -d)
+    extra=""
+    [ "$t" = safetensors ] && extra=tests/fuzz/crashes/libfuzzer_safetensors
+    mkdir -p "$OUT/crashes-$t"
+    if ! UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 "$OUT/fuzz_$t" -max_total_time="$RUN" \
+        -timeout=10 -rss_limit_mb=2048 -max_len=65536 -print_final_stats=1 \
+        -artifact_prefix="$OUT/crashes-$t/" "$work" "$seeds" $extra > "$OUT/fuzz_$t.log" 2>&1; then
+      status=1
+      tail -60 "$OUT/fuzz_$t.log"
+    fi
+    echo "[libfuzzer] $t: $(grep -E 'stat::number_of_executed_units' "$OUT/fuzz_$t.log" | tr -s ' ') \
+$(grep -E 'stat::new_units_added' "$OUT/fuzz_$t.log" | tr -s ' ') (${RUN} s)"
+    rm -rf "$work"
+  done
+  exit $status
+fi
