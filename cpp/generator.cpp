@@ -315,8 +315,7 @@ GenerationStream::GenerationStream(Generator& g, std::vector<std::vector<int32_t
         const GenerationOptions& o = row_opt_[size_t(r)];
         stream_id_[size_t(r)] = o.rng_stream < 0 ? uint64_t(r) : uint64_t(o.rng_stream);
         const auto& o0 = row_opt_[0];
-        if (o.rng_stream >= 0 || o.rng_counter != 0 || o.seed != o0.seed ||
-            o.sampling.temperature != o0.sampling.temperature ||
+        if (o.sampling.temperature != o0.sampling.temperature ||
             o.sampling.top_k != o0.sampling.top_k || o.sampling.top_p != o0.sampling.top_p ||
             o.sampling.min_p != o0.sampling.min_p ||
             o.sampling.repetition_penalty != o0.sampling.repetition_penalty)

@@ -88,8 +88,8 @@ class GenerationStream {
     // (with the prompt's next-token logits; nullptr before the prefill).
     std::shared_ptr<SequenceState> row_state(int64_t row);
     std::shared_ptr<SequenceState> prompt_state(int64_t row) const;
-    // True when every row shares sampling options and seed and draws from stream = its index
-    // from counter 0 (what a one-options-for-all device sampler assumes).
+    // True when every row shares the sampling options (seeds, RNG streams and counters may
+    // differ per row: the device sampler takes them per row).
     bool uniform_sampling() const { return uniform_sampling_; }
 
  private:

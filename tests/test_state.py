@@ -285,3 +285,50 @@ def test_long_prompt_memory_does_not_grow_with_the_prompt(tmp_path):
     # would be 40k x ~300 floats (in_proj, conv, scan, norms) x 4 B ~ 48 MB. (A sanity check of
     # the measurement: g.logits(ids), which returns 40k x V floats, grows it by ~18 MB.)
     assert big - small < 8 * 1024, (small, big)
+
+
+# ---------------------------------------------------------------- the same on the GPU
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
+def test_cuda_states_cache_batches_and_scores(tmp_path, arch):
+    """Issue 7 on the CUDA backend: the state, cache, per-row and scoring paths only use
+    Backend copies, so the CPU invariants hold on the device too."""
+    d = make(tmp_path, arch, seed=3)
+    g = mambart.Generator(d, device="cuda")
+    cpu = mambart.Generator(d)
+    for opts in (dict(), dict(SAMPLE, seed=11)):
+        full = g.generate(PROMPT, max_new_tokens=12, ignore_eos=True, **opts)
+        a = g.generate(PROMPT, max_new_tokens=5, ignore_eos=True, return_state=True, **opts)
+        kw = {k: v for k, v in opts.items() if k != "seed"}
+        b = g.generate(None, state=a.state, max_new_tokens=7, ignore_eos=True, **kw)
+        assert a.token_ids + b.token_ids == full.token_ids
+        a.state.save(tmp_path / "s.safetensors")
+        c = g.generate(None, state=g.load_state(tmp_path / "s.safetensors"), max_new_tokens=7,
+                       ignore_eos=True, **kw)
+        assert c.token_ids == b.token_ids
+    s = g.prefill(PROMPT)
+    assert "cuda" in s._native.device
+    rows = g.generate(state=[s] * 3, seed=[1, 2, 3], max_new_tokens=6, ignore_eos=True,
+                      temperature=1.0)
+    for seed, row in zip([1, 2, 3], rows):
+        assert row.token_ids == g.generate(PROMPT, seed=seed, max_new_tokens=6, ignore_eos=True,
+                                           temperature=1.0).token_ids
+    r = g.generate([PROMPT, [7, 8]], max_new_tokens=[2, 9], ignore_eos=True, return_state=True)
+    more = g.generate(None, state=r[0].state, max_new_tokens=6, ignore_eos=True)
+    assert r[0].token_ids + more.token_ids == g.generate(PROMPT, max_new_tokens=8,
+                                                         ignore_eos=True).token_ids
+    # Prompt cache: the next turn prefills only the new tokens, same tokens as uncached.
+    gc = mambart.Generator(d, device="cuda", prompt_cache_bytes=1 << 24)
+    t1 = gc.generate(PROMPT, max_new_tokens=6, ignore_eos=True)
+    turn2 = PROMPT + t1.token_ids + [11, 12, 13]
+    t2 = gc.generate(turn2, max_new_tokens=6, ignore_eos=True)
+    assert t2.prefill_tokens == 4
+    assert t2.token_ids == g.generate(turn2, max_new_tokens=6, ignore_eos=True).token_ids
+    # Scores agree with the CPU backend's; a CPU state continues on the GPU (through the host).
+    ids = np.random.default_rng(0).integers(1, g.vocab_size, 100).tolist()
+    np.testing.assert_allclose(g.score(ids).logprobs, cpu.score(ids).logprobs, atol=2e-3)
+    sc = cpu.prefill(ids[:50])
+    np.testing.assert_allclose(g.score(ids[50:], state=sc).logprobs,
+                               cpu.score(ids).logprobs[49:], atol=2e-3)
