@@ -74,8 +74,18 @@ def test_help_reads_well(setup):
 
 
 def test_console_script_is_installed(setup):
-    exe = Path(sys.executable).parent / "mambart"
-    assert exe.is_file(), "pip install should create the `mambart` console script"
+    import sysconfig
+
+    dirs = [Path(sys.executable).parent, Path(sysconfig.get_path("scripts"))]
+    try:
+        dirs.append(Path(sysconfig.get_path("scripts", f"{os.name}_user")))
+    except KeyError:
+        pass
+    found = [d / "mambart" for d in dirs if (d / "mambart").is_file()]
+    if shutil.which("mambart"):
+        found.append(Path(shutil.which("mambart")))
+    assert found, f"pip install should create the `mambart` console script (looked in {dirs})"
+    exe = found[0]
     r = subprocess.run([str(exe), "--version"], capture_output=True, text=True, env=setup["env"])
     assert r.returncode == 0 and r.stdout.strip() == f"mambart {mambart.__version__}"
 
