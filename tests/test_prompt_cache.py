@@ -145,3 +145,12 @@ def test_byte_budget_and_lru_eviction(dirs):
     assert g.prompt_cache is None
     with pytest.raises(ValueError, match="max_bytes"):
         PromptCache(-1)
+
+
+def test_stream_uses_and_fills_the_cache(g, plain):
+    toks = list(g.stream(PROMPT, max_new_tokens=5, ignore_eos=True))
+    assert toks == plain.generate(PROMPT, max_new_tokens=5, ignore_eos=True).token_ids
+    nxt = PROMPT + toks + [21]
+    r = g.generate(nxt, max_new_tokens=3, ignore_eos=True)
+    assert r.prefill_tokens == 2
+    assert list(g.stream(nxt, max_new_tokens=3, ignore_eos=True)) == r.token_ids

@@ -240,7 +240,7 @@ def test_state_arguments_are_checked(g):
     with pytest.raises(ValueError, match="list of 2 states"):
         g.generate([[1], [2], [3]], state=[s, s])
     with pytest.raises(ValueError, match="empty"):
-        g.generate([], max_new_tokens=1) if False else g.generate([[]], max_new_tokens=1)
+        g.generate([[]], max_new_tokens=1)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         g.generate([10**6], state=s)
 
