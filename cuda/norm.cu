@@ -3,11 +3,12 @@
 // add_norm:  r = residual + hidden (written back to residual, fp32);
 //            RMSNorm:   out = r * rsqrt(mean(r²) + eps) * w
 //            LayerNorm: out = (r - mean(r)) * rsqrt(var(r) + eps) * w + b
-//   Grid: (n rows); block: 256 threads striding over d; fp32 block reductions.
+//   Grid: (n rows); block: 256 threads (1024 when n < 64) striding over d; fp32 block reductions.
 //
 // gated_rmsnorm (norm_before_gate=False): v = y * silu(z);
 //            out = v * rsqrt(mean_group(v²) + eps) * w, per group of group_size along E
-//   Grid: (n rows, E / group_size groups); block: 256 threads striding over the group.
+//   Grid: (n rows, E / group_size groups); block: 256 threads (1024 for fewer than 64 blocks)
+//   striding over the group.
 //   Requires E % group_size == 0.
 #include "common.cuh"
 #include "kernels.h"
@@ -76,7 +77,8 @@ void launch_add_norm(const AddNormParams& p, cudaStream_t s) {
     MAMBART_CHECK_ARG(p.residual && p.w && p.out, "launch_add_norm: null pointer");
     MAMBART_CHECK_ARG(p.n <= 0x7fffffff, "launch_add_norm: n=", p.n, " too large");
     if (p.n == 0) return;
-    add_norm_kernel<<<unsigned(p.n), kThreads, 0, s>>>(p);
+    // few rows (decode): wide blocks, so one row's reductions finish quickly
+    add_norm_kernel<<<unsigned(p.n), p.n < 64 ? 1024 : kThreads, 0, s>>>(p);
     check_launch("add_norm_kernel", s);
 }
 
@@ -87,7 +89,8 @@ void launch_gated_rmsnorm(const GatedRmsNormParams& p, cudaStream_t s) {
     MAMBART_CHECK_ARG(p.ld_z >= p.E, "launch_gated_rmsnorm: ld_z=", p.ld_z, " < E=", p.E);
     MAMBART_CHECK_ARG(p.E / p.group_size <= 65535, "launch_gated_rmsnorm: too many groups");
     if (p.n == 0) return;
-    gated_rmsnorm_kernel<<<dim3(unsigned(p.n), unsigned(p.E / p.group_size)), kThreads, 0, s>>>(p);
+    const int threads = p.n * (p.E / p.group_size) < 64 ? 1024 : kThreads;
+    gated_rmsnorm_kernel<<<dim3(unsigned(p.n), unsigned(p.E / p.group_size)), threads, 0, s>>>(p);
     check_launch("gated_rmsnorm_kernel", s);
 }
 

@@ -7,7 +7,8 @@
 // Grid: (ceil(E / channels per block), B); block: 4 warps. A channel e is owned by a group of
 // g = min(32, next_pow2(N)) lanes; lane j of the group holds states n = j + g·i (i < SPL =
 // ceil(N / g)) in registers for the whole sequence, so the scan over L is sequential and the
-// reduction over n is a shuffle within the group. The final state is written back.
+// reduction over n is a shuffle within the group. The inputs of kT tokens are loaded into
+// registers before their recurrence steps run (latency hiding). The final state is written back.
 // Preconditions: 1 <= N <= 256; ld_bc >= N (B and C rows are slices of x_proj's output);
 // ld_z >= E; y does not alias the inputs.
 #include "common.cuh"
@@ -21,6 +22,7 @@ constexpr int kScanWarps = 4;
 
 template <int SPL>
 __global__ void __launch_bounds__(kScanWarps * 32) selective_scan_kernel(SelectiveScanParams p, int g) {
+    constexpr int kT = SPL <= 2 ? 8 : (SPL <= 4 ? 4 : 2);  // tokens prefetched per group
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int j = lane % g, cpw = 32 / g;
     const int64_t e_raw = (int64_t(blockIdx.x) * kScanWarps + warp) * cpw + lane / g;
@@ -36,24 +38,43 @@ __global__ void __launch_bounds__(kScanWarps * 32) selective_scan_kernel(Selecti
         A[i] = n < N ? p.A[e * N + n] : 0.0f;
     }
     const float dtb = p.dt_bias[e], Dv = p.D[e];
-    for (int64_t t = 0; t < p.L; ++t) {
-        const int64_t bt = b * p.L + t;
-        const float delta = softplus_f(p.dt[bt * E + e] + dtb);
-        const float u = p.x[bt * E + e];
-        const float du = delta * u;
-        const float* Bt = p.Bm + bt * p.ld_bc;
-        const float* Ct = p.Cm + bt * p.ld_bc;
-        float acc = 0.0f;
+    // Tokens in groups of kT: every load of a group is issued before the group's sequential
+    // recurrence runs, so global-memory latency is paid once per group, not per token.
+    for (int64_t t0 = 0; t0 < p.L; t0 += kT) {
+        float dtv[kT], uv[kT], zv[kT], Bv[kT][SPL], Cv[kT][SPL];
 #pragma unroll
-        for (int i = 0; i < SPL; ++i) {
-            const int64_t n = j + int64_t(g) * i;
-            if (n < N) {
-                h[i] = expf(delta * A[i]) * h[i] + du * Bt[n];
-                acc += Ct[n] * h[i];
+        for (int s = 0; s < kT; ++s) {
+            const int64_t t = t0 + s;
+            const bool in = t < p.L;
+            const int64_t bt = b * p.L + (in ? t : 0);
+            dtv[s] = in ? p.dt[bt * E + e] : 0.0f;
+            uv[s] = in ? p.x[bt * E + e] : 0.0f;
+            zv[s] = in ? p.z[bt * p.ld_z + e] : 0.0f;
+#pragma unroll
+            for (int i = 0; i < SPL; ++i) {
+                const int64_t n = j + int64_t(g) * i;
+                Bv[s][i] = (in && n < N) ? p.Bm[bt * p.ld_bc + n] : 0.0f;
+                Cv[s][i] = (in && n < N) ? p.Cm[bt * p.ld_bc + n] : 0.0f;
             }
         }
-        for (int o = g >> 1; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-        if (j == 0 && valid) p.y[bt * E + e] = (acc + Dv * u) * silu_f(p.z[bt * p.ld_z + e]);
+#pragma unroll
+        for (int s = 0; s < kT; ++s) {
+            const int64_t t = t0 + s;
+            if (t >= p.L) break;  // uniform across the block
+            const float delta = softplus_f(dtv[s] + dtb);
+            const float du = delta * uv[s];
+            float acc = 0.0f;
+#pragma unroll
+            for (int i = 0; i < SPL; ++i) {
+                const int64_t n = j + int64_t(g) * i;
+                if (n < N) {
+                    h[i] = expf(delta * A[i]) * h[i] + du * Bv[s][i];
+                    acc += Cv[s][i] * h[i];
+                }
+            }
+            for (int o = g >> 1; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+            if (j == 0 && valid) p.y[(b * p.L + t) * E + e] = (acc + Dv * uv[s]) * silu_f(zv[s]);
+        }
     }
     if (valid) {
 #pragma unroll

@@ -6,10 +6,11 @@
 //   y[t, h, p] = Σ_n C[t, g(h), n] s[h, p, n] + D[h] x[t, h, p]   (· silu(z[t, h, p]) if z)
 //   g(h) = h / (H / G)  (grouped B and C)
 //
-// Grid: (H, B); block: 8 warps. Warp w owns rows p = w + 8 r (r < RPW) of the head's state,
+// Grid: (H, B, row blocks); block: 8 warps. Warp w owns rows p = p0 + w + 8 r (r < RPW) of
+// the head's state (p0 = 8 RPW blockIdx.z; one row block per head for long sequences),
 // lane l owns states n = l + 32 i (i < SPL): the (P, N) state stays in registers for the whole
-// sequence. Per token the block stages B_t, C_t (N each) and x_t (P) in shared memory; each
-// row's y is a warp reduction over n.
+// sequence. Per group of kT tokens the block stages B, C (kT x N), x, silu(z) (kT x P), δ and
+// exp(δA) in shared memory (at most 21 KB); each row's y is a warp reduction over n.
 // Preconditions: 1 <= P <= 128, 1 <= N <= 256, H % G == 0; ld_xbc >= H*P (B and C are
 // separate pointers into the same rows); y does not alias the inputs.
 #include "common.cuh"
@@ -20,59 +21,81 @@ namespace cuda {
 namespace {
 
 constexpr int kSsdWarps = 8;
+constexpr int kT = 8;  // tokens staged per group
 
 template <int RPW, int SPL>
 __global__ void __launch_bounds__(kSsdWarps * 32) ssd_scan_kernel(SsdParams p) {
     extern __shared__ float smem[];
     const int64_t N = p.N, P = p.P, H = p.H;
-    float* Bs = smem;       // (N)
-    float* Cs = Bs + N;     // (N)
-    float* xs = Cs + N;     // (P)
+    float* Bs = smem;            // (kT, N)
+    float* Cs = Bs + kT * N;     // (kT, N)
+    float* xs = Cs + kT * N;     // (kT, P)
+    float* zs = xs + kT * P;     // (kT, P)  silu(z), when gated
+    float* dls = zs + kT * P;    // (kT)     δ
+    float* dAs = dls + kT;       // (kT)     exp(δ A)
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int64_t h = blockIdx.x, b = blockIdx.y;
     const int64_t g = h / (H / p.G);
+    const int64_t prow0 = int64_t(blockIdx.z) * kSsdWarps * RPW;  // this block's first row p
     float* state = p.ssm_state + (b * H + h) * P * N;
     float s[RPW][SPL];
 #pragma unroll
     for (int r = 0; r < RPW; ++r)
 #pragma unroll
         for (int i = 0; i < SPL; ++i) {
-            const int64_t pp = warp + kSsdWarps * r, n = lane + 32 * i;
+            const int64_t pp = prow0 + warp + kSsdWarps * r, n = lane + 32 * i;
             s[r][i] = (pp < P && n < N) ? state[pp * N + n] : 0.0f;
         }
     const float A = p.A[h], Dv = p.D[h], dtb = p.dt_bias[h];
-    for (int64_t t = 0; t < p.L; ++t) {
-        const int64_t bt = b * p.L + t;
-        const float* row = p.x + bt * p.ld_xbc;
-        __syncthreads();  // the previous token's reads of the stage are done
-        for (int64_t k = threadIdx.x; k < N; k += blockDim.x) {
-            Bs[k] = p.Bm[bt * p.ld_xbc + g * N + k];
-            Cs[k] = p.Cm[bt * p.ld_xbc + g * N + k];
+    // Tokens in groups of kT: the block stages a group's B, C, x, silu(z), δ and exp(δA) in
+    // shared memory (all loads in flight together), then runs its kT recurrence steps.
+    for (int64_t t0 = 0; t0 < p.L; t0 += kT) {
+        const int nt = int(p.L - t0 < kT ? p.L - t0 : kT);
+        __syncthreads();  // the previous group's reads of the stage are done
+        for (int64_t idx = threadIdx.x; idx < nt * N; idx += blockDim.x) {
+            const int64_t st = idx / N, k = idx % N, bt = b * p.L + t0 + st;
+            Bs[idx] = p.Bm[bt * p.ld_xbc + g * N + k];
+            Cs[idx] = p.Cm[bt * p.ld_xbc + g * N + k];
         }
-        for (int64_t k = threadIdx.x; k < P; k += blockDim.x) xs[k] = row[h * P + k];
+        for (int64_t idx = threadIdx.x; idx < nt * P; idx += blockDim.x) {
+            const int64_t st = idx / P, k = idx % P, bt = b * p.L + t0 + st;
+            xs[idx] = p.x[bt * p.ld_xbc + h * P + k];
+            if (p.z) zs[idx] = silu_f(p.z[bt * p.ld_z + h * P + k]);
+        }
+        if (threadIdx.x < nt) {
+            const int64_t bt = b * p.L + t0 + threadIdx.x;
+            const float delta =
+                fminf(fmaxf(softplus_f(p.dt[bt * p.ld_dt + h] + dtb), p.dt_min), p.dt_max);
+            dls[threadIdx.x] = delta;
+            dAs[threadIdx.x] = expf(delta * A);
+        }
         __syncthreads();
-        const float delta =
-            fminf(fmaxf(softplus_f(p.dt[bt * p.ld_dt + h] + dtb), p.dt_min), p.dt_max);
-        const float dA = expf(delta * A);
+        for (int st = 0; st < nt; ++st) {
+            const int64_t bt = b * p.L + t0 + st;
+            const float delta = dls[st], dA = dAs[st];
+            const float* Bt = Bs + st * N;
+            const float* Ct = Cs + st * N;
+            const float* xt = xs + st * P;
 #pragma unroll
-        for (int r = 0; r < RPW; ++r) {
-            const int64_t pp = warp + kSsdWarps * r;
-            if (pp >= P) break;  // warp-uniform
-            const float dx = delta * xs[pp];
-            float acc = 0.0f;
+            for (int r = 0; r < RPW; ++r) {
+                const int64_t pp = prow0 + warp + kSsdWarps * r;
+                if (pp >= P) break;  // warp-uniform
+                const float dx = delta * xt[pp];
+                float acc = 0.0f;
 #pragma unroll
-            for (int i = 0; i < SPL; ++i) {
-                const int64_t n = lane + 32 * i;
-                if (n < N) {
-                    s[r][i] = s[r][i] * dA + dx * Bs[n];
-                    acc += s[r][i] * Cs[n];
+                for (int i = 0; i < SPL; ++i) {
+                    const int64_t n = lane + 32 * i;
+                    if (n < N) {
+                        s[r][i] = s[r][i] * dA + dx * Bt[n];
+                        acc += s[r][i] * Ct[n];
+                    }
                 }
-            }
-            acc = warp_sum(acc);
-            if (lane == 0) {
-                float yv = acc + Dv * xs[pp];
-                if (p.z) yv *= silu_f(p.z[bt * p.ld_z + h * P + pp]);
-                p.y[bt * H * P + h * P + pp] = yv;
+                acc = warp_sum(acc);
+                if (lane == 0) {
+                    float yv = acc + Dv * xt[pp];
+                    if (p.z) yv *= zs[st * P + pp];
+                    p.y[bt * H * P + h * P + pp] = yv;
+                }
             }
         }
     }
@@ -80,7 +103,7 @@ __global__ void __launch_bounds__(kSsdWarps * 32) ssd_scan_kernel(SsdParams p) {
     for (int r = 0; r < RPW; ++r)
 #pragma unroll
         for (int i = 0; i < SPL; ++i) {
-            const int64_t pp = warp + kSsdWarps * r, n = lane + 32 * i;
+            const int64_t pp = prow0 + warp + kSsdWarps * r, n = lane + 32 * i;
             if (pp < P && n < N) state[pp * N + n] = s[r][i];
         }
 }
@@ -115,9 +138,13 @@ void launch_ssd_scan(const SsdParams& p, cudaStream_t s) {
                       "launch_ssd_scan: null pointer");
     MAMBART_CHECK_ARG(p.B <= 65535 && p.H <= 0x7fffffff, "launch_ssd_scan: grid too large");
     if (p.B == 0) return;
-    const int rpw = int(ceil_div(p.P, kSsdWarps)), spl = int(ceil_div(p.N, 32));
-    const dim3 grid(unsigned(p.H), unsigned(p.B));
-    const size_t smem = size_t(2 * p.N + p.P) * sizeof(float);
+    // Long sequences: one block per head keeps the whole (P, N) state; short ones (decode) split
+    // the head's rows over ceil(P / 8) blocks of one row per warp, for parallelism.
+    const bool split = p.L <= 16;
+    const int rpw = split ? 1 : int(ceil_div(p.P, kSsdWarps)), spl = int(ceil_div(p.N, 32));
+    const dim3 grid(unsigned(p.H), unsigned(p.B),
+                    unsigned(split ? ceil_div(p.P, kSsdWarps) : 1));
+    const size_t smem = size_t(kT * (2 * p.N + 2 * p.P + 2)) * sizeof(float);
     if (rpw == 1)
         dispatch_spl<1>(p, spl, grid, smem, s);
     else if (rpw == 2)
