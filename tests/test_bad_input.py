@@ -233,6 +233,8 @@ def test_bad_dtype_and_device_arguments(m1_dir):
         mambart.Generator(m1_dir, device="tpu")
 
 
+@pytest.mark.skipif("asan" in os.environ.get("LD_PRELOAD", ""),
+                    reason="ASan's quarantine holds freed memory, so RSS is not a leak measure")
 def test_load_error_leaves_no_half_loaded_state(tmp_path, m1_dir):
     """Failing loads in a loop do not leak: RSS stays flat (weights freed on the error path)."""
     c = config_dict(dtype="float32")
