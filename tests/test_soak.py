@@ -88,4 +88,6 @@ def test_million_tokens(tmp_path, arch, dtype):
           "RSS MiB at " + ", ".join(f"{k}: {v / 2**20:.1f}" for k, v in rss.items())
           + f"; growth {growth / 2**20:.2f} MiB (bound {bound / 2**20:.1f} MiB); "
           f"max |decode - prefill(last {TAIL})| logit diff {np.abs(last - ref).max():.2e}")
+    if "asan" in os.environ.get("LD_PRELOAD", ""):
+        return  # ASan's quarantine keeps freed memory resident: RSS says nothing there
     assert growth <= bound, rss
