@@ -332,3 +332,20 @@ def test_cuda_states_cache_batches_and_scores(tmp_path, arch):
     sc = cpu.prefill(ids[:50])
     np.testing.assert_allclose(g.score(ids[50:], state=sc).logprobs,
                                cpu.score(ids).logprobs[49:], atol=2e-3)
+
+
+def test_same_config_and_layout_with_other_weights_is_another_model(tmp_path):
+    """Two checkpoints whose config.json and safetensors header are byte-identical but whose
+    weights differ (two random inits: like two fine-tunes of one base) have different
+    fingerprints, so one's state is refused by the other."""
+    d1 = make(tmp_path, "mamba1", seed=1)
+    d2 = make(tmp_path, "mamba1", seed=2)
+    (d2 / "config.json").write_bytes((d1 / "config.json").read_bytes())
+    h1, h2 = ((d / "model.safetensors").read_bytes() for d in (d1, d2))
+    n = struct.unpack("<Q", h1[:8])[0]
+    assert h1[:8 + n] == h2[:8 + n] and h1 != h2
+    g1, g2 = mambart.Generator(d1), mambart.Generator(d2)
+    assert g1.fingerprint != g2.fingerprint
+    with pytest.raises(StateError, match="another model"):
+        g2.generate(None, state=g1.prefill(PROMPT), max_new_tokens=2)
+    assert mambart.Generator(d1).fingerprint == g1.fingerprint  # stable across loads
