@@ -74,6 +74,9 @@ def test_loglikelihood_equals_transformers(setup):
     assert res.is_greedy and hf_logprob(model, ctx + nxt, len(ctx), greedy=True)[1]
     assert out[1][0] == pytest.approx(lm.loglikelihood([Req("The quick brown fox", " jumps")])[0][0],
                                       abs=1e-6)
+    # Interleaved contexts: results come back in request order, each as if asked alone.
+    mixed = [reqs[0], reqs[2], reqs[3], Req("", "Hello")]
+    assert lm.loglikelihood(mixed) == [lm.loglikelihood([r])[0] for r in mixed]
     # Empty context: the end-of-text token is the context.
     (ll, _), = lm.loglikelihood([Req("", "Hello world")])
     ids = lm.tok_encode("Hello world")

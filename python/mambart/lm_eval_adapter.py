@@ -16,8 +16,9 @@ Requests (lm-eval's Instance objects; only `.args` is read):
   loglikelihood: args = (context, continuation) -> (sum of log p(continuation tokens | context),
       is_greedy). The continuation's tokens are those of tokenize(context + continuation) after
       tokenize(context) (trailing spaces of the context move to the continuation, as lm-eval's
-      own models do); an empty context is replaced by the end-of-text token. The context is
-      prefilled once per distinct context and every continuation scored from its state.
+      own models do); an empty context is replaced by the end-of-text token. Each distinct
+      context is prefilled once and its continuations scored from its state (one state alive
+      at a time).
   loglikelihood_rolling: args = (text,) -> log p(text): every token given all before it, the
       first given the end-of-text token. No windows: a Mamba state has no length limit and
       scoring memory is bounded.
@@ -94,9 +95,11 @@ class MambartLM(_Base):
 
     # ---- lm-eval interface ----
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> List[Tuple[float, bool]]:
-        out: List[Tuple[float, bool]] = []
-        states: Dict[tuple, Any] = {}  # one prefill per distinct context within this call
-        for req in requests:
+        out: List[Optional[Tuple[float, bool]]] = [None] * len(requests)
+        # Requests grouped by context (lm-eval sends a question's choices together, but any
+        # order works): one prefill per distinct context, one state alive at a time.
+        groups: Dict[tuple, List[Tuple[int, List[int]]]] = {}
+        for i, req in enumerate(requests):
             context, continuation = req.args[0], req.args[1]
             if context == "":
                 ctx, cont = [self.eot_token_id], self.tok_encode(continuation)
@@ -105,14 +108,16 @@ class MambartLM(_Base):
             if not ctx:
                 ctx = [self.eot_token_id]
             if not cont:
-                out.append((0.0, True))
+                out[i] = (0.0, True)
                 continue
-            key = tuple(ctx)
-            if key not in states:
-                states[key] = self.g.prefill(ctx)
-            res = self.g.score(cont, state=states[key])
-            out.append((res.sum, res.is_greedy))
-        return out
+            groups.setdefault(tuple(ctx), []).append((i, cont))
+        for ctx, items in groups.items():
+            state = self.g.prefill(list(ctx))
+            for i, cont in items:
+                res = self.g.score(cont, state=state)
+                out[i] = (res.sum, res.is_greedy)
+            del state
+        return out  # type: ignore[return-value]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> List[float]:
         out: List[float] = []
