@@ -135,6 +135,15 @@ def tokenizer_seeds():
     _put("tokenizer", "not_json", b"{\"version\": ")
 
 
+def libfuzzer_config_seeds():
+    """Seeds of the C++ config target (tests/fuzz/cpp/fuzz_config.cpp): whole config texts."""
+    _put("libfuzzer_config", "mamba1.json", json.dumps(model_dirs.TINY_M1).encode())
+    _put("libfuzzer_config", "mamba2.json", json.dumps(model_dirs.TINY_M2).encode())
+    c = model_dirs.config_dict("mamba2", norm="layernorm", dt_limit=[0.001, 0.1], source={"a": 1},
+                               pad_token_id=0, tie_embeddings=False, bias=True)
+    _put("libfuzzer_config", "mamba2_variants.json", json.dumps(c).encode())
+
+
 def main():
     if CORPUS.exists():
         shutil.rmtree(CORPUS)
@@ -144,6 +153,7 @@ def main():
     model_dir_seeds()
     torchzip_seeds()
     tokenizer_seeds()
+    libfuzzer_config_seeds()
     total = sum(f.stat().st_size for f in CORPUS.rglob("*") if f.is_file())
     print(f"wrote {sum(1 for f in CORPUS.rglob('*') if f.is_file())} seeds, {total} bytes")
 
