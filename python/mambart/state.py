@@ -264,9 +264,12 @@ def load_state(path) -> SequenceState:
     arrays = {}
     body = 8 + n
     expect_off = 0
-    for name, info in sorted(header.items(), key=lambda kv: str(kv[1].get("data_offsets")
-                                                                  if isinstance(kv[1], dict)
-                                                                  else "")):
+    def first_offset(kv):
+        offs = kv[1].get("data_offsets") if isinstance(kv[1], dict) else None
+        ok = isinstance(offs, list) and offs and isinstance(offs[0], int)
+        return offs[0] if ok else -1  # malformed entries first: refused below
+
+    for name, info in sorted(header.items(), key=first_offset):
         if name not in want:
             raise bad(f"unexpected tensor {name!r}")
         if not isinstance(info, dict) or info.get("dtype") != want[name]:
