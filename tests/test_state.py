@@ -208,6 +208,7 @@ def test_malformed_state_files_raise_naming_the_file(g, tmp_path):
         "extra": lambda p: _rewrite(good, p, lambda h: h.__setitem__(
             "zz", {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]})),
         "no_meta": lambda p: _rewrite(good, p, lambda h: h.pop("__metadata__")),
+        "nan": lambda p: _rewrite(good, p, data_edit=lambda b: b[:4] + b"\x00\x00\xc0\x7f" + b[8:]),
         "shape": lambda p: _rewrite(good, p, lambda h: h["ssm"].__setitem__(
             "shape", [h["ssm"]["shape"][0] + 1] + h["ssm"]["shape"][1:])),
     }
@@ -215,6 +216,8 @@ def test_malformed_state_files_raise_naming_the_file(g, tmp_path):
         p = make_file(tmp_path / f"{name}.safetensors")
         with pytest.raises(StateError, match=str(p)):
             g.load_state(p)
+    with pytest.raises(StateError, match="NaN"):
+        mambart.load_state(tmp_path / "nan.safetensors")
     dup = tmp_path / "dup.safetensors"
     raw = good.read_bytes()
     n = struct.unpack("<Q", raw[:8])[0]

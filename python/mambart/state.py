@@ -291,6 +291,9 @@ def load_state(path) -> SequenceState:
     for name in ("conv", "ssm", "tokens"):
         if name not in arrays:
             raise bad(f"tensor {name!r} missing")
+    for name in ("conv", "ssm", "logits"):
+        if name in arrays and not np.isfinite(arrays[name]).all():
+            raise bad(f"tensor {name!r} holds NaN or infinite values")
     try:
         fed = int(meta["fed"])
         rng = None
