@@ -115,6 +115,58 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(LinearParams p) {
     }
 }
 
+// gemv_rows_kernel: the GEMV for narrow outputs (N < kGemvNarrow, e.g. x_proj, dt_proj at
+// decode): one block per output column, its 8 warps splitting K, a shared-memory reduction.
+constexpr int64_t kGemvNarrow = 1024;
+
+template <typename T, int M, bool kVec>
+__global__ void __launch_bounds__(kGemvWarps * 32) gemv_rows_kernel(LinearParams p) {
+    __shared__ float part[kGemvWarps][M];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int64_t n = blockIdx.x;
+    const T* w = static_cast<const T*>(p.W) + n * p.K;
+    float acc[M];
+#pragma unroll
+    for (int m = 0; m < M; ++m) acc[m] = 0.0f;
+    if (kVec) {
+        constexpr int kE = Vec<T>::kN;
+        const int64_t nvec = p.K / kE;
+        const uint4* wv = reinterpret_cast<const uint4*>(w);
+        for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
+            float wf[kE];
+            Vec<T>::unpack(__ldcs(wv + v), wf);
+#pragma unroll
+            for (int m = 0; m < M; ++m) {
+                const float4* xr = reinterpret_cast<const float4*>(p.x + m * p.ldx + v * kE);
+#pragma unroll
+                for (int q = 0; q < kE / 4; ++q) {
+                    const float4 xv = __ldg(xr + q);
+                    acc[m] += wf[4 * q] * xv.x + wf[4 * q + 1] * xv.y + wf[4 * q + 2] * xv.z +
+                              wf[4 * q + 3] * xv.w;
+                }
+            }
+        }
+    } else {
+        for (int64_t k = threadIdx.x; k < p.K; k += blockDim.x) {
+            const float wk = to_f32(w[k]);
+#pragma unroll
+            for (int m = 0; m < M; ++m) acc[m] += wk * p.x[m * p.ldx + k];
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+        const float v = warp_sum(acc[m]);
+        if (lane == 0) part[warp][m] = v;
+    }
+    __syncthreads();
+    if (threadIdx.x < M) {
+        float v = 0.0f;
+#pragma unroll
+        for (int w2 = 0; w2 < kGemvWarps; ++w2) v += part[w2][threadIdx.x];
+        p.y[threadIdx.x * p.ldy + n] = v + (p.bias ? p.bias[n] : 0.0f);
+    }
+}
+
 constexpr int kBM = 128, kBN = 64, kBK = 32, kPad = 8;
 
 template <typename T>
@@ -284,7 +336,9 @@ __global__ void __launch_bounds__(WM * WN * 32) gemm_tc_kernel(LinearParams p) {
 
 template <typename T>
 void gemm_tc_launch(const LinearParams& p, cudaStream_t s) {
-    if (p.M <= 64) {  // decode batches: small M tiles, more blocks along N
+    // Small M (decode batches) or few large tiles (narrow N, e.g. x_proj): small tiles, more
+    // blocks.
+    if (p.M <= 64 || ceil_div(p.N, 128) * ceil_div(p.M, 128) < 264) {
         const dim3 grid(unsigned(ceil_div(p.N, 64)), unsigned(ceil_div(p.M, 32)));
         gemm_tc_kernel<T, 1, 4, 2, 1><<<grid, 128, 0, s>>>(p);
     } else {
@@ -337,8 +391,22 @@ __global__ void __launch_bounds__(256) gemm_f32_kernel(LinearParams p) {
 
 template <typename T, bool kVec>
 void gemv_dispatch(const LinearParams& p, cudaStream_t s) {
-    const unsigned grid = unsigned(ceil_div(p.N, kGemvWarps));
     const int threads = kGemvWarps * 32;
+    if (p.N < kGemvNarrow) {
+        const unsigned g = unsigned(p.N);
+        switch (p.M) {
+            case 1: gemv_rows_kernel<T, 1, kVec><<<g, threads, 0, s>>>(p); break;
+            case 2: gemv_rows_kernel<T, 2, kVec><<<g, threads, 0, s>>>(p); break;
+            case 3: gemv_rows_kernel<T, 3, kVec><<<g, threads, 0, s>>>(p); break;
+            case 4: gemv_rows_kernel<T, 4, kVec><<<g, threads, 0, s>>>(p); break;
+            case 5: gemv_rows_kernel<T, 5, kVec><<<g, threads, 0, s>>>(p); break;
+            case 6: gemv_rows_kernel<T, 6, kVec><<<g, threads, 0, s>>>(p); break;
+            case 7: gemv_rows_kernel<T, 7, kVec><<<g, threads, 0, s>>>(p); break;
+            case 8: gemv_rows_kernel<T, 8, kVec><<<g, threads, 0, s>>>(p); break;
+        }
+        return;
+    }
+    const unsigned grid = unsigned(ceil_div(p.N, kGemvWarps));
     switch (p.M) {
         case 1: gemv_kernel<T, 1, kVec><<<grid, threads, 0, s>>>(p); break;
         case 2: gemv_kernel<T, 2, kVec><<<grid, threads, 0, s>>>(p); break;

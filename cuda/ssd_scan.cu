@@ -7,7 +7,7 @@
 //   g(h) = h / (H / G)  (grouped B and C)
 //
 // Grid: (H, B, row blocks); block: 8 warps. Warp w owns rows p = p0 + w + 8 r (r < RPW) of
-// the head's state (p0 = 8 RPW blockIdx.z; one row block per head for long sequences),
+// the head's state (p0 = 8 RPW blockIdx.z; the launcher uses RPW = 1, P / 8 row blocks),
 // lane l owns states n = l + 32 i (i < SPL): the (P, N) state stays in registers for the whole
 // sequence. Per group of kT tokens the block stages B, C (kT x N), x, silu(z) (kT x P), δ and
 // exp(δA) in shared memory (at most 21 KB); each row's y is a warp reduction over n.
@@ -138,23 +138,14 @@ void launch_ssd_scan(const SsdParams& p, cudaStream_t s) {
                       "launch_ssd_scan: null pointer");
     MAMBART_CHECK_ARG(p.B <= 65535 && p.H <= 0x7fffffff, "launch_ssd_scan: grid too large");
     if (p.B == 0) return;
-    // Long sequences: one block per head keeps the whole (P, N) state; short ones (decode) split
-    // the head's rows over ceil(P / 8) blocks of one row per warp, for parallelism.
-    const bool split = p.L <= 16;
-    const int rpw = split ? 1 : int(ceil_div(p.P, kSsdWarps)), spl = int(ceil_div(p.N, 32));
-    const dim3 grid(unsigned(p.H), unsigned(p.B),
-                    unsigned(split ? ceil_div(p.P, kSsdWarps) : 1));
+    // The head's rows spread over ceil(P / 8) blocks of one row per warp: H * P / 8 blocks
+    // (each stages the group's B and C itself; they come from L2).
+    const int rpw = 1, spl = int(ceil_div(p.N, 32));
+    const dim3 grid(unsigned(p.H), unsigned(p.B), unsigned(ceil_div(p.P, kSsdWarps)));
     const size_t smem = size_t(kT * (2 * p.N + 2 * p.P + 2)) * sizeof(float);
-    if (rpw == 1)
-        dispatch_spl<1>(p, spl, grid, smem, s);
-    else if (rpw == 2)
-        dispatch_spl<2>(p, spl, grid, smem, s);
-    else if (rpw <= 4)
-        dispatch_spl<4>(p, spl, grid, smem, s);
-    else if (rpw <= 8)
-        dispatch_spl<8>(p, spl, grid, smem, s);
-    else
-        dispatch_spl<16>(p, spl, grid, smem, s);
+    static_assert(kSsdWarps == 8, "one row per warp");
+    (void)rpw;
+    dispatch_spl<1>(p, spl, grid, smem, s);
     check_launch("ssd_scan_kernel", s);
 }
 
