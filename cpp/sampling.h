@@ -11,8 +11,9 @@
 //   min-p (> 0): keep tokens whose probability >= min_p * the largest probability (standard
 //                min-p; the reference's variant compares logits, see docs)
 // The draw is a counter-based RNG: u = uniform(seed, stream, counter) in [0, 1), and the token
-// is the first (in decreasing-probability order, then id) whose cumulative probability exceeds
-// u * total. Same seed, same tokens.
+// is the first candidate whose cumulative probability exceeds u * total, walking the candidates
+// in id order, or in decreasing-probability order (then id) when top-k or top-p has sorted them.
+// The CUDA sampler walks them the same way, so both pick the same token. Same seed, same tokens.
 #pragma once
 
 #include <cstdint>
