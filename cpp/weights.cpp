@@ -1,6 +1,10 @@
 #include "weights.h"
 
 #include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
 #include <set>
 
 #include "error.h"
@@ -8,6 +12,35 @@
 namespace mambart {
 
 namespace {
+
+// The large matrices (placed by Backend::place_weight in the load dtype); every other tensor is
+// a small parameter kept in fp32.
+bool is_large_weight(const std::string& name) {
+    static const char* kSuffixes[] = {"embedding.weight", "lm_head.weight", "in_proj.weight",
+                                      "x_proj.weight", "dt_proj.weight", "out_proj.weight"};
+    for (const char* s : kSuffixes) {
+        const size_t n = std::strlen(s);
+        if (name.size() >= n && name.compare(name.size() - n, n, s) == 0) return true;
+    }
+    return false;
+}
+
+// Bytes of host memory a load may take: MAMBART_HOST_MEMORY_LIMIT (bytes) when set, else the
+// kernel's MemAvailable; no limit when neither can be read.
+uint64_t host_memory_available() {
+    if (const char* env = std::getenv("MAMBART_HOST_MEMORY_LIMIT")) {
+        char* end = nullptr;
+        const unsigned long long v = std::strtoull(env, &end, 10);
+        if (end && end != env && *end == '\0') return v;
+    }
+    std::ifstream f("/proc/meminfo");
+    std::string key;
+    uint64_t kb = 0;
+    std::string unit;
+    while (f >> key >> kb >> unit)
+        if (key == "MemAvailable:") return kb * 1024;
+    return UINT64_MAX;
+}
 
 std::string shape_str(const std::vector<int64_t>& s) {
     std::string out = "(";
@@ -23,6 +56,29 @@ ModelWeights::ModelWeights(const std::string& dir, const ModelConfig& c, Backend
     const std::string path = dir + "/model.safetensors";
     file_ = std::make_unique<SafetensorsFile>(path);
     std::set<std::string> used;
+
+    // Resource limit (issue 6): on the CPU, weights that must be copied (another dtype, or
+    // misaligned in the file) and the fp32 small parameters take host memory, while the rest are
+    // zero-copy views of the mapping. Refuse up front, with the numbers, when that exceeds the
+    // memory available, instead of letting the OOM killer end the process midway.
+    if (backend.kind() == DeviceKind::CPU) {
+        uint64_t need = 0;
+        for (const auto& kv : file_->tensors()) {
+            const TensorInfo& t = kv.second;
+            if (is_large_weight(kv.first)) {
+                const bool aligned = reinterpret_cast<uintptr_t>(t.data) % dtype_size(t.dtype) == 0;
+                if (t.dtype != dt || !aligned) need += uint64_t(t.numel()) * dtype_size(dt);
+            } else {
+                need += uint64_t(t.numel()) * sizeof(float);
+            }
+        }
+        const uint64_t avail = host_memory_available();
+        if (need > avail)
+            throw ModelLoadError(str_cat(path, ": loading needs ", need,
+                                         " bytes of host memory (weights as ", dtype_name(dt),
+                                         ", parameters as float32) but ", avail,
+                                         " bytes are available"));
+    }
 
     auto fetch = [&](const std::string& name, std::vector<int64_t> shape) -> const TensorInfo& {
         const TensorInfo& t = file_->get(name);

@@ -366,3 +366,45 @@ def test_edge_values_that_are_valid(gen):
     r = gen.generate([1, 2], max_new_tokens=2, seed=2**64 - 1, temperature=1.0)
     assert len(r.token_ids) >= 1
     assert np.isfinite(gen.logits([0, 99])).all()
+
+
+# ---- resource limits (issue 6): a load that cannot fit is refused up front, with the numbers -------
+
+def _host_bytes(c, load_dtype, file_dtype):
+    """Host bytes the CPU load allocates: large matrices copied when their dtype changes (tiny
+    test files are aligned), small parameters always as float32."""
+    big = ("embedding.weight", "lm_head.weight", "in_proj.weight", "x_proj.weight",
+           "dt_proj.weight", "out_proj.weight")
+    size = {"float32": 4, "float16": 2, "bfloat16": 2}
+    need = 0
+    for name, shape in tensor_shapes(c).items():
+        n = int(np.prod(shape))
+        if name.endswith(big):
+            need += n * size[load_dtype] if load_dtype != file_dtype else 0
+        else:
+            need += n * 4
+    return need
+
+
+def test_load_larger_than_available_memory_is_refused(m1_dir, monkeypatch):
+    c = config_dict()
+    need = _host_bytes(c, "bfloat16", "float32")
+    monkeypatch.setenv("MAMBART_HOST_MEMORY_LIMIT", str(need - 1))
+    with pytest.raises(mambart.ModelLoadError) as ei:
+        mambart.Generator(m1_dir, dtype="bfloat16")
+    msg = str(ei.value)
+    assert str(m1_dir / "model.safetensors") in msg
+    assert f"needs {need} bytes" in msg and f"but {need - 1} bytes are available" in msg, msg
+    monkeypatch.setenv("MAMBART_HOST_MEMORY_LIMIT", str(need))
+    assert mambart.Generator(m1_dir, dtype="bfloat16").logits([1, 2]).shape == (2, 100)
+
+
+def test_zero_copy_weights_cost_no_host_memory(m1_dir, monkeypatch):
+    """Weights kept in the file's dtype are views of the mapping: only the small fp32
+    parameters count against the limit."""
+    need = _host_bytes(config_dict(), "float32", "float32")
+    monkeypatch.setenv("MAMBART_HOST_MEMORY_LIMIT", str(need))
+    assert mambart.Generator(m1_dir).logits([1, 2]).shape == (2, 100)
+    monkeypatch.setenv("MAMBART_HOST_MEMORY_LIMIT", str(need - 1))
+    with pytest.raises(mambart.ModelLoadError, match="bytes of host memory"):
+        mambart.Generator(m1_dir)
