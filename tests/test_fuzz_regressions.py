@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 FUZZ = Path(__file__).resolve().parent / "fuzz"
-TARGETS = ["safetensors_cpp", "safetensors_py", "config", "model_dir", "torchzip", "tokenizer"]
+TARGETS = ["safetensors_cpp", "safetensors_py", "config", "model_dir", "convert", "torchzip",
+           "tokenizer"]
 
 _CHILD = r"""
 import os, resource, sys, traceback, tracemalloc

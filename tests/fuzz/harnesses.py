@@ -13,6 +13,8 @@ Targets:
                    valid config over valid weights; a config that loads must also generate
   model_dir        a whole model directory (C++ load + forward): fuzzed model.safetensors under
                    a valid config, or fuzzed config.json bytes over valid weights
+  convert          mambart.convert on a tiny transformers checkpoint with a fuzzed config.json
+                   or model.safetensors; what converts must load and run
   torchzip         the restricted unpickler / zip reader of pytorch_model.bin (_torchzip)
   tokenizer        tokenizer.json loading (text.load_tokenizer) + encode/decode/TextStream
 """
@@ -213,6 +215,38 @@ def model_dir(data: bytes) -> None:
         _load_dir(arch, None, data[1:])
 
 
+# ---- conversion of transformers checkpoints ------------------------------------------------------
+
+def convert(data: bytes) -> None:
+    """First byte: bit 0 = arch, bit 1 = which file of a tiny transformers checkpoint
+    (tests/fuzz/data/hf-*) the rest replaces: config.json or model.safetensors. Converted
+    directories must load and run."""
+    if not data:
+        return
+    arch = "mamba2" if data[0] & 1 else "mamba1"
+    base = HERE / "data" / f"hf-{arch}"
+    src = workdir() / "hf"
+    dst = workdir() / "converted"
+    for d in (src, dst):
+        if d.exists():
+            shutil.rmtree(d)
+    src.mkdir()
+    replaced = "config.json" if data[0] & 2 else "model.safetensors"
+    for name in ("config.json", "model.safetensors"):
+        (src / name).write_bytes(data[1:] if name == replaced else (base / name).read_bytes())
+    try:
+        mambart.convert(src, dst)
+    except ModelLoadError as e:  # ConversionError is a ModelLoadError
+        if str(src) not in str(e):
+            raise Finding(f"message does not name the checkpoint: {e}") from e
+        return
+    try:
+        g = _C.Generator(str(dst))
+    except ModelLoadError as e:
+        raise Finding(f"convert() wrote a directory that does not load: {e}") from e
+    _exercise(g)
+
+
 # ---- pytorch_model.bin ---------------------------------------------------------------------------
 
 def torchzip(data: bytes) -> None:
@@ -273,6 +307,7 @@ TARGETS = {
     "safetensors_py": safetensors_py,
     "config": config,
     "model_dir": model_dir,
+    "convert": convert,
     "torchzip": torchzip,
     "tokenizer": tokenizer,
 }

@@ -144,6 +144,29 @@ def libfuzzer_config_seeds():
     _put("libfuzzer_config", "mamba2_variants.json", json.dumps(c).encode())
 
 
+def convert_seeds():
+    """Tiny transformers checkpoints (save_pretrained, safetensors) as the base directories of
+    the `convert` target (tests/fuzz/data/hf-*), and their two files as seeds."""
+    sys.path.insert(0, str(HERE.parent))
+    import hf_models
+
+    for bit, arch, cfg in (
+            (0, "mamba1", hf_models.mamba1_config(vocab_size=32, hidden_size=8, state_size=4,
+                                                  num_hidden_layers=1, time_step_rank=2)),
+            (1, "mamba2", hf_models.mamba2_config(vocab_size=32, hidden_size=8, state_size=4,
+                                                  num_hidden_layers=1, head_dim=4, num_heads=4,
+                                                  n_groups=2, chunk_size=4))):
+        d = HERE / "data" / f"hf-{arch}"
+        if d.exists():
+            shutil.rmtree(d)
+        hf_models.build(cfg, d, seed=1)
+        for f in list(d.iterdir()):
+            if f.name not in ("config.json", "model.safetensors"):
+                f.unlink()
+        _put("convert", f"config-{arch}", bytes([bit | 2]) + (d / "config.json").read_bytes())
+        _put("convert", f"weights-{arch}", bytes([bit]) + (d / "model.safetensors").read_bytes())
+
+
 def main():
     if CORPUS.exists():
         shutil.rmtree(CORPUS)
@@ -154,6 +177,7 @@ def main():
     torchzip_seeds()
     tokenizer_seeds()
     libfuzzer_config_seeds()
+    convert_seeds()
     total = sum(f.stat().st_size for f in CORPUS.rglob("*") if f.is_file())
     print(f"wrote {sum(1 for f in CORPUS.rglob('*') if f.is_file())} seeds, {total} bytes")
 
