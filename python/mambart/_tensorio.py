@@ -261,14 +261,18 @@ def read_safetensors_header(path: str) -> Dict[str, LazyTensor]:
         where = f"{path}: tensor '{name}'"
         if not isinstance(t, dict) or set(t) - {"dtype", "shape", "data_offsets"}:
             raise ConversionError(f"{where}: malformed header entry")
-        dt = ST_TO_NAME.get(t.get("dtype"))
+        dtype = t.get("dtype")
+        dt = ST_TO_NAME.get(dtype) if isinstance(dtype, str) else None
         if dt is None:
             raise ConversionError(f"{where}: unsupported dtype {t.get('dtype')!r}")
         shape = t.get("shape")
         offs = t.get("data_offsets")
-        if (not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape)
+        def count(v):  # a JSON integer >= 0 (not a bool, which Python counts as an int)
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+        if (not isinstance(shape, list) or not all(count(s) for s in shape)
                 or not isinstance(offs, list) or len(offs) != 2
-                or not all(isinstance(o, int) and o >= 0 for o in offs)):
+                or not all(count(o) for o in offs)):
             raise ConversionError(f"{where}: malformed shape or data_offsets")
         b, e = offs
         if b > e or e > data_size:
