@@ -86,6 +86,29 @@ struct SsdParams {            // Mamba-2: dt softplus + clamp, chunked SSD scan,
     int64_t chunk_size;       // Q
 };
 
+// Fused single-token (L = 1) mixer steps, optional: a backend that returns true from
+// mamba1_decode_fused / mamba2_decode_fused has done the work of the ops listed, else the model
+// runs those ops itself.
+struct Mamba1DecodeParams {   // = linear(dt_proj) + selective_scan at L = 1
+    const float* x;           // (B, E) post-conv x, contiguous
+    const float* xdbl;        // (B, ld_xdbl): [dt_low (R) | B (N) | C (N)] (x_proj output)
+    int64_t ld_xdbl;
+    Weight dt_proj;           // (E, R)
+    const float* z;           // (B, E) row stride ld_z
+    int64_t ld_z;
+    const float* A;           // (E, N)
+    const float* D;           // (E)
+    const float* dt_bias;     // (E)
+    float* ssm_state;         // (B, E, N) inout
+    float* y;                 // (B, E) out
+    int64_t B, E, N, R;
+};
+
+struct Mamba2DecodeParams {   // = conv1d + ssd_scan at L = 1
+    ConvParams conv;          // conv of [x | B | C] (L = 1); conv.out is not written
+    SsdParams ssd;            // x, Bm, Cm are ignored (the conv's results are used directly)
+};
+
 // Device-side sampling of one token per row (decode fast path), with mambart::Sampler's
 // semantics (cpp/sampling.h) given the same draw uniform(seed, stream, counter).
 struct DeviceSampleParams {
@@ -114,6 +137,9 @@ class Backend {
     virtual void copy_to_host(void* dst, const void* src, size_t bytes) = 0;
     virtual void copy_device(void* dst, const void* src, size_t bytes) = 0;
     virtual void zero(void* dst, size_t bytes) = 0;
+    // Bytes the backend can still allocate (device backends: free device memory), checked
+    // before a model's weights are placed; UINT64_MAX where not known.
+    virtual uint64_t free_memory() const { return UINT64_MAX; }
     // Places a weight from host memory (e.g. an mmap'd file) on the device in `dtype`. `keepalive`
     // is host memory that outlives the backend's use of `src` (CPU zero-copy views rely on it).
     // Returns the device pointer; `*owned` says whether dealloc() must free it.
@@ -139,6 +165,15 @@ class Backend {
                                int64_t n, int64_t E, int64_t group_size, float eps, float* out) = 0;
     // y (n, E) contiguous *= silu(z (n, E) row stride ld_z)
     virtual void silu_gate(float* y, const float* z, int64_t ld_z, int64_t n, int64_t E) = 0;
+    // Fused decode steps (see Mamba1DecodeParams / Mamba2DecodeParams): false = not done.
+    virtual bool mamba1_decode_fused(const Mamba1DecodeParams& p) {
+        (void)p;
+        return false;
+    }
+    virtual bool mamba2_decode_fused(const Mamba2DecodeParams& p) {
+        (void)p;
+        return false;
+    }
 
     // ---- decode fast path (optional; backends whose supports_graphs() is true) ----
     virtual bool supports_graphs() const { return false; }

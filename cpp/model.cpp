@@ -173,6 +173,14 @@ void Model::mixer_mamba1(const LayerWeights& w, State& st, int64_t layer, int64_
     be.conv1d(ConvParams{proj_, 2 * E, st.conv(layer, row0), w.conv_w.data, w.conv_b.data,
                          xconv_, B, L, E, c.d_conv});
     be.linear(xconv_, E, R, w.x_proj, X, nullptr, xdbl_, X);
+    if (L == 1) {  // decode: dt_proj + scan fused where the backend can
+        Mamba1DecodeParams fp{xconv_, xdbl_, X, w.dt_proj, proj_ + E, 2 * E, w.A.data,
+                              w.D.data, w.dt_bias.data, st.ssm(layer, row0), y_, B, E, N, Rdt};
+        if (be.mamba1_decode_fused(fp)) {
+            be.linear(y_, E, R, w.out_proj, c.d_model, w.out_proj_b.data, hidden_, c.d_model);
+            return;
+        }
+    }
     be.linear(xdbl_, X, R, w.dt_proj, E, nullptr, dt_, E);
     SelectiveScanParams sp{};
     sp.x = xconv_;
@@ -204,8 +212,8 @@ void Model::mixer_mamba2(const LayerWeights& w, State& st, int64_t layer, int64_
     const int64_t R = B * L, E = c.d_inner, N = c.d_state, G = c.ngroups, Din = c.d_in_proj();
     const int64_t conv_dim = c.conv_dim();
     be.linear(normed_, c.d_model, R, w.in_proj, Din, w.in_proj_b.data, proj_, Din);
-    be.conv1d(ConvParams{proj_ + E, Din, st.conv(layer, row0), w.conv_w.data, w.conv_b.data,
-                         xconv_, B, L, conv_dim, c.d_conv});
+    const ConvParams cp{proj_ + E, Din, st.conv(layer, row0), w.conv_w.data, w.conv_b.data,
+                        xconv_, B, L, conv_dim, c.d_conv};
     SsdParams sp{};
     sp.x = xconv_;
     sp.Bm = xconv_ + E;
@@ -229,7 +237,11 @@ void Model::mixer_mamba2(const LayerWeights& w, State& st, int64_t layer, int64_
     sp.G = G;
     sp.N = N;
     sp.chunk_size = c.chunk_size;
-    be.ssd_scan(sp);
+    // decode: conv update + scan fused where the backend can
+    if (!(L == 1 && be.mamba2_decode_fused(Mamba2DecodeParams{cp, sp}))) {
+        be.conv1d(cp);
+        be.ssd_scan(sp);
+    }
     const float* out = y_;
     if (c.gated_norm) {
         be.gated_rmsnorm(y_, proj_, Din, w.gated_norm_w.data, R, E, E / G, c.norm_eps, y2_);

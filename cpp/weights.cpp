@@ -78,6 +78,19 @@ ModelWeights::ModelWeights(const std::string& dir, const ModelConfig& c, Backend
                                          " bytes of host memory (weights as ", dtype_name(dt),
                                          ", parameters as float32) but ", avail,
                                          " bytes are available"));
+    } else {
+        // Device backends: every weight is copied to the device. Refuse before the first
+        // allocation when it cannot fit.
+        uint64_t need = 0;
+        for (const auto& kv : file_->tensors())
+            need += uint64_t(kv.second.numel()) *
+                    (is_large_weight(kv.first) ? dtype_size(dt) : sizeof(float));
+        const uint64_t avail = backend.free_memory();
+        if (need > avail)
+            throw ModelLoadError(str_cat(path, ": the weights need ", need,
+                                         " bytes of device memory (as ", dtype_name(dt),
+                                         ", parameters as float32) but ", backend.name(),
+                                         " has ", avail, " bytes free"));
     }
 
     auto fetch = [&](const std::string& name, std::vector<int64_t> shape) -> const TensorInfo& {

@@ -98,7 +98,62 @@ struct SsdParams {
     float* y;             // (B, L, H*P)
     int64_t B, L, H, P, G, N;
 };
+// The recurrent form (any L; used for L == 1, the decode step).
 void launch_ssd_scan(const SsdParams& p, cudaStream_t stream);
+
+// The chunked SSD algorithm (prefill): chunk cumsum, chunk states, state passing, chunk output.
+struct SsdChunkedParams {
+    SsdParams s;          // the scan's inputs and outputs (as for launch_ssd_scan)
+    int64_t Q;            // chunk length (config chunk_size), >= 1
+    float* ws;            // workspace of ssd_chunked_workspace_floats(s, Q) floats
+};
+int64_t ssd_chunked_workspace_floats(const SsdParams& s, int64_t Q);
+void launch_ssd_chunked(const SsdChunkedParams& p, cudaStream_t stream);
+
+// Fused Mamba-1 decode step (L = 1), after conv and x_proj:
+//   dt = dt_proj(xdbl[:, :R]) (weights in `dtype`); δ = softplus(dt + dt_bias);
+//   h <- exp(δ A) h + δ x B;  y = (C·h + D x) · silu(z)
+struct Mamba1DecodeParams {
+    const float* x;       // (B, E) post-conv x, contiguous
+    const float* xdbl;    // (B, ld_xdbl): [dt_low (R) | B (N) | C (N)]
+    int64_t ld_xdbl;
+    const void* W_dt;     // (E, R) in `dtype`
+    DType dtype;
+    const float* z;       // (B, E) row stride ld_z
+    int64_t ld_z;
+    const float* A;       // (E, N)
+    const float* D;       // (E)
+    const float* dt_bias; // (E)
+    float* ssm_state;     // (B, E, N) inout
+    float* y;             // (B, E)
+    int64_t B, E, N, R;
+};
+void launch_mamba1_decode(const Mamba1DecodeParams& p, cudaStream_t stream);
+
+// Fused Mamba-2 decode step (L = 1): conv update + SiLU of [x | B | C], dt softplus + clamp,
+// SSM state update, C·s + D x, optional silu(z) gate.
+struct Mamba2DecodeParams {
+    const float* xbc;     // (B, ld_xbc): pre-conv [x (H*P) | B (G*N) | C (G*N)]
+    int64_t ld_xbc;
+    const float* dt;      // (B, ld_dt)
+    int64_t ld_dt;
+    float* conv_state;    // (B, H*P + 2*G*N, W) inout, oldest first
+    const float* conv_w;  // (H*P + 2*G*N, W)
+    const float* conv_b;  // (H*P + 2*G*N) or nullptr
+    int64_t W;
+    const float* z;       // (B, H*P) row stride ld_z, or nullptr
+    int64_t ld_z;
+    const float* A;       // (H)
+    const float* D;       // (H)
+    const float* dt_bias; // (H)
+    float dt_min, dt_max;
+    float* ssm_state;     // (B, H, P, N) inout
+    float* y;             // (B, H*P)
+    int* counters;        // (B*G) device ints, zero between launches (the kernel restores them)
+    int64_t B, H, P, G, N;
+};
+constexpr int64_t kDecodeCounters = 1 << 16;
+void launch_mamba2_decode(const Mamba2DecodeParams& p, cudaStream_t stream);
 
 struct GatedRmsNormParams {
     const float* y;       // (n, E)

@@ -10,6 +10,7 @@ rounded to fp16/bf16, max|cuda_lp - ref32| <= 2 * max|cpu_lp - ref32| + atol."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -168,6 +169,77 @@ def test_ssd_scan(gpu, cpu, B, L, H, P, G, N, Q, gate, dt_limit):
     y_c, s_c = cpu.ssd_scan(*args)
     close(y_g, y_c, 1e-4, "y")
     close(s_g, s_c, 1e-4, "state")
+
+
+def _ssd_f64(xbc, b_off, c_off, dt, dt_off, z, A, D, dtb, dt_min, dt_max, state, G):
+    """The SSD recurrence in float64 numpy (an independent reference for the error rule)."""
+    Bn, L = xbc.shape[:2]
+    H, P, N = state.shape[1:]
+    E = H * P
+    s = state.astype(np.float64).copy()
+    y = np.zeros((Bn, L, H, P))
+    hg = np.arange(H) // (H // G)
+    for t in range(L):
+        x = xbc[:, t, :E].astype(np.float64).reshape(Bn, H, P)
+        Bm = xbc[:, t, b_off:b_off + G * N].astype(np.float64).reshape(Bn, G, N)[:, hg]
+        Cm = xbc[:, t, c_off:c_off + G * N].astype(np.float64).reshape(Bn, G, N)[:, hg]
+        v = dt[:, t, dt_off:dt_off + H].astype(np.float64) + dtb
+        sp = np.where(v > 20.0, v, np.log1p(np.exp(np.minimum(v, 20.0))))
+        d = np.clip(sp, dt_min, dt_max)  # (B, H)
+        s = s * np.exp(d * A)[:, :, None, None] + (d[:, :, None] * x)[..., None] * Bm[:, :, None, :]
+        yt = np.einsum("bhpn,bhn->bhp", s, Cm) + D[None, :, None] * x
+        if z is not None:
+            zt = z[:, t].astype(np.float64).reshape(Bn, H, P)
+            yt = yt * zt / (1.0 + np.exp(-zt))
+        y[:, t] = yt
+    return y.reshape(Bn, L, H * P), s
+
+
+SSD_CHUNKED_CASES = [
+    # B, L, H, P, G, N, chunk: L = 1 (the recurrent decode form), short and long prompts,
+    # L not a multiple of the chunk, ngroups 1/2/4, d_state 16/64/128 and odd sizes
+    (1, 1, 4, 16, 1, 16, 5),
+    (2, 7, 4, 16, 2, 16, 5),
+    (1, 7, 8, 64, 4, 64, 8),
+    (2, 130, 4, 16, 1, 128, 8),
+    (1, 130, 8, 64, 2, 128, 64),
+    (1, 300, 4, 32, 4, 64, 64),
+    (1, 300, 6, 5, 3, 7, 256),
+    (2, 300, 4, 40, 2, 33, 5),
+    (1, 1000, 8, 64, 2, 128, 256),
+    (1, 1000, 4, 16, 1, 16, 5),
+    (2, 1000, 2, 64, 2, 64, 64),
+]
+
+
+@pytest.mark.parametrize("B,L,H,P,G,N,Q", SSD_CHUNKED_CASES)
+@pytest.mark.parametrize("gate", [False, True])
+@pytest.mark.parametrize("dt_limit", [(0.0, float("inf")), (0.01, 0.3)])
+def test_ssd_chunked_vs_cpu_and_f64(gpu, cpu, B, L, H, P, G, N, Q, gate, dt_limit):
+    """The chunked SSD kernels (L > 1) against the CPU backend's chunked SSD, with a nonzero
+    initial state; and against a float64 recurrence: the GPU's error may not exceed twice the
+    CPU's (+ 1e-5 of the output scale)."""
+    rng = np.random.default_rng(L * 7919 + H * P * G * N + Q)
+    E = H * P
+    xbc = rnd(rng, B, L, E + 2 * G * N + 3)
+    dt = rnd(rng, B, L, H + 2)
+    dt[0, 0, 2] = 25.0  # the softplus threshold branch
+    z = rnd(rng, B, L, E) if gate else None
+    A = -np.exp(rnd(rng, H, scale=0.5))
+    D, dtb = rnd(rng, H), rnd(rng, H, scale=0.5)
+    state = rnd(rng, B, H, P, N, scale=0.5)
+    args = (xbc, E, E + G * N, dt, 2, z, A, D, dtb, dt_limit[0], dt_limit[1], state, G, Q)
+    y_g, s_g = gpu.ssd_scan(*args)
+    y_c, s_c = cpu.ssd_scan(*args)
+    close(y_g, y_c, 1e-4, "y")
+    close(s_g, s_c, 1e-4, "state")
+    if L * H * P * N <= 130 * 8 * 64 * 128:
+        y64, s64 = _ssd_f64(*args[:-1])
+        for got, ref, f64, what in ((y_g, y_c, y64, "y"), (s_g, s_c, s64.reshape(s_g.shape), "s")):
+            e_gpu = float(np.abs(got - f64).max())
+            e_cpu = float(np.abs(ref - f64).max())
+            atol = 1e-5 * max(1.0, float(np.abs(f64).max()))
+            assert e_gpu <= 2 * e_cpu + atol, f"{what}: gpu err {e_gpu:.3g}, cpu err {e_cpu:.3g}"
 
 
 @pytest.mark.parametrize("n,E,group", [(1, 64, 64), (5, 64, 16), (3, 96, 32), (2, 4096, 4096)])
@@ -346,6 +418,40 @@ def test_decode_graph_steps_equal_prefill_logits(model_dirs, name):
         assert int(np.argmax(lg)) == toks[i]
 
 
+@pytest.mark.parametrize("name", ["m1", "m1-ln", "m2", "m2-g4"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fused_decode_vs_unfused_and_cpu(model_dirs, monkeypatch, name, dtype):
+    """Token-by-token forward (L = 1 per call: the fused decode mixers) against the unfused ops
+    (MAMBART_CUDA_FUSED=0) and the CPU."""
+    d = model_dirs[name]
+    ids = _ids(40, seed=9)
+    fused = _gen(d, "cuda", dtype)._g.logits(ids, 1)
+    monkeypatch.setenv("MAMBART_CUDA_FUSED", "0")
+    unfused = _gen(d, "cuda", dtype)._g.logits(ids, 1)
+    monkeypatch.delenv("MAMBART_CUDA_FUSED")
+    ref32 = _gen(d, "cpu", "float32").logits(ids)
+    scale = max(1.0, float(np.abs(ref32).max()))
+    if dtype == "float32":
+        close(fused, unfused, 1e-4, f"{name} fused vs unfused")
+        close(fused, ref32, 2e-4, f"{name} fused vs cpu")
+    else:
+        cpu_lp = _gen(d, "cpu", dtype).logits(ids)
+        lowp_rule(fused, cpu_lp, ref32, 2e-3 * scale, f"{name} fused {dtype}")
+        lowp_rule(unfused, cpu_lp, ref32, 2e-3 * scale, f"{name} unfused {dtype}")
+
+
+@pytest.mark.parametrize("name", ["m2", "m2-g4"])
+def test_prefill_chunked_ssd_equals_recurrent(model_dirs, monkeypatch, name):
+    """Whole-model prefill: the chunked SSD kernels against the recurrent form
+    (MAMBART_CUDA_SSD=recurrent), on a prompt of several chunks plus a partial one."""
+    d = model_dirs[name]
+    ids = _ids(301, seed=10)
+    chunked = _gen(d, "cuda").logits(ids)
+    monkeypatch.setenv("MAMBART_CUDA_SSD", "recurrent")
+    recurrent = _gen(d, "cuda").logits(ids)
+    close(chunked, recurrent, 1e-4, f"{name} chunked vs recurrent")
+
+
 def _run_isolated(code, env):
     e = dict(os.environ)
     e.update(env)
@@ -370,7 +476,7 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.parametrize("name", ["m1", "m2"])
+@pytest.mark.parametrize("name", ["m1", "m1-ln", "m2", "m2-g4"])
 def test_graph_replay_equals_eager_and_host_sampling(model_dirs, name):
     code = GEN_CODE.format(path=str(model_dirs[name]))
     graphs = _run_isolated(code, {})
@@ -378,6 +484,9 @@ def test_graph_replay_equals_eager_and_host_sampling(model_dirs, name):
     host = _run_isolated(code, {"MAMBART_DEVICE_SAMPLING": "0"})
     assert graphs == eager
     assert graphs == host
+    # the unfused decode ops give the same greedy tokens (40 steps, 3 prompts)
+    unfused = _run_isolated(code, {"MAMBART_CUDA_FUSED": "0"})
+    assert json.loads(graphs)[0] == json.loads(unfused)[0]
 
 
 @pytest.mark.parametrize("name", ["m1", "m1-ln", "m2", "m2-g4"])
@@ -387,6 +496,18 @@ def test_greedy_64_tokens_equal_cpu_fp32(model_dirs, name):
     b = _gen(model_dirs[name], "cpu").generate(prompts, max_new_tokens=64, ignore_eos=True)
     for ra, rb in zip(a, b):
         assert ra.token_ids == rb.token_ids
+
+
+def test_model_larger_than_free_memory_fails_at_load(model_dirs, monkeypatch):
+    """The load-time check: weights that do not fit the free device memory are refused before
+    the first allocation, with the bytes needed and free (free memory capped by the test hook
+    MAMBART_CUDA_FREE_BYTES_LIMIT; a real model larger than the GPU cannot be written here)."""
+    monkeypatch.setenv("MAMBART_CUDA_FREE_BYTES_LIMIT", "100000")
+    with pytest.raises(Exception, match=r"the weights need \d+ bytes of device memory .* has "
+                                        r"100000 bytes free"):
+        _gen(model_dirs["m1"], "cuda", "float32")
+    monkeypatch.setenv("MAMBART_CUDA_FREE_BYTES_LIMIT", str(1 << 40))
+    _gen(model_dirs["m1"], "cuda", "float32")  # fits: loads
 
 
 def test_auto_device_picks_cuda(model_dirs):

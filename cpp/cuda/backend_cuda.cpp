@@ -44,12 +44,23 @@ class CudaBackend final : public Backend {
         check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
         const char* env = std::getenv("MAMBART_CUDA_GRAPHS");  // "0": run decode steps eagerly
         graphs_enabled_ = !(env && std::strcmp(env, "0") == 0);
+        env = std::getenv("MAMBART_CUDA_FUSED");  // "0": decode steps run the unfused ops
+        fused_enabled_ = !(env && std::strcmp(env, "0") == 0);
+        env = std::getenv("MAMBART_CUDA_SSD");  // "recurrent": prefill SSD in the recurrent form
+        ssd_chunked_ = !(env && std::strcmp(env, "recurrent") == 0);
+        // (B * G) counters of the fused Mamba-2 decode kernel; zero, restored by each launch.
+        counters_ = static_cast<int*>(alloc(size_t(cuda::kDecodeCounters) * sizeof(int),
+                                            "decode counters"));
+        check(cudaMemset(counters_, 0, size_t(cuda::kDecodeCounters) * sizeof(int)),
+              "cudaMemset (decode counters)");
     }
 
     ~CudaBackend() override {
         cudaSetDevice(device_);
         clear_graphs();
         if (stream_) cudaStreamSynchronize(stream_);
+        if (counters_) cudaFree(counters_);
+        if (ssd_ws_) cudaFree(ssd_ws_);
         for (int i = 0; i < 2; ++i) {
             if (staging_[i]) cudaFreeHost(staging_[i]);
             if (staged_[i]) cudaEventDestroy(staged_[i]);
@@ -74,6 +85,20 @@ class CudaBackend final : public Backend {
                                     total_b >> 20, " MiB): ", cudaGetErrorString(e)));
         }
         return p;
+    }
+    // Free device memory (cudaMemGetInfo); MAMBART_CUDA_FREE_BYTES_LIMIT (env, bytes) caps it,
+    // so that tests can exercise the load-time check without a model larger than the GPU.
+    uint64_t free_memory() const override {
+        dev();
+        size_t free_b = 0, total_b = 0;
+        check(cudaMemGetInfo(&free_b, &total_b), "cudaMemGetInfo");
+        uint64_t f = free_b;
+        if (const char* env = std::getenv("MAMBART_CUDA_FREE_BYTES_LIMIT")) {
+            char* end = nullptr;
+            const unsigned long long v = std::strtoull(env, &end, 10);
+            if (end != env && *end == '\0') f = std::min<uint64_t>(f, v);
+        }
+        return f;
     }
     void dealloc(void* p) noexcept override {
         if (!p) return;
@@ -207,7 +232,73 @@ class CudaBackend final : public Backend {
         q.P = p.P;
         q.G = p.G;
         q.N = p.N;
-        cuda::launch_ssd_scan(q, stream_);
+        if (p.L <= 1 || !ssd_chunked_) {  // decode step: the recurrent form
+            cuda::launch_ssd_scan(q, stream_);
+            return;
+        }
+        MAMBART_CHECK_ARG(p.chunk_size >= 1, "ssd_scan: chunk_size=", p.chunk_size,
+                          " must be >= 1");
+        const int64_t need = cuda::ssd_chunked_workspace_floats(q, p.chunk_size);
+        cuda::launch_ssd_chunked({q, p.chunk_size, ssd_workspace(need)}, stream_);
+    }
+
+    bool mamba1_decode_fused(const Mamba1DecodeParams& p) override {
+        if (!fused_enabled_ || p.dt_proj.cols != p.R || p.dt_proj.rows < p.E) return false;
+        dev();
+        cuda::Mamba1DecodeParams q{};
+        q.x = p.x;
+        q.xdbl = p.xdbl;
+        q.ld_xdbl = p.ld_xdbl;
+        q.W_dt = p.dt_proj.data;
+        q.dtype = p.dt_proj.dtype;
+        q.z = p.z;
+        q.ld_z = p.ld_z;
+        q.A = p.A;
+        q.D = p.D;
+        q.dt_bias = p.dt_bias;
+        q.ssm_state = p.ssm_state;
+        q.y = p.y;
+        q.B = p.B;
+        q.E = p.E;
+        q.N = p.N;
+        q.R = p.R;
+        cuda::launch_mamba1_decode(q, stream_);
+        return true;
+    }
+
+    bool mamba2_decode_fused(const Mamba2DecodeParams& p) override {
+        const ConvParams& c = p.conv;
+        const SsdParams& s = p.ssd;
+        if (!fused_enabled_ || c.L != 1 || s.L != 1 || c.B != s.B ||
+            c.C != s.H * s.P + 2 * s.G * s.N || s.B * s.G > cuda::kDecodeCounters)
+            return false;
+        dev();
+        cuda::Mamba2DecodeParams q{};
+        q.xbc = c.x;
+        q.ld_xbc = c.ld_x;
+        q.dt = s.dt;
+        q.ld_dt = s.ld_dt;
+        q.conv_state = c.conv_state;
+        q.conv_w = c.weight;
+        q.conv_b = c.bias;
+        q.W = c.W;
+        q.z = s.z;
+        q.ld_z = s.ld_z;
+        q.A = s.A;
+        q.D = s.D;
+        q.dt_bias = s.dt_bias;
+        q.dt_min = s.dt_min;
+        q.dt_max = s.dt_max;
+        q.ssm_state = s.ssm_state;
+        q.y = s.y;
+        q.counters = counters_;
+        q.B = s.B;
+        q.H = s.H;
+        q.P = s.P;
+        q.G = s.G;
+        q.N = s.N;
+        cuda::launch_mamba2_decode(q, stream_);
+        return true;
     }
 
     void gated_rmsnorm(const float* y, const float* z, int64_t ld_z, const float* w, int64_t n,
@@ -291,6 +382,24 @@ class CudaBackend final : public Backend {
         if (e != cudaSuccess) check(e, "cudaSetDevice");
     }
 
+    // The chunked SSD's workspace, grown on demand (prefill only: never inside a graph capture).
+    float* ssd_workspace(int64_t floats) {
+        const size_t bytes = size_t(std::max<int64_t>(floats, 1)) * sizeof(float);
+        if (bytes <= ssd_ws_bytes_) return ssd_ws_;
+        cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+        check(cudaStreamIsCapturing(stream_, &cs), "cudaStreamIsCapturing");
+        if (cs != cudaStreamCaptureStatusNone)
+            throw Unsupported("ssd_scan: the chunked scan's workspace cannot grow during a graph "
+                              "capture");
+        check(cudaStreamSynchronize(stream_), "ssd_scan (workspace)");
+        if (ssd_ws_) cudaFree(ssd_ws_);
+        ssd_ws_ = nullptr;
+        ssd_ws_bytes_ = 0;
+        ssd_ws_ = static_cast<float*>(alloc(bytes, "the chunked SSD scan's workspace"));
+        ssd_ws_bytes_ = bytes;
+        return ssd_ws_;
+    }
+
     void ensure_staging() {
         for (int i = 0; i < 2; ++i) {
             if (staging_[i]) continue;
@@ -308,6 +417,11 @@ class CudaBackend final : public Backend {
     cudaEvent_t staged_[2] = {nullptr, nullptr};  // the last copy out of each staging buffer
     std::unordered_map<uint64_t, cudaGraphExec_t> graphs_;
     bool graphs_enabled_ = true;
+    bool fused_enabled_ = true;  // fused decode mixer steps (MAMBART_CUDA_FUSED=0: off)
+    bool ssd_chunked_ = true;    // chunked SSD for L > 1 (MAMBART_CUDA_SSD=recurrent: off)
+    int* counters_ = nullptr;    // (kDecodeCounters) device ints, see launch_mamba2_decode
+    float* ssd_ws_ = nullptr;    // the chunked SSD's workspace (ssd_ws_bytes_)
+    size_t ssd_ws_bytes_ = 0;
 };
 
 }  // namespace
