@@ -72,5 +72,5 @@ def test_crash_inputs_are_kept():
     for name in ("oom-chunk-size-51249", "legacy-binbytes8-18GB-claim",
                  "legacy-counted-opcode-19GB-claim", "legacy-memo-index-2e32",
                  "wordlevel-unk-not-in-vocab.json", "misaligned-f16-data",
-                 "zero-size-tensor-null-memcpy"):
+                 "zero-size-tensor-null-memcpy", "nonfinite-A_log"):
         assert name in crashes

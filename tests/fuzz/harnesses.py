@@ -243,6 +243,11 @@ def convert(data: bytes) -> None:
     try:
         g = _C.Generator(str(dst))
     except ModelLoadError as e:
+        # The converter copies values as they are; parameters that are (or, as -exp(A_log),
+        # become) NaN/Inf are refused by the runtime at load, naming the tensor. Anything else
+        # the converter wrote must load.
+        if "NaN or Inf" in str(e):
+            return
         raise Finding(f"convert() wrote a directory that does not load: {e}") from e
     _exercise(g)
 
