@@ -19,8 +19,16 @@ for c in clang++ clang++-19 clang++-18 clang++-17 clang++-16 clang++-15 clang++-
   if command -v "$c" >/dev/null 2>&1; then CXX="$c"; break; fi
 done
 if [ -z "$CXX" ]; then echo "build_libfuzzer.sh: no clang++ found" >&2; exit 3; fi
-JSON_INC=$(python -c "import nlohmann_json; print(nlohmann_json.get_include())" 2>/dev/null || true)
-[ -n "$JSON_INC" ] || JSON_INC=/usr/include
+# nlohmann-json (header-only, from PyPI) is a build requirement of the package, so pip installs
+# it only in its isolated build environment: install it here if this Python lacks it. (Never
+# pass /usr/include as -isystem: it breaks libstdc++'s #include_next <stdlib.h>.)
+json_inc() { python -c "import nlohmann_json; print(nlohmann_json.get_include())" 2>/dev/null || true; }
+JSON_INC=$(json_inc)
+if [ -z "$JSON_INC" ]; then
+  python -m pip install -q nlohmann-json >&2 || true
+  JSON_INC=$(json_inc)
+fi
+if [ -z "$JSON_INC" ]; then echo "build_libfuzzer.sh: nlohmann-json is not available" >&2; exit 3; fi
 mkdir -p "$OUT"
 FLAGS=(-std=c++17 -O1 -g -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined
        -fno-sanitize-recover=all -Icpp -isystem "$JSON_INC")
