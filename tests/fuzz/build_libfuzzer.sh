@@ -47,7 +47,7 @@ if [ "$RUN" != "0" ]; then
     [ "$t" = safetensors ] && extra=tests/fuzz/crashes/libfuzzer_safetensors
     mkdir -p "$OUT/crashes-$t"
     if ! UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 "$OUT/fuzz_$t" -max_total_time="$RUN" \
-        -timeout=10 -rss_limit_mb=2048 -max_len=65536 -print_final_stats=1 \
+        -seed="${FUZZ_SEED:-1}" -timeout=10 -rss_limit_mb=2048 -max_len=65536 -print_final_stats=1 \
         -artifact_prefix="$OUT/crashes-$t/" "$work" "$seeds" $extra > "$OUT/fuzz_$t.log" 2>&1; then
       status=1
       tail -60 "$OUT/fuzz_$t.log"

@@ -51,6 +51,8 @@ def main() -> int:
     ap.add_argument("target")
     ap.add_argument("--seconds", type=int, default=30)
     ap.add_argument("--crash-dir", type=Path, default=None)
+    ap.add_argument("--seed", type=int, default=None,
+                    help="libFuzzer -seed: the same seed explores the same inputs (CI uses 1)")
     ap.add_argument("extra", nargs="*")
     a = ap.parse_args()
     sys.path.insert(0, str(HERE))
@@ -63,6 +65,8 @@ def main() -> int:
             cmd = [sys.executable, __file__, t, "--seconds", str(a.seconds)]
             if a.crash_dir:
                 cmd += ["--crash-dir", str(a.crash_dir / t)]
+            if a.seed is not None:
+                cmd += ["--seed", str(a.seed)]
             p = subprocess.run(cmd + (["--", *a.extra] if a.extra else []), capture_output=True,
                                text=True)
             stats = [ln for ln in (p.stdout + p.stderr).splitlines()
@@ -80,7 +84,8 @@ def main() -> int:
         print("[fuzz] all targets clean")
         return 0
     crash_dir = a.crash_dir or (HERE / "crashes" / a.target)
-    _fuzz_one(a.target, a.seconds, crash_dir, a.extra)
+    extra = list(a.extra) + ([f"-seed={a.seed}"] if a.seed is not None else [])
+    _fuzz_one(a.target, a.seconds, crash_dir, extra)
     return 0
 
 
