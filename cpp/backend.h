@@ -145,6 +145,13 @@ class Backend {
     // Returns the device pointer; `*owned` says whether dealloc() must free it.
     virtual const void* place_weight(const void* src, DType src_dtype, size_t numel, DType dtype,
                                      bool* owned) = 0;
+    // Ops run on at most `rows` token rows of at most `cols` features each from now on: a backend
+    // that needs scratch for that (e.g. CUDA's low-precision copy of a GEMM operand) allocates it
+    // here, outside the hot path and outside graph captures. Called by Model::reserve.
+    virtual void reserve_scratch(int64_t rows, int64_t cols) {
+        (void)rows;
+        (void)cols;
+    }
 
     // ---- ops ----
     // out[n, :] = table[ids[n], :]  (table rows >= max id; ids validated by the caller)

@@ -123,6 +123,9 @@ void Model::reserve(int64_t rows, int64_t logits_rows) {
         be.alloc(size_t(logits_rows * c.vocab_size) * sizeof(float), "logits"));
     ws_rows_ = rows;
     logits_rows_ = logits_rows;
+    // The projections' inputs: d_model (in_proj, lm_head), d_inner (x_proj, out_proj) or dt_rank
+    // (dt_proj) features per row.
+    be.reserve_scratch(rows, std::max(c.d_model, c.d_inner));
 }
 
 const float* Model::forward(State& st, int64_t row0, int64_t B, int64_t L, const int32_t* ids,

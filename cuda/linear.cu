@@ -15,6 +15,10 @@
 //   outputs per warp; K in steps of 32; shared memory 23 KB.
 // gemm_f32_kernel (M > kGemvMaxRows, fp32 weights): a 64 x 64 tile SIMT GEMM, 4 x 4 outputs
 //   per thread, K in steps of 16, exact fp32 products.
+// rows_to_half_kernel: out[m, k] = T(x[m * ldx + k]), the fp32 activations rounded for a library
+//   GEMM (cuBLAS). Grid: (ceil(K / (4 * 256)), M); 4 consecutive elements per thread (a float4
+//   load when K % 4 == 0, ldx % 4 == 0 and x is 16-byte aligned, else scalar).
+// add_bias_kernel: y[m * ldy + n] += bias[n]. Grid: (ceil(N / 256), M).
 // Preconditions: y does not alias x; ldx >= K; ldy >= N.
 #include <mma.h>
 
@@ -431,7 +435,68 @@ void gemv_launch(const LinearParams& p, cudaStream_t s) {
         gemv_dispatch<T, false>(p, s);
 }
 
+template <typename T, bool kVec>
+__global__ void rows_to_half_kernel(const float* __restrict__ x, int64_t ldx, int64_t K,
+                                    T* __restrict__ out) {
+    const int64_t m = blockIdx.y, k = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * 4;
+    if (k >= K) return;
+    const float* xr = x + m * ldx + k;
+    T* o = out + m * K + k;
+    if (kVec) {
+        const float4 v = *reinterpret_cast<const float4*>(xr);
+        o[0] = from_f32<T>(v.x);
+        o[1] = from_f32<T>(v.y);
+        o[2] = from_f32<T>(v.z);
+        o[3] = from_f32<T>(v.w);
+    } else {
+        for (int i = 0; i < 4 && k + i < K; ++i) o[i] = from_f32<T>(xr[i]);
+    }
+}
+
+__global__ void add_bias_kernel(float* __restrict__ y, int64_t ldy, const float* __restrict__ bias,
+                                int64_t N) {
+    const int64_t n = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (n < N) y[int64_t(blockIdx.y) * ldy + n] += bias[n];
+}
+
 }  // namespace
+
+void launch_rows_to_half(const float* x, int64_t ldx, int64_t M, int64_t K, void* out,
+                         DType dtype, cudaStream_t s) {
+    MAMBART_CHECK_ARG(M >= 0 && K > 0 && ldx >= K, "launch_rows_to_half: bad sizes M=", M,
+                      " K=", K, " ldx=", ldx);
+    MAMBART_CHECK_ARG(dtype == DType::F16 || dtype == DType::BF16,
+                      "launch_rows_to_half: dtype must be float16 or bfloat16");
+    MAMBART_CHECK_ARG(x && out, "launch_rows_to_half: null pointer");
+    MAMBART_CHECK_ARG(M <= 65535, "launch_rows_to_half: M=", M, " too large");
+    if (M == 0) return;
+    const dim3 grid(unsigned(ceil_div(K, 4 * 256)), unsigned(M));
+    const bool vec = K % 4 == 0 && ldx % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+    if (dtype == DType::F16) {
+        if (vec)
+            rows_to_half_kernel<__half, true><<<grid, 256, 0, s>>>(x, ldx, K, static_cast<__half*>(out));
+        else
+            rows_to_half_kernel<__half, false><<<grid, 256, 0, s>>>(x, ldx, K, static_cast<__half*>(out));
+    } else {
+        auto* o = static_cast<__nv_bfloat16*>(out);
+        if (vec)
+            rows_to_half_kernel<__nv_bfloat16, true><<<grid, 256, 0, s>>>(x, ldx, K, o);
+        else
+            rows_to_half_kernel<__nv_bfloat16, false><<<grid, 256, 0, s>>>(x, ldx, K, o);
+    }
+    check_launch("rows_to_half_kernel", s);
+}
+
+void launch_add_bias(float* y, int64_t ldy, const float* bias, int64_t M, int64_t N,
+                     cudaStream_t s) {
+    MAMBART_CHECK_ARG(M >= 0 && N > 0 && ldy >= N, "launch_add_bias: bad sizes M=", M, " N=", N,
+                      " ldy=", ldy);
+    MAMBART_CHECK_ARG(y && bias, "launch_add_bias: null pointer");
+    MAMBART_CHECK_ARG(M <= 65535, "launch_add_bias: M=", M, " too large");
+    if (M == 0) return;
+    add_bias_kernel<<<dim3(unsigned(ceil_div(N, 256)), unsigned(M)), 256, 0, s>>>(y, ldy, bias, N);
+    check_launch("add_bias_kernel", s);
+}
 
 void launch_linear(const LinearParams& p, cudaStream_t s) {
     MAMBART_CHECK_ARG(p.M >= 0 && p.N > 0 && p.K > 0, "launch_linear: bad sizes M=", p.M,

@@ -6,10 +6,10 @@ and issue 7's 1,000,000-token prompt, with device and host memory measured, not 
         --gen-tokens 1000000 --rows 8 --prompt-tokens 1000000 --check-tokens 20000
 
 Generation: --rows sequences decode together until they have made --gen-tokens tokens in all
-(sampled at temperature 1, a seed per row). The generator raises on a non-finite logit
-at any step, so a finished run had none; the final states are checked finite too. Memory
-(device: cudaMemGetInfo through torch when on CUDA; host: RSS) is read after a 1,000-token run
-and after the long one.
+(sampled at temperature 1, a seed per row), in --segments calls that each continue the previous
+call's states. The generator raises on a non-finite logit at any step, so a finished run had
+none; the final states are checked finite too. Memory (device: cudaMemGetInfo through torch when
+on CUDA; host: RSS) is read after the first token and after every segment.
 
 Prompt: one prompt of --prompt-tokens random ids is prefilled (chunks of 512 tokens, the state
 carried between them); its next-token logits must equal those of the same prompt prefilled in
@@ -62,22 +62,37 @@ def emit(rec: dict) -> None:
 
 
 def soak_generate(g, args, meta) -> None:
+    """--rows rows sample until --gen-tokens tokens in all, in --segments calls that each continue
+    the previous call's states (the RNG continues exactly); memory is read after every call, so
+    the record shows whether it stays flat, and a progress line is printed per segment."""
     rng = np.random.default_rng(1)
     prompts = [[int(t) for t in rng.integers(0, 50000, size=16)] for _ in range(args.rows)]
     per_row = args.gen_tokens // args.rows
-    kw = dict(temperature=1.0, ignore_eos=True, seed=list(range(args.rows)))
-    g.generate(prompts, max_new_tokens=min(1000, per_row), **kw)
-    mem0, rss0 = device_used_mib(args.device), rss_mib()
-    t = time.perf_counter()
-    res = g.generate(prompts, max_new_tokens=per_row, return_state=True, **kw)
-    secs = time.perf_counter() - t
-    mem1, rss1 = device_used_mib(args.device), rss_mib()
+    seg = max(1, -(-per_row // args.segments))
+    kw = dict(temperature=1.0, ignore_eos=True, return_state=True)
+    res = g.generate(prompts, max_new_tokens=1, seed=list(range(args.rows)), **kw)
     made = sum(len(r.token_ids) for r in res)
+    mem = [(made, round(device_used_mib(args.device), 1), round(rss_mib(), 1))]
+    t = time.perf_counter()
+    per_row_done = 1
+    while per_row_done < per_row:
+        n = min(seg, per_row - per_row_done)
+        res = g.generate(None, state=[r.state for r in res], max_new_tokens=n, **kw)
+        per_row_done += n
+        made += sum(len(r.token_ids) for r in res)
+        mem.append((made, round(device_used_mib(args.device), 1), round(rss_mib(), 1)))
+        print(f"# {meta['dtype']}: {made} tokens, {time.perf_counter() - t:.1f} s, device "
+              f"{mem[-1][1]} MiB, rss {mem[-1][2]} MiB", flush=True)
+        if args.time_limit and time.perf_counter() - t > args.time_limit:
+            break
+    secs = time.perf_counter() - t
     finite = all(np.isfinite(r.state._host_dict()[k]).all() for r in res for k in ("conv", "ssm"))
-    emit(dict(meta, check="generate", rows=args.rows, tokens=made, seconds=round(secs, 1),
-              ms_per_step=round(secs / per_row * 1e3, 4), states_finite=bool(finite),
-              device_mib_after_1k=round(mem0, 1), device_mib_after_all=round(mem1, 1),
-              rss_mib_after_1k=round(rss0, 1), rss_mib_after_all=round(rss1, 1),
+    dev = [m[1] for m in mem]
+    emit(dict(meta, check="generate", rows=args.rows, tokens=made, complete=made >= args.gen_tokens,
+              seconds=round(secs, 1), tokens_per_s=round((made - mem[0][0]) / secs),
+              states_finite=bool(finite), device_mib_after_first_token=dev[0],
+              device_mib_after_each_segment=dev[1:], device_mib_max_minus_min=round(max(dev) - min(dev), 1),
+              rss_mib_after_first_token=mem[0][2], rss_mib_after_all=mem[-1][2],
               rss_token_lists_mib=round(made * 28 / 2**20, 1)))
 
 
@@ -113,6 +128,10 @@ def main() -> int:
     ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16"])
     ap.add_argument("--gen-tokens", type=int, default=1_000_000)
     ap.add_argument("--rows", type=int, default=8)
+    ap.add_argument("--segments", type=int, default=10,
+                    help="generate in this many calls, each continuing the last one's states")
+    ap.add_argument("--time-limit", type=float, default=0,
+                    help="seconds: stop generating after the segment that passes it (0: none)")
     ap.add_argument("--prompt-tokens", type=int, default=1_000_000)
     ap.add_argument("--check-tokens", type=int, default=20_000,
                     help="prompt length compared against the CPU backend (0: skip)")

@@ -139,6 +139,8 @@ void register_ops(py::module_& parent) {
                  if (N <= 0) N = w.weight.rows;
                  Buf dx(be, x), y(be, size_t(M * N) * 4);
                  auto bb = maybe(be, bias);
+                 // as Model::reserve does before any forward (CUDA: the cuBLAS operand scratch)
+                 be.reserve_scratch(M, w.weight.cols);
                  be.linear(dx.as<float>(), ldx, M, w.weight, N, ptr<float>(bb), y.as<float>(), N);
                  return y.download<float>({M, N});
              },

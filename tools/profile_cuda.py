@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""Where mambart's GPU time goes: per-kernel totals of a decode run and of a prefill, at a real
+model shape with random weights, captured with torch.profiler (CUPTI records every kernel of the
+process, the ones mambart launches from C++ and from CUDA graph replays included).
+
+    python tools/profile_cuda.py --model mamba-1.4b --dtype bfloat16 --prefill 8192 --decode 64
+
+Prints, for each phase, the kernels sorted by total time (calls, total ms, mean us, share) and
+the phase's wall time, and writes them as JSON lines to --out. torch is needed on the GPU machine
+for the profiler only; mambart itself does not use it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import SHAPES, model_config, write_random_model  # noqa: E402
+
+
+def short(name: str) -> str:
+    """A kernel's demangled name without namespaces, argument lists and long template lists."""
+    n = re.sub(r"\(.*\)$", "", name)
+    n = re.sub(r"^void ", "", n)
+    n = n.replace("mambart::cuda::", "").replace("(anonymous namespace)::", "")
+    return n[:110]
+
+
+def phase(label: str, fn, out) -> None:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    rows = {}
+    for ev in prof.events():
+        if ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        k = short(ev.name)
+        r = rows.setdefault(k, [0, 0.0])
+        r[0] += 1
+        r[1] += ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+    total = sum(v[1] for v in rows.values())
+    print(f"\n== {label}: wall {wall * 1e3:.2f} ms, kernels {total / 1e3:.2f} ms "
+          f"({sum(v[0] for v in rows.values())} launches)")
+    print(f"{'calls':>7} {'total ms':>9} {'mean us':>8} {'share':>6}  kernel")
+    for k, (n, us) in sorted(rows.items(), key=lambda kv: -kv[1][1]):
+        print(f"{n:7d} {us / 1e3:9.3f} {us / n:8.2f} {100 * us / max(total, 1e-9):5.1f}%  {k}")
+        if out:
+            out.write(json.dumps(dict(phase=label, kernel=k, calls=n, total_us=round(us, 2))) + "\n")
+    if out:
+        out.write(json.dumps(dict(phase=label, wall_ms=round(wall * 1e3, 3),
+                                  kernel_ms=round(total / 1e3, 3))) + "\n")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="mamba-1.4b", choices=sorted(SHAPES))
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--prefill", type=int, nargs="*", default=[8192])
+    ap.add_argument("--decode", type=int, default=64, help="tokens of the decode run (batch rows each)")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    import mambart
+
+    out = open(args.out, "a") if args.out else None
+    path = Path(tempfile.mkdtemp(prefix="mambart-prof-")) / args.model
+    write_random_model(path, model_config(args.model, "bfloat16"))
+    g = mambart.Generator(str(path), device="cuda", dtype=args.dtype)
+    print(f"# {args.model} {args.dtype} on {g.device}")
+    rng = np.random.default_rng(0)
+    prompts = [[int(t) for t in rng.integers(0, 50000, size=16)] for _ in range(args.batch)]
+    p = prompts if args.batch > 1 else prompts[0]
+    g.generate(p, max_new_tokens=8, ignore_eos=True)  # records the decode graph
+    phase(f"decode b{args.batch} x {args.decode} tokens (+16-token prompt)",
+          lambda: g.generate(p, max_new_tokens=args.decode, ignore_eos=True), out)
+    for L in args.prefill:
+        ids = [int(t) for t in rng.integers(0, 50000, size=L)]
+        g.prefill(ids)  # warm-up (workspaces)
+        phase(f"prefill {L}", lambda: g.prefill(ids), out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
