@@ -101,11 +101,14 @@ struct SsdParams {
 // The recurrent form (any L; used for L == 1, the decode step).
 void launch_ssd_scan(const SsdParams& p, cudaStream_t stream);
 
-// The chunked SSD algorithm (prefill): chunk cumsum, chunk states, state passing, chunk output.
+// The chunked SSD algorithm (prefill): chunk cumsum, C·Bᵀ, chunk states, state passing, chunk
+// output, the matrix products on tensor cores (TF32 WMMA; see cuda/ssd_chunked.cu).
 struct SsdChunkedParams {
     SsdParams s;          // the scan's inputs and outputs (as for launch_ssd_scan)
-    int64_t Q;            // chunk length (config chunk_size), >= 1
-    float* ws;            // workspace of ssd_chunked_workspace_floats(s, Q) floats
+    int64_t Q;            // chunk length (config chunk_size), >= 1; the kernels run min(Q, 256)
+    float* ws;            // workspace of ssd_chunked_workspace_floats(s, Q) floats, 32-byte aligned
+    bool tf32 = false;    // false: split-TF32 products (3 per product, fp32-like accuracy);
+                          // true: plain TF32 (one product, ~1e-3 relative error)
 };
 int64_t ssd_chunked_workspace_floats(const SsdParams& s, int64_t Q);
 void launch_ssd_chunked(const SsdChunkedParams& p, cudaStream_t stream);

@@ -548,3 +548,123 @@ def test_against_transformers_on_gpu(tmp_path, arch, dtype):
     else:
         # ours may not be worse than twice transformers' own low-precision error
         lowp_rule(got, hf_lp, ref32, 2e-3 * scale, f"vs transformers {dtype}")
+
+
+# ---- chunked SSD on tensor cores at the real head shapes (issue 5) --------------------------
+#
+# cuda/ssd_chunked.cu runs its four matrix products (C·Bᵀ, M·X, Xᵀ·(w∘B), C'·Sᵀ) as TF32 WMMA
+# with fp32 accumulation. Default: split TF32 (each operand v = hi + lo, hi = tf32(v),
+# lo = tf32(v - hi); three products), about 21 bits per operand, so the fp32 tolerances of the
+# tests above hold. MAMBART_CUDA_SSD=tf32: one product of TF32-rounded operands.
+#
+# The TF32 bound. Rounding an fp32 operand to TF32 (10 explicit mantissa bits, round to nearest)
+# has relative error <= u = 2^-11. Every term of y passes through at most four such roundings:
+#   Y_diag: CB = Σ tf32(C)·tf32(B) (2), M = tf32(CB·decay·δ) (1), tf32(x) (1);
+#   Y_off:  S = decayed Σ tf32(x·w)·tf32(B) (2), tf32(S) (1), tf32(exp(Λ)·C) (1);
+# and the state's terms through two. Accumulation is fp32 (K <= 256 terms: ~1e-5 relative, far
+# below u). So, to first order, |y_tf32 - y| <= 4u · ŷ and |s_tf32 - s| <= 2u · ŝ, where ŷ, ŝ
+# are the same scan run on |x|, |B|, |C|, |initial state| with D = 0 (the D skip is exact fp32)
+# and scaled by |silu(z)| when gated: the sum of the absolute values of the terms, i.e. the
+# output scale of each element before cancellation. The test allows 5u and 3u (second-order
+# terms) plus 1e-5 of the output scale for the fp32 reference's own rounding. In practice the
+# errors are ~1e-3 of max|y| (numpy emulation of the kernels' rounding: 2e-4 .. 1.4e-3).
+#
+# Whole models: in fp32, TF32's ~1e-3 relative error in y exceeds the fp32 logits tolerances
+# of test_model_logits_cuda_vs_cpu (2e-4), test_prefill_equals_prefill_plus_steps_cuda (1e-4),
+# test_prefill_chunked_ssd_equals_recurrent (1e-4), test_decode_graph_steps_equal_prefill_logits
+# (1e-4) and most likely test_against_transformers_on_gpu[mamba2-float32] (1e-3): that is why
+# the default is split TF32 and plain TF32 is opt-in.
+
+TF32_U = 2.0 ** -11
+SSD_REAL_L = [1, 255, 256, 257, 1000, 2048]
+
+
+def _ssd_real_args(rng, B, L, H, G, pad, gate, P=64, N=128, Q=256):
+    E = H * P
+    xbc = rnd(rng, B, L, E + 2 * G * N + pad)  # pad 0: 16-byte rows (the vectorised loads)
+    dt = rnd(rng, B, L, H + 4)
+    dt[0, 0, 4] = 25.0  # the softplus threshold branch
+    z = rnd(rng, B, L, E) if gate else None
+    A = -np.exp(rnd(rng, H, scale=0.5))
+    D, dtb = rnd(rng, H), rnd(rng, H, scale=0.5)
+    state = rnd(rng, B, H, P, N, scale=0.5)
+    return (xbc, E, E + G * N, dt, 4, z, A, D, dtb, 0.0, float("inf"), state, G, Q)
+
+
+def _abs_scan(cpu, args):
+    """ŷ, ŝ: the scan of the absolute values (see the TF32 bound above)."""
+    xbc, b_off, c_off, dt, dt_off, z, A, D, dtb, lo, hi, state, G, Q = args
+    y, s = cpu.ssd_scan(np.abs(xbc), b_off, c_off, dt, dt_off, None, A, np.zeros_like(D), dtb, lo,
+                        hi, np.abs(state), G, Q)
+    if z is not None:
+        y = y * np.abs(z / (1.0 + np.exp(-z)))
+    return y, s
+
+
+@pytest.mark.parametrize("L", SSD_REAL_L)
+@pytest.mark.parametrize("B", [1, 2])
+@pytest.mark.parametrize("G", [1, 2])
+def test_ssd_chunked_real_heads(gpu, cpu, L, B, G):
+    """Default (split TF32) chunked SSD at mamba2-1.3b's head shape (headdim 64, d_state 128,
+    chunk 256; 8 heads here), nonzero initial state, against the CPU backend (fp32) and the
+    float64 recurrence with the fp32 tolerances of test_ssd_chunked_vs_cpu_and_f64."""
+    rng = np.random.default_rng(L * 31 + B * 7 + G)
+    args = _ssd_real_args(rng, B, L, 8, G, pad=0 if L % 2 else 3, gate=L % 3 != 0)
+    y_g, s_g = gpu.ssd_scan(*args)
+    y_c, s_c = cpu.ssd_scan(*args)
+    close(y_g, y_c, 1e-4, "y")
+    close(s_g, s_c, 1e-4, "state")
+    y64, s64 = _ssd_f64(*args[:-1])
+    for got, ref, f64, what in ((y_g, y_c, y64, "y"), (s_g, s_c, s64.reshape(s_g.shape), "s")):
+        e_gpu = float(np.abs(got - f64).max())
+        e_cpu = float(np.abs(ref - f64).max())
+        atol = 1e-5 * max(1.0, float(np.abs(f64).max()))
+        assert e_gpu <= 2 * e_cpu + atol, f"{what}: gpu err {e_gpu:.3g}, cpu err {e_cpu:.3g}"
+
+
+@pytest.mark.parametrize("B,L,H,G", [(1, 1000, 64, 1), (2, 513, 64, 1)])
+def test_ssd_chunked_real_model_heads(gpu, cpu, B, L, H, G):
+    """All 64 heads of mamba2-1.3b (the grid's H * P-tile * N-tile = 128 blocks per chunk)."""
+    rng = np.random.default_rng(L + H)
+    args = _ssd_real_args(rng, B, L, H, G, pad=0, gate=True)
+    y_g, s_g = gpu.ssd_scan(*args)
+    y_c, s_c = cpu.ssd_scan(*args)
+    close(y_g, y_c, 1e-4, "y")
+    close(s_g, s_c, 1e-4, "state")
+
+
+@pytest.fixture(scope="module")
+def gpu_tf32():
+    old = os.environ.get("MAMBART_CUDA_SSD")
+    os.environ["MAMBART_CUDA_SSD"] = "tf32"  # read when the backend is made
+    try:
+        return _C._ops.Backend("cuda")
+    finally:
+        if old is None:
+            del os.environ["MAMBART_CUDA_SSD"]
+        else:
+            os.environ["MAMBART_CUDA_SSD"] = old
+
+
+@pytest.mark.parametrize("L", SSD_REAL_L)
+@pytest.mark.parametrize("B", [1, 2])
+@pytest.mark.parametrize("G", [1, 2])
+def test_ssd_chunked_tf32_real_heads(gpu, gpu_tf32, cpu, L, B, G):
+    """Plain TF32 (MAMBART_CUDA_SSD=tf32) within the TF32 bound above, per element."""
+    rng = np.random.default_rng(L * 37 + B * 5 + G)
+    args = _ssd_real_args(rng, B, L, 8, G, pad=0 if L % 2 else 3, gate=L % 3 != 1)
+    y_t, s_t = gpu_tf32.ssd_scan(*args)
+    y_c, s_c = cpu.ssd_scan(*args)
+    y_abs, s_abs = _abs_scan(cpu, args)
+    y_atol = 1e-5 * max(1.0, float(np.abs(y_c).max()))
+    s_atol = 1e-5 * max(1.0, float(np.abs(s_c).max()))
+    e_y, e_s = np.abs(y_t - y_c), np.abs(s_t - s_c)
+    bad_y = e_y > 5 * TF32_U * y_abs + y_atol
+    bad_s = e_s > 3 * TF32_U * s_abs + s_atol
+    assert not bad_y.any(), (f"y: {int(bad_y.sum())} elements past the TF32 bound; max err "
+                             f"{e_y.max():.3g}, max|y| {np.abs(y_c).max():.3g}")
+    assert not bad_s.any(), (f"state: {int(bad_s.sum())} elements past the TF32 bound; max err "
+                             f"{e_s.max():.3g}, max|s| {np.abs(s_c).max():.3g}")
+    if L > 1:  # the switch took effect: plain TF32 rounds differently from the split form
+        y_g, _ = gpu.ssd_scan(*args)
+        assert not np.array_equal(y_t, y_g)

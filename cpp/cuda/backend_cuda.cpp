@@ -48,6 +48,7 @@ class CudaBackend final : public Backend {
         fused_enabled_ = !(env && std::strcmp(env, "0") == 0);
         env = std::getenv("MAMBART_CUDA_SSD");  // "recurrent": prefill SSD in the recurrent form
         ssd_chunked_ = !(env && std::strcmp(env, "recurrent") == 0);
+        ssd_tf32_ = env && std::strcmp(env, "tf32") == 0;  // "tf32": plain TF32 products
         // (B * G) counters of the fused Mamba-2 decode kernel; zero, restored by each launch.
         counters_ = static_cast<int*>(alloc(size_t(cuda::kDecodeCounters) * sizeof(int),
                                             "decode counters"));
@@ -239,7 +240,7 @@ class CudaBackend final : public Backend {
         MAMBART_CHECK_ARG(p.chunk_size >= 1, "ssd_scan: chunk_size=", p.chunk_size,
                           " must be >= 1");
         const int64_t need = cuda::ssd_chunked_workspace_floats(q, p.chunk_size);
-        cuda::launch_ssd_chunked({q, p.chunk_size, ssd_workspace(need)}, stream_);
+        cuda::launch_ssd_chunked({q, p.chunk_size, ssd_workspace(need), ssd_tf32_}, stream_);
     }
 
     bool mamba1_decode_fused(const Mamba1DecodeParams& p) override {
@@ -419,6 +420,7 @@ class CudaBackend final : public Backend {
     bool graphs_enabled_ = true;
     bool fused_enabled_ = true;  // fused decode mixer steps (MAMBART_CUDA_FUSED=0: off)
     bool ssd_chunked_ = true;    // chunked SSD for L > 1 (MAMBART_CUDA_SSD=recurrent: off)
+    bool ssd_tf32_ = false;      // chunked SSD in plain TF32 (MAMBART_CUDA_SSD=tf32), else split
     int* counters_ = nullptr;    // (kDecodeCounters) device ints, see launch_mamba2_decode
     float* ssd_ws_ = nullptr;    // the chunked SSD's workspace (ssd_ws_bytes_)
     size_t ssd_ws_bytes_ = 0;
