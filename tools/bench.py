@@ -145,7 +145,7 @@ def write_random_model(path: Path, c: dict, seed: int = 0) -> int:
     """Random weights of sensible scale in model.safetensors + config.json. Returns #params.
 
     Small tensors (A_log, D, dt biases, norms) are drawn directly; each large matrix is a pool of
-    2^22 N(0, 1/fan_in) values (one pool per fan_in, already in the storage dtype) read
+    (at most) 2^22 N(0, 1/fan_in) values (one pool per fan_in, already in the storage dtype) read
     cyclically from a random offset, so writing a 2.8b model takes seconds, not minutes."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -161,9 +161,11 @@ def write_random_model(path: Path, c: dict, seed: int = 0) -> int:
             return a.astype("<f2")
         return _bf16_bits(a)
 
+    shapes = tensor_shapes(c)
+    pool_n = min(1 << 22, max(int(np.prod(s)) for s in shapes.values()))
     pools = {}
     entries, nparams = {}, 0
-    for name, shape in tensor_shapes(c).items():
+    for name, shape in shapes.items():
         n = int(np.prod(shape))
         nparams += n
         small = any(name.endswith(s) for s in _SMALL)
@@ -176,7 +178,7 @@ def write_random_model(path: Path, c: dict, seed: int = 0) -> int:
         else:
             fan_in = shape[-1] if len(shape) > 1 else 1
             if fan_in not in pools:
-                pools[fan_in] = encode(rng.standard_normal(1 << 22, dtype=np.float32)
+                pools[fan_in] = encode(rng.standard_normal(pool_n, dtype=np.float32)
                                        * np.float32(fan_in ** -0.5))
             pool = pools[fan_in]
             off = int(rng.integers(0, pool.size))
@@ -478,7 +480,7 @@ def bench_mamba_ssm(run: Run, info: Info, dtype: str):
     torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
     t = time.perf_counter()
-    model = MambaLMHeadModel(cfg, device="cuda", dtype=_torch_dtype(torch, dtype)).eval()
+    model = MambaLMHeadModel(cfg, device=args.device, dtype=_torch_dtype(torch, dtype)).eval()
     torch.cuda.synchronize()
     run.emit(**base, metric="init_s", value=round(time.perf_counter() - t, 3),
              note="random init on the device, not a file load")
@@ -496,7 +498,7 @@ def bench_mamba_ssm(run: Run, info: Info, dtype: str):
         for B in args.batches:
             if run.over(base, f"decode batch {B}"):
                 continue
-            ids = torch.randint(0, min(info.vocab, 50000), (B, 16), device="cuda")
+            ids = torch.randint(0, min(info.vocab, 50000), (B, 16), device=args.device)
             n = args.gen if B == 1 else (args.batch_gen or args.gen)
             # Warm-up at the longest max_length used below: the graph cache is re-captured
             # whenever max_length grows, so this keeps captures out of the timed runs.
@@ -513,7 +515,7 @@ def bench_mamba_ssm(run: Run, info: Info, dtype: str):
         for L in args.prefill:
             if run.over(base, f"prefill {L}"):
                 continue
-            x = torch.randint(0, min(info.vocab, 50000), (1, L), device="cuda")
+            x = torch.randint(0, min(info.vocab, 50000), (1, L), device=args.device)
             with torch.inference_mode():
                 fwd = lambda: model(x, num_last_tokens=1)  # noqa: E731
                 _timed(torch, fwd)
@@ -522,7 +524,7 @@ def bench_mamba_ssm(run: Run, info: Info, dtype: str):
             run.emit(**base, prompt_len=L, metric="prefill_ms", value=round(ms, 3),
                      **info.prefill_fields(L, ms), how="model(x, num_last_tokens=1)")
         if not run.over(base, "ttft"):
-            x = torch.randint(0, min(info.vocab, 50000), (1, args.ttft_len), device="cuda")
+            x = torch.randint(0, min(info.vocab, 50000), (1, args.ttft_len), device=args.device)
             gen(x, 1)
             times = [gen(x, 1) * 1e3 for _ in range(args.repeats)]
             run.emit(**base, prompt_len=args.ttft_len, metric="ttft_ms",
@@ -604,7 +606,7 @@ def bench_transformers(run: Run, info: Info, dtype: str):
         cls = mm2.Mamba2ForCausalLM
     torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
-    with torch.device("cuda"):
+    with torch.device(args.device):
         model = cls(cfg).to(_torch_dtype(torch, dtype)).eval()
     torch.cuda.synchronize()
     run.emit(**base, metric="init_s", value=round(time.perf_counter() - t, 3),
@@ -619,7 +621,7 @@ def bench_transformers(run: Run, info: Info, dtype: str):
 
     try:
         if not run.over(base, "decode batch 1"):
-            ids = torch.randint(0, V, (1, 16), device="cuda")
+            ids = torch.randint(0, V, (1, 16), device=args.device)
             n = args.hf_gen
             gen(ids, 2)
             per = [(gen(ids, n + 1) - gen(ids, 1)) / n for _ in range(max(1, min(args.repeats, 2)))]
@@ -633,14 +635,14 @@ def bench_transformers(run: Run, info: Info, dtype: str):
                 continue
             if run.over(base, f"prefill {L}"):
                 continue
-            x = torch.randint(0, V, (1, L), device="cuda")
+            x = torch.randint(0, V, (1, L), device=args.device)
             with torch.no_grad():
                 _timed(torch, lambda: model(x))
                 ms = _timed(torch, lambda: model(x)) * 1e3
             run.emit(**base, prompt_len=L, metric="prefill_ms", value=round(ms, 3),
                      **info.prefill_fields(L, ms), how="model(x), one timed run after a warm-up")
         if args.ttft_len <= args.hf_max_prefill and not run.over(base, "ttft"):
-            x = torch.randint(0, V, (1, args.ttft_len), device="cuda")
+            x = torch.randint(0, V, (1, args.ttft_len), device=args.device)
             gen(x, 1)
             run.emit(**base, prompt_len=args.ttft_len, metric="ttft_ms",
                      value=round(gen(x, 1) * 1e3, 3), how="generate(max_new_tokens=1), one run")
