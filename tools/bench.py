@@ -68,6 +68,7 @@ decode ms/token against parameters, one line per engine and dtype, with the band
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -242,6 +243,16 @@ class Run:
         return False
 
 
+@contextlib.contextmanager
+def guard(run: Run, base: dict, what: str):
+    """One measurement: an exception becomes an 'error' record and the run goes on."""
+    try:
+        yield
+    except Exception as e:
+        run.emit(**base, metric="error", what=what, value=f"{type(e).__name__}: {e}"[:2000])
+        free_torch()
+
+
 def _cmd(args, cwd=None) -> str:
     try:
         r = subprocess.run(args, capture_output=True, text=True, cwd=cwd, timeout=20)
@@ -370,45 +381,48 @@ def bench_mambart(run: Run, info: Info, dtype: str):
         for B in args.batches:
             if run.over(base, f"decode batch {B}"):
                 continue
-            prompts = [_ids(rng, info.vocab, 16) for _ in range(B)]
-            p = prompts if B > 1 else prompts[0]
-            n = args.gen if B == 1 else (args.batch_gen or args.gen)
-            g.generate(p, max_new_tokens=min(n, 8), ignore_eos=True)  # warm-up + CUDA graph
-            per_step = []
-            for _ in range(args.repeats):
-                res = g.generate(p, max_new_tokens=n, ignore_eos=True)
-                r0 = res[0] if B > 1 else res
-                per_step.append(r0.decode_ms / (len(r0.token_ids) - 1))
-                sample()
-            ms = statistics.median(per_step)
-            if B == 1:
-                run.emit(**base, batch=1, metric="decode_ms_per_token", value=round(ms, 4),
-                         gen=n, **info.decode_fields(dtype, ms))
-            else:
-                run.emit(**base, batch=B, metric="decode_tokens_per_s",
-                         value=round(B / (ms * 1e-3), 1), ms_per_step=round(ms, 4), gen=n)
+            with guard(run, base, f"decode batch {B}"):
+                prompts = [_ids(rng, info.vocab, 16) for _ in range(B)]
+                p = prompts if B > 1 else prompts[0]
+                n = args.gen if B == 1 else (args.batch_gen or args.gen)
+                g.generate(p, max_new_tokens=min(n, 8), ignore_eos=True)  # warm-up + CUDA graph
+                per_step = []
+                for _ in range(args.repeats):
+                    res = g.generate(p, max_new_tokens=n, ignore_eos=True)
+                    r0 = res[0] if B > 1 else res
+                    per_step.append(r0.decode_ms / (len(r0.token_ids) - 1))
+                    sample()
+                ms = statistics.median(per_step)
+                if B == 1:
+                    run.emit(**base, batch=1, metric="decode_ms_per_token", value=round(ms, 4),
+                             gen=n, **info.decode_fields(dtype, ms))
+                else:
+                    run.emit(**base, batch=B, metric="decode_tokens_per_s",
+                             value=round(B / (ms * 1e-3), 1), ms_per_step=round(ms, 4), gen=n)
         for L in args.prefill:
             if run.over(base, f"prefill {L}"):
                 continue
-            ids = _ids(rng, info.vocab, L)
-            g.generate(ids, max_new_tokens=1, ignore_eos=True)
-            times = []
-            for _ in range(args.repeats):
-                times.append(g.generate(ids, max_new_tokens=1, ignore_eos=True).prefill_ms)
-                sample()
-            ms = statistics.median(times)
-            run.emit(**base, prompt_len=L, metric="prefill_ms", value=round(ms, 3),
-                     **info.prefill_fields(L, ms))
-        if not run.over(base, "ttft"):
-            ids = _ids(rng, info.vocab, args.ttft_len)
-            g.generate(ids, max_new_tokens=1, ignore_eos=True)
-            times = []
-            for _ in range(args.repeats):
-                t = time.perf_counter()
+            with guard(run, base, f"prefill {L}"):
+                ids = _ids(rng, info.vocab, L)
                 g.generate(ids, max_new_tokens=1, ignore_eos=True)
-                times.append((time.perf_counter() - t) * 1e3)
-            run.emit(**base, prompt_len=args.ttft_len, metric="ttft_ms",
-                     value=round(statistics.median(times), 3))
+                times = []
+                for _ in range(args.repeats):
+                    times.append(g.generate(ids, max_new_tokens=1, ignore_eos=True).prefill_ms)
+                    sample()
+                ms = statistics.median(times)
+                run.emit(**base, prompt_len=L, metric="prefill_ms", value=round(ms, 3),
+                         **info.prefill_fields(L, ms))
+        if not run.over(base, "ttft"):
+            with guard(run, base, "ttft"):
+                ids = _ids(rng, info.vocab, args.ttft_len)
+                g.generate(ids, max_new_tokens=1, ignore_eos=True)
+                times = []
+                for _ in range(args.repeats):
+                    t = time.perf_counter()
+                    g.generate(ids, max_new_tokens=1, ignore_eos=True)
+                    times.append((time.perf_counter() - t) * 1e3)
+                run.emit(**base, prompt_len=args.ttft_len, metric="ttft_ms",
+                         value=round(statistics.median(times), 3))
         if torch:
             run.emit(**base, metric="peak_mem_gib", value=round(peak[0] / 2**30, 3),
                      how="mem_get_info used minus before load, max over runs")
@@ -498,37 +512,40 @@ def bench_mamba_ssm(run: Run, info: Info, dtype: str):
         for B in args.batches:
             if run.over(base, f"decode batch {B}"):
                 continue
-            ids = torch.randint(0, min(info.vocab, 50000), (B, 16), device=args.device)
-            n = args.gen if B == 1 else (args.batch_gen or args.gen)
-            # Warm-up at the longest max_length used below: the graph cache is re-captured
-            # whenever max_length grows, so this keeps captures out of the timed runs.
-            gen(ids, n + 1)
-            gen(ids, 1)
-            per = [(gen(ids, n + 1) - gen(ids, 1)) / n for _ in range(args.repeats)]
-            ms = statistics.median(per) * 1e3
-            if B == 1:
-                run.emit(**base, batch=1, metric="decode_ms_per_token", value=round(ms, 4), gen=n,
-                         **info.decode_fields(dtype, ms))
-            else:
-                run.emit(**base, batch=B, metric="decode_tokens_per_s",
-                         value=round(B / (ms * 1e-3), 1), ms_per_step=round(ms, 4), gen=n)
+            with guard(run, base, f"decode batch {B}"):
+                ids = torch.randint(0, min(info.vocab, 50000), (B, 16), device=args.device)
+                n = args.gen if B == 1 else (args.batch_gen or args.gen)
+                # Warm-up at the longest max_length used below: the graph cache is re-captured
+                # whenever max_length grows, so this keeps captures out of the timed runs.
+                gen(ids, n + 1)
+                gen(ids, 1)
+                per = [(gen(ids, n + 1) - gen(ids, 1)) / n for _ in range(args.repeats)]
+                ms = statistics.median(per) * 1e3
+                if B == 1:
+                    run.emit(**base, batch=1, metric="decode_ms_per_token", value=round(ms, 4), gen=n,
+                             **info.decode_fields(dtype, ms))
+                else:
+                    run.emit(**base, batch=B, metric="decode_tokens_per_s",
+                             value=round(B / (ms * 1e-3), 1), ms_per_step=round(ms, 4), gen=n)
         for L in args.prefill:
             if run.over(base, f"prefill {L}"):
                 continue
-            x = torch.randint(0, min(info.vocab, 50000), (1, L), device=args.device)
-            with torch.inference_mode():
-                fwd = lambda: model(x, num_last_tokens=1)  # noqa: E731
-                _timed(torch, fwd)
-                times = [_timed(torch, fwd) for _ in range(args.repeats)]
-            ms = statistics.median(times) * 1e3
-            run.emit(**base, prompt_len=L, metric="prefill_ms", value=round(ms, 3),
-                     **info.prefill_fields(L, ms), how="model(x, num_last_tokens=1)")
+            with guard(run, base, f"prefill {L}"):
+                x = torch.randint(0, min(info.vocab, 50000), (1, L), device=args.device)
+                with torch.inference_mode():
+                    fwd = lambda: model(x, num_last_tokens=1)  # noqa: E731
+                    _timed(torch, fwd)
+                    times = [_timed(torch, fwd) for _ in range(args.repeats)]
+                ms = statistics.median(times) * 1e3
+                run.emit(**base, prompt_len=L, metric="prefill_ms", value=round(ms, 3),
+                         **info.prefill_fields(L, ms), how="model(x, num_last_tokens=1)")
         if not run.over(base, "ttft"):
-            x = torch.randint(0, min(info.vocab, 50000), (1, args.ttft_len), device=args.device)
-            gen(x, 1)
-            times = [gen(x, 1) * 1e3 for _ in range(args.repeats)]
-            run.emit(**base, prompt_len=args.ttft_len, metric="ttft_ms",
-                     value=round(statistics.median(times), 3), how="generate(cg=True), 1 token")
+            with guard(run, base, "ttft"):
+                x = torch.randint(0, min(info.vocab, 50000), (1, args.ttft_len), device=args.device)
+                gen(x, 1)
+                times = [gen(x, 1) * 1e3 for _ in range(args.repeats)]
+                run.emit(**base, prompt_len=args.ttft_len, metric="ttft_ms",
+                         value=round(statistics.median(times), 3), how="generate(cg=True), 1 token")
         run.emit(**base, metric="peak_mem_gib",
                  value=round(torch.cuda.max_memory_allocated() / 2**30, 3),
                  how="torch.cuda.max_memory_allocated")
@@ -621,13 +638,14 @@ def bench_transformers(run: Run, info: Info, dtype: str):
 
     try:
         if not run.over(base, "decode batch 1"):
-            ids = torch.randint(0, V, (1, 16), device=args.device)
-            n = args.hf_gen
-            gen(ids, 2)
-            per = [(gen(ids, n + 1) - gen(ids, 1)) / n for _ in range(max(1, min(args.repeats, 2)))]
-            ms = statistics.median(per) * 1e3
-            run.emit(**base, batch=1, metric="decode_ms_per_token", value=round(ms, 3), gen=n,
-                     **info.decode_fields(dtype, ms))
+            with guard(run, base, "decode batch 1"):
+                ids = torch.randint(0, V, (1, 16), device=args.device)
+                n = args.hf_gen
+                gen(ids, 2)
+                per = [(gen(ids, n + 1) - gen(ids, 1)) / n for _ in range(max(1, min(args.repeats, 2)))]
+                ms = statistics.median(per) * 1e3
+                run.emit(**base, batch=1, metric="decode_ms_per_token", value=round(ms, 3), gen=n,
+                         **info.decode_fields(dtype, ms))
         for L in args.prefill:
             if L > args.hf_max_prefill:
                 run.emit(**base, metric="skipped", what=f"prefill {L}",
@@ -635,17 +653,19 @@ def bench_transformers(run: Run, info: Info, dtype: str):
                 continue
             if run.over(base, f"prefill {L}"):
                 continue
-            x = torch.randint(0, V, (1, L), device=args.device)
-            with torch.no_grad():
-                _timed(torch, lambda: model(x))
-                ms = _timed(torch, lambda: model(x)) * 1e3
-            run.emit(**base, prompt_len=L, metric="prefill_ms", value=round(ms, 3),
-                     **info.prefill_fields(L, ms), how="model(x), one timed run after a warm-up")
+            with guard(run, base, f"prefill {L}"):
+                x = torch.randint(0, V, (1, L), device=args.device)
+                with torch.no_grad():
+                    _timed(torch, lambda: model(x))
+                    ms = _timed(torch, lambda: model(x)) * 1e3
+                run.emit(**base, prompt_len=L, metric="prefill_ms", value=round(ms, 3),
+                         **info.prefill_fields(L, ms), how="model(x), one timed run after a warm-up")
         if args.ttft_len <= args.hf_max_prefill and not run.over(base, "ttft"):
-            x = torch.randint(0, V, (1, args.ttft_len), device=args.device)
-            gen(x, 1)
-            run.emit(**base, prompt_len=args.ttft_len, metric="ttft_ms",
-                     value=round(gen(x, 1) * 1e3, 3), how="generate(max_new_tokens=1), one run")
+            with guard(run, base, "ttft"):
+                x = torch.randint(0, V, (1, args.ttft_len), device=args.device)
+                gen(x, 1)
+                run.emit(**base, prompt_len=args.ttft_len, metric="ttft_ms",
+                         value=round(gen(x, 1) * 1e3, 3), how="generate(max_new_tokens=1), one run")
         run.emit(**base, metric="peak_mem_gib",
                  value=round(torch.cuda.max_memory_allocated() / 2**30, 3),
                  how="torch.cuda.max_memory_allocated")
