@@ -468,23 +468,103 @@ void GenerationStream::emit(int64_t row, int32_t token,
         finish_row(row, FinishReason::Length);
 }
 
+// Variable-length prefill (issue 7): the B rows run together, without padding. A row feeds its
+// start state's pending tokens, then its prompt. The rows with something to feed are sorted by
+// feed length, longest first, into rows [0, n) of a work state (the stream's own state when the
+// sorted order is already rows 0..n-1, else a temporary n-row state). The prefill then runs in
+// stages between the distinct lengths: at position pos the rows that still have tokens are a
+// prefix [0, n_k) of the sorted order, and they run together as one (n_k x seg) forward from
+// their states, seg <= the distance to the next row's end and n_k * seg <= max(n_k,
+// Model::kPrefillChunk) (activation memory stays bounded; one row alone runs in the same
+// chunks as a single prefill). A row whose feed ends with a call takes its next-token logits
+// from that call's LogitsMode::Last output. Rows never mix in any op, so each row's logits and
+// state equal its single run up to float rounding (its segment boundaries and the GEMM shapes
+// differ from a single run's). Rows with nothing to feed (a start state without pending tokens
+// and an empty prompt) only restore their state and take its logits.
 void GenerationStream::prefill() {
+    const auto t0 = Clock::now();
+    Model& m = *gen_.model_;
+    Backend& be = m.backend();
     const int64_t V = gen_.config().vocab_size;
+    std::vector<std::vector<int32_t>> feed(static_cast<size_t>(B_));  // (B) tokens per row
+    std::vector<int64_t> order;                           // (n) rows to run, longest feed first
     for (int64_t r = 0; r < B_; ++r) {
-        const auto t0 = Clock::now();
-        // Issue 7: a start state's pending tokens are fed before the prompt.
         const SequenceState* from = starts_[size_t(r)].get();
-        std::vector<int32_t> feed;
-        if (from) feed.assign(from->tokens.begin() + from->fed, from->tokens.end());
-        feed.insert(feed.end(), prompts_[size_t(r)].begin(), prompts_[size_t(r)].end());
-        gen_.prefill_row(*state_, r, feed, logits_host_.data() + r * V, nullptr, 0, from);
-        results_[size_t(r)].prefill_ms = ms_since(t0);
-        results_[size_t(r)].prefill_tokens = int64_t(feed.size());
+        auto& f = feed[size_t(r)];
+        if (from) f.assign(from->tokens.begin() + from->fed, from->tokens.end());
+        f.insert(f.end(), prompts_[size_t(r)].begin(), prompts_[size_t(r)].end());
+        if (f.empty())  // nothing to run: the start state and its own next-token logits
+            gen_.prefill_row(*state_, r, f, logits_host_.data() + r * V, nullptr, 0, from);
+        else
+            order.push_back(r);
+    }
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+        return feed[size_t(a)].size() > feed[size_t(b)].size();
+    });
+    const int64_t n = int64_t(order.size());
+    auto len = [&](int64_t i) { return int64_t(feed[size_t(order[size_t(i)])].size()); };
+    // The plan: one forward call per (rows, pos, seg).
+    struct Call {
+        int64_t rows, pos, seg;
+    };
+    std::vector<Call> plan;
+    int64_t max_tokens = 0;
+    for (int64_t pos = 0, nk = n; nk > 0 && pos < len(0);) {
+        while (len(nk - 1) <= pos) --nk;  // rows whose feed has ended drop out
+        const int64_t seg =
+            std::min(len(nk - 1) - pos, std::max<int64_t>(1, Model::kPrefillChunk / nk));
+        plan.push_back(Call{nk, pos, seg});
+        max_tokens = std::max(max_tokens, nk * seg);
+        pos += seg;
+    }
+    // One reservation for the prefill's largest call and the decode steps after it (B rows).
+    m.reserve(std::max(max_tokens, B_), std::max(n, B_));
+    if (n > 0) {
+        bool in_place = true;  // the sorted rows are rows 0..n-1 of the stream's state
+        for (int64_t i = 0; i < n; ++i) in_place = in_place && order[size_t(i)] == i;
+        std::unique_ptr<State> tmp;
+        if (!in_place) tmp = std::make_unique<State>(gen_.config(), be, n);
+        State& work = in_place ? *state_ : *tmp;
+        for (int64_t i = 0; i < n; ++i) {
+            const SequenceState* from = starts_[size_t(order[size_t(i)])].get();
+            if (from)
+                gen_.restore_row(work, i, *from);
+            else
+                work.reset_row(i);
+        }
+        std::vector<int32_t> ids;    // (rows, seg) the call's tokens, row-major
+        std::vector<float> lg_host;  // (rows ending, V)
+        for (const Call& c : plan) {
+            ids.resize(size_t(c.rows * c.seg));
+            for (int64_t i = 0; i < c.rows; ++i) {
+                const auto& f = feed[size_t(order[size_t(i)])];
+                std::copy(f.begin() + c.pos, f.begin() + c.pos + c.seg, ids.begin() + i * c.seg);
+            }
+            be.copy_to_device(m.ids_buffer(), ids.data(), ids.size() * sizeof(int32_t));
+            const int64_t end = c.pos + c.seg;
+            // The rows ending here are a suffix [first, rows) of the call's rows.
+            int64_t first = c.rows;
+            while (first > 0 && len(first - 1) == end) --first;
+            const LogitsMode mode = first < c.rows ? LogitsMode::Last : LogitsMode::None;
+            const float* lg = m.forward(work, 0, c.rows, c.seg, m.ids_buffer(), mode);
+            ++prefill_forward_calls_;
+            if (mode == LogitsMode::None) continue;
+            lg_host.resize(size_t((c.rows - first) * V));
+            be.copy_to_host(lg_host.data(), lg + first * V, lg_host.size() * sizeof(float));
+            for (int64_t i = first; i < c.rows; ++i)
+                std::copy(lg_host.begin() + (i - first) * V, lg_host.begin() + (i - first + 1) * V,
+                          logits_host_.begin() + order[size_t(i)] * V);
+        }
+        if (!in_place)
+            for (int64_t i = 0; i < n; ++i) state_->copy_row_from(work, i, order[size_t(i)]);
+    }
+    const double ms = ms_since(t0);
+    for (int64_t r = 0; r < B_; ++r) {
+        results_[size_t(r)].prefill_ms = ms;
+        results_[size_t(r)].prefill_tokens = int64_t(feed[size_t(r)].size());
         for (int32_t id : history_[size_t(r)]) samplers_[size_t(r)].observe(id);
         if (keep_states_) prompt_states_[size_t(r)] = snapshot_row(r, true);
     }
-    // Decode steps run all B rows together: reserve their workspace now, not per token.
-    gen_.model_->reserve(B_, B_);
     prefilled_ = true;
     if (keep_states_)  // rows that finished before their first token (max_new_tokens 0)
         for (int64_t r = 0; r < B_; ++r)

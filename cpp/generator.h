@@ -58,7 +58,8 @@ struct GenerationResult {
     std::vector<int32_t> token_ids;  // the new tokens (a stop or eos token included)
     FinishReason finish_reason = FinishReason::None;
     int64_t prompt_tokens = 0;
-    double prefill_ms = 0.0;         // this row's prefill
+    double prefill_ms = 0.0;         // the batch's prefill (rows prefill together, so every
+                                     // row of a batch reports the same shared time)
     double decode_ms = 0.0;          // the decode steps while this row was active
     int64_t prefill_tokens = 0;      // tokens run through the model at prefill (issue 7: fewer
                                      // than prompt_tokens when starting from a state)
@@ -91,6 +92,9 @@ class GenerationStream {
     // True when every row shares the sampling options (seeds, RNG streams and counters may
     // differ per row: the device sampler takes them per row).
     bool uniform_sampling() const { return uniform_sampling_; }
+    // Model::forward calls the prefill made (0 before it): the rows prefill together, so this
+    // is about the number of distinct feed lengths, not the number of rows (see prefill()).
+    int64_t prefill_forward_calls() const { return prefill_forward_calls_; }
 
  private:
     friend class Generator;
@@ -113,6 +117,7 @@ class GenerationStream {
     int64_t active_;
     int64_t step_ = 0;                  // decode steps taken
     bool prefilled_ = false;
+    int64_t prefill_forward_calls_ = 0;
     std::unique_ptr<State> state_;      // (B rows)
     std::vector<Sampler> samplers_;     // one per row
     mutable std::vector<float> logits_host_;  // (B, V)

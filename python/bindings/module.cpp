@@ -139,7 +139,10 @@ void register_state_api(py::module_& m) {
                  py::gil_scoped_release release;
                  return s.row_state(row);
              })
-        .def("prompt_state", &GenerationStream::prompt_state);
+        .def("prompt_state", &GenerationStream::prompt_state)
+        .def_property_readonly("prefill_forward_calls",
+                               &GenerationStream::prefill_forward_calls,
+                               "Model forward calls of the prefill (rows prefill together).");
 
     auto gen = py::reinterpret_borrow<py::class_<Generator>>(m.attr("Generator"));
     gen.def(
