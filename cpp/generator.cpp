@@ -48,7 +48,7 @@ void Generator::prefill_row(State& st, int64_t row, const std::vector<int32_t>& 
     const int64_t V = config().vocab_size;
     const int64_t n = int64_t(ids.size());
     // All-logits prefill runs in chunks the logits workspace holds; otherwise in big chunks.
-    const int64_t max_chunk = all_logits ? Model::kLogitsRows : Model::kPrefillChunk;
+    const int64_t max_chunk = all_logits ? Model::kLogitsRows : m.prefill_chunk();
     chunk = chunk > 0 ? std::min(chunk, max_chunk) : max_chunk;
     m.reserve(std::min(chunk, n), Model::kLogitsRows);
     if (from) {
@@ -475,7 +475,7 @@ void GenerationStream::emit(int64_t row, int32_t token,
 // stages between the distinct lengths: at position pos the rows that still have tokens are a
 // prefix [0, n_k) of the sorted order, and they run together as one (n_k x seg) forward from
 // their states, seg <= the distance to the next row's end and n_k * seg <= max(n_k,
-// Model::kPrefillChunk) (activation memory stays bounded; one row alone runs in the same
+// Model::prefill_chunk()) (activation memory stays bounded; one row alone runs in the same
 // chunks as a single prefill). A row whose feed ends with a call takes its next-token logits
 // from that call's LogitsMode::Last output. Rows never mix in any op, so each row's logits and
 // state equal its single run up to float rounding (its segment boundaries and the GEMM shapes
@@ -512,7 +512,7 @@ void GenerationStream::prefill() {
     for (int64_t pos = 0, nk = n; nk > 0 && pos < len(0);) {
         while (len(nk - 1) <= pos) --nk;  // rows whose feed has ended drop out
         const int64_t seg =
-            std::min(len(nk - 1) - pos, std::max<int64_t>(1, Model::kPrefillChunk / nk));
+            std::min(len(nk - 1) - pos, std::max<int64_t>(1, gen_.model_->prefill_chunk() / nk));
         plan.push_back(Call{nk, pos, seg});
         max_tokens = std::max(max_tokens, nk * seg);
         pos += seg;
