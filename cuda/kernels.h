@@ -79,7 +79,23 @@ struct SelectiveScanParams {
     float* y;             // (B, L, E)
     int64_t B, L, E, N;
 };
+// The sequential form (any L; used for L == 1 and short prompts).
 void launch_selective_scan(const SelectiveScanParams& p, cudaStream_t stream);
+
+// The chunked (time-parallel) form for long prompts: segments of T tokens scanned in parallel
+// from a zero state, a sequential pass over segments, then each segment again for y.
+struct SelectiveScanChunkedParams {
+    SelectiveScanParams s;  // the scan's inputs and outputs (as for launch_selective_scan)
+    int64_t T;              // segment length, >= 1; ceil(L / T) <= 65535
+    float* ws;              // workspace of selective_scan_chunked_workspace_floats(s, T) floats
+};
+// Prompts shorter than this use the sequential form.
+constexpr int64_t kScanChunkedMinL = 64;
+// The segment length for `s` (a heuristic: enough segments to fill the GPU, >= 32 tokens); the
+// chunked form only pays when it is < L.
+int64_t selective_scan_segment_len(const SelectiveScanParams& s);
+int64_t selective_scan_chunked_workspace_floats(const SelectiveScanParams& s, int64_t T);
+void launch_selective_scan_chunked(const SelectiveScanChunkedParams& p, cudaStream_t stream);
 
 struct SsdParams {
     const float* x;       // (B, L, H*P) row stride ld_xbc

@@ -668,3 +668,132 @@ def test_ssd_chunked_tf32_real_heads(gpu, gpu_tf32, cpu, L, B, G):
     if L > 1:  # the switch took effect: plain TF32 rounds differently from the split form
         y_g, _ = gpu.ssd_scan(*args)
         assert not np.array_equal(y_t, y_g)
+
+
+# ---- Mamba-1 scan: the chunked (time-parallel) form for long prompts --------------------------
+# The CUDA backend runs the selective scan in segments (cuda/selective_scan.cu) when L >= 64
+# and the GPU is not already filled by B x E; MAMBART_CUDA_SCAN=sequential forces the
+# sequential kernel. Both are checked against the CPU backend and against each other.
+
+
+@pytest.fixture(scope="module")
+def gpu_scan_sequential():
+    """A CUDA backend whose Mamba-1 scan is always sequential (MAMBART_CUDA_SCAN is read when
+    the backend is made)."""
+    old = os.environ.get("MAMBART_CUDA_SCAN")
+    os.environ["MAMBART_CUDA_SCAN"] = "sequential"
+    try:
+        return _C._ops.Backend("cuda")
+    finally:
+        if old is None:
+            del os.environ["MAMBART_CUDA_SCAN"]
+        else:
+            os.environ["MAMBART_CUDA_SCAN"] = old
+
+
+def _scan_args(rng, B, L, E, N, decay):
+    """selective_scan arguments; decay "slow" (|δA| ~ 1e-3) makes the state carry over
+    thousands of tokens, so every segment's entry state and the initial state matter."""
+    X = 3 + 2 * N + 2  # x_proj output [dt_low (3) | B | C] plus 2 padding columns
+    x, dt = rnd(rng, B, L, E), rnd(rng, B, L, E)
+    dt[0, 0, 0] = 30.0  # the softplus threshold branch
+    bc = rnd(rng, B, L, X)
+    z = rnd(rng, B, L, 2 * E)
+    A = -np.exp(rnd(rng, E, N, scale=0.5))
+    if decay == "slow":
+        A *= np.float32(1e-3)
+        dt -= np.float32(2.0)
+    D, dtb = rnd(rng, E), rnd(rng, E, scale=0.5)
+    state = rnd(rng, B, E, N)
+    return (x, dt, bc, 3, 3 + N, z, E, A, D, dtb, state)
+
+
+# L: 63 (sequential: below the threshold), 64 (two segments), 65 (a one-token last segment),
+# 300, 2048, 4100 (many segments, a partial last one). E: 37 and 100 are not multiples of the
+# channels per block (8 for N = 16, 16 for N = 5); N = 64 and 130 take 2 and 8 states per lane.
+@pytest.mark.parametrize("B,L", [(1, 63), (1, 64), (3, 65), (1, 300), (3, 300), (1, 2048),
+                                 (3, 2048), (1, 4100), (3, 4100)])
+@pytest.mark.parametrize("E,N", [(37, 16), (100, 5), (24, 64), (9, 130)])
+@pytest.mark.parametrize("decay", ["fast", "slow"])
+def test_selective_scan_long(gpu, gpu_scan_sequential, cpu, B, L, E, N, decay):
+    rng = np.random.default_rng(B * 7919 + L * 31 + E * N + (decay == "slow"))
+    args = _scan_args(rng, B, L, E, N, decay)
+    y_g, s_g = gpu.selective_scan(*args)
+    y_s, s_s = gpu_scan_sequential.selective_scan(*args)
+    y_c, s_c = cpu.selective_scan(*args)
+    assert np.isfinite(y_g).all() and np.isfinite(s_g).all()
+    close(y_g, y_c, 5e-5, "y vs cpu")
+    close(s_g, s_c, 5e-5, "state vs cpu")
+    close(y_g, y_s, 2e-5, "y vs sequential")
+    close(s_g, s_s, 2e-5, "state vs sequential")
+
+
+# Model-sized channel counts, where the segment length comes from the heuristic (not its
+# 32-token floor): mamba-130m-like E = 1536 and mamba-1.4b-like E = 4096 (a 512-token prefill
+# chunk), and a batch of 2 with E = 2560.
+@pytest.mark.parametrize("B,L,E", [(1, 512, 1536), (1, 2048, 1536), (1, 512, 4096),
+                                   (2, 512, 2560)])
+def test_selective_scan_long_real_width(gpu, gpu_scan_sequential, cpu, B, L, E):
+    rng = np.random.default_rng(L + E + B)
+    args = _scan_args(rng, B, L, E, 16, "slow")
+    y_g, s_g = gpu.selective_scan(*args)
+    y_s, s_s = gpu_scan_sequential.selective_scan(*args)
+    y_c, s_c = cpu.selective_scan(*args)
+    close(y_g, y_c, 5e-5, "y vs cpu")
+    close(s_g, s_c, 5e-5, "state vs cpu")
+    close(y_g, y_s, 2e-5, "y vs sequential")
+    close(s_g, s_s, 2e-5, "state vs sequential")
+
+
+def test_selective_scan_long_then_decode(gpu, cpu):
+    """A chunked prefill's final state continues exactly: prefill(L) then single-token scans
+    equal prefill(L + k) on the CPU."""
+    rng = np.random.default_rng(5)
+    B, L, k, E, N = 2, 700, 3, 40, 16
+    x, dt, bc, b_off, c_off, z, z_off, A, D, dtb, state = _scan_args(rng, B, L + k, E, N, "slow")
+    y_ref, s_ref = cpu.selective_scan(x, dt, bc, b_off, c_off, z, z_off, A, D, dtb, state)
+    ys = []
+    y, s = gpu.selective_scan(x[:, :L], dt[:, :L], bc[:, :L], b_off, c_off, z[:, :L], z_off, A,
+                              D, dtb, state)
+    ys.append(y)
+    for t in range(L, L + k):
+        sl = slice(t, t + 1)
+        y, s = gpu.selective_scan(x[:, sl], dt[:, sl], bc[:, sl], b_off, c_off, z[:, sl], z_off,
+                                  A, D, dtb, s)
+        ys.append(y)
+    close(np.concatenate(ys, axis=1), y_ref, 5e-5, "y")
+    close(s, s_ref, 5e-5, "state")
+
+
+def _prefill_then_steps(g, ids, n_new):
+    """The logits after prefilling `ids` in one go (generate's big prefill chunks), then after
+    each of n_new greedy steps; and the tokens."""
+    opts = _C.GenerationOptions()
+    opts.max_new_tokens = n_new
+    opts.ignore_eos = True
+    stream = g._g.start([ids], opts)
+    logits, toks = [], []
+    while True:
+        ev = stream.next()
+        if ev is None:
+            break
+        logits.append(stream.last_logits[0].copy())
+        toks += [t for _, t in ev]
+    return np.stack(logits), toks
+
+
+@pytest.mark.parametrize("name", ["m1", "m1-ln"])
+def test_prefill_chunked_scan_equals_sequential(model_dirs, monkeypatch, name):
+    """Whole-model prefill of 1100 tokens (one scan call of 35 segments) and decode steps from
+    its final state: the chunked Mamba-1 scan against the sequential kernel
+    (MAMBART_CUDA_SCAN=sequential) and against the CPU."""
+    d = model_dirs[name]
+    ids = _ids(1100, seed=11)
+    chunked, t_chunked = _prefill_then_steps(_gen(d, "cuda"), ids, 4)
+    monkeypatch.setenv("MAMBART_CUDA_SCAN", "sequential")
+    sequential, t_sequential = _prefill_then_steps(_gen(d, "cuda"), ids, 4)
+    monkeypatch.delenv("MAMBART_CUDA_SCAN")
+    ref, t_ref = _prefill_then_steps(_gen(d, "cpu", "float32"), ids, 4)
+    assert t_chunked == t_sequential == t_ref
+    close(chunked, sequential, 1e-4, f"{name} chunked vs sequential")
+    close(chunked, ref, 2e-4, f"{name} chunked vs cpu")

@@ -49,6 +49,8 @@ class CudaBackend final : public Backend {
         env = std::getenv("MAMBART_CUDA_SSD");  // "recurrent": prefill SSD in the recurrent form
         ssd_chunked_ = !(env && std::strcmp(env, "recurrent") == 0);
         ssd_tf32_ = env && std::strcmp(env, "tf32") == 0;  // "tf32": plain TF32 products
+        env = std::getenv("MAMBART_CUDA_SCAN");  // "sequential": prefill Mamba-1 scan unchunked
+        scan_chunked_ = !(env && std::strcmp(env, "sequential") == 0);
         // (B * G) counters of the fused Mamba-2 decode kernel; zero, restored by each launch.
         counters_ = static_cast<int*>(alloc(size_t(cuda::kDecodeCounters) * sizeof(int),
                                             "decode counters"));
@@ -61,7 +63,7 @@ class CudaBackend final : public Backend {
         clear_graphs();
         if (stream_) cudaStreamSynchronize(stream_);
         if (counters_) cudaFree(counters_);
-        if (ssd_ws_) cudaFree(ssd_ws_);
+        if (ws_) cudaFree(ws_);
         for (int i = 0; i < 2; ++i) {
             if (staging_[i]) cudaFreeHost(staging_[i]);
             if (staged_[i]) cudaEventDestroy(staged_[i]);
@@ -206,7 +208,13 @@ class CudaBackend final : public Backend {
         q.L = p.L;
         q.E = p.E;
         q.N = p.N;
-        cuda::launch_selective_scan(q, stream_);
+        const int64_t T = cuda::selective_scan_segment_len(q);
+        if (!scan_chunked_ || p.L < cuda::kScanChunkedMinL || T >= p.L) {  // decode, short L
+            cuda::launch_selective_scan(q, stream_);
+            return;
+        }
+        const int64_t need = cuda::selective_scan_chunked_workspace_floats(q, T);
+        cuda::launch_selective_scan_chunked({q, T, workspace(need, "selective_scan")}, stream_);
     }
 
     void ssd_scan(const SsdParams& p) override {
@@ -240,7 +248,8 @@ class CudaBackend final : public Backend {
         MAMBART_CHECK_ARG(p.chunk_size >= 1, "ssd_scan: chunk_size=", p.chunk_size,
                           " must be >= 1");
         const int64_t need = cuda::ssd_chunked_workspace_floats(q, p.chunk_size);
-        cuda::launch_ssd_chunked({q, p.chunk_size, ssd_workspace(need), ssd_tf32_}, stream_);
+        cuda::launch_ssd_chunked({q, p.chunk_size, workspace(need, "ssd_scan"), ssd_tf32_},
+                                 stream_);
     }
 
     bool mamba1_decode_fused(const Mamba1DecodeParams& p) override {
@@ -383,22 +392,23 @@ class CudaBackend final : public Backend {
         if (e != cudaSuccess) check(e, "cudaSetDevice");
     }
 
-    // The chunked SSD's workspace, grown on demand (prefill only: never inside a graph capture).
-    float* ssd_workspace(int64_t floats) {
+    // The chunked scans' workspace (SSD, Mamba-1), grown on demand (prefill only: never inside a
+    // graph capture). `op` names the caller in errors.
+    float* workspace(int64_t floats, const char* op) {
         const size_t bytes = size_t(std::max<int64_t>(floats, 1)) * sizeof(float);
-        if (bytes <= ssd_ws_bytes_) return ssd_ws_;
+        if (bytes <= ws_bytes_) return ws_;
         cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
         check(cudaStreamIsCapturing(stream_, &cs), "cudaStreamIsCapturing");
         if (cs != cudaStreamCaptureStatusNone)
-            throw Unsupported("ssd_scan: the chunked scan's workspace cannot grow during a graph "
-                              "capture");
-        check(cudaStreamSynchronize(stream_), "ssd_scan (workspace)");
-        if (ssd_ws_) cudaFree(ssd_ws_);
-        ssd_ws_ = nullptr;
-        ssd_ws_bytes_ = 0;
-        ssd_ws_ = static_cast<float*>(alloc(bytes, "the chunked SSD scan's workspace"));
-        ssd_ws_bytes_ = bytes;
-        return ssd_ws_;
+            throw Unsupported(str_cat(op, ": the chunked scan's workspace cannot grow during a "
+                                      "graph capture"));
+        check(cudaStreamSynchronize(stream_), str_cat(op, " (workspace)").c_str());
+        if (ws_) cudaFree(ws_);
+        ws_ = nullptr;
+        ws_bytes_ = 0;
+        ws_ = static_cast<float*>(alloc(bytes, "the chunked scans' workspace"));
+        ws_bytes_ = bytes;
+        return ws_;
     }
 
     void ensure_staging() {
@@ -422,8 +432,9 @@ class CudaBackend final : public Backend {
     bool ssd_chunked_ = true;    // chunked SSD for L > 1 (MAMBART_CUDA_SSD=recurrent: off)
     bool ssd_tf32_ = false;      // chunked SSD in plain TF32 (MAMBART_CUDA_SSD=tf32), else split
     int* counters_ = nullptr;    // (kDecodeCounters) device ints, see launch_mamba2_decode
-    float* ssd_ws_ = nullptr;    // the chunked SSD's workspace (ssd_ws_bytes_)
-    size_t ssd_ws_bytes_ = 0;
+    bool scan_chunked_ = true;   // chunked Mamba-1 scan, long L (MAMBART_CUDA_SCAN=sequential: off)
+    float* ws_ = nullptr;        // the chunked scans' workspace (ws_bytes_)
+    size_t ws_bytes_ = 0;
 };
 
 }  // namespace
