@@ -1,4 +1,5 @@
 // cuda/common.cu: CUDA error checks.
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 
@@ -14,6 +15,8 @@ void check(cudaError_t e, const char* what) {
 }
 
 namespace {
+std::atomic<bool> g_pdl{false};
+
 bool sync_after_launch() {
     static const bool on = [] {
         const char* v = std::getenv("MAMBART_CUDA_SYNC");
@@ -22,6 +25,9 @@ bool sync_after_launch() {
     return on;
 }
 }  // namespace
+
+bool pdl_enabled() { return g_pdl.load(std::memory_order_relaxed); }
+void set_programmatic_launch(bool on) { g_pdl.store(on, std::memory_order_relaxed); }
 
 void check_launch(const char* kernel, cudaStream_t stream) {
     cudaError_t e = cudaGetLastError();

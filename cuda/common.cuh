@@ -32,6 +32,50 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
 __device__ __forceinline__ float softplus_f(float v) { return v > 20.0f ? v : log1pf(expf(v)); }
 __device__ __forceinline__ float silu_f(float v) { return v / (1.0f + expf(-v)); }
 
+// ---- programmatic dependent launch (PDL, sm_90+) ----------------------------------------------
+// Kernels of the decode chain are launched with launch_pdl(): the next kernel may start while
+// this one runs; it does its independent work first (the GEMVs prefetch their weight rows into
+// L2), then pdl_wait() blocks until the previous kernel has finished and its writes are visible.
+// Rule: a kernel launched through launch_pdl() calls pdl_wait() in every block before it reads
+// anything an earlier kernel wrote and before it writes anything (so that completion stays
+// ordered along the stream), and pdl_trigger() right after, letting its own successor launch.
+// Both are no-ops below sm_90, where launch_pdl() launches normally.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+// Brings the `bytes` at `p` towards L2 (no register result; a hint the hardware may drop).
+__device__ __forceinline__ void prefetch_l2(const void* p, int64_t bytes, int lane, int lanes) {
+    const char* c = static_cast<const char*>(p);
+    for (int64_t off = int64_t(lane) * 128; off < bytes; off += int64_t(lanes) * 128)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(c + off));
+}
+
+// Whether launch_pdl() sets the programmatic-serialization attribute (set_programmatic_launch).
+bool pdl_enabled();
+
+template <typename... KArgs, typename... Args>
+void launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t s,
+                Args... args) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = s;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = pdl_enabled() ? 1 : 0;
+    check(cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...), "cudaLaunchKernelEx");
+}
+
 // ---- reductions ---------------------------------------------------------------------------------
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

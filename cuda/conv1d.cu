@@ -24,6 +24,8 @@ static_assert(kConvTokens >= kMaxW, "the state kernel assumes L > kConvTokens >=
 
 template <bool kUpdateState>
 __global__ void __launch_bounds__(kConvThreads) conv1d_kernel(Conv1dParams p) {
+    pdl_wait();  // launched with launch_pdl (see common.cuh)
+    pdl_trigger();
     const int64_t c = int64_t(blockIdx.x) * kConvThreads + threadIdx.x;
     if (c >= p.C) return;
     const int64_t b = blockIdx.z, W = p.W, L = p.L;
@@ -83,7 +85,7 @@ void launch_conv1d(const Conv1dParams& p, cudaStream_t s) {
     MAMBART_CHECK_ARG(tblocks <= 65535, "launch_conv1d: L=", p.L, " too large for one call");
     const dim3 grid(unsigned(ceil_div(p.C, kConvThreads)), unsigned(tblocks), unsigned(p.B));
     if (tblocks == 1) {
-        conv1d_kernel<true><<<grid, kConvThreads, 0, s>>>(p);
+        launch_pdl(conv1d_kernel<true>, grid, dim3(kConvThreads), 0, s, p);
         check_launch("conv1d_kernel", s);
     } else {
         conv1d_kernel<false><<<grid, kConvThreads, 0, s>>>(p);

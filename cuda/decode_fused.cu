@@ -35,6 +35,8 @@ constexpr int kM1Warps = 4;
 
 template <typename T, int SPL>
 __global__ void __launch_bounds__(kM1Warps * 32) mamba1_decode_kernel(Mamba1DecodeParams p, int g) {
+    pdl_wait();  // launched with launch_pdl (see common.cuh)
+    pdl_trigger();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int j = lane % g, cpw = 32 / g;
     const int64_t e_raw = (int64_t(blockIdx.x) * kM1Warps + warp) * cpw + lane / g;
@@ -73,14 +75,15 @@ __global__ void __launch_bounds__(kM1Warps * 32) mamba1_decode_kernel(Mamba1Deco
 template <typename T>
 void m1_dispatch(const Mamba1DecodeParams& p, int g, int spl, dim3 grid, cudaStream_t s) {
     const int threads = kM1Warps * 32;
+    const dim3 block(threads);
     if (spl == 1)
-        mamba1_decode_kernel<T, 1><<<grid, threads, 0, s>>>(p, g);
+        launch_pdl(mamba1_decode_kernel<T, 1>, grid, block, 0, s, p, g);
     else if (spl == 2)
-        mamba1_decode_kernel<T, 2><<<grid, threads, 0, s>>>(p, g);
+        launch_pdl(mamba1_decode_kernel<T, 2>, grid, block, 0, s, p, g);
     else if (spl <= 4)
-        mamba1_decode_kernel<T, 4><<<grid, threads, 0, s>>>(p, g);
+        launch_pdl(mamba1_decode_kernel<T, 4>, grid, block, 0, s, p, g);
     else
-        mamba1_decode_kernel<T, 8><<<grid, threads, 0, s>>>(p, g);
+        launch_pdl(mamba1_decode_kernel<T, 8>, grid, block, 0, s, p, g);
 }
 
 constexpr int kM2Warps = 8;
@@ -113,6 +116,8 @@ __global__ void __launch_bounds__(kM2Warps * 32) mamba2_decode_kernel(Mamba2Deco
     float* Cs = Bs + p.N;     // (N) post-conv C of the group
     __shared__ float xs[kM2Warps];
     __shared__ float dls[2];
+    pdl_wait();  // launched with launch_pdl (see common.cuh)
+    pdl_trigger();
     __shared__ int last;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int64_t h = blockIdx.x, b = blockIdx.y, H = p.H, P = p.P, N = p.N, G = p.G, W = p.W;
@@ -229,14 +234,15 @@ void launch_mamba2_decode(const Mamba2DecodeParams& p, cudaStream_t s) {
     const size_t smem = size_t(2 * p.N) * sizeof(float);
     const int threads = kM2Warps * 32;
     const int spl = int(ceil_div(p.N, 32));
+    const dim3 block(threads);
     if (spl == 1)
-        mamba2_decode_kernel<1><<<grid, threads, smem, s>>>(p);
+        launch_pdl(mamba2_decode_kernel<1>, grid, block, smem, s, p);
     else if (spl == 2)
-        mamba2_decode_kernel<2><<<grid, threads, smem, s>>>(p);
+        launch_pdl(mamba2_decode_kernel<2>, grid, block, smem, s, p);
     else if (spl <= 4)
-        mamba2_decode_kernel<4><<<grid, threads, smem, s>>>(p);
+        launch_pdl(mamba2_decode_kernel<4>, grid, block, smem, s, p);
     else
-        mamba2_decode_kernel<8><<<grid, threads, smem, s>>>(p);
+        launch_pdl(mamba2_decode_kernel<8>, grid, block, smem, s, p);
     check_launch("mamba2_decode_kernel", s);
 }
 

@@ -16,6 +16,8 @@ namespace {
 template <typename T>
 __global__ void embedding_kernel(const int32_t* __restrict__ ids, const T* __restrict__ table,
                                  float* __restrict__ out, int64_t d) {
+    pdl_wait();  // launched with launch_pdl (see common.cuh)
+    pdl_trigger();
     const int64_t i = blockIdx.x;
     const T* row = table + int64_t(ids[i]) * d;
     float* o = out + i * d;
@@ -58,14 +60,16 @@ void launch_embedding(const EmbeddingParams& p, cudaStream_t s) {
     const int grid = int(p.n);
     switch (p.dtype) {
         case DType::F32:
-            embedding_kernel<<<grid, 256, 0, s>>>(p.ids, static_cast<const float*>(p.table), p.out, p.d);
+            launch_pdl(embedding_kernel<float>, dim3(grid), dim3(256), 0, s, p.ids,
+                       static_cast<const float*>(p.table), p.out, p.d);
             break;
         case DType::F16:
-            embedding_kernel<<<grid, 256, 0, s>>>(p.ids, static_cast<const __half*>(p.table), p.out, p.d);
+            launch_pdl(embedding_kernel<__half>, dim3(grid), dim3(256), 0, s, p.ids,
+                       static_cast<const __half*>(p.table), p.out, p.d);
             break;
         case DType::BF16:
-            embedding_kernel<<<grid, 256, 0, s>>>(p.ids, static_cast<const __nv_bfloat16*>(p.table),
-                                                  p.out, p.d);
+            launch_pdl(embedding_kernel<__nv_bfloat16>, dim3(grid), dim3(256), 0, s, p.ids,
+                       static_cast<const __nv_bfloat16*>(p.table), p.out, p.d);
             break;
     }
     check_launch("embedding_kernel", s);

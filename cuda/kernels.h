@@ -52,6 +52,14 @@ struct LinearParams {
 constexpr int64_t kGemvMaxRows = 8;
 void launch_linear(const LinearParams& p, cudaStream_t stream);
 
+// The operand of a library GEMM (cpp/cuda/cublas_gemm.h): out[m, k] = dtype(x[m * ldx + k]),
+// contiguous (M, K) in `dtype` (F16 or BF16, round to nearest even).
+void launch_rows_to_half(const float* x, int64_t ldx, int64_t M, int64_t K, void* out,
+                         DType dtype, cudaStream_t stream);
+// y[m * ldy + n] += bias[n] for m < M, n < N.
+void launch_add_bias(float* y, int64_t ldy, const float* bias, int64_t M, int64_t N,
+                     cudaStream_t stream);
+
 struct Conv1dParams {
     const float* x;       // (B, L, C) row stride ld_x
     int64_t ld_x;
@@ -209,6 +217,10 @@ struct SampleParams {
 };
 // Samples one token per row with the semantics of mambart::Sampler (cpp/sampling.h).
 void launch_sample(const SampleParams& p, cudaStream_t stream);
+
+// Programmatic dependent launch for the decode chain's kernels (see common.cuh): on for devices of
+// compute capability 9.0 and newer unless MAMBART_CUDA_PDL=0 (the backend decides; per process).
+void set_programmatic_launch(bool on);
 
 // Converts n elements of `src` (src_dtype) into `dst` (dst_dtype), on the device.
 void launch_convert(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64_t n,

@@ -69,8 +69,12 @@ template <typename T, int M, bool kVec>
 __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(LinearParams p) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int64_t n = int64_t(blockIdx.x) * kGemvWarps + warp;
-    if (n >= p.N) return;
     const T* w = static_cast<const T*>(p.W) + n * p.K;
+    // PDL: the weight row does not depend on earlier kernels: start streaming it before waiting.
+    if (n < p.N) prefetch_l2(w, p.K * int64_t(sizeof(T)), lane, 32);
+    pdl_wait();
+    pdl_trigger();
+    if (n >= p.N) return;
     float acc[M];
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[m] = 0.0f;
@@ -129,6 +133,9 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_rows_kernel(LinearParams
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int64_t n = blockIdx.x;
     const T* w = static_cast<const T*>(p.W) + n * p.K;
+    prefetch_l2(w, p.K * int64_t(sizeof(T)), threadIdx.x, blockDim.x);  // PDL: before the wait
+    pdl_wait();
+    pdl_trigger();
     float acc[M];
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[m] = 0.0f;
@@ -399,27 +406,27 @@ void gemv_dispatch(const LinearParams& p, cudaStream_t s) {
     if (p.N < kGemvNarrow) {
         const unsigned g = unsigned(p.N);
         switch (p.M) {
-            case 1: gemv_rows_kernel<T, 1, kVec><<<g, threads, 0, s>>>(p); break;
-            case 2: gemv_rows_kernel<T, 2, kVec><<<g, threads, 0, s>>>(p); break;
-            case 3: gemv_rows_kernel<T, 3, kVec><<<g, threads, 0, s>>>(p); break;
-            case 4: gemv_rows_kernel<T, 4, kVec><<<g, threads, 0, s>>>(p); break;
-            case 5: gemv_rows_kernel<T, 5, kVec><<<g, threads, 0, s>>>(p); break;
-            case 6: gemv_rows_kernel<T, 6, kVec><<<g, threads, 0, s>>>(p); break;
-            case 7: gemv_rows_kernel<T, 7, kVec><<<g, threads, 0, s>>>(p); break;
-            case 8: gemv_rows_kernel<T, 8, kVec><<<g, threads, 0, s>>>(p); break;
+            case 1: launch_pdl(gemv_rows_kernel<T, 1, kVec>, dim3(g), dim3(threads), 0, s, p); break;
+            case 2: launch_pdl(gemv_rows_kernel<T, 2, kVec>, dim3(g), dim3(threads), 0, s, p); break;
+            case 3: launch_pdl(gemv_rows_kernel<T, 3, kVec>, dim3(g), dim3(threads), 0, s, p); break;
+            case 4: launch_pdl(gemv_rows_kernel<T, 4, kVec>, dim3(g), dim3(threads), 0, s, p); break;
+            case 5: launch_pdl(gemv_rows_kernel<T, 5, kVec>, dim3(g), dim3(threads), 0, s, p); break;
+            case 6: launch_pdl(gemv_rows_kernel<T, 6, kVec>, dim3(g), dim3(threads), 0, s, p); break;
+            case 7: launch_pdl(gemv_rows_kernel<T, 7, kVec>, dim3(g), dim3(threads), 0, s, p); break;
+            case 8: launch_pdl(gemv_rows_kernel<T, 8, kVec>, dim3(g), dim3(threads), 0, s, p); break;
         }
         return;
     }
     const unsigned grid = unsigned(ceil_div(p.N, kGemvWarps));
     switch (p.M) {
-        case 1: gemv_kernel<T, 1, kVec><<<grid, threads, 0, s>>>(p); break;
-        case 2: gemv_kernel<T, 2, kVec><<<grid, threads, 0, s>>>(p); break;
-        case 3: gemv_kernel<T, 3, kVec><<<grid, threads, 0, s>>>(p); break;
-        case 4: gemv_kernel<T, 4, kVec><<<grid, threads, 0, s>>>(p); break;
-        case 5: gemv_kernel<T, 5, kVec><<<grid, threads, 0, s>>>(p); break;
-        case 6: gemv_kernel<T, 6, kVec><<<grid, threads, 0, s>>>(p); break;
-        case 7: gemv_kernel<T, 7, kVec><<<grid, threads, 0, s>>>(p); break;
-        case 8: gemv_kernel<T, 8, kVec><<<grid, threads, 0, s>>>(p); break;
+        case 1: launch_pdl(gemv_kernel<T, 1, kVec>, dim3(grid), dim3(threads), 0, s, p); break;
+        case 2: launch_pdl(gemv_kernel<T, 2, kVec>, dim3(grid), dim3(threads), 0, s, p); break;
+        case 3: launch_pdl(gemv_kernel<T, 3, kVec>, dim3(grid), dim3(threads), 0, s, p); break;
+        case 4: launch_pdl(gemv_kernel<T, 4, kVec>, dim3(grid), dim3(threads), 0, s, p); break;
+        case 5: launch_pdl(gemv_kernel<T, 5, kVec>, dim3(grid), dim3(threads), 0, s, p); break;
+        case 6: launch_pdl(gemv_kernel<T, 6, kVec>, dim3(grid), dim3(threads), 0, s, p); break;
+        case 7: launch_pdl(gemv_kernel<T, 7, kVec>, dim3(grid), dim3(threads), 0, s, p); break;
+        case 8: launch_pdl(gemv_kernel<T, 8, kVec>, dim3(grid), dim3(threads), 0, s, p); break;
     }
 }
 

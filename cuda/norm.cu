@@ -21,6 +21,8 @@ constexpr int kThreads = 256;
 
 __global__ void add_norm_kernel(AddNormParams p) {
     __shared__ float red[32];
+    pdl_wait();  // launched with launch_pdl (see common.cuh)
+    pdl_trigger();
     const int64_t i = blockIdx.x, d = p.d;
     float* r = p.residual + i * d;
     const float* h = p.hidden ? p.hidden + i * d : nullptr;
@@ -54,6 +56,8 @@ __global__ void add_norm_kernel(AddNormParams p) {
 
 __global__ void gated_rmsnorm_kernel(GatedRmsNormParams p) {
     __shared__ float red[32];
+    pdl_wait();  // launched with launch_pdl (see common.cuh)
+    pdl_trigger();
     const int64_t i = blockIdx.x, g0 = int64_t(blockIdx.y) * p.group_size;
     const float* y = p.y + i * p.E + g0;
     const float* z = p.z + i * p.ld_z + g0;
@@ -78,7 +82,7 @@ void launch_add_norm(const AddNormParams& p, cudaStream_t s) {
     MAMBART_CHECK_ARG(p.n <= 0x7fffffff, "launch_add_norm: n=", p.n, " too large");
     if (p.n == 0) return;
     // few rows (decode): wide blocks, so one row's reductions finish quickly
-    add_norm_kernel<<<unsigned(p.n), p.n < 64 ? 1024 : kThreads, 0, s>>>(p);
+    launch_pdl(add_norm_kernel, dim3(unsigned(p.n)), dim3(p.n < 64 ? 1024 : kThreads), 0, s, p);
     check_launch("add_norm_kernel", s);
 }
 
@@ -90,7 +94,8 @@ void launch_gated_rmsnorm(const GatedRmsNormParams& p, cudaStream_t s) {
     MAMBART_CHECK_ARG(p.E / p.group_size <= 65535, "launch_gated_rmsnorm: too many groups");
     if (p.n == 0) return;
     const int threads = p.n * (p.E / p.group_size) < 64 ? 1024 : kThreads;
-    gated_rmsnorm_kernel<<<dim3(unsigned(p.n), unsigned(p.E / p.group_size)), threads, 0, s>>>(p);
+    launch_pdl(gated_rmsnorm_kernel, dim3(unsigned(p.n), unsigned(p.E / p.group_size)),
+               dim3(threads), 0, s, p);
     check_launch("gated_rmsnorm_kernel", s);
 }
 

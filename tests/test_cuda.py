@@ -87,11 +87,36 @@ LINEAR_SHAPES = [(1, 16, 5), (3, 37, 64), (8, 256, 130), (1, 512, 2048), (5, 200
                  (70, 136, 96), (200, 512, 257), (333, 1024, 384)]
 
 
+@pytest.fixture(scope="module")
+def gpu_own_gemm():
+    """A CUDA backend that never uses cuBLAS (MAMBART_CUBLAS=0 is read when it is made)."""
+    old = os.environ.get("MAMBART_CUBLAS")
+    os.environ["MAMBART_CUBLAS"] = "0"
+    try:
+        return _C._ops.Backend("cuda")
+    finally:
+        if old is None:
+            del os.environ["MAMBART_CUBLAS"]
+        else:
+            os.environ["MAMBART_CUBLAS"] = old
+
+
+def test_gemm_named(gpu, gpu_own_gemm):
+    # The backend says which GEMM its projections use (cuBLAS, or why not).
+    assert "GEMM: " in gpu.name
+    assert "GEMM: hand-written (MAMBART_CUBLAS=0)" in gpu_own_gemm.name
+
+
+@pytest.mark.parametrize("own_gemm", [False, True])
 @pytest.mark.parametrize("M,K,N", LINEAR_SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("pad", [3, 8])
-def test_linear(gpu, cpu, M, K, N, dtype, bias, pad):
+def test_linear(gpu, gpu_own_gemm, cpu, own_gemm, M, K, N, dtype, bias, pad):
+    # own_gemm=False: the default backend (cuBLAS for M > 8 where libcublas loads);
+    # own_gemm=True: the hand-written GEMV / GEMM kernels.
+    if own_gemm:
+        gpu = gpu_own_gemm
     rng = np.random.default_rng(M * 1000 + K + N)
     # rows with stride ldx = K + pad (a column slice of a wider buffer); pad 8 keeps rows
     # 16-byte aligned (the vectorised GEMV / pipelined GEMM paths), pad 3 does not
@@ -672,8 +697,23 @@ def test_ssd_chunked_tf32_real_heads(gpu, gpu_tf32, cpu, L, B, G):
 
 # ---- Mamba-1 scan: the chunked (time-parallel) form for long prompts --------------------------
 # The CUDA backend runs the selective scan in segments (cuda/selective_scan.cu) when L >= 64
-# and the GPU is not already filled by B x E; MAMBART_CUDA_SCAN=sequential forces the
-# sequential kernel. Both are checked against the CPU backend and against each other.
+# and the GPU is not already filled by B x E, where MAMBART_CUDA_SCAN=chunked asks for it (the
+# default is the sequential kernel). Both are checked against the CPU backend and each other.
+
+
+@pytest.fixture(scope="module")
+def gpu_scan_chunked():
+    """A CUDA backend that runs long Mamba-1 scans in the chunked form (MAMBART_CUDA_SCAN=chunked;
+    the default is the sequential kernel, faster on an H100 at real shapes: see BENCHMARKS.md)."""
+    old = os.environ.get("MAMBART_CUDA_SCAN")
+    os.environ["MAMBART_CUDA_SCAN"] = "chunked"
+    try:
+        return _C._ops.Backend("cuda")
+    finally:
+        if old is None:
+            del os.environ["MAMBART_CUDA_SCAN"]
+        else:
+            os.environ["MAMBART_CUDA_SCAN"] = old
 
 
 @pytest.fixture(scope="module")
@@ -715,17 +755,20 @@ def _scan_args(rng, B, L, E, N, decay):
                                  (3, 2048), (1, 4100), (3, 4100)])
 @pytest.mark.parametrize("E,N", [(37, 16), (100, 5), (24, 64), (9, 130)])
 @pytest.mark.parametrize("decay", ["fast", "slow"])
-def test_selective_scan_long(gpu, gpu_scan_sequential, cpu, B, L, E, N, decay):
+def test_selective_scan_long(gpu_scan_chunked, gpu_scan_sequential, cpu, B, L, E, N, decay):
     rng = np.random.default_rng(B * 7919 + L * 31 + E * N + (decay == "slow"))
     args = _scan_args(rng, B, L, E, N, decay)
-    y_g, s_g = gpu.selective_scan(*args)
+    y_g, s_g = gpu_scan_chunked.selective_scan(*args)
     y_s, s_s = gpu_scan_sequential.selective_scan(*args)
     y_c, s_c = cpu.selective_scan(*args)
     assert np.isfinite(y_g).all() and np.isfinite(s_g).all()
     close(y_g, y_c, 5e-5, "y vs cpu")
     close(s_g, s_c, 5e-5, "state vs cpu")
-    close(y_g, y_s, 2e-5, "y vs sequential")
-    close(s_g, s_s, 2e-5, "state vs sequential")
+    # Both forms are within 5e-5 of the CPU; against each other, within the sum of those bounds
+    # (measured on an H100: up to 3.5e-5 of the scale on slow-decay 4100-token scans, whose
+    # states sum thousands of terms in different orders).
+    close(y_g, y_s, 1e-4, "y vs sequential")
+    close(s_g, s_s, 1e-4, "state vs sequential")
 
 
 # Model-sized channel counts, where the segment length comes from the heuristic (not its
@@ -733,19 +776,22 @@ def test_selective_scan_long(gpu, gpu_scan_sequential, cpu, B, L, E, N, decay):
 # chunk), and a batch of 2 with E = 2560.
 @pytest.mark.parametrize("B,L,E", [(1, 512, 1536), (1, 2048, 1536), (1, 512, 4096),
                                    (2, 512, 2560)])
-def test_selective_scan_long_real_width(gpu, gpu_scan_sequential, cpu, B, L, E):
+def test_selective_scan_long_real_width(gpu_scan_chunked, gpu_scan_sequential, cpu, B, L, E):
     rng = np.random.default_rng(L + E + B)
     args = _scan_args(rng, B, L, E, 16, "slow")
-    y_g, s_g = gpu.selective_scan(*args)
+    y_g, s_g = gpu_scan_chunked.selective_scan(*args)
     y_s, s_s = gpu_scan_sequential.selective_scan(*args)
     y_c, s_c = cpu.selective_scan(*args)
     close(y_g, y_c, 5e-5, "y vs cpu")
     close(s_g, s_c, 5e-5, "state vs cpu")
-    close(y_g, y_s, 2e-5, "y vs sequential")
-    close(s_g, s_s, 2e-5, "state vs sequential")
+    # Both forms are within 5e-5 of the CPU; against each other, within the sum of those bounds
+    # (measured on an H100: up to 3.5e-5 of the scale on slow-decay 4100-token scans, whose
+    # states sum thousands of terms in different orders).
+    close(y_g, y_s, 1e-4, "y vs sequential")
+    close(s_g, s_s, 1e-4, "state vs sequential")
 
 
-def test_selective_scan_long_then_decode(gpu, cpu):
+def test_selective_scan_long_then_decode(gpu_scan_chunked, cpu):
     """A chunked prefill's final state continues exactly: prefill(L) then single-token scans
     equal prefill(L + k) on the CPU."""
     rng = np.random.default_rng(5)
@@ -753,12 +799,12 @@ def test_selective_scan_long_then_decode(gpu, cpu):
     x, dt, bc, b_off, c_off, z, z_off, A, D, dtb, state = _scan_args(rng, B, L + k, E, N, "slow")
     y_ref, s_ref = cpu.selective_scan(x, dt, bc, b_off, c_off, z, z_off, A, D, dtb, state)
     ys = []
-    y, s = gpu.selective_scan(x[:, :L], dt[:, :L], bc[:, :L], b_off, c_off, z[:, :L], z_off, A,
+    y, s = gpu_scan_chunked.selective_scan(x[:, :L], dt[:, :L], bc[:, :L], b_off, c_off, z[:, :L], z_off, A,
                               D, dtb, state)
     ys.append(y)
     for t in range(L, L + k):
         sl = slice(t, t + 1)
-        y, s = gpu.selective_scan(x[:, sl], dt[:, sl], bc[:, sl], b_off, c_off, z[:, sl], z_off,
+        y, s = gpu_scan_chunked.selective_scan(x[:, sl], dt[:, sl], bc[:, sl], b_off, c_off, z[:, sl], z_off,
                                   A, D, dtb, s)
         ys.append(y)
     close(np.concatenate(ys, axis=1), y_ref, 5e-5, "y")
@@ -789,6 +835,7 @@ def test_prefill_chunked_scan_equals_sequential(model_dirs, monkeypatch, name):
     (MAMBART_CUDA_SCAN=sequential) and against the CPU."""
     d = model_dirs[name]
     ids = _ids(1100, seed=11)
+    monkeypatch.setenv("MAMBART_CUDA_SCAN", "chunked")
     chunked, t_chunked = _prefill_then_steps(_gen(d, "cuda"), ids, 4)
     monkeypatch.setenv("MAMBART_CUDA_SCAN", "sequential")
     sequential, t_sequential = _prefill_then_steps(_gen(d, "cuda"), ids, 4)

@@ -28,10 +28,10 @@ from bench import SHAPES, model_config, write_random_model  # noqa: E402
 
 def short(name: str) -> str:
     """A kernel's demangled name without namespaces, argument lists and long template lists."""
-    n = re.sub(r"\(.*\)$", "", name)
+    n = name.replace("(anonymous namespace)::", "").replace("mambart::cuda::", "")
     n = re.sub(r"^void ", "", n)
-    n = n.replace("mambart::cuda::", "").replace("(anonymous namespace)::", "")
-    return n[:110]
+    n = re.sub(r"\((?:[^()]|\([^()]*\))*\)$", "", n)  # the trailing parameter list
+    return n[:110] or name[:110]
 
 
 def phase(label: str, fn, out) -> None:

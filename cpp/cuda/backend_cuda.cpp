@@ -10,10 +10,12 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <unordered_map>
 #include <vector>
 
 #include "backend.h"
+#include "cublas_gemm.h"
 #include "error.h"
 #include "../../cuda/check.h"
 #include "../../cuda/kernels.h"
@@ -49,8 +51,26 @@ class CudaBackend final : public Backend {
         env = std::getenv("MAMBART_CUDA_SSD");  // "recurrent": prefill SSD in the recurrent form
         ssd_chunked_ = !(env && std::strcmp(env, "recurrent") == 0);
         ssd_tf32_ = env && std::strcmp(env, "tf32") == 0;  // "tf32": plain TF32 products
-        env = std::getenv("MAMBART_CUDA_SCAN");  // "sequential": prefill Mamba-1 scan unchunked
-        scan_chunked_ = !(env && std::strcmp(env, "sequential") == 0);
+        // "chunked": long Mamba-1 prefill scans in the time-parallel form. Off by default: on an
+        // H100 at mamba-1.4b's shape it was slower than the sequential kernel (8k-token prefill
+        // 361 vs 323 ms; BENCHMARKS.md), its per-token work being compute-bound, not latency-bound.
+        env = std::getenv("MAMBART_CUDA_SCAN");
+        scan_chunked_ = env && std::strcmp(env, "chunked") == 0;
+        // cuBLAS for the projections of M >= cublas_min_rows_ token rows (fp16/bf16 weights),
+        // where libcublas loads; MAMBART_CUBLAS=0 keeps the hand-written GEMM everywhere.
+        env = std::getenv("MAMBART_CUBLAS");
+        if (!(env && std::strcmp(env, "0") == 0)) cublas_ = std::make_unique<cublas::Gemm>(stream_);
+        env = std::getenv("MAMBART_CUBLAS_MIN_ROWS");
+        if (env && std::atoi(env) > 0) cublas_min_rows_ = std::atoi(env);
+        // Mamba-2's fused decode step up to this many rows; larger batches run the separate ops
+        // (each of its blocks redoes the group's B/C conv, which costs more than it saves at
+        // large batches: mamba2-1.3b b128 7,282 vs 6,153 tokens/s on an H100). Mamba-1's fused
+        // step wins at every batch size measured (mamba-1.4b b128 13,038 vs 8,410 tokens/s).
+        env = std::getenv("MAMBART_CUDA_FUSED_MAX_BATCH");  // Mamba-2's fused decode step
+        if (env && std::atoi(env) > 0) fused_max_batch_ = std::atoi(env);
+        // Programmatic dependent launch (Hopper and newer) for the decode chain's kernels.
+        env = std::getenv("MAMBART_CUDA_PDL");
+        cuda::set_programmatic_launch(prop.major >= 9 && !(env && std::strcmp(env, "0") == 0));
         // (B * G) counters of the fused Mamba-2 decode kernel; zero, restored by each launch.
         counters_ = static_cast<int*>(alloc(size_t(cuda::kDecodeCounters) * sizeof(int),
                                             "decode counters"));
@@ -62,6 +82,8 @@ class CudaBackend final : public Backend {
         cudaSetDevice(device_);
         clear_graphs();
         if (stream_) cudaStreamSynchronize(stream_);
+        cublas_.reset();
+        if (half_x_) cudaFree(half_x_);
         if (counters_) cudaFree(counters_);
         if (ws_) cudaFree(ws_);
         for (int i = 0; i < 2; ++i) {
@@ -72,7 +94,9 @@ class CudaBackend final : public Backend {
     }
 
     DeviceKind kind() const override { return DeviceKind::CUDA; }
-    std::string name() const override { return str_cat("cuda:", device_, " (", gpu_name_, ")"); }
+    std::string name() const override {
+        return str_cat("cuda:", device_, " (", gpu_name_, "; GEMM: ", gemm_info(), ")");
+    }
 
     // ---- memory ----
     void* alloc(size_t bytes, const char* what) override {
@@ -180,7 +204,36 @@ class CudaBackend final : public Backend {
                 const float* bias, float* y, int64_t ldy) override {
         dev();
         MAMBART_CHECK_ARG(N <= W.rows, "linear: N=", N, " exceeds the weight's ", W.rows, " rows");
-        cuda::launch_linear({x, ldx, W.data, W.dtype, bias, y, ldy, M, N, W.cols}, stream_);
+        const int64_t K = W.cols;
+        if (cublas_ && cublas_->available() && M >= cublas_min_rows_ && M <= 65535 &&
+            W.dtype != DType::F32 && size_t(M * K) * 2 <= half_x_bytes_) {
+            // x rounded to the weight dtype (as the hand-written tensor-core GEMM does), then
+            // cuBLAS with fp32 accumulation and fp32 output.
+            cuda::launch_rows_to_half(x, ldx, M, K, half_x_, W.dtype, stream_);
+            cublas_->run(half_x_, W.data, W.dtype, y, ldy, M, N, K);
+            if (bias) cuda::launch_add_bias(y, ldy, bias, M, N, stream_);
+            return;
+        }
+        cuda::launch_linear({x, ldx, W.data, W.dtype, bias, y, ldy, M, N, K}, stream_);
+    }
+
+    void reserve_scratch(int64_t rows, int64_t cols) override {
+        if (!cublas_ || !cublas_->available() || rows < cublas_min_rows_) return;
+        const size_t bytes = size_t(rows * cols) * 2;  // (rows, cols) fp16/bf16 GEMM operand
+        if (bytes <= half_x_bytes_) return;
+        dev();
+        check(cudaStreamSynchronize(stream_), "reserve_scratch");
+        if (half_x_) cudaFree(half_x_);
+        half_x_ = nullptr;
+        half_x_bytes_ = 0;
+        half_x_ = alloc(bytes, "the GEMM operand scratch");
+        half_x_bytes_ = bytes;
+    }
+
+    // "cuBLAS 13.0.2", or why the hand-written GEMM runs instead.
+    std::string gemm_info() const {
+        if (!cublas_) return "hand-written (MAMBART_CUBLAS=0)";
+        return cublas_->available() ? cublas_->version() : "hand-written (" + cublas_->reason() + ")";
     }
 
     void conv1d(const ConvParams& p) override {
@@ -279,7 +332,7 @@ class CudaBackend final : public Backend {
     bool mamba2_decode_fused(const Mamba2DecodeParams& p) override {
         const ConvParams& c = p.conv;
         const SsdParams& s = p.ssd;
-        if (!fused_enabled_ || c.L != 1 || s.L != 1 || c.B != s.B ||
+        if (!fused_enabled_ || c.B > fused_max_batch_ || c.L != 1 || s.L != 1 || c.B != s.B ||
             c.C != s.H * s.P + 2 * s.G * s.N || s.B * s.G > cuda::kDecodeCounters)
             return false;
         dev();
@@ -432,9 +485,18 @@ class CudaBackend final : public Backend {
     bool ssd_chunked_ = true;    // chunked SSD for L > 1 (MAMBART_CUDA_SSD=recurrent: off)
     bool ssd_tf32_ = false;      // chunked SSD in plain TF32 (MAMBART_CUDA_SSD=tf32), else split
     int* counters_ = nullptr;    // (kDecodeCounters) device ints, see launch_mamba2_decode
-    bool scan_chunked_ = true;   // chunked Mamba-1 scan, long L (MAMBART_CUDA_SCAN=sequential: off)
+    bool scan_chunked_ = false;  // chunked Mamba-1 scan, long L (MAMBART_CUDA_SCAN=chunked: on)
     float* ws_ = nullptr;        // the chunked scans' workspace (ws_bytes_)
     size_t ws_bytes_ = 0;
+    std::unique_ptr<cublas::Gemm> cublas_;  // null with MAMBART_CUBLAS=0
+    // cuBLAS from 4 rows: on an H100 (mamba-1.4b decode) 4 rows ran at 1,758 tokens/s with
+    // cuBLAS and 1,286 with the GEMV, 8 rows at 3,130 and 1,731. 2 rows with cuBLAS took
+    // 2.27 ms a step, more than the GEMV's 1-row step (1.9 ms, the same weight bytes); the
+    // GEMV at 2 and 3 rows was not measured.
+    int64_t cublas_min_rows_ = 4;  // MAMBART_CUBLAS_MIN_ROWS
+    int64_t fused_max_batch_ = 8;  // MAMBART_CUDA_FUSED_MAX_BATCH (Mamba-2)
+    void* half_x_ = nullptr;  // (rows, cols) fp16/bf16: the GEMM operand (reserve_scratch)
+    size_t half_x_bytes_ = 0;
 };
 
 }  // namespace
