@@ -67,7 +67,7 @@ def soak_generate(g, args, meta) -> None:
     the record shows whether it stays flat, and a progress line is printed per segment."""
     rng = np.random.default_rng(1)
     prompts = [[int(t) for t in rng.integers(0, 50000, size=16)] for _ in range(args.rows)]
-    per_row = args.gen_tokens // args.rows
+    per_row = -(-args.gen_tokens // args.rows)  # rounded up: at least --gen-tokens in all
     seg = max(1, -(-per_row // args.segments))
     kw = dict(temperature=1.0, ignore_eos=True, return_state=True)
     res = g.generate(prompts, max_new_tokens=1, seed=list(range(args.rows)), **kw)
