@@ -87,18 +87,24 @@ LINEAR_SHAPES = [(1, 16, 5), (3, 37, 64), (8, 256, 130), (1, 512, 2048), (5, 200
                  (70, 136, 96), (200, 512, 257), (333, 1024, 384)]
 
 
-@pytest.fixture(scope="module")
-def gpu_own_gemm():
-    """A CUDA backend that never uses cuBLAS (MAMBART_CUBLAS=0 is read when it is made)."""
-    old = os.environ.get("MAMBART_CUBLAS")
-    os.environ["MAMBART_CUBLAS"] = "0"
+def cuda_backend_with(var, value):
+    """A CUDA op backend made while the environment variable `var` is `value` (the backend
+    reads its MAMBART_* switches when it is made); the environment is restored after."""
+    old = os.environ.get(var)
+    os.environ[var] = value
     try:
         return _C._ops.Backend("cuda")
     finally:
         if old is None:
-            del os.environ["MAMBART_CUBLAS"]
+            del os.environ[var]
         else:
-            os.environ["MAMBART_CUBLAS"] = old
+            os.environ[var] = old
+
+
+@pytest.fixture(scope="module")
+def gpu_own_gemm():
+    """A CUDA backend that never uses cuBLAS (MAMBART_CUBLAS=0)."""
+    return cuda_backend_with("MAMBART_CUBLAS", "0")
 
 
 def test_gemm_named(gpu, gpu_own_gemm):
@@ -660,15 +666,7 @@ def test_ssd_chunked_real_model_heads(gpu, cpu, B, L, H, G):
 
 @pytest.fixture(scope="module")
 def gpu_tf32():
-    old = os.environ.get("MAMBART_CUDA_SSD")
-    os.environ["MAMBART_CUDA_SSD"] = "tf32"  # read when the backend is made
-    try:
-        return _C._ops.Backend("cuda")
-    finally:
-        if old is None:
-            del os.environ["MAMBART_CUDA_SSD"]
-        else:
-            os.environ["MAMBART_CUDA_SSD"] = old
+    return cuda_backend_with("MAMBART_CUDA_SSD", "tf32")
 
 
 @pytest.mark.parametrize("L", SSD_REAL_L)
@@ -705,30 +703,14 @@ def test_ssd_chunked_tf32_real_heads(gpu, gpu_tf32, cpu, L, B, G):
 def gpu_scan_chunked():
     """A CUDA backend that runs long Mamba-1 scans in the chunked form (MAMBART_CUDA_SCAN=chunked;
     the default is the sequential kernel, faster on an H100 at real shapes: see BENCHMARKS.md)."""
-    old = os.environ.get("MAMBART_CUDA_SCAN")
-    os.environ["MAMBART_CUDA_SCAN"] = "chunked"
-    try:
-        return _C._ops.Backend("cuda")
-    finally:
-        if old is None:
-            del os.environ["MAMBART_CUDA_SCAN"]
-        else:
-            os.environ["MAMBART_CUDA_SCAN"] = old
+    return cuda_backend_with("MAMBART_CUDA_SCAN", "chunked")
 
 
 @pytest.fixture(scope="module")
 def gpu_scan_sequential():
     """A CUDA backend whose Mamba-1 scan is always sequential (MAMBART_CUDA_SCAN is read when
     the backend is made)."""
-    old = os.environ.get("MAMBART_CUDA_SCAN")
-    os.environ["MAMBART_CUDA_SCAN"] = "sequential"
-    try:
-        return _C._ops.Backend("cuda")
-    finally:
-        if old is None:
-            del os.environ["MAMBART_CUDA_SCAN"]
-        else:
-            os.environ["MAMBART_CUDA_SCAN"] = old
+    return cuda_backend_with("MAMBART_CUDA_SCAN", "sequential")
 
 
 def _scan_args(rng, B, L, E, N, decay):
