@@ -66,7 +66,7 @@ class CudaBackend final : public Backend {
         // (each of its blocks redoes the group's B/C conv, which costs more than it saves at
         // large batches: mamba2-1.3b b128 7,282 vs 6,153 tokens/s on an H100). Mamba-1's fused
         // step wins at every batch size measured (mamba-1.4b b128 13,038 vs 8,410 tokens/s).
-        env = std::getenv("MAMBART_CUDA_FUSED_MAX_BATCH");  // Mamba-2's fused decode step
+        env = std::getenv("MAMBART_CUDA_FUSED_MAX_BATCH");
         if (env && std::atoi(env) > 0) fused_max_batch_ = std::atoi(env);
         // Programmatic dependent launch (Hopper and newer) for the decode chain's kernels.
         env = std::getenv("MAMBART_CUDA_PDL");
@@ -230,7 +230,7 @@ class CudaBackend final : public Backend {
         half_x_bytes_ = bytes;
     }
 
-    // "cuBLAS 13.0.2", or why the hand-written GEMM runs instead.
+    // "cuBLAS 13.1.0", or why the hand-written GEMM runs instead.
     std::string gemm_info() const {
         if (!cublas_) return "hand-written (MAMBART_CUBLAS=0)";
         return cublas_->available() ? cublas_->version() : "hand-written (" + cublas_->reason() + ")";
@@ -261,8 +261,10 @@ class CudaBackend final : public Backend {
         q.L = p.L;
         q.E = p.E;
         q.N = p.N;
-        const int64_t T = cuda::selective_scan_segment_len(q);
-        if (!scan_chunked_ || p.L < cuda::kScanChunkedMinL || T >= p.L) {  // decode, short L
+        const int64_t T = scan_chunked_ && p.L >= cuda::kScanChunkedMinL
+                              ? cuda::selective_scan_segment_len(q)
+                              : p.L;  // p.L: the sequential kernel
+        if (T >= p.L) {  // decode, short L, or the chunked form not asked for
             cuda::launch_selective_scan(q, stream_);
             return;
         }

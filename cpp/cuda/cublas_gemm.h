@@ -30,7 +30,7 @@ class Gemm {
 
     bool available() const { return handle_ != nullptr; }
     const std::string& reason() const { return reason_; }  // why not available
-    const std::string& version() const { return version_; }  // e.g. "cuBLAS 13.0.2"
+    const std::string& version() const { return version_; }  // e.g. "cuBLAS 13.1.0"
 
     // y[M, N] (fp32, row stride ldy) = a[M, K] (`dtype`, contiguous rows) · W[N, K]ᵀ (`dtype`,
     // contiguous rows), fp32 accumulation. dtype: F16 or BF16. Throws CudaError on failure.
