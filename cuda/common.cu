@@ -16,6 +16,7 @@ void check(cudaError_t e, const char* what) {
 
 namespace {
 std::atomic<bool> g_pdl{false};
+std::atomic<bool> g_prefetch{true};
 
 bool sync_after_launch() {
     static const bool on = [] {
@@ -28,6 +29,10 @@ bool sync_after_launch() {
 
 bool pdl_enabled() { return g_pdl.load(std::memory_order_relaxed); }
 void set_programmatic_launch(bool on) { g_pdl.store(on, std::memory_order_relaxed); }
+bool weight_prefetch_enabled() {
+    return g_prefetch.load(std::memory_order_relaxed) && pdl_enabled();
+}
+void set_weight_prefetch(bool on) { g_prefetch.store(on, std::memory_order_relaxed); }
 
 void check_launch(const char* kernel, cudaStream_t stream) {
     cudaError_t e = cudaGetLastError();

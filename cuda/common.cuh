@@ -59,6 +59,9 @@ __device__ __forceinline__ void prefetch_l2(const void* p, int64_t bytes, int la
 
 // Whether launch_pdl() sets the programmatic-serialization attribute (set_programmatic_launch).
 bool pdl_enabled();
+// Whether the GEMVs prefetch weight rows to L2 before pdl_wait(): PDL on and the prefetch not
+// turned off (set_weight_prefetch).
+bool weight_prefetch_enabled();
 
 template <typename... KArgs, typename... Args>
 void launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t s,

@@ -46,6 +46,7 @@ struct LinearParams {
     float* y;             // (M, N) row stride ldy
     int64_t ldy;
     int64_t M, N, K;
+    bool prefetch;        // set by launch_linear (weight_prefetch_enabled()); callers leave it
 };
 // M <= kGemvMaxRows: a bandwidth-bound GEMV; larger M: a tiled tensor-core GEMM (fp16/bf16
 // weights; x rounded to the weight dtype, fp32 accumulation) or an fp32 SIMT GEMM.
@@ -86,7 +87,10 @@ struct SelectiveScanParams {
     float* ssm_state;     // (B, E, N) inout
     float* y;             // (B, L, E)
     int64_t B, L, E, N;
+    bool lanes;           // the lane-group kernels even where N <= kCptMaxN (comparison switch)
 };
+// d_state up to which the scans map a channel to one thread (selective_scan.cu).
+constexpr int64_t kCptMaxN = 16;
 // The sequential form (any L; used for L == 1 and short prompts).
 void launch_selective_scan(const SelectiveScanParams& p, cudaStream_t stream);
 
@@ -154,6 +158,7 @@ struct Mamba1DecodeParams {
     float* ssm_state;     // (B, E, N) inout
     float* y;             // (B, E)
     int64_t B, E, N, R;
+    int64_t cpt_min_batch;  // from this many rows (and N <= kCptMaxN): a thread per channel
 };
 void launch_mamba1_decode(const Mamba1DecodeParams& p, cudaStream_t stream);
 
@@ -221,6 +226,9 @@ void launch_sample(const SampleParams& p, cudaStream_t stream);
 // Programmatic dependent launch for the decode chain's kernels (see common.cuh): on for devices of
 // compute capability 9.0 and newer unless MAMBART_CUDA_PDL=0 (the backend decides; per process).
 void set_programmatic_launch(bool on);
+// Whether the GEMVs prefetch their weight rows into L2 before pdl_wait() (only useful with PDL:
+// the prefetch overlaps the previous kernel). On by default; MAMBART_CUDA_PREFETCH=0 turns it off.
+void set_weight_prefetch(bool on);
 
 // Converts n elements of `src` (src_dtype) into `dst` (dst_dtype), on the device.
 void launch_convert(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64_t n,

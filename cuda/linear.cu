@@ -71,7 +71,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(LinearParams p) {
     const int64_t n = int64_t(blockIdx.x) * kGemvWarps + warp;
     const T* w = static_cast<const T*>(p.W) + n * p.K;
     // PDL: the weight row does not depend on earlier kernels: start streaming it before waiting.
-    if (n < p.N) prefetch_l2(w, p.K * int64_t(sizeof(T)), lane, 32);
+    if (p.prefetch && n < p.N) prefetch_l2(w, p.K * int64_t(sizeof(T)), lane, 32);
     pdl_wait();
     pdl_trigger();
     if (n >= p.N) return;
@@ -133,7 +133,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_rows_kernel(LinearParams
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int64_t n = blockIdx.x;
     const T* w = static_cast<const T*>(p.W) + n * p.K;
-    prefetch_l2(w, p.K * int64_t(sizeof(T)), threadIdx.x, blockDim.x);  // PDL: before the wait
+    if (p.prefetch) prefetch_l2(w, p.K * int64_t(sizeof(T)), threadIdx.x, blockDim.x);  // PDL
     pdl_wait();
     pdl_trigger();
     float acc[M];
@@ -505,7 +505,9 @@ void launch_add_bias(float* y, int64_t ldy, const float* bias, int64_t M, int64_
     check_launch("add_bias_kernel", s);
 }
 
-void launch_linear(const LinearParams& p, cudaStream_t s) {
+void launch_linear(const LinearParams& params, cudaStream_t s) {
+    LinearParams p = params;
+    p.prefetch = weight_prefetch_enabled();
     MAMBART_CHECK_ARG(p.M >= 0 && p.N > 0 && p.K > 0, "launch_linear: bad sizes M=", p.M,
                       " N=", p.N, " K=", p.K);
     MAMBART_CHECK_ARG(p.ldx >= p.K, "launch_linear: ldx=", p.ldx, " < K=", p.K);

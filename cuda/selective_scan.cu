@@ -4,32 +4,38 @@
 //   h[e, n] <- exp(δ_t A[e, n]) h[e, n] + δ_t u[t, e] B[t, n]        (fp32 state)
 //   y[t, e] = (Σ_n C[t, n] h[e, n] + D[e] u[t, e]) · silu(z[t, e])
 //
-// Channel mapping (every kernel but the segment pass): a channel e is owned by a group of
-// g = min(32, next_pow2(N)) lanes; lane j of the group holds states n = j + g·i (i < SPL =
-// ceil(N / g)) in registers, so the reduction over n is a shuffle within the group. A block is
-// 4 warps = 4·(32 / g) channels. Tokens are walked sequentially, in groups of kT whose inputs
-// are all loaded before the group's recurrence steps run (latency hiding).
+// Two channel mappings:
+// - Channel per thread (N <= kCptMaxN = 16, every published Mamba-1: d_state 16). Thread e of a
+//   block of kCptThreads owns channel e and all its N states in registers, so δ, du and silu(z)
+//   are computed once per (t, e) and the sum over n needs no shuffle. The block stages the B and
+//   C rows of kCptTile tokens in shared memory (read as broadcasts); a thread loads dt, x and z
+//   of kCptGroup tokens before stepping them. exp(δ A) is computed as exp2(δ · A log2(e)).
+// - Lane group (N > 16, or MAMBART_CUDA_SCAN=lanes): a channel e is owned by a group of
+//   g = min(32, next_pow2(N)) lanes; lane j of the group holds states n = j + g·i (i < SPL =
+//   ceil(N / g)) in registers, so the reduction over n is a shuffle within the group. A block is
+//   4 warps = 4·(32 / g) channels. Tokens are walked in groups of kT whose inputs are all loaded
+//   before the group's recurrence steps run (latency hiding).
 //
-// Two forms:
+// Two forms, each in both mappings:
 // - Sequential (launch_selective_scan; decode and short prompts). Grid: (ceil(E / channels per
-//   block), B); each group walks all L tokens from ssm_state and writes the final state back.
+//   block), B); each channel walks all L tokens from ssm_state and writes the final state back.
 // - Chunked (launch_selective_scan_chunked; long prompts). The L tokens of a row are cut into
 //   nseg segments of T tokens (the last may be shorter). The recurrence is linear, so a
 //   segment s maps its entry state h_in(s) to its exit state by
 //     h_out(s) = P_s h_in(s) + S_s,   P_s = Π_{t∈s} exp(δ_t A) = exp(A Δ_s),   Δ_s = Σ_{t∈s} δ_t,
 //     S_s = Σ_{t∈s} (Π_{t'∈s, t'>t} exp(δ_t' A)) δ_t u_t B_t   (the state from a zero start).
 //   Three kernels, in stream order:
-//   1. scan_segment_state_kernel: S_s and Δ_s of every segment. Grid: (ceil(E / channels per
-//      block), nseg, B).
+//   1. segment state: S_s and Δ_s of every segment. Grid: (ceil(E / channels per block), nseg,
+//      B).
 //   2. scan_segment_pass_kernel: h_in(0) = ssm_state, h_in(s+1) = exp(A Δ_s) h_in(s) + S_s
 //      (sequential over s), ssm_state <- h_out(nseg-1). Grid: ceil(B·E·N / 256); block: 256
 //      threads, one (b, e, n) each.
-//   3. scan_segment_output_kernel: each segment again from h_in(s), writing y. Grid as 1.
+//   3. segment output: each segment again from h_in(s), writing y. Grid as 1.
 //   Workspace (floats): S (B, nseg, E, N), overwritten in place by h_in in kernel 2; Δ (B,
 //   nseg, E). P_s as exp(A Δ_s) rounds differently from the sequential form's running product
 //   (a few ulps of the segment's decay); everything is fp32.
-// No shared memory. Preconditions: 1 <= N <= 256; ld_bc >= N (B and C rows are slices of
-// x_proj's output); ld_z >= E; y does not alias the inputs; B <= 65535 (chunked: nseg <= 65535).
+// Preconditions: 1 <= N <= 256; ld_bc >= N (B and C rows are slices of x_proj's output);
+// ld_z >= E; y does not alias the inputs; B <= 65535 (chunked: nseg <= 65535).
 #include <algorithm>
 
 #include "common.cuh"
@@ -48,6 +54,15 @@ constexpr int kPassBatch = 8;  // segments whose S and Δ the pass kernel loads 
 // kScanMinSegment tokens (each segment adds a state store, a pass step and a state load).
 constexpr int64_t kScanTargetThreads = int64_t(1) << 19;
 constexpr int64_t kScanMinSegment = 32;
+
+// Channel-per-thread mapping.
+constexpr int kCptThreads = 128;  // channels per block
+constexpr int kCptTile = 32;      // tokens whose B and C rows a block stages in shared memory
+constexpr int kCptGroup = 8;      // tokens whose dt, x and z a thread loads before stepping them
+// Threads the chunked form aims for with this mapping (about 2.5 waves on an H100 at ~80
+// registers a thread): each thread does N lanes' work of the lane-group mapping.
+constexpr int64_t kCptTargetThreads = int64_t(1) << 18;
+constexpr float kLog2e = 1.4426950408889634f;
 
 // Lanes per channel: min(32, next_pow2(N)).
 inline int group_lanes(int64_t N) {
@@ -241,6 +256,166 @@ __global__ void __launch_bounds__(kScanWarps * 32)
     scan_tokens<SPL, true>(p, b, c, g, t0, t1, h, A);
 }
 
+// ---- channel per thread (N <= kCptMaxN) -------------------------------------------------------
+
+// This thread's channel: e = blockIdx.x · kCptThreads + threadIdx.x, clamped to E - 1 for idle
+// threads (they still take part in the block's shared-memory staging and barriers).
+struct CptChannel {
+    int64_t e;
+    bool valid;
+};
+
+__device__ __forceinline__ CptChannel cpt_channel_of(int64_t E) {
+    const int64_t e_raw = int64_t(blockIdx.x) * kCptThreads + threadIdx.x;
+    CptChannel c;
+    c.valid = e_raw < E;
+    c.e = c.valid ? e_raw : E - 1;
+    return c;
+}
+
+// v[n] = row[n] for n < N, 0 beyond (float4 loads where N == NS and row is 16-byte aligned).
+template <int NS>
+__device__ __forceinline__ void cpt_load(float (&v)[NS], const float* row, int64_t N) {
+    if (N == NS && (reinterpret_cast<uintptr_t>(row) & 15) == 0) {
+#pragma unroll
+        for (int n = 0; n < NS; n += 4) {
+            const float4 q = *reinterpret_cast<const float4*>(row + n);
+            v[n] = q.x, v[n + 1] = q.y, v[n + 2] = q.z, v[n + 3] = q.w;
+        }
+        return;
+    }
+#pragma unroll
+    for (int n = 0; n < NS; ++n) v[n] = n < N ? row[n] : 0.0f;
+}
+
+template <int NS>
+__device__ __forceinline__ void cpt_store(const float (&v)[NS], float* row, int64_t N) {
+    if (N == NS && (reinterpret_cast<uintptr_t>(row) & 15) == 0) {
+#pragma unroll
+        for (int n = 0; n < NS; n += 4)
+            *reinterpret_cast<float4*>(row + n) = make_float4(v[n], v[n + 1], v[n + 2], v[n + 3]);
+        return;
+    }
+#pragma unroll
+    for (int n = 0; n < NS; ++n)
+        if (n < N) row[n] = v[n];
+}
+
+// A[e, n] · log2(e) for n < N, 0 beyond: states n >= N then stay exactly 0 (their B is 0 too).
+template <int NS>
+__device__ __forceinline__ void cpt_load_a2(float (&A2)[NS], const float* Arow, int64_t N) {
+    cpt_load(A2, Arow, N);
+#pragma unroll
+    for (int n = 0; n < NS; ++n) A2[n] *= kLog2e;
+}
+
+// Runs tokens t_begin .. t_end - 1 (t_begin < t_end <= L, uniform across the block) of row b
+// on the states h of channel c, returning Σ_t δ_t. Every thread of the block calls it (it holds
+// barriers). kOutput: also writes y[b, t, e] (valid channels); else C and z are not read.
+template <int NS, bool kOutput>
+__device__ __forceinline__ float cpt_tokens(const SelectiveScanParams& p, int64_t b,
+                                            const CptChannel& c, int64_t t_begin, int64_t t_end,
+                                            float (&h)[NS], const float (&A2)[NS]) {
+    __shared__ __align__(16) float Bs[kCptTile][NS];               // B rows of the tile
+    __shared__ __align__(16) float Cs[kOutput ? kCptTile : 1][NS];  // C rows (kOutput)
+    const int64_t E = p.E, N = p.N, e = c.e;
+    const float dtb = p.dt_bias[e], Dv = kOutput ? p.D[e] : 0.0f;
+    float delta_sum = 0.0f;
+    for (int64_t t0 = t_begin; t0 < t_end; t0 += kCptTile) {
+        const int nt = int(t_end - t0 < kCptTile ? t_end - t0 : kCptTile);
+        __syncthreads();  // the previous tile's B and C rows are consumed
+        for (int i = threadIdx.x; i < kCptTile * NS; i += kCptThreads) {
+            const int s = i / NS, n = i % NS;
+            const bool in = s < nt && n < N;
+            const int64_t row = (b * p.L + t0 + (s < nt ? s : 0)) * p.ld_bc;
+            Bs[s][n] = in ? p.Bm[row + n] : 0.0f;
+            if (kOutput) Cs[s][n] = in ? p.Cm[row + n] : 0.0f;
+        }
+        __syncthreads();
+        for (int s0 = 0; s0 < nt; s0 += kCptGroup) {
+            float dtv[kCptGroup], uv[kCptGroup], zv[kCptGroup];
+#pragma unroll
+            for (int k = 0; k < kCptGroup; ++k) {
+                const int64_t bt = b * p.L + t0 + (s0 + k < nt ? s0 + k : 0);  // in bounds
+                dtv[k] = p.dt[bt * E + e];
+                uv[k] = p.x[bt * E + e];
+                zv[k] = kOutput ? p.z[bt * p.ld_z + e] : 0.0f;
+            }
+#pragma unroll
+            for (int k = 0; k < kCptGroup; ++k) {
+                const int s = s0 + k;
+                if (s >= nt) break;  // uniform across the block
+                const float delta = softplus_f(dtv[k] + dtb);
+                const float du = delta * uv[k];
+                delta_sum += delta;
+                float acc = 0.0f;
+#pragma unroll
+                for (int n = 0; n < NS; ++n) {
+                    h[n] = exp2f(delta * A2[n]) * h[n] + du * Bs[s][n];
+                    if (kOutput) acc += Cs[s][n] * h[n];
+                }
+                if (kOutput && c.valid)
+                    p.y[(b * p.L + t0 + s) * E + e] = (acc + Dv * uv[k]) * silu_f(zv[k]);
+            }
+        }
+    }
+    return delta_sum;
+}
+
+// selective_scan_cpt_kernel: the sequential form. Grid: (ceil(E / kCptThreads), B).
+template <int NS>
+__global__ void __launch_bounds__(kCptThreads) selective_scan_cpt_kernel(SelectiveScanParams p) {
+    const CptChannel c = cpt_channel_of(p.E);
+    const int64_t b = blockIdx.y;
+    float* state = p.ssm_state + (b * p.E + c.e) * p.N;  // (N) row of (B, E, N)
+    float h[NS], A2[NS];
+    cpt_load(h, state, p.N);
+    cpt_load_a2(A2, p.A + c.e * p.N, p.N);
+    cpt_tokens<NS, true>(p, b, c, 0, p.L, h, A2);
+    if (c.valid) cpt_store(h, state, p.N);
+}
+
+// scan_cpt_segment_state_kernel (chunked, 1): S_s (zero start) and Δ_s of segment s =
+// blockIdx.y of row b = blockIdx.z. Grid: (ceil(E / kCptThreads), nseg, B).
+template <int NS>
+__global__ void __launch_bounds__(kCptThreads)
+    scan_cpt_segment_state_kernel(SelectiveScanParams p, int64_t T, float* ws) {
+    const CptChannel c = cpt_channel_of(p.E);
+    const int64_t s = blockIdx.y, nseg = gridDim.y, b = blockIdx.z;
+    const int64_t t0 = s * T, t1 = min(p.L, t0 + T);
+    float h[NS], A2[NS];
+#pragma unroll
+    for (int n = 0; n < NS; ++n) h[n] = 0.0f;
+    cpt_load_a2(A2, p.A + c.e * p.N, p.N);
+    const float delta_sum = cpt_tokens<NS, false>(p, b, c, t0, t1, h, A2);
+    if (c.valid) {
+        const SegmentWs w = split_ws(ws, p, nseg);
+        const int64_t bse = (b * nseg + s) * p.E + c.e;
+        cpt_store(h, w.S + bse * p.N, p.N);
+        w.delta[bse] = delta_sum;
+    }
+}
+
+// scan_cpt_segment_output_kernel (chunked, 3): segment s = blockIdx.y of row b = blockIdx.z
+// again from h_in(s), writing y. Grid as kernel 1.
+template <int NS>
+__global__ void __launch_bounds__(kCptThreads)
+    scan_cpt_segment_output_kernel(SelectiveScanParams p, int64_t T, float* ws) {
+    const CptChannel c = cpt_channel_of(p.E);
+    const int64_t s = blockIdx.y, nseg = gridDim.y, b = blockIdx.z;
+    const int64_t t0 = s * T, t1 = min(p.L, t0 + T);
+    const SegmentWs w = split_ws(ws, p, nseg);
+    float h[NS], A2[NS];
+    cpt_load(h, w.S + ((b * nseg + s) * p.E + c.e) * p.N, p.N);
+    cpt_load_a2(A2, p.A + c.e * p.N, p.N);
+    cpt_tokens<NS, true>(p, b, c, t0, t1, h, A2);
+}
+
+// NS bucket (4, 8, 16) of N <= kCptMaxN.
+inline int cpt_bucket(int64_t N) { return N <= 4 ? 4 : (N <= 8 ? 8 : 16); }
+
+inline bool use_cpt(const SelectiveScanParams& p) { return p.N <= kCptMaxN && !p.lanes; }
+
 void validate(const SelectiveScanParams& p, const char* who) {
     MAMBART_CHECK_ARG(p.B >= 0 && p.L >= 0 && p.E > 0, who, ": bad sizes B=", p.B, " L=", p.L,
                       " E=", p.E);
@@ -264,6 +439,16 @@ inline int spl_bucket(int64_t N, int g) {
 void launch_selective_scan(const SelectiveScanParams& p, cudaStream_t s) {
     validate(p, "launch_selective_scan");
     if (p.B == 0) return;
+    if (use_cpt(p)) {
+        const dim3 grid(unsigned(ceil_div(p.E, kCptThreads)), unsigned(p.B));
+        switch (cpt_bucket(p.N)) {
+            case 4: selective_scan_cpt_kernel<4><<<grid, kCptThreads, 0, s>>>(p); break;
+            case 8: selective_scan_cpt_kernel<8><<<grid, kCptThreads, 0, s>>>(p); break;
+            default: selective_scan_cpt_kernel<16><<<grid, kCptThreads, 0, s>>>(p); break;
+        }
+        check_launch("selective_scan_cpt_kernel", s);
+        return;
+    }
     const int g = group_lanes(p.N);
     const int64_t per_block = int64_t(kScanWarps) * (32 / g);
     const dim3 grid(unsigned(ceil_div(p.E, per_block)), unsigned(p.B));
@@ -278,8 +463,11 @@ void launch_selective_scan(const SelectiveScanParams& p, cudaStream_t s) {
 }
 
 int64_t selective_scan_segment_len(const SelectiveScanParams& p) {
-    const int64_t per_segment = std::max<int64_t>(1, p.B * p.E * group_lanes(p.N));  // threads
-    const int64_t nseg = std::max<int64_t>(1, ceil_div(kScanTargetThreads, per_segment));
+    const bool cpt = use_cpt(p);
+    const int64_t per_segment =
+        std::max<int64_t>(1, p.B * p.E * (cpt ? 1 : group_lanes(p.N)));  // threads
+    const int64_t target = cpt ? kCptTargetThreads : kScanTargetThreads;
+    const int64_t nseg = std::max<int64_t>(1, ceil_div(target, per_segment));
     const int64_t T = ceil_div(ceil_div(std::max<int64_t>(p.L, 1), nseg), 8) * 8;
     return std::max(kScanMinSegment, T);
 }
@@ -304,6 +492,25 @@ void launch_selective_scan_chunked(const SelectiveScanChunkedParams& q, cudaStre
                           ceil_div(p.E, per_block) <= 0x7fffffff,
                       "launch_selective_scan_chunked: grid too large (L=", p.L, ", T=", q.T,
                       ": ", nseg, " segments; at most 65535)");
+    if (use_cpt(p)) {
+        const dim3 grid(unsigned(ceil_div(p.E, kCptThreads)), unsigned(nseg), unsigned(p.B));
+        const int ns = cpt_bucket(p.N);
+        switch (ns) {
+            case 4: scan_cpt_segment_state_kernel<4><<<grid, kCptThreads, 0, s>>>(p, q.T, q.ws); break;
+            case 8: scan_cpt_segment_state_kernel<8><<<grid, kCptThreads, 0, s>>>(p, q.T, q.ws); break;
+            default: scan_cpt_segment_state_kernel<16><<<grid, kCptThreads, 0, s>>>(p, q.T, q.ws); break;
+        }
+        check_launch("scan_cpt_segment_state_kernel", s);
+        scan_segment_pass_kernel<<<unsigned(pass_blocks), kPassThreads, 0, s>>>(p, nseg, q.ws);
+        check_launch("scan_segment_pass_kernel", s);
+        switch (ns) {
+            case 4: scan_cpt_segment_output_kernel<4><<<grid, kCptThreads, 0, s>>>(p, q.T, q.ws); break;
+            case 8: scan_cpt_segment_output_kernel<8><<<grid, kCptThreads, 0, s>>>(p, q.T, q.ws); break;
+            default: scan_cpt_segment_output_kernel<16><<<grid, kCptThreads, 0, s>>>(p, q.T, q.ws); break;
+        }
+        check_launch("scan_cpt_segment_output_kernel", s);
+        return;
+    }
     const dim3 grid(unsigned(ceil_div(p.E, per_block)), unsigned(nseg), unsigned(p.B));
     const int threads = kScanWarps * 32;
     const int spl = spl_bucket(p.N, g);

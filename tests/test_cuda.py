@@ -695,14 +695,17 @@ def test_ssd_chunked_tf32_real_heads(gpu, gpu_tf32, cpu, L, B, G):
 
 # ---- Mamba-1 scan: the chunked (time-parallel) form for long prompts --------------------------
 # The CUDA backend runs the selective scan in segments (cuda/selective_scan.cu) when L >= 64
-# and the GPU is not already filled by B x E, where MAMBART_CUDA_SCAN=chunked asks for it (the
-# default is the sequential kernel). Both are checked against the CPU backend and each other.
+# and the GPU is not already filled by B x E: by default where a thread owns a channel
+# (d_state <= 16), for every d_state under MAMBART_CUDA_SCAN=chunked. Both forms, in both
+# channel mappings (a thread per channel for N = 16 and 5, lane groups for N = 64 and 130; and
+# MAMBART_CUDA_SCAN=lanes, the lane groups for N <= 16 too) are checked against the CPU backend
+# and each other.
 
 
 @pytest.fixture(scope="module")
 def gpu_scan_chunked():
-    """A CUDA backend that runs long Mamba-1 scans in the chunked form (MAMBART_CUDA_SCAN=chunked;
-    the default is the sequential kernel, faster on an H100 at real shapes: see BENCHMARKS.md)."""
+    """A CUDA backend that runs every long Mamba-1 scan in the chunked form
+    (MAMBART_CUDA_SCAN=chunked)."""
     return cuda_backend_with("MAMBART_CUDA_SCAN", "chunked")
 
 
@@ -711,6 +714,13 @@ def gpu_scan_sequential():
     """A CUDA backend whose Mamba-1 scan is always sequential (MAMBART_CUDA_SCAN is read when
     the backend is made)."""
     return cuda_backend_with("MAMBART_CUDA_SCAN", "sequential")
+
+
+@pytest.fixture(scope="module")
+def gpu_scan_lanes():
+    """A CUDA backend whose Mamba-1 scan is the sequential lane-group kernel at every d_state
+    (MAMBART_CUDA_SCAN=lanes: the default before the thread-per-channel kernels)."""
+    return cuda_backend_with("MAMBART_CUDA_SCAN", "lanes")
 
 
 def _scan_args(rng, B, L, E, N, decay):
@@ -758,14 +768,21 @@ def test_selective_scan_long(gpu_scan_chunked, gpu_scan_sequential, cpu, B, L, E
 # chunk), and a batch of 2 with E = 2560.
 @pytest.mark.parametrize("B,L,E", [(1, 512, 1536), (1, 2048, 1536), (1, 512, 4096),
                                    (2, 512, 2560)])
-def test_selective_scan_long_real_width(gpu_scan_chunked, gpu_scan_sequential, cpu, B, L, E):
+def test_selective_scan_long_real_width(gpu, gpu_scan_chunked, gpu_scan_sequential,
+                                       gpu_scan_lanes, cpu, B, L, E):
     rng = np.random.default_rng(L + E + B)
     args = _scan_args(rng, B, L, E, 16, "slow")
     y_g, s_g = gpu_scan_chunked.selective_scan(*args)
     y_s, s_s = gpu_scan_sequential.selective_scan(*args)
+    y_l, s_l = gpu_scan_lanes.selective_scan(*args)
+    y_d, s_d = gpu.selective_scan(*args)  # the default: chunked, a thread per channel
     y_c, s_c = cpu.selective_scan(*args)
     close(y_g, y_c, 5e-5, "y vs cpu")
     close(s_g, s_c, 5e-5, "state vs cpu")
+    close(y_l, y_c, 5e-5, "lanes y vs cpu")
+    close(s_l, s_c, 5e-5, "lanes state vs cpu")
+    np.testing.assert_array_equal(y_d, y_g)  # the same kernels as MAMBART_CUDA_SCAN=chunked
+    np.testing.assert_array_equal(s_d, s_g)
     # Both forms are within 5e-5 of the CPU; against each other, within the sum of those bounds
     # (measured on an H100: up to 3.5e-5 of the scale on slow-decay 4100-token scans, whose
     # states sum thousands of terms in different orders).
@@ -821,8 +838,69 @@ def test_prefill_chunked_scan_equals_sequential(model_dirs, monkeypatch, name):
     chunked, t_chunked = _prefill_then_steps(_gen(d, "cuda"), ids, 4)
     monkeypatch.setenv("MAMBART_CUDA_SCAN", "sequential")
     sequential, t_sequential = _prefill_then_steps(_gen(d, "cuda"), ids, 4)
+    monkeypatch.setenv("MAMBART_CUDA_SCAN", "lanes")
+    lanes, t_lanes = _prefill_then_steps(_gen(d, "cuda"), ids, 4)
     monkeypatch.delenv("MAMBART_CUDA_SCAN")
     ref, t_ref = _prefill_then_steps(_gen(d, "cpu", "float32"), ids, 4)
-    assert t_chunked == t_sequential == t_ref
+    assert t_chunked == t_sequential == t_lanes == t_ref
     close(chunked, sequential, 1e-4, f"{name} chunked vs sequential")
+    close(chunked, lanes, 1e-4, f"{name} chunked vs lanes")
     close(chunked, ref, 2e-4, f"{name} chunked vs cpu")
+
+
+def _batch_steps(g, prompts, n_new):
+    """Per-step logits (steps, rows, V) and each row's tokens of a greedy batch."""
+    opts = _C.GenerationOptions()
+    opts.max_new_tokens = n_new
+    opts.ignore_eos = True
+    stream = g._g.start(prompts, opts)
+    logits, toks = [], [[] for _ in prompts]
+    while True:
+        ev = stream.next()
+        if ev is None:
+            break
+        logits.append(stream.last_logits.copy())
+        for row, t in ev:
+            toks[row].append(t)
+    return np.stack(logits), toks
+
+
+@pytest.mark.parametrize("name", ["m1", "m1-ln"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_mamba1_decode_thread_per_channel(model_dirs, monkeypatch, name, dtype):
+    """Mamba-1's fused decode step with a thread per channel (the default from
+    MAMBART_CUDA_CPT_MIN_BATCH = 32 rows) against the lane-group step, the unfused ops and the
+    CPU, on a batch of 34 rows (so the default takes it) and on one row (forced by the switch)."""
+    d = model_dirs[name]
+    prompts = [_ids(3 + 5 * i % 37, seed=100 + i) for i in range(34)]
+    runs = {}
+    for label, env in [("default", {}), ("lanes", {"MAMBART_CUDA_CPT_MIN_BATCH": "100000"}),
+                       ("unfused", {"MAMBART_CUDA_FUSED": "0"})]:
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        runs[label] = _batch_steps(_gen(d, "cuda", dtype), prompts, 5)
+        for k in env:
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("MAMBART_CUDA_CPT_MIN_BATCH", "1")
+    one_cpt = _batch_steps(_gen(d, "cuda", dtype), prompts[:1], 5)
+    monkeypatch.delenv("MAMBART_CUDA_CPT_MIN_BATCH")
+    one_lanes = _batch_steps(_gen(d, "cuda", dtype), prompts[:1], 5)
+    ref32, ref_toks = _batch_steps(_gen(d, "cpu", "float32"), prompts, 5)
+    scale = max(1.0, float(np.abs(ref32).max()))
+    got = runs["default"][0]
+    if dtype == "float32":
+        close(got, runs["lanes"][0], 1e-4, f"{name} thread per channel vs lanes")
+        close(got, runs["unfused"][0], 1e-4, f"{name} thread per channel vs unfused")
+        close(one_cpt[0], one_lanes[0], 1e-4, f"{name} one row")
+        close(got, ref32, 2e-4, f"{name} vs cpu")
+        assert runs["default"][1] == runs["lanes"][1] == ref_toks
+        assert one_cpt[1] == one_lanes[1] == ref_toks[:1]
+    else:
+        # The two mappings differ only in the fp32 scan's rounding (the same bf16 GEMMs run),
+        # so greedy paths agree; against the CPU, bf16 rounding may flip a near-tie token, after
+        # which the logits are not comparable (fp32 above covers the CPU).
+        close(got, runs["lanes"][0], 2e-3, f"{name} thread per channel vs lanes {dtype}")
+        close(one_cpt[0], one_lanes[0], 2e-3, f"{name} one row {dtype}")
+        assert runs["default"][1] == runs["lanes"][1]
+        assert one_cpt[1] == one_lanes[1]
+        assert np.isfinite(got).all()

@@ -51,11 +51,16 @@ class CudaBackend final : public Backend {
         env = std::getenv("MAMBART_CUDA_SSD");  // "recurrent": prefill SSD in the recurrent form
         ssd_chunked_ = !(env && std::strcmp(env, "recurrent") == 0);
         ssd_tf32_ = env && std::strcmp(env, "tf32") == 0;  // "tf32": plain TF32 products
-        // "chunked": long Mamba-1 prefill scans in the time-parallel form. Off by default: on an
-        // H100 at mamba-1.4b's shape it was slower than the sequential kernel (8k-token prefill
-        // 361 vs 323 ms; BENCHMARKS.md), its per-token work being compute-bound, not latency-bound.
+        // The Mamba-1 prefill scan (cuda/selective_scan.cu). Default: the time-parallel
+        // (chunked) form for long scans with a thread per channel (d_state <= 16), the
+        // sequential form otherwise (with lane groups, d_state > 16, the chunked form measured
+        // slower: BENCHMARKS.md). "chunked": the chunked form for every long scan;
+        // "sequential": never; "lanes": the sequential lane-group kernel even for d_state <= 16
+        // (the previous default, kept for comparison).
         env = std::getenv("MAMBART_CUDA_SCAN");
-        scan_chunked_ = env && std::strcmp(env, "chunked") == 0;
+        if (env && std::strcmp(env, "chunked") == 0) scan_mode_ = ScanMode::Chunked;
+        if (env && std::strcmp(env, "sequential") == 0) scan_mode_ = ScanMode::Sequential;
+        if (env && std::strcmp(env, "lanes") == 0) scan_mode_ = ScanMode::Lanes;
         // cuBLAS for the projections of M >= cublas_min_rows_ token rows (fp16/bf16 weights),
         // where libcublas loads; MAMBART_CUBLAS=0 keeps the hand-written GEMM everywhere.
         env = std::getenv("MAMBART_CUBLAS");
@@ -68,9 +73,16 @@ class CudaBackend final : public Backend {
         // step wins at every batch size measured (mamba-1.4b b128 13,038 vs 8,410 tokens/s).
         env = std::getenv("MAMBART_CUDA_FUSED_MAX_BATCH");
         if (env && std::atoi(env) > 0) fused_max_batch_ = std::atoi(env);
+        // Mamba-1's fused decode step runs a thread per channel from this many rows (a lane
+        // group per channel below it: one thread per channel leaves small batches too few).
+        env = std::getenv("MAMBART_CUDA_CPT_MIN_BATCH");
+        if (env && std::atoi(env) > 0) m1_cpt_min_batch_ = std::atoi(env);
         // Programmatic dependent launch (Hopper and newer) for the decode chain's kernels.
         env = std::getenv("MAMBART_CUDA_PDL");
         cuda::set_programmatic_launch(prop.major >= 9 && !(env && std::strcmp(env, "0") == 0));
+        // The GEMVs' L2 prefetch of their weight rows ahead of pdl_wait (with PDL only).
+        env = std::getenv("MAMBART_CUDA_PREFETCH");
+        cuda::set_weight_prefetch(!(env && std::strcmp(env, "0") == 0));
         // (B * G) counters of the fused Mamba-2 decode kernel; zero, restored by each launch.
         counters_ = static_cast<int*>(alloc(size_t(cuda::kDecodeCounters) * sizeof(int),
                                             "decode counters"));
@@ -214,7 +226,7 @@ class CudaBackend final : public Backend {
             if (bias) cuda::launch_add_bias(y, ldy, bias, M, N, stream_);
             return;
         }
-        cuda::launch_linear({x, ldx, W.data, W.dtype, bias, y, ldy, M, N, K}, stream_);
+        cuda::launch_linear({x, ldx, W.data, W.dtype, bias, y, ldy, M, N, K, false}, stream_);
     }
 
     void reserve_scratch(int64_t rows, int64_t cols) override {
@@ -261,7 +273,10 @@ class CudaBackend final : public Backend {
         q.L = p.L;
         q.E = p.E;
         q.N = p.N;
-        const int64_t T = scan_chunked_ && p.L >= cuda::kScanChunkedMinL
+        q.lanes = scan_mode_ == ScanMode::Lanes;
+        const bool chunked = scan_mode_ == ScanMode::Chunked ||
+                             (scan_mode_ == ScanMode::Auto && p.N <= cuda::kCptMaxN);
+        const int64_t T = chunked && p.L >= cuda::kScanChunkedMinL
                               ? cuda::selective_scan_segment_len(q)
                               : p.L;  // p.L: the sequential kernel
         if (T >= p.L) {  // decode, short L, or the chunked form not asked for
@@ -327,6 +342,7 @@ class CudaBackend final : public Backend {
         q.E = p.E;
         q.N = p.N;
         q.R = p.R;
+        q.cpt_min_batch = m1_cpt_min_batch_;
         cuda::launch_mamba1_decode(q, stream_);
         return true;
     }
@@ -487,7 +503,8 @@ class CudaBackend final : public Backend {
     bool ssd_chunked_ = true;    // chunked SSD for L > 1 (MAMBART_CUDA_SSD=recurrent: off)
     bool ssd_tf32_ = false;      // chunked SSD in plain TF32 (MAMBART_CUDA_SSD=tf32), else split
     int* counters_ = nullptr;    // (kDecodeCounters) device ints, see launch_mamba2_decode
-    bool scan_chunked_ = false;  // chunked Mamba-1 scan, long L (MAMBART_CUDA_SCAN=chunked: on)
+    enum class ScanMode { Auto, Chunked, Sequential, Lanes };
+    ScanMode scan_mode_ = ScanMode::Auto;  // the Mamba-1 prefill scan (MAMBART_CUDA_SCAN)
     float* ws_ = nullptr;        // the chunked scans' workspace (ws_bytes_)
     size_t ws_bytes_ = 0;
     std::unique_ptr<cublas::Gemm> cublas_;  // null with MAMBART_CUBLAS=0
@@ -497,6 +514,7 @@ class CudaBackend final : public Backend {
     // GEMV at 2 and 3 rows was not measured.
     int64_t cublas_min_rows_ = 4;  // MAMBART_CUBLAS_MIN_ROWS
     int64_t fused_max_batch_ = 8;  // MAMBART_CUDA_FUSED_MAX_BATCH (Mamba-2)
+    int64_t m1_cpt_min_batch_ = 32;  // MAMBART_CUDA_CPT_MIN_BATCH (Mamba-1 decode)
     void* half_x_ = nullptr;  // (rows, cols) fp16/bf16: the GEMM operand (reserve_scratch)
     size_t half_x_bytes_ = 0;
 };
