@@ -9,12 +9,6 @@
 //   g = min(32, next_pow2(N)) lanes: the dt_proj dot product splits r over the group's lanes,
 //   lane j holds states n = j + g i; both reductions are shuffles within the group.
 //   Preconditions: 1 <= N <= 256, R >= 1, ld_xdbl >= R + 2N, ld_z >= E.
-// mamba1_decode_cpt_kernel (the same step for batches of at least cpt_min_batch rows, N <= 16):
-//   a thread per (b, e) with its N states in registers: δ, silu(z) and the dt_proj dot product
-//   (R terms) once per channel, no shuffles; the row's xdbl (R + 2N floats) is staged in shared
-//   memory. Grid: (ceil(E / kM1CptThreads), B); block: kM1CptThreads. Many rows give the
-//   parallelism that one thread per channel lacks at small batches.
-//
 // mamba2_decode_kernel:
 //   conv:  u[c] = silu(bias[c] + Σ_{k<W-1} w[c, k] st[c, k+1] + w[c, W-1] xbc[c]),
 //          st[c, :] <- [st[c, 1:], xbc[c]]   for the head's x channels and its group's B, C
@@ -75,88 +69,6 @@ __global__ void __launch_bounds__(kM1Warps * 32) mamba1_decode_kernel(Mamba1Deco
         if (n < N) state[n] = hn[i];
     }
     if (j == 0) p.y[b * p.E + e] = (acc + p.D[e] * u) * silu_f(p.z[b * p.ld_z + e]);
-}
-
-constexpr int kM1CptThreads = 128;
-constexpr float kLog2e = 1.4426950408889634f;
-
-template <typename T, int NS>
-__global__ void __launch_bounds__(kM1CptThreads) mamba1_decode_cpt_kernel(Mamba1DecodeParams p) {
-    extern __shared__ float xs[];  // (R + 2N): row b's [dt_low | B | C]
-    pdl_wait();  // launched with launch_pdl (see common.cuh)
-    pdl_trigger();
-    const int64_t b = blockIdx.y, N = p.N, R = p.R;
-    for (int64_t i = threadIdx.x; i < R + 2 * N; i += kM1CptThreads)
-        xs[i] = p.xdbl[b * p.ld_xdbl + i];
-    __syncthreads();
-    const int64_t e = int64_t(blockIdx.x) * kM1CptThreads + threadIdx.x;
-    if (e >= p.E) return;
-    const T* wrow = static_cast<const T*>(p.W_dt) + e * R;
-    float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;  // four chains of the dot product
-    int64_t r = 0;
-    for (; r + 4 <= R; r += 4) {
-        d0 += to_f32(wrow[r]) * xs[r];
-        d1 += to_f32(wrow[r + 1]) * xs[r + 1];
-        d2 += to_f32(wrow[r + 2]) * xs[r + 2];
-        d3 += to_f32(wrow[r + 3]) * xs[r + 3];
-    }
-    for (; r < R; ++r) d0 += to_f32(wrow[r]) * xs[r];
-    const float delta = softplus_f((d0 + d1) + (d2 + d3) + p.dt_bias[e]);
-    const float u = p.x[b * p.E + e];
-    const float du = delta * u;
-    float* state = p.ssm_state + (b * p.E + e) * N;  // (N) row of (B, E, N)
-    const float* Arow = p.A + e * N;
-    const bool vec = N == NS && ((reinterpret_cast<uintptr_t>(state) |
-                                  reinterpret_cast<uintptr_t>(Arow)) & 15) == 0;
-    float h[NS], a[NS];
-    if (vec) {
-#pragma unroll
-        for (int n = 0; n < NS; n += 4) {
-            const float4 hq = *reinterpret_cast<const float4*>(state + n);
-            const float4 aq = *reinterpret_cast<const float4*>(Arow + n);
-            h[n] = hq.x, h[n + 1] = hq.y, h[n + 2] = hq.z, h[n + 3] = hq.w;
-            a[n] = aq.x, a[n + 1] = aq.y, a[n + 2] = aq.z, a[n + 3] = aq.w;
-        }
-    } else {
-#pragma unroll
-        for (int n = 0; n < NS; ++n) {
-            h[n] = n < N ? state[n] : 0.0f;
-            a[n] = n < N ? Arow[n] : 0.0f;
-        }
-    }
-    const float* Bv = xs + R;
-    const float* Cv = xs + R + N;
-    float acc = 0.0f;
-#pragma unroll
-    for (int n = 0; n < NS; ++n) {
-        if (n < N) {
-            h[n] = exp2f(delta * (a[n] * kLog2e)) * h[n] + du * Bv[n];
-            acc += Cv[n] * h[n];
-        }
-    }
-    if (vec) {
-#pragma unroll
-        for (int n = 0; n < NS; n += 4)
-            *reinterpret_cast<float4*>(state + n) = make_float4(h[n], h[n + 1], h[n + 2], h[n + 3]);
-    } else {
-#pragma unroll
-        for (int n = 0; n < NS; ++n)
-            if (n < N) state[n] = h[n];
-    }
-    p.y[b * p.E + e] = (acc + p.D[e] * u) * silu_f(p.z[b * p.ld_z + e]);
-}
-
-template <typename T>
-void m1_cpt_dispatch(const Mamba1DecodeParams& p, cudaStream_t s) {
-    const dim3 grid(unsigned(ceil_div(p.E, kM1CptThreads)), unsigned(p.B));
-    const dim3 block(kM1CptThreads);
-    const size_t smem = size_t(p.R + 2 * p.N) * sizeof(float);
-    if (p.N <= 4)
-        launch_pdl(mamba1_decode_cpt_kernel<T, 4>, grid, block, smem, s, p);
-    else if (p.N <= 8)
-        launch_pdl(mamba1_decode_cpt_kernel<T, 8>, grid, block, smem, s, p);
-    else
-        launch_pdl(mamba1_decode_cpt_kernel<T, 16>, grid, block, smem, s, p);
 }
 
 template <typename T>
@@ -285,18 +197,6 @@ void launch_mamba1_decode(const Mamba1DecodeParams& p, cudaStream_t s) {
                       "launch_mamba1_decode: null pointer");
     MAMBART_CHECK_ARG(p.B <= 65535, "launch_mamba1_decode: batch ", p.B, " too large");
     if (p.B == 0) return;
-    if (p.N <= kCptMaxN && p.B >= p.cpt_min_batch) {
-        MAMBART_CHECK_ARG(p.R + 2 * p.N <= 12288, "launch_mamba1_decode: dt_rank=", p.R,
-                          " too large for the staged xdbl row");
-        switch (p.dtype) {
-            case DType::F32: m1_cpt_dispatch<float>(p, s); break;
-            case DType::F16: m1_cpt_dispatch<__half>(p, s); break;
-            case DType::BF16: m1_cpt_dispatch<__nv_bfloat16>(p, s); break;
-            default: throw Unsupported("launch_mamba1_decode: dt_proj weight dtype unsupported");
-        }
-        check_launch("mamba1_decode_cpt_kernel", s);
-        return;
-    }
     int g = 1;
     while (g < p.N && g < 32) g <<= 1;
     const int spl = int(ceil_div(p.N, g));

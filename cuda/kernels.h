@@ -158,7 +158,6 @@ struct Mamba1DecodeParams {
     float* ssm_state;     // (B, E, N) inout
     float* y;             // (B, E)
     int64_t B, E, N, R;
-    int64_t cpt_min_batch;  // from this many rows (and N <= kCptMaxN): a thread per channel
 };
 void launch_mamba1_decode(const Mamba1DecodeParams& p, cudaStream_t stream);
 

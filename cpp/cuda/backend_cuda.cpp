@@ -67,16 +67,14 @@ class CudaBackend final : public Backend {
         if (!(env && std::strcmp(env, "0") == 0)) cublas_ = std::make_unique<cublas::Gemm>(stream_);
         env = std::getenv("MAMBART_CUBLAS_MIN_ROWS");
         if (env && std::atoi(env) > 0) cublas_min_rows_ = std::atoi(env);
-        // Mamba-2's fused decode step up to this many rows; larger batches run the separate ops
-        // (each of its blocks redoes the group's B/C conv, which costs more than it saves at
-        // large batches: mamba2-1.3b b128 7,282 vs 6,153 tokens/s on an H100). Mamba-1's fused
-        // step wins at every batch size measured (mamba-1.4b b128 13,038 vs 8,410 tokens/s).
+        // The fused decode steps up to this many rows; larger batches run the separate ops.
+        // Mamba-2: each fused block redoes the group's B/C conv, which costs more than it saves
+        // at large batches (mamba2-1.3b b128 7,282 vs 6,153 tokens/s on an H100). Mamba-1: the
+        // separate ops run dt_proj as one GEMM and the scan with a thread per channel, which
+        // many rows fill (mamba-1.4b b32 10,038 vs 7,928, b128 23,518 vs 12,870 tokens/s; at
+        // b8 3,160 vs 3,109).
         env = std::getenv("MAMBART_CUDA_FUSED_MAX_BATCH");
         if (env && std::atoi(env) > 0) fused_max_batch_ = std::atoi(env);
-        // Mamba-1's fused decode step runs a thread per channel from this many rows (a lane
-        // group per channel below it: one thread per channel leaves small batches too few).
-        env = std::getenv("MAMBART_CUDA_CPT_MIN_BATCH");
-        if (env && std::atoi(env) > 0) m1_cpt_min_batch_ = std::atoi(env);
         // Programmatic dependent launch (Hopper and newer) for the decode chain's kernels.
         env = std::getenv("MAMBART_CUDA_PDL");
         cuda::set_programmatic_launch(prop.major >= 9 && !(env && std::strcmp(env, "0") == 0));
@@ -323,7 +321,9 @@ class CudaBackend final : public Backend {
     }
 
     bool mamba1_decode_fused(const Mamba1DecodeParams& p) override {
-        if (!fused_enabled_ || p.dt_proj.cols != p.R || p.dt_proj.rows < p.E) return false;
+        if (!fused_enabled_ || p.B > fused_max_batch_ || p.dt_proj.cols != p.R ||
+            p.dt_proj.rows < p.E)
+            return false;
         dev();
         cuda::Mamba1DecodeParams q{};
         q.x = p.x;
@@ -342,7 +342,6 @@ class CudaBackend final : public Backend {
         q.E = p.E;
         q.N = p.N;
         q.R = p.R;
-        q.cpt_min_batch = m1_cpt_min_batch_;
         cuda::launch_mamba1_decode(q, stream_);
         return true;
     }
@@ -513,8 +512,7 @@ class CudaBackend final : public Backend {
     // 2.27 ms a step, more than the GEMV's 1-row step (1.9 ms, the same weight bytes); the
     // GEMV at 2 and 3 rows was not measured.
     int64_t cublas_min_rows_ = 4;  // MAMBART_CUBLAS_MIN_ROWS
-    int64_t fused_max_batch_ = 8;  // MAMBART_CUDA_FUSED_MAX_BATCH (Mamba-2)
-    int64_t m1_cpt_min_batch_ = 32;  // MAMBART_CUDA_CPT_MIN_BATCH (Mamba-1 decode)
+    int64_t fused_max_batch_ = 8;  // MAMBART_CUDA_FUSED_MAX_BATCH
     void* half_x_ = nullptr;  // (rows, cols) fp16/bf16: the GEMM operand (reserve_scratch)
     size_t half_x_bytes_ = 0;
 };
