@@ -36,6 +36,7 @@ __global__ void __launch_bounds__(kConvThreads) conv1d_kernel(Conv1dParams p) {
     float w[kMaxW];
 #pragma unroll
     for (int k = 0; k < kMaxW; ++k) w[k] = k < W ? p.weight[c * W + k] : 0.0f;
+    // Every load below picks its address first and reads only inside this row's x and state.
     const float bias = p.bias ? p.bias[c] : 0.0f;
     float* ob = p.out + b * L * p.C + c;
     for (int64_t t = t0; t < t1; ++t) {
@@ -44,7 +45,8 @@ __global__ void __launch_bounds__(kConvThreads) conv1d_kernel(Conv1dParams p) {
         for (int k = 0; k < kMaxW; ++k) {
             if (k < W) {
                 const int64_t tau = t - (W - 1) + k;
-                acc += w[k] * (tau >= 0 ? xb[tau * p.ld_x] : st[W + tau]);
+                const float* src = tau >= 0 ? xb + tau * p.ld_x : st + (W + tau);
+                acc += w[k] * *src;
             }
         }
         ob[t * p.C] = silu_f(acc);

@@ -871,8 +871,9 @@ def test_mamba1_decode_large_batch(model_dirs, monkeypatch, name, dtype):
     """Mamba-1 decode beyond MAMBART_CUDA_FUSED_MAX_BATCH (8) rows runs the separate ops:
     dt_proj as a GEMM and the scan with a thread per channel at L = 1. On a batch of 34 rows:
     the default against the fused lane-group step (the switch raised), the unfused ops
-    (MAMBART_CUDA_FUSED=0: the same kernels, so equal) and the CPU; on one row, the fused step
-    against the unfused ops."""
+    (MAMBART_CUDA_FUSED=0) and the CPU; on one row, the fused step
+    against the unfused ops. (MAMBART_CUDA_FUSED=0 also unfuses the staged prefill's
+    single-token stages of a few rows, so it is compared within rounding, not bitwise.)"""
     d = model_dirs[name]
     prompts = [_ids(3 + 5 * i % 37, seed=100 + i) for i in range(34)]
     runs = {}
@@ -888,19 +889,19 @@ def test_mamba1_decode_large_batch(model_dirs, monkeypatch, name, dtype):
     one_unfused = _batch_steps(_gen(d, "cuda", dtype), prompts[:1], 5)
     monkeypatch.delenv("MAMBART_CUDA_FUSED")
     got = runs["default"][0]
-    np.testing.assert_array_equal(got, runs["unfused"][0])
-    assert runs["default"][1] == runs["unfused"][1]
     if dtype == "float32":
+        close(got, runs["unfused"][0], 1e-5, f"{name} default vs unfused")
         ref32, ref_toks = _batch_steps(_gen(d, "cpu", "float32"), prompts, 5)
         close(got, runs["fused"][0], 1e-4, f"{name} unfused vs fused")
         close(one_unfused[0], one_fused[0], 1e-4, f"{name} one row")
         close(got, ref32, 2e-4, f"{name} vs cpu")
-        assert runs["default"][1] == runs["fused"][1] == ref_toks
+        assert runs["default"][1] == runs["fused"][1] == runs["unfused"][1] == ref_toks
         assert one_unfused[1] == one_fused[1] == ref_toks[:1]
     else:
         # The fused and unfused steps differ in dt_proj's rounding (a bf16 GEMM vs an fp32
         # dot product) and the scan's summation order, so logits agree to bf16 rounding; near
         # ties may then pick other tokens, so tokens are compared on fp32 only (above).
         close(got[:2], runs["fused"][0][:2], 5e-2, f"{name} unfused vs fused {dtype}")
+        close(got[:2], runs["unfused"][0][:2], 5e-2, f"{name} default vs unfused {dtype}")
         close(one_unfused[0][:2], one_fused[0][:2], 5e-2, f"{name} one row {dtype}")
         assert np.isfinite(got).all()
