@@ -4,6 +4,11 @@
 
 #include "error.h"
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define MAMBART_F16C_PATH 1
+#endif
+
 namespace mambart {
 
 size_t dtype_size(DType dt) {
@@ -118,6 +123,33 @@ void convert_to_f32(const void* src, DType src_dt, float* dst, size_t n) {
     }
 }
 
+#ifdef MAMBART_F16C_PATH
+namespace {
+// f32_to_f16 over n values with F16C, 8 at a time (the hardware conversion rounds to nearest
+// even like f32_to_f16; groups holding a NaN take the scalar path, which fixes the NaN's bits).
+// Checked equal to the scalar conversion for all 2^32 float bit patterns.
+__attribute__((target("avx,f16c"))) void f32_to_f16_f16c(const float* src, uint16_t* dst,
+                                                         size_t n) {
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(src + i);
+        if (_mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)) != 0) {
+            for (size_t j = i; j < i + 8; ++j) dst[j] = f32_to_f16(src[j]);
+            continue;
+        }
+        const __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
+    }
+    for (; i < n; ++i) dst[i] = f32_to_f16(src[i]);
+}
+
+bool have_f16c() {
+    static const bool ok = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+    return ok;
+}
+}  // namespace
+#endif
+
 void convert_from_f32(const float* src, void* dst, DType dst_dt, size_t n) {
     if (n == 0) return;
     switch (dst_dt) {
@@ -126,6 +158,12 @@ void convert_from_f32(const float* src, void* dst, DType dst_dt, size_t n) {
             return;
         case DType::F16: {
             uint16_t* d = static_cast<uint16_t*>(dst);
+#ifdef MAMBART_F16C_PATH
+            if (have_f16c()) {
+                f32_to_f16_f16c(src, d, n);
+                return;
+            }
+#endif
             for (size_t i = 0; i < n; ++i) d[i] = f32_to_f16(src[i]);
             return;
         }
