@@ -9,6 +9,7 @@
 //   g = min(32, next_pow2(N)) lanes: the dt_proj dot product splits r over the group's lanes,
 //   lane j holds states n = j + g i; both reductions are shuffles within the group.
 //   Preconditions: 1 <= N <= 256, R >= 1, ld_xdbl >= R + 2N, ld_z >= E.
+//
 // mamba2_decode_kernel:
 //   conv:  u[c] = silu(bias[c] + Σ_{k<W-1} w[c, k] st[c, k+1] + w[c, W-1] xbc[c]),
 //          st[c, :] <- [st[c, 1:], xbc[c]]   for the head's x channels and its group's B, C

@@ -53,8 +53,9 @@ class CudaBackend final : public Backend {
         ssd_tf32_ = env && std::strcmp(env, "tf32") == 0;  // "tf32": plain TF32 products
         // The Mamba-1 prefill scan (cuda/selective_scan.cu). Default: the time-parallel
         // (chunked) form for long scans with a thread per channel (d_state <= 16), the
-        // sequential form otherwise (with lane groups, d_state > 16, the chunked form measured
-        // slower: BENCHMARKS.md). "chunked": the chunked form for every long scan;
+        // sequential form with lane groups (d_state > 16; in the lane-group mapping the chunked
+        // form measured slower at mamba-1.4b's shape: BENCHMARKS.md, History). "chunked": the
+        // chunked form for every long scan;
         // "sequential": never; "lanes": the sequential lane-group kernel even for d_state <= 16
         // (the previous default, kept for comparison).
         env = std::getenv("MAMBART_CUDA_SCAN");
