@@ -5,6 +5,7 @@
 #include "error.h"
 
 #if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
 #include <immintrin.h>
 #define MAMBART_F16C_PATH 1
 #endif
@@ -143,8 +144,20 @@ __attribute__((target("avx,f16c"))) void f32_to_f16_f16c(const float* src, uint1
     for (; i < n; ++i) dst[i] = f32_to_f16(src[i]);
 }
 
+// CPUID leaf 1: AVX (ecx bit 28), F16C (bit 29), OSXSAVE (bit 27); XCR0 bits 1-2 say the OS
+// saves the YMM registers. Read directly: clang 14's __builtin_cpu_supports has no "f16c".
+bool detect_f16c() {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (__get_cpuid(1, &eax, &ebx, &ecx, &edx) == 0) return false;
+    const unsigned need = (1u << 27) | (1u << 28) | (1u << 29);
+    if ((ecx & need) != need) return false;
+    unsigned xcr0_lo = 0, xcr0_hi = 0;
+    __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+    return (xcr0_lo & 0x6u) == 0x6u;
+}
+
 bool have_f16c() {
-    static const bool ok = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+    static const bool ok = detect_f16c();
     return ok;
 }
 }  // namespace
