@@ -7,10 +7,11 @@
 #include <cstring>
 #include <fstream>
 #include <limits>
+#include <map>
 #include <nlohmann/json.hpp>
-#include <set>
 #include <sstream>
 
+#include "config_reader.h"
 #include "error.h"
 #include "strict_json.h"
 
@@ -18,99 +19,104 @@ namespace mambart {
 
 using nlohmann::json;
 
-const char* arch_name(Arch a) { return a == Arch::Mamba1 ? "mamba1" : "mamba2"; }
-
-int64_t ModelConfig::conv_dim() const {
-    return arch == Arch::Mamba1 ? d_inner : d_inner + 2 * ngroups * d_state;
+std::string shape_str(const std::vector<int64_t>& s) {
+    std::string out = "(";
+    for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+    return out + (s.size() == 1 ? ",)" : ")");
 }
 
-int64_t ModelConfig::d_in_proj() const {
-    return arch == Arch::Mamba1 ? 2 * d_inner : 2 * d_inner + 2 * ngroups * d_state + nheads;
+int64_t StateSpec::numel() const {
+    int64_t n = 1;
+    for (int64_t v : shape) n *= v;
+    return n;
 }
 
-int64_t ModelConfig::x_proj_dim() const { return dt_rank + 2 * d_state; }
+void ConfigReader::float_range(const char* key, float* lo_out, float* hi_out) {
+    const json& lim = need(key);
+    if (!lim.is_array() || lim.size() != 2 || !lim[0].is_number() ||
+        !(lim[1].is_number() || lim[1].is_null()))
+        fail(key, "must be [min, max or null]");
+    // Checked as doubles: converting an out-of-range double to float is undefined.
+    const double lo = lim[0].get<double>();
+    const double hi = lim[1].is_null() ? std::numeric_limits<double>::infinity()
+                                       : lim[1].get<double>();
+    const double fmax = std::numeric_limits<float>::max();
+    if (!(lo >= 0.0 && lo < fmax) || !(hi > lo) || (std::isfinite(hi) && hi > fmax))
+        fail(key, "must satisfy 0 <= min < max (finite float32 values, max may be null)");
+    *lo_out = static_cast<float>(lo);
+    *hi_out = std::isfinite(hi) ? static_cast<float>(hi) : std::numeric_limits<float>::infinity();
+    if (!(*hi_out > *lo_out)) fail(key, "must satisfy 0 <= min < max");
+}
+
+std::vector<TensorSpec> ModelConfig::tensors() const {
+    const int64_t d = d_model;
+    const bool ln = norm == NormKind::LayerNorm;
+    std::vector<TensorSpec> out;
+    out.push_back({"embedding.weight", {vocab_size_padded, d}, true, false});
+    out.push_back({"norm_f.weight", {d}, false, false});
+    if (ln) out.push_back({"norm_f.bias", {d}, false, false});
+    if (!tie_embeddings) out.push_back({"lm_head.weight", {vocab_size_padded, d}, true, false});
+    for (size_t i = 0; i < layers.size(); ++i) {
+        const std::string pre = str_cat("layers.", i, ".");
+        // Every layer is a pre-norm residual block: the block norm is the model's.
+        out.push_back({pre + "norm.weight", {d}, false, false});
+        if (ln) out.push_back({pre + "norm.bias", {d}, false, false});
+        for (TensorSpec t : layers[i]->tensors(*this)) {
+            t.name = pre + t.name;
+            out.push_back(std::move(t));
+        }
+    }
+    return out;
+}
 
 int64_t ModelConfig::num_params() const {
-    const int64_t d = d_model, E = d_inner, N = d_state, W = d_conv;
-    int64_t per_layer = d * (norm == NormKind::LayerNorm ? 2 : 1);
-    per_layer += d_in_proj() * d + (bias ? d_in_proj() : 0);
-    per_layer += conv_dim() * W + (conv_bias ? conv_dim() : 0);
-    if (arch == Arch::Mamba1) {
-        per_layer += x_proj_dim() * E + E * dt_rank + E + E * N + E;
-    } else {
-        per_layer += 3 * nheads + (gated_norm ? E : 0);
+    int64_t total = 0;
+    for (const TensorSpec& t : tensors()) {
+        int64_t n = 1;
+        for (int64_t v : t.shape) n *= v;
+        total += n;
     }
-    per_layer += d * E + (bias ? d : 0);
-    int64_t total = n_layer * per_layer + vocab_size_padded * d;
-    total += d * (norm == NormKind::LayerNorm ? 2 : 1);
-    if (!tie_embeddings) total += vocab_size_padded * d;
     return total;
+}
+
+std::string ModelConfig::layer_types_summary() const {
+    std::string out;
+    std::map<std::string, int> seen;
+    for (const auto& l : layers)
+        if (seen[l->type()]++ == 0) out += (out.empty() ? "" : ", ") + std::string(l->type());
+    return out;
 }
 
 namespace {
 
-// Bounds that keep every derived size and product far from int64 overflow and reject absurd
-// configs before anything is allocated.
-constexpr int64_t kMaxDim = int64_t(1) << 24;
-constexpr int64_t kMaxConfigBytes = 16 << 20;  // a config.json is a few hundred bytes
+constexpr int64_t kMaxConfigBytes = 16 << 20;  // a config.json is a few KB
 
-class Reader {
- public:
-    Reader(const json& j, const std::string& origin) : j_(j), origin_(origin) {}
-
-    [[noreturn]] void fail(const std::string& key, const std::string& what) const {
-        throw ModelLoadError(str_cat(origin_, ": config key '", key, "' ", what));
-    }
-    const json& need(const char* key) {
-        seen_.insert(key);
-        if (!j_.contains(key)) fail(key, "is missing");
-        return j_.at(key);
-    }
-    bool has(const char* key) const { return j_.contains(key); }
-
-    int64_t integer(const char* key, int64_t lo, int64_t hi) {
-        const json& v = need(key);
-        if (!v.is_number_integer()) fail(key, "must be an integer");
-        const int64_t x = v.get<int64_t>();
-        if (x < lo || x > hi) fail(key, str_cat("= ", x, " is out of range [", lo, ", ", hi, "]"));
-        return x;
-    }
-    int64_t optional_id(const char* key) {
-        seen_.insert(key);
-        if (!j_.contains(key) || j_.at(key).is_null()) return -1;
-        return integer(key, 0, kMaxDim);
-    }
-    bool boolean(const char* key) {
-        const json& v = need(key);
-        if (!v.is_boolean()) fail(key, "must be true or false");
-        return v.get<bool>();
-    }
-    double number(const char* key) {
-        const json& v = need(key);
-        if (!v.is_number()) fail(key, "must be a number");
-        return v.get<double>();
-    }
-    std::string string(const char* key) {
-        const json& v = need(key);
-        if (!v.is_string()) fail(key, "must be a string");
-        return v.get<std::string>();
-    }
-    void skip(const char* key) { seen_.insert(key); }
-    void reject_unknown() const {
-        for (auto it = j_.begin(); it != j_.end(); ++it)
-            if (!seen_.count(it.key()))
-                throw ModelLoadError(str_cat(origin_, ": unknown config key '", it.key(), "'"));
-    }
-
- private:
-    const json& j_;
-    std::string origin_;
-    std::set<std::string> seen_;
-};
+// The flat form of mambart_format 1 (no `layers` key; written before the layer list existed):
+// every layer is of type `architecture` and the layer fields sit at the top level, all of
+// them present whatever the type. Their types and ranges are checked here as that form always
+// did; the layer's unit then reads the fields it uses from the same object.
+void check_flat_layer_fields(ConfigReader& r) {
+    r.integer("d_inner", 1, kMaxDim);
+    r.integer("d_state", 1, 4096);
+    r.integer("d_conv", 1, 64);
+    r.boolean("conv_bias");
+    r.boolean("bias");
+    r.integer("dt_rank", 0, kMaxDim);
+    r.integer("headdim", 0, kMaxDim);
+    r.integer("nheads", 0, kMaxDim);
+    r.integer("ngroups", 1, kMaxDim);
+    r.integer("chunk_size", 0, 1 << 16);
+    float lo, hi;
+    r.float_range("dt_limit", &lo, &hi);
+    r.boolean("gated_norm");
+    if (r.boolean("norm_before_gate"))
+        throw Unsupported(str_cat(r.origin(), ": norm_before_gate=true is not supported"));
+}
 
 }  // namespace
 
-ModelConfig ModelConfig::from_json_text(const std::string& text, const std::string& origin) {
+ModelConfig ModelConfig::from_json_text(const std::string& text, const std::string& origin,
+                                        const LayerTypes& types) {
     json j;
     try {
         j = parse_json_strict(text.data(), text.data() + text.size());
@@ -124,15 +130,16 @@ ModelConfig ModelConfig::from_json_text(const std::string& text, const std::stri
             origin, ": not a mambart model config (no 'mambart_format' key); convert the "
                     "checkpoint first with `mambart convert SRC DST` or pass its directory to "
                     "mambart.Generator, which converts it"));
-    Reader r(j, origin);
+    ConfigReader r(j, origin);
     ModelConfig c;
     const int64_t fmt = r.integer("mambart_format", 0, 1 << 20);
     if (fmt != 1)
         r.fail("mambart_format", str_cat("= ", fmt, " is not supported by this version (expected 1)"));
-    const std::string arch = r.string("architecture");
-    if (arch == "mamba1") c.arch = Arch::Mamba1;
-    else if (arch == "mamba2") c.arch = Arch::Mamba2;
-    else r.fail("architecture", str_cat("= '", arch, "' is not supported (mamba1, mamba2)"));
+    c.architecture = r.string("architecture");
+    const bool listed = j.contains("layers");
+    if (!listed && !types.known(c.architecture))
+        r.fail("architecture", str_cat("= '", c.architecture, "' is not supported (",
+                                       types.names(), ")"));
 
     c.d_model = r.integer("d_model", 1, kMaxDim);
     c.n_layer = r.integer("n_layer", 1, 4096);
@@ -140,35 +147,7 @@ ModelConfig ModelConfig::from_json_text(const std::string& text, const std::stri
     c.vocab_size_padded = r.integer("vocab_size_padded", 1, kMaxDim);
     if (c.vocab_size_padded < c.vocab_size)
         r.fail("vocab_size_padded", "must be >= vocab_size");
-    c.d_inner = r.integer("d_inner", 1, kMaxDim);
-    c.d_state = r.integer("d_state", 1, 4096);
-    c.d_conv = r.integer("d_conv", 1, 64);
-    c.conv_bias = r.boolean("conv_bias");
-    c.bias = r.boolean("bias");
-    c.dt_rank = r.integer("dt_rank", 0, kMaxDim);
-    c.headdim = r.integer("headdim", 0, kMaxDim);
-    c.nheads = r.integer("nheads", 0, kMaxDim);
-    c.ngroups = r.integer("ngroups", 1, kMaxDim);
-    c.chunk_size = r.integer("chunk_size", 0, 1 << 16);
-    {
-        const json& lim = r.need("dt_limit");
-        if (!lim.is_array() || lim.size() != 2 || !lim[0].is_number() ||
-            !(lim[1].is_number() || lim[1].is_null()))
-            r.fail("dt_limit", "must be [min, max or null]");
-        // Checked as doubles: converting an out-of-range double to float is undefined.
-        const double lo = lim[0].get<double>();
-        const double hi = lim[1].is_null() ? std::numeric_limits<double>::infinity()
-                                           : lim[1].get<double>();
-        const double fmax = std::numeric_limits<float>::max();
-        if (!(lo >= 0.0 && lo < fmax) || !(hi > lo) || (std::isfinite(hi) && hi > fmax))
-            r.fail("dt_limit", "must satisfy 0 <= min < max (finite float32 values, max may be null)");
-        c.dt_min = static_cast<float>(lo);
-        c.dt_max = std::isfinite(hi) ? static_cast<float>(hi) : std::numeric_limits<float>::infinity();
-        if (!(c.dt_max > c.dt_min)) r.fail("dt_limit", "must satisfy 0 <= min < max");
-    }
-    c.gated_norm = r.boolean("gated_norm");
-    if (r.boolean("norm_before_gate"))
-        throw Unsupported(str_cat(origin, ": norm_before_gate=true is not supported"));
+    if (!listed) check_flat_layer_fields(r);
     const std::string norm = r.string("norm");
     if (norm == "rmsnorm") c.norm = NormKind::RMSNorm;
     else if (norm == "layernorm") c.norm = NormKind::LayerNorm;
@@ -190,33 +169,62 @@ ModelConfig ModelConfig::from_json_text(const std::string& text, const std::stri
         }
     }();
     r.skip("source");
-    r.reject_unknown();
 
-    // Architecture-specific consistency.
-    if (c.arch == Arch::Mamba1) {
-        if (c.dt_rank < 1) r.fail("dt_rank", "must be >= 1 for mamba1");
+    if (listed) {
+        // One entry per layer: {"type": ..., the type's fields}; each read by its unit.
+        const json& list = r.need("layers");
+        if (!list.is_array())
+            r.fail("layers", "must be a list with one entry per layer");
+        if (int64_t(list.size()) != c.n_layer)
+            r.fail("layers", str_cat("has ", list.size(), " entries but n_layer is ", c.n_layer));
+        r.reject_unknown();
+        for (size_t i = 0; i < list.size(); ++i) {
+            const std::string where = str_cat(origin, ": layers[", i, "]");
+            if (!list[i].is_object())
+                throw ModelLoadError(str_cat(where, ": must be an object with a 'type' key"));
+            ConfigReader lr(list[i], where);
+            const std::string type = lr.string("type");
+            if (!types.known(type))
+                lr.fail("type", str_cat("= '", type, "' is not a known layer type (",
+                                        types.names(), ")"));
+            c.layers.push_back(types.parse(type, lr, c));
+            lr.reject_unknown();
+        }
     } else {
-        if (c.headdim < 1) r.fail("headdim", "must be >= 1 for mamba2");
-        if (c.nheads * c.headdim != c.d_inner)
-            r.fail("nheads", str_cat("x headdim (", c.nheads, " x ", c.headdim,
-                                     ") must equal d_inner (", c.d_inner, ")"));
-        if (c.nheads % c.ngroups != 0)
-            r.fail("ngroups", str_cat("= ", c.ngroups, " must divide nheads = ", c.nheads));
-        if (c.chunk_size < 1) r.fail("chunk_size", "must be >= 1 for mamba2");
+        r.reject_unknown();
+        // The flat form: one config for every layer, read once and shared.
+        ConfigReader lr(j, origin);
+        auto layer = types.parse(c.architecture, lr, c);
+        c.layers.assign(size_t(c.n_layer), layer);
     }
+
     if (c.eos_token_id >= c.vocab_size) r.fail("eos_token_id", "is outside the vocabulary");
     // Parameter-count sanity bound: reject configs no machine could hold before allocating.
-    const double approx = static_cast<double>(c.n_layer) *
-                              (static_cast<double>(c.d_in_proj()) * c.d_model +
-                               static_cast<double>(c.d_inner) * (c.d_model + c.d_state + c.d_conv)) +
-                          2.0 * static_cast<double>(c.vocab_size_padded) * c.d_model;
+    // (Sizes are bounded by kMaxDim, so each tensor's element count fits in int64.)
+    double approx = 2.0 * static_cast<double>(c.vocab_size_padded) * c.d_model;
+    std::vector<std::pair<const LayerConfig*, double>> memo;
+    for (const auto& l : c.layers) {
+        double n = -1;
+        for (const auto& m : memo)
+            if (m.first == l.get()) n = m.second;
+        if (n < 0) {
+            n = 0;
+            for (const TensorSpec& t : l->tensors(c)) {
+                double e = 1;
+                for (int64_t v : t.shape) e *= double(v);
+                n += e;
+            }
+            memo.emplace_back(l.get(), n);
+        }
+        approx += n;
+    }
     if (approx > 1e12)
         throw ModelLoadError(str_cat(origin, ": the config implies about ", approx,
                                      " parameters, which is not a plausible model"));
     return c;
 }
 
-ModelConfig ModelConfig::from_file(const std::string& path) {
+ModelConfig ModelConfig::from_file(const std::string& path, const LayerTypes& types) {
     // A regular file of bounded size: a directory, FIFO or /dev/zero link must not hang or OOM.
     struct stat st;
     if (::stat(path.c_str(), &st) != 0)
@@ -229,7 +237,7 @@ ModelConfig ModelConfig::from_file(const std::string& path) {
     if (!f) throw ModelLoadError(str_cat(path, ": cannot open config"));
     std::stringstream ss;
     ss << f.rdbuf();
-    return from_json_text(ss.str(), path);
+    return from_json_text(ss.str(), path, types);
 }
 
 }  // namespace mambart

@@ -1,35 +1,79 @@
 // L1 data: the mambart model configuration (config.json, schema in docs/format.md).
+//
+// A model is a list of layers. ModelConfig holds what the model itself owns (sizes of the
+// embedding, head and residual stream, the norm, token ids, dtype) and one LayerConfig per
+// layer; each layer type's fields, validation, tensors and state are defined by its unit under
+// cpp/layers/<type>/ (registry: cpp/layers/registry.h). Nothing here branches on a layer type.
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
+#include <vector>
 
 #include "dtype.h"
 
 namespace mambart {
 
-enum class Arch { Mamba1, Mamba2 };
 enum class NormKind { RMSNorm, LayerNorm };
 
+class ConfigReader;  // cpp/config_reader.h: typed reads of one JSON object, errors name the key
+struct ModelConfig;
+
+// A tensor of model.safetensors, named in full ("layers.3.mixer.in_proj.weight").
+struct TensorSpec {
+    std::string name;
+    std::vector<int64_t> shape;
+    // A large matrix (rows = output features, cols = input features, after flattening):
+    // stored and placed in the model's dtype. Otherwise a small parameter, placed as fp32.
+    bool matrix = false;
+    // Small parameters only: the parameter is A_log and is placed as -exp(A_log).
+    bool neg_exp = false;
+    // Small parameters only: converted files store it as float32 whatever their dtype (tiny,
+    // and it feeds exponentials); other small parameters are stored in the model's dtype.
+    bool store_fp32 = false;
+};
+
+// One per-sequence state tensor of a layer (fp32), e.g. a conv window or an SSM state.
+struct StateSpec {
+    std::string name;            // "conv", "ssm", ...: the tensor name in state files
+    std::vector<int64_t> shape;  // per sequence
+    int64_t numel() const;
+};
+
+// The parsed config of one layer: its unit's fields. Immutable once parsed; shared.
+class LayerConfig {
+ public:
+    virtual ~LayerConfig() = default;
+    virtual const char* type() const = 0;
+    // The layer's tensors (names relative to "layers.{i}.": the caller prefixes them).
+    virtual std::vector<TensorSpec> tensors(const ModelConfig& m) const = 0;
+    // The layer's per-sequence state.
+    virtual std::vector<StateSpec> state(const ModelConfig& m) const = 0;
+    // The entry of config.json's `layers` list that gives this config back (JSON text).
+    virtual std::string to_json() const = 0;
+};
+
+// What the config reader needs of the layer registry (cpp/layers/registry.h), passed in so
+// that this level does not include the levels above it.
+class LayerTypes {
+ public:
+    virtual ~LayerTypes() = default;
+    virtual bool known(const std::string& type) const = 0;
+    virtual std::string names() const = 0;  // "mamba1, mamba2"
+    // Parses a layer of type `type` from `r` (every key of the layer is read through `r`, whose
+    // errors name the file, the layer and the key).
+    virtual std::shared_ptr<const LayerConfig> parse(const std::string& type, ConfigReader& r,
+                                                     const ModelConfig& m) const = 0;
+};
+
 struct ModelConfig {
-    Arch arch = Arch::Mamba1;
+    // The model's family ("mamba1", "mamba2", ...): a name for people; the layers decide.
+    std::string architecture;
     int64_t d_model = 0;            // d
     int64_t n_layer = 0;
     int64_t vocab_size = 0;         // V: rows that take part in logits and sampling
     int64_t vocab_size_padded = 0;  // Vp: rows of embedding / lm_head
-    int64_t d_inner = 0;            // E
-    int64_t d_state = 0;            // N
-    int64_t d_conv = 0;             // W
-    bool conv_bias = true;
-    bool bias = false;              // in_proj / out_proj bias
-    int64_t dt_rank = 0;            // Mamba-1: Rdt
-    int64_t headdim = 0;            // Mamba-2: P
-    int64_t nheads = 0;             // Mamba-2: H
-    int64_t ngroups = 1;            // Mamba-2: G
-    int64_t chunk_size = 0;         // Mamba-2: Q
-    float dt_min = 0.0f;            // Mamba-2 dt_limit after softplus
-    float dt_max = 0.0f;            //   (+inf when unbounded)
-    bool gated_norm = true;         // Mamba-2: RMSNormGated before out_proj
     NormKind norm = NormKind::RMSNorm;
     float norm_eps = 1e-5f;
     bool residual_in_fp32 = true;
@@ -38,20 +82,23 @@ struct ModelConfig {
     int64_t eos_token_id = -1;
     int64_t pad_token_id = -1;
     DType dtype = DType::F32;       // storage dtype of the large matrices
+    std::vector<std::shared_ptr<const LayerConfig>> layers;  // n_layer entries
 
-    // Derived sizes.
-    int64_t conv_dim() const;   // channels of the causal conv: E (M1) or E + 2GN (M2)
-    int64_t d_in_proj() const;  // 2E (M1) or 2E + 2GN + H (M2)
-    int64_t x_proj_dim() const; // Mamba-1: Rdt + 2N
+    // Every tensor of model.safetensors the config implies, in load order: embedding, norm_f,
+    // lm_head (untied), then per layer its block norm and the layer's own tensors.
+    std::vector<TensorSpec> tensors() const;
     // Number of parameters implied by the config (tied head counted once).
     int64_t num_params() const;
+    // The layer types, e.g. "mamba1" when every layer is one, else "mamba2, attention, ...".
+    std::string layer_types_summary() const;
 
     // Parses and validates `path`; throws ModelLoadError naming the file and key.
-    static ModelConfig from_file(const std::string& path);
+    static ModelConfig from_file(const std::string& path, const LayerTypes& types);
     // Parses JSON text; `origin` names the source in error messages.
-    static ModelConfig from_json_text(const std::string& text, const std::string& origin);
+    static ModelConfig from_json_text(const std::string& text, const std::string& origin,
+                                      const LayerTypes& types);
 };
 
-const char* arch_name(Arch a);
+std::string shape_str(const std::vector<int64_t>& s);
 
 }  // namespace mambart

@@ -82,11 +82,14 @@ void Generator::check_state(const SequenceState& s, const std::string& what) con
     const ModelConfig& c = config();
     MAMBART_CHECK_ARG(s.state && s.state->batch() == 1 && s.state->n_layer() == c.n_layer,
                       what, ": the state does not fit this model (different n_layer)");
-    const int64_t ssm_elems = c.arch == Arch::Mamba1 ? c.d_inner * c.d_state
-                                                    : c.nheads * c.headdim * c.d_state;
-    MAMBART_CHECK_ARG(s.state->conv_elems() == c.conv_dim() * c.d_conv &&
-                          s.state->ssm_elems() == ssm_elems,
-                      what, ": the state does not fit this model (different state shape)");
+    const std::vector<State::Slot> want = State::layout(c);
+    const std::vector<State::Slot>& got = s.state->slots();
+    for (size_t i = 0; i < std::max(want.size(), got.size()); ++i) {
+        MAMBART_CHECK_ARG(i < want.size() && i < got.size() && want[i].name == got[i].name &&
+                              want[i].shape == got[i].shape && want[i].layers == got[i].layers,
+                          what, ": the state does not fit this model (state tensor '",
+                          i < got.size() ? got[i].name : want[i].name, "' differs)");
+    }
     check_ids(s.tokens, what + ".tokens");
     MAMBART_CHECK_ARG(s.fed >= 0 && s.fed <= int64_t(s.tokens.size()), what, ": fed = ", s.fed,
                       " outside [0, ", s.tokens.size(), "]");
@@ -101,38 +104,45 @@ void Generator::restore_row(State& st, int64_t row, const SequenceState& from) {
         return;
     }
     // Another backend (e.g. a CPU state continued on CUDA): through the host.
-    std::vector<float> conv, ssm;
-    state_to_host(from, &conv, &ssm);
-    st.row_from_host(row, conv.data(), ssm.data());
+    const std::vector<std::vector<float>> host = state_to_host(from);
+    std::vector<const float*> in;
+    for (const auto& v : host) in.push_back(v.data());
+    st.row_from_host(row, in);
 }
 
-void Generator::state_to_host(const SequenceState& s, std::vector<float>* conv,
-                              std::vector<float>* ssm) const {
+std::vector<std::vector<float>> Generator::state_to_host(const SequenceState& s) const {
     const State& st = *s.state;
-    conv->resize(size_t(st.n_layer() * st.conv_elems()));
-    ssm->resize(size_t(st.n_layer() * st.ssm_elems()));
-    st.row_to_host(0, conv->data(), ssm->data());
+    std::vector<std::vector<float>> out;
+    std::vector<float*> ptrs;
+    for (const State::Slot& x : st.slots())
+        out.emplace_back(x.layers.size() * size_t(x.elems));
+    for (auto& v : out) ptrs.push_back(v.data());
+    st.row_to_host(0, ptrs);
+    return out;
 }
 
-std::shared_ptr<SequenceState> Generator::state_from_host(const std::vector<float>& conv,
-                                                          const std::vector<float>& ssm,
-                                                          std::vector<int32_t> tokens,
-                                                          int64_t fed,
-                                                          std::vector<float> logits) {
+std::shared_ptr<SequenceState> Generator::state_from_host(
+    const std::vector<std::vector<float>>& tensors, std::vector<int32_t> tokens, int64_t fed,
+    std::vector<float> logits) {
     auto s = std::make_shared<SequenceState>();
     s->backend = model_->backend_shared();
     s->state = std::make_unique<State>(config(), *s->backend, 1);
     const State& st = *s->state;
-    MAMBART_CHECK_ARG(int64_t(conv.size()) == st.n_layer() * st.conv_elems(),
-                      "conv state has ", conv.size(), " values, this model needs ",
-                      st.n_layer() * st.conv_elems());
-    MAMBART_CHECK_ARG(int64_t(ssm.size()) == st.n_layer() * st.ssm_elems(), "ssm state has ",
-                      ssm.size(), " values, this model needs ", st.n_layer() * st.ssm_elems());
+    MAMBART_CHECK_ARG(tensors.size() == st.slots().size(), "the state has ", tensors.size(),
+                      " tensors, this model needs ", st.slots().size());
+    std::vector<const float*> in;
+    for (size_t i = 0; i < tensors.size(); ++i) {
+        const State::Slot& x = st.slots()[i];
+        const size_t n = x.layers.size() * size_t(x.elems);
+        MAMBART_CHECK_ARG(tensors[i].size() == n, x.name, " state has ", tensors[i].size(),
+                          " values, this model needs ", n);
+        in.push_back(tensors[i].data());
+    }
     s->tokens = std::move(tokens);
     s->fed = fed;
     s->logits = std::move(logits);
     check_state(*s, "state");
-    s->state->row_from_host(0, conv.data(), ssm.data());
+    s->state->row_from_host(0, in);
     return s;
 }
 

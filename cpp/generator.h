@@ -191,14 +191,13 @@ class Generator {
     // argmax (lowest id on ties). Memory: one logits chunk (Model::kLogitsRows x V).
     void score(const std::vector<int32_t>& ids, const SequenceState* from, double* logprobs,
                uint8_t* greedy);
-    // A state from host arrays (conv (n_layer, C, W), ssm (n_layer, ssm_elems), fp32), e.g. a
-    // loaded file; validates sizes, ids and fed. And the reverse, for saving.
-    std::shared_ptr<SequenceState> state_from_host(const std::vector<float>& conv,
-                                                   const std::vector<float>& ssm,
+    // A state from host arrays, one per state tensor of the model (State::slots() order:
+    // (layers in the slot, shape...) fp32), e.g. a loaded file; validates sizes, ids and fed.
+    // And the reverse, for saving.
+    std::shared_ptr<SequenceState> state_from_host(const std::vector<std::vector<float>>& tensors,
                                                    std::vector<int32_t> tokens, int64_t fed,
                                                    std::vector<float> logits);
-    void state_to_host(const SequenceState& s, std::vector<float>* conv,
-                       std::vector<float>* ssm) const;
+    std::vector<std::vector<float>> state_to_host(const SequenceState& s) const;
     // Checks that `s` fits this model (state shape, ids, fed/logits invariant).
     void check_state(const SequenceState& s, const std::string& what) const;
 

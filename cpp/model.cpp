@@ -4,79 +4,154 @@
 #include <cstring>
 
 #include "error.h"
+#include "layers/registry.h"
 
 namespace mambart {
 
 // ---- State -----------------------------------------------------------------------------------
 
+std::vector<State::Slot> State::layout(const ModelConfig& c, LayerSlots* where) {
+    std::vector<Slot> slots;
+    if (where) where->assign(c.layers.size(), {});
+    for (int64_t l = 0; l < int64_t(c.layers.size()); ++l) {
+        for (const StateSpec& s : c.layers[size_t(l)]->state(c)) {
+            size_t k = slots.size();
+            for (size_t j = 0; j < slots.size(); ++j)
+                if (slots[j].name == s.name && slots[j].shape == s.shape) k = j;
+            if (k == slots.size()) slots.push_back(Slot{s.name, s.shape, s.numel(), {}, 0});
+            if (where) (*where)[size_t(l)].emplace_back(k, int64_t(slots[k].layers.size()));
+            slots[k].layers.push_back(l);
+        }
+    }
+    // Slots of one name but different shapes (a hybrid's layers of different widths) are told
+    // apart in files by the first layer they hold: "conv@3".
+    for (Slot& x : slots) {
+        int n = 0;
+        for (const Slot& y : slots) n += y.name == x.name;
+        if (n > 1) x.name = str_cat(x.name, "@", x.layers.front());
+    }
+    return slots;
+}
+
 State::State(const ModelConfig& c, Backend& backend, int64_t batch)
-    : backend_(backend), n_layer_(c.n_layer), batch_(batch) {
+    : backend_(backend), batch_(batch) {
     if (batch < 1) throw InvalidArgument(str_cat("batch size must be >= 1, got ", batch));
-    conv_elems_ = c.conv_dim() * c.d_conv;
-    ssm_elems_ = c.arch == Arch::Mamba1 ? c.d_inner * c.d_state
-                                        : c.nheads * c.headdim * c.d_state;
-    bytes_ = size_t(n_layer_ * batch_ * (conv_elems_ + ssm_elems_)) * sizeof(float);
+    slots_ = layout(c, &where_);
+    size_t off = 0;
+    for (Slot& x : slots_) {
+        x.offset = off;
+        off += size_t(x.layers.size()) * size_t(batch_) * size_t(x.elems);
+        row_floats_ += x.layers.size() * size_t(x.elems);
+    }
+    bytes_ = off * sizeof(float);
     base_ = static_cast<float*>(backend_.alloc(bytes_, "the recurrent state"));
     backend_.zero(base_, bytes_);
 }
 
 State::~State() { backend_.dealloc(base_); }
 
-float* State::conv(int64_t layer, int64_t row) const {
-    return base_ + (layer * batch_ + row) * conv_elems_;
+float* State::tensor(int64_t layer, size_t k, int64_t row) const {
+    const auto& w = where_[size_t(layer)][k];
+    const Slot& x = slots_[w.first];
+    return base_ + x.offset + size_t((w.second * batch_ + row) * x.elems);
 }
 
-float* State::ssm(int64_t layer, int64_t row) const {
-    return base_ + n_layer_ * batch_ * conv_elems_ + (layer * batch_ + row) * ssm_elems_;
+void State::layer_tensors(int64_t layer, int64_t row, float** out) const {
+    for (size_t k = 0; k < where_[size_t(layer)].size(); ++k) out[k] = tensor(layer, k, row);
 }
 
 void State::reset_row(int64_t row) {
-    for (int64_t l = 0; l < n_layer_; ++l) {
-        backend_.zero(conv(l, row), size_t(conv_elems_) * sizeof(float));
-        backend_.zero(ssm(l, row), size_t(ssm_elems_) * sizeof(float));
-    }
+    for (const Slot& x : slots_)
+        for (size_t i = 0; i < x.layers.size(); ++i)
+            backend_.zero(base_ + x.offset + size_t((int64_t(i) * batch_ + row) * x.elems),
+                          size_t(x.elems) * sizeof(float));
 }
 
 void State::copy_row_from(const State& src, int64_t src_row, int64_t dst_row) {
-    if (&src.backend_ != &backend_ || src.n_layer_ != n_layer_ ||
-        src.conv_elems_ != conv_elems_ || src.ssm_elems_ != ssm_elems_)
+    bool same = &src.backend_ == &backend_ && src.slots_.size() == slots_.size();
+    for (size_t s = 0; same && s < slots_.size(); ++s)
+        same = src.slots_[s].name == slots_[s].name && src.slots_[s].shape == slots_[s].shape &&
+               src.slots_[s].layers == slots_[s].layers;
+    if (!same)
         throw InvalidArgument("State::copy_row_from: the source state belongs to another model "
                               "or backend");
     if (src_row < 0 || src_row >= src.batch_ || dst_row < 0 || dst_row >= batch_)
         throw InvalidArgument(str_cat("State::copy_row_from: row ", src_row, " -> ", dst_row,
                                       " out of range"));
-    for (int64_t l = 0; l < n_layer_; ++l) {
-        backend_.copy_device(conv(l, dst_row), src.conv(l, src_row),
-                             size_t(conv_elems_) * sizeof(float));
-        backend_.copy_device(ssm(l, dst_row), src.ssm(l, src_row),
-                             size_t(ssm_elems_) * sizeof(float));
+    for (size_t s = 0; s < slots_.size(); ++s) {
+        const Slot& x = slots_[s];
+        const size_t n = size_t(x.elems) * sizeof(float);
+        for (size_t i = 0; i < x.layers.size(); ++i)
+            backend_.copy_device(base_ + x.offset + size_t((int64_t(i) * batch_ + dst_row) * x.elems),
+                                 src.base_ + src.slots_[s].offset +
+                                     size_t((int64_t(i) * src.batch_ + src_row) * x.elems),
+                                 n);
     }
 }
 
-void State::row_to_host(int64_t row, float* conv_out, float* ssm_out) const {
-    for (int64_t l = 0; l < n_layer_; ++l) {
-        backend_.copy_to_host(conv_out + l * conv_elems_, conv(l, row),
-                              size_t(conv_elems_) * sizeof(float));
-        backend_.copy_to_host(ssm_out + l * ssm_elems_, ssm(l, row),
-                              size_t(ssm_elems_) * sizeof(float));
+void State::row_to_host(int64_t row, const std::vector<float*>& out) const {
+    MAMBART_CHECK_ARG(out.size() == slots_.size(), "State::row_to_host: ", out.size(),
+                      " arrays for ", slots_.size(), " state tensors");
+    for (size_t s = 0; s < slots_.size(); ++s) {
+        const Slot& x = slots_[s];
+        for (size_t i = 0; i < x.layers.size(); ++i)
+            backend_.copy_to_host(out[s] + i * size_t(x.elems),
+                                  base_ + x.offset + size_t((int64_t(i) * batch_ + row) * x.elems),
+                                  size_t(x.elems) * sizeof(float));
     }
 }
 
-void State::row_from_host(int64_t row, const float* conv_in, const float* ssm_in) {
-    for (int64_t l = 0; l < n_layer_; ++l) {
-        backend_.copy_to_device(conv(l, row), conv_in + l * conv_elems_,
-                                size_t(conv_elems_) * sizeof(float));
-        backend_.copy_to_device(ssm(l, row), ssm_in + l * ssm_elems_,
-                                size_t(ssm_elems_) * sizeof(float));
+void State::row_from_host(int64_t row, const std::vector<const float*>& in) {
+    MAMBART_CHECK_ARG(in.size() == slots_.size(), "State::row_from_host: ", in.size(),
+                      " arrays for ", slots_.size(), " state tensors");
+    for (size_t s = 0; s < slots_.size(); ++s) {
+        const Slot& x = slots_[s];
+        for (size_t i = 0; i < x.layers.size(); ++i)
+            backend_.copy_to_device(base_ + x.offset + size_t((int64_t(i) * batch_ + row) * x.elems),
+                                    in[s] + i * size_t(x.elems), size_t(x.elems) * sizeof(float));
     }
 }
 
 // ---- Model -----------------------------------------------------------------------------------
 
+namespace {
+
+// A layer's view of the placed weights: its names prefixed with "layers.{i}.".
+class PrefixedTensors final : public LayerTensors {
+ public:
+    PrefixedTensors(const ModelWeights& w, std::string prefix) : w_(w), pre_(std::move(prefix)) {}
+    Weight matrix(const std::string& name) const override { return w_.matrix(pre_ + name); }
+    Param param(const std::string& name) const override { return w_.param(pre_ + name); }
+
+ private:
+    const ModelWeights& w_;
+    std::string pre_;
+};
+
+// Most state tensors any layer has (LayerIO::state is filled from a fixed array).
+constexpr size_t kMaxLayerStateTensors = 16;
+
+}  // namespace
+
 Model::Model(const std::string& dir, std::shared_ptr<Backend> backend, const DType* dtype)
-    : config_(ModelConfig::from_file(dir + "/config.json")), backend_(std::move(backend)) {
+    : config_(ModelConfig::from_file(dir + "/config.json", layer_types())),
+      backend_(std::move(backend)) {
+    for (const auto& lc : config_.layers) {
+        layers_.push_back(create_layer(lc, config_));
+        if (lc->state(config_).size() > kMaxLayerStateTensors)
+            throw ModelLoadError(str_cat(dir, "/config.json: a ", lc->type(), " layer has more than ",
+                                         kMaxLayerStateTensors, " state tensors"));
+    }
     weights_ = std::make_unique<ModelWeights>(dir, config_, *backend_,
                                               dtype ? *dtype : config_.dtype);
+    for (size_t i = 0; i < layers_.size(); ++i) {
+        const std::string pre = str_cat("layers.", i, ".");
+        block_norm_w_.push_back(weights_->param(pre + "norm.weight"));
+        block_norm_b_.push_back(config_.norm == NormKind::LayerNorm
+                                    ? weights_->param(pre + "norm.bias")
+                                    : Param{});
+        layers_[i]->bind(PrefixedTensors(*weights_, pre));
+    }
 }
 
 Model::~Model() { free_workspace(); }
@@ -84,15 +159,15 @@ Model::~Model() { free_workspace(); }
 void Model::free_workspace() {
     for (void* p : {static_cast<void*>(ids_), static_cast<void*>(hidden_),
                     static_cast<void*>(residual_), static_cast<void*>(normed_),
-                    static_cast<void*>(proj_), static_cast<void*>(xconv_),
-                    static_cast<void*>(xdbl_), static_cast<void*>(dt_), static_cast<void*>(y_),
-                    static_cast<void*>(y2_), static_cast<void*>(logits_),
-                    static_cast<void*>(rng_)})
+                    static_cast<void*>(logits_), static_cast<void*>(rng_)})
         if (p) backend_->dealloc(p);
+    for (float* p : layer_ws_)
+        if (p) backend_->dealloc(p);
+    layer_ws_.clear();
     backend_->clear_graphs();  // recorded graphs use these buffers
     rng_ = nullptr;
     ids_ = nullptr;
-    hidden_ = residual_ = normed_ = proj_ = xconv_ = xdbl_ = dt_ = y_ = y2_ = logits_ = nullptr;
+    hidden_ = residual_ = normed_ = logits_ = nullptr;
     ws_rows_ = logits_rows_ = 0;
 }
 
@@ -111,21 +186,23 @@ void Model::reserve(int64_t rows, int64_t logits_rows) {
     hidden_ = buf(c.d_model, "hidden activations");
     residual_ = buf(c.d_model, "the residual stream");
     normed_ = buf(c.d_model, "normed activations");
-    proj_ = buf(c.d_in_proj(), "in_proj output");
-    xconv_ = buf(c.conv_dim(), "conv output");
-    if (c.arch == Arch::Mamba1) {
-        xdbl_ = buf(c.x_proj_dim(), "x_proj output");
-        dt_ = buf(c.d_inner, "dt");
+    // The layers' buffers: buffer k as wide as the widest layer's k-th.
+    layer_ws_cols_.clear();
+    int64_t scratch_cols = c.d_model;  // lm_head's input
+    for (const auto& l : layers_) {
+        const std::vector<int64_t> cols = l->workspace_cols();
+        if (cols.size() > layer_ws_cols_.size()) layer_ws_cols_.resize(cols.size(), 0);
+        for (size_t k = 0; k < cols.size(); ++k)
+            layer_ws_cols_[k] = std::max(layer_ws_cols_[k], cols[k]);
+        scratch_cols = std::max(scratch_cols, l->max_linear_cols());
     }
-    y_ = buf(c.d_inner, "scan output");
-    if (c.arch == Arch::Mamba2 && c.gated_norm) y2_ = buf(c.d_inner, "gated norm output");
+    for (int64_t cols : layer_ws_cols_) layer_ws_.push_back(buf(cols, "layer activations"));
     logits_ = static_cast<float*>(
         be.alloc(size_t(logits_rows * c.vocab_size) * sizeof(float), "logits"));
     ws_rows_ = rows;
     logits_rows_ = logits_rows;
-    // The projections' inputs: d_model (in_proj, lm_head), d_inner (x_proj, out_proj) or dt_rank
-    // (dt_proj) features per row.
-    be.reserve_scratch(rows, std::max(c.d_model, c.d_inner));
+    // The projections' inputs: at most scratch_cols features per row.
+    be.reserve_scratch(rows, scratch_cols);
 }
 
 const float* Model::forward(State& st, int64_t row0, int64_t B, int64_t L, const int32_t* ids,
@@ -140,15 +217,13 @@ const float* Model::forward(State& st, int64_t row0, int64_t B, int64_t L, const
 
     be.embedding(ids, R, weights_->embedding, hidden_);
     be.copy_device(residual_, hidden_, size_t(R * d) * sizeof(float));
+    float* state_ptrs[kMaxLayerStateTensors];
     for (int64_t i = 0; i < c.n_layer; ++i) {
-        const LayerWeights& w = weights_->layers[size_t(i)];
-        // Layer 0 norms the embedding itself; later layers add the previous mixer output first.
-        be.add_norm(residual_, i == 0 ? nullptr : hidden_, w.norm_w, w.norm_b, c.norm,
-                    c.norm_eps, R, d, normed_);
-        if (c.arch == Arch::Mamba1)
-            mixer_mamba1(w, st, i, row0, B, L);
-        else
-            mixer_mamba2(w, st, i, row0, B, L);
+        // Layer 0 norms the embedding itself; later layers add the previous layer output first.
+        be.add_norm(residual_, i == 0 ? nullptr : hidden_, block_norm_w_[size_t(i)],
+                    block_norm_b_[size_t(i)], c.norm, c.norm_eps, R, d, normed_);
+        st.layer_tensors(i, row0, state_ptrs);
+        layers_[size_t(i)]->forward(be, LayerIO{normed_, hidden_, layer_ws_.data(), state_ptrs, B, L});
     }
     be.add_norm(residual_, hidden_, weights_->norm_f_w, weights_->norm_f_b, c.norm, c.norm_eps,
                 R, d, normed_);
@@ -163,94 +238,6 @@ const float* Model::forward(State& st, int64_t row0, int64_t B, int64_t L, const
     // Only the first vocab_size rows of the (padded) head: padding rows never get logits.
     be.linear(x, ldx, M, weights_->lm_head, c.vocab_size, nullptr, logits_, c.vocab_size);
     return logits_;
-}
-
-// Mamba-1: xz = in_proj(u); x' = silu(conv(x)); [δ | B | C] = x_proj(x'); dt = dt_proj(δ);
-// y = scan(x', dt, A, B, C, D) * silu(z); out = out_proj(y)
-void Model::mixer_mamba1(const LayerWeights& w, State& st, int64_t layer, int64_t row0,
-                         int64_t B, int64_t L) {
-    const ModelConfig& c = config_;
-    Backend& be = *backend_;
-    const int64_t R = B * L, E = c.d_inner, N = c.d_state, Rdt = c.dt_rank, X = c.x_proj_dim();
-    be.linear(normed_, c.d_model, R, w.in_proj, 2 * E, w.in_proj_b.data, proj_, 2 * E);
-    be.conv1d(ConvParams{proj_, 2 * E, st.conv(layer, row0), w.conv_w.data, w.conv_b.data,
-                         xconv_, B, L, E, c.d_conv});
-    be.linear(xconv_, E, R, w.x_proj, X, nullptr, xdbl_, X);
-    if (L == 1) {  // decode: dt_proj + scan fused where the backend can
-        Mamba1DecodeParams fp{xconv_, xdbl_, X, w.dt_proj, proj_ + E, 2 * E, w.A.data,
-                              w.D.data, w.dt_bias.data, st.ssm(layer, row0), y_, B, E, N, Rdt};
-        if (be.mamba1_decode_fused(fp)) {
-            be.linear(y_, E, R, w.out_proj, c.d_model, w.out_proj_b.data, hidden_, c.d_model);
-            return;
-        }
-    }
-    be.linear(xdbl_, X, R, w.dt_proj, E, nullptr, dt_, E);
-    SelectiveScanParams sp{};
-    sp.x = xconv_;
-    sp.dt = dt_;
-    sp.Bm = xdbl_ + Rdt;
-    sp.Cm = xdbl_ + Rdt + N;
-    sp.ld_bc = X;
-    sp.z = proj_ + E;
-    sp.ld_z = 2 * E;
-    sp.A = w.A.data;
-    sp.D = w.D.data;
-    sp.dt_bias = w.dt_bias.data;
-    sp.ssm_state = st.ssm(layer, row0);
-    sp.y = y_;
-    sp.B = B;
-    sp.L = L;
-    sp.E = E;
-    sp.N = N;
-    be.selective_scan(sp);
-    be.linear(y_, E, R, w.out_proj, c.d_model, w.out_proj_b.data, hidden_, c.d_model);
-}
-
-// Mamba-2: [z | xBC | dt] = in_proj(u); xBC' = silu(conv(xBC)); y = SSD(x, dt, A, B, C) + D x;
-// y = gated_rmsnorm(y, z) (or y * silu(z)); out = out_proj(y)
-void Model::mixer_mamba2(const LayerWeights& w, State& st, int64_t layer, int64_t row0,
-                         int64_t B, int64_t L) {
-    const ModelConfig& c = config_;
-    Backend& be = *backend_;
-    const int64_t R = B * L, E = c.d_inner, N = c.d_state, G = c.ngroups, Din = c.d_in_proj();
-    const int64_t conv_dim = c.conv_dim();
-    be.linear(normed_, c.d_model, R, w.in_proj, Din, w.in_proj_b.data, proj_, Din);
-    const ConvParams cp{proj_ + E, Din, st.conv(layer, row0), w.conv_w.data, w.conv_b.data,
-                        xconv_, B, L, conv_dim, c.d_conv};
-    SsdParams sp{};
-    sp.x = xconv_;
-    sp.Bm = xconv_ + E;
-    sp.Cm = xconv_ + E + G * N;
-    sp.ld_xbc = conv_dim;
-    sp.dt = proj_ + E + conv_dim;
-    sp.ld_dt = Din;
-    sp.z = c.gated_norm ? nullptr : proj_;
-    sp.ld_z = Din;
-    sp.A = w.A.data;
-    sp.D = w.D.data;
-    sp.dt_bias = w.dt_bias.data;
-    sp.dt_min = c.dt_min;
-    sp.dt_max = c.dt_max;
-    sp.ssm_state = st.ssm(layer, row0);
-    sp.y = y_;
-    sp.B = B;
-    sp.L = L;
-    sp.H = c.nheads;
-    sp.P = c.headdim;
-    sp.G = G;
-    sp.N = N;
-    sp.chunk_size = c.chunk_size;
-    // decode: conv update + scan fused where the backend can
-    if (!(L == 1 && be.mamba2_decode_fused(Mamba2DecodeParams{cp, sp}))) {
-        be.conv1d(cp);
-        be.ssd_scan(sp);
-    }
-    const float* out = y_;
-    if (c.gated_norm) {
-        be.gated_rmsnorm(y_, proj_, Din, w.gated_norm_w.data, R, E, E / G, c.norm_eps, y2_);
-        out = y2_;
-    }
-    be.linear(out, E, R, w.out_proj, c.d_model, w.out_proj_b.data, hidden_, c.d_model);
 }
 
 // ---- decode fast path (CUDA graphs + device sampling) --------------------------------------
@@ -282,7 +269,7 @@ const float* Model::decode_step(State& st, int64_t B, DeviceSampleParams s, cons
     s.rng = rng_;
     s.out = ids_;
     uint64_t key = 0;
-    for (uint64_t v : {uint64_t(B), uint64_t(reinterpret_cast<uintptr_t>(st.conv(0, 0))),
+    for (uint64_t v : {uint64_t(B), uint64_t(reinterpret_cast<uintptr_t>(st.base())),
                        uint64_t(reinterpret_cast<uintptr_t>(s.seen)), float_bits(s.temperature),
                        uint64_t(s.top_k), float_bits(s.top_p), float_bits(s.min_p),
                        float_bits(s.repetition_penalty)})

@@ -1,6 +1,7 @@
-// L3 model: recurrent state, scratch workspace and the forward pass of a Mamba-1 / Mamba-2 LM.
+// L4 model: recurrent state, scratch workspace and the forward pass of a language model made of
+// a list of layers (cpp/layers/).
 //
-// Readers start at Model::forward: embedding -> n_layer x (add + norm -> mixer) -> add + norm_f
+// Readers start at Model::forward: embedding -> n_layer x (add + norm -> layer) -> add + norm_f
 // -> lm_head. The same function serves prefill (one row, L tokens, continuing from the row's
 // state) and decode (B rows, one token each).
 #pragma once
@@ -8,45 +9,68 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "backend.h"
 #include "config.h"
+#include "layers/layer.h"
 #include "weights.h"
 
 namespace mambart {
 
-// The recurrent state of B sequences: per layer a conv state and an SSM state, all fp32, in one
-// device allocation made at construction.
+// The recurrent state of B sequences, laid out from the layers' state specs in one device
+// allocation made at construction. Layers' state tensors with the same name and shape share a
+// slot: slot s holds (layers in the slot) x B x (elements per row), fp32. For a Mamba model
+// that is two slots, conv (n_layer, B, C, W) and ssm (n_layer, B, ...).
 class State {
  public:
+    struct Slot {
+        std::string name;            // the tensor name in state files ("conv", "ssm", ...)
+        std::vector<int64_t> shape;  // per sequence and layer
+        int64_t elems = 0;           // per sequence and layer
+        std::vector<int64_t> layers; // the layers whose state this slot holds, in order
+        size_t offset = 0;           // floats from the start of the allocation
+    };
+
     State(const ModelConfig& config, Backend& backend, int64_t batch);
     ~State();
     State(const State&) = delete;
     State& operator=(const State&) = delete;
 
+    // Per layer, per state tensor (LayerConfig::state() order): (slot, index within the slot).
+    using LayerSlots = std::vector<std::vector<std::pair<size_t, int64_t>>>;
+    // The slots a config's layers give (no allocation): the layout of states and state files.
+    static std::vector<Slot> layout(const ModelConfig& config, LayerSlots* where = nullptr);
+
     int64_t batch() const { return batch_; }
-    float* conv(int64_t layer, int64_t row) const;  // (C, W) of that row; rows contiguous
-    float* ssm(int64_t layer, int64_t row) const;   // (E, N) or (H, P, N); rows contiguous
-    void reset_row(int64_t row);                    // a fresh sequence: zero history
+    int64_t n_layer() const { return int64_t(where_.size()); }
+    const std::vector<Slot>& slots() const { return slots_; }
+    // The k-th state tensor (LayerConfig::state() order) of `layer` at `row`; rows contiguous.
+    float* tensor(int64_t layer, size_t k, int64_t row) const;
+    // The layer's state tensors at `row`, in state() order, into out[0..] (for LayerIO::state).
+    void layer_tensors(int64_t layer, int64_t row, float** out) const;
+    size_t layer_tensor_count(int64_t layer) const { return where_[size_t(layer)].size(); }
+    float* base() const { return base_; }
+    void reset_row(int64_t row);  // a fresh sequence: zero history
     size_t bytes() const { return bytes_; }
-    int64_t conv_elems() const { return conv_elems_; }  // per row and layer
-    int64_t ssm_elems() const { return ssm_elems_; }    // per row and layer
-    int64_t n_layer() const { return n_layer_; }
+    size_t row_floats() const { return row_floats_; }  // floats per sequence, all slots
     Backend& backend() const { return backend_; }
 
     // Snapshot / restore (issue 7), backend-generic (Backend copies only):
     // Copies row `src_row` of `src` into row `dst_row` of this state (device to device). `src`
-    // must have the same shape per row and live on the same backend (InvalidArgument otherwise).
+    // must have the same layout and live on the same backend (InvalidArgument otherwise).
     void copy_row_from(const State& src, int64_t src_row, int64_t dst_row);
-    // Host copies of one row: conv (n_layer, C, W) and ssm (n_layer, ssm_elems), fp32.
-    void row_to_host(int64_t row, float* conv_out, float* ssm_out) const;
-    void row_from_host(int64_t row, const float* conv_in, const float* ssm_in);
+    // Host copies of one row: per slot, (layers in the slot, shape...) fp32.
+    void row_to_host(int64_t row, const std::vector<float*>& out) const;
+    void row_from_host(int64_t row, const std::vector<const float*>& in);
 
  private:
     Backend& backend_;
-    int64_t n_layer_, batch_, conv_elems_, ssm_elems_;
-    size_t bytes_;
-    float* base_ = nullptr;  // [conv: n_layer x B x C x W][ssm: n_layer x B x ssm_elems]
+    int64_t batch_;
+    std::vector<Slot> slots_;
+    LayerSlots where_;
+    size_t bytes_ = 0, row_floats_ = 0;
+    float* base_ = nullptr;
 };
 
 enum class LogitsMode {
@@ -95,28 +119,23 @@ class Model {
     static constexpr int64_t kLogitsRows = 64;
 
  private:
-    void mixer_mamba1(const LayerWeights& w, State& st, int64_t layer, int64_t row0, int64_t B,
-                      int64_t L);
-    void mixer_mamba2(const LayerWeights& w, State& st, int64_t layer, int64_t row0, int64_t B,
-                      int64_t L);
     void free_workspace();
 
     ModelConfig config_;
     std::shared_ptr<Backend> backend_;
     std::unique_ptr<ModelWeights> weights_;
+    std::vector<std::unique_ptr<Layer>> layers_;  // n_layer, from the layer registry
+    std::vector<Param> block_norm_w_, block_norm_b_;  // per layer (d): the pre-norm of its block
 
     // Workspace (device), rows = ws_rows_ token rows:
     int64_t ws_rows_ = 0;
     int32_t* ids_ = nullptr;      // (rows)        token ids staged for forward
-    float* hidden_ = nullptr;     // (rows, d)     mixer output / embedding
+    float* hidden_ = nullptr;     // (rows, d)     layer output / embedding
     float* residual_ = nullptr;   // (rows, d)     residual stream (fp32)
-    float* normed_ = nullptr;     // (rows, d)     normed input of the mixer
-    float* proj_ = nullptr;       // (rows, d_in_proj)  M1: [x | z]; M2: [z | xBC | dt]
-    float* xconv_ = nullptr;      // (rows, conv_dim)   post-conv, post-SiLU
-    float* xdbl_ = nullptr;       // (rows, Rdt + 2N)   M1: [dt_low | B | C]
-    float* dt_ = nullptr;         // (rows, E)          M1: dt before bias
-    float* y_ = nullptr;          // (rows, E)          scan output
-    float* y2_ = nullptr;         // (rows, E)          M2: gated-norm output
+    float* normed_ = nullptr;     // (rows, d)     normed input of the layer
+    // The layers' workspace buffers: buffer k is (rows, max over layers of workspace_cols()[k]).
+    std::vector<float*> layer_ws_;
+    std::vector<int64_t> layer_ws_cols_;
     float* logits_ = nullptr;     // (logits_rows, V)
     int64_t logits_rows_ = 0;
     uint64_t* rng_ = nullptr;     // (rows, 3)     decode_step: (seed, stream, counter) per row

@@ -12,6 +12,8 @@
 #include "config.h"
 #include "error.h"
 #include "generator.h"
+#include "layers/registry.h"
+#include "model.h"
 #include "safetensors.h"
 #include "sampling.h"
 
@@ -25,21 +27,40 @@ std::optional<DType> parse_dtype(const std::optional<std::string>& s) {
     return dtype_from_name(*s, "dtype");
 }
 
+py::array_t<float> to_array_f(const std::vector<float>& v) {
+    py::array_t<float> a(int64_t(v.size()));
+    std::copy(v.begin(), v.end(), a.mutable_data());
+    return a;
+}
+
+py::object json_loads(const std::string& text) {
+    return py::module_::import("json").attr("loads")(text);
+}
+
+// The model's config as a dict: the model's own keys, `layers` (one dict per layer, the
+// entries of config.json's list), and, when every layer has the same config, that config's
+// fields at the top level too (d_inner, d_state, ... as in the flat form).
 py::dict config_to_dict(const ModelConfig& c) {
     py::dict d;
-    d["architecture"] = arch_name(c.arch);
+    d["architecture"] = c.architecture;
     d["d_model"] = c.d_model;
     d["n_layer"] = c.n_layer;
     d["vocab_size"] = c.vocab_size;
     d["vocab_size_padded"] = c.vocab_size_padded;
-    d["d_inner"] = c.d_inner;
-    d["d_state"] = c.d_state;
-    d["d_conv"] = c.d_conv;
-    d["dt_rank"] = c.dt_rank;
-    d["headdim"] = c.headdim;
-    d["nheads"] = c.nheads;
-    d["ngroups"] = c.ngroups;
-    d["chunk_size"] = c.chunk_size;
+    py::list layers;
+    bool uniform = true;
+    for (const auto& l : c.layers) {
+        const std::string j = l->to_json();
+        uniform = uniform && j == c.layers.front()->to_json();
+        layers.append(json_loads(j));
+    }
+    if (uniform && !c.layers.empty()) {
+        py::dict first = json_loads(c.layers.front()->to_json());
+        for (auto kv : first)
+            if (kv.first.cast<std::string>() != "type") d[kv.first] = kv.second;
+    }
+    d["layers"] = layers;
+    d["layer_types"] = c.layer_types_summary();
     d["norm"] = c.norm == NormKind::RMSNorm ? "rmsnorm" : "layernorm";
     d["norm_eps"] = c.norm_eps;
     d["residual_in_fp32"] = c.residual_in_fp32;
@@ -49,6 +70,35 @@ py::dict config_to_dict(const ModelConfig& c) {
     d["dtype"] = dtype_name(c.dtype);
     d["num_params"] = c.num_params();
     return d;
+}
+
+// The state layout of a config: one dict per state tensor (State::slots() order) with its file
+// name, full shape (layers in the slot, shape...), dtype and the layers it holds.
+py::list state_spec(const ModelConfig& c) {
+    py::list out;
+    for (const State::Slot& x : State::layout(c)) {
+        std::vector<int64_t> shape{int64_t(x.layers.size())};
+        shape.insert(shape.end(), x.shape.begin(), x.shape.end());
+        py::dict e;
+        e["name"] = x.name;
+        e["shape"] = py::tuple(py::cast(shape));
+        e["dtype"] = "F32";
+        e["layers"] = py::cast(x.layers);
+        out.append(e);
+    }
+    return out;
+}
+
+py::list layer_type_list(const ModelConfig& c) {
+    py::list out;
+    for (const auto& l : c.layers) out.append(l->type());
+    return out;
+}
+
+py::tuple host_tuple(const std::vector<std::vector<float>>& v) {
+    py::tuple t(v.size());
+    for (size_t i = 0; i < v.size(); ++i) t[i] = to_array_f(v[i]);
+    return t;
 }
 
 SamplingOptions make_sampling(float temperature, int64_t top_k, float top_p, float min_p,
@@ -121,12 +171,15 @@ void register_state_api(py::module_& m) {
         .def_readonly("counter", &SequenceState::counter)
         .def_property_readonly("nbytes", &SequenceState::bytes)
         .def("to_host",
-             [](const SequenceState& s) {  // -> (conv, ssm) flat fp32 host copies
+             [](const SequenceState& s) {  // -> one flat fp32 host copy per state tensor
                  const State& st = *s.state;
-                 std::vector<float> conv(size_t(st.n_layer() * st.conv_elems()));
-                 std::vector<float> ssm(size_t(st.n_layer() * st.ssm_elems()));
-                 st.row_to_host(0, conv.data(), ssm.data());
-                 return py::make_tuple(to_array(conv), to_array(ssm));
+                 std::vector<std::vector<float>> out;
+                 std::vector<float*> ptrs;
+                 for (const State::Slot& x : st.slots())
+                     out.emplace_back(x.layers.size() * size_t(x.elems));
+                 for (auto& v : out) ptrs.push_back(v.data());
+                 st.row_to_host(0, ptrs);
+                 return host_tuple(out);
              })
         .def_property_readonly("device", [](const SequenceState& s) {
             return s.backend ? s.backend->name() : std::string("none");
@@ -202,33 +255,34 @@ void register_state_api(py::module_& m) {
         .def(
             "state_to_host",
             [](const Generator& g, const SequenceState& s) {
-                std::vector<float> conv, ssm;
-                g.state_to_host(s, &conv, &ssm);
-                return py::make_tuple(to_array(conv), to_array(ssm));
+                return host_tuple(g.state_to_host(s));
             },
             py::arg("state"))
         .def(
             "state_from_host",
-            [](Generator& g, py::array_t<float, py::array::c_style | py::array::forcecast> conv,
-               py::array_t<float, py::array::c_style | py::array::forcecast> ssm,
-               const std::vector<int32_t>& tokens, int64_t fed, py::object logits,
-               bool has_rng, uint64_t seed, uint64_t stream, uint64_t counter) {
-                std::vector<float> c(conv.data(), conv.data() + conv.size());
-                std::vector<float> s(ssm.data(), ssm.data() + ssm.size());
+            [](Generator& g, py::sequence tensors, const std::vector<int32_t>& tokens,
+               int64_t fed, py::object logits, bool has_rng, uint64_t seed, uint64_t stream,
+               uint64_t counter) {
+                std::vector<std::vector<float>> ts;
+                for (py::handle h : tensors) {
+                    auto a = h.cast<py::array_t<float, py::array::c_style |
+                                                           py::array::forcecast>>();
+                    ts.emplace_back(a.data(), a.data() + a.size());
+                }
                 std::vector<float> l;
                 if (!logits.is_none()) {
                     auto a = logits.cast<py::array_t<float, py::array::c_style |
                                                                 py::array::forcecast>>();
                     l.assign(a.data(), a.data() + a.size());
                 }
-                auto st = g.state_from_host(c, s, tokens, fed, std::move(l));
+                auto st = g.state_from_host(ts, tokens, fed, std::move(l));
                 st->has_rng = has_rng;
                 st->seed = seed;
                 st->stream = stream;
                 st->counter = counter;
                 return st;
             },
-            py::arg("conv"), py::arg("ssm"), py::arg("tokens"), py::arg("fed"),
+            py::arg("tensors"), py::arg("tokens"), py::arg("fed"),
             py::arg("logits"), py::arg("has_rng") = false, py::arg("seed") = 0,
             py::arg("stream") = 0, py::arg("counter") = 0);
 }
@@ -255,6 +309,33 @@ PYBIND11_MODULE(_C, m) {
     });
 
     m.def("cuda_available", &cuda_available, "Whether this build has a usable CUDA backend.");
+    m.def(
+        "config_spec",
+        [](const std::string& text, const std::string& origin) {
+            const ModelConfig c = ModelConfig::from_json_text(text, origin, layer_types());
+            py::list tensors;
+            for (const TensorSpec& t : c.tensors()) {
+                py::dict e;
+                e["name"] = t.name;
+                e["shape"] = py::tuple(py::cast(t.shape));
+                e["matrix"] = t.matrix;
+                e["store_fp32"] = t.store_fp32;
+                tensors.append(e);
+            }
+            py::dict d;
+            d["config"] = config_to_dict(c);
+            d["tensors"] = tensors;
+            d["state"] = state_spec(c);
+            d["layer_types"] = layer_type_list(c);
+            return d;
+        },
+        py::arg("text"), py::arg("origin"),
+        "Parses and validates a mambart config.json text with the runtime's reader (errors name "
+        "`origin`, the layer and the key) and returns {config, tensors: [{name, shape, matrix, "
+        "store_fp32}] in load order, state: the state tensors, layer_types}: the one source of "
+        "tensor names, used by the converter.");
+    m.def("layer_types", [] { return layer_types().names(); },
+          "The registered layer types, comma-separated.");
     register_ops(m);
 
     py::class_<GenerationOptions>(m, "GenerationOptions")
@@ -333,6 +414,10 @@ PYBIND11_MODULE(_C, m) {
              py::arg("model_dir"), py::arg("device") = "cpu", py::arg("dtype") = py::none())
         .def_property_readonly("config",
                                [](const Generator& g) { return config_to_dict(g.config()); })
+        .def_property_readonly("state_spec",
+                               [](const Generator& g) { return state_spec(g.config()); })
+        .def_property_readonly("layer_type_list",
+                               [](const Generator& g) { return layer_type_list(g.config()); })
         .def_property_readonly("device", &Generator::device_name)
         .def_property_readonly("dtype",
                                [](const Generator& g) { return dtype_name(g.model().dtype()); })

@@ -33,9 +33,6 @@ from .errors import ConversionError
 CONVERTER_VERSION = "mambart-convert 1"
 FORMAT_VERSION = 1
 
-# Kept in float32 whatever the output dtype: tiny, and they feed exponentials.
-FP32_PARAMS = ("A_log", "D", "dt_bias", "dt_proj.bias")
-
 __all__ = ["convert", "ConversionError", "read_source", "open_weights", "load_json"]
 
 
@@ -182,88 +179,46 @@ class Source:
 
     fmt: str                         # "transformers", "state-spaces" or "mambart"
     config: dict                     # mambart config keys
-    names: Dict[str, str]            # canonical name -> source tensor name
+    prefix: str = ""                 # source name = prefix + canonical name, except:
+    emb: str = "embedding.weight"    # the source name of the embedding
+    head: str = "lm_head.weight"     # the source name of an untied head
     optional_tied: Optional[str] = None  # source name of an lm_head to drop when tied
     notes: List[str] = field(default_factory=list)
+
+    def source_name(self, canon: str) -> str:
+        if canon == "embedding.weight":
+            return self.emb
+        if canon == "lm_head.weight":
+            return self.head
+        return self.prefix + canon
 
 
 def _base_config(arch: str) -> dict:
     return {"mambart_format": FORMAT_VERSION, "architecture": arch}
 
 
-def _names_for(cfg: dict, prefix: str, emb: str) -> Dict[str, str]:
-    """canonical -> source names for `prefix` (e.g. 'backbone.') and embedding name `emb`."""
-    n: Dict[str, str] = {"embedding.weight": emb, "norm_f.weight": prefix + "norm_f.weight"}
-    ln = cfg["norm"] == "layernorm"
-    if ln:
-        n["norm_f.bias"] = prefix + "norm_f.bias"
-    if not cfg["tie_embeddings"]:
-        n["lm_head.weight"] = "lm_head.weight"
-    mixer1 = ["in_proj.weight", "conv1d.weight", "x_proj.weight", "dt_proj.weight",
-              "dt_proj.bias", "A_log", "D", "out_proj.weight"]
-    mixer2 = ["in_proj.weight", "conv1d.weight", "dt_bias", "A_log", "D", "out_proj.weight"]
-    mixer = list(mixer1 if cfg["architecture"] == "mamba1" else mixer2)
-    if cfg["architecture"] == "mamba2" and cfg["gated_norm"]:
-        mixer.append("norm.weight")
-    if cfg["conv_bias"]:
-        mixer.append("conv1d.bias")
-    if cfg["bias"]:
-        mixer += ["in_proj.bias", "out_proj.bias"]
-    for i in range(cfg["n_layer"]):
-        c = f"layers.{i}."
-        n[c + "norm.weight"] = prefix + c + "norm.weight"
-        if ln:
-            n[c + "norm.bias"] = prefix + c + "norm.bias"
-        for m in mixer:
-            n[c + "mixer." + m] = prefix + c + "mixer." + m
-    return n
+def config_spec(cfg: dict, where: str) -> dict:
+    """The runtime's reading of a mambart config (flat or with a `layers` list): the C++ config
+    reader and layer units (_C.config_spec) validate it and give every tensor it implies
+    ({name, shape, matrix, store_fp32}, in load order), its state tensors and its layers. The one
+    source of tensor names: the converter only maps source names onto these."""
+    from . import _C
+
+    c = dict(cfg)
+    c.setdefault("dtype", "float32")
+    try:
+        text = json.dumps(c, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ConversionError(f"{where}: the config cannot be written as JSON ({e})") from None
+    try:
+        return _C.config_spec(text, where)
+    except (ValueError, NotImplementedError) as e:
+        raise ConversionError(str(e)) from None
 
 
-def expected_shapes(cfg: dict) -> Dict[str, Tuple[int, ...]]:
+def expected_shapes(cfg: dict, where: str = "the config") -> Dict[str, Tuple[int, ...]]:
     """canonical tensor name -> shape implied by a mambart config (docs/format.md)."""
-    d, E, N, W = cfg["d_model"], cfg["d_inner"], cfg["d_state"], cfg["d_conv"]
-    Vp = cfg["vocab_size_padded"]
-    m1 = cfg["architecture"] == "mamba1"
-    if m1:
-        conv_dim, d_in = E, 2 * E
-    else:
-        G, H = cfg["ngroups"], cfg["nheads"]
-        conv_dim, d_in = E + 2 * G * N, 2 * E + 2 * G * N + H
-    s: Dict[str, Tuple[int, ...]] = {"embedding.weight": (Vp, d), "norm_f.weight": (d,)}
-    ln = cfg["norm"] == "layernorm"
-    if ln:
-        s["norm_f.bias"] = (d,)
-    if not cfg["tie_embeddings"]:
-        s["lm_head.weight"] = (Vp, d)
-    for i in range(cfg["n_layer"]):
-        p = f"layers.{i}."
-        x = p + "mixer."
-        s[p + "norm.weight"] = (d,)
-        if ln:
-            s[p + "norm.bias"] = (d,)
-        s[x + "in_proj.weight"] = (d_in, d)
-        if cfg["bias"]:
-            s[x + "in_proj.bias"] = (d_in,)
-            s[x + "out_proj.bias"] = (d,)
-        s[x + "conv1d.weight"] = (conv_dim, 1, W)
-        if cfg["conv_bias"]:
-            s[x + "conv1d.bias"] = (conv_dim,)
-        if m1:
-            R = cfg["dt_rank"]
-            s[x + "x_proj.weight"] = (R + 2 * N, E)
-            s[x + "dt_proj.weight"] = (E, R)
-            s[x + "dt_proj.bias"] = (E,)
-            s[x + "A_log"] = (E, N)
-            s[x + "D"] = (E,)
-        else:
-            H = cfg["nheads"]
-            s[x + "dt_bias"] = (H,)
-            s[x + "A_log"] = (H,)
-            s[x + "D"] = (H,)
-            if cfg["gated_norm"]:
-                s[x + "norm.weight"] = (E,)
-        s[x + "out_proj.weight"] = (d, E)
-    return s
+    return {t["name"]: tuple(t["shape"]) for t in config_spec(cfg, where)["tensors"]}
 
 
 def _hf_source(cfg: dict, where: str, weights: WeightSet) -> Source:
@@ -324,14 +279,13 @@ def _hf_source(cfg: dict, where: str, weights: WeightSet) -> Source:
     emb = "backbone.embeddings.weight"
     if emb not in weights.tensors and "backbone.embedding.weight" in weights.tensors:
         emb = "backbone.embedding.weight"
-    src = Source("transformers", c, {})
+    src = Source("transformers", c, prefix="backbone.", emb=emb)
     if emb in weights.tensors and len(weights.tensors[emb].shape) == 2:
         rows = weights.tensors[emb].shape[0]
         if rows < V:
             raise ConversionError(f"{weights.files[0]}: tensor '{emb}' has {rows} rows, fewer "
                                   f"than vocab_size {V}")
         c["vocab_size_padded"] = rows
-    src.names = _names_for(c, "backbone.", emb)
     if c["tie_embeddings"]:
         src.optional_tied = "lm_head.weight"
     return src
@@ -431,72 +385,25 @@ def _ss_source(cfg: dict, where: str, weights: WeightSet) -> Source:
     c["residual_in_fp32"] = _bool(cfg, "residual_in_fp32", where, True)
     c["tie_embeddings"] = _bool(cfg, "tie_embeddings", where, True)
     c["bos_token_id"] = c["eos_token_id"] = c["pad_token_id"] = None  # set from the tokenizer
-    src = Source("state-spaces", c, _names_for(c, "backbone.", "backbone.embedding.weight"))
+    src = Source("state-spaces", c, prefix="backbone.", emb="backbone.embedding.weight")
     if c["tie_embeddings"]:
         src.optional_tied = "lm_head.weight"
     return src
 
 
-MAMBART_KEYS = {"mambart_format", "architecture", "d_model", "n_layer", "vocab_size",
-                "vocab_size_padded", "d_inner", "d_state", "d_conv", "conv_bias", "bias",
-                "dt_rank", "headdim", "nheads", "ngroups", "chunk_size", "dt_limit", "gated_norm",
-                "norm_before_gate", "norm", "norm_eps", "residual_in_fp32", "tie_embeddings",
-                "bos_token_id", "eos_token_id", "pad_token_id", "dtype", "source"}
-
-
 def validate_config(c: dict, where: str) -> None:
-    """Types, ranges and consistency of a mambart config (docs/format.md), as the runtime
-    checks them; ConversionError naming the key."""
-    missing = sorted(MAMBART_KEYS - set(c) - {"source", "dtype"})
-    unknown = sorted(set(c) - MAMBART_KEYS)
-    if missing or unknown:
-        raise ConversionError(f"{where}: missing keys {missing} / unknown keys {unknown}")
-    if c["mambart_format"] != FORMAT_VERSION or isinstance(c["mambart_format"], bool):
-        raise ConversionError(f"{where}: mambart_format {str(c['mambart_format'])[:20]} is not "
-                              f"supported (expected {FORMAT_VERSION})")
-    if c["architecture"] not in ("mamba1", "mamba2"):
-        raise ConversionError(f"{where}: config key 'architecture' must be mamba1 or mamba2")
-    m1 = c["architecture"] == "mamba1"
-    for k in ("d_model", "vocab_size", "vocab_size_padded", "d_inner", "d_state", "d_conv"):
-        _int(c, k, where)
-    _int(c, "n_layer", where, hi=4096)
-    _int(c, "ngroups", where)
-    for k in ("dt_rank", "headdim", "nheads", "chunk_size"):
-        _int(c, k, where, lo=0 if not (k == "dt_rank" and m1 or k != "dt_rank" and not m1) else 1)
-    for k in ("conv_bias", "bias", "gated_norm", "norm_before_gate", "residual_in_fp32",
-              "tie_embeddings"):
-        _bool(c, k, where)
-    if c["norm_before_gate"]:
-        raise ConversionError(f"{where}: norm_before_gate=true is not supported")
-    if c["norm"] not in ("rmsnorm", "layernorm"):
-        raise ConversionError(f"{where}: config key 'norm' must be rmsnorm or layernorm")
-    eps = c["norm_eps"]
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
-        raise ConversionError(f"{where}: config key 'norm_eps' must be in (0, 1)")
-    lim = c["dt_limit"]
-    if not isinstance(lim, list) or len(lim) != 2:
-        raise ConversionError(f"{where}: config key 'dt_limit' must be [min, max or null]")
-    _dt_limit([lim[0], math.inf if lim[1] is None else lim[1]], where, "dt_limit")
-    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        v = c.get(k)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
-            raise ConversionError(f"{where}: config key '{k}' must be a token id or null")
-    if c["vocab_size_padded"] < c["vocab_size"]:
-        raise ConversionError(f"{where}: vocab_size_padded < vocab_size")
-    if not m1:
-        if c["nheads"] * c["headdim"] != c["d_inner"]:
-            raise ConversionError(f"{where}: nheads x headdim must equal d_inner")
-        if c["nheads"] % c["ngroups"]:
-            raise ConversionError(f"{where}: ngroups must divide nheads")
+    """Types, ranges and consistency of a mambart config (docs/format.md), checked by the
+    runtime's own reader and layer units (config_spec); ConversionError naming the key (and the
+    layer, for a `layers` list)."""
     if "dtype" in c and c["dtype"] not in OUT_DTYPES:
         raise ConversionError(f"{where}: config key 'dtype' must be one of {OUT_DTYPES}")
+    config_spec(c, where)
 
 
 def _mambart_source(cfg: dict, where: str) -> Source:
     validate_config(cfg, where)
     c = {k: v for k, v in cfg.items() if k not in ("dtype", "source")}
-    names = {n: n for n in expected_shapes(c)}
-    return Source("mambart", c, names)
+    return Source("mambart", c)
 
 
 def read_source(src: Path, weights: Optional[WeightSet] = None) -> Tuple[Source, WeightSet]:
@@ -548,9 +455,9 @@ def _same_data(a: LazyTensor, b: LazyTensor) -> bool:
     return True
 
 
-def _source_dtype(weights: WeightSet, names: Dict[str, str]) -> str:
+def _source_dtype(weights: WeightSet, source: Source) -> str:
     """The dtype of the large matrices: that of the embedding (float64 becomes float32)."""
-    t = weights.tensors.get(names.get("embedding.weight", ""))
+    t = weights.tensors.get(source.emb)
     dt = t.dtype if t is not None else "float32"
     return "float32" if dt not in OUT_DTYPES else dt
 
@@ -560,14 +467,15 @@ def plan(source: Source, weights: WeightSet, dtype: Optional[str]) -> Tuple[List
     if dtype is not None and dtype not in OUT_DTYPES:
         raise ConversionError(f"dtype must be None, 'float32', 'float16' or 'bfloat16', got "
                               f"{dtype!r}")
-    T = dtype or _source_dtype(weights, source.names)
-    shapes = expected_shapes(source.config)
+    T = dtype or _source_dtype(weights, source)
+    specs = config_spec(source.config, "the config")["tensors"]
     origin = {n: t.origin for n, t in weights.tensors.items()}
     files = ", ".join(sorted(set(weights.files))) or "the checkpoint"
     items: List[PlanItem] = []
     used = set()
-    for canon, shape in shapes.items():
-        sname = source.names[canon]
+    for spec in specs:
+        canon, shape = spec["name"], tuple(spec["shape"])
+        sname = source.source_name(canon)
         t = weights.tensors.get(sname)
         if t is None:
             raise ConversionError(f"{files}: missing tensor '{sname}' (the config implies it)")
@@ -578,12 +486,10 @@ def plan(source: Source, weights: WeightSet, dtype: Optional[str]) -> Tuple[List
             raise ConversionError(f"{origin[sname]}: tensor '{sname}' has dtype {t.dtype}, not a "
                                   f"floating-point type")
         used.add(sname)
-        leaf = canon.split("mixer.", 1)[-1]
-        out = "float32" if leaf in FP32_PARAMS and canon.startswith("layers.") else T
-        items.append(PlanItem(canon, t, out))
+        items.append(PlanItem(canon, t, "float32" if spec["store_fp32"] else T))
     extra = [n for n in weights.tensors if n not in used]
     if source.optional_tied in extra:
-        emb = weights.tensors[source.names["embedding.weight"]]
+        emb = weights.tensors[source.emb]
         head = weights.tensors[source.optional_tied]
         if not _same_data(emb, head):
             raise ConversionError(
@@ -669,7 +575,7 @@ def convert(src, dst, dtype: Optional[str] = None, *, overwrite: bool = False,
     validate_config(cfg, "the converted config")  # what the runtime will check, before writing
     prov = {"format": source.fmt, "path": str(src_p.resolve()), "converter": CONVERTER_VERSION,
             "weights": [os.path.basename(f) for f in weights.files],
-            "source_dtype": _source_dtype(weights, source.names)}
+            "source_dtype": _source_dtype(weights, source)}
     if source.fmt == "mambart" and isinstance(source.config.get("source"), dict):
         prov["original"] = source.config["source"]
     if source_info:
@@ -703,7 +609,7 @@ def convert(src, dst, dtype: Optional[str] = None, *, overwrite: bool = False,
                        desc=f"converting {src_p.name}", leave=True)
         try:
             for it in items:
-                what = f"{it.tensor.origin}: tensor '{source.names[it.name]}'"
+                what = f"{it.tensor.origin}: tensor '{source.source_name(it.name)}'"
                 for chunk in it.tensor.chunks(CHUNK_ELEMS):
                     out = convert_chunk(chunk, it.tensor.dtype, it.out_dtype, what)
                     writer.write(it.name, out)

@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence, Union
 
 import numpy as np
 
-from .state import PromptCache, SequenceState, StateError, _state_shapes, load_state
+from .state import PromptCache, SequenceState, StateError, load_state
 
 # Generation parameters that may be given per row (a list with one value per prompt).
 ROW_PARAMS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
@@ -54,7 +54,7 @@ class SequenceAPI:
             return None
         return SequenceState(native, fingerprint=self.fingerprint, dtype=self.dtype,
                              architecture=self.config["architecture"],
-                             shapes=_state_shapes(self.config))
+                             spec=self._g.state_spec, layer_types=self._g.layer_type_list)
 
     def _cache_key(self) -> tuple:
         return (self.fingerprint, self.dtype, self.device)

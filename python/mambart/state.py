@@ -1,14 +1,16 @@
 """Sequence states as first-class objects (issue 7): snapshots, files, and the prompt cache.
 
-A Mamba sequence's whole memory is a fixed-size recurrent state (per layer a conv state and an
-SSM state, fp32). `SequenceState` wraps one such state plus what continuing it exactly needs:
+A Mamba sequence's whole memory is a fixed-size recurrent state (per layer the state tensors its
+layer type declares: for Mamba-1/2 a conv state and an SSM state, fp32). `SequenceState` wraps one such state plus what continuing it exactly needs:
 the token history (for the prompt cache key and the repetition penalty), how many of those
 tokens the state has already run ("fed"; the rest are pending, e.g. the last sampled token of a
 generation), the next-token logits when nothing is pending, and the RNG position of the
 generation that made it. States are immutable: a generation copies a state into its own rows.
 
-State files are safetensors (tensors `conv`, `ssm`, `tokens`, optional `logits`; metadata with
-the format, the model fingerprint and dtype). `load_state(path)` reads one into host memory; the
+State files are safetensors: the model's state tensors (for Mamba-1/2 `conv` and `ssm`, each
+stacked over the layers that have it), `tokens`, optional `logits`; metadata with the format, the
+model fingerprint and dtype, the layer types and the state spec (tensor names, shapes, the layers
+each holds), so that a state is checked against a model tensor by tensor. `load_state(path)` reads one into host memory; the
 model identity and dtype are checked when it is used with a Generator (`Generator.load_state`
 checks at once).
 """
@@ -27,7 +29,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 FORMAT = "mambart-state"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+# Version 1 files (before the state spec was recorded) hold exactly `conv` and `ssm`.
+READ_VERSIONS = ("1", "2")
+_V1_SPEC = ({"name": "conv"}, {"name": "ssm"})
+# Names a state file uses for its own tensors: no layer state tensor may take them.
+_RESERVED = ("tokens", "logits", "fed", "rng")
 
 
 class StateError(ValueError):
@@ -75,15 +82,19 @@ class SequenceState:
     """
 
     def __init__(self, native=None, *, fingerprint: str, dtype: str, architecture: str,
-                 host: Optional[dict] = None, source: Optional[str] = None,
-                 shapes: Optional[tuple] = None):
+                 spec: Sequence[dict], layer_types: Optional[Sequence[str]] = None,
+                 host: Optional[dict] = None, source: Optional[str] = None):
         self._native = native            # _C.SequenceState (device) or None for a loaded file
-        self._host = host                # loaded file: conv, ssm, tokens, fed, logits, rng
+        self._host = host                # loaded file: one array per state tensor (by name),
+                                         # tokens, fed, logits, rng
         self.fingerprint = fingerprint
         self.dtype = dtype
         self.architecture = architecture
         self.source = source             # the file it was loaded from, for error messages
-        self._shapes = shapes            # (conv shape, ssm shape) for files
+        # The state tensors: [{name, shape (layers in it, per-layer shape...), layers}], in the
+        # model's order (Generator._g.state_spec); for version-1 files only the names.
+        self._spec = [dict(e) for e in spec]
+        self.layer_types = tuple(layer_types) if layer_types is not None else None
 
     # ---- read-only views ----
     @property
@@ -107,7 +118,7 @@ class SequenceState:
         if self._native is not None:
             return int(self._native.nbytes)
         h = self._host
-        return int(h["conv"].nbytes + h["ssm"].nbytes + h["tokens"].nbytes +
+        return int(sum(h[e["name"]].nbytes for e in self._spec) + h["tokens"].nbytes +
                    (h["logits"].nbytes if h["logits"] is not None else 0))
 
     @property
@@ -141,14 +152,33 @@ class SequenceState:
         if self._native is not None:
             return self._native
         h = self._host
-        conv_shape, ssm_shape = _state_shapes(g.config)
-        if h["conv"].shape != conv_shape or h["ssm"].shape != ssm_shape:
-            raise StateError(f"{self.source}: state shapes conv {h['conv'].shape}, ssm "
-                             f"{h['ssm'].shape} do not fit this model (conv {conv_shape}, ssm "
-                             f"{ssm_shape})")
+        where = self.source
+        model_types = list(g._g.layer_type_list)
+        if self.layer_types is not None and list(self.layer_types) != model_types:
+            if len(self.layer_types) != len(model_types):
+                raise StateError(f"{where}: the state has {len(self.layer_types)} layers, this "
+                                 f"model {len(model_types)}: the state and the model do not fit")
+            i = next(i for i, (a, b) in enumerate(zip(self.layer_types, model_types)) if a != b)
+            raise StateError(f"{where}: layer {i} is {self.layer_types[i]} in the state but "
+                             f"{model_types[i]} in this model: the state and the model do not fit")
+        want = list(g._g.state_spec)
+        names = [e["name"] for e in self._spec]
+        for i, w in enumerate(want):
+            name = names[i] if i < len(names) else None
+            if name != w["name"]:
+                raise StateError(f"{where}: state tensor {i} is {name!r}, this model's is "
+                                 f"{w['name']!r}: the state and the model do not fit")
+            got = tuple(h[name].shape)
+            if got != tuple(w["shape"]):
+                raise StateError(f"{where}: state tensor {name!r} has shape {got}, this model's "
+                                 f"has shape {tuple(w['shape'])}: the state and the model do "
+                                 f"not fit")
+        if len(names) > len(want):
+            raise StateError(f"{where}: unexpected state tensor {names[len(want)]!r}: the state "
+                             f"and the model do not fit")
         try:
             rng = h["rng"] or (0, 0, 0)
-            return g._g.state_from_host(h["conv"].reshape(-1), h["ssm"].reshape(-1),
+            return g._g.state_from_host([h[n].reshape(-1) for n in names],
                                         [int(t) for t in h["tokens"]], int(h["fed"]),
                                         h["logits"], h["rng"] is not None, *rng)
         except ValueError as e:
@@ -158,44 +188,36 @@ class SequenceState:
     def save(self, path) -> None:
         """Writes the state to `path` (safetensors; the parent directory must exist)."""
         _write_state_file(path, self._host_dict(), self.fingerprint, self.dtype,
-                          self.architecture)
+                          self.architecture, self._spec, self.layer_types)
 
     def _host_dict(self) -> dict:
         if self._native is None:
             return self._host
         n = self._native
-        conv, ssm = n.to_host()  # Backend copy-out (device -> host)
-        if self._shapes is not None:
-            conv, ssm = conv.reshape(self._shapes[0]), ssm.reshape(self._shapes[1])
-        return dict(conv=conv, ssm=ssm, tokens=np.asarray(n.tokens, dtype=np.int32),
-                    fed=int(n.fed), logits=n.logits,
-                    rng=(n.seed, n.stream, n.counter) if n.has_rng else None)
+        arrays = n.to_host()  # Backend copy-out (device -> host), one per state tensor
+        h = {e["name"]: a.reshape(e["shape"]) for e, a in zip(self._spec, arrays)}
+        h.update(tokens=np.asarray(n.tokens, dtype=np.int32), fed=int(n.fed), logits=n.logits,
+                 rng=(n.seed, n.stream, n.counter) if n.has_rng else None)
+        return h
 
     def __getstate__(self):
         raise TypeError("SequenceState is not picklable; use state.save(path) / load_state")
 
 
-def _state_shapes(cfg: dict) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
-    L = cfg["n_layer"]
-    if cfg["architecture"] == "mamba1":
-        conv_dim = cfg["d_inner"]
-        ssm = (L, cfg["d_inner"], cfg["d_state"])
-    else:
-        conv_dim = cfg["d_inner"] + 2 * cfg["ngroups"] * cfg["d_state"]
-        ssm = (L, cfg["nheads"], cfg["headdim"], cfg["d_state"])
-    return (L, conv_dim, cfg["d_conv"]), ssm
-
-
-def _write_state_file(path, h: dict, fingerprint: str, dtype: str, arch: str) -> None:
-    tensors = [("conv", "F32", np.ascontiguousarray(h["conv"], dtype="<f4")),
-               ("ssm", "F32", np.ascontiguousarray(h["ssm"], dtype="<f4")),
-               ("tokens", "I32", np.ascontiguousarray(h["tokens"], dtype="<i4"))]
+def _write_state_file(path, h: dict, fingerprint: str, dtype: str, arch: str,
+                      spec: Sequence[dict], layer_types: Optional[Sequence[str]]) -> None:
+    tensors = [(e["name"], "F32", np.ascontiguousarray(h[e["name"]], dtype="<f4")) for e in spec]
+    tensors.append(("tokens", "I32", np.ascontiguousarray(h["tokens"], dtype="<i4")))
     if h["logits"] is not None:
         tensors.append(("logits", "F32", np.ascontiguousarray(h["logits"], dtype="<f4")))
     rng = h["rng"]
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model_fingerprint": fingerprint,
             "dtype": dtype, "architecture": arch, "fed": str(int(h["fed"])),
-            "has_rng": "1" if rng is not None else "0"}
+            "has_rng": "1" if rng is not None else "0",
+            "state_spec": json.dumps([{"name": e["name"], "shape": list(h[e["name"]].shape),
+                                       "layers": list(e.get("layers", []))} for e in spec])}
+    if layer_types is not None:
+        meta["layer_types"] = json.dumps(list(layer_types))
     if rng is not None:
         meta.update(seed=str(int(rng[0])), stream=str(int(rng[1])), counter=str(int(rng[2])))
     header: Dict[str, object] = {"__metadata__": meta}
@@ -253,13 +275,16 @@ def load_state(path) -> SequenceState:
     meta = header.pop("__metadata__")
     if meta.get("format") != FORMAT:
         raise bad(f"format is {meta.get('format')!r}, expected {FORMAT!r}")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise bad(f"format_version {meta.get('format_version')!r} is not supported "
-                  f"(this mambart reads {FORMAT_VERSION})")
+    version = meta.get("format_version")
+    if version not in READ_VERSIONS:
+        raise bad(f"format_version {version!r} is not supported "
+                  f"(this mambart reads {', '.join(READ_VERSIONS)})")
     for k in ("model_fingerprint", "dtype", "architecture", "fed", "has_rng"):
         if not isinstance(meta.get(k), str):
             raise bad(f"metadata {k!r} missing")
-    want = {"conv": "F32", "ssm": "F32", "tokens": "I32", "logits": "F32"}
+    spec, layer_types = _read_spec(meta, version, bad)
+    want = {e["name"]: "F32" for e in spec}
+    want.update(tokens="I32", logits="F32")
     np_dtype = {"F32": "<f4", "I32": "<i4"}
     arrays = {}
     body = 8 + n
@@ -288,10 +313,10 @@ def load_state(path) -> SequenceState:
                                      offset=body + offs[0]).reshape(shape).copy()
     if body + expect_off != size:
         raise bad(f"{size - body - expect_off} trailing bytes after the tensors")
-    for name in ("conv", "ssm", "tokens"):
+    for name in [e["name"] for e in spec] + ["tokens"]:
         if name not in arrays:
             raise bad(f"tensor {name!r} missing")
-    for name in ("conv", "ssm", "logits"):
+    for name in [e["name"] for e in spec] + ["logits"]:
         if name in arrays and not np.isfinite(arrays[name]).all():
             raise bad(f"tensor {name!r} holds NaN or infinite values")
     try:
@@ -307,10 +332,42 @@ def load_state(path) -> SequenceState:
     logits = arrays.get("logits")
     if fed == len(tokens) and (logits is None or logits.ndim != 1):
         raise bad("a state with no pending tokens needs its next-token logits")
-    host = dict(conv=arrays["conv"], ssm=arrays["ssm"], tokens=tokens, fed=fed,
-                logits=logits if fed == len(tokens) else None, rng=rng)
+    host = {e["name"]: arrays[e["name"]] for e in spec}
+    host.update(tokens=tokens, fed=fed, logits=logits if fed == len(tokens) else None, rng=rng)
     return SequenceState(None, fingerprint=meta["model_fingerprint"], dtype=meta["dtype"],
-                         architecture=meta["architecture"], host=host, source=path)
+                         architecture=meta["architecture"], spec=spec, layer_types=layer_types,
+                         host=host, source=path)
+
+
+def _read_spec(meta: dict, version: str, bad):
+    """The state tensors a file declares (metadata `state_spec`, version 2) and its layer types;
+    version 1 files hold `conv` and `ssm` and name no layer types."""
+    if version == "1":
+        return [dict(e) for e in _V1_SPEC], None
+    try:
+        spec = json.loads(meta.get("state_spec", ""))
+        types = json.loads(meta.get("layer_types", ""))
+    except (TypeError, ValueError):
+        raise bad("metadata state_spec / layer_types are not valid JSON") from None
+    if not isinstance(types, list) or not all(isinstance(t, str) and t for t in types):
+        raise bad("metadata layer_types must be a list of layer type names")
+    if not isinstance(spec, list) or not spec:
+        raise bad("metadata state_spec must be a non-empty list")
+    out, seen = [], set()
+    for e in spec:
+        ok = (isinstance(e, dict) and set(e) == {"name", "shape", "layers"}
+              and isinstance(e["name"], str) and e["name"] and e["name"] not in _RESERVED
+              and e["name"] not in seen and isinstance(e["shape"], list)
+              and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                      for v in e["shape"])
+              and isinstance(e["layers"], list)
+              and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(types)
+                      for v in e["layers"]))
+        if not ok:
+            raise bad(f"metadata state_spec has a malformed entry {str(e)[:80]}")
+        seen.add(e["name"])
+        out.append(dict(e))
+    return out, types
 
 
 # ---- prompt cache -----------------------------------------------------------------------------

@@ -1,0 +1,57 @@
+// L3 layers: the interface every layer type implements (one unit per type, cpp/layers/<type>/,
+// registered in cpp/layers/registry.cpp). A layer is the mixer of a pre-norm residual block:
+// the model norms the residual stream into `in`, the layer writes its output to `out`, and the
+// model adds `out` to the residual before the next block's norm.
+//
+// A unit holds everything about its type: its config fields and their validation (a
+// LayerConfig subclass, parsed through ConfigReader), its tensors (names and shapes as
+// functions of the config: LayerConfig::tensors), its per-sequence state (LayerConfig::state),
+// its workspace, and its forward on every backend (through Backend ops). Nothing outside the
+// units branches on the layer type.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "backend.h"
+#include "config.h"
+
+namespace mambart {
+
+// The placed tensors of one layer, by the names its LayerConfig::tensors() gave (relative to
+// "layers.{i}."). Shapes were checked against the spec before placement.
+class LayerTensors {
+ public:
+    virtual ~LayerTensors() = default;
+    virtual Weight matrix(const std::string& name) const = 0;  // a spec with matrix = true
+    virtual Param param(const std::string& name) const = 0;    // a small fp32 parameter
+};
+
+// One forward call of B rows x L tokens (R = B * L token rows, rows contiguous per sequence).
+struct LayerIO {
+    const float* in;      // (R, d) the normed input
+    float* out;           // (R, d) the layer's output (the residual add happens in the model)
+    float* const* ws;     // workspace buffers in workspace_cols() order, buffer k (R, cols[k])
+    float* const* state;  // state tensors in LayerConfig::state() order, each (B, shape...),
+                          // starting at the first of the B rows
+    int64_t B, L;
+};
+
+class Layer {
+ public:
+    virtual ~Layer() = default;
+    virtual const LayerConfig& config() const = 0;
+    // Takes its weights (views stay valid for the life of the model's weights).
+    virtual void bind(const LayerTensors& t) = 0;
+    // Columns per token row of each fp32 workspace buffer the forward uses.
+    virtual std::vector<int64_t> workspace_cols() const = 0;
+    // The largest input-feature count of its projections (the backend's operand scratch).
+    virtual int64_t max_linear_cols() const = 0;
+    // Prefill (L > 1) and decode (L == 1) alike; everything enqueued on `be`, no allocation,
+    // no synchronisation (decode steps are recorded into graphs).
+    virtual void forward(Backend& be, const LayerIO& io) = 0;
+};
+
+}  // namespace mambart

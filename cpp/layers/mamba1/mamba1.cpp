@@ -1,0 +1,168 @@
+// The Mamba-1 layer unit.
+//
+//   xz = in_proj(u); x' = silu(conv(x)); [δ | B | C] = x_proj(x'); dt = dt_proj(δ);
+//   y = scan(x', dt, A, B, C, D) * silu(z); out = out_proj(y)
+//
+// config.json `layers` entry: {"type": "mamba1", "d_inner": E, "d_state": N, "d_conv": W,
+// "conv_bias": bool, "bias": bool, "dt_rank": Rdt}.
+// State per sequence: conv (E, W), the last W pre-conv inputs, oldest first; ssm (E, N).
+#include "layers/mamba1/mamba1.h"
+
+#include <algorithm>
+#include <nlohmann/json.hpp>
+
+#include "config_reader.h"
+
+namespace mambart {
+namespace mamba1 {
+namespace {
+
+struct Config final : LayerConfig {
+    int64_t d_inner = 0;  // E
+    int64_t d_state = 0;  // N
+    int64_t d_conv = 0;   // W
+    bool conv_bias = true;
+    bool bias = false;    // in_proj / out_proj bias
+    int64_t dt_rank = 0;  // Rdt
+
+    int64_t x_proj_dim() const { return dt_rank + 2 * d_state; }
+
+    const char* type() const override { return "mamba1"; }
+    std::vector<TensorSpec> tensors(const ModelConfig& m) const override {
+        const int64_t d = m.d_model, E = d_inner, N = d_state;
+        std::vector<TensorSpec> t;
+        t.push_back({"mixer.in_proj.weight", {2 * E, d}, true, false});
+        if (bias) t.push_back({"mixer.in_proj.bias", {2 * E}, false, false});
+        t.push_back({"mixer.conv1d.weight", {E, 1, d_conv}, false, false});
+        if (conv_bias) t.push_back({"mixer.conv1d.bias", {E}, false, false});
+        t.push_back({"mixer.x_proj.weight", {x_proj_dim(), E}, true, false});
+        t.push_back({"mixer.dt_proj.weight", {E, dt_rank}, true, false});
+        t.push_back({"mixer.dt_proj.bias", {E}, false, false, true});
+        t.push_back({"mixer.A_log", {E, N}, false, true, true});
+        t.push_back({"mixer.D", {E}, false, false, true});
+        t.push_back({"mixer.out_proj.weight", {d, E}, true, false});
+        if (bias) t.push_back({"mixer.out_proj.bias", {d}, false, false});
+        return t;
+    }
+    std::vector<StateSpec> state(const ModelConfig&) const override {
+        return {{"conv", {d_inner, d_conv}}, {"ssm", {d_inner, d_state}}};
+    }
+    std::string to_json() const override {
+        return nlohmann::ordered_json{{"type", type()},       {"d_inner", d_inner}, {"d_state", d_state},
+                              {"d_conv", d_conv},     {"conv_bias", conv_bias},
+                              {"bias", bias},         {"dt_rank", dt_rank}}
+            .dump();
+    }
+};
+
+std::shared_ptr<const LayerConfig> parse(ConfigReader& r, const ModelConfig&) {
+    auto c = std::make_shared<Config>();
+    c->d_inner = r.integer("d_inner", 1, kMaxDim);
+    c->d_state = r.integer("d_state", 1, 4096);
+    c->d_conv = r.integer("d_conv", 1, 64);
+    c->conv_bias = r.boolean("conv_bias");
+    c->bias = r.boolean("bias");
+    c->dt_rank = r.integer("dt_rank", 0, kMaxDim);
+    if (c->dt_rank < 1) r.fail("dt_rank", "must be >= 1 for mamba1");
+    return c;
+}
+
+class Mamba1 final : public Layer {
+ public:
+    Mamba1(std::shared_ptr<const Config> c, const ModelConfig& m)
+        : c_(std::move(c)), d_model_(m.d_model) {}
+
+    const LayerConfig& config() const override { return *c_; }
+
+    void bind(const LayerTensors& t) override {
+        in_proj_ = t.matrix("mixer.in_proj.weight");
+        if (c_->bias) in_proj_b_ = t.param("mixer.in_proj.bias");
+        conv_w_ = t.param("mixer.conv1d.weight");
+        if (c_->conv_bias) conv_b_ = t.param("mixer.conv1d.bias");
+        x_proj_ = t.matrix("mixer.x_proj.weight");
+        dt_proj_ = t.matrix("mixer.dt_proj.weight");
+        dt_bias_ = t.param("mixer.dt_proj.bias");
+        A_ = t.param("mixer.A_log");  // -exp(A_log)
+        D_ = t.param("mixer.D");
+        out_proj_ = t.matrix("mixer.out_proj.weight");
+        if (c_->bias) out_proj_b_ = t.param("mixer.out_proj.bias");
+    }
+
+    // proj (R, 2E): [x | z]; xconv (R, E) post-conv, post-SiLU; xdbl (R, Rdt + 2N):
+    // [dt_low | B | C]; dt (R, E) before bias; y (R, E) scan output.
+    std::vector<int64_t> workspace_cols() const override {
+        const int64_t E = c_->d_inner;
+        return {2 * E, E, c_->x_proj_dim(), E, E};
+    }
+    int64_t max_linear_cols() const override { return std::max(d_model_, c_->d_inner); }
+
+    void forward(Backend& be, const LayerIO& io) override {
+        const int64_t B = io.B, L = io.L, R = B * L;
+        const int64_t E = c_->d_inner, N = c_->d_state, Rdt = c_->dt_rank, X = c_->x_proj_dim();
+        float* proj = io.ws[0];   // (R, 2E)
+        float* xconv = io.ws[1];  // (R, E)
+        float* xdbl = io.ws[2];   // (R, X)
+        float* dt = io.ws[3];     // (R, E)
+        float* y = io.ws[4];      // (R, E)
+        float* conv_state = io.state[0];  // (B, E, W)
+        float* ssm_state = io.state[1];   // (B, E, N)
+        be.linear(io.in, d_model_, R, in_proj_, 2 * E, in_proj_b_.data, proj, 2 * E);
+        be.conv1d(ConvParams{proj, 2 * E, conv_state, conv_w_.data, conv_b_.data, xconv, B, L,
+                             E, c_->d_conv});
+        be.linear(xconv, E, R, x_proj_, X, nullptr, xdbl, X);
+        if (L == 1) {  // decode: dt_proj + scan fused where the backend can
+            Mamba1DecodeParams fp{xconv, xdbl, X, dt_proj_, proj + E, 2 * E, A_.data,
+                                  D_.data, dt_bias_.data, ssm_state, y, B, E, N, Rdt};
+            if (be.mamba1_decode_fused(fp)) {
+                be.linear(y, E, R, out_proj_, d_model_, out_proj_b_.data, io.out, d_model_);
+                return;
+            }
+        }
+        be.linear(xdbl, X, R, dt_proj_, E, nullptr, dt, E);
+        SelectiveScanParams sp{};
+        sp.x = xconv;
+        sp.dt = dt;
+        sp.Bm = xdbl + Rdt;
+        sp.Cm = xdbl + Rdt + N;
+        sp.ld_bc = X;
+        sp.z = proj + E;
+        sp.ld_z = 2 * E;
+        sp.A = A_.data;
+        sp.D = D_.data;
+        sp.dt_bias = dt_bias_.data;
+        sp.ssm_state = ssm_state;
+        sp.y = y;
+        sp.B = B;
+        sp.L = L;
+        sp.E = E;
+        sp.N = N;
+        be.selective_scan(sp);
+        be.linear(y, E, R, out_proj_, d_model_, out_proj_b_.data, io.out, d_model_);
+    }
+
+ private:
+    std::shared_ptr<const Config> c_;
+    int64_t d_model_;
+    Weight in_proj_;    // (2E, d)
+    Param in_proj_b_;   // (2E) [bias]
+    Param conv_w_;      // (E, W)
+    Param conv_b_;      // (E) [conv_bias]
+    Weight x_proj_;     // (Rdt + 2N, E)
+    Weight dt_proj_;    // (E, Rdt)
+    Param dt_bias_;     // (E)
+    Param A_;           // (E, N) = -exp(A_log)
+    Param D_;           // (E)
+    Weight out_proj_;   // (d, E)
+    Param out_proj_b_;  // (d) [bias]
+};
+
+std::unique_ptr<Layer> create(std::shared_ptr<const LayerConfig> c, const ModelConfig& m) {
+    return std::make_unique<Mamba1>(std::static_pointer_cast<const Config>(std::move(c)), m);
+}
+
+}  // namespace
+
+LayerUnit unit() { return LayerUnit{"mamba1", &parse, &create}; }
+
+}  // namespace mamba1
+}  // namespace mambart
