@@ -25,11 +25,11 @@ std::vector<State::Slot> State::layout(const ModelConfig& c, LayerSlots* where) 
     }
     // Slots of one name but different shapes (a hybrid's layers of different widths) are told
     // apart in files by the first layer they hold: "conv@3".
-    for (Slot& x : slots) {
-        int n = 0;
-        for (const Slot& y : slots) n += y.name == x.name;
-        if (n > 1) x.name = str_cat(x.name, "@", x.layers.front());
-    }
+    std::vector<int> same(slots.size(), 0);
+    for (size_t i = 0; i < slots.size(); ++i)
+        for (const Slot& y : slots) same[i] += y.name == slots[i].name;
+    for (size_t i = 0; i < slots.size(); ++i)
+        if (same[i] > 1) slots[i].name = str_cat(slots[i].name, "@", slots[i].layers.front());
     return slots;
 }
 

@@ -89,31 +89,33 @@ def tensor_shapes(c: dict) -> Dict[str, Tuple[int, ...]]:
     return s
 
 
+def random_tensor(name: str, shape: Tuple[int, ...], rng) -> np.ndarray:
+    """A random float32 tensor of a sensible scale for a tensor of that name."""
+    if name.endswith("A_log"):
+        if len(shape) == 2:  # mamba1: A = -(1..N) per channel
+            a = np.tile(np.arange(1, shape[1] + 1, dtype=np.float32), (shape[0], 1))
+        else:
+            a = rng.uniform(1, 16, size=shape).astype(np.float32)
+        v = np.log(a)
+    elif name.endswith(".D"):
+        v = np.ones(shape, np.float32)
+    elif name.endswith("dt_bias") or name.endswith("dt_proj.bias"):
+        dt = np.exp(rng.uniform(np.log(1e-3), np.log(1e-1), size=shape))
+        v = dt + np.log(-np.expm1(-dt))  # inverse softplus
+    elif name.endswith("norm.weight") or name.endswith("norm_f.weight"):
+        v = np.ones(shape, np.float32) + 0.1 * rng.standard_normal(shape)
+    elif name.endswith(".bias"):
+        v = 0.02 * rng.standard_normal(shape)
+    else:
+        fan_in = shape[-1] if len(shape) > 1 else 1
+        v = rng.standard_normal(shape) / np.sqrt(max(fan_in, 1))
+    return np.ascontiguousarray(v, dtype=np.float32)
+
+
 def model_tensors(c: dict, seed: int = 0) -> Dict[str, np.ndarray]:
     """Random float32 weights of a sensible scale for config `c`."""
     rng = np.random.default_rng(seed)
-    out = {}
-    for name, shape in tensor_shapes(c).items():
-        if name.endswith("A_log"):
-            if len(shape) == 2:  # mamba1: A = -(1..N) per channel
-                a = np.tile(np.arange(1, shape[1] + 1, dtype=np.float32), (shape[0], 1))
-            else:
-                a = rng.uniform(1, 16, size=shape).astype(np.float32)
-            v = np.log(a)
-        elif name.endswith(".D"):
-            v = np.ones(shape, np.float32)
-        elif name.endswith("dt_bias") or name.endswith("dt_proj.bias"):
-            dt = np.exp(rng.uniform(np.log(1e-3), np.log(1e-1), size=shape))
-            v = dt + np.log(-np.expm1(-dt))  # inverse softplus
-        elif name.endswith("norm.weight") or name.endswith("norm_f.weight"):
-            v = np.ones(shape, np.float32) + 0.1 * rng.standard_normal(shape)
-        elif name.endswith(".bias"):
-            v = 0.02 * rng.standard_normal(shape)
-        else:
-            fan_in = shape[-1] if len(shape) > 1 else 1
-            v = rng.standard_normal(shape) / np.sqrt(max(fan_in, 1))
-        out[name] = np.ascontiguousarray(v, dtype=np.float32)
-    return out
+    return {name: random_tensor(name, shape, rng) for name, shape in tensor_shapes(c).items()}
 
 
 def bf16_bits(a: np.ndarray) -> np.ndarray:
