@@ -5,6 +5,7 @@
 #include <cstdlib>
 
 #include "error.h"
+#include "options.h"
 
 namespace mambart {
 
@@ -28,6 +29,7 @@ const char* finish_reason_name(FinishReason r) {
 // ---- Generator -------------------------------------------------------------------------------
 
 Generator::Generator(const std::string& model_dir, const std::string& device, const DType* dtype) {
+    (void)runtime_options();  // a bad option value is refused here, naming it
     std::shared_ptr<Backend> backend = make_backend(device);
     model_ = std::make_unique<Model>(model_dir, std::move(backend), dtype);
 }
@@ -395,9 +397,8 @@ const std::vector<float>& GenerationStream::last_logits() const {
 
 bool GenerationStream::use_device_decode() {
     if (device_decode_ < 0) {
-        const char* env = std::getenv("MAMBART_DEVICE_SAMPLING");
-        const bool off = env && std::string(env) == "0";
-        device_decode_ = !off && uniform_sampling_ && gen_.model_->backend().supports_graphs();
+        const bool on = runtime_options().device_sampling;
+        device_decode_ = on && uniform_sampling_ && gen_.model_->backend().supports_graphs();
     }
     return device_decode_ == 1;
 }

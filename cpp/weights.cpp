@@ -8,19 +8,16 @@
 #include <set>
 
 #include "error.h"
+#include "options.h"
 
 namespace mambart {
 
 namespace {
 
-// Bytes of host memory a load may take: MAMBART_HOST_MEMORY_LIMIT (bytes) when set, else the
+// Bytes of host memory a load may take: the host_memory_limit option when set, else the
 // kernel's MemAvailable; no limit when neither can be read.
 uint64_t host_memory_available() {
-    if (const char* env = std::getenv("MAMBART_HOST_MEMORY_LIMIT")) {
-        char* end = nullptr;
-        const unsigned long long v = std::strtoull(env, &end, 10);
-        if (end && end != env && *end == '\0') return v;
-    }
+    if (const uint64_t v = runtime_options().host_memory_limit) return v;
     std::ifstream f("/proc/meminfo");
     std::string key;
     uint64_t kb = 0;

@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "common.cuh"
+#include "options.h"
 
 namespace mambart {
 namespace cuda {
@@ -19,10 +20,7 @@ std::atomic<bool> g_pdl{false};
 std::atomic<bool> g_prefetch{true};
 
 bool sync_after_launch() {
-    static const bool on = [] {
-        const char* v = std::getenv("MAMBART_CUDA_SYNC");
-        return v && std::strcmp(v, "0") != 0 && v[0] != '\0';
-    }();
+    static const bool on = runtime_options().cuda_sync;  // MAMBART_CUDA_SYNC
     return on;
 }
 }  // namespace

@@ -11,6 +11,7 @@
 // The AVX2 + FMA (+ F16C) path is picked at run time (__builtin_cpu_supports), so one binary
 // runs on any x86-64; other machines take the portable path, which computes the same sums.
 #include "cpu/linear.h"
+#include "options.h"
 
 #include <omp.h>
 
@@ -304,9 +305,10 @@ MAMBART_AVX2 void linear_avx2(const float* x, int64_t ldx, int64_t M, int64_t K,
 }
 
 bool have_avx2() {
-    // MAMBART_CPU_PORTABLE=1 forces the portable path (to test it on an AVX2 machine).
+    // The cpu_portable option (MAMBART_CPU_PORTABLE=1) forces the portable path (to test it on
+    // an AVX2 machine).
     static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                           __builtin_cpu_supports("f16c") && !std::getenv("MAMBART_CPU_PORTABLE");
+                           __builtin_cpu_supports("f16c") && !runtime_options().cpu_portable;
     return ok;
 }
 

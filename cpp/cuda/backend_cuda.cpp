@@ -17,6 +17,7 @@
 #include "backend.h"
 #include "cublas_gemm.h"
 #include "error.h"
+#include "options.h"
 #include "../../cuda/check.h"
 #include "../../cuda/kernels.h"
 
@@ -44,13 +45,12 @@ class CudaBackend final : public Backend {
             throw Unsupported(str_cat("device='cuda:", device, "': ", gpu_name_, " has compute capability ",
                                       prop.major, ".", prop.minor, "; mambart needs 8.0 or newer"));
         check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
-        const char* env = std::getenv("MAMBART_CUDA_GRAPHS");  // "0": run decode steps eagerly
-        graphs_enabled_ = !(env && std::strcmp(env, "0") == 0);
-        env = std::getenv("MAMBART_CUDA_FUSED");  // "0": decode steps run the unfused ops
-        fused_enabled_ = !(env && std::strcmp(env, "0") == 0);
-        env = std::getenv("MAMBART_CUDA_SSD");  // "recurrent": prefill SSD in the recurrent form
-        ssd_chunked_ = !(env && std::strcmp(env, "recurrent") == 0);
-        ssd_tf32_ = env && std::strcmp(env, "tf32") == 0;  // "tf32": plain TF32 products
+        // The runtime options (cpp/options.h, docs/options.md): read once, here.
+        const RuntimeOptions opt = runtime_options();
+        graphs_enabled_ = opt.cuda_graphs;  // false: run decode steps eagerly
+        fused_enabled_ = opt.cuda_fused;    // false: decode steps run the unfused ops
+        ssd_chunked_ = opt.cuda_ssd != CudaSsd::Recurrent;  // prefill SSD in the chunked form
+        ssd_tf32_ = opt.cuda_ssd == CudaSsd::Tf32;          // plain TF32 products
         // The Mamba-1 prefill scan (cuda/selective_scan.cu). Default: the time-parallel
         // (chunked) form for long scans with a thread per channel (d_state <= 16), the
         // sequential form with lane groups (d_state > 16; in the lane-group mapping the chunked
@@ -58,30 +58,25 @@ class CudaBackend final : public Backend {
         // chunked form for every long scan;
         // "sequential": never; "lanes": the sequential lane-group kernel even for d_state <= 16
         // (the previous default, kept for comparison).
-        env = std::getenv("MAMBART_CUDA_SCAN");
-        if (env && std::strcmp(env, "chunked") == 0) scan_mode_ = ScanMode::Chunked;
-        if (env && std::strcmp(env, "sequential") == 0) scan_mode_ = ScanMode::Sequential;
-        if (env && std::strcmp(env, "lanes") == 0) scan_mode_ = ScanMode::Lanes;
+        if (opt.cuda_scan == CudaScan::Chunked) scan_mode_ = ScanMode::Chunked;
+        if (opt.cuda_scan == CudaScan::Sequential) scan_mode_ = ScanMode::Sequential;
+        if (opt.cuda_scan == CudaScan::Lanes) scan_mode_ = ScanMode::Lanes;
         // cuBLAS for the projections of M >= cublas_min_rows_ token rows (fp16/bf16 weights),
-        // where libcublas loads; MAMBART_CUBLAS=0 keeps the hand-written GEMM everywhere.
-        env = std::getenv("MAMBART_CUBLAS");
-        if (!(env && std::strcmp(env, "0") == 0)) cublas_ = std::make_unique<cublas::Gemm>(stream_);
-        env = std::getenv("MAMBART_CUBLAS_MIN_ROWS");
-        if (env && std::atoi(env) > 0) cublas_min_rows_ = std::atoi(env);
+        // where libcublas loads; cublas = false keeps the hand-written GEMM everywhere.
+        if (opt.cublas) cublas_ = std::make_unique<cublas::Gemm>(stream_);
+        cublas_min_rows_ = opt.cublas_min_rows;
         // The fused decode steps up to this many rows; larger batches run the separate ops.
         // Mamba-2: each fused block redoes the group's B/C conv, which costs more than it saves
         // at large batches (mamba2-1.3b b128 7,282 vs 6,153 tokens/s on an H100). Mamba-1: the
         // separate ops run dt_proj as one GEMM and the scan with a thread per channel, which
         // many rows fill (mamba-1.4b b32 10,038 vs 7,928, b128 23,518 vs 12,870 tokens/s; at
         // b8 3,160 vs 3,109).
-        env = std::getenv("MAMBART_CUDA_FUSED_MAX_BATCH");
-        if (env && std::atoi(env) > 0) fused_max_batch_ = std::atoi(env);
+        fused_max_batch_ = opt.cuda_fused_max_batch;
         // Programmatic dependent launch (Hopper and newer) for the decode chain's kernels.
-        env = std::getenv("MAMBART_CUDA_PDL");
-        cuda::set_programmatic_launch(prop.major >= 9 && !(env && std::strcmp(env, "0") == 0));
+        cuda::set_programmatic_launch(prop.major >= 9 && opt.cuda_pdl);
         // The GEMVs' L2 prefetch of their weight rows ahead of pdl_wait (with PDL only).
-        env = std::getenv("MAMBART_CUDA_PREFETCH");
-        cuda::set_weight_prefetch(!(env && std::strcmp(env, "0") == 0));
+        cuda::set_weight_prefetch(opt.cuda_prefetch);
+        free_bytes_limit_ = opt.cuda_free_bytes_limit;
         // (B * G) counters of the fused Mamba-2 decode kernel; zero, restored by each launch.
         counters_ = static_cast<int*>(alloc(size_t(cuda::kDecodeCounters) * sizeof(int),
                                             "decode counters"));
@@ -124,18 +119,15 @@ class CudaBackend final : public Backend {
         }
         return p;
     }
-    // Free device memory (cudaMemGetInfo); MAMBART_CUDA_FREE_BYTES_LIMIT (env, bytes) caps it,
-    // so that tests can exercise the load-time check without a model larger than the GPU.
+    // Free device memory (cudaMemGetInfo); the cuda_free_bytes_limit option
+    // (MAMBART_CUDA_FREE_BYTES_LIMIT, bytes) caps it, so that tests can exercise the load-time
+    // check without a model larger than the GPU.
     uint64_t free_memory() const override {
         dev();
         size_t free_b = 0, total_b = 0;
         check(cudaMemGetInfo(&free_b, &total_b), "cudaMemGetInfo");
         uint64_t f = free_b;
-        if (const char* env = std::getenv("MAMBART_CUDA_FREE_BYTES_LIMIT")) {
-            char* end = nullptr;
-            const unsigned long long v = std::strtoull(env, &end, 10);
-            if (end != env && *end == '\0') f = std::min<uint64_t>(f, v);
-        }
+        if (free_bytes_limit_) f = std::min<uint64_t>(f, free_bytes_limit_);
         return f;
     }
     void dealloc(void* p) noexcept override {
@@ -514,6 +506,7 @@ class CudaBackend final : public Backend {
     // GEMV at 2 and 3 rows was not measured.
     int64_t cublas_min_rows_ = 4;  // MAMBART_CUBLAS_MIN_ROWS
     int64_t fused_max_batch_ = 8;  // MAMBART_CUDA_FUSED_MAX_BATCH
+    uint64_t free_bytes_limit_ = 0;  // MAMBART_CUDA_FREE_BYTES_LIMIT (0: none)
     void* half_x_ = nullptr;  // (rows, cols) fp16/bf16: the GEMM operand (reserve_scratch)
     size_t half_x_bytes_ = 0;
 };

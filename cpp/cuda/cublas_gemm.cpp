@@ -10,6 +10,7 @@
 
 #include "../../cuda/check.h"
 #include "error.h"
+#include "options.h"
 
 #if MAMBART_HAVE_CUBLAS
 #include <cublas_v2.h>
@@ -48,9 +49,10 @@ struct Lib {
 
 void* open_first(std::string* tried) {
     const std::string so = "libcublas.so." + std::to_string(CUBLAS_VER_MAJOR);
-    if (const char* p = std::getenv("MAMBART_CUBLAS_LIBRARY")) {
-        if (void* h = dlopen(p, RTLD_NOW | RTLD_LOCAL)) return h;
-        *tried += std::string(p) + ": " + dlerror() + "; ";
+    const std::string first = runtime_options().cublas_library;  // MAMBART_CUBLAS_LIBRARY
+    if (!first.empty()) {
+        if (void* h = dlopen(first.c_str(), RTLD_NOW | RTLD_LOCAL)) return h;
+        *tried += first + ": " + dlerror() + "; ";
     }
     if (void* h = dlopen(so.c_str(), RTLD_NOW | RTLD_LOCAL)) return h;
     *tried += so + ": " + dlerror() + "; ";

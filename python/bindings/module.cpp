@@ -14,6 +14,7 @@
 #include "generator.h"
 #include "layers/registry.h"
 #include "model.h"
+#include "options.h"
 #include "safetensors.h"
 #include "sampling.h"
 
@@ -334,6 +335,30 @@ PYBIND11_MODULE(_C, m) {
         "`origin`, the layer and the key) and returns {config, tensors: [{name, shape, matrix, "
         "store_fp32}] in load order, state: the state tensors, layer_types}: the one source of "
         "tensor names, used by the converter.");
+    m.def("options", [] { return runtime_options_text(); },
+          "The runtime options now (name -> text): explicit settings over the environment.");
+    m.def("set_option", &set_runtime_option, py::arg("name"), py::arg("value"),
+          "Sets a runtime option from its text form ('' clears the setting); ValueError for an "
+          "unknown name or a bad value.");
+    m.def("check_option", &check_runtime_option, py::arg("name"), py::arg("value"),
+          "The checks of set_option, setting nothing.");
+    m.def(
+        "option_table",
+        [] {
+            py::list out;
+            for (const OptionInfo& o : option_table()) {
+                py::dict d;
+                d["name"] = o.name;
+                d["env"] = o.env;
+                d["kind"] = o.kind;
+                d["choices"] = o.choices;
+                d["default"] = o.deflt;
+                d["help"] = o.help;
+                out.append(d);
+            }
+            return out;
+        },
+        "Every runtime option: name, env, kind, choices, default, help.");
     m.def("layer_types", [] { return layer_types().names(); },
           "The registered layer types, comma-separated.");
     register_ops(m);

@@ -17,6 +17,7 @@ except ImportError as e:  # fail loudly: nothing works without the native core
 
 from .convert import convert
 from .generator import GenerationResult, Generator
+from .options import option_table, options, set_options
 from .sequences import ScoreResult
 from .state import PromptCache, SequenceState, StateError, load_state
 
@@ -34,6 +35,9 @@ __all__ = [
     "SequenceState",
     "StateError",
     "load_state",
+    "option_table",
+    "options",
+    "set_options",
     "convert",
     "cuda_available",
     "__version__",

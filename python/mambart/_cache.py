@@ -26,7 +26,9 @@ _SKIP = {"README.md", ".gitattributes"}
 
 
 def cache_root() -> Path:
-    env = os.environ.get("MAMBART_CACHE")
+    from . import _C
+
+    env = _C.options()["cache_dir"]  # the cache_dir option (MAMBART_CACHE)
     if env:
         return Path(env).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")

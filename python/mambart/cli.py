@@ -27,6 +27,7 @@ examples:
 
 environment:
   MAMBART_CACHE     where converted models are kept (default ~/.cache/mambart)
+  MAMBART_*         every runtime option has one (`mambart options`; docs/options.md)
   HF_HUB_OFFLINE=1  use only the Hugging Face cache, never the network
   HF_HUB_CACHE      the Hugging Face cache directory
 """
@@ -45,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     p.add_argument("--version", action="version", version=f"mambart {__version__}")
+    p.add_argument("-o", "--option", action="append", default=[], metavar="NAME=VALUE",
+                   help="set a runtime option (repeatable; `mambart options` lists them)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     c = sub.add_parser("convert", help="convert a checkpoint into a mambart model directory",
@@ -100,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     i.add_argument("--dtype", choices=DTYPES, default=None, help="dtype of the converted copy")
     i.add_argument("--json", action="store_true", help="print JSON")
+    sub.add_parser("options", help="list the runtime options, their values and variables",
+                   description="List every runtime option (docs/options.md): its value now, "
+                               "its environment variable and default. Set one for a command "
+                               "with `mambart -o NAME=VALUE COMMAND ...`.")
     return p
 
 
@@ -157,11 +164,14 @@ def _cmd_generate(a) -> int:
 
 
 def _describe(model_dir) -> dict:
+    from . import _C
     from ._tensorio import read_safetensors_header
     from .convert import load_json
 
     model_dir = os.fspath(model_dir)
-    cfg = load_json(os.path.join(model_dir, "config.json"))
+    cfg_path = os.path.join(model_dir, "config.json")
+    cfg = load_json(cfg_path)
+    spec = _C.config_spec(json.dumps(cfg), cfg_path)["config"]  # the runtime's reading
     st = os.path.join(model_dir, "model.safetensors")
     tensors = read_safetensors_header(st)
     n = sum(t.numel for t in tensors.values())
@@ -173,12 +183,32 @@ def _describe(model_dir) -> dict:
         "file_bytes": os.path.getsize(st),
         "tokenizer": os.path.isfile(os.path.join(model_dir, "tokenizer.json")),
     }
-    for k in ("d_model", "n_layer", "d_inner", "d_state", "d_conv", "vocab_size",
-              "vocab_size_padded", "dt_rank", "headdim", "nheads", "ngroups", "chunk_size",
-              "norm", "residual_in_fp32", "tie_embeddings", "eos_token_id"):
-        d[k] = cfg.get(k)
+    for k in ("d_model", "n_layer", "vocab_size", "vocab_size_padded", "norm",
+              "residual_in_fp32", "tie_embeddings", "eos_token_id"):
+        d[k] = spec.get(k)
+    # A uniform stack: its layer fields at the top level too (d_inner, d_state, ...).
+    for k, v in spec.items():
+        if k not in d and k not in ("layers", "layer_types", "num_params", "bos_token_id",
+                                    "norm_eps", "dtype", "architecture"):
+            d[k] = v
+    d["layers"] = spec["layers"]
     d["source"] = cfg.get("source")
     return d
+
+
+def _layer_groups(layers: list) -> List[str]:
+    """Runs of identical layer entries as 'N x type (field value, ...)' lines."""
+    out, i = [], 0
+    while i < len(layers):
+        j = i
+        while j + 1 < len(layers) and layers[j + 1] == layers[i]:
+            j += 1
+        e = layers[i]
+        fields = ", ".join(f"{k} {v}" for k, v in e.items() if k != "type")
+        span = f"{i}" if i == j else f"{i}-{j}"
+        out.append(f"{span}: {j - i + 1} x {e['type']} ({fields})")
+        i = j + 1
+    return out
 
 
 def _cmd_info(a) -> int:
@@ -189,23 +219,16 @@ def _cmd_info(a) -> int:
     if a.json:
         print(json.dumps(d, indent=2))
         return 0
-    arch = d["architecture"]
     lines = [
         f"model:        {a.model}",
-        f"architecture: {arch}",
+        f"architecture: {d['architecture']}",
         f"parameters:   {d['parameters']:,} ({d['parameters'] / 1e6:.1f} M)",
         f"dtype:        {d['dtype']} ({d['file_bytes'] / 2**20:.1f} MiB on disk)",
         f"d_model:      {d['d_model']}",
         f"n_layer:      {d['n_layer']}",
-        f"d_inner:      {d['d_inner']}",
-        f"d_state:      {d['d_state']}",
-        f"d_conv:       {d['d_conv']}",
     ]
-    if arch == "mamba1":
-        lines.append(f"dt_rank:      {d['dt_rank']}")
-    else:
-        lines += [f"heads:        {d['nheads']} x headdim {d['headdim']}, {d['ngroups']} "
-                  f"group(s), chunk {d['chunk_size']}"]
+    groups = _layer_groups(d["layers"])
+    lines += [("layers:       " if k == 0 else "              ") + g for k, g in enumerate(groups)]
     lines += [
         f"vocab:        {d['vocab_size']} (padded {d['vocab_size_padded']})",
         f"norm:         {d['norm']}, residual_in_fp32={d['residual_in_fp32']}, "
@@ -222,14 +245,40 @@ def _cmd_info(a) -> int:
     return 0
 
 
+def _apply_options(items: List[str]) -> None:
+    from .options import set_options
+
+    values = {}
+    for it in items:
+        name, eq, value = it.partition("=")
+        if not eq or not name or not value:
+            raise ValueError(f"-o {it!r}: expected NAME=VALUE (see `mambart options`)")
+        values[name.strip()] = value
+    if values:
+        set_options(**values)
+
+
+def _cmd_options(args) -> int:
+    from .options import option_table, options
+
+    now = options()
+    for o in option_table():
+        allowed = f" ({o['choices']})" if o["choices"] else ""
+        print(f"{o['name']} = {now[o['name']] or '(unset)'}{allowed}")
+        print(f"    {o['env']}, default {o['default'] or '(unset)'}: {o['help']}")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    cmd = {"convert": _cmd_convert, "generate": _cmd_generate, "info": _cmd_info}[args.command]
+    cmd = {"convert": _cmd_convert, "generate": _cmd_generate, "info": _cmd_info,
+           "options": _cmd_options}[args.command]
     try:
+        _apply_options(args.option)
         return cmd(args)
     except KeyboardInterrupt:
         sys.stderr.write("mambart: interrupted\n")

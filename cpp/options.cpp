@@ -1,0 +1,163 @@
+#include "options.h"
+
+#include <cerrno>
+#include <cstdlib>
+#include <mutex>
+
+#include "error.h"
+
+namespace mambart {
+namespace {
+
+// One row per option: its field name, variable, kind, choices, default, meaning.
+const std::vector<OptionInfo> kTable = {
+    {"cuda_graphs", "MAMBART_CUDA_GRAPHS", "bool", "", "1",
+     "decode steps as one CUDA-graph replay per token (0: launched eagerly)"},
+    {"cuda_fused", "MAMBART_CUDA_FUSED", "bool", "", "1",
+     "fused single-token mixer kernels in decode (0: the separate ops)"},
+    {"cuda_fused_max_batch", "MAMBART_CUDA_FUSED_MAX_BATCH", "int", "", "8",
+     "the fused decode steps up to this many rows; larger batches run the separate ops"},
+    {"cuda_ssd", "MAMBART_CUDA_SSD", "choice", "chunked|recurrent|tf32", "chunked",
+     "Mamba-2 prefill: chunked SSD with split-TF32 products, the recurrent form, or chunked "
+     "with plain TF32 products"},
+    {"cuda_scan", "MAMBART_CUDA_SCAN", "choice", "auto|chunked|sequential|lanes", "auto",
+     "Mamba-1 prefill scan: auto (time-parallel for long scans with d_state <= 16), always "
+     "chunked, always sequential, or the lane-group kernel"},
+    {"cublas", "MAMBART_CUBLAS", "bool", "", "1",
+     "cuBLAS (loaded at run time) for prefill and batched-decode projections (0: the "
+     "hand-written GEMM)"},
+    {"cublas_min_rows", "MAMBART_CUBLAS_MIN_ROWS", "int", "", "4",
+     "token rows from which a projection runs on cuBLAS"},
+    {"cublas_library", "MAMBART_CUBLAS_LIBRARY", "path", "", "",
+     "a libcublas.so to load before the default search"},
+    {"cuda_pdl", "MAMBART_CUDA_PDL", "bool", "", "1",
+     "programmatic dependent launch for the decode chain (compute capability 9.0+)"},
+    {"cuda_prefetch", "MAMBART_CUDA_PREFETCH", "bool", "", "1",
+     "GEMVs prefetch their weight rows into L2 before waiting on the previous kernel"},
+    {"cuda_sync", "MAMBART_CUDA_SYNC", "bool", "", "0",
+     "synchronise and check errors after every kernel (debugging; slow); read once"},
+    {"cuda_free_bytes_limit", "MAMBART_CUDA_FREE_BYTES_LIMIT", "bytes", "", "0",
+     "cap on the free device memory a model load sees (0: none; for tests)"},
+    {"device_sampling", "MAMBART_DEVICE_SAMPLING", "bool", "", "1",
+     "sample on the device inside the decode graph (0: logits copied to the host)"},
+    {"cpu_portable", "MAMBART_CPU_PORTABLE", "bool", "", "0",
+     "the portable CPU projections even where AVX2/FMA/F16C run; read once"},
+    {"host_memory_limit", "MAMBART_HOST_MEMORY_LIMIT", "bytes", "", "0",
+     "bytes of host memory a CPU model load may take (0: the kernel's MemAvailable)"},
+    {"cache_dir", "MAMBART_CACHE", "path", "", "",
+     "where converted models are kept (empty: $XDG_CACHE_HOME/mambart or ~/.cache/mambart)"},
+};
+
+std::mutex g_mu;
+std::map<std::string, std::string> g_set;  // explicit settings (Python / CLI)
+
+const OptionInfo* find(const std::string& name) {
+    for (const OptionInfo& o : kTable)
+        if (o.name == name) return &o;
+    return nullptr;
+}
+
+[[noreturn]] void bad(const OptionInfo& o, const std::string& v, const std::string& what) {
+    throw InvalidArgument(str_cat("option ", o.name, " (", o.env, ") = '", v, "': ", what));
+}
+
+bool parse_bool(const OptionInfo& o, const std::string& v) {
+    if (v == "1" || v == "true" || v == "True" || v == "on" || v == "yes") return true;
+    if (v == "0" || v == "false" || v == "False" || v == "off" || v == "no") return false;
+    bad(o, v, "must be 0 or 1 (or true / false)");
+}
+
+uint64_t parse_uint(const OptionInfo& o, const std::string& v, uint64_t max) {
+    if (v.empty() || v.find_first_not_of("0123456789") != std::string::npos)
+        bad(o, v, "must be a non-negative integer");
+    errno = 0;
+    const unsigned long long x = std::strtoull(v.c_str(), nullptr, 10);
+    if (errno == ERANGE || x > max) bad(o, v, str_cat("must be at most ", max));
+    return x;
+}
+
+void check(const OptionInfo& o, const std::string& v) {
+    if (o.kind == "bool") parse_bool(o, v);
+    else if (o.kind == "int") {
+        if (parse_uint(o, v, 1 << 30) < 1) bad(o, v, "must be >= 1");
+    } else if (o.kind == "bytes") parse_uint(o, v, UINT64_MAX);
+    else if (o.kind == "choice") {
+        const std::string all = "|" + o.choices + "|";
+        if (v.find('|') != std::string::npos || all.find("|" + v + "|") == std::string::npos)
+            bad(o, v, str_cat("must be one of ", o.choices));
+    }
+}
+
+// The text of option `o` now: the explicit setting, else the environment, else the default.
+std::string text(const OptionInfo& o) {
+    {
+        std::lock_guard<std::mutex> lock(g_mu);
+        auto it = g_set.find(o.name);
+        if (it != g_set.end()) return it->second;
+    }
+    const char* e = std::getenv(o.env.c_str());
+    if (e && *e) return e;
+    return o.deflt;
+}
+
+}  // namespace
+
+const std::vector<OptionInfo>& option_table() { return kTable; }
+
+std::map<std::string, std::string> runtime_options_text() {
+    std::map<std::string, std::string> out;
+    for (const OptionInfo& o : kTable) out[o.name] = text(o);
+    return out;
+}
+
+void check_runtime_option(const std::string& name, const std::string& value) {
+    const OptionInfo* o = find(name);
+    if (!o) {
+        std::string names;
+        for (const OptionInfo& x : kTable) names += (names.empty() ? "" : ", ") + x.name;
+        throw InvalidArgument(str_cat("unknown option '", name, "' (options: ", names, ")"));
+    }
+    if (!value.empty()) check(*o, value);
+}
+
+void set_runtime_option(const std::string& name, const std::string& value) {
+    check_runtime_option(name, value);
+    std::lock_guard<std::mutex> lock(g_mu);
+    if (value.empty())
+        g_set.erase(name);
+    else
+        g_set[name] = value;
+}
+
+RuntimeOptions runtime_options() {
+    RuntimeOptions r;
+    for (const OptionInfo& o : kTable) {
+        const std::string v = text(o);
+        check(o, v);
+        const std::string& n = o.name;
+        if (n == "cuda_graphs") r.cuda_graphs = parse_bool(o, v);
+        else if (n == "cuda_fused") r.cuda_fused = parse_bool(o, v);
+        else if (n == "cuda_fused_max_batch") r.cuda_fused_max_batch = int64_t(parse_uint(o, v, 1 << 30));
+        else if (n == "cuda_ssd")
+            r.cuda_ssd = v == "recurrent" ? CudaSsd::Recurrent : v == "tf32" ? CudaSsd::Tf32 : CudaSsd::Chunked;
+        else if (n == "cuda_scan")
+            r.cuda_scan = v == "chunked"      ? CudaScan::Chunked
+                          : v == "sequential" ? CudaScan::Sequential
+                          : v == "lanes"      ? CudaScan::Lanes
+                                              : CudaScan::Auto;
+        else if (n == "cublas") r.cublas = parse_bool(o, v);
+        else if (n == "cublas_min_rows") r.cublas_min_rows = int64_t(parse_uint(o, v, 1 << 30));
+        else if (n == "cublas_library") r.cublas_library = v;
+        else if (n == "cuda_pdl") r.cuda_pdl = parse_bool(o, v);
+        else if (n == "cuda_prefetch") r.cuda_prefetch = parse_bool(o, v);
+        else if (n == "cuda_sync") r.cuda_sync = parse_bool(o, v);
+        else if (n == "cuda_free_bytes_limit") r.cuda_free_bytes_limit = parse_uint(o, v, UINT64_MAX);
+        else if (n == "device_sampling") r.device_sampling = parse_bool(o, v);
+        else if (n == "cpu_portable") r.cpu_portable = parse_bool(o, v);
+        else if (n == "host_memory_limit") r.host_memory_limit = parse_uint(o, v, UINT64_MAX);
+        else if (n == "cache_dir") r.cache_dir = v;
+    }
+    return r;
+}
+
+}  // namespace mambart

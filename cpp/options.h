@@ -1,0 +1,68 @@
+// L0 base: the runtime options, in one struct. Every switch of the runtime is a field here, with
+// one line in the table of cpp/options.cpp (its name, environment variable, kind, default and
+// meaning) and one row in docs/options.md. Set from the environment (MAMBART_*), from Python
+// (mambart.set_options) or from the CLI (mambart -o NAME=VALUE): an option set explicitly wins
+// over the environment. Read where the thing it controls is made (a backend, a stream), so
+// setting an option affects backends and generators created afterwards.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+namespace mambart {
+
+enum class CudaSsd { Chunked, Recurrent, Tf32 };
+enum class CudaScan { Auto, Chunked, Sequential, Lanes };
+
+struct RuntimeOptions {
+    // ---- CUDA backend (read when a CUDA backend is created) ----
+    bool cuda_graphs = true;            // decode steps as one CUDA-graph replay (false: eager)
+    bool cuda_fused = true;             // fused single-token mixer steps (false: the separate ops)
+    int64_t cuda_fused_max_batch = 8;   // the fused decode steps up to this many rows
+    CudaSsd cuda_ssd = CudaSsd::Chunked;   // Mamba-2 prefill: chunked SSD (split TF32), the
+                                           // recurrent form, or chunked in plain TF32
+    CudaScan cuda_scan = CudaScan::Auto;   // Mamba-1 prefill scan form
+    bool cublas = true;                 // cuBLAS for prefill / batched projections
+    int64_t cublas_min_rows = 4;        // token rows from which cuBLAS runs a projection
+    std::string cublas_library;         // a libcublas to try first ("" : the default search)
+    bool cuda_pdl = true;               // programmatic dependent launch (sm_90+)
+    bool cuda_prefetch = true;          // GEMVs prefetch weight rows into L2 ahead of PDL waits
+    bool cuda_sync = false;             // synchronise and check after every kernel (debugging)
+    uint64_t cuda_free_bytes_limit = 0; // cap on the free device memory a load sees (0: none)
+    // ---- generation ----
+    bool device_sampling = true;        // sample on the device in graph decode steps
+    // ---- CPU backend and loading ----
+    bool cpu_portable = false;          // the portable CPU projections even where AVX2 runs
+    uint64_t host_memory_limit = 0;     // bytes of host memory a CPU load may take (0: MemAvailable)
+    // ---- Python package ----
+    std::string cache_dir;              // converted-model cache ("" : $XDG_CACHE_HOME/mambart)
+};
+
+// The options now: the environment, overridden by what set_runtime_option() set. Throws
+// InvalidArgument naming the option (and variable) for a value it cannot parse.
+RuntimeOptions runtime_options();
+
+// Sets option `name` (the field name, e.g. "cuda_graphs") from its text form, as its
+// environment variable would ("0"/"1"/"true"/"false" for booleans); an empty value clears the
+// override (the environment applies again). Throws InvalidArgument for an unknown name or a
+// bad value.
+void set_runtime_option(const std::string& name, const std::string& value);
+// The checks of set_runtime_option without setting anything.
+void check_runtime_option(const std::string& name, const std::string& value);
+
+struct OptionInfo {
+    std::string name;     // field name
+    std::string env;      // environment variable
+    std::string kind;     // bool, int, bytes, choice, path
+    std::string choices;  // for choice: "a|b|c"
+    std::string deflt;    // default, as text
+    std::string help;
+};
+// Every option, in table order (docs/options.md is this table).
+const std::vector<OptionInfo>& option_table();
+// The options now as name -> text.
+std::map<std::string, std::string> runtime_options_text();
+
+}  // namespace mambart
