@@ -1,5 +1,6 @@
 // L2 compute: the Backend interface. The model (L3) expresses a forward pass as a sequence of
-// these ops on device buffers; a backend implements them (CPU: cpp/cpu/, CUDA: a later milestone).
+// these ops on device buffers; a backend implements them (CPU: cpp/cpu/, CUDA: cpp/cuda/ over
+// cuda/). The ops' parameter structs are in op_params.h, shared with the CUDA kernels.
 //
 // Conventions shared by every op:
 //   - Activations are fp32 at this interface (a backend may compute in lower precision inside an
@@ -22,107 +23,11 @@
 
 #include "config.h"
 #include "dtype.h"
+#include "op_params.h"
 
 namespace mambart {
 
 enum class DeviceKind { CPU, CUDA };
-
-// A large matrix (N rows of K elements) in its storage dtype.
-struct Weight {
-    const void* data = nullptr;
-    DType dtype = DType::F32;
-    int64_t rows = 0;  // N (output features)
-    int64_t cols = 0;  // K (input features)
-};
-
-// A small fp32 parameter vector or matrix.
-struct Param {
-    const float* data = nullptr;
-    int64_t numel = 0;
-};
-
-struct ConvParams {          // causal depthwise conv1d + SiLU, with a rolling state
-    const float* x;          // (B, L, C) pre-conv input, row stride ld_x
-    int64_t ld_x;
-    float* conv_state;       // (B, C, W) inout: the last W pre-conv inputs, oldest first
-    const float* weight;     // (C, W)
-    const float* bias;       // (C) or nullptr
-    float* out;              // (B, L, C) post-SiLU, contiguous
-    int64_t B, L, C, W;
-};
-
-struct SelectiveScanParams {  // Mamba-1: fused dt softplus, scan, D skip, SiLU(z) gate
-    const float* x;           // (B, L, E) post-conv input u, contiguous
-    const float* dt;          // (B, L, E) dt before bias and softplus, contiguous
-    const float* Bm;          // (B, L, N), row stride ld_bc
-    const float* Cm;          // (B, L, N), row stride ld_bc
-    int64_t ld_bc;
-    const float* z;           // (B, L, E), row stride ld_z
-    int64_t ld_z;
-    const float* A;           // (E, N) = -exp(A_log)
-    const float* D;           // (E)
-    const float* dt_bias;     // (E)
-    float* ssm_state;         // (B, E, N) inout
-    float* y;                 // (B, L, E) out, contiguous
-    int64_t B, L, E, N;
-};
-
-struct SsdParams {            // Mamba-2: dt softplus + clamp, chunked SSD scan, D skip, optional gate
-    const float* x;           // (B, L, H*P), row stride ld_xbc
-    const float* Bm;          // (B, L, G*N), row stride ld_xbc
-    const float* Cm;          // (B, L, G*N), row stride ld_xbc
-    int64_t ld_xbc;
-    const float* dt;          // (B, L, H) before bias and softplus, row stride ld_dt
-    int64_t ld_dt;
-    const float* z;           // (B, L, H*P) row stride ld_z, or nullptr (gate applied later)
-    int64_t ld_z;
-    const float* A;           // (H) = -exp(A_log)
-    const float* D;           // (H)
-    const float* dt_bias;     // (H)
-    float dt_min, dt_max;     // clamp of dt after softplus
-    float* ssm_state;         // (B, H, P, N) inout
-    float* y;                 // (B, L, H*P) out, contiguous
-    int64_t B, L, H, P, G, N;
-    int64_t chunk_size;       // Q
-};
-
-// Fused single-token (L = 1) mixer steps, optional: a backend that returns true from
-// mamba1_decode_fused / mamba2_decode_fused has done the work of the ops listed, else the model
-// runs those ops itself.
-struct Mamba1DecodeParams {   // = linear(dt_proj) + selective_scan at L = 1
-    const float* x;           // (B, E) post-conv x, contiguous
-    const float* xdbl;        // (B, ld_xdbl): [dt_low (R) | B (N) | C (N)] (x_proj output)
-    int64_t ld_xdbl;
-    Weight dt_proj;           // (E, R)
-    const float* z;           // (B, E) row stride ld_z
-    int64_t ld_z;
-    const float* A;           // (E, N)
-    const float* D;           // (E)
-    const float* dt_bias;     // (E)
-    float* ssm_state;         // (B, E, N) inout
-    float* y;                 // (B, E) out
-    int64_t B, E, N, R;
-};
-
-struct Mamba2DecodeParams {   // = conv1d + ssd_scan at L = 1
-    ConvParams conv;          // conv of [x | B | C] (L = 1); conv.out is not written
-    SsdParams ssd;            // x, Bm, Cm are ignored (the conv's results are used directly)
-};
-
-// Device-side sampling of one token per row (decode fast path), with mambart::Sampler's
-// semantics (cpp/sampling.h) given the same draw uniform(seed, stream, counter).
-struct DeviceSampleParams {
-    const float* logits;       // (B, V) row stride ld
-    int64_t ld, B, V;
-    float temperature;         // 0: greedy
-    int64_t top_k;             // 0: off
-    float top_p, min_p;        // 1: off, 0: off
-    float repetition_penalty;  // 1: off
-    const uint64_t* rng;       // (B, 3) device: per row (seed, stream, counter) of the draw,
-                               // read when the op runs (graphs replay with new values)
-    uint8_t* seen;             // (B, V) device: ids seen per row, the sampled id gets marked; or nullptr
-    int32_t* out;              // (B) device: the sampled ids; -1 for a row with a non-finite logit
-};
 
 class Backend {
  public:

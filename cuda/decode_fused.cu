@@ -44,7 +44,7 @@ __global__ void __launch_bounds__(kM1Warps * 32) mamba1_decode_kernel(Mamba1Deco
     const int64_t e = valid ? e_raw : p.E - 1;  // idle lanes still join the shuffles
     const int64_t b = blockIdx.y, N = p.N, R = p.R;
     const float* xd = p.xdbl + b * p.ld_xdbl;
-    const T* wrow = static_cast<const T*>(p.W_dt) + e * R;
+    const T* wrow = static_cast<const T*>(p.dt_proj.data) + e * R;
     float dt = 0.0f;
     for (int64_t r = j; r < R; r += g) dt += to_f32(wrow[r]) * xd[r];
     for (int o = g >> 1; o > 0; o >>= 1) dt += __shfl_xor_sync(0xffffffffu, dt, o);
@@ -109,8 +109,31 @@ __device__ __forceinline__ float conv_step(float* st, const float* w, float bias
     return silu_f(acc);
 }
 
+// The Mamba-2 decode kernel's own flat argument block, made by launch_mamba2_decode from the
+// shared Mamba2DecodeParams (cpp/op_params.h) after validation.
+struct M2Args {
+    const float* xbc;     // (B, ld_xbc): pre-conv [x (H*P) | B (G*N) | C (G*N)]
+    int64_t ld_xbc;
+    const float* dt;      // (B, ld_dt)
+    int64_t ld_dt;
+    float* conv_state;    // (B, H*P + 2*G*N, W) inout, oldest first
+    const float* conv_w;  // (H*P + 2*G*N, W)
+    const float* conv_b;  // (H*P + 2*G*N) or nullptr
+    int64_t W;
+    const float* z;       // (B, H*P) row stride ld_z, or nullptr
+    int64_t ld_z;
+    const float* A;       // (H)
+    const float* D;       // (H)
+    const float* dt_bias; // (H)
+    float dt_min, dt_max;
+    float* ssm_state;     // (B, H, P, N) inout
+    float* y;             // (B, H*P)
+    int* counters;        // (B*G) device ints, zero between launches (the kernel restores them)
+    int64_t B, H, P, G, N;
+};
+
 template <int SPL>
-__global__ void __launch_bounds__(kM2Warps * 32) mamba2_decode_kernel(Mamba2DecodeParams p) {
+__global__ void __launch_bounds__(kM2Warps * 32) mamba2_decode_kernel(M2Args p) {
     extern __shared__ float smem[];
     float* Bs = smem;         // (N) post-conv B of the group
     float* Cs = Bs + p.N;     // (N) post-conv C of the group
@@ -193,7 +216,7 @@ void launch_mamba1_decode(const Mamba1DecodeParams& p, cudaStream_t s) {
         throw Unsupported(str_cat("launch_mamba1_decode: d_state=", p.N, " unsupported (1..256)"));
     MAMBART_CHECK_ARG(p.ld_xdbl >= p.R + 2 * p.N && p.ld_z >= p.E,
                       "launch_mamba1_decode: bad strides");
-    MAMBART_CHECK_ARG(p.x && p.xdbl && p.W_dt && p.z && p.A && p.D && p.dt_bias && p.ssm_state &&
+    MAMBART_CHECK_ARG(p.x && p.xdbl && p.dt_proj.data && p.z && p.A && p.D && p.dt_bias && p.ssm_state &&
                           p.y,
                       "launch_mamba1_decode: null pointer");
     MAMBART_CHECK_ARG(p.B <= 65535, "launch_mamba1_decode: batch ", p.B, " too large");
@@ -203,7 +226,7 @@ void launch_mamba1_decode(const Mamba1DecodeParams& p, cudaStream_t s) {
     const int spl = int(ceil_div(p.N, g));
     const int64_t per_block = int64_t(kM1Warps) * (32 / g);
     const dim3 grid(unsigned(ceil_div(p.E, per_block)), unsigned(p.B));
-    switch (p.dtype) {
+    switch (p.dt_proj.dtype) {
         case DType::F32: m1_dispatch<float>(p, g, spl, grid, s); break;
         case DType::F16: m1_dispatch<__half>(p, g, spl, grid, s); break;
         case DType::BF16: m1_dispatch<__nv_bfloat16>(p, g, spl, grid, s); break;
@@ -212,7 +235,16 @@ void launch_mamba1_decode(const Mamba1DecodeParams& p, cudaStream_t s) {
     check_launch("mamba1_decode_kernel", s);
 }
 
-void launch_mamba2_decode(const Mamba2DecodeParams& p, cudaStream_t s) {
+void launch_mamba2_decode(const Mamba2DecodeParams& in, int* counters, cudaStream_t s) {
+    const ConvParams& c = in.conv;
+    const SsdParams& q = in.ssd;
+    MAMBART_CHECK_ARG(c.L == 1 && q.L == 1 && c.B == q.B && c.C == q.H * q.P + 2 * q.G * q.N,
+                      "launch_mamba2_decode: conv and ssd params disagree (L=", c.L, "/", q.L,
+                      " B=", c.B, "/", q.B, " C=", c.C, ")");
+    const M2Args p{c.x,     c.ld_x,      q.dt,        q.ld_dt,  c.conv_state, c.weight,
+                   c.bias,  c.W,         q.z,         q.ld_z,   q.A,          q.D,
+                   q.dt_bias, q.dt_min,  q.dt_max,    q.ssm_state, q.y,       counters,
+                   q.B,     q.H,         q.P,         q.G,      q.N};
     MAMBART_CHECK_ARG(p.B >= 0 && p.H > 0 && p.G > 0 && p.P >= 1,
                       "launch_mamba2_decode: bad sizes B=", p.B, " H=", p.H, " G=", p.G, " P=", p.P);
     MAMBART_CHECK_ARG(p.H % p.G == 0, "launch_mamba2_decode: nheads=", p.H,

@@ -414,7 +414,7 @@ __global__ void __launch_bounds__(kCptThreads)
 // NS bucket (4, 8, 16) of N <= kCptMaxN.
 inline int cpt_bucket(int64_t N) { return N <= 4 ? 4 : (N <= 8 ? 8 : 16); }
 
-inline bool use_cpt(const SelectiveScanParams& p) { return p.N <= kCptMaxN && !p.lanes; }
+inline bool use_cpt(const SelectiveScanParams& p, bool lanes) { return p.N <= kCptMaxN && !lanes; }
 
 void validate(const SelectiveScanParams& p, const char* who) {
     MAMBART_CHECK_ARG(p.B >= 0 && p.L >= 0 && p.E > 0, who, ": bad sizes B=", p.B, " L=", p.L,
@@ -436,10 +436,10 @@ inline int spl_bucket(int64_t N, int g) {
 
 }  // namespace
 
-void launch_selective_scan(const SelectiveScanParams& p, cudaStream_t s) {
+void launch_selective_scan(const SelectiveScanParams& p, bool lanes, cudaStream_t s) {
     validate(p, "launch_selective_scan");
     if (p.B == 0) return;
-    if (use_cpt(p)) {
+    if (use_cpt(p, lanes)) {
         const dim3 grid(unsigned(ceil_div(p.E, kCptThreads)), unsigned(p.B));
         switch (cpt_bucket(p.N)) {
             case 4: selective_scan_cpt_kernel<4><<<grid, kCptThreads, 0, s>>>(p); break;
@@ -462,8 +462,8 @@ void launch_selective_scan(const SelectiveScanParams& p, cudaStream_t s) {
     check_launch("selective_scan_kernel", s);
 }
 
-int64_t selective_scan_segment_len(const SelectiveScanParams& p) {
-    const bool cpt = use_cpt(p);
+int64_t selective_scan_segment_len(const SelectiveScanParams& p, bool lanes) {
+    const bool cpt = use_cpt(p, lanes);
     const int64_t per_segment =
         std::max<int64_t>(1, p.B * p.E * (cpt ? 1 : group_lanes(p.N)));  // threads
     const int64_t target = cpt ? kCptTargetThreads : kScanTargetThreads;
@@ -492,7 +492,7 @@ void launch_selective_scan_chunked(const SelectiveScanChunkedParams& q, cudaStre
                           ceil_div(p.E, per_block) <= 0x7fffffff,
                       "launch_selective_scan_chunked: grid too large (L=", p.L, ", T=", q.T,
                       ": ", nseg, " segments; at most 65535)");
-    if (use_cpt(p)) {
+    if (use_cpt(p, q.lanes)) {
         const dim3 grid(unsigned(ceil_div(p.E, kCptThreads)), unsigned(nseg), unsigned(p.B));
         const int ns = cpt_bucket(p.N);
         switch (ns) {

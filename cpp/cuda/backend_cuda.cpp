@@ -241,75 +241,36 @@ class CudaBackend final : public Backend {
 
     void conv1d(const ConvParams& p) override {
         dev();
-        cuda::launch_conv1d(
-            {p.x, p.ld_x, p.conv_state, p.weight, p.bias, p.out, p.B, p.L, p.C, p.W}, stream_);
+        cuda::launch_conv1d(p, stream_);
     }
 
     void selective_scan(const SelectiveScanParams& p) override {
         dev();
-        cuda::SelectiveScanParams q{};
-        q.x = p.x;
-        q.dt = p.dt;
-        q.Bm = p.Bm;
-        q.Cm = p.Cm;
-        q.ld_bc = p.ld_bc;
-        q.z = p.z;
-        q.ld_z = p.ld_z;
-        q.A = p.A;
-        q.D = p.D;
-        q.dt_bias = p.dt_bias;
-        q.ssm_state = p.ssm_state;
-        q.y = p.y;
-        q.B = p.B;
-        q.L = p.L;
-        q.E = p.E;
-        q.N = p.N;
-        q.lanes = scan_mode_ == ScanMode::Lanes;
+        const bool lanes = scan_mode_ == ScanMode::Lanes;
         const bool chunked = scan_mode_ == ScanMode::Chunked ||
                              (scan_mode_ == ScanMode::Auto && p.N <= cuda::kCptMaxN);
         const int64_t T = chunked && p.L >= cuda::kScanChunkedMinL
-                              ? cuda::selective_scan_segment_len(q)
+                              ? cuda::selective_scan_segment_len(p, lanes)
                               : p.L;  // p.L: the sequential kernel
         if (T >= p.L) {  // decode, short L, or the chunked form not asked for
-            cuda::launch_selective_scan(q, stream_);
+            cuda::launch_selective_scan(p, lanes, stream_);
             return;
         }
-        const int64_t need = cuda::selective_scan_chunked_workspace_floats(q, T);
-        cuda::launch_selective_scan_chunked({q, T, workspace(need, "selective_scan")}, stream_);
+        const int64_t need = cuda::selective_scan_chunked_workspace_floats(p, T);
+        cuda::launch_selective_scan_chunked({p, T, workspace(need, "selective_scan"), lanes},
+                                            stream_);
     }
 
     void ssd_scan(const SsdParams& p) override {
         dev();
-        cuda::SsdParams q{};
-        q.x = p.x;
-        q.Bm = p.Bm;
-        q.Cm = p.Cm;
-        q.ld_xbc = p.ld_xbc;
-        q.dt = p.dt;
-        q.ld_dt = p.ld_dt;
-        q.z = p.z;
-        q.ld_z = p.ld_z;
-        q.A = p.A;
-        q.D = p.D;
-        q.dt_bias = p.dt_bias;
-        q.dt_min = p.dt_min;
-        q.dt_max = p.dt_max;
-        q.ssm_state = p.ssm_state;
-        q.y = p.y;
-        q.B = p.B;
-        q.L = p.L;
-        q.H = p.H;
-        q.P = p.P;
-        q.G = p.G;
-        q.N = p.N;
         if (p.L <= 1 || !ssd_chunked_) {  // decode step: the recurrent form
-            cuda::launch_ssd_scan(q, stream_);
+            cuda::launch_ssd_scan(p, stream_);
             return;
         }
         MAMBART_CHECK_ARG(p.chunk_size >= 1, "ssd_scan: chunk_size=", p.chunk_size,
                           " must be >= 1");
-        const int64_t need = cuda::ssd_chunked_workspace_floats(q, p.chunk_size);
-        cuda::launch_ssd_chunked({q, p.chunk_size, workspace(need, "ssd_scan"), ssd_tf32_},
+        const int64_t need = cuda::ssd_chunked_workspace_floats(p, p.chunk_size);
+        cuda::launch_ssd_chunked({p, p.chunk_size, workspace(need, "ssd_scan"), ssd_tf32_},
                                  stream_);
     }
 
@@ -318,24 +279,7 @@ class CudaBackend final : public Backend {
             p.dt_proj.rows < p.E)
             return false;
         dev();
-        cuda::Mamba1DecodeParams q{};
-        q.x = p.x;
-        q.xdbl = p.xdbl;
-        q.ld_xdbl = p.ld_xdbl;
-        q.W_dt = p.dt_proj.data;
-        q.dtype = p.dt_proj.dtype;
-        q.z = p.z;
-        q.ld_z = p.ld_z;
-        q.A = p.A;
-        q.D = p.D;
-        q.dt_bias = p.dt_bias;
-        q.ssm_state = p.ssm_state;
-        q.y = p.y;
-        q.B = p.B;
-        q.E = p.E;
-        q.N = p.N;
-        q.R = p.R;
-        cuda::launch_mamba1_decode(q, stream_);
+        cuda::launch_mamba1_decode(p, stream_);
         return true;
     }
 
@@ -346,31 +290,7 @@ class CudaBackend final : public Backend {
             c.C != s.H * s.P + 2 * s.G * s.N || s.B * s.G > cuda::kDecodeCounters)
             return false;
         dev();
-        cuda::Mamba2DecodeParams q{};
-        q.xbc = c.x;
-        q.ld_xbc = c.ld_x;
-        q.dt = s.dt;
-        q.ld_dt = s.ld_dt;
-        q.conv_state = c.conv_state;
-        q.conv_w = c.weight;
-        q.conv_b = c.bias;
-        q.W = c.W;
-        q.z = s.z;
-        q.ld_z = s.ld_z;
-        q.A = s.A;
-        q.D = s.D;
-        q.dt_bias = s.dt_bias;
-        q.dt_min = s.dt_min;
-        q.dt_max = s.dt_max;
-        q.ssm_state = s.ssm_state;
-        q.y = s.y;
-        q.counters = counters_;
-        q.B = s.B;
-        q.H = s.H;
-        q.P = s.P;
-        q.G = s.G;
-        q.N = s.N;
-        cuda::launch_mamba2_decode(q, stream_);
+        cuda::launch_mamba2_decode(p, counters_, stream_);
         return true;
     }
 
@@ -425,20 +345,7 @@ class CudaBackend final : public Backend {
 
     void sample(const DeviceSampleParams& p) override {
         dev();
-        cuda::SampleParams q{};
-        q.logits = p.logits;
-        q.ld = p.ld;
-        q.B = p.B;
-        q.V = p.V;
-        q.temperature = p.temperature;
-        q.top_k = p.top_k;
-        q.top_p = p.top_p;
-        q.min_p = p.min_p;
-        q.repetition_penalty = p.repetition_penalty;
-        q.rng = p.rng;
-        q.seen = p.seen;
-        q.out = p.out;
-        cuda::launch_sample(q, stream_);
+        cuda::launch_sample(p, stream_);
     }
 
     void synchronize() override {
