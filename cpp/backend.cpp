@@ -6,6 +6,11 @@
 
 namespace mambart {
 
+void Backend::mamba3_scan(const Mamba3ScanParams&) {
+    throw Unsupported(str_cat("Mamba-3 layers are not implemented by the ", name(),
+                              " backend yet (they run on device='cpu')"));
+}
+
 void Backend::sample(const DeviceSampleParams&) {
     throw Unsupported(str_cat("device-side sampling is not implemented by the ", name(), " backend"));
 }

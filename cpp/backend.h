@@ -77,6 +77,8 @@ class Backend {
                                int64_t n, int64_t E, int64_t group_size, float eps, float* out) = 0;
     // y (n, E) contiguous *= silu(z (n, E) row stride ld_z)
     virtual void silu_gate(float* y, const float* z, int64_t ld_z, int64_t n, int64_t E) = 0;
+    // Mamba-3 layer scan (op_params.h); default: Unsupported naming the backend.
+    virtual void mamba3_scan(const Mamba3ScanParams& p);
     // Fused decode steps (see Mamba1DecodeParams / Mamba2DecodeParams): false = not done.
     virtual bool mamba1_decode_fused(const Mamba1DecodeParams& p) {
         (void)p;

@@ -137,9 +137,11 @@ ModelConfig ModelConfig::from_json_text(const std::string& text, const std::stri
         r.fail("mambart_format", str_cat("= ", fmt, " is not supported by this version (expected 1)"));
     c.architecture = r.string("architecture");
     const bool listed = j.contains("layers");
-    if (!listed && !types.known(c.architecture))
-        r.fail("architecture", str_cat("= '", c.architecture, "' is not supported (",
-                                       types.names(), ")"));
+    if (!listed && !types.flat(c.architecture))
+        r.fail("architecture",
+               str_cat("= '", c.architecture, "' is not supported in this form (",
+                       types.flat_names(), "; other layer types (", types.names(),
+                       ") are given as a 'layers' list)"));
 
     c.d_model = r.integer("d_model", 1, kMaxDim);
     c.n_layer = r.integer("n_layer", 1, 4096);

@@ -60,7 +60,10 @@ class LayerTypes {
  public:
     virtual ~LayerTypes() = default;
     virtual bool known(const std::string& type) const = 0;
-    virtual std::string names() const = 0;  // "mamba1, mamba2"
+    virtual std::string names() const = 0;  // "mamba1, mamba2, mamba3"
+    // Types the flat form of format 1 can hold (its fixed key set), and their names.
+    virtual bool flat(const std::string& type) const = 0;
+    virtual std::string flat_names() const = 0;
     // Parses a layer of type `type` from `r` (every key of the layer is read through `r`, whose
     // errors name the file, the layer and the key).
     virtual std::shared_ptr<const LayerConfig> parse(const std::string& type, ConfigReader& r,

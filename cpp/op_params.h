@@ -95,6 +95,43 @@ struct Mamba2DecodeParams {   // = conv1d + ssd_scan at L = 1
     SsdParams ssd;            // x, Bm, Cm are ignored (the conv's results are used directly)
 };
 
+// Mamba-3 (SISO and MIMO of rank Rm), the recurrent form for any L (spec section 4): per row b,
+// token t and head h (group g = h / (H / G)):
+//   A = min(-f(dd_A), -a_floor) (f: heavy tail 1+x | 1/(1-x), or softplus); DT = softplus(dd_dt +
+//   dt_bias); λ = sigmoid(trap); θ[i] = (θ[i] + π tanh(angles[i]) DT) mod 2π, i < S;
+//   k_r = rms_N(B_r,g) w_B + B_bias[h, r], q_r likewise with C, both rotated by θ (pairwise
+//   (2i, 2i+1) for SISO, halved (i, i + N/2) for MIMO); x_r = x ⊙ mimo_x[h, r];
+//   α = exp(A DT), β = (1 - λ) DT α, γ = λ DT;
+//   h ← α h + β Σ_r (v ⊙ mimo_x[h, r]) ⊗ k_prev_r + γ Σ_r x_r ⊗ k_r;
+//   y_r = h q_r + D x_r; y_r ← y_r silu(z ⊙ mimo_z[h, r]) (or rms_P(y_r) w silu(...) with the
+//   output norm); y = Σ_r y_r ⊙ mimo_o[h, r]; then k_prev ← k, v ← x.
+// SISO: Rm = 1 and the mimo_* pointers are nullptr (ones).
+struct Mamba3ScanParams {
+    const float* proj;        // (B, L, ld_proj): [z (E) | x (E) | B (Rm, G, N) | C (Rm, G, N) |
+                              //  dd_dt (H) | dd_A (H) | trap (H) | angles (S)], E = H * P
+    int64_t ld_proj;
+    const float* dt_bias;     // (H)
+    const float* B_bias;      // (H, Rm, N)
+    const float* C_bias;      // (H, Rm, N)
+    const float* B_norm_w;    // (N)
+    const float* C_norm_w;    // (N)
+    const float* D;           // (H)
+    const float* mimo_x;      // (H, Rm, P) or nullptr (SISO)
+    const float* mimo_z;      // (H, Rm, P) or nullptr
+    const float* mimo_o;      // (H, Rm, P) or nullptr
+    const float* norm_w;      // (E): the per-head gated RMSNorm, or nullptr (y silu(z) only)
+    float* angle_state;       // (B, H, S) inout, in [0, 2π)
+    float* ssm_state;         // (B, H, P, N) inout
+    float* k_state;           // (B, Rm, H, N) inout: the last token's rotated k
+    float* v_state;           // (B, H, P) inout: the last token's x
+    float* y;                 // (B, L, E) out (before out_proj)
+    int64_t B, L, H, P, N, G, Rm, S;
+    bool halved;              // rotation pairs (i, i + N/2) (MIMO) instead of (2i, 2i+1)
+    bool softplus_a;          // A activation softplus (older checkpoints) instead of heavy tail
+    float a_floor;            // A <= -a_floor
+    float eps;                // of the B/C norms and the output norm
+};
+
 // Device-side sampling of one token per row (decode fast path), with mambart::Sampler's
 // semantics (cpp/sampling.h) given the same draw uniform(seed, stream, counter).
 struct DeviceSampleParams {

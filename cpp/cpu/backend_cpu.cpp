@@ -274,6 +274,116 @@ class CpuBackend final : public Backend {
         }
     }
 
+    // Mamba-3, the recurrent form (op_params.h: Mamba3ScanParams), parallel over (row, head),
+    // sequential over tokens. Scratch on the stack (sizes bounded by kM3Max*, checked here).
+    static constexpr int64_t kM3MaxN = 256, kM3MaxP = 256, kM3MaxRank = 8;
+    void mamba3_scan(const Mamba3ScanParams& p) override {
+        MAMBART_CHECK_ARG(p.N >= 2 && p.N <= kM3MaxN && p.P >= 1 && p.P <= kM3MaxP &&
+                              p.Rm >= 1 && p.Rm <= kM3MaxRank && p.G >= 1 && p.H % p.G == 0 &&
+                              2 * p.S <= p.N,
+                          "mamba3_scan: sizes out of range (N=", p.N, " P=", p.P, " Rm=", p.Rm,
+                          " G=", p.G, " H=", p.H, " S=", p.S, ")");
+        const int64_t BH = p.B * p.H;
+#pragma omp parallel for schedule(static) if (BH > 1 && p.L * p.P * p.N > 4096)
+        for (int64_t bh = 0; bh < BH; ++bh) mamba3_row_head(p, bh / p.H, bh % p.H);
+    }
+
+    static void mamba3_row_head(const Mamba3ScanParams& p, int64_t b, int64_t h) {
+        const int64_t H = p.H, P = p.P, N = p.N, G = p.G, Rm = p.Rm, S = p.S, E = H * P;
+        const int64_t g = h / (H / G);
+        const float two_pi = 6.283185307179586f, pi = 3.141592653589793f;
+        float q[kM3MaxRank * kM3MaxN], k[kM3MaxRank * kM3MaxN];     // (Rm, N) this token
+        float xr[kM3MaxRank * kM3MaxP], vr[kM3MaxRank * kM3MaxP];   // (Rm, P) x, previous x
+        float yr[kM3MaxRank * kM3MaxP];                             // (Rm, P)
+        float* theta = p.angle_state + (b * H + h) * S;             // (S)
+        float* hs = p.ssm_state + (b * H + h) * P * N;              // (P, N)
+        float* vst = p.v_state + (b * H + h) * P;                   // (P)
+        auto kprev = [&](int64_t r) { return p.k_state + ((b * Rm + r) * H + h) * N; };
+        auto mix = [&](const float* m, int64_t r, int64_t i) {      // mimo_* [h, r, i] or 1
+            return m ? m[(h * Rm + r) * P + i] : 1.0f;
+        };
+        const int64_t off_B = 2 * E, off_C = off_B + Rm * G * N, off_dt = off_C + Rm * G * N;
+        for (int64_t t = 0; t < p.L; ++t) {
+            const float* row = p.proj + (b * p.L + t) * p.ld_proj;
+            const float* z = row + h * P;
+            const float* x = row + E + h * P;
+            const float DT = softplus(row[off_dt + h] + p.dt_bias[h]);
+            const float a = row[off_dt + H + h];
+            const float fa = p.softplus_a ? softplus(a) : (a >= 0.0f ? 1.0f + a : 1.0f / (1.0f - a));
+            const float A = std::min(-fa, -p.a_floor);
+            const float lam = 1.0f / (1.0f + std::exp(-row[off_dt + 2 * H + h]));
+            const float* ang = row + off_dt + 3 * H;
+            for (int64_t i = 0; i < S; ++i) {
+                float th = theta[i] + pi * std::tanh(ang[i]) * DT;
+                th = std::fmod(th, two_pi);
+                if (th < 0.0f) th += two_pi;
+                theta[i] = th;
+            }
+            // k_r, q_r: RMSNorm over N, weight, per-head bias, rotation by θ.
+            for (int64_t r = 0; r < Rm; ++r) {
+                for (int which = 0; which < 2; ++which) {
+                    const float* src = row + (which ? off_C : off_B) + (r * G + g) * N;
+                    const float* w = which ? p.C_norm_w : p.B_norm_w;
+                    const float* bias = (which ? p.C_bias : p.B_bias) + (h * Rm + r) * N;
+                    float* dst = (which ? q : k) + r * N;
+                    double ss = 0.0;
+                    for (int64_t n = 0; n < N; ++n) ss += double(src[n]) * src[n];
+                    const float inv = 1.0f / std::sqrt(float(ss / N) + p.eps);
+                    for (int64_t n = 0; n < N; ++n) dst[n] = src[n] * inv * w[n] + bias[n];
+                    for (int64_t i = 0; i < S; ++i) {
+                        const int64_t i0 = p.halved ? i : 2 * i, i1 = p.halved ? i + N / 2 : 2 * i + 1;
+                        const float c = std::cos(theta[i]), s = std::sin(theta[i]);
+                        const float v0 = dst[i0], v1 = dst[i1];
+                        dst[i0] = v0 * c - v1 * s;
+                        dst[i1] = v0 * s + v1 * c;
+                    }
+                }
+            }
+            for (int64_t r = 0; r < Rm; ++r)
+                for (int64_t i = 0; i < P; ++i) {
+                    xr[r * P + i] = x[i] * mix(p.mimo_x, r, i);
+                    vr[r * P + i] = vst[i] * mix(p.mimo_x, r, i);
+                }
+            const float alpha = std::exp(A * DT), beta = (1.0f - lam) * DT * alpha,
+                        gamma = lam * DT, Dh = p.D[h];
+            for (int64_t i = 0; i < P; ++i) {
+                float* hrow = hs + i * N;
+                for (int64_t n = 0; n < N; ++n) hrow[n] *= alpha;
+                for (int64_t r = 0; r < Rm; ++r) {
+                    const float bv = beta * vr[r * P + i], gx = gamma * xr[r * P + i];
+                    const float* kp = kprev(r);
+                    const float* kr = k + r * N;
+                    for (int64_t n = 0; n < N; ++n) hrow[n] += bv * kp[n] + gx * kr[n];
+                }
+                for (int64_t r = 0; r < Rm; ++r) {
+                    const float* qr = q + r * N;
+                    float acc = 0.0f;
+                    for (int64_t n = 0; n < N; ++n) acc += hrow[n] * qr[n];
+                    yr[r * P + i] = acc + Dh * xr[r * P + i];
+                }
+            }
+            float* y = p.y + (b * p.L + t) * E + h * P;
+            for (int64_t i = 0; i < P; ++i) y[i] = 0.0f;
+            for (int64_t r = 0; r < Rm; ++r) {
+                float* yv = yr + r * P;
+                float inv = 1.0f;
+                if (p.norm_w) {  // per-head RMSNorm before the gate (norm_before_gate=True)
+                    double ss = 0.0;
+                    for (int64_t i = 0; i < P; ++i) ss += double(yv[i]) * yv[i];
+                    inv = 1.0f / std::sqrt(float(ss / P) + p.eps);
+                }
+                for (int64_t i = 0; i < P; ++i) {
+                    float v = yv[i] * inv;
+                    if (p.norm_w) v *= p.norm_w[h * P + i];
+                    v *= silu(z[i] * mix(p.mimo_z, r, i));
+                    y[i] += v * mix(p.mimo_o, r, i);
+                }
+            }
+            for (int64_t r = 0; r < Rm; ++r) std::memcpy(kprev(r), k + r * N, size_t(N) * sizeof(float));
+            std::memcpy(vst, x, size_t(P) * sizeof(float));
+        }
+    }
+
     void silu_gate(float* y, const float* z, int64_t ld_z, int64_t n, int64_t E) override {
         for (int64_t i = 0; i < n; ++i)
             for (int64_t j = 0; j < E; ++j) y[i * E + j] *= silu(z[i * ld_z + j]);

@@ -5,6 +5,7 @@
 #include "error.h"
 #include "layers/mamba1/mamba1.h"
 #include "layers/mamba2/mamba2.h"
+#include "layers/mamba3/mamba3.h"
 
 namespace mambart {
 namespace {
@@ -13,6 +14,7 @@ namespace {
 const LayerUnit kUnits[] = {
     mamba1::unit(),
     mamba2::unit(),
+    mamba3::unit(),
 };
 
 const LayerUnit* find(const std::string& type) {
@@ -27,6 +29,16 @@ class Registry final : public LayerTypes {
     std::string names() const override {
         std::string out;
         for (const LayerUnit& u : kUnits) out += (out.empty() ? "" : ", ") + std::string(u.type);
+        return out;
+    }
+    bool flat(const std::string& type) const override {
+        const LayerUnit* u = find(type);
+        return u && u->flat_form;
+    }
+    std::string flat_names() const override {
+        std::string out;
+        for (const LayerUnit& u : kUnits)
+            if (u.flat_form) out += (out.empty() ? "" : ", ") + std::string(u.type);
         return out;
     }
     std::shared_ptr<const LayerConfig> parse(const std::string& type, ConfigReader& r,

@@ -19,6 +19,9 @@ struct LayerUnit {
     std::shared_ptr<const LayerConfig> (*parse)(ConfigReader& r, const ModelConfig& m);
     // The layer itself (weights not yet bound) for a config that `parse` made.
     std::unique_ptr<Layer> (*create)(std::shared_ptr<const LayerConfig> c, const ModelConfig& m);
+    // Whether the flat form of config.json (format 1 without `layers`, whose fixed key set
+    // predates the layer list) can hold this type; new types are written as a `layers` list.
+    bool flat_form = false;
 };
 
 // The registry as the config reader sees it (known types, parse).

@@ -33,7 +33,7 @@ mkdir -p "$OUT"
 FLAGS=(-std=c++17 -O1 -g -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined
        -fno-sanitize-recover=all -Icpp -isystem "$JSON_INC")
 CORE=(cpp/options.cpp cpp/safetensors.cpp cpp/config.cpp cpp/dtype.cpp cpp/error.cpp cpp/layers/registry.cpp
-      cpp/layers/mamba1/mamba1.cpp cpp/layers/mamba2/mamba2.cpp)
+      cpp/layers/mamba1/mamba1.cpp cpp/layers/mamba2/mamba2.cpp cpp/layers/mamba3/mamba3.cpp)
 for t in safetensors config; do
   "$CXX" "${FLAGS[@]}" "${CORE[@]}" "tests/fuzz/cpp/fuzz_$t.cpp" -o "$OUT/fuzz_$t"
 done

@@ -162,7 +162,7 @@ std::unique_ptr<Layer> create(std::shared_ptr<const LayerConfig> c, const ModelC
 
 }  // namespace
 
-LayerUnit unit() { return LayerUnit{"mamba1", &parse, &create}; }
+LayerUnit unit() { return LayerUnit{"mamba1", &parse, &create, /*flat_form=*/true}; }
 
 }  // namespace mamba1
 }  // namespace mambart

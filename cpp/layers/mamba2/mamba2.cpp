@@ -199,7 +199,7 @@ std::unique_ptr<Layer> create(std::shared_ptr<const LayerConfig> c, const ModelC
 
 }  // namespace
 
-LayerUnit unit() { return LayerUnit{"mamba2", &parse, &create}; }
+LayerUnit unit() { return LayerUnit{"mamba2", &parse, &create, /*flat_form=*/true}; }
 
 }  // namespace mamba2
 }  // namespace mambart

@@ -1,0 +1,201 @@
+"""Mamba-3 layers (issue 15) on the CPU backend against a float64 numpy reference written from the
+spec (tests/mamba3_ref.py, itself checked between its recurrent and attention forms), and the
+runtime's invariants for the new layer type: prefill == token-by-token decode, a continued state
+== one run, state save / load, a Mamba-2 / Mamba-3 hybrid, and clear errors for bad configs."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mambart
+from mambart import _C
+
+import mamba3_ref as ref
+from model_dirs import TINY_M2, random_tensor, save_tensors, write_config
+
+D_MODEL, VOCAB = 16, 100
+IDS = [3, 17, 42, 5, 99, 0, 7, 64, 23, 11, 8, 2, 31, 77]
+
+MODEL = dict(mambart_format=1, architecture="mamba3", d_model=D_MODEL, vocab_size=VOCAB,
+             vocab_size_padded=104, norm="rmsnorm", norm_eps=1e-5, residual_in_fp32=True,
+             tie_embeddings=True, bos_token_id=0, eos_token_id=1, pad_token_id=None,
+             dtype="float32")
+
+
+def m3(**kw) -> dict:
+    e = dict(type="mamba3", d_inner=32, d_state=8, headdim=8, nheads=4, ngroups=1,
+             is_mimo=False, mimo_rank=1, rope_fraction=0.5, chunk_size=16,
+             is_outproj_norm=False, a_activation="heavy_tail", a_floor=1e-4)
+    e.update(kw)
+    return e
+
+
+VARIANTS = {
+    "siso": m3(),
+    "siso_rope1_norm_groups": m3(rope_fraction=1.0, is_outproj_norm=True, ngroups=4),
+    "siso_softplus": m3(a_activation="softplus"),
+    "mimo2": m3(is_mimo=True, mimo_rank=2),
+    "mimo4_norm_rope1": m3(is_mimo=True, mimo_rank=4, is_outproj_norm=True, rope_fraction=1.0),
+    "mimo1_groups2": m3(is_mimo=True, mimo_rank=1, ngroups=2),
+}
+
+
+def make_dir(path: Path, layers, seed=0):
+    """A model dir with Mamba-3 (and other) layers: mixer weights from mamba3_ref for Mamba-3
+    layers, the runtime's spec for every other tensor. Returns (dir, host weights)."""
+    cfg = dict(MODEL, n_layer=len(layers), layers=layers)
+    path.mkdir(parents=True, exist_ok=True)
+    write_config(path, cfg)
+    rng = np.random.default_rng(seed)
+    spec = _C.config_spec(json.dumps(cfg), "test")["tensors"]
+    tensors = {}
+    for i, e in enumerate(layers):
+        if e["type"] == "mamba3":
+            for k, v in ref.random_weights(e, D_MODEL, rng).items():
+                tensors[f"layers.{i}.mixer.{k}"] = v
+    for t in spec:
+        if t["name"] not in tensors:
+            tensors[t["name"]] = random_tensor(t["name"], tuple(t["shape"]), rng)
+        assert tensors[t["name"]].shape == tuple(t["shape"]), t["name"]
+    save_tensors(path / "model.safetensors", tensors)
+    return path, tensors
+
+
+def ref_logits(tensors, layers, ids, states=None):
+    """The whole model in float64: embedding, per layer add + RMSNorm + Mamba-3, final norm,
+    tied head. Returns (logits (L, V), per-layer final states)."""
+    f = lambda k: np.asarray(tensors[k], np.float64)  # noqa: E731
+    emb = f("embedding.weight")
+    x = emb[ids]
+    residual = None
+    hidden = x
+    out_states = []
+    for i, e in enumerate(layers):
+        residual = hidden if residual is None else residual + hidden
+        normed = residual / np.sqrt(np.mean(residual ** 2, -1, keepdims=True) + 1e-5) * \
+            f(f"layers.{i}.norm.weight")
+        w = {k.split(f"layers.{i}.mixer.", 1)[1]: v for k, v in tensors.items()
+             if k.startswith(f"layers.{i}.mixer.")}
+        hidden, st = ref.recurrent(normed, w, e, None if states is None else states[i])
+        out_states.append(st)
+    residual = residual + hidden
+    normed = residual / np.sqrt(np.mean(residual ** 2, -1, keepdims=True) + 1e-5) * \
+        f("norm_f.weight")
+    return (normed @ emb.T)[:, :VOCAB], out_states
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_cpu_matches_float64_reference(tmp_path, name):
+    layers = [VARIANTS[name], VARIANTS[name]]
+    d, tensors = make_dir(tmp_path / "m", layers, seed=1)
+    got = mambart.Generator(str(d)).logits(IDS)
+    want, _ = ref_logits(tensors, layers, IDS)
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert np.abs(want).max() > 0.5
+    assert err <= 1e-4, f"{name}: relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("name", ["siso", "mimo4_norm_rope1"])
+def test_prefill_equals_decode_steps_and_continuation(tmp_path, name):
+    layers = [VARIANTS[name]] * 2
+    d, tensors = make_dir(tmp_path / "m", layers, seed=2)
+    g = mambart.Generator(str(d))
+    full = g._g.logits(IDS, 0)
+    np.testing.assert_allclose(g._g.logits(IDS, 1), full, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(g._g.logits(IDS, 5), full, atol=1e-4, rtol=0)
+    # a prefill continued from a state == one run; the state round-trips through a file
+    s = g.prefill(IDS[:6])
+    path = tmp_path / "s.safetensors"
+    s.save(path)
+    cont = g.score(IDS[6:], state=g.load_state(path))
+    whole = g.score(IDS)
+    np.testing.assert_allclose(cont.logprobs, whole.logprobs[5:], atol=1e-4)
+    names = [e["name"] for e in g._g.state_spec]
+    assert names == ["angle", "ssm", "k", "v"]
+    # the final states against the reference's
+    _, st = ref_logits(tensors, layers, IDS[:6])
+    host = mambart.load_state(path)._host
+    for key in ("angle", "ssm", "k", "v"):
+        np.testing.assert_allclose(host[key][1], st[1][key], atol=2e-5, err_msg=key)
+
+
+def test_greedy_generation_continues_exactly(tmp_path):
+    d, _ = make_dir(tmp_path / "m", [VARIANTS["mimo2"]] * 2, seed=3)
+    g = mambart.Generator(str(d))
+    full = g.generate(IDS, max_new_tokens=12, ignore_eos=True)
+    a = g.generate(IDS, max_new_tokens=5, ignore_eos=True, return_state=True)
+    b = g.generate(None, state=a.state, max_new_tokens=7, ignore_eos=True)
+    assert a.token_ids + b.token_ids == full.token_ids
+    rows = g.generate([IDS[:3], IDS], max_new_tokens=4, ignore_eos=True)
+    assert rows[1].token_ids == g.generate(IDS, max_new_tokens=4, ignore_eos=True).token_ids
+
+
+def test_angle_state_stays_reduced(tmp_path):
+    """A long generation keeps the angle state in [0, 2 pi): fp32 angles keep their precision."""
+    d, _ = make_dir(tmp_path / "m", [VARIANTS["siso"]], seed=4)
+    g = mambart.Generator(str(d))
+    r = g.generate(IDS, max_new_tokens=300, ignore_eos=True, return_state=True)
+    angle = r.state._native.to_host()[0]
+    assert angle.size and (angle >= 0).all() and (angle < 2 * np.pi).all()
+
+
+def test_hybrid_with_mamba2(tmp_path):
+    m2 = {"type": "mamba2", **{k: TINY_M2[k] for k in (
+        "d_inner", "d_state", "d_conv", "conv_bias", "bias", "headdim", "nheads", "ngroups",
+        "chunk_size", "dt_limit", "gated_norm", "norm_before_gate")}}
+    d, _ = make_dir(tmp_path / "m", [m2, VARIANTS["siso"], m2, VARIANTS["mimo2"]], seed=5)
+    g = mambart.Generator(str(d))
+    full = g._g.logits(IDS, 0)
+    np.testing.assert_allclose(g._g.logits(IDS, 1), full, atol=2e-4, rtol=0)
+    names = [e["name"] for e in g._g.state_spec]
+    # Mamba-2 and Mamba-3 ssm states of one shape (H, P, N) share a tensor; k differs by rank.
+    assert names == ["conv", "ssm", "angle", "k@1", "v", "k@3"]
+
+
+def _bad(tmp_path, entry, *fragments, exc=mambart.ModelLoadError):
+    d, _ = make_dir(tmp_path / "good", [VARIANTS["siso"]])
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    os.symlink(d / "model.safetensors", bad / "model.safetensors")
+    write_config(bad, dict(MODEL, n_layer=1, layers=[entry]))
+    with pytest.raises(exc) as ei:
+        mambart.Generator(str(bad))
+    for f in fragments:
+        assert f in str(ei.value), str(ei.value)
+
+
+@pytest.mark.parametrize("change,fragments", [
+    (dict(a_activation="relu"), ("layers[0]", "'a_activation'", "heavy_tail, softplus")),
+    (dict(rope_fraction=0.75), ("layers[0]", "'rope_fraction'", "0.5, 1.0")),
+    (dict(mimo_rank=2), ("layers[0]", "'mimo_rank'", "must be 1 when is_mimo is false")),
+    (dict(ngroups=3), ("layers[0]", "'ngroups'", "must divide nheads")),
+    (dict(headdim=6), ("layers[0]", "'nheads'", "must equal d_inner")),
+    (dict(d_state=7), ("layers[0]", "'d_state'", "even")),
+    (dict(a_floor=0), ("layers[0]", "'a_floor'", "(0, 1)")),
+    (dict(is_mimo=True, mimo_rank=2), ("layers.0.mixer.in_proj.weight", "has shape")),
+    (dict(is_outproj_norm=True), ("layers.0.mixer.norm.weight",)),
+])
+def test_bad_configs(tmp_path, change, fragments):
+    _bad(tmp_path, m3(**change), *fragments)
+
+
+def test_unsupported_sizes_and_flat_form(tmp_path):
+    _bad(tmp_path, m3(d_state=512, d_inner=32), "d_state 512", exc=NotImplementedError)
+    d = tmp_path / "flat"
+    d.mkdir()
+    write_config(d, dict(TINY_M2, architecture="mamba3"))
+    with pytest.raises(mambart.ModelLoadError, match="'architecture' = 'mamba3' is not supported "
+                                                     "in this form"):
+        mambart.Generator(str(d))
+
+
+@pytest.mark.cuda
+def test_cuda_refuses_mamba3_clearly(tmp_path):
+    d, _ = make_dir(tmp_path / "m", [VARIANTS["siso"]])
+    g = mambart.Generator(str(d), device="cuda")
+    with pytest.raises(NotImplementedError, match="Mamba-3 layers are not implemented by the "
+                                                  "cuda"):
+        g.logits(IDS)
