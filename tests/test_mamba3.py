@@ -199,3 +199,103 @@ def test_cuda_refuses_mamba3_clearly(tmp_path):
     with pytest.raises(NotImplementedError, match="Mamba-3 layers are not implemented by the "
                                                   "cuda"):
         g.logits(IDS)
+
+
+# ---------------------------------------------------------------- the official checkpoint format
+
+
+def _write_official(path: Path, entry: dict, n_layer=2, seed=7):
+    """A tiny checkpoint in the layout of state-spaces/mamba3-*: MambaConfig fields with
+    ssm_cfg.layer = "Mamba3", a torch-pickled bf16 pytorch_model.bin (the fp32 parameters of
+    spec 4.3 kept fp32), tied head. Returns the float32 values the file holds, by mambart name."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    ssm = {"layer": "Mamba3", "d_state": entry["d_state"], "expand": 2,
+           "headdim": entry["headdim"], "ngroups": entry["ngroups"],
+           "rope_fraction": entry["rope_fraction"], "is_mimo": entry["is_mimo"],
+           "is_outproj_norm": entry["is_outproj_norm"], "chunk_size": entry["chunk_size"],
+           "dt_min": 0.001, "dt_max": 0.1, "A_floor": 1e-4}
+    if entry["is_mimo"]:
+        ssm["mimo_rank"] = entry["mimo_rank"]
+    cfg = {"d_model": D_MODEL, "d_intermediate": 0, "n_layer": n_layer, "vocab_size": VOCAB,
+           "ssm_cfg": ssm, "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": True,
+           "residual_in_fp32": True, "fused_add_norm": True, "pad_vocab_size_multiple": 8,
+           "tie_embeddings": True}
+    fp32 = ("dt_bias", "B_bias", "C_bias", ".D", "mimo_x", "mimo_z", "mimo_o")
+    sd, values = {}, {}
+
+    def put(name, arr):
+        t = torch.from_numpy(np.asarray(arr, np.float32))
+        if not name.endswith(fp32):
+            t = t.to(torch.bfloat16)
+        sd["backbone." + name if name != "lm_head.weight" else name] = t
+        values[name] = t.float().numpy()
+
+    put("embedding.weight", rng.standard_normal((104, D_MODEL)) / 4)
+    for i in range(n_layer):
+        put(f"layers.{i}.norm.weight", 1 + 0.1 * rng.standard_normal(D_MODEL))
+        for k, v in ref.random_weights(entry, D_MODEL, rng).items():
+            put(f"layers.{i}.mixer.{k}", v)
+    put("norm_f.weight", 1 + 0.1 * rng.standard_normal(D_MODEL))
+    sd["lm_head.weight"] = sd["backbone.embedding.weight"]
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(cfg))
+    torch.save(sd, path / "pytorch_model.bin")
+    return values
+
+
+@pytest.mark.parametrize("name,act", [("siso", None), ("mimo2", "softplus"),
+                                      ("mimo4_norm_rope1", None)])
+def test_official_checkpoint_converts_and_matches(tmp_path, name, act):
+    pytest.importorskip("torch")
+    entry = dict(VARIANTS[name], a_activation=act or "heavy_tail")
+    values = _write_official(tmp_path / "ckpt", entry)
+    out = Path(mambart.convert(tmp_path / "ckpt", tmp_path / "out", a_activation=act))
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architecture"] == "mamba3" and cfg["dtype"] == "bfloat16"
+    assert cfg["layers"] == [entry, entry]
+    g = mambart.Generator(str(out), dtype="float32")
+    want, _ = ref_logits(values, [entry, entry], IDS)
+    got = g.logits(IDS)
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert err <= 1e-4, f"relative error {err:.3g}"
+
+
+def test_official_checkpoint_bad_configs(tmp_path):
+    pytest.importorskip("torch")
+    _write_official(tmp_path / "ckpt", VARIANTS["siso"])
+    cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    for change, frag in ((dict(rope_fraction=0.25), "rope_fraction=0.25 is not supported"),
+                         (dict(headdim=6), "headdim=6 does not divide"),
+                         (dict(mimo_vocab=3), "unknown ssm_cfg key.*mimo_vocab")):
+        (tmp_path / "ckpt" / "config.json").write_text(
+            json.dumps(dict(cfg, ssm_cfg=dict(cfg["ssm_cfg"], **change))))
+        with pytest.raises(mambart.ConversionError, match=frag):
+            mambart.convert(tmp_path / "ckpt", tmp_path / "out")
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(mambart.ConversionError, match="a_activation must be one of"):
+        mambart.convert(tmp_path / "ckpt", tmp_path / "out", a_activation="relu")
+    assert not (tmp_path / "out").exists()
+
+
+def test_hub_short_name_uses_only_its_own_tokenizer(tmp_path, monkeypatch):
+    """`mamba3-siso-187m` resolves through a real HF cache layout offline; without a
+    tokenizer.json in the repository no other tokenizer (GPT-NeoX's) is substituted."""
+    pytest.importorskip("torch")
+    from ckpt_utils import add_to_hf_cache, dir_files, train_tokenizer
+
+    values = _write_official(tmp_path / "ckpt", VARIANTS["siso"])
+    neox = train_tokenizer(tmp_path / "neox" / "tokenizer.json", vocab_size=120)
+    hf_cache = tmp_path / "hf"
+    monkeypatch.setenv("HF_HUB_CACHE", str(hf_cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("MAMBART_CACHE", str(tmp_path / "mambart"))
+    add_to_hf_cache(hf_cache, "EleutherAI/gpt-neox-20b", {"tokenizer.json": neox})
+    add_to_hf_cache(hf_cache, "state-spaces/mamba3-siso-187m", dir_files(tmp_path / "ckpt"))
+    with pytest.warns(UserWarning, match="Llama-3 tokenizer"):
+        g = mambart.Generator("mamba3-siso-187m", dtype="float32")
+    assert g.tokenizer is None
+    assert g.config["architecture"] == "mamba3"
+    want, _ = ref_logits(values, [VARIANTS["siso"]] * 2, IDS)
+    assert np.abs(g.logits(IDS) - want).max() / np.abs(want).max() <= 1e-4

@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src", metavar="SRC", help="checkpoint directory (config.json + "
                    "model.safetensors / pytorch_model.bin, sharded or not)")
     c.add_argument("dst", metavar="DST", help="output directory (must not exist unless --force)")
+    c.add_argument("--a-activation", choices=["heavy_tail", "softplus"], default=None,
+                   help="Mamba-3 only: the A activation (default heavy_tail, mamba_ssm since "
+                        "2026-06-02; softplus for checkpoints trained before)")
     c.add_argument("--dtype", choices=DTYPES, default=None,
                    help="storage dtype of the large matrices (default: the checkpoint's)")
     c.add_argument("--force", action="store_true", help="replace DST if it exists")
@@ -116,7 +119,7 @@ def _cmd_convert(a) -> int:
     from .convert import convert
 
     out = convert(a.src, a.dst, dtype=a.dtype, overwrite=a.force,
-                  progress=not a.no_progress)
+                  progress=not a.no_progress, a_activation=a.a_activation)
     d = _describe(out)
     sys.stderr.write(f"converted {a.src} -> {out}: {d['architecture']}, "
                      f"{d['parameters']:,} parameters, {d['dtype']}\n")

@@ -301,7 +301,54 @@ SS_M2_KEYS = {"layer", "d_state", "d_conv", "conv_init", "expand", "headdim", "d
               "dt_init_floor", "dt_limit", "bias", "conv_bias", "chunk_size", "use_mem_eff_path"}
 
 
-def _ss_source(cfg: dict, where: str, weights: WeightSet) -> Source:
+SS_M3_KEYS = {"layer", "d_state", "expand", "headdim", "ngroups", "rope_fraction", "dt_min",
+              "dt_max", "dt_init_floor", "A_floor", "is_outproj_norm", "is_mimo", "mimo_rank",
+              "fuse_pregate_headwise_norm", "chunk_size"}
+A_ACTIVATIONS = ("heavy_tail", "softplus")
+
+
+def _ss_mamba3(cfg: dict, ssm: dict, where: str, a_activation: Optional[str]) -> dict:
+    """A state-spaces Mamba-3 checkpoint (mamba_ssm's Mamba3 arguments in ssm_cfg; spec 4.2,
+    4.7): the mambart config in the listed form, one mamba3 entry per layer."""
+    bad = sorted(set(ssm) - SS_M3_KEYS)
+    if bad:
+        raise ConversionError(f"{where}: unknown ssm_cfg key(s) {bad} for layer Mamba3")
+    w = where + " ssm_cfg"
+    d = _int(cfg, "d_model", where)
+    expand = ssm.get("expand", 2)
+    if not isinstance(expand, (int, float)) or isinstance(expand, bool) or not 0 < expand <= 1024:
+        raise ConversionError(f"{where}: ssm_cfg.expand must be a number in (0, 1024]")
+    E = int(expand * d)
+    P = _int(ssm, "headdim", w, 64)
+    if E % P:
+        raise ConversionError(f"{where}: ssm_cfg.headdim={P} does not divide d_inner={E} "
+                              f"(expand x d_model)")
+    is_mimo = _bool(ssm, "is_mimo", w, False)
+    rope = ssm.get("rope_fraction", 0.5)
+    if rope not in (0.5, 1.0) or isinstance(rope, bool):
+        raise ConversionError(f"{where}: ssm_cfg.rope_fraction={rope!r} is not supported "
+                              f"(0.5, 1.0)")
+    floor = ssm.get("A_floor", 1e-4)
+    if not isinstance(floor, (int, float)) or isinstance(floor, bool) or not 0 < floor < 1:
+        raise ConversionError(f"{where}: ssm_cfg.A_floor must be a number in (0, 1)")
+    if a_activation is None:
+        a_activation = "heavy_tail"
+    if a_activation not in A_ACTIVATIONS:
+        raise ConversionError(f"a_activation must be one of {A_ACTIVATIONS}, got "
+                              f"{a_activation!r}")
+    entry = {"type": "mamba3", "d_inner": E, "d_state": _int(ssm, "d_state", w, 128),
+             "headdim": P, "nheads": E // P, "ngroups": _int(ssm, "ngroups", w, 1),
+             "is_mimo": is_mimo,
+             "mimo_rank": _int(ssm, "mimo_rank", w, 4, hi=64) if is_mimo else 1,
+             "rope_fraction": float(rope), "chunk_size": _int(ssm, "chunk_size", w, 64),
+             "is_outproj_norm": _bool(ssm, "is_outproj_norm", w, False),
+             "a_activation": a_activation, "a_floor": float(floor)}
+    _bool(ssm, "fuse_pregate_headwise_norm", w, True)  # a kernel choice: the math is the same
+    return entry
+
+
+def _ss_source(cfg: dict, where: str, weights: WeightSet,
+               a_activation: Optional[str] = None) -> Source:
     unknown = sorted(set(cfg) - SS_TOP_KEYS)
     if unknown:
         raise ConversionError(f"{where}: unknown state-spaces config key(s) {unknown} "
@@ -320,12 +367,27 @@ def _ss_source(cfg: dict, where: str, weights: WeightSet) -> Source:
     if not isinstance(ssm, dict):
         raise ConversionError(f"{where}: config key 'ssm_cfg' must be an object")
     layer = ssm.get("layer", "Mamba1")
-    if layer == "Mamba3":
-        raise ConversionError(f"{where}: ssm_cfg.layer 'Mamba3' is not supported yet (mambart "
-                              f"runs Mamba1 and Mamba2 layers)")
-    if layer not in ("Mamba1", "Mamba2"):
+    if layer not in ("Mamba1", "Mamba2", "Mamba3"):
         raise ConversionError(f"{where}: unknown layer type ssm_cfg.layer={layer!r} (mambart "
-                              f"runs Mamba1 and Mamba2)")
+                              f"runs Mamba1, Mamba2 and Mamba3)")
+    if layer == "Mamba3":
+        entry = _ss_mamba3(cfg, ssm, where, a_activation)
+        c = _base_config("mamba3")
+        c["d_model"] = _int(cfg, "d_model", where)
+        c["n_layer"] = _int(cfg, "n_layer", where, hi=4096)
+        V = _int(cfg, "vocab_size", where, 50277)
+        c["vocab_size"] = V
+        c["vocab_size_padded"] = _pad(V, _int(cfg, "pad_vocab_size_multiple", where, 8))
+        c["norm"] = "rmsnorm" if _bool(cfg, "rms_norm", where, True) else "layernorm"
+        c["norm_eps"] = 1e-5
+        c["residual_in_fp32"] = _bool(cfg, "residual_in_fp32", where, True)
+        c["tie_embeddings"] = _bool(cfg, "tie_embeddings", where, True)
+        c["bos_token_id"] = c["eos_token_id"] = c["pad_token_id"] = None
+        c["layers"] = [dict(entry) for _ in range(c["n_layer"])]
+        src = Source("state-spaces", c, prefix="backbone.", emb="backbone.embedding.weight")
+        if c["tie_embeddings"]:
+            src.optional_tied = "lm_head.weight"
+        return src
     arch = "mamba1" if layer == "Mamba1" else "mamba2"
     allowed = SS_M1_KEYS if arch == "mamba1" else SS_M2_KEYS
     bad = sorted(set(ssm) - allowed)
@@ -406,7 +468,8 @@ def _mambart_source(cfg: dict, where: str) -> Source:
     return Source("mambart", c)
 
 
-def read_source(src: Path, weights: Optional[WeightSet] = None) -> Tuple[Source, WeightSet]:
+def read_source(src: Path, weights: Optional[WeightSet] = None,
+                a_activation: Optional[str] = None) -> Tuple[Source, WeightSet]:
     """Parses `src`'s config, detects its format and opens its weights (lazily)."""
     src = Path(src)
     if not src.exists():
@@ -428,7 +491,7 @@ def read_source(src: Path, weights: Optional[WeightSet] = None) -> Tuple[Source,
     if "model_type" in cfg or "architectures" in cfg:
         return _hf_source(cfg, where, weights), weights
     if "d_model" in cfg and "n_layer" in cfg:
-        return _ss_source(cfg, where, weights), weights
+        return _ss_source(cfg, where, weights, a_activation), weights
     raise ConversionError(f"{where}: unrecognized config (neither a transformers config with "
                           f"model_type nor a state-spaces config with d_model / n_layer)")
 
@@ -516,7 +579,7 @@ def _eos_from_tokenizer(tok_path: Optional[Path]):
     try:
         tj = json.loads(Path(tok_path).read_text(encoding="utf-8"))
         for t in tj.get("added_tokens", []) or []:
-            if t.get("content") in ("<|endoftext|>", "</s>", "<eos>"):
+            if t.get("content") in ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>"):
                 return int(t["id"])
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return None
@@ -537,24 +600,39 @@ def _fsync_dir(path: Path) -> None:
 
 
 def convert(src, dst, dtype: Optional[str] = None, *, overwrite: bool = False,
-            progress: bool = False, tokenizer=None, source_info: Optional[dict] = None) -> str:
+            progress: bool = False, tokenizer=None, source_info: Optional[dict] = None,
+            a_activation: Optional[str] = None) -> str:
     """Converts a checkpoint directory into a mambart model directory at `dst`.
 
     src: a transformers (MambaForCausalLM / Mamba2ForCausalLM) or state-spaces checkpoint
         directory, or a mambart directory (to change its dtype).
     dtype: None keeps the checkpoint's dtype (float64 becomes float32); "float32", "float16" or
-        "bfloat16" converts the large matrices. A_log, D, dt_bias and dt_proj.bias stay float32.
+        "bfloat16" converts the large matrices. Parameters that feed exponentials (A_log, D,
+        dt_bias, dt_proj.bias; Mamba-3's biases and MIMO projections) stay float32.
     overwrite: replace an existing `dst` (otherwise an existing non-empty `dst` is an error).
     progress: show a tqdm progress bar on stderr.
     tokenizer: a tokenizer.json to copy into `dst` (default: `src`/tokenizer.json if present).
     source_info: extra provenance merged into config["source"] (hub repo, revision, ...).
+    a_activation: Mamba-3 checkpoints only: the A activation, "heavy_tail" (mamba_ssm since
+        2026-06-02, the default) or "softplus" (checkpoints trained before); the checkpoint does
+        not record it (spec 4.7), the converted config does.
 
     Returns str(dst). Raises ConversionError naming the file and tensor on any bad input; an
     interrupted conversion leaves `dst` untouched (the output appears only when complete).
     """
     src_p = Path(os.fspath(src)).expanduser()
     dst_p = Path(os.fspath(dst)).expanduser()
-    source, weights = read_source(src_p)
+    source, weights = read_source(src_p, a_activation=a_activation)
+    if a_activation is not None:
+        m3 = [e for e in source.config.get("layers", [])
+              if isinstance(e, dict) and e.get("type") == "mamba3"]
+        if not m3:
+            raise ConversionError(f"{src_p}: a_activation applies to Mamba-3 checkpoints only")
+        if a_activation not in A_ACTIVATIONS:
+            raise ConversionError(f"a_activation must be one of {A_ACTIVATIONS}, got "
+                                  f"{a_activation!r}")
+        for e in m3:  # also re-converting a mambart directory
+            e["a_activation"] = a_activation
     items, T = plan(source, weights, dtype)
 
     tok_path = Path(os.fspath(tokenizer)) if tokenizer is not None else None

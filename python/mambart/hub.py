@@ -3,8 +3,9 @@ found or downloaded through huggingface_hub, converted once into the mambart cac
 
 HF_HUB_OFFLINE=1 (or `local_files_only`) uses only what is in the Hugging Face cache
 (HF_HUB_CACHE / HF_HOME, read when called). The tokenizer is the repository's tokenizer.json if
-it has one, else EleutherAI/gpt-neox-20b's for state-spaces checkpoints (the tokenizer they were
-trained with), resolved the same way.
+it has one, else EleutherAI/gpt-neox-20b's for state-spaces Mamba-1/2 checkpoints (the tokenizer
+they were trained with), resolved the same way; Mamba-3 checkpoints (Llama-3 tokenizer) use only
+their own.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ SHORT_NAMES: Dict[str, str] = {
         "mamba-130m", "mamba-370m", "mamba-790m", "mamba-1.4b", "mamba-2.8b",
         "mamba-2.8b-slimpj", "mamba2-130m", "mamba2-370m", "mamba2-780m", "mamba2-1.3b",
         "mamba2-2.7b", "mamba2attn-2.7b",
+        "mamba3-siso-187m", "mamba3-siso-1.5b", "mamba3-mimo-187m", "mamba3-mimo-1.5b",
         "mamba-130m-hf", "mamba-370m-hf", "mamba-790m-hf", "mamba-1.4b-hf", "mamba-2.8b-hf")
 }
 NEOX_TOKENIZER_REPO = "EleutherAI/gpt-neox-20b"
@@ -140,8 +142,16 @@ def load_model_dir(name: str, revision: Optional[str] = None,
         from .convert import load_json
 
         cfg = load_json(snap / "config.json") if (snap / "config.json").is_file() else {}
+        ssm = cfg.get("ssm_cfg") if isinstance(cfg.get("ssm_cfg"), dict) else {}
         if "model_type" not in cfg and "d_model" in cfg:  # a state-spaces checkpoint
-            tok = _neox_tokenizer()
+            if ssm.get("layer") == "Mamba3":
+                # Trained with a Llama-3 tokenizer, not GPT-NeoX's: never substitute another.
+                warnings.warn(f"{repo_id} has no tokenizer.json (a Mamba-3 checkpoint uses a "
+                              f"Llama-3 tokenizer; converting tiktoken-style files is not "
+                              f"implemented yet): the model takes and gives token ids only",
+                              stacklevel=2)
+            else:
+                tok = _neox_tokenizer()
     from ._cache import ensure_converted
 
     out = ensure_converted(snap, dtype=dtype, tokenizer=tok, name=repo_id.replace("/", "--"),
