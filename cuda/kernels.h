@@ -118,6 +118,9 @@ void launch_mamba1_decode(const Mamba1DecodeParams& p, cudaStream_t stream);
 constexpr int64_t kDecodeCounters = 1 << 16;
 void launch_mamba2_decode(const Mamba2DecodeParams& p, int* counters, cudaStream_t stream);
 
+// The Mamba-3 layer scan, recurrent form (cuda/mamba3.cu; Mamba3ScanParams in cpp/op_params.h).
+void launch_mamba3_scan(const Mamba3ScanParams& p, cudaStream_t stream);
+
 struct GatedRmsNormParams {
     const float* y;       // (n, E)
     const float* z;       // (n, E) row stride ld_z

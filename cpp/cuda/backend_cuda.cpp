@@ -274,6 +274,11 @@ class CudaBackend final : public Backend {
                                  stream_);
     }
 
+    void mamba3_scan(const Mamba3ScanParams& p) override {
+        dev();
+        cuda::launch_mamba3_scan(p, stream_);
+    }
+
     bool mamba1_decode_fused(const Mamba1DecodeParams& p) override {
         if (!fused_enabled_ || p.B > fused_max_batch_ || p.dt_proj.cols != p.R ||
             p.dt_proj.rows < p.E)
