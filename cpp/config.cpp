@@ -12,6 +12,7 @@
 #include <sstream>
 
 #include "error.h"
+#include "regular_file.h"
 #include "strict_json.h"
 
 namespace mambart {
@@ -219,17 +220,7 @@ ModelConfig ModelConfig::from_json_text(const std::string& text, const std::stri
 ModelConfig ModelConfig::from_file(const std::string& path) {
     // A regular file of bounded size: a directory, FIFO or /dev/zero link must not hang or OOM.
     struct stat st;
-    if (::stat(path.c_str(), &st) != 0)
-        throw ModelLoadError(str_cat(path, ": cannot open config: ", std::strerror(errno)));
-    if (!S_ISREG(st.st_mode)) throw ModelLoadError(str_cat(path, ": config is not a regular file"));
-    if (st.st_size > kMaxConfigBytes)
-        throw ModelLoadError(str_cat(path, ": config is ", st.st_size, " bytes, more than the limit of ",
-                                     kMaxConfigBytes));
-    std::ifstream f(path, std::ios::binary);
-    if (!f) throw ModelLoadError(str_cat(path, ": cannot open config"));
-    std::stringstream ss;
-    ss << f.rdbuf();
-    return from_json_text(ss.str(), path);
+    return from_json_text(read_regular_file(path, "config", kMaxConfigBytes, &st), path);
 }
 
 }  // namespace mambart

@@ -51,7 +51,13 @@ def _is_mambart_dir(path: Path) -> bool:
     import json
 
     try:
-        return "mambart_format" in json.loads(cfg.read_text())
+        from ._files import MAX_JSON_BYTES, read_bounded_text
+        from .errors import ModelLoadError
+
+        text = read_bounded_text(cfg, MAX_JSON_BYTES, "config", ModelLoadError)
+        return "mambart_format" in json.loads(text)
+    except ModelLoadError:
+        raise
     except ValueError:
         return False
 

@@ -26,6 +26,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ._files import MAX_JSON_BYTES, open_regular, read_bounded, read_header_first
+from .errors import ModelLoadError
+
 FORMAT = "mambart-state"
 FORMAT_VERSION = "1"
 
@@ -45,11 +48,11 @@ def model_fingerprint(model_dir) -> str:
     d = Path(model_dir)
     h = hashlib.sha256()
     h.update(b"mambart-fingerprint-v2\0")
-    h.update((d / "config.json").read_bytes())
+    h.update(read_bounded(d / "config.json", MAX_JSON_BYTES, "config", ModelLoadError))
     wpath = d / "model.safetensors"
     size = wpath.stat().st_size
     h.update(str(size).encode())
-    with open(wpath, "rb") as f:
+    with open_regular(wpath, "weights file", ModelLoadError) as f:
         head = f.read(8)
         n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
         h.update(head)
@@ -233,12 +236,8 @@ def load_state(path) -> SequenceState:
     def bad(msg):
         return StateError(f"{path}: not a valid mambart state file: {msg}")
 
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise StateError(f"{path}: cannot read the state file ({e.strerror})") from None
+    # Regular files only, header first, then at most the bytes the header accounts for.
+    data, size = read_header_first(path, "state file", StateError)
     if size < 8:
         raise bad("shorter than the 8-byte header length")
     n = struct.unpack("<Q", data[:8])[0]

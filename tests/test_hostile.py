@@ -1,0 +1,332 @@
+"""Issue 23, "hostile inputs": one group of regression tests per defect class (RELIABILITY.md,
+"Hostile inputs"). Every case that could hang or blow up runs in a child process with a time
+limit and an address-space limit (RLIMIT_AS, set in preexec_fn), so a hang or an unbounded read
+fails that test instead of stalling or killing the run. The children report the exception they
+got (type, bases, message) on their last line; the tests check that it is the documented error
+and that it names the file or parameter."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mambart
+from model_dirs import make_model_dir
+
+TESTS = Path(__file__).resolve().parent
+MAMBART_RUN = Path(mambart.__file__).parent / "bin" / "mambart-run"
+# ASan reserves terabytes of shadow address space: no address-space cap under it.
+_ASAN = "asan" in os.environ.get("LD_PRELOAD", "")
+MEM_LIMIT = 1 << 30  # 1 GiB of address space: every hostile file below is larger than that
+TIME_LIMIT = 60
+
+
+def _limits(mem):
+    def apply():
+        if not _ASAN:
+            resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+    return apply
+
+
+def run_limited(args, timeout=TIME_LIMIT, mem=MEM_LIMIT, **kw):
+    """subprocess.run under the time and address-space limits; a hang fails the test."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(Path(mambart.__file__).parent.parent), str(TESTS),
+         os.environ.get("PYTHONPATH", "")]))
+    env.update(kw.pop("env", {}))
+    try:
+        return subprocess.run([str(a) for a in args], capture_output=True, text=True,
+                              timeout=timeout, preexec_fn=_limits(mem), env=env, **kw)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"hung: {args} did not finish in {timeout} s")
+
+
+_PRELUDE = """
+import json, os, sys, traceback
+def _report(**d):
+    print("RESULT " + json.dumps(d), flush=True)
+try:
+{body}
+    _report(ok=True, value=repr(locals().get("result")))
+except BaseException as e:
+    _report(ok=False, type=type(e).__name__, bases=[c.__name__ for c in type(e).__mro__],
+            msg=str(e), tb=traceback.format_exc()[-2000:])
+"""
+
+
+def py(body: str, **kw) -> dict:
+    """Runs `body` in a limited child Python; returns its report: ok, or the exception's type,
+    bases and message. A crash, hang or missing report fails the test."""
+    code = _PRELUDE.format(body=textwrap.indent(textwrap.dedent(body).strip(), "    "))
+    r = run_limited([sys.executable, "-c", code], **kw)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert r.returncode == 0 and lines, (f"child died (rc={r.returncode}):\n{r.stdout[-3000:]}\n"
+                                         f"{r.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def raises(res: dict, exc: str, *needles: str) -> None:
+    """The child raised `exc` (or a subclass), and the message holds every needle."""
+    assert not res["ok"], f"expected {exc}, but the call succeeded: {res}"
+    assert exc in res["bases"], f"expected {exc}, got {res['type']}: {res['msg']}\n{res['tb']}"
+    for n in needles:
+        assert n in res["msg"], f"{n!r} not in the message: {res['msg']}"
+
+
+@pytest.fixture
+def model(tmp_path):
+    return make_model_dir(tmp_path / "model")
+
+
+def _replace_with_fifo(p: Path) -> Path:
+    if p.exists() or p.is_symlink():
+        p.unlink()
+    os.mkfifo(p)
+    return p
+
+
+def _sparse(p: Path, size: int, head: bytes = b"") -> Path:
+    """A regular file of `size` bytes that costs no disk (a hole after `head`)."""
+    if p.exists() or p.is_symlink():
+        p.unlink()
+    with open(p, "wb") as f:
+        f.write(head)
+        f.truncate(size)
+    return p
+
+
+def _state_file(model: Path, path: Path) -> Path:
+    res = py(f"""
+        import mambart
+        g = mambart.Generator({str(model)!r})
+        g.prefill([1, 2, 3]).save({str(path)!r})
+    """)
+    assert res["ok"], res
+    return path
+
+
+# =============================================================================================
+# Class 1: special files never hang. Every read path opens non-blocking and checks for a regular
+# file first (C++: cpp/regular_file.h; Python: mambart/_files.py). A FIFO with no writer would
+# block a plain open() forever: here each case must answer within the time limit.
+# =============================================================================================
+
+def test_fifo_weights_generator(model):
+    _replace_with_fifo(model / "model.safetensors")
+    res = py(f"import mambart; mambart.Generator({str(model)!r})")
+    raises(res, "ModelLoadError", "model.safetensors", "not a regular file", "FIFO")
+
+
+def test_fifo_config_generator(model):
+    _replace_with_fifo(model / "config.json")
+    res = py(f"import mambart; mambart.Generator({str(model)!r})")
+    raises(res, "ModelLoadError", "config.json")
+
+
+def test_fifo_behind_symlink(model, tmp_path):
+    fifo = _replace_with_fifo(tmp_path / "pipe")
+    (model / "model.safetensors").unlink()
+    (model / "model.safetensors").symlink_to(fifo)
+    res = py(f"import mambart; mambart.Generator({str(model)!r})")
+    raises(res, "ModelLoadError", "model.safetensors", "FIFO")
+
+
+def test_fifo_raw_inspection_entry_point(tmp_path):
+    fifo = _replace_with_fifo(tmp_path / "w.safetensors")
+    res = py(f"from mambart import _C; _C.inspect_safetensors({str(fifo)!r})")
+    raises(res, "ModelLoadError", "w.safetensors", "FIFO")
+
+
+def test_fifo_state_file(tmp_path):
+    fifo = _replace_with_fifo(tmp_path / "s.state")
+    res = py(f"import mambart; mambart.load_state({str(fifo)!r})")
+    raises(res, "StateError", "s.state", "FIFO")
+
+
+def test_fifo_state_file_through_generator(model, tmp_path):
+    fifo = _replace_with_fifo(tmp_path / "s.state")
+    res = py(f"""
+        import mambart
+        mambart.Generator({str(model)!r}).load_state({str(fifo)!r})
+    """)
+    raises(res, "StateError", "s.state")
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
+def test_fifo_mambart_run(model, name):
+    _replace_with_fifo(model / name)
+    r = run_limited([MAMBART_RUN, model, "--tokens", "1,2"])
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    assert name in r.stderr and "not a regular file (a FIFO)" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("cmd", [["info"], ["generate", "hello", "--max-new-tokens", "2"]])
+def test_fifo_cli(model, cmd):
+    _replace_with_fifo(model / "model.safetensors")
+    r = run_limited([sys.executable, "-m", "mambart", cmd[0], model, *cmd[1:]])
+    assert r.returncode != 0 and "model.safetensors" in r.stderr, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors", "pytorch_model.bin",
+                                  "model.safetensors.index.json"])
+def test_fifo_in_a_checkpoint_to_convert(tmp_path, name):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "mamba"}))
+    _replace_with_fifo(src / name)
+    res = py(f"import mambart; mambart.convert({str(src)!r}, {str(tmp_path / 'dst')!r})")
+    raises(res, "ConversionError", str(src))
+
+
+def test_fifo_python_readers(tmp_path):
+    fifo = _replace_with_fifo(tmp_path / "pipe")
+    for call in ("from mambart._tensorio import read_safetensors_header as f",
+                 "from mambart._torchzip import load_torch_checkpoint as f",
+                 "from mambart.convert import load_json as f"):
+        res = py(f"{call}\nf({str(fifo)!r})")
+        raises(res, "ConversionError", str(fifo), "FIFO")
+
+
+def test_fifo_tokenizer(model, tmp_path):
+    fifo = _replace_with_fifo(tmp_path / "tokenizer.json")
+    res = py(f"from mambart.text import load_tokenizer; load_tokenizer({str(fifo)!r})")
+    raises(res, "ModelLoadError", "tokenizer.json")
+    res = py(f"import mambart; mambart.Generator({str(model)!r}, tokenizer={str(fifo)!r})")
+    raises(res, "ModelLoadError", "tokenizer.json")
+    _replace_with_fifo(model / "tokenizer.json")  # the model's own tokenizer.json
+    res = py(f"import mambart; mambart.Generator({str(model)!r})")
+    assert res["ok"] or "ModelLoadError" in res["bases"], res
+
+
+def test_devices_and_directories_are_refused(model, tmp_path):
+    res = py("import mambart; mambart.load_state('/dev/null')")
+    raises(res, "StateError", "/dev/null", "character device")
+    res = py(f"import mambart; mambart.load_state({str(tmp_path)!r})")
+    raises(res, "StateError", str(tmp_path))
+    res = py("from mambart import _C; _C.inspect_safetensors('/dev/zero')")
+    raises(res, "ModelLoadError", "/dev/zero", "character device")
+
+
+# =============================================================================================
+# Class 2: every read is bounded before the bytes are read (mambart/_files.py: read_bounded,
+# check_size, read_header_first; C++ read_regular_file). The files below are larger than the
+# child's whole address space: reading one whole would fail with MemoryError, not the error
+# asserted here.
+# =============================================================================================
+
+BIG = 2 << 30  # 2 GiB (sparse)
+
+
+def test_state_file_dev_zero_and_links_to_it(tmp_path):
+    res = py("import mambart; mambart.load_state('/dev/zero')")
+    raises(res, "StateError", "/dev/zero", "not a regular file")
+    link = tmp_path / "s.state"
+    link.symlink_to("/dev/zero")
+    res = py(f"import mambart; mambart.load_state({str(link)!r})")
+    raises(res, "StateError", "s.state", "not a regular file")
+
+
+def test_state_file_read_header_first(model, tmp_path):
+    good = _state_file(model, tmp_path / "good.state")
+    data = good.read_bytes()
+    # a valid state followed by 2 GiB: refused from the header, never read whole
+    big = _sparse(tmp_path / "big.state", BIG, data)
+    res = py(f"import mambart; mambart.load_state({str(big)!r})")
+    raises(res, "StateError", "big.state", "trailing bytes")
+    # a header length of 2^40
+    huge = tmp_path / "huge.state"
+    huge.write_bytes((1 << 40).to_bytes(8, "little") + data[8:])
+    res = py(f"import mambart; mambart.load_state({str(huge)!r})")
+    raises(res, "StateError", "huge.state", "header length")
+    # a header whose tensor claims 2 GiB of data in a small file
+    hdr = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    hdr["conv"]["shape"] = [1 << 29]
+    hdr["conv"]["data_offsets"] = [0, 1 << 31]
+    hb = json.dumps(hdr).encode()
+    claim = tmp_path / "claim.state"
+    claim.write_bytes(len(hb).to_bytes(8, "little") + hb + b"\0" * 64)
+    res = py(f"import mambart; mambart.load_state({str(claim)!r})")
+    raises(res, "StateError", "claim.state")
+    # and the valid file still loads, equal to what was saved
+    res = py(f"""
+        import mambart
+        result = mambart.load_state({str(good)!r}).tokens
+    """)
+    assert res["ok"] and res["value"] == "(1, 2, 3)", res
+
+
+def test_large_config_json_is_refused_unread(model):
+    cfg = (model / "config.json").read_bytes()
+    _sparse(model / "config.json", BIG, cfg[:-2] + b",\n")
+    res = py(f"import mambart; mambart.Generator({str(model)!r})")
+    raises(res, "ModelLoadError", "config.json", "limit")
+    r = run_limited([MAMBART_RUN, model, "--tokens", "1"])
+    assert r.returncode == 1 and "config.json" in r.stderr and "limit" in r.stderr, r.stderr
+    r = run_limited([sys.executable, "-m", "mambart", "info", model])
+    assert r.returncode != 0 and "config.json" in r.stderr and "limit" in r.stderr, r.stderr
+
+
+def test_large_config_link_to_dev_zero(model):
+    (model / "config.json").unlink()
+    (model / "config.json").symlink_to("/dev/zero")
+    res = py(f"import mambart; mambart.Generator({str(model)!r})")
+    raises(res, "ModelLoadError", "config.json")
+    r = run_limited([MAMBART_RUN, model, "--tokens", "1"])
+    assert r.returncode == 1 and "config.json" in r.stderr and "character device" in r.stderr
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json"])
+def test_large_json_in_a_checkpoint_to_convert(tmp_path, name):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "mamba"}))
+    _sparse(src / name, BIG, b'{"a": "')
+    res = py(f"import mambart; mambart.convert({str(src)!r}, {str(tmp_path / 'dst')!r})")
+    raises(res, "ConversionError", name, "limit")
+
+
+def test_large_tokenizer_json(model, tmp_path):
+    tok = _sparse(tmp_path / "tokenizer.json", BIG, b'{"version": "')
+    res = py(f"from mambart.text import load_tokenizer; load_tokenizer({str(tok)!r})")
+    raises(res, "ModelLoadError", "tokenizer.json", "limit")
+
+
+def _torch_zip(path: Path, byteorder_bytes: int) -> Path:
+    """A zip-format torch checkpoint ({} as its state dict) whose `byteorder` member inflates
+    to `byteorder_bytes` bytes (deflate of zeros: about 1000x smaller on disk)."""
+    import pickle
+
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", pickle.dumps({}, protocol=2))
+        info = zipfile.ZipInfo("archive/byteorder")
+        info.compress_type = zipfile.ZIP_DEFLATED
+        with zf.open(info, "w", force_zip64=True) as m:
+            chunk = b"\0" * (1 << 24)
+            for _ in range(byteorder_bytes // len(chunk)):
+                m.write(chunk)
+    return path
+
+
+def test_torch_zip_member_is_decompressed_with_a_bound(tmp_path):
+    bomb = _torch_zip(tmp_path / "pytorch_model.bin", 1 << 30)
+    assert bomb.stat().st_size < 8 << 20
+    res = py(f"from mambart._torchzip import load_torch_checkpoint as f\nf({str(bomb)!r})")
+    raises(res, "ConversionError", "pytorch_model.bin", "byteorder", "limit")
+    # the same through convert
+    src = tmp_path / "src"
+    src.mkdir()
+    os.replace(bomb, src / "pytorch_model.bin")
+    (src / "config.json").write_text(json.dumps({"d_model": 16, "n_layer": 1,
+                                                 "vocab_size": 100}))
+    res = py(f"import mambart; mambart.convert({str(src)!r}, {str(tmp_path / 'dst')!r})")
+    raises(res, "ConversionError", "pytorch_model.bin")
