@@ -330,3 +330,125 @@ def test_torch_zip_member_is_decompressed_with_a_bound(tmp_path):
                                                  "vocab_size": 100}))
     res = py(f"import mambart; mambart.convert({str(src)!r}, {str(tmp_path / 'dst')!r})")
     raises(res, "ConversionError", "pytorch_model.bin")
+
+
+# =============================================================================================
+# Class 3: writes are atomic (mambart/_files.py: write_atomic). A unique temporary file in the
+# destination's directory, flushed, fsynced and renamed over the path; a failure removes it and
+# raises naming the user's path. Before, every save from one process shared `path.tmp<pid>`.
+# =============================================================================================
+
+def _states(model: Path, n: int):
+    g = mambart.Generator(str(model))
+    return g, [g.prefill([1 + i, 2 + (i * 7) % 90, 3 + (i * 13) % 90][: 1 + i % 3])
+               for i in range(n)]
+
+
+def _same(a, b) -> bool:
+    ha, hb = a._host_dict(), b._host_dict()
+    return (a.tokens == b.tokens and np.array_equal(ha["conv"], hb["conv"])
+            and np.array_equal(ha["ssm"], hb["ssm"]))
+
+
+def _leftovers(d: Path, keep):
+    return sorted(p.name for p in d.iterdir() if p.name not in keep)
+
+
+def test_concurrent_saves_from_threads_never_tear(model, tmp_path):
+    import threading
+
+    g, states = _states(model, 8)
+    out = tmp_path / "out"
+    out.mkdir()
+    path = out / "s.state"
+    errors = []
+
+    def worker(st):
+        try:
+            for _ in range(15):
+                st.save(path)
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    for _round in range(3):
+        ts = [threading.Thread(target=worker, args=(s,)) for s in states]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        assert not errors, errors
+        loaded = mambart.load_state(path)
+        assert sum(_same(loaded, s) for s in states) == 1, "the file equals none of the saves"
+        assert _leftovers(out, {"s.state"}) == []  # no temporary file left behind
+
+
+def test_concurrent_saves_from_processes_and_a_reader(model, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    path = out / "s.state"
+    writer = f"""
+        import sys, mambart
+        g = mambart.Generator({str(model)!r})
+        s = g.prefill([1 + int(sys.argv[1]), 5, 9])
+        for _ in range(40):
+            s.save({str(path)!r})
+    """
+    reader = f"""
+        import os, mambart
+        n = 0
+        for _ in range(400):
+            if os.path.exists({str(path)!r}):
+                mambart.load_state({str(path)!r})  # raises if it ever sees a torn file
+                n += 1
+        result = n
+    """
+    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(writer), str(i)],
+                              env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=_limits(MEM_LIMIT)) for i in range(4)]
+    res = py(reader, env={"PYTHONPATH": os.pathsep.join(sys.path)})
+    for p in procs:
+        _, err = p.communicate(timeout=TIME_LIMIT)
+        assert p.returncode == 0, err[-3000:]
+    assert res["ok"], res
+    loaded = mambart.load_state(path)
+    assert loaded.tokens[1:] == (5, 9) and 1 <= loaded.tokens[0] <= 4
+    assert _leftovers(out, {"s.state"}) == []
+
+
+def test_failed_save_removes_the_temporary_and_names_the_path(model, tmp_path):
+    g, (st,) = _states(model, 1)
+    # the destination directory does not exist
+    with pytest.raises(mambart.StateError, match=str(tmp_path / "nope" / "s.state")):
+        st.save(tmp_path / "nope" / "s.state")
+    # the destination is a directory: the rename fails after the data was written
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "x.state").mkdir()
+    with pytest.raises(mambart.StateError, match=r"x\.state"):
+        st.save(d / "x.state")
+    assert _leftovers(d, {"x.state"}) == []
+    # a write that fails half-way (file size limit: EFBIG): the old file survives intact
+    good = d / "good.state"
+    st.save(good)
+    before = good.read_bytes()
+    res = py(f"""
+        import resource, signal, mambart
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        g = mambart.Generator({str(model)!r})
+        s = g.prefill(list(range(1, 60)))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (512, 512))
+        s.save({str(good)!r})
+    """)
+    raises(res, "StateError", str(good))
+    assert res["msg"].count(".tmp") == 0  # names the user's path, not the temporary
+    assert good.read_bytes() == before
+    assert _leftovers(d, {"x.state", "good.state"}) == []
+
+
+def test_saved_file_mode_is_that_of_a_plain_file(model, tmp_path):
+    g, (st,) = _states(model, 1)
+    st.save(tmp_path / "s.state")
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")
+    assert (tmp_path / "s.state").stat().st_mode == plain.stat().st_mode  # not mkstemp's 0600

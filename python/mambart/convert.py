@@ -28,7 +28,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ._tensorio import (CHUNK_ELEMS, FLOAT_DTYPES, OUT_DTYPES, LazyTensor, SafetensorsWriter,
                         WeightSet, convert_chunk, read_safetensors_header)
-from ._files import MAX_JSON_BYTES, MAX_TOKENIZER_BYTES, read_bounded, read_bounded_text
+from ._files import (MAX_JSON_BYTES, MAX_TOKENIZER_BYTES, read_bounded, read_bounded_text,
+                     write_atomic)
 from .errors import ConversionError
 
 CONVERTER_VERSION = "mambart-convert 1"
@@ -712,8 +713,10 @@ def convert(src, dst, dtype: Optional[str] = None, *, overwrite: bool = False,
             writer.abort()
             raise
         if tok_path is not None:
-            (tmp / "tokenizer.json").write_bytes(  # a regular file, bounded (issue 23)
-                read_bounded(tok_path, MAX_TOKENIZER_BYTES, "tokenizer file", ConversionError))
+            tok_bytes = read_bounded(tok_path, MAX_TOKENIZER_BYTES, "tokenizer file",
+                                     ConversionError)  # a regular file, bounded (issue 23)
+            write_atomic(tmp / "tokenizer.json", lambda f: f.write(tok_bytes), "tokenizer file",
+                         ConversionError)  # fsynced like the other files before the rename
         # config.json last: a directory without it is not a model directory.
         cfg_text = json.dumps(cfg, indent=2, allow_nan=False) + "\n"
         with open(tmp / "config.json", "w", encoding="utf-8") as f:

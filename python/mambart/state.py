@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ._files import MAX_JSON_BYTES, open_regular, read_bounded, read_header_first
+from ._files import MAX_JSON_BYTES, open_regular, read_bounded, read_header_first, write_atomic
 from .errors import ModelLoadError
 
 FORMAT = "mambart-state"
@@ -209,13 +209,16 @@ def _write_state_file(path, h: dict, fingerprint: str, dtype: str, arch: str) ->
         off += a.nbytes
     hb = json.dumps(header, separators=(",", ":")).encode()
     hb += b" " * (-len(hb) % 8)
-    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
+
+    def write(f):
         f.write(struct.pack("<Q", len(hb)))
         f.write(hb)
         for _, _, a in tensors:
             f.write(a.tobytes())
-    os.replace(tmp, path)  # never a half-written state file under the final name
+
+    # A unique temporary file next to path, fsynced, renamed: never a half-written or
+    # interleaved state file under the final name, whatever other writers do (issue 23).
+    write_atomic(path, write, "state file", StateError)
 
 
 def _no_duplicates(pairs):
