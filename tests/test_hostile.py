@@ -452,3 +452,64 @@ def test_saved_file_mode_is_that_of_a_plain_file(model, tmp_path):
     plain = tmp_path / "plain"
     plain.write_bytes(b"")
     assert (tmp_path / "s.state").stat().st_mode == plain.stat().st_mode  # not mkstemp's 0600
+
+
+# =============================================================================================
+# Class 4: the sampler is total (cpp/sampling.cpp, cuda/sampling.cu). A degenerate scaled
+# distribution (1/T overflows, logits x 1/T or the repetition penalty overflow) is greedy, the
+# T -> 0 limit; before, every probability was NaN and the last vocabulary id came out at every
+# step. Non-finite and empty logits are ValueError through every raw entry point (before: a
+# segfault on cand_.back() of an empty vector, or a write past a zero-length output).
+# =============================================================================================
+
+@pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
+@pytest.mark.parametrize("opts", [dict(temperature=1e-38), dict(temperature=1e-39),
+                                  dict(temperature=1e-45), dict(temperature=3e-39, top_k=5),
+                                  dict(temperature=1e-38, top_p=0.9, min_p=0.1),
+                                  dict(temperature=1e-38, repetition_penalty=1e-38)])
+def test_degenerate_distributions_are_greedy(tmp_path, arch, opts):
+    g = mambart.Generator(str(make_model_dir(tmp_path / arch, arch=arch)))
+    greedy = dict(opts, temperature=0.0)
+    greedy.pop("top_k", None), greedy.pop("top_p", None), greedy.pop("min_p", None)
+    for prompt in ([1, 2, 3], [5], [7, 7, 7, 7, 9, 11]):
+        want = g.generate(prompt, max_new_tokens=12, ignore_eos=True, **greedy).token_ids
+        for seed in (0, 1, 2**63):
+            got = g.generate(prompt, max_new_tokens=12, ignore_eos=True, seed=seed, **opts)
+            assert got.token_ids == want, (prompt, seed, opts)
+
+
+def test_raw_sampler_edges():
+    from mambart import _C
+
+    logits = np.array([1.0, 3.0, 2.0, -5.0], np.float32)
+    for t in (1e-38, 1e-39, 1e-45):
+        assert _C.sample_token(logits, temperature=t, seed=3) == 1
+        assert _C.sampling_probs(logits, temperature=t).tolist() == [0.0, 1.0, 0.0, 0.0]
+    neg = np.array([-1.0, -3.0, -2.0], np.float32)  # every scaled logit -> -inf
+    assert _C.sample_token(neg, temperature=1e-39) == 0
+    # the penalty overflows a seen logit to +inf at T = 1: greedy on the penalised logits
+    big = np.array([1e30, 3e30, 2e30], np.float32)
+    assert _C.sample_token(big, temperature=1.0, repetition_penalty=1e-20,
+                           previous_tokens=[0]) == 0
+    ops = _C._ops.Backend("cpu")
+    ids, _ = ops.sample(np.stack([logits, logits]), temperature=1e-39, seed=1)
+    assert ids.tolist() == [1, 1]
+    # ordinary temperatures are unchanged: a real draw, not greedy
+    draws = {_C.sample_token(logits, temperature=1.0, seed=s) for s in range(200)}
+    assert draws >= {0, 1, 2}
+
+
+@pytest.mark.parametrize("call", [
+    "_C.sample_token(np.zeros(0, np.float32))",
+    "_C.sample_token(np.zeros(0, np.float32), temperature=0.0)",
+    "_C.sampling_probs(np.zeros(0, np.float32))",
+    "_C.sampling_probs(np.zeros(0, np.float32), temperature=0.0, top_k=3)",
+    "_C._ops.Backend('cpu').sample(np.zeros((2, 0), np.float32), temperature=1.0)",
+    "_C._ops.Backend('cpu').sample(np.zeros((1, 0), np.float32))",
+    "_C.sample_token(np.array([1.0, float('nan')], np.float32))",
+    "_C.sample_token(np.array([1.0, float('inf')], np.float32), temperature=0.0)",
+    "_C.sampling_probs(np.array([float('-inf'), 0.0], np.float32))",
+])
+def test_raw_sampler_entry_points_validate(call):
+    res = py(f"import numpy as np\nfrom mambart import _C\n{call}")
+    raises(res, "ValueError", "logits")
