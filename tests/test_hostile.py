@@ -513,3 +513,88 @@ def test_raw_sampler_edges():
 def test_raw_sampler_entry_points_validate(call):
     res = py(f"import numpy as np\nfrom mambart import _C\n{call}")
     raises(res, "ValueError", "logits")
+
+
+# =============================================================================================
+# Class 5: mambart-run's command line is parsed strictly (tools/run_args.h), and seeds outside
+# [0, 2^64) are refused in the API and both CLIs (before, 2^64 + 5 silently equalled 5).
+# =============================================================================================
+
+@pytest.mark.parametrize("args,flag,frag", [
+    (["--tokens", "4294967297"], "--tokens", "out of range"),     # wrapped to token 1
+    (["--tokens", "1,-2"], "--tokens", "negative"),
+    (["--tokens", "1,,2"], "--tokens", "empty id"),
+    (["--tokens", "1, 2"], "--tokens", "not a decimal integer"),
+    (["--tokens", "0x10"], "--tokens", "not a decimal integer"),
+    (["--tokens", ""], "--tokens", "no token ids"),
+    (["--tokens", "1", "--max-new-tokens", "1e3"], "--max-new-tokens", "not a decimal"),  # was 1
+    (["--tokens", "1", "--max-new-tokens", "-5"], "--max-new-tokens", "negative"),
+    (["--tokens", "1", "--max-new-tokens", "+5"], "--max-new-tokens", "not a decimal"),
+    (["--tokens", "1", "--max-new-tokens", "99999999999999999999"], "--max-new-tokens",
+     "out of range"),
+    (["--tokens", "1", "--temperature", "0.5abc"], "--temperature", "not a decimal"),  # was 0.5
+    (["--tokens", "1", "--temperature", "nan"], "--temperature", "not a decimal"),
+    (["--tokens", "1", "--temperature", "inf"], "--temperature", "not a decimal"),
+    (["--tokens", "1", "--temperature", "1e39"], "--temperature", "out of range"),
+    (["--tokens", "1", "--temperature", "-1"], "--temperature", "out of range"),
+    (["--tokens", "1", "--temperature", "0x1p3"], "--temperature", "not a decimal"),
+    (["--tokens", "1", "--top-p", "0"], "--top-p", "out of range"),
+    (["--tokens", "1", "--top-p", "1.5"], "--top-p", "out of range"),
+    (["--tokens", "1", "--min-p", "2"], "--min-p", "out of range"),
+    (["--tokens", "1", "--repetition-penalty", "0"], "--repetition-penalty", "out of range"),
+    (["--tokens", "1", "--top-k", "2.7"], "--top-k", "not a decimal"),
+    (["--tokens", "1", "--seed", "-1"], "--seed", "negative"),                 # was 2^64 - 1
+    (["--tokens", "1", "--seed", "18446744073709551621"], "--seed", "out of range"),  # was 5
+    (["--tokens", "1", "--seed", ""], "--seed", "empty"),
+    (["--tokens", "1", "--seed"], "--seed", "needs a value"),
+    (["--tokens", "1", "--seed", "1", "--seed", "2"], "--seed", "more than once"),
+    (["--tokens", "1", "--frobnicate", "2"], "--frobnicate", "unknown argument"),
+    (["--tokens", "1", "--device", ""], "--device", "not a device"),
+])
+def test_mambart_run_refuses_bad_arguments(model, args, flag, frag):
+    r = run_limited([MAMBART_RUN, model, *args])
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    first = r.stderr.splitlines()[0]
+    assert first.startswith("mambart-run: error: ") and flag in first and frag in first, r.stderr
+    assert r.stdout == ""
+
+
+def test_mambart_run_accepts_the_boundaries(model):
+    g = mambart.Generator(str(model))
+    for args, kw in (
+            (["--seed", "18446744073709551615", "--temperature", "1"],
+             dict(seed=2**64 - 1, temperature=1.0)),
+            (["--seed", "0", "--temperature", "0.7", "--top-p", "1", "--min-p", "0",
+              "--top-k", "0", "--repetition-penalty", "1.3"],
+             dict(seed=0, temperature=0.7, repetition_penalty=1.3)),
+            (["--temperature", "1e-39"], dict(temperature=0.0)),
+            (["--max-new-tokens", "0"], dict(max_new_tokens=0))):
+        r = run_limited([MAMBART_RUN, model, "--tokens", "0,99,1", "--ignore-eos", *args]
+                        + ([] if "--max-new-tokens" in args else ["--max-new-tokens", "6"]))
+        assert r.returncode == 0, r.stderr
+        want = g.generate([0, 99, 1], ignore_eos=True, **{"max_new_tokens": 6, **kw}).token_ids
+        assert [int(t) for t in r.stdout.split()] == want, args
+    r = run_limited([MAMBART_RUN, "--help"])
+    assert r.returncode == 0 and "usage" in r.stdout
+
+
+@pytest.mark.parametrize("seed", [2**64, 2**64 + 5, 2**70, -1, -(2**64) + 5])
+def test_seeds_outside_the_range_are_refused(model, seed):
+    g = mambart.Generator(str(model))
+    for call in (lambda: g.generate([1, 2], max_new_tokens=2, temperature=1.0, seed=seed),
+                 lambda: list(g.stream([1, 2], max_new_tokens=2, temperature=1.0, seed=seed)),
+                 lambda: g.generate([[1], [2]], max_new_tokens=2, temperature=1.0,
+                                    seed=[1, seed])):
+        with pytest.raises(ValueError, match="seed"):
+            call()
+    r = run_limited([sys.executable, "-m", "mambart", "generate", model, "1,2", "--token-ids",
+                     "--temperature", "1", "--seed", str(seed)])
+    assert r.returncode != 0 and "seed" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_seed_boundaries_are_accepted(model):
+    g = mambart.Generator(str(model))
+    top = g.generate([1, 2], max_new_tokens=4, temperature=1.0, seed=2**64 - 1).token_ids
+    assert g.generate([1, 2], max_new_tokens=4, temperature=1.0, seed=np.uint64(2**64 - 1)
+                      ).token_ids == top
+    g.generate([1, 2], max_new_tokens=4, temperature=1.0, seed=0)

@@ -183,9 +183,10 @@ class Generator(SequenceAPI):
         o.repetition_penalty = float(repetition_penalty)
         if seed is None:
             seed = int.from_bytes(os.urandom(8), "little")
-        if not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
-        o.seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) \
+                or not 0 <= seed < 2**64:  # never reduced mod 2^64 (issue 23)
+            raise ValueError(f"seed must be an integer in [0, 2^64) or None, got {seed!r}")
+        o.seed = int(seed)
         o.stop_token_ids = [int(t) for t in (stop_token_ids or [])]
         o.ignore_eos = bool(ignore_eos)
         return o
