@@ -598,3 +598,55 @@ def test_seed_boundaries_are_accepted(model):
     assert g.generate([1, 2], max_new_tokens=4, temperature=1.0, seed=np.uint64(2**64 - 1)
                       ).token_ids == top
     g.generate([1, 2], max_new_tokens=4, temperature=1.0, seed=0)
+
+
+# =============================================================================================
+# Class 6: convert(src, dst, overwrite=True) (CLI --force) never deletes its source: a dst that
+# is src, contains it, or lies inside it is refused before anything is read or replaced
+# (mambart/_files.py: check_not_nested). Before, dst an ancestor of src deleted the checkpoint.
+# =============================================================================================
+
+def _tree(root: Path):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("where", ["parent", "grandparent", "same", "inside", "deep_inside",
+                                   "symlink_to_parent", "dotdot", "relative_dot"])
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_convert_refuses_nested_destinations(tmp_path, where, overwrite, monkeypatch):
+    src = make_model_dir(tmp_path / "a" / "b" / "src")
+    (tmp_path / "a" / "b" / "other.txt").write_text("keep me")
+    before = _tree(tmp_path)
+    dst = {"parent": src.parent, "grandparent": src.parent.parent, "same": src,
+           "inside": src / "out", "deep_inside": src / "x" / "y",
+           "dotdot": src / "sub" / ".." / "..", "relative_dot": Path(".")}.get(where)
+    if where == "symlink_to_parent":
+        dst = tmp_path / "link"
+        dst.symlink_to(src.parent)
+        before = _tree(tmp_path)
+    if where == "relative_dot":
+        monkeypatch.chdir(src)
+    with pytest.raises(mambart.ConversionError, match="source directory"):
+        mambart.convert(src, dst, overwrite=overwrite)
+    assert _tree(tmp_path) == before
+    assert (tmp_path / "a" / "b" / "other.txt").read_text() == "keep me"
+    mambart.Generator(str(src))  # still loads
+
+
+def test_cli_force_refuses_an_ancestor(tmp_path):
+    src = make_model_dir(tmp_path / "a" / "src")
+    before = _tree(tmp_path)
+    r = run_limited([sys.executable, "-m", "mambart", "convert", src, tmp_path / "a", "--force",
+                     "--no-progress"])
+    assert r.returncode == 1 and "source directory" in r.stderr, r.stderr
+    assert _tree(tmp_path) == before
+
+
+def test_convert_next_to_the_source_still_works(tmp_path):
+    src = make_model_dir(tmp_path / "a" / "src")
+    out = Path(mambart.convert(src, tmp_path / "a" / "src-bf16", dtype="bfloat16"))
+    mambart.convert(src, out, dtype="float16", overwrite=True)  # a sibling: replaced
+    assert mambart.Generator(str(out)).dtype == "float16"
+    pre = tmp_path / "a" / "sr"  # a name that is a string prefix of src's, not an ancestor
+    mambart.convert(src, pre)
+    assert (pre / "config.json").is_file()

@@ -172,3 +172,19 @@ def read_header_first(path, what: str = "file", error: Type[Exception] = ValueEr
             return data, size
         except OSError as e:
             raise error(f"{p}: cannot read the {what}: {e.strerror or e}") from None
+
+
+def check_not_nested(src, dst, error: Type[Exception] = ValueError) -> None:
+    """Refuses an output directory `dst` that is `src`, contains it, or lies inside it
+    (symlinks resolved): replacing such a dst (convert(..., overwrite=True), --force) would
+    delete the source, and writing inside the source changes what is being read."""
+    s = os.path.realpath(os.fspath(src))
+    d = os.path.realpath(os.fspath(dst))
+    if s == d:
+        raise error(f"{os.fspath(dst)}: the destination is the source directory")
+    if os.path.commonpath([s, d]) == d:
+        raise error(f"{os.fspath(dst)}: the destination contains the source directory "
+                    f"{os.fspath(src)} (replacing it would delete the source)")
+    if os.path.commonpath([s, d]) == s:
+        raise error(f"{os.fspath(dst)}: the destination is inside the source directory "
+                    f"{os.fspath(src)}")

@@ -28,8 +28,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ._tensorio import (CHUNK_ELEMS, FLOAT_DTYPES, OUT_DTYPES, LazyTensor, SafetensorsWriter,
                         WeightSet, convert_chunk, read_safetensors_header)
-from ._files import (MAX_JSON_BYTES, MAX_TOKENIZER_BYTES, read_bounded, read_bounded_text,
-                     write_atomic)
+from ._files import (MAX_JSON_BYTES, MAX_TOKENIZER_BYTES, check_not_nested, read_bounded,
+                     read_bounded_text, write_atomic)
 from .errors import ConversionError
 
 CONVERTER_VERSION = "mambart-convert 1"
@@ -646,6 +646,7 @@ def convert(src, dst, dtype: Optional[str] = None, *, overwrite: bool = False,
     """
     src_p = Path(os.fspath(src)).expanduser()
     dst_p = Path(os.fspath(dst)).expanduser()
+    check_not_nested(src_p, dst_p, ConversionError)  # before anything is read or replaced
     source, weights = read_source(src_p)
     items, T = plan(source, weights, dtype)
 
