@@ -650,3 +650,173 @@ def test_convert_next_to_the_source_still_works(tmp_path):
     pre = tmp_path / "a" / "sr"  # a name that is a string prefix of src's, not an ancestor
     mambart.convert(src, pre)
     assert (pre / "config.json").is_file()
+
+
+# =============================================================================================
+# Classes 7 and 8: every public argument is checked in one place (mambart/_args.py) with one
+# message style ("<parameter> must be <allowed>, got <value>", + "(row r)" per row), as
+# ValueError; nothing is coerced (bools, floats, strings, bytes, dicts, sets). Before, these gave
+# numpy / pybind11 messages ("incompatible function arguments", "could not convert string to
+# float"), or were silently coerced (top_k=2.7 -> 2, seed=True -> 1, b"abc" -> [97, 98, 99]).
+# =============================================================================================
+
+@pytest.fixture
+def gen(model):
+    return mambart.Generator(str(model))
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(temperature="0.5"), "temperature"),
+    (dict(temperature="hot"), "temperature"),
+    (dict(temperature=None), "temperature"),
+    (dict(temperature={"t": 1}), "temperature"),
+    (dict(temperature=True), "temperature"),
+    (dict(temperature=1e39), "temperature"),        # finite in Python, inf as float32
+    (dict(temperature=10**400), "temperature"),     # float() overflows
+    (dict(top_p="1"), "top_p"),
+    (dict(min_p=None), "min_p"),
+    (dict(repetition_penalty={"p": 1.2}), "repetition_penalty"),
+    (dict(repetition_penalty=[[1.2]]), "repetition_penalty"),  # a per-row list of 1: row 0
+    (dict(top_k=2.7), "top_k"),
+    (dict(top_k="5"), "top_k"),
+    (dict(top_k=None), "top_k"),
+    (dict(top_k=2**70), "top_k"),
+    (dict(top_k=True), "top_k"),
+    (dict(max_new_tokens=2**70), "max_new_tokens"),
+    (dict(max_new_tokens=None), "max_new_tokens"),
+    (dict(max_new_tokens=4.0), "max_new_tokens"),
+    (dict(seed=True), "seed"),
+    (dict(seed=1.0), "seed"),
+    (dict(seed="1"), "seed"),
+    (dict(stop_token_ids=[1.5]), "stop_token_ids"),
+    (dict(stop_token_ids=5), "stop_token_ids"),
+    (dict(stop_token_ids="5"), "stop_token_ids"),
+    (dict(stop_token_ids=[2**70]), "stop_token_ids"),
+    (dict(stop_token_ids=[True]), "stop_token_ids"),
+    (dict(stop_token_ids={1, 2}), "stop_token_ids"),
+    (dict(ignore_eos="no"), "ignore_eos"),
+    (dict(ignore_eos=None), "ignore_eos"),
+])
+def test_wrong_option_types_name_the_parameter(gen, kwargs, name):
+    for call in (lambda: gen.generate([1, 2, 3], **{"max_new_tokens": 3, **kwargs}),
+                 lambda: list(gen.stream([1, 2, 3], **{"max_new_tokens": 3, **kwargs}))):
+        with pytest.raises(ValueError) as ei:
+            call()
+        msg = str(ei.value)
+        assert msg.startswith(name) and "got" in msg, msg
+        assert "incompatible function arguments" not in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("prompt", [b"abc", bytearray(b"ab"), {1: 2, 3: 4}, {1, 2}, [1.0, 2.0],
+                                    [True, 2], [1, None], 7, [2**40], [-(2**63)], [1, 2**64]])
+def test_bad_prompts_are_refused_not_coerced(gen, prompt):
+    for call in (lambda: gen.generate(prompt, max_new_tokens=2), lambda: gen.logits(prompt),
+                 lambda: gen.score(prompt)):
+        with pytest.raises(ValueError, match="prompt") as ei:
+            call()
+        assert "incompatible function arguments" not in str(ei.value)
+
+
+def test_per_row_errors_name_the_row(gen):
+    prompts = [[1, 2], [3], [4, 5]]
+    for kw, row in ((dict(top_k=[0, 2.5, 0]), 1), (dict(temperature=[0.0, 1.0, "x"]), 2),
+                    (dict(stop_token_ids=[[1], [100], [2]]), 1),
+                    (dict(top_p=[0.0, 1.0, 1.0]), 0), (dict(seed=[1, 2, 2**64]), 2),
+                    (dict(max_new_tokens=[1, 2, -3]), 2), (dict(ignore_eos=[True, 1, False]), 1)):
+        with pytest.raises(ValueError) as ei:
+            gen.generate(prompts, **kw)
+        msg = str(ei.value)
+        assert msg.startswith(next(iter(kw))) and msg.endswith(f"(row {row})"), msg
+
+
+def test_generator_arguments(model, tmp_path):
+    for kw, name in ((dict(tokenizer=42), "tokenizer"), (dict(tokenizer=[1]), "tokenizer"),
+                     (dict(device=0), "device"), (dict(device=None), "device"),
+                     (dict(revision=3), "revision")):
+        with pytest.raises(ValueError, match=name):
+            mambart.Generator(str(model), **kw)
+    for bad in (42, None, [str(model)]):
+        with pytest.raises(ValueError, match="model"):
+            mambart.Generator(bad)
+
+
+@pytest.mark.parametrize("name", ["a" * 5000, "~no_such_user_mambart/x", "x/" + "b" * 300,
+                                  "~no_such_user_mambart", "a\0b"])
+def test_unusable_model_names_are_model_load_errors(name, tmp_path):
+    res = py(f"import mambart; mambart.Generator({name!r})",
+             env={"HF_HUB_OFFLINE": "1", "MAMBART_CACHE": str(tmp_path / "cache"),
+                  "HF_HUB_CACHE": str(tmp_path / "hf")})
+    raises(res, "ModelLoadError")
+
+
+def test_lone_surrogate_in_a_text_prompt(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    g = mambart.Generator(str(make_model_dir(tmp_path / "m")), tokenizer=tok)
+    assert g.generate("a b", max_new_tokens=1).token_ids  # text works
+    for bad in ("a \ud800 b", "\udfff"):
+        with pytest.raises(ValueError, match="prompt is not valid text: a lone surrogate"):
+            g.generate(bad, max_new_tokens=1)
+
+
+def test_state_metadata_is_strict(model, tmp_path):
+    good = _state_file(model, tmp_path / "good.state")
+    data = good.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    hdr = json.loads(data[8:8 + n])
+
+    def variant(name, **meta):
+        h = json.loads(json.dumps(hdr))
+        h["__metadata__"].update(meta)
+        hb = json.dumps(h).encode()
+        hb += b" " * (-len(hb) % 8)
+        p = tmp_path / f"{name}.state"
+        p.write_bytes(len(hb).to_bytes(8, "little") + hb + data[8 + n:])
+        return p
+
+    cases = {"fed_underscore": dict(fed="0_3"), "fed_space": dict(fed=" 3"),
+             "fed_plus": dict(fed="+3"), "fed_arabic": dict(fed="\u0663"),
+             "fed_huge": dict(fed="9" * 30),
+             "seed_huge": dict(has_rng="1", seed=str(2**64), stream="0", counter="0"),
+             "counter_neg": dict(has_rng="1", seed="1", stream="0", counter="-1"),
+             "has_rng_2": dict(has_rng="2"),
+             "arch": dict(architecture="transformer")}
+    g = mambart.Generator(str(model))
+    for name, meta in cases.items():
+        p = variant(name, **meta)
+        with pytest.raises(mambart.StateError, match=f"{name}.state") as ei:
+            g.load_state(p)
+        assert "TypeError" not in str(ei.value)
+    ok = variant("ok", fed="3")  # the same values, written plainly, still load
+    assert g.load_state(ok).tokens == (1, 2, 3)
+
+
+def test_prompt_cache_len_under_concurrent_generation(model):
+    import threading
+
+    g = mambart.Generator(str(model), prompt_cache_bytes=1 << 16)  # small: constant eviction
+    stop = threading.Event()
+    errors = []
+
+    def work(k):
+        try:
+            i = 0
+            while not stop.is_set():
+                g.generate([1 + k, 2 + i % 50, 3 + i % 7], max_new_tokens=2)
+                i += 1
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    ts = [threading.Thread(target=work, args=(k,)) for k in range(3)]
+    for t in ts:
+        t.start()
+    try:
+        for _ in range(3000):
+            assert len(g.prompt_cache) >= 0
+    finally:
+        stop.set()
+        for t in ts:
+            t.join()
+    assert not errors, errors

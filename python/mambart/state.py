@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ._files import MAX_JSON_BYTES, open_regular, read_bounded, read_header_first, write_atomic
+from ._args import decimal
 from .errors import ModelLoadError
 
 FORMAT = "mambart-state"
@@ -296,13 +297,19 @@ def load_state(path) -> SequenceState:
     for name in ("conv", "ssm", "logits"):
         if name in arrays and not np.isfinite(arrays[name]).all():
             raise bad(f"tensor {name!r} holds NaN or infinite values")
-    try:
-        fed = int(meta["fed"])
+    try:  # strict decimals in the runtime's ranges (int() took "0_6" and any size; issue 23)
+        fed = decimal(meta["fed"], 0, 2**63 - 1)
         rng = None
+        if meta["has_rng"] not in ("0", "1"):
+            raise ValueError(f"has_rng is {meta['has_rng']!r}, not '0' or '1'")
         if meta["has_rng"] == "1":
-            rng = (int(meta["seed"]), int(meta["stream"]), int(meta["counter"]))
-    except (KeyError, ValueError):
-        raise bad("metadata fed/seed/stream/counter are not integers") from None
+            rng = (decimal(meta["seed"], 0, 2**64 - 1), decimal(meta["stream"], 0, 2**64 - 1),
+                   decimal(meta["counter"], 0, 2**64 - 1))
+    except (KeyError, ValueError) as e:
+        raise bad(f"metadata fed/seed/stream/counter/has_rng must be decimal integers in range "
+                  f"({e})") from None
+    if meta["architecture"] not in ("mamba1", "mamba2"):
+        raise bad(f"architecture {meta['architecture']!r} is not mamba1 or mamba2")
     tokens = arrays["tokens"]
     if tokens.ndim != 1 or not 0 <= fed <= len(tokens):
         raise bad(f"fed = {fed} does not fit {len(tokens)} tokens")
@@ -348,7 +355,8 @@ class PromptCache:
         return hashlib.blake2b(tokens.tobytes(), digest_size=16).digest()
 
     def __len__(self) -> int:
-        return sum(len(v) for v in self._entries.values())
+        with self._lock:  # generation in other threads inserts and evicts meanwhile
+            return sum(len(v) for v in self._entries.values())
 
     def clear(self) -> None:
         with self._lock:
