@@ -820,3 +820,27 @@ def test_prompt_cache_len_under_concurrent_generation(model):
         for t in ts:
             t.join()
     assert not errors, errors
+
+
+def test_info_refuses_what_generator_refuses(tmp_path):
+    from model_dirs import config_dict, model_tensors
+
+    good = make_model_dir(tmp_path / "good")
+    r = run_limited([sys.executable, "-m", "mambart", "info", good])
+    assert r.returncode == 0 and "architecture: mamba1" in r.stdout, r.stderr
+    c = config_dict()
+    missing = model_tensors(c)
+    del missing["layers.1.mixer.out_proj.weight"]
+    nan_d = model_tensors(c)
+    nan_d["layers.0.mixer.D"] = np.full_like(nan_d["layers.0.mixer.D"], np.nan)
+    broken = {"missing_tensor": (missing, {}), "nan_D": (nan_d, {}),
+              "config_contradicts": (model_tensors(c), dict(d_state=7))}
+    for name, (tensors, overrides) in broken.items():
+        d = make_model_dir(tmp_path / name, tensors=tensors, **overrides)
+        res = py(f"import mambart; mambart.Generator({str(d)!r})")
+        raises(res, "ModelLoadError")
+        r = run_limited([sys.executable, "-m", "mambart", "info", d])
+        assert r.returncode == 1 and r.stderr.startswith("mambart: error:"), (name, r.stdout,
+                                                                                r.stderr)
+        assert "model.safetensors" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert "architecture:" not in r.stdout
