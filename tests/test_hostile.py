@@ -844,3 +844,35 @@ def test_info_refuses_what_generator_refuses(tmp_path):
                                                                                 r.stderr)
         assert "model.safetensors" in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert "architecture:" not in r.stdout
+
+
+# =============================================================================================
+# Fuzz targets of this issue: the state-file reader (atheris, tests/fuzz/harnesses.py:
+# state_file) and mambart-run's argument parser (libFuzzer, tests/fuzz/cpp/fuzz_run_args.cpp).
+# Their seeds replay here in a limited child, as tests/test_fuzz_regressions.py does for the
+# other targets.
+# =============================================================================================
+
+def test_state_file_fuzz_seeds_replay():
+    seeds = sorted(str(p) for p in (TESTS / "fuzz" / "corpus" / "state_file").iterdir())
+    assert len(seeds) >= 5
+    res = py(f"""
+        import sys
+        sys.path.insert(0, {str(TESTS / "fuzz")!r})
+        import harnesses
+        for path in {seeds!r}:
+            harnesses.state_file(open(path, "rb").read())
+        result = len({seeds!r})
+    """)
+    assert res["ok"], res
+
+
+def test_run_args_fuzz_seeds_are_what_mambart_run_refuses(model):
+    d = TESTS / "fuzz" / "corpus" / "libfuzzer_run_args"
+    for name, ok in (("basic", True), ("all_flags", True), ("help", True), ("wrap_id", False),
+                     ("exponent", False), ("trailing", False), ("neg_seed", False),
+                     ("big_seed", False)):
+        argv = (d / name).read_bytes().split(b"\0")
+        argv = [str(model) if a == b"model" else a.decode() for a in argv]
+        r = run_limited([MAMBART_RUN, *argv])
+        assert (r.returncode == 0) == ok and r.returncode in (0, 2), (name, r.stderr)
