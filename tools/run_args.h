@@ -9,11 +9,11 @@
 // "1e39" and hex floats are refused. Each flag may be given once.
 #pragma once
 
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
-#include <algorithm>
 #include <limits>
 #include <optional>
 #include <set>
@@ -78,7 +78,8 @@ inline uint64_t parse_uint(const std::string& flag, const std::string& v, uint64
     for (char c : v) {
         if (c < '0' || c > '9') throw fail("is not a decimal integer " + range);
         const uint64_t d = uint64_t(c - '0');
-        if (x > (std::numeric_limits<uint64_t>::max() - d) / 10) throw fail("is out of range " + range);
+        if (x > (std::numeric_limits<uint64_t>::max() - d) / 10)
+            throw fail("is out of range " + range);
         x = x * 10 + d;
     }
     if (x < lo || x > hi) throw fail("is out of range " + range);
@@ -164,10 +165,13 @@ inline RunArgs parse(const std::vector<std::string>& args) {
         else if (a == "--top-k") r.top_k = int64_t(parse_uint(a, v, 0, kI64));
         else if (a == "--top-p") r.top_p = parse_real(a, v, 0.0, 1.0, true);
         else if (a == "--min-p") r.min_p = parse_real(a, v, 0.0, 1.0, false);
-        else if (a == "--repetition-penalty") r.repetition_penalty = parse_real(a, v, 0.0, kF, true);
-        else if (a == "--seed") r.seed = parse_uint(a, v, 0, std::numeric_limits<uint64_t>::max());
+        else if (a == "--repetition-penalty")
+            r.repetition_penalty = parse_real(a, v, 0.0, kF, true);
+        else if (a == "--seed")
+            r.seed = parse_uint(a, v, 0, std::numeric_limits<uint64_t>::max());
         else if (a == "--device") {
-            if (v.empty() || v[0] == '-') throw UsageError(str_cat(a, ": ", quoted(v), " is not a device"));
+            if (v.empty() || v[0] == '-')
+                throw UsageError(str_cat(a, ": ", quoted(v), " is not a device"));
             r.device = v;
         }
     }

@@ -62,7 +62,8 @@ def _valid(d: Path) -> bool:
     if not (cfg.is_file() and (d / "model.safetensors").is_file()):
         return False
     try:
-        return "mambart_format" in json.loads(read_bounded_text(cfg, MAX_JSON_BYTES, "config"))
+        text = read_bounded_text(cfg, MAX_JSON_BYTES, "config")
+        return "mambart_format" in json.loads(text)
     except (OSError, ValueError):
         return False
 

@@ -42,16 +42,19 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         if (t < 0) __builtin_trap();
     if (r.max_new_tokens && *r.max_new_tokens < 0) __builtin_trap();
     if (r.top_k && *r.top_k < 0) __builtin_trap();
-    if (r.temperature && !(std::isfinite(*r.temperature) && *r.temperature >= 0.0f)) __builtin_trap();
+    if (r.temperature && !(std::isfinite(*r.temperature) && *r.temperature >= 0.0f))
+        __builtin_trap();
     if (r.top_p && !(*r.top_p > 0.0f && *r.top_p <= 1.0f)) __builtin_trap();
     if (r.min_p && !(*r.min_p >= 0.0f && *r.min_p <= 1.0f)) __builtin_trap();
-    if (r.repetition_penalty && !(std::isfinite(*r.repetition_penalty) && *r.repetition_penalty > 0.0f))
+    if (r.repetition_penalty &&
+        !(std::isfinite(*r.repetition_penalty) && *r.repetition_penalty > 0.0f))
         __builtin_trap();
     if (r.device.empty()) __builtin_trap();
     // Round trip: the canonical spelling of what was accepted parses to the same values.
     std::vector<std::string> again{r.model_dir, "--tokens"};
     std::string ids;
-    for (size_t i = 0; i < r.tokens.size(); ++i) ids += (i ? "," : "") + std::to_string(r.tokens[i]);
+    for (size_t i = 0; i < r.tokens.size(); ++i)
+        ids += (i ? "," : "") + std::to_string(r.tokens[i]);
     again.push_back(ids);
     if (r.seed) {
         again.push_back("--seed");
