@@ -13,6 +13,7 @@
 
 #include "config_reader.h"
 #include "error.h"
+#include "regular_file.h"
 #include "strict_json.h"
 
 namespace mambart {
@@ -229,17 +230,7 @@ ModelConfig ModelConfig::from_json_text(const std::string& text, const std::stri
 ModelConfig ModelConfig::from_file(const std::string& path, const LayerTypes& types) {
     // A regular file of bounded size: a directory, FIFO or /dev/zero link must not hang or OOM.
     struct stat st;
-    if (::stat(path.c_str(), &st) != 0)
-        throw ModelLoadError(str_cat(path, ": cannot open config: ", std::strerror(errno)));
-    if (!S_ISREG(st.st_mode)) throw ModelLoadError(str_cat(path, ": config is not a regular file"));
-    if (st.st_size > kMaxConfigBytes)
-        throw ModelLoadError(str_cat(path, ": config is ", st.st_size, " bytes, more than the limit of ",
-                                     kMaxConfigBytes));
-    std::ifstream f(path, std::ios::binary);
-    if (!f) throw ModelLoadError(str_cat(path, ": cannot open config"));
-    std::stringstream ss;
-    ss << f.rdbuf();
-    return from_json_text(ss.str(), path, types);
+    return from_json_text(read_regular_file(path, "config", kMaxConfigBytes, &st), path, types);
 }
 
 }  // namespace mambart

@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include "error.h"
+#include "regular_file.h"
 #include "strict_json.h"
 
 namespace mambart {
@@ -46,15 +47,8 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
     auto fail = [&](const std::string& what) -> ModelLoadError {
         return ModelLoadError(str_cat(path_, ": invalid safetensors file: ", what));
     };
-    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        throw ModelLoadError(str_cat(path_, ": cannot open: ", std::strerror(errno)));
-    }
     struct stat st;
-    if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-        ::close(fd);
-        throw ModelLoadError(str_cat(path_, ": not a regular file"));
-    }
+    int fd = open_regular_file(path, "the weights file", &st);  // never blocks on a FIFO
     size_ = static_cast<size_t>(st.st_size);
     if (size_ < 8) {
         ::close(fd);

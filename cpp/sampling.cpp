@@ -33,8 +33,18 @@ double uniform_draw(uint64_t seed, uint64_t stream, uint64_t counter) {
     return double(h >> 11) * (1.0 / 9007199254740992.0);  // 53 bits
 }
 
+namespace {
+int64_t checked_vocab(int64_t v) {
+    // An empty logits array would leave no candidate to return (cand_.back() on an empty
+    // vector; probs() writing past a zero-length output): refused here, for every caller.
+    MAMBART_CHECK_ARG(v >= 1 && v <= int64_t(0x7fffffff),
+                      "sampler: logits must hold 1 to 2^31-1 values (one per token id), got ", v);
+    return v;
+}
+}  // namespace
+
 Sampler::Sampler(int64_t vocab_size)
-    : vocab_(vocab_size), seen_(size_t(vocab_size), 0), cand_(size_t(vocab_size)) {}
+    : vocab_(checked_vocab(vocab_size)), seen_(size_t(vocab_), 0), cand_(size_t(vocab_)) {}
 
 void Sampler::observe(int32_t id) {
     if (id < 0 || id >= vocab_ || seen_[size_t(id)]) return;
@@ -49,20 +59,32 @@ void Sampler::clear_seen() {
 
 double Sampler::filter(float* logits, const SamplingOptions& o) {
     const int64_t V = vocab_;
+    // A NaN or infinite logit has no probability: an error, never a draw from NaNs. (The
+    // generator raises naming the row and step before this; the raw entry points reach here.)
+    for (int64_t i = 0; i < V; ++i)
+        if (!std::isfinite(logits[i]))
+            throw InvalidArgument(str_cat("sampler: logits must be finite, got ", logits[i],
+                                          " for token id ", i));
     if (o.repetition_penalty != 1.0f)
         for (int32_t id : seen_list_) {
             float& l = logits[id];
             l = l < 0.0f ? l * o.repetition_penalty : l / o.repetition_penalty;
         }
-    cand_.clear();
-    if (o.temperature == 0.0f) {
+    auto greedy = [&]() {
         int32_t best = 0;
         for (int64_t i = 1; i < V; ++i)
             if (logits[i] > logits[best]) best = int32_t(i);
+        cand_.clear();
         cand_.push_back({1.0f, best});
         return 1.0;
-    }
+    };
+    cand_.clear();
+    // Greedy for T = 0, and where the scaled distribution is degenerate (its T -> 0 limit):
+    // 1/T overflows (T below about 3e-39), or the scaled or penalised logits overflow so that
+    // the largest is infinite (every exp(s - max) would be NaN) or all are -inf.
+    if (o.temperature == 0.0f) return greedy();
     const float inv_t = 1.0f / o.temperature;
+    if (!std::isfinite(inv_t)) return greedy();
     for (int64_t i = 0; i < V; ++i) cand_.push_back({logits[i] * inv_t, int32_t(i)});
     // Order: larger value first, lower id on ties.
     auto before = [](const Cand& a, const Cand& b) { return a.p > b.p || (a.p == b.p && a.id < b.id); };
@@ -75,6 +97,7 @@ double Sampler::filter(float* logits, const SamplingOptions& o) {
     // Softmax over the candidates (max subtracted; sums in double).
     float mx = -std::numeric_limits<float>::infinity();
     for (const Cand& c : cand_) mx = std::max(mx, c.p);
+    if (!std::isfinite(mx)) return greedy();
     double total = 0.0;
     for (Cand& c : cand_) {
         c.p = std::exp(c.p - mx);

@@ -2,7 +2,10 @@
 //
 // Order (each step optional): repetition penalty -> temperature -> top-k -> softmax -> top-p ->
 // min-p -> renormalise -> draw. temperature == 0 is greedy (argmax, lowest id on ties) after the
-// repetition penalty; the other filters do not apply then. These are the semantics any device
+// repetition penalty; the other filters do not apply then. The sampler is total: where the scaled
+// distribution is degenerate (1/T overflows, or the largest penalised logit x 1/T is infinite, or
+// all are -inf) it is greedy too (the T -> 0 limit); non-finite logits and an empty vocabulary are
+// InvalidArgument, never a draw from NaN probabilities. These are the semantics any device
 // sampler must reproduce given the same uniform draw.
 //   repetition penalty: for each distinct id already seen, logit < 0 ? logit * p : logit / p
 //   top-k (k > 0): keep the k largest logits (ties broken by lower id)

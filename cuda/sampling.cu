@@ -8,6 +8,7 @@
 //   ((p desc, id asc) when top-p is on, else (s desc, id asc) when top-k is on, else id order)
 //   and takes the first whose running sum exceeds u · Σ kept p, u = uniform(seed, stream,
 //   counter) from the row's entry of `rng`. A row with a NaN or infinite logit gets id -1.
+//   Degenerate (T > 0 but 1/T or max s not finite): greedy on v, as the reference does.
 //
 // Grid: (B); block: 1024 threads, one row per block, striding over V (logits stay in global
 // memory / L2). Each "k-th element" question is answered by a radix descent over a 64-bit key
@@ -186,7 +187,44 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleParams p) {
     const float mx = sh.red_f[0];
     __syncthreads();
 
-    if (p.temperature > 0.0f) {
+    // The scaled distribution is degenerate (1/T or max s overflowed): greedy on v, the T -> 0
+    // limit, as mambart::Sampler does. Uniform across the block (mx is shared).
+    const bool degenerate = p.temperature > 0.0f && (!isfinite(row.inv_t) || !isfinite(mx));
+    if (degenerate) {
+        float best = -INFINITY;
+        int64_t bi = V;
+        for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
+            const float v = row.value(i);
+            if (v > best || (v == best && i < bi)) {
+                best = v;
+                bi = i;
+            }
+        }
+        for (int o = 16; o > 0; o >>= 1) {
+            const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+            const int64_t oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (ob > best || (ob == best && oi < bi)) {
+                best = ob;
+                bi = oi;
+            }
+        }
+        if (lane == 0) {
+            sh.red_f[warp] = best;
+            sh.red_i[warp] = bi;
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            for (int w = 1; w < int(blockDim.x >> 5); ++w)
+                if (sh.red_f[w] > sh.red_f[0] || (sh.red_f[w] == sh.red_f[0] && sh.red_i[w] < sh.red_i[0])) {
+                    sh.red_f[0] = sh.red_f[w];
+                    sh.red_i[0] = sh.red_i[w];
+                }
+        }
+        __syncthreads();
+        chosen = sh.red_i[0];
+    }
+
+    if (p.temperature > 0.0f && !degenerate) {
         const bool topk = p.top_k > 0 && p.top_k < V;
         const bool topp = p.top_p < 1.0f;
         const bool minp = p.min_p > 0.0f;

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from ._files import MAX_JSON_BYTES, read_bounded_text
 from .convert import CONVERTER_VERSION, convert
 from .errors import ConversionError
 
@@ -63,7 +64,8 @@ def _valid(d: Path) -> bool:
     if not (cfg.is_file() and (d / "model.safetensors").is_file()):
         return False
     try:
-        return "mambart_format" in json.loads(cfg.read_text(encoding="utf-8"))
+        text = read_bounded_text(cfg, MAX_JSON_BYTES, "config")
+        return "mambart_format" in json.loads(text)
     except (OSError, ValueError):
         return False
 

@@ -17,6 +17,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ._files import open_regular
 from .errors import ConversionError
 
 # dtype name -> (numpy storage dtype, element size). bfloat16 is stored as uint16 bit patterns.
@@ -127,7 +128,8 @@ class LazyTensor:
         n = self.numel
         if n == 0:
             return
-        with (open(self.path, "rb") if self._reader is None else _NullCtx()) as f:
+        with (open_regular(self.path, "weights file", ConversionError)
+              if self._reader is None else _NullCtx()) as f:
             if self.is_contiguous():
                 pos = 0
                 while pos < n:
@@ -233,8 +235,8 @@ MAX_HEADER = 100 * 1024 * 1024
 def read_safetensors_header(path: str) -> Dict[str, LazyTensor]:
     """Parses and validates a safetensors file's header; returns lazy tensors (no data read)."""
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
+        with open_regular(path, "weights file", ConversionError) as f:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
                 raise ConversionError(f"{path}: not a safetensors file ({size} bytes, shorter "

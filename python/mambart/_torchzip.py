@@ -25,6 +25,7 @@ import zlib
 from collections import OrderedDict
 from typing import Any, Dict, Optional
 
+from ._files import check_size, open_regular
 from ._tensorio import DTYPES, LazyTensor, numel
 from .errors import ConversionError
 
@@ -275,12 +276,16 @@ def _check_state_dict(obj, path: str) -> Dict[str, LazyTensor]:
 
 
 def _load_zip(path: str) -> Dict[str, LazyTensor]:
+    fh = open_regular(path, "torch checkpoint", ConversionError)
     try:
-        zf = zipfile.ZipFile(path)
-    except zipfile.BadZipFile as e:
+        zf = zipfile.ZipFile(fh)
+    except BaseException as e:
+        fh.close()
+        if not isinstance(e, zipfile.BadZipFile):
+            raise
         raise ConversionError(f"{path}: not a valid torch checkpoint (bad zip archive: {e}; "
                               f"truncated download?)") from None
-    with zf:
+    with fh, zf:
         names = zf.namelist()
         pkl = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
         if len(pkl) != 1:
@@ -290,14 +295,15 @@ def _load_zip(path: str) -> Dict[str, LazyTensor]:
         infos = {i.filename: i for i in zf.infolist()}
         byteswap = False
         if prefix + "byteorder" in infos:
-            order = zf.read(prefix + "byteorder").decode("ascii", "replace").strip()
+            order = _read_member(zf, infos[prefix + "byteorder"], MAX_SMALL_MEMBER, path)
+            order = order.decode("ascii", "replace").strip()
             if order not in ("little", "big"):
                 raise ConversionError(f"{path}: unknown byteorder {_short(order)}")
             byteswap = order == "big"
         if infos[pkl[0]].file_size > MAX_PICKLE:
             raise ConversionError(f"{path}: data.pkl is implausibly large")
         try:
-            data = zf.read(pkl[0])
+            data = _read_member(zf, infos[pkl[0]], MAX_PICKLE, path)
         except (zipfile.BadZipFile, OSError, EOFError) as e:
             raise ConversionError(f"{path}: cannot read data.pkl ({e})") from None
 
@@ -352,6 +358,20 @@ def _load_zip(path: str) -> Dict[str, LazyTensor]:
     return _check_state_dict(obj, path)
 
 
+MAX_SMALL_MEMBER = 1 << 16  # a zip member other than data.pkl and the storages (byteorder...)
+
+
+def _read_member(zf, info, limit: int, path: str) -> bytes:
+    """A zip member's bytes, decompressed with a bound: its declared size is checked against
+    `limit` first, and at most limit + 1 bytes are ever decompressed (issue 23: a 14 MB
+    checkpoint whose `byteorder` member inflates to 4.4 GB)."""
+    check_size(info.file_size, limit, path, f"zip member '{info.filename}'", ConversionError)
+    with zf.open(info) as m:
+        data = m.read(limit + 1)
+    check_size(len(data), limit, path, f"zip member '{info.filename}'", ConversionError)
+    return data
+
+
 def _file_size(path: str) -> int:
     import os
 
@@ -361,7 +381,7 @@ def _file_size(path: str) -> int:
 def _member_data_offset(path: str, info: zipfile.ZipInfo) -> int:
     """Byte offset of a stored member's data: after its local header (whose extra field may
     differ from the central directory's, so read it)."""
-    with open(path, "rb") as f:
+    with open_regular(path, "torch checkpoint", ConversionError) as f:
         f.seek(info.header_offset)
         h = f.read(30)
         if len(h) != 30 or h[:4] != b"PK\x03\x04":
@@ -373,7 +393,8 @@ def _member_data_offset(path: str, info: zipfile.ZipInfo) -> int:
 
 def _member_reader(path: str, member: str):
     def read(off: int, n: int) -> bytes:
-        with zipfile.ZipFile(path) as zf, zf.open(member) as m:
+        with open_regular(path, "torch checkpoint", ConversionError) as fh, \
+                zipfile.ZipFile(fh) as zf, zf.open(member) as m:
             m.seek(off)
             return m.read(n)
 
@@ -432,7 +453,7 @@ class _BoundedFile:
 
 def _load_legacy(path: str) -> Dict[str, LazyTensor]:
     """The pre-1.6 torch.save format (a sequence of pickles, then raw storages)."""
-    f = open(path, "rb")
+    f = open_regular(path, "torch checkpoint", ConversionError)
     with f:
         bf = _BoundedFile(f, _file_size(path))
 
@@ -523,7 +544,7 @@ def load_torch_checkpoint(path: str) -> Dict[str, LazyTensor]:
     dict of tensors."""
     path = str(path)
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, "torch checkpoint", ConversionError) as f:
             head = f.read(4)
     except OSError as e:
         raise ConversionError(f"{path}: cannot read: {e.strerror or e}") from None

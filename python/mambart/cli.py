@@ -218,6 +218,12 @@ def _cmd_info(a) -> int:
     from .generator import _resolve
 
     model_dir = _resolve(a.model, a.revision, a.dtype)[0]
+    from . import _C
+
+    # The checks Generator makes (config, every tensor's name, dtype, shape, finiteness): a
+    # directory that cannot be loaded is an error, not a description (issue 23). On the CPU the
+    # weights are mapped, not copied.
+    _C.Generator(str(model_dir), "cpu", None)
     d = _describe(model_dir)
     if a.json:
         print(json.dumps(d, indent=2))

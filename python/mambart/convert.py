@@ -28,6 +28,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ._tensorio import (CHUNK_ELEMS, FLOAT_DTYPES, OUT_DTYPES, LazyTensor, SafetensorsWriter,
                         WeightSet, convert_chunk, read_safetensors_header)
+from ._files import (MAX_JSON_BYTES, MAX_TOKENIZER_BYTES, check_not_nested, read_bounded,
+                     read_bounded_text, write_atomic)
 from .errors import ConversionError
 
 CONVERTER_VERSION = "mambart-convert 1"
@@ -52,12 +54,7 @@ def load_json(path: Path) -> dict:
     """Reads a JSON object. Accepts the bare Infinity/NaN tokens Python's writer emits (older
     HF Mamba-2 configs hold `time_step_limit: [0.0, Infinity]`) and transformers 5's
     `{"__float__": "Infinity"}` encoding."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConversionError(f"{path}: cannot read: {e.strerror or e}") from None
-    except UnicodeDecodeError:
-        raise ConversionError(f"{path}: not UTF-8 text") from None
+    text = read_bounded_text(path, MAX_JSON_BYTES, "JSON file", ConversionError)
     try:
         obj = json.loads(text, object_hook=_special_floats)
     except ValueError as e:
@@ -577,11 +574,12 @@ def _eos_from_tokenizer(tok_path: Optional[Path]):
     if tok_path is None:
         return None
     try:
-        tj = json.loads(Path(tok_path).read_text(encoding="utf-8"))
+        tj = json.loads(read_bounded_text(tok_path, MAX_TOKENIZER_BYTES, "tokenizer file",
+                                          ConversionError))
         for t in tj.get("added_tokens", []) or []:
             if t.get("content") in ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>"):
                 return int(t["id"])
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+    except (ValueError, TypeError, KeyError, AttributeError):  # ConversionError too
         return None
     return None
 
@@ -622,6 +620,7 @@ def convert(src, dst, dtype: Optional[str] = None, *, overwrite: bool = False,
     """
     src_p = Path(os.fspath(src)).expanduser()
     dst_p = Path(os.fspath(dst)).expanduser()
+    check_not_nested(src_p, dst_p, ConversionError)  # before anything is read or replaced
     source, weights = read_source(src_p, a_activation=a_activation)
     if a_activation is not None:
         m3 = [e for e in source.config.get("layers", [])
@@ -699,7 +698,10 @@ def convert(src, dst, dtype: Optional[str] = None, *, overwrite: bool = False,
             writer.abort()
             raise
         if tok_path is not None:
-            shutil.copyfile(tok_path, tmp / "tokenizer.json")
+            tok_bytes = read_bounded(tok_path, MAX_TOKENIZER_BYTES, "tokenizer file",
+                                     ConversionError)  # a regular file, bounded (issue 23)
+            write_atomic(tmp / "tokenizer.json", lambda f: f.write(tok_bytes), "tokenizer file",
+                         ConversionError)  # fsynced like the other files before the rename
         # config.json last: a directory without it is not a model directory.
         cfg_text = json.dumps(cfg, indent=2, allow_nan=False) + "\n"
         with open(tmp / "config.json", "w", encoding="utf-8") as f:

@@ -10,6 +10,7 @@ from typing import Iterator, List, Optional, Sequence, Union
 import numpy as np
 
 from . import _C
+from . import _args  # issue 23: every public argument checked in one place
 from .sequences import ScoreResult, SequenceAPI  # issue 7: states, prompt cache, scoring
 from .state import PromptCache, SequenceState, model_fingerprint
 
@@ -51,15 +52,30 @@ def _is_mambart_dir(path: Path) -> bool:
     import json
 
     try:
-        return "mambart_format" in json.loads(cfg.read_text())
+        from ._files import MAX_JSON_BYTES, read_bounded_text
+        from .errors import ModelLoadError
+
+        text = read_bounded_text(cfg, MAX_JSON_BYTES, "config", ModelLoadError)
+        return "mambart_format" in json.loads(text)
+    except ModelLoadError:
+        raise
     except ValueError:
         return False
 
 
 def _resolve(model, revision, dtype):
     """-> (mambart model dir, tokenizer.json path or None, provenance string)."""
-    path = Path(os.fspath(model)).expanduser()
-    if path.is_dir():
+    from .errors import ModelLoadError
+
+    if not isinstance(model, (str, os.PathLike)):
+        raise ValueError(f"model must be a path or a hub name (str), got {_args.show(model)}")
+    try:  # a name too long for the file system, or '~user' of no user, is not a model
+        path = Path(os.fspath(model)).expanduser()
+        is_dir, exists = path.is_dir(), path.exists()
+    except (OSError, RuntimeError, ValueError) as e:
+        raise ModelLoadError(f"{_args.show(os.fspath(model))}: not a usable model path "
+                             f"({type(e).__name__}: {_args.show(str(e))})") from None
+    if is_dir:
         if _is_mambart_dir(path):
             tok = path / "tokenizer.json"
             return path, (tok if tok.is_file() else None)
@@ -68,9 +84,7 @@ def _resolve(model, revision, dtype):
         out = Path(ensure_converted(path, dtype=dtype))
         tok = out / "tokenizer.json"
         return out, (tok if tok.is_file() else None)
-    if path.exists():
-        from .errors import ModelLoadError
-
+    if exists:
         raise ModelLoadError(f"{path}: not a directory (expected a model directory)")
     from . import hub
 
@@ -96,6 +110,16 @@ class Generator(SequenceAPI):
                  tokenizer=None, revision: Optional[str] = None, prompt_cache_bytes: int = 0):
         if dtype is not None and dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be None, 'float32', 'float16' or 'bfloat16', got {dtype!r}")
+        if not isinstance(device, str):
+            raise ValueError(f"device must be a string ('cpu', 'cuda', 'cuda:N' or 'auto'), got "
+                             f"{_args.show(device)}")
+        if revision is not None and not isinstance(revision, str):
+            raise ValueError(f"revision must be a string or None, got {_args.show(revision)}")
+        if not (tokenizer is None or isinstance(tokenizer, (str, os.PathLike))
+                or (callable(getattr(tokenizer, "encode", None))
+                    and callable(getattr(tokenizer, "decode", None)))):
+            raise ValueError(f"tokenizer must be a tokenizers.Tokenizer, a path to a "
+                             f"tokenizer.json or None, got {_args.show(tokenizer)}")
         model_dir, tok_path = _resolve(model, revision, dtype)
         self.model_dir = Path(model_dir)
         self._g = _C.Generator(str(self.model_dir), device, dtype)
@@ -136,18 +160,13 @@ class Generator(SequenceAPI):
             if self.tokenizer is None:
                 raise ValueError("prompt is text but this model has no tokenizer: pass token ids "
                                  "or Generator(..., tokenizer=...)")
-            return self.tokenizer.encode(prompt).ids
+            return self.tokenizer.encode(_args.text("prompt", prompt)).ids
         if isinstance(prompt, np.ndarray):
             if prompt.ndim != 1 or not np.issubdtype(prompt.dtype, np.integer):
                 raise ValueError("prompt array must be 1-D integer token ids")
-            return [int(t) for t in prompt]
-        try:
-            ids = [int(t) for t in prompt]
-        except (TypeError, ValueError):
-            raise ValueError("prompt must be a string or a sequence of integer token ids") from None
-        if any(i != t for i, t in zip(ids, prompt)):
-            raise ValueError("prompt token ids must be integers")
-        return ids
+        # a str, or a list / tuple / range / array of integer ids in the vocabulary: no bytes,
+        # dicts, sets, floats or bools, and no id that pybind11 would have to refuse
+        return _args.token_ids("prompt", prompt, self.vocab_size)
 
     @staticmethod
     def _is_batch(prompt) -> bool:
@@ -165,23 +184,18 @@ class Generator(SequenceAPI):
     def _options(self, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
                  seed, stop_token_ids, ignore_eos):
         o = _C.GenerationOptions()
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
-            raise ValueError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        o.max_new_tokens = int(max_new_tokens)
-        o.temperature = float(temperature)
-        o.top_k = int(top_k)
-        o.top_p = float(top_p)
-        o.min_p = float(min_p)
-        o.repetition_penalty = float(repetition_penalty)
-        if seed is None:
-            seed = int.from_bytes(os.urandom(8), "little")
-        if not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
-        o.seed = int(seed) & 0xFFFFFFFFFFFFFFFF
-        o.stop_token_ids = [int(t) for t in (stop_token_ids or [])]
-        o.ignore_eos = bool(ignore_eos)
+        a = _args
+        o.max_new_tokens = a.integer("max_new_tokens", max_new_tokens, 0)
+        o.temperature = a.real("temperature", temperature, 0.0)
+        o.top_k = a.integer("top_k", top_k, 0)
+        o.top_p = a.real("top_p", top_p, 0.0, 1.0, lo_open=True)
+        o.min_p = a.real("min_p", min_p, 0.0, 1.0)
+        o.repetition_penalty = a.real("repetition_penalty", repetition_penalty, 0.0, lo_open=True)
+        seed = a.seed(seed)  # never reduced mod 2^64 (issue 23)
+        o.seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little")
+        o.stop_token_ids = ([] if stop_token_ids is None else
+                            a.token_ids("stop_token_ids", stop_token_ids, self.vocab_size))
+        o.ignore_eos = a.flag("ignore_eos", ignore_eos)
         return o
 
     def _start(self, prompts, stop, kwargs, states=None, keep_states=False):

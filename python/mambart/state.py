@@ -28,6 +28,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ._files import MAX_JSON_BYTES, open_regular, read_bounded, read_header_first, write_atomic
+from ._args import decimal
+from .errors import ModelLoadError
+
 FORMAT = "mambart-state"
 FORMAT_VERSION = "2"
 # Version 1 files (before the state spec was recorded) hold exactly `conv` and `ssm`.
@@ -52,11 +56,11 @@ def model_fingerprint(model_dir) -> str:
     d = Path(model_dir)
     h = hashlib.sha256()
     h.update(b"mambart-fingerprint-v2\0")
-    h.update((d / "config.json").read_bytes())
+    h.update(read_bounded(d / "config.json", MAX_JSON_BYTES, "config", ModelLoadError))
     wpath = d / "model.safetensors"
     size = wpath.stat().st_size
     h.update(str(size).encode())
-    with open(wpath, "rb") as f:
+    with open_regular(wpath, "weights file", ModelLoadError) as f:
         head = f.read(8)
         n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
         h.update(head)
@@ -145,6 +149,9 @@ class SequenceState:
         if self.dtype != g.dtype:
             raise StateError(f"state{where} was made with dtype {self.dtype}, this generator "
                              f"runs {g.dtype}")
+        if self.architecture != g.config["architecture"]:
+            raise StateError(f"state{where} names architecture {self.architecture!r}, this "
+                             f"model is {g.config['architecture']!r}")
 
     def _native_for(self, g):
         """The device handle for generator `g` (identity and dtype checked)."""
@@ -228,13 +235,16 @@ def _write_state_file(path, h: dict, fingerprint: str, dtype: str, arch: str,
         off += a.nbytes
     hb = json.dumps(header, separators=(",", ":")).encode()
     hb += b" " * (-len(hb) % 8)
-    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
+
+    def write(f):
         f.write(struct.pack("<Q", len(hb)))
         f.write(hb)
         for _, _, a in tensors:
             f.write(a.tobytes())
-    os.replace(tmp, path)  # never a half-written state file under the final name
+
+    # A unique temporary file next to path, fsynced, renamed: never a half-written or
+    # interleaved state file under the final name, whatever other writers do (issue 23).
+    write_atomic(path, write, "state file", StateError)
 
 
 def _no_duplicates(pairs):
@@ -255,12 +265,8 @@ def load_state(path) -> SequenceState:
     def bad(msg):
         return StateError(f"{path}: not a valid mambart state file: {msg}")
 
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise StateError(f"{path}: cannot read the state file ({e.strerror})") from None
+    # Regular files only, header first, then at most the bytes the header accounts for.
+    data, size = read_header_first(path, "state file", StateError)
     if size < 8:
         raise bad("shorter than the 8-byte header length")
     n = struct.unpack("<Q", data[:8])[0]
@@ -319,13 +325,30 @@ def load_state(path) -> SequenceState:
     for name in [e["name"] for e in spec] + ["logits"]:
         if name in arrays and not np.isfinite(arrays[name]).all():
             raise bad(f"tensor {name!r} holds NaN or infinite values")
-    try:
-        fed = int(meta["fed"])
+    try:  # strict decimals in the runtime's ranges (int() took "0_6" and any size; issue 23)
+        fed = decimal(meta["fed"], 0, 2**63 - 1)
         rng = None
+        if meta["has_rng"] not in ("0", "1"):
+            raise ValueError(f"has_rng is {meta['has_rng']!r}, not '0' or '1'")
         if meta["has_rng"] == "1":
-            rng = (int(meta["seed"]), int(meta["stream"]), int(meta["counter"]))
-    except (KeyError, ValueError):
-        raise bad("metadata fed/seed/stream/counter are not integers") from None
+            rng = (decimal(meta["seed"], 0, 2**64 - 1), decimal(meta["stream"], 0, 2**64 - 1),
+                   decimal(meta["counter"], 0, 2**64 - 1))
+    except (KeyError, ValueError) as e:
+        raise bad(f"metadata fed/seed/stream/counter/has_rng must be decimal integers in range "
+                  f"({e})") from None
+    arch = meta["architecture"]
+    if version == "1" and arch not in ("mamba1", "mamba2"):  # version 1 knew only these
+        raise bad(f"architecture {arch!r} is not mamba1 or mamba2")
+    if not (0 < len(arch) <= 64 and arch.isprintable()):
+        raise bad(f"architecture {arch[:80]!r} is not a model family name")
+    if layer_types is not None:
+        from . import _C
+
+        known = _C.layer_types().split(", ")
+        unknown = sorted(set(layer_types) - set(known))
+        if unknown:
+            raise bad(f"layer type(s) {unknown} are not known to this mambart "
+                      f"({', '.join(known)})")
     tokens = arrays["tokens"]
     if tokens.ndim != 1 or not 0 <= fed <= len(tokens):
         raise bad(f"fed = {fed} does not fit {len(tokens)} tokens")
@@ -403,7 +426,8 @@ class PromptCache:
         return hashlib.blake2b(tokens.tobytes(), digest_size=16).digest()
 
     def __len__(self) -> int:
-        return sum(len(v) for v in self._entries.values())
+        with self._lock:  # generation in other threads inserts and evicts meanwhile
+            return sum(len(v) for v in self._entries.values())
 
     def clear(self) -> None:
         with self._lock:

@@ -22,11 +22,15 @@ def load_tokenizer(path):
     """Loads a tokenizer.json with the `tokenizers` library; ModelLoadError naming the file."""
     from tokenizers import Tokenizer
 
+    from ._files import MAX_TOKENIZER_BYTES, read_bounded_text
+
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ModelLoadError(f"{path}: tokenizer file not found")
+    # Read here (a regular file, bounded), not by the library: a FIFO must not hang (issue 23).
+    text = read_bounded_text(path, MAX_TOKENIZER_BYTES, "tokenizer file", ModelLoadError)
     try:
-        return Tokenizer.from_file(path)
+        return Tokenizer.from_str(text)
     except Exception as e:  # tokenizers raises plain Exception subclasses
         raise ModelLoadError(f"{path}: not a valid tokenizer.json ({e})") from None
 

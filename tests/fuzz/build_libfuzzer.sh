@@ -31,18 +31,20 @@ fi
 if [ -z "$JSON_INC" ]; then echo "build_libfuzzer.sh: nlohmann-json is not available" >&2; exit 3; fi
 mkdir -p "$OUT"
 FLAGS=(-std=c++17 -O1 -g -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined
-       -fno-sanitize-recover=all -Icpp -isystem "$JSON_INC")
+       -fno-sanitize-recover=all -Icpp -Itools -isystem "$JSON_INC")
 CORE=(cpp/options.cpp cpp/safetensors.cpp cpp/config.cpp cpp/dtype.cpp cpp/error.cpp cpp/layers/registry.cpp
       cpp/layers/mamba1/mamba1.cpp cpp/layers/mamba2/mamba2.cpp cpp/layers/mamba3/mamba3.cpp)
-for t in safetensors config; do
+TARGETS=(safetensors config run_args)
+for t in "${TARGETS[@]}"; do
   "$CXX" "${FLAGS[@]}" "${CORE[@]}" "tests/fuzz/cpp/fuzz_$t.cpp" -o "$OUT/fuzz_$t"
 done
-echo "built $OUT/fuzz_safetensors $OUT/fuzz_config with $CXX"
+echo "built ${TARGETS[*]/#/$OUT/fuzz_} with $CXX"
 if [ "$RUN" != "0" ]; then
   status=0
-  for t in safetensors config; do
+  for t in "${TARGETS[@]}"; do
     seeds=tests/fuzz/corpus/safetensors_cpp
     [ "$t" = config ] && seeds=tests/fuzz/corpus/libfuzzer_config
+    [ "$t" = run_args ] && seeds=tests/fuzz/corpus/libfuzzer_run_args
     work=$(mktemp -d)
     extra=""
     [ "$t" = safetensors ] && extra=tests/fuzz/crashes/libfuzzer_safetensors

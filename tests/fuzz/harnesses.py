@@ -17,6 +17,9 @@ Targets:
                    or model.safetensors; what converts must load and run
   torchzip         the restricted unpickler / zip reader of pytorch_model.bin (_torchzip)
   tokenizer        tokenizer.json loading (text.load_tokenizer) + encode/decode/TextStream
+  state_file       a state file (mambart.load_state, issue 23): refused with StateError naming
+                   the file, or loaded; a loaded state is used with the base model it claims
+                   (its seeds are states of the base models) and must generate or be refused
 """
 
 from __future__ import annotations
@@ -307,6 +310,40 @@ def tokenizer(data: bytes) -> None:
         raise Finding("TextStream.finish")
 
 
+# ---- state files (issue 23) -----------------------------------------------------------------------
+
+_GENS = {}
+
+
+def _base_generator(arch: str):
+    if arch not in _GENS:
+        _GENS[arch] = mambart.Generator(str(workdir() / f"base-{arch}"))
+    return _GENS[arch]
+
+
+def state_file(data: bytes) -> None:
+    p = _write("s.state", data)
+    try:
+        st = mambart.load_state(str(p))
+    except mambart.StateError as e:
+        if str(p) not in str(e):
+            raise Finding(f"message does not name the file: {e}") from e
+        return
+    if st.architecture not in ("mamba1", "mamba2"):
+        raise Finding(f"accepted architecture {st.architecture!r}")
+    g = _base_generator(st.architecture)
+    try:
+        g.load_state(str(p))
+        r = g.generate(None, state=st, max_new_tokens=2, temperature=0.7, ignore_eos=True)
+    except mambart.StateError:
+        return  # another model's, wrong shapes, ...
+    except RuntimeError as e:
+        _check_runtime_error(e)
+        return
+    if not all(0 <= t < g.vocab_size for t in r.token_ids):
+        raise Finding(f"token outside the vocabulary: {r.token_ids}")
+
+
 TARGETS = {
     "safetensors_cpp": safetensors_cpp,
     "safetensors_py": safetensors_py,
@@ -315,4 +352,5 @@ TARGETS = {
     "convert": convert,
     "torchzip": torchzip,
     "tokenizer": tokenizer,
+    "state_file": state_file,
 }

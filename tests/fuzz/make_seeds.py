@@ -167,6 +167,47 @@ def convert_seeds():
         _put("convert", f"weights-{arch}", bytes([bit]) + (d / "model.safetensors").read_bytes())
 
 
+def state_file_seeds():
+    """States of the base models (what harnesses.state_file uses them with): a prefill, a
+    sampled generation's (with its RNG position), one with a pending token; and a near-miss."""
+    import tempfile
+
+    import mambart
+    from harnesses import workdir
+
+    tmp = Path(tempfile.mkdtemp())
+    for arch in ("mamba1", "mamba2"):
+        g = mambart.Generator(str(workdir() / f"base-{arch}"))
+        states = {"prefill": g.prefill([1, 2, 3]),
+                  "generated": g.generate([4, 5], max_new_tokens=3, temperature=0.8, seed=7,
+                                          ignore_eos=True, return_state=True).state}
+        for name, st in states.items():
+            st.save(tmp / "s")
+            _put("state_file", f"{arch}-{name}", (tmp / "s").read_bytes())
+    b = (CORPUS / "state_file" / "mamba1-prefill").read_bytes()
+    _put("state_file", "truncated", b[: len(b) // 2])
+    shutil.rmtree(tmp)
+
+
+def libfuzzer_run_args_seeds():
+    """mambart-run argument vectors, NUL-separated (tests/fuzz/cpp/fuzz_run_args.cpp)."""
+    seeds = {
+        "basic": ["model", "--tokens", "1,2,3"],
+        "all_flags": ["model", "--tokens", "0", "--max-new-tokens", "16", "--temperature", "0.8",
+                      "--top-k", "40", "--top-p", "0.95", "--min-p", "0.05",
+                      "--repetition-penalty", "1.1", "--seed", "18446744073709551615",
+                      "--device", "cpu", "--ignore-eos"],
+        "wrap_id": ["model", "--tokens", "4294967297"],
+        "exponent": ["model", "--tokens", "1", "--max-new-tokens", "1e3"],
+        "trailing": ["model", "--tokens", "1", "--temperature", "0.5abc"],
+        "neg_seed": ["model", "--tokens", "1", "--seed", "-1"],
+        "big_seed": ["model", "--tokens", "1", "--seed", "18446744073709551621"],
+        "help": ["--help"],
+    }
+    for name, argv in seeds.items():
+        _put("libfuzzer_run_args", name, "\0".join(argv).encode())
+
+
 def main():
     if CORPUS.exists():
         shutil.rmtree(CORPUS)
@@ -178,6 +219,8 @@ def main():
     tokenizer_seeds()
     libfuzzer_config_seeds()
     convert_seeds()
+    state_file_seeds()
+    libfuzzer_run_args_seeds()
     total = sum(f.stat().st_size for f in CORPUS.rglob("*") if f.is_file())
     print(f"wrote {sum(1 for f in CORPUS.rglob('*') if f.is_file())} seeds, {total} bytes")
 
