@@ -876,3 +876,20 @@ def test_run_args_fuzz_seeds_are_what_mambart_run_refuses(model):
         argv = [str(model) if a == b"model" else a.decode() for a in argv]
         r = run_limited([MAMBART_RUN, *argv])
         assert (r.returncode == 0) == ok and r.returncode in (0, 2), (name, r.stderr)
+
+
+def test_path_arguments_of_the_wrong_type(model, tmp_path):
+    g = mambart.Generator(str(model))
+    st = g.prefill([1, 2])
+    for call, name in ((lambda: mambart.load_state(None), "path"),
+                       (lambda: mambart.load_state(5), "path"),
+                       (lambda: g.load_state([b"x"]), "path"),
+                       (lambda: st.save(None), "path"),
+                       (lambda: st.save(3.5), "path"),
+                       (lambda: mambart.convert(str(model), 5), "dst"),
+                       (lambda: mambart.convert(None, str(tmp_path / "o")), "src")):
+        with pytest.raises(ValueError, match=f"^{name} must be a path"):
+            call()
+    st.save(tmp_path / "p.state")  # a Path, and bytes, still work
+    assert mambart.load_state(tmp_path / "p.state").tokens == (1, 2)
+    assert mambart.load_state(os.fsencode(tmp_path / "p.state")).tokens == (1, 2)
