@@ -26,8 +26,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ._args import decimal
+from ._args import path as _path_arg
 from ._files import MAX_JSON_BYTES, open_regular, read_bounded, read_header_first, write_atomic
-from ._args import decimal, path as _path_arg
 from .errors import ModelLoadError
 
 FORMAT = "mambart-state"
@@ -161,8 +162,8 @@ class SequenceState:
     # ---- files ----
     def save(self, path) -> None:
         """Writes the state to `path` (safetensors; the parent directory must exist)."""
-        _write_state_file(_path_arg("path", path), self._host_dict(), self.fingerprint, self.dtype,
-                          self.architecture)
+        _write_state_file(_path_arg("path", path), self._host_dict(), self.fingerprint,
+                          self.dtype, self.architecture)
 
     def _host_dict(self) -> dict:
         if self._native is None:
