@@ -876,3 +876,63 @@ def test_run_args_fuzz_seeds_are_what_mambart_run_refuses(model):
         argv = [str(model) if a == b"model" else a.decode() for a in argv]
         r = run_limited([MAMBART_RUN, *argv])
         assert (r.returncode == 0) == ok and r.returncode in (0, 2), (name, r.stderr)
+
+
+def test_path_arguments_of_the_wrong_type(model, tmp_path):
+    g = mambart.Generator(str(model))
+    st = g.prefill([1, 2])
+    for call, name in ((lambda: mambart.load_state(None), "path"),
+                       (lambda: mambart.load_state(5), "path"),
+                       (lambda: g.load_state([b"x"]), "path"),
+                       (lambda: st.save(None), "path"),
+                       (lambda: st.save(3.5), "path"),
+                       (lambda: mambart.convert(str(model), 5), "dst"),
+                       (lambda: mambart.convert(None, str(tmp_path / "o")), "src")):
+        with pytest.raises(ValueError, match=f"^{name} must be a path"):
+            call()
+    st.save(tmp_path / "p.state")  # a Path, and bytes, still work
+    assert mambart.load_state(tmp_path / "p.state").tokens == (1, 2)
+    assert mambart.load_state(os.fsencode(tmp_path / "p.state")).tokens == (1, 2)
+
+
+# The test-only _C._ops entry points (python/bindings/ops.cpp) validate their arrays too: each
+# call below read or wrote past an array (or divided by zero) before. In a child process each.
+_F = "np.zeros({}, np.float32)"
+
+
+@pytest.mark.parametrize("call", [
+    "o.embedding(np.array([0, 10], np.int32), " + _F.format("(10, 4)") + ", 'float32')",
+    "o.embedding(np.array([-1], np.int32), " + _F.format("(10, 4)") + ", 'float32')",
+    "o.add_norm(" + _F.format("(2, 8)") + ", None, " + _F.format("3") + ", None, 'rms', 1e-5)",
+    "o.add_norm(" + _F.format("(2, 8)") + ", " + _F.format("(1, 8)") + ", " + _F.format("8")
+    + ", None, 'rms', 1e-5)",
+    "o.linear(" + _F.format("(2, 8)") + ", " + _F.format("(3, 8)") + ", 'float32', None, 5)",
+    "o.linear(" + _F.format("(2, 8)") + ", " + _F.format("(3, 8)") + ", 'float32', "
+    + _F.format("1") + ")",
+    "o.conv1d(" + _F.format("(1, 2, 4)") + ", 8, " + _F.format("(1, 8, 4)") + ", "
+    + _F.format("(8, 4)") + ", None)",
+    "o.conv1d(" + _F.format("(1, 2, 8)") + ", 8, " + _F.format("(1, 8, 4)") + ", "
+    + _F.format("(2, 4)") + ", None)",
+    "o.selective_scan(" + ", ".join([_F.format("(1, 3, 4)"), _F.format("(1, 1, 4)"),
+                                     _F.format("(1, 3, 8)"), "0", "4", _F.format("(1, 3, 4)"),
+                                     "0", _F.format("(4, 4)"), _F.format("4"), _F.format("4"),
+                                     _F.format("(1, 4, 4)")]) + ")",
+    "o.selective_scan(" + ", ".join([_F.format("(1, 3, 4)"), _F.format("(1, 3, 4)"),
+                                     _F.format("(1, 3, 8)"), "0", "6", _F.format("(1, 3, 4)"),
+                                     "0", _F.format("(4, 4)"), _F.format("4"), _F.format("4"),
+                                     _F.format("(1, 4, 4)")]) + ")",
+    "o.ssd_scan(" + ", ".join([_F.format("(1, 2, 40)"), "8", "16", _F.format("(1, 2, 3)"), "0",
+                               "None", _F.format("3"), _F.format("3"), _F.format("3"), "0.0",
+                               "1.0", _F.format("(1, 3, 2, 4)"), "4", "4"]) + ")",
+    "o.ssd_scan(" + ", ".join([_F.format("(1, 2, 12)"), "8", "16", _F.format("(1, 2, 4)"), "0",
+                               "None", _F.format("4"), _F.format("4"), _F.format("4"), "0.0",
+                               "1.0", _F.format("(1, 4, 2, 4)"), "2", "4"]) + ")",
+    "o.gated_rmsnorm(" + _F.format("(2, 8)") + ", " + _F.format("(2, 8)") + ", "
+    + _F.format("8") + ", 0, 1e-5)",
+    "o.gated_rmsnorm(" + _F.format("(2, 8)") + ", " + _F.format("(2, 4)") + ", "
+    + _F.format("8") + ", 8, 1e-5)",
+    "o.silu_gate(" + _F.format("(2, 8)") + ", " + _F.format("(1, 8)") + ")",
+])
+def test_ops_entry_points_validate(call):
+    res = py(f"import numpy as np\nfrom mambart import _C\no = _C._ops.Backend('cpu')\n{call}")
+    raises(res, "ValueError", "_ops")

@@ -109,6 +109,9 @@ void register_ops(py::module_& parent) {
         .def("embedding",
              [](Ops& o, const I32& ids, const F32& table, const std::string& dtype) {
                  Backend& be = *o.be;
+                 need(table.ndim() == 2, "table must be (V, d)");
+                 for (py::ssize_t i = 0; i < ids.size(); ++i)  // issue 23: no read past the table
+                     need(ids.data()[i] >= 0 && ids.data()[i] < table.shape(0), "ids outside the table");
                  PlacedWeight w(be, table, dtype);
                  Buf d_ids(be, ids), out(be, size_t(ids.size() * table.shape(1)) * 4);
                  be.embedding(d_ids.as<int32_t>(), ids.size(), w.weight, out.as<float>());
@@ -120,6 +123,8 @@ void register_ops(py::module_& parent) {
                  Backend& be = *o.be;
                  need(residual.ndim() == 2, "residual must be (n, d)");
                  const int64_t n = residual.shape(0), d = residual.shape(1);
+                 need(w.size() == d && (!b || b->size() == d) && (!hidden || hidden->size() == n * d),
+                      "w, b (d) and hidden (n, d) must match residual (n, d)");
                  Buf r(be, residual), wb(be, w), out(be, size_t(n * d) * 4);
                  auto h = maybe(be, hidden);
                  auto bb = maybe(be, b);
@@ -137,6 +142,8 @@ void register_ops(py::module_& parent) {
                  PlacedWeight w(be, W, dtype);
                  const int64_t M = x.shape(0), ldx = x.shape(1);
                  if (N <= 0) N = w.weight.rows;
+                 need(N <= w.weight.rows && ldx >= w.weight.cols && (!bias || bias->size() >= N),
+                      "linear: N <= rows of W, ldx >= cols of W, bias (N)");
                  Buf dx(be, x), y(be, size_t(M * N) * 4);
                  auto bb = maybe(be, bias);
                  // as Model::reserve does before any forward (CUDA: the cuBLAS operand scratch)
@@ -152,6 +159,9 @@ void register_ops(py::module_& parent) {
                  Backend& be = *o.be;
                  need(x.ndim() == 3 && state.ndim() == 3, "x (B, L, ld_x), state (B, C, W)");
                  const int64_t B = x.shape(0), L = x.shape(1), ld = x.shape(2), W = state.shape(2);
+                 need(C >= 0 && C <= ld && state.shape(0) == B && state.shape(1) == C &&
+                          weight.size() == C * W && (!bias || bias->size() == C),
+                      "conv1d: C <= ld_x, state (B, C, W), weight (C, W), bias (C)");
                  Buf dx(be, x), st(be, state), wt(be, weight), out(be, size_t(B * L * C) * 4);
                  auto bb = maybe(be, bias);
                  be.conv1d(ConvParams{dx.as<float>(), ld, st.as<float>(), wt.as<float>(),
@@ -169,6 +179,13 @@ void register_ops(py::module_& parent) {
                  need(x.ndim() == 3 && bc.ndim() == 3 && z.ndim() == 3 && state.ndim() == 3,
                       "bad ranks");
                  const int64_t B = x.shape(0), L = x.shape(1), E = x.shape(2), N = state.shape(2);
+                 need(dt.size() == B * L * E && bc.shape(0) == B && bc.shape(1) == L &&
+                          b_off >= 0 && c_off >= 0 && b_off + N <= bc.shape(2) &&
+                          c_off + N <= bc.shape(2) && z.shape(0) == B && z.shape(1) == L &&
+                          z_off >= 0 && z_off + E <= z.shape(2) && A.size() == E * N &&
+                          D.size() == E && dt_bias.size() == E && state.shape(0) == B &&
+                          state.shape(1) == E,
+                      "selective_scan: shapes or offsets do not match x (B, L, E), state (B, E, N)");
                  Buf dx(be, x), ddt(be, dt), dbc(be, bc), dz(be, z), dA(be, A), dD(be, D),
                      db(be, dt_bias), st(be, state), y(be, size_t(B * L * E) * 4);
                  SelectiveScanParams p{};
@@ -203,6 +220,15 @@ void register_ops(py::module_& parent) {
                  need(xbc.ndim() == 3 && dt.ndim() == 3 && state.ndim() == 4, "bad ranks");
                  const int64_t B = xbc.shape(0), L = xbc.shape(1), H = state.shape(1),
                                P = state.shape(2), N = state.shape(3);
+                 const int64_t ld = xbc.shape(2);
+                 need(G >= 1 && H % G == 0, "ssd_scan: ngroups must divide nheads");
+                 need(state.shape(0) == B && chunk_size >= 1 &&
+                          H * P <= ld && b_off >= 0 && c_off >= 0 && b_off + G * N <= ld &&
+                          c_off + G * N <= ld && dt.shape(0) == B && dt.shape(1) == L &&
+                          dt_off >= 0 && dt_off + H <= dt.shape(2) &&
+                          (!z || z->size() == B * L * H * P) && A.size() == H && D.size() == H &&
+                          dt_bias.size() == H,
+                      "ssd_scan: shapes or offsets do not match xbc (B, L, ld), state (B, H, P, N)");
                  Buf dx(be, xbc), ddt(be, dt), dA(be, A), dD(be, D), db(be, dt_bias),
                      st(be, state), y(be, size_t(B * L * H * P) * 4);
                  auto dz = maybe(be, z);
@@ -238,6 +264,9 @@ void register_ops(py::module_& parent) {
                  Backend& be = *o.be;
                  need(y.ndim() == 2 && z.ndim() == 2, "y (n, E), z (n, ld_z)");
                  const int64_t n = y.shape(0), E = y.shape(1);
+                 need(z.shape(0) == n && z.shape(1) >= E && w.size() == E && group_size >= 1 &&
+                          E % group_size == 0,
+                      "gated_rmsnorm: z (n, >= E), w (E), group_size dividing E");
                  Buf dy(be, y), dz(be, z), dw(be, w), out(be, size_t(n * E) * 4);
                  be.gated_rmsnorm(dy.as<float>(), dz.as<float>(), z.shape(1), dw.as<float>(), n,
                                   E, group_size, eps, out.as<float>());
@@ -248,6 +277,7 @@ void register_ops(py::module_& parent) {
                  Backend& be = *o.be;
                  need(y.ndim() == 2 && z.ndim() == 2, "y (n, E), z (n, ld_z)");
                  const int64_t n = y.shape(0), E = y.shape(1);
+                 need(z.shape(0) == n && z.shape(1) >= E, "silu_gate: z (n, >= E)");
                  Buf dy(be, y), dz(be, z);
                  be.silu_gate(dy.as<float>(), dz.as<float>(), z.shape(1), n, E);
                  return dy.download<float>({n, E});
@@ -261,6 +291,7 @@ void register_ops(py::module_& parent) {
                  Backend& be = *o.be;
                  need(logits.ndim() == 2, "logits must be (B, V)");
                  const int64_t B = logits.shape(0), V = logits.shape(1);
+                 need(V >= 1, "logits must be (B, V) with V >= 1");
                  SamplingOptions so;
                  so.temperature = temperature;
                  so.top_k = top_k;

@@ -133,3 +133,12 @@ def decimal(text_value, lo: int, hi: int) -> int:
     if not lo <= v <= hi:
         raise ValueError(f"{v} is outside [{lo}, {hi}]")
     return v
+
+
+def path(name: str, v) -> str:
+    """A file-system path argument (str, bytes or os.PathLike), as a str."""
+    import os
+
+    if isinstance(v, (str, bytes, os.PathLike)):
+        return os.fsdecode(v)
+    raise ValueError(f"{name} must be a path (str or os.PathLike), got {show(v)}")

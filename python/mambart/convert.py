@@ -618,8 +618,10 @@ def convert(src, dst, dtype: Optional[str] = None, *, overwrite: bool = False,
     Returns str(dst). Raises ConversionError naming the file and tensor on any bad input; an
     interrupted conversion leaves `dst` untouched (the output appears only when complete).
     """
-    src_p = Path(os.fspath(src)).expanduser()
-    dst_p = Path(os.fspath(dst)).expanduser()
+    from ._args import path as _path_arg
+
+    src_p = Path(_path_arg("src", src)).expanduser()
+    dst_p = Path(_path_arg("dst", dst)).expanduser()
     check_not_nested(src_p, dst_p, ConversionError)  # before anything is read or replaced
     source, weights = read_source(src_p, a_activation=a_activation)
     if a_activation is not None:

@@ -28,8 +28,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ._files import MAX_JSON_BYTES, open_regular, read_bounded, read_header_first, write_atomic
 from ._args import decimal
+from ._args import path as _path_arg
+from ._files import MAX_JSON_BYTES, open_regular, read_bounded, read_header_first, write_atomic
 from .errors import ModelLoadError
 
 FORMAT = "mambart-state"
@@ -194,8 +195,8 @@ class SequenceState:
     # ---- files ----
     def save(self, path) -> None:
         """Writes the state to `path` (safetensors; the parent directory must exist)."""
-        _write_state_file(path, self._host_dict(), self.fingerprint, self.dtype,
-                          self.architecture, self._spec, self.layer_types)
+        _write_state_file(_path_arg("path", path), self._host_dict(), self.fingerprint,
+                          self.dtype, self.architecture, self._spec, self.layer_types)
 
     def _host_dict(self) -> dict:
         if self._native is None:
@@ -260,7 +261,7 @@ def load_state(path) -> SequenceState:
     """Reads a state file written by `SequenceState.save` into host memory. The model identity
     and dtype are checked when the state is used (generate/prefill/score with state=...), or at
     once with `Generator.load_state`. Raises StateError naming the file when it is malformed."""
-    path = os.fspath(path)
+    path = _path_arg("path", path)
 
     def bad(msg):
         return StateError(f"{path}: not a valid mambart state file: {msg}")
