@@ -327,3 +327,32 @@ def test_hub_short_name_uses_only_its_own_tokenizer(tmp_path, monkeypatch):
     assert g.config["architecture"] == "mamba3"
     want, _ = ref_logits(values, [VARIANTS["siso"]] * 2, IDS)
     assert np.abs(g.logits(IDS) - want).max() / np.abs(want).max() <= 1e-4
+
+
+def test_hub_mamba3_with_tiktoken_tokenizer(tmp_path, monkeypatch):
+    """A Mamba-3 repository that ships a tiktoken tokenizer.model (Llama-3 style) and no
+    tokenizer.json: the hub path converts it, and text works."""
+    pytest.importorskip("torch")
+    import base64
+
+    from ckpt_utils import add_to_hf_cache, dir_files
+
+    from mambart._tiktoken import byte_alphabet
+
+    _write_official(tmp_path / "ckpt", VARIANTS["siso"])
+    alpha = byte_alphabet()
+    # 100 single-byte tokens (the vocabulary of the tiny model): bytes 32..131
+    lines = [f"{base64.b64encode(bytes([b])).decode()} {i}" for i, b in enumerate(range(32, 132))]
+    (tmp_path / "ckpt" / "tokenizer.model").write_text("\n".join(lines) + "\n")
+    assert len(alpha) == 256
+    hf_cache = tmp_path / "hf"
+    monkeypatch.setenv("HF_HUB_CACHE", str(hf_cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("MAMBART_CACHE", str(tmp_path / "mambart"))
+    add_to_hf_cache(hf_cache, "state-spaces/mamba3-siso-187m", dir_files(tmp_path / "ckpt"))
+    g = mambart.Generator("mamba3-siso-187m")
+    assert g.tokenizer is not None
+    ids = g.tokenizer.encode("Hi!").ids
+    assert ids == [ord("H") - 32, ord("i") - 32, ord("!") - 32]
+    r = g.generate("Hi!", max_new_tokens=4, ignore_eos=True)
+    assert len(r.token_ids) == 4 and isinstance(r.text, str)

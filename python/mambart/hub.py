@@ -27,7 +27,8 @@ SHORT_NAMES: Dict[str, str] = {
 }
 NEOX_TOKENIZER_REPO = "EleutherAI/gpt-neox-20b"
 
-_SMALL_FILES = ["config.json", "tokenizer.json", "*.index.json"]
+_SMALL_FILES = ["config.json", "tokenizer.json", "*.index.json", "tokenizer_config.json",
+                "tokenizer.model"]
 
 
 def _truthy(v: Optional[str]) -> bool:
@@ -146,16 +147,32 @@ def load_model_dir(name: str, revision: Optional[str] = None,
         if "model_type" not in cfg and "d_model" in cfg:  # a state-spaces checkpoint
             if ssm.get("layer") == "Mamba3":
                 # Trained with a Llama-3 tokenizer, not GPT-NeoX's: never substitute another.
-                warnings.warn(f"{repo_id} has no tokenizer.json (a Mamba-3 checkpoint uses a "
-                              f"Llama-3 tokenizer; converting tiktoken-style files is not "
-                              f"implemented yet): the model takes and gives token ids only",
-                              stacklevel=2)
+                # A tiktoken-style tokenizer.model is converted (mambart._tiktoken).
+                import tempfile
+
+                from ._tiktoken import convert_tiktoken_dir
+
+                tmp = Path(tempfile.mkdtemp(prefix="mambart-tok-"))
+                conv = convert_tiktoken_dir(snap, tmp / "tokenizer.json")
+                if conv is not None:
+                    tok = str(conv)
+                else:
+                    warnings.warn(f"{repo_id} has neither tokenizer.json nor a tiktoken "
+                                  f"tokenizer.model (a Mamba-3 checkpoint uses a Llama-3 "
+                                  f"tokenizer): the model takes and gives token ids only",
+                                  stacklevel=2)
             else:
                 tok = _neox_tokenizer()
     from ._cache import ensure_converted
 
-    out = ensure_converted(snap, dtype=dtype, tokenizer=tok, name=repo_id.replace("/", "--"),
-                           source_info={"repo": repo_id, "revision": snap.name,
-                                        "requested_revision": revision})
+    try:
+        out = ensure_converted(snap, dtype=dtype, tokenizer=tok, name=repo_id.replace("/", "--"),
+                               source_info={"repo": repo_id, "revision": snap.name,
+                                            "requested_revision": revision})
+    finally:
+        if tok is not None and Path(tok).parent.name.startswith("mambart-tok-"):
+            import shutil
+
+            shutil.rmtree(Path(tok).parent, ignore_errors=True)  # a converted tiktoken file
     t = Path(out) / "tokenizer.json"
     return out, (str(t) if t.is_file() else None)
