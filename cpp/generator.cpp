@@ -106,21 +106,11 @@ void Generator::restore_row(State& st, int64_t row, const SequenceState& from) {
         return;
     }
     // Another backend (e.g. a CPU state continued on CUDA): through the host.
-    const std::vector<std::vector<float>> host = state_to_host(from);
-    std::vector<const float*> in;
-    for (const auto& v : host) in.push_back(v.data());
-    st.row_from_host(row, in);
+    st.row_from_host(row, from.state->row_to_host(0));
 }
 
 std::vector<std::vector<float>> Generator::state_to_host(const SequenceState& s) const {
-    const State& st = *s.state;
-    std::vector<std::vector<float>> out;
-    std::vector<float*> ptrs;
-    for (const State::Slot& x : st.slots())
-        out.emplace_back(x.layers.size() * size_t(x.elems));
-    for (auto& v : out) ptrs.push_back(v.data());
-    st.row_to_host(0, ptrs);
-    return out;
+    return s.state->row_to_host(0);
 }
 
 std::shared_ptr<SequenceState> Generator::state_from_host(
@@ -129,22 +119,11 @@ std::shared_ptr<SequenceState> Generator::state_from_host(
     auto s = std::make_shared<SequenceState>();
     s->backend = model_->backend_shared();
     s->state = std::make_unique<State>(config(), *s->backend, 1);
-    const State& st = *s->state;
-    MAMBART_CHECK_ARG(tensors.size() == st.slots().size(), "the state has ", tensors.size(),
-                      " tensors, this model needs ", st.slots().size());
-    std::vector<const float*> in;
-    for (size_t i = 0; i < tensors.size(); ++i) {
-        const State::Slot& x = st.slots()[i];
-        const size_t n = x.layers.size() * size_t(x.elems);
-        MAMBART_CHECK_ARG(tensors[i].size() == n, x.name, " state has ", tensors[i].size(),
-                          " values, this model needs ", n);
-        in.push_back(tensors[i].data());
-    }
     s->tokens = std::move(tokens);
     s->fed = fed;
     s->logits = std::move(logits);
     check_state(*s, "state");
-    s->state->row_from_host(0, in);
+    s->state->row_from_host(0, tensors);  // checks the tensors' count and sizes
     return s;
 }
 

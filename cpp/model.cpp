@@ -41,7 +41,6 @@ State::State(const ModelConfig& c, Backend& backend, int64_t batch)
     for (Slot& x : slots_) {
         x.offset = off;
         off += size_t(x.layers.size()) * size_t(batch_) * size_t(x.elems);
-        row_floats_ += x.layers.size() * size_t(x.elems);
     }
     bytes_ = off * sizeof(float);
     base_ = static_cast<float*>(backend_.alloc(bytes_, "the recurrent state"));
@@ -50,21 +49,20 @@ State::State(const ModelConfig& c, Backend& backend, int64_t batch)
 
 State::~State() { backend_.dealloc(base_); }
 
-float* State::tensor(int64_t layer, size_t k, int64_t row) const {
-    const auto& w = where_[size_t(layer)][k];
-    const Slot& x = slots_[w.first];
-    return base_ + x.offset + size_t((w.second * batch_ + row) * x.elems);
+float* State::at(size_t slot, int64_t i, int64_t row) const {
+    const Slot& x = slots_[slot];
+    return base_ + x.offset + size_t((i * batch_ + row) * x.elems);
 }
 
 void State::layer_tensors(int64_t layer, int64_t row, float** out) const {
-    for (size_t k = 0; k < where_[size_t(layer)].size(); ++k) out[k] = tensor(layer, k, row);
+    const auto& w = where_[size_t(layer)];
+    for (size_t k = 0; k < w.size(); ++k) out[k] = at(w[k].first, w[k].second, row);
 }
 
 void State::reset_row(int64_t row) {
-    for (const Slot& x : slots_)
-        for (size_t i = 0; i < x.layers.size(); ++i)
-            backend_.zero(base_ + x.offset + size_t((int64_t(i) * batch_ + row) * x.elems),
-                          size_t(x.elems) * sizeof(float));
+    for (size_t s = 0; s < slots_.size(); ++s)
+        for (size_t i = 0; i < slots_[s].layers.size(); ++i)
+            backend_.zero(at(s, int64_t(i), row), size_t(slots_[s].elems) * sizeof(float));
 }
 
 void State::copy_row_from(const State& src, int64_t src_row, int64_t dst_row) {
@@ -78,37 +76,35 @@ void State::copy_row_from(const State& src, int64_t src_row, int64_t dst_row) {
     if (src_row < 0 || src_row >= src.batch_ || dst_row < 0 || dst_row >= batch_)
         throw InvalidArgument(str_cat("State::copy_row_from: row ", src_row, " -> ", dst_row,
                                       " out of range"));
-    for (size_t s = 0; s < slots_.size(); ++s) {
-        const Slot& x = slots_[s];
-        const size_t n = size_t(x.elems) * sizeof(float);
-        for (size_t i = 0; i < x.layers.size(); ++i)
-            backend_.copy_device(base_ + x.offset + size_t((int64_t(i) * batch_ + dst_row) * x.elems),
-                                 src.base_ + src.slots_[s].offset +
-                                     size_t((int64_t(i) * src.batch_ + src_row) * x.elems),
-                                 n);
-    }
+    for (size_t s = 0; s < slots_.size(); ++s)
+        for (size_t i = 0; i < slots_[s].layers.size(); ++i)
+            backend_.copy_device(at(s, int64_t(i), dst_row), src.at(s, int64_t(i), src_row),
+                                 size_t(slots_[s].elems) * sizeof(float));
 }
 
-void State::row_to_host(int64_t row, const std::vector<float*>& out) const {
-    MAMBART_CHECK_ARG(out.size() == slots_.size(), "State::row_to_host: ", out.size(),
-                      " arrays for ", slots_.size(), " state tensors");
+std::vector<std::vector<float>> State::row_to_host(int64_t row) const {
+    std::vector<std::vector<float>> out;
     for (size_t s = 0; s < slots_.size(); ++s) {
-        const Slot& x = slots_[s];
-        for (size_t i = 0; i < x.layers.size(); ++i)
-            backend_.copy_to_host(out[s] + i * size_t(x.elems),
-                                  base_ + x.offset + size_t((int64_t(i) * batch_ + row) * x.elems),
-                                  size_t(x.elems) * sizeof(float));
+        const size_t n = size_t(slots_[s].elems);
+        out.emplace_back(slots_[s].layers.size() * n);
+        for (size_t i = 0; i < slots_[s].layers.size(); ++i)
+            backend_.copy_to_host(out.back().data() + i * n, at(s, int64_t(i), row),
+                                  n * sizeof(float));
     }
+    return out;
 }
 
-void State::row_from_host(int64_t row, const std::vector<const float*>& in) {
-    MAMBART_CHECK_ARG(in.size() == slots_.size(), "State::row_from_host: ", in.size(),
-                      " arrays for ", slots_.size(), " state tensors");
+void State::row_from_host(int64_t row, const std::vector<std::vector<float>>& in) {
+    MAMBART_CHECK_ARG(in.size() == slots_.size(), "the state has ", in.size(),
+                      " tensors, this model needs ", slots_.size());
     for (size_t s = 0; s < slots_.size(); ++s) {
-        const Slot& x = slots_[s];
-        for (size_t i = 0; i < x.layers.size(); ++i)
-            backend_.copy_to_device(base_ + x.offset + size_t((int64_t(i) * batch_ + row) * x.elems),
-                                    in[s] + i * size_t(x.elems), size_t(x.elems) * sizeof(float));
+        const size_t n = size_t(slots_[s].elems);
+        MAMBART_CHECK_ARG(in[s].size() == slots_[s].layers.size() * n, slots_[s].name,
+                          " state has ", in[s].size(), " values, this model needs ",
+                          slots_[s].layers.size() * n);
+        for (size_t i = 0; i < slots_[s].layers.size(); ++i)
+            backend_.copy_to_device(at(s, int64_t(i), row), in[s].data() + i * n,
+                                    n * sizeof(float));
     }
 }
 

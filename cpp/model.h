@@ -45,31 +45,29 @@ class State {
     int64_t batch() const { return batch_; }
     int64_t n_layer() const { return int64_t(where_.size()); }
     const std::vector<Slot>& slots() const { return slots_; }
-    // The k-th state tensor (LayerConfig::state() order) of `layer` at `row`; rows contiguous.
-    float* tensor(int64_t layer, size_t k, int64_t row) const;
     // The layer's state tensors at `row`, in state() order, into out[0..] (for LayerIO::state).
     void layer_tensors(int64_t layer, int64_t row, float** out) const;
-    size_t layer_tensor_count(int64_t layer) const { return where_[size_t(layer)].size(); }
     float* base() const { return base_; }
     void reset_row(int64_t row);  // a fresh sequence: zero history
     size_t bytes() const { return bytes_; }
-    size_t row_floats() const { return row_floats_; }  // floats per sequence, all slots
     Backend& backend() const { return backend_; }
 
     // Snapshot / restore (issue 7), backend-generic (Backend copies only):
     // Copies row `src_row` of `src` into row `dst_row` of this state (device to device). `src`
     // must have the same layout and live on the same backend (InvalidArgument otherwise).
     void copy_row_from(const State& src, int64_t src_row, int64_t dst_row);
-    // Host copies of one row: per slot, (layers in the slot, shape...) fp32.
-    void row_to_host(int64_t row, const std::vector<float*>& out) const;
-    void row_from_host(int64_t row, const std::vector<const float*>& in);
+    // Host copies of one row: per slot, (layers in the slot, shape...) fp32. row_from_host
+    // checks the count and sizes (InvalidArgument naming the state tensor).
+    std::vector<std::vector<float>> row_to_host(int64_t row) const;
+    void row_from_host(int64_t row, const std::vector<std::vector<float>>& in);
 
  private:
     Backend& backend_;
     int64_t batch_;
     std::vector<Slot> slots_;
     LayerSlots where_;
-    size_t bytes_ = 0, row_floats_ = 0;
+    float* at(size_t slot, int64_t i, int64_t row) const;  // layer i of the slot, at `row`
+    size_t bytes_ = 0;
     float* base_ = nullptr;
 };
 

@@ -173,14 +173,7 @@ void register_state_api(py::module_& m) {
         .def_property_readonly("nbytes", &SequenceState::bytes)
         .def("to_host",
              [](const SequenceState& s) {  // -> one flat fp32 host copy per state tensor
-                 const State& st = *s.state;
-                 std::vector<std::vector<float>> out;
-                 std::vector<float*> ptrs;
-                 for (const State::Slot& x : st.slots())
-                     out.emplace_back(x.layers.size() * size_t(x.elems));
-                 for (auto& v : out) ptrs.push_back(v.data());
-                 st.row_to_host(0, ptrs);
-                 return host_tuple(out);
+                 return host_tuple(s.state->row_to_host(0));
              })
         .def_property_readonly("device", [](const SequenceState& s) {
             return s.backend ? s.backend->name() : std::string("none");
