@@ -213,11 +213,6 @@ def config_spec(cfg: dict, where: str) -> dict:
         raise ConversionError(str(e)) from None
 
 
-def expected_shapes(cfg: dict, where: str = "the config") -> Dict[str, Tuple[int, ...]]:
-    """canonical tensor name -> shape implied by a mambart config (docs/format.md)."""
-    return {t["name"]: tuple(t["shape"]) for t in config_spec(cfg, where)["tensors"]}
-
-
 def _hf_source(cfg: dict, where: str, weights: WeightSet) -> Source:
     mt = cfg.get("model_type")
     if mt not in ("mamba", "mamba2"):
