@@ -4,8 +4,11 @@
 #include <cmath>
 #include <cstdlib>
 
+#include "engine.h"
 #include "error.h"
 #include "options.h"
+#include "regular_file.h"
+#include "token_bytes.h"
 
 namespace mambart {
 
@@ -21,9 +24,27 @@ const char* finish_reason_name(FinishReason r) {
         case FinishReason::Length: return "length";
         case FinishReason::Eos: return "eos";
         case FinishReason::StopToken: return "stop_token";
+        case FinishReason::StopString: return "stop_string";
+        case FinishReason::Cancelled: return "cancelled";
+        case FinishReason::Timeout: return "timeout";
+        case FinishReason::Error: return "error";
         case FinishReason::None: break;
     }
     return "none";
+}
+
+std::vector<PrefillCall> plan_prefill(const std::vector<int64_t>& lens, int64_t chunk) {
+    std::vector<PrefillCall> plan;
+    const int64_t n = int64_t(lens.size());
+    if (n == 0) return plan;
+    auto len = [&](int64_t i) { return lens[size_t(i)]; };
+    for (int64_t pos = 0, nk = n; nk > 0 && pos < len(0);) {
+        while (len(nk - 1) <= pos) --nk;  // rows whose feed has ended drop out
+        const int64_t seg = std::min(len(nk - 1) - pos, std::max<int64_t>(1, chunk / nk));
+        plan.push_back(PrefillCall{nk, pos, seg});
+        pos += seg;
+    }
+    return plan;
 }
 
 // ---- Generator -------------------------------------------------------------------------------
@@ -32,6 +53,37 @@ Generator::Generator(const std::string& model_dir, const std::string& device, co
     (void)runtime_options();  // a bad option value is refused here, naming it
     std::shared_ptr<Backend> backend = make_backend(device);
     model_ = std::make_unique<Model>(model_dir, std::move(backend), dtype);
+    model_dir_ = model_dir;
+}
+
+Generator::~Generator() { engine_.reset(); }  // the engine thread stops before the model goes
+
+bool Generator::engine_started() const {
+    std::lock_guard<std::mutex> lk(engine_mu_);
+    return engine_ != nullptr;
+}
+
+void Generator::set_token_bytes(TokenBytes bytes) {
+    std::lock_guard<std::mutex> lk(engine_mu_);
+    MAMBART_CHECK_ARG(!engine_, "the vocabulary bytes must be set before the engine starts");
+    token_bytes_ = std::make_unique<TokenBytes>(std::move(bytes));
+}
+
+Engine& Generator::engine(const EngineOptions* opt) {
+    std::lock_guard<std::mutex> lk(engine_mu_);
+    if (!engine_) {
+        TokenBytes vocab;
+        if (token_bytes_) {
+            vocab = std::move(*token_bytes_);
+            token_bytes_.reset();
+        } else {
+            const std::string tok = model_dir_ + "/tokenizer.json";
+            struct stat st {};
+            if (::stat(tok.c_str(), &st) == 0 && S_ISREG(st.st_mode)) vocab = TokenBytes::from_file(tok);
+        }
+        engine_ = std::make_unique<Engine>(*this, opt ? *opt : EngineOptions{}, std::move(vocab));
+    }
+    return *engine_;
 }
 
 void Generator::check_ids(const std::vector<int32_t>& ids, const std::string& what) const {
@@ -493,20 +545,11 @@ void GenerationStream::prefill() {
     });
     const int64_t n = int64_t(order.size());
     auto len = [&](int64_t i) { return int64_t(feed[size_t(order[size_t(i)])].size()); };
-    // The plan: one forward call per (rows, pos, seg).
-    struct Call {
-        int64_t rows, pos, seg;
-    };
-    std::vector<Call> plan;
+    std::vector<int64_t> lens(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) lens[size_t(i)] = len(i);
+    const std::vector<PrefillCall> plan = plan_prefill(lens, gen_.model_->prefill_chunk());
     int64_t max_tokens = 0;
-    for (int64_t pos = 0, nk = n; nk > 0 && pos < len(0);) {
-        while (len(nk - 1) <= pos) --nk;  // rows whose feed has ended drop out
-        const int64_t seg =
-            std::min(len(nk - 1) - pos, std::max<int64_t>(1, gen_.model_->prefill_chunk() / nk));
-        plan.push_back(Call{nk, pos, seg});
-        max_tokens = std::max(max_tokens, nk * seg);
-        pos += seg;
-    }
+    for (const PrefillCall& c : plan) max_tokens = std::max(max_tokens, c.rows * c.seg);
     // One reservation for the prefill's largest call and the decode steps after it (B rows).
     m.reserve(std::max(max_tokens, B_), std::max(n, B_));
     if (n > 0) {
@@ -524,7 +567,7 @@ void GenerationStream::prefill() {
         }
         std::vector<int32_t> ids;    // (rows, seg) the call's tokens, row-major
         std::vector<float> lg_host;  // (rows ending, V)
-        for (const Call& c : plan) {
+        for (const PrefillCall& c : plan) {
             ids.resize(size_t(c.rows * c.seg));
             for (int64_t i = 0; i < c.rows; ++i) {
                 const auto& f = feed[size_t(order[size_t(i)])];

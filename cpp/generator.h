@@ -51,7 +51,8 @@ struct SequenceState {
     }
 };
 
-enum class FinishReason { None, Length, Eos, StopToken };
+// Why a sequence ended. The engine (issue 14) adds stop strings, cancel, timeout and failure.
+enum class FinishReason { None, Length, Eos, StopToken, StopString, Cancelled, Timeout, Error };
 const char* finish_reason_name(FinishReason r);
 
 struct GenerationResult {
@@ -65,7 +66,19 @@ struct GenerationResult {
                                      // than prompt_tokens when starting from a state)
 };
 
+// The staged variable-length prefill of several rows (GenerationStream::prefill, the engine's
+// prefill groups): `lens` are the rows' feed lengths, longest first, all > 0. Call k runs rows
+// [0, rows) at positions [pos, pos + seg): the rows still feeding at pos, in segments that stop
+// at the next row's end and hold at most max(rows, chunk) tokens.
+struct PrefillCall {
+    int64_t rows, pos, seg;
+};
+std::vector<PrefillCall> plan_prefill(const std::vector<int64_t>& lens, int64_t chunk);
+
 class Generator;
+class Engine;
+struct EngineOptions;
+class TokenBytes;
 
 // A generation in progress; made by Generator::start. Each next() produces at most one token
 // per active row. Not thread-safe itself; the Generator serialises compute between streams.
@@ -147,6 +160,7 @@ class Generator {
  public:
     // device: "cpu" | "cuda" | "cuda:N" | "auto"; dtype: nullptr keeps the stored dtype.
     Generator(const std::string& model_dir, const std::string& device, const DType* dtype);
+    ~Generator();
 
     const ModelConfig& config() const { return model_->config(); }
     const Model& model() const { return *model_; }
@@ -168,6 +182,16 @@ class Generator {
     std::vector<GenerationResult> generate(
         const std::vector<std::vector<int32_t>>& prompts, const GenerationOptions& opt,
         const std::function<bool(int64_t, int32_t)>& callback = {});
+
+    // ---- issue 14: the continuous-batching engine (engine.h) ----
+    // The engine, started on first use with `opt` (later calls return the running one; options
+    // then must be default or equal). Its vocabulary bytes (stop strings) come from
+    // set_token_bytes, else from the model directory's tokenizer.json when there is one.
+    Engine& engine(const EngineOptions* opt = nullptr);
+    bool engine_started() const;
+    // The vocabulary as bytes for stop strings (before the engine starts).
+    void set_token_bytes(TokenBytes bytes);
+    const std::string& model_dir() const { return model_dir_; }
 
     // Checks ids are in [0, vocab_size); `what` names the argument in the error.
     void check_ids(const std::vector<int32_t>& ids, const std::string& what) const;
@@ -203,6 +227,7 @@ class Generator {
 
  private:
     friend class GenerationStream;
+    friend class Engine;
     // Prefills `ids` into row `row` of `state` (reset first) in chunks; returns the last logits
     // copied to `last_logits` (V floats, host) unless nullptr, or all logits to `all_logits`.
     // `from` (issue 7): restore the row from this state instead of resetting it (ids are then
@@ -212,8 +237,12 @@ class Generator {
                      const SequenceState* from = nullptr);
     void restore_row(State& state, int64_t row, const SequenceState& from);
 
+    std::string model_dir_;
     std::unique_ptr<Model> model_;
     std::mutex compute_mu_;  // one forward at a time: the workspace is shared
+    mutable std::mutex engine_mu_;
+    std::unique_ptr<TokenBytes> token_bytes_;  // set_token_bytes, until the engine takes it
+    std::unique_ptr<Engine> engine_;           // declared last: stopped before the model goes
 };
 
 }  // namespace mambart

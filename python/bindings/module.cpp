@@ -11,7 +11,9 @@
 #include "backend.h"
 #include "config.h"
 #include "error.h"
+#include "engine.h"
 #include "generator.h"
+#include "token_bytes.h"
 #include "layers/registry.h"
 #include "model.h"
 #include "options.h"
@@ -281,6 +283,132 @@ void register_state_api(py::module_& m) {
             py::arg("stream") = 0, py::arg("counter") = 0);
 }
 
+
+// ---- issue 14: the engine ------------------------------------------------------------------------
+FinishReason finish_reason_from(const std::string& r) {
+    for (FinishReason f : {FinishReason::Length, FinishReason::Eos, FinishReason::StopToken,
+                           FinishReason::StopString, FinishReason::Cancelled,
+                           FinishReason::Timeout, FinishReason::Error})
+        if (r == finish_reason_name(f)) return f;
+    throw InvalidArgument(str_cat("unknown finish reason '", r, "'"));
+}
+
+py::dict stats_dict(const EngineStats& s) {
+    py::dict d;
+    d["running"] = s.running;
+    d["prefilling"] = s.prefilling;
+    d["queued"] = s.queued;
+    d["slots"] = s.slots;
+    d["steps"] = s.steps;
+    d["rows_decoded"] = s.rows_decoded;
+    d["mean_rows_per_step"] = s.steps ? double(s.rows_decoded) / double(s.steps) : 0.0;
+    d["max_rows"] = s.max_rows;
+    d["prefill_calls"] = s.prefill_calls;
+    d["tokens_generated"] = s.tokens_generated;
+    d["prompt_tokens"] = s.prompt_tokens;
+    d["submitted"] = s.submitted;
+    d["finished"] = s.finished;
+    d["cancelled"] = s.cancelled;
+    d["timed_out"] = s.timed_out;
+    d["failed"] = s.failed;
+    d["rejected"] = s.rejected;
+    return d;
+}
+
+void register_engine_api(py::module_& m) {
+    py::register_exception<EngineBusy>(m, "EngineBusy", PyExc_RuntimeError);
+    py::class_<EngineSequence, std::shared_ptr<EngineSequence>>(m, "EngineSequence")
+        .def(
+            "read",
+            [](EngineSequence& s, double timeout) -> py::object {
+                std::vector<int32_t> out;
+                bool more;
+                {
+                    py::gil_scoped_release release;
+                    more = s.read(&out, timeout);
+                }
+                if (!more && out.empty()) return py::none();
+                return py::cast(out);
+            },
+            py::arg("timeout") = -1.0,
+            "Waits for tokens (timeout < 0: without limit) and returns the unread ones (possibly "
+            "an empty list on timeout), or None once finished and every token was read.")
+        .def("wait",
+             [](EngineSequence& s) {
+                 py::gil_scoped_release release;
+                 s.wait();
+             })
+        .def("cancel", &EngineSequence::cancel)
+        .def("stop",
+             [](EngineSequence& s, const std::string& reason) { s.stop(finish_reason_from(reason)); })
+        .def_property_readonly("finished", &EngineSequence::finished)
+        .def_property_readonly("id", &EngineSequence::id)
+        .def_property_readonly("result", &EngineSequence::result)
+        .def_property_readonly("error", &EngineSequence::error)
+        .def_property_readonly("stop_offset", &EngineSequence::stop_offset)
+        .def_property_readonly("final_state", &EngineSequence::final_state)
+        .def_property_readonly("prompt_state", &EngineSequence::prompt_state);
+
+    auto gen = py::reinterpret_borrow<py::class_<Generator>>(m.attr("Generator"));
+    gen.def(
+           "submit",
+           [](Generator& g, std::vector<int32_t> prompt, const GenerationOptions& opt,
+              std::shared_ptr<SequenceState> start, std::vector<std::string> stops,
+              bool keep_states, double timeout, bool block) {
+               EngineRequest r;
+               r.prompt = std::move(prompt);
+               r.start = std::move(start);
+               r.opt = opt;
+               r.stop_strings = std::move(stops);
+               r.keep_states = keep_states;
+               r.timeout_s = timeout;
+               py::gil_scoped_release release;
+               return g.engine().submit(std::move(r), block);
+           },
+           py::arg("prompt"), py::arg("options"), py::arg("state") = nullptr,
+           py::arg("stop") = std::vector<std::string>{}, py::arg("keep_states") = false,
+           py::arg("timeout") = 0.0, py::arg("block") = true,
+           "Queues a request on the engine (started on first use); -> EngineSequence.")
+        .def(
+            "start_engine",
+            [](Generator& g, int64_t capacity, int64_t max_slots, int64_t prefill_rows,
+               int64_t prefill_chunk, int64_t max_queue) {
+                EngineOptions o;
+                o.capacity = capacity;
+                o.max_slots = max_slots;
+                o.prefill_rows = prefill_rows;
+                o.prefill_chunk = prefill_chunk;
+                o.max_queue = max_queue;
+                MAMBART_CHECK_ARG(!g.engine_started(), "the engine has already started");
+                py::gil_scoped_release release;
+                g.engine(&o);
+            },
+            py::arg("capacity") = 0, py::arg("max_slots") = 0, py::arg("prefill_rows") = 0,
+            py::arg("prefill_chunk") = 0, py::arg("max_queue") = 1024)
+        .def_property_readonly("engine_started", &Generator::engine_started)
+        .def("engine_stats",
+             [](Generator& g) {
+                 if (!g.engine_started()) return stats_dict(EngineStats{});
+                 return stats_dict(g.engine().stats());
+             })
+        .def("engine_has_vocab_bytes", [](Generator& g) { return g.engine().has_vocab_bytes(); })
+        .def(
+            "set_tokenizer_json",
+            [](Generator& g, const std::string& text) {
+                g.set_token_bytes(TokenBytes::from_json(text, "tokenizer"));
+            },
+            py::arg("text"), "The vocabulary bytes for stop strings, from tokenizer.json text.");
+    m.def(
+        "token_bytes",
+        [](const std::string& text) {
+            TokenBytes t = TokenBytes::from_json(text, "tokenizer");
+            py::list out;
+            for (int64_t i = 0; i < t.size(); ++i) out.append(py::bytes(t.bytes(int32_t(i))));
+            return out;
+        },
+        py::arg("tokenizer_json"), "Every token's bytes (tests of the engine's stop strings).");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -530,4 +658,5 @@ PYBIND11_MODULE(_C, m) {
         py::arg("counter") = 0);
 
     register_state_api(m);  // issue 7
+    register_engine_api(m);  // issue 14
 }
