@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Union
@@ -129,6 +130,8 @@ class Generator(SequenceAPI):
         self.fingerprint: str = model_fingerprint(self.model_dir)  # states carry it (issue 7)
         self.prompt_cache: Optional[PromptCache] = None
         self.enable_prompt_cache(prompt_cache_bytes)
+        self._engine_lock = threading.Lock()
+        self._engine_stops: Optional[bool] = None  # decided at the first stop string
 
     @staticmethod
     def _load_tokenizer(tokenizer, tok_path):
@@ -204,8 +207,8 @@ class Generator(SequenceAPI):
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if any(not isinstance(s, str) or not s for s in stops):
             raise ValueError("stop must be a non-empty string or a list of non-empty strings")
-        stream, rows = self._start_rows(prompts, states, kwargs, keep_states)  # sequences.py
-        return stream, stops, rows
+        seqs, rows = self._submit_rows(prompts, states, kwargs, keep_states, stops)
+        return seqs, stops, rows
 
     def _row_texts(self, n, stops):
         if self.tokenizer is None:
@@ -229,6 +232,8 @@ class Generator(SequenceAPI):
         state: a SequenceState (or one per row) to continue; the prompt (may be None) is then
         the tokens added after it. Without a seed, a state from a generation continues its RNG
         exactly. return_state=True puts each row's final state in result.state.
+        Every row is a request of the generator's engine: rows and concurrent calls from other
+        threads share decode steps.
         Returns a GenerationResult, or a list of them for a list of prompts.
         """
         batch, prompts, states = self._rows(prompt, state)
@@ -237,31 +242,61 @@ class Generator(SequenceAPI):
         kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                       top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
                       stop_token_ids=stop_token_ids, ignore_eos=ignore_eos)
-        stream, stops, rows = self._start(prompts, stop, kwargs, states, return_state)
+        seqs, stops, rows = self._start(prompts, stop, kwargs, states, return_state)
         texts = self._row_texts(len(prompts), stops)
-        stopped = set()
-        while True:
-            events = stream.next()
-            if events is None:
-                break
-            if texts is not None:
-                for row, tok in events:
-                    texts[row].push(tok)
-                    if texts[row].stopped and row not in stopped:
-                        stopped.add(row)
-                        stream.finish_row(row, "stop_string")
-        row_states = self._finish_rows(stream, rows, return_state)
+        kept = [None] * len(seqs)  # tokens kept per row when Python matched a stop string
+        try:
+            for row, seq in enumerate(seqs):
+                n = 0
+                for _ in self._row_tokens(seq, rows, texts, row):
+                    n += 1
+                if texts is not None and texts[row].stopped:
+                    kept[row] = n
+        except BaseException:
+            for q in seqs:
+                q.cancel()
+            raise
+        row_states = self._finish_rows(seqs, rows, return_state)
         results = []
-        for row, raw in enumerate(stream.results):
-            reason = "stop_string" if row in stopped else raw.finish_reason
+        for row, seq in enumerate(seqs):
+            raw = seq.result
+            ids = list(raw.token_ids)
+            reason = raw.finish_reason
+            if kept[row] is not None:
+                ids, reason = ids[:kept[row]], "stop_string"
             text = None
             if texts is not None:
                 texts[row].finish()
                 text = texts[row].text
-            results.append(GenerationResult(list(raw.token_ids), reason, raw.prompt_tokens,
-                                            raw.prefill_ms, raw.decode_ms, text,
-                                            raw.prefill_tokens, row_states[row]))
+            results.append(GenerationResult(ids, reason, raw.prompt_tokens, raw.prefill_ms,
+                                            raw.decode_ms, text, raw.prefill_tokens,
+                                            row_states[row]))
         return results if batch else results[0]
+
+    @staticmethod
+    def _row_tokens(seq, rows, texts, row):
+        """Yields the row's tokens as the engine makes them, pushed into the row's TextStream
+        (waits in short slices, so Ctrl-C gets through). A stop string matched on the text (the
+        engine matches them on bytes when it has the vocabulary's bytes; the text also matches
+        where decoding differs from the bytes) stops the request, and later tokens are dropped."""
+        stopped = False
+        while True:
+            got = seq.read(0.25)
+            if got is None:
+                break
+            for tok in got:
+                if stopped:
+                    continue
+                if texts is not None:
+                    texts[row].push(tok)
+                    # The engine matches stop strings on bytes; the text can also match where
+                    # the decoded text differs from the bytes (U+FFFD for invalid UTF-8).
+                    if texts[row].stopped:
+                        stopped = True
+                        seq.stop("stop_string")
+                yield tok
+        if seq.error:
+            raise RuntimeError(seq.error)
 
     def stream(self, prompt: Prompt = None, max_new_tokens: int = 64, temperature: float = 0.0,
                top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
@@ -270,37 +305,34 @@ class Generator(SequenceAPI):
                stop: Union[str, Sequence[str], None] = None,
                ignore_eos: bool = False, state=None) -> Iterator[Union[int, str]]:
         """Yields new token ids as they are made (token-id prompt), or text pieces that are
-        always valid UTF-8 (text prompt). state: a SequenceState to continue (see generate)."""
+        always valid UTF-8 (text prompt). state: a SequenceState to continue (see generate).
+        The request runs on the generator's engine; closing the iterator early cancels it."""
         if self._is_batch(prompt) or isinstance(state, (list, tuple)):
             raise ValueError("stream takes one prompt; use generate for a list of prompts")
         kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                       top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
                       stop_token_ids=stop_token_ids, ignore_eos=ignore_eos)
         text_mode = isinstance(prompt, str)
-        stream, stops, rows = self._start([prompt], stop, kwargs,
-                                          None if state is None else [state])
-        return self._iterate(stream, text_mode, stops, rows)
+        seqs, stops, rows = self._start([prompt], stop, kwargs,
+                                        None if state is None else [state])
+        return self._iterate(seqs, text_mode, stops, rows)
 
-    def _iterate(self, stream, text_mode, stops, rows=None):
+    def _iterate(self, seqs, text_mode, stops, rows):
         texts = self._row_texts(1, stops) if (text_mode or stops) else None
-        while True:
-            events = stream.next()
-            if events is None:
-                break
-            for _, tok in events:
-                if texts is None:
+        seq = seqs[0]
+        try:
+            for tok in self._row_tokens(seq, rows, texts, 0):
+                if texts is None or not text_mode:
                     yield tok
                     continue
-                piece = texts[0].push(tok)
-                if text_mode and piece:
+                piece = texts[0].last_piece
+                if piece:
                     yield piece
-                elif not text_mode:
-                    yield tok
-                if texts[0].stopped:
-                    stream.finish_row(0, "stop_string")
-        if texts is not None:
-            tail = texts[0].finish()
-            if text_mode and tail:
-                yield tail
-        if rows is not None:
-            self._finish_rows(stream, rows, False)  # prompt-cache inserts
+            if texts is not None:
+                tail = texts[0].finish()
+                if text_mode and tail:
+                    yield tail
+        finally:
+            if not seq.finished:
+                seq.cancel()
+        self._finish_rows(seqs, rows, False)  # prompt-cache inserts

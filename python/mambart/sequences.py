@@ -155,7 +155,8 @@ class SequenceAPI:
             opts.append(o)
         return opts
 
-    def _start_rows(self, prompts, states, kwargs, keep_states: bool):
+    def _prepare_rows(self, prompts, states, kwargs):
+        """-> (per-row options, start states, feeds, tokens served by the prompt cache)."""
         n = len(prompts)
         ids = [self._encode_or_empty(p) for p in prompts]
         opts = self._row_options(n, kwargs, states)
@@ -167,25 +168,75 @@ class SequenceAPI:
             starts.append(st)
             feeds.append(feed)
             cached.append(c)
+        return opts, starts, feeds, cached
+
+    def _start_rows(self, prompts, states, kwargs, keep_states: bool):
+        """The fixed-batch native stream of these rows (GenerationStream: every row decodes in
+        each step until the batch is done). The public calls use the engine (_submit_rows)."""
+        opts, starts, feeds, cached = self._prepare_rows(prompts, states, kwargs)
         keep = keep_states or self.prompt_cache is not None
         stream = self._g.start_rows(feeds, opts, starts, keep)
-        return stream, dict(keep=keep, cached=cached, n=n)
+        return stream, dict(keep=keep, cached=cached, n=len(prompts))
 
-    def _finish_rows(self, stream, rows, return_state: bool):
-        """After a stream: its rows' states (when asked) and prompt-cache inserts."""
+    def _submit_rows(self, prompts, states, kwargs, keep_states: bool, stops=()):
+        """Submits one engine request per row (issue 14): -> (EngineSequence per row, info).
+        Row r of a batch draws from RNG stream r unless it has its own seed or continues a
+        state's generation, as a fixed batch did. Stop strings are matched by the engine when
+        it has the vocabulary's bytes; info["py_stops"] says when Python must match them."""
+        opts, starts, feeds, cached = self._prepare_rows(prompts, states, kwargs)
+        keep = keep_states or self.prompt_cache is not None
+        engine_stops = self._engine_matches_stops() if stops else False
+        seqs = []
+        try:
+            for r, o in enumerate(opts):
+                if o.rng_stream < 0:
+                    o.rng_stream = r
+                seqs.append(self._g.submit(feeds[r], o, starts[r],
+                                           list(stops) if engine_stops else [], keep, 0.0, True))
+        except BaseException:
+            for q in seqs:
+                q.cancel()
+            raise
+        return seqs, dict(keep=keep, cached=cached, n=len(prompts),
+                          py_stops=bool(stops) and not engine_stops)
+
+    def _engine_matches_stops(self) -> bool:
+        """Whether the engine can match stop strings (it has this tokenizer's bytes)."""
+        with self._engine_lock:
+            if self._engine_stops is None:
+                tok = self.tokenizer
+                to_str = getattr(tok, "to_str", None)
+                if callable(to_str) and not self._g.engine_started:
+                    try:
+                        self._g.set_tokenizer_json(to_str())
+                    except ValueError:
+                        pass  # the engine reads the model's tokenizer.json, or Python matches
+                self._engine_stops = bool(self._g.engine_has_vocab_bytes()) and callable(to_str)
+            return self._engine_stops
+
+    def engine_stats(self) -> dict:
+        """The engine's counters: running, prefilling and queued requests, decode slots, steps
+        and rows decoded (mean_rows_per_step > 1 means requests shared decode steps), tokens
+        generated and prefilled, requests submitted / finished / cancelled / timed out /
+        failed / rejected."""
+        return dict(self._g.engine_stats())
+
+    def _finish_rows(self, seqs, rows, return_state: bool):
+        """After the rows finished: their states (when asked) and prompt-cache inserts."""
         states = [None] * rows["n"]
         if not rows["keep"]:
             return states
         cache = self.prompt_cache
         for r in range(rows["n"]):
-            final = self._wrap_state(stream.row_state(r))
+            final = self._wrap_state(seqs[r].final_state)
             if return_state:
                 states[r] = final
             if cache is not None:
-                prompt_state = self._wrap_state(stream.prompt_state(r))
+                prompt_state = self._wrap_state(seqs[r].prompt_state)
                 if prompt_state is not None:
                     cache.insert(self._cache_key(), prompt_state)
-                cache.insert(self._cache_key(), final)
+                if final is not None:
+                    cache.insert(self._cache_key(), final)
         return states
 
     # ---- scoring ----

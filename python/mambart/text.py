@@ -53,6 +53,7 @@ class TextStream:
         self._out: List[str] = []
         self.stopped = False
         self._finished = False
+        self.last_piece = ""  # what the latest push() returned
 
     @property
     def text(self) -> str:
@@ -66,6 +67,10 @@ class TextStream:
         return self._tok.decode(list(ids), skip_special_tokens=True)
 
     def push(self, token_id: int) -> str:
+        self.last_piece = self._push(token_id)
+        return self.last_piece
+
+    def _push(self, token_id: int) -> str:
         if self.stopped or self._finished:
             return ""
         self._ids.append(int(token_id))
