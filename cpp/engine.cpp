@@ -155,45 +155,64 @@ void Engine::grow(int64_t slots) {
     stats_.slots = slots;
 }
 
-std::shared_ptr<EngineSequence> Engine::submit(EngineRequest req, bool block) {
+void Engine::check(const EngineRequest& req, const std::string& row) const {
     const GenerationOptions& o = req.opt;
-    MAMBART_CHECK_ARG(o.max_new_tokens >= 0, "max_new_tokens must be >= 0, got ", o.max_new_tokens);
-    MAMBART_CHECK_ARG(o.rng_stream >= -1, "rng_stream must be >= -1, got ", o.rng_stream);
+    MAMBART_CHECK_ARG(o.max_new_tokens >= 0, "max_new_tokens must be >= 0, got ", o.max_new_tokens,
+                      row);
+    MAMBART_CHECK_ARG(o.rng_stream >= -1, "rng_stream must be >= -1, got ", o.rng_stream, row);
     validate(o.sampling);
-    gen_.check_ids(o.stop_token_ids, "stop_token_ids");
-    if (req.start) gen_.check_state(*req.start, "state");
-    MAMBART_CHECK_ARG(!req.prompt.empty() || req.start, "prompt is empty: give at least one token");
-    gen_.check_ids(req.prompt, "prompt");
+    gen_.check_ids(o.stop_token_ids, "stop_token_ids" + row);
+    if (req.start) gen_.check_state(*req.start, "state" + row);
+    MAMBART_CHECK_ARG(!req.prompt.empty() || req.start, "prompt is empty: give at least one token",
+                      row);
+    gen_.check_ids(req.prompt, "prompt" + row);
     MAMBART_CHECK_ARG(std::isfinite(req.timeout_s) && req.timeout_s >= 0.0,
-                      "timeout must be a finite number of seconds >= 0, got ", req.timeout_s);
+                      "timeout must be a finite number of seconds >= 0, got ", req.timeout_s, row);
     for (size_t i = 0; i < req.stop_strings.size(); ++i)
-        MAMBART_CHECK_ARG(!req.stop_strings[i].empty(), "stop[", i, "] is empty");
+        MAMBART_CHECK_ARG(!req.stop_strings[i].empty(), "stop[", i, "] is empty", row);
     MAMBART_CHECK_ARG(req.stop_strings.empty() || !vocab_.empty(),
                       "stop strings need the vocabulary's bytes, and this model has no "
                       "tokenizer.json (pass stop token ids instead)");
-    auto seq = std::make_shared<EngineSequence>();
-    seq->req_ = std::move(req);
+}
+
+std::shared_ptr<EngineSequence> Engine::submit(EngineRequest req, bool block) {
+    std::vector<EngineRequest> one;
+    one.push_back(std::move(req));
+    return submit_many(std::move(one), block).at(0);
+}
+
+std::vector<std::shared_ptr<EngineSequence>> Engine::submit_many(std::vector<EngineRequest> reqs,
+                                                                 bool block) {
+    const size_t n = reqs.size();
+    for (size_t i = 0; i < n; ++i) check(reqs[i], n == 1 ? "" : str_cat(" (row ", i, ")"));
+    std::vector<std::shared_ptr<EngineSequence>> seqs;
+    for (auto& r : reqs) {
+        seqs.push_back(std::make_shared<EngineSequence>());
+        seqs.back()->req_ = std::move(r);
+    }
     {
         std::unique_lock<std::mutex> lk(mu_);
         MAMBART_CHECK_ARG(!stop_, "the engine is shutting down");
-        if (int64_t(queue_.size()) >= opt_.max_queue) {
-            if (!block) {
-                ++stats_.rejected;
-                throw EngineBusy(str_cat("the engine is busy: ", queue_.size(),
-                                         " requests are waiting (max_queue ", opt_.max_queue,
-                                         "); try again later"));
-            }
-            room_cv_.wait(lk, [&] { return stop_ || int64_t(queue_.size()) < opt_.max_queue; });
-            MAMBART_CHECK_ARG(!stop_, "the engine is shutting down");
+        if (!block && int64_t(queue_.size() + n) > opt_.max_queue) {
+            ++stats_.rejected;
+            throw EngineBusy(str_cat("the engine is busy: ", queue_.size(),
+                                     " requests are waiting (max_queue ", opt_.max_queue,
+                                     "); try again later"));
         }
-        seq->id_ = next_id_++;
-        seq->submitted_ = Clock::now();
-        seq->result_.prompt_tokens = -1;  // set at admission
-        queue_.push_back(seq);
-        ++stats_.submitted;
+        // Blocking: waits for room, then queues the whole batch together (it may pass the
+        // bound by its own size), so that its rows form one prefill group where they fit.
+        room_cv_.wait(lk, [&] { return stop_ || int64_t(queue_.size()) < opt_.max_queue; });
+        MAMBART_CHECK_ARG(!stop_, "the engine is shutting down");
+        const auto now = Clock::now();
+        for (auto& seq : seqs) {
+            seq->id_ = next_id_++;
+            seq->submitted_ = now;
+            queue_.push_back(seq);
+            ++stats_.submitted;
+        }
     }
     work_cv_.notify_one();
-    return seq;
+    return seqs;
 }
 
 EngineStats Engine::stats() const {

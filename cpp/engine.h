@@ -126,12 +126,17 @@ class Engine {
     // Validates the request (InvalidArgument naming the parameter), then queues it. Full queue:
     // EngineBusy when `block` is false, else waits for room.
     std::shared_ptr<EngineSequence> submit(EngineRequest req, bool block = false);
+    // Several requests queued together (they join one prefill group where they fit); all are
+    // validated first (errors name the row). Non-blocking: EngineBusy unless all fit.
+    std::vector<std::shared_ptr<EngineSequence>> submit_many(std::vector<EngineRequest> reqs,
+                                                             bool block = false);
     EngineStats stats() const;
     bool has_vocab_bytes() const { return !vocab_.empty(); }
     const EngineOptions& options() const { return opt_; }
 
  private:
     struct Slot;  // a request being prefilled or decoded (engine thread only)
+    void check(const EngineRequest& req, const std::string& row) const;
     void loop();
     void step();
     void admit();

@@ -370,6 +370,30 @@ void register_engine_api(py::module_& m) {
            py::arg("timeout") = 0.0, py::arg("block") = true,
            "Queues a request on the engine (started on first use); -> EngineSequence.")
         .def(
+            "submit_many",
+            [](Generator& g, std::vector<std::vector<int32_t>> prompts, py::list options,
+               py::handle starts, std::vector<std::string> stops, bool keep_states, bool block) {
+                auto st = state_list(starts, prompts.size());
+                MAMBART_CHECK_ARG(options.size() == prompts.size(), "got ", options.size(),
+                                  " option sets for ", prompts.size(), " prompts");
+                std::vector<EngineRequest> reqs(prompts.size());
+                for (size_t i = 0; i < prompts.size(); ++i) {
+                    if (!py::isinstance<GenerationOptions>(options[i]))
+                        throw py::type_error("options must be a list of GenerationOptions");
+                    reqs[i].prompt = std::move(prompts[i]);
+                    reqs[i].opt = options[i].cast<const GenerationOptions&>();
+                    if (i < st.size()) reqs[i].start = st[i];
+                    reqs[i].stop_strings = stops;
+                    reqs[i].keep_states = keep_states;
+                }
+                py::gil_scoped_release release;
+                return g.engine().submit_many(std::move(reqs), block);
+            },
+            py::arg("prompts"), py::arg("options"), py::arg("states") = py::none(),
+            py::arg("stop") = std::vector<std::string>{}, py::arg("keep_states") = false,
+            py::arg("block") = true,
+            "Queues one request per prompt together (one prefill group where they fit).")
+        .def(
             "start_engine",
             [](Generator& g, int64_t capacity, int64_t max_slots, int64_t prefill_rows,
                int64_t prefill_chunk, int64_t max_queue) {

@@ -186,17 +186,11 @@ class SequenceAPI:
         opts, starts, feeds, cached = self._prepare_rows(prompts, states, kwargs)
         keep = keep_states or self.prompt_cache is not None
         engine_stops = self._engine_matches_stops() if stops else False
-        seqs = []
-        try:
-            for r, o in enumerate(opts):
-                if o.rng_stream < 0:
-                    o.rng_stream = r
-                seqs.append(self._g.submit(feeds[r], o, starts[r],
-                                           list(stops) if engine_stops else [], keep, 0.0, True))
-        except BaseException:
-            for q in seqs:
-                q.cancel()
-            raise
+        for r, o in enumerate(opts):
+            if o.rng_stream < 0:
+                o.rng_stream = r
+        seqs = self._g.submit_many(feeds, opts, starts, list(stops) if engine_stops else [],
+                                   keep, True)
         return seqs, dict(keep=keep, cached=cached, n=len(prompts),
                           py_stops=bool(stops) and not engine_stops)
 
