@@ -57,6 +57,12 @@ class Backend {
         (void)rows;
         (void)cols;
     }
+    // Bytes reserve_scratch(rows, cols) holds afterwards (for estimates made before it runs).
+    virtual uint64_t scratch_bytes(int64_t rows, int64_t cols) const {
+        (void)rows;
+        (void)cols;
+        return 0;
+    }
 
     // ---- ops ----
     // out[n, :] = table[ids[n], :]  (table rows >= max id; ids validated by the caller)

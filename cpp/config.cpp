@@ -160,9 +160,9 @@ ModelConfig ModelConfig::from_json_text(const std::string& text, const std::stri
     c.norm_eps = static_cast<float>(eps);
     c.residual_in_fp32 = r.boolean("residual_in_fp32");
     c.tie_embeddings = r.boolean("tie_embeddings");
-    c.bos_token_id = r.optional_id("bos_token_id");
-    c.eos_token_id = r.optional_id("eos_token_id");
-    c.pad_token_id = r.optional_id("pad_token_id");
+    c.bos_token_id = r.id_or_null("bos_token_id");
+    c.eos_token_id = r.id_or_null("eos_token_id");
+    c.pad_token_id = r.id_or_null("pad_token_id");
     c.dtype = [&] {
         const std::string s = r.string("dtype");
         try {

@@ -40,9 +40,9 @@ class ConfigReader {
         if (x < lo || x > hi) fail(key, str_cat("= ", x, " is out of range [", lo, ", ", hi, "]"));
         return x;
     }
-    int64_t optional_id(const char* key) {
-        seen_.insert(key);
-        if (!j_.contains(key) || j_.at(key).is_null()) return -1;
+    // A token id or null (-1: none); the key itself is required.
+    int64_t id_or_null(const char* key) {
+        if (need(key).is_null()) return -1;
         return integer(key, 0, kMaxDim);
     }
     bool boolean(const char* key) {

@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "error.h"
+#include "footprint.h"
 #include "options.h"
 
 namespace mambart {
@@ -45,7 +46,8 @@ struct Engine::Slot {
     std::string error;
     std::shared_ptr<SequenceState> prompt_state, final_state;
 
-    explicit Slot(int64_t V) : sampler(V) {}
+    // Seen ids are kept only for a repetition penalty (issue 23: O(ids seen) per request).
+    Slot(int64_t V, bool track_seen) : sampler(V, track_seen) {}
 };
 
 // ---- EngineSequence ----------------------------------------------------------------------------
@@ -185,6 +187,25 @@ std::vector<std::shared_ptr<EngineSequence>> Engine::submit_many(std::vector<Eng
                                                                  bool block) {
     const size_t n = reqs.size();
     for (size_t i = 0; i < n; ++i) check(reqs[i], n == 1 ? "" : str_cat(" (row ", i, ")"));
+    // Memory (issue 23, class 5): refused up front when the requests and the slots they would
+    // add cannot fit.
+    EngineRequestShape shape;
+    for (const EngineRequest& r : reqs) {
+        shape.feed.push_back(int64_t(r.prompt.size()) + (r.start ? r.start->pending() : 0));
+        shape.max_new_tokens.push_back(r.opt.max_new_tokens);
+        shape.penalty_rows += r.opt.sampling.repetition_penalty != 1.0f;
+        shape.keep_rows += r.keep_states;
+    }
+    {
+        std::lock_guard<std::mutex> lk(mu_);
+        shape.slots_now = stats_.slots;
+        const int64_t want = stats_.running + stats_.prefilling + int64_t(queue_.size()) +
+                             int64_t(n);
+        int64_t after = shape.slots_now;
+        while (after < want && after < opt_.max_slots) after *= 2;
+        shape.slots_after = std::min(after, opt_.max_slots);
+    }
+    check_fits(*gen_.model_, estimate_engine_requests(*gen_.model_, shape), n);
     std::vector<std::shared_ptr<EngineSequence>> seqs;
     for (auto& r : reqs) {
         seqs.push_back(std::make_shared<EngineSequence>());
@@ -240,7 +261,7 @@ void Engine::loop() {
         q.swap(queue_);
     }
     for (auto& seq : q) {
-        auto s = std::make_unique<Slot>(1);
+        auto s = std::make_unique<Slot>(1, false);
         s->seq = seq;
         s->req = &seq->req_;
         finish(*s, FinishReason::Cancelled);
@@ -335,7 +356,7 @@ void Engine::admit() {
         if (why == 0 && t > 0 && ms_between(q->submitted_, now) >= t * 1e3)
             why = int(FinishReason::Timeout);
         if (why != 0) {
-            auto s = std::make_unique<Slot>(1);
+            auto s = std::make_unique<Slot>(1, false);
             s->seq = q;
             s->req = &q->req_;
             queue_.erase(queue_.begin() + int64_t(i));
@@ -363,10 +384,10 @@ void Engine::admit() {
         queue_.pop_front();
         lk.unlock();
         room_cv_.notify_one();
-        auto s = std::make_unique<Slot>(V_);
+        const EngineRequest& r = seq->req_;
+        auto s = std::make_unique<Slot>(V_, r.opt.sampling.repetition_penalty != 1.0f);
         s->seq = seq;
         s->req = &seq->req_;
-        const EngineRequest& r = seq->req_;
         s->t_submit = seq->submitted_;
         if (r.timeout_s > 0) {
             s->has_deadline = true;

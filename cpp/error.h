@@ -1,8 +1,8 @@
 // L0 base: the exception types of the library. Library code never calls exit/abort; every
 // failure is one of these, and the Python bindings map them to Python exceptions:
 //   InvalidArgument -> ValueError, ModelLoadError -> mambart.ModelLoadError (a ValueError),
-//   Unsupported -> NotImplementedError, Cancelled -> KeyboardInterrupt-free RuntimeError,
-//   CudaError / Error -> RuntimeError.
+//   Unsupported -> NotImplementedError, OutOfMemory -> MemoryError, Cancelled ->
+//   KeyboardInterrupt-free RuntimeError, CudaError / Error -> RuntimeError.
 #pragma once
 
 #include <sstream>
@@ -33,6 +33,13 @@ class ModelLoadError : public Error {
 class Unsupported : public Error {
  public:
     explicit Unsupported(const std::string& msg) : Error(msg) {}
+};
+
+// A request would need more memory than its limit allows; refused before allocating (the
+// estimate, the limit and the option that sets it in the message).
+class OutOfMemory : public Error {
+ public:
+    explicit OutOfMemory(const std::string& msg) : Error(msg) {}
 };
 
 // Concatenates its arguments with operator<< into a string.

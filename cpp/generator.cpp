@@ -6,6 +6,7 @@
 
 #include "engine.h"
 #include "error.h"
+#include "footprint.h"
 #include "options.h"
 #include "regular_file.h"
 #include "token_bytes.h"
@@ -341,9 +342,20 @@ GenerationStream::GenerationStream(Generator& g, std::vector<std::vector<int32_t
       active_(B_), row_opt_(std::move(row_opts)), starts_(std::move(starts)),
       keep_states_(keep_states) {
     const ModelConfig& c = g.config();
+    // Issue 23: refuse a request whose memory cannot fit, before allocating any of it.
+    GenerationRequest req;
+    req.keep_states = keep_states_;
+    for (int64_t r = 0; r < B_; ++r) {
+        const SequenceState* from = starts_[size_t(r)].get();
+        req.feed.push_back((from ? from->pending() : 0) + int64_t(prompts_[size_t(r)].size()));
+        req.penalty_rows += row_opt_[size_t(r)].sampling.repetition_penalty != 1.0f;
+    }
+    check_generation_fits(*g.model_, req);
     state_ = std::make_unique<State>(c, g.model_->backend(), B_);
     samplers_.reserve(size_t(B_));
-    for (int64_t r = 0; r < B_; ++r) samplers_.emplace_back(c.vocab_size);
+    for (int64_t r = 0; r < B_; ++r)  // only rows with a repetition penalty keep seen ids
+        samplers_.emplace_back(c.vocab_size,
+                               row_opt_[size_t(r)].sampling.repetition_penalty != 1.0f);
     logits_host_.resize(size_t(B_ * c.vocab_size));
     last_.assign(size_t(B_), 0);
     finished_.assign(size_t(B_), 0);
@@ -441,11 +453,16 @@ void GenerationStream::decode_on_device(std::vector<std::pair<int64_t, int32_t>>
     const int64_t V = gen_.config().vocab_size;
     const SamplingOptions& so = row_opt_[0].sampling;  // uniform across rows here
     if (so.repetition_penalty != 1.0f && !seen_dev_) {  // once: the ids each sampler has seen
-        std::vector<uint8_t> seen(size_t(B_ * V), 0);
-        for (int64_t r = 0; r < B_; ++r)
-            for (int32_t id : samplers_[size_t(r)].seen_ids()) seen[size_t(r * V + id)] = 1;
-        seen_dev_ = static_cast<uint8_t*>(be.alloc(seen.size(), "the repetition-penalty mask"));
-        be.copy_to_device(seen_dev_, seen.data(), seen.size());
+        seen_dev_ = static_cast<uint8_t*>(be.alloc(size_t(B_ * V), "the repetition-penalty mask"));
+        std::vector<uint8_t> seen;  // (<= Model::kLogitsRows rows, V): staged a block at a time
+        for (int64_t r0 = 0; r0 < B_; r0 += Model::kLogitsRows) {
+            const int64_t k = std::min(Model::kLogitsRows, B_ - r0);
+            seen.assign(size_t(k * V), 0);
+            for (int64_t r = r0; r < r0 + k; ++r)
+                for (int32_t id : samplers_[size_t(r)].seen_ids())
+                    seen[size_t((r - r0) * V + id)] = 1;
+            be.copy_to_device(seen_dev_ + r0 * V, seen.data(), seen.size());
+        }
     }
     rng_host_.resize(size_t(B_) * 3);
     tokens_host_.resize(size_t(B_));
@@ -566,7 +583,7 @@ void GenerationStream::prefill() {
                 work.reset_row(i);
         }
         std::vector<int32_t> ids;    // (rows, seg) the call's tokens, row-major
-        std::vector<float> lg_host;  // (rows ending, V)
+        std::vector<float> lg_host;  // (<= Model::kLogitsRows rows ending, V)
         for (const PrefillCall& c : plan) {
             ids.resize(size_t(c.rows * c.seg));
             for (int64_t i = 0; i < c.rows; ++i) {
@@ -582,11 +599,15 @@ void GenerationStream::prefill() {
             const float* lg = m.forward(work, 0, c.rows, c.seg, m.ids_buffer(), mode);
             ++prefill_forward_calls_;
             if (mode == LogitsMode::None) continue;
-            lg_host.resize(size_t((c.rows - first) * V));
-            be.copy_to_host(lg_host.data(), lg + first * V, lg_host.size() * sizeof(float));
-            for (int64_t i = first; i < c.rows; ++i)
-                std::copy(lg_host.begin() + (i - first) * V, lg_host.begin() + (i - first + 1) * V,
-                          logits_host_.begin() + order[size_t(i)] * V);
+            // Staged Model::kLogitsRows rows at a time: the staging does not grow with the batch.
+            for (int64_t i0 = first; i0 < c.rows; i0 += Model::kLogitsRows) {
+                const int64_t k = std::min(Model::kLogitsRows, c.rows - i0);
+                lg_host.resize(size_t(k * V));
+                be.copy_to_host(lg_host.data(), lg + i0 * V, lg_host.size() * sizeof(float));
+                for (int64_t i = i0; i < i0 + k; ++i)
+                    std::copy(lg_host.begin() + (i - i0) * V, lg_host.begin() + (i - i0 + 1) * V,
+                              logits_host_.begin() + order[size_t(i)] * V);
+            }
         }
         if (!in_place)
             for (int64_t i = 0; i < n; ++i) state_->copy_row_from(work, i, order[size_t(i)]);

@@ -167,6 +167,33 @@ void Model::free_workspace() {
     ws_rows_ = logits_rows_ = 0;
 }
 
+void Model::workspace_cols(std::vector<int64_t>* layer_cols, int64_t* scratch_cols) const {
+    // The layers' buffers: buffer k as wide as the widest layer's k-th.
+    layer_cols->clear();
+    *scratch_cols = config_.d_model;  // lm_head's input
+    for (const auto& l : layers_) {
+        const std::vector<int64_t> cols = l->workspace_cols();
+        if (cols.size() > layer_cols->size()) layer_cols->resize(cols.size(), 0);
+        for (size_t k = 0; k < cols.size(); ++k)
+            (*layer_cols)[k] = std::max((*layer_cols)[k], cols[k]);
+        *scratch_cols = std::max(*scratch_cols, l->max_linear_cols());
+    }
+}
+
+uint64_t Model::workspace_bytes(int64_t rows, int64_t logits_rows) const {
+    if (rows <= 0 && logits_rows <= 0) return 0;
+    std::vector<int64_t> layer_cols;
+    int64_t scratch_cols = 0;
+    workspace_cols(&layer_cols, &scratch_cols);
+    uint64_t cols = 3 * uint64_t(config_.d_model);  // hidden, residual, normed
+    for (int64_t c : layer_cols) cols += uint64_t(c);
+    const uint64_t r = uint64_t(std::max<int64_t>(rows, 0));
+    return r * (sizeof(int32_t) + 3 * sizeof(uint64_t) + cols * sizeof(float)) +
+           uint64_t(std::max<int64_t>(logits_rows, 0)) * uint64_t(config_.vocab_size) *
+               sizeof(float) +
+           backend_->scratch_bytes(int64_t(r), scratch_cols);
+}
+
 void Model::reserve(int64_t rows, int64_t logits_rows) {
     if (rows <= ws_rows_ && logits_rows <= logits_rows_) return;
     rows = std::max(rows, ws_rows_);
@@ -182,16 +209,8 @@ void Model::reserve(int64_t rows, int64_t logits_rows) {
     hidden_ = buf(c.d_model, "hidden activations");
     residual_ = buf(c.d_model, "the residual stream");
     normed_ = buf(c.d_model, "normed activations");
-    // The layers' buffers: buffer k as wide as the widest layer's k-th.
-    layer_ws_cols_.clear();
-    int64_t scratch_cols = c.d_model;  // lm_head's input
-    for (const auto& l : layers_) {
-        const std::vector<int64_t> cols = l->workspace_cols();
-        if (cols.size() > layer_ws_cols_.size()) layer_ws_cols_.resize(cols.size(), 0);
-        for (size_t k = 0; k < cols.size(); ++k)
-            layer_ws_cols_[k] = std::max(layer_ws_cols_[k], cols[k]);
-        scratch_cols = std::max(scratch_cols, l->max_linear_cols());
-    }
+    int64_t scratch_cols = 0;
+    workspace_cols(&layer_ws_cols_, &scratch_cols);
     for (int64_t cols : layer_ws_cols_) layer_ws_.push_back(buf(cols, "layer activations"));
     logits_ = static_cast<float*>(
         be.alloc(size_t(logits_rows * c.vocab_size) * sizeof(float), "logits"));

@@ -103,6 +103,10 @@ class Model {
     // logits (allocation happens here, never inside forward).
     void reserve(int64_t rows, int64_t logits_rows);
     int64_t max_rows() const { return ws_rows_; }
+    // Bytes reserve(rows, logits_rows) allocates in all (the backend's scratch included), for
+    // estimates made before allocating (cpp/footprint.h); reserve() grows the workspace to at
+    // least this, freeing the old one first.
+    uint64_t workspace_bytes(int64_t rows, int64_t logits_rows) const;
     int64_t max_logits_rows() const { return logits_rows_; }
 
     // Tokens per prefill chunk: long prompts run in chunks of this many tokens, so activation
@@ -118,6 +122,9 @@ class Model {
 
  private:
     void free_workspace();
+    // The widths (floats per token row) of the layers' workspace buffers and of the
+    // projections' inputs (the backend's scratch).
+    void workspace_cols(std::vector<int64_t>* layer_cols, int64_t* scratch_cols) const;
 
     ModelConfig config_;
     std::shared_ptr<Backend> backend_;

@@ -37,13 +37,18 @@ const std::vector<OptionInfo> kTable = {
     {"cuda_sync", "MAMBART_CUDA_SYNC", "bool", "", "0",
      "synchronise and check errors after every kernel (debugging; slow); read once"},
     {"cuda_free_bytes_limit", "MAMBART_CUDA_FREE_BYTES_LIMIT", "bytes", "", "0",
-     "cap on the free device memory a model load sees (0: none; for tests)"},
+     "cap on the free device memory a model load or a generation sees (0: none; for tests)"},
     {"device_sampling", "MAMBART_DEVICE_SAMPLING", "bool", "", "1",
      "sample on the device inside the decode graph (0: logits copied to the host)"},
+    {"generation_memory_limit", "MAMBART_GENERATION_MEMORY_LIMIT", "bytes", "", "0",
+     "bytes of host memory one generation may take (its rows' buffers; on the CPU backend also "
+     "its state and workspace); a larger request is refused up front with the estimate (0: the "
+     "memory available: MemAvailable, capped by the cgroup's limit and RLIMIT_AS)"},
     {"cpu_portable", "MAMBART_CPU_PORTABLE", "bool", "", "0",
      "the portable CPU projections even where AVX2/FMA/F16C run; read once"},
     {"host_memory_limit", "MAMBART_HOST_MEMORY_LIMIT", "bytes", "", "0",
-     "bytes of host memory a CPU model load may take (0: the kernel's MemAvailable)"},
+     "bytes of host memory a CPU model load may take (0: the memory available: MemAvailable, "
+     "capped by the cgroup's limit and RLIMIT_AS)"},
     {"cache_dir", "MAMBART_CACHE", "path", "", "",
      "where converted models are kept (empty: $XDG_CACHE_HOME/mambart or ~/.cache/mambart)"},
 };
@@ -153,6 +158,7 @@ RuntimeOptions runtime_options() {
         else if (n == "cuda_sync") r.cuda_sync = parse_bool(o, v);
         else if (n == "cuda_free_bytes_limit") r.cuda_free_bytes_limit = parse_uint(o, v, UINT64_MAX);
         else if (n == "device_sampling") r.device_sampling = parse_bool(o, v);
+        else if (n == "generation_memory_limit") r.generation_memory_limit = parse_uint(o, v, UINT64_MAX);
         else if (n == "cpu_portable") r.cpu_portable = parse_bool(o, v);
         else if (n == "host_memory_limit") r.host_memory_limit = parse_uint(o, v, UINT64_MAX);
         else if (n == "cache_dir") r.cache_dir = v;

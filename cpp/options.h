@@ -30,12 +30,15 @@ struct RuntimeOptions {
     bool cuda_pdl = true;               // programmatic dependent launch (sm_90+)
     bool cuda_prefetch = true;          // GEMVs prefetch weight rows into L2 ahead of PDL waits
     bool cuda_sync = false;             // synchronise and check after every kernel (debugging)
-    uint64_t cuda_free_bytes_limit = 0; // cap on the free device memory a load sees (0: none)
+    uint64_t cuda_free_bytes_limit = 0; // cap on the free device memory a load or generation sees
     // ---- generation ----
     bool device_sampling = true;        // sample on the device in graph decode steps
+    uint64_t generation_memory_limit = 0;  // bytes of host memory one generation may take
+                                           // (0: what is available, host_memory_available())
     // ---- CPU backend and loading ----
     bool cpu_portable = false;          // the portable CPU projections even where AVX2 runs
-    uint64_t host_memory_limit = 0;     // bytes of host memory a CPU load may take (0: MemAvailable)
+    uint64_t host_memory_limit = 0;     // bytes of host memory a CPU load may take (0: what is
+                                        // available, host_memory_available())
     // ---- Python package ----
     std::string cache_dir;              // converted-model cache ("" : $XDG_CACHE_HOME/mambart)
 };

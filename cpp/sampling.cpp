@@ -35,29 +35,41 @@ double uniform_draw(uint64_t seed, uint64_t stream, uint64_t counter) {
 
 namespace {
 int64_t checked_vocab(int64_t v) {
-    // An empty logits array would leave no candidate to return (cand_.back() on an empty
+    // An empty logits array would leave no candidate to return (cand.back() on an empty
     // vector; probs() writing past a zero-length output): refused here, for every caller.
     MAMBART_CHECK_ARG(v >= 1 && v <= int64_t(0x7fffffff),
                       "sampler: logits must hold 1 to 2^31-1 values (one per token id), got ", v);
     return v;
 }
+
+// The candidate list of the calling thread: 8 bytes x V once per thread that samples, instead
+// of once per row of a batch. filter() fills it and its caller reads it before returning.
+std::vector<Sampler::Cand>& thread_candidates() {
+    static thread_local std::vector<Sampler::Cand> cand;
+    return cand;
+}
+
 }  // namespace
 
-Sampler::Sampler(int64_t vocab_size)
-    : vocab_(checked_vocab(vocab_size)), seen_(size_t(vocab_), 0), cand_(size_t(vocab_)) {}
+Sampler::Sampler(int64_t vocab_size, bool track_seen)
+    : vocab_(checked_vocab(vocab_size)), track_seen_(track_seen) {}
 
 void Sampler::observe(int32_t id) {
-    if (id < 0 || id >= vocab_ || seen_[size_t(id)]) return;
-    seen_[size_t(id)] = 1;
+    if (!track_seen_ || id < 0 || id >= vocab_) return;
+    if (seen_.empty()) seen_.assign(size_t((vocab_ + 63) / 64), 0);
+    uint64_t& word = seen_[size_t(id) / 64];
+    const uint64_t bit = uint64_t(1) << (id % 64);
+    if (word & bit) return;
+    word |= bit;
     seen_list_.push_back(id);
 }
 
 void Sampler::clear_seen() {
-    for (int32_t id : seen_list_) seen_[size_t(id)] = 0;
+    for (int32_t id : seen_list_) seen_[size_t(id) / 64] = 0;
     seen_list_.clear();
 }
 
-double Sampler::filter(float* logits, const SamplingOptions& o) {
+double Sampler::filter(float* logits, const SamplingOptions& o, std::vector<Cand>& cand) {
     const int64_t V = vocab_;
     // A NaN or infinite logit has no probability: an error, never a draw from NaNs. (The
     // generator raises naming the row and step before this; the raw entry points reach here.)
@@ -65,6 +77,8 @@ double Sampler::filter(float* logits, const SamplingOptions& o) {
         if (!std::isfinite(logits[i]))
             throw InvalidArgument(str_cat("sampler: logits must be finite, got ", logits[i],
                                           " for token id ", i));
+    if (o.repetition_penalty != 1.0f && !track_seen_)
+        throw Error("sampler: repetition_penalty != 1 needs a Sampler that tracks seen ids");
     if (o.repetition_penalty != 1.0f)
         for (int32_t id : seen_list_) {
             float& l = logits[id];
@@ -74,81 +88,83 @@ double Sampler::filter(float* logits, const SamplingOptions& o) {
         int32_t best = 0;
         for (int64_t i = 1; i < V; ++i)
             if (logits[i] > logits[best]) best = int32_t(i);
-        cand_.clear();
-        cand_.push_back({1.0f, best});
+        cand.clear();
+        cand.push_back({1.0f, best});
         return 1.0;
     };
-    cand_.clear();
+    cand.clear();
     // Greedy for T = 0, and where the scaled distribution is degenerate (its T -> 0 limit):
     // 1/T overflows (T below about 3e-39), or the scaled or penalised logits overflow so that
     // the largest is infinite (every exp(s - max) would be NaN) or all are -inf.
     if (o.temperature == 0.0f) return greedy();
     const float inv_t = 1.0f / o.temperature;
     if (!std::isfinite(inv_t)) return greedy();
-    for (int64_t i = 0; i < V; ++i) cand_.push_back({logits[i] * inv_t, int32_t(i)});
+    for (int64_t i = 0; i < V; ++i) cand.push_back({logits[i] * inv_t, int32_t(i)});
     // Order: larger value first, lower id on ties.
     auto before = [](const Cand& a, const Cand& b) { return a.p > b.p || (a.p == b.p && a.id < b.id); };
     bool sorted = false;
     if (o.top_k > 0 && o.top_k < V) {
-        std::partial_sort(cand_.begin(), cand_.begin() + o.top_k, cand_.end(), before);
-        cand_.resize(size_t(o.top_k));
+        std::partial_sort(cand.begin(), cand.begin() + o.top_k, cand.end(), before);
+        cand.resize(size_t(o.top_k));
         sorted = true;
     }
     // Softmax over the candidates (max subtracted; sums in double).
     float mx = -std::numeric_limits<float>::infinity();
-    for (const Cand& c : cand_) mx = std::max(mx, c.p);
+    for (const Cand& c : cand) mx = std::max(mx, c.p);
     if (!std::isfinite(mx)) return greedy();
     double total = 0.0;
-    for (Cand& c : cand_) {
+    for (Cand& c : cand) {
         c.p = std::exp(c.p - mx);
         total += c.p;
     }
     if (o.top_p < 1.0f) {
-        if (!sorted) std::sort(cand_.begin(), cand_.end(), before);
+        if (!sorted) std::sort(cand.begin(), cand.end(), before);
         sorted = true;
         double cum = 0.0;
         size_t keep = 0;
-        while (keep < cand_.size()) {
-            cum += cand_[keep].p;
+        while (keep < cand.size()) {
+            cum += cand[keep].p;
             ++keep;
             if (cum >= o.top_p * total) break;
         }
-        cand_.resize(keep);
+        cand.resize(keep);
         total = cum;
     }
     if (o.min_p > 0.0f) {
         float pmax = 0.0f;
-        for (const Cand& c : cand_) pmax = std::max(pmax, c.p);
+        for (const Cand& c : cand) pmax = std::max(pmax, c.p);
         const float thr = o.min_p * pmax;
         size_t j = 0;
         total = 0.0;
-        for (size_t i = 0; i < cand_.size(); ++i)
-            if (cand_[i].p >= thr) {
-                cand_[j++] = cand_[i];
-                total += cand_[i].p;
+        for (size_t i = 0; i < cand.size(); ++i)
+            if (cand[i].p >= thr) {
+                cand[j++] = cand[i];
+                total += cand[i].p;
             }
-        cand_.resize(j);
+        cand.resize(j);
     }
     return total;
 }
 
 int32_t Sampler::sample(float* logits, const SamplingOptions& o, uint64_t seed, uint64_t stream,
                         uint64_t counter) {
-    const double total = filter(logits, o);
-    if (cand_.size() == 1) return cand_[0].id;
+    std::vector<Cand>& cand = thread_candidates();
+    const double total = filter(logits, o, cand);
+    if (cand.size() == 1) return cand[0].id;
     const double target = uniform_draw(seed, stream, counter) * total;
     double cum = 0.0;
-    for (const Cand& c : cand_) {
+    for (const Cand& c : cand) {
         cum += c.p;
         if (cum > target) return c.id;
     }
-    return cand_.back().id;  // rounding: u * total at the very top
+    return cand.back().id;  // rounding: u * total at the very top
 }
 
 void Sampler::probs(float* logits, const SamplingOptions& o, float* out) {
-    const double total = filter(logits, o);
+    std::vector<Cand>& cand = thread_candidates();
+    const double total = filter(logits, o, cand);
     std::fill(out, out + vocab_, 0.0f);
-    for (const Cand& c : cand_) out[c.id] = float(c.p / total);
+    for (const Cand& c : cand) out[c.id] = float(c.p / total);
 }
 
 }  // namespace mambart

@@ -38,9 +38,14 @@ void validate(const SamplingOptions& opt);
 // A uniform double in [0, 1) from (seed, stream, counter): splitmix64 mixing, stateless.
 double uniform_draw(uint64_t seed, uint64_t stream, uint64_t counter);
 
+// One row's sampler. Its own memory is O(ids seen), not O(vocabulary): a batch keeps one per
+// row (issue 23, class 5). The candidate list a draw needs (8 bytes x V) is scratch shared by
+// every Sampler of the calling thread.
 class Sampler {
  public:
-    explicit Sampler(int64_t vocab_size);
+    // track_seen false: observe() keeps nothing (a row without a repetition penalty needs no
+    // seen ids); such a sampler must not be used with repetition_penalty != 1.
+    explicit Sampler(int64_t vocab_size, bool track_seen = true);
 
     // Marks ids as seen (prompt and generated tokens) for the repetition penalty.
     void observe(int32_t id);
@@ -55,19 +60,21 @@ class Sampler {
     // for tests and for scoring the filters. `logits` is used as scratch.
     void probs(float* logits, const SamplingOptions& opt, float* out);
 
- private:
-    // Applies penalty/temperature/filters; fills cand_ with the surviving (id, prob) in draw order
-    // and returns their total probability. Greedy: a single candidate.
-    double filter(float* logits, const SamplingOptions& opt);
-
-    int64_t vocab_;
-    std::vector<uint8_t> seen_;       // (V) 1 if the id occurred
-    std::vector<int32_t> seen_list_;  // distinct seen ids
     struct Cand {
         float p;
         int32_t id;
     };
-    std::vector<Cand> cand_;          // (V) scratch, allocated once
+
+ private:
+    // Applies penalty/temperature/filters; fills `cand` (the thread's scratch) with the
+    // surviving (id, prob) in draw order and returns their total probability. Greedy: a single
+    // candidate.
+    double filter(float* logits, const SamplingOptions& opt, std::vector<Cand>& cand);
+
+    int64_t vocab_;
+    bool track_seen_;
+    std::vector<uint64_t> seen_;      // (ceil(V / 64)) bit i: id i occurred; made at the first id
+    std::vector<int32_t> seen_list_;  // distinct seen ids
 };
 
 }  // namespace mambart

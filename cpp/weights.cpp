@@ -8,23 +8,18 @@
 #include <set>
 
 #include "error.h"
+#include "host_memory.h"
 #include "options.h"
 
 namespace mambart {
 
 namespace {
 
-// Bytes of host memory a load may take: the host_memory_limit option when set, else the
-// kernel's MemAvailable; no limit when neither can be read.
-uint64_t host_memory_available() {
+// Bytes of host memory a load may take: the host_memory_limit option when set, else what the
+// process may still take (host_memory_available: MemAvailable, the cgroup, RLIMIT_AS).
+uint64_t load_memory_limit() {
     if (const uint64_t v = runtime_options().host_memory_limit) return v;
-    std::ifstream f("/proc/meminfo");
-    std::string key;
-    uint64_t kb = 0;
-    std::string unit;
-    while (f >> key >> kb >> unit)
-        if (key == "MemAvailable:") return kb * 1024;
-    return UINT64_MAX;
+    return host_memory_available();
 }
 
 }  // namespace
@@ -54,7 +49,7 @@ ModelWeights::ModelWeights(const std::string& dir, const ModelConfig& c, Backend
                 need += uint64_t(t.numel()) * sizeof(float);
             }
         }
-        const uint64_t avail = host_memory_available();
+        const uint64_t avail = load_memory_limit();
         if (need > avail)
             throw ModelLoadError(str_cat(path, ": loading needs ", need,
                                          " bytes of host memory (weights as ", dtype_name(dt),

@@ -84,6 +84,49 @@ __device__ double block_sum_d(double v, Shared& sh) {
     return r;
 }
 
+// The largest value(i) over i in [0, V), the lowest i among equals, reduced over the block:
+// every thread gets it in *best and *id. value(i) -> float; a NaN never wins (all NaN: *id = V).
+// Every thread of the block must call it (it synchronises).
+template <class F>
+__device__ void block_argmax(const F& value, int64_t V, Shared& sh, float* best, int64_t* id) {
+    float b = -INFINITY;
+    int64_t bi = V;
+    for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
+        const float v = value(i);
+        if (v > b || (v == b && i < bi)) {
+            b = v;
+            bi = i;
+        }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ob = __shfl_xor_sync(0xffffffffu, b, o);
+        const int64_t oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (ob > b || (ob == b && oi < bi)) {
+            b = ob;
+            bi = oi;
+        }
+    }
+    __syncthreads();  // sh.red_* may still be read by an earlier reduction
+    if ((threadIdx.x & 31) == 0) {
+        sh.red_f[threadIdx.x >> 5] = b;
+        sh.red_i[threadIdx.x >> 5] = bi;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < int(blockDim.x >> 5); ++w) {
+            const float f = sh.red_f[w];
+            if (f > sh.red_f[0] || (f == sh.red_f[0] && sh.red_i[w] < sh.red_i[0])) {
+                sh.red_f[0] = f;
+                sh.red_i[0] = sh.red_i[w];
+            }
+        }
+    }
+    __syncthreads();
+    *best = sh.red_f[0];
+    *id = sh.red_i[0];
+    __syncthreads();  // before the next use of sh.red_*
+}
+
 // The largest member key K with W(>= K) >= thr (strict: > thr), where W(>= K) sums the weights
 // of the members with key >= K; f(i, &key, &w) -> membership. Keys must be distinct. Returns
 // false when no K qualifies.
@@ -140,88 +183,30 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleParams p) {
     Row row{p.logits + r * p.ld, p.seen ? p.seen + r * V : nullptr, p.repetition_penalty,
             p.temperature > 0.0f ? 1.0f / p.temperature : 0.0f};
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    int64_t chosen = 0;
 
-    // The maximum of v (greedy) or s = v / T, with the lowest id among equals.
-    {
-        float best = -INFINITY;
-        int64_t bi = V;
-        int bad = 0;
-        for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
-            float v = row.value(i);
+    // The maximum of v (greedy) or s = v / T, with the lowest id among equals. A row with a
+    // NaN or infinite logit gets -1 (uniform across the block: every thread reaches the or).
+    int bad = 0;
+    float mx;
+    int64_t chosen;
+    block_argmax(
+        [&](int64_t i) {
             bad |= !isfinite(row.logits[i]);
-            if (p.temperature > 0.0f) v *= row.inv_t;
-            if (v > best || (v == best && i < bi)) {
-                best = v;
-                bi = i;
-            }
-        }
-        for (int o = 16; o > 0; o >>= 1) {
-            const float ob = __shfl_xor_sync(0xffffffffu, best, o);
-            const int64_t oi = __shfl_xor_sync(0xffffffffu, bi, o);
-            if (ob > best || (ob == best && oi < bi)) {
-                best = ob;
-                bi = oi;
-            }
-        }
-        bad = __syncthreads_or(bad);
-        if (bad) {  // uniform across the block
-            if (threadIdx.x == 0) p.out[r] = -1;
-            return;
-        }
-        if (lane == 0) {
-            sh.red_f[warp] = best;
-            sh.red_i[warp] = bi;
-        }
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            for (int w = 1; w < int(blockDim.x >> 5); ++w)
-                if (sh.red_f[w] > sh.red_f[0] || (sh.red_f[w] == sh.red_f[0] && sh.red_i[w] < sh.red_i[0])) {
-                    sh.red_f[0] = sh.red_f[w];
-                    sh.red_i[0] = sh.red_i[w];
-                }
-        }
-        __syncthreads();
-        chosen = sh.red_i[0];
+            const float v = row.value(i);
+            return p.temperature > 0.0f ? v * row.inv_t : v;
+        },
+        V, sh, &mx, &chosen);
+    if (__syncthreads_or(bad)) {
+        if (threadIdx.x == 0) p.out[r] = -1;
+        return;
     }
-    const float mx = sh.red_f[0];
-    __syncthreads();
 
     // The scaled distribution is degenerate (1/T or max s overflowed): greedy on v, the T -> 0
-    // limit, as mambart::Sampler does. Uniform across the block (mx is shared).
+    // limit, as mambart::Sampler does. Uniform across the block (mx is the block's).
     const bool degenerate = p.temperature > 0.0f && (!isfinite(row.inv_t) || !isfinite(mx));
     if (degenerate) {
-        float best = -INFINITY;
-        int64_t bi = V;
-        for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
-            const float v = row.value(i);
-            if (v > best || (v == best && i < bi)) {
-                best = v;
-                bi = i;
-            }
-        }
-        for (int o = 16; o > 0; o >>= 1) {
-            const float ob = __shfl_xor_sync(0xffffffffu, best, o);
-            const int64_t oi = __shfl_xor_sync(0xffffffffu, bi, o);
-            if (ob > best || (ob == best && oi < bi)) {
-                best = ob;
-                bi = oi;
-            }
-        }
-        if (lane == 0) {
-            sh.red_f[warp] = best;
-            sh.red_i[warp] = bi;
-        }
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            for (int w = 1; w < int(blockDim.x >> 5); ++w)
-                if (sh.red_f[w] > sh.red_f[0] || (sh.red_f[w] == sh.red_f[0] && sh.red_i[w] < sh.red_i[0])) {
-                    sh.red_f[0] = sh.red_f[w];
-                    sh.red_i[0] = sh.red_i[w];
-                }
-        }
-        __syncthreads();
-        chosen = sh.red_i[0];
+        float best_v;
+        block_argmax([&](int64_t i) { return row.value(i); }, V, sh, &best_v, &chosen);
     }
 
     if (p.temperature > 0.0f && !degenerate) {

@@ -193,6 +193,37 @@ def _ss_dir(tmp_path, arch="mamba2", **overrides):
     return write_state_spaces(model, tmp_path / "ss", 100, 16, config_overrides=overrides)
 
 
+SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def test_special_ids_are_always_written(tmp_path):
+    """docs/format.md: bos/eos/pad_token_id are required keys, null meaning none. Checkpoints
+    without them (a transformers config without the keys, a state-spaces config, which never
+    has them) convert to configs stating all three as null, which load and generate; a mambart
+    directory missing one is refused by the converter and the loader, naming the key."""
+    hf = tmp_path / "hf"
+    hf_model("mamba1", 112, hf)
+    cfg = json.loads((hf / "config.json").read_text())
+    for k in SPECIAL_IDS:
+        cfg.pop(k, None)
+    (hf / "config.json").write_text(json.dumps(cfg))
+    for name, src in (("hf", hf), ("ss", _ss_dir(tmp_path))):
+        out = Path(mambart.convert(src, tmp_path / f"out-{name}"))
+        c = json.loads((out / "config.json").read_text())
+        assert {k: c[k] for k in SPECIAL_IDS} == dict.fromkeys(SPECIAL_IDS), (name, c)
+        r = mambart.Generator(str(out)).generate([1, 2], max_new_tokens=3)
+        assert len(r.token_ids) == 3 and r.finish_reason == "length"  # no eos: never stops on one
+    broken = shutil.copytree(out, tmp_path / "broken")
+    c = json.loads((broken / "config.json").read_text())
+    del c["eos_token_id"]
+    (broken / "config.json").write_text(json.dumps(c))
+    with pytest.raises(ConversionError, match="config key 'eos_token_id' is missing"):
+        mambart.convert(broken, tmp_path / "re")
+    with pytest.raises(mambart.ModelLoadError, match="config.json: config key 'eos_token_id' is "
+                                                     "missing"):
+        mambart.Generator(str(broken))
+
+
 @pytest.mark.parametrize("overrides,pattern", [
     (dict(attn_layer_idx=[1], attn_cfg={"num_heads": 2, "causal": True}),
      "attention layers"),

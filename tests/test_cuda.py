@@ -329,6 +329,111 @@ def test_sample_large_vocab_and_nonfinite(gpu, cpu):
     assert ids_g[1] == -1 and ids_g[0] >= 0 and ids_g[2] >= 0
 
 
+# Degenerate distributions (issue 23, class 4): the device sampler's one argmax helper
+# (block_argmax in cuda/sampling.cu) serves both the scaled maximum and the greedy fallback, and
+# must pick what mambart::Sampler picks where 1/T overflows, the scaled logits overflow to
+# +-inf, top-p keeps a single token, or every logit is far below one.
+DEGENERATE = [
+    dict(temperature=1e-38),
+    dict(temperature=1e-39),
+    dict(temperature=1e-45),                       # 1/T = inf
+    dict(temperature=3e-39, top_k=5),
+    dict(temperature=1e-38, top_p=0.9, min_p=0.1),
+    dict(temperature=1e-38, repetition_penalty=1e-38),
+    dict(temperature=1.0),                         # huge logits at an ordinary temperature
+    dict(temperature=1.0, top_p=1e-7),             # top_p tiny: the most likely token
+    dict(temperature=0.5, top_p=1e-30, top_k=3),
+    dict(temperature=0.0, repetition_penalty=1e-30),
+]
+
+
+def _degenerate_logits(rng, V):
+    big = np.float32(3e38)
+    rows = [rnd(rng, V, scale=3.0)]                     # ordinary
+    r = np.full(V, -big, np.float32)
+    r[V // 3] = 0.0
+    rows.append(r)                                      # all -3e38 (-inf once scaled) but one
+    rows.append(np.clip(rnd(rng, V, scale=1e38), -big, big))  # huge logits, either sign
+    rows.append(np.full(V, 2.5, np.float32))            # all equal: the lowest id
+    r = np.full(V, -1e30, np.float32)
+    r[[7, V - 2]] = big                                 # a tie at the largest float
+    rows.append(r)
+    return np.stack(rows)
+
+
+@pytest.mark.parametrize("opts", DEGENERATE,
+                         ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_sample_degenerate_matches_host_sampler(gpu, cpu, opts):
+    rng = np.random.default_rng(14)
+    for V in (5, 1031, 50280):
+        logits = _degenerate_logits(rng, V)
+        seen = (rng.random(logits.shape) < 0.1).astype(np.uint8)
+        for counter in range(3):
+            ids_g, seen_g = gpu.sample(logits, seed=9, counter=counter, seen=seen, **opts)
+            ids_c, seen_c = cpu.sample(logits, seed=9, counter=counter, seen=seen, **opts)
+            np.testing.assert_array_equal(ids_g, ids_c, err_msg=f"V={V} {opts}")
+            np.testing.assert_array_equal(seen_g, seen_c)
+        assert ids_g[1] == V // 3, ids_g  # the one logit far above the others
+        if "repetition_penalty" not in opts and (opts["temperature"] < 1e-30 or
+                                                 opts.get("top_p", 1.0) < 1e-6):
+            assert ids_g[3] == 0 and ids_g[4] == 7, ids_g  # ties: the lowest id
+        if opts["temperature"] < 1e-30:  # the T -> 0 limit: greedy on the penalised logits
+            greedy = {k: v for k, v in opts.items() if k == "repetition_penalty"}
+            ids_0, _ = gpu.sample(logits, temperature=0.0, seen=seen, **greedy)
+            np.testing.assert_array_equal(ids_g, ids_0)
+
+
+def test_sample_nonfinite_logits_are_refused(gpu, cpu):
+    """NaN or infinite logits: -1 from the device sampler (as from the raw CPU entry point) in
+    that row only, at every temperature; the generator turns it into an error naming the row."""
+    rng = np.random.default_rng(15)
+    logits = rnd(rng, 4, 1000)
+    logits[1, 3] = np.nan
+    logits[2, :] = -np.inf
+    logits[2, 5] = 0.0  # all -inf but one: still not a distribution the sampler accepts
+    logits[3, 999] = np.inf
+    for opts in (dict(temperature=0.0), dict(temperature=1.0), dict(temperature=1e-45),
+                 dict(temperature=0.7, top_k=5, top_p=0.5)):
+        ids_g, _ = gpu.sample(logits, seed=2, **opts)
+        ids_c, _ = cpu.sample(logits, seed=2, **opts)
+        assert ids_g.tolist()[1:] == [-1, -1, -1] and ids_g[0] >= 0, (opts, ids_g)
+        np.testing.assert_array_equal(ids_g, ids_c)
+
+
+def test_model_with_nonfinite_logits_raises_on_both_backends(tmp_path):
+    """An lm_head whose products overflow float32 (finite weights, so the model loads): the
+    decode fast path (device sampling) and the CPU backend both raise naming the non-finite
+    logit, never return a token drawn from it."""
+    import mambart
+    from model_dirs import config_dict, model_tensors
+
+    c = config_dict("mamba1", tie_embeddings=False)
+    t = model_tensors(c)
+    t["lm_head.weight"] = np.where(np.arange(t["lm_head.weight"].size).reshape(
+        t["lm_head.weight"].shape) % 2 == 0, 3e38, -3e38).astype(np.float32)
+    d = _model_dir(tmp_path / "m", "mamba1", tensors=t, tie_embeddings=False, d_model=16,
+                   vocab_size=100, vocab_size_padded=104, d_inner=32, d_state=6, dt_rank=3)
+    for device in ("cpu", "cuda"):
+        for kw in (dict(), dict(temperature=1.0, seed=1), dict(temperature=1e-45)):
+            with pytest.raises(RuntimeError, match="non-finite logit"):
+                mambart.Generator(str(d), device=device).generate([1, 2, 3], max_new_tokens=4, **kw)
+
+
+def test_batch_beyond_free_device_memory_is_refused(model_dirs, monkeypatch):
+    """Issue 23, class 5: a batch whose state and workspace cannot fit the free device memory
+    is refused before allocating, with the estimate (free memory capped by the test hook
+    MAMBART_CUDA_FREE_BYTES_LIMIT), and the generator still works afterwards."""
+    monkeypatch.setenv("MAMBART_CUDA_FREE_BYTES_LIMIT", str(64 << 20))
+    g = _gen(model_dirs["m1"], "cuda", "float32")
+    want = g.generate([1, 2, 3], max_new_tokens=5, ignore_eos=True).token_ids
+    with pytest.raises(MemoryError, match=r"generating 20000 rows needs about \d+ bytes .* of "
+                                          r"device memory .*the recurrent state.* but cuda:0.* has "
+                                          r"67108864 bytes"):
+        g.generate([[1, 2]] * 20000, max_new_tokens=1)
+    assert g.generate([1, 2, 3], max_new_tokens=5, ignore_eos=True).token_ids == want
+    assert len(g.generate([[1, 2]] * 64, max_new_tokens=2)) == 64  # a batch that fits runs
+
+
 def test_bad_arguments_raise(gpu):
     x = np.zeros((2, 8), np.float32)
     with pytest.raises(NotImplementedError, match="d_conv"):

@@ -516,8 +516,140 @@ def test_raw_sampler_entry_points_validate(call):
 
 
 # =============================================================================================
-# Class 5: mambart-run's command line is parsed strictly (tools/run_args.h), and seeds outside
-# [0, 2^64) are refused in the API and both CLIs (before, 2^64 + 5 silently equalled 5).
+# Class 5: memory is admitted with a check (cpp/footprint.cpp). A generation's memory is
+# estimated from the request before anything is allocated, and a request that cannot fit is a
+# MemoryError giving the estimate, its largest parts and the limit (the generation_memory_limit
+# option, else the memory available: MemAvailable, the cgroup, RLIMIT_AS). Per-row host buffers
+# no longer scale with vocabulary x rows beyond the step's logits: the samplers keep their seen
+# ids only with a repetition penalty (a bitmap, V / 8 bytes) and share one candidate scratch per
+# thread; the prefill stages logits 64 rows at a time. Before: about 21 bytes x V per row on the
+# host, and 100,000 one-token rows at V = 50,280 ended in std::bad_alloc.
+# =============================================================================================
+
+BIG_V = 50280
+
+
+@pytest.fixture(scope="module")
+def big_vocab_model(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("bigv") / "m", "mamba1", vocab_size=BIG_V,
+                          vocab_size_padded=BIG_V)
+
+
+@pytest.mark.skipif(_ASAN, reason="the default limit is the address-space cap, absent under ASan")
+def test_huge_batch_is_refused_up_front(big_vocab_model):
+    """100,000 one-token rows that keep their states (return_state: two state snapshots and the
+    prompt's logits per row, about 20 GB here): refused before allocating (the child's address
+    space is capped at 1 GiB, which the default limit sees), with the estimate and the limit.
+    Without kept states the engine's memory does not grow with rows x vocab (see below)."""
+    res = py(f"""
+        import resource, mambart
+        g = mambart.Generator({str(big_vocab_model)!r})
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        try:
+            g.generate([[1]] * 100000, max_new_tokens=1, return_state=True)
+        finally:
+            grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+            assert grew < 200 * 1024, f"peak RSS grew by {{grew}} KiB before the refusal"
+    """)
+    raises(res, "MemoryError", "generating 100000 rows needs about", "of host memory",
+           "the kept states' logits (100000 x 50280 float32)", "but the limit is",
+           "generation_memory_limit", "fewer rows")
+    need = int(res["msg"].split("needs about ")[1].split(" bytes")[0])
+    assert need >= 100000 * BIG_V * 4, need  # the kept prompt states' logits
+    limit = int(res["msg"].split("the limit is ")[1].split(" bytes")[0])
+    assert limit < MEM_LIMIT, limit
+
+
+def test_generation_memory_limit_option(big_vocab_model):
+    """The option sets the limit: a batch whose estimate is N bytes is refused at N - 1 and runs
+    at N, with the same tokens as without a limit (also through the environment and the CLI's
+    refusal message)."""
+    g = mambart.Generator(str(big_vocab_model))
+    prompts = [[1 + i % 50, 7] for i in range(40)]
+    want = [r.token_ids for r in g.generate(prompts, max_new_tokens=3, ignore_eos=True)]
+    try:
+        mambart.set_options(generation_memory_limit=1)
+        with pytest.raises(MemoryError, match="the limit is 1 bytes .the generation_memory_limit "
+                                              "option, MAMBART_GENERATION_MEMORY_LIMIT") as ei:
+            g.generate(prompts, max_new_tokens=3, ignore_eos=True)
+        need = int(str(ei.value).split("needs about ")[1].split(" bytes")[0])
+        # bookkeeping and tokens per request, and at most the decode slots the engine may still
+        # add (their logits and workspace): less than the old fixed batch's 40 x V logits rows
+        assert 40 * 1024 <= need < 2 * 40 * BIG_V * 4, need
+        mambart.set_options(generation_memory_limit=need - 1)
+        with pytest.raises(MemoryError, match=f"needs about {need} bytes"):
+            g.generate(prompts, max_new_tokens=3, ignore_eos=True)
+        mambart.set_options(generation_memory_limit=need)
+        got = [r.token_ids for r in g.generate(prompts, max_new_tokens=3, ignore_eos=True)]
+        assert got == want
+        # a single row and a stream still fit under a limit far below the batch's
+        mambart.set_options(generation_memory_limit=need // 10)
+        assert g.generate(prompts[3], max_new_tokens=3, ignore_eos=True).token_ids == want[3]
+        assert list(g.stream(prompts[5], max_new_tokens=3, ignore_eos=True)) == want[5]
+    finally:
+        mambart.set_options(generation_memory_limit=None)
+    res = py(f"""
+        import mambart
+        g = mambart.Generator({str(big_vocab_model)!r})
+        g.generate([[1, 7]] * 40, max_new_tokens=3, temperature=1.0, repetition_penalty=1.2)
+    """, env={"MAMBART_GENERATION_MEMORY_LIMIT": "1000000"})
+    raises(res, "MemoryError", "generating 40 rows", "the limit is 1000000 bytes",
+           "MAMBART_GENERATION_MEMORY_LIMIT")
+
+
+def test_states_and_penalties_count_in_the_estimate(big_vocab_model):
+    """Kept states (return_state) and repetition penalties cost memory and the estimate says so."""
+    g = mambart.Generator(str(big_vocab_model))
+    try:
+        mambart.set_options(generation_memory_limit=1)
+        needs = {}
+        for name, kw in (("plain", {}), ("state", dict(return_state=True)),
+                         ("penalty", dict(repetition_penalty=1.3))):
+            with pytest.raises(MemoryError) as ei:
+                g.generate([[1, 2]] * 10, max_new_tokens=2, **kw)
+            needs[name] = int(str(ei.value).split("needs about ")[1].split(" bytes")[0])
+            if name == "state":
+                assert "the kept states' logits" in str(ei.value)
+    finally:
+        mambart.set_options(generation_memory_limit=None)
+    assert needs["state"] >= needs["plain"] + 10 * BIG_V * 4  # the prompt states' logits
+    # A fresh engine also counts the decode slots (and their logits) it would add.
+    res = py(f"""
+        import mambart
+        g = mambart.Generator({str(big_vocab_model)!r})
+        g.generate([[1, 2]] * 20, max_new_tokens=2)
+    """, env={"MAMBART_GENERATION_MEMORY_LIMIT": "1000000"})
+    raises(res, "MemoryError", "the engine's new decode slots' logits (24 x 50280 float32)")
+    assert needs["plain"] < needs["penalty"] < needs["plain"] + 10 * BIG_V  # a bitmap per row
+
+
+def test_large_batch_fits_with_bounded_peak_memory(big_vocab_model):
+    """1,000 one-token rows at V = 50,280 run, and the peak host memory the generation adds is
+    at most 10 bytes x V per row (the step's logits: the rows' copy and the workspace's, 8 bytes
+    x V, plus state and bookkeeping); it was 21 bytes x V before. Tokens equal single runs."""
+    res = py(f"""
+        import resource, mambart
+        g = mambart.Generator({str(big_vocab_model)!r})
+        g.generate([1], max_new_tokens=2)
+        base = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+        B = 1000
+        out = g.generate([[1 + i % 97] for i in range(B)], max_new_tokens=3, ignore_eos=True)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        single = [g.generate([1 + i % 97], max_new_tokens=3, ignore_eos=True).token_ids
+                  for i in (0, 1, 500, 999)]
+        assert [out[i].token_ids for i in (0, 1, 500, 999)] == single
+        result = (peak - base) / (B * {BIG_V})
+        print("PER_ROW_V", result)
+    """, mem=3 << 30)
+    assert res["ok"], res
+    per_row_v = float(res["value"])
+    if not _ASAN:  # ASan's quarantine keeps freed memory resident
+        assert per_row_v <= 10.0, f"peak host memory {per_row_v:.1f} bytes x V per row"
+
+
+# =============================================================================================
+# Class 6, part 2: mambart-run's command line is parsed strictly (tools/run_args.h), and seeds
+# outside [0, 2^64) are refused in the API and both CLIs (before, 2^64 + 5 silently equalled 5).
 # =============================================================================================
 
 @pytest.mark.parametrize("args,flag,frag", [
@@ -601,8 +733,8 @@ def test_seed_boundaries_are_accepted(model):
 
 
 # =============================================================================================
-# Class 6: convert(src, dst, overwrite=True) (CLI --force) never deletes its source: a dst that
-# is src, contains it, or lies inside it is refused before anything is read or replaced
+# Class 6, part 1: convert(src, dst, overwrite=True) (CLI --force) never deletes its source: a
+# dst that is src, contains it, or lies inside it is refused before anything is read or replaced
 # (mambart/_files.py: check_not_nested). Before, dst an ancestor of src deleted the checkpoint.
 # =============================================================================================
 
@@ -844,6 +976,28 @@ def test_info_refuses_what_generator_refuses(tmp_path):
                                                                                 r.stderr)
         assert "model.safetensors" in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert "architecture:" not in r.stdout
+
+
+@pytest.mark.parametrize("key", ["bos_token_id", "eos_token_id", "pad_token_id"])
+def test_config_without_a_special_id_is_refused(tmp_path, key):
+    """docs/format.md: the special ids are required keys, null meaning none. A config.json
+    without one is refused at load (Generator, mambart info, mambart-run), naming the file and
+    the key; with null it loads. (Before, a missing key loaded as none.)"""
+    d = make_model_dir(tmp_path / "m")
+    cfg_path = d / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg[key] = None
+    cfg_path.write_text(json.dumps(cfg))
+    assert mambart.Generator(str(d)).generate([1, 2], max_new_tokens=2).token_ids
+    del cfg[key]
+    cfg_path.write_text(json.dumps(cfg))
+    res = py(f"import mambart; mambart.Generator({str(d)!r})")
+    raises(res, "ModelLoadError", str(cfg_path), f"config key '{key}' is missing")
+    r = run_limited([sys.executable, "-m", "mambart", "info", d])
+    assert r.returncode == 1 and f"config key '{key}' is missing" in r.stderr, r.stderr
+    assert str(cfg_path) in r.stderr and "architecture:" not in r.stdout
+    r = run_limited([MAMBART_RUN, d, "--tokens", "1"])
+    assert r.returncode != 0 and f"config key '{key}' is missing" in r.stderr, r.stderr
 
 
 # =============================================================================================

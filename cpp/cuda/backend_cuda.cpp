@@ -220,6 +220,11 @@ class CudaBackend final : public Backend {
         cuda::launch_linear({x, ldx, W.data, W.dtype, bias, y, ldy, M, N, K, false}, stream_);
     }
 
+    uint64_t scratch_bytes(int64_t rows, int64_t cols) const override {
+        if (!cublas_ || !cublas_->available() || rows < cublas_min_rows_) return half_x_bytes_;
+        // (rows, cols) fp16/bf16 GEMM operand; it only grows
+        return std::max<uint64_t>(half_x_bytes_, uint64_t(rows * cols) * 2);
+    }
     void reserve_scratch(int64_t rows, int64_t cols) override {
         if (!cublas_ || !cublas_->available() || rows < cublas_min_rows_) return;
         const size_t bytes = size_t(rows * cols) * 2;  // (rows, cols) fp16/bf16 GEMM operand

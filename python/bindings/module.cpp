@@ -449,6 +449,8 @@ PYBIND11_MODULE(_C, m) {
             py::set_error(PyExc_ValueError, e.what());
         } catch (const Unsupported& e) {
             py::set_error(PyExc_NotImplementedError, e.what());
+        } catch (const OutOfMemory& e) {
+            py::set_error(PyExc_MemoryError, e.what());
         } catch (const Error& e) {
             py::set_error(PyExc_RuntimeError, e.what());
         }
