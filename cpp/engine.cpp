@@ -65,9 +65,13 @@ bool EngineSequence::read(std::vector<int32_t>* out, double timeout_s) {
     return got || !finished_;
 }
 
-void EngineSequence::wait() {
+bool EngineSequence::wait(double timeout_s) {
     std::unique_lock<std::mutex> lk(mu_);
-    cv_.wait(lk, [&] { return finished_; });
+    if (timeout_s < 0)
+        cv_.wait(lk, [&] { return finished_; });
+    else
+        cv_.wait_for(lk, std::chrono::duration<double>(timeout_s), [&] { return finished_; });
+    return finished_;
 }
 
 bool EngineSequence::finished() const {
@@ -112,15 +116,22 @@ Engine::Engine(Generator& gen, const EngineOptions& opt, TokenBytes vocab_bytes)
                       "engine options must be >= 0");
     MAMBART_CHECK_ARG(opt_.max_queue >= 1, "max_queue must be >= 1, got ", opt_.max_queue);
     if (opt_.max_slots == 0) opt_.max_slots = 256;
-    if (opt_.capacity == 0) opt_.capacity = std::min<int64_t>(8, opt_.max_slots);
+    if (opt_.capacity == 0) opt_.capacity = 1;  // grows with demand (grow())
     MAMBART_CHECK_ARG(opt_.capacity <= opt_.max_slots, "capacity (", opt_.capacity,
                       ") exceeds max_slots (", opt_.max_slots, ")");
-    if (opt_.prefill_rows == 0) opt_.prefill_rows = 16;
+    // Prefill rows: 16, fewer where a state row is large (Mamba-2 at 1.3B: 100 MB a row), so
+    // the prefill state stays within about 512 MB.
+    if (opt_.prefill_rows == 0) {
+        uint64_t row = 0;
+        for (const State::Slot& sl : State::layout(gen_.config()))
+            row += uint64_t(sl.layers.size()) * uint64_t(sl.elems) * sizeof(float);
+        opt_.prefill_rows = int64_t(std::clamp<uint64_t>((uint64_t(512) << 20) / std::max<uint64_t>(row, 1), 1, 16));
+    }
     if (opt_.prefill_chunk == 0) opt_.prefill_chunk = gen_.model_->prefill_chunk();
     V_ = gen_.config().vocab_size;
     {
         std::lock_guard<std::mutex> lock(gen_.compute_mu_);
-        pstate_ = std::make_unique<State>(gen_.config(), gen_.model_->backend(), opt_.prefill_rows);
+        pstate_ = std::make_unique<State>(gen_.config(), gen_.model_->backend(), 1);  // grows
         grow(opt_.capacity);
     }
     scratch_.resize(size_t(V_));
@@ -201,9 +212,10 @@ std::vector<std::shared_ptr<EngineSequence>> Engine::submit_many(std::vector<Eng
         shape.slots_now = stats_.slots;
         const int64_t want = stats_.running + stats_.prefilling + int64_t(queue_.size()) +
                              int64_t(n);
-        int64_t after = shape.slots_now;
-        while (after < want && after < opt_.max_slots) after *= 2;
-        shape.slots_after = std::min(after, opt_.max_slots);
+        // As admit() grows the pool: to what is asked for, rounded up to 8.
+        shape.slots_after = want > shape.slots_now
+                                ? std::min(opt_.max_slots, (want + 7) / 8 * 8)
+                                : shape.slots_now;
     }
     check_fits(*gen_.model_, estimate_engine_requests(*gen_.model_, shape), n);
     std::vector<std::shared_ptr<EngineSequence>> seqs;
@@ -338,6 +350,8 @@ void Engine::step() {
             running_.pop_back();
         }
         std::lock_guard<std::mutex> lk(mu_);
+        stats_.tokens_generated += step_tokens_;
+        step_tokens_ = 0;
         stats_.running = int64_t(running_.size());
         stats_.prefilling = 0;
         for (const auto& sp : prefilling_) stats_.prefilling += sp ? 1 : 0;
@@ -376,7 +390,9 @@ void Engine::admit() {
         if (used >= pool_->batch()) {
             if (pool_->batch() >= opt_.max_slots) break;
             lk.unlock();
-            grow(std::min(opt_.max_slots, 2 * pool_->batch()));
+            // To what the queue asks for (rounded up to 8), not more: a slot is a state row.
+            const int64_t want = used + int64_t(queue_.size());
+            grow(std::min(opt_.max_slots, std::max(pool_->batch() + 1, (want + 7) / 8 * 8)));
             lk.lock();
             continue;
         }
@@ -408,6 +424,9 @@ void Engine::admit() {
         lk.lock();
     }
     if (prefilling_.empty()) return;
+    if (pstate_->batch() < int64_t(prefilling_.size()))  // a larger group than before
+        pstate_ = std::make_unique<State>(gen_.config(), gen_.model_->backend(),
+                                          int64_t(prefilling_.size()));
     std::stable_sort(prefilling_.begin(), prefilling_.end(),
                      [](const std::unique_ptr<Slot>& a, const std::unique_ptr<Slot>& b) {
                          return a->feed.size() > b->feed.size();
@@ -624,10 +643,7 @@ void Engine::emit(Slot& s, int32_t token) {
     s.fresh.push_back(token);
     s.sampler.observe(token);
     s.last = token;
-    {
-        std::lock_guard<std::mutex> lk(mu_);
-        ++stats_.tokens_generated;
-    }
+    ++step_tokens_;
     if (touched_.empty() || touched_.back() != &s) touched_.push_back(&s);
     const ModelConfig& c = gen_.config();
     if (!s.req->stop_strings.empty()) {

@@ -45,9 +45,10 @@ class EngineBusy : public Error {
 };
 
 struct EngineOptions {
-    int64_t capacity = 0;       // decode slots at start (0: 8); grows to max_slots on demand
+    int64_t capacity = 0;       // decode slots at start (0: 1); grows to max_slots on demand
     int64_t max_slots = 0;      // 0: 256
-    int64_t prefill_rows = 0;   // requests prefilling together, one group (0: 16)
+    int64_t prefill_rows = 0;   // requests prefilling together, one group (0: 16, fewer for
+                                // large state rows: about 512 MB of prefill state at most)
     int64_t prefill_chunk = 0;  // prompt tokens run per step in all (0: Model::prefill_chunk())
     int64_t max_queue = 1024;   // waiting requests before submit() says busy
 };
@@ -71,7 +72,8 @@ class EngineSequence {
     // Waits until tokens are ready or the request has finished (or `timeout_s` >= 0 passed);
     // moves the unread tokens into `out`. Returns false once finished and every token was read.
     bool read(std::vector<int32_t>* out, double timeout_s = -1.0);
-    void wait();                           // until finished
+    // Until finished (or `timeout_s` >= 0 passed); returns whether it has finished.
+    bool wait(double timeout_s = -1.0);
     bool finished() const;
     void cancel();                         // finishes with Cancelled at the next step
     // The reason given by a caller-side stop (e.g. a stop string matched on text the engine
@@ -181,6 +183,7 @@ class Engine {
     std::vector<int32_t> ids_host_;    // (max(slots, chunk)) tokens staged for a forward
     std::vector<uint64_t> rng_host_;   // (slots, 3) device sampling path
     std::vector<int32_t> tok_host_;    // (slots) sampled ids, device sampling path
+    int64_t step_tokens_ = 0;          // tokens emitted this step (into stats_ once per step)
     std::vector<Slot*> touched_;       // slots that got tokens or finished this step
     std::vector<std::unique_ptr<Slot>> done_;  // finished this step, delivered then dropped
     std::thread thread_;

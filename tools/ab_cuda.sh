@@ -9,6 +9,7 @@
 #     echo /.whl/ >> .git/info/exclude; pip download --no-deps --only-binary=:all: -d .whl nlohmann-json
 # On the device (carry .old and .whl):
 #     OLD_SRC=.old/src bash tools/ab_cuda.sh
+# MID_SRC (optional): a third source tree, built and benchmarked as "mid" between old and new.
 # Environment: STEP=all|test|bench (test: build this tree only and test; bench: skip tests),
 #   QUICK=1 (the model-level CUDA tests only), TEST_S / BENCH_S (time limits, s), ROUNDS (bench
 #   rounds, default 2), MODELS (default "mamba-1.4b mamba2-1.3b"), CUDA_ARCH (default 90).
@@ -30,6 +31,10 @@ if [ ! -f /tmp/new/mambart/__init__.py ] || { [ "$STEP" != test ] && [ ! -f /tmp
   if [ "$STEP" != test ]; then
     ( cd "$OLD_SRC" && python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/old \
         -Cbuild-dir=/tmp/bold $B . > "$OUT/build_old.log" 2>&1; echo "old rc=$?" >> "$OUT/build_old.log" ) &
+    if [ -n "$MID_SRC" ]; then
+      ( cd "$MID_SRC" && python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/mid \
+          -Cbuild-dir=/tmp/bmid $B . > "$OUT/build_mid.log" 2>&1; echo "mid rc=$?" >> "$OUT/build_mid.log" ) &
+    fi
   fi
   wait
   tail -1 "$OUT"/build_*.log
@@ -49,7 +54,8 @@ cuda_matches or cuda_batches or sample_matches or bad_arguments" > "$OUT/test_cu
   tail -3 "$OUT/test_cuda.log"
 fi
 [ "$STEP" = test ] && exit 0
-for r in $(seq 1 "${ROUNDS:-2}"); do for v in old new; do
+VERSIONS="old new"; [ -n "$MID_SRC" ] && VERSIONS="old mid new"
+for r in $(seq 1 "${ROUNDS:-2}"); do for v in $VERSIONS; do
   PYTHONPATH=/tmp/$v:/tmp/site timeout "${BENCH_S:-100}" python3 tools/bench.py --models ${MODELS:-mamba-1.4b mamba2-1.3b} \
     --dtypes bfloat16 --engines mambart --batches 1 32 --prefill 512 8192 --workdir /dev/shm/w \
     --out "$OUT/bench_$v.jsonl" > "$OUT/bench_${v}_$r.log" 2>&1
@@ -59,7 +65,7 @@ python3 - <<'PY'
 import collections, json, os
 out = os.environ.get("OUT", "/tmp/ab_out")
 rows = collections.defaultdict(list)
-for v in ("old", "new"):
+for v in ("old", "mid", "new"):
     try:
         lines = open(f"{out}/bench_{v}.jsonl").read().splitlines()
     except OSError:
@@ -72,6 +78,6 @@ for v in ("old", "new"):
         rows[key + (v,)].append(r["value"])
 with open(f"{out}/summary.txt", "w") as f:
     for k in sorted({k[:3] for k in rows}, key=str):
-        f.write(f"{str(k):60s} old {rows.get(k + ('old',), [])} new {rows.get(k + ('new',), [])}\n")
+        f.write(f"{str(k):60s} " + " ".join(f"{v} {rows.get(k + (v,), [])}" for v in ("old", "mid", "new")) + "\n")
 print(open(f"{out}/summary.txt").read())
 PY

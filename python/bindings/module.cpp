@@ -333,11 +333,13 @@ void register_engine_api(py::module_& m) {
             py::arg("timeout") = -1.0,
             "Waits for tokens (timeout < 0: without limit) and returns the unread ones (possibly "
             "an empty list on timeout), or None once finished and every token was read.")
-        .def("wait",
-             [](EngineSequence& s) {
-                 py::gil_scoped_release release;
-                 s.wait();
-             })
+        .def(
+            "wait",
+            [](EngineSequence& s, double timeout) {
+                py::gil_scoped_release release;
+                return s.wait(timeout);
+            },
+            py::arg("timeout") = -1.0, "Waits until finished; -> whether it has finished.")
         .def("cancel", &EngineSequence::cancel)
         .def("stop",
              [](EngineSequence& s, const std::string& reason) { s.stop(finish_reason_from(reason)); })

@@ -247,6 +247,15 @@ class Generator(SequenceAPI):
         kept = [None] * len(seqs)  # tokens kept per row when Python matched a stop string
         try:
             for row, seq in enumerate(seqs):
+                if not stops:  # nothing to watch token by token: wait (in slices, for Ctrl-C)
+                    while not seq.wait(0.25):
+                        pass
+                    if seq.error:
+                        raise RuntimeError(seq.error)
+                    if texts is not None:
+                        for tok in seq.result.token_ids:
+                            texts[row].push(tok)
+                    continue
                 n = 0
                 for _ in self._row_tokens(seq, rows, texts, row):
                     n += 1
