@@ -134,6 +134,7 @@ class Engine {
                                                              bool block = false);
     EngineStats stats() const;
     bool has_vocab_bytes() const { return !vocab_.empty(); }
+    const TokenBytes& vocab_bytes() const { return vocab_; }
     const EngineOptions& options() const { return opt_; }
 
  private:
