@@ -47,6 +47,12 @@ and the engine version:
   generate(prompt, max_new_tokens=1); mamba_ssm: wall time of model(x, num_last_tokens=1) (its
   fused path, no state kept); transformers: model(x). Median of --repeats after a warm-up.
   Fields tokens_per_s and tflops = 2 x non-embedding params x tokens / time.
+- concurrent streams (--streams N ...; mambart only, issue 14): N client threads arrive every
+  --arrival-ms and each streams --stream-gen tokens from one Generator: stream_tokens_per_s
+  (all tokens / time from the first arrival to the last token), stream_ttft_ms_p50/p90/p99 and
+  stream_itl_ms_p50/p90/p99 (inter-token latency) of the best of --repeats runs, with the
+  engine's mean rows per decode step; fixed_batch_tokens_per_s: the same N prompts as one fixed
+  batch (GenerationStream, the pre-engine batched decode), the best of --repeats.
 - ttft_ms: wall time of generate(512-token prompt, 1 new token), median of --repeats after a
   warm-up (transformers only when 512 <= --hf-max-prefill).
 - load_s (mambart: Generator(...) from the file, conversion included); peers: init_s, the time to
@@ -349,6 +355,79 @@ def _ids(rng, vocab, n):
 # ----------------------------------------------------------------------------- engines
 
 
+def _pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))] if xs else float("nan")
+
+
+def concurrent_streams(g, info: Info, N: int, args, rng):
+    """Issue 14: N clients arriving every --arrival-ms stream --stream-gen tokens each from one
+    Generator (the engine batches them); against the fixed-batch path (all N prompts started
+    together as one GenerationStream, the pre-engine batched decode) in the same run.
+    -> records: stream_tokens_per_s, ttft_ms / itl_ms percentiles, fixed_batch_tokens_per_s."""
+    import threading
+
+    gen = args.stream_gen
+    prompts = [_ids(rng, info.vocab, 16) for _ in range(N)]
+    g.generate(prompts[0], max_new_tokens=4, ignore_eos=True)  # warm-up
+    # The fixed batch (GenerationStream): every row decodes in every step until all are done.
+    kw = dict(max_new_tokens=gen, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
+              repetition_penalty=1.0, seed=0, stop_token_ids=None, ignore_eos=True)
+    fixed = []
+    for _ in range(args.repeats):
+        stream, _ = g._start_rows(prompts, None, kw, False)
+        t0 = time.perf_counter()
+        n = 0
+        while True:
+            ev = stream.next()
+            if ev is None:
+                break
+            n += len(ev)
+        fixed.append(n / (time.perf_counter() - t0))
+    # The engine: clients arriving over time.
+    runs = []
+    for _ in range(args.repeats):
+        s0 = g.engine_stats()
+        ttft, itl, ends = [], [], []
+        lock = threading.Lock()
+        t0 = time.perf_counter()
+
+        def client(i):
+            time.sleep(max(0.0, t0 + i * args.arrival_ms / 1e3 - time.perf_counter()))
+            ts = time.perf_counter()
+            last, first, times = ts, None, []
+            for _ in g.stream(prompts[i], max_new_tokens=gen, ignore_eos=True):
+                now = time.perf_counter()
+                if first is None:
+                    first = now - ts
+                else:
+                    times.append(now - last)
+                last = now
+            with lock:
+                ttft.append(first * 1e3)
+                itl.extend(t * 1e3 for t in times)
+                ends.append(last)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(N)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        s1 = g.engine_stats()
+        steps = s1["steps"] - s0["steps"]
+        runs.append(dict(tps=N * gen / (max(ends) - t0), ttft=ttft, itl=itl,
+                         rows=(s1["rows_decoded"] - s0["rows_decoded"]) / max(steps, 1)))
+    best = max(runs, key=lambda r: r["tps"])  # the median of few runs is noisy; report the best
+    fields = dict(batch=N, streams=N, arrival_ms=args.arrival_ms, gen=gen)
+    out = [dict(**fields, metric="stream_tokens_per_s", value=round(best["tps"], 1),
+                mean_rows_per_step=round(best["rows"], 2)),
+           dict(**fields, metric="fixed_batch_tokens_per_s", value=round(max(fixed), 1))]
+    for name, xs in (("ttft_ms", best["ttft"]), ("itl_ms", best["itl"])):
+        for q in (50, 90, 99):
+            out.append(dict(**fields, metric=f"stream_{name}_p{q}", value=round(_pct(xs, q), 3)))
+    return out
+
+
 def bench_mambart(run: Run, info: Info, dtype: str):
     import mambart
 
@@ -399,6 +478,12 @@ def bench_mambart(run: Run, info: Info, dtype: str):
                 else:
                     run.emit(**base, batch=B, metric="decode_tokens_per_s",
                              value=round(B / (ms * 1e-3), 1), ms_per_step=round(ms, 4), gen=n)
+        for N in args.streams:
+            if run.over(base, f"concurrent streams {N}"):
+                continue
+            with guard(run, base, f"concurrent streams {N}"):
+                for rec in concurrent_streams(g, info, N, args, rng):
+                    run.emit(**base, **rec)
         for L in args.prefill:
             if run.over(base, f"prefill {L}"):
                 continue
@@ -1013,6 +1098,12 @@ def main(argv=None) -> int:
     ap.add_argument("--gen", type=int, default=128, help="new tokens per batch-1 decode run")
     ap.add_argument("--batch-gen", type=int, default=0, help="new tokens per batched run (0: --gen)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--streams", nargs="*", type=int, default=[],
+                    help="concurrent-streams mode (mambart): N clients streaming at once, e.g. 32")
+    ap.add_argument("--arrival-ms", type=float, default=2.0,
+                    help="concurrent streams: client i arrives at i x this many ms")
+    ap.add_argument("--stream-gen", type=int, default=64,
+                    help="concurrent streams: new tokens per client")
     ap.add_argument("--engines", nargs="+", default=ENGINES, choices=ENGINES)
     ap.add_argument("--hf-models", nargs="+", default=["mamba-1.4b", "mamba2-1.3b"])
     ap.add_argument("--hf-gen", type=int, default=16)

@@ -13,9 +13,15 @@
 #include <string>
 #include <vector>
 
-#include "error.h"
-#include "generator.h"
+#include "mambart.h"  // the C API (issue 14): mambart-run is one of its clients
 #include "run_args.h"
+
+namespace {
+int fail(const char* what) {
+    std::fprintf(stderr, "mambart-run: error: %s%s\n", what, mambart_last_error());
+    return 1;
+}
+}  // namespace
 
 int main(int argc, char** argv) {
     namespace ra = mambart::run_args;
@@ -30,24 +36,38 @@ int main(int argc, char** argv) {
         std::printf("%s\n", ra::kUsage);
         return 0;
     }
-    try {
-        mambart::GenerationOptions opt;
-        if (args.max_new_tokens) opt.max_new_tokens = *args.max_new_tokens;
-        if (args.temperature) opt.sampling.temperature = *args.temperature;
-        if (args.top_k) opt.sampling.top_k = *args.top_k;
-        if (args.top_p) opt.sampling.top_p = *args.top_p;
-        if (args.min_p) opt.sampling.min_p = *args.min_p;
-        if (args.repetition_penalty) opt.sampling.repetition_penalty = *args.repetition_penalty;
-        if (args.seed) opt.seed = *args.seed;
-        opt.ignore_eos = args.ignore_eos;
-        mambart::Generator gen(args.model_dir, args.device, nullptr);
-        const auto results = gen.generate({args.tokens}, opt);
-        const auto& toks = results.at(0).token_ids;
-        for (size_t i = 0; i < toks.size(); ++i) std::printf(i ? " %d" : "%d", toks[i]);
+    mambart_load_options lo;
+    mambart_load_options_init(&lo);
+    lo.device = args.device.c_str();
+    mambart_model* model = nullptr;
+    if (mambart_model_load(args.model_dir.c_str(), &lo, &model) != MAMBART_OK) return fail("");
+    mambart_request_options opt;
+    mambart_request_options_init(&opt);
+    if (args.max_new_tokens) opt.max_new_tokens = *args.max_new_tokens;
+    if (args.temperature) opt.temperature = float(*args.temperature);
+    if (args.top_k) opt.top_k = *args.top_k;
+    if (args.top_p) opt.top_p = float(*args.top_p);
+    if (args.min_p) opt.min_p = float(*args.min_p);
+    if (args.repetition_penalty) opt.repetition_penalty = float(*args.repetition_penalty);
+    if (args.seed) opt.seed = *args.seed;
+    opt.ignore_eos = args.ignore_eos ? 1 : 0;
+    mambart_request* req = nullptr;
+    int finished = 0;
+    mambart_result res;
+    int rc = 0;
+    if (mambart_submit(model, args.tokens.data(), args.tokens.size(), nullptr, &opt, &req) !=
+            MAMBART_OK ||
+        mambart_request_wait(req, -1.0, &finished) != MAMBART_OK ||
+        mambart_request_result(req, &res) != MAMBART_OK) {
+        rc = fail("");
+    } else {
+        std::vector<int32_t> toks(res.n_tokens);
+        size_t n = 0;
+        mambart_request_tokens(req, toks.data(), toks.size(), &n);
+        for (size_t i = 0; i < n; ++i) std::printf(i ? " %d" : "%d", toks[i]);
         std::printf("\n");
-        return 0;
-    } catch (const std::exception& e) {
-        std::fprintf(stderr, "mambart-run: error: %s\n", e.what());
-        return 1;
     }
+    mambart_request_free(req);
+    mambart_model_free(model);
+    return rc;
 }
