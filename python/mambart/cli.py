@@ -679,7 +679,7 @@ def _cmd_cache(a) -> int:
 
 def run_native(argv: Optional[List[str]] = None) -> int:
     """`mambart-run` on PATH: runs the C++ example program installed in the package."""
-    exe = Path(__file__).resolve().parent / "bin" / "mambart-run"
+    exe = Path(os.path.abspath(__file__)).parent / "bin" / "mambart-run"
     if not os.access(exe, os.X_OK):
         sys.stderr.write(f"mambart-run: {exe} is missing (the package was built without it)\n")
         return 1
