@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import keyword
 import math
 import re
 import tokenize
@@ -74,13 +75,15 @@ def test_greedy_text_looks_like_python(demo):
     name, g = demo
     r = g.generate("def parse(", max_new_tokens=48)
     text = "def parse(" + r.text
+    # what a random model does not do: Python keywords (and self) among the words, brackets,
+    # and lines indented by multiples of four spaces
     words = re.findall(r"[A-Za-z_]+", r.text)
-    assert len(words) >= 5, text
-    # what a random model never does: the continuation tokenizes as Python, names are mostly
-    # identifiers or keywords, and the text uses Python's punctuation
-    toks = _python_tokens(text)
-    assert len(toks) >= 10, text
-    assert any(c in r.text for c in "():=,."), text
+    kw = [w for w in words if keyword.iskeyword(w) or w == "self"]
+    assert len(kw) >= 3, text
+    assert r.text.count("(") >= 1 and r.text.count(")") >= 1, text
+    indents = [len(ln) - len(ln.lstrip(" ")) for ln in text.splitlines()[1:] if ln.strip()]
+    assert indents and all(i % 4 == 0 for i in indents), text
+    assert len(_python_tokens(text)) >= 10, text
 
 
 def _heldout_text() -> str:
