@@ -300,3 +300,21 @@ def test_mambart_run_wrapper(env):
                         "sys.exit(run_native(['--max-new-tokens', 'x']))"],
                        capture_output=True, text=True, env=env["env"])
     assert r.returncode == 2 and "--max-new-tokens" in r.stderr  # the C++ program answered
+
+
+def test_mambart_run_is_on_path_after_pip_install(env):
+    import sysconfig
+
+    scripts = Path(sysconfig.get_path("scripts"))
+    site = {Path(sysconfig.get_path(k)).resolve() for k in ("purelib", "platlib")}
+    if Path(mambart.__file__).resolve().parents[1] not in site:
+        pytest.skip(f"the mambart under test ({mambart.__file__}) is not pip-installed here")
+    exe = scripts / "mambart-run" if (scripts / "mambart-run").is_file() else \
+        shutil.which("mambart-run")
+    assert exe, f"pip install should put mambart-run next to mambart ({scripts})"
+    model = BUNDLED_DIR / DEMO
+    r = subprocess.run([str(exe), str(model), "--tokens", "1,2,3", "--max-new-tokens", "4"],
+                       capture_output=True, text=True, env=env["env"], timeout=120)
+    assert r.returncode == 0, r.stderr
+    ids = [int(t) for t in r.stdout.split()[:4]]
+    assert len(ids) == 4 and all(0 <= t < 4096 for t in ids)
