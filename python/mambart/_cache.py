@@ -168,8 +168,8 @@ def entries() -> list:
 
 
 def users(d: Path) -> list:
-    """Process ids (other than none) that have a file under `d` open or mapped (Linux /proc;
-    elsewhere an empty list)."""
+    """Process ids that have a file under `d` open or mapped (from Linux's /proc; elsewhere
+    an empty list). Processes of other users are not visible and not counted."""
     proc = Path("/proc")
     if not (proc / "self" / "maps").exists():
         return []
@@ -197,6 +197,7 @@ def remove_entry(name: str) -> Path:
     Refuses anything that is not a direct child directory of the cache's `converted`
     directory, and an entry that a process has open. Returns the removed path."""
     import shutil
+    import tempfile
 
     root = converted_root()
     if "/" in name or os.sep in name:  # given as a path: it must be an entry's
@@ -213,7 +214,7 @@ def remove_entry(name: str) -> Path:
     if pids:
         raise ValueError(f"{name}: in use by process {', '.join(map(str, pids))}; not removed")
     # Renamed aside first, so a half-deleted entry never looks like a model.
-    tmp = root / f".{name}.removing"
-    os.rename(d, tmp)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".removing", dir=root))
+    os.rename(d, tmp / "entry")
     shutil.rmtree(tmp)
     return d

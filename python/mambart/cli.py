@@ -242,10 +242,7 @@ def _read_prompt(a) -> str:
             raise UsageError("give PROMPT or --prompt-file, not both")
         from ._files import read_bounded_text
 
-        try:
-            return read_bounded_text(a.prompt_file, 64 << 20, "prompt file")
-        except FileNotFoundError:
-            raise ValueError(f"--prompt-file {a.prompt_file}: no such file") from None
+        return read_bounded_text(a.prompt_file, 64 << 20, "prompt file")  # errors name it
     if a.prompt is None:
         raise UsageError("give a PROMPT, - to read it from standard input, or --prompt-file")
     if a.prompt == "-":
@@ -632,10 +629,14 @@ def _cmd_bench(a) -> int:
     body = [[a.model, f"{params / 1e6:.2f} M", gen.dtype, gen.device, t, f"{m:.2f} ± {sd:.2f}"]
             for t, m, sd in rows]
     w = [max(len(str(r[i])) for r in [head] + body) for i in range(len(head))]
-    line = lambda r: "| " + " | ".join(str(c).ljust(w[i]) if i < 5 else str(c).rjust(w[i])  # noqa: E731
-                                        for i, c in enumerate(r)) + " |"
+
+    def line(cells):  # a Markdown row; the last column (the numbers) right-aligned
+        return "| " + " | ".join(str(c).rjust(w[i]) if i == len(w) - 1 else str(c).ljust(w[i])
+                                 for i, c in enumerate(cells)) + " |"
+
     print(line(head))
-    print("|" + "|".join("-" * (x + 1) + (":" if i == 5 else "-") for i, x in enumerate(w)) + "|")
+    print("|" + "|".join("-" * (x + 1) + (":" if i == len(w) - 1 else "-")
+                         for i, x in enumerate(w)) + "|")
     for r in body:
         print(line(r))
     return 0
