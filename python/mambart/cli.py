@@ -501,6 +501,8 @@ class ChatSession:
             out.flush()
             self.add_reply(ts.text, ts.token_ids)
             return None, ts.text
+        finally:
+            it.close()  # a reply left early (stop string, Ctrl-C) cancels its request
         self.add_reply(ts.text, ts.token_ids)
         r = it.result
         if r is None:  # stopped by a stop string: the tokens up to it
