@@ -42,7 +42,7 @@ MODELS = {
     "mambart-demo": ("mamba", dict(hidden_size=192, num_hidden_layers=6, state_size=8, expand=2,
                                    conv_kernel=4, time_step_rank=12, use_bias=False,
                                    use_conv_bias=True, residual_in_fp32=True,
-                                   tie_word_embeddings=True), 260),
+                                   tie_word_embeddings=True), 700),
     "mambart2-demo": ("mamba2", dict(hidden_size=256, num_hidden_layers=4, state_size=32,
                                      expand=2, head_dim=32, num_heads=16, n_groups=1,
                                      conv_kernel=4, chunk_size=64, use_bias=False,
