@@ -1,4 +1,7 @@
-"""The `mambart` command line: convert, generate, info.
+"""The `mambart` command line: generate, chat, bench, info, convert, cache, options.
+
+Every subcommand that takes a MODEL takes the same forms: a bundled name (mambart-demo,
+mambart2-demo), a short or hub name, a checkpoint directory or a mambart directory.
 
 Errors print one line to stderr (`mambart: error: ...`) and exit with status 1 (bad input,
 missing model, failed conversion) or 2 (bad command-line usage); no traceback.
@@ -10,20 +13,26 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 DTYPES = ("float32", "float16", "bfloat16")
 
-MODEL_HELP = ("a mambart model directory, a transformers or state-spaces checkpoint directory "
-              "(converted into the cache on first use), a short name such as mamba-130m or "
-              "mamba2-1.3b, or a hub repository such as state-spaces/mamba-1.4b")
+MODEL_HELP = ("a bundled model (mambart-demo, mambart2-demo: no download), a mambart model "
+              "directory, a transformers or state-spaces checkpoint directory (converted into "
+              "the cache on first use), a short name such as mamba-130m or mamba2-1.3b, or a "
+              "hub repository such as state-spaces/mamba-1.4b")
 
 EPILOG = """\
 examples:
+  mambart generate mambart-demo "def parse("          (bundled: runs offline)
   mambart generate mamba-130m "The future of AI is" --max-new-tokens 32
-  mambart generate state-spaces/mamba2-1.3b "Once upon a time" --temperature 0.8 --top-p 0.9 --seed 1
-  mambart convert ./mamba-130m-hf ./mamba-130m-mambart --dtype bfloat16
+  echo "Once upon a time" | mambart generate mamba2-1.3b - --temperature 0.8 --seed 1
+  mambart chat mamba-1.4b
+  mambart bench mambart-demo
+  mambart convert mamba-130m ./mamba-130m-mambart --dtype bfloat16
   mambart info mamba-1.4b
+  mambart cache list
 
 environment:
   MAMBART_CACHE     where converted models are kept (default ~/.cache/mambart)
@@ -33,44 +42,32 @@ environment:
 """
 
 
+class UsageError(Exception):
+    """Bad command-line usage found after parsing: one line, exit 2."""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line plus a pointer to --help, exit 2
         sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
         sys.exit(2)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="mambart",
-                description="mambart: run Mamba and Mamba-2 language models without PyTorch.",
-                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from . import __version__
+def _model_args(p, tokenizer: bool = True, device: bool = True) -> None:
+    """The MODEL argument and the options that pick how it is loaded: the same for every
+    subcommand that loads a model."""
+    p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    if device:
+        p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="dtype of the weights (default: the model's)")
+    p.add_argument("--revision", default=None, metavar="REV",
+                   help="hub revision (branch, tag or commit)")
+    if tokenizer:
+        p.add_argument("--tokenizer", default=None, metavar="PATH",
+                       help="a tokenizer.json to use instead of the model's")
 
-    p.add_argument("--version", action="version", version=f"mambart {__version__}")
-    p.add_argument("-o", "--option", action="append", default=[], metavar="NAME=VALUE",
-                   help="set a runtime option (repeatable; `mambart options` lists them)")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    c = sub.add_parser("convert", help="convert a checkpoint into a mambart model directory",
-                       description="Convert a transformers (MambaForCausalLM, Mamba2ForCausalLM) "
-                                   "or state-spaces (mamba_ssm) checkpoint directory into a "
-                                   "mambart model directory (docs/format.md). Streams tensor by "
-                                   "tensor; DST appears only when complete.")
-    c.add_argument("src", metavar="SRC", help="checkpoint directory (config.json + "
-                   "model.safetensors / pytorch_model.bin, sharded or not)")
-    c.add_argument("dst", metavar="DST", help="output directory (must not exist unless --force)")
-    c.add_argument("--a-activation", choices=["heavy_tail", "softplus"], default=None,
-                   help="Mamba-3 only: the A activation (default heavy_tail, mamba_ssm since "
-                        "2026-06-02; softplus for checkpoints trained before)")
-    c.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="storage dtype of the large matrices (default: the checkpoint's)")
-    c.add_argument("--force", action="store_true", help="replace DST if it exists")
-    c.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-    g = sub.add_parser("generate", help="generate text from a prompt (streams to stdout)",
-                       description="Generate a continuation of PROMPT and stream it to stdout. "
-                                   "Greedy unless --temperature > 0.")
-    g.add_argument("model", metavar="MODEL", help=MODEL_HELP)
-    g.add_argument("prompt", metavar="PROMPT", help="the prompt text (or token ids with --token-ids)")
+def _sampling_args(g) -> None:
     g.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
                    help="tokens to generate at most (default 64)")
     g.add_argument("--temperature", type=float, default=0.0, metavar="T",
@@ -90,22 +87,106 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep generating after the end-of-text token")
     g.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="stop when this text appears (repeatable); the text is not printed")
-    g.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
-    g.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="compute/storage dtype of the weights (default: the model's)")
-    g.add_argument("--revision", default=None, metavar="REV",
+    g.add_argument("-q", "--quiet", action="store_true",
+                   help="no timing line on stderr")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="mambart",
+                description="mambart: run Mamba and Mamba-2 language models without PyTorch.",
+                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"mambart {__version__}")
+    p.add_argument("-o", "--option", action="append", default=[], metavar="NAME=VALUE",
+                   help="set a runtime option (repeatable; `mambart options` lists them)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    c = sub.add_parser("convert", help="convert a checkpoint into a mambart model directory",
+                       description="Convert a transformers (MambaForCausalLM, Mamba2ForCausalLM) "
+                                   "or state-spaces (mamba_ssm) checkpoint directory into a "
+                                   "mambart model directory (docs/format.md). Streams tensor by "
+                                   "tensor; DST appears only when complete.")
+    c.add_argument("src", metavar="MODEL", help="what to convert: " + MODEL_HELP.replace(
+        " (converted into the cache on first use)", " (config.json + model.safetensors / "
+        "pytorch_model.bin, sharded or not)"))
+    c.add_argument("dst", metavar="DST", help="output directory (must not exist unless --force)")
+    c.add_argument("--a-activation", choices=["heavy_tail", "softplus"], default=None,
+                   help="Mamba-3 only: the A activation (default heavy_tail, mamba_ssm since "
+                        "2026-06-02; softplus for checkpoints trained before)")
+    c.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="storage dtype of the large matrices (default: the checkpoint's)")
+    c.add_argument("--revision", default=None, metavar="REV",
                    help="hub revision (branch, tag or commit)")
+    c.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="a tokenizer.json to copy in instead of the model's")
+    c.add_argument("--force", action="store_true", help="replace DST if it exists")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    g = sub.add_parser("generate", help="generate text from a prompt (streams to stdout)",
+                       description="Generate a continuation of PROMPT and stream it to stdout; "
+                                   "a timing line follows on stderr (--quiet: none). Greedy "
+                                   "unless --temperature > 0.")
+    _model_args(g)
+    g.add_argument("prompt", metavar="PROMPT", nargs="?", default=None,
+                   help="the prompt text (or token ids with --token-ids); - reads it from "
+                        "standard input")
+    g.add_argument("--prompt-file", default=None, metavar="PATH",
+                   help="read the prompt from this file (instead of PROMPT)")
+    _sampling_args(g)
     g.add_argument("--token-ids", action="store_true",
                    help="PROMPT is token ids (e.g. '1,2,3'); print token ids")
     g.add_argument("--echo", action="store_true", help="print the prompt before the output")
 
+    ch = sub.add_parser("chat", help="an interactive session that keeps the model's state",
+                        description="Chat with MODEL: each line you type is a turn, rendered "
+                                    "with the tokenizer's chat template when the model has one "
+                                    "(tokenizer_config.json; --chat-template), else appended "
+                                    "as plain text for the model to continue. The sequence "
+                                    "state is kept between turns, so a turn runs only its new "
+                                    "tokens. Ctrl-C stops a reply; Ctrl-D or /exit ends the "
+                                    "session; /reset starts over.")
+    _model_args(ch)
+    _sampling_args(ch)
+    ch.set_defaults(max_new_tokens=256)
+    ch.add_argument("--system", default=None, metavar="TEXT",
+                    help="a system message (chat templates only)")
+    ch.add_argument("--chat-template", default=None, metavar="PATH",
+                    help="a Jinja2 chat template file (default: the model's, if any)")
+
+    b = sub.add_parser("bench", help="measure prefill and decode speed on this machine",
+                       description="Measure prompt processing (ppN: N-token prefill) and token "
+                                   "generation (tgN: N decode steps after a 1-token prompt) "
+                                   "in tokens per second, like llama-bench: the mean and "
+                                   "standard deviation of --repetitions runs after one "
+                                   "warm-up run; a Markdown table on stdout.")
+    _model_args(b, tokenizer=False)
+    b.add_argument("-p", "--prompt-lengths", default="128,512", metavar="N[,N...]",
+                   help="prefill lengths (default 128,512; 0 = none)")
+    b.add_argument("-n", "--gen-lengths", default="64", metavar="N[,N...]",
+                   help="decode lengths (default 64; 0 = none)")
+    b.add_argument("-r", "--repetitions", type=int, default=3, metavar="R",
+                   help="timed runs per test (default 3)")
+    b.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+
     i = sub.add_parser("info", help="describe a model: architecture, sizes, parameters, dtype",
                        description="Describe a model (converting it into the cache first if "
                                    "it is not a mambart directory).")
-    i.add_argument("model", metavar="MODEL", help=MODEL_HELP)
-    i.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
-    i.add_argument("--dtype", choices=DTYPES, default=None, help="dtype of the converted copy")
+    _model_args(i, tokenizer=False, device=False)
     i.add_argument("--json", action="store_true", help="print JSON")
+
+    k = sub.add_parser("cache", help="list or remove the converted copies in the cache",
+                       description="Converted copies of checkpoints live in $MAMBART_CACHE/"
+                                   "converted (default ~/.cache/mambart). `list` shows each "
+                                   "with its size, dtype and source; `rm NAME...` deletes "
+                                   "entries (never anything outside the cache, never one in "
+                                   "use).")
+    ksub = k.add_subparsers(dest="cache_command", metavar="ACTION", parser_class=_Parser)
+    kl = ksub.add_parser("list", help="list the converted copies")
+    kl.add_argument("--json", action="store_true", help="print JSON")
+    kr = ksub.add_parser("rm", help="remove converted copies")
+    kr.add_argument("names", metavar="NAME", nargs="*", help="entries (from `cache list`)")
+    kr.add_argument("--all", action="store_true", help="remove every entry not in use")
     sub.add_parser("options", help="list the runtime options, their values and variables",
                    description="List every runtime option (docs/options.md): its value now, "
                                "its environment variable and default. Set one for a command "
@@ -116,10 +197,26 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------- commands
 
 def _cmd_convert(a) -> int:
+    from . import hub
     from .convert import convert
 
-    out = convert(a.src, a.dst, dtype=a.dtype, overwrite=a.force,
-                  progress=not a.no_progress, a_activation=a.a_activation)
+    src, tok, info, temp_tok = a.src, a.tokenizer, None, None
+    path = Path(os.fspath(a.src)).expanduser()
+    if not path.exists():  # a bundled or hub name, as generate and info take
+        bundled = hub.bundled_model_dir(a.src)
+        if bundled is not None:
+            src = bundled
+        else:
+            snap, temp_tok, repo_id = hub.source_dir(a.src, a.revision)
+            src, info = snap, {"repo": repo_id, "revision": snap.name,
+                               "requested_revision": a.revision}
+            tok = tok or temp_tok
+    try:
+        out = convert(src, a.dst, dtype=a.dtype, overwrite=a.force, tokenizer=tok,
+                      progress=not a.no_progress,
+                      a_activation=a.a_activation, source_info=info)
+    finally:
+        hub.release_tokenizer(temp_tok)
     d = _describe(out)
     sys.stderr.write(f"converted {a.src} -> {out}: {d['architecture']}, "
                      f"{d['parameters']:,} parameters, {d['dtype']}\n")
@@ -139,30 +236,72 @@ def _parse_ids(text: str) -> List[int]:
     return ids
 
 
-def _cmd_generate(a) -> int:
+def _read_prompt(a) -> str:
+    if a.prompt_file is not None:
+        if a.prompt is not None:
+            raise UsageError("give PROMPT or --prompt-file, not both")
+        from ._files import read_bounded_text
+
+        return read_bounded_text(a.prompt_file, 64 << 20, "prompt file")  # errors name it
+    if a.prompt is None:
+        raise UsageError("give a PROMPT, - to read it from standard input, or --prompt-file")
+    if a.prompt == "-":
+        return sys.stdin.read()
+    return a.prompt
+
+
+def _generator(a, **kw):
     from .generator import Generator
 
-    gen = Generator(a.model, device=a.device, dtype=a.dtype, revision=a.revision)
-    prompt = _parse_ids(a.prompt) if a.token_ids else a.prompt
-    kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
-              top_p=a.top_p, min_p=a.min_p, repetition_penalty=a.repetition_penalty,
-              seed=a.seed, stop=a.stop, ignore_eos=a.ignore_eos)
+    return Generator(a.model, device=getattr(a, "device", "cpu"), dtype=a.dtype,
+                     revision=a.revision, tokenizer=getattr(a, "tokenizer", None), **kw)
+
+
+def _need_tokenizer(gen, a) -> None:
+    if gen.tokenizer is None:
+        raise ValueError(f"{a.model} has no tokenizer.json: pass --tokenizer PATH (a "
+                         f"tokenizer.json)" + (" or token ids with --token-ids"
+                                               if hasattr(a, "token_ids") else ""))
+
+
+def _sampling(a) -> dict:
+    return dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                top_p=a.top_p, min_p=a.min_p, repetition_penalty=a.repetition_penalty,
+                seed=a.seed, stop=a.stop, ignore_eos=a.ignore_eos)
+
+
+def timing_line(r) -> str:
+    """One line for a finished generation (a GenerationResult)."""
+    n = len(r.token_ids)
+    ran = f", {r.prefill_tokens} run" if r.prefill_tokens != r.prompt_tokens else ""
+    return (f"mambart: {r.prompt_tokens} prompt tokens{ran}, prefill {r.prefill_ms:.1f} ms; "
+            f"{n} new tokens, decode {r.tokens_per_s:.1f} tok/s; stop: {r.finish_reason}")
+
+
+def _cmd_generate(a) -> int:
+    text = _read_prompt(a)
+    gen = _generator(a)
+    if a.token_ids:
+        prompt = _parse_ids(text)
+    else:
+        _need_tokenizer(gen, a)
+        prompt = text
     out = sys.stdout
     if a.echo:
-        out.write(a.prompt if not a.token_ids else " ".join(map(str, prompt)))
+        out.write(text if not a.token_ids else " ".join(map(str, prompt)))
         out.flush()
-    if a.token_ids:
-        first = not a.echo
-        for tok in gen.stream(prompt, **kw):
-            out.write(("" if first else " ") + str(tok))
-            out.flush()
+    it = gen.stream(prompt, **_sampling(a))
+    first = not a.echo
+    for piece in it:
+        if a.token_ids:
+            piece = ("" if first else " ") + str(piece)
             first = False
-    else:
-        for piece in gen.stream(prompt, **kw):
-            out.write(piece)
-            out.flush()
+        out.write(piece)
+        out.flush()
     out.write("\n")
     out.flush()
+    if not a.quiet and it.result is not None:
+        sys.stderr.write(timing_line(it.result) + "\n")
     return 0
 
 
@@ -254,6 +393,304 @@ def _cmd_info(a) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- chat
+
+def _chat_template(gen, a) -> Optional[str]:
+    """The Jinja2 chat template: --chat-template, else tokenizer_config.json's next to the
+    model or next to the checkpoint it was converted from; None when there is none."""
+    if a.chat_template is not None:
+        from ._files import read_bounded_text
+
+        return read_bounded_text(a.chat_template, 1 << 20, "chat template")
+    dirs = [gen.model_dir]
+    src = gen.config.get("source") if isinstance(gen.config.get("source"), dict) else {}
+    if isinstance(src.get("path"), str):
+        dirs.append(Path(src["path"]))
+    for d in dirs:
+        f = d / "tokenizer_config.json"
+        if f.is_file():
+            from .convert import load_json
+
+            t = load_json(f).get("chat_template")
+            if isinstance(t, list):  # [{"name": "default", "template": ...}, ...]
+                t = next((x.get("template") for x in t if x.get("name") == "default"), None)
+            if isinstance(t, str) and t.strip():
+                return t
+    return None
+
+
+class ChatSession:
+    """A conversation with one generator: the token history and the rendering of turns.
+
+    With a chat template, each turn appends the text the template adds for the new messages
+    (the conversation rendered before and after, the common prefix cut), so the history stays
+    the exact tokens already run; without one, a turn appends the user's text as is. The
+    generator's prompt cache holds the state after every reply, so a turn runs only the tokens
+    after the longest cached prefix of its history (its own new tokens)."""
+
+    def __init__(self, gen, template: Optional[str], system: Optional[str] = None):
+        self.gen, self.template = gen, template
+        self._render = None
+        if template is not None:
+            try:
+                from jinja2.sandbox import ImmutableSandboxedEnvironment
+            except ImportError:
+                raise ValueError("this model has a chat template: rendering it needs jinja2 "
+                                 "(pip install jinja2), or pass --chat-template") from None
+
+            def fail(msg):
+                raise ValueError(f"chat template: {msg}")
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = fail
+            self._render = env.from_string(template)
+        self.system = system
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.ids: List[int] = []
+        self.rendered = ""
+
+    def _render_text(self, generation_prompt: bool) -> str:
+        return self._render.render(messages=self.messages, add_generation_prompt=generation_prompt,
+                                   bos_token="", eos_token="")
+
+    def add_user(self, text: str) -> List[int]:
+        """Appends a user turn; returns the new tokens it adds to the history."""
+        enc = self.gen.tokenizer.encode
+        if self._render is None:
+            ids = enc(text).ids
+        else:
+            self.messages.append({"role": "user", "content": text})
+            full = self._render_text(True)
+            if not full.startswith(self.rendered):  # the template rewrote earlier turns
+                self.ids, self.rendered = [], ""
+            ids = enc(full[len(self.rendered):]).ids
+            self.rendered = full
+        self.ids += ids
+        return ids
+
+    def add_reply(self, text: str, token_ids: List[int]) -> None:
+        """Appends the model's reply: its tokens exactly as generated."""
+        self.ids += list(token_ids)
+        if self._render is not None:
+            self.messages.append({"role": "assistant", "content": text})
+            self.rendered += text
+
+    def reply(self, out, **kw):
+        """Streams a reply to `out`; returns (GenerationResult or None if interrupted, text)."""
+        from .generator import GenerationResult
+        from .text import TextStream
+
+        stops = kw.pop("stop", None) or []
+        ts = TextStream(self.gen.tokenizer, stops)
+        it = self.gen.stream(list(self.ids), **kw)
+        try:
+            for tok in it:
+                piece = ts.push(tok)
+                if piece:
+                    out.write(piece)
+                    out.flush()
+                if ts.stopped:
+                    break
+            out.write(ts.finish())
+            out.flush()
+        except KeyboardInterrupt:  # stop this reply, keep the session
+            out.write(ts.finish() + "\n[interrupted]")
+            out.flush()
+            self.add_reply(ts.text, ts.token_ids)
+            return None, ts.text
+        finally:
+            it.close()  # a reply left early (stop string, Ctrl-C) cancels its request
+        self.add_reply(ts.text, ts.token_ids)
+        r = it.result
+        if r is None:  # stopped by a stop string: the tokens up to it
+            r = GenerationResult(ts.token_ids, "stop_string", len(self.ids), 0.0, 0.0, ts.text)
+        return r, ts.text
+
+
+def _history_file() -> Path:
+    from ._cache import cache_root
+
+    return cache_root() / "chat_history"
+
+
+def _cmd_chat(a) -> int:
+    gen = _generator(a, prompt_cache_bytes=256 << 20)
+    _need_tokenizer(gen, a)
+    session = ChatSession(gen, _chat_template(gen, a), a.system)
+    interactive = sys.stdin.isatty()
+    hist = None
+    if interactive:
+        try:
+            import readline
+
+            hist = _history_file()
+            if hist.is_file():
+                readline.read_history_file(str(hist))
+        except (ImportError, OSError):
+            hist = None
+    mode = "chat template" if session.template else "no chat template: text continues"
+    sys.stderr.write(f"mambart chat: {a.model} ({mode}); Ctrl-C stops a reply, Ctrl-D or "
+                     f"/exit ends, /reset starts over\n")
+    kw = _sampling(a)
+    try:
+        while True:
+            try:
+                line = input("> " if interactive else "")
+            except EOFError:
+                break
+            except KeyboardInterrupt:
+                sys.stderr.write("\n")
+                continue
+            cmd = line.strip()
+            if cmd in ("/exit", "/quit"):
+                break
+            if cmd == "/reset":
+                session.reset()
+                sys.stderr.write("mambart: conversation reset\n")
+                continue
+            if not cmd:
+                continue
+            session.add_user(line if session.template else line + "\n")
+            r, _ = session.reply(sys.stdout, **kw)
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            if r is not None and not a.quiet:
+                sys.stderr.write(timing_line(r) + "\n")
+    finally:
+        if hist is not None:
+            try:
+                import readline
+
+                hist.parent.mkdir(parents=True, exist_ok=True)
+                readline.set_history_length(1000)
+                readline.write_history_file(str(hist))
+            except OSError:
+                pass
+    return 0
+
+
+# ---------------------------------------------------------------- bench
+
+def _lengths(flag: str, text: str) -> List[int]:
+    try:
+        out = [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise UsageError(f"{flag}: expected integers separated by commas, got {text!r}") from None
+    if any(n < 0 for n in out):
+        raise UsageError(f"{flag}: lengths must be >= 0, got {text!r}")
+    return [n for n in out if n > 0]
+
+
+def _cmd_bench(a) -> int:
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    pp = _lengths("--prompt-lengths", a.prompt_lengths)
+    tg = _lengths("--gen-lengths", a.gen_lengths)
+    if a.repetitions < 1:
+        raise UsageError(f"--repetitions must be >= 1, got {a.repetitions}")
+    if not pp and not tg:
+        raise UsageError("nothing to measure: --prompt-lengths and --gen-lengths are both 0")
+    gen = _generator(a)
+    rng = np.random.default_rng(0)
+    vocab = gen.vocab_size
+    tests = [("pp", n) for n in pp] + [("tg", n) for n in tg]
+    bar = tqdm(total=len(tests) * (a.repetitions + 1), desc="bench", unit="run",
+               file=sys.stderr, leave=False)
+    rows = []
+    try:
+        for kind, n in tests:
+            speeds = []
+            for rep in range(a.repetitions + 1):  # the first run warms up, untimed
+                bar.set_postfix_str(f"{kind}{n}")
+                if kind == "pp":
+                    ids = [int(t) for t in rng.integers(1, vocab, size=n)]
+                    r = gen.generate(ids, max_new_tokens=1, ignore_eos=True)
+                    speed = n / (r.prefill_ms / 1e3) if r.prefill_ms > 0 else float("inf")
+                else:
+                    r = gen.generate([int(rng.integers(1, vocab))], max_new_tokens=n + 1,
+                                     ignore_eos=True, temperature=0.0)
+                    speed = r.tokens_per_s  # tokens after the first over the decode time
+                if rep:
+                    speeds.append(speed)
+                bar.update(1)
+            rows.append((f"{kind}{n}", float(np.mean(speeds)), float(np.std(speeds))))
+    finally:
+        bar.close()
+    params = _describe(gen.model_dir)["parameters"]
+    if a.json:
+        for test, mean, std in rows:
+            print(json.dumps({"model": a.model, "parameters": params, "dtype": gen.dtype,
+                              "device": gen.device, "test": test, "tokens_per_s": round(mean, 2),
+                              "std": round(std, 2), "repetitions": a.repetitions}))
+        return 0
+    head = ["model", "params", "dtype", "device", "test", "t/s"]
+    body = [[a.model, f"{params / 1e6:.2f} M", gen.dtype, gen.device, t, f"{m:.2f} ± {sd:.2f}"]
+            for t, m, sd in rows]
+    w = [max(len(str(r[i])) for r in [head] + body) for i in range(len(head))]
+
+    def line(cells):  # a Markdown row; the last column (the numbers) right-aligned
+        return "| " + " | ".join(str(c).rjust(w[i]) if i == len(w) - 1 else str(c).ljust(w[i])
+                                 for i, c in enumerate(cells)) + " |"
+
+    print(line(head))
+    print("|" + "|".join("-" * (x + 1) + (":" if i == len(w) - 1 else "-")
+                         for i, x in enumerate(w)) + "|")
+    for r in body:
+        print(line(r))
+    return 0
+
+
+# ---------------------------------------------------------------- cache
+
+def _cmd_cache(a) -> int:
+    from . import _cache
+
+    if a.cache_command is None:
+        raise UsageError("cache needs an action: list or rm")
+    if a.cache_command == "list":
+        es = _cache.entries()
+        if a.json:
+            print(json.dumps(es, indent=2))
+            return 0
+        root = _cache.converted_root()
+        if not es:
+            print(f"the cache is empty ({root})")
+            return 0
+        for e in es:
+            flags = (" [in use]" if e["in_use"] else "") + ("" if e["valid"] else " [incomplete]")
+            print(f"{e['name']}  {e['bytes'] / 2**20:.1f} MiB  {e['dtype'] or '?'}  "
+                  f"from {e['source'] or '?'}{flags}")
+        total = sum(e["bytes"] for e in es)
+        print(f"{len(es)} entries, {total / 2**20:.1f} MiB in {root}")
+        return 0
+    names = list(a.names)
+    if a.all:
+        if names:
+            raise UsageError("give NAMEs or --all, not both")
+        names = [e["name"] for e in _cache.entries() if not e["in_use"]]
+    elif not names:
+        raise UsageError("cache rm needs NAMEs (see `mambart cache list`) or --all")
+    for n in names:
+        d = _cache.remove_entry(n)
+        print(f"removed {d}")
+    return 0
+
+
+def run_native(argv: Optional[List[str]] = None) -> int:
+    """`mambart-run` on PATH: runs the C++ example program installed in the package."""
+    exe = Path(os.path.abspath(__file__)).parent / "bin" / "mambart-run"
+    if not os.access(exe, os.X_OK):
+        sys.stderr.write(f"mambart-run: {exe} is missing (the package was built without it)\n")
+        return 1
+    args = sys.argv[1:] if argv is None else list(argv)
+    os.execv(str(exe), [str(exe)] + args)
+    return 1  # not reached
+
+
 def _apply_options(items: List[str]) -> None:
     from .options import set_options
 
@@ -285,10 +722,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     cmd = {"convert": _cmd_convert, "generate": _cmd_generate, "info": _cmd_info,
-           "options": _cmd_options}[args.command]
+           "options": _cmd_options, "chat": _cmd_chat, "bench": _cmd_bench,
+           "cache": _cmd_cache}[args.command]
     try:
         _apply_options(args.option)
         return cmd(args)
+    except UsageError as e:
+        sys.stderr.write(f"mambart: error: {e} (see mambart {args.command} --help)\n")
+        return 2
     except KeyboardInterrupt:
         sys.stderr.write("mambart: interrupted\n")
         return 130

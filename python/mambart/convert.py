@@ -21,6 +21,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +29,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ._tensorio import (CHUNK_ELEMS, FLOAT_DTYPES, OUT_DTYPES, LazyTensor, SafetensorsWriter,
                         WeightSet, convert_chunk, read_safetensors_header)
-from ._files import (MAX_JSON_BYTES, MAX_TOKENIZER_BYTES, check_not_nested, read_bounded,
-                     read_bounded_text, write_atomic)
+from ._files import (_UMASK, MAX_JSON_BYTES, MAX_TOKENIZER_BYTES, check_not_nested,
+                     read_bounded, read_bounded_text, write_atomic)
 from .errors import ConversionError
 
 CONVERTER_VERSION = "mambart-convert 1"
@@ -594,7 +595,7 @@ def _fsync_dir(path: Path) -> None:
 
 def convert(src, dst, dtype: Optional[str] = None, *, overwrite: bool = False,
             progress: bool = False, tokenizer=None, source_info: Optional[dict] = None,
-            a_activation: Optional[str] = None) -> str:
+            a_activation: Optional[str] = None, announce: Optional[str] = None) -> str:
     """Converts a checkpoint directory into a mambart model directory at `dst`.
 
     src: a transformers (MambaForCausalLM / Mamba2ForCausalLM) or state-spaces checkpoint
@@ -609,6 +610,7 @@ def convert(src, dst, dtype: Optional[str] = None, *, overwrite: bool = False,
     a_activation: Mamba-3 checkpoints only: the A activation, "heavy_tail" (mamba_ssm since
         2026-06-02, the default) or "softplus" (checkpoints trained before); the checkpoint does
         not record it (spec 4.7), the converted config does.
+    announce: a line written to stderr once the source has been checked, before writing.
 
     Returns str(dst). Raises ConversionError naming the file and tensor on any bad input; an
     interrupted conversion leaves `dst` untouched (the output appears only when complete).
@@ -668,7 +670,11 @@ def convert(src, dst, dtype: Optional[str] = None, *, overwrite: bool = False,
             raise ConversionError(f"{dst_p}: the destination is the source directory")
     parent = dst_p.parent
     parent.mkdir(parents=True, exist_ok=True)
+    if announce:
+        sys.stderr.write(announce + "\n")
+        sys.stderr.flush()
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst_p.name}.", suffix=".converting", dir=parent))
+    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700: the user's umask, as mkdir gives
     bar = None
     try:
         writer = SafetensorsWriter(
@@ -677,7 +683,7 @@ def convert(src, dst, dtype: Optional[str] = None, *, overwrite: bool = False,
             metadata={"format": "mambart", "mambart_format": str(FORMAT_VERSION)})
         total = sum(it.tensor.numel * (4 if it.out_dtype == "float32" else 2) for it in items)
         if progress:
-            from tqdm import tqdm
+            from tqdm.auto import tqdm  # a widget in notebooks, text on a terminal
 
             bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
                        desc=f"converting {src_p.name}", leave=True)

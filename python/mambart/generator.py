@@ -6,7 +6,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -44,6 +44,29 @@ class GenerationResult:
         """Decode speed: tokens after the first over the decode time."""
         n = len(self.token_ids) - 1
         return n / (self.decode_ms / 1e3) if n > 0 and self.decode_ms > 0 else 0.0
+
+
+class StreamIterator:
+    """What Generator.stream() returns: iterate it for the pieces; once it is exhausted,
+    `.result` is the GenerationResult (finish_reason, token_ids, text, prompt_tokens,
+    prefill_ms, decode_ms, tokens_per_s) and `.finish_reason` its reason (None before)."""
+
+    def __init__(self):
+        self.result: Optional[GenerationResult] = None
+        self._it = iter(())
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._it)
+
+    def close(self) -> None:  # closing early cancels the request, as the generator did
+        self._it.close()
+
+    @property
+    def finish_reason(self) -> Optional[str]:
+        return None if self.result is None else self.result.finish_reason
 
 
 def _is_mambart_dir(path: Path) -> bool:
@@ -312,10 +335,12 @@ class Generator(SequenceAPI):
                repetition_penalty: float = 1.0, seed: Optional[int] = None,
                stop_token_ids: Optional[Sequence[int]] = None,
                stop: Union[str, Sequence[str], None] = None,
-               ignore_eos: bool = False, state=None) -> Iterator[Union[int, str]]:
+               ignore_eos: bool = False, state=None) -> StreamIterator:
         """Yields new token ids as they are made (token-id prompt), or text pieces that are
         always valid UTF-8 (text prompt). state: a SequenceState to continue (see generate).
-        The request runs on the generator's engine; closing the iterator early cancels it."""
+        The request runs on the generator's engine; closing the iterator early cancels it.
+        The iterator's `.result` (a GenerationResult: finish reason, timings) is set once it
+        is exhausted."""
         if self._is_batch(prompt) or isinstance(state, (list, tuple)):
             raise ValueError("stream takes one prompt; use generate for a list of prompts")
         kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
@@ -324,13 +349,17 @@ class Generator(SequenceAPI):
         text_mode = isinstance(prompt, str)
         seqs, stops, rows = self._start([prompt], stop, kwargs,
                                         None if state is None else [state])
-        return self._iterate(seqs, text_mode, stops, rows)
+        out = StreamIterator()
+        out._it = self._iterate(seqs, text_mode, stops, rows, out)
+        return out
 
-    def _iterate(self, seqs, text_mode, stops, rows):
+    def _iterate(self, seqs, text_mode, stops, rows, out=None):
         texts = self._row_texts(1, stops) if (text_mode or stops) else None
         seq = seqs[0]
+        n = 0  # tokens made (kept when a stop string matched)
         try:
             for tok in self._row_tokens(seq, rows, texts, 0):
+                n += 1
                 if texts is None or not text_mode:
                     yield tok
                     continue
@@ -345,3 +374,11 @@ class Generator(SequenceAPI):
             if not seq.finished:
                 seq.cancel()
         self._finish_rows(seqs, rows, False)  # prompt-cache inserts
+        if out is not None:
+            raw = seq.result
+            ids, reason = list(raw.token_ids), raw.finish_reason
+            if texts is not None and texts[0].stopped:
+                ids, reason = ids[:n], "stop_string"
+            out.result = GenerationResult(ids, reason, raw.prompt_tokens, raw.prefill_ms,
+                                          raw.decode_ms, texts[0].text if texts else None,
+                                          raw.prefill_tokens)

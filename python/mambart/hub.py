@@ -1,4 +1,5 @@
-"""Model names: short names ("mamba-1.4b") and hub repositories ("state-spaces/mamba2-2.7b"),
+"""Model names: the bundled demo models ("mambart-demo", "mambart2-demo": shipped in the package,
+no download), short names ("mamba-1.4b") and hub repositories ("state-spaces/mamba2-2.7b"),
 found or downloaded through huggingface_hub, converted once into the mambart cache.
 
 HF_HUB_OFFLINE=1 (or `local_files_only`) uses only what is in the Hugging Face cache
@@ -26,6 +27,17 @@ SHORT_NAMES: Dict[str, str] = {
         "mamba-130m-hf", "mamba-370m-hf", "mamba-790m-hf", "mamba-1.4b-hf", "mamba-2.8b-hf")
 }
 NEOX_TOKENIZER_REPO = "EleutherAI/gpt-neox-20b"
+
+# Models shipped inside the package (tools/train_demo.py; each directory has a model card).
+BUNDLED_DIR = Path(__file__).resolve().parent / "models"
+BUNDLED = ("mambart-demo", "mambart2-demo")
+
+
+def bundled_model_dir(name: str) -> Optional[Path]:
+    """The packaged model directory for a bundled name ("mambart-demo"), else None."""
+    if name in BUNDLED and (BUNDLED_DIR / name / "config.json").is_file():
+        return BUNDLED_DIR / name
+    return None
 
 _SMALL_FILES = ["config.json", "tokenizer.json", "*.index.json", "tokenizer_config.json",
                 "tokenizer.model"]
@@ -64,8 +76,9 @@ def resolve_repo_id(name: str) -> str:
     if len(parts) == 2 and all(parts) and not name.startswith((".", "~")):
         return name
     raise ModelLoadError(
-        f"unknown model {name!r}: not an existing directory, not a known short name "
-        f"({', '.join(sorted(SHORT_NAMES))}) and not a hub repository 'owner/name'")
+        f"unknown model {name!r}: not an existing directory, not a bundled model "
+        f"({', '.join(BUNDLED)}), not a known short name ({', '.join(sorted(SHORT_NAMES))}) "
+        f"and not a hub repository 'owner/name'")
 
 
 def _pick_weights(files: List[str]) -> List[str]:
@@ -131,9 +144,40 @@ def _neox_tokenizer() -> Optional[str]:
 
 def load_model_dir(name: str, revision: Optional[str] = None,
                    dtype: Optional[str] = None) -> Tuple[str, Optional[str]]:
-    """Resolves a hub name to a converted mambart model directory in the cache.
+    """Resolves a bundled or hub name to a mambart model directory (hub models: converted into
+    the cache).
 
     Returns (model_dir, tokenizer.json path or None)."""
+    bundled = bundled_model_dir(name)
+    if bundled is not None:
+        t = bundled / "tokenizer.json"
+        return str(bundled), (str(t) if t.is_file() else None)
+    snap, tok, repo_id = source_dir(name, revision)
+    from ._cache import ensure_converted
+
+    try:
+        out = ensure_converted(snap, dtype=dtype, tokenizer=tok, name=repo_id.replace("/", "--"),
+                               source_info={"repo": repo_id, "revision": snap.name,
+                                            "requested_revision": revision})
+    finally:
+        release_tokenizer(tok)
+    t = Path(out) / "tokenizer.json"
+    return out, (str(t) if t.is_file() else None)
+
+
+def release_tokenizer(tok: Optional[str]) -> None:
+    """Removes a temporary tokenizer made by source_dir (a converted tiktoken file)."""
+    if tok is not None and Path(tok).parent.name.startswith("mambart-tok-"):
+        import shutil
+
+        shutil.rmtree(Path(tok).parent, ignore_errors=True)
+
+
+def source_dir(name: str, revision: Optional[str] = None) -> Tuple[Path, Optional[str], str]:
+    """A hub name's checkpoint snapshot (downloaded unless cached or offline) and its
+    tokenizer.json (the repository's, GPT-NeoX's for state-spaces Mamba-1/2, or a converted
+    tiktoken file: pass it to release_tokenizer when done). Returns (snapshot, tokenizer,
+    repo_id)."""
     repo_id = resolve_repo_id(name)
     snap = Path(snapshot(repo_id, revision))
     tok: Optional[str] = None
@@ -163,16 +207,4 @@ def load_model_dir(name: str, revision: Optional[str] = None,
                                   stacklevel=2)
             else:
                 tok = _neox_tokenizer()
-    from ._cache import ensure_converted
-
-    try:
-        out = ensure_converted(snap, dtype=dtype, tokenizer=tok, name=repo_id.replace("/", "--"),
-                               source_info={"repo": repo_id, "revision": snap.name,
-                                            "requested_revision": revision})
-    finally:
-        if tok is not None and Path(tok).parent.name.startswith("mambart-tok-"):
-            import shutil
-
-            shutil.rmtree(Path(tok).parent, ignore_errors=True)  # a converted tiktoken file
-    t = Path(out) / "tokenizer.json"
-    return out, (str(t) if t.is_file() else None)
+    return snap, tok, repo_id
