@@ -119,13 +119,13 @@ Engine::Engine(Generator& gen, const EngineOptions& opt, TokenBytes vocab_bytes)
     if (opt_.capacity == 0) opt_.capacity = 1;  // grows with demand (grow())
     MAMBART_CHECK_ARG(opt_.capacity <= opt_.max_slots, "capacity (", opt_.capacity,
                       ") exceeds max_slots (", opt_.max_slots, ")");
-    // Prefill rows: 16, fewer where a state row is large (Mamba-2 at 1.3B: 100 MB a row), so
-    // the prefill state stays within about 512 MB.
+    // Prefill rows: up to 64, fewer where a state row is large (Mamba-1 1.4B: 32; Mamba-2 1.3B,
+    // 100 MB a row: 5), so that the prefill state stays within about 512 MB.
     if (opt_.prefill_rows == 0) {
         uint64_t row = 0;
         for (const State::Slot& sl : State::layout(gen_.config()))
             row += uint64_t(sl.layers.size()) * uint64_t(sl.elems) * sizeof(float);
-        opt_.prefill_rows = int64_t(std::clamp<uint64_t>((uint64_t(512) << 20) / std::max<uint64_t>(row, 1), 1, 16));
+        opt_.prefill_rows = int64_t(std::clamp<uint64_t>((uint64_t(512) << 20) / std::max<uint64_t>(row, 1), 1, 64));
     }
     if (opt_.prefill_chunk == 0) opt_.prefill_chunk = gen_.model_->prefill_chunk();
     V_ = gen_.config().vocab_size;

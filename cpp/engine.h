@@ -47,8 +47,8 @@ class EngineBusy : public Error {
 struct EngineOptions {
     int64_t capacity = 0;       // decode slots at start (0: 1); grows to max_slots on demand
     int64_t max_slots = 0;      // 0: 256
-    int64_t prefill_rows = 0;   // requests prefilling together, one group (0: 16, fewer for
-                                // large state rows: about 512 MB of prefill state at most)
+    int64_t prefill_rows = 0;   // requests prefilling together, one group (0: up to 64, fewer
+                                // for large state rows: about 512 MB of prefill state at most)
     int64_t prefill_chunk = 0;  // prompt tokens run per step in all (0: Model::prefill_chunk())
     int64_t max_queue = 1024;   // waiting requests before submit() says busy
 };
