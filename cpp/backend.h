@@ -42,6 +42,17 @@ class Backend {
     virtual void copy_to_host(void* dst, const void* src, size_t bytes) = 0;
     virtual void copy_device(void* dst, const void* src, size_t bytes) = 0;
     virtual void zero(void* dst, size_t bytes) = 0;
+    // `rows` blocks of `bytes` each, block k at dst + k * dst_pitch / src + k * src_pitch (one
+    // State row across its layers). Device backends do it in one call (cudaMemcpy2DAsync).
+    virtual void copy_device_2d(void* dst, size_t dst_pitch, const void* src, size_t src_pitch,
+                                size_t bytes, size_t rows) {
+        for (size_t k = 0; k < rows; ++k)
+            copy_device(static_cast<char*>(dst) + k * dst_pitch,
+                        static_cast<const char*>(src) + k * src_pitch, bytes);
+    }
+    virtual void zero_2d(void* dst, size_t pitch, size_t bytes, size_t rows) {
+        for (size_t k = 0; k < rows; ++k) zero(static_cast<char*>(dst) + k * pitch, bytes);
+    }
     // Bytes the backend can still allocate (device backends: free device memory), checked
     // before a model's weights are placed; UINT64_MAX where not known.
     virtual uint64_t free_memory() const { return UINT64_MAX; }

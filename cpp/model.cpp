@@ -59,10 +59,14 @@ void State::layer_tensors(int64_t layer, int64_t row, float** out) const {
     for (size_t k = 0; k < w.size(); ++k) out[k] = at(w[k].first, w[k].second, row);
 }
 
+// A row of a slot is one block per layer, `batch_ * elems` floats apart: one strided call per
+// slot (cudaMemcpy2DAsync / cudaMemset2DAsync on CUDA), not one per layer.
 void State::reset_row(int64_t row) {
-    for (size_t s = 0; s < slots_.size(); ++s)
-        for (size_t i = 0; i < slots_[s].layers.size(); ++i)
-            backend_.zero(at(s, int64_t(i), row), size_t(slots_[s].elems) * sizeof(float));
+    for (size_t s = 0; s < slots_.size(); ++s) {
+        const Slot& x = slots_[s];
+        backend_.zero_2d(at(s, 0, row), size_t(batch_ * x.elems) * sizeof(float),
+                         size_t(x.elems) * sizeof(float), x.layers.size());
+    }
 }
 
 void State::copy_row_from(const State& src, int64_t src_row, int64_t dst_row) {
@@ -76,10 +80,12 @@ void State::copy_row_from(const State& src, int64_t src_row, int64_t dst_row) {
     if (src_row < 0 || src_row >= src.batch_ || dst_row < 0 || dst_row >= batch_)
         throw InvalidArgument(str_cat("State::copy_row_from: row ", src_row, " -> ", dst_row,
                                       " out of range"));
-    for (size_t s = 0; s < slots_.size(); ++s)
-        for (size_t i = 0; i < slots_[s].layers.size(); ++i)
-            backend_.copy_device(at(s, int64_t(i), dst_row), src.at(s, int64_t(i), src_row),
-                                 size_t(slots_[s].elems) * sizeof(float));
+    for (size_t s = 0; s < slots_.size(); ++s) {
+        const Slot& x = slots_[s];
+        backend_.copy_device_2d(at(s, 0, dst_row), size_t(batch_ * x.elems) * sizeof(float),
+                                src.at(s, 0, src_row), size_t(src.batch_ * x.elems) * sizeof(float),
+                                size_t(x.elems) * sizeof(float), x.layers.size());
+    }
 }
 
 std::vector<std::vector<float>> State::row_to_host(int64_t row) const {

@@ -152,6 +152,17 @@ class CudaBackend final : public Backend {
         dev();
         check(cudaMemsetAsync(dst, 0, n, stream_), "zero");
     }
+    void copy_device_2d(void* dst, size_t dst_pitch, const void* src, size_t src_pitch,
+                        size_t bytes, size_t rows) override {
+        dev();
+        check(cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, bytes, rows,
+                                cudaMemcpyDeviceToDevice, stream_),
+              "copy_device_2d");
+    }
+    void zero_2d(void* dst, size_t pitch, size_t bytes, size_t rows) override {
+        dev();
+        check(cudaMemset2DAsync(dst, pitch, 0, bytes, rows, stream_), "zero_2d");
+    }
 
     const void* place_weight(const void* src, DType src_dtype, size_t numel, DType dtype,
                              bool* owned) override {
