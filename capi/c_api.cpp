@@ -132,7 +132,6 @@ bool state_ok(const mambart_state* s) { return is_live(s) && s->magic == kStateM
 mambart_status bad_handle(const char* what) {
     return fail(MAMBART_ERR_HANDLE, str_cat(what, " is NULL, freed or not a ", what, " handle"));
 }
-FinishReason nothing() { return FinishReason::None; }
 mambart_finish finish_code(FinishReason r) {
     switch (r) {
         case FinishReason::Length: return MAMBART_FINISH_LENGTH;
@@ -144,7 +143,6 @@ mambart_finish finish_code(FinishReason r) {
         case FinishReason::Error: return MAMBART_FINISH_ERROR;
         case FinishReason::None: break;
     }
-    (void)nothing;
     return MAMBART_FINISH_NONE;
 }
 std::shared_ptr<const SequenceState> start_of(const mambart_model* m, const mambart_state* s) {
