@@ -132,6 +132,10 @@ Engine::Engine(Generator& gen, const EngineOptions& opt, TokenBytes vocab_bytes)
     {
         std::lock_guard<std::mutex> lock(gen_.compute_mu_);
         pstate_ = std::make_unique<State>(gen_.config(), gen_.model_->backend(), 1);  // grows
+        {
+            std::lock_guard<std::mutex> lk(mu_);
+            stats_.prefill_state_rows = 1;
+        }
         grow(opt_.capacity);
     }
     scratch_.resize(size_t(V_));
@@ -216,6 +220,9 @@ std::vector<std::shared_ptr<EngineSequence>> Engine::submit_many(std::vector<Eng
         shape.slots_after = want > shape.slots_now
                                 ? std::min(opt_.max_slots, (want + 7) / 8 * 8)
                                 : shape.slots_now;
+        shape.prefill_rows_now = stats_.prefill_state_rows;
+        shape.prefill_rows_after = std::max(stats_.prefill_state_rows,
+                                            std::min(opt_.prefill_rows, want));
     }
     check_fits(*gen_.model_, estimate_engine_requests(*gen_.model_, shape), n);
     std::vector<std::shared_ptr<EngineSequence>> seqs;
@@ -424,9 +431,13 @@ void Engine::admit() {
         lk.lock();
     }
     if (prefilling_.empty()) return;
-    if (pstate_->batch() < int64_t(prefilling_.size()))  // a larger group than before
+    if (pstate_->batch() < int64_t(prefilling_.size())) {  // a larger group than before
+        lk.unlock();
         pstate_ = std::make_unique<State>(gen_.config(), gen_.model_->backend(),
                                           int64_t(prefilling_.size()));
+        lk.lock();
+        stats_.prefill_state_rows = pstate_->batch();  // under lk (mu_)
+    }
     std::stable_sort(prefilling_.begin(), prefilling_.end(),
                      [](const std::unique_ptr<Slot>& a, const std::unique_ptr<Slot>& b) {
                          return a->feed.size() > b->feed.size();

@@ -109,6 +109,7 @@ struct EngineStats {
     int64_t prefilling = 0;       // requests admitted, prompt not finished
     int64_t queued = 0;           // waiting for a slot
     int64_t slots = 0;            // decode slots allocated now
+    int64_t prefill_state_rows = 0;  // rows of the prefill state allocated now
     int64_t steps = 0;            // engine steps that decoded
     int64_t rows_decoded = 0;     // rows over those steps (rows_decoded / steps: mean batch)
     int64_t max_rows = 0;         // the largest decode batch so far

@@ -154,6 +154,11 @@ MemoryEstimate estimate_engine_requests(const Model& m, const EngineRequestShape
             add(str_cat("the workspace for ", req.slots_after, " decode rows"), ws_new - ws_now,
                 true);
     }
+    const uint64_t pgrow = uint64_t(std::max<int64_t>(req.prefill_rows_after - req.prefill_rows_now, 0));
+    if (pgrow)
+        add(str_cat("the engine's new prefill rows' state (", pgrow, " rows x ", state_row,
+                    " bytes)"),
+            pgrow * state_row, true);
     if (req.keep_rows > 0) {
         const uint64_t k = uint64_t(req.keep_rows);
         add(str_cat("the kept prompt and final states (2 x ", k, " rows)"), 2 * k * state_row,

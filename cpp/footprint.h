@@ -51,6 +51,7 @@ struct EngineRequestShape {
     int64_t penalty_rows = 0;
     int64_t keep_rows = 0;      // requests that keep their states
     int64_t slots_now = 0, slots_after = 0;
+    int64_t prefill_rows_now = 0, prefill_rows_after = 0;  // the prefill state's rows
 };
 constexpr int64_t kCountedNewTokens = 4096;
 MemoryEstimate estimate_engine_requests(const Model& model, const EngineRequestShape& req);

@@ -299,6 +299,7 @@ py::dict stats_dict(const EngineStats& s) {
     d["prefilling"] = s.prefilling;
     d["queued"] = s.queued;
     d["slots"] = s.slots;
+    d["prefill_state_rows"] = s.prefill_state_rows;
     d["steps"] = s.steps;
     d["rows_decoded"] = s.rows_decoded;
     d["mean_rows_per_step"] = s.steps ? double(s.rows_decoded) / double(s.steps) : 0.0;
