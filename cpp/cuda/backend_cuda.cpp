@@ -152,14 +152,20 @@ class CudaBackend final : public Backend {
         dev();
         check(cudaMemsetAsync(dst, 0, n, stream_), "zero");
     }
+    // The 2D calls take pitches up to cudaDeviceProp::memPitch (2^31 - 1 bytes): beyond that
+    // (a state slot of a very large batch) one call per block, as the base class does.
+    static constexpr size_t kMaxPitch = (size_t(1) << 31) - 1;
     void copy_device_2d(void* dst, size_t dst_pitch, const void* src, size_t src_pitch,
                         size_t bytes, size_t rows) override {
+        if (dst_pitch > kMaxPitch || src_pitch > kMaxPitch)
+            return Backend::copy_device_2d(dst, dst_pitch, src, src_pitch, bytes, rows);
         dev();
         check(cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, bytes, rows,
                                 cudaMemcpyDeviceToDevice, stream_),
               "copy_device_2d");
     }
     void zero_2d(void* dst, size_t pitch, size_t bytes, size_t rows) override {
+        if (pitch > kMaxPitch) return Backend::zero_2d(dst, pitch, bytes, rows);
         dev();
         check(cudaMemset2DAsync(dst, pitch, 0, bytes, rows, stream_), "zero_2d");
     }
