@@ -593,13 +593,7 @@ void Engine::decode_step() {
                 s ? s->req->opt.rng_counter + uint64_t(s->tokens.size()) : 0;
         }
         be.copy_to_device(m.ids_buffer(), ids_host_.data(), size_t(B) * sizeof(int32_t));
-        DeviceSampleParams sp{};
-        sp.temperature = so.temperature;
-        sp.top_k = so.top_k;
-        sp.top_p = so.top_p;
-        sp.min_p = so.min_p;
-        sp.repetition_penalty = so.repetition_penalty;
-        sp.seen = nullptr;
+        const DeviceSampleParams sp = device_sample_params(so, nullptr);
         m.decode_step(*pool_, B, sp, rng_host_.data(), tok_host_.data());
         const double ms = ms_between(t0, Clock::now());
         for (int64_t r = 0; r < n; ++r) {

@@ -473,13 +473,7 @@ void GenerationStream::decode_on_device(std::vector<std::pair<int64_t, int32_t>>
         rng_host_[size_t(3 * r + 2)] = o.rng_counter + uint64_t(results_[size_t(r)].token_ids.size());
     }
     be.copy_to_device(m.ids_buffer(), last_.data(), size_t(B_) * sizeof(int32_t));
-    DeviceSampleParams sp{};
-    sp.temperature = so.temperature;
-    sp.top_k = so.top_k;
-    sp.top_p = so.top_p;
-    sp.min_p = so.min_p;
-    sp.repetition_penalty = so.repetition_penalty;
-    sp.seen = seen_dev_;
+    const DeviceSampleParams sp = device_sample_params(so, seen_dev_);
     logits_dev_ = m.decode_step(*state_, B_, sp, rng_host_.data(), tokens_host_.data());
     logits_stale_ = true;
     const double ms = ms_since(t0);

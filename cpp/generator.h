@@ -52,6 +52,19 @@ struct SequenceState {
 };
 
 // Why a sequence ended. The engine (issue 14) adds stop strings, cancel, timeout and failure.
+// The device sampler's options from a row's sampling options (DeviceSampleParams' logits, ld,
+// B, V, rng and out are filled by Model::decode_step).
+inline DeviceSampleParams device_sample_params(const SamplingOptions& so, uint8_t* seen) {
+    DeviceSampleParams sp{};
+    sp.temperature = so.temperature;
+    sp.top_k = so.top_k;
+    sp.top_p = so.top_p;
+    sp.min_p = so.min_p;
+    sp.repetition_penalty = so.repetition_penalty;
+    sp.seen = seen;
+    return sp;
+}
+
 enum class FinishReason { None, Length, Eos, StopToken, StopString, Cancelled, Timeout, Error };
 const char* finish_reason_name(FinishReason r);
 
