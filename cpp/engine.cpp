@@ -298,6 +298,8 @@ void Engine::loop() {
 }
 
 void Engine::step() {
+    const auto t_step = Clock::now();
+    double prefill_ms = 0.0, decode_ms = 0.0;
     {
         std::lock_guard<std::mutex> lock(gen_.compute_mu_);
         try {
@@ -317,8 +319,12 @@ void Engine::step() {
             for (auto& s : prefilling_)
                 if (s) check(*s);
             for (auto& s : running_) check(*s);
+            const auto t_prefill = Clock::now();
             prefill_step();
+            const auto t_decode = Clock::now();
             decode_step();
+            prefill_ms = ms_between(t_prefill, t_decode);
+            decode_ms = ms_between(t_decode, Clock::now());
         } catch (const std::exception& e) {
             // A failed forward: the rows' states are unknown, so every admitted request fails.
             const std::string msg = str_cat("the engine step failed: ", e.what());
@@ -364,6 +370,10 @@ void Engine::step() {
         for (const auto& sp : prefilling_) stats_.prefilling += sp ? 1 : 0;
     }
     deliver();
+    std::lock_guard<std::mutex> lk(mu_);
+    stats_.prefill_ms += prefill_ms;
+    stats_.decode_ms += decode_ms;
+    stats_.step_ms += ms_between(t_step, Clock::now());
 }
 
 void Engine::admit() {

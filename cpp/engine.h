@@ -116,6 +116,10 @@ struct EngineStats {
     int64_t prefill_calls = 0;    // prefill forward calls (rows of a group run together)
     int64_t tokens_generated = 0;
     int64_t prompt_tokens = 0;    // prefilled
+    // Wall time on the engine thread (ms): in steps in all, and in their decode forwards
+    // (forward + sampling + copying the ids back); step_ms - decode_ms is admission, prefill
+    // and the host work of handing tokens out.
+    double step_ms = 0.0, decode_ms = 0.0, prefill_ms = 0.0;
     int64_t submitted = 0, finished = 0, cancelled = 0, timed_out = 0, failed = 0, rejected = 0;
 };
 

@@ -305,6 +305,9 @@ py::dict stats_dict(const EngineStats& s) {
     d["mean_rows_per_step"] = s.steps ? double(s.rows_decoded) / double(s.steps) : 0.0;
     d["max_rows"] = s.max_rows;
     d["prefill_calls"] = s.prefill_calls;
+    d["step_ms"] = s.step_ms;
+    d["decode_ms"] = s.decode_ms;
+    d["prefill_ms"] = s.prefill_ms;
     d["tokens_generated"] = s.tokens_generated;
     d["prompt_tokens"] = s.prompt_tokens;
     d["submitted"] = s.submitted;
