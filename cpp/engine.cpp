@@ -119,13 +119,17 @@ Engine::Engine(Generator& gen, const EngineOptions& opt, TokenBytes vocab_bytes)
     if (opt_.capacity == 0) opt_.capacity = 1;  // grows with demand (grow())
     MAMBART_CHECK_ARG(opt_.capacity <= opt_.max_slots, "capacity (", opt_.capacity,
                       ") exceeds max_slots (", opt_.max_slots, ")");
-    // Prefill rows: up to 64, fewer where a state row is large (Mamba-1 1.4B: 32; Mamba-2 1.3B,
-    // 100 MB a row: 5), so that the prefill state stays within about 512 MB.
+    // Prefill rows: up to 64, fewer where a state row is large, so that the prefill state stays
+    // within about 2 GB on a GPU (Mamba-2 1.3B, 100 MB a row: 20 rows) and 512 MB in host
+    // memory (5 rows). Each group's prefill reads the weights once, so requests arriving
+    // together should prefill together.
     if (opt_.prefill_rows == 0) {
         uint64_t row = 0;
         for (const State::Slot& sl : State::layout(gen_.config()))
             row += uint64_t(sl.layers.size()) * uint64_t(sl.elems) * sizeof(float);
-        opt_.prefill_rows = int64_t(std::clamp<uint64_t>((uint64_t(512) << 20) / std::max<uint64_t>(row, 1), 1, 64));
+        const uint64_t budget =
+            gen_.model_->backend().kind() == DeviceKind::CPU ? uint64_t(512) << 20 : uint64_t(2) << 30;
+        opt_.prefill_rows = int64_t(std::clamp<uint64_t>(budget / std::max<uint64_t>(row, 1), 1, 64));
     }
     if (opt_.prefill_chunk == 0) opt_.prefill_chunk = gen_.model_->prefill_chunk();
     V_ = gen_.config().vocab_size;
@@ -369,7 +373,10 @@ void Engine::step() {
         stats_.prefilling = 0;
         for (const auto& sp : prefilling_) stats_.prefilling += sp ? 1 : 0;
     }
-    deliver();
+    // This step's tokens go out now, or, when the next step will launch a device decode, while
+    // that one runs (so the device does not wait for the host's hand-out).
+    if (!deferred_ || running_.empty()) deliver();
+    deferred_ = false;
     std::lock_guard<std::mutex> lk(mu_);
     stats_.prefill_ms += prefill_ms;
     stats_.decode_ms += decode_ms;
@@ -486,6 +493,7 @@ std::shared_ptr<SequenceState> Engine::snapshot(const State& st, int64_t row, co
 // stay in gfeed_.
 void Engine::prefill_step() {
     if (prefilling_.empty()) return;
+    deliver();  // tokens held back for the decode's launch go out before a prefill chunk runs
     Model& m = *gen_.model_;
     Backend& be = m.backend();
     const auto to_pool = [&](size_t i) {
@@ -604,7 +612,12 @@ void Engine::decode_step() {
         }
         be.copy_to_device(m.ids_buffer(), ids_host_.data(), size_t(B) * sizeof(int32_t));
         const DeviceSampleParams sp = device_sample_params(so, nullptr);
-        m.decode_step(*pool_, B, sp, rng_host_.data(), tok_host_.data());
+        m.decode_launch(*pool_, B, sp, rng_host_.data());
+        // While the device runs the step: hand out the tokens and endings of the previous
+        // step (held back at its end, see step()) and of this step's prefill.
+        deliver();
+        deferred_ = true;
+        m.decode_collect(B, tok_host_.data());
         const double ms = ms_between(t0, Clock::now());
         for (int64_t r = 0; r < n; ++r) {
             Slot& s = *running_[size_t(r)];
@@ -710,8 +723,9 @@ void Engine::finish(Slot& s, FinishReason reason, const std::string& error) {
     if (reason == FinishReason::Error) ++stats_.failed;
 }
 
-// Hands this step's tokens and endings to their sequences (outside the compute lock), then
-// drops the finished slots.
+// Hands the tokens and endings not yet delivered to their sequences, then drops the finished
+// slots. Runs after a step, or within one while the device computes (under the compute lock:
+// callbacks must not call back into the engine or the Generator).
 void Engine::deliver() {
     std::sort(touched_.begin(), touched_.end());
     touched_.erase(std::unique(touched_.begin(), touched_.end()), touched_.end());

@@ -48,7 +48,8 @@ struct EngineOptions {
     int64_t capacity = 0;       // decode slots at start (0: 1); grows to max_slots on demand
     int64_t max_slots = 0;      // 0: 256
     int64_t prefill_rows = 0;   // requests prefilling together, one group (0: up to 64, fewer
-                                // for large state rows: about 512 MB of prefill state at most)
+                                // for large state rows: a prefill state of about 2 GB at most
+                                // on a GPU, 512 MB on the CPU)
     int64_t prefill_chunk = 0;  // prompt tokens run per step in all (0: Model::prefill_chunk())
     int64_t max_queue = 1024;   // waiting requests before submit() says busy
 };
@@ -190,7 +191,8 @@ class Engine {
     std::vector<uint64_t> rng_host_;   // (slots, 3) device sampling path
     std::vector<int32_t> tok_host_;    // (slots) sampled ids, device sampling path
     int64_t step_tokens_ = 0;          // tokens emitted this step (into stats_ once per step)
-    std::vector<Slot*> touched_;       // slots that got tokens or finished this step
+    std::vector<Slot*> touched_;       // slots that got tokens or finished, not yet delivered
+    bool deferred_ = false;            // this step launched a device decode: deliver during the next
     std::vector<std::unique_ptr<Slot>> done_;  // finished this step, delivered then dropped
     std::thread thread_;
 };

@@ -277,6 +277,16 @@ inline uint64_t float_bits(float f) {
 
 const float* Model::decode_step(State& st, int64_t B, DeviceSampleParams s, const uint64_t* rng,
                                 int32_t* tokens) {
+    const float* lg = decode_launch(st, B, s, rng);
+    decode_collect(B, tokens);
+    return lg;
+}
+
+void Model::decode_collect(int64_t B, int32_t* tokens) {
+    backend_->copy_to_host(tokens, ids_, size_t(B) * sizeof(int32_t));
+}
+
+const float* Model::decode_launch(State& st, int64_t B, DeviceSampleParams s, const uint64_t* rng) {
     Backend& be = *backend_;
     const int64_t V = config_.vocab_size;
     if (B < 1 || B > ws_rows_ || B > logits_rows_ || B > st.batch())
@@ -299,7 +309,6 @@ const float* Model::decode_step(State& st, int64_t B, DeviceSampleParams s, cons
         forward(st, 0, B, 1, ids_, LogitsMode::Last);
         be.sample(s);
     });
-    be.copy_to_host(tokens, ids_, size_t(B) * sizeof(int32_t));
     return logits_;
 }
 

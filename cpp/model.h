@@ -158,6 +158,11 @@ class Model {
     // Returns the device logits (B, V), valid until the next forward. Needs reserve(B, B).
     const float* decode_step(State& state, int64_t B, DeviceSampleParams s, const uint64_t* rng,
                              int32_t* tokens);
+    // decode_step in two halves, so that a caller can do host work while the device runs:
+    // decode_launch enqueues the upload, the replay and nothing else (no synchronisation);
+    // decode_collect copies the B sampled ids to `tokens` (host), waiting for the replay.
+    const float* decode_launch(State& state, int64_t B, DeviceSampleParams s, const uint64_t* rng);
+    void decode_collect(int64_t B, int32_t* tokens);
 };
 
 }  // namespace mambart
