@@ -386,10 +386,19 @@ def test_sample_degenerate_matches_host_sampler(gpu, cpu, opts, V):
         np.testing.assert_array_equal(ids_g, ids_c, err_msg=f"V={V} {opts}")
         np.testing.assert_array_equal(seen_g, seen_c)
     assert ids_g[1] == V // 3, ids_g  # the one logit far above the others
-    if "repetition_penalty" not in opts and (opts["temperature"] < 1e-30 or
-                                             opts.get("top_p", 1.0) < 1e-6):
-        assert ids_g[3] == 0 and ids_g[4] == _tie_id(V), ids_g  # ties: the lowest id
-    if opts["temperature"] < 1e-30:  # the T -> 0 limit: greedy on the penalised logits
+    # Greedy where a row's scaled distribution is degenerate (1/T or its largest logit / T
+    # overflows float32), or where top_p keeps only the most likely token. At T = 1e-38 the
+    # all-equal row 3 scales to 2.5e38, still finite: a uniform draw there, as on the host.
+    with np.errstate(over="ignore", divide="ignore"):
+        T = np.float32(opts["temperature"])
+        inv_t = np.float32(1.0) / T if T > 0 else np.float32(np.inf)
+        row3_inf = not np.isfinite(np.float32(2.5) * inv_t)
+    tiny_p = opts.get("top_p", 1.0) < 1e-6
+    if "repetition_penalty" not in opts and (row3_inf or tiny_p):
+        assert ids_g[3] == 0, ids_g  # ties: the lowest id
+    if "repetition_penalty" not in opts and (opts["temperature"] < 1e-30 or tiny_p):
+        assert ids_g[4] == _tie_id(V), ids_g  # 3e38 / T overflows: greedy, lowest id of the tie
+    if T > 0 and not np.isfinite(inv_t):  # the T -> 0 limit: greedy on the penalised logits
         greedy = {k: v for k, v in opts.items() if k == "repetition_penalty"}
         ids_0, _ = gpu.sample(logits, temperature=0.0, seen=seen, **greedy)
         np.testing.assert_array_equal(ids_g, ids_0)
