@@ -365,15 +365,7 @@ def _degenerate_logits(rng, V):
     return np.stack(rows)
 
 
-# V = 5 (fewer ids than a warp): on an H100 (2026-12-06) the device sampler's draw fell through
-# to its "u x total at the very top" fallback for temperature 1e-38 where the host sampler drew
-# normally (ids 4 against 0 and 1): a known bug of weighted_select with fewer ids than threads,
-# open in issue 23's note (not strict: some option sets of V = 5 pass).
-_SMALL_V_BUG = pytest.mark.xfail(reason="device sampler draw with V < 32 (issue 23 note)",
-                                 strict=False)
-
-
-@pytest.mark.parametrize("V", [pytest.param(5, marks=_SMALL_V_BUG), 1031, 50280])
+@pytest.mark.parametrize("V", [5, 1031, 50280])
 @pytest.mark.parametrize("opts", DEGENERATE,
                          ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 def test_sample_degenerate_matches_host_sampler(gpu, cpu, opts, V):
