@@ -323,12 +323,18 @@ void Engine::step() {
             for (auto& s : prefilling_)
                 if (s) check(*s);
             for (auto& s : running_) check(*s);
+            // The decode of the running rows is enqueued first and the group's prefill behind
+            // it: on a GPU the host launches the prefill's kernels while the decode runs (a
+            // short prompt's prefill is bound by its launches). Rows whose prompt completes here
+            // join the pool after this step's decode (their first token comes from the prefill).
+            const auto t_decode = Clock::now();
+            decode_begin();
             const auto t_prefill = Clock::now();
             prefill_step();
-            const auto t_decode = Clock::now();
-            decode_step();
-            prefill_ms = ms_between(t_prefill, t_decode);
-            decode_ms = ms_between(t_decode, Clock::now());
+            const auto t_end = Clock::now();
+            decode_end();
+            decode_ms = ms_between(t_decode, t_prefill) + ms_between(t_end, Clock::now());
+            prefill_ms = ms_between(t_prefill, t_end);
         } catch (const std::exception& e) {
             // A failed forward: the rows' states are unknown, so every admitted request fails.
             const std::string msg = str_cat("the engine step failed: ", e.what());
@@ -582,14 +588,18 @@ void Engine::prompt_done(Slot& s, const float* lg) {
     emit(s, tok);
 }
 
-void Engine::decode_step() {
+void Engine::decode_begin() {
+    pending_ = PendingDecode{};
     const int64_t n = int64_t(running_.size());
     int64_t live = 0;
     for (const auto& s : running_) live += s->finished ? 0 : 1;
     if (live == 0) return;
     Model& m = *gen_.model_;
     Backend& be = m.backend();
-    const auto t0 = Clock::now();
+    pending_.active = true;
+    pending_.n = n;
+    pending_.live = live;
+    pending_.t0 = Clock::now();
     for (int64_t r = 0; r < n; ++r) ids_host_[size_t(r)] = running_[size_t(r)]->last;
     // Device sampling (one graph replay) when every row samples alike without a repetition
     // penalty (the device mask of seen ids is per stream, not per slot).
@@ -613,13 +623,46 @@ void Engine::decode_step() {
         be.copy_to_device(m.ids_buffer(), ids_host_.data(), size_t(B) * sizeof(int32_t));
         const DeviceSampleParams sp = device_sample_params(so, nullptr);
         m.decode_launch(*pool_, B, sp, rng_host_.data());
+        pending_.device = true;
+        pending_.B = B;
         // While the device runs the step: hand out the tokens and endings of the previous
-        // step (held back at its end, see step()) and of this step's prefill.
+        // step (held back at its end, see step()).
         deliver();
         deferred_ = true;
-        m.decode_collect(B, tok_host_.data());
-        const double ms = ms_between(t0, Clock::now());
-        for (int64_t r = 0; r < n; ++r) {
+        return;
+    }
+    be.copy_to_device(m.ids_buffer(), ids_host_.data(), size_t(n) * sizeof(int32_t));
+    const float* lg = m.forward(*pool_, 0, n, 1, m.ids_buffer(), LogitsMode::Last);
+    be.copy_to_host(logits_host_.data(), lg, size_t(n * V_) * sizeof(float));
+    for (int64_t r = 0; r < n; ++r) {
+        Slot& s = *running_[size_t(r)];
+        if (s.finished) continue;
+        const float* row = logits_host_.data() + r * V_;
+        bool finite = true;
+        for (int64_t v = 0; v < V_ && finite; ++v)
+            if (!std::isfinite(row[v])) {
+                finish(s, FinishReason::Error,
+                       str_cat("the model produced a non-finite logit (", row[v],
+                               ") for token id ", v, " after ", s.tokens.size(),
+                               " generated tokens"));
+                finite = false;
+            }
+        if (!finite) continue;
+        std::copy(row, row + V_, scratch_.begin());
+        const GenerationOptions& o = s.req->opt;
+        const int32_t tok = s.sampler.sample(scratch_.data(), o.sampling, o.seed, s.stream,
+                                             o.rng_counter + uint64_t(s.tokens.size()));
+        s.decode_ms += ms_between(pending_.t0, Clock::now());
+        emit(s, tok);
+    }
+}
+
+void Engine::decode_end() {
+    if (!pending_.active) return;
+    if (pending_.device) {
+        gen_.model_->decode_collect(pending_.B, tok_host_.data());
+        const double ms = ms_between(pending_.t0, Clock::now());
+        for (int64_t r = 0; r < pending_.n; ++r) {  // rows that joined since are not in it
             Slot& s = *running_[size_t(r)];
             if (s.finished) continue;
             s.decode_ms += ms;
@@ -632,36 +675,12 @@ void Engine::decode_step() {
             }
             emit(s, tok);
         }
-    } else {
-        be.copy_to_device(m.ids_buffer(), ids_host_.data(), size_t(n) * sizeof(int32_t));
-        const float* lg = m.forward(*pool_, 0, n, 1, m.ids_buffer(), LogitsMode::Last);
-        be.copy_to_host(logits_host_.data(), lg, size_t(n * V_) * sizeof(float));
-        for (int64_t r = 0; r < n; ++r) {
-            Slot& s = *running_[size_t(r)];
-            if (s.finished) continue;
-            const float* row = logits_host_.data() + r * V_;
-            bool finite = true;
-            for (int64_t v = 0; v < V_ && finite; ++v)
-                if (!std::isfinite(row[v])) {
-                    finish(s, FinishReason::Error,
-                           str_cat("the model produced a non-finite logit (", row[v],
-                                   ") for token id ", v, " after ", s.tokens.size(),
-                                   " generated tokens"));
-                    finite = false;
-                }
-            if (!finite) continue;
-            std::copy(row, row + V_, scratch_.begin());
-            const GenerationOptions& o = s.req->opt;
-            const int32_t tok = s.sampler.sample(scratch_.data(), o.sampling, o.seed, s.stream,
-                                                 o.rng_counter + uint64_t(s.tokens.size()));
-            s.decode_ms += ms_between(t0, Clock::now());
-            emit(s, tok);
-        }
     }
+    pending_.active = false;
     std::lock_guard<std::mutex> lk(mu_);
     ++stats_.steps;
-    stats_.rows_decoded += live;
-    stats_.max_rows = std::max(stats_.max_rows, live);
+    stats_.rows_decoded += pending_.live;
+    stats_.max_rows = std::max(stats_.max_rows, pending_.live);
 }
 
 void Engine::emit(Slot& s, int32_t token) {
