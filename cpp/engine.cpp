@@ -24,7 +24,8 @@ bool same_sampling(const SamplingOptions& a, const SamplingOptions& b) {
 struct Engine::Slot {
     std::shared_ptr<EngineSequence> seq;
     const EngineRequest* req = nullptr;    // seq->req_
-    std::vector<int32_t> feed;             // start's pending tokens + prompt
+    std::shared_ptr<const SequenceState> start;  // req->start, or the cached prefix it extends
+    std::vector<int32_t> feed;             // start's pending tokens + the rest of the prompt
     int64_t fed = 0;                       // of feed, run so far
     bool started = false;                  // the prefill row holds the start state / zeros
     int64_t prow = -1;                     // prefill row while prefilling
@@ -44,6 +45,7 @@ struct Engine::Slot {
     FinishReason reason = FinishReason::None;
     int64_t stop_offset = -1;
     std::string error;
+    // Taken for keep_states (handed to the sequence) or for the prompt cache.
     std::shared_ptr<SequenceState> prompt_state, final_state;
 
     // Seen ids are kept only for a repetition penalty (issue 23: O(ids seen) per request).
@@ -143,7 +145,28 @@ Engine::Engine(Generator& gen, const EngineOptions& opt, TokenBytes vocab_bytes)
         grow(opt_.capacity);
     }
     scratch_.resize(size_t(V_));
+    if (opt_.prompt_cache_bytes > 0)
+        set_prompt_cache(std::make_shared<PrefixCache>(opt_.prompt_cache_bytes));
     thread_ = std::thread([this] { loop(); });
+}
+
+void Engine::set_prompt_cache(std::shared_ptr<PrefixCache> cache) {
+    const std::string key = cache ? gen_.prompt_cache_key() : std::string();
+    std::lock_guard<std::mutex> lk(mu_);
+    cache_ = std::move(cache);
+    cache_key_ = key;
+}
+
+std::shared_ptr<PrefixCache> Engine::prompt_cache() const {
+    std::lock_guard<std::mutex> lk(mu_);
+    return cache_;
+}
+
+std::shared_ptr<PrefixCache> Engine::cache(std::string* key) const {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (!cache_ || stop_) return nullptr;  // shutting down: nothing more to keep
+    *key = cache_key_;
+    return cache_;
 }
 
 Engine::~Engine() {
@@ -227,6 +250,10 @@ std::vector<std::shared_ptr<EngineSequence>> Engine::submit_many(std::vector<Eng
         shape.prefill_rows_now = stats_.prefill_state_rows;
         shape.prefill_rows_after = std::max(stats_.prefill_state_rows,
                                             std::min(opt_.prefill_rows, want));
+        if (cache_) {  // what the prompt cache may still take, up to its budget
+            const PrefixCache::Stats cs = cache_->stats();
+            shape.cache_unfilled = cs.max_bytes > cs.bytes ? cs.max_bytes - cs.bytes : 0;
+        }
     }
     check_fits(*gen_.model_, estimate_engine_requests(*gen_.model_, shape), n);
     std::vector<std::shared_ptr<EngineSequence>> seqs;
@@ -263,6 +290,12 @@ EngineStats Engine::stats() const {
     std::lock_guard<std::mutex> lk(mu_);
     EngineStats s = stats_;
     s.queued = int64_t(queue_.size());
+    if (cache_) {
+        const PrefixCache::Stats cs = cache_->stats();
+        s.cache_entries = int64_t(cs.entries);
+        s.cache_bytes = int64_t(cs.bytes);
+        s.cache_max_bytes = int64_t(cs.max_bytes);
+    }
     return s;
 }
 
@@ -428,6 +461,8 @@ void Engine::admit() {
         }
         std::shared_ptr<EngineSequence> seq = std::move(queue_.front());
         queue_.pop_front();
+        const std::shared_ptr<PrefixCache> pc = seq->req_.start ? nullptr : cache_;
+        const std::string key = pc ? cache_key_ : std::string();
         lk.unlock();
         room_cv_.notify_one();
         const EngineRequest& r = seq->req_;
@@ -440,18 +475,32 @@ void Engine::admit() {
             s->deadline = s->t_submit + std::chrono::duration_cast<Clock::duration>(
                                             std::chrono::duration<double>(r.timeout_s));
         }
-        if (r.start) {
-            s->history = r.start->tokens;
-            s->feed.assign(r.start->tokens.begin() + r.start->fed, r.start->tokens.end());
+        // The start: the request's own state (used as given), else the longest cached prefix
+        // of its prompt (the prompt cache), whose tokens the prompt then continues.
+        s->start = r.start;
+        size_t skip = 0;  // prompt tokens the start already holds
+        if (pc) {
+            s->start = pc->lookup(key, r.prompt.data(), r.prompt.size());
+            skip = s->start ? s->start->tokens.size() : 0;
         }
-        s->history.insert(s->history.end(), r.prompt.begin(), r.prompt.end());
-        s->feed.insert(s->feed.end(), r.prompt.begin(), r.prompt.end());
+        if (s->start) {
+            s->history = s->start->tokens;
+            s->feed.assign(s->start->tokens.begin() + s->start->fed, s->start->tokens.end());
+        }
+        s->history.insert(s->history.end(), r.prompt.begin() + int64_t(skip), r.prompt.end());
+        s->feed.insert(s->feed.end(), r.prompt.begin() + int64_t(skip), r.prompt.end());
         s->stream = r.opt.rng_stream < 0 ? 0 : uint64_t(r.opt.rng_stream);
         s->tokens.reserve(size_t(std::min<int64_t>(r.opt.max_new_tokens, 4096)));
         s->fresh.reserve(64);
         for (int32_t id : s->history) s->sampler.observe(id);
+        const bool hit = pc && s->start;
+        const int64_t served = hit ? s->start->fed : 0;
         prefilling_.push_back(std::move(s));
         lk.lock();
+        if (pc) {
+            ++(hit ? stats_.cache_hits : stats_.cache_misses);
+            stats_.cached_tokens += served;
+        }
     }
     if (prefilling_.empty()) return;
     if (pstate_->batch() < int64_t(prefilling_.size())) {  // a larger group than before
@@ -515,8 +564,8 @@ void Engine::prefill_step() {
         for (size_t i = 0; i < prefilling_.size(); ++i) {
             Slot& s = *prefilling_[i];
             gfeed_[i] = s.feed;
-            if (s.req->start)
-                gen_.restore_row(*pstate_, s.prow, *s.req->start);
+            if (s.start)
+                gen_.restore_row(*pstate_, s.prow, *s.start);
             else
                 pstate_->reset_row(s.prow);
             s.started = true;
@@ -525,8 +574,9 @@ void Engine::prefill_step() {
         for (size_t i = 0; i < prefilling_.size(); ++i) {
             Slot& s = *prefilling_[i];
             if (!s.feed.empty() || s.finished) continue;
-            // Nothing to feed: the start state's own next-token logits (check_state made sure).
-            prompt_done(s, s.req->start->logits.data());
+            // Nothing to feed: the start state's own next-token logits (check_state made sure
+            // for a request's state; the cache keeps no state that lacks them).
+            prompt_done(s, s.start->logits.data());
             to_pool(i);
         }
     }
@@ -576,7 +626,13 @@ void Engine::prompt_done(Slot& s, const float* lg) {
                            " after the prompt"));
             return;
         }
-    if (s.req->keep_states) s.prompt_state = snapshot(*pstate_, s.prow, s, lg);
+    // The prompt state (with its logits: the same prompt again runs nothing), kept for the
+    // caller and / or the prompt cache (unless the cache already has it, e.g. it was the start).
+    std::string key;
+    const std::shared_ptr<PrefixCache> pc = cache(&key);
+    const bool cached = pc && pc->has(key, s.history, int64_t(s.history.size()));
+    if (s.req->keep_states || (pc && !cached)) s.prompt_state = snapshot(*pstate_, s.prow, s, lg);
+    if (pc && !cached) pc->insert(key, s.prompt_state);
     if (s.req->opt.max_new_tokens == 0) {
         finish(s, FinishReason::Length);
         return;
@@ -722,14 +778,22 @@ void Engine::finish(Slot& s, FinishReason reason, const std::string& error) {
     s.finished = true;
     s.reason = reason;
     s.error = error;
-    if (s.req->keep_states && s.started && reason != FinishReason::Error) {
+    // The final state, for the caller (keep_states) and the prompt cache: a chat's next turn
+    // (this prompt + the reply + new text) then prefills only the reply's last token and the
+    // new text. With no token generated it is the prompt state (already cached).
+    std::string key;
+    const std::shared_ptr<PrefixCache> pc =
+        s.started && reason != FinishReason::Error ? cache(&key) : nullptr;
+    const bool for_cache = pc && !s.tokens.empty();
+    if ((s.req->keep_states || for_cache) && s.started && reason != FinishReason::Error) {
         try {
-            if (s.tokens.empty() && s.prompt_state)
+            if (s.tokens.empty())
                 s.final_state = s.prompt_state;
             else if (s.row >= 0)
                 s.final_state = snapshot(*pool_, s.row, s, nullptr);
-            else if (s.prow >= 0 && s.row < 0 && s.fed == int64_t(s.feed.size()))
+            else if (s.prow >= 0 && s.fed == int64_t(s.feed.size()))
                 s.final_state = snapshot(*pstate_, s.prow, s, nullptr);
+            if (for_cache && s.final_state) pc->insert(key, s.final_state);
         } catch (const std::exception& e) {
             s.error = str_cat("could not keep the final state: ", e.what());
         }
@@ -763,8 +827,10 @@ void Engine::deliver() {
                 r.prefill_tokens = s->fed;
                 q.error_ = s->error;
                 q.stop_offset_ = s->stop_offset;
-                q.final_state_ = s->final_state;
-                q.prompt_state_ = s->prompt_state;
+                if (s->req->keep_states) {
+                    q.final_state_ = s->final_state;
+                    q.prompt_state_ = s->prompt_state;
+                }
             }
         }
         if (s->req->on_tokens && (!s->fresh.empty() || s->finished)) {

@@ -38,6 +38,7 @@
 
 #include "error.h"
 #include "generator.h"
+#include "prefix_cache.h"
 #include "token_bytes.h"
 
 namespace mambart {
@@ -56,11 +57,14 @@ struct EngineOptions {
                                 // on a GPU, 512 MB on the CPU)
     int64_t prefill_chunk = 0;  // prompt tokens run per step in all (0: Model::prefill_chunk())
     int64_t max_queue = 1024;   // waiting requests before submit() says busy
+    size_t prompt_cache_bytes = 0;  // > 0: a prompt cache (prefix_cache.h) of this budget; 0: off
+                                    // (Generator::set_prompt_cache gives or shares one later)
 };
 
 struct EngineRequest {
     std::vector<int32_t> prompt;                 // fed after `start`'s pending tokens
-    std::shared_ptr<const SequenceState> start;  // nullptr: a fresh sequence
+    std::shared_ptr<const SequenceState> start;  // nullptr: a fresh sequence (or, with the
+                                                 // prompt cache on, its longest cached prefix)
     GenerationOptions opt;                       // rng_stream -1 means stream 0
     std::vector<std::string> stop_strings;       // matched on the generated tokens' bytes
     double timeout_s = 0.0;                      // > 0: finish with Timeout after this long
@@ -120,12 +124,17 @@ struct EngineStats {
     int64_t max_rows = 0;         // the largest decode batch so far
     int64_t prefill_calls = 0;    // prefill forward calls (rows of a group run together)
     int64_t tokens_generated = 0;
-    int64_t prompt_tokens = 0;    // prefilled
+    int64_t prompt_tokens = 0;    // prompt tokens prefilled (run through the model)
     // Wall time on the engine thread (ms): in steps in all, and in their decode forwards
     // (forward + sampling + copying the ids back); step_ms - decode_ms is admission, prefill
     // and the host work of handing tokens out.
     double step_ms = 0.0, decode_ms = 0.0, prefill_ms = 0.0;
     int64_t submitted = 0, finished = 0, cancelled = 0, timed_out = 0, failed = 0, rejected = 0;
+    // The prompt cache (zero when off): lookups by this engine that found a cached prefix or
+    // none, the prompt tokens those hits served (not prefilled), and the cache's entries, bytes
+    // and budget now (a shared cache counts every generator's entries).
+    int64_t cache_hits = 0, cache_misses = 0, cached_tokens = 0;
+    int64_t cache_entries = 0, cache_bytes = 0, cache_max_bytes = 0;
 };
 
 class Engine {
@@ -146,6 +155,10 @@ class Engine {
     bool has_vocab_bytes() const { return !vocab_.empty(); }
     const TokenBytes& vocab_bytes() const { return vocab_; }
     const EngineOptions& options() const { return opt_; }
+    // The prompt cache requests are looked up in at admission and whose prompt and final states
+    // are inserted (nullptr: off). Requests with a start state are used as given.
+    void set_prompt_cache(std::shared_ptr<PrefixCache> cache);
+    std::shared_ptr<PrefixCache> prompt_cache() const;
 
  private:
     struct Slot;  // a request being prefilled or decoded (engine thread only)
@@ -164,6 +177,8 @@ class Engine {
     void free_decode_row(int64_t row);
     std::shared_ptr<SequenceState> snapshot(const State& st, int64_t row, const Slot& s,
                                             const float* logits) const;
+    // The cache and its key for this model (nullptr when off), read under mu_.
+    std::shared_ptr<PrefixCache> cache(std::string* key) const;
 
     Generator& gen_;
     EngineOptions opt_;
@@ -177,6 +192,8 @@ class Engine {
     bool stop_ = false;
     uint64_t next_id_ = 1;
     EngineStats stats_;
+    std::shared_ptr<PrefixCache> cache_;   // the prompt cache, or nullptr
+    std::string cache_key_;                // Generator::prompt_cache_key()
 
     // Engine thread only:
     std::unique_ptr<State> pool_;      // (slots) decode rows; rows [0, running) in use

@@ -71,7 +71,7 @@ def test_prefix_diverging_at_the_last_token_is_not_served(g, plain):
 
 
 def test_colliding_hash_buckets_never_serve_another_prefix(g, plain):
-    g.prompt_cache._hash = staticmethod(lambda toks: b"same")  # every prefix one bucket
+    g.prompt_cache._force_hash_collisions()  # every prefix one bucket
     prompts = [[1, 2, 3, 4], [1, 2, 3, 5], [9, 2, 3, 4], [4, 3, 2, 1]]  # same length
     for p in prompts:
         r = g.generate(p, max_new_tokens=4, ignore_eos=True)
