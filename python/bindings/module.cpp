@@ -17,6 +17,7 @@
 #include "layers/registry.h"
 #include "model.h"
 #include "options.h"
+#include "prefix_cache.h"
 #include "safetensors.h"
 #include "sampling.h"
 
@@ -430,8 +431,15 @@ void register_engine_api(py::module_& m) {
         .def_property_readonly("engine_started", &Generator::engine_started)
         .def("engine_stats",
              [](Generator& g) {
-                 if (!g.engine_started()) return stats_dict(EngineStats{});
-                 return stats_dict(g.engine().stats());
+                 if (g.engine_started()) return stats_dict(g.engine().stats());
+                 EngineStats s;  // not started: nothing ran; the cache it will use
+                 if (const std::shared_ptr<PrefixCache> c = g.prompt_cache()) {
+                     const PrefixCache::Stats cs = c->stats();
+                     s.cache_entries = int64_t(cs.entries);
+                     s.cache_bytes = int64_t(cs.bytes);
+                     s.cache_max_bytes = int64_t(cs.max_bytes);
+                 }
+                 return stats_dict(s);
              })
         .def("engine_has_vocab_bytes", [](Generator& g) { return g.engine().has_vocab_bytes(); })
         .def(
