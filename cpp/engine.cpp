@@ -290,13 +290,15 @@ EngineStats Engine::stats() const {
     std::lock_guard<std::mutex> lk(mu_);
     EngineStats s = stats_;
     s.queued = int64_t(queue_.size());
-    if (cache_) {
-        const PrefixCache::Stats cs = cache_->stats();
-        s.cache_entries = int64_t(cs.entries);
-        s.cache_bytes = int64_t(cs.bytes);
-        s.cache_max_bytes = int64_t(cs.max_bytes);
-    }
+    if (cache_) add_cache_stats(*cache_, &s);
     return s;
+}
+
+void add_cache_stats(const PrefixCache& cache, EngineStats* s) {
+    const PrefixCache::Stats cs = cache.stats();
+    s->cache_entries = int64_t(cs.entries);
+    s->cache_bytes = int64_t(cs.bytes);
+    s->cache_max_bytes = int64_t(cs.max_bytes);
 }
 
 void Engine::loop() {

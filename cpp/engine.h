@@ -137,6 +137,9 @@ struct EngineStats {
     int64_t cache_entries = 0, cache_bytes = 0, cache_max_bytes = 0;
 };
 
+// The prompt cache's entries, bytes and budget into `s` (Engine::stats does it for its cache).
+void add_cache_stats(const PrefixCache& cache, EngineStats* s);
+
 class Engine {
  public:
     Engine(Generator& gen, const EngineOptions& opt, TokenBytes vocab_bytes);

@@ -145,7 +145,8 @@ void read_spec(const json& meta, const std::string& path, StateFile* f) {
         good = good && !name.empty();
         for (const char* r : kReserved) good = good && name != r;
         for (const StateTensor& t : f->tensors) good = good && t.name != name;
-        for (size_t i = 0; good && i < e["shape"].size(); ++i) good = non_negative_int(e["shape"][i]);
+        for (size_t i = 0; good && i < e["shape"].size(); ++i)
+            good = non_negative_int(e["shape"][i]);
         StateTensor t;
         for (size_t i = 0; good && i < e["layers"].size(); ++i) {
             const json& l = e["layers"][i];
@@ -309,7 +310,8 @@ StateFile parse(const Source& src, const std::string& path, const LayerTypes& ty
     }
 
     try {  // strict decimals in the runtime's ranges (issue 23)
-        f.fed = int64_t(decimal(field("fed"), "fed", uint64_t(std::numeric_limits<int64_t>::max())));
+        const uint64_t fed_max = uint64_t(std::numeric_limits<int64_t>::max());
+        f.fed = int64_t(decimal(field("fed"), "fed", fed_max));
         const std::string rng = field("has_rng")->get<std::string>();
         if (rng != "0" && rng != "1")
             throw std::invalid_argument(str_cat("has_rng is ", repr(field("has_rng")),
@@ -528,7 +530,8 @@ std::string model_fingerprint(const std::string& model_dir) {
     std::vector<char> buf(1 << 16);
     auto hash_at = [&](uint64_t off, uint64_t n) {  // n bytes at off, fewer at the end
         while (n > 0) {
-            const int64_t k = pread_full(fd.fd, buf.data(), size_t(std::min<uint64_t>(n, buf.size())), off);
+            const size_t want = size_t(std::min<uint64_t>(n, buf.size()));
+            const int64_t k = pread_full(fd.fd, buf.data(), want, off);
             if (k < 0)
                 throw ModelLoadError(str_cat(wpath, ": cannot read weights file: ",
                                              std::strerror(errno)));

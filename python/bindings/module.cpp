@@ -17,7 +17,6 @@
 #include "layers/registry.h"
 #include "model.h"
 #include "options.h"
-#include "prefix_cache.h"
 #include "safetensors.h"
 #include "sampling.h"
 
@@ -162,7 +161,8 @@ void register_state_api(py::module_& m) {
 
     // dynamic_attr: the Python SequenceState wrapping one keeps a weak reference on it, so the
     // same native state (e.g. a prompt-cache entry) comes back as the same Python object.
-    py::class_<SequenceState, std::shared_ptr<SequenceState>>(m, "SequenceState", py::dynamic_attr())
+    py::class_<SequenceState, std::shared_ptr<SequenceState>>(m, "SequenceState",
+                                                              py::dynamic_attr())
         .def_property_readonly("tokens", [](const SequenceState& s) { return s.tokens; })
         .def_property_readonly("num_tokens",
                                [](const SequenceState& s) { return int64_t(s.tokens.size()); })
@@ -433,12 +433,8 @@ void register_engine_api(py::module_& m) {
              [](Generator& g) {
                  if (g.engine_started()) return stats_dict(g.engine().stats());
                  EngineStats s;  // not started: nothing ran; the cache it will use
-                 if (const std::shared_ptr<PrefixCache> c = g.prompt_cache()) {
-                     const PrefixCache::Stats cs = c->stats();
-                     s.cache_entries = int64_t(cs.entries);
-                     s.cache_bytes = int64_t(cs.bytes);
-                     s.cache_max_bytes = int64_t(cs.max_bytes);
-                 }
+                 if (const std::shared_ptr<PrefixCache> c = g.prompt_cache())
+                     add_cache_stats(*c, &s);
                  return stats_dict(s);
              })
         .def("engine_has_vocab_bytes", [](Generator& g) { return g.engine().has_vocab_bytes(); })

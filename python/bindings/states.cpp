@@ -32,7 +32,8 @@ std::shared_ptr<SequenceState> mutable_state(std::shared_ptr<const SequenceState
 void register_state_files(py::module_& m) {
     py::class_<StateFile, std::shared_ptr<StateFile>>(
         m, "StateFile", "A state file read into host memory (read_state_file).")
-        .def_property_readonly("fingerprint", [](const StateFile& f) { return f.model.fingerprint; })
+        .def_property_readonly("fingerprint",
+                               [](const StateFile& f) { return f.model.fingerprint; })
         .def_property_readonly("dtype", [](const StateFile& f) { return f.model.dtype; })
         .def_property_readonly("architecture",
                                [](const StateFile& f) { return f.model.architecture; })
