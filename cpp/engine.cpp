@@ -483,6 +483,11 @@ void Engine::admit() {
         size_t skip = 0;  // prompt tokens the start already holds
         if (pc) {
             s->start = pc->lookup(key, r.prompt.data(), r.prompt.size());
+            try {  // an entry a caller inserted under this model's key may not fit it: a miss
+                if (s->start) gen_.check_state(*s->start, "cached state");
+            } catch (const InvalidArgument&) {
+                s->start = nullptr;
+            }
             skip = s->start ? s->start->tokens.size() : 0;
         }
         if (s->start) {

@@ -332,3 +332,13 @@ def test_a_cache_set_after_the_engine_started_is_used(dirs, plain):
     assert g.generate(PROMPT + [3], max_new_tokens=4, ignore_eos=True).prefill_tokens == 8
     with pytest.raises(TypeError, match="PromptCache"):
         g.prompt_cache = 5
+
+
+def test_a_state_inserted_under_another_models_key_is_not_used(dirs, plain):
+    g = mambart.Generator(dirs["m1"], prompt_cache_bytes=1 << 20)
+    other = mambart.Generator(dirs["m2"])
+    g.prompt_cache.insert(g._cache_key(), other.prefill(PROMPT))  # a caller's mistake
+    r = g.generate(PROMPT + [3], max_new_tokens=4, ignore_eos=True)
+    assert r.prefill_tokens == len(PROMPT) + 1  # treated as a miss, never restored
+    assert r.token_ids == plain.generate(PROMPT + [3], max_new_tokens=4,
+                                         ignore_eos=True).token_ids
