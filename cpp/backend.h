@@ -79,7 +79,8 @@ class Backend {
     // out[n, :] = table[ids[n], :]  (table rows >= max id; ids validated by the caller)
     virtual void embedding(const int32_t* ids, int64_t n, const Weight& table, float* out) = 0;
     // residual (n, d) inout: residual += hidden (when hidden != nullptr);
-    // out (n, d) = norm(residual) * w (+ b for LayerNorm).
+    // out (n, d) = norm(residual) * w (+ b for LayerNorm); w.data == nullptr: no weight (1).
+    // out may be residual when hidden is nullptr (an in-place norm).
     virtual void add_norm(float* residual, const float* hidden, const Param& w, const Param& b,
                           NormKind kind, float eps, int64_t n, int64_t d, float* out) = 0;
     // y[M, N] = x[M, K] · Wᵀ + bias, with row strides ldx / ldy; N may be < W.rows (first N rows).

@@ -32,7 +32,7 @@ void launch_embedding(const EmbeddingParams& p, cudaStream_t stream);
 struct AddNormParams {
     float* residual;      // (n, d) inout: residual += hidden
     const float* hidden;  // (n, d) or nullptr
-    const float* w;       // (d)
+    const float* w;       // (d) or nullptr (no weight)
     const float* b;       // (d) or nullptr (LayerNorm only)
     bool rms;             // RMSNorm (true) or LayerNorm
     float eps;

@@ -3,6 +3,7 @@
 // add_norm:  r = residual + hidden (written back to residual, fp32);
 //            RMSNorm:   out = r * rsqrt(mean(r²) + eps) * w
 //            LayerNorm: out = (r - mean(r)) * rsqrt(var(r) + eps) * w + b
+//            (w == nullptr: no weight, i.e. 1; out may alias residual when hidden is nullptr)
 //   Grid: (n rows); block: 256 threads (1024 when n < 64) striding over d; fp32 block reductions.
 //
 // gated_rmsnorm (norm_before_gate=False): v = y * silu(z);
@@ -39,7 +40,8 @@ __global__ void add_norm_kernel(AddNormParams p) {
     float* o = p.out + i * d;
     if (p.rms) {
         const float rstd = rsqrtf(s / float(d) + p.eps);
-        for (int64_t j = threadIdx.x; j < d; j += blockDim.x) o[j] = r[j] * rstd * p.w[j];
+        for (int64_t j = threadIdx.x; j < d; j += blockDim.x)
+            o[j] = r[j] * rstd * (p.w ? p.w[j] : 1.0f);
     } else {
         const float mean = s / float(d);
         float ss = 0.0f;
@@ -50,7 +52,7 @@ __global__ void add_norm_kernel(AddNormParams p) {
         ss = block_sum(ss, red);
         const float rstd = rsqrtf(ss / float(d) + p.eps);
         for (int64_t j = threadIdx.x; j < d; j += blockDim.x)
-            o[j] = (r[j] - mean) * rstd * p.w[j] + (p.b ? p.b[j] : 0.0f);
+            o[j] = (r[j] - mean) * rstd * (p.w ? p.w[j] : 1.0f) + (p.b ? p.b[j] : 0.0f);
     }
 }
 
@@ -78,7 +80,7 @@ __global__ void gated_rmsnorm_kernel(GatedRmsNormParams p) {
 
 void launch_add_norm(const AddNormParams& p, cudaStream_t s) {
     MAMBART_CHECK_ARG(p.n >= 0 && p.d > 0, "launch_add_norm: bad sizes n=", p.n, " d=", p.d);
-    MAMBART_CHECK_ARG(p.residual && p.w && p.out, "launch_add_norm: null pointer");
+    MAMBART_CHECK_ARG(p.residual && p.out, "launch_add_norm: null pointer");
     MAMBART_CHECK_ARG(p.n <= 0x7fffffff, "launch_add_norm: n=", p.n, " too large");
     if (p.n == 0) return;
     // few rows (decode): wide blocks, so one row's reductions finish quickly

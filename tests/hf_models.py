@@ -1,4 +1,5 @@
-"""Tiny random transformers checkpoints (MambaForCausalLM, Mamba2ForCausalLM) for the oracle
+"""Tiny random transformers checkpoints (MambaForCausalLM, Mamba2ForCausalLM,
+FalconMambaForCausalLM) for the oracle
 tests, with every parameter perturbed away from its structured initialisation (norm weights 1,
 D 1, zero biases) so that a mistake in any of them shows in the logits."""
 
@@ -7,7 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
+from transformers import (FalconMambaConfig, FalconMambaForCausalLM, Mamba2Config,
+                          Mamba2ForCausalLM, MambaConfig, MambaForCausalLM)
 
 
 def mamba1_config(**kw) -> MambaConfig:
@@ -29,11 +31,25 @@ def mamba2_config(**kw) -> Mamba2Config:
     return Mamba2Config(**base)
 
 
+def falcon_config(**kw) -> FalconMambaConfig:
+    """Falcon-Mamba: Mamba-1 with weightless RMS norms on dt, B and C (eps mixer_rms_eps)."""
+    base = dict(vocab_size=88, hidden_size=20, state_size=7, num_hidden_layers=2, expand=2,
+                conv_kernel=4, time_step_rank=5, use_bias=False, use_conv_bias=True,
+                residual_in_fp32=True, tie_word_embeddings=False, layer_norm_epsilon=1e-5,
+                mixer_rms_eps=1e-6, eos_token_id=0, bos_token_id=0, pad_token_id=0)
+    base.update(kw)
+    return FalconMambaConfig(**base)
+
+
+CLASSES = ((FalconMambaConfig, FalconMambaForCausalLM), (Mamba2Config, Mamba2ForCausalLM),
+           (MambaConfig, MambaForCausalLM))
+
+
 def build(config, out_dir: Path | None = None, seed: int = 0, scale: float = 0.2):
     """Builds a random model for `config` (fp32, eval mode); saves it with save_pretrained
     (safetensors) into out_dir when given. Returns the model."""
     torch.manual_seed(seed)
-    cls = MambaForCausalLM if isinstance(config, MambaConfig) else Mamba2ForCausalLM
+    cls = next(m for c, m in CLASSES if isinstance(config, c))
     model = cls(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -92,7 +92,10 @@ class CpuBackend final : public Backend {
                 double ss = 0.0;
                 for (int64_t j = 0; j < d; ++j) ss += double(r[j]) * r[j];
                 const float rstd = 1.0f / std::sqrt(float(ss / d) + eps);
-                for (int64_t j = 0; j < d; ++j) o[j] = r[j] * rstd * w.data[j];
+                if (w.data)
+                    for (int64_t j = 0; j < d; ++j) o[j] = r[j] * rstd * w.data[j];
+                else
+                    for (int64_t j = 0; j < d; ++j) o[j] = r[j] * rstd;
             } else {
                 double s = 0.0;
                 for (int64_t j = 0; j < d; ++j) s += r[j];
@@ -101,7 +104,8 @@ class CpuBackend final : public Backend {
                 for (int64_t j = 0; j < d; ++j) ss += double(r[j] - mean) * (r[j] - mean);
                 const float rstd = 1.0f / std::sqrt(float(ss / d) + eps);
                 for (int64_t j = 0; j < d; ++j)
-                    o[j] = (r[j] - mean) * rstd * w.data[j] + (b.data ? b.data[j] : 0.0f);
+                    o[j] = (r[j] - mean) * rstd * (w.data ? w.data[j] : 1.0f) +
+                           (b.data ? b.data[j] : 0.0f);
             }
         }
     }

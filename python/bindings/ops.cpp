@@ -118,17 +118,20 @@ void register_ops(py::module_& parent) {
                  return out.download<float>({ids.size(), table.shape(1)});
              })
         .def("add_norm",
-             [](Ops& o, const F32& residual, const std::optional<F32>& hidden, const F32& w,
-                const std::optional<F32>& b, const std::string& kind, float eps) {
+             [](Ops& o, const F32& residual, const std::optional<F32>& hidden,
+                const std::optional<F32>& w, const std::optional<F32>& b,
+                const std::string& kind, float eps) {
                  Backend& be = *o.be;
                  need(residual.ndim() == 2, "residual must be (n, d)");
                  const int64_t n = residual.shape(0), d = residual.shape(1);
-                 need(w.size() == d && (!b || b->size() == d) && (!hidden || hidden->size() == n * d),
+                 need((!w || w->size() == d) && (!b || b->size() == d) &&
+                          (!hidden || hidden->size() == n * d),
                       "w, b (d) and hidden (n, d) must match residual (n, d)");
-                 Buf r(be, residual), wb(be, w), out(be, size_t(n * d) * 4);
+                 Buf r(be, residual), out(be, size_t(n * d) * 4);
+                 auto wb = maybe(be, w);  // None: no weight
                  auto h = maybe(be, hidden);
                  auto bb = maybe(be, b);
-                 be.add_norm(r.as<float>(), ptr<float>(h), Param{wb.as<float>(), d},
+                 be.add_norm(r.as<float>(), ptr<float>(h), Param{ptr<float>(wb), wb ? d : 0},
                              Param{ptr<float>(bb), bb ? d : 0},
                              kind == "rms" ? NormKind::RMSNorm : NormKind::LayerNorm, eps, n, d,
                              out.as<float>());

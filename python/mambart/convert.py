@@ -175,7 +175,7 @@ def _dt_limit(v, where: str, key: str):
 class Source:
     """A parsed checkpoint: our config (without dtype/source) and the name mapping."""
 
-    fmt: str                         # "transformers", "state-spaces" or "mambart"
+    fmt: str                         # "transformers", "state-spaces", "mistral" or "mambart"
     config: dict                     # mambart config keys
     prefix: str = ""                 # source name = prefix + canonical name, except:
     emb: str = "embedding.weight"    # the source name of the embedding
@@ -214,12 +214,38 @@ def config_spec(cfg: dict, where: str) -> dict:
         raise ConversionError(str(e)) from None
 
 
+# The layer fields of the flat form (docs/format.md), moved into a `layers` entry by _listed.
+FLAT_LAYER_KEYS = ("d_inner", "d_state", "d_conv", "conv_bias", "bias", "dt_rank", "headdim",
+                   "nheads", "ngroups", "chunk_size", "dt_limit", "gated_norm",
+                   "norm_before_gate")
+MAMBA1_KEYS = ("d_inner", "d_state", "d_conv", "conv_bias", "bias", "dt_rank")
+
+
+def _listed(c: dict, family: str, keys: Sequence[str], extra: dict) -> dict:
+    """A flat-form config `c` rewritten in the listed form: `architecture` = family, one
+    `layers` entry per layer holding `keys` of the flat fields plus `extra`."""
+    entry = {"type": c["architecture"], **{k: c[k] for k in keys}, **extra}
+    out = {k: v for k, v in c.items() if k not in FLAT_LAYER_KEYS}
+    out["architecture"] = family
+    out["layers"] = [dict(entry) for _ in range(c["n_layer"])]
+    return out
+
+
+def _mixer_rms_eps(cfg: dict, where: str) -> float:
+    eps = cfg.get("mixer_rms_eps", 1e-6)
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < 1:
+        raise ConversionError(f"{where}: config key 'mixer_rms_eps' must be a number in (0, 1), "
+                              f"got {str(eps)[:40]}")
+    return float(eps)
+
+
 def _hf_source(cfg: dict, where: str, weights: WeightSet) -> Source:
     mt = cfg.get("model_type")
-    if mt not in ("mamba", "mamba2"):
-        raise ConversionError(f"{where}: model_type {mt!r} is not supported (mamba, mamba2; "
-                              f"Falcon-Mamba, Jamba, Zamba, Mamba-3 and hybrids are not)")
-    arch = "mamba1" if mt == "mamba" else "mamba2"
+    if mt not in ("mamba", "mamba2", "falcon_mamba"):
+        raise ConversionError(f"{where}: model_type {mt!r} is not supported (mamba, mamba2, "
+                              f"falcon_mamba; Jamba, Zamba, Mamba-3 and hybrids are not)")
+    falcon = mt == "falcon_mamba"
+    arch = "mamba2" if mt == "mamba2" else "mamba1"
     d = _int(cfg, "hidden_size", where)
     c = _base_config(arch)
     c["d_model"] = d
@@ -227,7 +253,15 @@ def _hf_source(cfg: dict, where: str, weights: WeightSet) -> Source:
     expand = cfg.get("expand", 2)
     if not isinstance(expand, (int, float)) or isinstance(expand, bool) or not 0 < expand <= 1024:
         raise ConversionError(f"{where}: config key 'expand' must be a number in (0, 1024]")
-    E = cfg.get("intermediate_size", int(expand * d)) if arch == "mamba1" else int(expand * d)
+    E = int(expand * d)
+    if arch == "mamba1":
+        # transformers lets an explicit intermediate_size win over expand x hidden_size; the
+        # Falcon-Mamba-7B config has both (expand 16 would mean 65536): the weights decide.
+        in_proj = weights.tensors.get("backbone.layers.0.mixer.in_proj.weight")
+        if "intermediate_size" in cfg:
+            E = cfg["intermediate_size"]
+        elif in_proj is not None and len(in_proj.shape) == 2 and in_proj.shape[0] % 2 == 0:
+            E = in_proj.shape[0] // 2
     if isinstance(E, bool) or not isinstance(E, int) or not 1 <= E <= MAX_DIM:
         raise ConversionError(f"{where}: config key 'intermediate_size' (or expand x "
                               f"hidden_size) must be an integer in [1, {MAX_DIM}]")
@@ -281,6 +315,52 @@ def _hf_source(cfg: dict, where: str, weights: WeightSet) -> Source:
         c["vocab_size_padded"] = rows
     if c["tie_embeddings"]:
         src.optional_tied = "lm_head.weight"
+    if falcon:
+        # Falcon-Mamba: Mamba-1 with weightless RMS norms on dt, B and C (the mamba1 unit's
+        # dt_bc_rms_eps), which only the listed form carries.
+        src.config = _listed(c, "falcon_mamba", MAMBA1_KEYS,
+                             {"dt_bc_rms_eps": _mixer_rms_eps(cfg, where)})
+    return src
+
+
+# Mistral's native Mamba-2 layout (Mamba-Codestral: params.json + consolidated.safetensors;
+# mistral-inference's MambaArgs). Every other Mamba2 argument is mamba_ssm's default.
+MISTRAL_KEYS = {"dim", "n_layers", "vocab_size", "n_groups", "rms_norm", "residual_in_fp32",
+                "fused_add_norm", "pad_vocab_size_multiple", "tie_embeddings", "model_type"}
+MISTRAL_WEIGHTS = ("consolidated.safetensors", "model.safetensors")
+
+
+def _is_mistral_config(cfg: dict) -> bool:
+    return "dim" in cfg and "n_layers" in cfg
+
+
+def _mistral_source(cfg: dict, where: str, weights: WeightSet) -> Source:
+    """A Mamba-2 checkpoint in Mistral's native layout: mamba_ssm's MambaLMHeadModel wrapped as
+    `model` (tensor names `model.backbone.*`, `model.lm_head.weight`), configured by MambaArgs
+    keys; d_state 128, expand 2, headdim 64, chunk 256, ... are mamba_ssm's Mamba2 defaults."""
+    if cfg.get("model_type", "mamba") != "mamba":
+        raise ConversionError(f"{where}: model_type {cfg.get('model_type')!r} is not supported "
+                              f"in Mistral's native format (mamba: Mamba-Codestral)")
+    unknown = sorted(set(cfg) - MISTRAL_KEYS)
+    if unknown:
+        raise ConversionError(f"{where}: unknown key(s) {unknown} for Mistral's native Mamba "
+                              f"format (mistral-inference's MambaArgs refuses them too)")
+    ss = {"d_model": _int(cfg, "dim", where), "n_layer": _int(cfg, "n_layers", where, hi=4096),
+          "vocab_size": _int(cfg, "vocab_size", where),
+          "ssm_cfg": {"layer": "Mamba2", "ngroups": _int(cfg, "n_groups", where, 1)},
+          "rms_norm": _bool(cfg, "rms_norm", where, True),
+          "residual_in_fp32": _bool(cfg, "residual_in_fp32", where, True),
+          "pad_vocab_size_multiple": _int(cfg, "pad_vocab_size_multiple", where, 1),
+          "tie_embeddings": _bool(cfg, "tie_embeddings", where, False)}
+    _bool(cfg, "fused_add_norm", where, True)  # a kernel choice: the math is the same
+    src = _ss_source(ss, where, weights)
+    src.fmt = "mistral"
+    pre = "model." if "model.backbone.embedding.weight" in weights.tensors else ""
+    src.prefix = pre + "backbone."
+    src.emb = pre + "backbone.embedding.weight"
+    src.head = pre + "lm_head.weight"
+    if src.optional_tied is not None:
+        src.optional_tied = src.head
     return src
 
 
@@ -472,14 +552,25 @@ def read_source(src: Path, weights: Optional[WeightSet] = None,
     cfg_path = src / "config.json"
     if not cfg_path.is_file():
         if (src / "params.json").is_file():
-            raise ConversionError(f"{src}: params.json (Mistral/Codestral native format) is not "
-                                  f"supported; convert it with transformers first")
-        raise ConversionError(f"{src}: no config.json")
+            cfg_path = src / "params.json"
+        else:
+            raise ConversionError(f"{src}: no config.json")
     cfg = load_json(cfg_path)
     where = str(cfg_path)
     if "mambart_format" in cfg:
         weights = weights or open_weights(src)
         return _mambart_source(cfg, where), weights
+    if _is_mistral_config(cfg):
+        if weights is None:
+            found = [src / n for n in MISTRAL_WEIGHTS if (src / n).is_file()]
+            if not found:
+                raise ConversionError(f"{src}: no weights found (Mistral's native format: "
+                                      f"expected {' or '.join(MISTRAL_WEIGHTS)})")
+            weights = WeightSet(read_safetensors_header(str(found[0])), [str(found[0])],
+                                "safetensors")
+        return _mistral_source(cfg, where, weights), weights
+    if cfg_path.name == "params.json":
+        raise ConversionError(f"{cfg_path}: not a Mistral Mamba config (no 'dim' / 'n_layers')")
     weights = weights or open_weights(src)
     if "model_type" in cfg or "architectures" in cfg:
         return _hf_source(cfg, where, weights), weights
@@ -644,6 +735,10 @@ def convert(src, dst, dtype: Optional[str] = None, *, overwrite: bool = False,
         eos = _eos_from_tokenizer(tok_path)
         if eos is not None and eos < cfg["vocab_size"]:
             cfg["bos_token_id"] = cfg["eos_token_id"] = eos
+    elif source.fmt == "mistral":
+        # Mistral's sentencepiece tokenizers (Mamba-Codestral's v3 included): <s> 1, </s> 2.
+        eos = _eos_from_tokenizer(tok_path)
+        cfg["bos_token_id"], cfg["eos_token_id"] = 1, (2 if eos is None else eos)
     for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if cfg.get(k) is not None and cfg[k] >= cfg["vocab_size"]:
             cfg[k] = None  # an id outside the vocabulary can never be generated

@@ -1,5 +1,5 @@
 """Model names: the bundled demo models ("mambart-demo", "mambart2-demo": shipped in the package,
-no download), short names ("mamba-1.4b") and hub repositories ("state-spaces/mamba2-2.7b"),
+no download), short names ("mamba-1.4b", "falcon-mamba-7b") and hub repositories ("state-spaces/mamba2-2.7b"),
 found or downloaded through huggingface_hub, converted once into the mambart cache.
 
 HF_HUB_OFFLINE=1 (or `local_files_only`) uses only what is in the Hugging Face cache
@@ -26,6 +26,12 @@ SHORT_NAMES: Dict[str, str] = {
         "mamba3-siso-187m", "mamba3-siso-1.5b", "mamba3-mimo-187m", "mamba3-mimo-1.5b",
         "mamba-130m-hf", "mamba-370m-hf", "mamba-790m-hf", "mamba-1.4b-hf", "mamba-2.8b-hf")
 }
+# Flavours from other publishers (transformers layouts: FalconMambaForCausalLM, Mamba2ForCausalLM).
+SHORT_NAMES.update({
+    "falcon-mamba-7b": "tiiuae/falcon-mamba-7b",
+    "falcon-mamba-7b-instruct": "tiiuae/falcon-mamba-7b-instruct",
+    "mamba-codestral-7b": "mistralai/Mamba-Codestral-7B-v0.1",
+})
 NEOX_TOKENIZER_REPO = "EleutherAI/gpt-neox-20b"
 
 # Models shipped inside the package (tools/train_demo.py; each directory has a model card).
@@ -69,7 +75,7 @@ def hub_cache_dir() -> str:
 
 
 def resolve_repo_id(name: str) -> str:
-    """Short name -> state-spaces repository; 'owner/repo' passes through."""
+    """Short name -> its repository (SHORT_NAMES); 'owner/repo' passes through."""
     if name in SHORT_NAMES:
         return SHORT_NAMES[name]
     parts = name.split("/")

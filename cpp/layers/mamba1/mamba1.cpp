@@ -3,8 +3,12 @@
 //   xz = in_proj(u); x' = silu(conv(x)); [δ | B | C] = x_proj(x'); dt = dt_proj(δ);
 //   y = scan(x', dt, A, B, C, D) * silu(z); out = out_proj(y)
 //
+// Falcon-Mamba option (`dt_bc_rms_eps`): δ, B and C are each RMS-normalised without a weight
+// (fp32, that eps) right after the x_proj split, δ over its Rdt dims before dt_proj.
+//
 // config.json `layers` entry: {"type": "mamba1", "d_inner": E, "d_state": N, "d_conv": W,
-// "conv_bias": bool, "bias": bool, "dt_rank": Rdt}.
+// "conv_bias": bool, "bias": bool, "dt_rank": Rdt[, "dt_bc_rms_eps": eps]}; the flat form
+// has no dt_bc_rms_eps.
 // State per sequence: conv (E, W), the last W pre-conv inputs, oldest first; ssm (E, N).
 #include "layers/mamba1/mamba1.h"
 
@@ -24,6 +28,8 @@ struct Config final : LayerConfig {
     bool conv_bias = true;
     bool bias = false;    // in_proj / out_proj bias
     int64_t dt_rank = 0;  // Rdt
+    bool dt_bc_rms = false;     // Falcon-Mamba: weightless RMS norms on δ, B, C
+    double dt_bc_rms_eps = 0.0;  // their eps (as written in the config), when dt_bc_rms
 
     int64_t x_proj_dim() const { return dt_rank + 2 * d_state; }
 
@@ -48,10 +54,11 @@ struct Config final : LayerConfig {
         return {{"conv", {d_inner, d_conv}}, {"ssm", {d_inner, d_state}}};
     }
     std::string to_json() const override {
-        return nlohmann::ordered_json{{"type", type()},       {"d_inner", d_inner}, {"d_state", d_state},
-                              {"d_conv", d_conv},     {"conv_bias", conv_bias},
-                              {"bias", bias},         {"dt_rank", dt_rank}}
-            .dump();
+        nlohmann::ordered_json j{{"type", type()},       {"d_inner", d_inner}, {"d_state", d_state},
+                                 {"d_conv", d_conv},     {"conv_bias", conv_bias},
+                                 {"bias", bias},         {"dt_rank", dt_rank}};
+        if (dt_bc_rms) j["dt_bc_rms_eps"] = dt_bc_rms_eps;
+        return j.dump();
     }
 };
 
@@ -64,6 +71,12 @@ std::shared_ptr<const LayerConfig> parse(ConfigReader& r, const ModelConfig&) {
     c->bias = r.boolean("bias");
     c->dt_rank = r.integer("dt_rank", 0, kMaxDim);
     if (c->dt_rank < 1) r.fail("dt_rank", "must be >= 1 for mamba1");
+    if (r.has("dt_bc_rms_eps")) {
+        c->dt_bc_rms = true;
+        c->dt_bc_rms_eps = r.number("dt_bc_rms_eps");
+        if (!(c->dt_bc_rms_eps > 0.0 && c->dt_bc_rms_eps < 1.0))
+            r.fail("dt_bc_rms_eps", "must be in (0, 1)");
+    }
     return c;
 }
 
@@ -89,10 +102,16 @@ class Mamba1 final : public Layer {
     }
 
     // proj (R, 2E): [x | z]; xconv (R, E) post-conv, post-SiLU; xdbl (R, Rdt + 2N):
-    // [dt_low | B | C]; dt (R, E) before bias; y (R, E) scan output.
+    // [dt_low | B | C]; dt (R, E) before bias; y (R, E) scan output; with dt_bc_rms also
+    // dtn (R, Rdt) and bcn (R, 2N): the normed dt_low and [B | C].
     std::vector<int64_t> workspace_cols() const override {
         const int64_t E = c_->d_inner;
-        return {2 * E, E, c_->x_proj_dim(), E, E};
+        std::vector<int64_t> cols{2 * E, E, c_->x_proj_dim(), E, E};
+        if (c_->dt_bc_rms) {
+            cols.push_back(c_->dt_rank);
+            cols.push_back(2 * c_->d_state);
+        }
+        return cols;
     }
     int64_t max_linear_cols() const override { return std::max(d_model_, c_->d_inner); }
 
@@ -110,7 +129,26 @@ class Mamba1 final : public Layer {
         be.conv1d(ConvParams{proj, 2 * E, conv_state, conv_w_.data, conv_b_.data, xconv, B, L,
                              E, c_->d_conv});
         be.linear(xconv, E, R, x_proj_, X, nullptr, xdbl, X);
-        if (L == 1) {  // decode: dt_proj + scan fused where the backend can
+        const float* dt_low = xdbl;  // (R, Rdt), row stride ld_dt
+        const float* bc = xdbl + Rdt;  // (R, 2N) [B | C], row stride ld_bc
+        int64_t ld_dt = X, ld_bc = X;
+        if (c_->dt_bc_rms) {
+            // Falcon-Mamba: contiguous copies, normed in place by the backend's RMSNorm without
+            // a weight; [B | C] of a token row are two rows of N. The fused decode step has no
+            // norms, so it is not used.
+            float* dtn = io.ws[5];  // (R, Rdt)
+            float* bcn = io.ws[6];  // (R, 2N)
+            const float eps = float(c_->dt_bc_rms_eps);
+            const size_t f = sizeof(float);
+            be.copy_device_2d(dtn, Rdt * f, xdbl, X * f, Rdt * f, R);
+            be.add_norm(dtn, nullptr, Param{}, Param{}, NormKind::RMSNorm, eps, R, Rdt, dtn);
+            be.copy_device_2d(bcn, 2 * N * f, xdbl + Rdt, X * f, 2 * N * f, R);
+            be.add_norm(bcn, nullptr, Param{}, Param{}, NormKind::RMSNorm, eps, 2 * R, N, bcn);
+            dt_low = dtn;
+            bc = bcn;
+            ld_dt = Rdt;
+            ld_bc = 2 * N;
+        } else if (L == 1) {  // decode: dt_proj + scan fused where the backend can
             Mamba1DecodeParams fp{xconv, xdbl, X, dt_proj_, proj + E, 2 * E, A_.data,
                                   D_.data, dt_bias_.data, ssm_state, y, B, E, N, Rdt};
             if (be.mamba1_decode_fused(fp)) {
@@ -118,13 +156,13 @@ class Mamba1 final : public Layer {
                 return;
             }
         }
-        be.linear(xdbl, X, R, dt_proj_, E, nullptr, dt, E);
+        be.linear(dt_low, ld_dt, R, dt_proj_, E, nullptr, dt, E);
         SelectiveScanParams sp{};
         sp.x = xconv;
         sp.dt = dt;
-        sp.Bm = xdbl + Rdt;
-        sp.Cm = xdbl + Rdt + N;
-        sp.ld_bc = X;
+        sp.Bm = bc;
+        sp.Cm = bc + N;
+        sp.ld_bc = ld_bc;
         sp.z = proj + E;
         sp.ld_z = 2 * E;
         sp.A = A_.data;
