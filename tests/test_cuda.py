@@ -1076,3 +1076,85 @@ def test_engine_concurrent_streams_cuda(model_dirs, name):
     while g.engine_stats()["running"] and time.time() < deadline:
         time.sleep(0.01)
     assert g.engine_stats()["running"] == 0
+
+
+# ---- Falcon-Mamba: mamba1 with weightless RMS norms on dt, B, C (dt_bc_rms_eps) ---------------
+
+
+@pytest.mark.parametrize("n,d", [(1, 8), (7, 16), (64, 5), (130, 256)])
+def test_add_norm_without_weight(gpu, cpu, n, d):
+    rng = np.random.default_rng(n + d)
+    res = rnd(rng, n, d)
+    _, o_gpu = gpu.add_norm(res, None, None, None, "rms", 1e-6)
+    _, o_cpu = cpu.add_norm(res, None, None, None, "rms", 1e-6)
+    close(o_gpu, o_cpu, 2e-5, "weightless rms")
+
+
+@pytest.fixture(scope="module")
+def falcon_dir(tmp_path_factory):
+    """A tiny Falcon-Mamba directory (listed form, every layer mamba1 with dt_bc_rms_eps)."""
+    d = _model_dir(tmp_path_factory.mktemp("falcon"), "mamba1", dt_rank=8, tie_embeddings=False)
+    cfg = json.loads((d / "config.json").read_text())
+    layer = {k: cfg.pop(k) for k in ("d_inner", "d_state", "d_conv", "conv_bias", "bias",
+                                      "dt_rank")}
+    for k in ("headdim", "nheads", "ngroups", "chunk_size", "dt_limit", "gated_norm",
+              "norm_before_gate"):
+        cfg.pop(k)
+    cfg["architecture"] = "falcon_mamba"
+    cfg["layers"] = [dict(layer, type="mamba1", dt_bc_rms_eps=1e-6)
+                     for _ in range(cfg["n_layer"])]
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_falcon_logits_cuda_vs_cpu(falcon_dir, dtype):
+    ids = _ids(150, seed=21)
+    ref32 = _gen(falcon_dir, "cpu", "float32").logits(ids)
+    got = _gen(falcon_dir, "cuda", dtype).logits(ids)
+    assert got.shape == ref32.shape
+    if dtype == "float32":
+        close(got, ref32, 2e-4, "falcon fp32")
+    else:
+        cpu_lp = _gen(falcon_dir, "cpu", dtype).logits(ids)
+        lowp_rule(got, cpu_lp, ref32, 2e-3 * max(1.0, float(np.abs(ref32).max())),
+                  f"falcon {dtype}")
+
+
+def test_falcon_prefill_equals_prefill_plus_steps_cuda(falcon_dir):
+    g = _gen(falcon_dir, "cuda")
+    ids = _ids(45, seed=22)
+    full = g.logits(ids)
+    close(g._g.logits(ids, 1), full, 1e-4, "steps")
+    close(g._g.logits(ids, 7), full, 1e-4, "chunks of 7")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_falcon_decode_graph_steps_equal_prefill_logits(falcon_dir, dtype):
+    """The decode fast path (graph replay, device sampling; the fused Mamba-1 step is not used
+    with the norms) of a batch of 3 rows sees the logits a prefill of each row's tokens gives."""
+    g = _gen(falcon_dir, "cuda", dtype)
+    prompts = [_ids(n, seed=23 + n) for n in (20, 5, 13)]
+    opts = _C.GenerationOptions()
+    opts.max_new_tokens = 16
+    opts.ignore_eos = True
+    stream = g._g.start(prompts, opts)
+    toks = [[] for _ in prompts]
+    logits = [[] for _ in prompts]
+    while True:
+        ev = stream.next()
+        if ev is None:
+            break
+        for r, t in ev:
+            logits[r].append(stream.last_logits[r].copy())
+            toks[r].append(t)
+    for r, p in enumerate(prompts):
+        assert len(toks[r]) == 16
+        full = g.logits(p + toks[r])
+        rel = 1e-4 if dtype == "float32" else 2e-2
+        for i, lg in enumerate(logits[r]):
+            close(lg, full[len(p) - 1 + i], rel, f"row {r} step {i}")
+    cpu = _gen(falcon_dir, "cpu")
+    if dtype == "float32":
+        for r, p in enumerate(prompts):
+            assert toks[r] == cpu.generate(p, max_new_tokens=16, ignore_eos=True).token_ids

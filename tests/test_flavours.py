@@ -313,3 +313,14 @@ def test_flavour_short_names():
     assert hub.resolve_repo_id("falcon-mamba-7b") == "tiiuae/falcon-mamba-7b"
     assert hub.resolve_repo_id("falcon-mamba-7b-instruct") == "tiiuae/falcon-mamba-7b-instruct"
     assert hub.resolve_repo_id("mamba-codestral-7b") == "mistralai/Mamba-Codestral-7B-v0.1"
+
+
+def test_add_norm_without_weight_is_plain_rms_normalisation():
+    """The op the Falcon norms use: the CPU backend's add_norm with no weight (and in the
+    model, in place) against the formula in float64."""
+    x = np.random.default_rng(0).standard_normal((6, 7)).astype(np.float32) * 3
+    r, o = _C._ops.Backend("cpu").add_norm(x, None, None, None, "rms", 1e-3)
+    x64 = x.astype(np.float64)
+    ref = x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-3)
+    np.testing.assert_array_equal(r, x)
+    assert np.abs(o - ref).max() < 1e-6

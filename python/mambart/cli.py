@@ -103,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     c = sub.add_parser("convert", help="convert a checkpoint into a mambart model directory",
-                       description="Convert a transformers (MambaForCausalLM, Mamba2ForCausalLM) "
-                                   "or state-spaces (mamba_ssm) checkpoint directory into a "
+                       description="Convert a transformers (MambaForCausalLM, Mamba2ForCausalLM, "
+                                   "FalconMambaForCausalLM), state-spaces (mamba_ssm) or "
+                                   "Mistral native (Mamba-Codestral) checkpoint directory into a "
                                    "mambart model directory (docs/format.md). Streams tensor by "
                                    "tensor; DST appears only when complete.")
     c.add_argument("src", metavar="MODEL", help="what to convert: " + MODEL_HELP.replace(

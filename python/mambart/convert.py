@@ -1,12 +1,15 @@
 """Checkpoint conversion into the mambart model directory (docs/format.md), without torch.
 
 Sources:
-- Hugging Face transformers (`MambaForCausalLM`, `Mamba2ForCausalLM`, as written by
-  `save_pretrained`): `config.json` with `model_type` "mamba" / "mamba2" and
-  `model.safetensors`, sharded safetensors with `model.safetensors.index.json`, or
-  `pytorch_model.bin` (sharded with `pytorch_model.bin.index.json`).
+- Hugging Face transformers (`MambaForCausalLM`, `Mamba2ForCausalLM`, `FalconMambaForCausalLM`,
+  as written by `save_pretrained`): `config.json` with `model_type` "mamba" / "mamba2" /
+  "falcon_mamba" and `model.safetensors`, sharded safetensors with
+  `model.safetensors.index.json`, or `pytorch_model.bin` (sharded with
+  `pytorch_model.bin.index.json`).
 - state-spaces (`mamba_ssm`, `MambaLMHeadModel`): `config.json` with d_model / n_layer / ssm_cfg
   keys and a torch-pickled `pytorch_model.bin`, read by a restricted unpickler (_torchzip).
+- Mistral's native Mamba-2 layout (Mamba-Codestral): `params.json` with mistral-inference's
+  MambaArgs keys and `consolidated.safetensors`.
 - a mambart directory (to change its dtype).
 
 The conversion streams: tensor by tensor, in chunks, so peak memory is a few chunks, not the
@@ -689,8 +692,9 @@ def convert(src, dst, dtype: Optional[str] = None, *, overwrite: bool = False,
             a_activation: Optional[str] = None, announce: Optional[str] = None) -> str:
     """Converts a checkpoint directory into a mambart model directory at `dst`.
 
-    src: a transformers (MambaForCausalLM / Mamba2ForCausalLM) or state-spaces checkpoint
-        directory, or a mambart directory (to change its dtype).
+    src: a transformers (MambaForCausalLM / Mamba2ForCausalLM / FalconMambaForCausalLM),
+        state-spaces or Mistral native (Mamba-Codestral) checkpoint directory, or a mambart
+        directory (to change its dtype).
     dtype: None keeps the checkpoint's dtype (float64 becomes float32); "float32", "float16" or
         "bfloat16" converts the large matrices. Parameters that feed exponentials (A_log, D,
         dt_bias, dt_proj.bias; Mamba-3's biases and MIMO projections) stay float32.
