@@ -8,6 +8,8 @@
 
 #include <optional>
 
+#include <unistd.h>
+
 #include "backend.h"
 #include "config.h"
 #include "error.h"
@@ -316,6 +318,31 @@ py::dict stats_dict(const EngineStats& s) {
     return d;
 }
 
+// A request's on_tokens callback that writes one byte to `fd` (the write end of a non-blocking
+// pipe) after each step that gave it tokens and when it finishes, so an event loop can wait on
+// the pipe instead of a thread per request. No GIL on the engine thread. A full pipe drops the
+// byte: the unread ones already wake the reader, which then polls every request it holds. The
+// caller keeps `fd` open until its requests have finished.
+std::function<void(const int32_t*, size_t, bool)> notify_callback(int fd) {
+    if (fd < 0) return nullptr;
+    return [fd](const int32_t*, size_t, bool) {
+        const char c = 1;
+        ssize_t r = ::write(fd, &c, 1);
+        (void)r;
+    };
+}
+
+py::list logprobs_list(const std::vector<TokenLogprobs>& lps) {
+    py::list out;
+    for (const TokenLogprobs& t : lps) {
+        py::list top;
+        for (size_t i = 0; i < t.top_ids.size(); ++i)
+            top.append(py::make_tuple(t.top_ids[i], t.top_logprobs[i]));
+        out.append(py::make_tuple(t.logprob, top));
+    }
+    return out;
+}
+
 void register_engine_api(py::module_& m) {
     py::register_exception<EngineBusy>(m, "EngineBusy", PyExc_RuntimeError);
     py::class_<EngineSequence, std::shared_ptr<EngineSequence>>(m, "EngineSequence")
@@ -334,6 +361,22 @@ void register_engine_api(py::module_& m) {
             py::arg("timeout") = -1.0,
             "Waits for tokens (timeout < 0: without limit) and returns the unread ones (possibly "
             "an empty list on timeout), or None once finished and every token was read.")
+        .def(
+            "read_logprobs",
+            [](EngineSequence& s, double timeout) -> py::object {
+                std::vector<int32_t> out;
+                std::vector<TokenLogprobs> lps;
+                bool more;
+                {
+                    py::gil_scoped_release release;
+                    more = s.read(&out, timeout, &lps);
+                }
+                if (!more && out.empty()) return py::none();
+                return py::make_tuple(out, logprobs_list(lps));
+            },
+            py::arg("timeout") = -1.0,
+            "As read, for a request submitted with logprobs >= 0: -> (tokens, [(logprob, "
+            "[(top id, top logprob), ...]) per token]), or None once finished and all was read.")
         .def(
             "wait",
             [](EngineSequence& s, double timeout) {
@@ -357,7 +400,7 @@ void register_engine_api(py::module_& m) {
            "submit",
            [](Generator& g, std::vector<int32_t> prompt, const GenerationOptions& opt,
               std::shared_ptr<SequenceState> start, std::vector<std::string> stops,
-              bool keep_states, double timeout, bool block) {
+              bool keep_states, double timeout, bool block, int32_t logprobs, int notify_fd) {
                EngineRequest r;
                r.prompt = std::move(prompt);
                r.start = std::move(start);
@@ -365,17 +408,24 @@ void register_engine_api(py::module_& m) {
                r.stop_strings = std::move(stops);
                r.keep_states = keep_states;
                r.timeout_s = timeout;
+               r.logprobs = logprobs;
+               r.on_tokens = notify_callback(notify_fd);
                py::gil_scoped_release release;
                return g.engine().submit(std::move(r), block);
            },
            py::arg("prompt"), py::arg("options"), py::arg("state") = nullptr,
            py::arg("stop") = std::vector<std::string>{}, py::arg("keep_states") = false,
-           py::arg("timeout") = 0.0, py::arg("block") = true,
-           "Queues a request on the engine (started on first use); -> EngineSequence.")
+           py::arg("timeout") = 0.0, py::arg("block") = true, py::arg("logprobs") = -1,
+           py::arg("notify_fd") = -1,
+           "Queues a request on the engine (started on first use); -> EngineSequence. "
+           "block=False raises EngineBusy on a full queue; logprobs >= 0 keeps each token's "
+           "logprobs (read_logprobs); notify_fd >= 0: a byte is written there after each step "
+           "that gave the request tokens, and when it ends.")
         .def(
             "submit_many",
             [](Generator& g, std::vector<std::vector<int32_t>> prompts, py::list options,
-               py::handle starts, std::vector<std::string> stops, bool keep_states, bool block) {
+               py::handle starts, std::vector<std::string> stops, bool keep_states, bool block,
+               int32_t logprobs, int notify_fd) {
                 auto st = state_list(starts, prompts.size());
                 MAMBART_CHECK_ARG(options.size() == prompts.size(), "got ", options.size(),
                                   " option sets for ", prompts.size(), " prompts");
@@ -388,14 +438,17 @@ void register_engine_api(py::module_& m) {
                     if (i < st.size()) reqs[i].start = st[i];
                     reqs[i].stop_strings = stops;
                     reqs[i].keep_states = keep_states;
+                    reqs[i].logprobs = logprobs;
+                    reqs[i].on_tokens = notify_callback(notify_fd);
                 }
                 py::gil_scoped_release release;
                 return g.engine().submit_many(std::move(reqs), block);
             },
             py::arg("prompts"), py::arg("options"), py::arg("states") = py::none(),
             py::arg("stop") = std::vector<std::string>{}, py::arg("keep_states") = false,
-            py::arg("block") = true,
-            "Queues one request per prompt together (one prefill group where they fit).")
+            py::arg("block") = true, py::arg("logprobs") = -1, py::arg("notify_fd") = -1,
+            "Queues one request per prompt together (one prefill group where they fit); "
+            "logprobs and notify_fd as in submit.")
         .def(
             "start_engine",
             [](Generator& g, int64_t capacity, int64_t max_slots, int64_t prefill_rows,

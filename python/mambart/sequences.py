@@ -178,11 +178,18 @@ class SequenceAPI:
         stream = self._g.start_rows(feeds, opts, starts, keep)
         return stream, dict(keep=keep, cached=cached, n=len(prompts))
 
-    def _submit_rows(self, prompts, states, kwargs, keep_states: bool, stops=()):
+    def _submit_rows(self, prompts, states, kwargs, keep_states: bool, stops=(),
+                     logprobs=None, block: bool = True, notify_fd: int = -1):
         """Submits one engine request per row (issue 14): -> (EngineSequence per row, info).
         Row r of a batch draws from RNG stream r unless it has its own seed or continues a
         state's generation, as a fixed batch did. Stop strings are matched by the engine when
-        it has the vocabulary's bytes; info["py_stops"] says when Python must match them."""
+        it has the vocabulary's bytes; info["py_stops"] says when Python must match them.
+        logprobs: None, or the number of top tokens to report with each token's logprob (the
+        sequences are then read with read_logprobs). block=False raises _C.EngineBusy on a
+        full queue; notify_fd: see _C.Generator.submit (the server's event loop waits on it)."""
+        from . import _args
+
+        lp = -1 if logprobs is None else _args.integer("logprobs", logprobs, 0, self.vocab_size)
         opts, starts, feeds, cached = self._prepare_rows(prompts, states, kwargs)
         keep = keep_states or self.prompt_cache is not None
         engine_stops = self._engine_matches_stops() if stops else False
@@ -190,8 +197,8 @@ class SequenceAPI:
             if o.rng_stream < 0:
                 o.rng_stream = r
         seqs = self._g.submit_many(feeds, opts, starts, list(stops) if engine_stops else [],
-                                   keep, True)
-        return seqs, dict(keep=keep, cached=cached, n=len(prompts),
+                                   keep, block, lp, notify_fd)
+        return seqs, dict(keep=keep, cached=cached, n=len(prompts), logprobs=lp,
                           py_stops=bool(stops) and not engine_stops)
 
     def _engine_matches_stops(self) -> bool:
