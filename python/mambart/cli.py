@@ -396,27 +396,10 @@ def _cmd_info(a) -> int:
 # ---------------------------------------------------------------- chat
 
 def _chat_template(gen, a) -> Optional[str]:
-    """The Jinja2 chat template: --chat-template, else tokenizer_config.json's next to the
-    model or next to the checkpoint it was converted from; None when there is none."""
-    if a.chat_template is not None:
-        from ._files import read_bounded_text
+    """The Jinja2 chat template: --chat-template, else the model's (chat_template.py)."""
+    from .chat_template import find_chat_template
 
-        return read_bounded_text(a.chat_template, 1 << 20, "chat template")
-    dirs = [gen.model_dir]
-    src = gen.config.get("source") if isinstance(gen.config.get("source"), dict) else {}
-    if isinstance(src.get("path"), str):
-        dirs.append(Path(src["path"]))
-    for d in dirs:
-        f = d / "tokenizer_config.json"
-        if f.is_file():
-            from .convert import load_json
-
-            t = load_json(f).get("chat_template")
-            if isinstance(t, list):  # [{"name": "default", "template": ...}, ...]
-                t = next((x.get("template") for x in t if x.get("name") == "default"), None)
-            if isinstance(t, str) and t.strip():
-                return t
-    return None
+    return find_chat_template(gen.model_dir, gen.config, a.chat_template)
 
 
 class ChatSession:
@@ -432,18 +415,9 @@ class ChatSession:
         self.gen, self.template = gen, template
         self._render = None
         if template is not None:
-            try:
-                from jinja2.sandbox import ImmutableSandboxedEnvironment
-            except ImportError:
-                raise ValueError("this model has a chat template: rendering it needs jinja2 "
-                                 "(pip install jinja2), or pass --chat-template") from None
+            from .chat_template import ChatTemplate
 
-            def fail(msg):
-                raise ValueError(f"chat template: {msg}")
-
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            env.globals["raise_exception"] = fail
-            self._render = env.from_string(template)
+            self._render = ChatTemplate(template)
         self.system = system
         self.reset()
 
@@ -453,8 +427,7 @@ class ChatSession:
         self.rendered = ""
 
     def _render_text(self, generation_prompt: bool) -> str:
-        return self._render.render(messages=self.messages, add_generation_prompt=generation_prompt,
-                                   bos_token="", eos_token="")
+        return self._render.render(self.messages, generation_prompt, bos_token="", eos_token="")
 
     def add_user(self, text: str) -> List[int]:
         """Appends a user turn; returns the new tokens it adds to the history."""
