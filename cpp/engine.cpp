@@ -781,6 +781,12 @@ void Engine::deliver() {
             if (s->finished) q.finished_ = true;
         }
         q.cv_.notify_all();
+        if (s->req->on_ready) {
+            try {
+                s->req->on_ready();
+            } catch (...) {  // as on_tokens
+            }
+        }
     }
     touched_.clear();
     done_.clear();

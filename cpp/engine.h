@@ -75,6 +75,10 @@ struct EngineRequest {
     // Called on the engine thread after each step that gave this request tokens (and once
     // more, with finished = true, when it ends). Must not block or call back into the engine.
     std::function<void(const int32_t* tokens, size_t n, bool finished)> on_tokens;
+    // Called on the engine thread after each delivery to this request, once its tokens can be
+    // read and, at the end, once finished() is true (on_tokens runs before finished() turns
+    // true): to wake an event loop that reads the sequence. Must not block or call the engine.
+    std::function<void()> on_ready;
 };
 
 // One submitted request: its token queue, result and states. Shared between the engine and the

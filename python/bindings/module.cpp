@@ -318,14 +318,14 @@ py::dict stats_dict(const EngineStats& s) {
     return d;
 }
 
-// A request's on_tokens callback that writes one byte to `fd` (the write end of a non-blocking
-// pipe) after each step that gave it tokens and when it finishes, so an event loop can wait on
+// A request's on_ready callback that writes one byte to `fd` (the write end of a non-blocking
+// pipe) after each delivery to it (tokens readable, or finished), so an event loop can wait on
 // the pipe instead of a thread per request. No GIL on the engine thread. A full pipe drops the
 // byte: the unread ones already wake the reader, which then polls every request it holds. The
 // caller keeps `fd` open until its requests have finished.
-std::function<void(const int32_t*, size_t, bool)> notify_callback(int fd) {
+std::function<void()> notify_callback(int fd) {
     if (fd < 0) return nullptr;
-    return [fd](const int32_t*, size_t, bool) {
+    return [fd]() {
         const char c = 1;
         ssize_t r = ::write(fd, &c, 1);
         (void)r;
@@ -409,7 +409,7 @@ void register_engine_api(py::module_& m) {
                r.keep_states = keep_states;
                r.timeout_s = timeout;
                r.logprobs = logprobs;
-               r.on_tokens = notify_callback(notify_fd);
+               r.on_ready = notify_callback(notify_fd);
                py::gil_scoped_release release;
                return g.engine().submit(std::move(r), block);
            },
@@ -419,8 +419,8 @@ void register_engine_api(py::module_& m) {
            py::arg("notify_fd") = -1,
            "Queues a request on the engine (started on first use); -> EngineSequence. "
            "block=False raises EngineBusy on a full queue; logprobs >= 0 keeps each token's "
-           "logprobs (read_logprobs); notify_fd >= 0: a byte is written there after each step "
-           "that gave the request tokens, and when it ends.")
+           "logprobs (read_logprobs); notify_fd >= 0: a byte is written there after each "
+           "delivery (tokens readable, or finished).")
         .def(
             "submit_many",
             [](Generator& g, std::vector<std::vector<int32_t>> prompts, py::list options,
@@ -439,7 +439,7 @@ void register_engine_api(py::module_& m) {
                     reqs[i].stop_strings = stops;
                     reqs[i].keep_states = keep_states;
                     reqs[i].logprobs = logprobs;
-                    reqs[i].on_tokens = notify_callback(notify_fd);
+                    reqs[i].on_ready = notify_callback(notify_fd);
                 }
                 py::gil_scoped_release release;
                 return g.engine().submit_many(std::move(reqs), block);
