@@ -375,7 +375,8 @@ def test_api_key_and_full_queue(model_dir):
         # One request runs (the only slot), one waits (the queue's only place), the third: 429.
         with httpx.Client(timeout=30) as h1, httpx.Client(timeout=30) as h2:
             with h1.stream("POST", u + "/completions", json=body, headers=auth) as running:
-                next(running.iter_lines())
+                lines = running.iter_lines()  # kept: a dropped iterator closes the response
+                next(lines)
                 with h2.stream("POST", u + "/completions", json=body, headers=auth) as waiting:
                     assert waiting.status_code == 200
                     wait_for(lambda: gen.engine_stats()["queued"] == 1)

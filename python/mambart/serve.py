@@ -287,9 +287,8 @@ class EngineBridge:
         self._poll(id(seq))  # what arrived before it was registered
 
     def _on_readable(self) -> None:
-        try:
-            while os.read(self._r, 65536):
-                pass
+        try:  # one read: bytes written meanwhile wake the loop again (a loop here could spin
+            os.read(self._r, 65536)  # for as long as a fast engine keeps writing)
         except BlockingIOError:
             pass
         for k in list(self._active):
