@@ -35,30 +35,18 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 import mambart  # noqa: E402
-from ckpt_utils import train_tokenizer  # noqa: E402
-from model_dirs import make_model_dir  # noqa: E402
+from ckpt_utils import CHAT_TEMPLATE, serve_model_dir  # noqa: E402
 from mambart.serve import BackgroundServer, ServeConfig  # noqa: E402
 
 NAME = "tiny"
-TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n"
-            "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 PROMPTS = ["The future of AI is", "Once upon a time", "def main():", "Numbers: 0 1 2",
            "Emoji and", "Café, naïve", "the quick brown fox", "Mamba models keep"]
 BIG = 10 ** 7  # a generation that runs until it is cancelled
 
 
-def tiny_model(path):
-    d = make_model_dir(path, "mamba1", vocab_size=320, vocab_size_padded=320, eos_token_id=0)
-    train_tokenizer(d / "tokenizer.json", vocab_size=320)
-    (d / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<|endoftext|>", "eos_token": {"content": "<|endoftext|>"},
-         "chat_template": TEMPLATE}))
-    return d
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return tiny_model(tmp_path_factory.mktemp("serve") / "tiny")
+    return serve_model_dir(tmp_path_factory.mktemp("serve") / "tiny")
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +127,7 @@ def test_completions_and_chat_equal_generate(client, ref, model_dir):
 
     tok = PreTrainedTokenizerFast(tokenizer_file=str(model_dir / "tokenizer.json"),
                                   bos_token="<|endoftext|>", eos_token="<|endoftext|>")
-    tok.chat_template = TEMPLATE
+    tok.chat_template = CHAT_TEMPLATE
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
     ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
     ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids

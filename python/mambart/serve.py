@@ -950,8 +950,8 @@ def create_app(state: ServerState):
     @app.get("/health")
     async def health():
         if state.draining:
-            return JSONResponse({"status": "draining"}, status_code=503)
-        return {"status": "ok"}
+            return JSONResponse({"status": "draining", "pid": os.getpid()}, status_code=503)
+        return {"status": "ok", "pid": os.getpid()}  # the pid tells replicas apart
 
     @app.get("/metrics")
     async def metrics():
