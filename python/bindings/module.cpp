@@ -351,7 +351,9 @@ void register_engine_api(py::module_& m) {
             [](EngineSequence& s, double timeout) -> py::object {
                 std::vector<int32_t> out;
                 bool more;
-                {
+                if (timeout == 0.0) {  // a poll: keeps the GIL (the engine thread never takes
+                    more = s.read(&out, 0.0);  // it; a release costs a switch interval)
+                } else {
                     py::gil_scoped_release release;
                     more = s.read(&out, timeout);
                 }
@@ -359,15 +361,18 @@ void register_engine_api(py::module_& m) {
                 return py::cast(out);
             },
             py::arg("timeout") = -1.0,
-            "Waits for tokens (timeout < 0: without limit) and returns the unread ones (possibly "
-            "an empty list on timeout), or None once finished and every token was read.")
+            "Waits for tokens (timeout < 0: without limit; 0: a poll) and returns the unread "
+            "ones (possibly an empty list on timeout), or None once finished and every token "
+            "was read.")
         .def(
             "read_logprobs",
             [](EngineSequence& s, double timeout) -> py::object {
                 std::vector<int32_t> out;
                 std::vector<TokenLogprobs> lps;
                 bool more;
-                {
+                if (timeout == 0.0) {
+                    more = s.read(&out, 0.0, &lps);
+                } else {
                     py::gil_scoped_release release;
                     more = s.read(&out, timeout, &lps);
                 }
