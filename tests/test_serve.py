@@ -486,3 +486,18 @@ def test_cli_serve_options(model_dir):
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and "Traceback" not in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_bench_serve_tool(model_dir):
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "bench_serve.py"
+    r = subprocess.run([sys.executable, str(tool), "--model", str(model_dir), "--clients", "4",
+                        "--requests", "8", "--prompt-len", "8", "--output-len", "12", "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["requests"] == 8 and res["output_tok_per_s"] > 0
+    assert res["output_tok_per_s"] * res["wall_s"] == pytest.approx(8 * 12, rel=0.02)
+    for k in ("ttft_p50_ms", "ttft_p99_ms", "tpot_p90_ms", "req_per_s", "mean_rows_per_step"):
+        assert k in res
