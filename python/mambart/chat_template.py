@@ -96,7 +96,8 @@ class ChatTemplate:
             import jinja2.ext
             from jinja2.sandbox import ImmutableSandboxedEnvironment
         except ImportError:
-            raise ValueError("rendering a chat template needs jinja2 (pip install jinja2)") from None
+            raise ValueError("rendering a chat template needs jinja2 "
+                             "(pip install jinja2)") from None
 
         class GenerationTag(jinja2.ext.Extension):
             # transformers' AssistantTracker: {% generation %}...{% endgeneration %} marks the

@@ -17,30 +17,26 @@ Needs the `serve` extra (pip install "mambart[serve]"): fastapi, uvicorn, jinja2
 prometheus-client.
 """
 
-
 import asyncio
 import contextlib
 import json
-import math
 import os
 import signal
 import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
 
 from . import _C
+from ._openai import APIError, Params, _bad, _bool, _is_int, parse_messages, parse_params
 
-MAX_LOGPROBS = 20           # top logprobs a request may ask for (OpenAI's limit)
-MAX_N = 128                 # choices per request
-MAX_STOPS = 16              # stop strings per request
 MAX_ECHO_LOGPROB_TOKENS = 1024  # echo + logprobs scores the prompt from its full logits
 MAX_BODY_BYTES = 32 << 20
 
 
-# ---------------------------------------------------------------- configuration and errors
+# ---------------------------------------------------------------- configuration
 
 @dataclass
 class ServeConfig:
@@ -55,202 +51,6 @@ class ServeConfig:
     chat_template: Optional[str] = None   # template text (None: the model's, if any)
     drain_timeout: float = 30.0           # SIGTERM: seconds to finish in-flight requests
     retry_after: int = 1                  # the Retry-After of a 429, seconds
-
-
-class APIError(Exception):
-    """An error answered as an OpenAI error object."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None,
-                 headers: Optional[Dict[str, str]] = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = (status, message, type_,
-                                                                       param, code)
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
-
-
-def _bad(param: str, message: str) -> APIError:
-    return APIError(400, message, param=param)
-
-
-# ---------------------------------------------------------------- request parameters
-
-def _is_int(v) -> bool:
-    return (isinstance(v, int) and not isinstance(v, bool)) or \
-        (isinstance(v, float) and math.isfinite(v) and v.is_integer())
-
-
-def _int(body: dict, name: str, default, lo: int, hi: int):
-    v = body.get(name)
-    if v is None:
-        return default
-    if not _is_int(v) or not lo <= int(v) <= hi:
-        raise _bad(name, f"{name} must be an integer in [{lo}, {hi}], got {json.dumps(v)}")
-    return int(v)
-
-
-def _num(body: dict, name: str, default: float, lo: float, hi: float, lo_open: bool = False):
-    v = body.get(name)
-    if v is None:
-        return default
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    if ok:
-        ok = (lo < v if lo_open else lo <= v) and v <= hi
-    if not ok:
-        rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
-        raise _bad(name, f"{name} must be a number in {rng}, got {json.dumps(v)}")
-    return float(v)
-
-
-def _bool(body: dict, name: str, default: bool) -> bool:
-    v = body.get(name)
-    if v is None:
-        return default
-    if not isinstance(v, bool):
-        raise _bad(name, f"{name} must be true or false, got {json.dumps(v)}")
-    return v
-
-
-@dataclass
-class Params:
-    """The generation parameters of one request, validated."""
-
-    max_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    min_p: float
-    repetition_penalty: float
-    seed: Optional[int]
-    stop: List[str]
-    n: int
-    ignore_eos: bool
-    stream: bool
-    include_usage: bool
-    logprobs: Optional[int]   # top tokens per generated token; None: no logprobs
-    echo: bool = False
-
-    def engine_kwargs(self) -> dict:
-        return dict(max_new_tokens=self.max_tokens, temperature=self.temperature,
-                    top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
-                    repetition_penalty=self.repetition_penalty, seed=self.seed,
-                    stop_token_ids=None, ignore_eos=self.ignore_eos)
-
-
-def _unsupported(body: dict) -> None:
-    """Fields whose non-neutral values this server cannot honour: refused, not ignored."""
-    for name in ("presence_penalty", "frequency_penalty"):
-        v = body.get(name)
-        if v not in (None, 0, 0.0):
-            raise _bad(name, f"{name} is not supported (use repetition_penalty); got "
-                             f"{json.dumps(v)}")
-    if body.get("logit_bias") not in (None, {}):
-        raise _bad("logit_bias", "logit_bias is not supported")
-    if body.get("suffix") not in (None, ""):
-        raise _bad("suffix", "suffix is not supported")
-    if body.get("tools") not in (None, []):
-        raise _bad("tools", "tools are not supported by this server")
-    rf = body.get("response_format")
-    if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
-        raise _bad("response_format", "response_format other than {\"type\": \"text\"} is not "
-                                      "supported")
-    if body.get("user") is not None and not isinstance(body.get("user"), str):
-        raise _bad("user", "user must be a string")
-
-
-def parse_params(body: dict, cfg: ServeConfig, chat: bool) -> Params:
-    _unsupported(body)
-    n = _int(body, "n", 1, 1, MAX_N)
-    best_of = body.get("best_of")
-    if best_of is not None and best_of != n:
-        raise _bad("best_of", "best_of is not supported (give n only)")
-    if chat:
-        max_tokens = _int(body, "max_completion_tokens", None, 0, cfg.max_tokens)
-        if max_tokens is None:
-            max_tokens = _int(body, "max_tokens", cfg.max_tokens, 0, cfg.max_tokens)
-    else:
-        max_tokens = _int(body, "max_tokens", min(16, cfg.max_tokens), 0, cfg.max_tokens)
-    top_k = _int(body, "top_k", 0, -1, 1 << 31)
-    seed = body.get("seed")
-    if seed is not None and (not _is_int(seed) or not 0 <= int(seed) < 1 << 64):
-        raise _bad("seed", f"seed must be an integer in [0, 2^64), got {json.dumps(seed)}")
-    stop = body.get("stop")
-    if stop is None:
-        stops = []
-    elif isinstance(stop, str):
-        stops = [stop]
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        stops = list(stop)
-    else:
-        raise _bad("stop", "stop must be a string or a list of strings")
-    if len(stops) > MAX_STOPS or any(not s for s in stops):
-        raise _bad("stop", f"stop must hold at most {MAX_STOPS} non-empty strings")
-    stream = _bool(body, "stream", False)
-    so = body.get("stream_options")
-    if so is not None and (not stream or not isinstance(so, dict)):
-        raise _bad("stream_options", "stream_options is an object, allowed with stream: true")
-    include_usage = bool(so and _bool(so, "include_usage", False))
-    if chat:
-        want = _bool(body, "logprobs", False)
-        top = _int(body, "top_logprobs", None, 0, MAX_LOGPROBS)
-        if top is not None and not want:
-            raise _bad("top_logprobs", "top_logprobs needs logprobs: true")
-        logprobs = (top or 0) if want else None
-        echo = False
-    else:
-        logprobs = _int(body, "logprobs", None, 0, MAX_LOGPROBS)
-        echo = _bool(body, "echo", False)
-    return Params(max_tokens=max_tokens,
-                  temperature=_num(body, "temperature", 1.0, 0.0, 1e4),
-                  top_p=_num(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
-                  top_k=max(top_k, 0),
-                  min_p=_num(body, "min_p", 0.0, 0.0, 1.0),
-                  repetition_penalty=_num(body, "repetition_penalty", 1.0, 0.0, 1e4,
-                                          lo_open=True),
-                  seed=None if seed is None else int(seed), stop=stops, n=n,
-                  ignore_eos=_bool(body, "ignore_eos", False), stream=stream,
-                  include_usage=include_usage, logprobs=logprobs, echo=echo)
-
-
-def _message_text(i: int, m: dict) -> Optional[str]:
-    c = m.get("content")
-    if c is None or isinstance(c, str):
-        return c
-    if isinstance(c, list):
-        parts = []
-        for p in c:
-            if not (isinstance(p, dict) and p.get("type") == "text" and
-                    isinstance(p.get("text"), str)):
-                raise _bad("messages", f"messages[{i}].content: only text parts "
-                                       f"({{\"type\": \"text\", \"text\": ...}}) are supported")
-            parts.append(p["text"])
-        return "".join(parts)
-    raise _bad("messages", f"messages[{i}].content must be a string or a list of text parts")
-
-
-ROLES = ("system", "developer", "user", "assistant", "tool")
-
-
-def parse_messages(body: dict) -> List[dict]:
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise _bad("messages", "messages must be a non-empty list of {role, content} objects")
-    out = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise _bad("messages", f"messages[{i}] must be an object with a role in "
-                                   f"{', '.join(ROLES)}")
-        text = _message_text(i, m)
-        if text is None and m["role"] != "assistant":
-            raise _bad("messages", f"messages[{i}].content is missing")
-        mm = dict(m)
-        mm["content"] = text if text is not None else ""
-        out.append(mm)
-    return out
 
 
 # ---------------------------------------------------------------- the engine, from the loop
@@ -779,61 +579,32 @@ def create_app(state: ServerState):
             gone.cancel()
             job.end()
 
-    # ---- /v1/completions
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        t0 = time.perf_counter()
-        authorize(request)
-        body = await read_body(request)
-        params = parse_params(body, cfg, chat=False)
-        prompts = prompts_of(body)
-        echo_lps = None
-        if params.echo:
-            if params.logprobs is not None:
-                if any(len(ids) > MAX_ECHO_LOGPROB_TOKENS for ids in prompts):
-                    raise _bad("echo", f"echo with logprobs takes prompts of at most "
-                                       f"{MAX_ECHO_LOGPROB_TOKENS} tokens")
-                echo_lps = [await asyncio.to_thread(_prompt_logprobs, state.gen, ids,
-                                                    params.logprobs) for ids in prompts]
-        job = _Job(state, prompts, params, t0)
-        job.submit()
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    async def answer(request: Request, job: _Job, kind: str, prelude, on_event, final):
+        """The response to a submitted job, for either route. Streamed: the `prelude()` choice
+        deltas, then `on_event(choice, text, logprobs, finished)`'s per event, the usage chunk
+        when asked, `[DONE]`. Whole: `final(choice, its text)` per choice, and the usage."""
+        rid = ("cmpl-" if kind == "text_completion" else "chatcmpl-") + uuid.uuid4().hex
+        created = int(time.time())
 
-        def echo_text(pi: int) -> str:
-            return state.gen.tokenizer.decode(prompts[pi]) if params.echo else ""
+        def obj(name, choices, **more):
+            return dict({"id": rid, "object": name, "created": created,
+                         "model": cfg.model_name, "choices": choices}, **more)
 
-        def chunk(ch, text, lp_obj, reason):
-            return {"id": rid, "object": "text_completion", "created": created,
-                    "model": cfg.model_name,
-                    "choices": [{"index": ch.index, "text": text, "logprobs": lp_obj,
-                                 "finish_reason": reason}]}
+        if job.params.stream:
+            name = kind if kind == "text_completion" else kind + ".chunk"
 
-        if params.stream:
             async def stream():
-                offsets = {}
                 try:
-                    for ch in job.choices:
-                        if params.echo:
-                            lp_obj = None
-                            if echo_lps is not None:
-                                lp_obj, offsets[ch.index] = _completion_logprobs(
-                                    state, echo_lps[ch.prompt_index], 0)
-                            yield _sse(chunk(ch, echo_text(ch.prompt_index), lp_obj, None))
+                    for c in prelude():
+                        yield _sse(obj(name, [c]))
                     async for ch, text, kept, fin in job.events():
                         if ch.error:
                             yield _sse(APIError(500, ch.error, "server_error").body())
                             continue
-                        lp_obj = None
-                        if params.logprobs is not None and kept:
-                            lp_obj, offsets[ch.index] = _completion_logprobs(
-                                state, kept, offsets.get(ch.index, 0))
-                        if text or lp_obj or fin:
-                            yield _sse(chunk(ch, text, lp_obj, ch.finish_reason if fin
-                                             else None))
-                    if params.include_usage:
-                        yield _sse({"id": rid, "object": "text_completion", "created": created,
-                                    "model": cfg.model_name, "choices": [],
-                                    "usage": job.usage()})
+                        for c in on_event(ch, text, kept, fin):
+                            yield _sse(obj(name, [c]))
+                    if job.params.include_usage:
+                        yield _sse(obj(name, [], usage=job.usage()))
                     yield b"data: [DONE]\n\n"
                 finally:
                     job.end()
@@ -842,26 +613,68 @@ def create_app(state: ServerState):
 
         async def respond(job):
             texts = {c.index: [] for c in job.choices}
-            async for ch, text, kept, fin in job.events():
+            async for ch, text, _, _ in job.events():
                 texts[ch.index].append(text)
-            choices = []
             for ch in job.choices:
                 if ch.error:
                     raise APIError(500, ch.error, "server_error")
-                lp_obj = None
-                if params.logprobs is not None:
-                    entries = (echo_lps[ch.prompt_index] if echo_lps else []) + ch.logprobs
-                    lp_obj, _ = _completion_logprobs(state, entries, 0)
-                choices.append({"index": ch.index,
-                                "text": echo_text(ch.prompt_index) + "".join(texts[ch.index]),
-                                "logprobs": lp_obj, "finish_reason": ch.finish_reason})
-            return {"id": rid, "object": "text_completion", "created": created,
-                    "model": cfg.model_name, "choices": choices, "usage": job.usage()}
+            return obj(kind, [final(ch, "".join(texts[ch.index])) for ch in job.choices],
+                       usage=job.usage())
 
         try:
             return await run(request, job, respond)
         finally:
             job.end()
+
+    # ---- /v1/completions
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        t0 = time.perf_counter()
+        authorize(request)
+        body = await read_body(request)
+        params = parse_params(body, cfg.max_tokens, chat=False)
+        prompts = prompts_of(body)
+        echo_lps = None
+        if params.echo and params.logprobs is not None:
+            if any(len(ids) > MAX_ECHO_LOGPROB_TOKENS for ids in prompts):
+                raise _bad("echo", f"echo with logprobs takes prompts of at most "
+                                   f"{MAX_ECHO_LOGPROB_TOKENS} tokens")
+            echo_lps = [await asyncio.to_thread(_prompt_logprobs, state.gen, ids,
+                                                params.logprobs) for ids in prompts]
+        job = _Job(state, prompts, params, t0)
+        job.submit()
+        offsets = {}  # text_offset of each choice's next token (streamed logprobs)
+
+        def echo_text(pi: int) -> str:
+            return state.gen.tokenizer.decode(prompts[pi]) if params.echo else ""
+
+        def choice(ch, text, lp_obj, reason):
+            return {"index": ch.index, "text": text, "logprobs": lp_obj, "finish_reason": reason}
+
+        def prelude():
+            for ch in job.choices if params.echo else ():
+                lp_obj = None
+                if echo_lps is not None:
+                    lp_obj, offsets[ch.index] = _completion_logprobs(
+                        state, echo_lps[ch.prompt_index], 0)
+                yield choice(ch, echo_text(ch.prompt_index), lp_obj, None)
+
+        def on_event(ch, text, kept, fin):
+            lp_obj = None
+            if params.logprobs is not None and kept:
+                lp_obj, offsets[ch.index] = _completion_logprobs(state, kept,
+                                                                 offsets.get(ch.index, 0))
+            if text or lp_obj or fin:
+                yield choice(ch, text, lp_obj, ch.finish_reason if fin else None)
+
+        def final(ch, text):
+            lp_obj = None
+            if params.logprobs is not None:
+                entries = (echo_lps[ch.prompt_index] if echo_lps else []) + ch.logprobs
+                lp_obj, _ = _completion_logprobs(state, entries, 0)
+            return choice(ch, echo_text(ch.prompt_index) + text, lp_obj, ch.finish_reason)
+
+        return await answer(request, job, "text_completion", prelude, on_event, final)
 
     # ---- /v1/chat/completions
     @app.post("/v1/chat/completions")
@@ -869,7 +682,7 @@ def create_app(state: ServerState):
         t0 = time.perf_counter()
         authorize(request)
         body = await read_body(request)
-        params = parse_params(body, cfg, chat=True)
+        params = parse_params(body, cfg.max_tokens, chat=True)
         messages = parse_messages(body)
         if state.template is None:
             raise APIError(400, "this model has no chat template: start the server with "
@@ -885,60 +698,28 @@ def create_app(state: ServerState):
                         "messages")
         job = _Job(state, [ids], params, t0)
         job.submit()
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         want_lp = params.logprobs is not None
 
-        def chunk(ch, delta, lp_obj, reason):
-            return {"id": rid, "object": "chat.completion.chunk", "created": created,
-                    "model": cfg.model_name,
-                    "choices": [{"index": ch.index, "delta": delta, "logprobs": lp_obj,
-                                 "finish_reason": reason}]}
+        def delta(ch, d, lp_obj, reason):
+            return {"index": ch.index, "delta": d, "logprobs": lp_obj, "finish_reason": reason}
 
-        if params.stream:
-            async def stream():
-                try:
-                    for ch in job.choices:
-                        yield _sse(chunk(ch, {"role": "assistant", "content": ""}, None, None))
-                    async for ch, text, kept, fin in job.events():
-                        if ch.error:
-                            yield _sse(APIError(500, ch.error, "server_error").body())
-                            continue
-                        lp_obj = _chat_logprobs(state, kept) if want_lp and kept else None
-                        if text or lp_obj:
-                            yield _sse(chunk(ch, {"content": text}, lp_obj, None))
-                        if fin:
-                            yield _sse(chunk(ch, {}, None, ch.finish_reason))
-                    if params.include_usage:
-                        yield _sse({"id": rid, "object": "chat.completion.chunk",
-                                    "created": created, "model": cfg.model_name, "choices": [],
-                                    "usage": job.usage()})
-                    yield b"data: [DONE]\n\n"
-                finally:
-                    job.end()
+        def prelude():
+            return [delta(ch, {"role": "assistant", "content": ""}, None, None)
+                    for ch in job.choices]
 
-            return SSEResponse(stream(), job.end)
+        def on_event(ch, text, kept, fin):
+            lp_obj = _chat_logprobs(state, kept) if want_lp and kept else None
+            if text or lp_obj:
+                yield delta(ch, {"content": text}, lp_obj, None)
+            if fin:
+                yield delta(ch, {}, None, ch.finish_reason)
 
-        async def respond(job):
-            texts = {c.index: [] for c in job.choices}
-            async for ch, text, kept, fin in job.events():
-                texts[ch.index].append(text)
-            choices = []
-            for ch in job.choices:
-                if ch.error:
-                    raise APIError(500, ch.error, "server_error")
-                choices.append({"index": ch.index,
-                                "message": {"role": "assistant",
-                                            "content": "".join(texts[ch.index])},
-                                "logprobs": _chat_logprobs(state, ch.logprobs) if want_lp
-                                else None,
-                                "finish_reason": ch.finish_reason})
-            return {"id": rid, "object": "chat.completion", "created": created,
-                    "model": cfg.model_name, "choices": choices, "usage": job.usage()}
+        def final(ch, text):
+            return {"index": ch.index, "message": {"role": "assistant", "content": text},
+                    "logprobs": _chat_logprobs(state, ch.logprobs) if want_lp else None,
+                    "finish_reason": ch.finish_reason}
 
-        try:
-            return await run(request, job, respond)
-        finally:
-            job.end()
+        return await answer(request, job, "chat.completion", prelude, on_event, final)
 
     @app.get("/v1/models")
     async def models(request: Request):
