@@ -84,7 +84,7 @@ bool EngineSequence::read(std::vector<int32_t>* out, double timeout_s,
     auto ready = [&] { return !unread_.empty() || finished_; };
     if (timeout_s < 0)
         cv_.wait(lk, ready);
-    else
+    else if (timeout_s > 0)  // 0: a poll, no wait
         cv_.wait_for(lk, std::chrono::duration<double>(timeout_s), ready);
     out->insert(out->end(), unread_.begin(), unread_.end());
     if (logprobs)

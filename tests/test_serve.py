@@ -493,7 +493,8 @@ def test_bench_serve_tool(model_dir):
 
     tool = Path(__file__).resolve().parents[1] / "tools" / "bench_serve.py"
     r = subprocess.run([sys.executable, str(tool), "--model", str(model_dir), "--clients", "4",
-                        "--requests", "8", "--prompt-len", "8", "--output-len", "12", "--json"],
+                        "--requests", "8", "--prompt-len", "8", "--output-len", "12", "--json",
+                        "--in-process"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])

@@ -3,10 +3,11 @@ async client) stream completions, closed loop or at a request rate; prints time 
 inter-token latency and time per output token (p50 / p90 / p99), request and token throughput,
 and the server's mean decode rows per step when it exports mambart's /metrics.
 
-The server is --url (any OpenAI-compatible one), or --model: a mambart server started in this
-process (mambart.serve.BackgroundServer) on a model directory, a bundled name (mambart-demo),
-or a published shape (mamba-1.4b, mamba2-1.3b, ... with random weights as in tools/bench.py and
-a tokenizer of one literal token per id, so every token is a chunk of text).
+The server is --url (any OpenAI-compatible one), or --model: `mambart serve` started as a
+separate process (or, with --in-process, on a thread of this one: BackgroundServer) on a model
+directory, a bundled name (mambart-demo), or a published shape (mamba-1.4b, mamba2-1.3b, ...
+with random weights as in tools/bench.py and a tokenizer of one literal token per id, so every
+token is a chunk of text).
 
 Prompts are random token ids of --prompt-len (exact lengths); every request asks for exactly
 --output-len tokens (ignore_eos). Examples:
@@ -154,6 +155,37 @@ def print_table(res: dict) -> None:
               f"{res[name + '_p99_ms']:.1f} |")
 
 
+def spawn_server(model: str, name: str, device: str, limits: dict):
+    """`mambart serve` in a process of its own on a free port: -> (process, base URL)."""
+    import re
+
+    import httpx
+
+    args = [sys.executable, "-m", "mambart", "serve", model, "--port", "0", "--device", device,
+            "--served-model-name", name, "--log-level", "warning"]
+    for k, v in limits.items():
+        args += ["--" + k.replace("_", "-"), str(v)]
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+    line = proc.stderr.readline()
+    m = re.search(r"(http://\S+/v1)", line)
+    if not m:
+        proc.kill()
+        raise RuntimeError(f"the server did not start: {line}{proc.stderr.read()[-2000:]}")
+    url = m.group(1)
+    import threading  # keep reading its stderr, so that a full pipe never blocks it
+
+    threading.Thread(target=proc.stderr.read, daemon=True).start()
+    for _ in range(600):
+        try:
+            if httpx.get(url[:-3] + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("the server did not answer /health")
+
+
 def git_sha() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -174,6 +206,9 @@ def main(argv=None) -> int:
     p.add_argument("--api-key", default=None)
     p.add_argument("--device", default="cpu", help="--model's device (default cpu)")
     p.add_argument("--dtype", default="bfloat16", help="a published shape's dtype (bfloat16)")
+    p.add_argument("--in-process", action="store_true",
+                   help="--model's server on a thread of this process, not a process of its own "
+                        "(the clients then share its GIL)")
     p.add_argument("--clients", type=int, default=32, help="concurrent requests at most (32)")
     p.add_argument("--requests", type=int, default=None, help="requests in all (2 x clients)")
     p.add_argument("--rate", type=float, default=0.0,
@@ -190,20 +225,23 @@ def main(argv=None) -> int:
     n = a.requests if a.requests is not None else 2 * a.clients
     warm = a.clients if a.warmup is None else a.warmup
 
-    server = None
+    server = proc = None
     with tempfile.TemporaryDirectory() as tmp:
         if a.model is not None:
-            import mambart
-            from mambart.serve import BackgroundServer, ServeConfig
-
             model, tok = make_model(a.model, a.dtype, Path(tmp))
-            gen = mambart.Generator(model, device=a.device, tokenizer=tok)
             name = a.served_model_name or a.model
-            cfg = ServeConfig(model_name=name, max_running=max(a.clients, 1),
-                              max_queue=max(n, warm, 1), max_tokens=max(a.output_len, 1),
-                              max_prompt_tokens=max(a.prompt_len, 1))
-            server = BackgroundServer(gen, cfg).start()
-            url, vocab = server.url, gen.vocab_size
+            limits = dict(max_running=a.clients, max_queue=max(n, warm, 1),
+                          max_tokens=a.output_len, max_prompt_tokens=a.prompt_len)
+            if a.in_process:
+                import mambart
+                from mambart.serve import BackgroundServer, ServeConfig
+
+                gen = mambart.Generator(model, device=a.device, tokenizer=tok)
+                server = BackgroundServer(gen, ServeConfig(model_name=name, **limits)).start()
+                url, vocab = server.url, gen.vocab_size
+            else:
+                proc, url = spawn_server(model, name, a.device, limits)
+                vocab = tok.get_vocab_size() if tok is not None else 256
         else:
             import openai
 
@@ -224,6 +262,9 @@ def main(argv=None) -> int:
         finally:
             if server is not None:
                 server.stop()
+            if proc is not None:
+                proc.terminate()
+                proc.wait(60)
     res = summarize(records, wall, before, after, a)
     res.update(model=a.model or name, device=a.device if a.model else None, git_sha=git_sha(),
                date=time.strftime("%Y-%m-%d"))

@@ -179,14 +179,15 @@ class SequenceAPI:
         return stream, dict(keep=keep, cached=cached, n=len(prompts))
 
     def _submit_rows(self, prompts, states, kwargs, keep_states: bool, stops=(),
-                     logprobs=None, block: bool = True, notify_fd: int = -1):
+                     logprobs=None, block: bool = True, notifier=None, keys=None):
         """Submits one engine request per row (issue 14): -> (EngineSequence per row, info).
         Row r of a batch draws from RNG stream r unless it has its own seed or continues a
         state's generation, as a fixed batch did. Stop strings are matched by the engine when
         it has the vocabulary's bytes; info["py_stops"] says when Python must match them.
         logprobs: None, or the number of top tokens to report with each token's logprob (the
         sequences are then read with read_logprobs). block=False raises _C.EngineBusy on a
-        full queue; notify_fd: see _C.Generator.submit (the server's event loop waits on it)."""
+        full queue; notifier (a _C.Notifier) and keys (one per row): each row writes its key to the
+        notifier's pipe after each delivery (the server's event loop waits on it)."""
         from . import _args
 
         lp = -1 if logprobs is None else _args.integer("logprobs", logprobs, 0, self.vocab_size)
@@ -197,7 +198,7 @@ class SequenceAPI:
             if o.rng_stream < 0:
                 o.rng_stream = r
         seqs = self._g.submit_many(feeds, opts, starts, list(stops) if engine_stops else [],
-                                   keep, block, lp, notify_fd)
+                                   keep, block, lp, notifier, list(keys or []))
         return seqs, dict(keep=keep, cached=cached, n=len(prompts), logprobs=lp,
                           py_stops=bool(stops) and not engine_stops)
 

@@ -2,8 +2,8 @@
 
 FastAPI + uvicorn. Every HTTP request becomes engine requests (one per prompt and choice), so
 concurrent requests share decode steps. The event loop never waits on the engine: requests are
-submitted with a notify pipe (the engine thread writes a byte after each delivery) and one
-reader on the loop polls the sequences it holds (EngineBridge), so a stream costs no thread.
+submitted with a notifier pipe (the engine thread writes the request's key after each delivery)
+and one reader on the loop polls the sequences named (EngineBridge): a stream costs no thread.
 
 Routes: POST /v1/completions and /v1/chat/completions (JSON, or Server-Sent Events in OpenAI's
 chunk format ending with `data: [DONE]` when "stream" is true), GET /v1/models, GET /health,
@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import signal
+import struct
 import sys
 import threading
 import time
@@ -58,56 +59,64 @@ class ServeConfig:
 class EngineBridge:
     """Reads engine sequences from the event loop without a thread per request.
 
-    Requests are submitted with notify_fd = the write end of a non-blocking pipe; the engine
-    writes a byte after each delivery. The loop's reader drains the pipe and polls every
-    sequence it holds (read with timeout 0), putting (key, tokens, logprobs) into the owner's
-    asyncio.Queue, and (key, None, None) once the sequence finished and was read out."""
+    Requests are submitted with a _C.Notifier and a key each: the engine thread writes the key
+    to the notifier's pipe after each delivery. The loop's reader reads the keys and polls
+    those sequences (read with timeout 0), putting (choice, tokens, logprobs) into the owner's
+    asyncio.Queue, and (choice, None, None) once the sequence finished and was read out. After
+    a dropped key (a full pipe) it polls every sequence it holds."""
 
     def __init__(self):
-        self._r, self._w = os.pipe()
-        os.set_blocking(self._r, False)
-        os.set_blocking(self._w, False)
-        self._active: Dict[int, tuple] = {}  # id(seq) -> (seq, with logprobs, queue, key)
+        self.notifier = _C.Notifier()
+        self._fd = self.notifier.fileno()
+        self._active: Dict[int, tuple] = {}  # key -> (seq, with logprobs, queue, choice)
+        self._next_key = 1
+        self._partial = b""
         self._loop: Optional[asyncio.AbstractEventLoop] = None
-
-    @property
-    def notify_fd(self) -> int:
-        return self._w
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Reads the pipe on `loop`, the loop the requests run on (one loop per server)."""
         if self._loop is None:
             self._loop = loop
-            loop.add_reader(self._r, self._on_readable)
+            loop.add_reader(self._fd, self._on_readable)
         elif self._loop is not loop:
             raise RuntimeError("EngineBridge: requests from a second event loop")
 
-    def add(self, seq, logprobs: bool, queue: asyncio.Queue, key) -> None:
-        self._active[id(seq)] = (seq, logprobs, queue, key)
-        self._poll(id(seq))  # what arrived before it was registered
+    def keys(self, n: int) -> List[int]:
+        k = self._next_key
+        self._next_key += n
+        return list(range(k, k + n))
+
+    def add(self, key: int, seq, logprobs: bool, queue: asyncio.Queue, choice) -> None:
+        self._active[key] = (seq, logprobs, queue, choice)
+        self._poll(key)  # what arrived before it was registered
 
     def _on_readable(self) -> None:
-        try:  # one read: bytes written meanwhile wake the loop again (a loop here could spin
-            os.read(self._r, 65536)  # for as long as a fast engine keeps writing)
+        try:  # one read: keys written meanwhile wake the loop again
+            data = self._partial + os.read(self._fd, 1 << 16)
         except BlockingIOError:
-            pass
-        for k in list(self._active):
+            data = self._partial
+        cut = len(data) - len(data) % 8
+        self._partial = data[cut:]
+        keys = set(struct.unpack(f"<{cut // 8}Q", data[:cut]))
+        if self.notifier.take_overflow():
+            keys = set(self._active)
+        for k in keys:
             self._poll(k)
 
     def _poll(self, k: int) -> None:
         entry = self._active.get(k)
         if entry is None:
             return
-        seq, lp, queue, key = entry
+        seq, lp, queue, choice = entry
         got = seq.read_logprobs(0.0) if lp else seq.read(0.0)
         if got is None:
             del self._active[k]
-            queue.put_nowait((key, None, None))
+            queue.put_nowait((choice, None, None))
             return
         toks, lps = got if lp else (got, None)
         if toks:
-            queue.put_nowait((key, toks, lps))
-            if seq.finished:  # read the end now rather than at the next byte
+            queue.put_nowait((choice, toks, lps))
+            if seq.finished:  # read the end now rather than at the next key
                 self._poll(k)
 
     def cancel_all(self) -> None:
@@ -117,18 +126,13 @@ class EngineBridge:
     def __len__(self) -> int:
         return len(self._active)
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Cancels what is left and closes the pipe once the engine is done with it (a
-        sequence still running keeps it open: the engine would write into a reused fd)."""
+    def close(self) -> None:
+        """Stops reading and cancels what is left (the pipe closes once the engine has let go
+        of every request's callback)."""
         if self._loop is not None:
             with contextlib.suppress(Exception):
-                self._loop.remove_reader(self._r)
-        seqs = [e[0] for e in self._active.values()]
-        for s in seqs:
-            s.cancel()
-        if all(s.wait(timeout) for s in seqs):
-            os.close(self._r)
-            os.close(self._w)
+                self._loop.remove_reader(self._fd)
+        self.cancel_all()
         self._active.clear()
 
 
@@ -272,7 +276,7 @@ class _Choice:
 
         self.index, self.prompt_index = index, prompt_index
         self.ts = TextStream(tokenizer, stops)
-        self.seq = None
+        self.seq, self.key = None, 0
         self.token_ids: List[int] = []
         self.logprobs: List[tuple] = []   # (token, logprob, [(id, logprob)]) per kept token
         self.finish_reason: Optional[str] = None
@@ -329,10 +333,11 @@ class _Job:
         seqs_all = []
         try:
             for pi, ids in enumerate(self.prompts):
+                keys = st.bridge.keys(p.n)
                 try:
                     seqs, rows = gen._submit_rows([ids] * p.n, None, p.engine_kwargs(), False,
                                                   p.stop, logprobs=p.logprobs, block=False,
-                                                  notify_fd=st.bridge.notify_fd)
+                                                  notifier=st.bridge.notifier, keys=keys)
                 except _C.EngineBusy as e:
                     raise APIError(429, f"the server is busy ({e})", "rate_limit_error",
                                    code="rate_limit_exceeded",
@@ -348,7 +353,7 @@ class _Job:
                 self.rows.append(rows)
                 for j, seq in enumerate(seqs):
                     ch = _Choice(pi * p.n + j, pi, gen.tokenizer, p.stop)
-                    ch.seq = seq
+                    ch.seq, ch.key = seq, keys[j]
                     ch.cached = rows["cached"][j]
                     self.choices.append(ch)
         except BaseException:
@@ -356,7 +361,7 @@ class _Job:
                 s.cancel()
             raise
         for ch in self.choices:
-            st.bridge.add(ch.seq, p.logprobs is not None, self.queue, ch.index)
+            st.bridge.add(ch.key, ch.seq, p.logprobs is not None, self.queue, ch.index)
         st.metrics.prompt_tokens.inc(sum(len(ids) for ids in self.prompts))
         st.inflight += 1
 
@@ -480,7 +485,7 @@ def create_app(state: ServerState):
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
-        await asyncio.to_thread(state.bridge.close)
+        state.bridge.close()
 
     app = FastAPI(title="mambart", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
@@ -595,17 +600,21 @@ def create_app(state: ServerState):
 
             async def stream():
                 try:
-                    for c in prelude():
-                        yield _sse(obj(name, [c]))
+                    first = b"".join(_sse(obj(name, [c])) for c in prelude())
+                    if first:
+                        yield first
+                    buf = []  # events already queued go out in one write
                     async for ch, text, kept, fin in job.events():
                         if ch.error:
-                            yield _sse(APIError(500, ch.error, "server_error").body())
-                            continue
-                        for c in on_event(ch, text, kept, fin):
-                            yield _sse(obj(name, [c]))
+                            buf.append(_sse(APIError(500, ch.error, "server_error").body()))
+                        else:
+                            buf += [_sse(obj(name, [c])) for c in on_event(ch, text, kept, fin)]
+                        if buf and job.queue.empty():
+                            yield b"".join(buf)
+                            buf = []
                     if job.params.include_usage:
-                        yield _sse(obj(name, [], usage=job.usage()))
-                    yield b"data: [DONE]\n\n"
+                        buf.append(_sse(obj(name, [], usage=job.usage())))
+                    yield b"".join(buf) + b"data: [DONE]\n\n"
                 finally:
                     job.end()
 
