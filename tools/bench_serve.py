@@ -187,6 +187,8 @@ def spawn_server(model: str, name: str, device: str, limits: dict):
 
 
 def git_sha() -> str:
+    if not (ROOT / ".git").exists():  # a copy of the tree: not the commit of a repo above it
+        return ""
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, cwd=ROOT, timeout=10).stdout.strip()
