@@ -13,6 +13,8 @@
 #include "engine.h"
 #include "error.h"
 #include "generator.h"
+#include "layers/registry.h"
+#include "state_file.h"
 
 #ifndef MAMBART_VERSION_STRING
 #define MAMBART_VERSION_STRING "0.0.0"
@@ -78,6 +80,9 @@ mambart_status guarded(HandleError* he, F&& f) {
     } catch (const ModelLoadError& e) {
         st = MAMBART_ERR_MODEL_LOAD;
         msg = e.what();
+    } catch (const StateError& e) {
+        st = MAMBART_ERR_STATE;
+        msg = e.what();
     } catch (const Unsupported& e) {
         st = MAMBART_ERR_UNSUPPORTED;
         msg = e.what();
@@ -107,6 +112,7 @@ mambart_status fail(mambart_status st, const std::string& msg) {
 struct mambart_model {
     uint64_t magic = kModelMagic;
     std::unique_ptr<Generator> g;
+    std::shared_ptr<const StateIdentity> id;  // what its state files record
     HandleError err;
 };
 
@@ -122,6 +128,7 @@ struct mambart_request {
 struct mambart_state {
     uint64_t magic = kStateMagic;
     const mambart_model* model = nullptr;  // the model it belongs to
+    std::shared_ptr<const StateIdentity> id;  // the model's identity, for saving
     std::shared_ptr<SequenceState> s;
 };
 
@@ -200,6 +207,9 @@ mambart_status mambart_model_load(const char* model_dir, const mambart_load_opti
         }
         MAMBART_CHECK_ARG(o.max_slots >= 0 && o.max_queue >= 0,
                           "options.max_slots and options.max_queue must be >= 0");
+        MAMBART_CHECK_ARG(o.prompt_cache_bytes <= (size_t(1) << 62),
+                          "options.prompt_cache_bytes is ", o.prompt_cache_bytes,
+                          ", more than any memory (0 turns the prompt cache off)");
         std::unique_ptr<DType> dt;
         if (o.dtype) {
             const std::string d = o.dtype;
@@ -210,9 +220,11 @@ mambart_status mambart_model_load(const char* model_dir, const mambart_load_opti
         }
         auto m = std::make_unique<mambart_model>();
         m->g = std::make_unique<Generator>(model_dir, o.device ? o.device : "cpu", dt.get());
+        m->id = std::make_shared<StateIdentity>(m->g->state_identity());
         EngineOptions eo;
         eo.max_slots = o.max_slots;
         if (o.max_queue > 0) eo.max_queue = o.max_queue;
+        eo.prompt_cache_bytes = o.prompt_cache_bytes;
         m->g->engine(&eo);
         register_handle(m.get());
         *out = m.release();
@@ -255,9 +267,11 @@ mambart_status mambart_model_stats(mambart_model* m, mambart_stats* out) {
     return guarded(&m->err, [&] {
         MAMBART_CHECK_ARG(out, "out is NULL");
         const EngineStats s = m->g->engine().stats();
-        *out = mambart_stats{s.running, s.prefilling, s.queued, s.slots, s.steps,
-                             s.rows_decoded, s.tokens_generated, s.submitted, s.finished,
-                             s.cancelled, s.rejected};
+        *out = mambart_stats{s.running,      s.prefilling,      s.queued,        s.slots,
+                             s.steps,        s.rows_decoded,    s.tokens_generated,
+                             s.submitted,    s.finished,        s.cancelled,     s.rejected,
+                             s.cache_hits,   s.cache_misses,    s.cached_tokens, s.prompt_tokens,
+                             s.cache_entries, s.cache_bytes,    s.cache_max_bytes};
         return MAMBART_OK;
     });
 }
@@ -413,6 +427,7 @@ mambart_status mambart_request_state(mambart_request* r, mambart_state** out) {
         MAMBART_CHECK_ARG(s, "the request kept no state (submit it with keep_state = 1)");
         auto h = std::make_unique<mambart_state>();
         h->model = r->model;
+        h->id = r->model->id;
         h->s = std::move(s);
         register_handle(h.get());
         *out = h.release();
@@ -448,6 +463,7 @@ mambart_status mambart_prefill(mambart_model* m, const int32_t* prompt, size_t n
         std::vector<int32_t> ids(prompt, prompt + n);
         auto h = std::make_unique<mambart_state>();
         h->model = m;
+        h->id = m->id;
         h->s = m->g->prefill(ids, from ? from->s.get() : nullptr);
         register_handle(h.get());
         *out = h.release();
@@ -463,6 +479,32 @@ void mambart_state_free(mambart_state* s) {
     if (!state_ok(s) || !unregister_handle(s)) return;
     s->magic = 0;
     delete s;
+}
+
+mambart_status mambart_state_save(const mambart_state* s, const char* path) {
+    if (!state_ok(s)) return bad_handle("state");
+    return guarded(nullptr, [&] {
+        MAMBART_CHECK_ARG(path && *path, "path is NULL or empty");
+        write_state_file(path, state_file_of(*s->s, *s->id));
+        return MAMBART_OK;
+    });
+}
+
+mambart_status mambart_state_load(mambart_model* m, const char* path, mambart_state** out) {
+    if (!model_ok(m)) return bad_handle("model");
+    return guarded(&m->err, [&] {
+        MAMBART_CHECK_ARG(out, "out is NULL");
+        *out = nullptr;
+        MAMBART_CHECK_ARG(path && *path, "path is NULL or empty");
+        const StateFile f = read_state_file(path, layer_types());
+        auto h = std::make_unique<mambart_state>();
+        h->model = m;
+        h->id = m->id;
+        h->s = m->g->state_from_file(f, path);
+        register_handle(h.get());
+        *out = h.release();
+        return MAMBART_OK;
+    });
 }
 
 }  // extern "C"

@@ -35,7 +35,8 @@ extern "C" {
 #define MAMBART_API __attribute__((visibility("default")))
 #endif
 
-#define MAMBART_C_API_VERSION 1
+/* 2: state files (mambart_state_save / _load), the prompt cache (load option, statistics). */
+#define MAMBART_C_API_VERSION 2
 
 typedef enum mambart_status {
     MAMBART_OK = 0,
@@ -45,7 +46,9 @@ typedef enum mambart_status {
     MAMBART_ERR_BUSY = 4,             /* the engine's queue is full: try again later */
     MAMBART_ERR_OUT_OF_MEMORY = 5,    /* refused up front: the estimate and the limit */
     MAMBART_ERR_HANDLE = 6,           /* a NULL, freed or foreign handle */
-    MAMBART_ERR_STATE = 7,            /* a state that does not belong to this model */
+    MAMBART_ERR_STATE = 7,            /* a state that does not belong to this model, or a state
+                                         file that is not one (malformed, not a regular file,
+                                         unreadable or unwritable): the message names the file */
     MAMBART_ERR_RUNTIME = 8           /* anything else (a device error, a failed request) */
 } mambart_status;
 
@@ -81,6 +84,12 @@ typedef struct mambart_load_options {
     /* Engine: decode slots at most (0: 256), queue bound before MAMBART_ERR_BUSY (0: 1024). */
     int64_t max_slots;
     int64_t max_queue;
+    /* The prompt cache's budget in bytes (0: off). With it on, a request submitted without a
+     * start state starts from the longest cached prefix of its prompt and prefills only the
+     * rest; each prompt's state and each request's final state are cached (least recently used
+     * ones evicted beyond the budget). Outputs are those of uncached runs. The budget counts
+     * in the memory check of every submission. */
+    size_t prompt_cache_bytes;
 } mambart_load_options;
 
 MAMBART_API void mambart_load_options_init(mambart_load_options* o);
@@ -96,10 +105,15 @@ MAMBART_API int32_t mambart_model_eos_token_id(const mambart_model* m); /* -1: n
 /* The bytes token `id` adds to the text (from tokenizer.json; none for special tokens);
  * *len gets their count. NULL when the model has no tokenizer.json or id is out of range. */
 MAMBART_API const char* mambart_token_bytes(mambart_model* m, int32_t id, size_t* len);
-/* Engine counters: requests running / queued, decode steps, rows decoded over them, tokens. */
+/* Engine counters: requests running / queued, decode steps, rows decoded over them, tokens;
+ * the prompt cache's hits and misses (lookups of requests without a start state), the prompt
+ * tokens its hits served (not prefilled) and the prompt tokens prefilled, its entries, bytes and
+ * budget (zeros when the cache is off). */
 typedef struct mambart_stats {
     int64_t running, prefilling, queued, slots, steps, rows_decoded, tokens_generated,
         submitted, finished, cancelled, rejected;
+    int64_t cache_hits, cache_misses, cached_tokens, prefilled_tokens, cache_entries,
+        cache_bytes, cache_max_bytes;
 } mambart_stats;
 MAMBART_API mambart_status mambart_model_stats(mambart_model* m, mambart_stats* out);
 
@@ -166,6 +180,18 @@ MAMBART_API mambart_status mambart_prefill(mambart_model* m, const int32_t* prom
                                            const mambart_state* from, mambart_state** out);
 MAMBART_API int64_t mambart_state_num_tokens(const mambart_state* s); /* -1: bad handle */
 MAMBART_API void mambart_state_free(mambart_state* s);
+/* Writes `s` to the file `path` (the parent directory must exist), with its model's identity
+ * (fingerprint, dtype, architecture, layer types): the format Python's SequenceState.save
+ * writes and mambart.load_state reads. Atomic: a unique temporary file in the same directory,
+ * fsynced, renamed over `path`. MAMBART_ERR_STATE naming `path` when it cannot be written. A
+ * state keeps what saving needs: it can be saved after its model handle was freed. */
+MAMBART_API mambart_status mambart_state_save(const mambart_state* s, const char* path);
+/* Reads a state file (written by mambart_state_save or Python's SequenceState.save) for model
+ * `m`; continue it with mambart_submit(m, ids, n, *out, ...). MAMBART_ERR_STATE naming the file
+ * when it is missing, not a regular file (a FIFO, device or directory is refused before it is
+ * opened for reading), malformed or truncated, or a state of another model or dtype. */
+MAMBART_API mambart_status mambart_state_load(mambart_model* m, const char* path,
+                                              mambart_state** out);
 
 #ifdef __cplusplus
 }

@@ -90,8 +90,6 @@ std::string ModelConfig::layer_types_summary() const {
 
 namespace {
 
-constexpr int64_t kMaxConfigBytes = 16 << 20;  // a config.json is a few KB
-
 // The flat form of mambart_format 1 (no `layers` key; written before the layer list existed):
 // every layer is of type `architecture` and the layer fields sit at the top level, all of
 // them present whatever the type. Their types and ranges are checked here as that form always

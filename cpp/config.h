@@ -95,12 +95,15 @@ struct ModelConfig {
     // The layer types, e.g. "mamba1" when every layer is one, else "mamba2, attention, ...".
     std::string layer_types_summary() const;
 
-    // Parses and validates `path`; throws ModelLoadError naming the file and key.
+    // Parses and validates `path` (at most kMaxConfigBytes); throws ModelLoadError naming the
+    // file and key.
     static ModelConfig from_file(const std::string& path, const LayerTypes& types);
     // Parses JSON text; `origin` names the source in error messages.
     static ModelConfig from_json_text(const std::string& text, const std::string& origin,
                                       const LayerTypes& types);
 };
+
+constexpr int64_t kMaxConfigBytes = 16 << 20;  // a config.json is a few KB
 
 std::string shape_str(const std::vector<int64_t>& s);
 

@@ -49,7 +49,8 @@ void token_logprobs(const float* lg, int64_t V, int32_t token, int32_t n,
 struct Engine::Slot {
     std::shared_ptr<EngineSequence> seq;
     const EngineRequest* req = nullptr;    // seq->req_
-    std::vector<int32_t> feed;             // start's pending tokens + prompt
+    std::shared_ptr<const SequenceState> start;  // req->start, or the cached prefix it extends
+    std::vector<int32_t> feed;             // start's pending tokens + the rest of the prompt
     int64_t fed = 0;                       // of feed, run so far
     bool started = false;                  // the prefill row holds the start state / zeros
     int64_t prow = -1;                     // prefill row while prefilling
@@ -70,6 +71,7 @@ struct Engine::Slot {
     FinishReason reason = FinishReason::None;
     int64_t stop_offset = -1;
     std::string error;
+    // Taken for keep_states (handed to the sequence) or for the prompt cache.
     std::shared_ptr<SequenceState> prompt_state, final_state;
 
     // Seen ids are kept only for a repetition penalty (issue 23: O(ids seen) per request).
@@ -150,13 +152,17 @@ Engine::Engine(Generator& gen, const EngineOptions& opt, TokenBytes vocab_bytes)
     if (opt_.capacity == 0) opt_.capacity = 1;  // grows with demand (grow())
     MAMBART_CHECK_ARG(opt_.capacity <= opt_.max_slots, "capacity (", opt_.capacity,
                       ") exceeds max_slots (", opt_.max_slots, ")");
-    // Prefill rows: up to 64, fewer where a state row is large (Mamba-1 1.4B: 32; Mamba-2 1.3B,
-    // 100 MB a row: 5), so that the prefill state stays within about 512 MB.
+    // Prefill rows: up to 64, fewer where a state row is large, so that the prefill state stays
+    // within about 2 GB on a GPU (Mamba-2 1.3B, 100 MB a row: 20 rows) and 512 MB in host
+    // memory (5 rows). Each group's prefill reads the weights once, so requests arriving
+    // together should prefill together.
     if (opt_.prefill_rows == 0) {
         uint64_t row = 0;
         for (const State::Slot& sl : State::layout(gen_.config()))
             row += uint64_t(sl.layers.size()) * uint64_t(sl.elems) * sizeof(float);
-        opt_.prefill_rows = int64_t(std::clamp<uint64_t>((uint64_t(512) << 20) / std::max<uint64_t>(row, 1), 1, 64));
+        const uint64_t budget =
+            gen_.model_->backend().kind() == DeviceKind::CPU ? uint64_t(512) << 20 : uint64_t(2) << 30;
+        opt_.prefill_rows = int64_t(std::clamp<uint64_t>(budget / std::max<uint64_t>(row, 1), 1, 64));
     }
     if (opt_.prefill_chunk == 0) opt_.prefill_chunk = gen_.model_->prefill_chunk();
     V_ = gen_.config().vocab_size;
@@ -170,7 +176,28 @@ Engine::Engine(Generator& gen, const EngineOptions& opt, TokenBytes vocab_bytes)
         grow(opt_.capacity);
     }
     scratch_.resize(size_t(V_));
+    if (opt_.prompt_cache_bytes > 0)
+        set_prompt_cache(std::make_shared<PrefixCache>(opt_.prompt_cache_bytes));
     thread_ = std::thread([this] { loop(); });
+}
+
+void Engine::set_prompt_cache(std::shared_ptr<PrefixCache> cache) {
+    const std::string key = cache ? gen_.prompt_cache_key() : std::string();
+    std::lock_guard<std::mutex> lk(mu_);
+    cache_ = std::move(cache);
+    cache_key_ = key;
+}
+
+std::shared_ptr<PrefixCache> Engine::prompt_cache() const {
+    std::lock_guard<std::mutex> lk(mu_);
+    return cache_;
+}
+
+std::shared_ptr<PrefixCache> Engine::cache(std::string* key) const {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (!cache_ || stop_) return nullptr;  // shutting down: nothing more to keep
+    *key = cache_key_;
+    return cache_;
 }
 
 Engine::~Engine() {
@@ -256,6 +283,10 @@ std::vector<std::shared_ptr<EngineSequence>> Engine::submit_many(std::vector<Eng
         shape.prefill_rows_now = stats_.prefill_state_rows;
         shape.prefill_rows_after = std::max(stats_.prefill_state_rows,
                                             std::min(opt_.prefill_rows, want));
+        if (cache_) {  // what the prompt cache may still take, up to its budget
+            const PrefixCache::Stats cs = cache_->stats();
+            shape.cache_unfilled = cs.max_bytes > cs.bytes ? cs.max_bytes - cs.bytes : 0;
+        }
     }
     check_fits(*gen_.model_, estimate_engine_requests(*gen_.model_, shape), n);
     std::vector<std::shared_ptr<EngineSequence>> seqs;
@@ -292,7 +323,15 @@ EngineStats Engine::stats() const {
     std::lock_guard<std::mutex> lk(mu_);
     EngineStats s = stats_;
     s.queued = int64_t(queue_.size());
+    if (cache_) add_cache_stats(*cache_, &s);
     return s;
+}
+
+void add_cache_stats(const PrefixCache& cache, EngineStats* s) {
+    const PrefixCache::Stats cs = cache.stats();
+    s->cache_entries = int64_t(cs.entries);
+    s->cache_bytes = int64_t(cs.bytes);
+    s->cache_max_bytes = int64_t(cs.max_bytes);
 }
 
 void Engine::loop() {
@@ -331,6 +370,8 @@ void Engine::loop() {
 }
 
 void Engine::step() {
+    const auto t_step = Clock::now();
+    double prefill_ms = 0.0, decode_ms = 0.0;
     {
         std::lock_guard<std::mutex> lock(gen_.compute_mu_);
         try {
@@ -350,8 +391,18 @@ void Engine::step() {
             for (auto& s : prefilling_)
                 if (s) check(*s);
             for (auto& s : running_) check(*s);
+            // The decode of the running rows is enqueued first and the group's prefill behind
+            // it: on a GPU the host launches the prefill's kernels while the decode runs (a
+            // short prompt's prefill is bound by its launches). Rows whose prompt completes here
+            // join the pool after this step's decode (their first token comes from the prefill).
+            const auto t_decode = Clock::now();
+            decode_begin();
+            const auto t_prefill = Clock::now();
             prefill_step();
-            decode_step();
+            const auto t_end = Clock::now();
+            decode_end();
+            decode_ms = ms_between(t_decode, t_prefill) + ms_between(t_end, Clock::now());
+            prefill_ms = ms_between(t_prefill, t_end);
         } catch (const std::exception& e) {
             // A failed forward: the rows' states are unknown, so every admitted request fails.
             const std::string msg = str_cat("the engine step failed: ", e.what());
@@ -396,7 +447,14 @@ void Engine::step() {
         stats_.prefilling = 0;
         for (const auto& sp : prefilling_) stats_.prefilling += sp ? 1 : 0;
     }
-    deliver();
+    // This step's tokens go out now, or, when the next step will launch a device decode, while
+    // that one runs (so the device does not wait for the host's hand-out).
+    if (!deferred_ || running_.empty()) deliver();
+    deferred_ = false;
+    std::lock_guard<std::mutex> lk(mu_);
+    stats_.prefill_ms += prefill_ms;
+    stats_.decode_ms += decode_ms;
+    stats_.step_ms += ms_between(t_step, Clock::now());
 }
 
 void Engine::admit() {
@@ -438,6 +496,8 @@ void Engine::admit() {
         }
         std::shared_ptr<EngineSequence> seq = std::move(queue_.front());
         queue_.pop_front();
+        const std::shared_ptr<PrefixCache> pc = seq->req_.start ? nullptr : cache_;
+        const std::string key = pc ? cache_key_ : std::string();
         lk.unlock();
         room_cv_.notify_one();
         const EngineRequest& r = seq->req_;
@@ -450,18 +510,37 @@ void Engine::admit() {
             s->deadline = s->t_submit + std::chrono::duration_cast<Clock::duration>(
                                             std::chrono::duration<double>(r.timeout_s));
         }
-        if (r.start) {
-            s->history = r.start->tokens;
-            s->feed.assign(r.start->tokens.begin() + r.start->fed, r.start->tokens.end());
+        // The start: the request's own state (used as given), else the longest cached prefix
+        // of its prompt (the prompt cache), whose tokens the prompt then continues.
+        s->start = r.start;
+        size_t skip = 0;  // prompt tokens the start already holds
+        if (pc) {
+            s->start = pc->lookup(key, r.prompt.data(), r.prompt.size());
+            try {  // an entry a caller inserted under this model's key may not fit it: a miss
+                if (s->start) gen_.check_state(*s->start, "cached state");
+            } catch (const InvalidArgument&) {
+                s->start = nullptr;
+            }
+            skip = s->start ? s->start->tokens.size() : 0;
         }
-        s->history.insert(s->history.end(), r.prompt.begin(), r.prompt.end());
-        s->feed.insert(s->feed.end(), r.prompt.begin(), r.prompt.end());
+        if (s->start) {
+            s->history = s->start->tokens;
+            s->feed.assign(s->start->tokens.begin() + s->start->fed, s->start->tokens.end());
+        }
+        s->history.insert(s->history.end(), r.prompt.begin() + int64_t(skip), r.prompt.end());
+        s->feed.insert(s->feed.end(), r.prompt.begin() + int64_t(skip), r.prompt.end());
         s->stream = r.opt.rng_stream < 0 ? 0 : uint64_t(r.opt.rng_stream);
         s->tokens.reserve(size_t(std::min<int64_t>(r.opt.max_new_tokens, 4096)));
         s->fresh.reserve(64);
         for (int32_t id : s->history) s->sampler.observe(id);
+        const bool hit = pc && s->start;
+        const int64_t served = hit ? s->start->fed : 0;
         prefilling_.push_back(std::move(s));
         lk.lock();
+        if (pc) {
+            ++(hit ? stats_.cache_hits : stats_.cache_misses);
+            stats_.cached_tokens += served;
+        }
     }
     if (prefilling_.empty()) return;
     if (pstate_->batch() < int64_t(prefilling_.size())) {  // a larger group than before
@@ -509,6 +588,7 @@ std::shared_ptr<SequenceState> Engine::snapshot(const State& st, int64_t row, co
 // stay in gfeed_.
 void Engine::prefill_step() {
     if (prefilling_.empty()) return;
+    deliver();  // tokens held back for the decode's launch go out before a prefill chunk runs
     Model& m = *gen_.model_;
     Backend& be = m.backend();
     const auto to_pool = [&](size_t i) {
@@ -524,8 +604,8 @@ void Engine::prefill_step() {
         for (size_t i = 0; i < prefilling_.size(); ++i) {
             Slot& s = *prefilling_[i];
             gfeed_[i] = s.feed;
-            if (s.req->start)
-                gen_.restore_row(*pstate_, s.prow, *s.req->start);
+            if (s.start)
+                gen_.restore_row(*pstate_, s.prow, *s.start);
             else
                 pstate_->reset_row(s.prow);
             s.started = true;
@@ -534,8 +614,9 @@ void Engine::prefill_step() {
         for (size_t i = 0; i < prefilling_.size(); ++i) {
             Slot& s = *prefilling_[i];
             if (!s.feed.empty() || s.finished) continue;
-            // Nothing to feed: the start state's own next-token logits (check_state made sure).
-            prompt_done(s, s.req->start->logits.data());
+            // Nothing to feed: the start state's own next-token logits (check_state made sure
+            // for a request's state; the cache keeps no state that lacks them).
+            prompt_done(s, s.start->logits.data());
             to_pool(i);
         }
     }
@@ -585,7 +666,13 @@ void Engine::prompt_done(Slot& s, const float* lg) {
                            " after the prompt"));
             return;
         }
-    if (s.req->keep_states) s.prompt_state = snapshot(*pstate_, s.prow, s, lg);
+    // The prompt state (with its logits: the same prompt again runs nothing), kept for the
+    // caller and / or the prompt cache (unless the cache already has it, e.g. it was the start).
+    std::string key;
+    const std::shared_ptr<PrefixCache> pc = cache(&key);
+    const bool cached = pc && pc->has(key, s.history, int64_t(s.history.size()));
+    if (s.req->keep_states || (pc && !cached)) s.prompt_state = snapshot(*pstate_, s.prow, s, lg);
+    if (pc && !cached) pc->insert(key, s.prompt_state);
     if (s.req->opt.max_new_tokens == 0) {
         finish(s, FinishReason::Length);
         return;
@@ -597,14 +684,18 @@ void Engine::prompt_done(Slot& s, const float* lg) {
     emit(s, tok, lg);
 }
 
-void Engine::decode_step() {
+void Engine::decode_begin() {
+    pending_ = PendingDecode{};
     const int64_t n = int64_t(running_.size());
     int64_t live = 0;
     for (const auto& s : running_) live += s->finished ? 0 : 1;
     if (live == 0) return;
     Model& m = *gen_.model_;
     Backend& be = m.backend();
-    const auto t0 = Clock::now();
+    pending_.active = true;
+    pending_.n = n;
+    pending_.live = live;
+    pending_.t0 = Clock::now();
     for (int64_t r = 0; r < n; ++r) ids_host_[size_t(r)] = running_[size_t(r)]->last;
     // Device sampling (one graph replay) when every row samples alike without a repetition
     // penalty (the device mask of seen ids is per stream, not per slot).
@@ -629,9 +720,47 @@ void Engine::decode_step() {
         }
         be.copy_to_device(m.ids_buffer(), ids_host_.data(), size_t(B) * sizeof(int32_t));
         const DeviceSampleParams sp = device_sample_params(so, nullptr);
-        m.decode_step(*pool_, B, sp, rng_host_.data(), tok_host_.data());
-        const double ms = ms_between(t0, Clock::now());
-        for (int64_t r = 0; r < n; ++r) {
+        m.decode_launch(*pool_, B, sp, rng_host_.data());
+        pending_.device = true;
+        pending_.B = B;
+        // While the device runs the step: hand out the tokens and endings of the previous
+        // step (held back at its end, see step()).
+        deliver();
+        deferred_ = true;
+        return;
+    }
+    be.copy_to_device(m.ids_buffer(), ids_host_.data(), size_t(n) * sizeof(int32_t));
+    const float* lg = m.forward(*pool_, 0, n, 1, m.ids_buffer(), LogitsMode::Last);
+    be.copy_to_host(logits_host_.data(), lg, size_t(n * V_) * sizeof(float));
+    for (int64_t r = 0; r < n; ++r) {
+        Slot& s = *running_[size_t(r)];
+        if (s.finished) continue;
+        const float* row = logits_host_.data() + r * V_;
+        bool finite = true;
+        for (int64_t v = 0; v < V_ && finite; ++v)
+            if (!std::isfinite(row[v])) {
+                finish(s, FinishReason::Error,
+                       str_cat("the model produced a non-finite logit (", row[v],
+                               ") for token id ", v, " after ", s.tokens.size(),
+                               " generated tokens"));
+                finite = false;
+            }
+        if (!finite) continue;
+        std::copy(row, row + V_, scratch_.begin());
+        const GenerationOptions& o = s.req->opt;
+        const int32_t tok = s.sampler.sample(scratch_.data(), o.sampling, o.seed, s.stream,
+                                             o.rng_counter + uint64_t(s.tokens.size()));
+        s.decode_ms += ms_between(pending_.t0, Clock::now());
+        emit(s, tok, row);
+    }
+}
+
+void Engine::decode_end() {
+    if (!pending_.active) return;
+    if (pending_.device) {
+        gen_.model_->decode_collect(pending_.B, tok_host_.data());
+        const double ms = ms_between(pending_.t0, Clock::now());
+        for (int64_t r = 0; r < pending_.n; ++r) {  // rows that joined since are not in it
             Slot& s = *running_[size_t(r)];
             if (s.finished) continue;
             s.decode_ms += ms;
@@ -644,36 +773,12 @@ void Engine::decode_step() {
             }
             emit(s, tok, nullptr);
         }
-    } else {
-        be.copy_to_device(m.ids_buffer(), ids_host_.data(), size_t(n) * sizeof(int32_t));
-        const float* lg = m.forward(*pool_, 0, n, 1, m.ids_buffer(), LogitsMode::Last);
-        be.copy_to_host(logits_host_.data(), lg, size_t(n * V_) * sizeof(float));
-        for (int64_t r = 0; r < n; ++r) {
-            Slot& s = *running_[size_t(r)];
-            if (s.finished) continue;
-            const float* row = logits_host_.data() + r * V_;
-            bool finite = true;
-            for (int64_t v = 0; v < V_ && finite; ++v)
-                if (!std::isfinite(row[v])) {
-                    finish(s, FinishReason::Error,
-                           str_cat("the model produced a non-finite logit (", row[v],
-                                   ") for token id ", v, " after ", s.tokens.size(),
-                                   " generated tokens"));
-                    finite = false;
-                }
-            if (!finite) continue;
-            std::copy(row, row + V_, scratch_.begin());
-            const GenerationOptions& o = s.req->opt;
-            const int32_t tok = s.sampler.sample(scratch_.data(), o.sampling, o.seed, s.stream,
-                                                 o.rng_counter + uint64_t(s.tokens.size()));
-            s.decode_ms += ms_between(t0, Clock::now());
-            emit(s, tok, row);
-        }
     }
+    pending_.active = false;
     std::lock_guard<std::mutex> lk(mu_);
     ++stats_.steps;
-    stats_.rows_decoded += live;
-    stats_.max_rows = std::max(stats_.max_rows, live);
+    stats_.rows_decoded += pending_.live;
+    stats_.max_rows = std::max(stats_.max_rows, pending_.live);
 }
 
 // `logits`: the row's host logits this token was sampled from (nullptr on the device-sampling
@@ -721,14 +826,22 @@ void Engine::finish(Slot& s, FinishReason reason, const std::string& error) {
     s.finished = true;
     s.reason = reason;
     s.error = error;
-    if (s.req->keep_states && s.started && reason != FinishReason::Error) {
+    // The final state, for the caller (keep_states) and the prompt cache: a chat's next turn
+    // (this prompt + the reply + new text) then prefills only the reply's last token and the
+    // new text. With no token generated it is the prompt state (already cached).
+    std::string key;
+    const std::shared_ptr<PrefixCache> pc =
+        s.started && reason != FinishReason::Error ? cache(&key) : nullptr;
+    const bool for_cache = pc && !s.tokens.empty();
+    if ((s.req->keep_states || for_cache) && s.started && reason != FinishReason::Error) {
         try {
-            if (s.tokens.empty() && s.prompt_state)
+            if (s.tokens.empty())
                 s.final_state = s.prompt_state;
             else if (s.row >= 0)
                 s.final_state = snapshot(*pool_, s.row, s, nullptr);
-            else if (s.prow >= 0 && s.row < 0 && s.fed == int64_t(s.feed.size()))
+            else if (s.prow >= 0 && s.fed == int64_t(s.feed.size()))
                 s.final_state = snapshot(*pstate_, s.prow, s, nullptr);
+            if (for_cache && s.final_state) pc->insert(key, s.final_state);
         } catch (const std::exception& e) {
             s.error = str_cat("could not keep the final state: ", e.what());
         }
@@ -741,8 +854,9 @@ void Engine::finish(Slot& s, FinishReason reason, const std::string& error) {
     if (reason == FinishReason::Error) ++stats_.failed;
 }
 
-// Hands this step's tokens and endings to their sequences (outside the compute lock), then
-// drops the finished slots.
+// Hands the tokens and endings not yet delivered to their sequences, then drops the finished
+// slots. Runs after a step, or within one while the device computes (under the compute lock:
+// callbacks must not call back into the engine or the Generator).
 void Engine::deliver() {
     std::sort(touched_.begin(), touched_.end());
     touched_.erase(std::unique(touched_.begin(), touched_.end()), touched_.end());
@@ -763,8 +877,10 @@ void Engine::deliver() {
                 r.prefill_tokens = s->fed;
                 q.error_ = s->error;
                 q.stop_offset_ = s->stop_offset;
-                q.final_state_ = s->final_state;
-                q.prompt_state_ = s->prompt_state;
+                if (s->req->keep_states) {
+                    q.final_state_ = s->final_state;
+                    q.prompt_state_ = s->prompt_state;
+                }
             }
         }
         if (s->req->on_tokens && (!s->fresh.empty() || s->finished)) {

@@ -1,7 +1,8 @@
 // L0 base: the exception types of the library. Library code never calls exit/abort; every
 // failure is one of these, and the Python bindings map them to Python exceptions:
 //   InvalidArgument -> ValueError, ModelLoadError -> mambart.ModelLoadError (a ValueError),
-//   Unsupported -> NotImplementedError, OutOfMemory -> MemoryError, Cancelled ->
+//   Unsupported -> NotImplementedError, OutOfMemory -> MemoryError, StateError ->
+//   mambart.StateError (a ValueError), Cancelled ->
 //   KeyboardInterrupt-free RuntimeError, CudaError / Error -> RuntimeError.
 #pragma once
 
@@ -40,6 +41,13 @@ class Unsupported : public Error {
 class OutOfMemory : public Error {
  public:
     explicit OutOfMemory(const std::string& msg) : Error(msg) {}
+};
+
+// A state file is malformed, cannot be read or written, or a state does not belong to the model
+// it is used with (the path and what differs in the message). Python: mambart.StateError.
+class StateError : public Error {
+ public:
+    explicit StateError(const std::string& msg) : Error(msg) {}
 };
 
 // Concatenates its arguments with operator<< into a string.

@@ -166,6 +166,16 @@ MemoryEstimate estimate_engine_requests(const Model& m, const EngineRequestShape
         add(str_cat("the kept states' logits (", k, " x ", V, " float32)"), k * V * sizeof(float),
             false);
     }
+    if (req.cache_unfilled > 0) {
+        // Entries are states (on the backend) with their logits and tokens (host): the budget
+        // counts both, so at most all of it is on either side, and on the host at most the
+        // logits' share of an entry that has them.
+        const uint64_t u = req.cache_unfilled, logits = V * sizeof(float);
+        add("the prompt cache's unused budget", u, true);
+        if (on_device)
+            add("the prompt cache's unused budget (logits, host)",
+                uint64_t(double(u) * double(logits) / double(logits + state_row)), false);
+    }
     if (req.penalty_rows > 0)
         add(str_cat("the seen ids of ", req.penalty_rows, " requests with a repetition penalty"),
             uint64_t(req.penalty_rows) * ((V + 63) / 64 * 8), false);

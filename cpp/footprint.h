@@ -42,8 +42,9 @@ MemoryEstimate estimate_generation(const Model& model, const GenerationRequest& 
 
 // The engine (issue 14): what submitting `feed.size()` requests adds. Per request: bookkeeping,
 // its tokens (the prompt's copies, and up to kCountedNewTokens generated ones), a seen-id bitmap
-// with a repetition penalty, kept prompt and final states; and the engine's growth from
-// `slots_now` to `slots_after` decode slots (state rows, their host logits and the workspace).
+// with a repetition penalty, kept prompt and final states; the engine's growth from
+// `slots_now` to `slots_after` decode slots (state rows, their host logits and the workspace);
+// and the part of the prompt cache's budget it does not use yet (the cache may fill it).
 // Its memory does not grow with the vocabulary per request: a step's logits are per slot.
 struct EngineRequestShape {
     std::vector<int64_t> feed;  // (B) prompt tokens per request (with a start's pending ones)
@@ -52,6 +53,7 @@ struct EngineRequestShape {
     int64_t keep_rows = 0;      // requests that keep their states
     int64_t slots_now = 0, slots_after = 0;
     int64_t prefill_rows_now = 0, prefill_rows_after = 0;  // the prefill state's rows
+    uint64_t cache_unfilled = 0;  // bytes the prompt cache may still take (budget - held)
 };
 constexpr int64_t kCountedNewTokens = 4096;
 MemoryEstimate estimate_engine_requests(const Model& model, const EngineRequestShape& req);

@@ -8,7 +8,9 @@
 #include "error.h"
 #include "footprint.h"
 #include "options.h"
+#include "prefix_cache.h"
 #include "regular_file.h"
+#include "strict_json.h"
 #include "token_bytes.h"
 
 namespace mambart {
@@ -83,8 +85,29 @@ Engine& Generator::engine(const EngineOptions* opt) {
             if (::stat(tok.c_str(), &st) == 0 && S_ISREG(st.st_mode)) vocab = TokenBytes::from_file(tok);
         }
         engine_ = std::make_unique<Engine>(*this, opt ? *opt : EngineOptions{}, std::move(vocab));
+        // A cache set before the engine started wins over one made from its options.
+        if (prompt_cache_)
+            engine_->set_prompt_cache(prompt_cache_);
+        else
+            prompt_cache_ = engine_->prompt_cache();
     }
     return *engine_;
+}
+
+void Generator::set_prompt_cache(std::shared_ptr<PrefixCache> cache) {
+    if (cache) (void)prompt_cache_key();  // the fingerprint: a model whose files went fails here
+    std::lock_guard<std::mutex> lk(engine_mu_);
+    prompt_cache_ = cache;
+    if (engine_) engine_->set_prompt_cache(std::move(cache));
+}
+
+std::shared_ptr<PrefixCache> Generator::prompt_cache() const {
+    std::lock_guard<std::mutex> lk(engine_mu_);
+    return prompt_cache_;
+}
+
+std::string Generator::prompt_cache_key() const {
+    return str_cat(fingerprint(), "/", dtype_name(model_->dtype()), "/", device_name());
 }
 
 void Generator::check_ids(const std::vector<int32_t>& ids, const std::string& what) const {
@@ -164,6 +187,116 @@ void Generator::restore_row(State& st, int64_t row, const SequenceState& from) {
 
 std::vector<std::vector<float>> Generator::state_to_host(const SequenceState& s) const {
     return s.state->row_to_host(0);
+}
+
+// ---- issue 14: state files ----
+
+const std::string& Generator::fingerprint() const {
+    std::call_once(fingerprint_once_, [&] { fingerprint_ = model_fingerprint(model_dir_); });
+    return fingerprint_;
+}
+
+StateIdentity Generator::state_identity() const {
+    StateIdentity id;
+    id.fingerprint = fingerprint();
+    id.dtype = dtype_name(model_->dtype());
+    id.architecture = config().architecture;
+    id.has_layer_types = true;
+    for (const auto& l : config().layers) id.layer_types.push_back(l->type());
+    return id;
+}
+
+StateFile state_file_of(const SequenceState& s, const StateIdentity& id) {
+    StateFile f;
+    f.model = id;
+    f.version = id.has_layer_types ? "2" : "1";
+    std::vector<std::vector<float>> host = s.state->row_to_host(0);
+    const std::vector<State::Slot>& slots = s.state->slots();
+    for (size_t i = 0; i < slots.size(); ++i) {
+        StateTensor t;
+        t.name = slots[i].name;
+        t.shape.push_back(int64_t(slots[i].layers.size()));
+        t.shape.insert(t.shape.end(), slots[i].shape.begin(), slots[i].shape.end());
+        t.layers = slots[i].layers;
+        t.data = std::move(host[i]);
+        f.tensors.push_back(std::move(t));
+    }
+    f.tokens = s.tokens;
+    f.fed = s.fed;
+    if (s.pending() == 0) f.logits = s.logits;
+    f.has_rng = s.has_rng;
+    f.seed = s.seed;
+    f.stream = s.stream;
+    f.counter = s.counter;
+    return f;
+}
+
+namespace {
+std::string tuple_text(const std::vector<int64_t>& v) {  // Python's tuple repr: (2, 3) or (5,)
+    std::string out = "(";
+    for (size_t i = 0; i < v.size(); ++i) out += str_cat(i ? ", " : "", v[i]);
+    return out + (v.size() == 1 ? ",)" : ")");
+}
+}  // namespace
+
+std::shared_ptr<SequenceState> Generator::state_from_file(const StateFile& f,
+                                                          const std::string& source,
+                                                          bool check_identity) {
+    const StateIdentity me = state_identity();
+    const StateIdentity& it = f.model;
+    const std::string where = source.empty() ? "" : str_cat(" (loaded from ", source, ")");
+    if (check_identity && it.fingerprint != me.fingerprint)
+        throw StateError(str_cat("state", where, " belongs to another model (fingerprint ",
+                                 printable_ascii(it.fingerprint.substr(0, 12)),
+                                 "..., this model ", me.fingerprint.substr(0, 12), "... in ",
+                                 model_dir_, ")"));
+    if (check_identity && it.dtype != me.dtype)
+        throw StateError(str_cat("state", where, " was made with dtype ",
+                                 printable_ascii(it.dtype), ", this generator runs ", me.dtype));
+    if (check_identity && it.architecture != me.architecture)
+        throw StateError(str_cat("state", where, " names architecture '",
+                                 printable_ascii(it.architecture), "', this model is '",
+                                 me.architecture, "'"));
+    const std::string misfit = ": the state and the model do not fit";
+    if (it.has_layer_types && it.layer_types != me.layer_types) {
+        if (it.layer_types.size() != me.layer_types.size())
+            throw StateError(str_cat(source, ": the state has ", it.layer_types.size(),
+                                     " layers, this model ", me.layer_types.size(), misfit));
+        size_t i = 0;
+        while (it.layer_types[i] == me.layer_types[i]) ++i;
+        throw StateError(str_cat(source, ": layer ", i, " is ", it.layer_types[i],
+                                 " in the state but ", me.layer_types[i], " in this model",
+                                 misfit));
+    }
+    const std::vector<State::Slot> want = State::layout(config());
+    std::vector<std::vector<float>> tensors;
+    for (size_t i = 0; i < want.size(); ++i) {
+        const std::string name =
+            i < f.tensors.size() ? "'" + printable_ascii(f.tensors[i].name) + "'" : "None";
+        if (i >= f.tensors.size() || f.tensors[i].name != want[i].name)
+            throw StateError(str_cat(source, ": state tensor ", i, " is ", name,
+                                     ", this model's is '", want[i].name, "'", misfit));
+        std::vector<int64_t> shape{int64_t(want[i].layers.size())};
+        shape.insert(shape.end(), want[i].shape.begin(), want[i].shape.end());
+        if (f.tensors[i].shape != shape)
+            throw StateError(str_cat(source, ": state tensor ", name, " has shape ",
+                                     tuple_text(f.tensors[i].shape), ", this model's has shape ",
+                                     tuple_text(shape), misfit));
+        tensors.push_back(f.tensors[i].data);
+    }
+    if (f.tensors.size() > want.size())
+        throw StateError(str_cat(source, ": unexpected state tensor '",
+                                 printable_ascii(f.tensors[want.size()].name), "'", misfit));
+    try {
+        auto s = state_from_host(tensors, f.tokens, f.fed, f.logits);
+        s->has_rng = f.has_rng;
+        s->seed = f.seed;
+        s->stream = f.stream;
+        s->counter = f.counter;
+        return s;
+    } catch (const InvalidArgument& e) {
+        throw StateError(str_cat(source, ": ", e.what()));
+    }
 }
 
 std::shared_ptr<SequenceState> Generator::state_from_host(

@@ -12,6 +12,7 @@
 
 #include "model.h"
 #include "sampling.h"
+#include "state_file.h"
 
 namespace mambart {
 
@@ -91,7 +92,11 @@ std::vector<PrefillCall> plan_prefill(const std::vector<int64_t>& lens, int64_t 
 class Generator;
 class Engine;
 struct EngineOptions;
+class PrefixCache;
 class TokenBytes;
+
+// A state as a state file holds it (host copies), with `id`'s model identity.
+StateFile state_file_of(const SequenceState& s, const StateIdentity& id);
 
 // A generation in progress; made by Generator::start. Each next() produces at most one token
 // per active row. Not thread-safe itself; the Generator serialises compute between streams.
@@ -238,6 +243,24 @@ class Generator {
     // Checks that `s` fits this model (state shape, ids, fed/logits invariant).
     void check_state(const SequenceState& s, const std::string& what) const;
 
+    // ---- issue 14: state files and the prompt cache ----
+    // model_fingerprint(model_dir()), computed on first use (state files carry it; the prompt
+    // cache keys entries by it). ModelLoadError when the model's files cannot be read.
+    const std::string& fingerprint() const;
+    // What a state file of this model records: fingerprint, dtype, architecture, layer types.
+    StateIdentity state_identity() const;
+    // A file's state on this model's backend, after checking that it belongs to this model
+    // (fingerprint, dtype, architecture unless the caller checked them already, then layer
+    // types and state tensors): StateError naming `source` (the file) and what differs.
+    std::shared_ptr<SequenceState> state_from_file(const StateFile& f, const std::string& source,
+                                                   bool check_identity = true);
+    // The prompt cache of this generator's engine (nullptr: off). It may be shared with other
+    // generators: entries are keyed by prompt_cache_key(), so each serves only its own model.
+    void set_prompt_cache(std::shared_ptr<PrefixCache> cache);
+    std::shared_ptr<PrefixCache> prompt_cache() const;
+    // fingerprint, dtype and device: the key of this generator's prompt-cache entries.
+    std::string prompt_cache_key() const;
+
  private:
     friend class GenerationStream;
     friend class Engine;
@@ -255,6 +278,9 @@ class Generator {
     std::mutex compute_mu_;  // one forward at a time: the workspace is shared
     mutable std::mutex engine_mu_;
     std::unique_ptr<TokenBytes> token_bytes_;  // set_token_bytes, until the engine takes it
+    std::shared_ptr<PrefixCache> prompt_cache_;  // (engine_mu_) given to the engine
+    mutable std::once_flag fingerprint_once_;
+    mutable std::string fingerprint_;
     std::unique_ptr<Engine> engine_;           // declared last: stopped before the model goes
 };
 

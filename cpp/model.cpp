@@ -159,8 +159,9 @@ Model::Model(const std::string& dir, std::shared_ptr<Backend> backend, const DTy
 Model::~Model() { free_workspace(); }
 
 void Model::free_workspace() {
-    for (void* p : {static_cast<void*>(ids_), static_cast<void*>(hidden_),
-                    static_cast<void*>(residual_), static_cast<void*>(normed_),
+    for (void* p : {static_cast<void*>(ids_), static_cast<void*>(tok_),
+                    static_cast<void*>(hidden_), static_cast<void*>(residual_),
+                    static_cast<void*>(normed_),
                     static_cast<void*>(logits_), static_cast<void*>(rng_)})
         if (p) backend_->dealloc(p);
     for (float* p : layer_ws_)
@@ -168,7 +169,7 @@ void Model::free_workspace() {
     layer_ws_.clear();
     backend_->clear_graphs();  // recorded graphs use these buffers
     rng_ = nullptr;
-    ids_ = nullptr;
+    ids_ = tok_ = nullptr;
     hidden_ = residual_ = normed_ = logits_ = nullptr;
     ws_rows_ = logits_rows_ = 0;
 }
@@ -194,7 +195,7 @@ uint64_t Model::workspace_bytes(int64_t rows, int64_t logits_rows) const {
     uint64_t cols = 3 * uint64_t(config_.d_model);  // hidden, residual, normed
     for (int64_t c : layer_cols) cols += uint64_t(c);
     const uint64_t r = uint64_t(std::max<int64_t>(rows, 0));
-    return r * (sizeof(int32_t) + 3 * sizeof(uint64_t) + cols * sizeof(float)) +
+    return r * (2 * sizeof(int32_t) + 3 * sizeof(uint64_t) + cols * sizeof(float)) +
            uint64_t(std::max<int64_t>(logits_rows, 0)) * uint64_t(config_.vocab_size) *
                sizeof(float) +
            backend_->scratch_bytes(int64_t(r), scratch_cols);
@@ -211,6 +212,7 @@ void Model::reserve(int64_t rows, int64_t logits_rows) {
         return static_cast<float*>(be.alloc(size_t(rows * cols) * sizeof(float), what));
     };
     ids_ = static_cast<int32_t*>(be.alloc(size_t(rows) * sizeof(int32_t), "token ids"));
+    tok_ = static_cast<int32_t*>(be.alloc(size_t(rows) * sizeof(int32_t), "sampled token ids"));
     rng_ = static_cast<uint64_t*>(be.alloc(size_t(rows) * 3 * sizeof(uint64_t), "sampling draws"));
     hidden_ = buf(c.d_model, "hidden activations");
     residual_ = buf(c.d_model, "the residual stream");
@@ -277,6 +279,16 @@ inline uint64_t float_bits(float f) {
 
 const float* Model::decode_step(State& st, int64_t B, DeviceSampleParams s, const uint64_t* rng,
                                 int32_t* tokens) {
+    const float* lg = decode_launch(st, B, s, rng);
+    decode_collect(B, tokens);
+    return lg;
+}
+
+void Model::decode_collect(int64_t B, int32_t* tokens) {
+    backend_->copy_to_host(tokens, tok_, size_t(B) * sizeof(int32_t));
+}
+
+const float* Model::decode_launch(State& st, int64_t B, DeviceSampleParams s, const uint64_t* rng) {
     Backend& be = *backend_;
     const int64_t V = config_.vocab_size;
     if (B < 1 || B > ws_rows_ || B > logits_rows_ || B > st.batch())
@@ -299,7 +311,7 @@ const float* Model::decode_step(State& st, int64_t B, DeviceSampleParams s, cons
         forward(st, 0, B, 1, ids_, LogitsMode::Last);
         be.sample(s);
     });
-    be.copy_to_host(tokens, ids_, size_t(B) * sizeof(int32_t));
+    be.copy_device(tok_, ids_, size_t(B) * sizeof(int32_t));
     return logits_;
 }
 

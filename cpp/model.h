@@ -135,6 +135,8 @@ class Model {
     // Workspace (device), rows = ws_rows_ token rows:
     int64_t ws_rows_ = 0;
     int32_t* ids_ = nullptr;      // (rows)        token ids staged for forward
+    int32_t* tok_ = nullptr;      // (rows)        decode_launch: the sampled ids, kept for
+                                  //               decode_collect while later forwards reuse ids_
     float* hidden_ = nullptr;     // (rows, d)     layer output / embedding
     float* residual_ = nullptr;   // (rows, d)     residual stream (fp32)
     float* normed_ = nullptr;     // (rows, d)     normed input of the layer
@@ -158,6 +160,12 @@ class Model {
     // Returns the device logits (B, V), valid until the next forward. Needs reserve(B, B).
     const float* decode_step(State& state, int64_t B, DeviceSampleParams s, const uint64_t* rng,
                              int32_t* tokens);
+    // decode_step in two halves, so that a caller can do host work while the device runs:
+    // decode_launch enqueues the upload, the replay and a copy of the sampled ids aside, and
+    // nothing else (no synchronisation); later forwards (a prefill) may be enqueued behind it;
+    // decode_collect copies the B sampled ids to `tokens` (host), waiting for the device.
+    const float* decode_launch(State& state, int64_t B, DeviceSampleParams s, const uint64_t* rng);
+    void decode_collect(int64_t B, int32_t* tokens);
 };
 
 }  // namespace mambart

@@ -56,6 +56,10 @@ struct Row {
         if (seen && rp != 1.0f && seen[i]) v = v < 0.0f ? v * rp : v / rp;
         return v;
     }
+    // s = v / T, rounded on its own: __fmul_rn is never contracted into an FMA with the
+    // `s - max s` that follows (which would give the product's rounding error, up to 1e31 for
+    // s near 2.5e38 at T = 1e-38, in place of 0 for the largest s, and exp of it 0 or inf).
+    __device__ float scaled(int64_t i) const { return __fmul_rn(value(i), inv_t); }
 };
 
 struct Shared {
@@ -192,8 +196,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleParams p) {
     block_argmax(
         [&](int64_t i) {
             bad |= !isfinite(row.logits[i]);
-            const float v = row.value(i);
-            return p.temperature > 0.0f ? v * row.inv_t : v;
+            return p.temperature > 0.0f ? row.scaled(i) : row.value(i);
         },
         V, sh, &mx, &chosen);
     if (__syncthreads_or(bad)) {
@@ -215,7 +218,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleParams p) {
         const bool minp = p.min_p > 0.0f;
         // top-k: the key of the k-th largest s.
         uint64_t kth = 0;
-        auto s_of = [&](int64_t i) { return row.value(i) * row.inv_t; };
+        auto s_of = [&](int64_t i) { return row.scaled(i); };
         if (topk) {
             auto f = [&](int64_t i, uint64_t* key, double* w) {
                 *key = make_key(ordered(s_of(i)), i);

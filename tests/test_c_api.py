@@ -1,7 +1,9 @@
 """The C API (issue 14), driven from C: tests/c/test_c_api.c is compiled against the installed
 package's header and libmambart (as a C service would build) and run; bad handles, options,
-paths, token ids, foreign states and a full queue give statuses with messages, and its greedy
-tokens equal the Python API's. The examples build with CMake's find_package(mambart)."""
+paths, token ids, foreign states, a full queue and bad state files give statuses with messages,
+and its greedy tokens equal the Python API's. State files cross between the two: C continues a
+state Python saved, Python continues one C saved, exactly. The examples build with CMake's
+find_package(mambart)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import mambart
@@ -58,24 +61,42 @@ def test_c_program_drives_every_bad_input_and_generates(models, tmp_path):
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         pytest.fail("no C compiler (cc) on PATH")
+    a, b, bad = models
+    g = mambart.Generator(a)
+    want = g.generate(PROMPT, max_new_tokens=12, ignore_eos=True, return_state=True)
+    work = tmp_path / "work"
+    work.mkdir()
+    want.state.save(work / "py.state")
+    os.mkfifo(work / "fifo.state")
     exe = tmp_path / "test_c_api"
     subprocess.run([cc, "-std=c99", "-Wall", "-Werror", "-o", str(exe), str(HERE / "c/test_c_api.c"),
                     f"-I{inc}", f"-L{lib}", f"-Wl,-rpath,{lib}", "-lmambart"], check=True,
                    timeout=120)
-    a, b, bad = models
-    r = subprocess.run([str(exe), str(a), str(b), str(bad)], capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run([str(exe), str(a), str(b), str(bad), str(work)], capture_output=True,
+                       text=True, timeout=300)
     out = r.stdout
     assert r.returncode == 0 and "failures 0" in out, out + r.stderr
     assert "FAIL" not in out
     lines = {l.split()[0]: l.split()[1:] for l in out.splitlines() if l.strip()}
-    g = mambart.Generator(a)
-    want = g.generate(PROMPT, max_new_tokens=12, ignore_eos=True, return_state=True)
     assert [int(t) for t in lines["greedy"]] == want.token_ids
     assert [int(t) for t in lines["streamed"]] == want.token_ids
     more = g.generate(None, state=want.state, max_new_tokens=5, ignore_eos=True)
     assert [int(t) for t in lines["continued"]] == more.token_ids
     assert int(lines["state"][1]) == len(PROMPT) + 12
+    # State files: C's own round trip, Python's file continued in C, C's file in Python.
+    assert [int(t) for t in lines["loaded_continued"]] == more.token_ids
+    assert [int(t) for t in lines["py_continued"]] == more.token_ids
+    c_state = mambart.load_state(work / "c.state")
+    assert c_state.tokens == want.state.tokens and c_state.rng == (0, 0, 12)
+    for got, ref in zip(c_state._host_dict().values(), want.state._host_dict().values()):
+        if isinstance(ref, np.ndarray):
+            np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-7)
+    for st in (c_state, g.load_state(work / "c.state")):
+        assert g.generate(None, state=st, max_new_tokens=5,
+                          ignore_eos=True).token_ids == more.token_ids
+    # The prompt cache: the cached run gives the uncached run's tokens.
+    assert lines["uncached"] == lines["cached"]
+    assert [int(t) for t in lines["cached"]] == want.token_ids[:4]
 
 
 def test_examples_build_with_find_package_and_run(models, tmp_path):

@@ -62,6 +62,9 @@ def test_sixteen_threads_stream_exactly_what_lone_runs_get(model_dir):
     assert st["max_rows"] > 1 and st["mean_rows_per_step"] > 1.0, st  # batching happened
     assert st["finished"] == 16 and st["running"] == 0 and st["queued"] == 0
     assert st["tokens_generated"] == sum(lengths)
+    # Wall time of the engine's steps: decode and prefill are parts of it.
+    assert st["step_ms"] > 0 and st["decode_ms"] > 0 and st["prefill_ms"] > 0
+    assert st["decode_ms"] + st["prefill_ms"] <= st["step_ms"] * 1.001 + 1e-6, st
 
 
 def test_requests_join_running_streams_cancel_and_stop(model_dir):

@@ -71,7 +71,7 @@ def test_prefix_diverging_at_the_last_token_is_not_served(g, plain):
 
 
 def test_colliding_hash_buckets_never_serve_another_prefix(g, plain):
-    g.prompt_cache._hash = staticmethod(lambda toks: b"same")  # every prefix one bucket
+    g.prompt_cache._force_hash_collisions()  # every prefix one bucket
     prompts = [[1, 2, 3, 4], [1, 2, 3, 5], [9, 2, 3, 4], [4, 3, 2, 1]]  # same length
     for p in prompts:
         r = g.generate(p, max_new_tokens=4, ignore_eos=True)
@@ -154,3 +154,191 @@ def test_stream_uses_and_fills_the_cache(g, plain):
     r = g.generate(nxt, max_new_tokens=3, ignore_eos=True)
     assert r.prefill_tokens == 2
     assert list(g.stream(nxt, max_new_tokens=3, ignore_eos=True)) == r.token_ids
+
+
+# ---- the cache in the engine (issue 14, item 4) -----------------------------------------------
+
+def _chat(seed: int, turns: int):
+    """Prompts of a conversation: each extends the previous one."""
+    rng = np.random.default_rng(seed)
+    out, p = [], list(PROMPT[: 2 + seed % 5])
+    for _ in range(turns):
+        p = p + rng.integers(1, 60, 3).tolist()
+        out.append(list(p))
+    return out
+
+
+def test_engine_statistics_count_hits_misses_and_cached_tokens(g):
+    s0 = g.engine_stats()
+    assert s0["cache_max_bytes"] == 1 << 20 and s0["cache_entries"] == 0
+    g.generate(PROMPT, max_new_tokens=3, ignore_eos=True)
+    nxt = PROMPT + [11, 12]
+    r = g.generate(nxt, max_new_tokens=3, ignore_eos=True)
+    assert r.prefill_tokens == 2
+    s = g.engine_stats()
+    assert (s["cache_hits"], s["cache_misses"]) == (1, 1)
+    assert s["cached_tokens"] == len(PROMPT)  # the prompt state served PROMPT
+    assert s["prompt_tokens"] == len(PROMPT) + 2  # what was prefilled
+    # entries: PROMPT's and nxt's prompt states and both final states
+    assert s["cache_entries"] == len(g.prompt_cache) == 4
+    assert s["cache_bytes"] == g.prompt_cache.nbytes > 0
+    off = mambart.Generator(g.model_dir)
+    off.generate(PROMPT, max_new_tokens=1)
+    s = off.engine_stats()
+    assert s["cache_hits"] == s["cache_misses"] == s["cache_max_bytes"] == 0
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(temperature=0.9, top_k=20, seed=4),
+                                  dict(temperature=1.0, repetition_penalty=1.3, seed=6)],
+                         ids=["greedy", "seeded", "penalty"])
+def test_batches_with_the_cache_equal_batches_without(g, plain, opts):
+    prompts = [c for s in range(4) for c in _chat(s, 3)]  # prefixes of each other
+    for _ in range(2):  # the second round is served from the cache
+        got = g.generate(prompts, max_new_tokens=5, ignore_eos=True, **opts)
+        want = plain.generate(prompts, max_new_tokens=5, ignore_eos=True, **opts)
+        assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    assert g.engine_stats()["cache_hits"] >= len(prompts)
+    assert all(r.prefill_tokens == 0 for r in got)  # every prompt state was cached
+
+
+def test_threads_submitting_overlapping_prefixes_get_uncached_tokens(dirs, plain):
+    import threading
+
+    g = mambart.Generator(dirs["m1"], prompt_cache_bytes=1 << 20)
+    chats = [_chat(s, 4) for s in range(8)]
+    opts = [dict(), dict(temperature=0.8, seed=5)]
+    want = {(c, t, o): plain.generate(chats[c][t], max_new_tokens=6, ignore_eos=True,
+                                      **opts[o]).token_ids
+            for c in range(8) for t in range(4) for o in range(2)}
+    got, errors = {}, []
+
+    def worker(c):
+        try:
+            for t in range(4):  # each turn extends the previous; other threads share prefixes
+                for o in range(2):
+                    if (c + t) % 2:
+                        toks = list(g.stream(chats[c][t], max_new_tokens=6, ignore_eos=True,
+                                             **opts[o]))
+                    else:
+                        toks = g.generate(chats[c][t], max_new_tokens=6, ignore_eos=True,
+                                          **opts[o]).token_ids
+                    got[(c, t, o)] = toks
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    ts = [threading.Thread(target=worker, args=(c % 8,)) for c in range(16)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors, errors
+    assert got == want
+    s = g.engine_stats()
+    assert s["cache_hits"] > 0 and s["cached_tokens"] > 0 and s["max_rows"] > 1
+
+
+def test_eviction_never_frees_a_state_in_use(dirs, plain):
+    """A budget of one entry: every insert evicts the entry before, while a request that started
+    from it still runs (it holds its own reference), threads evict each other's entries, and a
+    caller holds another entry: every output is the uncached one, every state stays whole."""
+    import threading
+
+    g = mambart.Generator(dirs["m1"])
+    one = g.prefill(PROMPT + [1, 2, 3, 4]).nbytes
+    cache = g.enable_prompt_cache(one + one // 2)
+    key = g._cache_key()
+    held = g.prefill(PROMPT)  # an entry a caller holds
+    assert cache.lookup(key, PROMPT) is held and len(cache) == 1
+    before = [a.copy() for a in held._native.to_host()], held._native.logits.copy()
+
+    def want(p, n=8):
+        return plain.generate(p, max_new_tokens=n, ignore_eos=True).token_ids
+
+    # A chat turn starts from the previous turn's final state (the one entry), which is evicted
+    # while the turn runs.
+    q = [3, 1, 4, 1, 5]
+    r1 = g.generate(q, max_new_tokens=8, ignore_eos=True)
+    turn2 = q + r1.token_ids + [9, 2]
+    hits = g.engine_stats()["cache_hits"]
+    it = g.stream(turn2, max_new_tokens=40, ignore_eos=True)
+    first = next(it)  # running, from the cached final state of turn 1
+    assert g.engine_stats()["cache_hits"] == hits + 1
+    for i in range(3):  # each insert evicts the entry before
+        g.prefill([7, 7, i])
+    assert cache.lookup(key, q + r1.token_ids) is None and len(cache) == 1
+    assert [first] + list(it) == want(turn2, 40)
+
+    # Threads: chats whose turns hit their previous turn's entry unless another thread's
+    # insert evicted it first, and Python-side prefills evicting meanwhile.
+    chats = [_chat(s, 3) for s in range(8)]
+    got, errors = {}, []
+
+    def chat(c):
+        try:
+            p = chats[c][0]
+            for t in range(3):
+                toks = g.generate(p, max_new_tokens=8, ignore_eos=True).token_ids
+                got[(c, t)] = (list(p), toks)
+                p = p + toks + chats[c][t][-2:]
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    def evict(k):
+        for i in range(10):
+            g.prefill([k + 1, i + 1, 7])
+
+    ts = [threading.Thread(target=chat, args=(c,)) for c in range(8)]
+    ts += [threading.Thread(target=evict, args=(k,)) for k in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors, errors
+    for p, toks in got.values():
+        assert toks == want(p), p
+    assert len(cache) == 1 and cache.nbytes <= cache.max_bytes
+    # The held entry was evicted long ago, and is still whole and usable.
+    assert cache.lookup(key, PROMPT) is None
+    after = held._native.to_host(), held._native.logits
+    assert all(np.array_equal(x, y) for x, y in zip(before[0], after[0]))
+    assert np.array_equal(before[1], after[1])
+    r = g.generate(None, state=held, max_new_tokens=5, ignore_eos=True)
+    assert r.token_ids == want(PROMPT, 5)
+
+
+def test_the_cache_budget_counts_in_the_memory_check(dirs):
+    g = mambart.Generator(dirs["m1"], prompt_cache_bytes=1 << 40)
+    try:
+        mambart.set_options(generation_memory_limit=1 << 30)
+        with pytest.raises(MemoryError, match="the prompt cache's unused budget"):
+            g.generate(PROMPT, max_new_tokens=2)
+        g.enable_prompt_cache(1 << 20)  # a budget that fits
+        assert len(g.generate(PROMPT, max_new_tokens=2, ignore_eos=True).token_ids) == 2
+    finally:
+        mambart.set_options(generation_memory_limit=None)
+
+
+def test_a_cache_set_after_the_engine_started_is_used(dirs, plain):
+    g = mambart.Generator(dirs["m1"])
+    g.generate(PROMPT, max_new_tokens=2)  # the engine runs, without a cache
+    assert g.engine_stats()["cache_max_bytes"] == 0
+    g.enable_prompt_cache(1 << 20)
+    g.generate(PROMPT, max_new_tokens=2, ignore_eos=True)
+    r = g.generate(PROMPT + [3], max_new_tokens=4, ignore_eos=True)
+    assert r.prefill_tokens == 1
+    assert r.token_ids == plain.generate(PROMPT + [3], max_new_tokens=4,
+                                         ignore_eos=True).token_ids
+    g.prompt_cache = None  # off again: nothing is looked up
+    assert g.generate(PROMPT + [3], max_new_tokens=4, ignore_eos=True).prefill_tokens == 8
+    with pytest.raises(TypeError, match="PromptCache"):
+        g.prompt_cache = 5
+
+
+def test_a_state_inserted_under_another_models_key_is_not_used(dirs, plain):
+    g = mambart.Generator(dirs["m1"], prompt_cache_bytes=1 << 20)
+    other = mambart.Generator(dirs["m2"])
+    g.prompt_cache.insert(g._cache_key(), other.prefill(PROMPT))  # a caller's mistake
+    r = g.generate(PROMPT + [3], max_new_tokens=4, ignore_eos=True)
+    assert r.prefill_tokens == len(PROMPT) + 1  # treated as a miss, never restored
+    assert r.token_ids == plain.generate(PROMPT + [3], max_new_tokens=4,
+                                         ignore_eos=True).token_ids

@@ -131,6 +131,8 @@ std::vector<float> logits_vector(const py::array_t<float, py::array::c_style | p
 
 // python/bindings/ops.cpp: the test-only `_C._ops` submodule.
 void register_ops(py::module_& parent);
+// python/bindings/states.cpp: state files, the model fingerprint, the prompt cache.
+void register_state_files(py::module_& m);
 
 // ---- issue 7: sequence states, per-row options, scoring (registered after the classes above) --
 namespace {
@@ -163,7 +165,10 @@ void register_state_api(py::module_& m) {
     auto res = py::reinterpret_borrow<py::class_<GenerationResult>>(m.attr("RawResult"));
     res.def_readonly("prefill_tokens", &GenerationResult::prefill_tokens);
 
-    py::class_<SequenceState, std::shared_ptr<SequenceState>>(m, "SequenceState")
+    // dynamic_attr: the Python SequenceState wrapping one keeps a weak reference on it, so the
+    // same native state (e.g. a prompt-cache entry) comes back as the same Python object.
+    py::class_<SequenceState, std::shared_ptr<SequenceState>>(m, "SequenceState",
+                                                              py::dynamic_attr())
         .def_property_readonly("tokens", [](const SequenceState& s) { return s.tokens; })
         .def_property_readonly("num_tokens",
                                [](const SequenceState& s) { return int64_t(s.tokens.size()); })
@@ -311,6 +316,9 @@ py::dict stats_dict(const EngineStats& s) {
     d["mean_rows_per_step"] = s.steps ? double(s.rows_decoded) / double(s.steps) : 0.0;
     d["max_rows"] = s.max_rows;
     d["prefill_calls"] = s.prefill_calls;
+    d["step_ms"] = s.step_ms;
+    d["decode_ms"] = s.decode_ms;
+    d["prefill_ms"] = s.prefill_ms;
     d["tokens_generated"] = s.tokens_generated;
     d["prompt_tokens"] = s.prompt_tokens;
     d["submitted"] = s.submitted;
@@ -319,6 +327,12 @@ py::dict stats_dict(const EngineStats& s) {
     d["timed_out"] = s.timed_out;
     d["failed"] = s.failed;
     d["rejected"] = s.rejected;
+    d["cache_hits"] = s.cache_hits;
+    d["cache_misses"] = s.cache_misses;
+    d["cached_tokens"] = s.cached_tokens;
+    d["cache_entries"] = s.cache_entries;
+    d["cache_bytes"] = s.cache_bytes;
+    d["cache_max_bytes"] = s.cache_max_bytes;
     return d;
 }
 
@@ -489,24 +503,29 @@ void register_engine_api(py::module_& m) {
         .def(
             "start_engine",
             [](Generator& g, int64_t capacity, int64_t max_slots, int64_t prefill_rows,
-               int64_t prefill_chunk, int64_t max_queue) {
+               int64_t prefill_chunk, int64_t max_queue, size_t prompt_cache_bytes) {
                 EngineOptions o;
                 o.capacity = capacity;
                 o.max_slots = max_slots;
                 o.prefill_rows = prefill_rows;
                 o.prefill_chunk = prefill_chunk;
                 o.max_queue = max_queue;
+                o.prompt_cache_bytes = prompt_cache_bytes;
                 MAMBART_CHECK_ARG(!g.engine_started(), "the engine has already started");
                 py::gil_scoped_release release;
                 g.engine(&o);
             },
             py::arg("capacity") = 0, py::arg("max_slots") = 0, py::arg("prefill_rows") = 0,
-            py::arg("prefill_chunk") = 0, py::arg("max_queue") = 1024)
+            py::arg("prefill_chunk") = 0, py::arg("max_queue") = 1024,
+            py::arg("prompt_cache_bytes") = 0)
         .def_property_readonly("engine_started", &Generator::engine_started)
         .def("engine_stats",
              [](Generator& g) {
-                 if (!g.engine_started()) return stats_dict(EngineStats{});
-                 return stats_dict(g.engine().stats());
+                 if (g.engine_started()) return stats_dict(g.engine().stats());
+                 EngineStats s;  // not started: nothing ran; the cache it will use
+                 if (const std::shared_ptr<PrefixCache> c = g.prompt_cache())
+                     add_cache_stats(*c, &s);
+                 return stats_dict(s);
              })
         .def("engine_has_vocab_bytes", [](Generator& g) { return g.engine().has_vocab_bytes(); })
         .def(
@@ -538,6 +557,18 @@ PYBIND11_MODULE(_C, m) {
         } catch (const ModelLoadError& e) {
             py::object cls = py::module_::import("mambart.errors").attr("ModelLoadError");
             py::set_error(cls, e.what());
+        } catch (const StateError& e) {
+            // mambart.StateError (a ValueError). Its message names a file: decoded as the file
+            // system does (surrogateescape), so a path that is not UTF-8 comes back as given.
+            py::object cls = py::module_::import("mambart.state").attr("StateError");
+            PyObject* msg = PyUnicode_DecodeFSDefault(e.what());
+            if (!msg) {
+                PyErr_Clear();
+                py::set_error(cls, e.what());
+            } else {
+                PyErr_SetObject(cls.ptr(), msg);
+                Py_DECREF(msg);
+            }
         } catch (const InvalidArgument& e) {
             py::set_error(PyExc_ValueError, e.what());
         } catch (const Unsupported& e) {
@@ -778,4 +809,5 @@ PYBIND11_MODULE(_C, m) {
 
     register_state_api(m);  // issue 7
     register_engine_api(m);  // issue 14
+    register_state_files(m);  // issue 14: state files, the prompt cache (states.cpp)
 }

@@ -1,10 +1,12 @@
-"""Every file mambart reads or writes goes through here (issue 23, "hostile inputs").
+"""Every file mambart reads or writes from Python goes through here (issue 23, "hostile
+inputs"); the C++ readers use cpp/regular_file.h, and state files are read and written in C++
+(cpp/state_file.h) for Python and the C API alike.
 
 open_regular(path, what, error): opens for reading without blocking (O_NONBLOCK), then refuses
     anything that is not a regular file (a FIFO, socket, device such as /dev/zero, directory)
     before a byte is read; a FIFO with no writer can therefore never hang the process.
 read_bounded(path, limit, what, error): the whole of a small file (a config, index or
-    tokenizer JSON, a state header...), refused before reading when it is larger than `limit`;
+    tokenizer JSON...), refused before reading when it is larger than `limit`;
     at most `limit` bytes are ever read, even from a file that grows meanwhile.
 check_size(n, limit, path, what, error): the one size check, for sizes known before a read
     (a zip member's declared size, a header length).
@@ -13,8 +15,8 @@ write_atomic(path, write, error): writes through a unique temporary file in the 
     writers each rename a whole file, and a failure removes the temporary file and raises
     naming `path`.
 
-`error` is the exception class the caller's API raises (ModelLoadError, ConversionError,
-StateError...); every message starts with the user's path.
+`error` is the exception class the caller's API raises (ModelLoadError, ConversionError...);
+every message starts with the user's path.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from typing import Callable, Type
 # tokenizer.json files of large vocabularies reach tens of MB.
 MAX_JSON_BYTES = 16 * 1024 * 1024
 MAX_TOKENIZER_BYTES = 256 * 1024 * 1024
-MAX_HEADER_BYTES = 16 * 1024 * 1024  # a state file's JSON header
 
 # Written files get the mode a plain open() gives (0666 less the umask), not mkstemp's 0600.
 _UMASK = os.umask(0o022)
@@ -133,45 +134,6 @@ def write_atomic(path, write: Callable, what: str = "file",
             os.close(dfd)
     except OSError:
         pass
-
-
-def read_header_first(path, what: str = "file", error: Type[Exception] = ValueError,
-                      header_limit: int = MAX_HEADER_BYTES):
-    """(bytes, file size) of a safetensors-layout file (8-byte header length, JSON header,
-    data), read header first: at most the header (when its length is within `header_limit` and
-    the file) and then only the data bytes its tensors' `data_offsets` reach, never more than
-    the file holds. The caller validates the header as before; a file of any size (or one
-    that keeps growing) costs no more than what the header accounts for."""
-    import json
-    import struct
-
-    p = os.fspath(path)
-    with open_regular(p, what, error) as f:
-        try:
-            size = os.fstat(f.fileno()).st_size
-            data = f.read(8)
-            if len(data) < 8:
-                return data, size
-            (n,) = struct.unpack("<Q", data)
-            if n > size - 8 or n > header_limit:
-                return data, size
-            data += f.read(n)
-            need = 0
-            try:
-                header = json.loads(data[8:].decode("utf-8"))
-            except ValueError:  # the caller reports it
-                header = None
-            for v in header.values() if isinstance(header, dict) else ():
-                offs = v.get("data_offsets") if isinstance(v, dict) else None
-                if isinstance(offs, list) and len(offs) == 2 and \
-                        all(isinstance(o, int) and not isinstance(o, bool) for o in offs):
-                    need = max(need, offs[1])
-            need = max(0, min(need, size - len(data)))
-            if need:
-                data += f.read(need)
-            return data, size
-        except OSError as e:
-            raise error(f"{p}: cannot read the {what}: {e.strerror or e}") from None
 
 
 def check_not_nested(src, dst, error: Type[Exception] = ValueError) -> None:

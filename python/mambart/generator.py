@@ -13,7 +13,7 @@ import numpy as np
 from . import _C
 from . import _args  # issue 23: every public argument checked in one place
 from .sequences import ScoreResult, SequenceAPI  # issue 7: states, prompt cache, scoring
-from .state import PromptCache, SequenceState, model_fingerprint
+from .state import SequenceState
 
 Prompt = Union[str, Sequence[int]]
 
@@ -167,8 +167,8 @@ class Generator(SequenceAPI):
         self.config = self._g.config
         self.vocab_size: int = self.config["vocab_size"]
         self.tokenizer = self._load_tokenizer(tokenizer, tok_path)
-        self.fingerprint: str = model_fingerprint(self.model_dir)  # states carry it (issue 7)
-        self.prompt_cache: Optional[PromptCache] = None
+        self.fingerprint: str = self._g.fingerprint  # states carry it (issue 7)
+        self.prompt_cache = None  # the engine's (cpp/prefix_cache.h); see enable_prompt_cache
         self.enable_prompt_cache(prompt_cache_bytes)
         self._engine_lock = threading.Lock()
         self._engine_stops: Optional[bool] = None  # decided at the first stop string
@@ -408,7 +408,6 @@ class Generator(SequenceAPI):
         finally:
             if not seq.finished:
                 seq.cancel()
-        self._finish_rows(seqs, rows, False)  # prompt-cache inserts
         if out is not None:
             raw = seq.result
             ids, reason = list(raw.token_ids), raw.finish_reason

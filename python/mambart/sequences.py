@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence, Union
 
 import numpy as np
 
-from .state import PromptCache, SequenceState, StateError, load_state
+from .state import PromptCache, SequenceState, StateError, load_state, wrap_native
 
 # Generation parameters that may be given per row (a list with one value per prompt).
 ROW_PARAMS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
@@ -46,23 +46,49 @@ class ScoreResult:
 
 class SequenceAPI:
     """Mixin for Generator (which provides _g, _encode, _options, config, dtype, device,
-    fingerprint, prompt_cache)."""
+    fingerprint)."""
 
     # ---- states ----
+    def _state_meta(self) -> dict:
+        """What a SequenceState of this model carries besides its native state."""
+        if getattr(self, "_state_meta_dict", None) is None:
+            self._state_meta_dict = dict(
+                fingerprint=self.fingerprint, dtype=self.dtype,
+                architecture=self.config["architecture"], spec=self._g.state_spec,
+                layer_types=self._g.layer_type_list)
+        return self._state_meta_dict
+
     def _wrap_state(self, native) -> Optional[SequenceState]:
         if native is None:
             return None
-        return SequenceState(native, fingerprint=self.fingerprint, dtype=self.dtype,
-                             architecture=self.config["architecture"],
-                             spec=self._g.state_spec, layer_types=self._g.layer_type_list)
+        return wrap_native(native, **self._state_meta())
 
-    def _cache_key(self) -> tuple:
-        return (self.fingerprint, self.dtype, self.device)
+    def _cache_key(self) -> str:
+        """The prompt cache's key of this generator's states: fingerprint, dtype, device."""
+        return self._g.prompt_cache_key
+
+    @property
+    def prompt_cache(self) -> Optional[PromptCache]:
+        """The exact prefix cache the engine uses (None: off). Assign a PromptCache (e.g.
+        another generator's: `g2.prompt_cache = g1.prompt_cache` shares it; entries are keyed
+        by model, so each generator is served only its own) or None."""
+        return self._prompt_cache
+
+    @prompt_cache.setter
+    def prompt_cache(self, cache: Optional[PromptCache]) -> None:
+        if cache is not None and not isinstance(cache, PromptCache):
+            raise TypeError(f"prompt_cache must be a PromptCache or None, got "
+                            f"{type(cache).__name__}")
+        if cache is not None:
+            cache._attach(self._cache_key(), self._state_meta())
+        self._g.prompt_cache = cache._c if cache is not None else None
+        self._prompt_cache = cache
 
     def enable_prompt_cache(self, max_bytes: int) -> PromptCache:
         """Turns on the exact prefix cache with a budget of `max_bytes` (LRU eviction); 0 turns
-        it off. Returns the cache (its hits/misses/nbytes are for inspection). One cache may be
-        shared by several generators: `g2.prompt_cache = g1.prompt_cache`."""
+        it off. Returns the cache (its hits/misses/nbytes are for inspection). The engine looks
+        every request without a state up in it and keeps prompt and final states in it. One
+        cache may be shared by several generators: `g2.prompt_cache = g1.prompt_cache`."""
         self.prompt_cache = PromptCache(max_bytes) if max_bytes else None
         return self.prompt_cache
 
@@ -87,13 +113,14 @@ class SequenceAPI:
         st = load_state(path)
         return self._wrap_state(st._native_for(self))
 
-    def _start_state(self, ids: List[int], state):
-        """-> (native start state or None, tokens to feed, tokens served by the cache)."""
+    def _start_state(self, ids: List[int], state, use_cache: bool = True):
+        """-> (native start state or None, tokens to feed, tokens served by the cache). The
+        engine looks its requests up in the cache itself (use_cache False)."""
         if state is not None:
             if not isinstance(state, SequenceState):
                 raise TypeError(f"state must be a SequenceState, got {type(state).__name__}")
             return state._native_for(self), ids, 0
-        if self.prompt_cache is not None and ids:
+        if use_cache and self.prompt_cache is not None and ids:
             hit = self.prompt_cache.lookup(self._cache_key(), ids)
             if hit is not None:
                 return hit._native_for(self), ids[hit.num_tokens:], hit._native.fed
@@ -156,27 +183,28 @@ class SequenceAPI:
         return opts
 
     def _prepare_rows(self, prompts, states, kwargs):
-        """-> (per-row options, start states, feeds, tokens served by the prompt cache)."""
+        """-> (per-row options, start states (given ones only: the engine consults the prompt
+        cache), feeds)."""
         n = len(prompts)
         ids = [self._encode_or_empty(p) for p in prompts]
         opts = self._row_options(n, kwargs, states)
-        starts, feeds, cached = [], [], []
+        starts, feeds = [], []
         for r in range(n):
-            st, feed, c = self._start_state(ids[r], states[r] if states is not None else None)
+            st, feed, _ = self._start_state(ids[r], states[r] if states is not None else None,
+                                            use_cache=False)
             if st is None and not feed:
                 raise ValueError(f"prompt {r} is empty: give at least one token")
             starts.append(st)
             feeds.append(feed)
-            cached.append(c)
-        return opts, starts, feeds, cached
+        return opts, starts, feeds
 
     def _start_rows(self, prompts, states, kwargs, keep_states: bool):
         """The fixed-batch native stream of these rows (GenerationStream: every row decodes in
-        each step until the batch is done). The public calls use the engine (_submit_rows)."""
-        opts, starts, feeds, cached = self._prepare_rows(prompts, states, kwargs)
-        keep = keep_states or self.prompt_cache is not None
-        stream = self._g.start_rows(feeds, opts, starts, keep)
-        return stream, dict(keep=keep, cached=cached, n=len(prompts))
+        each step until the batch is done; no prompt cache). The public calls use the engine
+        (_submit_rows)."""
+        opts, starts, feeds = self._prepare_rows(prompts, states, kwargs)
+        stream = self._g.start_rows(feeds, opts, starts, keep_states)
+        return stream, dict(keep=keep_states, n=len(prompts))
 
     def _submit_rows(self, prompts, states, kwargs, keep_states: bool, stops=(),
                      logprobs=None, block: bool = True, notifier=None, keys=None):
@@ -186,20 +214,19 @@ class SequenceAPI:
         it has the vocabulary's bytes; info["py_stops"] says when Python must match them.
         logprobs: None, or the number of top tokens to report with each token's logprob (the
         sequences are then read with read_logprobs). block=False raises _C.EngineBusy on a
-        full queue; notifier (a _C.Notifier) and keys (one per row): each row writes its key to the
-        notifier's pipe after each delivery (the server's event loop waits on it)."""
+        full queue; notifier (a _C.Notifier) and keys (one per row): each row writes its key to
+        the notifier's pipe after each delivery (the server's event loop waits on it)."""
         from . import _args
 
         lp = -1 if logprobs is None else _args.integer("logprobs", logprobs, 0, self.vocab_size)
-        opts, starts, feeds, cached = self._prepare_rows(prompts, states, kwargs)
-        keep = keep_states or self.prompt_cache is not None
+        opts, starts, feeds = self._prepare_rows(prompts, states, kwargs)
         engine_stops = self._engine_matches_stops() if stops else False
         for r, o in enumerate(opts):
             if o.rng_stream < 0:
                 o.rng_stream = r
         seqs = self._g.submit_many(feeds, opts, starts, list(stops) if engine_stops else [],
-                                   keep, block, lp, notifier, list(keys or []))
-        return seqs, dict(keep=keep, cached=cached, n=len(prompts), logprobs=lp,
+                                   keep_states, block, lp, notifier, list(keys or []))
+        return seqs, dict(keep=keep_states, n=len(prompts), logprobs=lp,
                           py_stops=bool(stops) and not engine_stops)
 
     def _engine_matches_stops(self) -> bool:
@@ -219,27 +246,18 @@ class SequenceAPI:
     def engine_stats(self) -> dict:
         """The engine's counters: running, prefilling and queued requests, decode slots, steps
         and rows decoded (mean_rows_per_step > 1 means requests shared decode steps), tokens
-        generated and prefilled, requests submitted / finished / cancelled / timed out /
-        failed / rejected."""
+        generated and prompt tokens prefilled, requests submitted / finished / cancelled /
+        timed out / failed / rejected; the prompt cache's hits and misses (this engine's
+        lookups), cached_tokens (prompt tokens its hits served, not prefilled), and its
+        entries, bytes and budget (cache_max_bytes; zeros when the cache is off)."""
         return dict(self._g.engine_stats())
 
     def _finish_rows(self, seqs, rows, return_state: bool):
-        """After the rows finished: their states (when asked) and prompt-cache inserts."""
-        states = [None] * rows["n"]
-        if not rows["keep"]:
-            return states
-        cache = self.prompt_cache
-        for r in range(rows["n"]):
-            final = self._wrap_state(seqs[r].final_state)
-            if return_state:
-                states[r] = final
-            if cache is not None:
-                prompt_state = self._wrap_state(seqs[r].prompt_state)
-                if prompt_state is not None:
-                    cache.insert(self._cache_key(), prompt_state)
-                if final is not None:
-                    cache.insert(self._cache_key(), final)
-        return states
+        """After the rows finished: their final states (when asked). The engine has put their
+        prompt and final states into the prompt cache already."""
+        if not (return_state and rows["keep"]):
+            return [None] * rows["n"]
+        return [self._wrap_state(seqs[r].final_state) for r in range(rows["n"])]
 
     # ---- scoring ----
     def score(self, tokens, state: Optional[SequenceState] = None):

@@ -168,7 +168,6 @@ class Metrics:
         self.e2e = Histogram("mambart_request_latency_seconds",
                              "From a request's arrival to its last token",
                              buckets=LATENCY_BUCKETS, registry=r)
-        self.cached_by_server = 0  # prompt tokens served by the Python prompt cache
         r.register(_EngineCollector(state))
 
     def exposition(self) -> bytes:
@@ -195,16 +194,14 @@ class _EngineCollector:
                                 value=st.get("running", 0) + st.get("prefilling", 0))
         yield GaugeMetricFamily("mambart_requests_waiting", "Requests queued for a decode slot",
                                 value=st.get("queued", 0))
-        # Cached / prefilled prompt tokens: the engine's prefix-cache counters when it has them
-        # (cached_prompt_tokens, prefilled_prompt_tokens), plus what the Python prompt cache
-        # served; the engine's prompt_tokens are the tokens it prefilled.
-        cached = self.state.metrics.cached_by_server + st.get("cached_prompt_tokens", 0)
-        prefilled = st.get("prefilled_prompt_tokens", st.get("prompt_tokens", 0))
+        # Multi-turn reuse: the prompt tokens the engine's prompt cache served, and the prompt
+        # tokens it ran through the model.
         yield CounterMetricFamily("mambart_prompt_tokens_cached",
                                   "Prompt tokens served from a cached state (not prefilled)",
-                                  value=cached)
+                                  value=st.get("cached_tokens", 0))
         yield CounterMetricFamily("mambart_prompt_tokens_prefilled",
-                                  "Prompt tokens run through the model", value=prefilled)
+                                  "Prompt tokens run through the model",
+                                  value=st.get("prompt_tokens", 0))
         for k, v in sorted(st.items()):
             if not isinstance(v, (int, float)) or isinstance(v, bool):
                 continue
@@ -306,7 +303,10 @@ class _Choice:
         err = self.seq.error
         if err:
             self.error = err
-        reason = self.seq.result.finish_reason
+        res = self.seq.result
+        # the prompt tokens that a cached state served (the engine's prompt cache)
+        self.cached = max(0, res.prompt_tokens - res.prefill_tokens)
+        reason = res.finish_reason
         self.finish_reason = "stop" if self.ts.stopped else _REASONS.get(reason, "stop")
         return tail
 
@@ -320,10 +320,8 @@ class _Job:
         self.t0 = t_arrival
         self.queue: asyncio.Queue = asyncio.Queue()
         self.choices: List[_Choice] = []
-        self.rows: List[dict] = []
         self.t_last: Dict[int, float] = {}
         self.done = 0
-        self.cached_done: set = set()  # prompts whose states went into the prompt cache
         self.ended = False
 
     def submit(self) -> None:
@@ -335,7 +333,7 @@ class _Job:
             for pi, ids in enumerate(self.prompts):
                 keys = st.bridge.keys(p.n)
                 try:
-                    seqs, rows = gen._submit_rows([ids] * p.n, None, p.engine_kwargs(), False,
+                    seqs, _ = gen._submit_rows([ids] * p.n, None, p.engine_kwargs(), False,
                                                   p.stop, logprobs=p.logprobs, block=False,
                                                   notifier=st.bridge.notifier, keys=keys)
                 except _C.EngineBusy as e:
@@ -350,11 +348,9 @@ class _Job:
                 except RuntimeError as e:  # the engine is shutting down
                     raise APIError(503, str(e), "server_error") from None
                 seqs_all += seqs
-                self.rows.append(rows)
                 for j, seq in enumerate(seqs):
                     ch = _Choice(pi * p.n + j, pi, gen.tokenizer, p.stop)
                     ch.seq, ch.key = seq, keys[j]
-                    ch.cached = rows["cached"][j]
                     self.choices.append(ch)
         except BaseException:
             for s in seqs_all:
@@ -404,13 +400,7 @@ class _Job:
     def _account(self, ch: _Choice, now: float) -> None:
         m = self.state.metrics
         m.generation_tokens.inc(len(ch.token_ids))
-        m.cached_by_server += ch.cached
         m.e2e.observe(now - self.t0)
-        n, pi = self.params.n, ch.prompt_index
-        mine = self.choices[pi * n:(pi + 1) * n]
-        if pi not in self.cached_done and all(c.finish_reason is not None for c in mine):
-            self.cached_done.add(pi)  # the prompt's states into the prompt cache (when on)
-            self.state.gen._finish_rows([c.seq for c in mine], self.rows[pi], False)
 
     def usage(self) -> dict:
         prompt = sum(len(ids) for ids in self.prompts)

@@ -1,8 +1,12 @@
 /* Drives the C API from C (tests/test_c_api.py compiles and runs it): bad handles, bad options,
  * a path that is not a model, invalid token ids, a state from another model, a full queue; then
- * greedy generation, continuing from a kept state, cancel and stop strings. Prints one line per
- * check ("ok NAME" or "FAIL NAME: ...") and the generated tokens for the Python side to compare.
- *   test_c_api MODEL_DIR OTHER_MODEL_DIR NOT_A_MODEL_DIR                                      */
+ * greedy generation, continuing from a kept state, cancel and stop strings; state files (save,
+ * load, Python's file, another model's, truncated, corrupt, a directory, a FIFO, missing) and the
+ * prompt cache. Prints one line per check ("ok NAME" or "FAIL NAME: ...") and the generated
+ * tokens for the Python side to compare.
+ *   test_c_api MODEL_DIR OTHER_MODEL_DIR NOT_A_MODEL_DIR WORK_DIR
+ * WORK_DIR holds py.state (a state of MODEL_DIR saved by Python) and fifo.state (a FIFO); the
+ * program writes its own files there (c.state, for Python to load).                         */
 #include <mambart.h>
 #include <stdio.h>
 #include <string.h>
@@ -23,6 +27,26 @@ static void expect(const char* name, mambart_status got, mambart_status want, co
     }
 }
 
+static void check(const char* name, int ok) {
+    printf("%s %s\n", ok ? "ok" : "FAIL", name);
+    if (!ok) ++failures;
+}
+
+/* Writes the first `keep` bytes of `src` (all if keep < 0) and then `extra` to `dst`. */
+static void copy_file(const char* src, const char* dst, long keep, const char* extra) {
+    char buf[1 << 16];
+    FILE* in = fopen(src, "rb");
+    FILE* out = fopen(dst, "wb");
+    size_t n = in ? fread(buf, 1, sizeof buf, in) : 0;
+    if (keep >= 0 && (size_t)keep < n) n = (size_t)keep;
+    if (out) {
+        fwrite(buf, 1, n, out);
+        if (extra) fputs(extra, out);
+        fclose(out);
+    }
+    if (in) fclose(in);
+}
+
 static void print_tokens(const char* label, mambart_request* r) {
     int32_t buf[256];
     size_t n = 0;
@@ -33,7 +57,7 @@ static void print_tokens(const char* label, mambart_request* r) {
 }
 
 int main(int argc, char** argv) {
-    if (argc < 4) return 2;
+    if (argc < 5) return 2;
     const int32_t prompt[] = {5, 17, 33, 2, 60, 9, 41};
     const size_t np = sizeof(prompt) / sizeof(prompt[0]);
     mambart_model* m = NULL;
@@ -150,13 +174,76 @@ int main(int argc, char** argv) {
            MAMBART_ERR_INVALID_ARGUMENT, "keep_state");
     mambart_request_free(r);
 
+    /* State files: save and load round trip; a file Python saved; bad files and paths. */
+    char path[4096], other_path[4096], py_path[4096], work[4096];
+    snprintf(path, sizeof path, "%s/c.state", argv[4]);
+    snprintf(other_path, sizeof other_path, "%s/other.state", argv[4]);
+    snprintf(py_path, sizeof py_path, "%s/py.state", argv[4]);
+    expect("save", mambart_state_save(s, path), MAMBART_OK, NULL);
+    expect("load", mambart_state_load(m, path, &s2), MAMBART_OK, NULL);
+    check("loaded tokens", mambart_state_num_tokens(s2) == mambart_state_num_tokens(s));
+    expect("continue loaded", mambart_submit(m, NULL, 0, s2, &opt, &r), MAMBART_OK, NULL);
+    mambart_request_wait(r, -1.0, &finished);
+    print_tokens("loaded_continued", r);
+    mambart_request_free(r);
+    mambart_state_free(s2);
+    expect("load python's", mambart_state_load(m, py_path, &s2), MAMBART_OK, NULL);
+    expect("continue python's", mambart_submit(m, NULL, 0, s2, &opt, &r), MAMBART_OK, NULL);
+    mambart_request_wait(r, -1.0, &finished);
+    print_tokens("py_continued", r);
+    mambart_request_free(r);
+    mambart_state_free(s2);
+    snprintf(work, sizeof work, "%s/truncated.state", argv[4]);
+    copy_file(path, work, 100, NULL);
+    expect("load truncated", mambart_state_load(m, work, &s2), MAMBART_ERR_STATE,
+           "truncated.state: not a valid mambart state file");
+    snprintf(work, sizeof work, "%s/short.state", argv[4]);
+    copy_file(path, work, 5, NULL);
+    expect("load short", mambart_state_load(m, work, &s2), MAMBART_ERR_STATE, "short.state");
+    snprintf(work, sizeof work, "%s/trailing.state", argv[4]);
+    copy_file(path, work, -1, "garbage");
+    expect("load trailing bytes", mambart_state_load(m, work, &s2), MAMBART_ERR_STATE,
+           "trailing bytes");
+    snprintf(work, sizeof work, "%s/corrupt.state", argv[4]);
+    copy_file(argv[0], work, 4096, NULL); /* the start of an executable */
+    expect("load corrupt", mambart_state_load(m, work, &s2), MAMBART_ERR_STATE, "corrupt.state");
+    expect("load a directory", mambart_state_load(m, argv[4], &s2), MAMBART_ERR_STATE,
+           "not a regular file (a directory)");
+    snprintf(work, sizeof work, "%s/fifo.state", argv[4]);
+    expect("load a FIFO", mambart_state_load(m, work, &s2), MAMBART_ERR_STATE, "(a FIFO)");
+    expect("load /dev/zero", mambart_state_load(m, "/dev/zero", &s2), MAMBART_ERR_STATE,
+           "a character device");
+    snprintf(work, sizeof work, "%s/missing.state", argv[4]);
+    expect("load missing", mambart_state_load(m, work, &s2), MAMBART_ERR_STATE, "missing.state");
+    check("failed load gives no state", s2 == NULL);
+    snprintf(work, sizeof work, "%s/nope/x.state", argv[4]);
+    expect("save into a missing directory", mambart_state_save(s, work), MAMBART_ERR_STATE,
+           "nope/x.state: cannot write the state file");
+    expect("save to a directory", mambart_state_save(s, argv[4]), MAMBART_ERR_STATE,
+           "cannot write the state file");
+    expect("save null path", mambart_state_save(s, NULL), MAMBART_ERR_INVALID_ARGUMENT, "path");
+    expect("save null state", mambart_state_save(NULL, path), MAMBART_ERR_HANDLE, "state");
+    expect("load null model", mambart_state_load(NULL, path, &s2), MAMBART_ERR_HANDLE, "model");
+    expect("load null out", mambart_state_load(m, path, NULL), MAMBART_ERR_INVALID_ARGUMENT,
+           "out");
+
     /* A state from another model. */
     {
         mambart_model* other = NULL;
         expect("load other", mambart_model_load(argv[2], NULL, &other), MAMBART_OK, NULL);
         expect("state of another model", mambart_submit(other, prompt, np, s, &opt, &r),
                MAMBART_ERR_STATE, "another model");
+        expect("load a file of another model", mambart_state_load(other, path, &s2),
+               MAMBART_ERR_STATE, "c.state) belongs to another model");
+        expect("other prefill", mambart_prefill(other, prompt, np, NULL, &s2), MAMBART_OK, NULL);
         mambart_model_free(other);
+        /* a state keeps what saving needs: saved after its model handle was freed */
+        expect("save after its model was freed", mambart_state_save(s2, other_path), MAMBART_OK,
+               NULL);
+        mambart_state_free(s2);
+        s2 = NULL;
+        expect("load the other model's file", mambart_state_load(m, other_path, &s2),
+               MAMBART_ERR_STATE, "other.state) belongs to another model");
         expect("freed model", mambart_submit(other, prompt, np, NULL, &opt, &r),
                MAMBART_ERR_HANDLE, NULL);
     }
@@ -192,6 +279,38 @@ int main(int argc, char** argv) {
         if (c) mambart_request_free(c);
     }
     mambart_model_free(m);
+
+    /* The prompt cache: the same prompt again prefills nothing and gives the same tokens (the
+     * two entries: its prompt state and its final state, both found again by the second run). */
+    mambart_load_options_init(&lo);
+    lo.prompt_cache_bytes = (size_t)-1;
+    expect("load huge cache", mambart_model_load(argv[1], &lo, &m), MAMBART_ERR_INVALID_ARGUMENT,
+           "prompt_cache_bytes");
+    lo.prompt_cache_bytes = 1 << 20;
+    expect("load with a cache", mambart_model_load(argv[1], &lo, &m), MAMBART_OK, NULL);
+    if (m) {
+        mambart_result res;
+        mambart_stats st;
+        mambart_request_options_init(&opt);
+        opt.max_new_tokens = 4;
+        opt.ignore_eos = 1;
+        expect("cache miss", mambart_submit(m, prompt, np, NULL, &opt, &r), MAMBART_OK, NULL);
+        mambart_request_wait(r, -1.0, &finished);
+        print_tokens("uncached", r);
+        mambart_request_free(r);
+        expect("cache hit", mambart_submit(m, prompt, np, NULL, &opt, &r), MAMBART_OK, NULL);
+        mambart_request_wait(r, -1.0, &finished);
+        print_tokens("cached", r);
+        expect("cached result", mambart_request_result(r, &res), MAMBART_OK, NULL);
+        check("cached prefill", res.prefill_tokens == 0 && res.prompt_tokens == (int64_t)np);
+        mambart_request_free(r);
+        expect("stats", mambart_model_stats(m, &st), MAMBART_OK, NULL);
+        check("cache stats", st.cache_hits == 1 && st.cache_misses == 1 &&
+                                 st.cached_tokens == (int64_t)np &&
+                                 st.prefilled_tokens == (int64_t)np && st.cache_entries == 2 &&
+                                 st.cache_bytes > 0 && st.cache_max_bytes == 1 << 20);
+        mambart_model_free(m);
+    }
     printf("failures %d\n", failures);
     return failures ? 1 : 0;
 }

@@ -36,8 +36,9 @@ FLAGS=(-std=c++17 -O1 -g -fno-omit-frame-pointer -fsanitize=fuzzer,address,undef
 #  the Backend typeinfo of the whole runtime for UBSan's vptr checks; the parsers have no
 #  polymorphic casts to check)
 CORE=(cpp/options.cpp cpp/safetensors.cpp cpp/config.cpp cpp/dtype.cpp cpp/error.cpp cpp/layers/registry.cpp
-      cpp/layers/mamba1/mamba1.cpp cpp/layers/mamba2/mamba2.cpp cpp/layers/mamba3/mamba3.cpp)
-TARGETS=(safetensors config run_args)
+      cpp/layers/mamba1/mamba1.cpp cpp/layers/mamba2/mamba2.cpp cpp/layers/mamba3/mamba3.cpp
+      cpp/state_file.cpp cpp/sha256.cpp)
+TARGETS=(safetensors config run_args state_file)
 for t in "${TARGETS[@]}"; do
   "$CXX" "${FLAGS[@]}" "${CORE[@]}" "tests/fuzz/cpp/fuzz_$t.cpp" -o "$OUT/fuzz_$t"
 done
@@ -48,6 +49,7 @@ if [ "$RUN" != "0" ]; then
     seeds=tests/fuzz/corpus/safetensors_cpp
     [ "$t" = config ] && seeds=tests/fuzz/corpus/libfuzzer_config
     [ "$t" = run_args ] && seeds=tests/fuzz/corpus/libfuzzer_run_args
+    [ "$t" = state_file ] && seeds=tests/fuzz/corpus/state_file  # shared with the atheris target
     work=$(mktemp -d)
     extra=""
     [ "$t" = safetensors ] && extra=tests/fuzz/crashes/libfuzzer_safetensors
