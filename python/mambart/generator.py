@@ -331,9 +331,10 @@ class Generator(SequenceAPI):
     def _row_tokens(seq, rows, texts, row, lps=None):
         """Yields the row's tokens as the engine makes them, pushed into the row's TextStream
         (waits in short slices, so Ctrl-C gets through); with `lps` (a list, for a request with
-        logprobs), each token's TokenLogprob is appended to it before the token is yielded. A stop string matched on the text (the
-        engine matches them on bytes when it has the vocabulary's bytes; the text also matches
-        where decoding differs from the bytes) stops the request, and later tokens are dropped."""
+        logprobs), each token's TokenLogprob is appended to it before the token is yielded. A
+        stop string matched on the text (the engine matches them on bytes when it has the
+        vocabulary's bytes; the text also matches where decoding differs from the bytes) stops
+        the request, and later tokens are dropped."""
         stopped = False
         while True:
             if lps is None:
