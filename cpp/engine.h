@@ -63,6 +63,14 @@ struct EngineOptions {
                                     // (Generator::set_prompt_cache gives or shares one later)
 };
 
+// One generated token's log-probabilities (EngineRequest::logprobs >= 0): the log-softmax of the
+// model's logits at that step (before the repetition penalty, temperature and filters).
+struct TokenLogprobs {
+    float logprob = 0.0f;              // log p(the generated token)
+    std::vector<int32_t> top_ids;      // (logprobs) the most likely tokens, highest first (ties:
+    std::vector<float> top_logprobs;   // (logprobs)  lower id first), and their log-probabilities
+};
+
 struct EngineRequest {
     std::vector<int32_t> prompt;                 // fed after `start`'s pending tokens
     std::shared_ptr<const SequenceState> start;  // nullptr: a fresh sequence (or, with the
@@ -71,9 +79,17 @@ struct EngineRequest {
     std::vector<std::string> stop_strings;       // matched on the generated tokens' bytes
     double timeout_s = 0.0;                      // > 0: finish with Timeout after this long
     bool keep_states = false;                    // keep the prompt and final states
+    // >= 0: every generated token's TokenLogprobs with this many top tokens (at most the
+    // vocabulary); -1: off. Rows asking for them sample on the host (their logits are read there),
+    // so a decode step with such a row does not use the CUDA device-sampling graph.
+    int32_t logprobs = -1;
     // Called on the engine thread after each step that gave this request tokens (and once
     // more, with finished = true, when it ends). Must not block or call back into the engine.
     std::function<void(const int32_t* tokens, size_t n, bool finished)> on_tokens;
+    // Called on the engine thread after each delivery to this request, once its tokens can be
+    // read and, at the end, once finished() is true (on_tokens runs before finished() turns
+    // true): to wake an event loop that reads the sequence. Must not block or call the engine.
+    std::function<void()> on_ready;
 };
 
 // One submitted request: its token queue, result and states. Shared between the engine and the
@@ -81,8 +97,11 @@ struct EngineRequest {
 class EngineSequence {
  public:
     // Waits until tokens are ready or the request has finished (or `timeout_s` >= 0 passed);
-    // moves the unread tokens into `out`. Returns false once finished and every token was read.
-    bool read(std::vector<int32_t>* out, double timeout_s = -1.0);
+    // moves the unread tokens into `out` (and, when given, their TokenLogprobs into `logprobs`:
+    // one per token for a request with logprobs >= 0). Returns false once finished and every
+    // token was read.
+    bool read(std::vector<int32_t>* out, double timeout_s = -1.0,
+              std::vector<TokenLogprobs>* logprobs = nullptr);
     // Until finished (or `timeout_s` >= 0 passed); returns whether it has finished.
     bool wait(double timeout_s = -1.0);
     bool finished() const;
@@ -107,6 +126,7 @@ class EngineSequence {
     mutable std::mutex mu_;
     std::condition_variable cv_;
     std::vector<int32_t> unread_;          // tokens not yet read
+    std::vector<TokenLogprobs> unread_lp_;  // their log-probabilities (logprobs >= 0 only)
     bool finished_ = false;
     std::atomic<int> stop_reason_{0};      // 0, or a FinishReason set by cancel()/stop()
     GenerationResult result_;
@@ -177,7 +197,7 @@ class Engine {
     void decode_end();    // the device decode's tokens; the step's statistics
     void grow(int64_t slots);
     void finish(Slot& s, FinishReason reason, const std::string& error = "");
-    void emit(Slot& s, int32_t token);
+    void emit(Slot& s, int32_t token, const float* logits);
     void deliver();
     void free_decode_row(int64_t row);
     std::shared_ptr<SequenceState> snapshot(const State& st, int64_t row, const Slot& s,
@@ -214,6 +234,7 @@ class Engine {
     std::chrono::steady_clock::time_point group_t0_;
     std::vector<float> logits_host_;   // (slots, V) host sampling path
     std::vector<float> scratch_;       // (V) a sampler's working copy
+    std::vector<int32_t> lp_order_;    // (V) token order for top logprobs (requests asking)
     std::vector<int32_t> ids_host_;    // (max(slots, chunk)) tokens staged for a forward
     std::vector<uint64_t> rng_host_;   // (slots, 3) device sampling path
     std::vector<int32_t> tok_host_;    // (slots) sampled ids, device sampling path

@@ -183,3 +183,21 @@ def dir_files(d: Path) -> Dict[str, Path]:
 def copy_dir(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
+                 "\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def serve_model_dir(path: Union[str, Path]) -> Path:
+    """A tiny Mamba-1 directory for the server tests: random weights (model_dirs), a trained
+    byte-level tokenizer of the model's vocabulary size (320; eos = <|endoftext|> = 0) and a
+    tokenizer_config.json with special tokens and CHAT_TEMPLATE."""
+    from model_dirs import make_model_dir
+
+    d = make_model_dir(path, "mamba1", vocab_size=320, vocab_size_padded=320, eos_token_id=0)
+    train_tokenizer(d / "tokenizer.json", vocab_size=320)
+    (d / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|endoftext|>", "eos_token": {"content": "<|endoftext|>"},
+         "chat_template": CHAT_TEMPLATE}))
+    return d

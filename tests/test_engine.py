@@ -202,6 +202,70 @@ def test_batches_share_steps_with_streams_and_keep_states(model_dir):
         assert more.token_ids == lone(model_dir, p + r.token_ids, max_new_tokens=4).token_ids
 
 
+def _log_softmax(x):
+    x = np.asarray(x, np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def test_logprobs_are_the_models_log_softmax_and_sampling_is_unchanged(model_dir):
+    """Each generated token's logprob and top-N equal the log-softmax of the model's logits at
+    that step (teacher-forced through Generator.logits); asking for them changes no token, also
+    while they share steps with rows that do not ask; a Notifier gets each request's key."""
+    import os
+    import struct
+
+    g = mambart.Generator(model_dir)
+    ps = prompts(4, seed=7)
+    kws = [dict(max_new_tokens=12), dict(max_new_tokens=9, temperature=0.8, top_p=0.9, seed=5),
+           dict(max_new_tokens=7, repetition_penalty=1.3), dict(max_new_tokens=10)]
+    want = [lone(model_dir, p, **kw).token_ids for p, kw in zip(ps, kws)]
+    notifier = _C.Notifier()
+    seqs = []
+    for i, (p, kw) in enumerate(zip(ps, kws)):
+        o = g._options(kw["max_new_tokens"], kw.get("temperature", 0.0), 0,
+                       kw.get("top_p", 1.0), 0.0, kw.get("repetition_penalty", 1.0),
+                       kw.get("seed", 0), None, True)
+        o.rng_stream = 0
+        # rows 0 and 2 ask for logprobs (5 and 0 top tokens); 1 and 3 do not
+        seqs.append(g._g.submit(p, o, None, [], False, 0.0, True,
+                                [5, -1, 0, -1][i], notifier, 100 + i))
+    got = []
+    for i, q in enumerate(seqs):
+        toks, lps = [], []
+        while True:
+            x = q.read_logprobs(5.0)
+            if x is None:
+                break
+            toks += x[0]
+            lps += x[1]
+        assert q.result.finish_reason == "length"
+        got.append((toks, lps))
+    raw = os.read(notifier.fileno(), 1 << 16)  # every request wrote its key
+    assert {k for (k,) in struct.iter_unpack("<Q", raw)} == {100, 101, 102, 103}
+    assert not notifier.take_overflow()
+    assert [t for t, _ in got] == want
+    assert got[1][1] == [] and got[3][1] == []
+    for i, top_n in ((0, 5), (2, 0)):
+        toks, lps = got[i]
+        assert len(lps) == len(toks)
+        ref = _log_softmax(g.logits(ps[i] + toks)[len(ps[i]) - 1:-1])
+        for k, (tok, (lp, top)) in enumerate(zip(toks, lps)):
+            assert lp == pytest.approx(ref[k, tok], abs=1e-4)
+            assert len(top) == top_n
+            order = np.argsort(-ref[k], kind="stable")[:top_n]
+            assert [t for t, _ in top] == order.tolist()
+            assert [v for _, v in top] == pytest.approx(ref[k, order], abs=1e-4)
+    # The public surface: generate / stream(logprobs=N).
+    r = g.generate(ps[0], max_new_tokens=12, ignore_eos=True, logprobs=2)
+    assert [t.token_id for t in r.logprobs] == r.token_ids == want[0]
+    assert [t.logprob for t in r.logprobs] == pytest.approx([lp for lp, _ in got[0][1]])
+    it = g.stream(ps[0], max_new_tokens=12, ignore_eos=True, logprobs=1)
+    assert list(it) == want[0] and it.result.logprobs == it.logprobs and len(it.logprobs) == 12
+    with pytest.raises(ValueError, match="logprobs"):
+        g.generate(ps[0], logprobs=-1)
+
+
 def _sentencepiece_style_tokenizer(path):
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 

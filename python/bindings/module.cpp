@@ -8,6 +8,12 @@
 
 #include <optional>
 
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+
 #include "backend.h"
 #include "config.h"
 #include "error.h"
@@ -330,15 +336,65 @@ py::dict stats_dict(const EngineStats& s) {
     return d;
 }
 
+// Wakes an event loop that reads engine sequences (the HTTP server, serve.py): a non-blocking
+// pipe it owns, and each request submitted with it (and a key) writes its key, 8 bytes, after
+// each delivery (on_ready: tokens readable, or finished). The loop waits on read_fd and polls
+// only the keys it reads. Writes of 8 bytes to a pipe are atomic; a full pipe drops the key and
+// sets `overflow`, after which the reader polls everything it holds. The pipe closes when the
+// Python object and every request's callback are gone, so the engine never writes into a
+// descriptor that was closed and reused. No GIL on the engine thread.
+struct Notifier {
+    int fds[2] = {-1, -1};
+    std::atomic<bool> overflow{false};
+    Notifier() {
+        if (::pipe(fds) != 0) throw Error(str_cat("Notifier: pipe() failed (errno ", errno, ")"));
+        for (int fd : fds) ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) | O_NONBLOCK);
+    }
+    ~Notifier() {
+        for (int fd : fds)
+            if (fd >= 0) ::close(fd);
+    }
+    Notifier(const Notifier&) = delete;
+    Notifier& operator=(const Notifier&) = delete;
+};
+
+std::function<void()> notify_callback(const std::shared_ptr<Notifier>& n, uint64_t key) {
+    if (!n) return nullptr;
+    return [n, key]() {
+        if (::write(n->fds[1], &key, sizeof key) != ssize_t(sizeof key))
+            n->overflow.store(true);
+    };
+}
+
+py::list logprobs_list(const std::vector<TokenLogprobs>& lps) {
+    py::list out;
+    for (const TokenLogprobs& t : lps) {
+        py::list top;
+        for (size_t i = 0; i < t.top_ids.size(); ++i)
+            top.append(py::make_tuple(t.top_ids[i], t.top_logprobs[i]));
+        out.append(py::make_tuple(t.logprob, top));
+    }
+    return out;
+}
+
 void register_engine_api(py::module_& m) {
     py::register_exception<EngineBusy>(m, "EngineBusy", PyExc_RuntimeError);
+    py::class_<Notifier, std::shared_ptr<Notifier>>(m, "Notifier")
+        .def(py::init<>())
+        .def("fileno", [](const Notifier& n) { return n.fds[0]; },
+             "The pipe's read end (non-blocking) to wait on.")
+        .def(
+            "take_overflow", [](Notifier& n) { return n.overflow.exchange(false); },
+            "Whether a key was dropped (a full pipe) since the last call: poll everything.");
     py::class_<EngineSequence, std::shared_ptr<EngineSequence>>(m, "EngineSequence")
         .def(
             "read",
             [](EngineSequence& s, double timeout) -> py::object {
                 std::vector<int32_t> out;
                 bool more;
-                {
+                if (timeout == 0.0) {  // a poll: keeps the GIL (the engine thread never takes
+                    more = s.read(&out, 0.0);  // it; a release costs a switch interval)
+                } else {
                     py::gil_scoped_release release;
                     more = s.read(&out, timeout);
                 }
@@ -346,8 +402,27 @@ void register_engine_api(py::module_& m) {
                 return py::cast(out);
             },
             py::arg("timeout") = -1.0,
-            "Waits for tokens (timeout < 0: without limit) and returns the unread ones (possibly "
-            "an empty list on timeout), or None once finished and every token was read.")
+            "Waits for tokens (timeout < 0: without limit; 0: a poll) and returns the unread "
+            "ones (possibly an empty list on timeout), or None once finished and every token "
+            "was read.")
+        .def(
+            "read_logprobs",
+            [](EngineSequence& s, double timeout) -> py::object {
+                std::vector<int32_t> out;
+                std::vector<TokenLogprobs> lps;
+                bool more;
+                if (timeout == 0.0) {
+                    more = s.read(&out, 0.0, &lps);
+                } else {
+                    py::gil_scoped_release release;
+                    more = s.read(&out, timeout, &lps);
+                }
+                if (!more && out.empty()) return py::none();
+                return py::make_tuple(out, logprobs_list(lps));
+            },
+            py::arg("timeout") = -1.0,
+            "As read, for a request submitted with logprobs >= 0: -> (tokens, [(logprob, "
+            "[(top id, top logprob), ...]) per token]), or None once finished and all was read.")
         .def(
             "wait",
             [](EngineSequence& s, double timeout) {
@@ -371,7 +446,8 @@ void register_engine_api(py::module_& m) {
            "submit",
            [](Generator& g, std::vector<int32_t> prompt, const GenerationOptions& opt,
               std::shared_ptr<SequenceState> start, std::vector<std::string> stops,
-              bool keep_states, double timeout, bool block) {
+              bool keep_states, double timeout, bool block, int32_t logprobs,
+              std::shared_ptr<Notifier> notifier, uint64_t key) {
                EngineRequest r;
                r.prompt = std::move(prompt);
                r.start = std::move(start);
@@ -379,20 +455,30 @@ void register_engine_api(py::module_& m) {
                r.stop_strings = std::move(stops);
                r.keep_states = keep_states;
                r.timeout_s = timeout;
+               r.logprobs = logprobs;
+               r.on_ready = notify_callback(notifier, key);
                py::gil_scoped_release release;
                return g.engine().submit(std::move(r), block);
            },
            py::arg("prompt"), py::arg("options"), py::arg("state") = nullptr,
            py::arg("stop") = std::vector<std::string>{}, py::arg("keep_states") = false,
-           py::arg("timeout") = 0.0, py::arg("block") = true,
-           "Queues a request on the engine (started on first use); -> EngineSequence.")
+           py::arg("timeout") = 0.0, py::arg("block") = true, py::arg("logprobs") = -1,
+           py::arg("notifier") = nullptr, py::arg("key") = 0,
+           "Queues a request on the engine (started on first use); -> EngineSequence. "
+           "block=False raises EngineBusy on a full queue; logprobs >= 0 keeps each token's "
+           "logprobs (read_logprobs); notifier: `key` is written to its pipe after each "
+           "delivery (tokens readable, or finished).")
         .def(
             "submit_many",
             [](Generator& g, std::vector<std::vector<int32_t>> prompts, py::list options,
-               py::handle starts, std::vector<std::string> stops, bool keep_states, bool block) {
+               py::handle starts, std::vector<std::string> stops, bool keep_states, bool block,
+               int32_t logprobs, std::shared_ptr<Notifier> notifier,
+               std::vector<uint64_t> keys) {
                 auto st = state_list(starts, prompts.size());
                 MAMBART_CHECK_ARG(options.size() == prompts.size(), "got ", options.size(),
                                   " option sets for ", prompts.size(), " prompts");
+                MAMBART_CHECK_ARG(!notifier || keys.size() == prompts.size(), "got ",
+                                  keys.size(), " notifier keys for ", prompts.size(), " prompts");
                 std::vector<EngineRequest> reqs(prompts.size());
                 for (size_t i = 0; i < prompts.size(); ++i) {
                     if (!py::isinstance<GenerationOptions>(options[i]))
@@ -402,14 +488,18 @@ void register_engine_api(py::module_& m) {
                     if (i < st.size()) reqs[i].start = st[i];
                     reqs[i].stop_strings = stops;
                     reqs[i].keep_states = keep_states;
+                    reqs[i].logprobs = logprobs;
+                    if (notifier) reqs[i].on_ready = notify_callback(notifier, keys[i]);
                 }
                 py::gil_scoped_release release;
                 return g.engine().submit_many(std::move(reqs), block);
             },
             py::arg("prompts"), py::arg("options"), py::arg("states") = py::none(),
             py::arg("stop") = std::vector<std::string>{}, py::arg("keep_states") = false,
-            py::arg("block") = true,
-            "Queues one request per prompt together (one prefill group where they fit).")
+            py::arg("block") = true, py::arg("logprobs") = -1, py::arg("notifier") = nullptr,
+            py::arg("keys") = std::vector<uint64_t>{},
+            "Queues one request per prompt together (one prefill group where they fit); "
+            "logprobs as in submit; with a notifier, row i writes keys[i].")
         .def(
             "start_engine",
             [](Generator& g, int64_t capacity, int64_t max_slots, int64_t prefill_rows,

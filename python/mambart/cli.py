@@ -1,4 +1,5 @@
-"""The `mambart` command line: generate, chat, bench, info, convert, cache, options.
+"""The `mambart` command line: generate, chat, serve, serve-ray, bench, info, convert, cache,
+options.
 
 Every subcommand that takes a MODEL takes the same forms: a bundled name (mambart-demo,
 mambart2-demo), a short or hub name, a checkpoint directory or a mambart directory.
@@ -29,6 +30,7 @@ examples:
   mambart generate mamba-130m "The future of AI is" --max-new-tokens 32
   echo "Once upon a time" | mambart generate mamba2-1.3b - --temperature 0.8 --seed 1
   mambart chat mamba-1.4b
+  mambart serve mamba-1.4b --port 8000             (an OpenAI-compatible server)
   mambart bench mambart-demo
   mambart convert mamba-130m ./mamba-130m-mambart --dtype bfloat16
   mambart info mamba-1.4b
@@ -89,6 +91,40 @@ def _sampling_args(g) -> None:
                    help="stop when this text appears (repeatable); the text is not printed")
     g.add_argument("-q", "--quiet", action="store_true",
                    help="no timing line on stderr")
+
+
+def _serve_args(p) -> None:
+    """The options of `serve` and `serve-ray`."""
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    g.add_argument("--port", type=int, default=8000,
+                   help="port (default 8000; 0 picks a free one, printed on stderr)")
+    g.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="the model name clients give (default: MODEL as given)")
+    g.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require `Authorization: Bearer KEY` on /v1 routes (default: "
+                        "$MAMBART_API_KEY if set, else none)")
+    g.add_argument("--max-running", type=int, default=256, metavar="N",
+                   help="requests decoding at once at most: the engine's slots (default 256)")
+    g.add_argument("--max-queue", type=int, default=256, metavar="N",
+                   help="requests waiting for a slot at most; more are refused with 429 "
+                        "(default 256)")
+    g.add_argument("--max-prompt-tokens", type=int, default=32768, metavar="N",
+                   help="longer prompts are refused with 400 (default 32768)")
+    g.add_argument("--max-tokens", type=int, default=4096, metavar="N",
+                   help="the most tokens a request may generate; chat's default (default 4096)")
+    g.add_argument("--chat-template", default=None, metavar="PATH",
+                   help="a Jinja2 chat template file (default: the model's, if any)")
+    g.add_argument("--prompt-cache", type=int, default=1024, metavar="MB",
+                   help="the prompt cache of states (multi-turn chats prefill only their new "
+                        "tokens), in MiB (default 1024; 0 = off)")
+    g.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM, seconds in-flight requests may take to finish before they "
+                        "are cancelled (default 30)")
+    g.add_argument("--log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (default info; debug adds an access log)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,6 +190,39 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a system message (chat templates only)")
     ch.add_argument("--chat-template", default=None, metavar="PATH",
                     help="a Jinja2 chat template file (default: the model's, if any)")
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs mambart[serve])",
+                        description="Serve MODEL over HTTP with the OpenAI API: "
+                                    "/v1/completions, /v1/chat/completions (streaming as "
+                                    "Server-Sent Events), /v1/models, /health, /metrics "
+                                    "(docs/serving.md). Concurrent requests share the engine's "
+                                    "decode steps. SIGTERM drains: in-flight requests finish "
+                                    "(or are cancelled after --drain-timeout), then exit 0.")
+    _model_args(sv)
+    _serve_args(sv)
+
+    sr = sub.add_parser("serve-ray", help="the same server as Ray Serve replicas (needs "
+                                          "mambart[ray])",
+                        description="Run MODEL as Ray Serve replicas behind Ray's HTTP proxy, "
+                                    "with the same OpenAI routes as `mambart serve` and Ray's "
+                                    "autoscaling (docs/serving.md). Connects to the Ray cluster "
+                                    "of RAY_ADDRESS, or starts a local one.")
+    _model_args(sr)
+    _serve_args(sr)
+    rg = sr.add_argument_group("replicas")
+    rg.add_argument("--replicas", type=int, default=1, metavar="N",
+                    help="replicas (default 1); with --max-replicas, the autoscaler's initial "
+                         "count")
+    rg.add_argument("--min-replicas", type=int, default=None, metavar="N",
+                    help="autoscaling: the fewest replicas (default: --replicas)")
+    rg.add_argument("--max-replicas", type=int, default=None, metavar="N",
+                    help="autoscaling: the most replicas (turns autoscaling on)")
+    rg.add_argument("--target-ongoing-requests", type=float, default=32.0, metavar="R",
+                    help="autoscaling: requests in flight per replica to aim for (default 32)")
+    rg.add_argument("--num-cpus", type=float, default=1.0, metavar="C",
+                    help="CPUs Ray reserves per replica (default 1)")
+    rg.add_argument("--num-gpus", type=float, default=None, metavar="G",
+                    help="GPUs Ray reserves per replica (default: 1 with --device cuda, else 0)")
 
     b = sub.add_parser("bench", help="measure prefill and decode speed on this machine",
                        description="Measure prompt processing (ppN: N-token prefill) and token "
@@ -397,27 +466,10 @@ def _cmd_info(a) -> int:
 # ---------------------------------------------------------------- chat
 
 def _chat_template(gen, a) -> Optional[str]:
-    """The Jinja2 chat template: --chat-template, else tokenizer_config.json's next to the
-    model or next to the checkpoint it was converted from; None when there is none."""
-    if a.chat_template is not None:
-        from ._files import read_bounded_text
+    """The Jinja2 chat template: --chat-template, else the model's (chat_template.py)."""
+    from .chat_template import find_chat_template
 
-        return read_bounded_text(a.chat_template, 1 << 20, "chat template")
-    dirs = [gen.model_dir]
-    src = gen.config.get("source") if isinstance(gen.config.get("source"), dict) else {}
-    if isinstance(src.get("path"), str):
-        dirs.append(Path(src["path"]))
-    for d in dirs:
-        f = d / "tokenizer_config.json"
-        if f.is_file():
-            from .convert import load_json
-
-            t = load_json(f).get("chat_template")
-            if isinstance(t, list):  # [{"name": "default", "template": ...}, ...]
-                t = next((x.get("template") for x in t if x.get("name") == "default"), None)
-            if isinstance(t, str) and t.strip():
-                return t
-    return None
+    return find_chat_template(gen.model_dir, gen.config, a.chat_template)
 
 
 class ChatSession:
@@ -433,18 +485,9 @@ class ChatSession:
         self.gen, self.template = gen, template
         self._render = None
         if template is not None:
-            try:
-                from jinja2.sandbox import ImmutableSandboxedEnvironment
-            except ImportError:
-                raise ValueError("this model has a chat template: rendering it needs jinja2 "
-                                 "(pip install jinja2), or pass --chat-template") from None
+            from .chat_template import ChatTemplate
 
-            def fail(msg):
-                raise ValueError(f"chat template: {msg}")
-
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            env.globals["raise_exception"] = fail
-            self._render = env.from_string(template)
+            self._render = ChatTemplate(template)
         self.system = system
         self.reset()
 
@@ -454,8 +497,7 @@ class ChatSession:
         self.rendered = ""
 
     def _render_text(self, generation_prompt: bool) -> str:
-        return self._render.render(messages=self.messages, add_generation_prompt=generation_prompt,
-                                   bos_token="", eos_token="")
+        return self._render.render(self.messages, generation_prompt, bos_token="", eos_token="")
 
     def add_user(self, text: str) -> List[int]:
         """Appends a user turn; returns the new tokens it adds to the history."""
@@ -571,6 +613,69 @@ def _cmd_chat(a) -> int:
             except OSError:
                 pass
     return 0
+
+
+# ---------------------------------------------------------------- serve
+
+def _serve_config(a):
+    """-> (ServeConfig, chat template text or None) from the serve options, checked."""
+    from .serve import ServeConfig
+
+    for flag, v, lo in (("--port", a.port, 0), ("--max-running", a.max_running, 1),
+                        ("--max-queue", a.max_queue, 1), ("--max-prompt-tokens",
+                                                         a.max_prompt_tokens, 1),
+                        ("--max-tokens", a.max_tokens, 1), ("--prompt-cache", a.prompt_cache, 0)):
+        if v < lo:
+            raise UsageError(f"{flag} must be >= {lo}, got {v}")
+    if a.port > 65535:
+        raise UsageError(f"--port must be <= 65535, got {a.port}")
+    if not a.drain_timeout >= 0:
+        raise UsageError(f"--drain-timeout must be >= 0, got {a.drain_timeout}")
+    template = None
+    if a.chat_template is not None:
+        from .chat_template import find_chat_template
+
+        template = find_chat_template(None, {}, a.chat_template)
+    key = a.api_key if a.api_key is not None else os.environ.get("MAMBART_API_KEY") or None
+    return ServeConfig(model_name=a.served_model_name or a.model,
+                       max_prompt_tokens=a.max_prompt_tokens, max_tokens=a.max_tokens,
+                       max_running=a.max_running, max_queue=a.max_queue, api_key=key,
+                       chat_template=template, drain_timeout=a.drain_timeout)
+
+
+def _need_serve_deps(extra: str, modules) -> None:
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(f"this command needs {', '.join(missing)}: pip install "
+                          f"\"mambart[{extra}]\"")
+
+
+def _cmd_serve(a) -> int:
+    _need_serve_deps("serve", ["fastapi", "uvicorn", "jinja2", "prometheus_client"])
+    from .serve import serve
+
+    cfg = _serve_config(a)
+    gen = _generator(a, prompt_cache_bytes=a.prompt_cache << 20)
+    _need_tokenizer(gen, a)
+    return serve(gen, cfg, host=a.host, port=a.port, log_level=a.log_level)
+
+
+def _cmd_serve_ray(a) -> int:
+    _need_serve_deps("ray", ["ray", "fastapi", "uvicorn", "jinja2", "prometheus_client"])
+    from .serve_ray import run_ray
+
+    cfg = _serve_config(a)
+    for flag, v in (("--replicas", a.replicas), ("--min-replicas", a.min_replicas),
+                    ("--max-replicas", a.max_replicas)):
+        if v is not None and v < (0 if flag == "--min-replicas" else 1):
+            raise UsageError(f"{flag} must be >= {0 if flag == '--min-replicas' else 1}, got {v}")
+    return run_ray(a.model, cfg, device=a.device, dtype=a.dtype, revision=a.revision,
+                   tokenizer=a.tokenizer, prompt_cache_mb=a.prompt_cache, host=a.host,
+                   port=a.port, replicas=a.replicas, min_replicas=a.min_replicas,
+                   max_replicas=a.max_replicas, target_ongoing=a.target_ongoing_requests,
+                   num_cpus=a.num_cpus, num_gpus=a.num_gpus)
 
 
 # ---------------------------------------------------------------- bench
@@ -724,7 +829,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     cmd = {"convert": _cmd_convert, "generate": _cmd_generate, "info": _cmd_info,
            "options": _cmd_options, "chat": _cmd_chat, "bench": _cmd_bench,
-           "cache": _cmd_cache}[args.command]
+           "cache": _cmd_cache, "serve": _cmd_serve, "serve-ray": _cmd_serve_ray}[args.command]
     try:
         _apply_options(args.option)
         return cmd(args)

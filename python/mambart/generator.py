@@ -6,7 +6,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -19,6 +19,18 @@ Prompt = Union[str, Sequence[int]]
 
 
 @dataclass
+class TokenLogprob:
+    """One generated token's log-probability under the model (generate / stream with
+    logprobs=N): the log-softmax of the model's logits at that step, before the repetition
+    penalty, temperature and filters; `top` holds the N most likely tokens as (id, logprob),
+    highest first (lower id first on ties)."""
+
+    token_id: int
+    logprob: float
+    top: List[Tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
 class GenerationResult:
     """One prompt's generation.
 
@@ -28,6 +40,7 @@ class GenerationResult:
     prefill_tokens: tokens actually run at prefill (fewer than prompt_tokens when the row
         started from a state or a prompt-cache hit); state: the sequence's state after this
         generation (generate(..., return_state=True)), to continue it with generate(state=...).
+    logprobs: one TokenLogprob per token of token_ids (generate(..., logprobs=N)), else None.
     """
 
     token_ids: List[int]
@@ -38,6 +51,7 @@ class GenerationResult:
     text: Optional[str] = None
     prefill_tokens: int = 0
     state: Optional[SequenceState] = None
+    logprobs: Optional[List[TokenLogprob]] = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -49,10 +63,13 @@ class GenerationResult:
 class StreamIterator:
     """What Generator.stream() returns: iterate it for the pieces; once it is exhausted,
     `.result` is the GenerationResult (finish_reason, token_ids, text, prompt_tokens,
-    prefill_ms, decode_ms, tokens_per_s) and `.finish_reason` its reason (None before)."""
+    prefill_ms, decode_ms, tokens_per_s) and `.finish_reason` its reason (None before).
+    With stream(..., logprobs=N), `.logprobs` gets one TokenLogprob per generated token as the
+    tokens arrive (before the piece they complete is yielded)."""
 
     def __init__(self):
         self.result: Optional[GenerationResult] = None
+        self.logprobs: Optional[List[TokenLogprob]] = None
         self._it = iter(())
 
     def __iter__(self):
@@ -224,13 +241,14 @@ class Generator(SequenceAPI):
         o.ignore_eos = a.flag("ignore_eos", ignore_eos)
         return o
 
-    def _start(self, prompts, stop, kwargs, states=None, keep_states=False):
+    def _start(self, prompts, stop, kwargs, states=None, keep_states=False, logprobs=None):
         if stop is not None and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if any(not isinstance(s, str) or not s for s in stops):
             raise ValueError("stop must be a non-empty string or a list of non-empty strings")
-        seqs, rows = self._submit_rows(prompts, states, kwargs, keep_states, stops)
+        seqs, rows = self._submit_rows(prompts, states, kwargs, keep_states, stops,
+                                       logprobs=logprobs)
         return seqs, stops, rows
 
     def _row_texts(self, n, stops):
@@ -245,7 +263,7 @@ class Generator(SequenceAPI):
                  repetition_penalty: float = 1.0, seed: Optional[int] = None,
                  stop_token_ids: Optional[Sequence[int]] = None,
                  stop: Union[str, Sequence[str], None] = None, ignore_eos: bool = False,
-                 state=None, return_state: bool = False):
+                 state=None, return_state: bool = False, logprobs: Optional[int] = None):
         """Generates from one prompt (token ids or text) or a list of prompts.
 
         temperature=0 is greedy; top_k=0, top_p=1, min_p=0 and repetition_penalty=1 are off.
@@ -255,6 +273,8 @@ class Generator(SequenceAPI):
         state: a SequenceState (or one per row) to continue; the prompt (may be None) is then
         the tokens added after it. Without a seed, a state from a generation continues its RNG
         exactly. return_state=True puts each row's final state in result.state.
+        logprobs=N (>= 0): result.logprobs holds each new token's TokenLogprob with the N most
+        likely tokens (these rows sample on the host, see docs/engine.md).
         Every row is a request of the generator's engine: rows and concurrent calls from other
         threads share decode steps.
         Returns a GenerationResult, or a list of them for a list of prompts.
@@ -265,12 +285,13 @@ class Generator(SequenceAPI):
         kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                       top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
                       stop_token_ids=stop_token_ids, ignore_eos=ignore_eos)
-        seqs, stops, rows = self._start(prompts, stop, kwargs, states, return_state)
+        seqs, stops, rows = self._start(prompts, stop, kwargs, states, return_state, logprobs)
         texts = self._row_texts(len(prompts), stops)
         kept = [None] * len(seqs)  # tokens kept per row when Python matched a stop string
+        lps = [[] if rows["logprobs"] >= 0 else None for _ in seqs]
         try:
             for row, seq in enumerate(seqs):
-                if not stops:  # nothing to watch token by token: wait (in slices, for Ctrl-C)
+                if not stops and lps[row] is None:  # wait (in slices, for Ctrl-C)
                     while not seq.wait(0.25):
                         pass
                     if seq.error:
@@ -280,7 +301,7 @@ class Generator(SequenceAPI):
                             texts[row].push(tok)
                     continue
                 n = 0
-                for _ in self._row_tokens(seq, rows, texts, row):
+                for _ in self._row_tokens(seq, rows, texts, row, lps[row]):
                     n += 1
                 if texts is not None and texts[row].stopped:
                     kept[row] = n
@@ -302,18 +323,28 @@ class Generator(SequenceAPI):
                 text = texts[row].text
             results.append(GenerationResult(ids, reason, raw.prompt_tokens, raw.prefill_ms,
                                             raw.decode_ms, text, raw.prefill_tokens,
-                                            row_states[row]))
+                                            row_states[row],
+                                            None if lps[row] is None else lps[row][:len(ids)]))
         return results if batch else results[0]
 
     @staticmethod
-    def _row_tokens(seq, rows, texts, row):
+    def _row_tokens(seq, rows, texts, row, lps=None):
         """Yields the row's tokens as the engine makes them, pushed into the row's TextStream
-        (waits in short slices, so Ctrl-C gets through). A stop string matched on the text (the
-        engine matches them on bytes when it has the vocabulary's bytes; the text also matches
-        where decoding differs from the bytes) stops the request, and later tokens are dropped."""
+        (waits in short slices, so Ctrl-C gets through); with `lps` (a list, for a request with
+        logprobs), each token's TokenLogprob is appended to it before the token is yielded. A
+        stop string matched on the text (the engine matches them on bytes when it has the
+        vocabulary's bytes; the text also matches where decoding differs from the bytes) stops
+        the request, and later tokens are dropped."""
         stopped = False
         while True:
-            got = seq.read(0.25)
+            if lps is None:
+                got = seq.read(0.25)
+            else:
+                got = seq.read_logprobs(0.25)
+                if got is not None:
+                    got, lp = got
+                    lps.extend(TokenLogprob(t, x, [(int(i), v) for i, v in top])
+                               for t, (x, top) in zip(got, lp))
             if got is None:
                 break
             for tok in got:
@@ -335,12 +366,14 @@ class Generator(SequenceAPI):
                repetition_penalty: float = 1.0, seed: Optional[int] = None,
                stop_token_ids: Optional[Sequence[int]] = None,
                stop: Union[str, Sequence[str], None] = None,
-               ignore_eos: bool = False, state=None) -> StreamIterator:
+               ignore_eos: bool = False, state=None,
+               logprobs: Optional[int] = None) -> StreamIterator:
         """Yields new token ids as they are made (token-id prompt), or text pieces that are
         always valid UTF-8 (text prompt). state: a SequenceState to continue (see generate).
         The request runs on the generator's engine; closing the iterator early cancels it.
         The iterator's `.result` (a GenerationResult: finish reason, timings) is set once it
-        is exhausted."""
+        is exhausted. logprobs=N (>= 0): the iterator's `.logprobs` list gets each new
+        token's TokenLogprob as it arrives."""
         if self._is_batch(prompt) or isinstance(state, (list, tuple)):
             raise ValueError("stream takes one prompt; use generate for a list of prompts")
         kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
@@ -348,8 +381,10 @@ class Generator(SequenceAPI):
                       stop_token_ids=stop_token_ids, ignore_eos=ignore_eos)
         text_mode = isinstance(prompt, str)
         seqs, stops, rows = self._start([prompt], stop, kwargs,
-                                        None if state is None else [state])
+                                        None if state is None else [state], logprobs=logprobs)
         out = StreamIterator()
+        if rows["logprobs"] >= 0:
+            out.logprobs = []
         out._it = self._iterate(seqs, text_mode, stops, rows, out)
         return out
 
@@ -358,7 +393,8 @@ class Generator(SequenceAPI):
         seq = seqs[0]
         n = 0  # tokens made (kept when a stop string matched)
         try:
-            for tok in self._row_tokens(seq, rows, texts, 0):
+            lps = out.logprobs if out is not None else None
+            for tok in self._row_tokens(seq, rows, texts, 0, lps):
                 n += 1
                 if texts is None or not text_mode:
                     yield tok
@@ -380,4 +416,5 @@ class Generator(SequenceAPI):
                 ids, reason = ids[:n], "stop_string"
             out.result = GenerationResult(ids, reason, raw.prompt_tokens, raw.prefill_ms,
                                           raw.decode_ms, texts[0].text if texts else None,
-                                          raw.prefill_tokens)
+                                          raw.prefill_tokens, None,
+                                          None if out.logprobs is None else out.logprobs[:n])

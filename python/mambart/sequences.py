@@ -206,19 +206,27 @@ class SequenceAPI:
         stream = self._g.start_rows(feeds, opts, starts, keep_states)
         return stream, dict(keep=keep_states, n=len(prompts))
 
-    def _submit_rows(self, prompts, states, kwargs, keep_states: bool, stops=()):
+    def _submit_rows(self, prompts, states, kwargs, keep_states: bool, stops=(),
+                     logprobs=None, block: bool = True, notifier=None, keys=None):
         """Submits one engine request per row (issue 14): -> (EngineSequence per row, info).
         Row r of a batch draws from RNG stream r unless it has its own seed or continues a
         state's generation, as a fixed batch did. Stop strings are matched by the engine when
-        it has the vocabulary's bytes; info["py_stops"] says when Python must match them."""
+        it has the vocabulary's bytes; info["py_stops"] says when Python must match them.
+        logprobs: None, or the number of top tokens to report with each token's logprob (the
+        sequences are then read with read_logprobs). block=False raises _C.EngineBusy on a
+        full queue; notifier (a _C.Notifier) and keys (one per row): each row writes its key to
+        the notifier's pipe after each delivery (the server's event loop waits on it)."""
+        from . import _args
+
+        lp = -1 if logprobs is None else _args.integer("logprobs", logprobs, 0, self.vocab_size)
         opts, starts, feeds = self._prepare_rows(prompts, states, kwargs)
         engine_stops = self._engine_matches_stops() if stops else False
         for r, o in enumerate(opts):
             if o.rng_stream < 0:
                 o.rng_stream = r
         seqs = self._g.submit_many(feeds, opts, starts, list(stops) if engine_stops else [],
-                                   keep_states, True)
-        return seqs, dict(keep=keep_states, n=len(prompts),
+                                   keep_states, block, lp, notifier, list(keys or []))
+        return seqs, dict(keep=keep_states, n=len(prompts), logprobs=lp,
                           py_stops=bool(stops) and not engine_stops)
 
     def _engine_matches_stops(self) -> bool:
