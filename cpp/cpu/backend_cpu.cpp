@@ -26,7 +26,7 @@ class CpuBackend final : public Backend {
  public:
     DeviceKind kind() const override { return DeviceKind::CPU; }
     std::string name() const override {
-        return str_cat("cpu (", omp_get_max_threads(), " threads)");
+        return str_cat("cpu (", omp_get_max_threads(), " threads, ", cpu::linear_kernels(), ")");
     }
 
     void* alloc(size_t bytes, const char* what) override {
