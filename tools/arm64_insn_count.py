@@ -59,6 +59,7 @@ def main() -> int:
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "float16"])
     ap.add_argument("--prompt", type=int, nargs=2, default=[8, 72], metavar=("P0", "P1"))
     ap.add_argument("--gen", type=int, default=8, help="G decode tokens")
+    ap.add_argument("--paths", nargs="+", default=["neon", "generic"], choices=["neon", "generic"])
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
     P0, P1 = args.prompt
@@ -68,7 +69,7 @@ def main() -> int:
             model = Path(tmp) / f"{args.model}-{dt}"
             write_random_model(model, model_config(args.model, dt))
             res = {}
-            for path in ("neon", "generic"):
+            for path in args.paths:
                 t = time.time()
                 base = count(args, model, P0, 1, path == "generic")
                 dec = count(args, model, P0, 1 + args.gen, path == "generic")
@@ -83,6 +84,8 @@ def main() -> int:
           f"prefill {P1 - P0} tokens NEON | generic | ratio |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for dt, r in rows:
+        if len(r) < 2:
+            continue
         n, g = r["neon"], r["generic"]
         print(f"| {dt} | {n['decode'] / 1e6:.1f} M | {g['decode'] / 1e6:.1f} M | "
               f"{g['decode'] / n['decode']:.2f}x | {n['prefill'] / 1e9:.2f} G | "

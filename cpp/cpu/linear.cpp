@@ -6,8 +6,8 @@
 //     row read from memory once per call; threads split the N weight rows.
 //   - GEMM (M > kGemvMaxM, prefill): threads split N into panels of 16 weight rows; each panel
 //     is widened to fp32 and packed transposed (K, 16) once into thread-local scratch, then
-//     every 6-row tile of x runs an outer-product micro-kernel (6 x 16 accumulators) over it,
-//     so the conversion is amortised over M.
+//     every tile of kGemmRows rows of x (6 on x86-64, 4 on aarch64) runs an outer-product
+//     micro-kernel (kGemmRows x 16 accumulators) over it, so the conversion is amortised over M.
 // The kernels are written once (cpu/linear_simd.inc) over an 8-lane vector and compiled here
 // for AVX2 + FMA + F16C (x86-64, function-level target attributes) and NEON (aarch64). The
 // instruction set is chosen at run time from the CPU (CPUID, HWCAP), never from the compiler
@@ -93,6 +93,13 @@ MAMBART_SIMD inline V8 v_bcast(float s) { return _mm256_set1_ps(s); }
 MAMBART_SIMD inline V8 v_fma(V8 a, V8 b, V8 c) { return _mm256_fmadd_ps(a, b, c); }
 MAMBART_SIMD inline V8 v_add(V8 a, V8 b) { return _mm256_add_ps(a, b); }
 MAMBART_SIMD inline void v_store(float* p, V8 v) { _mm256_storeu_ps(p, v); }
+constexpr int kGemmRows = 6;  // 12 accumulators + 2 weight vectors + a broadcast: 15 of 16 ymm
+typedef const float* X4;
+MAMBART_SIMD inline X4 x4_load(const float* p) { return p; }
+template <int L>
+MAMBART_SIMD inline V8 v_fma_lane(X4 q, V8 w, V8 c) {
+    return _mm256_fmadd_ps(_mm256_broadcast_ss(q + L), w, c);
+}
 MAMBART_SIMD inline float v_hsum(V8 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -142,6 +149,13 @@ MAMBART_SIMD inline V8 v_add(V8 a, V8 b) { return V8{vaddq_f32(a.lo, b.lo), vadd
 MAMBART_SIMD inline void v_store(float* p, V8 v) {
     vst1q_f32(p, v.lo);
     vst1q_f32(p + 4, v.hi);
+}
+constexpr int kGemmRows = 4;  // 16 accumulators + 4 X4 + 4 weight registers: 24 of 32
+typedef float32x4_t X4;
+MAMBART_SIMD inline X4 x4_load(const float* p) { return vld1q_f32(p); }
+template <int L>
+MAMBART_SIMD inline V8 v_fma_lane(X4 q, V8 w, V8 c) {
+    return V8{vfmaq_laneq_f32(c.lo, w.lo, q, L), vfmaq_laneq_f32(c.hi, w.hi, q, L)};
 }
 MAMBART_SIMD inline float v_hsum(V8 v) {
     const float32x4_t s = vaddq_f32(v.lo, v.hi);                       // v_i + v_{i+4}
