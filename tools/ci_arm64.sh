@@ -50,7 +50,10 @@ if [ -z "$PYBIN" ]; then
   rm -rf "$B/debs" "$SYS"; mkdir -p "$B/debs" "$SYS"
   (cd "$B/debs" && for p in python$PYV-minimal libpython$PYV-minimal libpython$PYV-stdlib \
       libpython$PYV-dev libexpat1 zlib1g libffi8 libssl3 libbz2-1.0 liblzma5 libsqlite3-0 \
-      libuuid1 libcrypt1; do apt-get download -q "$p:arm64" >/dev/null; done)
+      libuuid1 libcrypt1; do
+    # (apt warns that it downloads as root into a folder its _apt user cannot write: harmless)
+    apt-get download -q "$p:arm64" >/dev/null 2>&1 || { echo "[ci-arm64] apt-get download $p:arm64 failed"; exit 1; }
+  done)
   for d in "$B"/debs/*.deb; do dpkg -x "$d" "$SYS"; done
   PYBIN="$SYS/usr/bin/python$PYV"
 fi
@@ -95,8 +98,9 @@ cp "$B/build/mambart-run" "$PKG/bin/"
 cp "$B/build/libmambart.so" "$PKG/lib/"
 cp capi/mambart.h "$PKG/include/"
 
-# aarch64 python under qemu; sys.executable is this wrapper, so tests' subprocesses run too
-APY="$B/python3-aarch64"
+# aarch64 python under qemu; sys.executable is this wrapper, so tests' subprocesses run too (it
+# lies beside the real interpreter: Python finds its standard library from sys.executable)
+APY="$SYS/usr/bin/python3-aarch64"
 cat > "$APY" <<WRAP
 #!/bin/sh
 exec qemu-aarch64 -L /usr/aarch64-linux-gnu -0 "$APY" \
