@@ -94,6 +94,20 @@ MAMBART_SIMD inline V8 v_fma(V8 a, V8 b, V8 c) { return _mm256_fmadd_ps(a, b, c)
 MAMBART_SIMD inline V8 v_add(V8 a, V8 b) { return _mm256_add_ps(a, b); }
 MAMBART_SIMD inline void v_store(float* p, V8 v) { _mm256_storeu_ps(p, v); }
 constexpr int kGemmRows = 6;  // 12 accumulators + 2 weight vectors + a broadcast: 15 of 16 ymm
+MAMBART_SIMD inline void v_store_t4(float* p, int64_t ld, V8 r0, V8 r1, V8 r2, V8 r3) {
+    for (int half = 0; half < 2; ++half) {
+        __m128 a = half ? _mm256_extractf128_ps(r0, 1) : _mm256_castps256_ps128(r0);
+        __m128 b = half ? _mm256_extractf128_ps(r1, 1) : _mm256_castps256_ps128(r1);
+        __m128 c = half ? _mm256_extractf128_ps(r2, 1) : _mm256_castps256_ps128(r2);
+        __m128 d = half ? _mm256_extractf128_ps(r3, 1) : _mm256_castps256_ps128(r3);
+        _MM_TRANSPOSE4_PS(a, b, c, d);
+        float* q = p + half * 4 * ld;
+        _mm_storeu_ps(q, a);
+        _mm_storeu_ps(q + ld, b);
+        _mm_storeu_ps(q + 2 * ld, c);
+        _mm_storeu_ps(q + 3 * ld, d);
+    }
+}
 typedef const float* X4;
 MAMBART_SIMD inline X4 x4_load(const float* p) { return p; }
 template <int L>
@@ -151,6 +165,22 @@ MAMBART_SIMD inline void v_store(float* p, V8 v) {
     vst1q_f32(p + 4, v.hi);
 }
 constexpr int kGemmRows = 4;  // 16 accumulators + 4 X4 + 4 weight registers: 24 of 32
+// The 4 x 4 blocks of lanes 0..3 and 4..7 transposed with TRN1 / TRN2 (32- then 64-bit).
+MAMBART_SIMD inline void t4_store(float* p, int64_t ld, float32x4_t a, float32x4_t b,
+                                  float32x4_t c, float32x4_t d) {
+    const float32x4_t ab0 = vtrn1q_f32(a, b), ab1 = vtrn2q_f32(a, b);
+    const float32x4_t cd0 = vtrn1q_f32(c, d), cd1 = vtrn2q_f32(c, d);
+    const float64x2_t x0 = vreinterpretq_f64_f32(ab0), x1 = vreinterpretq_f64_f32(ab1);
+    const float64x2_t y0 = vreinterpretq_f64_f32(cd0), y1 = vreinterpretq_f64_f32(cd1);
+    vst1q_f32(p, vreinterpretq_f32_f64(vtrn1q_f64(x0, y0)));
+    vst1q_f32(p + ld, vreinterpretq_f32_f64(vtrn1q_f64(x1, y1)));
+    vst1q_f32(p + 2 * ld, vreinterpretq_f32_f64(vtrn2q_f64(x0, y0)));
+    vst1q_f32(p + 3 * ld, vreinterpretq_f32_f64(vtrn2q_f64(x1, y1)));
+}
+MAMBART_SIMD inline void v_store_t4(float* p, int64_t ld, V8 r0, V8 r1, V8 r2, V8 r3) {
+    t4_store(p, ld, r0.lo, r1.lo, r2.lo, r3.lo);
+    t4_store(p + 4 * ld, ld, r0.hi, r1.hi, r2.hi, r3.hi);
+}
 typedef float32x4_t X4;
 MAMBART_SIMD inline X4 x4_load(const float* p) { return vld1q_f32(p); }
 template <int L>
