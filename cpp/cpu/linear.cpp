@@ -25,6 +25,7 @@
 #include <vector>
 
 #if defined(__x86_64__)
+#include <cpuid.h>
 #include <immintrin.h>
 #define MAMBART_X86 1
 #elif defined(__aarch64__)
@@ -228,6 +229,16 @@ constexpr unsigned long kHwcapFp = 1ul << 0, kHwcapAsimd = 1ul << 1, kHwcapFphp 
 constexpr unsigned long kHwcap2I8mm = 1ul << 13, kHwcap2Bf16 = 1ul << 14;
 #endif
 
+#ifdef MAMBART_X86
+// F16C: CPUID leaf 1, ecx bit 29 (read directly: clang 14's __builtin_cpu_supports has no
+// "f16c"); it needs AVX, whose register state __builtin_cpu_supports("avx2") already checks.
+bool cpu_has_f16c() {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (__get_cpuid(1, &eax, &ebx, &ecx, &edx) == 0) return false;
+    return (ecx >> 29) & 1u;
+}
+#endif
+
 std::string detect_features() {
     std::string f;
     auto add = [&](bool on, const char* name) {
@@ -239,7 +250,7 @@ std::string detect_features() {
     __builtin_cpu_init();
     add(__builtin_cpu_supports("avx2"), "avx2");
     add(__builtin_cpu_supports("fma"), "fma");
-    add(__builtin_cpu_supports("f16c"), "f16c");
+    add(cpu_has_f16c(), "f16c");
     add(__builtin_cpu_supports("avx512f"), "avx512f");
     add(__builtin_cpu_supports("avx512bf16"), "avx512bf16");
 #elif defined(MAMBART_ARM64)
@@ -262,8 +273,7 @@ Kernels detect_kernels() {
     // the choice) on a machine with SIMD.
     if (runtime_options().cpu_portable) return Kernels::Generic;
 #if defined(MAMBART_X86)
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-        __builtin_cpu_supports("f16c"))
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c())
         return Kernels::Avx2;
 #elif defined(MAMBART_ARM64)
     // Advanced SIMD and FP are in every ARMv8-A profile Linux runs on; checked all the same.
