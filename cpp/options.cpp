@@ -45,7 +45,8 @@ const std::vector<OptionInfo> kTable = {
      "its state and workspace); a larger request is refused up front with the estimate (0: the "
      "memory available: MemAvailable, capped by the cgroup's limit and RLIMIT_AS)"},
     {"cpu_portable", "MAMBART_CPU_PORTABLE", "bool", "", "0",
-     "the portable CPU projections even where AVX2/FMA/F16C run; read once"},
+     "the generic CPU projections even where AVX2 (x86-64) or NEON (aarch64) kernels run; read "
+     "once"},
     {"host_memory_limit", "MAMBART_HOST_MEMORY_LIMIT", "bytes", "", "0",
      "bytes of host memory a CPU model load may take (0: the memory available: MemAvailable, "
      "capped by the cgroup's limit and RLIMIT_AS)"},

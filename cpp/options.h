@@ -36,7 +36,7 @@ struct RuntimeOptions {
     uint64_t generation_memory_limit = 0;  // bytes of host memory one generation may take
                                            // (0: what is available, host_memory_available())
     // ---- CPU backend and loading ----
-    bool cpu_portable = false;          // the portable CPU projections even where AVX2 runs
+    bool cpu_portable = false;          // the generic CPU projections even where AVX2 / NEON run
     uint64_t host_memory_limit = 0;     // bytes of host memory a CPU load may take (0: what is
                                         // available, host_memory_available())
     // ---- Python package ----

@@ -22,11 +22,20 @@ inline float silu(float v) { return cpu::silu1(v); }
 inline float softplus(float v) { return cpu::softplus1(v); }
 inline float exp_neg(float v) { return cpu::exp1(v); }
 
+// The vector type of the elementwise loops: 8 lanes (one AVX register, two SSE), or on aarch64
+// 4 lanes (one NEON register: GCC keeps 8-lane values in memory there; cpu/vec.h).
+#if defined(__aarch64__)
+typedef cpu::f4 Vec;
+#else
+typedef cpu::f8 Vec;
+#endif
+constexpr int kVecLanes = sizeof(Vec) / sizeof(float);
+
 class CpuBackend final : public Backend {
  public:
     DeviceKind kind() const override { return DeviceKind::CPU; }
     std::string name() const override {
-        return str_cat("cpu (", omp_get_max_threads(), " threads)");
+        return str_cat("cpu (", omp_get_max_threads(), " threads, ", cpu::linear_kernels(), ")");
     }
 
     void* alloc(size_t bytes, const char* what) override {
@@ -150,7 +159,7 @@ class CpuBackend final : public Backend {
                                 o[c] += wk[c] * state[c * W + (W + tau)];
                         }
                     }
-                    for (int64_t c = c0; c < c1; ++c) o[c] = silu(o[c]);
+                    silu_inplace(o + c0, c1 - c0);
                 }
                 // New state: the last W inputs of [history | x].
                 for (int64_t c = c0; c < c1; ++c) {
@@ -189,23 +198,22 @@ class CpuBackend final : public Backend {
                         h[n][j] = j < ne ? st[j * N + n] : 0.0f;
                         At[n][j] = j < ne ? p.A[(e0 + j) * N + n] : 0.0f;
                     }
-                const cpu::f8 bias = load_part(p.dt_bias + e0, ne), D = load_part(p.D + e0, ne);
+                // The 8 channels' inputs, padded with zeros past ne (the padded lanes compute
+                // finite values that are never stored).
+                alignas(32) float bias[8], D[8];
+                copy_part(bias, p.dt_bias + e0, ne);
+                copy_part(D, p.D + e0, ne);
                 for (int64_t t = 0; t < L; ++t) {
                     const int64_t bt = b * L + t;
-                    const cpu::f8 delta = cpu::softplus8(load_part(p.dt + bt * E + e0, ne) + bias);
-                    const cpu::f8 u = load_part(p.x + bt * E + e0, ne);
-                    const cpu::f8 du = delta * u;
+                    alignas(32) float dt[8], x[8], z[8], y[8];
+                    copy_part(dt, p.dt + bt * E + e0, ne);
+                    copy_part(x, p.x + bt * E + e0, ne);
+                    copy_part(z, p.z + bt * p.ld_z + e0, ne);
                     const float* Bt = p.Bm + bt * p.ld_bc;
                     const float* Ct = p.Cm + bt * p.ld_bc;
-                    cpu::f8 acc = cpu::splat(0.0f);
-                    for (int64_t n = 0; n < N; ++n) {
-                        const cpu::f8 hn = cpu::exp8(delta * cpu::load8(At[n])) * cpu::load8(h[n]) +
-                                           du * Bt[n];
-                        cpu::store8(h[n], hn);
-                        acc += hn * Ct[n];
-                    }
-                    const cpu::f8 y = (acc + D * u) * cpu::silu8(load_part(p.z + bt * p.ld_z + e0, ne));
-                    store_part(p.y + bt * E + e0, y, ne);
+                    for (int j0 = 0; j0 < 8; j0 += kVecLanes)
+                        scan_step<Vec>(j0, N, h, At, bias, D, dt, x, z, Bt, Ct, y);
+                    for (int64_t j = 0; j < ne; ++j) p.y[bt * E + e0 + j] = y[j];
                 }
                 for (int64_t n = 0; n < N; ++n)
                     for (int64_t j = 0; j < ne; ++j) st[j * N + n] = h[n][j];
@@ -239,15 +247,38 @@ class CpuBackend final : public Backend {
         }
     }
 
-    static cpu::f8 load_part(const float* src, int64_t n) {
-        if (n == 8) return cpu::load8(src);
-        alignas(32) float tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        for (int64_t j = 0; j < n; ++j) tmp[j] = src[j];
-        return cpu::load8(tmp);
+    // One time step of the channel-blocked scan for lanes [j0, j0 + lanes of V) of the block:
+    // h[n] = e^(delta A[n]) h[n] + delta u B[n];  y = (Σ_n h[n] C[n] + D u) silu(z).
+    template <class V>
+    static void scan_step(int j0, int64_t N, float (*h)[8], const float (*At)[8],
+                          const float* bias, const float* D, const float* dt, const float* x,
+                          const float* z, const float* Bt, const float* Ct, float* y) {
+        const V delta = cpu::softplusv(cpu::vload<V>(dt + j0) + cpu::vload<V>(bias + j0));
+        const V u = cpu::vload<V>(x + j0);
+        const V du = delta * u;
+        V acc = cpu::vsplat<V>(0.0f);
+        for (int64_t n = 0; n < N; ++n) {
+            const V hn = cpu::expv(delta * cpu::vload<V>(At[n] + j0)) * cpu::vload<V>(h[n] + j0) +
+                         du * Bt[n];
+            cpu::vstore(h[n] + j0, hn);
+            acc += hn * Ct[n];
+        }
+        const V yv = (acc + cpu::vload<V>(D + j0) * u) * cpu::siluv(cpu::vload<V>(z + j0));
+        cpu::vstore(y + j0, yv);
     }
-    static void store_part(float* dst, cpu::f8 v, int64_t n) {
-        if (n == 8) return cpu::store8(dst, v);
-        for (int64_t j = 0; j < n; ++j) dst[j] = v[j];
+    static void copy_part(float* dst8, const float* src, int64_t n) {
+        if (n == 8) {
+            std::memcpy(dst8, src, 8 * sizeof(float));
+            return;
+        }
+        for (int64_t j = 0; j < 8; ++j) dst8[j] = j < n ? src[j] : 0.0f;
+    }
+    // v[i] = silu(v[i]), a vector at a time (each lane as silu1 computes it).
+    static void silu_inplace(float* v, int64_t n) {
+        int64_t i = 0;
+        for (; i + kVecLanes <= n; i += kVecLanes)
+            cpu::vstore(v + i, cpu::siluv(cpu::vload<Vec>(v + i)));
+        for (; i < n; ++i) v[i] = silu(v[i]);
     }
 
     void ssd_scan(const SsdParams& p) override {

@@ -6,10 +6,13 @@
 //     row read from memory once per call; threads split the N weight rows.
 //   - GEMM (M > kGemvMaxM, prefill): threads split N into panels of 16 weight rows; each panel
 //     is widened to fp32 and packed transposed (K, 16) once into thread-local scratch, then
-//     every 6-row tile of x runs an outer-product micro-kernel (6 x 16 accumulators) over it,
-//     so the conversion is amortised over M.
-// The AVX2 + FMA (+ F16C) path is picked at run time (__builtin_cpu_supports), so one binary
-// runs on any x86-64; other machines take the portable path, which computes the same sums.
+//     every tile of kGemmRows rows of x (6 on x86-64, 4 on aarch64) runs an outer-product
+//     micro-kernel (kGemmRows x 16 accumulators) over it, so the conversion is amortised over M.
+// The kernels are written once (cpu/linear_simd.inc) over an 8-lane vector and compiled here
+// for AVX2 + FMA + F16C (x86-64, function-level target attributes) and NEON (aarch64). The
+// instruction set is chosen at run time from the CPU (CPUID, HWCAP), never from the compiler
+// flags, so one binary runs on any x86-64 or aarch64 CPU; elsewhere, or with the cpu_portable
+// option, the generic scalar path runs (the same sums in another order).
 #include "cpu/linear.h"
 #include "options.h"
 
@@ -18,11 +21,17 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
-#if defined(__x86_64__) || defined(__i386__)
+#if defined(__x86_64__)
+#include <cpuid.h>
 #include <immintrin.h>
 #define MAMBART_X86 1
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+#include <sys/auxv.h>
+#define MAMBART_ARM64 1
 #endif
 
 namespace mambart {
@@ -62,259 +71,253 @@ void linear_portable(const float* x, int64_t ldx, int64_t M, int64_t K, const vo
     }
 }
 
+// Thread-local (n) floats for the GEMM's packed panel, grown once (never shrunk), so decode at
+// batch > kGemvMaxM allocates nothing per step.
+float* panel_scratch(int64_t n) {
+    thread_local std::vector<float> wp;
+    if (wp.size() < static_cast<size_t>(n)) wp.resize(static_cast<size_t>(n));
+    return wp.data();
+}
+
 #ifdef MAMBART_X86
 
-// ---- AVX2 + FMA path ---------------------------------------------------------------------------
+// ---- AVX2 + FMA + F16C (x86-64) ----------------------------------------------------------------
 
-#define MAMBART_AVX2 __attribute__((target("avx2,fma,f16c")))
+namespace avx2 {
 
-// Loads 8 consecutive weights starting at element k of a row, widened to fp32.
-template <DType D>
-MAMBART_AVX2 inline __m256 load8(const void* row, int64_t k) {
-    if constexpr (D == DType::F32) {
-        return _mm256_loadu_ps(static_cast<const float*>(row) + k);
-    } else if constexpr (D == DType::F16) {
-        const __m128i h = _mm_loadu_si128(
-            reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(row) + k));
-        return _mm256_cvtph_ps(h);
-    } else {
-        const __m128i h = _mm_loadu_si128(
-            reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(row) + k));
-        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+#define MAMBART_SIMD __attribute__((target("avx2,fma,f16c"), always_inline))
+
+typedef __m256 V8;
+MAMBART_SIMD inline V8 v_zero() { return _mm256_setzero_ps(); }
+MAMBART_SIMD inline V8 v_load(const float* p) { return _mm256_loadu_ps(p); }
+MAMBART_SIMD inline V8 v_bcast(float s) { return _mm256_set1_ps(s); }
+MAMBART_SIMD inline V8 v_fma(V8 a, V8 b, V8 c) { return _mm256_fmadd_ps(a, b, c); }
+MAMBART_SIMD inline V8 v_add(V8 a, V8 b) { return _mm256_add_ps(a, b); }
+MAMBART_SIMD inline void v_store(float* p, V8 v) { _mm256_storeu_ps(p, v); }
+constexpr int kGemmRows = 6;  // 12 accumulators + 2 weight vectors + a broadcast: 15 of 16 ymm
+MAMBART_SIMD inline void v_store_t4(float* p, int64_t ld, V8 r0, V8 r1, V8 r2, V8 r3) {
+    for (int half = 0; half < 2; ++half) {
+        __m128 a = half ? _mm256_extractf128_ps(r0, 1) : _mm256_castps256_ps128(r0);
+        __m128 b = half ? _mm256_extractf128_ps(r1, 1) : _mm256_castps256_ps128(r1);
+        __m128 c = half ? _mm256_extractf128_ps(r2, 1) : _mm256_castps256_ps128(r2);
+        __m128 d = half ? _mm256_extractf128_ps(r3, 1) : _mm256_castps256_ps128(r3);
+        _MM_TRANSPOSE4_PS(a, b, c, d);
+        float* q = p + half * 4 * ld;
+        _mm_storeu_ps(q, a);
+        _mm_storeu_ps(q + ld, b);
+        _mm_storeu_ps(q + 2 * ld, c);
+        _mm_storeu_ps(q + 3 * ld, d);
     }
 }
-
-template <DType D>
-inline float load1(const void* row, int64_t k) {
-    if constexpr (D == DType::F32) return static_cast<const float*>(row)[k];
-    else if constexpr (D == DType::F16) return f16_to_f32(static_cast<const uint16_t*>(row)[k]);
-    else return bf16_to_f32(static_cast<const uint16_t*>(row)[k]);
+typedef const float* X4;
+MAMBART_SIMD inline X4 x4_load(const float* p) { return p; }
+template <int L>
+MAMBART_SIMD inline V8 v_fma_lane(X4 q, V8 w, V8 c) {
+    return _mm256_fmadd_ps(_mm256_broadcast_ss(q + L), w, c);
 }
-
-MAMBART_AVX2 inline float hsum(__m256 v) {
+MAMBART_SIMD inline float v_hsum(V8 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
-
-// out[i][j] = Σ_k x[i][k] · w_j[k] for an MR x NR tile; w rows in dtype D with row stride ldw
-// (elements); writes y[i * ldy + j] = out + bias[j].
-template <int MR, int NR, DType D>
-MAMBART_AVX2 inline void tile(const float* x, int64_t ldx, int64_t K, const void* w, int64_t ldw,
-                              const float* bias, float* y, int64_t ldy) {
-    const size_t es = D == DType::F32 ? 4 : 2;
-    const void* wr[NR];
-    for (int j = 0; j < NR; ++j) wr[j] = static_cast<const char*>(w) + size_t(j * ldw) * es;
-    __m256 acc[MR][NR];
-    for (int i = 0; i < MR; ++i)
-        for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 8 <= K; k += 8) {
-        __m256 wv[NR];
-        for (int j = 0; j < NR; ++j) wv[j] = load8<D>(wr[j], k);
-        for (int i = 0; i < MR; ++i) {
-            const __m256 xv = _mm256_loadu_ps(x + i * ldx + k);
-            for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
-        }
-    }
-    for (int i = 0; i < MR; ++i)
-        for (int j = 0; j < NR; ++j) {
-            float s = hsum(acc[i][j]);
-            for (int64_t kk = k; kk < K; ++kk) s += x[i * ldx + kk] * load1<D>(wr[j], kk);
-            y[i * ldy + j] = s + (bias ? bias[j] : 0.0f);
-        }
-}
-
-// Rows [m0, m0 + MR) of x against weight rows [n0, n1) (any count), tiles of NR with a 1-row tail.
-template <int MR, int NR, DType D>
-MAMBART_AVX2 void sweep_n(const float* x, int64_t ldx, int64_t K, const void* W, int64_t ldw,
-                          int64_t n0, int64_t n1, const float* bias, float* y, int64_t ldy) {
-    const size_t es = D == DType::F32 ? 4 : 2;
-    auto wptr = [&](int64_t n) { return static_cast<const char*>(W) + size_t(n * ldw) * es; };
-    int64_t n = n0;
-    for (; n + NR <= n1; n += NR)
-        tile<MR, NR, D>(x, ldx, K, wptr(n), ldw, bias ? bias + n : nullptr, y + n, ldy);
-    for (; n < n1; ++n)
-        tile<MR, 1, D>(x, ldx, K, wptr(n), ldw, bias ? bias + n : nullptr, y + n, ldy);
-}
-
-// GEMV: M <= 8 rows; weight rows widened on the fly; threads split N in chunks of 16 rows.
-template <int MR, DType D>
-MAMBART_AVX2 void gemv(const float* x, int64_t ldx, int64_t K, const void* W, int64_t N,
-                       const float* bias, float* y, int64_t ldy) {
-    constexpr int NR = MR == 1 ? 4 : MR <= 2 ? 4 : MR <= 4 ? 2 : 1;
-    constexpr int64_t kChunk = 16;
-    const int64_t chunks = (N + kChunk - 1) / kChunk;
-#pragma omp parallel for schedule(static) if (N * K > 32768)
-    for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t n0 = c * kChunk, n1 = std::min(N, n0 + kChunk);
-        sweep_n<MR, NR, D>(x, ldx, K, W, K, n0, n1, bias, y, ldy);
-    }
-}
-
 template <DType D>
-MAMBART_AVX2 void gemv_dispatch(const float* x, int64_t ldx, int64_t M, int64_t K, const void* W,
-                                int64_t N, const float* bias, float* y, int64_t ldy) {
-    switch (M) {
-        case 1: gemv<1, D>(x, ldx, K, W, N, bias, y, ldy); break;
-        case 2: gemv<2, D>(x, ldx, K, W, N, bias, y, ldy); break;
-        case 3: gemv<3, D>(x, ldx, K, W, N, bias, y, ldy); break;
-        case 4: gemv<4, D>(x, ldx, K, W, N, bias, y, ldy); break;
-        case 5: gemv<5, D>(x, ldx, K, W, N, bias, y, ldy); break;
-        case 6: gemv<6, D>(x, ldx, K, W, N, bias, y, ldy); break;
-        case 7: gemv<7, D>(x, ldx, K, W, N, bias, y, ldy); break;
-        default: gemv<8, D>(x, ldx, K, W, N, bias, y, ldy); break;
+MAMBART_SIMD inline V8 v_load_w(const void* row, int64_t k) {
+    if constexpr (D == DType::F32) {
+        return _mm256_loadu_ps(static_cast<const float*>(row) + k);
+    } else {
+        const __m128i h = _mm_loadu_si128(
+            reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(row) + k));
+        if constexpr (D == DType::F16) return _mm256_cvtph_ps(h);
+        else return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
     }
 }
+#undef MAMBART_SIMD
+#define MAMBART_SIMD __attribute__((target("avx2,fma,f16c")))
+#include "cpu/linear_simd.inc"
+#undef MAMBART_SIMD
 
-// GEMM micro-kernel, outer-product form: acc[i][v] (MR rows x 16 columns) += x[i][k] * wp[k][16].
-// wp is a packed panel of 16 weight rows, transposed to (K, 16) fp32, so each k step loads two
-// vectors of weights and broadcasts MR activations: 2 loads + MR broadcasts per 2*MR FMAs.
-template <int MR>
-MAMBART_AVX2 inline void panel_tile(const float* x, int64_t ldx, int64_t K, const float* wp,
-                                    const float* bias, float* y, int64_t ldy, int64_t ncols) {
-    static_assert(MR >= 1 && MR <= 6, "panel_tile: 1..6 rows");
-    // Named accumulators (an array of __m256 gets spilled to the stack every k step by GCC).
-    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00,
-           a30 = a00, a31 = a00, a40 = a00, a41 = a00, a50 = a00, a51 = a00;
-    const float* x0 = x;
-    const float* x1 = x + 1 * ldx;
-    const float* x2 = x + 2 * ldx;
-    const float* x3 = x + 3 * ldx;
-    const float* x4 = x + 4 * ldx;
-    const float* x5 = x + 5 * ldx;
-    // Sums run in blocks of kKBlock k-steps, each block's sum added into `tot`: the rounding
-    // error grows with K / kKBlock + kKBlock rather than with K (a long fp32 chain over K = 1536
-    // doubled the model's error against a float64 reference).
-    constexpr int64_t kKBlock = 64;
-    __m256 tot[6][2];
-    for (int i = 0; i < 6; ++i) tot[i][0] = tot[i][1] = _mm256_setzero_ps();
-    for (int64_t kb = 0; kb < K; kb += kKBlock) {
-        const int64_t ke = std::min(K, kb + kKBlock);
-        for (int64_t k = kb; k < ke; ++k) {
-            const __m256 w0 = _mm256_loadu_ps(wp + k * 16), w1 = _mm256_loadu_ps(wp + k * 16 + 8);
-            __m256 xv = _mm256_broadcast_ss(x0 + k);
-            a00 = _mm256_fmadd_ps(xv, w0, a00);
-            a01 = _mm256_fmadd_ps(xv, w1, a01);
-            if (MR > 1) {
-                xv = _mm256_broadcast_ss(x1 + k);
-                a10 = _mm256_fmadd_ps(xv, w0, a10);
-                a11 = _mm256_fmadd_ps(xv, w1, a11);
-            }
-            if (MR > 2) {
-                xv = _mm256_broadcast_ss(x2 + k);
-                a20 = _mm256_fmadd_ps(xv, w0, a20);
-                a21 = _mm256_fmadd_ps(xv, w1, a21);
-            }
-            if (MR > 3) {
-                xv = _mm256_broadcast_ss(x3 + k);
-                a30 = _mm256_fmadd_ps(xv, w0, a30);
-                a31 = _mm256_fmadd_ps(xv, w1, a31);
-            }
-            if (MR > 4) {
-                xv = _mm256_broadcast_ss(x4 + k);
-                a40 = _mm256_fmadd_ps(xv, w0, a40);
-                a41 = _mm256_fmadd_ps(xv, w1, a41);
-            }
-            if (MR > 5) {
-                xv = _mm256_broadcast_ss(x5 + k);
-                a50 = _mm256_fmadd_ps(xv, w0, a50);
-                a51 = _mm256_fmadd_ps(xv, w1, a51);
-            }
-        }
-        const __m256 blk[6][2] = {{a00, a01}, {a10, a11}, {a20, a21},
-                                  {a30, a31}, {a40, a41}, {a50, a51}};
-        for (int i = 0; i < MR; ++i) {
-            tot[i][0] = _mm256_add_ps(tot[i][0], blk[i][0]);
-            tot[i][1] = _mm256_add_ps(tot[i][1], blk[i][1]);
-        }
-        a00 = a01 = a10 = a11 = a20 = a21 = a30 = a31 = a40 = a41 = a50 = a51 =
-            _mm256_setzero_ps();
-    }
-    alignas(32) float out[16];
-    for (int i = 0; i < MR; ++i) {
-        _mm256_store_ps(out, tot[i][0]);
-        _mm256_store_ps(out + 8, tot[i][1]);
-        float* yi = y + i * ldy;
-        for (int64_t j = 0; j < ncols; ++j) yi[j] = out[j] + (bias ? bias[j] : 0.0f);
-    }
-}
-
-// Packs weight rows [n0, n0 + ncols) (ncols <= 16) into wp (K, 16) fp32, zero-padded.
-template <DType D>
-MAMBART_AVX2 void pack_panel(const void* W, int64_t K, int64_t n0, int64_t ncols, float* wp) {
-    const size_t es = D == DType::F32 ? 4 : 2;
-    for (int64_t j = 0; j < 16; ++j) {
-        if (j >= ncols) {
-            for (int64_t k = 0; k < K; ++k) wp[k * 16 + j] = 0.0f;
-            continue;
-        }
-        const void* row = static_cast<const char*>(W) + size_t((n0 + j) * K) * es;
-        int64_t k = 0;
-        alignas(32) float tmp[8];
-        for (; k + 8 <= K; k += 8) {
-            _mm256_store_ps(tmp, load8<D>(row, k));
-            for (int q = 0; q < 8; ++q) wp[(k + q) * 16 + j] = tmp[q];
-        }
-        for (; k < K; ++k) wp[k * 16 + j] = load1<D>(row, k);
-    }
-}
-
-// GEMM: threads split N into panels of 16 weight rows; each panel is widened and packed once
-// (K x 16 fp32, thread-local), then every 6-row tile of x runs the outer-product micro-kernel
-// over it.
-template <DType D>
-MAMBART_AVX2 void gemm(const float* x, int64_t ldx, int64_t M, int64_t K, const void* W,
-                       int64_t N, const float* bias, float* y, int64_t ldy) {
-    constexpr int MR = 6;
-    const int64_t npanels = (N + 15) / 16;
-#pragma omp parallel
-    {
-        // (K, 16) packed panel; thread-local and grown once, so decode at batch > kGemvMaxM
-        // allocates nothing per step.
-        thread_local std::vector<float> wp;
-        if (wp.size() < static_cast<size_t>(K * 16)) wp.resize(static_cast<size_t>(K * 16));
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t pnl = 0; pnl < npanels; ++pnl) {
-            const int64_t n0 = pnl * 16, nc = std::min<int64_t>(16, N - n0);
-            pack_panel<D>(W, K, n0, nc, wp.data());
-            const float* bb = bias ? bias + n0 : nullptr;
-            int64_t m = 0;
-            for (; m + MR <= M; m += MR)
-                panel_tile<MR>(x + m * ldx, ldx, K, wp.data(), bb, y + m * ldy + n0, ldy, nc);
-            switch (M - m) {
-                case 5: panel_tile<5>(x + m * ldx, ldx, K, wp.data(), bb, y + m * ldy + n0, ldy, nc); break;
-                case 4: panel_tile<4>(x + m * ldx, ldx, K, wp.data(), bb, y + m * ldy + n0, ldy, nc); break;
-                case 3: panel_tile<3>(x + m * ldx, ldx, K, wp.data(), bb, y + m * ldy + n0, ldy, nc); break;
-                case 2: panel_tile<2>(x + m * ldx, ldx, K, wp.data(), bb, y + m * ldy + n0, ldy, nc); break;
-                case 1: panel_tile<1>(x + m * ldx, ldx, K, wp.data(), bb, y + m * ldy + n0, ldy, nc); break;
-                default: break;
-            }
-        }
-    }
-}
-
-template <DType D>
-MAMBART_AVX2 void linear_avx2(const float* x, int64_t ldx, int64_t M, int64_t K, const void* W,
-                              int64_t N, const float* bias, float* y, int64_t ldy) {
-    if (M <= kGemvMaxM)
-        gemv_dispatch<D>(x, ldx, M, K, W, N, bias, y, ldy);
-    else
-        gemm<D>(x, ldx, M, K, W, N, bias, y, ldy);
-}
-
-bool have_avx2() {
-    // The cpu_portable option (MAMBART_CPU_PORTABLE=1) forces the portable path (to test it on
-    // an AVX2 machine).
-    static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                           __builtin_cpu_supports("f16c") && !runtime_options().cpu_portable;
-    return ok;
-}
+}  // namespace avx2
 
 #endif  // MAMBART_X86
 
+#ifdef MAMBART_ARM64
+
+// ---- NEON (aarch64: Advanced SIMD is part of the base architecture) ---------------------------
+// fp16 weights are widened with FCVTL/FCVTL2 and bf16 with SHLL/SHLL2 (both base ARMv8.0-A);
+// the sums are fp32 FMLA, as on x86.
+
+namespace neon {
+
+#define MAMBART_SIMD __attribute__((always_inline))
+
+struct V8 {
+    float32x4_t lo, hi;  // lanes 0..3, 4..7
+};
+MAMBART_SIMD inline V8 v_zero() { return V8{vdupq_n_f32(0.0f), vdupq_n_f32(0.0f)}; }
+MAMBART_SIMD inline V8 v_load(const float* p) { return V8{vld1q_f32(p), vld1q_f32(p + 4)}; }
+MAMBART_SIMD inline V8 v_bcast(float s) { return V8{vdupq_n_f32(s), vdupq_n_f32(s)}; }
+MAMBART_SIMD inline V8 v_fma(V8 a, V8 b, V8 c) {
+    return V8{vfmaq_f32(c.lo, a.lo, b.lo), vfmaq_f32(c.hi, a.hi, b.hi)};
+}
+MAMBART_SIMD inline V8 v_add(V8 a, V8 b) { return V8{vaddq_f32(a.lo, b.lo), vaddq_f32(a.hi, b.hi)}; }
+MAMBART_SIMD inline void v_store(float* p, V8 v) {
+    vst1q_f32(p, v.lo);
+    vst1q_f32(p + 4, v.hi);
+}
+constexpr int kGemmRows = 4;  // 16 accumulators + 4 X4 + 4 weight registers: 24 of 32
+// The 4 x 4 blocks of lanes 0..3 and 4..7 transposed with TRN1 / TRN2 (32- then 64-bit).
+MAMBART_SIMD inline void t4_store(float* p, int64_t ld, float32x4_t a, float32x4_t b,
+                                  float32x4_t c, float32x4_t d) {
+    const float32x4_t ab0 = vtrn1q_f32(a, b), ab1 = vtrn2q_f32(a, b);
+    const float32x4_t cd0 = vtrn1q_f32(c, d), cd1 = vtrn2q_f32(c, d);
+    const float64x2_t x0 = vreinterpretq_f64_f32(ab0), x1 = vreinterpretq_f64_f32(ab1);
+    const float64x2_t y0 = vreinterpretq_f64_f32(cd0), y1 = vreinterpretq_f64_f32(cd1);
+    vst1q_f32(p, vreinterpretq_f32_f64(vtrn1q_f64(x0, y0)));
+    vst1q_f32(p + ld, vreinterpretq_f32_f64(vtrn1q_f64(x1, y1)));
+    vst1q_f32(p + 2 * ld, vreinterpretq_f32_f64(vtrn2q_f64(x0, y0)));
+    vst1q_f32(p + 3 * ld, vreinterpretq_f32_f64(vtrn2q_f64(x1, y1)));
+}
+MAMBART_SIMD inline void v_store_t4(float* p, int64_t ld, V8 r0, V8 r1, V8 r2, V8 r3) {
+    t4_store(p, ld, r0.lo, r1.lo, r2.lo, r3.lo);
+    t4_store(p + 4 * ld, ld, r0.hi, r1.hi, r2.hi, r3.hi);
+}
+typedef float32x4_t X4;
+MAMBART_SIMD inline X4 x4_load(const float* p) { return vld1q_f32(p); }
+template <int L>
+MAMBART_SIMD inline V8 v_fma_lane(X4 q, V8 w, V8 c) {
+    return V8{vfmaq_laneq_f32(c.lo, w.lo, q, L), vfmaq_laneq_f32(c.hi, w.hi, q, L)};
+}
+MAMBART_SIMD inline float v_hsum(V8 v) {
+    const float32x4_t s = vaddq_f32(v.lo, v.hi);                       // v_i + v_{i+4}
+    const float32x2_t t = vadd_f32(vget_low_f32(s), vget_high_f32(s));  // (s0 + s2, s1 + s3)
+    return vget_lane_f32(t, 0) + vget_lane_f32(t, 1);
+}
+template <DType D>
+MAMBART_SIMD inline V8 v_load_w(const void* row, int64_t k) {
+    if constexpr (D == DType::F32) {
+        return v_load(static_cast<const float*>(row) + k);
+    } else if constexpr (D == DType::F16) {
+        const float16x8_t h = vld1q_f16(reinterpret_cast<const float16_t*>(
+            static_cast<const uint16_t*>(row) + k));
+        return V8{vcvt_f32_f16(vget_low_f16(h)), vcvt_high_f32_f16(h)};
+    } else {
+        const uint16x8_t h = vld1q_u16(static_cast<const uint16_t*>(row) + k);
+        return V8{vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(h), 16)),
+                  vreinterpretq_f32_u32(vshll_high_n_u16(h, 16))};
+    }
+}
+#undef MAMBART_SIMD
+#define MAMBART_SIMD
+#include "cpu/linear_simd.inc"
+#undef MAMBART_SIMD
+
+}  // namespace neon
+
+#endif  // MAMBART_ARM64
+
+// ---- run-time choice -------------------------------------------------------------------------
+
+enum class Kernels { Generic, Avx2, Neon };
+
+#ifdef MAMBART_ARM64
+// Linux's AT_HWCAP / AT_HWCAP2 bits (arch/arm64/include/uapi/asm/hwcap.h), spelled out so that
+// older C libraries build.
+constexpr unsigned long kHwcapFp = 1ul << 0, kHwcapAsimd = 1ul << 1, kHwcapFphp = 1ul << 9,
+                        kHwcapAsimdhp = 1ul << 10, kHwcapAsimddp = 1ul << 20,
+                        kHwcapSve = 1ul << 22;
+constexpr unsigned long kHwcap2I8mm = 1ul << 13, kHwcap2Bf16 = 1ul << 14;
+#endif
+
+#ifdef MAMBART_X86
+// F16C: CPUID leaf 1, ecx bit 29 (read directly: clang 14's __builtin_cpu_supports has no
+// "f16c"); it needs AVX, whose register state __builtin_cpu_supports("avx2") already checks.
+bool cpu_has_f16c() {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (__get_cpuid(1, &eax, &ebx, &ecx, &edx) == 0) return false;
+    return (ecx >> 29) & 1u;
+}
+#endif
+
+std::string detect_features() {
+    std::string f;
+    auto add = [&](bool on, const char* name) {
+        if (!on) return;
+        if (!f.empty()) f += ' ';
+        f += name;
+    };
+#if defined(MAMBART_X86)
+    __builtin_cpu_init();
+    add(__builtin_cpu_supports("avx2"), "avx2");
+    add(__builtin_cpu_supports("fma"), "fma");
+    add(cpu_has_f16c(), "f16c");
+    add(__builtin_cpu_supports("avx512f"), "avx512f");
+    add(__builtin_cpu_supports("avx512bf16"), "avx512bf16");
+#elif defined(MAMBART_ARM64)
+    const unsigned long hw = getauxval(AT_HWCAP), hw2 = getauxval(AT_HWCAP2);
+    add(hw & kHwcapFp, "fp");
+    add(hw & kHwcapAsimd, "asimd");
+    add(hw & kHwcapFphp, "fphp");
+    add(hw & kHwcapAsimdhp, "asimdhp");
+    add(hw & kHwcapAsimddp, "asimddp");
+    add(hw & kHwcapSve, "sve");
+    add(hw2 & kHwcap2Bf16, "bf16");
+    add(hw2 & kHwcap2I8mm, "i8mm");
+#endif
+    (void)add;
+    return f;
+}
+
+Kernels detect_kernels() {
+    // The cpu_portable option (MAMBART_CPU_PORTABLE=1) forces the generic path, to test it (and
+    // the choice) on a machine with SIMD.
+    if (runtime_options().cpu_portable) return Kernels::Generic;
+#if defined(MAMBART_X86)
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c())
+        return Kernels::Avx2;
+#elif defined(MAMBART_ARM64)
+    // Advanced SIMD and FP are in every ARMv8-A profile Linux runs on; checked all the same.
+    const unsigned long hw = getauxval(AT_HWCAP);
+    if ((hw & kHwcapFp) && (hw & kHwcapAsimd)) return Kernels::Neon;
+#endif
+    return Kernels::Generic;
+}
+
+// Read once, at the first projection (the option is documented as read once).
+Kernels kernels() {
+    static const Kernels k = detect_kernels();
+    return k;
+}
+
+template <DType D>
+void linear_typed(Kernels k, const float* x, int64_t ldx, int64_t M, int64_t K, const void* W,
+                  int64_t N, const float* bias, float* y, int64_t ldy) {
+    switch (k) {
+#ifdef MAMBART_X86
+        case Kernels::Avx2: return avx2::linear_simd<D>(x, ldx, M, K, W, N, bias, y, ldy);
+#endif
+#ifdef MAMBART_ARM64
+        case Kernels::Neon: return neon::linear_simd<D>(x, ldx, M, K, W, N, bias, y, ldy);
+#endif
+        default: return linear_portable(x, ldx, M, K, W, D, N, bias, y, ldy);
+    }
+}
+
 }  // namespace
+
+const char* linear_kernels() {
+    switch (kernels()) {
+        case Kernels::Avx2: return "avx2";
+        case Kernels::Neon: return "neon";
+        case Kernels::Generic: break;
+    }
+    return "generic";
+}
+
+const std::string& cpu_features() {
+    static const std::string f = detect_features();
+    return f;
+}
 
 void linear(const float* x, int64_t ldx, int64_t M, int64_t K, const void* W, DType w_dtype,
             int64_t N, const float* bias, float* y, int64_t ldy) {
@@ -324,16 +327,12 @@ void linear(const float* x, int64_t ldx, int64_t M, int64_t K, const void* W, DT
             for (int64_t n = 0; n < N; ++n) y[m * ldy + n] = bias ? bias[n] : 0.0f;
         return;
     }
-#ifdef MAMBART_X86
-    if (have_avx2()) {
-        switch (w_dtype) {
-            case DType::F32: return linear_avx2<DType::F32>(x, ldx, M, K, W, N, bias, y, ldy);
-            case DType::F16: return linear_avx2<DType::F16>(x, ldx, M, K, W, N, bias, y, ldy);
-            case DType::BF16: return linear_avx2<DType::BF16>(x, ldx, M, K, W, N, bias, y, ldy);
-        }
+    const Kernels k = kernels();
+    switch (w_dtype) {
+        case DType::F32: return linear_typed<DType::F32>(k, x, ldx, M, K, W, N, bias, y, ldy);
+        case DType::F16: return linear_typed<DType::F16>(k, x, ldx, M, K, W, N, bias, y, ldy);
+        case DType::BF16: return linear_typed<DType::BF16>(k, x, ldx, M, K, W, N, bias, y, ldy);
     }
-#endif
-    linear_portable(x, ldx, M, K, W, w_dtype, N, bias, y, ldy);
 }
 
 }  // namespace cpu

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include "dtype.h"
 
@@ -24,6 +25,15 @@ void linear(const float* x, int64_t ldx, int64_t M, int64_t K,
             const void* W, DType w_dtype, int64_t N,
             const float* bias,
             float* y, int64_t ldy);
+
+// The projection kernels this process runs: "avx2" (x86-64 with AVX2, FMA and F16C), "neon"
+// (aarch64) or "generic" (any other CPU, or the cpu_portable option set). Chosen once, at the
+// first call, from the CPU itself (CPUID, HWCAP), not from the compiler flags.
+const char* linear_kernels();
+
+// The CPU's SIMD features as read for that choice, space-separated (x86-64: "avx2 fma f16c
+// avx512f avx512bf16"; aarch64: "fp asimd fphp asimdhp asimddp sve bf16 i8mm"), those present.
+const std::string& cpu_features();
 
 }  // namespace cpu
 }  // namespace mambart

@@ -1,0 +1,162 @@
+"""The CPU projection kernels (issue 26): every path this CPU has (AVX2 or NEON, and the generic
+path forced with MAMBART_CPU_PORTABLE=1) against a float64 reference over fp32 / fp16 / bf16
+weights and shapes that hit every tile and tail; the kernel choice made at run time and shown
+in the backend's name; the fp16 <-> fp32 conversions bit-exact. No torch: this file also runs
+for aarch64 under qemu-user in CI (tools/ci_arm64.sh)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mambart import _C
+
+from model_dirs import make_model_dir
+
+SHAPES = [  # (M, K, N): GEMV rows 1..8 (tiles of 4 / 2 / 1 weight rows), GEMM from 9, K tails
+    (1, 64, 37), (1, 3, 5), (2, 24, 9), (3, 17, 11), (4, 40, 7), (5, 8, 3), (7, 33, 16),
+    (8, 72, 21), (9, 16, 17), (13, 100, 33), (37, 130, 40), (64, 1, 2),
+]
+DTYPES = ["float32", "float16", "bfloat16"]
+
+
+def _round(w: np.ndarray, dtype: str) -> np.ndarray:
+    """The weight as the backend stores it (round to nearest even), back in float64."""
+    if dtype == "float16":
+        return w.astype(np.float16).astype(np.float64)
+    if dtype == "bfloat16":
+        u = w.astype(np.float32).view(np.uint32).astype(np.uint64)
+        u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
+        return u.astype(np.uint32).view(np.float32).astype(np.float64)
+    return w.astype(np.float64)
+
+
+def expected_kernels() -> str:
+    """The kernels this process should run: the CPU's, or generic where MAMBART_CPU_PORTABLE
+    asks for them (CI runs this file so on x86 too)."""
+    if os.environ.get("MAMBART_CPU_PORTABLE", "0") not in ("", "0", "false", "False", "off", "no"):
+        return "generic"
+    return machine_kernels()
+
+
+def machine_kernels() -> str:
+    """The kernels this CPU runs when nothing forces the generic path."""
+    machine = platform.machine().lower()
+    if machine in ("aarch64", "arm64"):
+        return "neon"
+    if machine in ("x86_64", "amd64"):
+        flags = ""
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = next((l for l in f if l.startswith("flags")), "")
+        except OSError:
+            pass
+        if all(f" {x}" in flags for x in ("avx2", "fma", "f16c")):
+            return "avx2"
+    return "generic"
+
+
+def _kernels(name: str) -> str:
+    return name.rsplit(",", 1)[1].strip(" )")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,K,N", SHAPES)
+def test_linear_matches_float64(dtype, M, K, N):
+    rng = np.random.default_rng(M * 1000 + K * 10 + N)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    W = rng.standard_normal((N, K)).astype(np.float32)
+    bias = rng.standard_normal(N).astype(np.float32)
+    be = _C._ops.Backend("cpu")
+    y = be.linear(x, W, dtype, bias)
+    ref = x.astype(np.float64) @ _round(W, dtype).T + bias
+    # fp32 sums of K products: a few ulps of sum |x w|
+    bound = 4e-7 * (np.abs(x) @ np.abs(_round(W, dtype)).T + np.abs(bias)) * max(4, np.sqrt(K))
+    assert np.all(np.abs(y - ref) <= bound + 1e-30), (dtype, M, K, N)
+    y0 = be.linear(x, W, dtype, None)
+    np.testing.assert_allclose(y0, ref - bias, rtol=0, atol=float(bound.max()) + 1e-6)
+
+
+def test_kernels_chosen_at_run_time():
+    name = _C._ops.Backend("cpu").name
+    assert _kernels(name) == expected_kernels(), name
+
+
+_CHILD = r"""
+import json, sys
+import numpy as np
+import mambart
+from mambart import _C
+out = {"name": _C._ops.Backend("cpu").name, "linear": {}}
+rng = np.random.default_rng(7)
+for dt in ("float32", "float16", "bfloat16"):
+    for M in (1, 3, 20):
+        x = rng.standard_normal((M, 70)).astype(np.float32)
+        W = rng.standard_normal((19, 70)).astype(np.float32)
+        out["linear"][f"{dt}/{M}"] = _C._ops.Backend("cpu").linear(x, W, dt).tolist()
+g = mambart.Generator(sys.argv[1])
+out["logits"] = np.asarray(g.logits(list(range(2, 30)))).tolist()
+r = g.generate([5, 6, 7], max_new_tokens=12, temperature=0.0)
+out["tokens"] = (r[0] if isinstance(r, list) else r).token_ids
+print(json.dumps(out))
+"""
+
+
+def _child(model_dir, portable: bool) -> dict:
+    env = dict(os.environ)
+    env.pop("MAMBART_CPU_PORTABLE", None)
+    if portable:
+        env["MAMBART_CPU_PORTABLE"] = "1"
+    r = subprocess.run([sys.executable, "-c", _CHILD, str(model_dir)], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_generic_path_forced_matches_simd(tmp_path):
+    """MAMBART_CPU_PORTABLE=1 (read once per process) runs the generic kernels: named so, and
+    equal to the SIMD kernels up to summation order; the same greedy tokens."""
+    make_model_dir(tmp_path / "m", "mamba1", d_model=40, d_inner=72, dt_rank=5, d_state=16)
+    simd, generic = _child(tmp_path / "m", False), _child(tmp_path / "m", True)
+    assert _kernels(simd["name"]) == machine_kernels(), simd["name"]
+    assert _kernels(generic["name"]) == "generic", generic["name"]
+    for key, a in simd["linear"].items():
+        np.testing.assert_allclose(generic["linear"][key], a, rtol=1e-5, atol=1e-5, err_msg=key)
+    np.testing.assert_allclose(generic["logits"], simd["logits"], rtol=0, atol=1e-4)
+    assert generic["tokens"] == simd["tokens"]
+
+
+def test_f16_to_f32_every_value():
+    """Every fp16 bit pattern widens exactly (through the fp16 embedding table: fp32 -> fp16
+    when placed, fp16 -> fp32 when read), NaNs stay NaNs."""
+    h = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    with np.errstate(invalid="ignore"):  # the NaN patterns (numpy on aarch64 warns)
+        table = h.astype(np.float32).reshape(-1, 64)
+    be = _C._ops.Backend("cpu")
+    out = be.embedding(np.arange(table.shape[0], dtype=np.int32), table, "float16")
+    nan = np.isnan(table)
+    assert np.array_equal(np.isnan(out), nan)
+    assert np.array_equal(out[~nan].view(np.uint32), table[~nan].view(np.uint32))
+
+
+def test_f32_to_f16_rounds_to_nearest_even():
+    rng = np.random.default_rng(3)
+    v = np.concatenate([
+        rng.standard_normal(4096).astype(np.float32) * 10.0 ** rng.integers(-9, 6, 4096),
+        np.array([65504, 65519.99, 65520, 1e9, -1e9, 6.1e-5, 5.96e-8, 2.98e-8, 2.99e-8, 0.0,
+                  -0.0, np.inf, -np.inf], dtype=np.float32),
+        # exact ties between neighbouring halves
+        (np.arange(1, 2049, dtype=np.float32) + 0.5) * np.float32(2.0 ** -10),
+    ]).astype(np.float32)
+    v = np.concatenate([v, np.zeros((-len(v)) % 64, np.float32)]).reshape(-1, 64)
+    be = _C._ops.Backend("cpu")
+    out = be.embedding(np.arange(v.shape[0], dtype=np.int32), v, "float16")
+    with np.errstate(over="ignore"):  # values past 65519.99 round to inf, as intended
+        want = v.astype(np.float16).astype(np.float32)
+    assert np.array_equal(out.view(np.uint32), want.view(np.uint32))
