@@ -73,6 +73,9 @@ if [ ! -d "$SITE/numpy" ]; then
       "$(pin huggingface_hub)" "$(pin tqdm)"
 fi
 stamp "aarch64 wheels ready"
+# The host-side build tools the cross builds read (a fresh venv has them only inside pip's
+# isolated build environment of the README install).
+python -m pip install -q pybind11 nlohmann-json
 
 # ---- the C++-only configure needs no Python (no interpreter, no headers) ----------------------------
 JSON_INC="$(python -c 'import nlohmann_json; print(nlohmann_json.get_include())')"
