@@ -26,6 +26,7 @@ struct EmbeddingParams {
     DType dtype;
     float* out;           // (n, d)
     int64_t n, d;
+    int64_t V;            // table rows: an id outside [0, V) gives a zero row
 };
 void launch_embedding(const EmbeddingParams& p, cudaStream_t stream);
 

@@ -96,6 +96,8 @@ class CudaBackend final : public Backend {
             if (staging_[i]) cudaFreeHost(staging_[i]);
             if (staged_[i]) cudaEventDestroy(staged_[i]);
         }
+        for (cudaEvent_t e : markers_)
+            if (e) cudaEventDestroy(e);
         if (stream_) cudaStreamDestroy(stream_);
     }
 
@@ -143,6 +145,44 @@ class CudaBackend final : public Backend {
         dev();
         check(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToHost, stream_), "copy_to_host");
         check(cudaStreamSynchronize(stream_), "copy_to_host (a kernel before it failed)");
+    }
+    void* alloc_host(size_t bytes, const char* what) override {
+        dev();
+        void* p = nullptr;
+        const cudaError_t e = cudaHostAlloc(&p, std::max<size_t>(bytes, 1), cudaHostAllocDefault);
+        if (e != cudaSuccess) {
+            (void)cudaGetLastError();
+            throw CudaError(str_cat("could not allocate ", bytes, " bytes of page-locked host "
+                                    "memory for ", what, ": ", cudaGetErrorString(e)));
+        }
+        return p;
+    }
+    void dealloc_host(void* p) noexcept override {
+        if (!p) return;
+        cudaSetDevice(device_);
+        cudaFreeHost(p);
+    }
+    void copy_to_host_async(void* dst, const void* src, size_t n) override {
+        dev();
+        check(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToHost, stream_), "copy_to_host_async");
+    }
+    uint64_t record_marker() override {
+        dev();
+        const int i = int(markers_recorded_ % kMaxMarkers);
+        if (!markers_[i])
+            check(cudaEventCreateWithFlags(&markers_[i], cudaEventDisableTiming),
+                  "cudaEventCreate (marker)");
+        check(cudaEventRecord(markers_[i], stream_), "cudaEventRecord (marker)");
+        return ++markers_recorded_;  // marker m is event (m - 1) % kMaxMarkers
+    }
+    void wait_marker(uint64_t m) override {
+        if (m == 0 || m > markers_recorded_) return;
+        if (markers_recorded_ - m >= uint64_t(kMaxMarkers))
+            throw Error(str_cat("wait_marker: marker ", m, " was reused (", markers_recorded_,
+                                " recorded)"));
+        dev();
+        check(cudaEventSynchronize(markers_[(m - 1) % kMaxMarkers]),
+              "wait_marker (a kernel before it failed)");
     }
     void copy_device(void* dst, const void* src, size_t n) override {
         dev();
@@ -210,7 +250,7 @@ class CudaBackend final : public Backend {
     // ---- ops ----
     void embedding(const int32_t* ids, int64_t n, const Weight& table, float* out) override {
         dev();
-        cuda::launch_embedding({ids, table.data, table.dtype, out, n, table.cols}, stream_);
+        cuda::launch_embedding({ids, table.data, table.dtype, out, n, table.cols, table.rows}, stream_);
     }
 
     void add_norm(float* residual, const float* hidden, const Param& w, const Param& b,
@@ -423,6 +463,8 @@ class CudaBackend final : public Backend {
     cudaStream_t stream_ = nullptr;
     void* staging_[2] = {nullptr, nullptr};       // pinned host, kStagingBytes each
     cudaEvent_t staged_[2] = {nullptr, nullptr};  // the last copy out of each staging buffer
+    cudaEvent_t markers_[kMaxMarkers] = {};       // record_marker's ring, created on first use
+    uint64_t markers_recorded_ = 0;
     std::unordered_map<uint64_t, cudaGraphExec_t> graphs_;
     bool graphs_enabled_ = true;
     bool fused_enabled_ = true;  // fused decode mixer steps (MAMBART_CUDA_FUSED=0: off)

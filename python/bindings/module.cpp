@@ -315,6 +315,7 @@ py::dict stats_dict(const EngineStats& s) {
     d["rows_decoded"] = s.rows_decoded;
     d["mean_rows_per_step"] = s.steps ? double(s.rows_decoded) / double(s.steps) : 0.0;
     d["max_rows"] = s.max_rows;
+    d["steps_ahead"] = s.steps_ahead;
     d["prefill_calls"] = s.prefill_calls;
     d["step_ms"] = s.step_ms;
     d["decode_ms"] = s.decode_ms;
