@@ -53,8 +53,8 @@ class Backend {
         copy_to_host(dst, src, bytes);
     }
     // A point in the backend's queue (0 on synchronous backends), and a wait for the work
-    // enqueued before it (errors of that work are thrown here). Markers are reused: wait for a
-    // marker before recording kMaxMarkers more.
+    // enqueued before it (errors of that work are thrown here). Markers are recycled: a marker
+    // kMaxMarkers or more records old waits for a later point (correct, possibly longer).
     static constexpr int kMaxMarkers = 16;
     virtual uint64_t record_marker() { return 0; }
     virtual void wait_marker(uint64_t marker) { (void)marker; }
