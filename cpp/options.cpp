@@ -48,8 +48,9 @@ const std::vector<OptionInfo> kTable = {
      "the generic CPU projections even where AVX2 (x86-64) or NEON (aarch64) kernels run; read "
      "once"},
     {"cpu_mamba3", "MAMBART_CPU_MAMBA3", "choice", "auto|chunked|recurrent", "auto",
-     "Mamba-3 scan on the CPU backend: auto (the chunked form from 64 tokens, the recurrent form "
-     "below), always chunked, or always recurrent; read when a CPU backend is created"},
+     "Mamba-3 scan on the CPU backend: auto (the chunked form from 64 token rows, tokens x "
+     "mimo_rank, the recurrent form below), always chunked, or always recurrent; read when a CPU "
+     "backend is created"},
     {"host_memory_limit", "MAMBART_HOST_MEMORY_LIMIT", "bytes", "", "0",
      "bytes of host memory a CPU model load may take (0: the memory available: MemAvailable, "
      "capped by the cgroup's limit and RLIMIT_AS)"},
