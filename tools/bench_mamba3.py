@@ -416,8 +416,10 @@ def main(argv=None):
                 t = time.perf_counter()
                 ids = [int(x) for x in np.random.default_rng(2).integers(0, c["vocab_size"],
                                                                           args.acc_prompt)]
-                want, _ = ref_forward(w, c, ids)
-                greedy = ref_greedy(w, c, ids, args.acc_gen)
+                w64 = {k: v.astype(np.float64) for k, v in w.items()}  # converted once
+                want, _ = ref_forward(w64, c, ids)
+                greedy = ref_greedy(w64, c, ids, args.acc_gen)
+                del w64
                 acc = (ids, want, greedy)
                 emit(args, model=name, metric="reference_s", value=round(time.perf_counter() - t, 1))
             for eng in args.engines:
