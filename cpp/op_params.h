@@ -95,7 +95,8 @@ struct Mamba2DecodeParams {   // = conv1d + ssd_scan at L = 1
     SsdParams ssd;            // x, Bm, Cm are ignored (the conv's results are used directly)
 };
 
-// Mamba-3 (SISO and MIMO of rank Rm), the recurrent form for any L (spec section 4): per row b,
+// Mamba-3 (SISO and MIMO of rank Rm), any L (spec section 4), defined by its recurrent form (a
+// backend may run the equivalent chunked form for prefill: cuda/mamba3_chunked.cu): per row b,
 // token t and head h (group g = h / (H / G)):
 //   A = min(-f(dd_A), -a_floor) (f: heavy tail 1+x | 1/(1-x), or softplus); DT = softplus(dd_dt +
 //   dt_bias); λ = sigmoid(trap); θ[i] = (θ[i] + π tanh(angles[i]) DT) mod 2π, i < S;

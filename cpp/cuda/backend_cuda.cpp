@@ -337,7 +337,14 @@ class CudaBackend final : public Backend {
 
     void mamba3_scan(const Mamba3ScanParams& p) override {
         dev();
-        cuda::launch_mamba3_scan(p, stream_);
+        // Decode steps and short prompts: the recurrent form; prefill: the chunked form (off with
+        // MAMBART_CUDA_SSD=recurrent; plain TF32 products with MAMBART_CUDA_SSD=tf32).
+        if (p.L < cuda::kMamba3ChunkedMinL || !ssd_chunked_ || !cuda::mamba3_chunked_supported(p)) {
+            cuda::launch_mamba3_scan(p, stream_);
+            return;
+        }
+        const int64_t need = cuda::mamba3_chunked_workspace_floats(p);
+        cuda::launch_mamba3_chunked({p, workspace(need, "mamba3_scan"), ssd_tf32_}, stream_);
     }
 
     bool mamba1_decode_fused(const Mamba1DecodeParams& p) override {
