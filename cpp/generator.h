@@ -12,6 +12,7 @@
 
 #include "model.h"
 #include "sampling.h"
+#include "speculative.h"
 #include "state_file.h"
 
 namespace mambart {
@@ -200,6 +201,25 @@ class Generator {
     std::vector<GenerationResult> generate(
         const std::vector<std::vector<int32_t>>& prompts, const GenerationOptions& opt,
         const std::function<bool(int64_t, int32_t)>& callback = {});
+
+    // ---- issue 25: speculative decoding (speculative.h) ----
+    // One prompt (non-empty) generated with `spec`'s proposer; `draft` is the draft model's
+    // generator (Method::Draft, same vocabulary; may be this generator) or nullptr (prompt
+    // lookup). Greedy output equals generate()'s; sampled output follows the same distribution.
+    // `callback(token)` returning false stops (finish reason Cancelled). Stats into `stats`.
+    // InvalidArgument naming the parameter for bad options; Unsupported when a layer type
+    // cannot keep per-token states.
+    GenerationResult generate_speculative(const std::vector<int32_t>& prompt,
+                                          const GenerationOptions& opt,
+                                          const SpeculativeOptions& spec, Generator* draft,
+                                          SpeculativeStats* stats,
+                                          const std::function<bool(int32_t)>& callback = {});
+
+    // For tests of the per-token states: prefills `prompt` (non-empty), then runs `tokens` in
+    // one traced forward pass; returns the state after each of them (host, per token:
+    // State::row_to_host's form) and their logits into `logits` (tokens.size() x V) if given.
+    std::vector<std::vector<std::vector<float>>> traced_states(
+        const std::vector<int32_t>& prompt, const std::vector<int32_t>& tokens, float* logits);
 
     // ---- issue 14: the continuous-batching engine (engine.h) ----
     // The engine, started on first use with `opt` (later calls return the running one; options

@@ -96,8 +96,14 @@ class Model {
     // vocab_size), valid until the next call; nullptr for LogitsMode::None.
     // Preconditions: B * L <= max_rows(); logits rows (B for Last, B * L for All) <=
     // max_logits_rows() (see reserve).
+    // trace (speculative verification, issue 25), or nullptr: a State of this model with at
+    // least B * L rows; row b * L + t gets row row0 + b's state after its token t, so a caller
+    // keeps the state after any prefix with State::copy_row_from (no recomputation). Needs
+    // supports_state_trace() (Unsupported naming the layer type otherwise).
     const float* forward(State& state, int64_t row0, int64_t B, int64_t L, const int32_t* ids,
-                         LogitsMode mode);
+                         LogitsMode mode, State* trace = nullptr);
+    // Whether every layer can write per-token states (forward's trace).
+    bool supports_state_trace() const;
 
     // Grows the scratch workspace to hold `rows` = B * L token rows and `logits_rows` rows of
     // logits (allocation happens here, never inside forward).
