@@ -133,7 +133,8 @@ GenerationResult Generator::generate_speculative(const std::vector<int32_t>& pro
     res.prompt_tokens = res.prefill_tokens = int64_t(prompt.size());
     const auto t_prefill = Clock::now();
     State state(config(), be, 1);    // the target's sequence
-    State trace(config(), be, K + 1);  // row t: the state after token t of a verification
+    State trace(config(), be, spec.recompute ? 1 : K + 1);  // row t: after token t of a
+                                                            // verification (recompute: a backup)
     std::vector<float> logits(size_t((K + 1) * V));  // (K + 1, V) host: the verification's
     prefill_row(state, 0, prompt, logits.data(), nullptr);
     m.reserve(K + 1, K + 1);
@@ -228,8 +229,9 @@ GenerationResult Generator::generate_speculative(const std::vector<int32_t>& pro
         ids.assign(1, res.token_ids.back());
         ids.insert(ids.end(), prop.begin(), prop.end());
         be.copy_to_device(m.ids_buffer(), ids.data(), ids.size() * sizeof(int32_t));
+        if (spec.recompute && n > 0) trace.copy_row_from(state, 0, 0);  // the state before
         const float* lg = m.forward(state, 0, 1, n + 1, m.ids_buffer(), LogitsMode::All,
-                                    n > 0 ? &trace : nullptr);
+                                    n > 0 && !spec.recompute ? &trace : nullptr);
         be.copy_to_host(logits.data(), lg, size_t((n + 1) * V) * sizeof(float));
         S.verify_ms += ms_since(t_ver);
         ++S.verifications;
@@ -267,7 +269,13 @@ GenerationResult Generator::generate_speculative(const std::vector<int32_t>& pro
         if (finished) break;
         // ---- keep the states after [last | the a kept guesses] ----
         const auto t_rb = Clock::now();
-        if (a < n) state.copy_row_from(trace, a, 0);  // a == n: the pass ended there
+        if (a < n && !spec.recompute) {
+            state.copy_row_from(trace, a, 0);  // a == n: the pass ended there
+        } else if (a < n) {  // restore, then run [last | the kept guesses] again
+            state.copy_row_from(trace, 0, 0);
+            be.copy_to_device(m.ids_buffer(), ids.data(), size_t(a + 1) * sizeof(int32_t));
+            m.forward(state, 0, 1, a + 1, m.ids_buffer(), LogitsMode::None);
+        }
         if (dm) {
             // The draft fed [pending | guesses 0..k-2]; its state after step a has fed
             // [pending | guesses 0..a-1] (step k-1 is the current state).

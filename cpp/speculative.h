@@ -35,6 +35,11 @@ struct SpeculativeOptions {
     int64_t k = 4;          // tokens proposed per verification, in [1, kMaxK]
     int64_t ngram_max = 3;  // prompt lookup: the longest suffix n-gram looked up (>= ngram_min)
     int64_t ngram_min = 1;  // prompt lookup: the shortest (>= 1)
+    // Keep the accepted prefix's state by recomputation instead of the trace: the verification
+    // runs without per-token states, and a partial acceptance restores the state from before
+    // it and runs the kept tokens again (the alternative the trace is measured against:
+    // tools/bench_speculative.py --rollback recompute). Same tokens either way.
+    bool recompute = false;
     // The most tokens one verification may check (k + 1 rows of logits fit the model's logits
     // workspace, Model::kLogitsRows).
     static constexpr int64_t kMaxK = 32;

@@ -19,7 +19,7 @@ void register_speculative_api(py::module_& m) {
            // model's _C.Generator (may be this one) or None.
            [](Generator& g, const std::vector<int32_t>& prompt, const GenerationOptions& opt,
               const std::string& method, int64_t k, int64_t ngram_max, int64_t ngram_min,
-              Generator* draft) {
+              Generator* draft, bool recompute) {
                SpeculativeOptions so;
                if (method == "prompt_lookup")
                    so.method = SpeculativeOptions::Method::PromptLookup;
@@ -31,6 +31,7 @@ void register_speculative_api(py::module_& m) {
                so.k = k;
                so.ngram_max = ngram_max;
                so.ngram_min = ngram_min;
+               so.recompute = recompute;
                SpeculativeStats st;
                GenerationResult r;
                {
@@ -48,7 +49,8 @@ void register_speculative_api(py::module_& m) {
                return py::make_tuple(r, d);
            },
            py::arg("prompt"), py::arg("options"), py::arg("method"), py::arg("k"),
-           py::arg("ngram_max") = 3, py::arg("ngram_min") = 1, py::arg("draft") = nullptr)
+           py::arg("ngram_max") = 3, py::arg("ngram_min") = 1, py::arg("draft") = nullptr,
+           py::arg("recompute") = false)
         .def(
             "traced_states",
             // Test hook: (list over tokens of [state tensors as float32 arrays], logits (L, V)).
