@@ -305,3 +305,25 @@ def test_cuda_sampling_distribution(tmp_path):
         counts[tuple(r.token_ids)] = counts.get(tuple(r.token_ids), 0) + 1
     kw = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0)
     assert _chi2_pvalue(counts, _exact_joint(g, prompt, 3, kw), 2000) > 1e-3
+
+
+def test_cli_flags(tmp_path, capsys):
+    from mambart.cli import main
+
+    path = str(make_model_dir(tmp_path / "t", arch="mamba1", seed=1))
+    ids = ",".join(map(str, PROMPT))
+    assert main(["generate", path, ids, "--token-ids", "--max-new-tokens", "30",
+                 "--ignore-eos"]) == 0
+    plain = capsys.readouterr().out.split()
+    assert main(["generate", path, ids, "--token-ids", "--max-new-tokens", "30",
+                 "--ignore-eos", "--prompt-lookup", "--spec-k", "5"]) == 0
+    got = capsys.readouterr()
+    assert got.out.split() == plain and "guesses kept" in got.err
+    assert main(["generate", path, ids, "--token-ids", "--max-new-tokens", "30",
+                 "--ignore-eos", "--draft", path]) == 0
+    assert capsys.readouterr().out.split() == plain
+    for bad, frag in ([["--spec-k", "3"], "--spec-k needs"],
+                      [["--prompt-lookup", "--spec-k", "0"], "speculative['k']"],
+                      [["--prompt-lookup", "--draft", path], "exclude"]):
+        assert main(["generate", path, ids, "--token-ids"] + bad) != 0
+        assert frag in capsys.readouterr().err
