@@ -221,6 +221,13 @@ class Generator {
     std::vector<std::vector<std::vector<float>>> traced_states(
         const std::vector<int32_t>& prompt, const std::vector<int32_t>& tokens, float* logits);
 
+    // For benchmarks: the median time (ms) of `iters` verification passes of `tokens` (1 to
+    // kMaxK + 1) after `prompt`, each from the same state, with the per-token states written
+    // (trace) or not, the logits copied to the host; and of keeping position L - 2's state
+    // (one State::copy_row_from) in `*rollback_ms` if given.
+    double verification_ms(const std::vector<int32_t>& prompt, const std::vector<int32_t>& tokens,
+                           int64_t iters, bool trace, double* rollback_ms);
+
     // ---- issue 14: the continuous-batching engine (engine.h) ----
     // The engine, started on first use with `opt` (later calls return the running one; options
     // then must be default or equal). Its vocabulary bytes (stop strings) come from

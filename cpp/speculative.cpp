@@ -316,4 +316,44 @@ std::vector<std::vector<std::vector<float>>> Generator::traced_states(
     return out;
 }
 
+double Generator::verification_ms(const std::vector<int32_t>& prompt,
+                                  const std::vector<int32_t>& tokens, int64_t iters, bool traced,
+                                  double* rollback_ms) {
+    MAMBART_CHECK_ARG(!prompt.empty(), "prompt must not be empty");
+    const int64_t L = int64_t(tokens.size()), V = config().vocab_size;
+    MAMBART_CHECK_ARG(L >= 1 && L <= SpeculativeOptions::kMaxK + 1, "tokens: ", L,
+                      " tokens, expected 1 to ", SpeculativeOptions::kMaxK + 1);
+    MAMBART_CHECK_ARG(iters >= 1 && iters <= 100000, "iters = ", iters, " outside [1, 100000]");
+    check_ids(prompt, "prompt");
+    check_ids(tokens, "tokens");
+    std::lock_guard<std::mutex> lock(compute_mu_);
+    Model& m = *model_;
+    Backend& be = m.backend();
+    State start(config(), be, 1), state(config(), be, 1), trace(config(), be, L);
+    prefill_row(start, 0, prompt, nullptr, nullptr);
+    m.reserve(L, L);
+    std::vector<float> logits(size_t(L * V));
+    std::vector<double> pass, keep;
+    for (int64_t i = 0; i < iters; ++i) {
+        state.copy_row_from(start, 0, 0);
+        be.synchronize();
+        auto t0 = Clock::now();
+        be.copy_to_device(m.ids_buffer(), tokens.data(), size_t(L) * sizeof(int32_t));
+        const float* lg = m.forward(state, 0, 1, L, m.ids_buffer(), LogitsMode::All,
+                                    traced ? &trace : nullptr);
+        be.copy_to_host(logits.data(), lg, size_t(L * V) * sizeof(float));
+        pass.push_back(ms_since(t0));
+        t0 = Clock::now();
+        state.copy_row_from(trace, std::max<int64_t>(L - 2, 0), 0);
+        be.synchronize();
+        keep.push_back(ms_since(t0));
+    }
+    auto median = [](std::vector<double> v) {
+        std::sort(v.begin(), v.end());
+        return v[v.size() / 2];
+    };
+    if (rollback_ms) *rollback_ms = median(keep);
+    return median(pass);
+}
+
 }  // namespace mambart

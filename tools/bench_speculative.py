@@ -17,6 +17,8 @@ k = --k-draft).
 
   python tools/bench_speculative.py [--model mambart-demo] [--draft mambart2-demo]
       [--device cpu] [--dtype float32] [--tokens 256] [--repeat 3] [--tasks edit,code,random]
+  python tools/bench_speculative.py --shape mamba-130m --dtype bfloat16 --draft '' \
+      --tasks random,code
 """
 
 from __future__ import annotations
@@ -76,6 +78,35 @@ def _spec(g, ids, n, method, k, draft=None, recompute=False):
     return list(r.token_ids), r.decode_ms, st
 
 
+def _pass_cost(g, prompts, a) -> int:
+    p = prompts["code"]
+    ids = g.tokenizer.encode(p).ids if isinstance(p, str) else p
+    toks = [int(t) for t in np.random.default_rng(a.seed).integers(0, g.vocab_size, 33)]
+    meta = dict(git_sha=_git_sha(), device=g.device, model=a.model, dtype=g.dtype, batch=1)
+    g._g.verification_ms(ids, toks[: a.k_lookup + 1], 2, True)  # warm-up (workspace, caches)
+    step, _ = g._g.verification_ms(ids, toks[:1], a.iters, False)  # a plain decode step
+    costs = {}
+    for L in range(1, a.k_lookup + 2):
+        ms, keep = g._g.verification_ms(ids, toks[:L], a.iters, True)
+        ms_plain, _ = g._g.verification_ms(ids, toks[:L], a.iters, False)
+        costs[L] = ms
+        print(json.dumps(dict(meta, metric="pass", L=L, ms=round(ms, 3),
+                              ms_no_trace=round(ms_plain, 3),
+                              trace_overhead=round(ms / ms_plain - 1, 3),
+                              over_one_step=round(ms / step, 2),
+                              keep_state_ms=round(keep, 4),
+                              keep_over_pass=round(keep / ms, 4))), flush=True)
+    # Expected tokens per pass with k guesses kept independently with probability r:
+    # (1 - r^(k+1)) / (1 - r); the pass costs costs[k + 1] (k = --k-lookup), a plain step `step`.
+    k = a.k_lookup
+    for r in (0.5, 0.6, 0.7, 0.8, 0.9):
+        tpp = (1 - r ** (k + 1)) / (1 - r)
+        print(json.dumps(dict(meta, metric="implied_speedup", k=k, acceptance=r,
+                              tokens_per_pass=round(tpp, 2),
+                              speedup=round(tpp * step / costs[k + 1], 2))), flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="mambart-demo")
@@ -84,15 +115,42 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--k-lookup", type=int, default=8)
+    ap.add_argument("--k-lookup", type=int, default=7)
     ap.add_argument("--k-draft", type=int, default=4)
     ap.add_argument("--tasks", default="edit,code,random")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shape", default=None, metavar="NAME",
+                    help="the target is random weights at this tools/bench.py shape (e.g. "
+                         "mamba-130m), stored in --dtype; text prompts use the demo tokenizer. "
+                         "Random weights decode into loops, which prompt lookup then guesses: "
+                         "the acceptance rate is reported with the speed")
+    ap.add_argument("--pass-cost", action="store_true",
+                    help="instead: the time of one verification pass of L = 1 .. k + 1 tokens "
+                         "(median of --iters, with the per-token states written and without), "
+                         "the cost of keeping a state, and the speed-up they imply at "
+                         "acceptance rates 0.5 .. 0.9 (k = --k-lookup)")
+    ap.add_argument("--iters", type=int, default=20)
     a = ap.parse_args(argv)
 
-    g = mambart.Generator(a.model, device=a.device, dtype=a.dtype)
+    tmp = None
+    if a.shape:
+        import tempfile
+
+        sys.path.insert(0, str(Path(__file__).parent))
+        import bench
+
+        tmp = tempfile.TemporaryDirectory()
+        bench.write_random_model(Path(tmp.name) / a.shape, bench.model_config(a.shape, a.dtype))
+        demo = mambart.Generator("mambart-demo")
+        g = mambart.Generator(str(Path(tmp.name) / a.shape), device=a.device,
+                              tokenizer=demo.tokenizer)
+        a.model = f"random {a.shape}"
+    else:
+        g = mambart.Generator(a.model, device=a.device, dtype=a.dtype)
     d = mambart.Generator(a.draft, device=a.device, dtype=a.dtype) if a.draft else None
     prompts = _prompts(g, a.seed)
+    if a.pass_cost:
+        return _pass_cost(g, prompts, a)
     variants = [("plain", lambda ids: _plain(g, ids, a.tokens)),
                 ("lookup", lambda ids: _spec(g, ids, a.tokens, "prompt_lookup", a.k_lookup)),
                 ("lookup_recompute", lambda ids: _spec(g, ids, a.tokens, "prompt_lookup",
@@ -101,20 +159,25 @@ def main(argv=None) -> int:
         variants.append(("draft", lambda ids: _spec(g, ids, a.tokens, "draft", a.k_draft, d)))
     meta = dict(git_sha=_git_sha(), device=g.device, cpu=platform.processor() or platform.machine(),
                 model=a.model, draft=a.draft, dtype=g.dtype, batch=1, gen_len=a.tokens)
-    rows = []
     for task in a.tasks.split(","):
         p = prompts[task]
         ids = g.tokenizer.encode(p).ids if isinstance(p, str) else p
-        base_tps, base_tokens = None, None
-        for name, fn in variants:
+        for _, fn in variants:
             fn(ids)  # warm-up
-            tps, stats = [], None
-            for _ in range(a.repeat):
+        # Variants interleaved within each repetition, so that load from elsewhere on the
+        # machine hits all of them alike; the median of the repetitions is reported.
+        tps = {name: [] for name, _ in variants}
+        last = {}
+        for _ in range(a.repeat):
+            for name, fn in variants:
                 toks, ms, stats = fn(ids)
-                tps.append((len(toks) - 1) / (ms / 1e3))
-            tps_med = statistics.median(tps)
-            if name == "plain":
-                base_tps, base_tokens = tps_med, toks
+                tps[name].append((len(toks) - 1) / (ms / 1e3))
+                last[name] = (toks, stats)
+        base_tps = statistics.median(tps["plain"])
+        base_tokens = last["plain"][0]
+        for name, _ in variants:
+            toks, stats = last[name]
+            tps_med = statistics.median(tps[name])
             row = dict(meta, task=task, variant=name, prompt_len=len(ids),
                        decode_tok_s=round(tps_med, 1),
                        speedup=round(tps_med / base_tps, 2),
@@ -128,7 +191,6 @@ def main(argv=None) -> int:
                            propose_ms=round(stats["propose_ms"], 1),
                            verify_ms=round(stats["verify_ms"], 1))
             print(json.dumps(row), flush=True)
-            rows.append(row)
             if not row["identical"]:
                 print(f"error: {task}/{name}: tokens differ from plain greedy", file=sys.stderr)
                 return 1

@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--draft", default=None, metavar="MODEL",
                     help="guess the next tokens with this smaller model (same tokenizer)")
     sp.add_argument("--spec-k", type=int, default=None, metavar="N",
-                    help="tokens guessed per pass (default 8 for --prompt-lookup, 4 for --draft)")
+                    help="tokens guessed per pass (default 7 for --prompt-lookup, 4 for --draft)")
 
     ch = sub.add_parser("chat", help="an interactive session that keeps the model's state",
                         description="Chat with MODEL: each line you type is a turn, rendered "

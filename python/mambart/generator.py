@@ -294,7 +294,7 @@ class Generator(SequenceAPI):
         Every row is a request of the generator's engine: rows and concurrent calls from other
         threads share decode steps.
         speculative: speculative decoding (docs/speculative.md), one prompt after the other
-        outside the engine: dict(method="prompt_lookup", k=8[, ngram_max=3, ngram_min=1]) or
+        outside the engine: dict(method="prompt_lookup", k=7[, ngram_max=3, ngram_min=1]) or
         dict(draft=<Generator or model name/path with the same tokenizer>, k=4). Greedy
         output equals plain decoding's; sampled output follows the same distribution (other
         tokens for a seed). result.speculative holds the acceptance counts. Not combined with
@@ -372,7 +372,7 @@ class Generator(SequenceAPI):
             raise ValueError(f"speculative['method'] must be 'prompt_lookup' or 'draft', got "
                              f"{_args.show(method)}")
         max_k = int(_C.SPECULATIVE_MAX_K)
-        k = _args.integer("speculative['k']", spec.get("k", 8 if method == "prompt_lookup" else 4),
+        k = _args.integer("speculative['k']", spec.get("k", 7 if method == "prompt_lookup" else 4),
                           1, max_k)
         ngram_max = _args.integer("speculative['ngram_max']", spec.get("ngram_max", 3), 1, 64)
         ngram_min = _args.integer("speculative['ngram_min']", spec.get("ngram_min", 1), 1,
