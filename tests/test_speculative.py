@@ -13,7 +13,6 @@ Tests marked `cuda` run the same on the GPU backend.
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
