@@ -12,7 +12,7 @@ import numpy as np
 
 from . import _C
 from . import _args  # issue 23: every public argument checked in one place
-from .sequences import SequenceAPI  # issue 7: states, prompt cache, scoring
+from .sequences import ScoreResult, SequenceAPI  # issue 7: states, prompt cache, scoring
 from .state import SequenceState
 
 Prompt = Union[str, Sequence[int]]
