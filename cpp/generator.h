@@ -308,6 +308,12 @@ class Generator {
     std::shared_ptr<PrefixCache> prompt_cache_;  // (engine_mu_) given to the engine
     mutable std::once_flag fingerprint_once_;
     mutable std::string fingerprint_;
+    // Speculative decoding (issue 25): its states, kept between calls so that the graphs
+    // recorded for its forwards (keyed by their buffers) replay in later calls. Slot 0: the
+    // sequence (1 row), 1: the trace (k + 1 rows), 2: the sequence as a draft, 3: the draft's
+    // per-step copies (k rows). Under compute_mu_.
+    State& speculative_state(size_t slot, int64_t rows);
+    std::unique_ptr<State> spec_states_[4];
     std::unique_ptr<Engine> engine_;           // declared last: stopped before the model goes
 };
 

@@ -156,6 +156,9 @@ class Model {
  public:
     // The staging buffer for ids (device): callers copy ids here and pass it to forward.
     int32_t* ids_buffer() const { return ids_; }
+    // The logits forward writes (device; what it returns), for callers that replay a recorded
+    // forward (Backend::run_graph) and so do not get its return value.
+    const float* logits_buffer() const { return logits_; }
 
     // Decode fast path (backends with supports_graphs(), i.e. CUDA): one token for each of
     // rows [0, B) of `state`, fed from the B ids in ids_buffer(); the forward and the device

@@ -76,7 +76,42 @@ void lookup_proposals(const std::vector<int32_t>& h, const SpeculativeOptions& o
     }
 }
 
+inline uint64_t mix_key(uint64_t h, uint64_t v) {
+    h ^= v + 0x9E3779B97F4A7C15ull + (h << 6) + (h >> 2);
+    return h;
+}
+
+// Model::forward of L tokens (from ids_buffer) of row 0 of `st`; on graph backends one graph
+// replay, recorded once per (L, mode, buffers) (MAMBART_CUDA_GRAPHS=0: eager). Returns the
+// logits (device).
+const float* forward_replayed(Model& m, State& st, int64_t L, LogitsMode mode, State* trace) {
+    Backend& be = m.backend();
+    if (!be.supports_graphs()) return m.forward(st, 0, 1, L, m.ids_buffer(), mode, trace);
+    if (trace && trace->batch() < L)  // checked here: a replay skips forward's checks
+        throw InvalidArgument(str_cat("speculative: the trace holds ", trace->batch(),
+                                      " rows, ", L, " needed"));
+    uint64_t key = 0x5BEC0DE5BEC0DE25ull;
+    for (uint64_t v : {uint64_t(L), uint64_t(mode), uint64_t(st.batch()),
+                       uint64_t(reinterpret_cast<uintptr_t>(st.base())),
+                       uint64_t(trace ? trace->batch() : 0),
+                       uint64_t(reinterpret_cast<uintptr_t>(trace ? trace->base() : nullptr)),
+                       uint64_t(reinterpret_cast<uintptr_t>(m.ids_buffer())),
+                       uint64_t(reinterpret_cast<uintptr_t>(m.logits_buffer()))})
+        key = mix_key(key, v);
+    be.run_graph(key, [&] { m.forward(st, 0, 1, L, m.ids_buffer(), mode, trace); });
+    return m.logits_buffer();
+}
+
 }  // namespace
+
+State& Generator::speculative_state(size_t slot, int64_t rows) {
+    std::unique_ptr<State>& s = spec_states_[slot];
+    if (!s || s->batch() != rows) {
+        s.reset();  // free first: the old one's memory may serve the new one
+        s = std::make_unique<State>(config(), model_->backend(), rows);
+    }
+    return *s;
+}
 
 GenerationResult Generator::generate_speculative(const std::vector<int32_t>& prompt,
                                                  const GenerationOptions& opt,
@@ -132,15 +167,18 @@ GenerationResult Generator::generate_speculative(const std::vector<int32_t>& pro
     GenerationResult res;
     res.prompt_tokens = res.prefill_tokens = int64_t(prompt.size());
     const auto t_prefill = Clock::now();
-    State state(config(), be, 1);    // the target's sequence
-    State trace(config(), be, spec.recompute ? 1 : K + 1);  // row t: after token t of a
-                                                            // verification (recompute: a backup)
+    // Reserve first: growing the workspace drops recorded graphs.
+    m.reserve(std::max<int64_t>(K + 1, std::min<int64_t>(m.prefill_chunk(), int64_t(prompt.size()))),
+              std::max<int64_t>(K + 1, Model::kLogitsRows));
+    State& state = speculative_state(0, 1);  // the target's sequence
+    // row t: the state after token t of a verification (recompute: a backup of the state)
+    State& trace = speculative_state(1, spec.recompute ? 1 : K + 1);
     std::vector<float> logits(size_t((K + 1) * V));  // (K + 1, V) host: the verification's
     prefill_row(state, 0, prompt, logits.data(), nullptr);
-    m.reserve(K + 1, K + 1);
 
     Model* dm = draft ? draft->model_.get() : nullptr;
-    std::unique_ptr<State> dstate, dtrace;  // the draft's sequence; row i: after its step i
+    State* dstate = nullptr;  // the draft's sequence
+    State* dtrace = nullptr;  // row i: the draft's state after its step i
     std::vector<int32_t> dpending;          // tokens the draft has yet to feed (1 or 2)
     std::vector<float> q;                   // (K, V) host: the draft's distributions
     std::vector<float> dlogits(size_t(dm ? V : 0));
@@ -148,10 +186,12 @@ GenerationResult Generator::generate_speculative(const std::vector<int32_t>& pro
     dsamp.repetition_penalty = 1.0f;
     Sampler dsampler(V, false);
     if (dm) {
-        dstate = std::make_unique<State>(draft->config(), dm->backend(), 1);
-        dtrace = std::make_unique<State>(draft->config(), dm->backend(), K);
+        dm->reserve(std::max<int64_t>(4, std::min<int64_t>(dm->prefill_chunk(),
+                                                           int64_t(prompt.size()))),
+                    Model::kLogitsRows);  // pending tokens: 1 or 2 (3 at the very end)
+        dstate = &draft->speculative_state(2, 1);
+        dtrace = &draft->speculative_state(3, K);
         draft->prefill_row(*dstate, 0, prompt, nullptr, nullptr);
-        dm->reserve(4, 1);  // pending tokens: 1 or 2 (3 at the very end)
         q.resize(size_t(K * V));
     }
     res.prefill_ms = ms_since(t_prefill);
@@ -212,7 +252,7 @@ GenerationResult Generator::generate_speculative(const std::vector<int32_t>& pro
                 const int64_t L = i == 0 ? int64_t(dpending.size()) : 1;
                 const int32_t* src = i == 0 ? dpending.data() : &prop.back();
                 dbe.copy_to_device(dm->ids_buffer(), src, size_t(L) * sizeof(int32_t));
-                const float* lg = dm->forward(*dstate, 0, 1, L, dm->ids_buffer(), LogitsMode::Last);
+                const float* lg = forward_replayed(*dm, *dstate, L, LogitsMode::Last, nullptr);
                 dbe.copy_to_host(dlogits.data(), lg, size_t(V) * sizeof(float));
                 ++S.draft_forwards;
                 if (i + 1 < k) dtrace->copy_row_from(*dstate, 0, i);  // after step i
@@ -230,8 +270,8 @@ GenerationResult Generator::generate_speculative(const std::vector<int32_t>& pro
         ids.insert(ids.end(), prop.begin(), prop.end());
         be.copy_to_device(m.ids_buffer(), ids.data(), ids.size() * sizeof(int32_t));
         if (spec.recompute && n > 0) trace.copy_row_from(state, 0, 0);  // the state before
-        const float* lg = m.forward(state, 0, 1, n + 1, m.ids_buffer(), LogitsMode::All,
-                                    n > 0 && !spec.recompute ? &trace : nullptr);
+        const float* lg = forward_replayed(m, state, n + 1, LogitsMode::All,
+                                           n > 0 && !spec.recompute ? &trace : nullptr);
         be.copy_to_host(logits.data(), lg, size_t((n + 1) * V) * sizeof(float));
         S.verify_ms += ms_since(t_ver);
         ++S.verifications;
@@ -274,7 +314,7 @@ GenerationResult Generator::generate_speculative(const std::vector<int32_t>& pro
         } else if (a < n) {  // restore, then run [last | the kept guesses] again
             state.copy_row_from(trace, 0, 0);
             be.copy_to_device(m.ids_buffer(), ids.data(), size_t(a + 1) * sizeof(int32_t));
-            m.forward(state, 0, 1, a + 1, m.ids_buffer(), LogitsMode::None);
+            forward_replayed(m, state, a + 1, LogitsMode::None, nullptr);
         }
         if (dm) {
             // The draft fed [pending | guesses 0..k-2]; its state after step a has fed
