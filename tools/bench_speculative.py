@@ -19,6 +19,8 @@ k = --k-draft).
       [--device cpu] [--dtype float32] [--tokens 256] [--repeat 3] [--tasks edit,code,random]
   python tools/bench_speculative.py --shape mamba-130m --dtype bfloat16 --draft '' \
       --tasks random,code
+  python tools/bench_speculative.py --pass-cost --device cuda --shape mamba-2.8b \
+      --dtype bfloat16 --draft '' --draft-shape mamba-130m
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from pathlib import Path
 import numpy as np
 
 import mambart
+
+sys.path.insert(0, str(Path(__file__).parent))  # tools/bench.py: shapes, random weights
 
 
 def _git_sha() -> str:
@@ -104,6 +108,29 @@ def _pass_cost(g, prompts, a) -> int:
         print(json.dumps(dict(meta, metric="implied_speedup", k=k, acceptance=r,
                               tokens_per_pass=round(tpp, 2),
                               speedup=round(tpp * step / costs[k + 1], 2))), flush=True)
+    if a.draft_shape:
+        import tempfile
+
+        import bench
+
+        with tempfile.TemporaryDirectory() as t:
+            dpath = Path(t) / a.draft_shape
+            bench.write_random_model(dpath, bench.model_config(a.draft_shape, a.dtype))
+            dg = mambart.Generator(str(dpath), device=a.device)
+            kd = a.k_draft
+            if kd + 1 not in costs:
+                costs[kd + 1], _ = g._g.verification_ms(ids, toks[: kd + 1], a.iters, True)
+            dg._g.verification_ms(ids, toks[:1], 2, False)  # warm-up
+            dstep, _ = dg._g.verification_ms(ids, toks[:1], a.iters, False)
+            print(json.dumps(dict(meta, metric="draft_step", draft_shape=a.draft_shape,
+                                  ms=round(dstep, 3), over_target_step=round(dstep / step, 3))),
+                  flush=True)
+            for r in (0.5, 0.6, 0.7, 0.8, 0.9):
+                tpp = (1 - r ** (kd + 1)) / (1 - r)
+                cost = costs[kd + 1] + kd * dstep
+                print(json.dumps(dict(meta, metric="implied_speedup_draft", k=kd, acceptance=r,
+                                      draft_shape=a.draft_shape, tokens_per_pass=round(tpp, 2),
+                                      speedup=round(tpp * step / cost, 2))), flush=True)
     return 0
 
 
@@ -130,13 +157,16 @@ def main(argv=None) -> int:
                          "the cost of keeping a state, and the speed-up they imply at "
                          "acceptance rates 0.5 .. 0.9 (k = --k-lookup)")
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--draft-shape", default=None, metavar="NAME",
+                    help="with --pass-cost: also a random draft at this shape (e.g. mamba-130m): "
+                         "its step time and the speed-up a draft of that cost implies "
+                         "(k = --k-draft)")
     a = ap.parse_args(argv)
 
     tmp = None
     if a.shape:
         import tempfile
 
-        sys.path.insert(0, str(Path(__file__).parent))
         import bench
 
         tmp = tempfile.TemporaryDirectory()
