@@ -266,8 +266,14 @@ void Model::reserve(int64_t rows, int64_t logits_rows) {
     be.reserve_scratch(rows, scratch_cols);
 }
 
+bool Model::supports_state_trace() const {
+    for (const auto& l : layers_)
+        if (!l->supports_state_trace()) return false;
+    return true;
+}
+
 const float* Model::forward(State& st, int64_t row0, int64_t B, int64_t L, const int32_t* ids,
-                            LogitsMode mode, float* logits_out) {
+                            LogitsMode mode, State* trace, float* logits_out) {
     const ModelConfig& c = config_;
     Backend& be = *backend_;
     const int64_t R = B * L, d = c.d_model;
@@ -275,16 +281,31 @@ const float* Model::forward(State& st, int64_t row0, int64_t B, int64_t L, const
     if (R > ws_rows_ || logit_rows > logits_rows_ || row0 < 0 || row0 + B > st.batch())
         throw InvalidArgument(str_cat("Model::forward: ", B, " x ", L,
                                       " rows exceed the reserved workspace or state"));
+    if (trace) {
+        for (const auto& l : layers_)
+            if (!l->supports_state_trace())
+                throw Unsupported(str_cat("speculative decoding: ", l->config().type(),
+                                          " layers cannot keep per-token states yet"));
+        if (trace->batch() < R || trace->slots().size() != st.slots().size())
+            throw InvalidArgument(str_cat("Model::forward: the state trace holds ",
+                                          trace->batch(), " rows, ", B, " x ", L, " needed"));
+    }
 
     be.embedding(ids, R, weights_->embedding, hidden_);
     be.copy_device(residual_, hidden_, size_t(R * d) * sizeof(float));
     float* state_ptrs[kMaxLayerStateTensors];
+    float* trace_ptrs[kMaxLayerStateTensors];
     for (int64_t i = 0; i < c.n_layer; ++i) {
         // Layer 0 norms the embedding itself; later layers add the previous layer output first.
         be.add_norm(residual_, i == 0 ? nullptr : hidden_, block_norm_w_[size_t(i)],
                     block_norm_b_[size_t(i)], c.norm, c.norm_eps, R, d, normed_);
         st.layer_tensors(i, row0, state_ptrs);
-        layers_[size_t(i)]->forward(be, LayerIO{normed_, hidden_, layer_ws_.data(), state_ptrs, B, L});
+        LayerIO io{normed_, hidden_, layer_ws_.data(), state_ptrs, B, L};
+        if (trace) {
+            trace->layer_tensors(i, 0, trace_ptrs);  // rows [0, B * L): (B, L, shape...)
+            io.trace = trace_ptrs;
+        }
+        layers_[size_t(i)]->forward(be, io);
     }
     be.add_norm(residual_, hidden_, weights_->norm_f_w, weights_->norm_f_b, c.norm, c.norm_eps,
                 R, d, normed_);
@@ -364,7 +385,7 @@ const float* Model::decode_launch(State& st, int64_t B, DeviceSampleParams s, co
                        float_bits(s.repetition_penalty), uint64_t(lane)})
         key = mix_key(key, v);
     be.run_graph(key, [&] {
-        forward(st, 0, B, 1, dids, LogitsMode::Last, logits);
+        forward(st, 0, B, 1, dids, LogitsMode::Last, nullptr, logits);
         be.sample(s);
     });
     be.copy_to_host_async(htok_[buf], dids, size_t(B) * sizeof(int32_t));

@@ -96,10 +96,16 @@ class Model {
     // vocab_size), valid until the next call; nullptr for LogitsMode::None.
     // Preconditions: B * L <= max_rows(); logits rows (B for Last, B * L for All) <=
     // max_logits_rows() (see reserve).
+    // trace (speculative verification, issue 25), or nullptr: a State of this model with at
+    // least B * L rows; row b * L + t gets row row0 + b's state after its token t, so a caller
+    // keeps the state after any prefix with State::copy_row_from (no recomputation). Needs
+    // supports_state_trace() (Unsupported naming the layer type otherwise).
     // `logits_out`: where the logits go (nullptr: the workspace's; the engine's decode lane
     // passes its own buffer, so that a prefill in between leaves them alone).
     const float* forward(State& state, int64_t row0, int64_t B, int64_t L, const int32_t* ids,
-                         LogitsMode mode, float* logits_out = nullptr);
+                         LogitsMode mode, State* trace = nullptr, float* logits_out = nullptr);
+    // Whether every layer can write per-token states (forward's trace).
+    bool supports_state_trace() const;
 
     // Grows the scratch workspace to hold `rows` = B * L token rows and `logits_rows` rows of
     // logits (allocation happens here, never inside forward).
@@ -162,6 +168,9 @@ class Model {
  public:
     // The staging buffer for ids (device): callers copy ids here and pass it to forward.
     int32_t* ids_buffer() const { return ids_; }
+    // The logits forward writes (device; what it returns), for callers that replay a recorded
+    // forward (Backend::run_graph) and so do not get its return value.
+    const float* logits_buffer() const { return logits_; }
 
     // Decode fast path (backends with supports_graphs(), i.e. CUDA): one token for each of
     // rows [0, B) of `state`; the forward and the device sampling (`s`: options and `seen`;

@@ -162,6 +162,15 @@ class CpuBackend final : public Backend {
                         }
                     }
                     silu_inplace(o + c0, c1 - c0);
+                    if (p.state_trace) {  // the window after token t: in[t - W + 1 .. t]
+                        float* tr = p.state_trace + (b * L + t) * C * W;  // (C, W) of token t
+                        for (int64_t c = c0; c < c1; ++c)
+                            for (int64_t j = 0; j < W; ++j) {
+                                const int64_t tau = t - (W - 1) + j;
+                                tr[c * W + j] = tau >= 0 ? xb[tau * p.ld_x + c]
+                                                         : state[c * W + (W + tau)];
+                            }
+                    }
                 }
                 // New state: the last W inputs of [history | x].
                 for (int64_t c = c0; c < c1; ++c) {
@@ -216,6 +225,11 @@ class CpuBackend final : public Backend {
                     for (int j0 = 0; j0 < 8; j0 += kVecLanes)
                         scan_step<Vec>(j0, N, h, At, bias, D, dt, x, z, Bt, Ct, y);
                     for (int64_t j = 0; j < ne; ++j) p.y[bt * E + e0 + j] = y[j];
+                    if (p.state_trace) {  // the state after token t: (ne, N) rows at e0
+                        float* tr = p.state_trace + (bt * E + e0) * N;
+                        for (int64_t n = 0; n < N; ++n)
+                            for (int64_t j = 0; j < ne; ++j) tr[j * N + n] = h[n][j];
+                    }
                 }
                 for (int64_t n = 0; n < N; ++n)
                     for (int64_t j = 0; j < ne; ++j) st[j * N + n] = h[n][j];
@@ -244,6 +258,8 @@ class CpuBackend final : public Backend {
                         acc += Ct[n] * hn;
                     }
                     p.y[bt * E + e] = (acc + p.D[e] * u) * cpu::silu1(p.z[bt * p.ld_z + e]);
+                    if (p.state_trace)
+                        std::memcpy(p.state_trace + (bt * E + e) * N, h, size_t(N) * sizeof(float));
                 }
             }
         }
@@ -284,8 +300,10 @@ class CpuBackend final : public Backend {
     }
 
     void ssd_scan(const SsdParams& p) override {
-        if (p.L == 1) {
-            ssd_step(p);
+        // Per-token states (a speculative verification, L = k + 1 small) come from the
+        // recurrent form, which has them anyway; prefill takes the chunked form.
+        if (p.L == 1 || p.state_trace) {
+            ssd_recurrent(p);
         } else {
             ssd_chunked(p);
         }
@@ -633,20 +651,24 @@ class CpuBackend final : public Backend {
         return std::min(std::max(v, p.dt_min), p.dt_max);
     }
 
-    // One token per row: s = s·exp(Δ A) + Δ·x ⊗ B;  y = s·C + D x  (+ gate)
-    void ssd_step(const SsdParams& p) {
-        const int64_t H = p.H, P = p.P, N = p.N, heads_per_group = p.H / p.G;
+    // The recurrent form, token by token (decode steps, and verifications that keep per-token
+    // states): s = s·exp(Δ A) + Δ·x ⊗ B;  y = s·C + D x  (+ gate); with state_trace, s after
+    // each token is copied to its trace row. Threads split the heads.
+    void ssd_recurrent(const SsdParams& p) {
+        const int64_t H = p.H, P = p.P, N = p.N, L = p.L, heads_per_group = p.H / p.G;
         for (int64_t b = 0; b < p.B; ++b) {
-#pragma omp parallel for schedule(static) if (H * P * N > 16384)
+#pragma omp parallel for schedule(static) if (H * P * N * L > 16384)
             for (int64_t h = 0; h < H; ++h) {
+              for (int64_t t = 0; t < L; ++t) {
+                const int64_t bt = b * L + t;  // token row
                 const int64_t g = h / heads_per_group;
-                const float delta = dt_value(p, b, h);
+                const float delta = dt_value(p, bt, h);
                 const float dA = exp_neg(delta * p.A[h]);
-                const float* x = p.x + b * p.ld_xbc + h * P;
-                const float* Bv = p.Bm + b * p.ld_xbc + g * N;
-                const float* Cv = p.Cm + b * p.ld_xbc + g * N;
+                const float* x = p.x + bt * p.ld_xbc + h * P;
+                const float* Bv = p.Bm + bt * p.ld_xbc + g * N;
+                const float* Cv = p.Cm + bt * p.ld_xbc + g * N;
                 float* s = p.ssm_state + (b * H + h) * P * N;
-                float* y = p.y + b * H * P + h * P;
+                float* y = p.y + bt * H * P + h * P;
                 for (int64_t pp = 0; pp < P; ++pp) {
                     const float dx = delta * x[pp];
                     float* sp = s + pp * N;
@@ -660,9 +682,13 @@ class CpuBackend final : public Backend {
                     y[pp] = acc + p.D[h] * x[pp];
                 }
                 if (p.z) {
-                    const float* z = p.z + b * p.ld_z + h * P;
+                    const float* z = p.z + bt * p.ld_z + h * P;
                     for (int64_t pp = 0; pp < P; ++pp) y[pp] *= silu(z[pp]);
                 }
+                if (p.state_trace)
+                    std::memcpy(p.state_trace + (bt * H + h) * P * N, s,
+                                size_t(P * N) * sizeof(float));
+              }
             }
         }
     }

@@ -310,7 +310,9 @@ class CudaBackend final : public Backend {
         const bool lanes = scan_mode_ == ScanMode::Lanes;
         const bool chunked = scan_mode_ == ScanMode::Chunked ||
                              (scan_mode_ == ScanMode::Auto && p.N <= cuda::kCptMaxN);
-        const int64_t T = chunked && p.L >= cuda::kScanChunkedMinL
+        // A trace (speculative verification, issue 25: L = k + 1 small) takes the sequential
+        // form, which has every token's state anyway.
+        const int64_t T = chunked && !p.state_trace && p.L >= cuda::kScanChunkedMinL
                               ? cuda::selective_scan_segment_len(p, lanes)
                               : p.L;  // p.L: the sequential kernel
         if (T >= p.L) {  // decode, short L, or the chunked form not asked for
@@ -324,7 +326,8 @@ class CudaBackend final : public Backend {
 
     void ssd_scan(const SsdParams& p) override {
         dev();
-        if (p.L <= 1 || !ssd_chunked_) {  // decode step: the recurrent form
+        // decode step or a trace (issue 25): the recurrent form
+        if (p.L <= 1 || !ssd_chunked_ || p.state_trace) {
             cuda::launch_ssd_scan(p, stream_);
             return;
         }

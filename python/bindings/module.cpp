@@ -133,6 +133,8 @@ std::vector<float> logits_vector(const py::array_t<float, py::array::c_style | p
 void register_ops(py::module_& parent);
 // python/bindings/states.cpp: state files, the model fingerprint, the prompt cache.
 void register_state_files(py::module_& m);
+// python/bindings/speculative.cpp: speculative decoding (issue 25).
+void register_speculative_api(py::module_& m);
 
 // ---- issue 7: sequence states, per-row options, scoring (registered after the classes above) --
 namespace {
@@ -811,4 +813,5 @@ PYBIND11_MODULE(_C, m) {
     register_state_api(m);  // issue 7
     register_engine_api(m);  // issue 14
     register_state_files(m);  // issue 14: state files, the prompt cache (states.cpp)
+    register_speculative_api(m);  // issue 25 (speculative.cpp)
 }
