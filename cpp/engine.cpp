@@ -722,7 +722,7 @@ bool Engine::device_path() const {
 // with the collected token has then run one more step, whose result is dropped, and its state
 // has moved past the token it ended with.
 bool Engine::can_launch_ahead() const {
-    if (launches_.size() != 1) return false;
+    if (launches_.size() != 1 || !runtime_options().engine_launch_ahead) return false;
     const Launch& L = launches_.back();
     if (L.pool != pool_.get() || int64_t(running_.size()) != L.n) return false;
     if (cache(nullptr)) return false;

@@ -40,6 +40,9 @@ const std::vector<OptionInfo> kTable = {
      "cap on the free device memory a model load or a generation sees (0: none; for tests)"},
     {"device_sampling", "MAMBART_DEVICE_SAMPLING", "bool", "", "1",
      "sample on the device inside the decode graph (0: logits copied to the host)"},
+    {"engine_launch_ahead", "MAMBART_ENGINE_LAUNCH_AHEAD", "bool", "", "1",
+     "the engine enqueues the next device decode before collecting the previous step's tokens "
+     "when its rows did not change (0: each decode is collected before the next is launched)"},
     {"generation_memory_limit", "MAMBART_GENERATION_MEMORY_LIMIT", "bytes", "", "0",
      "bytes of host memory one generation may take (its rows' buffers; on the CPU backend also "
      "its state and workspace); a larger request is refused up front with the estimate (0: the "
@@ -163,6 +166,7 @@ RuntimeOptions runtime_options() {
         else if (n == "cuda_sync") r.cuda_sync = parse_bool(o, v);
         else if (n == "cuda_free_bytes_limit") r.cuda_free_bytes_limit = parse_uint(o, v, UINT64_MAX);
         else if (n == "device_sampling") r.device_sampling = parse_bool(o, v);
+        else if (n == "engine_launch_ahead") r.engine_launch_ahead = parse_bool(o, v);
         else if (n == "generation_memory_limit") r.generation_memory_limit = parse_uint(o, v, UINT64_MAX);
         else if (n == "cpu_portable") r.cpu_portable = parse_bool(o, v);
         else if (n == "cpu_mamba3")

@@ -34,6 +34,8 @@ struct RuntimeOptions {
     uint64_t cuda_free_bytes_limit = 0; // cap on the free device memory a load or generation sees
     // ---- generation ----
     bool device_sampling = true;        // sample on the device in graph decode steps
+    bool engine_launch_ahead = true;    // the engine enqueues the next device decode before
+                                        // collecting the previous one (rows unchanged)
     uint64_t generation_memory_limit = 0;  // bytes of host memory one generation may take
                                            // (0: what is available, host_memory_available())
     // ---- CPU backend and loading ----

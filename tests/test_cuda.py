@@ -1054,6 +1054,17 @@ def test_engine_launch_ahead_equals_plain_steps_cuda(model_dirs, name):
     p2 = g.generate(prompts, return_state=True, **kw_stop)
     for a, p in zip(a2, p2):
         assert a.token_ids == p.token_ids and a.finish_reason == p.finish_reason
+    # The switch (option engine_launch_ahead): off, no decode runs ahead and nothing changes.
+    import mambart
+
+    mambart.set_options(engine_launch_ahead=False)
+    try:
+        s2 = g.engine_stats()["steps_ahead"]
+        off = g.generate(prompts, **kw)
+        assert g.engine_stats()["steps_ahead"] == s2
+    finally:
+        mambart.set_options(engine_launch_ahead=None)
+    assert [o.token_ids for o in off] == [a.token_ids for a in ahead]
     for i in (0, 2, 5):  # a per-row seed makes a row equal its single run
         one = g.generate(prompts[i], max_new_tokens=kw["max_new_tokens"][i], temperature=0.9,
                          top_p=0.95, seed=kw["seed"][i], ignore_eos=True)
