@@ -47,6 +47,9 @@ const std::vector<OptionInfo> kTable = {
     {"cpu_portable", "MAMBART_CPU_PORTABLE", "bool", "", "0",
      "the generic CPU projections even where AVX2 (x86-64) or NEON (aarch64) kernels run; read "
      "once"},
+    {"cpu_threads", "MAMBART_CPU_THREADS", "int", "", "0",
+     "threads of a CPU backend, the caller's included (0: the cores this process may run on, its "
+     "CPU affinity); Generator(threads=N) and --threads override it for one generator"},
     {"host_memory_limit", "MAMBART_HOST_MEMORY_LIMIT", "bytes", "", "0",
      "bytes of host memory a CPU model load may take (0: the memory available: MemAvailable, "
      "capped by the cgroup's limit and RLIMIT_AS)"},
@@ -84,6 +87,7 @@ uint64_t parse_uint(const OptionInfo& o, const std::string& v, uint64_t max) {
 
 void check(const OptionInfo& o, const std::string& v) {
     if (o.kind == "bool") parse_bool(o, v);
+    else if (o.name == "cpu_threads") parse_uint(o, v, 4096);
     else if (o.kind == "int") {
         if (parse_uint(o, v, 1 << 30) < 1) bad(o, v, "must be >= 1");
     } else if (o.kind == "bytes") parse_uint(o, v, UINT64_MAX);
@@ -161,6 +165,7 @@ RuntimeOptions runtime_options() {
         else if (n == "device_sampling") r.device_sampling = parse_bool(o, v);
         else if (n == "generation_memory_limit") r.generation_memory_limit = parse_uint(o, v, UINT64_MAX);
         else if (n == "cpu_portable") r.cpu_portable = parse_bool(o, v);
+        else if (n == "cpu_threads") r.cpu_threads = int64_t(parse_uint(o, v, 4096));
         else if (n == "host_memory_limit") r.host_memory_limit = parse_uint(o, v, UINT64_MAX);
         else if (n == "cache_dir") r.cache_dir = v;
     }

@@ -37,6 +37,8 @@ struct RuntimeOptions {
                                            // (0: what is available, host_memory_available())
     // ---- CPU backend and loading ----
     bool cpu_portable = false;          // the generic CPU projections even where AVX2 / NEON run
+    int64_t cpu_threads = 0;            // CPU backend threads (0: the cores of this process's
+                                        // CPU affinity); a Generator's threads= wins
     uint64_t host_memory_limit = 0;     // bytes of host memory a CPU load may take (0: what is
                                         // available, host_memory_available())
     // ---- Python package ----

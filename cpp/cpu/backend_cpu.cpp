@@ -1,8 +1,7 @@
-// The CPU backend: the reference implementation of every op, multi-threaded with OpenMP.
+// The CPU backend: the reference implementation of every op, multi-threaded on its own thread
+// pool (cpu/pool.h: each op sets it as the current pool for its duration).
 // Projections go to cpu::linear (cpp/cpu/linear.cpp); the scans are written so that their inner
 // loops (over d_state N or headdim P) vectorize.
-#include <omp.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -12,8 +11,10 @@
 
 #include "backend.h"
 #include "cpu/linear.h"
+#include "cpu/pool.h"
 #include "cpu/vec.h"
 #include "error.h"
+#include "options.h"
 
 namespace mambart {
 namespace {
@@ -31,12 +32,23 @@ typedef cpu::f8 Vec;
 #endif
 constexpr int kVecLanes = sizeof(Vec) / sizeof(float);
 
+// Runs body(begin, end) over [0, n) on the current pool when `parallel`, else in one call (on
+// the pool's terms all the same: flush-to-zero as on its threads).
+template <class F>
+inline void par(bool parallel, int64_t n, F&& body) {
+    cpu::parallel_for(n, parallel ? 1 : std::max<int64_t>(n, 1), std::forward<F>(body));
+}
+
 class CpuBackend final : public Backend {
  public:
+    // threads: the pool's size (>= 1).
+    explicit CpuBackend(int threads) : pool_(std::make_unique<cpu::ThreadPool>(threads)) {}
+
     DeviceKind kind() const override { return DeviceKind::CPU; }
     std::string name() const override {
-        return str_cat("cpu (", omp_get_max_threads(), " threads, ", cpu::linear_kernels(), ")");
+        return str_cat("cpu (", pool_->threads(), " threads, ", cpu::linear_kernels(), ")");
     }
+    int threads() const override { return pool_->threads(); }
 
     void* alloc(size_t bytes, const char* what) override {
         void* p = std::aligned_alloc(64, ((bytes + 63) / 64) * 64 + 64);
@@ -89,38 +101,41 @@ class CpuBackend final : public Backend {
 
     void add_norm(float* residual, const float* hidden, const Param& w, const Param& b,
                   NormKind kind, float eps, int64_t n, int64_t d, float* out) override {
-#pragma omp parallel for if (n > 4)
-        for (int64_t i = 0; i < n; ++i) {
-            float* r = residual + i * d;
-            if (hidden) {
-                const float* h = hidden + i * d;
-                for (int64_t j = 0; j < d; ++j) r[j] += h[j];
+        cpu::PoolScope scope(pool_.get());
+        par(n > 4, n, [&](int64_t i0, int64_t i1) {
+            for (int64_t i = i0; i < i1; ++i) {
+                float* r = residual + i * d;
+                if (hidden) {
+                    const float* h = hidden + i * d;
+                    for (int64_t j = 0; j < d; ++j) r[j] += h[j];
+                }
+                float* o = out + i * d;
+                if (kind == NormKind::RMSNorm) {
+                    double ss = 0.0;
+                    for (int64_t j = 0; j < d; ++j) ss += double(r[j]) * r[j];
+                    const float rstd = 1.0f / std::sqrt(float(ss / d) + eps);
+                    if (w.data)
+                        for (int64_t j = 0; j < d; ++j) o[j] = r[j] * rstd * w.data[j];
+                    else
+                        for (int64_t j = 0; j < d; ++j) o[j] = r[j] * rstd;
+                } else {
+                    double s = 0.0;
+                    for (int64_t j = 0; j < d; ++j) s += r[j];
+                    const float mean = float(s / d);
+                    double ss = 0.0;
+                    for (int64_t j = 0; j < d; ++j) ss += double(r[j] - mean) * (r[j] - mean);
+                    const float rstd = 1.0f / std::sqrt(float(ss / d) + eps);
+                    for (int64_t j = 0; j < d; ++j)
+                        o[j] = (r[j] - mean) * rstd * (w.data ? w.data[j] : 1.0f) +
+                               (b.data ? b.data[j] : 0.0f);
+                }
             }
-            float* o = out + i * d;
-            if (kind == NormKind::RMSNorm) {
-                double ss = 0.0;
-                for (int64_t j = 0; j < d; ++j) ss += double(r[j]) * r[j];
-                const float rstd = 1.0f / std::sqrt(float(ss / d) + eps);
-                if (w.data)
-                    for (int64_t j = 0; j < d; ++j) o[j] = r[j] * rstd * w.data[j];
-                else
-                    for (int64_t j = 0; j < d; ++j) o[j] = r[j] * rstd;
-            } else {
-                double s = 0.0;
-                for (int64_t j = 0; j < d; ++j) s += r[j];
-                const float mean = float(s / d);
-                double ss = 0.0;
-                for (int64_t j = 0; j < d; ++j) ss += double(r[j] - mean) * (r[j] - mean);
-                const float rstd = 1.0f / std::sqrt(float(ss / d) + eps);
-                for (int64_t j = 0; j < d; ++j)
-                    o[j] = (r[j] - mean) * rstd * (w.data ? w.data[j] : 1.0f) +
-                           (b.data ? b.data[j] : 0.0f);
-            }
-        }
+        });
     }
 
     void linear(const float* x, int64_t ldx, int64_t M, const Weight& W, int64_t N,
                 const float* bias, float* y, int64_t ldy) override {
+        cpu::PoolScope scope(pool_.get());
         cpu::linear(x, ldx, M, W.cols, W.data, W.dtype, N, bias, y, ldy);
     }
 
@@ -131,6 +146,7 @@ class CpuBackend final : public Backend {
     static constexpr int64_t kMaxConvW = 64;  // config.cpp bounds d_conv to [1, 64]
 
     void conv1d(const ConvParams& p) override {
+        cpu::PoolScope scope(pool_.get());
         const int64_t C = p.C, W = p.W, L = p.L;
         if (W > kMaxConvW) throw Unsupported(str_cat("conv1d: d_conv = ", W, " > ", kMaxConvW));
         constexpr int64_t kBlock = 64;
@@ -139,39 +155,40 @@ class CpuBackend final : public Backend {
             float* state = p.conv_state + b * C * W;
             const float* xb = p.x + b * L * p.ld_x;
             float* ob = p.out + b * L * C;
-#pragma omp parallel for schedule(static) if (C * L > 4096)
-            for (int64_t blk = 0; blk < nblocks; ++blk) {
-                const int64_t c0 = blk * kBlock, c1 = std::min(C, c0 + kBlock);
-                float wt[kMaxConvW][kBlock];  // (W, block) the block's taps, channel-contiguous
-                for (int64_t k = 0; k < W; ++k)
-                    for (int64_t c = c0; c < c1; ++c) wt[k][c - c0] = p.weight[c * W + k];
-                for (int64_t t = 0; t < L; ++t) {
-                    float* o = ob + t * C;
-                    for (int64_t c = c0; c < c1; ++c) o[c] = p.bias ? p.bias[c] : 0.0f;
-                    for (int64_t k = 0; k < W; ++k) {
-                        const int64_t tau = t - (W - 1) + k;
-                        const float* wk = wt[k] - c0;
-                        if (tau >= 0) {
-                            const float* xr = xb + tau * p.ld_x;
-                            for (int64_t c = c0; c < c1; ++c) o[c] += wk[c] * xr[c];
+            par(C * L > 4096, nblocks, [&](int64_t blk0, int64_t blk1) {
+                for (int64_t blk = blk0; blk < blk1; ++blk) {
+                    const int64_t c0 = blk * kBlock, c1 = std::min(C, c0 + kBlock);
+                    float wt[kMaxConvW][kBlock];  // (W, block) the block's taps, channel-contiguous
+                    for (int64_t k = 0; k < W; ++k)
+                        for (int64_t c = c0; c < c1; ++c) wt[k][c - c0] = p.weight[c * W + k];
+                    for (int64_t t = 0; t < L; ++t) {
+                        float* o = ob + t * C;
+                        for (int64_t c = c0; c < c1; ++c) o[c] = p.bias ? p.bias[c] : 0.0f;
+                        for (int64_t k = 0; k < W; ++k) {
+                            const int64_t tau = t - (W - 1) + k;
+                            const float* wk = wt[k] - c0;
+                            if (tau >= 0) {
+                                const float* xr = xb + tau * p.ld_x;
+                                for (int64_t c = c0; c < c1; ++c) o[c] += wk[c] * xr[c];
+                            } else {
+                                for (int64_t c = c0; c < c1; ++c)
+                                    o[c] += wk[c] * state[c * W + (W + tau)];
+                            }
+                        }
+                        silu_inplace(o + c0, c1 - c0);
+                    }
+                    // New state: the last W inputs of [history | x].
+                    for (int64_t c = c0; c < c1; ++c) {
+                        float* win = state + c * W;
+                        if (L >= W) {
+                            for (int64_t j = 0; j < W; ++j) win[j] = xb[(L - W + j) * p.ld_x + c];
                         } else {
-                            for (int64_t c = c0; c < c1; ++c)
-                                o[c] += wk[c] * state[c * W + (W + tau)];
+                            for (int64_t j = 0; j < W - L; ++j) win[j] = win[j + L];
+                            for (int64_t j = 0; j < L; ++j) win[W - L + j] = xb[j * p.ld_x + c];
                         }
                     }
-                    silu_inplace(o + c0, c1 - c0);
                 }
-                // New state: the last W inputs of [history | x].
-                for (int64_t c = c0; c < c1; ++c) {
-                    float* win = state + c * W;
-                    if (L >= W) {
-                        for (int64_t j = 0; j < W; ++j) win[j] = xb[(L - W + j) * p.ld_x + c];
-                    } else {
-                        for (int64_t j = 0; j < W - L; ++j) win[j] = win[j + L];
-                        for (int64_t j = 0; j < L; ++j) win[W - L + j] = xb[j * p.ld_x + c];
-                    }
-                }
-            }
+            });
         }
     }
 
@@ -183,41 +200,43 @@ class CpuBackend final : public Backend {
     static constexpr int64_t kMaxScanN = 256;  // larger d_state takes the scalar path
 
     void selective_scan(const SelectiveScanParams& p) override {
+        cpu::PoolScope scope(pool_.get());
         if (p.N > kMaxScanN) return selective_scan_scalar(p);
         const int64_t E = p.E, N = p.N, L = p.L;
         const int64_t nblk = (E + 7) / 8;
         for (int64_t b = 0; b < p.B; ++b) {
-#pragma omp parallel for schedule(static) if (nblk * L * N > 8192)
-            for (int64_t blk = 0; blk < nblk; ++blk) {
-                const int64_t e0 = blk * 8, ne = std::min<int64_t>(8, E - e0);
-                alignas(32) float h[kMaxScanN][8];   // (N, 8) state of channels e0..e0+7
-                alignas(32) float At[kMaxScanN][8];  // (N, 8) A of those channels
-                float* st = p.ssm_state + (b * E + e0) * N;  // (ne, N) rows of the state
-                for (int64_t n = 0; n < N; ++n)
-                    for (int64_t j = 0; j < 8; ++j) {
-                        h[n][j] = j < ne ? st[j * N + n] : 0.0f;
-                        At[n][j] = j < ne ? p.A[(e0 + j) * N + n] : 0.0f;
+            par(nblk * L * N > 8192, nblk, [&](int64_t blk0, int64_t blk1) {
+                for (int64_t blk = blk0; blk < blk1; ++blk) {
+                    const int64_t e0 = blk * 8, ne = std::min<int64_t>(8, E - e0);
+                    alignas(32) float h[kMaxScanN][8];   // (N, 8) state of channels e0..e0+7
+                    alignas(32) float At[kMaxScanN][8];  // (N, 8) A of those channels
+                    float* st = p.ssm_state + (b * E + e0) * N;  // (ne, N) rows of the state
+                    for (int64_t n = 0; n < N; ++n)
+                        for (int64_t j = 0; j < 8; ++j) {
+                            h[n][j] = j < ne ? st[j * N + n] : 0.0f;
+                            At[n][j] = j < ne ? p.A[(e0 + j) * N + n] : 0.0f;
+                        }
+                    // The 8 channels' inputs, padded with zeros past ne (the padded lanes compute
+                    // finite values that are never stored).
+                    alignas(32) float bias[8], D[8];
+                    copy_part(bias, p.dt_bias + e0, ne);
+                    copy_part(D, p.D + e0, ne);
+                    for (int64_t t = 0; t < L; ++t) {
+                        const int64_t bt = b * L + t;
+                        alignas(32) float dt[8], x[8], z[8], y[8];
+                        copy_part(dt, p.dt + bt * E + e0, ne);
+                        copy_part(x, p.x + bt * E + e0, ne);
+                        copy_part(z, p.z + bt * p.ld_z + e0, ne);
+                        const float* Bt = p.Bm + bt * p.ld_bc;
+                        const float* Ct = p.Cm + bt * p.ld_bc;
+                        for (int j0 = 0; j0 < 8; j0 += kVecLanes)
+                            scan_step<Vec>(j0, N, h, At, bias, D, dt, x, z, Bt, Ct, y);
+                        for (int64_t j = 0; j < ne; ++j) p.y[bt * E + e0 + j] = y[j];
                     }
-                // The 8 channels' inputs, padded with zeros past ne (the padded lanes compute
-                // finite values that are never stored).
-                alignas(32) float bias[8], D[8];
-                copy_part(bias, p.dt_bias + e0, ne);
-                copy_part(D, p.D + e0, ne);
-                for (int64_t t = 0; t < L; ++t) {
-                    const int64_t bt = b * L + t;
-                    alignas(32) float dt[8], x[8], z[8], y[8];
-                    copy_part(dt, p.dt + bt * E + e0, ne);
-                    copy_part(x, p.x + bt * E + e0, ne);
-                    copy_part(z, p.z + bt * p.ld_z + e0, ne);
-                    const float* Bt = p.Bm + bt * p.ld_bc;
-                    const float* Ct = p.Cm + bt * p.ld_bc;
-                    for (int j0 = 0; j0 < 8; j0 += kVecLanes)
-                        scan_step<Vec>(j0, N, h, At, bias, D, dt, x, z, Bt, Ct, y);
-                    for (int64_t j = 0; j < ne; ++j) p.y[bt * E + e0 + j] = y[j];
+                    for (int64_t n = 0; n < N; ++n)
+                        for (int64_t j = 0; j < ne; ++j) st[j * N + n] = h[n][j];
                 }
-                for (int64_t n = 0; n < N; ++n)
-                    for (int64_t j = 0; j < ne; ++j) st[j * N + n] = h[n][j];
-            }
+            });
         }
     }
 
@@ -225,25 +244,26 @@ class CpuBackend final : public Backend {
     void selective_scan_scalar(const SelectiveScanParams& p) {
         const int64_t E = p.E, N = p.N, L = p.L;
         for (int64_t b = 0; b < p.B; ++b) {
-#pragma omp parallel for schedule(static) if (E * L > 256)
-            for (int64_t e = 0; e < E; ++e) {
-                float* h = p.ssm_state + (b * E + e) * N;
-                const float* A = p.A + e * N;
-                for (int64_t t = 0; t < L; ++t) {
-                    const int64_t bt = b * L + t;
-                    const float delta = cpu::softplus1(p.dt[bt * E + e] + p.dt_bias[e]);
-                    const float u = p.x[bt * E + e];
-                    const float* Bt = p.Bm + bt * p.ld_bc;
-                    const float* Ct = p.Cm + bt * p.ld_bc;
-                    float acc = 0.0f;
-                    for (int64_t n = 0; n < N; ++n) {
-                        const float hn = cpu::exp1(delta * A[n]) * h[n] + delta * u * Bt[n];
-                        h[n] = hn;
-                        acc += Ct[n] * hn;
+            par(E * L > 256, E, [&](int64_t e0, int64_t e1) {
+                for (int64_t e = e0; e < e1; ++e) {
+                    float* h = p.ssm_state + (b * E + e) * N;
+                    const float* A = p.A + e * N;
+                    for (int64_t t = 0; t < L; ++t) {
+                        const int64_t bt = b * L + t;
+                        const float delta = cpu::softplus1(p.dt[bt * E + e] + p.dt_bias[e]);
+                        const float u = p.x[bt * E + e];
+                        const float* Bt = p.Bm + bt * p.ld_bc;
+                        const float* Ct = p.Cm + bt * p.ld_bc;
+                        float acc = 0.0f;
+                        for (int64_t n = 0; n < N; ++n) {
+                            const float hn = cpu::exp1(delta * A[n]) * h[n] + delta * u * Bt[n];
+                            h[n] = hn;
+                            acc += Ct[n] * hn;
+                        }
+                        p.y[bt * E + e] = (acc + p.D[e] * u) * cpu::silu1(p.z[bt * p.ld_z + e]);
                     }
-                    p.y[bt * E + e] = (acc + p.D[e] * u) * cpu::silu1(p.z[bt * p.ld_z + e]);
                 }
-            }
+            });
         }
     }
 
@@ -282,6 +302,7 @@ class CpuBackend final : public Backend {
     }
 
     void ssd_scan(const SsdParams& p) override {
+        cpu::PoolScope scope(pool_.get());
         if (p.L == 1) {
             ssd_step(p);
         } else {
@@ -291,36 +312,40 @@ class CpuBackend final : public Backend {
 
     void gated_rmsnorm(const float* y, const float* z, int64_t ld_z, const float* w, int64_t n,
                        int64_t E, int64_t group_size, float eps, float* out) override {
+        cpu::PoolScope scope(pool_.get());
         const int64_t groups = E / group_size;
-#pragma omp parallel for if (n > 4)
-        for (int64_t i = 0; i < n; ++i) {
-            const float* yi = y + i * E;
-            const float* zi = z + i * ld_z;
-            float* oi = out + i * E;
-            for (int64_t j = 0; j < E; ++j) oi[j] = yi[j] * silu(zi[j]);
-            for (int64_t g = 0; g < groups; ++g) {
-                float* og = oi + g * group_size;
-                double ss = 0.0;
-                for (int64_t j = 0; j < group_size; ++j) ss += double(og[j]) * og[j];
-                const float rstd = 1.0f / std::sqrt(float(ss / group_size) + eps);
-                const float* wg = w + g * group_size;
-                for (int64_t j = 0; j < group_size; ++j) og[j] = og[j] * rstd * wg[j];
+        par(n > 4, n, [&](int64_t i0, int64_t i1) {
+            for (int64_t i = i0; i < i1; ++i) {
+                const float* yi = y + i * E;
+                const float* zi = z + i * ld_z;
+                float* oi = out + i * E;
+                for (int64_t j = 0; j < E; ++j) oi[j] = yi[j] * silu(zi[j]);
+                for (int64_t g = 0; g < groups; ++g) {
+                    float* og = oi + g * group_size;
+                    double ss = 0.0;
+                    for (int64_t j = 0; j < group_size; ++j) ss += double(og[j]) * og[j];
+                    const float rstd = 1.0f / std::sqrt(float(ss / group_size) + eps);
+                    const float* wg = w + g * group_size;
+                    for (int64_t j = 0; j < group_size; ++j) og[j] = og[j] * rstd * wg[j];
+                }
             }
-        }
+        });
     }
 
     // Mamba-3, the recurrent form (op_params.h: Mamba3ScanParams), parallel over (row, head),
     // sequential over tokens. Scratch on the stack (sizes bounded by kM3Max*, checked here).
     static constexpr int64_t kM3MaxN = 256, kM3MaxP = 256, kM3MaxRank = 8;
     void mamba3_scan(const Mamba3ScanParams& p) override {
+        cpu::PoolScope scope(pool_.get());
         MAMBART_CHECK_ARG(p.N >= 2 && p.N <= kM3MaxN && p.P >= 1 && p.P <= kM3MaxP &&
                               p.Rm >= 1 && p.Rm <= kM3MaxRank && p.G >= 1 && p.H % p.G == 0 &&
                               2 * p.S <= p.N,
                           "mamba3_scan: sizes out of range (N=", p.N, " P=", p.P, " Rm=", p.Rm,
                           " G=", p.G, " H=", p.H, " S=", p.S, ")");
         const int64_t BH = p.B * p.H;
-#pragma omp parallel for schedule(static) if (BH > 1 && p.L * p.P * p.N > 4096)
-        for (int64_t bh = 0; bh < BH; ++bh) mamba3_row_head(p, bh / p.H, bh % p.H);
+        par(BH > 1 && p.L * p.P * p.N > 4096, BH, [&](int64_t i0, int64_t i1) {
+            for (int64_t bh = i0; bh < i1; ++bh) mamba3_row_head(p, bh / p.H, bh % p.H);
+        });
     }
 
     static void mamba3_row_head(const Mamba3ScanParams& p, int64_t b, int64_t h) {
@@ -425,6 +450,8 @@ class CpuBackend final : public Backend {
     }
 
  private:
+    std::unique_ptr<cpu::ThreadPool> pool_;  // every op's threads (the caller and its workers)
+
     static float dt_value(const SsdParams& p, int64_t bt, int64_t h) {
         const float v = softplus(p.dt[bt * p.ld_dt + h] + p.dt_bias[h]);
         return std::min(std::max(v, p.dt_min), p.dt_max);
@@ -434,33 +461,34 @@ class CpuBackend final : public Backend {
     void ssd_step(const SsdParams& p) {
         const int64_t H = p.H, P = p.P, N = p.N, heads_per_group = p.H / p.G;
         for (int64_t b = 0; b < p.B; ++b) {
-#pragma omp parallel for schedule(static) if (H * P * N > 16384)
-            for (int64_t h = 0; h < H; ++h) {
-                const int64_t g = h / heads_per_group;
-                const float delta = dt_value(p, b, h);
-                const float dA = exp_neg(delta * p.A[h]);
-                const float* x = p.x + b * p.ld_xbc + h * P;
-                const float* Bv = p.Bm + b * p.ld_xbc + g * N;
-                const float* Cv = p.Cm + b * p.ld_xbc + g * N;
-                float* s = p.ssm_state + (b * H + h) * P * N;
-                float* y = p.y + b * H * P + h * P;
-                for (int64_t pp = 0; pp < P; ++pp) {
-                    const float dx = delta * x[pp];
-                    float* sp = s + pp * N;
-                    float acc = 0.0f;
+            par(H * P * N > 16384, H, [&](int64_t h0, int64_t h1) {
+                for (int64_t h = h0; h < h1; ++h) {
+                    const int64_t g = h / heads_per_group;
+                    const float delta = dt_value(p, b, h);
+                    const float dA = exp_neg(delta * p.A[h]);
+                    const float* x = p.x + b * p.ld_xbc + h * P;
+                    const float* Bv = p.Bm + b * p.ld_xbc + g * N;
+                    const float* Cv = p.Cm + b * p.ld_xbc + g * N;
+                    float* s = p.ssm_state + (b * H + h) * P * N;
+                    float* y = p.y + b * H * P + h * P;
+                    for (int64_t pp = 0; pp < P; ++pp) {
+                        const float dx = delta * x[pp];
+                        float* sp = s + pp * N;
+                        float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
-                    for (int64_t n = 0; n < N; ++n) {
-                        const float v = sp[n] * dA + dx * Bv[n];
-                        sp[n] = v;
-                        acc += v * Cv[n];
+                        for (int64_t n = 0; n < N; ++n) {
+                            const float v = sp[n] * dA + dx * Bv[n];
+                            sp[n] = v;
+                            acc += v * Cv[n];
+                        }
+                        y[pp] = acc + p.D[h] * x[pp];
                     }
-                    y[pp] = acc + p.D[h] * x[pp];
+                    if (p.z) {
+                        const float* z = p.z + b * p.ld_z + h * P;
+                        for (int64_t pp = 0; pp < P; ++pp) y[pp] *= silu(z[pp]);
+                    }
                 }
-                if (p.z) {
-                    const float* z = p.z + b * p.ld_z + h * P;
-                    for (int64_t pp = 0; pp < P; ++pp) y[pp] *= silu(z[pp]);
-                }
-            }
+            });
         }
     }
 
@@ -481,8 +509,7 @@ class CpuBackend final : public Backend {
             for (int64_t c0 = 0; c0 < T; c0 += Q) {
                 const int64_t Lc = std::min(Q, T - c0);
                 auto row = [&](int64_t l) { return (b * T + c0 + l); };  // token row in the batch
-#pragma omp parallel
-                {
+                par(true, H, [&](int64_t h0, int64_t h1) {
                     std::vector<float> Cg(size_t(Lc * N));   // (Lc, N) C of the head's group
                     std::vector<float> Bt(size_t(N * Lc));   // (N, Lc) B of the group, transposed
                     std::vector<float> CB(size_t(Lc * Lc));  // (Lc, Lc) C_l·B_s
@@ -494,8 +521,7 @@ class CpuBackend final : public Backend {
                     std::vector<float> dS(size_t(P * N));    // (P, N) state increment
                     std::vector<float> delta(static_cast<size_t>(Lc)), cum(static_cast<size_t>(Lc));
                     int64_t cur_g = -1;
-#pragma omp for schedule(static)
-                    for (int64_t h = 0; h < H; ++h) {
+                    for (int64_t h = h0; h < h1; ++h) {
                         const int64_t g = h / heads_per_group;
                         if (g != cur_g) {  // the group's B and C (static schedule: heads in order)
                             for (int64_t l = 0; l < Lc; ++l) {
@@ -561,7 +587,7 @@ class CpuBackend final : public Backend {
                         const float total = exp_neg(last);
                         for (int64_t i = 0; i < P * N; ++i) S[i] = S[i] * total + dS[size_t(i)];
                     }
-                }
+                });
             }
         }
     }
@@ -583,6 +609,15 @@ class CpuBackend final : public Backend {
 
 }  // namespace
 
-std::unique_ptr<Backend> make_cpu_backend() { return std::make_unique<CpuBackend>(); }
+std::unique_ptr<Backend> make_cpu_backend(int threads) {
+    if (threads <= 0) threads = int(runtime_options().cpu_threads);
+    if (threads <= 0) {  // OMP_NUM_THREADS, as before the pool (a positive integer), else the cores
+        const char* omp = std::getenv("OMP_NUM_THREADS");
+        char* end = nullptr;
+        const long v = omp ? std::strtol(omp, &end, 10) : 0;
+        threads = omp && *omp && *end == '\0' && v >= 1 && v <= 4096 ? int(v) : cpu::affinity_cores();
+    }
+    return std::make_unique<CpuBackend>(threads);
+}
 
 }  // namespace mambart
