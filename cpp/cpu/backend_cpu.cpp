@@ -500,7 +500,8 @@ class CpuBackend final : public Backend {
     //   y = Y_diag + Y_off + D x (+ z gate)
     // Each of the three sums is a small matrix product and runs through cpu::linear (the packed
     // GEMM) on per-thread scratch: Y_off = C·Sᵀ, Y_diag = M·Xᵀ with M[l,s] the decayed C_l·B_s,
-    // and the state update Xwᵀ·B. Threads split the heads (the GEMMs inside run on one thread).
+    // and the state update Xwᵀ·B. C_l·B_s is computed once per group (threads split its rows),
+    // then threads split the heads (the GEMMs inside run on one thread).
     void ssd_chunked(const SsdParams& p) {
         const int64_t H = p.H, P = p.P, N = p.N, G = p.G, Q = p.chunk_size;
         const int64_t heads_per_group = H / G;
@@ -509,10 +510,27 @@ class CpuBackend final : public Backend {
             for (int64_t c0 = 0; c0 < T; c0 += Q) {
                 const int64_t Lc = std::min(Q, T - c0);
                 auto row = [&](int64_t l) { return (b * T + c0 + l); };  // token row in the batch
+                // Each group's C, B (transposed) and C_l·B_s, once for all its heads.
+                std::vector<float> Cga(size_t(G * Lc * N));   // (G, Lc, N) C of each group
+                std::vector<float> Bta(size_t(G * N * Lc));   // (G, N, Lc) B of each group, transposed
+                std::vector<float> CBa(size_t(G * Lc * Lc));  // (G, Lc, Lc) C_l·B_s, s <= l
+                for (int64_t g = 0; g < G; ++g)
+                    for (int64_t l = 0; l < Lc; ++l) {
+                        const float* Cl = p.Cm + row(l) * p.ld_xbc + g * N;
+                        const float* Bl = p.Bm + row(l) * p.ld_xbc + g * N;
+                        for (int64_t n = 0; n < N; ++n) {
+                            Cga[size_t((g * Lc + l) * N + n)] = Cl[n];
+                            Bta[size_t((g * N + n) * Lc + l)] = Bl[n];
+                        }
+                    }
+                par(true, G * Lc, [&](int64_t r0, int64_t r1) {
+                    for (int64_t r = r0; r < r1; ++r) {
+                        const int64_t g = r / Lc;
+                        ssd_cb(Cga.data() + g * Lc * N, Bta.data() + g * N * Lc, Lc, N,
+                               CBa.data() + g * Lc * Lc, r % Lc);
+                    }
+                });
                 par(true, H, [&](int64_t h0, int64_t h1) {
-                    std::vector<float> Cg(size_t(Lc * N));   // (Lc, N) C of the head's group
-                    std::vector<float> Bt(size_t(N * Lc));   // (N, Lc) B of the group, transposed
-                    std::vector<float> CB(size_t(Lc * Lc));  // (Lc, Lc) C_l·B_s
                     std::vector<float> Mx(size_t(Lc * Lc));  // (Lc, Lc) decayed, masked C_l·B_s Δ_s
                     std::vector<float> Xt(size_t(P * Lc));   // (P, Lc) x of the head, transposed
                     std::vector<float> Xw(size_t(P * Lc));   // (P, Lc) x weighted to the chunk end
@@ -520,22 +538,11 @@ class CpuBackend final : public Backend {
                     std::vector<float> Yd(size_t(Lc * P));   // (Lc, P) M·Xᵀ
                     std::vector<float> dS(size_t(P * N));    // (P, N) state increment
                     std::vector<float> delta(static_cast<size_t>(Lc)), cum(static_cast<size_t>(Lc));
-                    int64_t cur_g = -1;
                     for (int64_t h = h0; h < h1; ++h) {
                         const int64_t g = h / heads_per_group;
-                        if (g != cur_g) {  // the group's B and C (static schedule: heads in order)
-                            for (int64_t l = 0; l < Lc; ++l) {
-                                const float* Cl = p.Cm + row(l) * p.ld_xbc + g * N;
-                                const float* Bl = p.Bm + row(l) * p.ld_xbc + g * N;
-                                for (int64_t n = 0; n < N; ++n) {
-                                    Cg[size_t(l * N + n)] = Cl[n];
-                                    Bt[size_t(n * Lc + l)] = Bl[n];
-                                }
-                            }
-                            std::fill(CB.begin(), CB.end(), 0.0f);
-                            ssd_cb(Cg.data(), Bt.data(), Lc, N, CB.data());
-                            cur_g = g;
-                        }
+                        const float* Cg = Cga.data() + g * Lc * N;  // (Lc, N)
+                        const float* Bt = Bta.data() + g * N * Lc;  // (N, Lc)
+                        const float* CB = CBa.data() + g * Lc * Lc; // (Lc, Lc)
                         float run = 0.0f;
                         for (int64_t l = 0; l < Lc; ++l) {
                             delta[size_t(l)] = dt_value(p, row(l), h);
@@ -553,7 +560,7 @@ class CpuBackend final : public Backend {
                         }
                         for (int64_t l = 0; l < Lc; ++l) {  // 8 columns s at a time
                             float* mrow = Mx.data() + l * Lc;
-                            const float* cbrow = CB.data() + l * Lc;
+                            const float* cbrow = CB + l * Lc;
                             const cpu::f8 cl = cpu::splat(cum[size_t(l)]);
                             int64_t s2 = 0;
                             for (; s2 + 8 <= l + 1; s2 += 8)
@@ -566,7 +573,7 @@ class CpuBackend final : public Backend {
                             for (; s2 < Lc; ++s2) mrow[s2] = 0.0f;
                         }
                         float* S = p.ssm_state + (b * H + h) * P * N;  // (P, N)
-                        cpu::linear(Cg.data(), N, Lc, N, S, DType::F32, P, nullptr, Yo.data(), P);
+                        cpu::linear(Cg, N, Lc, N, S, DType::F32, P, nullptr, Yo.data(), P);
                         cpu::linear(Mx.data(), Lc, Lc, Lc, Xt.data(), DType::F32, P, nullptr,
                                     Yd.data(), P);
                         for (int64_t l = 0; l < Lc; ++l) {
@@ -582,7 +589,7 @@ class CpuBackend final : public Backend {
                             }
                         }
                         // S <- exp(Λ_last) S + Xw · B   (Bt is (N, Lc): W rows = B columns)
-                        cpu::linear(Xw.data(), Lc, P, Lc, Bt.data(), DType::F32, N, nullptr,
+                        cpu::linear(Xw.data(), Lc, P, Lc, Bt, DType::F32, N, nullptr,
                                     dS.data(), N);
                         const float total = exp_neg(last);
                         for (int64_t i = 0; i < P * N; ++i) S[i] = S[i] * total + dS[size_t(i)];
@@ -592,17 +599,17 @@ class CpuBackend final : public Backend {
         }
     }
 
-    // CB[l, s] = Σ_n C[l, n] B[s, n] for s <= l (the causal half), from Cg (Lc, N) and the
-    // transposed Bt (N, Lc).
-    static void ssd_cb(const float* Cg, const float* Bt, int64_t Lc, int64_t N, float* CB) {
-        for (int64_t l = 0; l < Lc; ++l) {
-            float* out = CB + l * Lc;
-            for (int64_t n = 0; n < N; ++n) {
-                const float c = Cg[l * N + n];
-                const float* bn = Bt + n * Lc;
+    // Row l of CB: CB[l, s] = Σ_n C[l, n] B[s, n] for s <= l (the causal half; the rest is
+    // never read), from Cg (Lc, N) and the transposed Bt (N, Lc).
+    static void ssd_cb(const float* Cg, const float* Bt, int64_t Lc, int64_t N, float* CB,
+                       int64_t l) {
+        float* out = CB + l * Lc;
+        for (int64_t s2 = 0; s2 <= l; ++s2) out[s2] = 0.0f;
+        for (int64_t n = 0; n < N; ++n) {
+            const float c = Cg[l * N + n];
+            const float* bn = Bt + n * Lc;
 #pragma omp simd
-                for (int64_t s2 = 0; s2 <= l; ++s2) out[s2] += c * bn[s2];
-            }
+            for (int64_t s2 = 0; s2 <= l; ++s2) out[s2] += c * bn[s2];
         }
     }
 };
