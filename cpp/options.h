@@ -15,6 +15,7 @@ namespace mambart {
 
 enum class CudaSsd { Chunked, Recurrent, Tf32 };
 enum class CudaScan { Auto, Chunked, Sequential, Lanes };
+enum class CpuSsd { Auto, Chunked, Recurrent };
 
 struct RuntimeOptions {
     // ---- CUDA backend (read when a CUDA backend is created) ----
@@ -39,6 +40,7 @@ struct RuntimeOptions {
     bool cpu_portable = false;          // the generic CPU projections even where AVX2 / NEON run
     int64_t cpu_threads = 0;            // CPU backend threads (0: the cores of this process's
                                         // CPU affinity); a Generator's threads= wins
+    CpuSsd cpu_ssd = CpuSsd::Auto;      // Mamba-2 prefill form on the CPU (auto: by shape)
     uint64_t host_memory_limit = 0;     // bytes of host memory a CPU load may take (0: what is
                                         // available, host_memory_available())
     // ---- Python package ----

@@ -116,3 +116,26 @@ def test_caller_floating_point_mode_restored(model_dir):
     g.logits([i % 100 for i in range(1, 300)])
     assert tiny * half != 0.0
     assert np.float32(1e-39) * np.float32(0.5) != 0.0
+
+
+@pytest.mark.parametrize("chunk", [8, 64])
+def test_ssd_forms_agree(tmp_path, chunk):
+    """Mamba-2 prefill on the CPU: the chunked SSD and the recurrent scan (cpu_ssd; auto picks
+    by shape) give the same logits within float32 rounding and the same greedy tokens, for
+    prompts shorter and longer than a chunk."""
+    d = make_model_dir(tmp_path / "m", "mamba2", "float32", seed=5, chunk_size=chunk)
+    rng = np.random.default_rng(2)
+    prompt = [int(t) for t in rng.integers(0, 100, size=150)]
+    out = {}
+    try:
+        for form in ("chunked", "recurrent", "auto"):
+            mambart.set_options(cpu_ssd=form)
+            g = mambart.Generator(d, threads=2)
+            out[form] = (np.asarray(g.logits(prompt)),
+                         g.generate(prompt, max_new_tokens=16, ignore_eos=True).token_ids)
+    finally:
+        mambart.set_options(cpu_ssd=None)
+    ref = out["recurrent"][0]
+    for form in ("chunked", "auto"):
+        np.testing.assert_allclose(out[form][0], ref, rtol=0, atol=2e-4 * np.abs(ref).max())
+        assert out[form][1] == out["recurrent"][1]

@@ -42,7 +42,8 @@ inline void par(bool parallel, int64_t n, F&& body) {
 class CpuBackend final : public Backend {
  public:
     // threads: the pool's size (>= 1).
-    explicit CpuBackend(int threads) : pool_(std::make_unique<cpu::ThreadPool>(threads)) {}
+    explicit CpuBackend(int threads)
+        : pool_(std::make_unique<cpu::ThreadPool>(threads)), ssd_form_(runtime_options().cpu_ssd) {}
 
     DeviceKind kind() const override { return DeviceKind::CPU; }
     std::string name() const override {
@@ -303,11 +304,16 @@ class CpuBackend final : public Backend {
 
     void ssd_scan(const SsdParams& p) override {
         cpu::PoolScope scope(pool_.get());
-        if (p.L == 1) {
-            ssd_step(p);
-        } else {
+        // The recurrent form does 2 P N multiply-adds a token and head, the chunked one
+        // 2 P N + Q P (+ Q N for C·Bᵀ per group): more whenever Q >= N, and its small GEMMs did
+        // not make up for it (issue 22, mamba2-130m shape, 1 and 2 threads: the recurrent form
+        // 8-20% faster at 256 and 2048 tokens). The cpu_ssd option forces either.
+        const bool recurrent = p.L == 1 || ssd_form_ == CpuSsd::Recurrent ||
+                               (ssd_form_ == CpuSsd::Auto && p.chunk_size >= p.N);
+        if (recurrent)
+            ssd_recurrent(p);
+        else
             ssd_chunked(p);
-        }
     }
 
     void gated_rmsnorm(const float* y, const float* z, int64_t ld_z, const float* w, int64_t n,
@@ -451,26 +457,31 @@ class CpuBackend final : public Backend {
 
  private:
     std::unique_ptr<cpu::ThreadPool> pool_;  // every op's threads (the caller and its workers)
+    CpuSsd ssd_form_;                         // the cpu_ssd option when the backend was made
 
     static float dt_value(const SsdParams& p, int64_t bt, int64_t h) {
         const float v = softplus(p.dt[bt * p.ld_dt + h] + p.dt_bias[h]);
         return std::min(std::max(v, p.dt_min), p.dt_max);
     }
 
-    // One token per row: s = s·exp(Δ A) + Δ·x ⊗ B;  y = s·C + D x  (+ gate)
-    void ssd_step(const SsdParams& p) {
-        const int64_t H = p.H, P = p.P, N = p.N, heads_per_group = p.H / p.G;
-        for (int64_t b = 0; b < p.B; ++b) {
-            par(H * P * N > 16384, H, [&](int64_t h0, int64_t h1) {
-                for (int64_t h = h0; h < h1; ++h) {
-                    const int64_t g = h / heads_per_group;
-                    const float delta = dt_value(p, b, h);
+    // The recurrent form, token after token: s = s·exp(Δ A) + Δ·x ⊗ B;  y = s·C + D x  (+ gate).
+    // Threads split the (row, head) pairs; a head's state (P x N) stays in L1 while its tokens
+    // run. Each token does exactly the arithmetic of a decode step (L = 1), so a prompt
+    // prefilled this way leaves the state that decoding it token by token would.
+    void ssd_recurrent(const SsdParams& p) {
+        const int64_t H = p.H, P = p.P, N = p.N, L = p.L, heads_per_group = p.H / p.G;
+        par(p.B * H * P * N * L > 16384, p.B * H, [&](int64_t i0, int64_t i1) {
+            for (int64_t bh = i0; bh < i1; ++bh) {
+                const int64_t b = bh / H, h = bh % H, g = h / heads_per_group;
+                float* s = p.ssm_state + (b * H + h) * P * N;
+                for (int64_t l = 0; l < L; ++l) {
+                    const int64_t row = b * L + l;
+                    const float delta = dt_value(p, row, h);
                     const float dA = exp_neg(delta * p.A[h]);
-                    const float* x = p.x + b * p.ld_xbc + h * P;
-                    const float* Bv = p.Bm + b * p.ld_xbc + g * N;
-                    const float* Cv = p.Cm + b * p.ld_xbc + g * N;
-                    float* s = p.ssm_state + (b * H + h) * P * N;
-                    float* y = p.y + b * H * P + h * P;
+                    const float* x = p.x + row * p.ld_xbc + h * P;
+                    const float* Bv = p.Bm + row * p.ld_xbc + g * N;
+                    const float* Cv = p.Cm + row * p.ld_xbc + g * N;
+                    float* y = p.y + row * H * P + h * P;
                     for (int64_t pp = 0; pp < P; ++pp) {
                         const float dx = delta * x[pp];
                         float* sp = s + pp * N;
@@ -484,12 +495,12 @@ class CpuBackend final : public Backend {
                         y[pp] = acc + p.D[h] * x[pp];
                     }
                     if (p.z) {
-                        const float* z = p.z + b * p.ld_z + h * P;
+                        const float* z = p.z + row * p.ld_z + h * P;
                         for (int64_t pp = 0; pp < P; ++pp) y[pp] *= silu(z[pp]);
                     }
                 }
-            });
-        }
+            }
+        });
     }
 
     // The SSD chunked algorithm (Mamba-2 paper, Listing 1), per row and chunk of Q tokens:
