@@ -11,6 +11,14 @@ void Backend::mamba3_scan(const Mamba3ScanParams&) {
                               " backend yet (they run on device='cpu')"));
 }
 
+void* Backend::alloc_host(size_t bytes, const char* what) {
+    void* p = std::malloc(std::max<size_t>(bytes, 1));
+    if (!p) throw Error(str_cat("out of host memory allocating ", bytes, " bytes for ", what));
+    return p;
+}
+
+void Backend::dealloc_host(void* p) noexcept { std::free(p); }
+
 void Backend::sample(const DeviceSampleParams&) {
     throw Unsupported(str_cat("device-side sampling is not implemented by the ", name(), " backend"));
 }

@@ -45,6 +45,22 @@ class Backend {
     virtual void copy_to_host(void* dst, const void* src, size_t bytes) = 0;
     virtual void copy_device(void* dst, const void* src, size_t bytes) = 0;
     virtual void zero(void* dst, size_t bytes) = 0;
+    // Host memory for asynchronous copies (page-locked where the backend has it, so that a copy
+    // does not wait for the device); free with dealloc_host. Throws OutOfMemory-like Error.
+    virtual void* alloc_host(size_t bytes, const char* what);
+    virtual void dealloc_host(void* p) noexcept;
+    // copy_to_host without waiting: `dst` (from alloc_host on device backends) holds the bytes
+    // once the work enqueued before this call has run, i.e. after wait_marker() of a marker
+    // recorded after it. Synchronous backends copy at once.
+    virtual void copy_to_host_async(void* dst, const void* src, size_t bytes) {
+        copy_to_host(dst, src, bytes);
+    }
+    // A point in the backend's queue (0 on synchronous backends), and a wait for the work
+    // enqueued before it (errors of that work are thrown here). Markers are recycled: a marker
+    // kMaxMarkers or more records old waits for a later point (correct, possibly longer).
+    static constexpr int kMaxMarkers = 16;
+    virtual uint64_t record_marker() { return 0; }
+    virtual void wait_marker(uint64_t marker) { (void)marker; }
     // `rows` blocks of `bytes` each, block k at dst + k * dst_pitch / src + k * src_pitch (one
     // State row across its layers). Device backends do it in one call (cudaMemcpy2DAsync).
     virtual void copy_device_2d(void* dst, size_t dst_pitch, const void* src, size_t src_pitch,

@@ -55,6 +55,7 @@ struct Engine::Slot {
     bool started = false;                  // the prefill row holds the start state / zeros
     int64_t prow = -1;                     // prefill row while prefilling
     int64_t row = -1;                      // decode row while running
+    int inflight = 0;                      // device launches with this row not yet collected
     Sampler sampler;
     std::vector<int32_t> history;          // start tokens + prompt + generated
     std::vector<int32_t> tokens;           // generated
@@ -196,7 +197,7 @@ std::shared_ptr<PrefixCache> Engine::prompt_cache() const {
 std::shared_ptr<PrefixCache> Engine::cache(std::string* key) const {
     std::lock_guard<std::mutex> lk(mu_);
     if (!cache_ || stop_) return nullptr;  // shutting down: nothing more to keep
-    *key = cache_key_;
+    if (key) *key = cache_key_;
     return cache_;
 }
 
@@ -345,7 +346,16 @@ void Engine::loop() {
         }
         step();
     }
-    // Shutting down: everything left is cancelled.
+    // Shutting down: everything left is cancelled (after what is in flight is collected).
+    {
+        std::lock_guard<std::mutex> lock(gen_.compute_mu_);
+        try {
+            drain();
+        } catch (const std::exception&) {
+            launches_.clear();
+            for (auto& s : running_) s->inflight = 0;
+        }
+    }
     std::deque<std::shared_ptr<EngineSequence>> q;
     {
         std::lock_guard<std::mutex> lk(mu_);
@@ -379,32 +389,51 @@ void Engine::step() {
             m.reserve(std::max({opt_.prefill_chunk, pool_->batch(), opt_.prefill_rows}),
                       std::max(pool_->batch(), opt_.prefill_rows));  // a no-op but after others grew it
             admit();
-            // Cancels and timeouts of admitted requests.
-            const auto now = Clock::now();
-            auto check = [&](Slot& s) {
-                const int why = s.seq->stop_reason_.load();
-                if (why != 0)
-                    finish(s, FinishReason(why));
-                else if (s.has_deadline && now >= s.deadline)
-                    finish(s, FinishReason::Timeout);
+            // Cancels and timeouts of admitted requests: check_all(), after the decode in
+            // flight is collected (a row's final state is taken with nothing in flight).
+            const auto check_all = [&] {
+                const auto now = Clock::now();
+                auto check = [&](Slot& s) {
+                    const int why = s.seq->stop_reason_.load();
+                    if (why != 0)
+                        finish(s, FinishReason(why));
+                    else if (s.has_deadline && now >= s.deadline)
+                        finish(s, FinishReason::Timeout);
+                };
+                for (auto& s : prefilling_)
+                    if (s) check(*s);
+                for (auto& s : running_) check(*s);
             };
-            for (auto& s : prefilling_)
-                if (s) check(*s);
-            for (auto& s : running_) check(*s);
-            // The decode of the running rows is enqueued first and the group's prefill behind
-            // it: on a GPU the host launches the prefill's kernels while the decode runs (a
-            // short prompt's prefill is bound by its launches). Rows whose prompt completes here
-            // join the pool after this step's decode (their first token comes from the prefill).
+            // The decode. On the device path every launch is collected one step later: when
+            // the rows did not change since the newest launch, the next one is enqueued first,
+            // feeding the ids that launch sampled in place, and only then are that launch's
+            // tokens collected and handed out (so the device goes on while the host works).
+            // Otherwise the launch in flight is collected, finished rows leave, and the rows
+            // are launched with their ids from the host (or decoded on the host). The group's
+            // prefill is enqueued behind the decode: on a GPU the host launches its kernels
+            // while the decode runs. Rows whose prompt completes here join the pool after
+            // this step's decode (their first token comes from the prefill).
             const auto t_decode = Clock::now();
-            decode_begin();
+            const bool ahead = can_launch_ahead();
+            if (ahead) launch(true);
+            if (launches_.size() > (ahead ? 1u : 0u)) collect_oldest();
+            check_all();
+            compact();
+            if (launches_.empty() && !running_.empty()) {
+                if (device_path())
+                    launch(false);
+                else
+                    decode_host();
+            }
             const auto t_prefill = Clock::now();
             prefill_step();
             const auto t_end = Clock::now();
-            decode_end();
-            decode_ms = ms_between(t_decode, t_prefill) + ms_between(t_end, Clock::now());
+            decode_ms = ms_between(t_decode, t_prefill);
             prefill_ms = ms_between(t_prefill, t_end);
         } catch (const std::exception& e) {
             // A failed forward: the rows' states are unknown, so every admitted request fails.
+            launches_.clear();
+            for (auto& s : running_) s->inflight = 0;
             const std::string msg = str_cat("the engine step failed: ", e.what());
             for (auto& s : prefilling_)
                 if (s) finish(*s, FinishReason::Error, msg);
@@ -423,22 +452,14 @@ void Engine::step() {
             plan_.clear();
             plan_next_ = 0;
         }
-        for (int64_t r = int64_t(running_.size()) - 1; r >= 0; --r) {
-            if (!running_[size_t(r)]->finished) continue;
-            done_.push_back(std::move(running_[size_t(r)]));
-            const int64_t last = int64_t(running_.size()) - 1;
+        compact();
+        // No rows left: what is in flight decoded finished rows only (collected and dropped).
+        if (running_.empty() && !launches_.empty()) {
             try {
-                if (r != last) {
-                    pool_->copy_row_from(*pool_, last, r);
-                    running_[size_t(r)] = std::move(running_[size_t(last)]);
-                    running_[size_t(r)]->row = r;
-                }
-                pool_->reset_row(last);
-            } catch (const std::exception& e) {  // a device failure: fail the rest too
-                for (auto& s : running_)
-                    if (s) finish(*s, FinishReason::Error, e.what());
+                drain();
+            } catch (const std::exception&) {
+                launches_.clear();
             }
-            running_.pop_back();
         }
         std::lock_guard<std::mutex> lk(mu_);
         stats_.tokens_generated += step_tokens_;
@@ -447,10 +468,8 @@ void Engine::step() {
         stats_.prefilling = 0;
         for (const auto& sp : prefilling_) stats_.prefilling += sp ? 1 : 0;
     }
-    // This step's tokens go out now, or, when the next step will launch a device decode, while
-    // that one runs (so the device does not wait for the host's hand-out).
-    if (!deferred_ || running_.empty()) deliver();
-    deferred_ = false;
+    // This step's tokens go out (while a decode launched ahead runs on the device).
+    deliver();
     std::lock_guard<std::mutex> lk(mu_);
     stats_.prefill_ms += prefill_ms;
     stats_.decode_ms += decode_ms;
@@ -684,50 +703,122 @@ void Engine::prompt_done(Slot& s, const float* lg) {
     emit(s, tok, lg);
 }
 
-void Engine::decode_begin() {
-    pending_ = PendingDecode{};
+// Every running row samples alike without a repetition penalty (the device mask of seen ids is
+// per stream, not per slot) and without logprobs (computed from host logits): the device path.
+bool Engine::device_path() const {
+    const Model& m = *gen_.model_;
+    if (running_.empty() || !m.backend().supports_graphs() || !runtime_options().device_sampling)
+        return false;
+    const SamplingOptions& so = running_[0]->req->opt.sampling;
+    if (so.repetition_penalty != 1.0f) return false;
+    for (const auto& s : running_)
+        if (!same_sampling(s->req->opt.sampling, so) || s->req->logprobs >= 0) return false;
+    return true;
+}
+
+// The next decode may be enqueued before the newest launch is collected: the rows are exactly
+// its rows (same pool, same order: none finished, joined or moved), none is being cancelled or
+// timing out, and none needs its final state (keep_states, the prompt cache): a row that ends
+// with the collected token has then run one more step, whose result is dropped, and its state
+// has moved past the token it ended with.
+bool Engine::can_launch_ahead() const {
+    if (launches_.size() != 1) return false;
+    const Launch& L = launches_.back();
+    if (L.pool != pool_.get() || int64_t(running_.size()) != L.n) return false;
+    if (cache(nullptr)) return false;
+    const auto now = Clock::now();
+    for (int64_t r = 0; r < L.n; ++r) {
+        const Slot* s = running_[size_t(r)].get();
+        if (s != L.rows[size_t(r)] || s->finished || s->req->keep_states ||
+            s->seq->stop_reason_.load() != 0 || (s->has_deadline && now >= s->deadline))
+            return false;
+    }
+    return true;
+}
+
+void Engine::launch(bool in_place) {
+    Model& m = *gen_.model_;
     const int64_t n = int64_t(running_.size());
+    int64_t B = 1;  // the bucket: a power of two (capped by the pool) keys the graph
+    while (B < n) B *= 2;
+    B = std::min(B, pool_->batch());
+    Launch L;
+    L.buf = next_buf_;
+    L.n = n;
+    L.B = B;
+    L.pool = pool_.get();
+    L.rows.resize(size_t(n));
+    L.t0 = Clock::now();
+    for (int64_t r = 0; r < B; ++r) {
+        Slot* s = r < n ? running_[size_t(r)].get() : nullptr;
+        if (s) {
+            L.rows[size_t(r)] = s;
+            ++s->inflight;
+        }
+        ids_host_[size_t(r)] = s ? s->last : 0;
+        // The draw of the token this launch samples: the next one after those generated and
+        // those in flight.
+        rng_host_[size_t(3 * r)] = s ? s->req->opt.seed : 0;
+        rng_host_[size_t(3 * r + 1)] = s ? s->stream : 0;
+        rng_host_[size_t(3 * r + 2)] =
+            s ? s->req->opt.rng_counter + uint64_t(s->tokens.size()) + uint64_t(s->inflight - 1)
+              : 0;
+    }
+    const DeviceSampleParams sp = device_sample_params(running_[0]->req->opt.sampling, nullptr);
+    m.decode_launch(*pool_, B, sp, rng_host_.data(), in_place ? nullptr : ids_host_.data(), L.buf);
+    next_buf_ = 3 - next_buf_;
+    launches_.push_back(std::move(L));
+    if (in_place) {
+        std::lock_guard<std::mutex> lk(mu_);
+        ++stats_.steps_ahead;
+    }
+}
+
+void Engine::collect_oldest() {
+    Launch L = std::move(launches_.front());
+    launches_.pop_front();
+    gen_.model_->decode_collect(L.B, L.buf, tok_host_.data());
+    // A token's decode time: since the previous collection (launches overlap), at most since
+    // its launch.
+    const auto now = Clock::now();
+    const double ms = ms_between(std::max(L.t0, last_collect_), now);
+    last_collect_ = now;
     int64_t live = 0;
-    for (const auto& s : running_) live += s->finished ? 0 : 1;
-    if (live == 0) return;
+    for (int64_t r = 0; r < L.n; ++r) {
+        Slot* s = L.rows[size_t(r)];
+        if (!s) continue;  // it left the pool
+        --s->inflight;
+        if (s->finished) continue;
+        ++live;
+        s->decode_ms += ms;
+        const int32_t tok = tok_host_[size_t(r)];
+        if (tok < 0) {
+            finish(*s, FinishReason::Error,
+                   str_cat("the model produced a non-finite logit after ", s->tokens.size(),
+                           " generated tokens"));
+            continue;
+        }
+        emit(*s, tok, nullptr);
+    }
+    std::lock_guard<std::mutex> lk(mu_);
+    ++stats_.steps;
+    stats_.rows_decoded += live;
+    stats_.max_rows = std::max(stats_.max_rows, live);
+}
+
+void Engine::drain() {
+    while (!launches_.empty()) collect_oldest();
+}
+
+void Engine::decode_host() {
     Model& m = *gen_.model_;
     Backend& be = m.backend();
-    pending_.active = true;
-    pending_.n = n;
-    pending_.live = live;
-    pending_.t0 = Clock::now();
-    for (int64_t r = 0; r < n; ++r) ids_host_[size_t(r)] = running_[size_t(r)]->last;
-    // Device sampling (one graph replay) when every row samples alike without a repetition
-    // penalty (the device mask of seen ids is per stream, not per slot).
-    bool device = be.supports_graphs() && runtime_options().device_sampling;
-    const SamplingOptions& so = running_[0]->req->opt.sampling;
-    for (int64_t r = 0; device && r < n; ++r)
-        device = same_sampling(running_[size_t(r)]->req->opt.sampling, so);
-    device = device && so.repetition_penalty == 1.0f;
-    for (int64_t r = 0; device && r < n; ++r)  // logprobs are computed from host logits
-        device = running_[size_t(r)]->req->logprobs < 0;
-    if (device) {
-        int64_t B = 1;  // the bucket: a power of two (capped by the pool) keys the graph
-        while (B < n) B *= 2;
-        B = std::min(B, pool_->batch());
-        for (int64_t r = n; r < B; ++r) ids_host_[size_t(r)] = 0;
-        for (int64_t r = 0; r < B; ++r) {
-            const Slot* s = r < n ? running_[size_t(r)].get() : nullptr;
-            rng_host_[size_t(3 * r)] = s ? s->req->opt.seed : 0;
-            rng_host_[size_t(3 * r + 1)] = s ? s->stream : 0;
-            rng_host_[size_t(3 * r + 2)] =
-                s ? s->req->opt.rng_counter + uint64_t(s->tokens.size()) : 0;
-        }
-        be.copy_to_device(m.ids_buffer(), ids_host_.data(), size_t(B) * sizeof(int32_t));
-        const DeviceSampleParams sp = device_sample_params(so, nullptr);
-        m.decode_launch(*pool_, B, sp, rng_host_.data());
-        pending_.device = true;
-        pending_.B = B;
-        // While the device runs the step: hand out the tokens and endings of the previous
-        // step (held back at its end, see step()).
-        deliver();
-        deferred_ = true;
-        return;
+    const auto t0 = Clock::now();
+    const int64_t n = int64_t(running_.size());
+    int64_t live = 0;
+    for (int64_t r = 0; r < n; ++r) {
+        ids_host_[size_t(r)] = running_[size_t(r)]->last;
+        live += running_[size_t(r)]->finished ? 0 : 1;
     }
     be.copy_to_device(m.ids_buffer(), ids_host_.data(), size_t(n) * sizeof(int32_t));
     const float* lg = m.forward(*pool_, 0, n, 1, m.ids_buffer(), LogitsMode::Last);
@@ -750,35 +841,41 @@ void Engine::decode_begin() {
         const GenerationOptions& o = s.req->opt;
         const int32_t tok = s.sampler.sample(scratch_.data(), o.sampling, o.seed, s.stream,
                                              o.rng_counter + uint64_t(s.tokens.size()));
-        s.decode_ms += ms_between(pending_.t0, Clock::now());
+        s.decode_ms += ms_between(t0, Clock::now());
         emit(s, tok, row);
     }
-}
-
-void Engine::decode_end() {
-    if (!pending_.active) return;
-    if (pending_.device) {
-        gen_.model_->decode_collect(pending_.B, tok_host_.data());
-        const double ms = ms_between(pending_.t0, Clock::now());
-        for (int64_t r = 0; r < pending_.n; ++r) {  // rows that joined since are not in it
-            Slot& s = *running_[size_t(r)];
-            if (s.finished) continue;
-            s.decode_ms += ms;
-            const int32_t tok = tok_host_[size_t(r)];
-            if (tok < 0) {
-                finish(s, FinishReason::Error,
-                       str_cat("the model produced a non-finite logit after ", s.tokens.size(),
-                               " generated tokens"));
-                continue;
-            }
-            emit(s, tok, nullptr);
-        }
-    }
-    pending_.active = false;
     std::lock_guard<std::mutex> lk(mu_);
     ++stats_.steps;
-    stats_.rows_decoded += pending_.live;
-    stats_.max_rows = std::max(stats_.max_rows, pending_.live);
+    stats_.rows_decoded += live;
+    stats_.max_rows = std::max(stats_.max_rows, live);
+}
+
+// Finished rows leave the decode pool: the last running row moves into each hole (highest hole
+// first), and freed rows are zeroed so that padded decode rows (CUDA buckets) compute on a
+// clean state. Launches in flight keep their rows by launch row: a slot that leaves is dropped
+// from them (their device work is ordered before these copies).
+void Engine::compact() {
+    for (int64_t r = int64_t(running_.size()) - 1; r >= 0; --r) {
+        if (!running_[size_t(r)]->finished) continue;
+        Slot* gone = running_[size_t(r)].get();
+        for (Launch& L : launches_)
+            for (Slot*& p : L.rows)
+                if (p == gone) p = nullptr;
+        done_.push_back(std::move(running_[size_t(r)]));
+        const int64_t last = int64_t(running_.size()) - 1;
+        try {
+            if (r != last) {
+                pool_->copy_row_from(*pool_, last, r);
+                running_[size_t(r)] = std::move(running_[size_t(last)]);
+                running_[size_t(r)]->row = r;
+            }
+            pool_->reset_row(last);
+        } catch (const std::exception& e) {  // a device failure: fail the rest too
+            for (auto& s : running_)
+                if (s) finish(*s, FinishReason::Error, e.what());
+        }
+        running_.pop_back();
+    }
 }
 
 // `logits`: the row's host logits this token was sampled from (nullptr on the device-sampling
@@ -837,6 +934,8 @@ void Engine::finish(Slot& s, FinishReason reason, const std::string& error) {
         try {
             if (s.tokens.empty())
                 s.final_state = s.prompt_state;
+            else if (s.row >= 0 && s.inflight > 0)  // can_launch_ahead() rules this out
+                s.error = "could not keep the final state: a decode of this row was in flight";
             else if (s.row >= 0)
                 s.final_state = snapshot(*pool_, s.row, s, nullptr);
             else if (s.prow >= 0 && s.fed == int64_t(s.feed.size()))

@@ -144,6 +144,8 @@ struct EngineStats {
     int64_t steps = 0;            // engine steps that decoded
     int64_t rows_decoded = 0;     // rows over those steps (rows_decoded / steps: mean batch)
     int64_t max_rows = 0;         // the largest decode batch so far
+    int64_t steps_ahead = 0;      // device decodes enqueued before the previous step's tokens
+                                  // were collected (the rows had not changed)
     int64_t prefill_calls = 0;    // prefill forward calls (rows of a group run together)
     int64_t tokens_generated = 0;
     int64_t prompt_tokens = 0;    // prompt tokens prefilled (run through the model)
@@ -193,8 +195,15 @@ class Engine {
     void admit();
     void prefill_step();
     void prompt_done(Slot& s, const float* logits);
-    void decode_begin();  // enqueues the running rows' decode (device) or runs it (host)
-    void decode_end();    // the device decode's tokens; the step's statistics
+    // The decode (see step()): the device path enqueues launches and collects them a step
+    // later; the host path runs at once.
+    bool device_path() const;      // every running row can sample on the device
+    bool can_launch_ahead() const;  // the newest launch's rows, unchanged, none needs its state
+    void launch(bool in_place);    // enqueues the running rows' decode (device path)
+    void collect_oldest();         // the oldest launch's tokens, emitted
+    void drain();                  // collects every launch in flight
+    void decode_host();            // the host path: forward, host sampling, emit
+    void compact();                // finished rows leave the decode pool
     void grow(int64_t slots);
     void finish(Slot& s, FinishReason reason, const std::string& error = "");
     void emit(Slot& s, int32_t token, const float* logits);
@@ -240,12 +249,19 @@ class Engine {
     std::vector<int32_t> tok_host_;    // (slots) sampled ids, device sampling path
     int64_t step_tokens_ = 0;          // tokens emitted this step (into stats_ once per step)
     std::vector<Slot*> touched_;       // slots that got tokens or finished, not yet delivered
-    bool deferred_ = false;            // this step launched a device decode: deliver during the next
-    struct PendingDecode {             // the decode between decode_begin and decode_end
-        bool active = false, device = false;
-        int64_t n = 0, B = 0, live = 0;  // rows running at launch, graph bucket, live rows
+    // Device decodes enqueued and not yet collected (at most two: the engine launches the next
+    // step before collecting the previous one when the rows did not change, so the device never
+    // waits for the host's work on a step's tokens).
+    struct Launch {
+        int buf = 1;                      // Model::decode_launch buffer (1 or 2)
+        int64_t n = 0, B = 0;             // rows running at launch, graph bucket
+        const State* pool = nullptr;      // the pool it decodes
+        std::vector<Slot*> rows;          // (n) the slots by launch row; nullptr once one left
         std::chrono::steady_clock::time_point t0;
-    } pending_;
+    };
+    std::deque<Launch> launches_;
+    int next_buf_ = 1;
+    std::chrono::steady_clock::time_point last_collect_;
     std::vector<std::unique_ptr<Slot>> done_;  // finished this step, delivered then dropped
     std::thread thread_;
 };

@@ -609,9 +609,9 @@ void GenerationStream::decode_on_device(std::vector<std::pair<int64_t, int32_t>>
         rng_host_[size_t(3 * r + 1)] = stream_id_[size_t(r)];
         rng_host_[size_t(3 * r + 2)] = o.rng_counter + uint64_t(results_[size_t(r)].token_ids.size());
     }
-    be.copy_to_device(m.ids_buffer(), last_.data(), size_t(B_) * sizeof(int32_t));
     const DeviceSampleParams sp = device_sample_params(so, seen_dev_);
-    logits_dev_ = m.decode_step(*state_, B_, sp, rng_host_.data(), tokens_host_.data());
+    logits_dev_ = m.decode_step(*state_, B_, sp, rng_host_.data(), last_.data(),
+                                tokens_host_.data());
     logits_stale_ = true;
     const double ms = ms_since(t0);
     for (int64_t r = 0; r < B_; ++r) {

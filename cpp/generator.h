@@ -12,6 +12,7 @@
 
 #include "model.h"
 #include "sampling.h"
+#include "speculative.h"
 #include "state_file.h"
 
 namespace mambart {
@@ -207,6 +208,32 @@ class Generator {
         const std::vector<std::vector<int32_t>>& prompts, const GenerationOptions& opt,
         const std::function<bool(int64_t, int32_t)>& callback = {});
 
+    // ---- issue 25: speculative decoding (speculative.h) ----
+    // One prompt (non-empty) generated with `spec`'s proposer; `draft` is the draft model's
+    // generator (Method::Draft, same vocabulary; may be this generator) or nullptr (prompt
+    // lookup). Greedy output equals generate()'s; sampled output follows the same distribution.
+    // `callback(token)` returning false stops (finish reason Cancelled). Stats into `stats`.
+    // InvalidArgument naming the parameter for bad options; Unsupported when a layer type
+    // cannot keep per-token states.
+    GenerationResult generate_speculative(const std::vector<int32_t>& prompt,
+                                          const GenerationOptions& opt,
+                                          const SpeculativeOptions& spec, Generator* draft,
+                                          SpeculativeStats* stats,
+                                          const std::function<bool(int32_t)>& callback = {});
+
+    // For tests of the per-token states: prefills `prompt` (non-empty), then runs `tokens` in
+    // one traced forward pass; returns the state after each of them (host, per token:
+    // State::row_to_host's form) and their logits into `logits` (tokens.size() x V) if given.
+    std::vector<std::vector<std::vector<float>>> traced_states(
+        const std::vector<int32_t>& prompt, const std::vector<int32_t>& tokens, float* logits);
+
+    // For benchmarks: the median time (ms) of `iters` verification passes of `tokens` (1 to
+    // kMaxK + 1) after `prompt`, each from the same state, with the per-token states written
+    // (trace) or not, the logits copied to the host; and of keeping position L - 2's state
+    // (one State::copy_row_from) in `*rollback_ms` if given.
+    double verification_ms(const std::vector<int32_t>& prompt, const std::vector<int32_t>& tokens,
+                           int64_t iters, bool trace, double* rollback_ms);
+
     // ---- issue 14: the continuous-batching engine (engine.h) ----
     // The engine, started on first use with `opt` (later calls return the running one; options
     // then must be default or equal). Its vocabulary bytes (stop strings) come from
@@ -287,6 +314,12 @@ class Generator {
     std::shared_ptr<PrefixCache> prompt_cache_;  // (engine_mu_) given to the engine
     mutable std::once_flag fingerprint_once_;
     mutable std::string fingerprint_;
+    // Speculative decoding (issue 25): its states, kept between calls so that the graphs
+    // recorded for its forwards (keyed by their buffers) replay in later calls. Slot 0: the
+    // sequence (1 row), 1: the trace (k + 1 rows), 2: the sequence as a draft, 3: the draft's
+    // per-step copies (k rows). Under compute_mu_.
+    State& speculative_state(size_t slot, int64_t rows);
+    std::unique_ptr<State> spec_states_[4];
     std::unique_ptr<Engine> engine_;           // declared last: stopped before the model goes
 };
 

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 #include "error.h"
 #include "layers/registry.h"
@@ -156,22 +157,47 @@ Model::Model(const std::string& dir, std::shared_ptr<Backend> backend, const DTy
     }
 }
 
-Model::~Model() { free_workspace(); }
+Model::~Model() {
+    free_workspace();
+    for (int b = 0; b < kDecodeBufs; ++b)
+        for (void* p : {static_cast<void*>(hids_[b]), static_cast<void*>(hrng_[b]),
+                        static_cast<void*>(htok_[b])})
+            backend_->dealloc_host(p);
+}
 
 void Model::free_workspace() {
-    for (void* p : {static_cast<void*>(ids_), static_cast<void*>(tok_),
+    for (void* p : {static_cast<void*>(ids_), static_cast<void*>(dids_),
                     static_cast<void*>(hidden_), static_cast<void*>(residual_),
-                    static_cast<void*>(normed_),
-                    static_cast<void*>(logits_), static_cast<void*>(rng_)})
+                    static_cast<void*>(normed_), static_cast<void*>(logits_),
+                    static_cast<void*>(dlogits_), static_cast<void*>(rng_)})
         if (p) backend_->dealloc(p);
     for (float* p : layer_ws_)
         if (p) backend_->dealloc(p);
     layer_ws_.clear();
     backend_->clear_graphs();  // recorded graphs use these buffers
     rng_ = nullptr;
-    ids_ = tok_ = nullptr;
-    hidden_ = residual_ = normed_ = logits_ = nullptr;
+    ids_ = dids_ = nullptr;
+    hidden_ = residual_ = normed_ = logits_ = dlogits_ = nullptr;
     ws_rows_ = logits_rows_ = 0;
+}
+
+void Model::reserve_host(int64_t rows) {
+    if (rows <= host_rows_) return;
+    // A launch in flight may still copy into the old buffers: wait for it, keep their contents.
+    backend_->synchronize();
+    for (int b = 0; b < kDecodeBufs; ++b) {
+        auto grow = [&](auto*& p, int64_t per_row, const char* what) {
+            using T = std::remove_reference_t<decltype(*p)>;
+            T* q = static_cast<T*>(backend_->alloc_host(size_t(rows * per_row) * sizeof(T), what));
+            if (p) std::memcpy(q, p, size_t(host_rows_ * per_row) * sizeof(T));
+            backend_->dealloc_host(p);
+            p = q;
+        };
+        grow(hids_[b], 1, "decode ids (host staging)");
+        grow(hrng_[b], 3, "decode draws (host staging)");
+        grow(htok_[b], 1, "sampled ids (host staging)");
+    }
+    host_rows_ = rows;
 }
 
 void Model::workspace_cols(std::vector<int64_t>* layer_cols, int64_t* scratch_cols) const {
@@ -195,8 +221,9 @@ uint64_t Model::workspace_bytes(int64_t rows, int64_t logits_rows) const {
     uint64_t cols = 3 * uint64_t(config_.d_model);  // hidden, residual, normed
     for (int64_t c : layer_cols) cols += uint64_t(c);
     const uint64_t r = uint64_t(std::max<int64_t>(rows, 0));
-    return r * (2 * sizeof(int32_t) + 3 * sizeof(uint64_t) + cols * sizeof(float)) +
-           uint64_t(std::max<int64_t>(logits_rows, 0)) * uint64_t(config_.vocab_size) *
+    // ids_ and the two lanes' dids_; rng_; the activations. Logits: logits_ and dlogits_.
+    return r * (3 * sizeof(int32_t) + 3 * sizeof(uint64_t) + cols * sizeof(float)) +
+           2 * uint64_t(std::max<int64_t>(logits_rows, 0)) * uint64_t(config_.vocab_size) *
                sizeof(float) +
            backend_->scratch_bytes(int64_t(r), scratch_cols);
 }
@@ -205,14 +232,22 @@ void Model::reserve(int64_t rows, int64_t logits_rows) {
     if (rows <= ws_rows_ && logits_rows <= logits_rows_) return;
     rows = std::max(rows, ws_rows_);
     logits_rows = std::max(logits_rows, logits_rows_);
-    free_workspace();
     const ModelConfig& c = config_;
     Backend& be = *backend_;
+    // The lanes' ids survive (a decode fed in place may follow): copied into the new buffer
+    // before the old one is freed (in queue order).
+    int32_t* dids = static_cast<int32_t*>(be.alloc(size_t(2 * rows) * sizeof(int32_t),
+                                                   "decode token ids"));
+    if (dids_)
+        for (int lane = 0; lane < 2; ++lane)
+            be.copy_device(dids + lane * rows, dids_ + lane * ws_rows_,
+                           size_t(ws_rows_) * sizeof(int32_t));
+    free_workspace();
+    dids_ = dids;
     auto buf = [&](int64_t cols, const char* what) {
         return static_cast<float*>(be.alloc(size_t(rows * cols) * sizeof(float), what));
     };
     ids_ = static_cast<int32_t*>(be.alloc(size_t(rows) * sizeof(int32_t), "token ids"));
-    tok_ = static_cast<int32_t*>(be.alloc(size_t(rows) * sizeof(int32_t), "sampled token ids"));
     rng_ = static_cast<uint64_t*>(be.alloc(size_t(rows) * 3 * sizeof(uint64_t), "sampling draws"));
     hidden_ = buf(c.d_model, "hidden activations");
     residual_ = buf(c.d_model, "the residual stream");
@@ -222,14 +257,23 @@ void Model::reserve(int64_t rows, int64_t logits_rows) {
     for (int64_t cols : layer_ws_cols_) layer_ws_.push_back(buf(cols, "layer activations"));
     logits_ = static_cast<float*>(
         be.alloc(size_t(logits_rows * c.vocab_size) * sizeof(float), "logits"));
+    dlogits_ = static_cast<float*>(
+        be.alloc(size_t(logits_rows * c.vocab_size) * sizeof(float), "decode logits"));
     ws_rows_ = rows;
     logits_rows_ = logits_rows;
+    reserve_host(rows);
     // The projections' inputs: at most scratch_cols features per row.
     be.reserve_scratch(rows, scratch_cols);
 }
 
+bool Model::supports_state_trace() const {
+    for (const auto& l : layers_)
+        if (!l->supports_state_trace()) return false;
+    return true;
+}
+
 const float* Model::forward(State& st, int64_t row0, int64_t B, int64_t L, const int32_t* ids,
-                            LogitsMode mode) {
+                            LogitsMode mode, State* trace, float* logits_out) {
     const ModelConfig& c = config_;
     Backend& be = *backend_;
     const int64_t R = B * L, d = c.d_model;
@@ -237,16 +281,31 @@ const float* Model::forward(State& st, int64_t row0, int64_t B, int64_t L, const
     if (R > ws_rows_ || logit_rows > logits_rows_ || row0 < 0 || row0 + B > st.batch())
         throw InvalidArgument(str_cat("Model::forward: ", B, " x ", L,
                                       " rows exceed the reserved workspace or state"));
+    if (trace) {
+        for (const auto& l : layers_)
+            if (!l->supports_state_trace())
+                throw Unsupported(str_cat("speculative decoding: ", l->config().type(),
+                                          " layers cannot keep per-token states yet"));
+        if (trace->batch() < R || trace->slots().size() != st.slots().size())
+            throw InvalidArgument(str_cat("Model::forward: the state trace holds ",
+                                          trace->batch(), " rows, ", B, " x ", L, " needed"));
+    }
 
     be.embedding(ids, R, weights_->embedding, hidden_);
     be.copy_device(residual_, hidden_, size_t(R * d) * sizeof(float));
     float* state_ptrs[kMaxLayerStateTensors];
+    float* trace_ptrs[kMaxLayerStateTensors];
     for (int64_t i = 0; i < c.n_layer; ++i) {
         // Layer 0 norms the embedding itself; later layers add the previous layer output first.
         be.add_norm(residual_, i == 0 ? nullptr : hidden_, block_norm_w_[size_t(i)],
                     block_norm_b_[size_t(i)], c.norm, c.norm_eps, R, d, normed_);
         st.layer_tensors(i, row0, state_ptrs);
-        layers_[size_t(i)]->forward(be, LayerIO{normed_, hidden_, layer_ws_.data(), state_ptrs, B, L});
+        LayerIO io{normed_, hidden_, layer_ws_.data(), state_ptrs, B, L};
+        if (trace) {
+            trace->layer_tensors(i, 0, trace_ptrs);  // rows [0, B * L): (B, L, shape...)
+            io.trace = trace_ptrs;
+        }
+        layers_[size_t(i)]->forward(be, io);
     }
     be.add_norm(residual_, hidden_, weights_->norm_f_w, weights_->norm_f_b, c.norm, c.norm_eps,
                 R, d, normed_);
@@ -259,8 +318,9 @@ const float* Model::forward(State& st, int64_t row0, int64_t B, int64_t L, const
         M = B;
     }
     // Only the first vocab_size rows of the (padded) head: padding rows never get logits.
-    be.linear(x, ldx, M, weights_->lm_head, c.vocab_size, nullptr, logits_, c.vocab_size);
-    return logits_;
+    float* out = logits_out ? logits_out : logits_;
+    be.linear(x, ldx, M, weights_->lm_head, c.vocab_size, nullptr, out, c.vocab_size);
+    return out;
 }
 
 // ---- decode fast path (CUDA graphs + device sampling) --------------------------------------
@@ -278,41 +338,59 @@ inline uint64_t float_bits(float f) {
 }  // namespace
 
 const float* Model::decode_step(State& st, int64_t B, DeviceSampleParams s, const uint64_t* rng,
-                                int32_t* tokens) {
-    const float* lg = decode_launch(st, B, s, rng);
-    decode_collect(B, tokens);
+                                const int32_t* ids, int32_t* tokens) {
+    const float* lg = decode_launch(st, B, s, rng, ids, 0);
+    decode_collect(B, 0, tokens);
     return lg;
 }
 
-void Model::decode_collect(int64_t B, int32_t* tokens) {
-    backend_->copy_to_host(tokens, tok_, size_t(B) * sizeof(int32_t));
+void Model::decode_collect(int64_t B, int buf, int32_t* tokens) {
+    if (buf < 0 || buf >= kDecodeBufs || B < 1 || B > host_rows_)
+        throw InvalidArgument(str_cat("Model::decode_collect: buffer ", buf, ", batch ", B));
+    backend_->wait_marker(marks_[buf]);
+    std::memcpy(tokens, htok_[buf], size_t(B) * sizeof(int32_t));
 }
 
-const float* Model::decode_launch(State& st, int64_t B, DeviceSampleParams s, const uint64_t* rng) {
+const float* Model::decode_launch(State& st, int64_t B, DeviceSampleParams s, const uint64_t* rng,
+                                  const int32_t* ids, int buf) {
     Backend& be = *backend_;
     const int64_t V = config_.vocab_size;
-    if (B < 1 || B > ws_rows_ || B > logits_rows_ || B > st.batch())
-        throw InvalidArgument(str_cat("Model::decode_step: batch ", B,
+    if (B < 1 || B > ws_rows_ || B > logits_rows_ || B > st.batch() || B > host_rows_)
+        throw InvalidArgument(str_cat("Model::decode_launch: batch ", B,
                                       " exceeds the reserved workspace or state"));
-    be.copy_to_device(rng_, rng, size_t(B) * 3 * sizeof(uint64_t));
-    s.logits = logits_;
+    if (buf < 0 || buf >= kDecodeBufs)
+        throw InvalidArgument(str_cat("Model::decode_launch: buffer ", buf, " is not 0, 1 or 2"));
+    const int lane = buf == 0 ? 0 : 1;
+    int32_t* dids = dids_ + lane * ws_rows_;
+    float* logits = lane == 0 ? logits_ : dlogits_;
+    // The staging buffer was last read by the copies before this buffer's previous marker: wait
+    // for it (a no-op when that launch was collected).
+    be.wait_marker(marks_[buf]);
+    std::memcpy(hrng_[buf], rng, size_t(B) * 3 * sizeof(uint64_t));
+    be.copy_to_device(rng_, hrng_[buf], size_t(B) * 3 * sizeof(uint64_t));
+    if (ids) {
+        std::memcpy(hids_[buf], ids, size_t(B) * sizeof(int32_t));
+        be.copy_to_device(dids, hids_[buf], size_t(B) * sizeof(int32_t));
+    }
+    s.logits = logits;
     s.ld = V;
     s.B = B;
     s.V = V;
     s.rng = rng_;
-    s.out = ids_;
+    s.out = dids;
     uint64_t key = 0;
     for (uint64_t v : {uint64_t(B), uint64_t(reinterpret_cast<uintptr_t>(st.base())),
                        uint64_t(reinterpret_cast<uintptr_t>(s.seen)), float_bits(s.temperature),
                        uint64_t(s.top_k), float_bits(s.top_p), float_bits(s.min_p),
-                       float_bits(s.repetition_penalty)})
+                       float_bits(s.repetition_penalty), uint64_t(lane)})
         key = mix_key(key, v);
     be.run_graph(key, [&] {
-        forward(st, 0, B, 1, ids_, LogitsMode::Last);
+        forward(st, 0, B, 1, dids, LogitsMode::Last, nullptr, logits);
         be.sample(s);
     });
-    be.copy_device(tok_, ids_, size_t(B) * sizeof(int32_t));
-    return logits_;
+    be.copy_to_host_async(htok_[buf], dids, size_t(B) * sizeof(int32_t));
+    marks_[buf] = be.record_marker();
+    return logits;
 }
 
 }  // namespace mambart

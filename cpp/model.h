@@ -96,8 +96,16 @@ class Model {
     // vocab_size), valid until the next call; nullptr for LogitsMode::None.
     // Preconditions: B * L <= max_rows(); logits rows (B for Last, B * L for All) <=
     // max_logits_rows() (see reserve).
+    // trace (speculative verification, issue 25), or nullptr: a State of this model with at
+    // least B * L rows; row b * L + t gets row row0 + b's state after its token t, so a caller
+    // keeps the state after any prefix with State::copy_row_from (no recomputation). Needs
+    // supports_state_trace() (Unsupported naming the layer type otherwise).
+    // `logits_out`: where the logits go (nullptr: the workspace's; the engine's decode lane
+    // passes its own buffer, so that a prefill in between leaves them alone).
     const float* forward(State& state, int64_t row0, int64_t B, int64_t L, const int32_t* ids,
-                         LogitsMode mode);
+                         LogitsMode mode, State* trace = nullptr, float* logits_out = nullptr);
+    // Whether every layer can write per-token states (forward's trace).
+    bool supports_state_trace() const;
 
     // Grows the scratch workspace to hold `rows` = B * L token rows and `logits_rows` rows of
     // logits (allocation happens here, never inside forward).
@@ -135,8 +143,9 @@ class Model {
     // Workspace (device), rows = ws_rows_ token rows:
     int64_t ws_rows_ = 0;
     int32_t* ids_ = nullptr;      // (rows)        token ids staged for forward
-    int32_t* tok_ = nullptr;      // (rows)        decode_launch: the sampled ids, kept for
-                                  //               decode_collect while later forwards reuse ids_
+    int32_t* dids_ = nullptr;     // (2, rows)     decode lanes' ids: fed, then overwritten by the
+                                  //               sampled ids (lane 0: decode_step; 1: the engine)
+    float* dlogits_ = nullptr;    // (logits_rows, V) lane 1's logits (lane 0 uses logits_)
     float* hidden_ = nullptr;     // (rows, d)     layer output / embedding
     float* residual_ = nullptr;   // (rows, d)     residual stream (fp32)
     float* normed_ = nullptr;     // (rows, d)     normed input of the layer
@@ -146,26 +155,44 @@ class Model {
     float* logits_ = nullptr;     // (logits_rows, V)
     int64_t logits_rows_ = 0;
     uint64_t* rng_ = nullptr;     // (rows, 3)     decode_step: (seed, stream, counter) per row
+    // Page-locked host staging of the decode launches, per launch buffer (0: lane 0; 1 and 2:
+    // lane 1's two launches in flight), kept across reserve() (grown with their contents):
+    static constexpr int kDecodeBufs = 3;
+    int64_t host_rows_ = 0;
+    int32_t* hids_[kDecodeBufs] = {};   // (host_rows) ids fed
+    uint64_t* hrng_[kDecodeBufs] = {};  // (host_rows, 3) draws
+    int32_t* htok_[kDecodeBufs] = {};   // (host_rows) sampled ids, copied back
+    uint64_t marks_[kDecodeBufs] = {};  // the backend marker after each buffer's copy back
+    void reserve_host(int64_t rows);
 
  public:
     // The staging buffer for ids (device): callers copy ids here and pass it to forward.
     int32_t* ids_buffer() const { return ids_; }
+    // The logits forward writes (device; what it returns), for callers that replay a recorded
+    // forward (Backend::run_graph) and so do not get its return value.
+    const float* logits_buffer() const { return logits_; }
 
     // Decode fast path (backends with supports_graphs(), i.e. CUDA): one token for each of
-    // rows [0, B) of `state`, fed from the B ids in ids_buffer(); the forward and the device
-    // sampling (`s`: options and `seen`; logits, ld, B, V, rng and out are filled here) are
-    // one graph replay per step, recorded once per (B, state, seen, options). The sampled ids
-    // stay in ids_buffer() and are copied to `tokens` (B, host): the only copy back.
-    // `rng` (B, 3) host: (seed, stream, counter) per row, uploaded before the replay.
-    // Returns the device logits (B, V), valid until the next forward. Needs reserve(B, B).
+    // rows [0, B) of `state`; the forward and the device sampling (`s`: options and `seen`;
+    // logits, ld, B, V, rng and out are filled here) are one graph replay per step, recorded once
+    // per (B, state, seen, options, lane). Two lanes, each with its own device ids and logits:
+    // lane 0 (buffer 0) for decode_step's callers, lane 1 (buffers 1 and 2, alternating, so
+    // that two launches may be in flight) for the engine.
+    // `ids` (B, host): the ids to feed; nullptr: feed what the lane's previous launch sampled,
+    // in place (its rows, in the same order). `rng` (B, 3) host: (seed, stream, counter) per
+    // row. Both are staged through page-locked buffers: nothing here waits for the device.
+    // Returns the lane's device logits (B, V), valid until the lane's next launch (lane 0's:
+    // until the next forward). Needs reserve(B, B).
+    const float* decode_launch(State& state, int64_t B, DeviceSampleParams s, const uint64_t* rng,
+                               const int32_t* ids, int buf);
+    // The B ids launch `buf` sampled, into `tokens` (host): waits for that launch only (not for
+    // work enqueued after it); -1 marks a row with a non-finite logit.
+    void decode_collect(int64_t B, int buf, int32_t* tokens);
+    // decode_launch + decode_collect on lane 0.
     const float* decode_step(State& state, int64_t B, DeviceSampleParams s, const uint64_t* rng,
-                             int32_t* tokens);
-    // decode_step in two halves, so that a caller can do host work while the device runs:
-    // decode_launch enqueues the upload, the replay and a copy of the sampled ids aside, and
-    // nothing else (no synchronisation); later forwards (a prefill) may be enqueued behind it;
-    // decode_collect copies the B sampled ids to `tokens` (host), waiting for the device.
-    const float* decode_launch(State& state, int64_t B, DeviceSampleParams s, const uint64_t* rng);
-    void decode_collect(int64_t B, int32_t* tokens);
+                             const int32_t* ids, int32_t* tokens);
+    // Lane 1's device logits (logits_rows, V): rows of its latest launch.
+    const float* decode_logits() const { return dlogits_; }
 };
 
 }  // namespace mambart

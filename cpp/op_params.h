@@ -35,6 +35,9 @@ struct ConvParams {          // causal depthwise conv1d + SiLU, with a rolling s
     const float* bias;       // (C) or nullptr
     float* out;              // (B, L, C) post-SiLU, contiguous
     int64_t B, L, C, W;
+    // Speculative verification (issue 25): (B, L, C, W) contiguous, or nullptr: the conv state
+    // after each token (row (b, t) = the last W inputs up to token t of row b).
+    float* state_trace = nullptr;
 };
 
 struct SelectiveScanParams {  // Mamba-1: fused dt softplus, scan, D skip, SiLU(z) gate
@@ -51,6 +54,9 @@ struct SelectiveScanParams {  // Mamba-1: fused dt softplus, scan, D skip, SiLU(
     float* ssm_state;         // (B, E, N) inout
     float* y;                 // (B, L, E) out, contiguous
     int64_t B, L, E, N;
+    // Speculative verification (issue 25): (B, L, E, N) contiguous, or nullptr: the state
+    // after each token (row (b, t) = ssm_state of row b after token t).
+    float* state_trace = nullptr;
 };
 
 struct SsdParams {            // Mamba-2: dt softplus + clamp, chunked SSD scan, D skip, optional gate
@@ -70,6 +76,9 @@ struct SsdParams {            // Mamba-2: dt softplus + clamp, chunked SSD scan,
     float* y;                 // (B, L, H*P) out, contiguous
     int64_t B, L, H, P, G, N;
     int64_t chunk_size;       // Q
+    // Speculative verification (issue 25): (B, L, H, P, N) contiguous, or nullptr: the state
+    // after each token (row (b, t) = ssm_state of row b after token t).
+    float* state_trace = nullptr;
 };
 
 // Fused single-token (L = 1) mixer steps, optional: a backend that returns true from
@@ -95,7 +104,8 @@ struct Mamba2DecodeParams {   // = conv1d + ssd_scan at L = 1
     SsdParams ssd;            // x, Bm, Cm are ignored (the conv's results are used directly)
 };
 
-// Mamba-3 (SISO and MIMO of rank Rm), the recurrent form for any L (spec section 4): per row b,
+// Mamba-3 (SISO and MIMO of rank Rm), any L (spec section 4), defined by its recurrent form (a
+// backend may run the equivalent chunked form for prefill: cuda/mamba3_chunked.cu): per row b,
 // token t and head h (group g = h / (H / G)):
 //   A = min(-f(dd_A), -a_floor) (f: heavy tail 1+x | 1/(1-x), or softplus); DT = softplus(dd_dt +
 //   dt_bias); λ = sigmoid(trap); θ[i] = (θ[i] + π tanh(angles[i]) DT) mod 2π, i < S;

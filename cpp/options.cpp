@@ -18,8 +18,8 @@ const std::vector<OptionInfo> kTable = {
     {"cuda_fused_max_batch", "MAMBART_CUDA_FUSED_MAX_BATCH", "int", "", "8",
      "the fused decode steps up to this many rows; larger batches run the separate ops"},
     {"cuda_ssd", "MAMBART_CUDA_SSD", "choice", "chunked|recurrent|tf32", "chunked",
-     "Mamba-2 prefill: chunked SSD with split-TF32 products, the recurrent form, or chunked "
-     "with plain TF32 products"},
+     "Mamba-2 and Mamba-3 prefill: chunked SSD with split-TF32 products, the recurrent form, or "
+     "chunked with plain TF32 products"},
     {"cuda_scan", "MAMBART_CUDA_SCAN", "choice", "auto|chunked|sequential|lanes", "auto",
      "Mamba-1 prefill scan: auto (time-parallel for long scans with d_state <= 16), always "
      "chunked, always sequential, or the lane-group kernel"},
@@ -52,6 +52,10 @@ const std::vector<OptionInfo> kTable = {
      "CPU affinity); Generator(threads=N) and --threads override it for one generator"},
     {"cpu_ssd", "MAMBART_CPU_SSD", "choice", "auto|chunked|recurrent", "auto",
      "Mamba-2 prefill on the CPU: auto (the recurrent scan where chunk_size >= d_state, as for every published Mamba-2: fewer operations, measured faster at 256 and 2048 tokens), always chunked SSD, or always recurrent"},
+    {"cpu_mamba3", "MAMBART_CPU_MAMBA3", "choice", "auto|chunked|recurrent", "auto",
+     "Mamba-3 scan on the CPU backend: auto (the chunked form from 64 token rows, tokens x "
+     "mimo_rank, the recurrent form below), always chunked, or always recurrent; read when a CPU "
+     "backend is created"},
     {"host_memory_limit", "MAMBART_HOST_MEMORY_LIMIT", "bytes", "", "0",
      "bytes of host memory a CPU model load may take (0: the memory available: MemAvailable, "
      "capped by the cgroup's limit and RLIMIT_AS)"},
@@ -170,6 +174,10 @@ RuntimeOptions runtime_options() {
         else if (n == "cpu_ssd")
             r.cpu_ssd = v == "chunked" ? CpuSsd::Chunked : v == "recurrent" ? CpuSsd::Recurrent : CpuSsd::Auto;
         else if (n == "cpu_threads") r.cpu_threads = int64_t(parse_uint(o, v, 4096));
+        else if (n == "cpu_mamba3")
+            r.cpu_mamba3 = v == "chunked"     ? CpuMamba3::Chunked
+                           : v == "recurrent" ? CpuMamba3::Recurrent
+                                              : CpuMamba3::Auto;
         else if (n == "host_memory_limit") r.host_memory_limit = parse_uint(o, v, UINT64_MAX);
         else if (n == "cache_dir") r.cache_dir = v;
     }

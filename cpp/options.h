@@ -16,14 +16,15 @@ namespace mambart {
 enum class CudaSsd { Chunked, Recurrent, Tf32 };
 enum class CudaScan { Auto, Chunked, Sequential, Lanes };
 enum class CpuSsd { Auto, Chunked, Recurrent };
+enum class CpuMamba3 { Auto, Chunked, Recurrent };
 
 struct RuntimeOptions {
     // ---- CUDA backend (read when a CUDA backend is created) ----
     bool cuda_graphs = true;            // decode steps as one CUDA-graph replay (false: eager)
     bool cuda_fused = true;             // fused single-token mixer steps (false: the separate ops)
     int64_t cuda_fused_max_batch = 8;   // the fused decode steps up to this many rows
-    CudaSsd cuda_ssd = CudaSsd::Chunked;   // Mamba-2 prefill: chunked SSD (split TF32), the
-                                           // recurrent form, or chunked in plain TF32
+    CudaSsd cuda_ssd = CudaSsd::Chunked;   // Mamba-2 / Mamba-3 prefill: chunked SSD (split
+                                           // TF32), the recurrent form, or chunked in plain TF32
     CudaScan cuda_scan = CudaScan::Auto;   // Mamba-1 prefill scan form
     bool cublas = true;                 // cuBLAS for prefill / batched projections
     int64_t cublas_min_rows = 4;        // token rows from which cuBLAS runs a projection
@@ -41,6 +42,7 @@ struct RuntimeOptions {
     int64_t cpu_threads = 0;            // CPU backend threads (0: the cores of this process's
                                         // CPU affinity); a Generator's threads= wins
     CpuSsd cpu_ssd = CpuSsd::Auto;      // Mamba-2 prefill form on the CPU (auto: by shape)
+    CpuMamba3 cpu_mamba3 = CpuMamba3::Auto;  // Mamba-3 scan form on the CPU (auto: by length)
     uint64_t host_memory_limit = 0;     // bytes of host memory a CPU load may take (0: what is
                                         // available, host_memory_available())
     // ---- Python package ----

@@ -9,6 +9,8 @@
 //   channel each, kConvTokens consecutive tokens per thread (coalesced over channels). When the
 //   grid has one token block, each thread also rolls its own state after reading it
 //   (kUpdateState); otherwise conv_state_kernel does so afterwards (then L > kConvTokens >= W).
+// With state_trace (speculative verification, issue 25): trace[b, t, c, :] = the window
+// in[b, t - W + 1 .. t, c] after token t.
 // Preconditions: 1 <= W <= kConvMaxWidth; ld_x >= C; out does not alias x or conv_state.
 #include "common.cuh"
 #include "kernels.h"
@@ -50,6 +52,13 @@ __global__ void __launch_bounds__(kConvThreads) conv1d_kernel(Conv1dParams p) {
             }
         }
         ob[t * p.C] = silu_f(acc);
+        if (p.state_trace) {  // the window after token t (issue 25), before the state rolls
+            float* tr = p.state_trace + ((b * L + t) * p.C + c) * W;
+            for (int64_t j = 0; j < W; ++j) {
+                const int64_t tau = t - (W - 1) + j;
+                tr[j] = tau >= 0 ? xb[tau * p.ld_x] : st[W + tau];
+            }
+        }
     }
     if (kUpdateState) {
         if (L >= W) {

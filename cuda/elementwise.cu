@@ -1,7 +1,9 @@
 // cuda/elementwise.cu: embedding gather, the SiLU gate and dtype conversion.
 //
-// embedding: out[i, j] = float(table[ids[i], j])
-//   Grid: (n); block: 256 threads striding over d. Requires ids in [0, V) (checked by the caller).
+// embedding: out[i, j] = float(table[ids[i], j]), or 0 for an id outside [0, V)
+//   Grid: (n); block: 256 threads striding over d. Hosts check ids; the zero row covers ids the
+//   device wrote itself (the engine's decode fed in place: a row with a non-finite logit samples
+//   -1, and its result is discarded).
 // silu_gate: y[i, j] *= silu(z[i * ld_z + j])
 //   Grid: ceil(n*E / 256); one element per thread.
 // convert: dst[i] = dst_dtype(src[i]) (round to nearest even)
@@ -15,12 +17,17 @@ namespace {
 
 template <typename T>
 __global__ void embedding_kernel(const int32_t* __restrict__ ids, const T* __restrict__ table,
-                                 float* __restrict__ out, int64_t d) {
+                                 float* __restrict__ out, int64_t d, int64_t V) {
     pdl_wait();  // launched with launch_pdl (see common.cuh)
     pdl_trigger();
     const int64_t i = blockIdx.x;
-    const T* row = table + int64_t(ids[i]) * d;
+    const int64_t id = ids[i];
     float* o = out + i * d;
+    if (id < 0 || id >= V) {
+        for (int64_t j = threadIdx.x; j < d; j += blockDim.x) o[j] = 0.0f;
+        return;
+    }
+    const T* row = table + id * d;
     for (int64_t j = threadIdx.x; j < d; j += blockDim.x) o[j] = to_f32(row[j]);
 }
 
@@ -53,7 +60,8 @@ void convert_from(const S* src, void* dst, DType dt, int64_t n, int grid, cudaSt
 }  // namespace
 
 void launch_embedding(const EmbeddingParams& p, cudaStream_t s) {
-    MAMBART_CHECK_ARG(p.n >= 0 && p.d > 0, "launch_embedding: bad sizes n=", p.n, " d=", p.d);
+    MAMBART_CHECK_ARG(p.n >= 0 && p.d > 0 && p.V > 0, "launch_embedding: bad sizes n=", p.n,
+                      " d=", p.d, " V=", p.V);
     MAMBART_CHECK_ARG(p.ids && p.table && p.out, "launch_embedding: null pointer");
     if (p.n == 0) return;
     MAMBART_CHECK_ARG(p.n <= 0x7fffffff, "launch_embedding: n=", p.n, " too large");
@@ -61,15 +69,15 @@ void launch_embedding(const EmbeddingParams& p, cudaStream_t s) {
     switch (p.dtype) {
         case DType::F32:
             launch_pdl(embedding_kernel<float>, dim3(grid), dim3(256), 0, s, p.ids,
-                       static_cast<const float*>(p.table), p.out, p.d);
+                       static_cast<const float*>(p.table), p.out, p.d, p.V);
             break;
         case DType::F16:
             launch_pdl(embedding_kernel<__half>, dim3(grid), dim3(256), 0, s, p.ids,
-                       static_cast<const __half*>(p.table), p.out, p.d);
+                       static_cast<const __half*>(p.table), p.out, p.d, p.V);
             break;
         case DType::BF16:
             launch_pdl(embedding_kernel<__nv_bfloat16>, dim3(grid), dim3(256), 0, s, p.ids,
-                       static_cast<const __nv_bfloat16*>(p.table), p.out, p.d);
+                       static_cast<const __nv_bfloat16*>(p.table), p.out, p.d, p.V);
             break;
     }
     check_launch("embedding_kernel", s);

@@ -26,6 +26,7 @@ struct EmbeddingParams {
     DType dtype;
     float* out;           // (n, d)
     int64_t n, d;
+    int64_t V;            // table rows: an id outside [0, V) gives a zero row
 };
 void launch_embedding(const EmbeddingParams& p, cudaStream_t stream);
 
@@ -120,6 +121,20 @@ void launch_mamba2_decode(const Mamba2DecodeParams& p, int* counters, cudaStream
 
 // The Mamba-3 layer scan, recurrent form (cuda/mamba3.cu; Mamba3ScanParams in cpp/op_params.h).
 void launch_mamba3_scan(const Mamba3ScanParams& p, cudaStream_t stream);
+
+// The Mamba-3 layer scan in the chunked form (prefill; cuda/mamba3_chunked.cu): the same results
+// and final states as launch_mamba3_scan up to rounding, the matrix products on tensor cores.
+struct Mamba3ChunkedParams {
+    Mamba3ScanParams s;   // as for launch_mamba3_scan
+    float* ws;            // mamba3_chunked_workspace_floats(s) floats, 32-byte aligned
+    bool tf32 = false;    // false: split-TF32 products (fp32-like); true: plain TF32
+};
+// Prompts shorter than this use the recurrent form (the chunked form's fixed cost: 6 launches).
+constexpr int64_t kMamba3ChunkedMinL = 32;
+// Whether the chunked kernels take these sizes (else the recurrent form runs).
+bool mamba3_chunked_supported(const Mamba3ScanParams& s);
+int64_t mamba3_chunked_workspace_floats(const Mamba3ScanParams& s);
+void launch_mamba3_chunked(const Mamba3ChunkedParams& p, cudaStream_t stream);
 
 struct GatedRmsNormParams {
     const float* y;       // (n, E)

@@ -34,6 +34,8 @@
 //   Workspace (floats): S (B, nseg, E, N), overwritten in place by h_in in kernel 2; Δ (B,
 //   nseg, E). P_s as exp(A Δ_s) rounds differently from the sequential form's running product
 //   (a few ulps of the segment's decay); everything is fp32.
+// With state_trace (speculative verification, issue 25), the output pass also stores each
+// token's state: trace[b, t, e, :] = h after token t (the sequential form is used then).
 // Preconditions: 1 <= N <= 256; ld_bc >= N (B and C rows are slices of x_proj's output);
 // ld_z >= E; y does not alias the inputs; B <= 65535 (chunked: nseg <= 65535).
 #include <algorithm>
@@ -88,6 +90,10 @@ __device__ __forceinline__ Channel channel_of(int64_t E, int g) {
     return c;
 }
 
+template <int SPL>
+__device__ __forceinline__ void store_states(const float (&v)[SPL], float* row, int j, int g,
+                                             int64_t N);
+
 // Runs the recurrence over tokens t_begin .. t_end - 1 (t_begin < t_end <= L, uniform across
 // the block) of row b on the states h (this lane's n = j + g·i), returning Σ_t δ_t.
 // kOutput: also writes y[b, t, e] (lane j == 0 of a valid channel); else C and z are not read.
@@ -137,6 +143,8 @@ __device__ __forceinline__ float scan_tokens(const SelectiveScanParams& p, int64
                 for (int o = g >> 1; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
                 if (c.j == 0 && c.valid)
                     p.y[(b * p.L + t) * E + e] = (acc + Dv * uv[s]) * silu_f(zv[s]);
+                if (p.state_trace && c.valid)  // the state after token t (issue 25)
+                    store_states(h, p.state_trace + ((b * p.L + t) * E + e) * N, c.j, g, N);
             }
         }
     }
@@ -356,6 +364,8 @@ __device__ __forceinline__ float cpt_tokens(const SelectiveScanParams& p, int64_
                 }
                 if (kOutput && c.valid)
                     p.y[(b * p.L + t0 + s) * E + e] = (acc + Dv * uv[k]) * silu_f(zv[k]);
+                if (kOutput && c.valid && p.state_trace)  // the state after the token (issue 25)
+                    cpt_store(h, p.state_trace + ((b * p.L + t0 + s) * E + e) * N, N);
             }
         }
     }

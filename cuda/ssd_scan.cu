@@ -11,6 +11,8 @@
 // lane l owns states n = l + 32 i (i < SPL): the (P, N) state stays in registers for the whole
 // sequence. Per group of kT tokens the block stages B, C (kT x N), x, silu(z) (kT x P), δ and
 // exp(δA) in shared memory (at most 21 KB); each row's y is a warp reduction over n.
+// With state_trace (speculative verification, issue 25) each token's state is also stored:
+// trace[b, t, h, p, n] (coalesced over n).
 // Preconditions: 1 <= P <= 128, 1 <= N <= 256, H % G == 0; ld_xbc >= H*P (B and C are
 // separate pointers into the same rows); y does not alias the inputs.
 #include "common.cuh"
@@ -91,6 +93,12 @@ __global__ void __launch_bounds__(kSsdWarps * 32) ssd_scan_kernel(SsdParams p) {
                     }
                 }
                 acc = warp_sum(acc);
+                if (p.state_trace) {  // the state after token bt (issue 25)
+                    float* tr = p.state_trace + (bt * H + h) * P * N + pp * N;
+#pragma unroll
+                    for (int i = 0; i < SPL; ++i)
+                        if (lane + 32 * i < N) tr[lane + 32 * i] = s[r][i];
+                }
                 if (lane == 0) {
                     float yv = acc + Dv * xt[pp];
                     if (p.z) yv *= zs[st * P + pp];

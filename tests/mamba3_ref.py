@@ -209,3 +209,45 @@ def random_weights(c: dict, d_model: int, rng) -> dict:
     if c["is_outproj_norm"]:
         w["norm.weight"] = 1.0 + 0.1 * rng.standard_normal(E)
     return {k: np.asarray(v, np.float32) for k, v in w.items()}
+
+
+# ---- the scan op alone (Backend::mamba3_scan through _C._ops) -------------------------------
+
+
+def scan_case(c: dict, B: int, L: int, rng, state_scale=1.0):
+    """Random inputs of the scan op for config `c`: proj (B, L, Din) and the layer's small
+    parameters (random_weights), with random input states (angle in [0, 2 pi), the rest scaled
+    by `state_scale`; 0 gives zero states). Returns (op args tuple, weights, states per row)."""
+    z = sizes(c)
+    H, P, N, Rm, S, G = z["H"], z["P"], z["N"], z["Rm"], z["S"], z["G"]
+    w = random_weights(c, 4, rng)
+    proj = rng.standard_normal((B, L, z["Din"])).astype(np.float32)
+    st = dict(angle=rng.uniform(0, 2 * np.pi, (B, H, S)),
+              ssm=state_scale * rng.standard_normal((B, H, P, N)),
+              k=state_scale * rng.standard_normal((B, Rm, H, N)),
+              v=state_scale * rng.standard_normal((B, H, P)))
+    st = {k: v.astype(np.float32) for k, v in st.items()}
+    mimo = bool(c["is_mimo"])
+    args = (proj, w["dt_bias"], w["B_bias"], w["C_bias"], w["B_norm.weight"], w["C_norm.weight"],
+            w["D"], w.get("mimo_x") if mimo else None, w.get("mimo_z") if mimo else None,
+            w.get("mimo_o") if mimo else None, w.get("norm.weight"), st["angle"], st["ssm"],
+            st["k"], st["v"], G, mimo, c["a_activation"] == "softplus", c["a_floor"], EPS)
+    return args, w, st
+
+
+def scan_reference(c: dict, args, w, st):
+    """The float64 recurrent form of the scan op (identity in_proj and out_proj):
+    (y (B, L, E), angle, ssm, k, v) as the op returns them."""
+    z = sizes(c)
+    proj = np.asarray(args[0], np.float64)
+    B = proj.shape[0]
+    ww = dict(w)
+    ww["in_proj.weight"] = np.eye(z["Din"])
+    ww["out_proj.weight"] = np.eye(z["E"])
+    ys, outs = [], {k: [] for k in ("angle", "ssm", "k", "v")}
+    for b in range(B):
+        y, s = recurrent(proj[b, :, :z["Din"]], ww, c, {k: v[b] for k, v in st.items()})
+        ys.append(y)
+        for k in outs:
+            outs[k].append(s[k])
+    return (np.stack(ys),) + tuple(np.stack(outs[k]) for k in ("angle", "ssm", "k", "v"))

@@ -143,3 +143,27 @@ def test_time_budget_skips(tmp_path):
     assert not [r for r in recs if r["metric"] in ("decode_ms_per_token", "prefill_ms")]
     sk = [r for r in recs if r["metric"] == "skipped" and "time budget" in r.get("reason", "")]
     assert sk and sk[0]["model"] == "tiny"
+
+
+def test_bench_mamba3_cpu_smoke(tmp_path):
+    """tools/bench_mamba3.py's CPU smoke run: mambart's prefill/decode records, the accuracy
+    records against the float64 reference (CPU bf16 weights computed in fp32: tiny error, the
+    greedy continuation equal), and mamba_ssm reported missing without CUDA."""
+    out = tmp_path / "m3.jsonl"
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_mamba3.py"), "--device", "cpu",
+                        "--models", "tiny3", "--prefill", "16", "100", "--batches", "1", "2",
+                        "--gen", "4", "--repeats", "1", "--accuracy", "--acc-prompt", "8",
+                        "--acc-gen", "4", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    m = [x for x in recs if x.get("engine") == "mambart"]
+    assert {x["prompt_len"] for x in m if x["metric"] == "prefill_ms"} == {16, 100}
+    assert all(_pos(x["value"]) for x in m if x["metric"] in ("prefill_ms", "decode_ms_per_token",
+                                                               "decode_tokens_per_s"))
+    assert _one(m, metric="decode_ms_per_token", batch=1)["gen"] == 4
+    assert _pos(_one(m, metric="decode_tokens_per_s", batch=2)["value"])
+    for dt in ("bfloat16", "float32"):
+        a = _one(m, metric="accuracy", dtype=dt)
+        assert a["max_rel_err"] <= 1e-4 and a["greedy_prefix_agree"] == a["greedy_tokens"] == 4
+    assert _one(recs, engine="mamba_ssm", metric="missing")["value"].startswith("needs torch")

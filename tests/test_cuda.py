@@ -1027,6 +1027,40 @@ def test_mamba1_decode_large_batch(model_dirs, monkeypatch, name, dtype):
 
 
 @pytest.mark.parametrize("name", ["m1", "m2"])
+def test_engine_launch_ahead_equals_plain_steps_cuda(model_dirs, name):
+    """The engine launches the next decode before collecting the previous one's tokens (feeding
+    the sampled ids in place) only while no row needs its final state; return_state=True turns
+    that off. Sampled rows with their own seeds and lengths, some ending early on a stop id,
+    must give the same tokens both ways (same kernels, same draws: the RNG counter of a decode
+    launched ahead counts the token still in flight), and equal single-row runs."""
+    g = _gen(model_dirs[name], "cuda")
+    n = 6
+    prompts = [_ids(3 + 2 * i, seed=70 + i) for i in range(n)]
+    kw = dict(max_new_tokens=[9 + 4 * i for i in range(n)], temperature=0.9, top_p=0.95,
+              seed=[100 + i for i in range(n)], ignore_eos=True)
+    s0 = g.engine_stats()["steps_ahead"]
+    ahead = g.generate(prompts, **kw)
+    s1 = g.engine_stats()["steps_ahead"]
+    plain = g.generate(prompts, return_state=True, **kw)
+    assert g.engine_stats()["steps_ahead"] == s1, "return_state must not launch ahead"
+    assert s1 - s0 > 0, "no decode was launched ahead"
+    for a, p in zip(ahead, plain):
+        assert a.token_ids == p.token_ids and a.finish_reason == p.finish_reason
+        assert p.state.pending == 1  # the final state has not run the last token
+    # A stop id taken from a row's own output ends it early, with the others still running.
+    stop = ahead[2].token_ids[4]
+    kw_stop = dict(kw, stop_token_ids=[stop])
+    a2 = g.generate(prompts, **kw_stop)
+    p2 = g.generate(prompts, return_state=True, **kw_stop)
+    for a, p in zip(a2, p2):
+        assert a.token_ids == p.token_ids and a.finish_reason == p.finish_reason
+    for i in (0, 2, 5):  # a per-row seed makes a row equal its single run
+        one = g.generate(prompts[i], max_new_tokens=kw["max_new_tokens"][i], temperature=0.9,
+                         top_p=0.95, seed=kw["seed"][i], ignore_eos=True)
+        assert one.token_ids == ahead[i].token_ids, i
+
+
+@pytest.mark.parametrize("name", ["m1", "m2"])
 def test_engine_concurrent_streams_cuda(model_dirs, name):
     """The engine on CUDA (decode graph replay with device sampling, tokens handed out while the
     next step runs, slots growing, rows compacted with 2D copies as requests finish or are

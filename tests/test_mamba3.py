@@ -356,3 +356,182 @@ def test_hub_mamba3_with_tiktoken_tokenizer(tmp_path, monkeypatch):
     assert ids == [ord("H") - 32, ord("i") - 32, ord("!") - 32]
     r = g.generate("Hi!", max_new_tokens=4, ignore_eos=True)
     assert len(r.token_ids) == 4 and isinstance(r.text, str)
+
+
+# ---------------------------------------------------------------- the chunked (SSD) scan form
+# The scan op alone (_C._ops.mamba3_scan: proj in, y and the four states out) at real head sizes
+# (P = 64, N = 128) against the float64 recurrent reference with identity projections
+# (mamba3_ref.scan_reference), from random input states (a prefill continuing a chat), at
+# lengths around the chunk boundaries (SISO chunks of 64 tokens, MIMO 64 / Rm).
+
+
+def m3s(**kw) -> dict:
+    e = dict(m3(), d_inner=128, d_state=128, headdim=64, nheads=2, chunk_size=64)
+    e.update(kw)
+    return e
+
+
+SCAN_VARIANTS = {
+    "siso": m3s(),
+    "siso_rope1_norm_groups": m3s(rope_fraction=1.0, is_outproj_norm=True, ngroups=2),
+    "siso_softplus": m3s(a_activation="softplus"),
+    "mimo2": m3s(is_mimo=True, mimo_rank=2),
+    "mimo4_norm_rope1": m3s(is_mimo=True, mimo_rank=4, is_outproj_norm=True, rope_fraction=1.0),
+    "mimo1_groups2": m3s(is_mimo=True, mimo_rank=1, ngroups=2),
+}
+SCAN_OUT = ("y", "angle", "ssm", "k", "v")
+
+
+def scan_backend(device, **env):
+    """An _ops backend made while the MAMBART_* variables `env` are set (backends read their
+    options when made); the environment is restored after."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return _C._ops.Backend(device)
+    finally:
+        for k, v in old.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
+
+
+def check_scan(got, want, rel, what):
+    for name, g, w in zip(SCAN_OUT, got, want):
+        d = np.abs(g - w)
+        if name == "angle":  # compare on the circle (a value near 0 may come out near 2 pi)
+            d = np.minimum(d, 2 * np.pi - d)
+        scale = max(1.0, float(np.abs(w).max()))
+        assert float(d.max()) <= rel * scale, f"{what} {name}: max err {d.max():.3g} (scale {scale:.3g})"
+
+
+@pytest.fixture(scope="module")
+def cpu_forms():
+    return {"chunked": scan_backend("cpu", MAMBART_CPU_MAMBA3="chunked"),
+            "recurrent": scan_backend("cpu", MAMBART_CPU_MAMBA3="recurrent")}
+
+
+@pytest.mark.parametrize("L", [1, 63, 64, 65, 200])
+@pytest.mark.parametrize("name", sorted(SCAN_VARIANTS))
+def test_cpu_scan_forms_match_reference(cpu_forms, name, L):
+    c = SCAN_VARIANTS[name]
+    args, w, st = ref.scan_case(c, 2, L, np.random.default_rng(L + 7 * len(name)))
+    want = ref.scan_reference(c, args, w, st)
+    for form, be in cpu_forms.items():
+        check_scan(be.mamba3_scan(*args), want, 2e-5, f"{name} L={L} cpu {form}")
+
+
+def test_cpu_chunked_is_a_different_path(cpu_forms):
+    """The two forms agree to rounding but are not the same computation (the option works)."""
+    c = SCAN_VARIANTS["siso"]
+    args, _, _ = ref.scan_case(c, 1, 130, np.random.default_rng(1))
+    a = cpu_forms["chunked"].mamba3_scan(*args)[0]
+    b = cpu_forms["recurrent"].mamba3_scan(*args)[0]
+    assert not np.array_equal(a, b)
+    np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max(), rtol=0)
+
+
+@pytest.mark.parametrize("name", ["siso", "mimo4_norm_rope1"])
+def test_cpu_chunked_model_prefill_and_continuation(tmp_path, monkeypatch, name):
+    """Whole models with prompts spanning several chunks, from a state: the chunked CPU form
+    against the float64 model reference (and the prefill's final states)."""
+    monkeypatch.setenv("MAMBART_CPU_MAMBA3", "chunked")
+    layers = [VARIANTS[name]] * 2
+    d, tensors = make_dir(tmp_path / "m", layers, seed=11)
+    g = mambart.Generator(str(d))
+    ids = [int(t) for t in np.random.default_rng(3).integers(0, VOCAB, 150)]
+    want, st = ref_logits(tensors, layers, ids)
+    got = g.logits(ids)
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    s = g.prefill(ids[:70])
+    cont = g.score(ids[70:], state=s)
+    whole = g.score(ids)
+    np.testing.assert_allclose(cont.logprobs, whole.logprobs[69:], atol=1e-4)
+    path = tmp_path / "s.safetensors"
+    g.prefill(ids[70:], state=s).save(path)
+    host = mambart.load_state(path)._host
+    for key in ("ssm", "k", "v"):
+        np.testing.assert_allclose(host[key][1], st[1][key], atol=2e-5, err_msg=key)
+
+
+# ---- CUDA: the chunked kernels (cuda/mamba3_chunked.cu) run for L >= 32 -----------------------
+
+CUDA_LENGTHS = [1, 31, 32, 63, 64, 65, 200, 1000]
+
+
+@pytest.fixture(scope="module")
+def gpu_forms():
+    return {"chunked": scan_backend("cuda"),
+            "recurrent": scan_backend("cuda", MAMBART_CUDA_SSD="recurrent"),
+            "tf32": scan_backend("cuda", MAMBART_CUDA_SSD="tf32"),
+            "cpu": scan_backend("cpu", MAMBART_CPU_MAMBA3="recurrent")}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("L", CUDA_LENGTHS)
+@pytest.mark.parametrize("name", sorted(SCAN_VARIANTS))
+def test_cuda_mamba3_chunked_scan(gpu_forms, name, L):
+    """The CUDA chunked form (default, split TF32) against the float64 reference and the CPU
+    backend; B = 2 rows from random input states. The recurrent CUDA form (MAMBART_CUDA_SSD=
+    recurrent) against the reference too, and the plain-TF32 chunked form within 5e-3."""
+    c = SCAN_VARIANTS[name]
+    args, w, st = ref.scan_case(c, 2, L, np.random.default_rng(L + 7 * len(name)))
+    want = ref.scan_reference(c, args, w, st)
+    got = gpu_forms["chunked"].mamba3_scan(*args)
+    check_scan(got, want, 5e-5, f"{name} L={L} cuda chunked vs float64")
+    check_scan(got, gpu_forms["cpu"].mamba3_scan(*args), 5e-5, f"{name} L={L} cuda vs cpu")
+    check_scan(gpu_forms["recurrent"].mamba3_scan(*args), want, 5e-5,
+               f"{name} L={L} cuda recurrent vs float64")
+    check_scan(gpu_forms["tf32"].mamba3_scan(*args), want, 5e-3, f"{name} L={L} cuda tf32")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", [
+    dict(headdim=128, d_inner=256),                                   # two 64-wide p tiles
+    dict(headdim=128, d_inner=256, is_outproj_norm=True),             # norm, P > 64: recurrent
+    dict(d_state=256, rope_fraction=1.0),                             # 128 pairs: 64 KB smem
+    dict(d_state=16, headdim=32, d_inner=96, nheads=3),               # small tiles, odd H
+    dict(is_mimo=True, mimo_rank=3),                                  # 21 tokens, 63 rows
+    dict(is_mimo=True, mimo_rank=8, is_outproj_norm=True),            # 8 tokens per chunk
+    dict(d_state=30, headdim=24, d_inner=48),                         # N % 4 != 0: scalar loads
+])
+def test_cuda_mamba3_chunked_scan_shapes(gpu_forms, shape):
+    c = m3s(**shape)
+    c["nheads"] = c["d_inner"] // c["headdim"]
+    for L in (97, 300):
+        args, w, st = ref.scan_case(c, 2, L, np.random.default_rng(L))
+        want = ref.scan_reference(c, args, w, st)
+        check_scan(gpu_forms["chunked"].mamba3_scan(*args), want, 5e-5, f"{shape} L={L}")
+
+
+@pytest.mark.cuda
+def test_cuda_mamba3_chunked_is_a_different_path(gpu_forms):
+    c = SCAN_VARIANTS["siso"]
+    args, _, _ = ref.scan_case(c, 1, 200, np.random.default_rng(2))
+    a = gpu_forms["chunked"].mamba3_scan(*args)[0]
+    b = gpu_forms["recurrent"].mamba3_scan(*args)[0]
+    assert not np.array_equal(a, b)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_cuda_mamba3_long_prompts_match_cpu(tmp_path, name):
+    """Models with prompts over several chunks (CUDA chunked prefill) against the CPU backend
+    and the float64 reference: logits, a prefill continued from a state (the chat's second turn),
+    batches of prompts of different lengths, greedy generation after a long prompt."""
+    layers = [VARIANTS[name]] * 2
+    d, tensors = make_dir(tmp_path / "m", layers, seed=12)
+    cpu = mambart.Generator(str(d))
+    gpu = mambart.Generator(str(d), device="cuda")
+    ids = [int(t) for t in np.random.default_rng(4).integers(0, VOCAB, 300)]
+    want, _ = ref_logits(tensors, layers, ids)
+    scale = np.abs(want).max()
+    assert np.abs(gpu.logits(ids) - want).max() <= 1e-4 * scale
+    s = gpu.prefill(ids[:130])
+    cont = gpu.score(ids[130:], state=s)
+    np.testing.assert_allclose(cont.logprobs, cpu.score(ids).logprobs[129:], atol=1e-4)
+    prompts = [ids[:250], ids[:40], ids[:3]]
+    rows = gpu.generate(prompts, max_new_tokens=8, ignore_eos=True)
+    for pr, r in zip(prompts, rows):
+        assert r.token_ids == cpu.generate(pr, max_new_tokens=8, ignore_eos=True).token_ids

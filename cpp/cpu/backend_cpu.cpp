@@ -43,8 +43,9 @@ class CpuBackend final : public Backend {
  public:
     // threads: the pool's size (>= 1).
     explicit CpuBackend(int threads)
-        : pool_(std::make_unique<cpu::ThreadPool>(threads)), ssd_form_(runtime_options().cpu_ssd) {}
-
+        : m3_mode_(runtime_options().cpu_mamba3),
+          pool_(std::make_unique<cpu::ThreadPool>(threads)),
+          ssd_form_(runtime_options().cpu_ssd) {}
     DeviceKind kind() const override { return DeviceKind::CPU; }
     std::string name() const override {
         return str_cat("cpu (", pool_->threads(), " threads, ", cpu::linear_kernels(), ")");
@@ -177,6 +178,15 @@ class CpuBackend final : public Backend {
                             }
                         }
                         silu_inplace(o + c0, c1 - c0);
+                        if (p.state_trace) {  // the window after token t: in[t - W + 1 .. t]
+                            float* tr = p.state_trace + (b * L + t) * C * W;  // (C, W) of token t
+                            for (int64_t c = c0; c < c1; ++c)
+                                for (int64_t j = 0; j < W; ++j) {
+                                    const int64_t tau = t - (W - 1) + j;
+                                    tr[c * W + j] = tau >= 0 ? xb[tau * p.ld_x + c]
+                                                             : state[c * W + (W + tau)];
+                                }
+                        }
                     }
                     // New state: the last W inputs of [history | x].
                     for (int64_t c = c0; c < c1; ++c) {
@@ -233,6 +243,11 @@ class CpuBackend final : public Backend {
                         for (int j0 = 0; j0 < 8; j0 += kVecLanes)
                             scan_step<Vec>(j0, N, h, At, bias, D, dt, x, z, Bt, Ct, y);
                         for (int64_t j = 0; j < ne; ++j) p.y[bt * E + e0 + j] = y[j];
+                        if (p.state_trace) {  // the state after token t: (ne, N) rows at e0
+                            float* tr = p.state_trace + (bt * E + e0) * N;
+                            for (int64_t n = 0; n < N; ++n)
+                                for (int64_t j = 0; j < ne; ++j) tr[j * N + n] = h[n][j];
+                        }
                     }
                     for (int64_t n = 0; n < N; ++n)
                         for (int64_t j = 0; j < ne; ++j) st[j * N + n] = h[n][j];
@@ -262,6 +277,8 @@ class CpuBackend final : public Backend {
                             acc += Ct[n] * hn;
                         }
                         p.y[bt * E + e] = (acc + p.D[e] * u) * cpu::silu1(p.z[bt * p.ld_z + e]);
+                        if (p.state_trace)
+                            std::memcpy(p.state_trace + (bt * E + e) * N, h, size_t(N) * sizeof(float));
                     }
                 }
             });
@@ -304,11 +321,13 @@ class CpuBackend final : public Backend {
 
     void ssd_scan(const SsdParams& p) override {
         cpu::PoolScope scope(pool_.get());
-        // The recurrent form does 2 P N multiply-adds a token and head, the chunked one
-        // 2 P N + Q P (+ Q N for C·Bᵀ per group): more whenever Q >= N, and its small GEMMs did
-        // not make up for it (issue 22, mamba2-130m shape, 1 and 2 threads: the recurrent form
-        // 8-20% faster at 256 and 2048 tokens). The cpu_ssd option forces either.
-        const bool recurrent = p.L == 1 || ssd_form_ == CpuSsd::Recurrent ||
+        // Per-token states (a speculative verification, L = k + 1 small) come from the
+        // recurrent form, which has them anyway. Otherwise: the recurrent form does 2 P N
+        // multiply-adds a token and head, the chunked one 2 P N + Q P (+ Q N for C·Bᵀ per
+        // group): more whenever Q >= N, and its small GEMMs did not make up for it (issue 22,
+        // mamba2-130m shape, 1 and 2 threads: the recurrent form 8-20% faster at 256 and 2048
+        // tokens). The cpu_ssd option forces either (not with state_trace).
+        const bool recurrent = p.L == 1 || p.state_trace || ssd_form_ == CpuSsd::Recurrent ||
                                (ssd_form_ == CpuSsd::Auto && p.chunk_size >= p.N);
         if (recurrent)
             ssd_recurrent(p);
@@ -349,9 +368,207 @@ class CpuBackend final : public Backend {
                           "mamba3_scan: sizes out of range (N=", p.N, " P=", p.P, " Rm=", p.Rm,
                           " G=", p.G, " H=", p.H, " S=", p.S, ")");
         const int64_t BH = p.B * p.H;
+        const bool chunked = m3_mode_ == CpuMamba3::Chunked ||
+                             (m3_mode_ == CpuMamba3::Auto && p.L * p.Rm >= kM3ChunkedMinRows);
+        if (chunked) {
+            par(BH > 1, BH, [&](int64_t i0, int64_t i1) {
+                M3Scratch sc(p);  // per pool chunk, sized once per chunk
+                for (int64_t bh = i0; bh < i1; ++bh)
+                    mamba3_chunked_row_head(p, bh / p.H, bh % p.H, sc);
+            });
+            return;
+        }
         par(BH > 1 && p.L * p.P * p.N > 4096, BH, [&](int64_t i0, int64_t i1) {
             for (int64_t bh = i0; bh < i1; ++bh) mamba3_row_head(p, bh / p.H, bh % p.H);
         });
+    }
+
+    // Mamba-3 in the chunked ("attention", SSD) form, per (row, head), chunks of Qk = 64 / Rm
+    // tokens with the rank folded in (row i = l Rm + r of a chunk: token t0 + l, rank r; F = Lc Rm
+    // rows). The same decomposition as cuda/mamba3_chunked.cu (its header has the derivation):
+    //   G = ssm_state + pre_0 Σ_r (v ⊙ mimo_x_r) ⊗ k_r;  per chunk, with Λ chunk-local:
+    //   Y = el ∘ (Q' · Gᵀ) + (CB ∘ M) · X + D X,  CB = Q' · K'ᵀ,  M(i, j) = exp(Λ_i − Λ_j) scale_j
+    //       (token(j) < token(i)), γ (same token), 0 after;
+    //   G <- exp(Λ_last) G + (wt ∘ X)ᵀ · K',  wt_j = exp(Λ_last − Λ_j) scale_j;
+    //   scale_s = γ_s + pre_{s+1} (γ_s for the last token of the sequence);
+    // then the norm / gate / rank sum per token. The products run through cpu::linear.
+    static constexpr int64_t kM3Rows = 64;         // folded rows per chunk
+    // auto: the chunked form from one full chunk (L Rm >= 64 rows), the recurrent form below.
+    // Measured (2 cores, AMD EPYC; H = 24, P = 64, N = 128, the _ops op): SISO L = 64 equal,
+    // 512: 91 vs 144 ms, 2048: 331 vs 605 ms; MIMO Rm = 4 L = 16: 16 vs 20 ms, 2048: 1027 vs
+    // 2258 ms (chunked vs recurrent).
+    static constexpr int64_t kM3ChunkedMinRows = 64;
+    struct M3Scratch {
+        std::vector<float> q, k, kt, x, xt, xw, yo, cb, y, dS;  // (F, N) (F, N) (N, F) (F, P)
+        std::vector<float> cum, gam, scl, dt, th;               // (P, F) (P, F) (F, P) (F, F)
+        explicit M3Scratch(const Mamba3ScanParams& p)           // (F, P) (P, N); per row / pair
+            : q(size_t(kM3Rows * p.N)), k(size_t(kM3Rows * p.N)), kt(size_t(kM3Rows * p.N)),
+              x(size_t(kM3Rows * p.P)), xt(size_t(kM3Rows * p.P)), xw(size_t(kM3Rows * p.P)),
+              yo(size_t(kM3Rows * p.P)), cb(size_t(kM3Rows * kM3Rows)),
+              y(size_t(kM3Rows * p.P)), dS(size_t(p.P * p.N)), cum(size_t(kM3Rows)),
+              gam(size_t(kM3Rows)), scl(size_t(kM3Rows)), dt(size_t(kM3Rows)),
+              th(size_t(p.S)) {}
+    };
+
+    static void mamba3_chunked_row_head(const Mamba3ScanParams& p, int64_t b, int64_t h,
+                                        M3Scratch& sc) {
+        const int64_t H = p.H, P = p.P, N = p.N, G = p.G, Rm = p.Rm, S = p.S, E = H * P, L = p.L;
+        const int64_t g = h / (H / G);
+        const int64_t Qk = kM3Rows / Rm;
+        const float two_pi = 6.283185307179586f, pi = 3.141592653589793f;
+        const int64_t off_B = 2 * E, off_C = off_B + Rm * G * N, off_dt = off_C + Rm * G * N;
+        float* Gs = p.ssm_state + (b * H + h) * P * N;  // (P, N) G_c, in place
+        float* theta = p.angle_state + (b * H + h) * S;
+        float* vst = p.v_state + (b * H + h) * P;
+        auto proj_row = [&](int64_t t) { return p.proj + (b * L + t) * p.ld_proj; };
+        auto mix = [&](const float* m, int64_t r, int64_t i) {
+            return m ? m[(h * Rm + r) * P + i] : 1.0f;
+        };
+        auto coefs = [&](int64_t t, float* DT, float* lam, float* adt) {
+            const float* row = proj_row(t);
+            *DT = softplus(row[off_dt + h] + p.dt_bias[h]);
+            const float a = row[off_dt + H + h];
+            const float fa = p.softplus_a ? softplus(a) : (a >= 0.0f ? 1.0f + a : 1.0f / (1.0f - a));
+            *adt = std::min(-fa, -p.a_floor) * *DT;
+            *lam = 1.0f / (1.0f + std::exp(-row[off_dt + 2 * H + h]));
+        };
+        auto wrap = [&](float v) {
+            v = std::fmod(v, two_pi);
+            return v < 0.0f ? v + two_pi : v;
+        };
+        {  // G_0 = h_init + pre_0 Σ_r (v ⊙ mimo_x_r) ⊗ k_r
+            float DT, lam, adt;
+            coefs(0, &DT, &lam, &adt);
+            const float pre0 = (1.0f - lam) * DT;
+            for (int64_t r = 0; r < Rm; ++r) {
+                const float* kr = p.k_state + ((b * Rm + r) * H + h) * N;
+                for (int64_t i = 0; i < P; ++i) {
+                    const float f = pre0 * vst[i] * mix(p.mimo_x, r, i);
+                    float* gr = Gs + i * N;
+                    for (int64_t n = 0; n < N; ++n) gr[n] += f * kr[n];
+                }
+            }
+        }
+        float* q = sc.q.data();
+        float* k = sc.k.data();
+        float* x = sc.x.data();
+        for (int64_t t0 = 0; t0 < L; t0 += Qk) {
+            const int64_t Lc = std::min(Qk, L - t0), F = Lc * Rm;
+            float run = 0.0f;
+            for (int64_t l = 0; l < Lc; ++l) {
+                float DT, lam, adt;
+                coefs(t0 + l, &DT, &lam, &adt);
+                run += adt;
+                sc.cum[size_t(l)] = run;
+                sc.gam[size_t(l)] = lam * DT;
+                sc.dt[size_t(l)] = DT;
+            }
+            for (int64_t l = 0; l < Lc; ++l) {
+                float nxt = 0.0f;  // pre of the next token (none after the last)
+                if (t0 + l + 1 < L) {
+                    float DT, lam, adt;
+                    coefs(t0 + l + 1, &DT, &lam, &adt);
+                    nxt = (1.0f - lam) * DT;
+                }
+                sc.scl[size_t(l)] = sc.gam[size_t(l)] + nxt;
+            }
+            // θ per token (start of chunk + running sum, wrapped), q', k', x rows
+            const float* th0 = theta;
+            for (int64_t i = 0; i < S; ++i) sc.th[size_t(i)] = 0.0f;
+            for (int64_t l = 0; l < Lc; ++l) {
+                const float* row = proj_row(t0 + l);
+                const float* ang = row + off_dt + 3 * H;
+                const float DT = sc.dt[size_t(l)];
+                for (int64_t r = 0; r < Rm; ++r) {
+                    for (int which = 0; which < 2; ++which) {
+                        const float* src = row + (which ? off_C : off_B) + (r * G + g) * N;
+                        const float* w = which ? p.C_norm_w : p.B_norm_w;
+                        const float* bias = (which ? p.C_bias : p.B_bias) + (h * Rm + r) * N;
+                        float* dst = (which ? q : k) + (l * Rm + r) * N;
+                        double ss = 0.0;
+                        for (int64_t n = 0; n < N; ++n) ss += double(src[n]) * src[n];
+                        const float inv = 1.0f / std::sqrt(float(ss / N) + p.eps);
+                        for (int64_t n = 0; n < N; ++n) dst[n] = src[n] * inv * w[n] + bias[n];
+                    }
+                    const float* xs = row + E + h * P;
+                    for (int64_t i = 0; i < P; ++i) x[(l * Rm + r) * P + i] = xs[i] * mix(p.mimo_x, r, i);
+                }
+                for (int64_t i = 0; i < S; ++i) {
+                    sc.th[size_t(i)] += pi * std::tanh(ang[i]) * DT;
+                    const float th = wrap(th0[i] + sc.th[size_t(i)]);
+                    const float c = std::cos(th), s = std::sin(th);
+                    const int64_t i0 = p.halved ? i : 2 * i, i1 = p.halved ? i + N / 2 : 2 * i + 1;
+                    for (int64_t r = 0; r < 2 * Rm; ++r) {
+                        float* dst = (r < Rm ? k : q) + (l * Rm + r % Rm) * N;
+                        const float v0 = dst[i0], v1 = dst[i1];
+                        dst[i0] = v0 * c - v1 * s;
+                        dst[i1] = v0 * s + v1 * c;
+                    }
+                }
+            }
+            for (int64_t i = 0; i < S; ++i) theta[i] = wrap(th0[i] + sc.th[size_t(i)]);
+            const float last = sc.cum[size_t(Lc - 1)];
+            auto tok = [&](int64_t i) { return size_t(i / Rm); };
+            // Yo = Q' · Gᵀ (F, P);  CB = Q' · K'ᵀ (F, F)
+            cpu::linear(q, N, F, N, Gs, DType::F32, P, nullptr, sc.yo.data(), P);
+            cpu::linear(q, N, F, N, k, DType::F32, F, nullptr, sc.cb.data(), F);
+            for (int64_t i = 0; i < F; ++i)
+                for (int64_t j = 0; j < F; ++j) {
+                    float coef = 0.0f;
+                    if (tok(j) < tok(i))
+                        coef = exp_neg(sc.cum[tok(i)] - sc.cum[tok(j)]) * sc.scl[tok(j)];
+                    else if (tok(j) == tok(i))
+                        coef = sc.gam[tok(j)];
+                    sc.cb[size_t(i * F + j)] *= coef;
+                }
+            // Y = el ∘ Yo + M · X + D X   (M · X: W = Xᵀ (P, F))
+            for (int64_t i = 0; i < F; ++i)
+                for (int64_t pp = 0; pp < P; ++pp) {
+                    sc.xt[size_t(pp * F + i)] = x[i * P + pp];
+                    sc.xw[size_t(pp * F + i)] =
+                        x[i * P + pp] * exp_neg(last - sc.cum[tok(i)]) * sc.scl[tok(i)];
+                }
+            cpu::linear(sc.cb.data(), F, F, F, sc.xt.data(), DType::F32, P, nullptr, sc.y.data(), P);
+            const float Dh = p.D[h];
+            for (int64_t i = 0; i < F; ++i) {
+                const float el = exp_neg(sc.cum[tok(i)]);
+                for (int64_t pp = 0; pp < P; ++pp)
+                    sc.y[size_t(i * P + pp)] += el * sc.yo[size_t(i * P + pp)] + Dh * x[i * P + pp];
+            }
+            // G <- exp(Λ_last) G + (wt ∘ X)ᵀ · K'   (W = K'ᵀ (N, F))
+            for (int64_t i = 0; i < F; ++i)
+                for (int64_t n = 0; n < N; ++n) sc.kt[size_t(n * F + i)] = k[i * N + n];
+            cpu::linear(sc.xw.data(), F, P, F, sc.kt.data(), DType::F32, N, nullptr, sc.dS.data(), N);
+            const float total = exp_neg(last);
+            for (int64_t i = 0; i < P * N; ++i) Gs[i] = Gs[i] * total + sc.dS[size_t(i)];
+            // per token: norm, gate, rank sum
+            for (int64_t l = 0; l < Lc; ++l) {
+                const float* z = proj_row(t0 + l) + h * P;
+                float* yo = p.y + (b * L + t0 + l) * E + h * P;
+                for (int64_t i = 0; i < P; ++i) yo[i] = 0.0f;
+                for (int64_t r = 0; r < Rm; ++r) {
+                    const float* yv = sc.y.data() + (l * Rm + r) * P;
+                    float inv = 1.0f;
+                    if (p.norm_w) {
+                        double ss = 0.0;
+                        for (int64_t i = 0; i < P; ++i) ss += double(yv[i]) * yv[i];
+                        inv = 1.0f / std::sqrt(float(ss / P) + p.eps);
+                    }
+                    for (int64_t i = 0; i < P; ++i) {
+                        float v = yv[i] * inv;
+                        if (p.norm_w) v *= p.norm_w[h * P + i];
+                        v *= silu(z[i] * mix(p.mimo_z, r, i));
+                        yo[i] += v * mix(p.mimo_o, r, i);
+                    }
+                }
+            }
+            if (t0 + Lc == L) {  // the last token's k' and x
+                for (int64_t r = 0; r < Rm; ++r)
+                    std::memcpy(p.k_state + ((b * Rm + r) * H + h) * N, k + ((Lc - 1) * Rm + r) * N,
+                                size_t(N) * sizeof(float));
+                std::memcpy(vst, proj_row(L - 1) + E + h * P, size_t(P) * sizeof(float));
+            }
+        }
     }
 
     static void mamba3_row_head(const Mamba3ScanParams& p, int64_t b, int64_t h) {
@@ -456,6 +673,7 @@ class CpuBackend final : public Backend {
     }
 
  private:
+    CpuMamba3 m3_mode_;  // the cpu_mamba3 option (cpp/options.h), read at construction
     std::unique_ptr<cpu::ThreadPool> pool_;  // every op's threads (the caller and its workers)
     CpuSsd ssd_form_;                         // the cpu_ssd option when the backend was made
 
@@ -464,7 +682,9 @@ class CpuBackend final : public Backend {
         return std::min(std::max(v, p.dt_min), p.dt_max);
     }
 
-    // The recurrent form, token after token: s = s·exp(Δ A) + Δ·x ⊗ B;  y = s·C + D x  (+ gate).
+    // The recurrent form, token by token (decode steps, prefill where it is the faster form,
+    // and verifications that keep per-token states): s = s·exp(Δ A) + Δ·x ⊗ B;
+    // y = s·C + D x  (+ gate); with state_trace, s after each token is copied to its trace row.
     // Threads split the (row, head) pairs; a head's state (P x N) stays in L1 while its tokens
     // run. Each token does exactly the arithmetic of a decode step (L = 1), so a prompt
     // prefilled this way leaves the state that decoding it token by token would.
@@ -474,14 +694,14 @@ class CpuBackend final : public Backend {
             for (int64_t bh = i0; bh < i1; ++bh) {
                 const int64_t b = bh / H, h = bh % H, g = h / heads_per_group;
                 float* s = p.ssm_state + (b * H + h) * P * N;
-                for (int64_t l = 0; l < L; ++l) {
-                    const int64_t row = b * L + l;
-                    const float delta = dt_value(p, row, h);
+                for (int64_t t = 0; t < L; ++t) {
+                    const int64_t bt = b * L + t;  // token row
+                    const float delta = dt_value(p, bt, h);
                     const float dA = exp_neg(delta * p.A[h]);
-                    const float* x = p.x + row * p.ld_xbc + h * P;
-                    const float* Bv = p.Bm + row * p.ld_xbc + g * N;
-                    const float* Cv = p.Cm + row * p.ld_xbc + g * N;
-                    float* y = p.y + row * H * P + h * P;
+                    const float* x = p.x + bt * p.ld_xbc + h * P;
+                    const float* Bv = p.Bm + bt * p.ld_xbc + g * N;
+                    const float* Cv = p.Cm + bt * p.ld_xbc + g * N;
+                    float* y = p.y + bt * H * P + h * P;
                     for (int64_t pp = 0; pp < P; ++pp) {
                         const float dx = delta * x[pp];
                         float* sp = s + pp * N;
@@ -495,9 +715,12 @@ class CpuBackend final : public Backend {
                         y[pp] = acc + p.D[h] * x[pp];
                     }
                     if (p.z) {
-                        const float* z = p.z + row * p.ld_z + h * P;
+                        const float* z = p.z + bt * p.ld_z + h * P;
                         for (int64_t pp = 0; pp < P; ++pp) y[pp] *= silu(z[pp]);
                     }
+                    if (p.state_trace)
+                        std::memcpy(p.state_trace + (bt * H + h) * P * N, s,
+                                    size_t(P * N) * sizeof(float));
                 }
             }
         });

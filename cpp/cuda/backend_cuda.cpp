@@ -96,6 +96,8 @@ class CudaBackend final : public Backend {
             if (staging_[i]) cudaFreeHost(staging_[i]);
             if (staged_[i]) cudaEventDestroy(staged_[i]);
         }
+        for (cudaEvent_t e : markers_)
+            if (e) cudaEventDestroy(e);
         if (stream_) cudaStreamDestroy(stream_);
     }
 
@@ -143,6 +145,43 @@ class CudaBackend final : public Backend {
         dev();
         check(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToHost, stream_), "copy_to_host");
         check(cudaStreamSynchronize(stream_), "copy_to_host (a kernel before it failed)");
+    }
+    void* alloc_host(size_t bytes, const char* what) override {
+        dev();
+        void* p = nullptr;
+        const cudaError_t e = cudaHostAlloc(&p, std::max<size_t>(bytes, 1), cudaHostAllocDefault);
+        if (e != cudaSuccess) {
+            (void)cudaGetLastError();
+            throw CudaError(str_cat("could not allocate ", bytes, " bytes of page-locked host "
+                                    "memory for ", what, ": ", cudaGetErrorString(e)));
+        }
+        return p;
+    }
+    void dealloc_host(void* p) noexcept override {
+        if (!p) return;
+        cudaSetDevice(device_);
+        cudaFreeHost(p);
+    }
+    void copy_to_host_async(void* dst, const void* src, size_t n) override {
+        dev();
+        check(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToHost, stream_), "copy_to_host_async");
+    }
+    uint64_t record_marker() override {
+        dev();
+        const int i = int(markers_recorded_ % kMaxMarkers);
+        if (!markers_[i])
+            check(cudaEventCreateWithFlags(&markers_[i], cudaEventDisableTiming),
+                  "cudaEventCreate (marker)");
+        check(cudaEventRecord(markers_[i], stream_), "cudaEventRecord (marker)");
+        return ++markers_recorded_;  // marker m is event (m - 1) % kMaxMarkers
+    }
+    void wait_marker(uint64_t m) override {
+        if (m == 0 || m > markers_recorded_) return;
+        // A marker whose event was recorded again stands for a later point of the same stream:
+        // waiting for that one is later than needed, never too early.
+        dev();
+        check(cudaEventSynchronize(markers_[(m - 1) % kMaxMarkers]),
+              "wait_marker (a kernel before it failed)");
     }
     void copy_device(void* dst, const void* src, size_t n) override {
         dev();
@@ -210,7 +249,7 @@ class CudaBackend final : public Backend {
     // ---- ops ----
     void embedding(const int32_t* ids, int64_t n, const Weight& table, float* out) override {
         dev();
-        cuda::launch_embedding({ids, table.data, table.dtype, out, n, table.cols}, stream_);
+        cuda::launch_embedding({ids, table.data, table.dtype, out, n, table.cols, table.rows}, stream_);
     }
 
     void add_norm(float* residual, const float* hidden, const Param& w, const Param& b,
@@ -271,7 +310,9 @@ class CudaBackend final : public Backend {
         const bool lanes = scan_mode_ == ScanMode::Lanes;
         const bool chunked = scan_mode_ == ScanMode::Chunked ||
                              (scan_mode_ == ScanMode::Auto && p.N <= cuda::kCptMaxN);
-        const int64_t T = chunked && p.L >= cuda::kScanChunkedMinL
+        // A trace (speculative verification, issue 25: L = k + 1 small) takes the sequential
+        // form, which has every token's state anyway.
+        const int64_t T = chunked && !p.state_trace && p.L >= cuda::kScanChunkedMinL
                               ? cuda::selective_scan_segment_len(p, lanes)
                               : p.L;  // p.L: the sequential kernel
         if (T >= p.L) {  // decode, short L, or the chunked form not asked for
@@ -285,7 +326,8 @@ class CudaBackend final : public Backend {
 
     void ssd_scan(const SsdParams& p) override {
         dev();
-        if (p.L <= 1 || !ssd_chunked_) {  // decode step: the recurrent form
+        // decode step or a trace (issue 25): the recurrent form
+        if (p.L <= 1 || !ssd_chunked_ || p.state_trace) {
             cuda::launch_ssd_scan(p, stream_);
             return;
         }
@@ -298,7 +340,14 @@ class CudaBackend final : public Backend {
 
     void mamba3_scan(const Mamba3ScanParams& p) override {
         dev();
-        cuda::launch_mamba3_scan(p, stream_);
+        // Decode steps and short prompts: the recurrent form; prefill: the chunked form (off with
+        // MAMBART_CUDA_SSD=recurrent; plain TF32 products with MAMBART_CUDA_SSD=tf32).
+        if (p.L < cuda::kMamba3ChunkedMinL || !ssd_chunked_ || !cuda::mamba3_chunked_supported(p)) {
+            cuda::launch_mamba3_scan(p, stream_);
+            return;
+        }
+        const int64_t need = cuda::mamba3_chunked_workspace_floats(p);
+        cuda::launch_mamba3_chunked({p, workspace(need, "mamba3_scan"), ssd_tf32_}, stream_);
     }
 
     bool mamba1_decode_fused(const Mamba1DecodeParams& p) override {
@@ -423,6 +472,8 @@ class CudaBackend final : public Backend {
     cudaStream_t stream_ = nullptr;
     void* staging_[2] = {nullptr, nullptr};       // pinned host, kStagingBytes each
     cudaEvent_t staged_[2] = {nullptr, nullptr};  // the last copy out of each staging buffer
+    cudaEvent_t markers_[kMaxMarkers] = {};       // record_marker's ring, created on first use
+    uint64_t markers_recorded_ = 0;
     std::unordered_map<uint64_t, cudaGraphExec_t> graphs_;
     bool graphs_enabled_ = true;
     bool fused_enabled_ = true;  // fused decode mixer steps (MAMBART_CUDA_FUSED=0: off)

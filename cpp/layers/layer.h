@@ -37,6 +37,11 @@ struct LayerIO {
     float* const* state;  // state tensors in LayerConfig::state() order, each (B, shape...),
                           // starting at the first of the B rows
     int64_t B, L;
+    // Speculative verification (issue 25), or nullptr: per state tensor (state() order), a
+    // (B, L, shape...) buffer that gets the tensor's value after each token, so that a caller
+    // can keep the state after any prefix of the L tokens (the layer's `state` still ends at
+    // the last token). Only for layers whose supports_state_trace() is true.
+    float* const* trace = nullptr;
 };
 
 class Layer {
@@ -52,6 +57,8 @@ class Layer {
     // Prefill (L > 1) and decode (L == 1) alike; everything enqueued on `be`, no allocation,
     // no synchronisation (decode steps are recorded into graphs).
     virtual void forward(Backend& be, const LayerIO& io) = 0;
+    // Whether forward honours LayerIO::trace (speculative decoding, issue 25).
+    virtual bool supports_state_trace() const { return false; }
 };
 
 }  // namespace mambart

@@ -133,6 +133,8 @@ std::vector<float> logits_vector(const py::array_t<float, py::array::c_style | p
 void register_ops(py::module_& parent);
 // python/bindings/states.cpp: state files, the model fingerprint, the prompt cache.
 void register_state_files(py::module_& m);
+// python/bindings/speculative.cpp: speculative decoding (issue 25).
+void register_speculative_api(py::module_& m);
 
 // ---- issue 7: sequence states, per-row options, scoring (registered after the classes above) --
 namespace {
@@ -315,6 +317,7 @@ py::dict stats_dict(const EngineStats& s) {
     d["rows_decoded"] = s.rows_decoded;
     d["mean_rows_per_step"] = s.steps ? double(s.rows_decoded) / double(s.steps) : 0.0;
     d["max_rows"] = s.max_rows;
+    d["steps_ahead"] = s.steps_ahead;
     d["prefill_calls"] = s.prefill_calls;
     d["step_ms"] = s.step_ms;
     d["decode_ms"] = s.decode_ms;
@@ -812,4 +815,5 @@ PYBIND11_MODULE(_C, m) {
     register_state_api(m);  // issue 7
     register_engine_api(m);  // issue 14
     register_state_files(m);  // issue 14: state files, the prompt cache (states.cpp)
+    register_speculative_api(m);  // issue 25 (speculative.cpp)
 }

@@ -306,6 +306,79 @@ void register_ops(py::module_& parent) {
                  return py::make_tuple(y.download<float>({B, L, H * P}),
                                        st.download<float>({B, H, P, N}));
              })
+        .def("mamba3_scan",
+             [](Ops& o, const F32& proj, const F32& dt_bias, const F32& B_bias, const F32& C_bias,
+                const F32& B_norm_w, const F32& C_norm_w, const F32& D,
+                const std::optional<F32>& mimo_x, const std::optional<F32>& mimo_z,
+                const std::optional<F32>& mimo_o, const std::optional<F32>& norm_w,
+                const F32& angle, const F32& ssm, const F32& k, const F32& v, int64_t G,
+                bool halved, bool softplus_a, float a_floor, float eps) {
+                 // proj (B, L, ld >= Din): [z | x | B | C | dd_dt | dd_A | trap | angles];
+                 // angle (B, H, S), ssm (B, H, P, N), k (B, Rm, H, N), v (B, H, P).
+                 // -> (y (B, L, H*P), angle, ssm, k, v) after the scan.
+                 Backend& be = *o.be;
+                 need(proj.ndim() == 3 && angle.ndim() == 3 && ssm.ndim() == 4 && k.ndim() == 4 &&
+                          v.ndim() == 3,
+                      "mamba3_scan: bad ranks");
+                 const int64_t B = proj.shape(0), L = proj.shape(1), H = ssm.shape(1),
+                               P = ssm.shape(2), N = ssm.shape(3), Rm = k.shape(1),
+                               S = angle.shape(2);
+                 need(G >= 1 && H % G == 0, "mamba3_scan: ngroups must divide nheads");
+                 const int64_t Din = 2 * H * P + 2 * Rm * G * N + 3 * H + S;
+                 need(proj.shape(2) >= Din && ssm.shape(0) == B && angle.shape(0) == B &&
+                          angle.shape(1) == H && k.shape(0) == B && k.shape(2) == H &&
+                          k.shape(3) == N && v.shape(0) == B && v.shape(1) == H &&
+                          v.shape(2) == P && dt_bias.size() == H && D.size() == H &&
+                          B_bias.size() == H * Rm * N && C_bias.size() == H * Rm * N &&
+                          B_norm_w.size() == N && C_norm_w.size() == N &&
+                          (!mimo_x || mimo_x->size() == H * Rm * P) &&
+                          (!mimo_z || mimo_z->size() == H * Rm * P) &&
+                          (!mimo_o || mimo_o->size() == H * Rm * P) &&
+                          (!norm_w || norm_w->size() == H * P),
+                      "mamba3_scan: shapes do not match proj (B, L, >= Din), ssm (B, H, P, N), "
+                      "k (B, Rm, H, N), angle (B, H, S)");
+                 Buf dp(be, proj), ddb(be, dt_bias), dbb(be, B_bias), dcb(be, C_bias),
+                     dbn(be, B_norm_w), dcn(be, C_norm_w), dD(be, D), da(be, angle), ds(be, ssm),
+                     dk(be, k), dv(be, v), y(be, size_t(B * L * H * P) * 4);
+                 auto mx = maybe(be, mimo_x), mz = maybe(be, mimo_z), mo = maybe(be, mimo_o),
+                      nw = maybe(be, norm_w);
+                 Mamba3ScanParams p{};
+                 p.proj = dp.as<float>();
+                 p.ld_proj = proj.shape(2);
+                 p.dt_bias = ddb.as<float>();
+                 p.B_bias = dbb.as<float>();
+                 p.C_bias = dcb.as<float>();
+                 p.B_norm_w = dbn.as<float>();
+                 p.C_norm_w = dcn.as<float>();
+                 p.D = dD.as<float>();
+                 p.mimo_x = ptr<float>(mx);
+                 p.mimo_z = ptr<float>(mz);
+                 p.mimo_o = ptr<float>(mo);
+                 p.norm_w = ptr<float>(nw);
+                 p.angle_state = da.as<float>();
+                 p.ssm_state = ds.as<float>();
+                 p.k_state = dk.as<float>();
+                 p.v_state = dv.as<float>();
+                 p.y = y.as<float>();
+                 p.B = B;
+                 p.L = L;
+                 p.H = H;
+                 p.P = P;
+                 p.N = N;
+                 p.G = G;
+                 p.Rm = Rm;
+                 p.S = S;
+                 p.halved = halved;
+                 p.softplus_a = softplus_a;
+                 p.a_floor = a_floor;
+                 p.eps = eps;
+                 be.mamba3_scan(p);
+                 return py::make_tuple(y.download<float>({B, L, H * P}),
+                                       da.download<float>({B, H, S}),
+                                       ds.download<float>({B, H, P, N}),
+                                       dk.download<float>({B, Rm, H, N}),
+                                       dv.download<float>({B, H, P}));
+             })
         .def("gated_rmsnorm",
              [](Ops& o, const F32& y, const F32& z, const F32& w, int64_t group_size, float eps) {
                  Backend& be = *o.be;

@@ -178,6 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--token-ids", action="store_true",
                    help="PROMPT is token ids (e.g. '1,2,3'); print token ids")
     g.add_argument("--echo", action="store_true", help="print the prompt before the output")
+    sp = g.add_argument_group("speculative decoding (docs/speculative.md)")
+    sp.add_argument("--prompt-lookup", action="store_true",
+                    help="guess the next tokens from n-gram matches in the prompt and the text "
+                         "so far, checked by the model in one pass (same output)")
+    sp.add_argument("--draft", default=None, metavar="MODEL",
+                    help="guess the next tokens with this smaller model (same tokenizer)")
+    sp.add_argument("--spec-k", type=int, default=None, metavar="N",
+                    help="tokens guessed per pass (default 7 for --prompt-lookup, 4 for --draft)")
 
     ch = sub.add_parser("chat", help="an interactive session that keeps the model's state",
                         description="Chat with MODEL: each line you type is a turn, rendered "
@@ -345,6 +353,20 @@ def _sampling(a) -> dict:
                 seed=a.seed, stop=a.stop, ignore_eos=a.ignore_eos)
 
 
+def _speculative(a):
+    """generate's speculative= from --prompt-lookup / --draft / --spec-k (None: off)."""
+    if a.prompt_lookup and a.draft:
+        raise ValueError("--prompt-lookup and --draft exclude each other")
+    if a.spec_k is not None and not (a.prompt_lookup or a.draft):
+        raise ValueError("--spec-k needs --prompt-lookup or --draft")
+    if not (a.prompt_lookup or a.draft):
+        return None
+    spec = dict(method="prompt_lookup") if a.prompt_lookup else dict(draft=a.draft)
+    if a.spec_k is not None:
+        spec["k"] = a.spec_k
+    return spec
+
+
 def timing_line(r) -> str:
     """One line for a finished generation (a GenerationResult)."""
     n = len(r.token_ids)
@@ -365,6 +387,21 @@ def _cmd_generate(a) -> int:
     if a.echo:
         out.write(text if not a.token_ids else " ".join(map(str, prompt)))
         out.flush()
+    spec = _speculative(a)
+    if spec is not None:  # one call (not streamed), then the text or the ids
+        r = gen.generate(prompt, speculative=spec, **_sampling(a))
+        if a.token_ids:
+            out.write(("" if not a.echo else " ") + " ".join(map(str, r.token_ids)))
+        else:
+            out.write(r.text or "")
+        out.write("\n")
+        out.flush()
+        if not a.quiet:
+            s = r.speculative
+            sys.stderr.write(timing_line(r) + f"; speculative: {s['accepted']}/{s['proposed']} "
+                             f"guesses kept ({100 * s['acceptance_rate']:.0f}%), "
+                             f"{s['verifications']} passes\n")
+        return 0
     it = gen.stream(prompt, **_sampling(a))
     first = not a.echo
     for piece in it:

@@ -41,6 +41,9 @@ class GenerationResult:
         started from a state or a prompt-cache hit); state: the sequence's state after this
         generation (generate(..., return_state=True)), to continue it with generate(state=...).
     logprobs: one TokenLogprob per token of token_ids (generate(..., logprobs=N)), else None.
+    speculative: generate(..., speculative=...) only: the proposer's counts, {"proposed",
+        "accepted", "acceptance_rate" (accepted / proposed, 0 when none), "verifications"
+        (target passes), "draft_forwards", "propose_ms", "verify_ms", "rollback_ms"}.
     """
 
     token_ids: List[int]
@@ -52,12 +55,24 @@ class GenerationResult:
     prefill_tokens: int = 0
     state: Optional[SequenceState] = None
     logprobs: Optional[List[TokenLogprob]] = None
+    speculative: Optional[dict] = None
 
     @property
     def tokens_per_s(self) -> float:
         """Decode speed: tokens after the first over the decode time."""
         n = len(self.token_ids) - 1
         return n / (self.decode_ms / 1e3) if n > 0 and self.decode_ms > 0 else 0.0
+
+
+def _tokenizer_key(tok):
+    """What must agree between a target's and a draft's tokenizer: the token -> id map."""
+    get = getattr(tok, "get_vocab", None)
+    return get() if callable(get) else None
+
+
+def _device_arg(device_name: str) -> str:
+    """The device argument that gives a generator on `device_name`'s device ("cpu", "cuda:0")."""
+    return device_name.split(" ", 1)[0]
 
 
 class StreamIterator:
@@ -274,7 +289,8 @@ class Generator(SequenceAPI):
                  repetition_penalty: float = 1.0, seed: Optional[int] = None,
                  stop_token_ids: Optional[Sequence[int]] = None,
                  stop: Union[str, Sequence[str], None] = None, ignore_eos: bool = False,
-                 state=None, return_state: bool = False, logprobs: Optional[int] = None):
+                 state=None, return_state: bool = False, logprobs: Optional[int] = None,
+                 speculative: Optional[dict] = None):
         """Generates from one prompt (token ids or text) or a list of prompts.
 
         temperature=0 is greedy; top_k=0, top_p=1, min_p=0 and repetition_penalty=1 are off.
@@ -288,8 +304,20 @@ class Generator(SequenceAPI):
         likely tokens (these rows sample on the host, see docs/engine.md).
         Every row is a request of the generator's engine: rows and concurrent calls from other
         threads share decode steps.
+        speculative: speculative decoding (docs/speculative.md), one prompt after the other
+        outside the engine: dict(method="prompt_lookup", k=7[, ngram_max=3, ngram_min=1]) or
+        dict(draft=<Generator or model name/path with the same tokenizer>, k=4). Greedy
+        output equals plain decoding's; sampled output follows the same distribution (other
+        tokens for a seed). result.speculative holds the acceptance counts. Not combined with
+        state, return_state, logprobs or stop strings (ValueError).
         Returns a GenerationResult, or a list of them for a list of prompts.
         """
+        if speculative is not None:
+            return self._generate_speculative(
+                prompt, speculative, state, return_state, logprobs, stop,
+                dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                     top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+                     stop_token_ids=stop_token_ids, ignore_eos=ignore_eos))
         batch, prompts, states = self._rows(prompt, state)
         if batch and not prompts:
             return []
@@ -336,6 +364,102 @@ class Generator(SequenceAPI):
                                             raw.decode_ms, text, raw.prefill_tokens,
                                             row_states[row],
                                             None if lps[row] is None else lps[row][:len(ids)]))
+        return results if batch else results[0]
+
+    # ---- issue 25: speculative decoding ----
+    _SPEC_KEYS = ("method", "draft", "k", "ngram_max", "ngram_min")
+
+    def _speculative_args(self, spec):
+        """-> (method, k, ngram_max, ngram_min, draft _C.Generator or None), validated."""
+        if not isinstance(spec, dict):
+            raise ValueError(f"speculative must be a dict such as dict(method='prompt_lookup', "
+                             f"k=8) or dict(draft='model', k=4), got {_args.show(spec)}")
+        for key in spec:
+            if key not in self._SPEC_KEYS:
+                raise ValueError(f"speculative: unknown key {_args.show(key)} (known: "
+                                 f"{', '.join(self._SPEC_KEYS)})")
+        method = spec.get("method", "draft" if spec.get("draft") is not None else None)
+        if method not in ("prompt_lookup", "draft"):
+            raise ValueError(f"speculative['method'] must be 'prompt_lookup' or 'draft', got "
+                             f"{_args.show(method)}")
+        max_k = int(_C.SPECULATIVE_MAX_K)
+        k = _args.integer("speculative['k']", spec.get("k", 7 if method == "prompt_lookup" else 4),
+                          1, max_k)
+        ngram_max = _args.integer("speculative['ngram_max']", spec.get("ngram_max", 3), 1, 64)
+        ngram_min = _args.integer("speculative['ngram_min']", spec.get("ngram_min", 1), 1,
+                                  ngram_max)
+        draft = None
+        if method == "draft":
+            d = spec.get("draft")
+            if d is None:
+                raise ValueError("speculative['draft'] is required for method 'draft' (a "
+                                 "Generator or a model name or path)")
+            draft = self._draft_generator(d)
+            if draft.vocab_size != self.vocab_size:
+                raise ValueError(f"speculative['draft']: its vocabulary has {draft.vocab_size} "
+                                 f"tokens, the target's {self.vocab_size} (the draft must use "
+                                 f"the target's tokenizer)")
+            if (self.tokenizer is not None and draft.tokenizer is not None
+                    and draft.tokenizer is not self.tokenizer
+                    and _tokenizer_key(draft.tokenizer) != _tokenizer_key(self.tokenizer)):
+                raise ValueError("speculative['draft']: its tokenizer differs from the "
+                                 "target's (the draft must use the target's tokenizer)")
+            if spec.get("ngram_max") is not None or spec.get("ngram_min") is not None:
+                raise ValueError("speculative: ngram_max / ngram_min apply to method "
+                                 "'prompt_lookup' only")
+        elif spec.get("draft") is not None:
+            raise ValueError("speculative['draft'] was given with method 'prompt_lookup'")
+        return method, k, ngram_max, ngram_min, draft
+
+    def _draft_generator(self, d):
+        if isinstance(d, Generator):
+            return d
+        if not isinstance(d, (str, os.PathLike)):
+            raise ValueError(f"speculative['draft'] must be a Generator or a model name or "
+                             f"path, got {_args.show(d)}")
+        cache = self.__dict__.setdefault("_drafts", {})
+        key = os.fspath(d)
+        if key not in cache:  # loaded once, on this generator's device and dtype
+            cache[key] = Generator(d, device=_device_arg(self.device), dtype=self.dtype)
+        return cache[key]
+
+    def _generate_speculative(self, prompt, spec, state, return_state, logprobs, stop, kwargs):
+        for name, bad in (("state", state is not None), ("return_state", bool(return_state)),
+                          ("logprobs", logprobs is not None), ("stop", stop is not None)):
+            if bad:
+                raise ValueError(f"speculative decoding does not support {name} (yet)")
+        method, k, ngram_max, ngram_min, draft = self._speculative_args(spec)
+        batch = self._is_batch(prompt)
+        prompts = list(prompt) if batch else [prompt]
+        ids = []
+        for p in prompts:
+            if p is None:
+                raise ValueError("speculative decoding needs a prompt")
+            e = self._encode(p)
+            if not e:
+                raise ValueError("prompt is empty: give at least one token")
+            ids.append(e)
+        opts = self._row_options(len(prompts), kwargs, None)
+        results = []
+        for r, (e, o) in enumerate(zip(ids, opts)):
+            if o.rng_stream < 0:
+                o.rng_stream = r  # row r of a batch draws from stream r, as in generate()
+            raw, st = self._g.generate_speculative(
+                e, o, method, k, ngram_max, ngram_min, None if draft is None else draft._g)
+            st["acceptance_rate"] = st["accepted"] / st["proposed"] if st["proposed"] else 0.0
+            out = list(raw.token_ids)
+            text = None
+            if self.tokenizer is not None:
+                from .text import TextStream
+
+                ts = TextStream(self.tokenizer, [])
+                for t in out:
+                    ts.push(t)
+                ts.finish()
+                text = ts.text
+            results.append(GenerationResult(out, raw.finish_reason, raw.prompt_tokens,
+                                            raw.prefill_ms, raw.decode_ms, text,
+                                            raw.prefill_tokens, None, None, st))
         return results if batch else results[0]
 
     @staticmethod

@@ -128,6 +128,7 @@ class Mamba2 final : public Layer {
         return {c_->d_in_proj(), c_->conv_dim(), E};
     }
     int64_t max_linear_cols() const override { return std::max(d_model_, c_->d_inner); }
+    bool supports_state_trace() const override { return true; }
 
     void forward(Backend& be, const LayerIO& io) override {
         const Config& c = *c_;
@@ -138,8 +139,9 @@ class Mamba2 final : public Layer {
         float* xconv = io.ws[1];  // (R, conv_dim)
         float* y = io.ws[2];      // (R, E)
         be.linear(io.in, d_model_, R, in_proj_, Din, in_proj_b_.data, proj, Din);
-        const ConvParams cp{proj + E, Din, io.state[0], conv_w_.data, conv_b_.data,
-                            xconv, B, L, conv_dim, c.d_conv};
+        ConvParams cp{proj + E, Din, io.state[0], conv_w_.data, conv_b_.data,
+                      xconv, B, L, conv_dim, c.d_conv};
+        cp.state_trace = io.trace ? io.trace[0] : nullptr;  // (B, L, conv_dim, W)
         SsdParams sp{};
         sp.x = xconv;
         sp.Bm = xconv + E;
@@ -163,8 +165,9 @@ class Mamba2 final : public Layer {
         sp.G = G;
         sp.N = N;
         sp.chunk_size = c.chunk_size;
-        // decode: conv update + scan fused where the backend can
-        if (!(L == 1 && be.mamba2_decode_fused(Mamba2DecodeParams{cp, sp}))) {
+        sp.state_trace = io.trace ? io.trace[1] : nullptr;  // (B, L, H, P, N)
+        // decode: conv update + scan fused where the backend can (not with a trace)
+        if (!(L == 1 && !io.trace && be.mamba2_decode_fused(Mamba2DecodeParams{cp, sp}))) {
             be.conv1d(cp);
             be.ssd_scan(sp);
         }

@@ -32,7 +32,7 @@ struct Config final : LayerConfig {
     bool is_mimo = false;
     int64_t mimo_rank = 1;   // Rm (1 for SISO)
     double rope_fraction = 0.5;
-    int64_t chunk_size = 64; // Q (the chunked prefill's block; the recurrent form ignores it)
+    int64_t chunk_size = 64; // Q, recorded (the chunked scans run 64 / Rm tokens: exact for any)
     bool is_outproj_norm = false;
     bool softplus_a = false; // a_activation "softplus" (checkpoints before 2026-06-02)
     double a_floor = 1e-4;
