@@ -33,9 +33,10 @@ bool cuda_available() { return cuda_device_present(); }
 bool cuda_available() { return false; }
 #endif
 
-std::unique_ptr<Backend> make_backend(const std::string& device) {
-    if (device == "cpu") return make_cpu_backend();
-    if (device == "auto") return cuda_available() ? make_backend("cuda") : make_cpu_backend();
+std::unique_ptr<Backend> make_backend(const std::string& device, int threads) {
+    if (device == "cpu") return make_cpu_backend(threads);
+    if (device == "auto")
+        return cuda_available() ? make_backend("cuda") : make_cpu_backend(threads);
     if (device == "cuda" || device.rfind("cuda:", 0) == 0) {
 #ifdef MAMBART_WITH_CUDA
         int index = 0;

@@ -34,6 +34,9 @@ class Backend {
     virtual ~Backend() = default;
     virtual DeviceKind kind() const = 0;
     virtual std::string name() const = 0;
+    // Host threads the ops run on (the CPU backend's pool, the caller included); 0 for device
+    // backends.
+    virtual int threads() const { return 0; }
 
     // ---- memory (allocation happens at load / stream set-up, never per token) ----
     virtual void* alloc(size_t bytes, const char* what) = 0;
@@ -138,9 +141,12 @@ class Backend {
     virtual void synchronize() {}
 };
 
-std::unique_ptr<Backend> make_cpu_backend();
+// threads: the CPU pool's size; 0 takes the cpu_threads option, and where that is 0 too the
+// cores this process may run on (its CPU affinity).
+std::unique_ptr<Backend> make_cpu_backend(int threads = 0);
 // Device names: "cpu", "cuda", "cuda:N", "auto". Throws InvalidArgument / Unsupported.
-std::unique_ptr<Backend> make_backend(const std::string& device);
+// `threads` (>= 0) is the CPU backend's (make_cpu_backend); device backends ignore it.
+std::unique_ptr<Backend> make_backend(const std::string& device, int threads = 0);
 bool cuda_available();
 
 }  // namespace mambart

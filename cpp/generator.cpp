@@ -52,9 +52,13 @@ std::vector<PrefillCall> plan_prefill(const std::vector<int64_t>& lens, int64_t 
 
 // ---- Generator -------------------------------------------------------------------------------
 
-Generator::Generator(const std::string& model_dir, const std::string& device, const DType* dtype) {
+Generator::Generator(const std::string& model_dir, const std::string& device, const DType* dtype,
+                     int threads) {
     (void)runtime_options();  // a bad option value is refused here, naming it
-    std::shared_ptr<Backend> backend = make_backend(device);
+    MAMBART_CHECK_ARG(threads >= 0 && threads <= kMaxThreads, "threads must be an integer from 1 to ",
+                      kMaxThreads, " (or None: the cpu_threads option, else the cores this "
+                      "process may run on), got ", threads);
+    std::shared_ptr<Backend> backend = make_backend(device, threads);
     model_ = std::make_unique<Model>(model_dir, std::move(backend), dtype);
     model_dir_ = model_dir;
 }

@@ -177,13 +177,19 @@ class GenerationStream {
 
 class Generator {
  public:
-    // device: "cpu" | "cuda" | "cuda:N" | "auto"; dtype: nullptr keeps the stored dtype.
-    Generator(const std::string& model_dir, const std::string& device, const DType* dtype);
+    // device: "cpu" | "cuda" | "cuda:N" | "auto"; dtype: nullptr keeps the stored dtype;
+    // threads: the CPU backend's threads, 1..kMaxThreads (0: the cpu_threads option, else the
+    // cores this process may run on).
+    static constexpr int kMaxThreads = 4096;
+    Generator(const std::string& model_dir, const std::string& device, const DType* dtype,
+              int threads = 0);
     ~Generator();
 
     const ModelConfig& config() const { return model_->config(); }
     const Model& model() const { return *model_; }
     std::string device_name() const { return model_->backend().name(); }
+    // The CPU backend's threads (0 on a device backend).
+    int threads() const { return model_->backend().threads(); }
 
     // Next-token logits at every position of `ids` (one prefill from a fresh state):
     // out has ids.size() x vocab_size floats. `chunk` > 0 runs the prefill in forward calls of

@@ -50,6 +50,11 @@ const std::vector<OptionInfo> kTable = {
     {"cpu_portable", "MAMBART_CPU_PORTABLE", "bool", "", "0",
      "the generic CPU projections even where AVX2 (x86-64) or NEON (aarch64) kernels run; read "
      "once"},
+    {"cpu_threads", "MAMBART_CPU_THREADS", "int", "", "0",
+     "threads of a CPU backend, the caller's included (0: the cores this process may run on, its "
+     "CPU affinity); Generator(threads=N) and --threads override it for one generator"},
+    {"cpu_ssd", "MAMBART_CPU_SSD", "choice", "auto|chunked|recurrent", "auto",
+     "Mamba-2 prefill on the CPU: auto (the recurrent scan where chunk_size >= d_state, as for every published Mamba-2: fewer operations, measured faster at 256 and 2048 tokens), always chunked SSD, or always recurrent"},
     {"cpu_mamba3", "MAMBART_CPU_MAMBA3", "choice", "auto|chunked|recurrent", "auto",
      "Mamba-3 scan on the CPU backend: auto (the chunked form from 64 token rows, tokens x "
      "mimo_rank, the recurrent form below), always chunked, or always recurrent; read when a CPU "
@@ -91,6 +96,7 @@ uint64_t parse_uint(const OptionInfo& o, const std::string& v, uint64_t max) {
 
 void check(const OptionInfo& o, const std::string& v) {
     if (o.kind == "bool") parse_bool(o, v);
+    else if (o.name == "cpu_threads") parse_uint(o, v, 4096);
     else if (o.kind == "int") {
         if (parse_uint(o, v, 1 << 30) < 1) bad(o, v, "must be >= 1");
     } else if (o.kind == "bytes") parse_uint(o, v, UINT64_MAX);
@@ -169,6 +175,9 @@ RuntimeOptions runtime_options() {
         else if (n == "engine_launch_ahead") r.engine_launch_ahead = parse_bool(o, v);
         else if (n == "generation_memory_limit") r.generation_memory_limit = parse_uint(o, v, UINT64_MAX);
         else if (n == "cpu_portable") r.cpu_portable = parse_bool(o, v);
+        else if (n == "cpu_ssd")
+            r.cpu_ssd = v == "chunked" ? CpuSsd::Chunked : v == "recurrent" ? CpuSsd::Recurrent : CpuSsd::Auto;
+        else if (n == "cpu_threads") r.cpu_threads = int64_t(parse_uint(o, v, 4096));
         else if (n == "cpu_mamba3")
             r.cpu_mamba3 = v == "chunked"     ? CpuMamba3::Chunked
                            : v == "recurrent" ? CpuMamba3::Recurrent

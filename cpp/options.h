@@ -15,6 +15,7 @@ namespace mambart {
 
 enum class CudaSsd { Chunked, Recurrent, Tf32 };
 enum class CudaScan { Auto, Chunked, Sequential, Lanes };
+enum class CpuSsd { Auto, Chunked, Recurrent };
 enum class CpuMamba3 { Auto, Chunked, Recurrent };
 
 struct RuntimeOptions {
@@ -40,6 +41,9 @@ struct RuntimeOptions {
                                            // (0: what is available, host_memory_available())
     // ---- CPU backend and loading ----
     bool cpu_portable = false;          // the generic CPU projections even where AVX2 / NEON run
+    int64_t cpu_threads = 0;            // CPU backend threads (0: the cores of this process's
+                                        // CPU affinity); a Generator's threads= wins
+    CpuSsd cpu_ssd = CpuSsd::Auto;      // Mamba-2 prefill form on the CPU (auto: by shape)
     CpuMamba3 cpu_mamba3 = CpuMamba3::Auto;  // Mamba-3 scan form on the CPU (auto: by length)
     uint64_t host_memory_limit = 0;     // bytes of host memory a CPU load may take (0: what is
                                         // available, host_memory_available())

@@ -1,8 +1,7 @@
-// The CPU backend: the reference implementation of every op, multi-threaded with OpenMP.
+// The CPU backend: the reference implementation of every op, multi-threaded on its own thread
+// pool (cpu/pool.h: each op sets it as the current pool for its duration).
 // Projections go to cpu::linear (cpp/cpu/linear.cpp); the scans are written so that their inner
 // loops (over d_state N or headdim P) vectorize.
-#include <omp.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -12,6 +11,7 @@
 
 #include "backend.h"
 #include "cpu/linear.h"
+#include "cpu/pool.h"
 #include "cpu/vec.h"
 #include "error.h"
 #include "options.h"
@@ -32,13 +32,25 @@ typedef cpu::f8 Vec;
 #endif
 constexpr int kVecLanes = sizeof(Vec) / sizeof(float);
 
+// Runs body(begin, end) over [0, n) on the current pool when `parallel`, else in one call (on
+// the pool's terms all the same: flush-to-zero as on its threads).
+template <class F>
+inline void par(bool parallel, int64_t n, F&& body) {
+    cpu::parallel_for(n, parallel ? 1 : std::max<int64_t>(n, 1), std::forward<F>(body));
+}
+
 class CpuBackend final : public Backend {
  public:
-    CpuBackend() : m3_mode_(runtime_options().cpu_mamba3) {}
+    // threads: the pool's size (>= 1).
+    explicit CpuBackend(int threads)
+        : m3_mode_(runtime_options().cpu_mamba3),
+          pool_(std::make_unique<cpu::ThreadPool>(threads)),
+          ssd_form_(runtime_options().cpu_ssd) {}
     DeviceKind kind() const override { return DeviceKind::CPU; }
     std::string name() const override {
-        return str_cat("cpu (", omp_get_max_threads(), " threads, ", cpu::linear_kernels(), ")");
+        return str_cat("cpu (", pool_->threads(), " threads, ", cpu::linear_kernels(), ")");
     }
+    int threads() const override { return pool_->threads(); }
 
     void* alloc(size_t bytes, const char* what) override {
         void* p = std::aligned_alloc(64, ((bytes + 63) / 64) * 64 + 64);
@@ -91,38 +103,41 @@ class CpuBackend final : public Backend {
 
     void add_norm(float* residual, const float* hidden, const Param& w, const Param& b,
                   NormKind kind, float eps, int64_t n, int64_t d, float* out) override {
-#pragma omp parallel for if (n > 4)
-        for (int64_t i = 0; i < n; ++i) {
-            float* r = residual + i * d;
-            if (hidden) {
-                const float* h = hidden + i * d;
-                for (int64_t j = 0; j < d; ++j) r[j] += h[j];
+        cpu::PoolScope scope(pool_.get());
+        par(n > 4, n, [&](int64_t i0, int64_t i1) {
+            for (int64_t i = i0; i < i1; ++i) {
+                float* r = residual + i * d;
+                if (hidden) {
+                    const float* h = hidden + i * d;
+                    for (int64_t j = 0; j < d; ++j) r[j] += h[j];
+                }
+                float* o = out + i * d;
+                if (kind == NormKind::RMSNorm) {
+                    double ss = 0.0;
+                    for (int64_t j = 0; j < d; ++j) ss += double(r[j]) * r[j];
+                    const float rstd = 1.0f / std::sqrt(float(ss / d) + eps);
+                    if (w.data)
+                        for (int64_t j = 0; j < d; ++j) o[j] = r[j] * rstd * w.data[j];
+                    else
+                        for (int64_t j = 0; j < d; ++j) o[j] = r[j] * rstd;
+                } else {
+                    double s = 0.0;
+                    for (int64_t j = 0; j < d; ++j) s += r[j];
+                    const float mean = float(s / d);
+                    double ss = 0.0;
+                    for (int64_t j = 0; j < d; ++j) ss += double(r[j] - mean) * (r[j] - mean);
+                    const float rstd = 1.0f / std::sqrt(float(ss / d) + eps);
+                    for (int64_t j = 0; j < d; ++j)
+                        o[j] = (r[j] - mean) * rstd * (w.data ? w.data[j] : 1.0f) +
+                               (b.data ? b.data[j] : 0.0f);
+                }
             }
-            float* o = out + i * d;
-            if (kind == NormKind::RMSNorm) {
-                double ss = 0.0;
-                for (int64_t j = 0; j < d; ++j) ss += double(r[j]) * r[j];
-                const float rstd = 1.0f / std::sqrt(float(ss / d) + eps);
-                if (w.data)
-                    for (int64_t j = 0; j < d; ++j) o[j] = r[j] * rstd * w.data[j];
-                else
-                    for (int64_t j = 0; j < d; ++j) o[j] = r[j] * rstd;
-            } else {
-                double s = 0.0;
-                for (int64_t j = 0; j < d; ++j) s += r[j];
-                const float mean = float(s / d);
-                double ss = 0.0;
-                for (int64_t j = 0; j < d; ++j) ss += double(r[j] - mean) * (r[j] - mean);
-                const float rstd = 1.0f / std::sqrt(float(ss / d) + eps);
-                for (int64_t j = 0; j < d; ++j)
-                    o[j] = (r[j] - mean) * rstd * (w.data ? w.data[j] : 1.0f) +
-                           (b.data ? b.data[j] : 0.0f);
-            }
-        }
+        });
     }
 
     void linear(const float* x, int64_t ldx, int64_t M, const Weight& W, int64_t N,
                 const float* bias, float* y, int64_t ldy) override {
+        cpu::PoolScope scope(pool_.get());
         cpu::linear(x, ldx, M, W.cols, W.data, W.dtype, N, bias, y, ldy);
     }
 
@@ -133,6 +148,7 @@ class CpuBackend final : public Backend {
     static constexpr int64_t kMaxConvW = 64;  // config.cpp bounds d_conv to [1, 64]
 
     void conv1d(const ConvParams& p) override {
+        cpu::PoolScope scope(pool_.get());
         const int64_t C = p.C, W = p.W, L = p.L;
         if (W > kMaxConvW) throw Unsupported(str_cat("conv1d: d_conv = ", W, " > ", kMaxConvW));
         constexpr int64_t kBlock = 64;
@@ -141,48 +157,49 @@ class CpuBackend final : public Backend {
             float* state = p.conv_state + b * C * W;
             const float* xb = p.x + b * L * p.ld_x;
             float* ob = p.out + b * L * C;
-#pragma omp parallel for schedule(static) if (C * L > 4096)
-            for (int64_t blk = 0; blk < nblocks; ++blk) {
-                const int64_t c0 = blk * kBlock, c1 = std::min(C, c0 + kBlock);
-                float wt[kMaxConvW][kBlock];  // (W, block) the block's taps, channel-contiguous
-                for (int64_t k = 0; k < W; ++k)
-                    for (int64_t c = c0; c < c1; ++c) wt[k][c - c0] = p.weight[c * W + k];
-                for (int64_t t = 0; t < L; ++t) {
-                    float* o = ob + t * C;
-                    for (int64_t c = c0; c < c1; ++c) o[c] = p.bias ? p.bias[c] : 0.0f;
-                    for (int64_t k = 0; k < W; ++k) {
-                        const int64_t tau = t - (W - 1) + k;
-                        const float* wk = wt[k] - c0;
-                        if (tau >= 0) {
-                            const float* xr = xb + tau * p.ld_x;
-                            for (int64_t c = c0; c < c1; ++c) o[c] += wk[c] * xr[c];
-                        } else {
+            par(C * L > 4096, nblocks, [&](int64_t blk0, int64_t blk1) {
+                for (int64_t blk = blk0; blk < blk1; ++blk) {
+                    const int64_t c0 = blk * kBlock, c1 = std::min(C, c0 + kBlock);
+                    float wt[kMaxConvW][kBlock];  // (W, block) the block's taps, channel-contiguous
+                    for (int64_t k = 0; k < W; ++k)
+                        for (int64_t c = c0; c < c1; ++c) wt[k][c - c0] = p.weight[c * W + k];
+                    for (int64_t t = 0; t < L; ++t) {
+                        float* o = ob + t * C;
+                        for (int64_t c = c0; c < c1; ++c) o[c] = p.bias ? p.bias[c] : 0.0f;
+                        for (int64_t k = 0; k < W; ++k) {
+                            const int64_t tau = t - (W - 1) + k;
+                            const float* wk = wt[k] - c0;
+                            if (tau >= 0) {
+                                const float* xr = xb + tau * p.ld_x;
+                                for (int64_t c = c0; c < c1; ++c) o[c] += wk[c] * xr[c];
+                            } else {
+                                for (int64_t c = c0; c < c1; ++c)
+                                    o[c] += wk[c] * state[c * W + (W + tau)];
+                            }
+                        }
+                        silu_inplace(o + c0, c1 - c0);
+                        if (p.state_trace) {  // the window after token t: in[t - W + 1 .. t]
+                            float* tr = p.state_trace + (b * L + t) * C * W;  // (C, W) of token t
                             for (int64_t c = c0; c < c1; ++c)
-                                o[c] += wk[c] * state[c * W + (W + tau)];
+                                for (int64_t j = 0; j < W; ++j) {
+                                    const int64_t tau = t - (W - 1) + j;
+                                    tr[c * W + j] = tau >= 0 ? xb[tau * p.ld_x + c]
+                                                             : state[c * W + (W + tau)];
+                                }
                         }
                     }
-                    silu_inplace(o + c0, c1 - c0);
-                    if (p.state_trace) {  // the window after token t: in[t - W + 1 .. t]
-                        float* tr = p.state_trace + (b * L + t) * C * W;  // (C, W) of token t
-                        for (int64_t c = c0; c < c1; ++c)
-                            for (int64_t j = 0; j < W; ++j) {
-                                const int64_t tau = t - (W - 1) + j;
-                                tr[c * W + j] = tau >= 0 ? xb[tau * p.ld_x + c]
-                                                         : state[c * W + (W + tau)];
-                            }
+                    // New state: the last W inputs of [history | x].
+                    for (int64_t c = c0; c < c1; ++c) {
+                        float* win = state + c * W;
+                        if (L >= W) {
+                            for (int64_t j = 0; j < W; ++j) win[j] = xb[(L - W + j) * p.ld_x + c];
+                        } else {
+                            for (int64_t j = 0; j < W - L; ++j) win[j] = win[j + L];
+                            for (int64_t j = 0; j < L; ++j) win[W - L + j] = xb[j * p.ld_x + c];
+                        }
                     }
                 }
-                // New state: the last W inputs of [history | x].
-                for (int64_t c = c0; c < c1; ++c) {
-                    float* win = state + c * W;
-                    if (L >= W) {
-                        for (int64_t j = 0; j < W; ++j) win[j] = xb[(L - W + j) * p.ld_x + c];
-                    } else {
-                        for (int64_t j = 0; j < W - L; ++j) win[j] = win[j + L];
-                        for (int64_t j = 0; j < L; ++j) win[W - L + j] = xb[j * p.ld_x + c];
-                    }
-                }
-            }
+            });
         }
     }
 
@@ -194,46 +211,48 @@ class CpuBackend final : public Backend {
     static constexpr int64_t kMaxScanN = 256;  // larger d_state takes the scalar path
 
     void selective_scan(const SelectiveScanParams& p) override {
+        cpu::PoolScope scope(pool_.get());
         if (p.N > kMaxScanN) return selective_scan_scalar(p);
         const int64_t E = p.E, N = p.N, L = p.L;
         const int64_t nblk = (E + 7) / 8;
         for (int64_t b = 0; b < p.B; ++b) {
-#pragma omp parallel for schedule(static) if (nblk * L * N > 8192)
-            for (int64_t blk = 0; blk < nblk; ++blk) {
-                const int64_t e0 = blk * 8, ne = std::min<int64_t>(8, E - e0);
-                alignas(32) float h[kMaxScanN][8];   // (N, 8) state of channels e0..e0+7
-                alignas(32) float At[kMaxScanN][8];  // (N, 8) A of those channels
-                float* st = p.ssm_state + (b * E + e0) * N;  // (ne, N) rows of the state
-                for (int64_t n = 0; n < N; ++n)
-                    for (int64_t j = 0; j < 8; ++j) {
-                        h[n][j] = j < ne ? st[j * N + n] : 0.0f;
-                        At[n][j] = j < ne ? p.A[(e0 + j) * N + n] : 0.0f;
+            par(nblk * L * N > 8192, nblk, [&](int64_t blk0, int64_t blk1) {
+                for (int64_t blk = blk0; blk < blk1; ++blk) {
+                    const int64_t e0 = blk * 8, ne = std::min<int64_t>(8, E - e0);
+                    alignas(32) float h[kMaxScanN][8];   // (N, 8) state of channels e0..e0+7
+                    alignas(32) float At[kMaxScanN][8];  // (N, 8) A of those channels
+                    float* st = p.ssm_state + (b * E + e0) * N;  // (ne, N) rows of the state
+                    for (int64_t n = 0; n < N; ++n)
+                        for (int64_t j = 0; j < 8; ++j) {
+                            h[n][j] = j < ne ? st[j * N + n] : 0.0f;
+                            At[n][j] = j < ne ? p.A[(e0 + j) * N + n] : 0.0f;
+                        }
+                    // The 8 channels' inputs, padded with zeros past ne (the padded lanes compute
+                    // finite values that are never stored).
+                    alignas(32) float bias[8], D[8];
+                    copy_part(bias, p.dt_bias + e0, ne);
+                    copy_part(D, p.D + e0, ne);
+                    for (int64_t t = 0; t < L; ++t) {
+                        const int64_t bt = b * L + t;
+                        alignas(32) float dt[8], x[8], z[8], y[8];
+                        copy_part(dt, p.dt + bt * E + e0, ne);
+                        copy_part(x, p.x + bt * E + e0, ne);
+                        copy_part(z, p.z + bt * p.ld_z + e0, ne);
+                        const float* Bt = p.Bm + bt * p.ld_bc;
+                        const float* Ct = p.Cm + bt * p.ld_bc;
+                        for (int j0 = 0; j0 < 8; j0 += kVecLanes)
+                            scan_step<Vec>(j0, N, h, At, bias, D, dt, x, z, Bt, Ct, y);
+                        for (int64_t j = 0; j < ne; ++j) p.y[bt * E + e0 + j] = y[j];
+                        if (p.state_trace) {  // the state after token t: (ne, N) rows at e0
+                            float* tr = p.state_trace + (bt * E + e0) * N;
+                            for (int64_t n = 0; n < N; ++n)
+                                for (int64_t j = 0; j < ne; ++j) tr[j * N + n] = h[n][j];
+                        }
                     }
-                // The 8 channels' inputs, padded with zeros past ne (the padded lanes compute
-                // finite values that are never stored).
-                alignas(32) float bias[8], D[8];
-                copy_part(bias, p.dt_bias + e0, ne);
-                copy_part(D, p.D + e0, ne);
-                for (int64_t t = 0; t < L; ++t) {
-                    const int64_t bt = b * L + t;
-                    alignas(32) float dt[8], x[8], z[8], y[8];
-                    copy_part(dt, p.dt + bt * E + e0, ne);
-                    copy_part(x, p.x + bt * E + e0, ne);
-                    copy_part(z, p.z + bt * p.ld_z + e0, ne);
-                    const float* Bt = p.Bm + bt * p.ld_bc;
-                    const float* Ct = p.Cm + bt * p.ld_bc;
-                    for (int j0 = 0; j0 < 8; j0 += kVecLanes)
-                        scan_step<Vec>(j0, N, h, At, bias, D, dt, x, z, Bt, Ct, y);
-                    for (int64_t j = 0; j < ne; ++j) p.y[bt * E + e0 + j] = y[j];
-                    if (p.state_trace) {  // the state after token t: (ne, N) rows at e0
-                        float* tr = p.state_trace + (bt * E + e0) * N;
-                        for (int64_t n = 0; n < N; ++n)
-                            for (int64_t j = 0; j < ne; ++j) tr[j * N + n] = h[n][j];
-                    }
+                    for (int64_t n = 0; n < N; ++n)
+                        for (int64_t j = 0; j < ne; ++j) st[j * N + n] = h[n][j];
                 }
-                for (int64_t n = 0; n < N; ++n)
-                    for (int64_t j = 0; j < ne; ++j) st[j * N + n] = h[n][j];
-            }
+            });
         }
     }
 
@@ -241,27 +260,28 @@ class CpuBackend final : public Backend {
     void selective_scan_scalar(const SelectiveScanParams& p) {
         const int64_t E = p.E, N = p.N, L = p.L;
         for (int64_t b = 0; b < p.B; ++b) {
-#pragma omp parallel for schedule(static) if (E * L > 256)
-            for (int64_t e = 0; e < E; ++e) {
-                float* h = p.ssm_state + (b * E + e) * N;
-                const float* A = p.A + e * N;
-                for (int64_t t = 0; t < L; ++t) {
-                    const int64_t bt = b * L + t;
-                    const float delta = cpu::softplus1(p.dt[bt * E + e] + p.dt_bias[e]);
-                    const float u = p.x[bt * E + e];
-                    const float* Bt = p.Bm + bt * p.ld_bc;
-                    const float* Ct = p.Cm + bt * p.ld_bc;
-                    float acc = 0.0f;
-                    for (int64_t n = 0; n < N; ++n) {
-                        const float hn = cpu::exp1(delta * A[n]) * h[n] + delta * u * Bt[n];
-                        h[n] = hn;
-                        acc += Ct[n] * hn;
+            par(E * L > 256, E, [&](int64_t e0, int64_t e1) {
+                for (int64_t e = e0; e < e1; ++e) {
+                    float* h = p.ssm_state + (b * E + e) * N;
+                    const float* A = p.A + e * N;
+                    for (int64_t t = 0; t < L; ++t) {
+                        const int64_t bt = b * L + t;
+                        const float delta = cpu::softplus1(p.dt[bt * E + e] + p.dt_bias[e]);
+                        const float u = p.x[bt * E + e];
+                        const float* Bt = p.Bm + bt * p.ld_bc;
+                        const float* Ct = p.Cm + bt * p.ld_bc;
+                        float acc = 0.0f;
+                        for (int64_t n = 0; n < N; ++n) {
+                            const float hn = cpu::exp1(delta * A[n]) * h[n] + delta * u * Bt[n];
+                            h[n] = hn;
+                            acc += Ct[n] * hn;
+                        }
+                        p.y[bt * E + e] = (acc + p.D[e] * u) * cpu::silu1(p.z[bt * p.ld_z + e]);
+                        if (p.state_trace)
+                            std::memcpy(p.state_trace + (bt * E + e) * N, h, size_t(N) * sizeof(float));
                     }
-                    p.y[bt * E + e] = (acc + p.D[e] * u) * cpu::silu1(p.z[bt * p.ld_z + e]);
-                    if (p.state_trace)
-                        std::memcpy(p.state_trace + (bt * E + e) * N, h, size_t(N) * sizeof(float));
                 }
-            }
+            });
         }
     }
 
@@ -300,39 +320,48 @@ class CpuBackend final : public Backend {
     }
 
     void ssd_scan(const SsdParams& p) override {
+        cpu::PoolScope scope(pool_.get());
         // Per-token states (a speculative verification, L = k + 1 small) come from the
-        // recurrent form, which has them anyway; prefill takes the chunked form.
-        if (p.L == 1 || p.state_trace) {
+        // recurrent form, which has them anyway. Otherwise: the recurrent form does 2 P N
+        // multiply-adds a token and head, the chunked one 2 P N + Q P (+ Q N for C·Bᵀ per
+        // group): more whenever Q >= N, and its small GEMMs did not make up for it (issue 22,
+        // mamba2-130m shape, 1 and 2 threads: the recurrent form 8-20% faster at 256 and 2048
+        // tokens). The cpu_ssd option forces either (not with state_trace).
+        const bool recurrent = p.L == 1 || p.state_trace || ssd_form_ == CpuSsd::Recurrent ||
+                               (ssd_form_ == CpuSsd::Auto && p.chunk_size >= p.N);
+        if (recurrent)
             ssd_recurrent(p);
-        } else {
+        else
             ssd_chunked(p);
-        }
     }
 
     void gated_rmsnorm(const float* y, const float* z, int64_t ld_z, const float* w, int64_t n,
                        int64_t E, int64_t group_size, float eps, float* out) override {
+        cpu::PoolScope scope(pool_.get());
         const int64_t groups = E / group_size;
-#pragma omp parallel for if (n > 4)
-        for (int64_t i = 0; i < n; ++i) {
-            const float* yi = y + i * E;
-            const float* zi = z + i * ld_z;
-            float* oi = out + i * E;
-            for (int64_t j = 0; j < E; ++j) oi[j] = yi[j] * silu(zi[j]);
-            for (int64_t g = 0; g < groups; ++g) {
-                float* og = oi + g * group_size;
-                double ss = 0.0;
-                for (int64_t j = 0; j < group_size; ++j) ss += double(og[j]) * og[j];
-                const float rstd = 1.0f / std::sqrt(float(ss / group_size) + eps);
-                const float* wg = w + g * group_size;
-                for (int64_t j = 0; j < group_size; ++j) og[j] = og[j] * rstd * wg[j];
+        par(n > 4, n, [&](int64_t i0, int64_t i1) {
+            for (int64_t i = i0; i < i1; ++i) {
+                const float* yi = y + i * E;
+                const float* zi = z + i * ld_z;
+                float* oi = out + i * E;
+                for (int64_t j = 0; j < E; ++j) oi[j] = yi[j] * silu(zi[j]);
+                for (int64_t g = 0; g < groups; ++g) {
+                    float* og = oi + g * group_size;
+                    double ss = 0.0;
+                    for (int64_t j = 0; j < group_size; ++j) ss += double(og[j]) * og[j];
+                    const float rstd = 1.0f / std::sqrt(float(ss / group_size) + eps);
+                    const float* wg = w + g * group_size;
+                    for (int64_t j = 0; j < group_size; ++j) og[j] = og[j] * rstd * wg[j];
+                }
             }
-        }
+        });
     }
 
     // Mamba-3, the recurrent form (op_params.h: Mamba3ScanParams), parallel over (row, head),
     // sequential over tokens. Scratch on the stack (sizes bounded by kM3Max*, checked here).
     static constexpr int64_t kM3MaxN = 256, kM3MaxP = 256, kM3MaxRank = 8;
     void mamba3_scan(const Mamba3ScanParams& p) override {
+        cpu::PoolScope scope(pool_.get());
         MAMBART_CHECK_ARG(p.N >= 2 && p.N <= kM3MaxN && p.P >= 1 && p.P <= kM3MaxP &&
                               p.Rm >= 1 && p.Rm <= kM3MaxRank && p.G >= 1 && p.H % p.G == 0 &&
                               2 * p.S <= p.N,
@@ -342,16 +371,16 @@ class CpuBackend final : public Backend {
         const bool chunked = m3_mode_ == CpuMamba3::Chunked ||
                              (m3_mode_ == CpuMamba3::Auto && p.L * p.Rm >= kM3ChunkedMinRows);
         if (chunked) {
-#pragma omp parallel if (BH > 1)
-            {
-                M3Scratch sc(p);  // per thread, sized once per call
-#pragma omp for schedule(static)
-                for (int64_t bh = 0; bh < BH; ++bh) mamba3_chunked_row_head(p, bh / p.H, bh % p.H, sc);
-            }
+            par(BH > 1, BH, [&](int64_t i0, int64_t i1) {
+                M3Scratch sc(p);  // per pool chunk, sized once per chunk
+                for (int64_t bh = i0; bh < i1; ++bh)
+                    mamba3_chunked_row_head(p, bh / p.H, bh % p.H, sc);
+            });
             return;
         }
-#pragma omp parallel for schedule(static) if (BH > 1 && p.L * p.P * p.N > 4096)
-        for (int64_t bh = 0; bh < BH; ++bh) mamba3_row_head(p, bh / p.H, bh % p.H);
+        par(BH > 1 && p.L * p.P * p.N > 4096, BH, [&](int64_t i0, int64_t i1) {
+            for (int64_t bh = i0; bh < i1; ++bh) mamba3_row_head(p, bh / p.H, bh % p.H);
+        });
     }
 
     // Mamba-3 in the chunked ("attention", SSD) form, per (row, head), chunks of Qk = 64 / Rm
@@ -645,52 +674,56 @@ class CpuBackend final : public Backend {
 
  private:
     CpuMamba3 m3_mode_;  // the cpu_mamba3 option (cpp/options.h), read at construction
+    std::unique_ptr<cpu::ThreadPool> pool_;  // every op's threads (the caller and its workers)
+    CpuSsd ssd_form_;                         // the cpu_ssd option when the backend was made
 
     static float dt_value(const SsdParams& p, int64_t bt, int64_t h) {
         const float v = softplus(p.dt[bt * p.ld_dt + h] + p.dt_bias[h]);
         return std::min(std::max(v, p.dt_min), p.dt_max);
     }
 
-    // The recurrent form, token by token (decode steps, and verifications that keep per-token
-    // states): s = s·exp(Δ A) + Δ·x ⊗ B;  y = s·C + D x  (+ gate); with state_trace, s after
-    // each token is copied to its trace row. Threads split the heads.
+    // The recurrent form, token by token (decode steps, prefill where it is the faster form,
+    // and verifications that keep per-token states): s = s·exp(Δ A) + Δ·x ⊗ B;
+    // y = s·C + D x  (+ gate); with state_trace, s after each token is copied to its trace row.
+    // Threads split the (row, head) pairs; a head's state (P x N) stays in L1 while its tokens
+    // run. Each token does exactly the arithmetic of a decode step (L = 1), so a prompt
+    // prefilled this way leaves the state that decoding it token by token would.
     void ssd_recurrent(const SsdParams& p) {
         const int64_t H = p.H, P = p.P, N = p.N, L = p.L, heads_per_group = p.H / p.G;
-        for (int64_t b = 0; b < p.B; ++b) {
-#pragma omp parallel for schedule(static) if (H * P * N * L > 16384)
-            for (int64_t h = 0; h < H; ++h) {
-              for (int64_t t = 0; t < L; ++t) {
-                const int64_t bt = b * L + t;  // token row
-                const int64_t g = h / heads_per_group;
-                const float delta = dt_value(p, bt, h);
-                const float dA = exp_neg(delta * p.A[h]);
-                const float* x = p.x + bt * p.ld_xbc + h * P;
-                const float* Bv = p.Bm + bt * p.ld_xbc + g * N;
-                const float* Cv = p.Cm + bt * p.ld_xbc + g * N;
+        par(p.B * H * P * N * L > 16384, p.B * H, [&](int64_t i0, int64_t i1) {
+            for (int64_t bh = i0; bh < i1; ++bh) {
+                const int64_t b = bh / H, h = bh % H, g = h / heads_per_group;
                 float* s = p.ssm_state + (b * H + h) * P * N;
-                float* y = p.y + bt * H * P + h * P;
-                for (int64_t pp = 0; pp < P; ++pp) {
-                    const float dx = delta * x[pp];
-                    float* sp = s + pp * N;
-                    float acc = 0.0f;
+                for (int64_t t = 0; t < L; ++t) {
+                    const int64_t bt = b * L + t;  // token row
+                    const float delta = dt_value(p, bt, h);
+                    const float dA = exp_neg(delta * p.A[h]);
+                    const float* x = p.x + bt * p.ld_xbc + h * P;
+                    const float* Bv = p.Bm + bt * p.ld_xbc + g * N;
+                    const float* Cv = p.Cm + bt * p.ld_xbc + g * N;
+                    float* y = p.y + bt * H * P + h * P;
+                    for (int64_t pp = 0; pp < P; ++pp) {
+                        const float dx = delta * x[pp];
+                        float* sp = s + pp * N;
+                        float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
-                    for (int64_t n = 0; n < N; ++n) {
-                        const float v = sp[n] * dA + dx * Bv[n];
-                        sp[n] = v;
-                        acc += v * Cv[n];
+                        for (int64_t n = 0; n < N; ++n) {
+                            const float v = sp[n] * dA + dx * Bv[n];
+                            sp[n] = v;
+                            acc += v * Cv[n];
+                        }
+                        y[pp] = acc + p.D[h] * x[pp];
                     }
-                    y[pp] = acc + p.D[h] * x[pp];
+                    if (p.z) {
+                        const float* z = p.z + bt * p.ld_z + h * P;
+                        for (int64_t pp = 0; pp < P; ++pp) y[pp] *= silu(z[pp]);
+                    }
+                    if (p.state_trace)
+                        std::memcpy(p.state_trace + (bt * H + h) * P * N, s,
+                                    size_t(P * N) * sizeof(float));
                 }
-                if (p.z) {
-                    const float* z = p.z + bt * p.ld_z + h * P;
-                    for (int64_t pp = 0; pp < P; ++pp) y[pp] *= silu(z[pp]);
-                }
-                if (p.state_trace)
-                    std::memcpy(p.state_trace + (bt * H + h) * P * N, s,
-                                size_t(P * N) * sizeof(float));
-              }
             }
-        }
+        });
     }
 
     // The SSD chunked algorithm (Mamba-2 paper, Listing 1), per row and chunk of Q tokens:
@@ -701,7 +734,8 @@ class CpuBackend final : public Backend {
     //   y = Y_diag + Y_off + D x (+ z gate)
     // Each of the three sums is a small matrix product and runs through cpu::linear (the packed
     // GEMM) on per-thread scratch: Y_off = C·Sᵀ, Y_diag = M·Xᵀ with M[l,s] the decayed C_l·B_s,
-    // and the state update Xwᵀ·B. Threads split the heads (the GEMMs inside run on one thread).
+    // and the state update Xwᵀ·B. C_l·B_s is computed once per group (threads split its rows),
+    // then threads split the heads (the GEMMs inside run on one thread).
     void ssd_chunked(const SsdParams& p) {
         const int64_t H = p.H, P = p.P, N = p.N, G = p.G, Q = p.chunk_size;
         const int64_t heads_per_group = H / G;
@@ -710,11 +744,27 @@ class CpuBackend final : public Backend {
             for (int64_t c0 = 0; c0 < T; c0 += Q) {
                 const int64_t Lc = std::min(Q, T - c0);
                 auto row = [&](int64_t l) { return (b * T + c0 + l); };  // token row in the batch
-#pragma omp parallel
-                {
-                    std::vector<float> Cg(size_t(Lc * N));   // (Lc, N) C of the head's group
-                    std::vector<float> Bt(size_t(N * Lc));   // (N, Lc) B of the group, transposed
-                    std::vector<float> CB(size_t(Lc * Lc));  // (Lc, Lc) C_l·B_s
+                // Each group's C, B (transposed) and C_l·B_s, once for all its heads.
+                std::vector<float> Cga(size_t(G * Lc * N));   // (G, Lc, N) C of each group
+                std::vector<float> Bta(size_t(G * N * Lc));   // (G, N, Lc) B of each group, transposed
+                std::vector<float> CBa(size_t(G * Lc * Lc));  // (G, Lc, Lc) C_l·B_s, s <= l
+                for (int64_t g = 0; g < G; ++g)
+                    for (int64_t l = 0; l < Lc; ++l) {
+                        const float* Cl = p.Cm + row(l) * p.ld_xbc + g * N;
+                        const float* Bl = p.Bm + row(l) * p.ld_xbc + g * N;
+                        for (int64_t n = 0; n < N; ++n) {
+                            Cga[size_t((g * Lc + l) * N + n)] = Cl[n];
+                            Bta[size_t((g * N + n) * Lc + l)] = Bl[n];
+                        }
+                    }
+                par(true, G * Lc, [&](int64_t r0, int64_t r1) {
+                    for (int64_t r = r0; r < r1; ++r) {
+                        const int64_t g = r / Lc;
+                        ssd_cb(Cga.data() + g * Lc * N, Bta.data() + g * N * Lc, Lc, N,
+                               CBa.data() + g * Lc * Lc, r % Lc);
+                    }
+                });
+                par(true, H, [&](int64_t h0, int64_t h1) {
                     std::vector<float> Mx(size_t(Lc * Lc));  // (Lc, Lc) decayed, masked C_l·B_s Δ_s
                     std::vector<float> Xt(size_t(P * Lc));   // (P, Lc) x of the head, transposed
                     std::vector<float> Xw(size_t(P * Lc));   // (P, Lc) x weighted to the chunk end
@@ -722,23 +772,11 @@ class CpuBackend final : public Backend {
                     std::vector<float> Yd(size_t(Lc * P));   // (Lc, P) M·Xᵀ
                     std::vector<float> dS(size_t(P * N));    // (P, N) state increment
                     std::vector<float> delta(static_cast<size_t>(Lc)), cum(static_cast<size_t>(Lc));
-                    int64_t cur_g = -1;
-#pragma omp for schedule(static)
-                    for (int64_t h = 0; h < H; ++h) {
+                    for (int64_t h = h0; h < h1; ++h) {
                         const int64_t g = h / heads_per_group;
-                        if (g != cur_g) {  // the group's B and C (static schedule: heads in order)
-                            for (int64_t l = 0; l < Lc; ++l) {
-                                const float* Cl = p.Cm + row(l) * p.ld_xbc + g * N;
-                                const float* Bl = p.Bm + row(l) * p.ld_xbc + g * N;
-                                for (int64_t n = 0; n < N; ++n) {
-                                    Cg[size_t(l * N + n)] = Cl[n];
-                                    Bt[size_t(n * Lc + l)] = Bl[n];
-                                }
-                            }
-                            std::fill(CB.begin(), CB.end(), 0.0f);
-                            ssd_cb(Cg.data(), Bt.data(), Lc, N, CB.data());
-                            cur_g = g;
-                        }
+                        const float* Cg = Cga.data() + g * Lc * N;  // (Lc, N)
+                        const float* Bt = Bta.data() + g * N * Lc;  // (N, Lc)
+                        const float* CB = CBa.data() + g * Lc * Lc; // (Lc, Lc)
                         float run = 0.0f;
                         for (int64_t l = 0; l < Lc; ++l) {
                             delta[size_t(l)] = dt_value(p, row(l), h);
@@ -756,7 +794,7 @@ class CpuBackend final : public Backend {
                         }
                         for (int64_t l = 0; l < Lc; ++l) {  // 8 columns s at a time
                             float* mrow = Mx.data() + l * Lc;
-                            const float* cbrow = CB.data() + l * Lc;
+                            const float* cbrow = CB + l * Lc;
                             const cpu::f8 cl = cpu::splat(cum[size_t(l)]);
                             int64_t s2 = 0;
                             for (; s2 + 8 <= l + 1; s2 += 8)
@@ -769,7 +807,7 @@ class CpuBackend final : public Backend {
                             for (; s2 < Lc; ++s2) mrow[s2] = 0.0f;
                         }
                         float* S = p.ssm_state + (b * H + h) * P * N;  // (P, N)
-                        cpu::linear(Cg.data(), N, Lc, N, S, DType::F32, P, nullptr, Yo.data(), P);
+                        cpu::linear(Cg, N, Lc, N, S, DType::F32, P, nullptr, Yo.data(), P);
                         cpu::linear(Mx.data(), Lc, Lc, Lc, Xt.data(), DType::F32, P, nullptr,
                                     Yd.data(), P);
                         for (int64_t l = 0; l < Lc; ++l) {
@@ -785,33 +823,42 @@ class CpuBackend final : public Backend {
                             }
                         }
                         // S <- exp(Λ_last) S + Xw · B   (Bt is (N, Lc): W rows = B columns)
-                        cpu::linear(Xw.data(), Lc, P, Lc, Bt.data(), DType::F32, N, nullptr,
+                        cpu::linear(Xw.data(), Lc, P, Lc, Bt, DType::F32, N, nullptr,
                                     dS.data(), N);
                         const float total = exp_neg(last);
                         for (int64_t i = 0; i < P * N; ++i) S[i] = S[i] * total + dS[size_t(i)];
                     }
-                }
+                });
             }
         }
     }
 
-    // CB[l, s] = Σ_n C[l, n] B[s, n] for s <= l (the causal half), from Cg (Lc, N) and the
-    // transposed Bt (N, Lc).
-    static void ssd_cb(const float* Cg, const float* Bt, int64_t Lc, int64_t N, float* CB) {
-        for (int64_t l = 0; l < Lc; ++l) {
-            float* out = CB + l * Lc;
-            for (int64_t n = 0; n < N; ++n) {
-                const float c = Cg[l * N + n];
-                const float* bn = Bt + n * Lc;
+    // Row l of CB: CB[l, s] = Σ_n C[l, n] B[s, n] for s <= l (the causal half; the rest is
+    // never read), from Cg (Lc, N) and the transposed Bt (N, Lc).
+    static void ssd_cb(const float* Cg, const float* Bt, int64_t Lc, int64_t N, float* CB,
+                       int64_t l) {
+        float* out = CB + l * Lc;
+        for (int64_t s2 = 0; s2 <= l; ++s2) out[s2] = 0.0f;
+        for (int64_t n = 0; n < N; ++n) {
+            const float c = Cg[l * N + n];
+            const float* bn = Bt + n * Lc;
 #pragma omp simd
-                for (int64_t s2 = 0; s2 <= l; ++s2) out[s2] += c * bn[s2];
-            }
+            for (int64_t s2 = 0; s2 <= l; ++s2) out[s2] += c * bn[s2];
         }
     }
 };
 
 }  // namespace
 
-std::unique_ptr<Backend> make_cpu_backend() { return std::make_unique<CpuBackend>(); }
+std::unique_ptr<Backend> make_cpu_backend(int threads) {
+    if (threads <= 0) threads = int(runtime_options().cpu_threads);
+    if (threads <= 0) {  // OMP_NUM_THREADS, as before the pool (a positive integer), else the cores
+        const char* omp = std::getenv("OMP_NUM_THREADS");
+        char* end = nullptr;
+        const long v = omp ? std::strtol(omp, &end, 10) : 0;
+        threads = omp && *omp && *end == '\0' && v >= 1 && v <= 4096 ? int(v) : cpu::affinity_cores();
+    }
+    return std::make_unique<CpuBackend>(threads);
+}
 
 }  // namespace mambart

@@ -14,11 +14,12 @@
 // flags, so one binary runs on any x86-64 or aarch64 CPU; elsewhere, or with the cpu_portable
 // option, the generic scalar path runs (the same sums in another order).
 #include "cpu/linear.h"
+#include "cpu/pool.h"
 #include "options.h"
 
-#include <omp.h>
-
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -53,12 +54,10 @@ inline float load_w(const void* W, DType dt, size_t i) {
 
 void linear_portable(const float* x, int64_t ldx, int64_t M, int64_t K, const void* W, DType dt,
                      int64_t N, const float* bias, float* y, int64_t ldy) {
-#pragma omp parallel
-    {
+    parallel_for(N, 1, [&](int64_t n0, int64_t n1) {
         thread_local std::vector<float> wrow;  // (K) one weight row widened to fp32, grown once
         if (wrow.size() < static_cast<size_t>(K)) wrow.resize(static_cast<size_t>(K));
-#pragma omp for schedule(static)
-        for (int64_t n = 0; n < N; ++n) {
+        for (int64_t n = n0; n < n1; ++n) {
             for (int64_t k = 0; k < K; ++k) wrow[size_t(k)] = load_w(W, dt, size_t(n * K + k));
             const float b = bias ? bias[n] : 0.0f;
             for (int64_t m = 0; m < M; ++m) {
@@ -68,7 +67,7 @@ void linear_portable(const float* x, int64_t ldx, int64_t M, int64_t K, const vo
                 y[m * ldy + n] = acc + b;
             }
         }
-    }
+    });
 }
 
 // Thread-local (n) floats for the GEMM's packed panel, grown once (never shrunk), so decode at
@@ -304,6 +303,43 @@ void linear_typed(Kernels k, const float* x, int64_t ldx, int64_t M, int64_t K, 
 }
 
 }  // namespace
+
+std::vector<double> read_bandwidth(int64_t bytes, int passes) {
+    constexpr int64_t kBlock = 16384;  // floats a claim: 64 KiB
+    const int64_t n = std::max<int64_t>(kBlock, bytes / 4 / kBlock * kBlock);
+    std::vector<float> buf(size_t(n), 1.0f);  // (n) written once: every page present
+    const int64_t blocks = n / kBlock;
+    std::vector<double> out;
+    const Kernels k = kernels();
+    float sink = 0.0f;
+    for (int pass = 0; pass < passes; ++pass) {
+        std::atomic<int> dummy{0};
+        const auto t0 = std::chrono::steady_clock::now();
+        parallel_for(blocks, 1, [&](int64_t b0, int64_t b1) {
+            float s = 0.0f;
+            for (int64_t b = b0; b < b1; ++b) {
+                const float* p = buf.data() + b * kBlock;
+                switch (k) {
+#ifdef MAMBART_X86
+                    case Kernels::Avx2: s += avx2::read_sum(p, kBlock); break;
+#endif
+#ifdef MAMBART_ARM64
+                    case Kernels::Neon: s += neon::read_sum(p, kBlock); break;
+#endif
+                    default:
+                        for (int64_t i = 0; i < kBlock; ++i) s += p[i];
+                }
+            }
+            dummy.fetch_add(s > 0.0f ? 1 : 0, std::memory_order_relaxed);  // keeps the sums
+        });
+        const double secs =
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        sink += float(dummy.load());
+        out.push_back(double(n) * 4.0 / std::max(secs, 1e-9));
+    }
+    if (sink < 0.0f) out.push_back(0.0);  // never: the sums must not be optimised away
+    return out;
+}
 
 const char* linear_kernels() {
     switch (kernels()) {

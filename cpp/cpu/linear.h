@@ -4,12 +4,13 @@
 // activations and accumulation are fp32. Two regimes:
 //   - M small (decode, batch 1..8): bandwidth-bound GEMV, each weight row read once per call;
 //   - M large (prefill): compute-bound GEMM.
-// Both use every core (OpenMP) and never allocate on the decode path beyond thread-local scratch
-// sized once.
+// Both run on the current thread pool (cpu/pool.h; serially where there is none) and never
+// allocate on the decode path beyond thread-local scratch sized once.
 #pragma once
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "dtype.h"
 
@@ -25,6 +26,11 @@ void linear(const float* x, int64_t ldx, int64_t M, int64_t K,
             const void* W, DType w_dtype, int64_t N,
             const float* bias,
             float* y, int64_t ldy);
+
+// The machine's read bandwidth as the projections could see it: a buffer of `bytes` (allocated
+// and written once here) summed `passes` times on the current pool (cpu/pool.h), each pass
+// split into 64 KiB blocks claimed by its threads. Returns each pass's bytes per second.
+std::vector<double> read_bandwidth(int64_t bytes, int passes);
 
 // The projection kernels this process runs: "avx2" (x86-64 with AVX2, FMA and F16C), "neon"
 // (aarch64) or "generic" (any other CPU, or the cpu_portable option set). Chosen once, at the

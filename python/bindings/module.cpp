@@ -705,12 +705,14 @@ PYBIND11_MODULE(_C, m) {
 
     py::class_<Generator>(m, "Generator")
         .def(py::init([](const std::string& dir, const std::string& device,
-                         const std::optional<std::string>& dtype) {
+                         const std::optional<std::string>& dtype, int threads) {
                  auto dt = parse_dtype(dtype);
                  py::gil_scoped_release release;
-                 return std::make_unique<Generator>(dir, device, dt ? &*dt : nullptr);
+                 return std::make_unique<Generator>(dir, device, dt ? &*dt : nullptr, threads);
              }),
-             py::arg("model_dir"), py::arg("device") = "cpu", py::arg("dtype") = py::none())
+             py::arg("model_dir"), py::arg("device") = "cpu", py::arg("dtype") = py::none(),
+             py::arg("threads") = 0)
+        .def_property_readonly("threads", &Generator::threads)
         .def_property_readonly("config",
                                [](const Generator& g) { return config_to_dict(g.config()); })
         .def_property_readonly("state_spec",

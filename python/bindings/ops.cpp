@@ -5,12 +5,15 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <chrono>
 #include <cmath>
 #include <memory>
 #include <optional>
 #include <vector>
 
 #include "backend.h"
+#include "cpu/linear.h"
+#include "cpu/pool.h"
 #include "error.h"
 #include "sampling.h"
 
@@ -96,12 +99,28 @@ struct Ops {
 
 void register_ops(py::module_& parent) {
     py::module_ m = parent.def_submodule("_ops", "Test-only: Backend ops on numpy arrays.");
+    m.def(
+        "read_bandwidth",
+        [](int64_t bytes, int threads, int passes) {
+            // Bytes per second of each pass of the read probe (cpu::read_bandwidth) on a pool of
+            // `threads` (0: the cores this process may run on).
+            need(bytes >= 65536 && bytes <= (int64_t(1) << 36) && passes >= 1 && passes <= 1000 &&
+                     threads >= 0 && threads <= 4096,
+                 "read_bandwidth: bytes in [64 KiB, 64 GiB], passes in [1, 1000], threads in [0, 4096]");
+            py::gil_scoped_release release;
+            cpu::ThreadPool pool(threads > 0 ? threads : cpu::affinity_cores());
+            cpu::PoolScope scope(&pool);
+            return cpu::read_bandwidth(bytes, passes);
+        },
+        py::arg("bytes"), py::arg("threads") = 0, py::arg("passes") = 10);
     py::class_<Ops>(m, "Backend")
-        .def(py::init([](const std::string& device) {
-                 return Ops{std::shared_ptr<Backend>(make_backend(device))};
+        .def(py::init([](const std::string& device, int threads) {
+                 need(threads >= 0 && threads <= 4096, "threads must be in [0, 4096]");
+                 return Ops{std::shared_ptr<Backend>(make_backend(device, threads))};
              }),
-             py::arg("device"))
+             py::arg("device"), py::arg("threads") = 0)
         .def_property_readonly("name", [](const Ops& o) { return o.be->name(); })
+        .def_property_readonly("threads", [](const Ops& o) { return o.be->threads(); })
         .def("alloc",
              [](Ops& o, size_t bytes) {  // allocates and frees: out-of-memory reporting
                  Buf b(*o.be, bytes);
@@ -156,6 +175,31 @@ void register_ops(py::module_& parent) {
              },
              py::arg("x"), py::arg("W"), py::arg("dtype"), py::arg("bias") = py::none(),
              py::arg("N") = 0)
+        .def(
+            "bench_linear",
+            [](Ops& o, const F32& x, const F32& W, const std::string& dtype, int reps) {
+                // Seconds of each of `reps` calls of linear (y = x Wᵀ), the weight placed once
+                // (tools/bench_cpu.py: the GEMV against the read-bandwidth probe).
+                Backend& be = *o.be;
+                need(x.ndim() == 2 && W.ndim() == 2 && x.shape(1) == W.shape(1) && reps >= 1,
+                     "bench_linear: x (M, K), W (N, K), reps >= 1");
+                PlacedWeight w(be, W, dtype);
+                const int64_t M = x.shape(0), N = w.weight.rows;
+                Buf dx(be, x), y(be, size_t(M * N) * 4);
+                be.reserve_scratch(M, w.weight.cols);
+                const int64_t ldx = x.shape(1);
+                std::vector<double> secs;
+                py::gil_scoped_release release;
+                for (int r = 0; r < reps; ++r) {
+                    const auto t0 = std::chrono::steady_clock::now();
+                    be.linear(dx.as<float>(), ldx, M, w.weight, N, nullptr, y.as<float>(), N);
+                    be.synchronize();
+                    secs.push_back(std::chrono::duration<double>(
+                                       std::chrono::steady_clock::now() - t0).count());
+                }
+                return secs;
+            },
+            py::arg("x"), py::arg("W"), py::arg("dtype"), py::arg("reps") = 10)
         .def("conv1d",
              [](Ops& o, const F32& x, int64_t C, const F32& state, const F32& weight,
                 const std::optional<F32>& bias) {

@@ -54,7 +54,7 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _model_args(p, tokenizer: bool = True, device: bool = True) -> None:
+def _model_args(p, tokenizer: bool = True, device: bool = True, threads: bool = True) -> None:
     """The MODEL argument and the options that pick how it is loaded: the same for every
     subcommand that loads a model."""
     p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
@@ -62,6 +62,10 @@ def _model_args(p, tokenizer: bool = True, device: bool = True) -> None:
         p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="dtype of the weights (default: the model's)")
+    if device and threads:
+        p.add_argument("--threads", type=int, default=None, metavar="N",
+                       help="CPU threads (default: the cpu_threads option, else the cores this "
+                            "process may run on)")
     p.add_argument("--revision", default=None, metavar="REV",
                    help="hub revision (branch, tag or commit)")
     if tokenizer:
@@ -215,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "with the same OpenAI routes as `mambart serve` and Ray's "
                                     "autoscaling (docs/serving.md). Connects to the Ray cluster "
                                     "of RAY_ADDRESS, or starts a local one.")
-    _model_args(sr)
+    _model_args(sr, threads=False)
     _serve_args(sr)
     rg = sr.add_argument_group("replicas")
     rg.add_argument("--replicas", type=int, default=1, metavar="N",
@@ -332,7 +336,8 @@ def _generator(a, **kw):
     from .generator import Generator
 
     return Generator(a.model, device=getattr(a, "device", "cpu"), dtype=a.dtype,
-                     revision=a.revision, tokenizer=getattr(a, "tokenizer", None), **kw)
+                     revision=a.revision, tokenizer=getattr(a, "tokenizer", None),
+                     threads=getattr(a, "threads", None), **kw)
 
 
 def _need_tokenizer(gen, a) -> None:

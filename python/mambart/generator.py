@@ -160,10 +160,14 @@ class Generator(SequenceAPI):
     revision: hub revision (branch, tag or commit) for hub names.
     prompt_cache_bytes: > 0 turns on the exact prefix cache of states with this byte budget
         (see enable_prompt_cache).
+    threads: CPU threads (1..4096, the calling thread included) for this generator's CPU
+        backend; None takes the cpu_threads option (MAMBART_CPU_THREADS), else OMP_NUM_THREADS,
+        else the cores this process may run on (its CPU affinity). See README "Threads".
     """
 
     def __init__(self, model, device: str = "cpu", dtype: Optional[str] = None,
-                 tokenizer=None, revision: Optional[str] = None, prompt_cache_bytes: int = 0):
+                 tokenizer=None, revision: Optional[str] = None, prompt_cache_bytes: int = 0,
+                 threads: Optional[int] = None):
         if dtype is not None and dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be None, 'float32', 'float16' or 'bfloat16', got {dtype!r}")
         if not isinstance(device, str):
@@ -176,9 +180,10 @@ class Generator(SequenceAPI):
                     and callable(getattr(tokenizer, "decode", None)))):
             raise ValueError(f"tokenizer must be a tokenizers.Tokenizer, a path to a "
                              f"tokenizer.json or None, got {_args.show(tokenizer)}")
+        n_threads = 0 if threads is None else _args.integer("threads", threads, 1, 4096)
         model_dir, tok_path = _resolve(model, revision, dtype)
         self.model_dir = Path(model_dir)
-        self._g = _C.Generator(str(self.model_dir), device, dtype)
+        self._g = _C.Generator(str(self.model_dir), device, dtype, n_threads)
         self.config = self._g.config
         self.vocab_size: int = self.config["vocab_size"]
         self.tokenizer = self._load_tokenizer(tokenizer, tok_path)
@@ -206,6 +211,12 @@ class Generator(SequenceAPI):
     @property
     def dtype(self) -> str:
         return self._g.dtype
+
+    @property
+    def threads(self) -> Optional[int]:
+        """The CPU threads this generator's ops run on (None on a CUDA device)."""
+        n = self._g.threads
+        return n if n > 0 else None
 
     def __repr__(self) -> str:
         c = self.config
