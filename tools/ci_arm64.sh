@@ -119,8 +119,7 @@ exec qemu-aarch64 -L /usr/aarch64-linux-gnu -0 "$APY" \
   -E PYTHONPATH="$SITE:$PWD/tests" "$PYBIN" "\$@"
 WRAP
 chmod +x "$APY"
-# qemu's `max` CPU has every extension, BF16 among them: the neon+bf16 kernels (the kernel tests
-# run again below on a CPU without BF16)
+# qemu's `max` CPU has every extension, BF16 among them: the neon+bf16 kernels
 export QEMU_CPU=max
 "$APY" -c "import platform, mambart; assert platform.machine() == 'aarch64'; \
 g = mambart.Generator('mambart-demo'); assert 'neon+bf16' in g.device, g.device; print(g.device)"
@@ -135,14 +134,18 @@ make_model_dir(sys.argv[1], 'mamba1')" "$B/tiny"
 # address space with the host's prlimit here: qemu-user ignores a guest's setrlimit(RLIMIT_AS).)
 # Two pytest processes side by side, one per core (qemu-user emulates on one host thread per
 # guest thread and the tests are mostly single-threaded), each with its own temporary folder;
-# their outputs follow one another when both are done.
+# their outputs follow one another when both are done. On qemu's neoverse-n1 (ARMv8.2-A without
+# BF16: the neon kernels): qemu emulates BFMMLA in software (round-to-odd), so the bf16 demo
+# models' long prefills (mambart bench -p 256 in docs/cli.md, held-out perplexity) would take
+# many minutes on `max`; the BF16 kernels are tested below, on `max`, by the kernel tests (every
+# tile and tail, non-finite activations) and the greedy tokens of every model and dtype.
 ARM_TESTS_1="test_hostile test_bad_input test_config test_cpu_kernels test_safetensors
   test_tiktoken"
 ARM_TESTS_2="test_docs test_demo_models test_fuzz_regressions test_options test_sampling
   test_soak test_threads"
 arm_pytest() {  # group number, test files...
   local g="$1"; shift
-  MAMBART_SOAK_TOKENS=20000 MAMBART_EXPECT_KERNELS=neon+bf16 "$APY" -m pytest -q \
+  QEMU_CPU=neoverse-n1 MAMBART_EXPECT_KERNELS=neon MAMBART_SOAK_TOKENS=20000 "$APY" -m pytest -q \
       -p no:cacheprovider --durations=5 --basetemp="$B/pytest-$g" \
       $(for t in "$@"; do echo "tests/$t.py"; done) ${MAMBART_ARM64_PYTEST_ARGS:-} \
       >"$B/pytest-$g.log" 2>&1
@@ -154,14 +157,17 @@ wait $p1 || rc1=$?
 wait $p2 || rc2=$?
 for g in 1 2; do echo "[ci-arm64] pytest group $g:"; cat "$B/pytest-$g.log"; done
 [ "$rc1" = 0 ] && [ "$rc2" = 0 ] || { echo "[ci-arm64] aarch64 tests failed ($rc1, $rc2)"; exit 1; }
-stamp "aarch64 tests under qemu done (qemu max: neon+bf16 kernels)"
-# The kernels must also run on the plainest ARMv8.0-A core (no FP16 arithmetic, dot product or
-# BF16): the kernel tests on a Cortex-A53, which must get the plain NEON kernels.
+stamp "aarch64 tests under qemu done (qemu neoverse-n1: neon kernels)"
+# The kernel tests on qemu's max CPU, which must get the BF16 kernels, and on the plainest
+# ARMv8.0-A core (no FP16 arithmetic, dot product or BF16), a Cortex-A53: the plain NEON ones.
+QEMU_CPU=max MAMBART_EXPECT_KERNELS=neon+bf16 "$APY" -m pytest -q -p no:cacheprovider \
+    tests/test_cpu_kernels.py
+stamp "kernel tests on qemu max (neon+bf16 kernels) done"
 QEMU_CPU=cortex-a53 MAMBART_EXPECT_KERNELS=neon "$APY" -m pytest -q -p no:cacheprovider \
     tests/test_cpu_kernels.py
 stamp "kernel tests on an emulated Cortex-A53 (neon kernels) done"
 
-# ---- greedy tokens: aarch64 (NEON + BF16) == x86-64 (AVX2 or generic) ------------------------------
+# ---- greedy tokens: aarch64 on qemu max (NEON + BF16) == x86-64 (AVX2 or generic) ------------------
 python tools/greedy_tokens.py "$B/tokens-x86.json"
 "$APY" tools/greedy_tokens.py "$B/tokens-arm64.json"
 python - "$B/tokens-x86.json" "$B/tokens-arm64.json" <<'PY'
