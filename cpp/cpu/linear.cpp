@@ -9,10 +9,11 @@
 //     every tile of kGemmRows rows of x (6 on x86-64, 4 on aarch64) runs an outer-product
 //     micro-kernel (kGemmRows x 16 accumulators) over it, so the conversion is amortised over M.
 // The kernels are written once (cpu/linear_simd.inc) over an 8-lane vector and compiled here
-// for AVX2 + FMA + F16C (x86-64, function-level target attributes) and NEON (aarch64). The
-// instruction set is chosen at run time from the CPU (CPUID, HWCAP), never from the compiler
-// flags, so one binary runs on any x86-64 or aarch64 CPU; elsewhere, or with the cpu_portable
-// option, the generic scalar path runs (the same sums in another order).
+// for AVX2 + FMA + F16C (x86-64, function-level target attributes) and NEON (aarch64); on
+// aarch64 CPUs with BF16 the bf16 weights' GEMM has a BFMMLA kernel of its own (neon_bf16
+// below). The instruction set is chosen at run time from the CPU (CPUID, HWCAP / HWCAP2), never
+// from the compiler flags, so one binary runs on any x86-64 or aarch64 CPU; elsewhere, or with
+// the cpu_portable option, the generic scalar path runs (the same sums in another order).
 #include "cpu/linear.h"
 #include "options.h"
 
