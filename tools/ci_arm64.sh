@@ -3,8 +3,10 @@
 # for aarch64 and runs the torch-free CPU tests under qemu-user; requires greedy tokens equal to
 # the x86-64 build's (tools/greedy_tokens.py); runs the generic (no-SIMD) kernels on x86 once.
 # Run from .ci/run after the README install (the x86 mambart and its test extras installed).
-# Budget: about 7 to 8 minutes on the 2-core CI machine (7 min 10 s measured from an empty
-# build/arm64-ci with the Debian packages present; timings printed as it goes).
+# Budget: about 8 minutes on the 2-core machine (8 min 18 s measured with build/arm64-ci warm
+# and other jobs sharing the cores, load average 2 to 4: the two test groups 397 s and 330 s
+# side by side; 7 min 10 s was measured earlier from an empty build/arm64-ci with the tests run
+# one file after another on an idle machine; timings printed as it goes).
 #
 # Debian packages (apt-get when root or password-less sudo, else the step is reported SKIPPED):
 #   g++-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user
