@@ -1,8 +1,10 @@
-"""The CPU projection kernels (issue 26): every path this CPU has (AVX2 or NEON, and the generic
-path forced with MAMBART_CPU_PORTABLE=1) against a float64 reference over fp32 / fp16 / bf16
-weights and shapes that hit every tile and tail; the kernel choice made at run time and shown
-in the backend's name; the fp16 <-> fp32 conversions bit-exact. No torch: this file also runs
-for aarch64 under qemu-user in CI (tools/ci_arm64.sh)."""
+"""The CPU projection kernels (issue 26): every path this CPU has (AVX2, NEON or NEON + BF16, and
+the generic path forced with MAMBART_CPU_PORTABLE=1) against a float64 reference over fp32 /
+fp16 / bf16 weights and shapes that hit every tile and tail; the kernel choice made at run time
+and shown in the backend's name; the fp16 <-> fp32 conversions bit-exact. No torch: this file
+also runs for aarch64 under qemu-user in CI (tools/ci_arm64.sh), once on qemu's `max` CPU (with
+BF16: the BFMMLA kernel) and once on a Cortex-A53 (ARMv8.0-A: the plain NEON kernels), with
+MAMBART_EXPECT_KERNELS naming the kernels each CPU model must get."""
 
 from __future__ import annotations
 
@@ -22,6 +24,9 @@ from model_dirs import make_model_dir
 SHAPES = [  # (M, K, N): GEMV rows 1..8 (tiles of 4 / 2 / 1 weight rows), GEMM from 9, K tails
     (1, 64, 37), (1, 3, 5), (2, 24, 9), (3, 17, 11), (4, 40, 7), (5, 8, 3), (7, 33, 16),
     (8, 72, 21), (9, 16, 17), (13, 100, 33), (37, 130, 40), (64, 1, 2),
+    # the BF16 GEMM's tails: K % 4 = 3 and 1, an odd row count (a half row pair), an odd last
+    # weight panel, and a model's K
+    (10, 7, 19), (11, 33, 16), (12, 770, 20),
 ]
 DTYPES = ["float32", "float16", "bfloat16"]
 
@@ -46,10 +51,15 @@ def expected_kernels() -> str:
 
 
 def machine_kernels() -> str:
-    """The kernels this CPU runs when nothing forces the generic path."""
+    """The kernels this CPU runs when nothing forces the generic path: MAMBART_EXPECT_KERNELS
+    where CI names them for the CPU model it emulates, else read from the CPU here (aarch64:
+    the auxiliary vector's AT_HWCAP2, x86-64: /proc/cpuinfo), independently of the backend."""
+    want = os.environ.get("MAMBART_EXPECT_KERNELS")
+    if want:
+        return want
     machine = platform.machine().lower()
     if machine in ("aarch64", "arm64"):
-        return "neon"
+        return "neon+bf16" if _hwcap2() & (1 << 14) else "neon"  # HWCAP2_BF16
     if machine in ("x86_64", "amd64"):
         flags = ""
         try:
@@ -60,6 +70,19 @@ def machine_kernels() -> str:
         if all(f" {x}" in flags for x in ("avx2", "fma", "f16c")):
             return "avx2"
     return "generic"
+
+
+def _hwcap2() -> int:
+    """AT_HWCAP2 (26) from /proc/self/auxv (pairs of native unsigned longs; qemu-user gives the
+    emulated CPU's)."""
+    try:
+        with open("/proc/self/auxv", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return 0
+    words = np.frombuffer(raw[: len(raw) // 16 * 16], dtype=np.uint64).reshape(-1, 2)
+    hit = words[words[:, 0] == 26]
+    return int(hit[0, 1]) if len(hit) else 0
 
 
 def _kernels(name: str) -> str:
@@ -86,6 +109,29 @@ def test_linear_matches_float64(dtype, M, K, N):
 def test_kernels_chosen_at_run_time():
     name = _C._ops.Backend("cpu").name
     assert _kernels(name) == expected_kernels(), name
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", [1, 12])
+def test_linear_non_finite_activations(dtype, M):
+    """An infinite activation gives an infinite output of the right sign and a NaN gives NaN, on
+    every path (the BF16 kernel splits each activation into bf16 parts: inf and NaN must survive
+    the split whole)."""
+    K, N = 24, 9
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    W = rng.uniform(0.5, 1.0, (N, K)).astype(np.float32)  # positive: no inf - inf
+    x[0, 3] = np.inf
+    if M > 1:
+        x[5, 0] = -np.inf
+        x[7, 9] = np.nan
+        x[11, 1] = np.float32(3e38)  # finite; its products overflow to inf as in fp32
+    y = _C._ops.Backend("cpu").linear(x, W, dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        ref = x @ _round(W, dtype).astype(np.float32).T
+    assert np.array_equal(np.isnan(y), np.isnan(ref)), (y, ref)
+    assert np.array_equal(np.isposinf(y), np.isposinf(ref))
+    assert np.array_equal(np.isneginf(y), np.isneginf(ref))
 
 
 _CHILD = r"""

@@ -9,10 +9,11 @@
 //     every tile of kGemmRows rows of x (6 on x86-64, 4 on aarch64) runs an outer-product
 //     micro-kernel (kGemmRows x 16 accumulators) over it, so the conversion is amortised over M.
 // The kernels are written once (cpu/linear_simd.inc) over an 8-lane vector and compiled here
-// for AVX2 + FMA + F16C (x86-64, function-level target attributes) and NEON (aarch64). The
-// instruction set is chosen at run time from the CPU (CPUID, HWCAP), never from the compiler
-// flags, so one binary runs on any x86-64 or aarch64 CPU; elsewhere, or with the cpu_portable
-// option, the generic scalar path runs (the same sums in another order).
+// for AVX2 + FMA + F16C (x86-64, function-level target attributes) and NEON (aarch64); on
+// aarch64 CPUs with BF16 the bf16 weights' GEMM has a BFMMLA kernel of its own (neon_bf16
+// below). The instruction set is chosen at run time from the CPU (CPUID, HWCAP / HWCAP2), never
+// from the compiler flags, so one binary runs on any x86-64 or aarch64 CPU; elsewhere, or with
+// the cpu_portable option, the generic scalar path runs (the same sums in another order).
 #include "cpu/linear.h"
 #include "cpu/pool.h"
 #include "options.h"
@@ -213,11 +214,221 @@ MAMBART_SIMD inline V8 v_load_w(const void* row, int64_t k) {
 
 }  // namespace neon
 
+// ---- NEON + BF16 (aarch64 with FEAT_BF16: BFMMLA), bf16 weights ------------------------------
+// Compiled for armv8.2-a+bf16 with a function-level target attribute and run only where HWCAP2
+// has BF16, so the binary stays ARMv8.0-A. Only the GEMM (prefill, and decode batches past
+// kGemvMaxM) changes: its micro-kernel multiplies with BFMMLA, 16 multiply-adds per instruction
+// against FMLA's 4, and packs the weight panel as bf16 (no widening, half the bytes). fp32 and
+// fp16 weights, and every GEMV, keep the NEON kernels above (see docs/platforms.md for why).
+//
+// BFMMLA takes bf16 on both sides, and rounding the activations to bf16 would cost 8 of their 24
+// bits. Instead each fp32 activation is split exactly into three bf16 parts,
+//     x = h + m + l,   h = x's top 16 bits,  m = the top 16 bits of x - h,  l = the rest
+// (x - h - m has at most 8 significant bits, so l holds it exactly). A product of a part and a
+// bf16 weight is exact in fp32 (8 x 8 significant bits), so the sum over the three parts is the
+// fp32 projection with fp32 sums: BFMMLA adds each pair of products and then the accumulator
+// with fp32 precision, rounding to odd and flushing subnormals to zero (ARMv8.6-A's BFMMLA
+// without FEAT_EBF16). Three BFMMLA per activation: 5.3 useful multiply-adds per instruction.
+// The results are not those of the NEON path bit for bit (other sums in another order), and are
+// held to the same bound against float64 (tests/test_cpu_kernels.py).
+
+namespace neon_bf16 {
+
+#define MAMBART_BF16 __attribute__((target("arch=armv8.2-a+bf16")))
+
+// Thread-local (n) bf16 scratch, grown once (never shrunk): the split activations (the calling
+// thread's) and the packed weight panel (each worker's).
+uint16_t* x_scratch(int64_t n) {
+    thread_local std::vector<uint16_t> v;
+    if (v.size() < static_cast<size_t>(n)) v.resize(static_cast<size_t>(n));
+    return v.data();
+}
+uint16_t* panel_scratch16(int64_t n) {
+    thread_local std::vector<uint16_t> v;
+    if (v.size() < static_cast<size_t>(n)) v.resize(static_cast<size_t>(n));
+    return v.data();
+}
+
+// Four activations split into their three bf16 parts (the top halves of h, m, l as fp32 bits).
+// Infinities and NaNs go whole into h (a NaN kept a NaN by its quiet bit), m = l = 0.
+MAMBART_BF16 inline void split4(float32x4_t v, uint16x4_t& h, uint16x4_t& m, uint16x4_t& l) {
+    const uint32x4_t hi16 = vdupq_n_u32(0xFFFF0000u);
+    const uint32x4_t u = vreinterpretq_u32_f32(v);
+    const uint32x4_t finite = vcltq_u32(vandq_u32(u, vdupq_n_u32(0x7F800000u)),
+                                        vdupq_n_u32(0x7F800000u));
+    const uint32x4_t quiet = vbicq_u32(vdupq_n_u32(0x00400000u), vceqq_f32(v, v));  // NaN lanes
+    const uint32x4_t hb = vandq_u32(vorrq_u32(u, quiet), hi16);
+    // x - h and (x - h) - m are exact (Sterbenz); zero for the non-finite lanes
+    const float32x4_t r1 = vreinterpretq_f32_u32(vandq_u32(
+        vreinterpretq_u32_f32(vsubq_f32(v, vreinterpretq_f32_u32(vandq_u32(u, hi16)))), finite));
+    const uint32x4_t mb = vandq_u32(vreinterpretq_u32_f32(r1), hi16);
+    const float32x4_t r2 = vsubq_f32(r1, vreinterpretq_f32_u32(mb));
+    h = vshrn_n_u32(hb, 16);
+    m = vshrn_n_u32(mb, 16);
+    l = vshrn_n_u32(vreinterpretq_u32_f32(r2), 16);
+}
+
+// xs[p][kb][s][0..8) = part s (h, m, l) of rows 2p and 2p+1 at k = 4kb..4kb+4, as BFMMLA's 2 x 4
+// operand (row 2p's four values, then row 2p+1's); a missing last row and k >= K are zeros.
+//   x:  (M, K) fp32, row stride ldx;   xs: (ceil(M / 2), KB, 3, 8) bf16, KB = ceil(K / 4)
+MAMBART_BF16 void split_x(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t KB,
+                          uint16_t* xs) {
+    const int64_t K4 = K / 4 * 4;
+    for (int64_t r = 0; r < M; r += 2) {
+        const float* a = x + r * ldx;
+        const float* b = r + 1 < M ? a + ldx : nullptr;
+        uint16_t* out = xs + (r / 2) * KB * 24;
+        for (int64_t kb = 0; kb < KB; ++kb, out += 24) {
+            const int64_t k = kb * 4;
+            float32x4_t va, vb = vdupq_n_f32(0.0f);
+            if (k < K4) {
+                va = vld1q_f32(a + k);
+                if (b) vb = vld1q_f32(b + k);
+            } else {  // the K % 4 tail, zero-padded
+                float ta[4] = {0, 0, 0, 0}, tb[4] = {0, 0, 0, 0};
+                for (int64_t q = 0; k + q < K; ++q) {
+                    ta[q] = a[k + q];
+                    if (b) tb[q] = b[k + q];
+                }
+                va = vld1q_f32(ta);
+                vb = vld1q_f32(tb);
+            }
+            uint16x4_t ha, ma, la, hb, mb, lb;
+            split4(va, ha, ma, la);
+            split4(vb, hb, mb, lb);
+            vst1q_u16(out, vcombine_u16(ha, hb));
+            vst1q_u16(out + 8, vcombine_u16(ma, mb));
+            vst1q_u16(out + 16, vcombine_u16(la, lb));
+        }
+    }
+}
+
+// Packs bf16 weight rows [n0, n0 + ncols) (ncols <= 16) as 8 row pairs: wp[kb][c][0..8) = row
+// n0+2c's weights k = 4kb..4kb+4, then row n0+2c+1's (BFMMLA's other operand); missing rows and
+// k >= K are zeros.   wp: (KB, 8, 8) bf16
+MAMBART_BF16 void pack_panel(const uint16_t* W, int64_t K, int64_t KB, int64_t n0, int64_t ncols,
+                             uint16_t* wp) {
+    const int64_t K8 = K / 8 * 8;
+    for (int c = 0; c < 8; ++c) {
+        const uint16_t* ra = 2 * c < ncols ? W + (n0 + 2 * c) * K : nullptr;
+        const uint16_t* rb = 2 * c + 1 < ncols ? W + (n0 + 2 * c + 1) * K : nullptr;
+        uint16_t* out = wp + c * 8;
+        int64_t k = 0;
+        if (ra && rb) {
+            for (; k < K8; k += 8) {  // two k blocks of the pair per 16-byte load of each row
+                const uint64x2_t qa = vreinterpretq_u64_u16(vld1q_u16(ra + k));
+                const uint64x2_t qb = vreinterpretq_u64_u16(vld1q_u16(rb + k));
+                vst1q_u16(out + (k / 4) * 64, vreinterpretq_u16_u64(vzip1q_u64(qa, qb)));
+                vst1q_u16(out + (k / 4 + 1) * 64, vreinterpretq_u16_u64(vzip2q_u64(qa, qb)));
+            }
+        }
+        for (; k < KB * 4; ++k) {  // the tails, a missing row, the K % 4 padding
+            uint16_t* o = out + (k / 4) * 64 + (k % 4);
+            o[0] = ra && k < K ? ra[k] : 0;
+            o[4] = rb && k < K ? rb[k] : 0;
+        }
+    }
+}
+
+// Micro-kernel: rows [0, rows) of x (P row pairs, rows <= 2P) times the 16 packed weight rows:
+//   y[i][j] = Σ_k x[i][k] · w_j[k] (+ bias[j]),  i < rows, j < ncols
+// acc[p][c] holds BFMMLA's 2 x 2 block (row 2p, 2p+1) x (weight row 2c, 2c+1); each k block
+// runs 3 BFMMLA per (p, c), one per part of x. Sums run in blocks of 16 k blocks (64 k, as the
+// NEON kernel's kKBlock), each block added into tot.
+template <int P>
+MAMBART_BF16 inline void panel_tile(const uint16_t* xs, int64_t KB, const uint16_t* wp,
+                                    const float* bias, float* y, int64_t ldy, int rows,
+                                    int64_t ncols) {
+    static_assert(P == 1 || P == 2, "panel_tile: 1 or 2 row pairs");
+    const bfloat16_t* xp = reinterpret_cast<const bfloat16_t*>(xs);
+    const bfloat16_t* wq = reinterpret_cast<const bfloat16_t*>(wp);
+    float32x4_t tot[P][8];
+    for (int p = 0; p < P; ++p)
+        for (int c = 0; c < 8; ++c) tot[p][c] = vdupq_n_f32(0.0f);
+    constexpr int64_t kBlock = 16;
+    for (int64_t kb0 = 0; kb0 < KB; kb0 += kBlock) {
+        const int64_t kb1 = KB < kb0 + kBlock ? KB : kb0 + kBlock;
+        float32x4_t acc[P][8];
+#pragma GCC unroll 2
+        for (int p = 0; p < P; ++p)
+#pragma GCC unroll 8
+            for (int c = 0; c < 8; ++c) acc[p][c] = vdupq_n_f32(0.0f);
+        for (int64_t kb = kb0; kb < kb1; ++kb) {
+            bfloat16x8_t xh[P], xm[P], xl[P];
+#pragma GCC unroll 2
+            for (int p = 0; p < P; ++p) {
+                const bfloat16_t* q = xp + (p * KB + kb) * 24;
+                xh[p] = vld1q_bf16(q);
+                xm[p] = vld1q_bf16(q + 8);
+                xl[p] = vld1q_bf16(q + 16);
+            }
+            const bfloat16_t* w = wq + kb * 64;
+#pragma GCC unroll 8
+            for (int c = 0; c < 8; ++c) {
+                const bfloat16x8_t wv = vld1q_bf16(w + c * 8);
+#pragma GCC unroll 2
+                for (int p = 0; p < P; ++p) {
+                    acc[p][c] = vbfmmlaq_f32(acc[p][c], xh[p], wv);
+                    acc[p][c] = vbfmmlaq_f32(acc[p][c], xm[p], wv);
+                    acc[p][c] = vbfmmlaq_f32(acc[p][c], xl[p], wv);
+                }
+            }
+        }
+#pragma GCC unroll 2
+        for (int p = 0; p < P; ++p)
+#pragma GCC unroll 8
+            for (int c = 0; c < 8; ++c) tot[p][c] = vaddq_f32(tot[p][c], acc[p][c]);
+    }
+    for (int p = 0; p < P; ++p) {
+        float out[2][16];  // rows 2p, 2p+1
+        for (int c = 0; c < 8; c += 2) {
+            const float64x2_t a = vreinterpretq_f64_f32(tot[p][c]);
+            const float64x2_t b = vreinterpretq_f64_f32(tot[p][c + 1]);
+            vst1q_f32(out[0] + 2 * c, vreinterpretq_f32_f64(vzip1q_f64(a, b)));
+            vst1q_f32(out[1] + 2 * c, vreinterpretq_f32_f64(vzip2q_f64(a, b)));
+        }
+        for (int i = 0; i < 2 && 2 * p + i < rows; ++i) {
+            float* yi = y + (2 * p + i) * ldy;
+            for (int64_t j = 0; j < ncols; ++j) yi[j] = out[i][j] + (bias ? bias[j] : 0.0f);
+        }
+    }
+}
+
+// GEMM, bf16 weights: the activations split once (the calling thread), then the pool's threads
+// split N into panels of 16 weight rows, each packed once and run against every 4-row tile of x.
+MAMBART_BF16 void gemm(const float* x, int64_t ldx, int64_t M, int64_t K, const void* W,
+                       int64_t N, const float* bias, float* y, int64_t ldy) {
+    const int64_t KB = (K + 3) / 4, pairs = (M + 1) / 2;
+    uint16_t* xs = x_scratch(pairs * KB * 24);  // (pairs, KB, 3, 8) bf16
+    split_x(x, ldx, M, K, KB, xs);
+    const uint16_t* w16 = static_cast<const uint16_t*>(W);
+    const int64_t npanels = (N + 15) / 16;
+    parallel_for(npanels, 1, [&](int64_t pnl0, int64_t pnl1) {
+        uint16_t* wp = panel_scratch16(KB * 64);  // (KB, 8, 8) bf16, this thread's
+        for (int64_t pnl = pnl0; pnl < pnl1; ++pnl) {
+            const int64_t n0 = pnl * 16, nc = N - n0 < 16 ? N - n0 : 16;
+            pack_panel(w16, K, KB, n0, nc, wp);
+            const float* bb = bias ? bias + n0 : nullptr;
+            int64_t p = 0;
+            for (; p + 2 <= pairs; p += 2)
+                panel_tile<2>(xs + p * KB * 24, KB, wp, bb, y + 2 * p * ldy + n0, ldy,
+                              int(std::min<int64_t>(4, M - 2 * p)), nc);
+            if (p < pairs)
+                panel_tile<1>(xs + p * KB * 24, KB, wp, bb, y + 2 * p * ldy + n0, ldy,
+                              int(M - 2 * p), nc);
+        }
+    });
+}
+
+#undef MAMBART_BF16
+
+}  // namespace neon_bf16
+
 #endif  // MAMBART_ARM64
 
 // ---- run-time choice -------------------------------------------------------------------------
 
-enum class Kernels { Generic, Avx2, Neon };
+enum class Kernels { Generic, Avx2, Neon, NeonBf16 };
 
 #ifdef MAMBART_ARM64
 // Linux's AT_HWCAP / AT_HWCAP2 bits (arch/arm64/include/uapi/asm/hwcap.h), spelled out so that
@@ -276,8 +487,10 @@ Kernels detect_kernels() {
         return Kernels::Avx2;
 #elif defined(MAMBART_ARM64)
     // Advanced SIMD and FP are in every ARMv8-A profile Linux runs on; checked all the same.
-    const unsigned long hw = getauxval(AT_HWCAP);
-    if ((hw & kHwcapFp) && (hw & kHwcapAsimd)) return Kernels::Neon;
+    // BF16 (BFMMLA) for bf16 weights where HWCAP2 has it; NEON for the rest.
+    const unsigned long hw = getauxval(AT_HWCAP), hw2 = getauxval(AT_HWCAP2);
+    if ((hw & kHwcapFp) && (hw & kHwcapAsimd))
+        return (hw2 & kHwcap2Bf16) ? Kernels::NeonBf16 : Kernels::Neon;
 #endif
     return Kernels::Generic;
 }
@@ -297,6 +510,11 @@ void linear_typed(Kernels k, const float* x, int64_t ldx, int64_t M, int64_t K, 
 #endif
 #ifdef MAMBART_ARM64
         case Kernels::Neon: return neon::linear_simd<D>(x, ldx, M, K, W, N, bias, y, ldy);
+        case Kernels::NeonBf16:
+            if constexpr (D == DType::BF16) {
+                if (M > kGemvMaxM) return neon_bf16::gemm(x, ldx, M, K, W, N, bias, y, ldy);
+            }
+            return neon::linear_simd<D>(x, ldx, M, K, W, N, bias, y, ldy);
 #endif
         default: return linear_portable(x, ldx, M, K, W, D, N, bias, y, ldy);
     }
@@ -345,6 +563,7 @@ const char* linear_kernels() {
     switch (kernels()) {
         case Kernels::Avx2: return "avx2";
         case Kernels::Neon: return "neon";
+        case Kernels::NeonBf16: return "neon+bf16";
         case Kernels::Generic: break;
     }
     return "generic";

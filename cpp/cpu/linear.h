@@ -33,8 +33,9 @@ void linear(const float* x, int64_t ldx, int64_t M, int64_t K,
 std::vector<double> read_bandwidth(int64_t bytes, int passes);
 
 // The projection kernels this process runs: "avx2" (x86-64 with AVX2, FMA and F16C), "neon"
-// (aarch64) or "generic" (any other CPU, or the cpu_portable option set). Chosen once, at the
-// first call, from the CPU itself (CPUID, HWCAP), not from the compiler flags.
+// (aarch64), "neon+bf16" (aarch64 with BF16: bf16 weights' GEMM through BFMMLA, the rest NEON)
+// or "generic" (any other CPU, or the cpu_portable option set). Chosen once, at the first call,
+// from the CPU itself (CPUID, HWCAP / HWCAP2), not from the compiler flags.
 const char* linear_kernels();
 
 // The CPU's SIMD features as read for that choice, space-separated (x86-64: "avx2 fma f16c
