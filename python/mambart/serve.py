@@ -389,6 +389,8 @@ class _Job:
             prev = self.t_last.get(key)
             if prev is None:
                 m.ttft.observe(now - self.t0)
+                for _ in toks[1:]:  # tokens that came with the first: no wait after it
+                    m.itl.observe(0.0)
             else:  # k tokens in one delivery: k gaps of a k-th of the time each
                 for _ in toks:
                     m.itl.observe((now - prev) / len(toks))
