@@ -75,10 +75,9 @@ ThreadPool* current_pool() { return tl_pool; }
 PoolScope::PoolScope(ThreadPool* p) : prev_(tl_pool) { tl_pool = p; }
 PoolScope::~PoolScope() { tl_pool = prev_; }
 
-ThreadPool::ThreadPool(int threads) : threads_(std::max(1, threads)) {
-    workers_.reserve(size_t(threads_ - 1));
-    for (int i = 1; i < threads_; ++i) workers_.emplace_back([this] { worker_loop(); });
-}
+// The workers start with the first parallel job (run()), not here: a backend that never runs
+// one (a model load that fails, a backend made to be inspected) starts no thread.
+ThreadPool::ThreadPool(int threads) : threads_(std::max(1, threads)) {}
 
 ThreadPool::~ThreadPool() {
     stop_.store(true);
@@ -150,6 +149,10 @@ void ThreadPool::run(int64_t n, int64_t grain, ChunkFn fn, void* ctx) {
     if (!lk.owns_lock()) {  // another thread's job is running: this one runs here
         fn(ctx, 0, n);
         return;
+    }
+    if (workers_.empty()) {  // the first job: start the workers (epoch_ is still 0, as they expect)
+        workers_.reserve(size_t(threads_ - 1));
+        for (int i = 1; i < threads_; ++i) workers_.emplace_back([this] { worker_loop(); });
     }
     fn_ = fn;
     ctx_ = ctx;
