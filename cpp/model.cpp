@@ -169,7 +169,7 @@ void Model::free_workspace() {
     for (void* p : {static_cast<void*>(ids_), static_cast<void*>(dids_),
                     static_cast<void*>(hidden_), static_cast<void*>(residual_),
                     static_cast<void*>(normed_), static_cast<void*>(logits_),
-                    static_cast<void*>(dlogits_), static_cast<void*>(rng_)})
+                    static_cast<void*>(rng_)})
         if (p) backend_->dealloc(p);
     for (float* p : layer_ws_)
         if (p) backend_->dealloc(p);
@@ -177,7 +177,7 @@ void Model::free_workspace() {
     backend_->clear_graphs();  // recorded graphs use these buffers
     rng_ = nullptr;
     ids_ = dids_ = nullptr;
-    hidden_ = residual_ = normed_ = logits_ = dlogits_ = nullptr;
+    hidden_ = residual_ = normed_ = logits_ = nullptr;
     ws_rows_ = logits_rows_ = 0;
 }
 
@@ -221,9 +221,9 @@ uint64_t Model::workspace_bytes(int64_t rows, int64_t logits_rows) const {
     uint64_t cols = 3 * uint64_t(config_.d_model);  // hidden, residual, normed
     for (int64_t c : layer_cols) cols += uint64_t(c);
     const uint64_t r = uint64_t(std::max<int64_t>(rows, 0));
-    // ids_ and the two lanes' dids_; rng_; the activations. Logits: logits_ and dlogits_.
+    // ids_ and the two lanes' dids_; rng_; the activations; the logits.
     return r * (3 * sizeof(int32_t) + 3 * sizeof(uint64_t) + cols * sizeof(float)) +
-           2 * uint64_t(std::max<int64_t>(logits_rows, 0)) * uint64_t(config_.vocab_size) *
+           uint64_t(std::max<int64_t>(logits_rows, 0)) * uint64_t(config_.vocab_size) *
                sizeof(float) +
            backend_->scratch_bytes(int64_t(r), scratch_cols);
 }
@@ -257,8 +257,6 @@ void Model::reserve(int64_t rows, int64_t logits_rows) {
     for (int64_t cols : layer_ws_cols_) layer_ws_.push_back(buf(cols, "layer activations"));
     logits_ = static_cast<float*>(
         be.alloc(size_t(logits_rows * c.vocab_size) * sizeof(float), "logits"));
-    dlogits_ = static_cast<float*>(
-        be.alloc(size_t(logits_rows * c.vocab_size) * sizeof(float), "decode logits"));
     ws_rows_ = rows;
     logits_rows_ = logits_rows;
     reserve_host(rows);
@@ -273,7 +271,7 @@ bool Model::supports_state_trace() const {
 }
 
 const float* Model::forward(State& st, int64_t row0, int64_t B, int64_t L, const int32_t* ids,
-                            LogitsMode mode, State* trace, float* logits_out) {
+                            LogitsMode mode, State* trace) {
     const ModelConfig& c = config_;
     Backend& be = *backend_;
     const int64_t R = B * L, d = c.d_model;
@@ -318,9 +316,8 @@ const float* Model::forward(State& st, int64_t row0, int64_t B, int64_t L, const
         M = B;
     }
     // Only the first vocab_size rows of the (padded) head: padding rows never get logits.
-    float* out = logits_out ? logits_out : logits_;
-    be.linear(x, ldx, M, weights_->lm_head, c.vocab_size, nullptr, out, c.vocab_size);
-    return out;
+    be.linear(x, ldx, M, weights_->lm_head, c.vocab_size, nullptr, logits_, c.vocab_size);
+    return logits_;
 }
 
 // ---- decode fast path (CUDA graphs + device sampling) --------------------------------------
@@ -362,7 +359,6 @@ const float* Model::decode_launch(State& st, int64_t B, DeviceSampleParams s, co
         throw InvalidArgument(str_cat("Model::decode_launch: buffer ", buf, " is not 0, 1 or 2"));
     const int lane = buf == 0 ? 0 : 1;
     int32_t* dids = dids_ + lane * ws_rows_;
-    float* logits = lane == 0 ? logits_ : dlogits_;
     // The staging buffer was last read by the copies before this buffer's previous marker: wait
     // for it (a no-op when that launch was collected).
     be.wait_marker(marks_[buf]);
@@ -372,7 +368,7 @@ const float* Model::decode_launch(State& st, int64_t B, DeviceSampleParams s, co
         std::memcpy(hids_[buf], ids, size_t(B) * sizeof(int32_t));
         be.copy_to_device(dids, hids_[buf], size_t(B) * sizeof(int32_t));
     }
-    s.logits = logits;
+    s.logits = logits_;
     s.ld = V;
     s.B = B;
     s.V = V;
@@ -385,12 +381,12 @@ const float* Model::decode_launch(State& st, int64_t B, DeviceSampleParams s, co
                        float_bits(s.repetition_penalty), uint64_t(lane)})
         key = mix_key(key, v);
     be.run_graph(key, [&] {
-        forward(st, 0, B, 1, dids, LogitsMode::Last, nullptr, logits);
+        forward(st, 0, B, 1, dids, LogitsMode::Last);
         be.sample(s);
     });
     be.copy_to_host_async(htok_[buf], dids, size_t(B) * sizeof(int32_t));
     marks_[buf] = be.record_marker();
-    return logits;
+    return logits_;
 }
 
 }  // namespace mambart

@@ -100,10 +100,8 @@ class Model {
     // least B * L rows; row b * L + t gets row row0 + b's state after its token t, so a caller
     // keeps the state after any prefix with State::copy_row_from (no recomputation). Needs
     // supports_state_trace() (Unsupported naming the layer type otherwise).
-    // `logits_out`: where the logits go (nullptr: the workspace's; the engine's decode lane
-    // passes its own buffer, so that a prefill in between leaves them alone).
     const float* forward(State& state, int64_t row0, int64_t B, int64_t L, const int32_t* ids,
-                         LogitsMode mode, State* trace = nullptr, float* logits_out = nullptr);
+                         LogitsMode mode, State* trace = nullptr);
     // Whether every layer can write per-token states (forward's trace).
     bool supports_state_trace() const;
 
@@ -145,7 +143,6 @@ class Model {
     int32_t* ids_ = nullptr;      // (rows)        token ids staged for forward
     int32_t* dids_ = nullptr;     // (2, rows)     decode lanes' ids: fed, then overwritten by the
                                   //               sampled ids (lane 0: decode_step; 1: the engine)
-    float* dlogits_ = nullptr;    // (logits_rows, V) lane 1's logits (lane 0 uses logits_)
     float* hidden_ = nullptr;     // (rows, d)     layer output / embedding
     float* residual_ = nullptr;   // (rows, d)     residual stream (fp32)
     float* normed_ = nullptr;     // (rows, d)     normed input of the layer
@@ -175,14 +172,14 @@ class Model {
     // Decode fast path (backends with supports_graphs(), i.e. CUDA): one token for each of
     // rows [0, B) of `state`; the forward and the device sampling (`s`: options and `seen`;
     // logits, ld, B, V, rng and out are filled here) are one graph replay per step, recorded once
-    // per (B, state, seen, options, lane). Two lanes, each with its own device ids and logits:
+    // per (B, state, seen, options, lane). Two lanes, each with its own device ids (the logits are
+    // the workspace's, read by the sampling inside the same replay):
     // lane 0 (buffer 0) for decode_step's callers, lane 1 (buffers 1 and 2, alternating, so
     // that two launches may be in flight) for the engine.
     // `ids` (B, host): the ids to feed; nullptr: feed what the lane's previous launch sampled,
     // in place (its rows, in the same order). `rng` (B, 3) host: (seed, stream, counter) per
     // row. Both are staged through page-locked buffers: nothing here waits for the device.
-    // Returns the lane's device logits (B, V), valid until the lane's next launch (lane 0's:
-    // until the next forward). Needs reserve(B, B).
+    // Returns the device logits (B, V), valid until the next forward. Needs reserve(B, B).
     const float* decode_launch(State& state, int64_t B, DeviceSampleParams s, const uint64_t* rng,
                                const int32_t* ids, int buf);
     // The B ids launch `buf` sampled, into `tokens` (host): waits for that launch only (not for
@@ -191,8 +188,6 @@ class Model {
     // decode_launch + decode_collect on lane 0.
     const float* decode_step(State& state, int64_t B, DeviceSampleParams s, const uint64_t* rng,
                              const int32_t* ids, int32_t* tokens);
-    // Lane 1's device logits (logits_rows, V): rows of its latest launch.
-    const float* decode_logits() const { return dlogits_; }
 };
 
 }  // namespace mambart

@@ -357,6 +357,33 @@ class CpuBackend final : public Backend {
         });
     }
 
+    // Head h's output for one token (P) from its per-rank readouts yr (Rm, P), both forms: per
+    // rank the optional per-head RMSNorm (norm_before_gate=True), the gate silu(z * mimo_z), and
+    // the sum over ranks weighted by mimo_o (SISO: Rm = 1, no mimo weights).
+    static void mamba3_gate_out(const Mamba3ScanParams& p, int64_t h, const float* yr,
+                                const float* z, float* y) {
+        const int64_t P = p.P, Rm = p.Rm;
+        auto mix = [&](const float* m, int64_t r, int64_t i) {  // mimo_* [h, r, i] or 1
+            return m ? m[(h * Rm + r) * P + i] : 1.0f;
+        };
+        for (int64_t i = 0; i < P; ++i) y[i] = 0.0f;
+        for (int64_t r = 0; r < Rm; ++r) {
+            const float* yv = yr + r * P;
+            float inv = 1.0f;
+            if (p.norm_w) {
+                double ss = 0.0;
+                for (int64_t i = 0; i < P; ++i) ss += double(yv[i]) * yv[i];
+                inv = 1.0f / std::sqrt(float(ss / P) + p.eps);
+            }
+            for (int64_t i = 0; i < P; ++i) {
+                float v = yv[i] * inv;
+                if (p.norm_w) v *= p.norm_w[h * P + i];
+                v *= silu(z[i] * mix(p.mimo_z, r, i));
+                y[i] += v * mix(p.mimo_o, r, i);
+            }
+        }
+    }
+
     // Mamba-3, the recurrent form (op_params.h: Mamba3ScanParams), parallel over (row, head),
     // sequential over tokens. Scratch on the stack (sizes bounded by kM3Max*, checked here).
     static constexpr int64_t kM3MaxN = 256, kM3MaxP = 256, kM3MaxRank = 8;
@@ -544,23 +571,8 @@ class CpuBackend final : public Backend {
             // per token: norm, gate, rank sum
             for (int64_t l = 0; l < Lc; ++l) {
                 const float* z = proj_row(t0 + l) + h * P;
-                float* yo = p.y + (b * L + t0 + l) * E + h * P;
-                for (int64_t i = 0; i < P; ++i) yo[i] = 0.0f;
-                for (int64_t r = 0; r < Rm; ++r) {
-                    const float* yv = sc.y.data() + (l * Rm + r) * P;
-                    float inv = 1.0f;
-                    if (p.norm_w) {
-                        double ss = 0.0;
-                        for (int64_t i = 0; i < P; ++i) ss += double(yv[i]) * yv[i];
-                        inv = 1.0f / std::sqrt(float(ss / P) + p.eps);
-                    }
-                    for (int64_t i = 0; i < P; ++i) {
-                        float v = yv[i] * inv;
-                        if (p.norm_w) v *= p.norm_w[h * P + i];
-                        v *= silu(z[i] * mix(p.mimo_z, r, i));
-                        yo[i] += v * mix(p.mimo_o, r, i);
-                    }
-                }
+                mamba3_gate_out(p, h, sc.y.data() + l * Rm * P, z,
+                                p.y + (b * L + t0 + l) * E + h * P);
             }
             if (t0 + Lc == L) {  // the last token's k' and x
                 for (int64_t r = 0; r < Rm; ++r)
@@ -645,23 +657,7 @@ class CpuBackend final : public Backend {
                     yr[r * P + i] = acc + Dh * xr[r * P + i];
                 }
             }
-            float* y = p.y + (b * p.L + t) * E + h * P;
-            for (int64_t i = 0; i < P; ++i) y[i] = 0.0f;
-            for (int64_t r = 0; r < Rm; ++r) {
-                float* yv = yr + r * P;
-                float inv = 1.0f;
-                if (p.norm_w) {  // per-head RMSNorm before the gate (norm_before_gate=True)
-                    double ss = 0.0;
-                    for (int64_t i = 0; i < P; ++i) ss += double(yv[i]) * yv[i];
-                    inv = 1.0f / std::sqrt(float(ss / P) + p.eps);
-                }
-                for (int64_t i = 0; i < P; ++i) {
-                    float v = yv[i] * inv;
-                    if (p.norm_w) v *= p.norm_w[h * P + i];
-                    v *= silu(z[i] * mix(p.mimo_z, r, i));
-                    y[i] += v * mix(p.mimo_o, r, i);
-                }
-            }
+            mamba3_gate_out(p, h, yr, z, p.y + (b * p.L + t) * E + h * P);
             for (int64_t r = 0; r < Rm; ++r) std::memcpy(kprev(r), k + r * N, size_t(N) * sizeof(float));
             std::memcpy(vst, x, size_t(P) * sizeof(float));
         }
