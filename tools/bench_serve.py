@@ -127,7 +127,7 @@ def summarize(records, wall, before, after, args) -> dict:
     tpot = [(r["e2e"] - r["ttft"]) / (r["tokens"] - 1) for r in records if r["tokens"] > 1]
     out_tokens = sum(r["tokens"] for r in records)
     res = dict(requests=len(records), clients=args.clients, rate=args.rate,
-               prompt_len=args.prompt_len, output_len=args.output_len, wall_s=round(wall, 3),
+               prompt_len=args.prompt_len, output_len=args.output_len, wall_s=round(wall, 6),
                req_per_s=len(records) / wall, output_tok_per_s=out_tokens / wall,
                total_tok_per_s=(out_tokens + len(records) * args.prompt_len) / wall)
     for name, xs in (("ttft", ttft), ("itl", gaps), ("tpot", tpot)):
