@@ -68,7 +68,7 @@ def machine_kernels() -> str:
         except OSError:
             pass
         if all(f" {x}" in flags for x in ("avx2", "fma", "f16c")):
-            return "avx2"
+            return "avx512" if all(f" {x}" in flags for x in ("avx512f", "avx512dq")) else "avx2"
     return "generic"
 
 

@@ -40,7 +40,9 @@ namespace mambart {
 namespace cpu {
 namespace {
 
-constexpr int64_t kGemvMaxM = 8;   // up to this many rows: bandwidth-bound GEMV path
+// Up to this many rows: the GEMV path (weights streamed once, each output summed as at M = 1).
+// 16: a speculative verification pass of up to 16 tokens (k <= 15) gets a decode step's sums.
+constexpr int64_t kGemvMaxM = 16;
 
 // ---- portable path ---------------------------------------------------------------------------
 
@@ -138,6 +140,151 @@ MAMBART_SIMD inline V8 v_load_w(const void* row, int64_t k) {
 #undef MAMBART_SIMD
 
 }  // namespace avx2
+
+// ---- AVX-512 (x86-64 with AVX-512 F + DQ): the GEMV -------------------------------------------
+// The same sums as the AVX2 GEMV, lane for lane and in the same order, twice as many per
+// instruction: a 16-lane register holds the 8-lane accumulators of two weight rows side by side
+// (lanes 0..7 row j, 8..15 row j + 1), each multiplied by the same 8 activations (broadcast to
+// both halves), and each half reduced by the AVX2 kernel's v_hsum order at the end. So every
+// output is bit for bit the AVX2 path's (and the NEON path's), at every M: only the instruction
+// count changes (a verification pass of 8 tokens is compute-bound on one core; issue 25). The
+// GEMM (M > kGemvMaxM) keeps the AVX2 kernel.
+
+namespace avx512 {
+
+#define MAMBART_SIMD512 __attribute__((target("avx512f,avx512dq,avx2,fma,f16c"), always_inline))
+
+// Weights k..k+8 of rows r0 (lanes 0..7) and r1 (lanes 8..15), widened to fp32 (exact).
+template <DType D>
+MAMBART_SIMD512 inline __m512 load_pair(const void* r0, const void* r1, int64_t k) {
+    if constexpr (D == DType::F32) {
+        return _mm512_insertf32x8(
+            _mm512_castps256_ps512(_mm256_loadu_ps(static_cast<const float*>(r0) + k)),
+            _mm256_loadu_ps(static_cast<const float*>(r1) + k), 1);
+    } else {
+        const __m256i h = _mm256_inserti128_si256(
+            _mm256_castsi128_si256(_mm_loadu_si128(
+                reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(r0) + k))),
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(r1) + k)),
+            1);
+        if constexpr (D == DType::F16) return _mm512_cvtph_ps(h);
+        else return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+}
+
+// avx2::v_hsum's order: ((v0 + v4) + (v2 + v6)) + ((v1 + v5) + (v3 + v7)).
+MAMBART_SIMD512 inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+// out[i][j] = Σ_k x[i][k] · w_j[k] for MR rows of x and `rows` (<= 2 NP) weight rows from w
+// (row stride ldw elements; a missing row of the last pair reads row 0 again, never stored);
+// y[i * ldy + j] = out + bias[j]. As avx2::tile: a cache line of every row at a time with the
+// line 2 NP rows further on prefetched, the K % 8 tail one product at a time after the sums.
+template <int MR, int NP, DType D>
+MAMBART_SIMD512 inline void tile(const float* x, int64_t ldx, int64_t K, const void* w,
+                                 int64_t ldw, int rows, const float* bias, float* y,
+                                 int64_t ldy) {
+    constexpr size_t es = D == DType::F32 ? 4 : 2;
+    const char* wr[2 * NP];
+    for (int j = 0; j < 2 * NP; ++j)
+        wr[j] = static_cast<const char*>(w) + size_t((j < rows ? j : 0) * ldw) * es;
+    __m512 acc[MR][NP];
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+        for (int p = 0; p < NP; ++p) acc[i][p] = _mm512_setzero_ps();
+    constexpr int64_t kLine = 64 / int64_t(es);
+    const size_t ahead = size_t(2 * NP * ldw) * es;
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        if (k % kLine == 0)
+#pragma GCC unroll 8
+            for (int j = 0; j < 2 * NP; ++j) __builtin_prefetch(wr[j] + ahead + size_t(k) * es, 0, 3);
+        __m512 wv[NP];
+#pragma GCC unroll 4
+        for (int p = 0; p < NP; ++p) wv[p] = load_pair<D>(wr[2 * p], wr[2 * p + 1], k);
+#pragma GCC unroll 8
+        for (int i = 0; i < MR; ++i) {
+            const __m512 xv = _mm512_broadcast_f32x8(_mm256_loadu_ps(x + i * ldx + k));
+#pragma GCC unroll 4
+            for (int p = 0; p < NP; ++p) acc[i][p] = _mm512_fmadd_ps(xv, wv[p], acc[i][p]);
+        }
+    }
+    float sums[MR][2 * NP];
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+        for (int p = 0; p < NP; ++p) {
+            sums[i][2 * p] = hsum8(_mm512_castps512_ps256(acc[i][p]));
+            sums[i][2 * p + 1] = hsum8(_mm512_extractf32x8_ps(acc[i][p], 1));
+        }
+    for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < rows; ++j) {
+            float s = sums[i][j];
+            for (int64_t kk = k; kk < K; ++kk) {
+                const float wk = D == DType::F32 ? reinterpret_cast<const float*>(wr[j])[kk]
+                                 : D == DType::F16
+                                     ? f16_to_f32(reinterpret_cast<const uint16_t*>(wr[j])[kk])
+                                     : bf16_to_f32(reinterpret_cast<const uint16_t*>(wr[j])[kk]);
+                s += x[i * ldx + kk] * wk;
+            }
+            y[i * ldy + j] = s + (bias ? bias[j] : 0.0f);
+        }
+}
+
+// Rows [0, MR) of x against weight rows [n0, n1): tiles of 2 NP rows, then pairs, then one row.
+template <int MR, DType D>
+__attribute__((target("avx512f,avx512dq,avx2,fma,f16c"))) void sweep(
+    const float* x, int64_t ldx, int64_t K, const void* W, int64_t n0, int64_t n1,
+    const float* bias, float* y, int64_t ldy) {
+    constexpr int NP = MR <= 4 ? 4 : 2;  // accumulators: MR x NP <= 16 of 32 registers
+    constexpr size_t es = D == DType::F32 ? 4 : 2;
+    const char* w = static_cast<const char*>(W);
+    auto at = [&](int64_t n) { return w + size_t(n * K) * es; };
+    int64_t n = n0;
+    for (; n + 2 * NP <= n1; n += 2 * NP)
+        tile<MR, NP, D>(x, ldx, K, at(n), K, 2 * NP, bias ? bias + n : nullptr, y + n, ldy);
+    for (; n < n1; n += 2) {
+        const int rows = n + 2 <= n1 ? 2 : 1;
+        tile<MR, 1, D>(x, ldx, K, at(n), K, rows, bias ? bias + n : nullptr, y + n, ldy);
+    }
+}
+
+// GEMV, M <= kGemvMaxM: as linear_simd.inc's gemv (chunks of 16 weight rows split by the
+// threads, the rows of x in blocks of at most 8 within a chunk).
+template <DType D>
+__attribute__((target("avx512f,avx512dq,avx2,fma,f16c"))) void gemv(
+    const float* x, int64_t ldx, int64_t M, int64_t K, const void* W, int64_t N,
+    const float* bias, float* y, int64_t ldy) {
+    constexpr int64_t kChunk = 16;
+    const int64_t chunks = (N + kChunk - 1) / kChunk;
+    const int64_t grain = N * K > 32768 ? (32768 + kChunk * K - 1) / (kChunk * K) : chunks;
+    parallel_for(chunks, grain, [&](int64_t c0, int64_t c1) {
+        const int64_t n0 = c0 * kChunk, n1 = c1 * kChunk < N ? c1 * kChunk : N;
+        for (int64_t m0 = 0; m0 < M; m0 += 8) {
+            const float* xm = x + m0 * ldx;
+            float* ym = y + m0 * ldy;
+            switch (M - m0 < 8 ? M - m0 : 8) {
+                case 1: sweep<1, D>(xm, ldx, K, W, n0, n1, bias, ym, ldy); break;
+                case 2: sweep<2, D>(xm, ldx, K, W, n0, n1, bias, ym, ldy); break;
+                case 3: sweep<3, D>(xm, ldx, K, W, n0, n1, bias, ym, ldy); break;
+                case 4: sweep<4, D>(xm, ldx, K, W, n0, n1, bias, ym, ldy); break;
+                case 5: sweep<5, D>(xm, ldx, K, W, n0, n1, bias, ym, ldy); break;
+                case 6: sweep<6, D>(xm, ldx, K, W, n0, n1, bias, ym, ldy); break;
+                case 7: sweep<7, D>(xm, ldx, K, W, n0, n1, bias, ym, ldy); break;
+                default: sweep<8, D>(xm, ldx, K, W, n0, n1, bias, ym, ldy); break;
+            }
+        }
+    });
+}
+
+#undef MAMBART_SIMD512
+
+}  // namespace avx512
 
 #endif  // MAMBART_X86
 
@@ -428,7 +575,7 @@ MAMBART_BF16 void gemm(const float* x, int64_t ldx, int64_t M, int64_t K, const 
 
 // ---- run-time choice -------------------------------------------------------------------------
 
-enum class Kernels { Generic, Avx2, Neon, NeonBf16 };
+enum class Kernels { Generic, Avx2, Avx512, Neon, NeonBf16 };
 
 #ifdef MAMBART_ARM64
 // Linux's AT_HWCAP / AT_HWCAP2 bits (arch/arm64/include/uapi/asm/hwcap.h), spelled out so that
@@ -462,6 +609,7 @@ std::string detect_features() {
     add(__builtin_cpu_supports("fma"), "fma");
     add(cpu_has_f16c(), "f16c");
     add(__builtin_cpu_supports("avx512f"), "avx512f");
+    add(__builtin_cpu_supports("avx512dq"), "avx512dq");
     add(__builtin_cpu_supports("avx512bf16"), "avx512bf16");
 #elif defined(MAMBART_ARM64)
     const unsigned long hw = getauxval(AT_HWCAP), hw2 = getauxval(AT_HWCAP2);
@@ -484,7 +632,9 @@ Kernels detect_kernels() {
     if (runtime_options().cpu_portable) return Kernels::Generic;
 #if defined(MAMBART_X86)
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c())
-        return Kernels::Avx2;
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")
+                   ? Kernels::Avx512
+                   : Kernels::Avx2;
 #elif defined(MAMBART_ARM64)
     // Advanced SIMD and FP are in every ARMv8-A profile Linux runs on; checked all the same.
     // BF16 (BFMMLA) for bf16 weights where HWCAP2 has it; NEON for the rest.
@@ -507,6 +657,9 @@ void linear_typed(Kernels k, const float* x, int64_t ldx, int64_t M, int64_t K, 
     switch (k) {
 #ifdef MAMBART_X86
         case Kernels::Avx2: return avx2::linear_simd<D>(x, ldx, M, K, W, N, bias, y, ldy);
+        case Kernels::Avx512:
+            if (M <= kGemvMaxM) return avx512::gemv<D>(x, ldx, M, K, W, N, bias, y, ldy);
+            return avx2::linear_simd<D>(x, ldx, M, K, W, N, bias, y, ldy);
 #endif
 #ifdef MAMBART_ARM64
         case Kernels::Neon: return neon::linear_simd<D>(x, ldx, M, K, W, N, bias, y, ldy);
@@ -539,7 +692,8 @@ std::vector<double> read_bandwidth(int64_t bytes, int passes) {
                 const float* p = buf.data() + b * kBlock;
                 switch (k) {
 #ifdef MAMBART_X86
-                    case Kernels::Avx2: s += avx2::read_sum(p, kBlock); break;
+                    case Kernels::Avx2:
+                    case Kernels::Avx512: s += avx2::read_sum(p, kBlock); break;
 #endif
 #ifdef MAMBART_ARM64
                     case Kernels::Neon: s += neon::read_sum(p, kBlock); break;
@@ -562,6 +716,7 @@ std::vector<double> read_bandwidth(int64_t bytes, int passes) {
 const char* linear_kernels() {
     switch (kernels()) {
         case Kernels::Avx2: return "avx2";
+        case Kernels::Avx512: return "avx512";
         case Kernels::Neon: return "neon";
         case Kernels::NeonBf16: return "neon+bf16";
         case Kernels::Generic: break;

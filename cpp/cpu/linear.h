@@ -2,7 +2,8 @@
 //
 // The weight keeps its storage dtype (fp32, fp16 or bf16) and is converted to fp32 on the fly;
 // activations and accumulation are fp32. Two regimes:
-//   - M small (decode, batch 1..8): bandwidth-bound GEMV, each weight row read once per call;
+//   - M small (decode, batch 1..16, a speculative verification pass): bandwidth-bound GEMV,
+//     each weight row read once per call, each output summed as at M = 1;
 //   - M large (prefill): compute-bound GEMM.
 // Both run on the current thread pool (cpu/pool.h; serially where there is none) and never
 // allocate on the decode path beyond thread-local scratch sized once.
@@ -32,14 +33,15 @@ void linear(const float* x, int64_t ldx, int64_t M, int64_t K,
 // split into 64 KiB blocks claimed by its threads. Returns each pass's bytes per second.
 std::vector<double> read_bandwidth(int64_t bytes, int passes);
 
-// The projection kernels this process runs: "avx2" (x86-64 with AVX2, FMA and F16C), "neon"
+// The projection kernels this process runs: "avx2" (x86-64 with AVX2, FMA and F16C), "avx512"
+// (those and AVX-512 F + DQ: the GEMV in 16-lane registers, the same sums as avx2's), "neon"
 // (aarch64), "neon+bf16" (aarch64 with BF16: bf16 weights' GEMM through BFMMLA, the rest NEON)
 // or "generic" (any other CPU, or the cpu_portable option set). Chosen once, at the first call,
 // from the CPU itself (CPUID, HWCAP / HWCAP2), not from the compiler flags.
 const char* linear_kernels();
 
 // The CPU's SIMD features as read for that choice, space-separated (x86-64: "avx2 fma f16c
-// avx512f avx512bf16"; aarch64: "fp asimd fphp asimdhp asimddp sve bf16 i8mm"), those present.
+// avx512f avx512dq avx512bf16"; aarch64: "fp asimd fphp asimdhp asimddp sve bf16 i8mm"), those present.
 const std::string& cpu_features();
 
 }  // namespace cpu
