@@ -9,6 +9,10 @@
 #include <new>
 #include <vector>
 
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 #include "backend.h"
 #include "cpu/linear.h"
 #include "cpu/pool.h"
@@ -179,13 +183,16 @@ class CpuBackend final : public Backend {
                         }
                         silu_inplace(o + c0, c1 - c0);
                         if (p.state_trace) {  // the window after token t: in[t - W + 1 .. t]
+                            // = the window before it (token t - 1's trace row, or the state at
+                            // t = 0) shifted by one, then x_t: one contiguous copy of the
+                            // block's (c1 - c0) W values offset by one (each channel's last
+                            // slot gets its neighbour's first, overwritten next), then x_t.
                             float* tr = p.state_trace + (b * L + t) * C * W;  // (C, W) of token t
-                            for (int64_t c = c0; c < c1; ++c)
-                                for (int64_t j = 0; j < W; ++j) {
-                                    const int64_t tau = t - (W - 1) + j;
-                                    tr[c * W + j] = tau >= 0 ? xb[tau * p.ld_x + c]
-                                                             : state[c * W + (W + tau)];
-                                }
+                            const float* prev = t == 0 ? state : tr - C * W;
+                            std::memcpy(tr + c0 * W, prev + c0 * W + 1,
+                                        size_t((c1 - c0) * W - 1) * sizeof(float));
+                            const float* xt = xb + t * p.ld_x;
+                            for (int64_t c = c0; c < c1; ++c) tr[c * W + W - 1] = xt[c];
                         }
                     }
                     // New state: the last W inputs of [history | x].
@@ -222,10 +229,17 @@ class CpuBackend final : public Backend {
                     alignas(32) float h[kMaxScanN][8];   // (N, 8) state of channels e0..e0+7
                     alignas(32) float At[kMaxScanN][8];  // (N, 8) A of those channels
                     float* st = p.ssm_state + (b * E + e0) * N;  // (ne, N) rows of the state
-                    for (int64_t n = 0; n < N; ++n)
+                    const float* Ab = p.A + e0 * N;  // (ne, N) rows of A
+                    int64_t nt = 0;  // the first n not yet moved: blocks of 8 when ne == 8
+                    if (ne == 8)
+                        for (; nt + 8 <= N; nt += 8) {
+                            transpose8x8(st + nt, N, h[nt], 8);
+                            transpose8x8(Ab + nt, N, At[nt], 8);
+                        }
+                    for (int64_t n = nt; n < N; ++n)
                         for (int64_t j = 0; j < 8; ++j) {
                             h[n][j] = j < ne ? st[j * N + n] : 0.0f;
-                            At[n][j] = j < ne ? p.A[(e0 + j) * N + n] : 0.0f;
+                            At[n][j] = j < ne ? Ab[j * N + n] : 0.0f;
                         }
                     // The 8 channels' inputs, padded with zeros past ne (the padded lanes compute
                     // finite values that are never stored).
@@ -243,14 +257,10 @@ class CpuBackend final : public Backend {
                         for (int j0 = 0; j0 < 8; j0 += kVecLanes)
                             scan_step<Vec>(j0, N, h, At, bias, D, dt, x, z, Bt, Ct, y);
                         for (int64_t j = 0; j < ne; ++j) p.y[bt * E + e0 + j] = y[j];
-                        if (p.state_trace) {  // the state after token t: (ne, N) rows at e0
-                            float* tr = p.state_trace + (bt * E + e0) * N;
-                            for (int64_t n = 0; n < N; ++n)
-                                for (int64_t j = 0; j < ne; ++j) tr[j * N + n] = h[n][j];
-                        }
+                        if (p.state_trace)  // the state after token t: (ne, N) rows at e0
+                            store_state(h, ne, N, p.state_trace + (bt * E + e0) * N);
                     }
-                    for (int64_t n = 0; n < N; ++n)
-                        for (int64_t j = 0; j < ne; ++j) st[j * N + n] = h[n][j];
+                    store_state(h, ne, N, st);
                 }
             });
         }
@@ -303,6 +313,39 @@ class CpuBackend final : public Backend {
         }
         const V yv = (acc + cpu::vload<V>(D + j0) * u) * cpu::siluv(cpu::vload<V>(z + j0));
         cpu::vstore(y + j0, yv);
+    }
+    // dst[i * ldd + j] = src[j * lds + i], i, j < 8 (an 8 x 8 block transposed; with AVX in
+    // registers: 24 shuffles in place of 64 scalar moves).
+    static void transpose8x8(const float* src, int64_t lds, float* dst, int64_t ldd) {
+#if defined(__AVX__)
+        __m256 r[8], t[8];
+        for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_ps(src + j * lds);
+        for (int j = 0; j < 8; j += 2) {
+            t[j] = _mm256_unpacklo_ps(r[j], r[j + 1]);      // a0 b0 a1 b1 | a4 b4 a5 b5
+            t[j + 1] = _mm256_unpackhi_ps(r[j], r[j + 1]);  // a2 b2 a3 b3 | a6 b6 a7 b7
+        }
+        for (int j = 0; j < 8; j += 4) {
+            r[j] = _mm256_shuffle_ps(t[j], t[j + 2], 0x44);      // a0 b0 c0 d0 | a4 b4 c4 d4
+            r[j + 1] = _mm256_shuffle_ps(t[j], t[j + 2], 0xEE);  // a1 b1 c1 d1 | a5 ..
+            r[j + 2] = _mm256_shuffle_ps(t[j + 1], t[j + 3], 0x44);
+            r[j + 3] = _mm256_shuffle_ps(t[j + 1], t[j + 3], 0xEE);
+        }
+        for (int i = 0; i < 4; ++i) {
+            _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+            _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+        }
+#else
+        for (int i = 0; i < 8; ++i)
+            for (int j = 0; j < 8; ++j) dst[i * ldd + j] = src[j * lds + i];
+#endif
+    }
+    // The scan tile h (N, 8) back to state rows: dst[j * N + n] = h[n][j], j < ne.
+    static void store_state(const float (*h)[8], int64_t ne, int64_t N, float* dst) {
+        int64_t nt = 0;
+        if (ne == 8)
+            for (; nt + 8 <= N; nt += 8) transpose8x8(h[nt], 8, dst + nt, N);
+        for (int64_t n = nt; n < N; ++n)
+            for (int64_t j = 0; j < ne; ++j) dst[j * N + n] = h[n][j];
     }
     static void copy_part(float* dst8, const float* src, int64_t n) {
         if (n == 8) {
