@@ -41,6 +41,7 @@ struct RuntimeOptions {
                                            // (0: what is available, host_memory_available())
     // ---- CPU backend and loading ----
     bool cpu_portable = false;          // the generic CPU projections even where AVX2 / NEON run
+    bool cpu_avx512 = true;             // the AVX-512 GEMV where the CPU has it (0: AVX2's)
     int64_t cpu_threads = 0;            // CPU backend threads (0: the cores of this process's
                                         // CPU affinity); a Generator's threads= wins
     CpuSsd cpu_ssd = CpuSsd::Auto;      // Mamba-2 prefill form on the CPU (auto: by shape)

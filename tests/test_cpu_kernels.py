@@ -68,7 +68,10 @@ def machine_kernels() -> str:
         except OSError:
             pass
         if all(f" {x}" in flags for x in ("avx2", "fma", "f16c")):
-            return "avx512" if all(f" {x}" in flags for x in ("avx512f", "avx512dq")) else "avx2"
+            off = os.environ.get("MAMBART_CPU_AVX512", "1") in ("0", "false", "False", "off", "no")
+            if not off and all(f" {x}" in flags for x in ("avx512f", "avx512dq")):
+                return "avx512"
+            return "avx2"
     return "generic"
 
 
@@ -206,3 +209,47 @@ def test_f32_to_f16_rounds_to_nearest_even():
     with np.errstate(over="ignore"):  # values past 65519.99 round to inf, as intended
         want = v.astype(np.float16).astype(np.float32)
     assert np.array_equal(out.view(np.uint32), want.view(np.uint32))
+
+
+_ROWS_CHILD = r"""
+import json, sys
+import numpy as np
+from mambart import _C
+be = _C._ops.Backend("cpu", 1)
+rng = np.random.default_rng(5)
+out = {"name": be.name, "y": {}}
+for dt in ("float32", "float16", "bfloat16"):
+    for K, N in ((12, 37), (48, 21), (768, 45), (1539, 7)):
+        x = rng.standard_normal((16, K)).astype(np.float32)
+        W = rng.standard_normal((N, K)).astype(np.float32)
+        b = rng.standard_normal(N).astype(np.float32)
+        out["y"][f"{dt}/{K}/{N}"] = {
+            "calls": [be.linear(x[:M], W, dt, b).view(np.uint32).tolist() for M in range(1, 17)],
+            "alone": [be.linear(x[i:i + 1], W, dt, b).view(np.uint32)[0].tolist()
+                      for i in range(16)]}
+print(json.dumps(out))
+"""
+
+
+def test_gemv_rows_sum_as_one_row_and_avx512_as_avx2():
+    """The GEMV (1 to 16 rows) sums every output as at M = 1, bit for bit: a speculative
+    verification pass of up to 16 tokens gets a decode step's logits. Where the CPU runs the
+    AVX-512 GEMV, its bits equal the AVX2 kernels' (MAMBART_CPU_AVX512=0) at every M."""
+    def run(env_extra):
+        env = dict(os.environ)
+        env.pop("MAMBART_CPU_PORTABLE", None)
+        env.update(env_extra)
+        r = subprocess.run([sys.executable, "-c", _ROWS_CHILD], env=env, capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    main = run({})
+    for key, ys in main["y"].items():
+        for m in range(1, 17):  # row i of an M-row call equals the same row alone
+            for i in range(m):
+                assert ys["calls"][m - 1][i] == ys["alone"][i], (key, m, i)
+    if _kernels(main["name"]) == "avx512":
+        avx2 = run({"MAMBART_CPU_AVX512": "0"})
+        assert _kernels(avx2["name"]) == "avx2", avx2["name"]
+        assert avx2["y"] == main["y"]

@@ -632,7 +632,8 @@ Kernels detect_kernels() {
     if (runtime_options().cpu_portable) return Kernels::Generic;
 #if defined(MAMBART_X86)
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c())
-        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")
+        return runtime_options().cpu_avx512 && __builtin_cpu_supports("avx512f") &&
+                       __builtin_cpu_supports("avx512dq")
                    ? Kernels::Avx512
                    : Kernels::Avx2;
 #elif defined(MAMBART_ARM64)
