@@ -236,9 +236,11 @@ GenerationResult Generator::generate_speculative(const std::vector<int32_t>& pro
     }
     std::vector<int32_t> prop;   // this round's guesses
     std::vector<int32_t> ids;    // [last | guesses]
+    int64_t k_round = spec.adaptive ? (K + 1) / 2 : K;  // guesses a round may propose
     while (!finished) {
         const int64_t remaining = opt.max_new_tokens - int64_t(res.token_ids.size());
-        const int64_t k = std::min<int64_t>(K, remaining - 1);  // the bonus token is free
+        const int64_t k = std::min<int64_t>(k_round, remaining - 1);  // the bonus token is free
+        S.k_last = k_round;
         const size_t pos0 = res.token_ids.size();               // position of guess 0
         // ---- propose ----
         const auto t_prop = Clock::now();
@@ -306,6 +308,10 @@ GenerationResult Generator::generate_speculative(const std::vector<int32_t>& pro
             target_probs(n);
             finished = emit(draw_from(p.data(), V, draw(0, res.token_ids.size())));
         }
+        if (spec.adaptive && rejected)
+            k_round = std::max<int64_t>(1, k_round - 1);
+        else if (spec.adaptive && n > 0 && n == k_round)  // a full round, every guess kept
+            k_round = std::min<int64_t>(K, k_round + 2);
         if (finished) break;
         // ---- keep the states after [last | the a kept guesses] ----
         const auto t_rb = Clock::now();

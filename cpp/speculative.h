@@ -40,6 +40,11 @@ struct SpeculativeOptions {
     // it and runs the kept tokens again (the alternative the trace is measured against:
     // tools/bench_speculative.py --rollback recompute). Same tokens either way.
     bool recompute = false;
+    // Adapt the guesses per pass to the acceptance: k is then the most; a round proposes
+    // k_round (first ceil(k / 2)), +2 after a round whose k_round guesses were all kept, -1
+    // after a rejection (at least 1). It depends on the accepted tokens only (never on timing),
+    // so seeded runs stay reproducible; greedy output is plain decoding's whatever the k.
+    bool adaptive = false;
     // The most tokens one verification may check (k + 1 rows of logits fit the model's logits
     // workspace, Model::kLogitsRows).
     static constexpr int64_t kMaxK = 32;
@@ -56,6 +61,7 @@ struct SpeculativeStats {
     double propose_ms = 0.0;    // time in the proposer (draft forwards, n-gram search)
     double verify_ms = 0.0;     // time in the target's forward passes (with the traces)
     double rollback_ms = 0.0;   // time keeping the accepted prefix's states (the copies)
+    int64_t k_last = 0;         // the guesses the last round could propose (adaptive: k_round)
 };
 
 }  // namespace mambart

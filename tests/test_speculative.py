@@ -164,6 +164,7 @@ def _chi2_pvalue(counts, probs, n):
 
 @pytest.mark.parametrize("proposer,sampling", [
     ("draft", dict(temperature=1.0)),
+    ("draft_adaptive", dict(temperature=1.0)),
     ("draft", dict(temperature=0.7, top_k=3, repetition_penalty=1.3)),
     ("prompt_lookup", dict(temperature=1.0)),
     ("prompt_lookup", dict(temperature=1.2, top_p=0.9)),
@@ -174,7 +175,9 @@ def test_sampling_follows_the_target_distribution(tmp_path, proposer, sampling):
     d = _gen(tmp_path / "d", "mamba2", seed=12, **over)
     prompt = [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
     n_tok, draws = 3, 3000
-    spec = dict(draft=d, k=2) if proposer == "draft" else dict(method="prompt_lookup", k=2)
+    spec = (dict(draft=d, k=2) if proposer == "draft" else
+            dict(draft=d, k=3, adaptive=True) if proposer == "draft_adaptive" else
+            dict(method="prompt_lookup", k=2))
     kw = dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0)
     kw.update(sampling)
     counts, prop, acc = {}, 0, 0
@@ -198,14 +201,79 @@ def test_sampling_follows_the_target_distribution(tmp_path, proposer, sampling):
                             sum(kept.values())) < 1e-3
 
 
-def test_seeded_sampling_is_reproducible(tmp_path):
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_seeded_sampling_is_reproducible(tmp_path, adaptive):
     g = _gen(tmp_path / "t", "mamba2", seed=4)
     d = _gen(tmp_path / "d", "mamba1", seed=5)
-    spec = dict(draft=d, k=3)
+    spec = dict(draft=d, k=3, adaptive=adaptive)
     a = g.generate(PROMPT, max_new_tokens=60, temperature=0.9, seed=7, speculative=spec)
     b = g.generate(PROMPT, max_new_tokens=60, temperature=0.9, seed=7, speculative=spec)
     c = g.generate(PROMPT, max_new_tokens=60, temperature=0.9, seed=8, speculative=spec)
     assert a.token_ids == b.token_ids and a.token_ids != c.token_ids
+
+
+# ---- adaptive k, streaming ----
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_adaptive_k_greedy_identical(tmp_path, arch):
+    """k adapts (up after a full round kept, down after a rejection, within [1, k]) and the
+    greedy tokens stay plain decoding's."""
+    g = _gen(tmp_path / "t", arch, seed=1)
+    other = _gen(tmp_path / "d", "mamba2" if arch == "mamba1" else "mamba1", seed=2,
+                 d_model=8, n_layer=1)
+    plain = _plain(g, PROMPT, 300)
+    for spec in (dict(method="prompt_lookup", k=12), dict(draft=other, k=6),
+                 dict(draft=g, k=9)):
+        fixed = g.generate(PROMPT, max_new_tokens=300, ignore_eos=True, speculative=spec)
+        r = g.generate(PROMPT, max_new_tokens=300, ignore_eos=True,
+                       speculative=dict(spec, adaptive=True))
+        assert r.token_ids == plain, spec
+        s, f = r.speculative, fixed.speculative
+        assert 1 <= s["k_last"] <= spec["k"] and f["k_last"] == spec["k"]
+        if spec.get("draft") is g:  # every guess kept: k climbs to the most and stays
+            assert s["k_last"] == spec["k"], s
+        elif "draft" in spec:  # a weak draft: rejections pull k down
+            assert s["k_last"] < spec["k"], (s, f)
+            assert s["proposed"] < f["proposed"], (s, f)  # fewer wasted guesses
+            assert s["draft_forwards"] < f["draft_forwards"], (s, f)
+
+
+@pytest.mark.parametrize("spec", [dict(method="prompt_lookup", k=6),
+                                  dict(method="prompt_lookup", k=6, adaptive=True),
+                                  dict(draft="mambart2-demo", k=3)])
+def test_stream_speculative_equals_generate(spec):
+    g = mambart.Generator("mambart-demo", dtype="float32")
+    prompt = ("import os\n\n\ndef read_lines(path):\n    with open(path) as f:\n"
+              "        return f.read().splitlines()\n\n\ndef read_words(path):\n")
+    plain = g.generate(prompt, max_new_tokens=80, ignore_eos=True)
+    s = g.stream(prompt, max_new_tokens=80, ignore_eos=True, speculative=spec)
+    assert s.result is None
+    pieces = list(s)
+    assert "".join(pieces) == plain.text and len(pieces) > 10  # text, piece by piece
+    assert s.result.token_ids == plain.token_ids and s.result.text == plain.text
+    assert s.finish_reason == "length" and s.result.speculative["accepted"] > 0
+    ids = g.tokenizer.encode(prompt).ids  # a token-id prompt streams ids
+    assert list(g.stream(ids, max_new_tokens=40, ignore_eos=True, speculative=spec)) == \
+        g.generate(ids, max_new_tokens=40, ignore_eos=True).token_ids
+
+
+def test_stream_speculative_close_and_errors(tmp_path):
+    g = _gen(tmp_path / "t", "mamba1", seed=1)
+    plain = _plain(g, PROMPT, 200)
+    s = g.stream(PROMPT, max_new_tokens=200, ignore_eos=True,
+                 speculative=dict(method="prompt_lookup"))
+    got = [next(s) for _ in range(5)]
+    s.close()  # stops the loop at its next token; the generator is free again
+    assert got == plain[:5] and s.result is None
+    assert _plain(g, PROMPT, 200) == plain
+    for kw, frag in ((dict(stop="x"), "stop"), (dict(logprobs=1), "logprobs"),
+                     (dict(state=g.prefill(PROMPT)), "state")):
+        with pytest.raises(ValueError, match=frag):
+            g.stream(PROMPT, speculative=dict(method="prompt_lookup"), **kw)
+    with pytest.raises(ValueError, match="adaptive"):
+        g.stream(PROMPT, speculative=dict(method="prompt_lookup", adaptive=1))
+    with pytest.raises(ValueError, match="one prompt"):
+        g.stream([PROMPT, PROMPT], speculative=dict(method="prompt_lookup"))
 
 
 # ---- bad input ----
@@ -227,6 +295,7 @@ def test_bad_input(tmp_path):
     bad(dict(method="prompt_lookup", k=2.5), "speculative['k']")
     bad(dict(method="guess"), "speculative['method']")
     bad(dict(method="prompt_lookup", kk=3), "unknown key", "'kk'")
+    bad(dict(method="prompt_lookup", adaptive="yes"), "speculative['adaptive']")
     bad(dict(method="prompt_lookup", ngram_max=2, ngram_min=3), "ngram_min")
     bad("prompt_lookup", "speculative must be a dict")
     bad(dict(method="draft"), "speculative['draft'] is required")
@@ -325,8 +394,12 @@ def test_cli_flags(tmp_path, capsys):
     assert main(["generate", path, ids, "--token-ids", "--max-new-tokens", "30",
                  "--ignore-eos", "--draft", path]) == 0
     assert capsys.readouterr().out.split() == plain
+    assert main(["generate", path, ids, "--token-ids", "--max-new-tokens", "30",
+                 "--ignore-eos", "--prompt-lookup", "--spec-adaptive"]) == 0
+    assert capsys.readouterr().out.split() == plain
     for bad, frag in ([["--spec-k", "3"], "--spec-k needs"],
                       [["--prompt-lookup", "--spec-k", "0"], "speculative['k']"],
-                      [["--prompt-lookup", "--draft", path], "exclude"]):
+                      [["--prompt-lookup", "--draft", path], "exclude"],
+                      [["--spec-adaptive"], "--spec-adaptive needs"]):
         assert main(["generate", path, ids, "--token-ids"] + bad) != 0
         assert frag in capsys.readouterr().err

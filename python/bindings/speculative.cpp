@@ -1,5 +1,7 @@
 // _C bindings of speculative decoding (cpp/speculative.h, issue 25): python/mambart/generator.py
 // (generate(..., speculative=...)) wraps them. Registered after module.cpp's Generator.
+#include <functional>
+
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -19,7 +21,7 @@ void register_speculative_api(py::module_& m) {
            // model's _C.Generator (may be this one) or None.
            [](Generator& g, const std::vector<int32_t>& prompt, const GenerationOptions& opt,
               const std::string& method, int64_t k, int64_t ngram_max, int64_t ngram_min,
-              Generator* draft, bool recompute) {
+              Generator* draft, bool recompute, bool adaptive, py::object callback) {
                SpeculativeOptions so;
                if (method == "prompt_lookup")
                    so.method = SpeculativeOptions::Method::PromptLookup;
@@ -32,11 +34,20 @@ void register_speculative_api(py::module_& m) {
                so.ngram_max = ngram_max;
                so.ngram_min = ngram_min;
                so.recompute = recompute;
+               so.adaptive = adaptive;
                SpeculativeStats st;
                GenerationResult r;
                {
+                   // callback(token) -> bool per emitted token (False: stop, "cancelled"),
+                   // called on this thread with the GIL taken for it (stream(speculative=)).
+                   std::function<bool(int32_t)> cb;
+                   if (!callback.is_none())
+                       cb = [&callback](int32_t tok) {
+                           py::gil_scoped_acquire gil;
+                           return callback(tok).cast<bool>();
+                       };
                    py::gil_scoped_release release;
-                   r = g.generate_speculative(prompt, opt, so, draft, &st);
+                   r = g.generate_speculative(prompt, opt, so, draft, &st, cb);
                }
                py::dict d;
                d["proposed"] = st.proposed;
@@ -46,11 +57,13 @@ void register_speculative_api(py::module_& m) {
                d["propose_ms"] = st.propose_ms;
                d["verify_ms"] = st.verify_ms;
                d["rollback_ms"] = st.rollback_ms;
+               d["k_last"] = st.k_last;
                return py::make_tuple(r, d);
            },
            py::arg("prompt"), py::arg("options"), py::arg("method"), py::arg("k"),
            py::arg("ngram_max") = 3, py::arg("ngram_min") = 1, py::arg("draft") = nullptr,
-           py::arg("recompute") = false)
+           py::arg("recompute") = false, py::arg("adaptive") = false,
+           py::arg("callback") = py::none())
         .def(
             "traced_states",
             // Test hook: (list over tokens of [state tensors as float32 arrays], logits (L, V)).

@@ -186,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="guess the next tokens with this smaller model (same tokenizer)")
     sp.add_argument("--spec-k", type=int, default=None, metavar="N",
                     help="tokens guessed per pass (default 7 for --prompt-lookup, 4 for --draft)")
+    sp.add_argument("--spec-adaptive", action="store_true",
+                    help="adapt the guesses per pass to the acceptance (--spec-k the most)")
 
     ch = sub.add_parser("chat", help="an interactive session that keeps the model's state",
                         description="Chat with MODEL: each line you type is a turn, rendered "
@@ -359,11 +361,15 @@ def _speculative(a):
         raise ValueError("--prompt-lookup and --draft exclude each other")
     if a.spec_k is not None and not (a.prompt_lookup or a.draft):
         raise ValueError("--spec-k needs --prompt-lookup or --draft")
+    if a.spec_adaptive and not (a.prompt_lookup or a.draft):
+        raise ValueError("--spec-adaptive needs --prompt-lookup or --draft")
     if not (a.prompt_lookup or a.draft):
         return None
     spec = dict(method="prompt_lookup") if a.prompt_lookup else dict(draft=a.draft)
     if a.spec_k is not None:
         spec["k"] = a.spec_k
+    if a.spec_adaptive:
+        spec["adaptive"] = True
     return spec
 
 

@@ -367,10 +367,11 @@ class Generator(SequenceAPI):
         return results if batch else results[0]
 
     # ---- issue 25: speculative decoding ----
-    _SPEC_KEYS = ("method", "draft", "k", "ngram_max", "ngram_min")
+    _SPEC_KEYS = ("method", "draft", "k", "ngram_max", "ngram_min", "adaptive")
 
     def _speculative_args(self, spec):
-        """-> (method, k, ngram_max, ngram_min, draft _C.Generator or None), validated."""
+        """-> (method, k, ngram_max, ngram_min, draft _C.Generator or None, adaptive),
+        validated."""
         if not isinstance(spec, dict):
             raise ValueError(f"speculative must be a dict such as dict(method='prompt_lookup', "
                              f"k=8) or dict(draft='model', k=4), got {_args.show(spec)}")
@@ -388,6 +389,10 @@ class Generator(SequenceAPI):
         ngram_max = _args.integer("speculative['ngram_max']", spec.get("ngram_max", 3), 1, 64)
         ngram_min = _args.integer("speculative['ngram_min']", spec.get("ngram_min", 1), 1,
                                   ngram_max)
+        adaptive = spec.get("adaptive", False)
+        if not isinstance(adaptive, bool):
+            raise ValueError(f"speculative['adaptive'] must be True or False, got "
+                             f"{_args.show(adaptive)}")
         draft = None
         if method == "draft":
             d = spec.get("draft")
@@ -409,7 +414,7 @@ class Generator(SequenceAPI):
                                  "'prompt_lookup' only")
         elif spec.get("draft") is not None:
             raise ValueError("speculative['draft'] was given with method 'prompt_lookup'")
-        return method, k, ngram_max, ngram_min, draft
+        return method, k, ngram_max, ngram_min, draft, adaptive
 
     def _draft_generator(self, d):
         if isinstance(d, Generator):
@@ -423,12 +428,14 @@ class Generator(SequenceAPI):
             cache[key] = Generator(d, device=_device_arg(self.device), dtype=self.dtype)
         return cache[key]
 
-    def _generate_speculative(self, prompt, spec, state, return_state, logprobs, stop, kwargs):
+    def _speculative_rows(self, prompt, spec, state, return_state, logprobs, stop, kwargs):
+        """Validated speculative arguments -> (batch, [(ids, options)], run) where
+        run(ids, options, callback=None) -> (RawResult, stats dict)."""
         for name, bad in (("state", state is not None), ("return_state", bool(return_state)),
                           ("logprobs", logprobs is not None), ("stop", stop is not None)):
             if bad:
                 raise ValueError(f"speculative decoding does not support {name} (yet)")
-        method, k, ngram_max, ngram_min, draft = self._speculative_args(spec)
+        method, k, ngram_max, ngram_min, draft, adaptive = self._speculative_args(spec)
         batch = self._is_batch(prompt)
         prompts = list(prompt) if batch else [prompt]
         ids = []
@@ -440,13 +447,25 @@ class Generator(SequenceAPI):
                 raise ValueError("prompt is empty: give at least one token")
             ids.append(e)
         opts = self._row_options(len(prompts), kwargs, None)
-        results = []
-        for r, (e, o) in enumerate(zip(ids, opts)):
+        for r, o in enumerate(opts):
             if o.rng_stream < 0:
                 o.rng_stream = r  # row r of a batch draws from stream r, as in generate()
+
+        def run(e, o, callback=None):
             raw, st = self._g.generate_speculative(
-                e, o, method, k, ngram_max, ngram_min, None if draft is None else draft._g)
+                e, o, method, k, ngram_max, ngram_min, None if draft is None else draft._g,
+                adaptive=adaptive, callback=callback)
             st["acceptance_rate"] = st["accepted"] / st["proposed"] if st["proposed"] else 0.0
+            return raw, st
+
+        return batch, list(zip(ids, opts)), run
+
+    def _generate_speculative(self, prompt, spec, state, return_state, logprobs, stop, kwargs):
+        batch, rows, run = self._speculative_rows(prompt, spec, state, return_state, logprobs,
+                                                  stop, kwargs)
+        results = []
+        for e, o in rows:
+            raw, st = run(e, o)
             out = list(raw.token_ids)
             text = None
             if self.tokenizer is not None:
@@ -461,6 +480,69 @@ class Generator(SequenceAPI):
                                             raw.prefill_ms, raw.decode_ms, text,
                                             raw.prefill_tokens, None, None, st))
         return results if batch else results[0]
+
+    def _stream_speculative(self, prompt, spec, state, logprobs, stop, kwargs):
+        """stream(..., speculative=...): the speculative loop on a thread of its own, outside
+        the engine (as generate's), each token handed over as it is accepted; closing the
+        iterator early stops the loop at its next token."""
+        import queue
+        import threading
+
+        _, rows, run = self._speculative_rows(prompt, spec, state, False, logprobs, stop, kwargs)
+        (e, o), = rows
+        text_mode = isinstance(prompt, str)
+        q: "queue.SimpleQueue" = queue.SimpleQueue()
+        closed = threading.Event()
+
+        def push(tok):
+            q.put(("token", int(tok)))
+            return not closed.is_set()
+
+        def work():
+            try:
+                q.put(("done", run(e, o, push)))
+            except BaseException as exc:  # handed to the reader
+                q.put(("error", exc))
+
+        out = StreamIterator()
+        thread = threading.Thread(target=work, name="mambart-speculative", daemon=True)
+
+        def pieces():
+            from .text import TextStream
+
+            ts = TextStream(self.tokenizer, []) if (text_mode and self.tokenizer) else None
+            thread.start()
+            try:
+                while True:
+                    try:
+                        kind, val = q.get(timeout=0.25)  # slices: Ctrl-C gets through
+                    except queue.Empty:
+                        continue
+                    if kind == "error":
+                        raise val
+                    if kind == "done":
+                        raw, st = val
+                        break
+                    if ts is None:
+                        yield val
+                        continue
+                    ts.push(val)
+                    if ts.last_piece:
+                        yield ts.last_piece
+                if ts is not None:
+                    tail = ts.finish()
+                    if tail:
+                        yield tail
+            finally:
+                closed.set()
+                thread.join()
+            out.result = GenerationResult(list(raw.token_ids), raw.finish_reason,
+                                          raw.prompt_tokens, raw.prefill_ms, raw.decode_ms,
+                                          ts.text if ts is not None else None,
+                                          raw.prefill_tokens, None, None, st)
+
+        out._it = pieces()
+        return out
 
     @staticmethod
     def _row_tokens(seq, rows, texts, row, lps=None):
@@ -502,18 +584,24 @@ class Generator(SequenceAPI):
                stop_token_ids: Optional[Sequence[int]] = None,
                stop: Union[str, Sequence[str], None] = None,
                ignore_eos: bool = False, state=None,
-               logprobs: Optional[int] = None) -> StreamIterator:
+               logprobs: Optional[int] = None,
+               speculative: Optional[dict] = None) -> StreamIterator:
         """Yields new token ids as they are made (token-id prompt), or text pieces that are
         always valid UTF-8 (text prompt). state: a SequenceState to continue (see generate).
         The request runs on the generator's engine; closing the iterator early cancels it.
         The iterator's `.result` (a GenerationResult: finish reason, timings) is set once it
         is exhausted. logprobs=N (>= 0): the iterator's `.logprobs` list gets each new
-        token's TokenLogprob as it arrives."""
+        token's TokenLogprob as it arrives.
+        speculative: as generate's (docs/speculative.md): the tokens come as each verification
+        accepts them, from a loop of its own outside the engine; `.result.speculative` holds
+        the counts. Not combined with state, logprobs or stop strings (ValueError)."""
         if self._is_batch(prompt) or isinstance(state, (list, tuple)):
             raise ValueError("stream takes one prompt; use generate for a list of prompts")
         kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                       top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
                       stop_token_ids=stop_token_ids, ignore_eos=ignore_eos)
+        if speculative is not None:
+            return self._stream_speculative(prompt, speculative, state, logprobs, stop, kwargs)
         text_mode = isinstance(prompt, str)
         seqs, stops, rows = self._start([prompt], stop, kwargs,
                                         None if state is None else [state], logprobs=logprobs)
