@@ -11,9 +11,9 @@ Tasks:
           first line: prompt lookup's case (the model copies the file);
   code    the start of a function (no repetition in the prompt);
   random  random token ids (nothing to look up, nothing a draft can guess).
-Variants: plain; lookup (prompt lookup, k = --k-lookup); lookup_recompute (the same, the
-accepted prefix's state recomputed instead of kept from the trace); draft (--draft model,
-k = --k-draft).
+Variants (--variants): plain; lookup (prompt lookup, k = --k-lookup); lookup_recompute (the
+same, the accepted prefix's state recomputed instead of kept from the trace); lookup_adaptive
+(adaptive k, at most --k-lookup); draft (--draft model, k = --k-draft); draft_adaptive.
 
   python tools/bench_speculative.py [--model mambart-demo] [--draft mambart2-demo]
       [--device cpu] [--dtype float32] [--tokens 256] [--repeat 3] [--tasks edit,code,random]
@@ -75,10 +75,11 @@ def _plain(g, ids, n):
     return list(r.token_ids), r.decode_ms, None
 
 
-def _spec(g, ids, n, method, k, draft=None, recompute=False):
+def _spec(g, ids, n, method, k, draft=None, recompute=False, adaptive=False):
     o = g._options(n, 0.0, 0, 1.0, 0.0, 1.0, 0, None, True)
+    extra = dict(adaptive=True) if adaptive else {}  # (builds before adaptive k: no keyword)
     r, st = g._g.generate_speculative(ids, o, method, k, 3, 1,
-                                      None if draft is None else draft._g, recompute)
+                                      None if draft is None else draft._g, recompute, **extra)
     return list(r.token_ids), r.decode_ms, st
 
 
@@ -161,6 +162,9 @@ def main(argv=None) -> int:
     ap.add_argument("--k-lookup", type=int, default=7)
     ap.add_argument("--k-draft", type=int, default=4)
     ap.add_argument("--tasks", default="edit,code,random")
+    ap.add_argument("--variants", default="plain,lookup,lookup_recompute,lookup_adaptive,draft,"
+                                          "draft_adaptive",
+                    help="comma-separated (plain is always run: the reference)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shape", default=None, metavar="NAME",
                     help="the target is random weights at this tools/bench.py shape (e.g. "
@@ -198,12 +202,19 @@ def main(argv=None) -> int:
     prompts = _prompts(g, a.seed)
     if a.pass_cost:
         return _pass_cost(g, prompts, a)
-    variants = [("plain", lambda ids: _plain(g, ids, a.tokens)),
-                ("lookup", lambda ids: _spec(g, ids, a.tokens, "prompt_lookup", a.k_lookup)),
-                ("lookup_recompute", lambda ids: _spec(g, ids, a.tokens, "prompt_lookup",
-                                                       a.k_lookup, recompute=True))]
+    every = {
+        "lookup": lambda ids: _spec(g, ids, a.tokens, "prompt_lookup", a.k_lookup),
+        "lookup_recompute": lambda ids: _spec(g, ids, a.tokens, "prompt_lookup", a.k_lookup,
+                                              recompute=True),
+        "lookup_adaptive": lambda ids: _spec(g, ids, a.tokens, "prompt_lookup", a.k_lookup,
+                                             adaptive=True),
+    }
     if d is not None:
-        variants.append(("draft", lambda ids: _spec(g, ids, a.tokens, "draft", a.k_draft, d)))
+        every["draft"] = lambda ids: _spec(g, ids, a.tokens, "draft", a.k_draft, d)
+        every["draft_adaptive"] = lambda ids: _spec(g, ids, a.tokens, "draft", a.k_draft, d,
+                                                    adaptive=True)
+    variants = [("plain", lambda ids: _plain(g, ids, a.tokens))]
+    variants += [(v, every[v]) for v in a.variants.split(",") if v in every]
     meta = dict(git_sha=_git_sha(), device=g.device, cpu=platform.processor() or platform.machine(),
                 model=a.model, draft=a.draft, dtype=g.dtype, batch=1, gen_len=a.tokens)
     for task in a.tasks.split(","):
@@ -233,6 +244,8 @@ def main(argv=None) -> int:
                 row.update(acceptance=round(stats["accepted"] / max(1, stats["proposed"]), 3),
                            proposed=stats["proposed"], accepted=stats["accepted"],
                            tokens_per_pass=round(len(toks) / max(1, stats["verifications"]), 2),
+                           guesses_per_pass=round(stats["proposed"] /
+                                                  max(1, stats["verifications"]), 2),
                            rollback_over_verify=round(stats["rollback_ms"] /
                                                       max(1e-9, stats["verify_ms"]), 4),
                            propose_ms=round(stats["propose_ms"], 1),

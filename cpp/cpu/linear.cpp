@@ -2,8 +2,11 @@
 //
 // Both regimes are register-tiled micro-kernels over the whole K (no K blocking: K <= a few
 // thousand, so a panel stays in L2).
-//   - GEMV (M <= kGemvMaxM, decode): weight rows are widened to fp32 on the fly, each weight
-//     row read from memory once per call; threads split the N weight rows.
+//   - GEMV (M <= kGemvMaxM = 16: decode, speculative verification passes): weight rows are
+//     widened to fp32 on the fly, each weight row read from memory once per call (the rows of
+//     x in blocks of 8 over each chunk of weight rows), every output summed as at M = 1;
+//     threads split the N weight rows. On CPUs with AVX-512 F + DQ the GEMV runs in 16-lane
+//     registers with the same sums (avx512 below).
 //   - GEMM (M > kGemvMaxM, prefill): threads split N into panels of 16 weight rows; each panel
 //     is widened to fp32 and packed transposed (K, 16) once into thread-local scratch, then
 //     every tile of kGemmRows rows of x (6 on x86-64, 4 on aarch64) runs an outer-product
@@ -172,12 +175,23 @@ MAMBART_SIMD512 inline __m512 load_pair(const void* r0, const void* r1, int64_t 
     }
 }
 
-// avx2::v_hsum's order: ((v0 + v4) + (v2 + v6)) + ((v1 + v5) + (v3 + v7)).
-MAMBART_SIMD512 inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
+// avx2::v_hsum of the 8 halves of four accumulators at once, in its order
+// ((v0 + v4) + (v2 + v6)) + ((v1 + v5) + (v3 + v7)) (every add of its tree, done for all eight
+// halves by one instruction): out = [a.lo, a.hi, b.lo, b.hi, c.lo, c.hi, d.lo, d.hi].
+// Quarters (128 bits) of a: a0 a1 (row lo: lanes 0..3, 4..7), a2 a3 (row hi).
+MAMBART_SIMD512 inline void hsum8x8(__m512 a, __m512 b, __m512 c, __m512 d, float* out) {
+    // s = v_0..3 + v_4..7 of each half: [a0+a1, a2+a3, b0+b1, b2+b3], likewise c, d
+    const __m512 sab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88),   // a0 a2 b0 b2
+                                     _mm512_shuffle_f32x4(a, b, 0xDD));  // a1 a3 b1 b3
+    const __m512 scd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x88),
+                                     _mm512_shuffle_f32x4(c, d, 0xDD));
+    // t = (s0 + s2, s1 + s3) per quarter: lanes 0, 1 from sab, lanes 2, 3 from scd
+    const __m512 t = _mm512_add_ps(_mm512_shuffle_ps(sab, scd, 0x44),   // s0 s1 | s0 s1
+                                   _mm512_shuffle_ps(sab, scd, 0xEE));  // s2 s3 | s2 s3
+    // r = t0 + t1 in lanes 0 and 2 of each quarter
+    const __m512 r = _mm512_add_ps(t, _mm512_movehdup_ps(t));
+    const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+    _mm256_storeu_ps(out, _mm512_castps512_ps256(_mm512_permutexvar_ps(idx, r)));
 }
 
 // out[i][j] = Σ_k x[i][k] · w_j[k] for MR rows of x and `rows` (<= 2 NP) weight rows from w
@@ -214,13 +228,21 @@ MAMBART_SIMD512 inline void tile(const float* x, int64_t ldx, int64_t K, const v
             for (int p = 0; p < NP; ++p) acc[i][p] = _mm512_fmadd_ps(xv, wv[p], acc[i][p]);
         }
     }
+    // The horizontal sums four accumulators at a time (the last group padded by repeats).
+    constexpr int kAcc = MR * NP, kGroups = (kAcc + 3) / 4;
     float sums[MR][2 * NP];
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i)
+    float red[kGroups * 4][2];  // (accumulator, half)
 #pragma GCC unroll 4
+    for (int g = 0; g < kGroups; ++g) {
+        const int q0 = 4 * g, q1 = q0 + 1 < kAcc ? q0 + 1 : q0, q2 = q0 + 2 < kAcc ? q0 + 2 : q0,
+                  q3 = q0 + 3 < kAcc ? q0 + 3 : q0;
+        hsum8x8(acc[q0 / NP][q0 % NP], acc[q1 / NP][q1 % NP], acc[q2 / NP][q2 % NP],
+                acc[q3 / NP][q3 % NP], red[q0]);
+    }
+    for (int i = 0; i < MR; ++i)
         for (int p = 0; p < NP; ++p) {
-            sums[i][2 * p] = hsum8(_mm512_castps512_ps256(acc[i][p]));
-            sums[i][2 * p + 1] = hsum8(_mm512_extractf32x8_ps(acc[i][p], 1));
+            sums[i][2 * p] = red[i * NP + p][0];
+            sums[i][2 * p + 1] = red[i * NP + p][1];
         }
     for (int i = 0; i < MR; ++i)
         for (int j = 0; j < rows; ++j) {
