@@ -36,6 +36,18 @@ typedef cpu::f8 Vec;
 #endif
 constexpr int kVecLanes = sizeof(Vec) / sizeof(float);
 
+// The Mamba-1 scan's channel block: 16 channels in one AVX-512 register where this file is
+// built for such a CPU, else 8 (one AVX2 register, two NEON / SSE). Each lane does the same
+// arithmetic whatever the width, so the results do not depend on it.
+#if defined(__AVX512F__)
+typedef cpu::f16 ScanVec;
+constexpr int kScanBlock = 16;
+#else
+typedef Vec ScanVec;
+constexpr int kScanBlock = 8;
+#endif
+constexpr int kScanLanes = sizeof(ScanVec) / sizeof(float);
+
 // Runs body(begin, end) over [0, n) on the current pool when `parallel`, else in one call (on
 // the pool's terms all the same: flush-to-zero as on its threads).
 template <class F>
@@ -211,51 +223,55 @@ class CpuBackend final : public Backend {
     }
 
     // Mamba-1: Δ = softplus(dt + dt_bias); h = exp(Δ A) h + Δ B u; y = (C·h + D u) silu(z).
-    // Threads split the channels E into blocks of 8; a block's state (N x 8, fp32) and A live in
-    // thread-local tiles, transposed so that one vector holds 8 channels of one state entry n;
-    // the tokens then run in order with every operation 8 channels wide. B_t[n] and C_t[n] are
-    // broadcast (shared by all channels). The state is read once and written once per call.
+    // Threads split the channels E into blocks of kScanBlock (16 with AVX-512, else 8); a
+    // block's state (N x block, fp32) and A live in thread-local tiles, transposed so that one
+    // vector holds the block's channels of one state entry n (moved in and out by 8 x 8
+    // transposes); the tokens then run in order with every operation a block wide. B_t[n] and
+    // C_t[n] are broadcast (shared by all channels). The state is read once and written once
+    // per call (and once per token into the trace of a verification pass).
     static constexpr int64_t kMaxScanN = 256;  // larger d_state takes the scalar path
 
     void selective_scan(const SelectiveScanParams& p) override {
         cpu::PoolScope scope(pool_.get());
         if (p.N > kMaxScanN) return selective_scan_scalar(p);
+        constexpr int BW = kScanBlock;
         const int64_t E = p.E, N = p.N, L = p.L;
-        const int64_t nblk = (E + 7) / 8;
+        const int64_t nblk = (E + BW - 1) / BW;
         for (int64_t b = 0; b < p.B; ++b) {
-            par(nblk * L * N > 8192, nblk, [&](int64_t blk0, int64_t blk1) {
+            par(nblk * L * N * BW > 65536, nblk, [&](int64_t blk0, int64_t blk1) {
                 for (int64_t blk = blk0; blk < blk1; ++blk) {
-                    const int64_t e0 = blk * 8, ne = std::min<int64_t>(8, E - e0);
-                    alignas(32) float h[kMaxScanN][8];   // (N, 8) state of channels e0..e0+7
-                    alignas(32) float At[kMaxScanN][8];  // (N, 8) A of those channels
+                    const int64_t e0 = blk * BW, ne = std::min<int64_t>(BW, E - e0);
+                    alignas(64) float h[kMaxScanN][BW];   // (N, BW) state of channels e0..
+                    alignas(64) float At[kMaxScanN][BW];  // (N, BW) A of those channels
                     float* st = p.ssm_state + (b * E + e0) * N;  // (ne, N) rows of the state
                     const float* Ab = p.A + e0 * N;  // (ne, N) rows of A
-                    int64_t nt = 0;  // the first n not yet moved: blocks of 8 when ne == 8
-                    if (ne == 8)
-                        for (; nt + 8 <= N; nt += 8) {
-                            transpose8x8(st + nt, N, h[nt], 8);
-                            transpose8x8(Ab + nt, N, At[nt], 8);
-                        }
+                    int64_t nt = 0;  // the first n not yet moved: blocks of 8 when ne == BW
+                    if (ne == BW)
+                        for (; nt + 8 <= N; nt += 8)
+                            for (int jb = 0; jb < BW; jb += 8) {
+                                transpose8x8(st + jb * N + nt, N, &h[nt][jb], BW);
+                                transpose8x8(Ab + jb * N + nt, N, &At[nt][jb], BW);
+                            }
                     for (int64_t n = nt; n < N; ++n)
-                        for (int64_t j = 0; j < 8; ++j) {
+                        for (int64_t j = 0; j < BW; ++j) {
                             h[n][j] = j < ne ? st[j * N + n] : 0.0f;
                             At[n][j] = j < ne ? Ab[j * N + n] : 0.0f;
                         }
-                    // The 8 channels' inputs, padded with zeros past ne (the padded lanes compute
+                    // The block's inputs, padded with zeros past ne (the padded lanes compute
                     // finite values that are never stored).
-                    alignas(32) float bias[8], D[8];
+                    alignas(64) float bias[BW], D[BW];
                     copy_part(bias, p.dt_bias + e0, ne);
                     copy_part(D, p.D + e0, ne);
                     for (int64_t t = 0; t < L; ++t) {
                         const int64_t bt = b * L + t;
-                        alignas(32) float dt[8], x[8], z[8], y[8];
+                        alignas(64) float dt[BW], x[BW], z[BW], y[BW];
                         copy_part(dt, p.dt + bt * E + e0, ne);
                         copy_part(x, p.x + bt * E + e0, ne);
                         copy_part(z, p.z + bt * p.ld_z + e0, ne);
                         const float* Bt = p.Bm + bt * p.ld_bc;
                         const float* Ct = p.Cm + bt * p.ld_bc;
-                        for (int j0 = 0; j0 < 8; j0 += kVecLanes)
-                            scan_step<Vec>(j0, N, h, At, bias, D, dt, x, z, Bt, Ct, y);
+                        for (int j0 = 0; j0 < BW; j0 += kScanLanes)
+                            scan_step<ScanVec>(j0, N, h, At, bias, D, dt, x, z, Bt, Ct, y);
                         for (int64_t j = 0; j < ne; ++j) p.y[bt * E + e0 + j] = y[j];
                         if (p.state_trace)  // the state after token t: (ne, N) rows at e0
                             store_state(h, ne, N, p.state_trace + (bt * E + e0) * N);
@@ -298,7 +314,7 @@ class CpuBackend final : public Backend {
     // One time step of the channel-blocked scan for lanes [j0, j0 + lanes of V) of the block:
     // h[n] = e^(delta A[n]) h[n] + delta u B[n];  y = (Σ_n h[n] C[n] + D u) silu(z).
     template <class V>
-    static void scan_step(int j0, int64_t N, float (*h)[8], const float (*At)[8],
+    static void scan_step(int j0, int64_t N, float (*h)[kScanBlock], const float (*At)[kScanBlock],
                           const float* bias, const float* D, const float* dt, const float* x,
                           const float* z, const float* Bt, const float* Ct, float* y) {
         const V delta = cpu::softplusv(cpu::vload<V>(dt + j0) + cpu::vload<V>(bias + j0));
@@ -339,20 +355,23 @@ class CpuBackend final : public Backend {
             for (int j = 0; j < 8; ++j) dst[i * ldd + j] = src[j * lds + i];
 #endif
     }
-    // The scan tile h (N, 8) back to state rows: dst[j * N + n] = h[n][j], j < ne.
-    static void store_state(const float (*h)[8], int64_t ne, int64_t N, float* dst) {
+    // The scan tile h (N, kScanBlock) back to state rows: dst[j * N + n] = h[n][j], j < ne.
+    static void store_state(const float (*h)[kScanBlock], int64_t ne, int64_t N, float* dst) {
         int64_t nt = 0;
-        if (ne == 8)
-            for (; nt + 8 <= N; nt += 8) transpose8x8(h[nt], 8, dst + nt, N);
+        if (ne == kScanBlock)
+            for (; nt + 8 <= N; nt += 8)
+                for (int jb = 0; jb < kScanBlock; jb += 8)
+                    transpose8x8(&h[nt][jb], kScanBlock, dst + jb * N + nt, N);
         for (int64_t n = nt; n < N; ++n)
             for (int64_t j = 0; j < ne; ++j) dst[j * N + n] = h[n][j];
     }
-    static void copy_part(float* dst8, const float* src, int64_t n) {
-        if (n == 8) {
-            std::memcpy(dst8, src, 8 * sizeof(float));
+    // dst[0 .. kScanBlock) = src[0 .. n), zeros past n.
+    static void copy_part(float* dst, const float* src, int64_t n) {
+        if (n == kScanBlock) {
+            std::memcpy(dst, src, kScanBlock * sizeof(float));
             return;
         }
-        for (int64_t j = 0; j < 8; ++j) dst8[j] = j < n ? src[j] : 0.0f;
+        for (int64_t j = 0; j < kScanBlock; ++j) dst[j] = j < n ? src[j] : 0.0f;
     }
     // v[i] = silu(v[i]), a vector at a time (each lane as silu1 computes it).
     static void silu_inplace(float* v, int64_t n) {

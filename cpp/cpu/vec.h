@@ -17,8 +17,13 @@ typedef int32_t i8 __attribute__((vector_size(32)));
 // lane, so the same results).
 typedef float f4 __attribute__((vector_size(16)));
 typedef int32_t i4 __attribute__((vector_size(16)));
+// 16 lanes: one AVX-512 register where the scans are built for such a CPU (MAMBART_CPU_NATIVE);
+// the same arithmetic per lane as f8 / f4.
+typedef float f16 __attribute__((vector_size(64)));
+typedef int32_t i16 __attribute__((vector_size(64)));
 
 template <class V> struct IntVec;
+template <> struct IntVec<f16> { typedef i16 type; };
 template <> struct IntVec<f8> { typedef i8 type; };
 template <> struct IntVec<f4> { typedef i4 type; };
 
