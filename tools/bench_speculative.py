@@ -169,8 +169,11 @@ def main(argv=None) -> int:
     ap.add_argument("--shape", default=None, metavar="NAME",
                     help="the target is random weights at this tools/bench.py shape (e.g. "
                          "mamba-130m), stored in --dtype; text prompts use the demo tokenizer. "
-                         "Random weights decode into loops, which prompt lookup then guesses: "
-                         "the acceptance rate is reported with the speed")
+                         "Random weights may fall into loops that prompt lookup guesses, or not "
+                         "(mamba-130m's shape: no guess kept in 128 tokens, so such a run "
+                         "measures the overhead of speculating): the acceptance rate is "
+                         "reported with the speed; --pass-cost gives a real shape's speed-up "
+                         "at a trained pair's acceptance")
     ap.add_argument("--pass-cost", action="store_true",
                     help="instead: the time of one verification pass of L = 1 .. k + 1 tokens "
                          "(median of --iters interleaved rounds, with the per-token states "

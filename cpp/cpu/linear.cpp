@@ -150,8 +150,9 @@ MAMBART_SIMD inline V8 v_load_w(const void* row, int64_t k) {
 // (lanes 0..7 row j, 8..15 row j + 1), each multiplied by the same 8 activations (broadcast to
 // both halves), and each half reduced by the AVX2 kernel's v_hsum order at the end. So every
 // output is bit for bit the AVX2 path's (and the NEON path's), at every M: only the instruction
-// count changes (a verification pass of 8 tokens is compute-bound on one core; issue 25). The
-// GEMM (M > kGemvMaxM) keeps the AVX2 kernel.
+// count changes (a verification pass of 8 tokens is compute-bound on one core; issue 25). It
+// runs for 2 to kGemvMaxM rows: one row (decode) and the GEMM (M > kGemvMaxM) keep the AVX2
+// kernels.
 
 namespace avx512 {
 
@@ -681,7 +682,10 @@ void linear_typed(Kernels k, const float* x, int64_t ldx, int64_t M, int64_t K, 
 #ifdef MAMBART_X86
         case Kernels::Avx2: return avx2::linear_simd<D>(x, ldx, M, K, W, N, bias, y, ldy);
         case Kernels::Avx512:
-            if (M <= kGemvMaxM) return avx512::gemv<D>(x, ldx, M, K, W, N, bias, y, ldy);
+            // One row (decode) keeps AVX2's GEMV: bandwidth-bound, and the row pairs' inserts
+            // made fp32 weights slower from the cache (measured); the same sums either way.
+            if (M >= 2 && M <= kGemvMaxM)
+                return avx512::gemv<D>(x, ldx, M, K, W, N, bias, y, ldy);
             return avx2::linear_simd<D>(x, ldx, M, K, W, N, bias, y, ldy);
 #endif
 #ifdef MAMBART_ARM64

@@ -34,7 +34,8 @@ void linear(const float* x, int64_t ldx, int64_t M, int64_t K,
 std::vector<double> read_bandwidth(int64_t bytes, int passes);
 
 // The projection kernels this process runs: "avx2" (x86-64 with AVX2, FMA and F16C), "avx512"
-// (those and AVX-512 F + DQ: the GEMV in 16-lane registers, the same sums as avx2's), "neon"
+// (those and AVX-512 F + DQ: the GEMV of 2 to 16 rows in 16-lane registers, the same
+// sums as avx2's), "neon"
 // (aarch64), "neon+bf16" (aarch64 with BF16: bf16 weights' GEMM through BFMMLA, the rest NEON)
 // or "generic" (any other CPU, or the cpu_portable option set). Chosen once, at the first call,
 // from the CPU itself (CPUID, HWCAP / HWCAP2), not from the compiler flags.
