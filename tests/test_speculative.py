@@ -359,9 +359,14 @@ def test_cuda_traced_states_and_greedy(tmp_path, arch):
     other = mambart.Generator(str(make_model_dir(tmp_path / "d", arch="mamba2", seed=2,
                                                  d_model=8, n_layer=1)), device="cuda")
     plain = _plain(g, PROMPT, 512)
-    for spec in (dict(method="prompt_lookup", k=8), dict(draft=other, k=4), dict(draft=g, k=6)):
+    for spec in (dict(method="prompt_lookup", k=8), dict(draft=other, k=4), dict(draft=g, k=6),
+                 dict(method="prompt_lookup", k=8, adaptive=True),
+                 dict(draft=other, k=6, adaptive=True)):
         r = g.generate(PROMPT, max_new_tokens=512, ignore_eos=True, speculative=spec)
         assert r.token_ids == plain, spec
+    # a speculative stream on the GPU: the same tokens, handed over as accepted
+    assert list(g.stream(PROMPT, max_new_tokens=200, ignore_eos=True,
+                         speculative=dict(method="prompt_lookup", adaptive=True))) == plain[:200]
 
 
 @pytest.mark.cuda
