@@ -21,12 +21,15 @@ from mambart import _C
 
 from model_dirs import make_model_dir
 
-SHAPES = [  # (M, K, N): GEMV rows 1..8 (tiles of 4 / 2 / 1 weight rows), GEMM from 9, K tails
+SHAPES = [  # (M, K, N): GEMV rows 1..16 (tiles of 4 / 2 / 1 weight rows; AVX-512: 8 / 4
+    # rows; row blocks of 8 past 8), GEMM from 17, K tails
     (1, 64, 37), (1, 3, 5), (2, 24, 9), (3, 17, 11), (4, 40, 7), (5, 8, 3), (7, 33, 16),
-    (8, 72, 21), (9, 16, 17), (13, 100, 33), (37, 130, 40), (64, 1, 2),
-    # the BF16 GEMM's tails: K % 4 = 3 and 1, an odd row count (a half row pair), an odd last
-    # weight panel, and a model's K
+    (8, 72, 21), (9, 16, 17), (13, 100, 33), (16, 19, 23), (17, 16, 17), (37, 130, 40),
+    (64, 1, 2),
+    # GEMV row blocks of 8 + a tail over these K tails; then the BF16 GEMM's tails: K % 4 = 3
+    # and 1, an odd row count (a half row pair), an odd last weight panel, and a model's K
     (10, 7, 19), (11, 33, 16), (12, 770, 20),
+    (18, 7, 19), (19, 33, 16), (20, 770, 20),
 ]
 DTYPES = ["float32", "float16", "bfloat16"]
 
