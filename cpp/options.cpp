@@ -51,8 +51,8 @@ const std::vector<OptionInfo> kTable = {
      "the generic CPU projections even where AVX2 (x86-64) or NEON (aarch64) kernels run; read "
      "once"},
     {"cpu_avx512", "MAMBART_CPU_AVX512", "bool", "", "1",
-     "the AVX-512 GEMV where the CPU has AVX-512 F + DQ (0: the AVX2 kernels; the same sums, bit "
-     "for bit, in twice the instructions); read once"},
+     "the AVX-512 GEMV of 2 to 16 rows where the CPU has AVX-512 F + DQ (0: the AVX2 kernels; "
+     "the same sums, bit for bit, in twice the instructions); read once"},
     {"cpu_threads", "MAMBART_CPU_THREADS", "int", "", "0",
      "threads of a CPU backend, the caller's included (0: the cores this process may run on, its "
      "CPU affinity); Generator(threads=N) and --threads override it for one generator"},
