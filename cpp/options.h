@@ -37,6 +37,9 @@ struct RuntimeOptions {
     bool device_sampling = true;        // sample on the device in graph decode steps
     bool engine_launch_ahead = true;    // the engine enqueues the next device decode before
                                         // collecting the previous one (rows unchanged)
+    int64_t engine_admit_wait_us = 500; // an idle engine woken by a request waits until arrivals
+                                        // pause this long (at most 4x in all) so that a burst
+                                        // prefills as one group (0: admit at once)
     uint64_t generation_memory_limit = 0;  // bytes of host memory one generation may take
                                            // (0: what is available, host_memory_available())
     // ---- CPU backend and loading ----
