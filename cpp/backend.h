@@ -126,6 +126,16 @@ class Backend {
         return false;
     }
 
+    // A decode projection with its norm / residual add / conv step folded in (ProjParams):
+    // whether this backend runs it for M rows of K input features, and the op (default:
+    // Unsupported; the model asks fused_projection() first).
+    virtual bool fused_projection(int64_t M, int64_t K) const {
+        (void)M;
+        (void)K;
+        return false;
+    }
+    virtual void project(const ProjParams& p);
+
     // ---- decode fast path (optional; backends whose supports_graphs() is true) ----
     virtual bool supports_graphs() const { return false; }
     // Runs what `record` enqueues. Graph backends record it once per `key` into a graph and

@@ -99,6 +99,46 @@ struct Mamba1DecodeParams {   // = linear(dt_proj) + selective_scan at L = 1
     int64_t B, E, N, R;
 };
 
+// A decode projection with its neighbours folded in (option fused_projections; backends whose
+// fused_projection(M, K) is true): y[M, N] = x[M, K] · Wᵀ + bias, where
+//  - norm.residual != nullptr: x is not read; x[m, :] = norm(residual[m, :]) * w (+ b), the
+//    model's pre-layer RMSNorm (rms) or LayerNorm, from residual (M, K) contiguous;
+//  - accumulate: y += x · Wᵀ + bias (the residual add of a layer's output);
+//  - conv.state != nullptr (Mamba-1's conv step at L = 1, on y's first conv.C columns):
+//    conv.out[m, c] = silu(bias[c] + Σ_{k<W-1} w[c, k] state[m, c, k+1] + w[c, W-1] y[m, c]),
+//    state[m, c, :] <- [state[m, c, 1:], y[m, c]]  (what conv1d does at L = 1).
+// The result is the separate ops' (add_norm, linear, the add, conv1d) bit for bit.
+// scratch_x (M, K) / scratch_y (M, N): buffers a backend that runs the separate ops may use.
+struct ProjNorm {
+    const float* residual = nullptr;  // (M, K) contiguous, or nullptr: x is read
+    const float* w = nullptr;         // (K) or nullptr (no weight)
+    const float* b = nullptr;         // (K) or nullptr (LayerNorm only)
+    bool rms = true;
+    float eps = 0.0f;
+};
+struct ProjConv {
+    float* state = nullptr;           // (M, C, W) inout, or nullptr: no conv step
+    const float* w = nullptr;         // (C, W)
+    const float* bias = nullptr;      // (C) or nullptr
+    float* out = nullptr;             // (M, C) contiguous, post-SiLU
+    int64_t C = 0, W = 0;
+};
+struct ProjParams {
+    const float* x = nullptr;         // (M, K) row stride ldx (unless norm.residual)
+    int64_t ldx = 0;
+    int64_t M = 0;
+    Weight W;                         // (>= N, K)
+    int64_t N = 0;
+    const float* bias = nullptr;      // (N) or nullptr
+    float* y = nullptr;               // (M, N) row stride ldy
+    int64_t ldy = 0;
+    ProjNorm norm;
+    bool accumulate = false;
+    ProjConv conv;
+    float* scratch_x = nullptr;       // (M, K)
+    float* scratch_y = nullptr;       // (M, N)
+};
+
 struct Mamba2DecodeParams {   // = conv1d + ssd_scan at L = 1
     ConvParams conv;          // conv of [x | B | C] (L = 1); conv.out is not written
     SsdParams ssd;            // x, Bm, Cm are ignored (the conv's results are used directly)

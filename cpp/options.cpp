@@ -34,6 +34,9 @@ const std::vector<OptionInfo> kTable = {
      "programmatic dependent launch for the decode chain (compute capability 9.0+)"},
     {"cuda_prefetch", "MAMBART_CUDA_PREFETCH", "bool", "", "1",
      "GEMVs prefetch their weight rows into L2 before waiting on the previous kernel"},
+    {"fused_projections", "MAMBART_FUSED_PROJECTIONS", "bool", "", "0",
+     "decode projections with the block norm, the residual add and Mamba-1's conv step folded "
+     "in (issue 16: fewer kernels a token, the same values); read when a model is loaded"},
     {"cuda_sync", "MAMBART_CUDA_SYNC", "bool", "", "0",
      "synchronise and check errors after every kernel (debugging; slow); read once"},
     {"cuda_free_bytes_limit", "MAMBART_CUDA_FREE_BYTES_LIMIT", "bytes", "", "0",
@@ -174,6 +177,7 @@ RuntimeOptions runtime_options() {
         else if (n == "cuda_pdl") r.cuda_pdl = parse_bool(o, v);
         else if (n == "cuda_prefetch") r.cuda_prefetch = parse_bool(o, v);
         else if (n == "cuda_sync") r.cuda_sync = parse_bool(o, v);
+        else if (n == "fused_projections") r.fused_projections = parse_bool(o, v);
         else if (n == "cuda_free_bytes_limit") r.cuda_free_bytes_limit = parse_uint(o, v, UINT64_MAX);
         else if (n == "device_sampling") r.device_sampling = parse_bool(o, v);
         else if (n == "engine_launch_ahead") r.engine_launch_ahead = parse_bool(o, v);

@@ -31,6 +31,8 @@ struct RuntimeOptions {
     std::string cublas_library;         // a libcublas to try first ("" : the default search)
     bool cuda_pdl = true;               // programmatic dependent launch (sm_90+)
     bool cuda_prefetch = true;          // GEMVs prefetch weight rows into L2 ahead of PDL waits
+    bool fused_projections = false;     // decode projections with the norm, residual add and
+                                        // Mamba-1 conv step folded in (read at model load)
     bool cuda_sync = false;             // synchronise and check after every kernel (debugging)
     uint64_t cuda_free_bytes_limit = 0; // cap on the free device memory a load or generation sees
     // ---- generation ----

@@ -48,7 +48,7 @@ __global__ void __launch_bounds__(kConvThreads) conv1d_kernel(Conv1dParams p) {
             if (k < W) {
                 const int64_t tau = t - (W - 1) + k;
                 const float* src = tau >= 0 ? xb + tau * p.ld_x : st + (W + tau);
-                acc += w[k] * *src;
+                acc = conv_acc(acc, w[k], *src);
             }
         }
         ob[t * p.C] = silu_f(acc);

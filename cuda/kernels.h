@@ -52,10 +52,18 @@ struct LinearParams {
     int64_t ldy;
     int64_t M, N, K;
     bool prefetch;        // set by launch_linear (weight_prefetch_enabled()); callers leave it
+    // The fused decode projection (ProjParams, cpp/op_params.h; GEMV rows only): the norm
+    // prologue (x is then not read; M <= kFusedMaxRows, M K <= kFusedMaxNormElems), the
+    // accumulating epilogue and Mamba-1's conv step.
+    ProjNorm norm = {};
+    bool accumulate = false;
+    ProjConv conv = {};
 };
 // M <= kGemvMaxRows: a bandwidth-bound GEMV; larger M: a tiled tensor-core GEMM (fp16/bf16
 // weights; x rounded to the weight dtype, fp32 accumulation) or an fp32 SIMT GEMM.
 constexpr int64_t kGemvMaxRows = 8;
+constexpr int64_t kFusedMaxRows = 4;
+constexpr int64_t kFusedMaxNormElems = 12288;  // 48 KB of normed rows in shared memory
 void launch_linear(const LinearParams& p, cudaStream_t stream);
 
 // The operand of a library GEMM (cpp/cuda/cublas_gemm.h): out[m, k] = dtype(x[m * ldx + k]),

@@ -135,6 +135,41 @@ class CpuBackend final : public Backend {
         });
     }
 
+    // The fused decode projection as the separate ops (the oracle of the CUDA kernel, and what
+    // lets the model's fused path be tested here): bitwise the unfused path's results.
+    bool fused_projection(int64_t M, int64_t K) const override { return M >= 1 && K >= 1; }
+    void project(const ProjParams& p) override {
+        MAMBART_CHECK_ARG(p.M >= 1 && p.N >= 1 && p.N <= p.W.rows && p.y && p.ldy >= p.N,
+                          "project: bad sizes M=", p.M, " N=", p.N);
+        const int64_t K = p.W.cols;
+        const float* x = p.x;
+        int64_t ldx = p.ldx;
+        if (p.norm.residual) {
+            MAMBART_CHECK_ARG(p.scratch_x, "project: the norm prologue needs scratch_x");
+            add_norm(const_cast<float*>(p.norm.residual), nullptr, Param{p.norm.w, K},
+                     Param{p.norm.b, p.norm.b ? K : 0},
+                     p.norm.rms ? NormKind::RMSNorm : NormKind::LayerNorm, p.norm.eps, p.M, K,
+                     p.scratch_x);
+            x = p.scratch_x;
+            ldx = K;
+        }
+        MAMBART_CHECK_ARG(x && ldx >= K, "project: no input rows");
+        if (p.accumulate) {
+            MAMBART_CHECK_ARG(p.scratch_y, "project: accumulate needs scratch_y");
+            linear(x, ldx, p.M, p.W, p.N, p.bias, p.scratch_y, p.N);
+            for (int64_t m = 0; m < p.M; ++m)
+                for (int64_t n = 0; n < p.N; ++n)
+                    p.y[m * p.ldy + n] = p.y[m * p.ldy + n] + p.scratch_y[m * p.N + n];
+        } else {
+            linear(x, ldx, p.M, p.W, p.N, p.bias, p.y, p.ldy);
+        }
+        if (p.conv.state) {
+            MAMBART_CHECK_ARG(p.conv.C <= p.N, "project: conv channels ", p.conv.C, " > N ", p.N);
+            conv1d(ConvParams{p.y, p.ldy, p.conv.state, p.conv.w, p.conv.bias, p.conv.out, p.M, 1,
+                              p.conv.C, p.conv.W});
+        }
+    }
+
     void linear(const float* x, int64_t ldx, int64_t M, const Weight& W, int64_t N,
                 const float* bias, float* y, int64_t ldy) override {
         cpu::PoolScope scope(pool_.get());
