@@ -127,11 +127,12 @@ class Backend {
     }
 
     // A decode projection with its norm / residual add / conv step folded in (ProjParams):
-    // whether this backend runs it for M rows of K input features, and the op (default:
-    // Unsupported; the model asks fused_projection() first).
-    virtual bool fused_projection(int64_t M, int64_t K) const {
+    // whether this backend runs it for M rows of K input features (with a gated norm of
+    // `groups` groups, or 0), and the op (default: Unsupported; callers ask first).
+    virtual bool fused_projection(int64_t M, int64_t K, int64_t groups = 0) const {
         (void)M;
         (void)K;
+        (void)groups;
         return false;
     }
     virtual void project(const ProjParams& p);

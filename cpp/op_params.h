@@ -103,6 +103,8 @@ struct Mamba1DecodeParams {   // = linear(dt_proj) + selective_scan at L = 1
 // fused_projection(M, K) is true): y[M, N] = x[M, K] · Wᵀ + bias, where
 //  - norm.residual != nullptr: x is not read; x[m, :] = norm(residual[m, :]) * w (+ b), the
 //    model's pre-layer RMSNorm (rms) or LayerNorm, from residual (M, K) contiguous;
+//  - gate.z != nullptr: x[m, :] is first put through Mamba-2's grouped gated RMSNorm
+//    (norm_before_gate=False): v = x * silu(z); v * rsqrt(mean_group(v²) + eps) * w;
 //  - accumulate: y += x · Wᵀ + bias (the residual add of a layer's output);
 //  - conv.state != nullptr (Mamba-1's conv step at L = 1, on y's first conv.C columns):
 //    conv.out[m, c] = silu(bias[c] + Σ_{k<W-1} w[c, k] state[m, c, k+1] + w[c, W-1] y[m, c]),
@@ -114,6 +116,13 @@ struct ProjNorm {
     const float* w = nullptr;         // (K) or nullptr (no weight)
     const float* b = nullptr;         // (K) or nullptr (LayerNorm only)
     bool rms = true;
+    float eps = 0.0f;
+};
+struct ProjGate {
+    const float* z = nullptr;         // (M, K) row stride ld_z, or nullptr: no gated norm
+    int64_t ld_z = 0;
+    const float* w = nullptr;         // (K)
+    int64_t group_size = 0;           // divides K
     float eps = 0.0f;
 };
 struct ProjConv {
@@ -133,6 +142,7 @@ struct ProjParams {
     float* y = nullptr;               // (M, N) row stride ldy
     int64_t ldy = 0;
     ProjNorm norm;
+    ProjGate gate;
     bool accumulate = false;
     ProjConv conv;
     float* scratch_x = nullptr;       // (M, K)

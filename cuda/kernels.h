@@ -56,6 +56,7 @@ struct LinearParams {
     // prologue (x is then not read; M <= kFusedMaxRows, M K <= kFusedMaxNormElems), the
     // accumulating epilogue and Mamba-1's conv step.
     ProjNorm norm = {};
+    ProjGate gate = {};   // Mamba-2's gated norm of x as the prologue (same limits as norm)
     bool accumulate = false;
     ProjConv conv = {};
 };

@@ -19,6 +19,10 @@
 //   GEMM (cuBLAS). Grid: (ceil(K / (4 * 256)), M); 4 consecutive elements per thread (a float4
 //   load when K % 4 == 0, ldx % 4 == 0 and x is 16-byte aligned, else scalar).
 // add_bias_kernel: y[m * ldy + n] += bias[n]. Grid: (ceil(N / 256), M).
+// The fused decode projections (ProjParams, cpp/op_params.h) are the two GEMVs with a prologue
+//   (kPro 1: each block norms the residual rows into shared memory; kPro 2: Mamba-2's gated norm
+//   of x) emulating add_norm_kernel / gated_rmsnorm_kernel's 1024-thread reductions bit for bit,
+//   and an epilogue (accumulate into y; Mamba-1's conv step for n < conv.C).
 // Preconditions: y does not alias x; ldx >= K; ldy >= N.
 #include <mma.h>
 
@@ -65,7 +69,7 @@ template <> struct Vec<__nv_bfloat16> {
     }
 };
 
-// The fused decode projection's prologue (ProjParams::norm, kNorm): xs[m, :] = the normed row m
+// The fused decode projection's norm prologue (ProjParams::norm, kPro 1): xs[m, :] = the normed row m
 // of the residual, computed with add_norm_kernel's arithmetic as it runs for decode (a 1024-thread
 // block: thread t sums elements t + 1024 i, then block_sum), by this block's 256 threads each
 // standing for threads t + 256 j (j < 4) in the same order, so the values are bitwise add_norm's.
@@ -123,6 +127,38 @@ __device__ void norm_rows(const ProjNorm& q, int64_t d, float* xs, float* red) {
     __syncthreads();
 }
 
+// The gated prologue (ProjParams::gate): xs[m, :] = Mamba-2's grouped gated RMSNorm of x[m, :]
+// with gated_rmsnorm_kernel's arithmetic as it runs for decode (1024 threads a group), emulated
+// as in norm_rows.
+template <int M>
+__device__ void gate_rows(const LinearParams& p, float* xs, float* red) {
+    const ProjGate& q = p.gate;
+    const int t = threadIdx.x;
+    constexpr int kStride = kNormVirt * kGemvWarps * 32;
+    const int64_t gs = q.group_size;
+    for (int m = 0; m < M; ++m) {
+        for (int64_t g0 = 0; g0 < p.K; g0 += gs) {
+            const float* y = p.x + m * p.ldx + g0;
+            const float* z = q.z + m * q.ld_z + g0;
+            float* o = xs + m * p.K + g0;
+            float s[kNormVirt];
+#pragma unroll
+            for (int j = 0; j < kNormVirt; ++j) {
+                s[j] = 0.0f;
+                for (int64_t k = t + kGemvWarps * 32 * j; k < gs; k += kStride) {
+                    const float v = y[k] * silu_f(z[k]);
+                    s[j] = __fmaf_rn(v, v, s[j]);  // as gated_rmsnorm_kernel
+                }
+            }
+            const float tot = sum_as_1024(s, red);
+            const float rstd = rsqrtf(tot / float(gs) + q.eps);
+            const float* w = q.w + g0;
+            for (int64_t k = t; k < gs; k += blockDim.x) o[k] = y[k] * silu_f(z[k]) * rstd * w[k];
+        }
+    }
+    __syncthreads();
+}
+
 // The epilogue of output (m, n): y = acc + bias, or y += acc + bias (accumulate); then, for
 // n < conv.C, Mamba-1's conv step on the new y (conv1d_kernel's arithmetic at L = 1).
 __device__ __forceinline__ void gemv_store(const LinearParams& p, int64_t m, int64_t n, float acc) {
@@ -143,10 +179,10 @@ __device__ __forceinline__ void gemv_store(const LinearParams& p, int64_t m, int
     }
 }
 
-// kNorm: x is the block's normed rows in shared memory (the fused projection's prologue).
-template <typename T, int M, bool kVec, bool kNorm>
+// kPro: 0, x is read; 1 (norm) or 2 (gate), x is the block's prologue rows in shared memory.
+template <typename T, int M, bool kVec, int kPro>
 __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(LinearParams p) {
-    extern __shared__ float4 smem4[];  // kNorm: (M, K) the normed rows
+    extern __shared__ float4 smem4[];  // kPro != 0: (M, K) the prologue rows
     __shared__ float red[32];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int64_t n = int64_t(blockIdx.x) * kGemvWarps + warp;
@@ -157,9 +193,12 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(LinearParams p) {
     pdl_trigger();
     const float* x = p.x;
     int64_t ldx = p.ldx;
-    if (kNorm) {
+    if (kPro != 0) {
         float* xs = reinterpret_cast<float*>(smem4);
-        norm_rows<M>(p.norm, p.K, xs, red);
+        if (kPro == 1)
+            norm_rows<M>(p.norm, p.K, xs, red);
+        else
+            gate_rows<M>(p, xs, red);
         x = xs;
         ldx = p.K;
     }
@@ -189,7 +228,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(LinearParams p) {
                     const float4* xr = reinterpret_cast<const float4*>(x + m * ldx + v * kE);
 #pragma unroll
                     for (int q = 0; q < kE / 4; ++q) {
-                        const float4 xv = kNorm ? xr[q] : __ldg(xr + q);
+                        const float4 xv = kPro != 0 ? xr[q] : __ldg(xr + q);
                         acc[m] += wf[4 * q] * xv.x + wf[4 * q + 1] * xv.y + wf[4 * q + 2] * xv.z +
                                   wf[4 * q + 3] * xv.w;
                     }
@@ -215,9 +254,9 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(LinearParams p) {
 // decode): one block per output column, its 8 warps splitting K, a shared-memory reduction.
 constexpr int64_t kGemvNarrow = 1024;
 
-template <typename T, int M, bool kVec, bool kNorm>
+template <typename T, int M, bool kVec, int kPro>
 __global__ void __launch_bounds__(kGemvWarps * 32) gemv_rows_kernel(LinearParams p) {
-    extern __shared__ float4 smem4[];  // kNorm: (M, K) the normed rows
+    extern __shared__ float4 smem4[];  // kPro != 0: (M, K) the prologue rows
     __shared__ float part[kGemvWarps][M];
     __shared__ float red[32];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -228,9 +267,12 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_rows_kernel(LinearParams
     pdl_trigger();
     const float* x = p.x;
     int64_t ldx = p.ldx;
-    if (kNorm) {
+    if (kPro != 0) {
         float* xs = reinterpret_cast<float*>(smem4);
-        norm_rows<M>(p.norm, p.K, xs, red);
+        if (kPro == 1)
+            norm_rows<M>(p.norm, p.K, xs, red);
+        else
+            gate_rows<M>(p, xs, red);
         x = xs;
         ldx = p.K;
     }
@@ -249,7 +291,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_rows_kernel(LinearParams
                 const float4* xr = reinterpret_cast<const float4*>(x + m * ldx + v * kE);
 #pragma unroll
                 for (int q = 0; q < kE / 4; ++q) {
-                    const float4 xv = kNorm ? xr[q] : __ldg(xr + q);
+                    const float4 xv = kPro != 0 ? xr[q] : __ldg(xr + q);
                     acc[m] += wf[4 * q] * xv.x + wf[4 * q + 1] * xv.y + wf[4 * q + 2] * xv.z +
                               wf[4 * q + 3] * xv.w;
                 }
@@ -498,37 +540,41 @@ __global__ void __launch_bounds__(256) gemm_f32_kernel(LinearParams p) {
         }
 }
 
-template <typename T, int M, bool kVec, bool kNorm>
+template <typename T, int M, bool kVec, int kPro>
 void gemv_launch_m(const LinearParams& p, cudaStream_t s) {
     const int threads = kGemvWarps * 32;
-    const size_t smem = kNorm ? size_t(M * p.K) * sizeof(float) : 0;
+    const size_t smem = kPro != 0 ? size_t(M * p.K) * sizeof(float) : 0;
     if (p.N < kGemvNarrow)
-        launch_pdl(gemv_rows_kernel<T, M, kVec, kNorm>, dim3(unsigned(p.N)), dim3(threads), smem, s, p);
+        launch_pdl(gemv_rows_kernel<T, M, kVec, kPro>, dim3(unsigned(p.N)), dim3(threads), smem, s, p);
     else
-        launch_pdl(gemv_kernel<T, M, kVec, kNorm>, dim3(unsigned(ceil_div(p.N, kGemvWarps))),
+        launch_pdl(gemv_kernel<T, M, kVec, kPro>, dim3(unsigned(ceil_div(p.N, kGemvWarps))),
                    dim3(threads), smem, s, p);
+}
+
+template <typename T, bool kVec, int kPro>
+void gemv_fused_m(const LinearParams& p, cudaStream_t s) {
+    switch (p.M) {
+        case 1: gemv_launch_m<T, 1, kVec, kPro>(p, s); break;
+        case 2: gemv_launch_m<T, 2, kVec, kPro>(p, s); break;
+        case 3: gemv_launch_m<T, 3, kVec, kPro>(p, s); break;
+        case 4: gemv_launch_m<T, 4, kVec, kPro>(p, s); break;
+    }
 }
 
 template <typename T, bool kVec>
 void gemv_dispatch(const LinearParams& p, cudaStream_t s) {
-    if (p.norm.residual) {  // the fused projection's norm prologue: M <= kFusedMaxRows
-        switch (p.M) {
-            case 1: gemv_launch_m<T, 1, kVec, true>(p, s); break;
-            case 2: gemv_launch_m<T, 2, kVec, true>(p, s); break;
-            case 3: gemv_launch_m<T, 3, kVec, true>(p, s); break;
-            case 4: gemv_launch_m<T, 4, kVec, true>(p, s); break;
-        }
-        return;
-    }
+    // the fused projection's prologues: M <= kFusedMaxRows
+    if (p.norm.residual) return gemv_fused_m<T, kVec, 1>(p, s);
+    if (p.gate.z) return gemv_fused_m<T, kVec, 2>(p, s);
     switch (p.M) {
-        case 1: gemv_launch_m<T, 1, kVec, false>(p, s); break;
-        case 2: gemv_launch_m<T, 2, kVec, false>(p, s); break;
-        case 3: gemv_launch_m<T, 3, kVec, false>(p, s); break;
-        case 4: gemv_launch_m<T, 4, kVec, false>(p, s); break;
-        case 5: gemv_launch_m<T, 5, kVec, false>(p, s); break;
-        case 6: gemv_launch_m<T, 6, kVec, false>(p, s); break;
-        case 7: gemv_launch_m<T, 7, kVec, false>(p, s); break;
-        case 8: gemv_launch_m<T, 8, kVec, false>(p, s); break;
+        case 1: gemv_launch_m<T, 1, kVec, 0>(p, s); break;
+        case 2: gemv_launch_m<T, 2, kVec, 0>(p, s); break;
+        case 3: gemv_launch_m<T, 3, kVec, 0>(p, s); break;
+        case 4: gemv_launch_m<T, 4, kVec, 0>(p, s); break;
+        case 5: gemv_launch_m<T, 5, kVec, 0>(p, s); break;
+        case 6: gemv_launch_m<T, 6, kVec, 0>(p, s); break;
+        case 7: gemv_launch_m<T, 7, kVec, 0>(p, s); break;
+        case 8: gemv_launch_m<T, 8, kVec, 0>(p, s); break;
     }
 }
 
@@ -536,7 +582,7 @@ template <typename T>
 void gemv_launch(const LinearParams& p, cudaStream_t s) {
     constexpr int kE = 16 / int(sizeof(T));
     const bool vec = p.K % kE == 0 && reinterpret_cast<uintptr_t>(p.W) % 16 == 0 &&
-                     (p.norm.residual ||  // x is the block's own rows in shared memory
+                     (p.norm.residual || p.gate.z ||  // x: the block's rows in shared memory
                       (p.ldx % 4 == 0 && reinterpret_cast<uintptr_t>(p.x) % 16 == 0));
     if (vec)
         gemv_dispatch<T, true>(p, s);
@@ -615,12 +661,17 @@ void launch_linear(const LinearParams& params, cudaStream_t s) {
     MAMBART_CHECK_ARG(p.norm.residual || p.ldx >= p.K, "launch_linear: ldx=", p.ldx, " < K=", p.K);
     MAMBART_CHECK_ARG(p.ldy >= p.N, "launch_linear: ldy=", p.ldy, " < N=", p.N);
     MAMBART_CHECK_ARG((p.x || p.norm.residual) && p.W && p.y, "launch_linear: null pointer");
-    if (p.norm.residual || p.accumulate || p.conv.state) {  // a fused decode projection
-        MAMBART_CHECK_ARG(p.M >= 1 && p.M <= (p.norm.residual ? kFusedMaxRows : kGemvMaxRows),
+    const bool prologue = p.norm.residual || p.gate.z;
+    if (prologue || p.accumulate || p.conv.state) {  // a fused decode projection
+        MAMBART_CHECK_ARG(p.M >= 1 && p.M <= (prologue ? kFusedMaxRows : kGemvMaxRows),
                           "launch_linear: a fused projection of ", p.M, " rows");
-        MAMBART_CHECK_ARG(!p.norm.residual || p.M * p.K <= kFusedMaxNormElems,
-                          "launch_linear: the norm prologue's ", p.M, " x ", p.K,
+        MAMBART_CHECK_ARG(!prologue || p.M * p.K <= kFusedMaxNormElems,
+                          "launch_linear: the prologue's ", p.M, " x ", p.K,
                           " rows exceed shared memory");
+        MAMBART_CHECK_ARG(!(p.norm.residual && p.gate.z), "launch_linear: two prologues");
+        MAMBART_CHECK_ARG(!p.gate.z || (p.x && p.gate.w && p.gate.group_size > 0 &&
+                                        p.K % p.gate.group_size == 0 && p.gate.ld_z >= p.K),
+                          "launch_linear: bad gated norm group_size=", p.gate.group_size);
         MAMBART_CHECK_ARG(!p.conv.state || (p.conv.C <= p.N && p.conv.W >= 1 &&
                                             p.conv.W <= kConvMaxWidth && p.conv.w && p.conv.out),
                           "launch_linear: bad conv step C=", p.conv.C, " W=", p.conv.W);

@@ -67,7 +67,7 @@ __global__ void gated_rmsnorm_kernel(GatedRmsNormParams p) {
     float s = 0.0f;
     for (int64_t j = threadIdx.x; j < p.group_size; j += blockDim.x) {
         const float v = y[j] * silu_f(z[j]);
-        s += v * v;
+        s = __fmaf_rn(v, v, s);
     }
     s = block_sum(s, red);
     const float rstd = rsqrtf(s / float(p.group_size) + p.eps);

@@ -137,7 +137,7 @@ class CpuBackend final : public Backend {
 
     // The fused decode projection as the separate ops (the oracle of the CUDA kernel, and what
     // lets the model's fused path be tested here): bitwise the unfused path's results.
-    bool fused_projection(int64_t M, int64_t K) const override { return M >= 1 && K >= 1; }
+    bool fused_projection(int64_t M, int64_t K, int64_t) const override { return M >= 1 && K >= 1; }
     void project(const ProjParams& p) override {
         MAMBART_CHECK_ARG(p.M >= 1 && p.N >= 1 && p.N <= p.W.rows && p.y && p.ldy >= p.N,
                           "project: bad sizes M=", p.M, " N=", p.N);
@@ -154,6 +154,14 @@ class CpuBackend final : public Backend {
             ldx = K;
         }
         MAMBART_CHECK_ARG(x && ldx >= K, "project: no input rows");
+        if (p.gate.z) {
+            MAMBART_CHECK_ARG(p.scratch_x && !p.norm.residual, "project: the gated norm needs "
+                              "scratch_x and no residual norm");
+            MAMBART_CHECK_ARG(ldx == K, "project: the gated norm reads contiguous rows");
+            gated_rmsnorm(x, p.gate.z, p.gate.ld_z, p.gate.w, p.M, K, p.gate.group_size,
+                          p.gate.eps, p.scratch_x);
+            x = p.scratch_x;
+        }
         if (p.accumulate) {
             MAMBART_CHECK_ARG(p.scratch_y, "project: accumulate needs scratch_y");
             linear(x, ldx, p.M, p.W, p.N, p.bias, p.scratch_y, p.N);

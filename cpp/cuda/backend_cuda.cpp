@@ -278,20 +278,24 @@ class CudaBackend final : public Backend {
 
     // The fused decode projections run where linear() would run the GEMV (fewer rows than
     // cuBLAS takes), up to kFusedMaxRows rows whose normed inputs fit shared memory.
-    bool fused_projection(int64_t M, int64_t K) const override {
+    bool fused_projection(int64_t M, int64_t K, int64_t groups) const override {
         const bool gemm = cublas_ && cublas_->available() && M >= cublas_min_rows_;
-        return M >= 1 && M <= cuda::kFusedMaxRows && M * K <= cuda::kFusedMaxNormElems && !gemm;
+        // a gated norm is emulated as gated_rmsnorm_kernel runs it for fewer than 64 blocks
+        return M >= 1 && M <= cuda::kFusedMaxRows && M * K <= cuda::kFusedMaxNormElems && !gemm &&
+               M * groups < 64;
     }
     void project(const ProjParams& p) override {
         dev();
         MAMBART_CHECK_ARG(p.N <= p.W.rows, "project: N=", p.N, " exceeds the weight's ", p.W.rows,
                           " rows");
-        MAMBART_CHECK_ARG(p.norm.residual ? fused_projection(p.M, p.W.cols)
-                                          : fused_projection(p.M, 1),
+        const int64_t groups = p.gate.z ? p.W.cols / std::max<int64_t>(p.gate.group_size, 1) : 0;
+        MAMBART_CHECK_ARG(p.norm.residual || p.gate.z ? fused_projection(p.M, p.W.cols, groups)
+                                                      : fused_projection(p.M, 1, 0),
                           "project: ", p.M, " rows of ", p.W.cols, " are not fused here");
         cuda::LinearParams q{p.x, p.x ? p.ldx : p.W.cols, p.W.data, p.W.dtype, p.bias, p.y, p.ldy,
                              p.M, p.N, p.W.cols, false};
         q.norm = p.norm;
+        q.gate = p.gate;
         q.accumulate = p.accumulate;
         q.conv = p.conv;
         cuda::launch_linear(q, stream_);

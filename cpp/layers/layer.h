@@ -73,9 +73,12 @@ inline void project_in(Backend& be, const LayerIO& io, int64_t d, const Weight& 
 }
 
 // A layer's output projection x (R, K) row stride ldx -> the block output: written to io.out,
-// or with the fused decode projections added into io.residual in the same op.
+// or with the fused decode projections added into io.residual in the same op (gate.z: x put
+// through the gated norm first, in the op's prologue, with gate_scratch (R, K) for a backend
+// that runs the separate ops; the caller checked fused_projection(R, K, groups)).
 inline void project_out(Backend& be, const LayerIO& io, const float* x, int64_t ldx,
-                        const Weight& W, int64_t d, const float* bias) {
+                        const Weight& W, int64_t d, const float* bias, const ProjGate& gate = {},
+                        float* gate_scratch = nullptr) {
     const int64_t R = io.B * io.L;
     if (!io.residual) {
         be.linear(x, ldx, R, W, d, bias, io.out, d);
@@ -91,6 +94,8 @@ inline void project_out(Backend& be, const LayerIO& io, const float* x, int64_t 
     p.y = io.residual;
     p.ldy = d;
     p.accumulate = true;
+    p.gate = gate;
+    p.scratch_x = gate_scratch;
     p.scratch_y = io.out;  // (R, d)
     be.project(p);
 }

@@ -172,6 +172,12 @@ class Mamba2 final : public Layer {
             be.conv1d(cp);
             be.ssd_scan(sp);
         }
+        if (c.gated_norm && io.residual && be.fused_projection(R, E, G)) {
+            // the fused decode projections: the gated norm in out_proj's prologue as well
+            project_out(be, io, y, E, out_proj_, d_model_, out_proj_b_.data,
+                        ProjGate{proj, Din, norm_w_.data, E / G, norm_eps_}, io.ws[3]);
+            return;
+        }
         const float* out = y;
         if (c.gated_norm) {
             float* y2 = io.ws[3];  // (R, E)
