@@ -142,6 +142,38 @@ struct Mamba3ScanParams {
     float eps;                // of the B/C norms and the output norm
 };
 
+// Causal multi-head / grouped-query attention with a per-sequence KV cache (the attention
+// layer unit, cpp/layers/attention/), any L. Per row b with cache length n0 = pos[b] (tokens
+// seen before this call), token t (absolute position n0 + t), q head h (kv head
+// j = h / (Hq / Hkv)):
+//   q, k <- rope(q, k; position n0 + t) on their first rotary_dim dims (rotate-half / NeoX form,
+//   inv_freq_i = theta^(-2i / rotary_dim), i < rotary_dim / 2; none when rotary_dim = 0);
+//   k_cache[b, n0 + t, j] = k; v_cache[b, n0 + t, j] = v;
+//   o[b, t, h] = softmax_s(scale q·k_cache[b, s, j]) · v_cache[b, s, j] over the keys
+//   s <= n0 + t with s > n0 + t - window (window 0: all);
+//   then pos[b] = n0 + L.
+// A row whose n0 + L would exceed max_ctx is refused (the CPU backend throws; device backends
+// never write past max_ctx: callers check lengths up front, ModelConfig::max_context()).
+struct AttentionParams {
+    float* qkv;               // (B, L, ld_qkv) inout: [q (Hq, hd) | k (Hkv, hd) | v (Hkv, hd)];
+                              //   q and k are rotated in place
+    int64_t ld_qkv;
+    float* k_cache;           // (B, max_ctx, Hkv, hd) inout, per row at stride cache_stride
+    float* v_cache;           // (B, max_ctx, Hkv, hd) inout, per row at stride cache_stride
+    int64_t cache_stride;     // floats between rows' caches (and between rows' pos)
+    float* pos;               // (B) inout at stride pos_stride: tokens in the cache (an integer)
+    int64_t pos_stride;
+    float* o;                 // (B, L, Hq, hd) out, contiguous
+    float* partial;           // (>= B * Hq * max_splits * (hd + 2)) decode split-K scratch, or
+    int64_t max_splits;       //   nullptr / 0 (no split); backends that do not split ignore it
+    int64_t B, L, Hq, Hkv, hd;
+    int64_t max_ctx;          // cache capacity per row, in tokens
+    int64_t rotary_dim;       // 0 (NoPE) or even, <= hd
+    float rope_theta;
+    int64_t window;           // sliding window in tokens (0: none)
+    float scale;              // softmax scale (usually hd^-1/2)
+};
+
 // Device-side sampling of one token per row (decode fast path), with mambart::Sampler's
 // semantics (cpp/sampling.h) given the same draw uniform(seed, stream, counter).
 struct DeviceSampleParams {

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "backend.h"
+#include "cpu/attention.h"
 #include "cpu/linear.h"
 #include "cpu/pool.h"
 #include "cpu/vec.h"
@@ -661,6 +662,18 @@ class CpuBackend final : public Backend {
             for (int64_t r = 0; r < Rm; ++r) std::memcpy(kprev(r), k + r * N, size_t(N) * sizeof(float));
             std::memcpy(vst, x, size_t(P) * sizeof(float));
         }
+    }
+
+    void relu_sq(float* y, int64_t n, int64_t E) override {
+        for (int64_t i = 0; i < n * E; ++i) {
+            const float r = std::max(y[i], 0.0f);
+            y[i] = r * r;
+        }
+    }
+
+    void attention(const AttentionParams& p) override {
+        cpu::PoolScope scope(pool_.get());
+        cpu::attention(p);
     }
 
     void silu_gate(float* y, const float* z, int64_t ld_z, int64_t n, int64_t E) override {
