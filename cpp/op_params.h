@@ -27,7 +27,7 @@ struct Param {
     int64_t numel = 0;
 };
 
-struct ConvParams {          // causal depthwise conv1d + SiLU, with a rolling state
+struct ConvParams {          // causal depthwise conv1d (+ SiLU), with a rolling state
     const float* x;          // (B, L, C) pre-conv input, row stride ld_x
     int64_t ld_x;
     float* conv_state;       // (B, C, W) inout: the last W pre-conv inputs, oldest first
@@ -38,6 +38,7 @@ struct ConvParams {          // causal depthwise conv1d + SiLU, with a rolling s
     // Speculative verification (issue 25): (B, L, C, W) contiguous, or nullptr: the conv state
     // after each token (row (b, t) = the last W inputs up to token t of row b).
     float* state_trace = nullptr;
+    bool silu = true;        // SiLU on the output (false: the plain conv, mamba2attn's qkv)
 };
 
 struct SelectiveScanParams {  // Mamba-1: fused dt softplus, scan, D skip, SiLU(z) gate

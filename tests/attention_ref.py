@@ -53,12 +53,20 @@ def attention_op(qkv, k_cache, v_cache, pos, Hq, rd=0, theta=10000.0, window=0, 
     return o.reshape(B, L, Hq * hd), kc, vc, pos_out
 
 
+def causal_conv(x, w, b):
+    """Depthwise causal conv over time, no activation: x (L, C), w (C, W), b (C)."""
+    L, W = x.shape[0], w.shape[1]
+    xp = np.concatenate([np.zeros((W - 1, x.shape[1])), x], 0)
+    return np.stack([(xp[t:t + W] * w.T).sum(0) for t in range(L)]) + b
+
+
 def rmsnorm(x, w, eps):
     return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
 
 
-def model_logits(cfg: dict, t: dict, ids):
-    """Logits (L, V) of a model whose layers are attention / mlp entries, for one sequence."""
+def model_logits(cfg: dict, t: dict, ids, other=None):
+    """Logits (L, V) of a model whose layers are attention / mlp entries, for one sequence.
+    other(i, u) -> y: the output of layer i of any other type for its normed input u (L, d)."""
     T = {k: np.asarray(v, np.float64) for k, v in t.items()}
     eps = cfg["norm_eps"]
     h = T["embedding.weight"][ids]
@@ -71,13 +79,20 @@ def model_logits(cfg: dict, t: dict, ids):
             def proj(name):
                 y = u @ T[p + name + ".weight"].T
                 return y + T[p + name + ".bias"] if lc["qkv_bias"] else y
-            qkv = np.concatenate([proj("q_proj"), proj("k_proj"), proj("v_proj")], -1)[None]
+            if lc["fused_qkv"]:
+                qkv = proj("in_proj")
+                if lc["d_conv"]:
+                    qkv = causal_conv(qkv, T[p + "conv1d.weight"][:, 0, :], T[p + "conv1d.bias"])
+                qkv = qkv[None]
+            else:
+                qkv = np.concatenate([proj("q_proj"), proj("k_proj"), proj("v_proj")], -1)[None]
             kc = np.zeros((1, L, Hkv, hd))
             o, _, _, _ = attention_op(qkv, kc, kc.copy(), [0], Hq, lc["rotary_dim"],
                                       lc["rope_theta"], lc["window"], lc["scale"])
-            y = o[0] @ T[p + "o_proj.weight"].T
+            out = "out_proj" if lc["fused_qkv"] else "o_proj"
+            y = o[0] @ T[p + out + ".weight"].T
             if lc["out_bias"]:
-                y = y + T[p + "o_proj.bias"]
+                y = y + T[p + out + ".bias"]
         elif lc["type"] == "mlp":
             def lin(name, x):
                 y = x @ T[p + name + ".weight"].T
@@ -89,6 +104,8 @@ def model_logits(cfg: dict, t: dict, ids):
             else:
                 a = np.maximum(up, 0) ** 2
             y = lin("down_proj", a)
+        elif other is not None:
+            y = np.asarray(other(i, u), np.float64)
         else:
             raise ValueError(lc["type"])
         h = h + y

@@ -80,11 +80,11 @@ def test_relu_sq_op():
 # ---------------------------------------------------------------- whole models
 
 def attn(Hq=4, Hkv=2, hd=8, rd=0, theta=10000.0, window=0, qkv_bias=False, out_bias=False,
-         scale=None, max_context=96):
+         scale=None, max_context=96, fused=False, d_conv=0):
     return {"type": "attention", "num_heads": Hq, "num_kv_heads": Hkv, "head_dim": hd,
             "rotary_dim": rd, "rope_theta": theta, "window": window, "qkv_bias": qkv_bias,
             "out_bias": out_bias, "scale": hd ** -0.5 if scale is None else scale,
-            "max_context": max_context}
+            "max_context": max_context, "fused_qkv": fused, "d_conv": d_conv}
 
 
 def mlp(I=40, act="relu2", bias=False):
@@ -107,6 +107,11 @@ MODELS = {
                              mlp(act="swiglu", bias=True)],
     # partial RoPE (half of hd, as Bamba / mamba2attn), sliding window shorter than the prompt,
     # a custom scale (Granite's attention_multiplier)
+    # mamba_ssm's MHA (mamba2attn): fused in_proj, a causal conv on qkv (no activation), partial
+    # RoPE, biases
+    "fused-conv-rope": [attn(Hq=4, Hkv=2, hd=8, rd=4, fused=True, d_conv=4, qkv_bias=True,
+                             out_bias=True), mlp(I=20),
+                        attn(Hq=2, Hkv=2, hd=12, fused=True, d_conv=3)],
     "partial-rope-window": [attn(Hq=4, Hkv=1, hd=12, rd=6, theta=500.0, window=7, scale=0.2),
                             mlp(I=16), attn(Hq=2, Hkv=2, hd=16, rd=16, window=11)],
 }
@@ -195,6 +200,8 @@ def test_context_bound_is_a_clear_error(models):
     (attn(scale=0.0), "scale", "must be in (0, 1e6)"),
     (attn(max_context=0), "max_context", "out of range"),
     (mlp(act="gelu"), "activation", "is not supported (relu2, swiglu)"),
+    (attn(d_conv=4), "d_conv", "needs fused_qkv"),
+    (attn(fused=True, d_conv=9), "d_conv", "out of range"),
 ])
 def test_bad_layer_config_names_layer_and_key(entry, key, msg):
     c = model_config([mlp(), entry])

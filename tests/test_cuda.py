@@ -1261,8 +1261,9 @@ def test_relu_sq_cuda(gpu, cpu):
 
 @pytest.fixture(scope="module")
 def hybrid_dir(tmp_path_factory):
-    """A Nemotron-H-like listed model: Mamba-2, NoPE GQA attention, relu² MLP blocks, and a
-    RoPE + window attention block with SwiGLU (the other options of the units)."""
+    """A Nemotron-H-like listed model: Mamba-2, NoPE GQA attention, relu² MLP blocks, a
+    RoPE + window attention block with SwiGLU, and a mamba2attn block (fused qkv with a conv):
+    the other options of the units."""
     sys.path.insert(0, os.path.dirname(__file__))
     from model_dirs import random_tensor, save_tensors, write_config
 
@@ -1271,11 +1272,15 @@ def hybrid_dir(tmp_path_factory):
           "dt_limit": [0.0, None], "gated_norm": True, "norm_before_gate": False}
     att = {"type": "attention", "num_heads": 8, "num_kv_heads": 2, "head_dim": 64,
            "rotary_dim": 0, "rope_theta": 10000.0, "window": 0, "qkv_bias": False,
-           "out_bias": False, "scale": 0.125, "max_context": 400}
+           "out_bias": False, "scale": 0.125, "max_context": 400,
+           "fused_qkv": False, "d_conv": 0}
     att2 = dict(att, rotary_dim=32, window=45, qkv_bias=True, num_kv_heads=4)
     mlp = {"type": "mlp", "intermediate_size": 160, "activation": "relu2", "bias": False}
     mlp2 = dict(mlp, activation="swiglu")
-    layers = [m2, mlp, att, m2, mlp2, att2, m2]
+    # mamba_ssm's MHA (mamba2attn): fused in_proj, conv on qkv, partial RoPE, biases
+    att3 = dict(att, fused_qkv=True, d_conv=4, rotary_dim=32, qkv_bias=True, out_bias=True,
+                num_kv_heads=8)
+    layers = [m2, mlp, att, m2, mlp2, att2, m2, att3]
     c = {"mambart_format": 1, "architecture": "nemotron_h", "d_model": 64,
          "n_layer": len(layers), "vocab_size": 300, "vocab_size_padded": 304, "norm": "rmsnorm",
          "norm_eps": 1e-5, "residual_in_fp32": True, "tie_embeddings": False,

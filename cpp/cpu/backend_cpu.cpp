@@ -178,7 +178,7 @@ class CpuBackend final : public Backend {
                                     o[c] += wk[c] * state[c * W + (W + tau)];
                             }
                         }
-                        silu_inplace(o + c0, c1 - c0);
+                        if (p.silu) silu_inplace(o + c0, c1 - c0);
                         if (p.state_trace) {  // the window after token t: in[t - W + 1 .. t]
                             float* tr = p.state_trace + (b * L + t) * C * W;  // (C, W) of token t
                             for (int64_t c = c0; c < c1; ++c)

@@ -374,7 +374,8 @@ def _nemotron_source(cfg: dict, where: str, weights: WeightSet) -> Source:
         # NoPE, no biases (hard-coded in transformers' NemotronHAttention), scale hd^-1/2.
         attn = {"type": "attention", "num_heads": Hq, "num_kv_heads": Hkv, "head_dim": hd,
                 "rotary_dim": 0, "rope_theta": 10000.0, "window": 0, "qkv_bias": False,
-                "out_bias": False, "scale": hd ** -0.5, "max_context": ctx}
+                "out_bias": False, "scale": hd ** -0.5, "max_context": ctx,
+                "fused_qkv": False, "d_conv": 0}
     if "-" in pat:
         act = cfg.get("mlp_hidden_act", "relu2")
         if act != "relu2":
@@ -587,11 +588,6 @@ def _ss_source(cfg: dict, where: str, weights: WeightSet,
         raise ConversionError(f"{where}: unknown state-spaces config key(s) {unknown} "
                               f"(mamba_ssm's MambaConfig would refuse them too)")
     attn = cfg.get("attn_layer_idx") or []
-    if attn:
-        raise ConversionError(
-            f"{where}: this checkpoint has attention layers (attn_layer_idx={attn}, a "
-            f"Mamba/attention hybrid such as mamba2attn); mambart does not run attention "
-            f"layers yet")
     di = cfg.get("d_intermediate", 0)
     if di:
         raise ConversionError(f"{where}: this checkpoint has MLP layers (d_intermediate={di}); "
@@ -603,6 +599,9 @@ def _ss_source(cfg: dict, where: str, weights: WeightSet,
     if layer not in ("Mamba1", "Mamba2", "Mamba3"):
         raise ConversionError(f"{where}: unknown layer type ssm_cfg.layer={layer!r} (mambart "
                               f"runs Mamba1, Mamba2 and Mamba3)")
+    if layer == "Mamba3" and attn:
+        raise ConversionError(f"{where}: attention layers (attn_layer_idx) with Mamba3 layers "
+                              f"are not supported")
     if layer == "Mamba3":
         entry = _ss_mamba3(cfg, ssm, where, a_activation)
         c = _base_config("mamba3")
@@ -680,10 +679,80 @@ def _ss_source(cfg: dict, where: str, weights: WeightSet,
     c["residual_in_fp32"] = _bool(cfg, "residual_in_fp32", where, True)
     c["tie_embeddings"] = _bool(cfg, "tie_embeddings", where, True)
     c["bos_token_id"] = c["eos_token_id"] = c["pad_token_id"] = None  # set from the tokenizer
+    if attn:
+        c = _ss_with_attention(c, cfg, attn, where)
     src = Source("state-spaces", c, prefix="backbone.", emb="backbone.embedding.weight")
     if c["tie_embeddings"]:
         src.optional_tied = "lm_head.weight"
     return src
+
+
+# mamba_ssm's MHA constructor arguments (attn_cfg); spec hybrids §3.2.
+SS_ATTN_KEYS = {"num_heads", "num_heads_kv", "head_dim", "mlp_dim", "qkv_proj_bias",
+                "out_proj_bias", "softmax_scale", "causal", "d_conv", "rotary_emb_dim",
+                "rotary_emb_base", "rotary_emb_interleaved"}
+M2_ENTRY_KEYS = ("d_inner", "d_state", "d_conv", "conv_bias", "bias", "headdim", "nheads",
+                 "ngroups", "chunk_size", "dt_limit", "gated_norm", "norm_before_gate")
+# state-spaces configs record no context length: the KV caches hold this many tokens unless
+# convert's max_context says otherwise (the Mamba-2 series was trained on 2048).
+SS_ATTN_CONTEXT = 2048
+
+
+def _ss_with_attention(c: dict, cfg: dict, attn, where: str) -> dict:
+    """A flat state-spaces config `c` with mamba_ssm MHA mixers at `attn` (attn_layer_idx), as a
+    `layers` list (mamba2attn): the attention entries read attn_cfg as MHA(...) would."""
+    n = c["n_layer"]
+    if not isinstance(attn, list) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                             and 0 <= i < n for i in attn) \
+            or len(set(attn)) != len(attn):
+        raise ConversionError(f"{where}: config key 'attn_layer_idx' must be a list of distinct "
+                              f"layer indices in [0, {n}), got {str(attn)[:80]}")
+    a = cfg.get("attn_cfg", {}) or {}
+    if not isinstance(a, dict):
+        raise ConversionError(f"{where}: config key 'attn_cfg' must be an object")
+    bad = sorted(set(a) - SS_ATTN_KEYS)
+    if bad:
+        raise ConversionError(f"{where}: unknown attn_cfg key(s) {bad} (mamba_ssm's MHA takes "
+                              f"{', '.join(sorted(SS_ATTN_KEYS))})")
+    w = where + " attn_cfg"
+    d = c["d_model"]
+    Hq = _int(a, "num_heads", w)
+    kv = a.get("num_heads_kv")
+    Hkv = Hq if kv is None else _int(a, "num_heads_kv", w)
+    if Hq % Hkv:
+        raise ConversionError(f"{where}: layer {attn[0]}: attn_cfg.num_heads_kv ({Hkv}) must "
+                              f"divide num_heads ({Hq})")
+    if a.get("head_dim") is None:
+        if d % Hq:
+            raise ConversionError(f"{where}: layer {attn[0]}: attn_cfg.num_heads ({Hq}) does not "
+                                  f"divide d_model ({d}) and head_dim is not given")
+        hd = d // Hq
+    else:
+        hd = _int(a, "head_dim", w, hi=1024)
+    if a.get("mlp_dim", 0):
+        raise ConversionError(f"{where}: attn_cfg.mlp_dim={a['mlp_dim']} (an MLP inside the "
+                              f"attention mixer) is not supported")
+    if not _bool(a, "causal", w, False):
+        raise ConversionError(f"{where}: attn_cfg.causal must be true for a language model")
+    if _bool(a, "rotary_emb_interleaved", w, False):
+        raise ConversionError(f"{where}: attn_cfg.rotary_emb_interleaved=true is not supported "
+                              f"(the rotate-half form is)")
+    rd = _int(a, "rotary_emb_dim", w, 0, lo=0, hi=hd)
+    if rd % 2:
+        raise ConversionError(f"{where}: attn_cfg.rotary_emb_dim={rd} must be even")
+    scale = a.get("softmax_scale")
+    scale = hd ** -0.5 if scale is None else _num(a, "softmax_scale", w, None, 0.0, 1e6)
+    entry = {"type": "attention", "num_heads": Hq, "num_kv_heads": Hkv, "head_dim": hd,
+             "rotary_dim": rd, "rope_theta": _num(a, "rotary_emb_base", w, 10000.0, 1.0, 1e12),
+             "window": 0, "qkv_bias": _bool(a, "qkv_proj_bias", w, True),
+             "out_bias": _bool(a, "out_proj_bias", w, True), "scale": scale,
+             "max_context": SS_ATTN_CONTEXT, "fused_qkv": True,
+             "d_conv": _int(a, "d_conv", w, 0, lo=0, hi=8)}
+    keys = MAMBA1_KEYS if c["architecture"] == "mamba1" else M2_ENTRY_KEYS
+    out = _listed(c, c["architecture"] + "attn", keys, {})
+    for i in attn:
+        out["layers"][i] = dict(entry)
+    return out
 
 
 def validate_config(c: dict, where: str) -> None:

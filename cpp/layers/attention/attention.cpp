@@ -1,15 +1,18 @@
 // The attention layer unit.
 //
 //   q = q_proj(u), k = k_proj(u), v = v_proj(u)   (Hq, Hkv heads of hd; Hkv divides Hq)
+//     (fused_qkv: [q | k | v] = in_proj(u), mamba_ssm's MHA; d_conv > 0: then a causal
+//     depthwise conv over [q | k | v], with bias and no activation)
 //   q, k <- RoPE at the token's absolute position (first rotary_dim dims; none when 0)
 //   o = softmax(scale q kᵀ + causal / window mask) v over the cached keys, per head (GQA: kv head
-//   j serves q heads [j Hq/Hkv, (j+1) Hq/Hkv)); out = o_proj(o)
+//   j serves q heads [j Hq/Hkv, (j+1) Hq/Hkv)); out = o_proj(o) (fused_qkv: out_proj)
 //
 // config.json `layers` entry: {"type": "attention", "num_heads": Hq, "num_kv_heads": Hkv,
 // "head_dim": hd, "rotary_dim": 0 or even <= hd, "rope_theta": θ, "window": 0 (none) or tokens,
-// "qkv_bias": bool, "out_bias": bool, "scale": softmax scale, "max_context": tokens}.
-// State per sequence: key_cache and value_cache (max_context, Hkv, hd), and pos (1): the tokens
-// held. The cache is laid out at its full capacity (max_context) when the state is made; a
+// "qkv_bias": bool, "out_bias": bool, "scale": softmax scale, "max_context": tokens,
+// "fused_qkv": bool, "d_conv": 0 or W}.
+// State per sequence: key_cache and value_cache (max_context, Hkv, hd), pos (1): the tokens
+// held, and with d_conv conv ((Hq + 2 Hkv) hd, W): the last W pre-conv inputs, oldest first. The cache is laid out at its full capacity (max_context) when the state is made; a
 // sequence longer than max_context is refused (ModelConfig::max_context; the CPU backend also
 // checks each call).
 #include "layers/attention/attention.h"
@@ -39,6 +42,8 @@ struct Config final : LayerConfig {
     bool out_bias = false;
     double scale = 0.0;
     int64_t max_ctx = 0;       // max_context
+    bool fused_qkv = false;    // one in_proj / out_proj (mamba_ssm) instead of q/k/v/o_proj
+    int64_t d_conv = 0;        // W: conv over qkv (0: none)
 
     int64_t q_dim() const { return num_heads * head_dim; }
     int64_t kv_dim() const { return num_kv_heads * head_dim; }
@@ -48,6 +53,17 @@ struct Config final : LayerConfig {
     std::vector<TensorSpec> tensors(const ModelConfig& m) const override {
         const int64_t d = m.d_model;
         std::vector<TensorSpec> t;
+        if (fused_qkv) {
+            t.push_back({"mixer.in_proj.weight", {qkv_dim(), d}, true, false});
+            if (qkv_bias) t.push_back({"mixer.in_proj.bias", {qkv_dim()}, false, false});
+            if (d_conv > 0) {
+                t.push_back({"mixer.conv1d.weight", {qkv_dim(), 1, d_conv}, false, false});
+                t.push_back({"mixer.conv1d.bias", {qkv_dim()}, false, false});
+            }
+            t.push_back({"mixer.out_proj.weight", {d, q_dim()}, true, false});
+            if (out_bias) t.push_back({"mixer.out_proj.bias", {d}, false, false});
+            return t;
+        }
         t.push_back({"mixer.q_proj.weight", {q_dim(), d}, true, false});
         t.push_back({"mixer.k_proj.weight", {kv_dim(), d}, true, false});
         t.push_back({"mixer.v_proj.weight", {kv_dim(), d}, true, false});
@@ -61,9 +77,11 @@ struct Config final : LayerConfig {
         return t;
     }
     std::vector<StateSpec> state(const ModelConfig&) const override {
-        return {{"key_cache", {max_ctx, num_kv_heads, head_dim}},
-                {"value_cache", {max_ctx, num_kv_heads, head_dim}},
-                {"pos", {1}}};
+        std::vector<StateSpec> s = {{"key_cache", {max_ctx, num_kv_heads, head_dim}},
+                                    {"value_cache", {max_ctx, num_kv_heads, head_dim}},
+                                    {"pos", {1}}};
+        if (d_conv > 0) s.push_back({"conv", {qkv_dim(), d_conv}});
+        return s;
     }
     std::string to_json() const override {
         return nlohmann::ordered_json{{"type", type()},
@@ -76,7 +94,9 @@ struct Config final : LayerConfig {
                                       {"qkv_bias", qkv_bias},
                                       {"out_bias", out_bias},
                                       {"scale", scale},
-                                      {"max_context", max_ctx}}
+                                      {"max_context", max_ctx},
+                                      {"fused_qkv", fused_qkv},
+                                      {"d_conv", d_conv}}
             .dump();
     }
     int64_t max_context() const override { return max_ctx; }
@@ -94,6 +114,10 @@ std::shared_ptr<const LayerConfig> parse(ConfigReader& r, const ModelConfig&) {
     c->out_bias = r.boolean("out_bias");
     c->scale = r.number("scale");
     c->max_ctx = r.integer("max_context", 1, kMaxDim);
+    c->fused_qkv = r.boolean("fused_qkv");
+    c->d_conv = r.integer("d_conv", 0, 8);
+    if (c->d_conv > 0 && !c->fused_qkv)
+        r.fail("d_conv", "needs fused_qkv (the conv runs over mamba_ssm's fused in_proj output)");
     if (c->num_heads % c->num_kv_heads != 0)
         r.fail("num_kv_heads", str_cat("= ", c->num_kv_heads, " must divide num_heads = ",
                                        c->num_heads));
@@ -118,6 +142,17 @@ class Attention final : public Layer {
     const LayerConfig& config() const override { return *c_; }
 
     void bind(const LayerTensors& t) override {
+        if (c_->fused_qkv) {
+            in_proj_ = t.matrix("mixer.in_proj.weight");
+            if (c_->qkv_bias) in_b_ = t.param("mixer.in_proj.bias");
+            if (c_->d_conv > 0) {
+                conv_w_ = t.param("mixer.conv1d.weight");
+                conv_b_ = t.param("mixer.conv1d.bias");
+            }
+            o_proj_ = t.matrix("mixer.out_proj.weight");
+            if (c_->out_bias) o_b_ = t.param("mixer.out_proj.bias");
+            return;
+        }
         q_proj_ = t.matrix("mixer.q_proj.weight");
         k_proj_ = t.matrix("mixer.k_proj.weight");
         v_proj_ = t.matrix("mixer.v_proj.weight");
@@ -131,9 +166,12 @@ class Attention final : public Layer {
     }
 
     // partial (R, Hq * kSplits * (hd + 2)) decode split-K scratch; qkv (R, (Hq + 2 Hkv) hd);
-    // o (R, Hq hd).
+    // o (R, Hq hd); pre (R, (Hq + 2 Hkv) hd) the pre-conv projection [d_conv].
     std::vector<int64_t> workspace_cols() const override {
-        return {c_->num_heads * kSplits * (c_->head_dim + 2), c_->qkv_dim(), c_->q_dim()};
+        std::vector<int64_t> w = {c_->num_heads * kSplits * (c_->head_dim + 2), c_->qkv_dim(),
+                                  c_->q_dim()};
+        if (c_->d_conv > 0) w.push_back(c_->qkv_dim());
+        return w;
     }
     int64_t max_linear_cols() const override { return std::max(d_model_, c_->q_dim()); }
 
@@ -142,10 +180,21 @@ class Attention final : public Layer {
         const int64_t R = io.B * io.L, ld = c.qkv_dim();
         float* qkv = io.ws[1];  // (R, qkv_dim)
         float* o = io.ws[2];    // (R, Hq hd)
-        be.linear(io.in, d_model_, R, q_proj_, c.q_dim(), q_b_.data, qkv, ld);
-        be.linear(io.in, d_model_, R, k_proj_, c.kv_dim(), k_b_.data, qkv + c.q_dim(), ld);
-        be.linear(io.in, d_model_, R, v_proj_, c.kv_dim(), v_b_.data,
-                  qkv + c.q_dim() + c.kv_dim(), ld);
+        if (c.d_conv > 0) {
+            float* pre = io.ws[3];  // (R, qkv_dim)
+            be.linear(io.in, d_model_, R, in_proj_, ld, in_b_.data, pre, ld);
+            ConvParams cp{pre, ld, io.state[3], conv_w_.data, conv_b_.data, qkv,
+                          io.B, io.L, ld, c.d_conv};
+            cp.silu = false;
+            be.conv1d(cp);
+        } else if (c.fused_qkv) {
+            be.linear(io.in, d_model_, R, in_proj_, ld, in_b_.data, qkv, ld);
+        } else {
+            be.linear(io.in, d_model_, R, q_proj_, c.q_dim(), q_b_.data, qkv, ld);
+            be.linear(io.in, d_model_, R, k_proj_, c.kv_dim(), k_b_.data, qkv + c.q_dim(), ld);
+            be.linear(io.in, d_model_, R, v_proj_, c.kv_dim(), v_b_.data,
+                      qkv + c.q_dim() + c.kv_dim(), ld);
+        }
         AttentionParams p{};
         p.qkv = qkv;
         p.ld_qkv = ld;
@@ -174,13 +223,17 @@ class Attention final : public Layer {
  private:
     std::shared_ptr<const Config> c_;
     int64_t d_model_;
+    Weight in_proj_;  // ((Hq + 2 Hkv) hd, d) [fused_qkv]
+    Param in_b_;      // ((Hq + 2 Hkv) hd) [fused_qkv, qkv_bias]
+    Param conv_w_;    // ((Hq + 2 Hkv) hd, W) [d_conv]
+    Param conv_b_;    // ((Hq + 2 Hkv) hd) [d_conv]
     Weight q_proj_;  // (Hq hd, d)
     Weight k_proj_;  // (Hkv hd, d)
     Weight v_proj_;  // (Hkv hd, d)
     Param q_b_;      // (Hq hd) [qkv_bias]
     Param k_b_;      // (Hkv hd) [qkv_bias]
     Param v_b_;      // (Hkv hd) [qkv_bias]
-    Weight o_proj_;  // (d, Hq hd)
+    Weight o_proj_;  // (d, Hq hd) (out_proj with fused_qkv)
     Param o_b_;      // (d) [out_bias]
 };
 
