@@ -225,3 +225,11 @@ def test_state_layout_of_an_attention_model():
     spec = _C.config_spec(json.dumps(c), "x")
     states = {s["name"]: list(s["shape"]) for s in spec["state"]}
     assert states == {"key_cache": [1, 50, 2, 8], "value_cache": [1, 50, 2, 8], "pos": [1, 1]}, states
+
+
+def test_speculative_decoding_is_refused_with_attention_layers(models):
+    """Speculative verification needs per-token states; the attention unit has none yet."""
+    c, _, g = models["nope-gqa-relu2"]
+    with pytest.raises(NotImplementedError, match="cannot keep per-token states"):
+        g.generate(ids_for(c["vocab_size"], 8), max_new_tokens=4,
+                   speculative=dict(method="prompt_lookup", k=3))

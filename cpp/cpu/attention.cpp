@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "cpu/pool.h"
+#include "cpu/vec.h"
 #include "error.h"
 
 namespace mambart {
@@ -23,6 +24,16 @@ void rope(float* x, int64_t rd, const float* cosv, const float* sinv) {
         x[i] = a * cosv[i] - b * sinv[i];
         x[i + half] = b * cosv[i] + a * sinv[i];
     }
+}
+
+// Σ a[e] b[e], 8 lanes at a time (independent partial sums), then the tail.
+inline float dot(const float* a, const float* b, int64_t n) {
+    f8 acc = {};
+    int64_t e = 0;
+    for (; e + 8 <= n; e += 8) acc += load8(a + e) * load8(b + e);
+    float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; e < n; ++e) s += a[e] * b[e];
+    return s;
 }
 
 }  // namespace
@@ -84,10 +95,7 @@ void attention(const AttentionParams& p) {
                 const int64_t s1 = std::min(n + 1, s0 + kKeyTile);
                 float tile_max = -INFINITY;
                 for (int64_t s = s0; s < s1; ++s) {
-                    const float* k = kc + s * kv_row;
-                    float dot = 0.0f;
-                    for (int64_t e = 0; e < hd; ++e) dot += q[e] * k[e];
-                    sc[s - s0] = dot * p.scale;
+                    sc[s - s0] = dot(q, kc + s * kv_row, hd) * p.scale;
                     tile_max = std::max(tile_max, sc[s - s0]);
                 }
                 const float m_new = std::max(m, tile_max);
