@@ -163,7 +163,12 @@ def test_bad_attn_layer_idx_and_missing_tensors(tmp_path):
             mambart.convert(src, tmp_path / "out")
     # the config says attention at 2, the weights have it at 1
     (src / "config.json").write_text(json.dumps(dict(cfg, attn_layer_idx=[2])))
-    with pytest.raises(ConversionError, match=r"backbone\.layers\.(1|2)\.mixer\."):
+    with pytest.raises(ConversionError, match=r"layer 1: not in attn_layer_idx, but .* no "
+                                              r"'backbone\.layers\.1\.mixer\.A_log'"):
+        mambart.convert(src, tmp_path / "out")
+    (src / "config.json").write_text(json.dumps(dict(cfg, attn_layer_idx=[1, 2])))
+    with pytest.raises(ConversionError, match=r"layer 2: attn_layer_idx lists an attention "
+                                              r"layer but .* it is a Mamba layer"):
         mambart.convert(src, tmp_path / "out")
 
 

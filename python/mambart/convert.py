@@ -680,7 +680,7 @@ def _ss_source(cfg: dict, where: str, weights: WeightSet,
     c["tie_embeddings"] = _bool(cfg, "tie_embeddings", where, True)
     c["bos_token_id"] = c["eos_token_id"] = c["pad_token_id"] = None  # set from the tokenizer
     if attn:
-        c = _ss_with_attention(c, cfg, attn, where)
+        c = _ss_with_attention(c, cfg, attn, where, weights)
     src = Source("state-spaces", c, prefix="backbone.", emb="backbone.embedding.weight")
     if c["tie_embeddings"]:
         src.optional_tied = "lm_head.weight"
@@ -698,7 +698,7 @@ M2_ENTRY_KEYS = ("d_inner", "d_state", "d_conv", "conv_bias", "bias", "headdim",
 SS_ATTN_CONTEXT = 2048
 
 
-def _ss_with_attention(c: dict, cfg: dict, attn, where: str) -> dict:
+def _ss_with_attention(c: dict, cfg: dict, attn, where: str, weights: WeightSet) -> dict:
     """A flat state-spaces config `c` with mamba_ssm MHA mixers at `attn` (attn_layer_idx), as a
     `layers` list (mamba2attn): the attention entries read attn_cfg as MHA(...) would."""
     n = c["n_layer"]
@@ -707,6 +707,17 @@ def _ss_with_attention(c: dict, cfg: dict, attn, where: str) -> dict:
             or len(set(attn)) != len(attn):
         raise ConversionError(f"{where}: config key 'attn_layer_idx' must be a list of distinct "
                               f"layer indices in [0, {n}), got {str(attn)[:80]}")
+    # The layer kinds against the checkpoint: a Mamba mixer has A_log, an MHA mixer none.
+    files = ", ".join(sorted(set(weights.files))) or "the checkpoint"
+    for i in range(n):
+        a_log = f"backbone.layers.{i}.mixer.A_log"
+        if i in attn and a_log in weights.tensors:
+            raise ConversionError(f"{where}: layer {i}: attn_layer_idx lists an attention layer "
+                                  f"but in {files} it is a Mamba layer ('{a_log}')")
+        if i not in attn and f"backbone.layers.{i}.mixer.in_proj.weight" in weights.tensors \
+                and a_log not in weights.tensors:
+            raise ConversionError(f"{where}: layer {i}: not in attn_layer_idx, but in {files} its "
+                                  f"mixer has no '{a_log}' (an attention layer?)")
     a = cfg.get("attn_cfg", {}) or {}
     if not isinstance(a, dict):
         raise ConversionError(f"{where}: config key 'attn_cfg' must be an object")
