@@ -242,6 +242,9 @@ void Engine::check(const EngineRequest& req, const std::string& row) const {
     MAMBART_CHECK_ARG(!req.prompt.empty() || req.start, "prompt is empty: give at least one token",
                       row);
     gen_.check_ids(req.prompt, "prompt" + row);
+    gen_.check_context((req.start ? int64_t(req.start->tokens.size()) : 0) +
+                           int64_t(req.prompt.size()) + o.max_new_tokens,
+                       str_cat(req.start ? "state + " : "", "prompt + max_new_tokens", row));
     MAMBART_CHECK_ARG(req.logprobs >= -1, "logprobs must be >= -1 (-1: off), got ", req.logprobs,
                       row);
     MAMBART_CHECK_ARG(std::isfinite(req.timeout_s) && req.timeout_s >= 0.0,

@@ -27,7 +27,7 @@ struct Param {
     int64_t numel = 0;
 };
 
-struct ConvParams {          // causal depthwise conv1d + SiLU, with a rolling state
+struct ConvParams {          // causal depthwise conv1d (+ SiLU), with a rolling state
     const float* x;          // (B, L, C) pre-conv input, row stride ld_x
     int64_t ld_x;
     float* conv_state;       // (B, C, W) inout: the last W pre-conv inputs, oldest first
@@ -38,6 +38,7 @@ struct ConvParams {          // causal depthwise conv1d + SiLU, with a rolling s
     // Speculative verification (issue 25): (B, L, C, W) contiguous, or nullptr: the conv state
     // after each token (row (b, t) = the last W inputs up to token t of row b).
     float* state_trace = nullptr;
+    bool silu = true;        // SiLU on the output (false: the plain conv, mamba2attn's qkv)
 };
 
 struct SelectiveScanParams {  // Mamba-1: fused dt softplus, scan, D skip, SiLU(z) gate
@@ -190,6 +191,38 @@ struct Mamba3ScanParams {
     bool softplus_a;          // A activation softplus (older checkpoints) instead of heavy tail
     float a_floor;            // A <= -a_floor
     float eps;                // of the B/C norms and the output norm
+};
+
+// Causal multi-head / grouped-query attention with a per-sequence KV cache (the attention
+// layer unit, cpp/layers/attention/), any L. Per row b with cache length n0 = pos[b] (tokens
+// seen before this call), token t (absolute position n0 + t), q head h (kv head
+// j = h / (Hq / Hkv)):
+//   q, k <- rope(q, k; position n0 + t) on their first rotary_dim dims (rotate-half / NeoX form,
+//   inv_freq_i = theta^(-2i / rotary_dim), i < rotary_dim / 2; none when rotary_dim = 0);
+//   k_cache[b, n0 + t, j] = k; v_cache[b, n0 + t, j] = v;
+//   o[b, t, h] = softmax_s(scale q·k_cache[b, s, j]) · v_cache[b, s, j] over the keys
+//   s <= n0 + t with s > n0 + t - window (window 0: all);
+//   then pos[b] = n0 + L.
+// A row whose n0 + L would exceed max_ctx is refused (the CPU backend throws; device backends
+// never write past max_ctx: callers check lengths up front, ModelConfig::max_context()).
+struct AttentionParams {
+    float* qkv;               // (B, L, ld_qkv) inout: [q (Hq, hd) | k (Hkv, hd) | v (Hkv, hd)];
+                              //   q and k are rotated in place
+    int64_t ld_qkv;
+    float* k_cache;           // (B, max_ctx, Hkv, hd) inout, per row at stride cache_stride
+    float* v_cache;           // (B, max_ctx, Hkv, hd) inout, per row at stride cache_stride
+    int64_t cache_stride;     // floats between rows' caches (and between rows' pos)
+    float* pos;               // (B) inout at stride pos_stride: tokens in the cache (an integer)
+    int64_t pos_stride;
+    float* o;                 // (B, L, Hq, hd) out, contiguous
+    float* partial;           // (>= B * Hq * max_splits * (hd + 2)) decode split-K scratch, or
+    int64_t max_splits;       //   nullptr / 0 (no split); backends that do not split ignore it
+    int64_t B, L, Hq, Hkv, hd;
+    int64_t max_ctx;          // cache capacity per row, in tokens
+    int64_t rotary_dim;       // 0 (NoPE) or even, <= hd
+    float rope_theta;
+    int64_t window;           // sliding window in tokens (0: none)
+    float scale;              // softmax scale (usually hd^-1/2)
 };
 
 // Device-side sampling of one token per row (decode fast path), with mambart::Sampler's

@@ -164,6 +164,16 @@ struct SiluGateParams {
 };
 void launch_silu_gate(const SiluGateParams& p, cudaStream_t stream);
 
+// y[i] = relu(y[i])^2 for i < n.
+void launch_relu_sq(float* y, int64_t n, cudaStream_t stream);
+
+// Attention with a KV cache (cuda/attention.cu; AttentionParams in cpp/op_params.h): RoPE and
+// the cache append, then a tiled online-softmax kernel (any L), or for L == 1 with scratch
+// (partial, max_splits >= 2) split-K over the cache in min(max_splits, kAttnMaxSplits) parts
+// and a combine; then pos += L. head_dim <= 256.
+constexpr int64_t kAttnMaxSplits = 64;
+void launch_attention(const AttentionParams& p, cudaStream_t stream);
+
 using SampleParams = DeviceSampleParams;  // cpp/op_params.h
 // Samples one token per row with the semantics of mambart::Sampler (cpp/sampling.h).
 void launch_sample(const SampleParams& p, cudaStream_t stream);

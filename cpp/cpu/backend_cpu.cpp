@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "backend.h"
+#include "cpu/attention.h"
 #include "cpu/linear.h"
 #include "cpu/pool.h"
 #include "cpu/vec.h"
@@ -220,7 +221,7 @@ class CpuBackend final : public Backend {
                                     o[c] += wk[c] * state[c * W + (W + tau)];
                             }
                         }
-                        silu_inplace(o + c0, c1 - c0);
+                        if (p.silu) silu_inplace(o + c0, c1 - c0);
                         if (p.state_trace) {  // the window after token t: in[t - W + 1 .. t]
                             float* tr = p.state_trace + (b * L + t) * C * W;  // (C, W) of token t
                             for (int64_t c = c0; c < c1; ++c)
@@ -704,6 +705,18 @@ class CpuBackend final : public Backend {
             for (int64_t r = 0; r < Rm; ++r) std::memcpy(kprev(r), k + r * N, size_t(N) * sizeof(float));
             std::memcpy(vst, x, size_t(P) * sizeof(float));
         }
+    }
+
+    void relu_sq(float* y, int64_t n, int64_t E) override {
+        for (int64_t i = 0; i < n * E; ++i) {
+            const float r = std::max(y[i], 0.0f);
+            y[i] = r * r;
+        }
+    }
+
+    void attention(const AttentionParams& p) override {
+        cpu::PoolScope scope(pool_.get());
+        cpu::attention(p);
     }
 
     void silu_gate(float* y, const float* z, int64_t ld_z, int64_t n, int64_t E) override {

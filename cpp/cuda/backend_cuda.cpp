@@ -406,6 +406,16 @@ class CudaBackend final : public Backend {
         cuda::launch_silu_gate({y, z, ld_z, n, E}, stream_);
     }
 
+    void relu_sq(float* y, int64_t n, int64_t E) override {
+        dev();
+        cuda::launch_relu_sq(y, n * E, stream_);
+    }
+
+    void attention(const AttentionParams& p) override {
+        dev();
+        cuda::launch_attention(p, stream_);
+    }
+
     // ---- decode fast path ----
     bool supports_graphs() const override { return true; }
 
