@@ -16,6 +16,7 @@
 // the cpu_portable option, the generic scalar path runs (the same sums in another order).
 #include "cpu/linear.h"
 #include "cpu/pool.h"
+#include "error.h"
 #include "options.h"
 
 #include <algorithm>
@@ -49,6 +50,7 @@ inline float load_w(const void* W, DType dt, size_t i) {
         case DType::F32: return static_cast<const float*>(W)[i];
         case DType::F16: return f16_to_f32(static_cast<const uint16_t*>(W)[i]);
         case DType::BF16: return bf16_to_f32(static_cast<const uint16_t*>(W)[i]);
+        default: break;
     }
     return 0.0f;
 }
@@ -60,6 +62,43 @@ void linear_portable(const float* x, int64_t ldx, int64_t M, int64_t K, const vo
         if (wrow.size() < static_cast<size_t>(K)) wrow.resize(static_cast<size_t>(K));
         for (int64_t n = n0; n < n1; ++n) {
             for (int64_t k = 0; k < K; ++k) wrow[size_t(k)] = load_w(W, dt, size_t(n * K + k));
+            const float b = bias ? bias[n] : 0.0f;
+            for (int64_t m = 0; m < M; ++m) {
+                const float* xm = x + m * ldx;
+                float acc = 0.0f;
+                for (int64_t k = 0; k < K; ++k) acc += xm[k] * wrow[size_t(k)];
+                y[m * ldy + n] = acc + b;
+            }
+        }
+    });
+}
+
+// Row n of a quantized weight dequantized, scalar: out (K) fp32 (layouts in op_params.h).
+void dequant_row_portable(const Weight& W, int64_t n, float* out) {
+    const int64_t K = W.cols, groups = K / W.group;
+    const float* sc = W.scales + n * groups;
+    if (W.quant == QuantScheme::Int8) {
+        const int8_t* r = static_cast<const int8_t*>(W.data) + n * K;
+        for (int64_t k = 0; k < K; ++k) out[k] = float(r[k]) * sc[0];
+        return;
+    }
+    const uint8_t* r = static_cast<const uint8_t*>(W.data) + n * (K / 2);
+    for (int64_t k = 0; k < K; k += 32)
+        for (int64_t j = 0; j < 16; ++j) {
+            const uint8_t b = r[k / 2 + j];
+            out[k + j] = float(int(b & 15) - 8) * sc[k / W.group];
+            out[k + 16 + j] = float(int(b >> 4) - 8) * sc[(k + 16) / W.group];
+        }
+}
+
+void linear_quant_portable(const float* x, int64_t ldx, int64_t M, const Weight& W, int64_t N,
+                           const float* bias, float* y, int64_t ldy) {
+    const int64_t K = W.cols;
+    parallel_for(N, 1, [&](int64_t n0, int64_t n1) {
+        thread_local std::vector<float> wrow;  // (K) one weight row dequantized, grown once
+        if (wrow.size() < static_cast<size_t>(K)) wrow.resize(static_cast<size_t>(K));
+        for (int64_t n = n0; n < n1; ++n) {
+            dequant_row_portable(W, n, wrow.data());
             const float b = bias ? bias[n] : 0.0f;
             for (int64_t m = 0; m < M; ++m) {
                 const float* xm = x + m * ldx;
@@ -131,6 +170,17 @@ MAMBART_SIMD inline V8 v_load_w(const void* row, int64_t k) {
         if constexpr (D == DType::F16) return _mm256_cvtph_ps(h);
         else return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
     }
+}
+MAMBART_SIMD inline V8 v_load_q8(const int8_t* p) {
+    return _mm256_cvtepi32_ps(
+        _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+MAMBART_SIMD inline void v_load_q4(const uint8_t* p, V8& lo, V8& hi) {
+    const __m256i b =
+        _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    const __m256i eight = _mm256_set1_epi32(8);
+    lo = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(b, _mm256_set1_epi32(15)), eight));
+    hi = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(b, 4), eight));
 }
 #undef MAMBART_SIMD
 #define MAMBART_SIMD __attribute__((target("avx2,fma,f16c")))
@@ -206,6 +256,18 @@ MAMBART_SIMD inline V8 v_load_w(const void* row, int64_t k) {
         return V8{vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(h), 16)),
                   vreinterpretq_f32_u32(vshll_high_n_u16(h, 16))};
     }
+}
+// int8 / int4 weights: SXTL / USHR widening, then SCVTF.
+MAMBART_SIMD inline V8 v_widen_s8(int8x8_t b) {
+    const int16x8_t h = vmovl_s8(b);
+    return V8{vcvtq_f32_s32(vmovl_s16(vget_low_s16(h))), vcvtq_f32_s32(vmovl_high_s16(h))};
+}
+MAMBART_SIMD inline V8 v_load_q8(const int8_t* p) { return v_widen_s8(vld1_s8(p)); }
+MAMBART_SIMD inline void v_load_q4(const uint8_t* p, V8& lo, V8& hi) {
+    const uint8x8_t b = vld1_u8(p);
+    const int8x8_t eight = vdup_n_s8(8);
+    lo = v_widen_s8(vsub_s8(vreinterpret_s8_u8(vand_u8(b, vdup_n_u8(15))), eight));
+    hi = v_widen_s8(vsub_s8(vreinterpret_s8_u8(vshr_n_u8(b, 4)), eight));
 }
 #undef MAMBART_SIMD
 #define MAMBART_SIMD
@@ -587,7 +649,35 @@ void linear(const float* x, int64_t ldx, int64_t M, int64_t K, const void* W, DT
         case DType::F32: return linear_typed<DType::F32>(k, x, ldx, M, K, W, N, bias, y, ldy);
         case DType::F16: return linear_typed<DType::F16>(k, x, ldx, M, K, W, N, bias, y, ldy);
         case DType::BF16: return linear_typed<DType::BF16>(k, x, ldx, M, K, W, N, bias, y, ldy);
+        default: break;
     }
+    throw InvalidArgument(str_cat("cpu::linear: ", dtype_name(w_dtype),
+                                  " weights need linear_quant"));
+}
+
+void linear_quant(const float* x, int64_t ldx, int64_t M, const Weight& W, int64_t N,
+                  const float* bias, float* y, int64_t ldy) {
+    if (M <= 0 || N <= 0) return;
+    const Kernels k = kernels();
+    const bool int8 = W.quant == QuantScheme::Int8;
+    switch (k) {
+#ifdef MAMBART_X86
+        case Kernels::Avx2:
+            if (int8) return avx2::linear_quant_simd<QuantScheme::Int8>(x, ldx, M, W, N, bias, y, ldy);
+            return avx2::linear_quant_simd<QuantScheme::Int4>(x, ldx, M, W, N, bias, y, ldy);
+#endif
+#ifdef MAMBART_ARM64
+        case Kernels::Neon:
+        case Kernels::NeonBf16:
+            if (int8) return neon::linear_quant_simd<QuantScheme::Int8>(x, ldx, M, W, N, bias, y, ldy);
+            return neon::linear_quant_simd<QuantScheme::Int4>(x, ldx, M, W, N, bias, y, ldy);
+#endif
+        default: return linear_quant_portable(x, ldx, M, W, N, bias, y, ldy);
+    }
+}
+
+void dequantize_rows(const Weight& W, int64_t r0, int64_t n, float* out) {
+    for (int64_t i = 0; i < n; ++i) dequant_row_portable(W, r0 + i, out + i * W.cols);
 }
 
 }  // namespace cpu
