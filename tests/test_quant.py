@@ -55,9 +55,23 @@ def _case(scheme, M, K, N, group, seed=0):
     return x, q, sf, bias, Wd
 
 
-def _check(y, x, Wd, bias, K):
+def act_block(scheme, M, K, group, kernels):
+    """The activation block the CPU's quantized GEMV rounds x to int8 in (cpu/linear.cpp vnni:
+    decode rows, K % 32 == 0, on AVX512-VNNI), or 0 where x stays fp32."""
+    if kernels != "avx512vnni" or M > 8 or K % 32:
+        return 0
+    return 32
+
+
+def _check(y, x, Wd, bias, K, blk=0):
     ref = x.astype(np.float64) @ Wd.T + bias
     bound = 4e-7 * (np.abs(x) @ np.abs(Wd).T + np.abs(bias)) * max(4, np.sqrt(K))
+    if blk:  # x rounded to int8 per block: at most half a step, max|x_block| / 254, each
+        nb = -(-K // blk)
+        xp = np.zeros((x.shape[0], nb * blk))
+        xp[:, :K] = np.abs(x)
+        half = np.repeat(xp.reshape(x.shape[0], nb, blk).max(axis=2) / 254.0, blk, axis=1)[:, :K]
+        bound = bound * 2 + (half * (1 + 1e-6)) @ np.abs(Wd).T
     assert np.all(np.abs(y - ref) <= bound + 1e-30), float(np.abs(y - ref).max())
 
 
@@ -66,13 +80,15 @@ def _check(y, x, Wd, bias, K):
 def test_linear_quant_matches_float64(scheme, M, K, N, group):
     x, q, sf, bias, Wd = _case(scheme, M, K, N, group)
     be = _C._ops.Backend("cpu")
-    _check(be.linear_quant(x, q, sf, scheme, group, bias), x, Wd, bias, K)
+    blk = act_block(scheme, M, K, group, _C._ops.linear_quant_kernels())
+    _check(be.linear_quant(x, q, sf, scheme, group, bias), x, Wd, bias, K, blk)
     y0 = be.linear_quant(x, q, sf, scheme, group)
-    _check(y0, x, Wd, np.zeros_like(bias), K)
-    # N < rows: the first N rows only
+    _check(y0, x, Wd, np.zeros_like(bias), K, blk)
+    # N < rows: the first N rows only (other tiles: the compiler may fuse the last multiply-add
+    # differently, so equal up to rounding)
     yn = be.linear_quant(x, q, sf, scheme, group, bias, N=max(1, N // 2))
     np.testing.assert_allclose(yn, be.linear_quant(x, q, sf, scheme, group, bias)[:, :max(1, N // 2)],
-                               rtol=0, atol=0)
+                               rtol=1e-5, atol=1e-5)
 
 
 _GENERIC_CHILD = r"""
@@ -82,7 +98,7 @@ sys.path.insert(0, sys.argv[1])
 from test_quant import SHAPES4, SHAPES8, _case, _check
 from mambart import _C
 be = _C._ops.Backend("cpu")
-assert "generic" in be.name, be.name
+assert "generic" in be.name and _C._ops.linear_quant_kernels() == "generic", be.name
 for scheme, shapes in (("int8", SHAPES8), ("int4", SHAPES4)):
     for M, K, N, g in shapes:
         x, q, sf, bias, Wd = _case(scheme, M, K, N, g)
@@ -98,6 +114,44 @@ def test_linear_quant_generic_path():
     r = subprocess.run([sys.executable, "-c", _GENERIC_CHILD, str(Path(__file__).parent)],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr
+
+
+def test_linear_quant_kernels_named():
+    """The quantized GEMV's kernels follow the CPU: VNNI where /proc/cpuinfo has AVX-512
+    VNNI (with F, BW, VL) on x86-64 with the AVX2 kernels."""
+    from test_cpu_kernels import expected_kernels
+
+    got = _C._ops.linear_quant_kernels()
+    base = expected_kernels()
+    if base == "avx2":
+        flags = next((l for l in open("/proc/cpuinfo") if l.startswith("flags")), "").split()
+        vnni = all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"))
+        assert got == ("avx512vnni" if vnni else "avx2")
+    else:
+        assert got == ("neon" if base.startswith("neon") else "generic")
+
+
+def test_linear_quant_vnni_rounds_activations_per_block():
+    """On the VNNI path a decode GEMV's result moves by activation rounding only: an outlier in
+    one block of x does not coarsen another block (per-block scales)."""
+    if _C._ops.linear_quant_kernels() != "avx512vnni":
+        pytest.skip("the VNNI GEMV runs on x86-64 CPUs with AVX-512 VNNI only")
+    rng = np.random.default_rng(7)
+    K = 256
+    x = rng.standard_normal((1, K)).astype(np.float32)
+    x[0, 3] = 1000.0  # an outlier in block 0
+    W = rng.standard_normal((8, K)).astype(np.float32)
+    q, s = quantize(W, "int8", 0, "float16")
+    sf = s.astype(np.float32)
+    Wd = dequantize(q, sf, "int8")
+    be = _C._ops.Backend("cpu")
+    x2 = x.copy()
+    x2[0, :32] = 0  # not block 0
+    y2 = be.linear_quant(x2, q, sf, "int8")
+    ref2 = x2.astype(np.float64) @ Wd.T
+    # block 1 alone: its own scale (max ~3 / 127), far finer than the outlier's 1000 / 127
+    assert np.abs(y2 - ref2).max() < 0.5, np.abs(y2 - ref2).max()
+    _check(be.linear_quant(x, q, sf, "int8"), x, Wd, np.zeros(8), K, 32)
 
 
 @pytest.mark.parametrize("scheme,group", [("int8", 0), ("int4", 32), ("int4", 128)])
@@ -162,11 +216,17 @@ def test_convert_quantize_records_and_runs(tmp_path, arch, scheme):
     got = mambart.Generator(str(out)).logits(ids)
     err = np.abs(got - ref).max() / np.abs(ref).max()
     assert err < (0.05 if scheme == "int8" else 0.5), err
-    # decode steps equal a prefill on the quantized model (GEMV and GEMM paths agree)
+    # decode steps agree with a prefill over the same tokens on the quantized model (the GEMV
+    # and the GEMM; the VNNI GEMV rounds activations to int8 per block of 32, which moves this
+    # random model's near-uniform log-probabilities by a few hundredths: a tolerance; the
+    # trained models' decode-path perplexity is held to the issue's bounds below)
     g = mambart.Generator(str(out))
-    toks = g.generate(ids, max_new_tokens=8, ignore_eos=True).token_ids
-    full = g.logits(ids + list(toks))
-    assert list(full[len(ids) - 1:-1].argmax(1)) == list(toks)
+    r = g.generate(ids, max_new_tokens=8, ignore_eos=True, logprobs=1)
+    full = g.logits(ids + list(r.token_ids)).astype(np.float64)[len(ids) - 1:-1]
+    lse = np.log(np.exp(full - full.max(1, keepdims=True)).sum(1)) + full.max(1)
+    want = full[np.arange(len(r.token_ids)), r.token_ids] - lse
+    got = np.array([lp.logprob for lp in r.logprobs])
+    np.testing.assert_allclose(got, want, rtol=0, atol=0.1)
 
 
 def test_convert_quantize_options(tmp_path):
@@ -299,6 +359,23 @@ def _heldout_texts(n: int = 8, chars: int = 4000):
     return [p.read_text(encoding="utf-8", errors="replace")[:chars] for p in held[:n]]
 
 
+def decode_perplexity(model_dir, texts) -> float:
+    """Teacher-forced perplexity through the decode path: each token a one-token step on the
+    state of the tokens before it (the GEMV kernels, where prefill runs the GEMM)."""
+    g = mambart.Generator(str(model_dir))
+    tot, n = 0.0, 0
+    for t in texts:
+        ids = g.tokenizer.encode(t).ids
+        st = None
+        for i in range(len(ids) - 1):
+            r = g.generate([ids[i]], state=st, max_new_tokens=1, ignore_eos=True,
+                           logprobs=g.vocab_size)
+            tot -= dict(r.logprobs[0].top)[ids[i + 1]]
+            n += 1
+            st = g.generate([ids[i]], state=st, max_new_tokens=0, return_state=True).state
+    return math.exp(tot / n)
+
+
 def perplexity(model_dir, texts) -> float:
     g = mambart.Generator(str(model_dir))
     tot, n = 0.0, 0
@@ -324,3 +401,10 @@ def test_trained_model_perplexity_bounds(tmp_path, demo):
     assert abs(p8 / base - 1) < 0.01, (base, p8)
     assert abs(p4 / base - 1) < 0.05, (base, p4)
     assert p4 != base and p8 != base  # the quantized weights are what ran
+    # the decode path (GEMV kernels; VNNI: activations rounded to int8) on a shorter text
+    short = [texts[0][:1200]]
+    d0 = decode_perplexity(src, short)
+    d8 = decode_perplexity(tmp_path / "i8", short)
+    d4 = decode_perplexity(tmp_path / "i4", short)
+    assert abs(d8 / d0 - 1) < 0.01, (d0, d8)
+    assert abs(d4 / d0 - 1) < 0.05, (d0, d4)

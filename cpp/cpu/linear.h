@@ -35,6 +35,11 @@ void linear(const float* x, int64_t ldx, int64_t M, int64_t K,
 void linear_quant(const float* x, int64_t ldx, int64_t M, const Weight& W, int64_t N,
                   const float* bias, float* y, int64_t ldy);
 
+// The quantized GEMV's kernels: "avx512vnni" (x86-64 with AVX512F/BW/VL/VNNI: the activations
+// rounded to int8 per block, integer dot products; see linear.cpp), "avx2", "neon" or "generic"
+// (both fp32 activations). The GEMM keeps fp32 activations everywhere.
+const char* linear_quant_kernels();
+
 // Rows [r0, r0 + n) of a quantized weight, dequantized: out (n, W.cols) fp32.
 void dequantize_rows(const Weight& W, int64_t r0, int64_t n, float* out);
 

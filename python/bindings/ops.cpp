@@ -155,6 +155,8 @@ void register_ops(py::module_& parent) {
             return cpu::read_bandwidth(bytes, passes);
         },
         py::arg("bytes"), py::arg("threads") = 0, py::arg("passes") = 10);
+    m.def("linear_quant_kernels", [] { return std::string(cpu::linear_quant_kernels()); },
+          "The CPU's quantized GEMV kernels (cpu/linear.h linear_quant_kernels).");
     py::class_<Ops>(m, "Backend")
         .def(py::init([](const std::string& device, int threads) {
                  need(threads >= 0 && threads <= 4096, "threads must be in [0, 4096]");
