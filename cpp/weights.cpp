@@ -1,5 +1,6 @@
 #include "weights.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -206,6 +207,11 @@ ModelWeights::ModelWeights(const std::string& dir, const ModelConfig& c, Backend
             else
                 params_[s.name] = place_param(s);
         }
+        int64_t max_qcols = 0;
+        for (const auto& kv : matrices_)
+            if (kv.second.quant != QuantScheme::None)
+                max_qcols = std::max(max_qcols, kv.second.cols);
+        if (max_qcols > 0) device_bytes += backend.reserve_dequant(max_qcols);
         for (const auto& kv : file_->tensors())
             if (!used.count(kv.first))
                 throw ModelLoadError(str_cat(path, ": unexpected tensor '", kv.first,

@@ -19,6 +19,8 @@ random checkpoint (same dtypes, same threads). Each figure is the median of --re
   --dtypes      float32, float16, bfloat16, and int8 / int4: bf16 models quantized by
                 `mambart convert --quantize` (issue 18; llama.cpp is not run for these)
   --stat        median (default) or min: best-of---reps, for a machine shared with other work
+  --interleave  mambart only: every --dtypes model loaded at once and timed in turn, rep by rep
+                (a shared machine's load then falls on all of them alike)
 
     python tools/bench_cpu.py --model mamba-130m --prompt-len 256 --gen-len 32
     python tools/bench_cpu.py --skip-transformers --threads 2 --dtypes bfloat16,int8,int4 \
@@ -197,6 +199,38 @@ def time_mambart(g, prompt, gen_len, reps):
     return len(prompt) / (STAT(pre) / 1e3), STAT(dec)
 
 
+def interleaved(args, work, hf_dir, prompt, threads, bw, env):
+    """Every --dtypes model on the CPU, timed one generate each in turn per rep."""
+    import mambart
+
+    rows = []
+    for t in threads:
+        gens = {}
+        for dt in args.dtypes.split(","):
+            out = work / f"{args.model}-mambart-{dt}"
+            quant = dt if dt in ("int8", "int4") else None
+            if not (out / "config.json").exists():
+                mambart.convert(hf_dir, out, dtype="bfloat16" if quant else dt, quantize=quant)
+            g = mambart.Generator(out, threads=t)
+            g.generate(prompt[:8], max_new_tokens=4, ignore_eos=True)  # warm-up
+            gens[dt] = (g, weight_bytes(out), [], [])
+        for _ in range(args.reps):
+            for dt, (g, _, pre, dec) in gens.items():
+                r = g.generate(prompt, max_new_tokens=args.gen_len, ignore_eos=True)
+                pre.append(r.prefill_ms)
+                dec.append(r.decode_ms / max(len(r.token_ids) - 1, 1))
+        for dt, (g, wb, pre, dec) in gens.items():
+            dm = STAT(dec)
+            row = dict(env, engine=f"mambart {mambart.__version__} ({g.device})", threads=t,
+                       dtype=dt, prefill_tok_s=len(prompt) / (STAT(pre) / 1e3), decode_ms=dm,
+                       weight_bytes=wb, interleaved=True)
+            if t in bw:
+                row["read_gb_s"] = bw[t] / 1e9
+                row["decode_of_bandwidth"] = wb / (dm / 1e3) / bw[t]
+            rows.append(row)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="mamba-130m", choices=sorted(SHAPES))
@@ -214,6 +248,8 @@ def main():
     ap.add_argument("--work-dir", type=Path, default=None,
                     help="keep the checkpoints and converted files here (reused when present)")
     ap.add_argument("--json", type=Path, help="append JSON lines here too")
+    ap.add_argument("--interleave", action="store_true",
+                    help="time the mambart dtypes in turn, rep by rep (see above)")
     ap.add_argument("--stat", choices=["median", "min"], default="median",
                     help="each figure: the median of --reps runs, or the best (min time)")
     args = ap.parse_args()
@@ -256,7 +292,9 @@ def main():
                              dtype="float32", prefill_tok_s=pf, decode_ms=dm))
         del model
         bw = {t: read_bandwidth(t, args.reps) for t in threads} if args.bandwidth else {}
-        for dt in args.dtypes.split(","):
+        if args.interleave:
+            rows += interleaved(args, work, hf_dir, prompt, threads, bw, env)
+        for dt in ([] if args.interleave else args.dtypes.split(",")):
             out = work / f"{args.model}-mambart-{dt}"
             quant = dt if dt in ("int8", "int4") else None
             if not (out / "config.json").exists():

@@ -113,6 +113,7 @@ class PlacedQuantWeight {
         data_ = be.place_weight(q.data(), dt, size_t(q.size()), dt, &owned);
         owned_ = owned;
         sc_ = std::make_unique<Buf>(be, scales);
+        be.reserve_dequant(K);  // as a model load does (CUDA: the prefill GEMM's workspace)
         weight.data = data_;
         weight.dtype = dt;
         weight.rows = N;
