@@ -280,7 +280,8 @@ class CudaBackend final : public Backend {
             // each through the bf16 GEMM below
             MAMBART_CHECK_ARG(dq_ && K <= dq_cols_, "linear: a quantized weight of K=", K,
                               " with M=", M, " needs reserve_dequant (the load does it)");
-            const int64_t slab = dq_bytes_ / (size_t(K) * 2);
+            // rows per slab: the workspace's, at most 65535 (the dequant kernel's grid.y)
+            const int64_t slab = std::min<int64_t>(int64_t(dq_bytes_ / (size_t(K) * 2)), 65535);
             for (int64_t n0 = 0; n0 < N; n0 += slab) {
                 const int64_t nr = std::min(slab, N - n0);
                 cuda::launch_dequant_bf16(W.data, W.quant, W.scales, W.group, K, n0, nr, dq_,
