@@ -210,11 +210,17 @@ constexpr int64_t kBlock = 32;  // activations per int8 scale
 
 // The activations of one call, rounded: q (M, K) int8, s (M, K / 32) scales; for int4 weights
 // off (M, K / group) = Σ_{blocks b of the group} -8 · sx[b] · Σ_{k in b} xq[k].
+// With int4 groups of a multiple of 64 (pairs), also xp: q with each 64 permuted to the order of
+// one 32-byte load's nibbles, [b0 k0..16 | b1 k0..16 | b0 k16..32 | b1 k16..32] (b0, b1 the
+// pair's two blocks), and s2 (M, K / 64, 8): [sx[b0] x 4 | sx[b1] x 4], the scales of the
+// lanes of VPDPBUSD's sums.
 struct QX {
     const int8_t* q;
     const float* s;
     const float* off;
     int64_t K, nb, G;
+    const int8_t* xp = nullptr;
+    const float* s2 = nullptr;
 };
 
 MAMBART_VNNI inline float hsum8(__m256 v) {
@@ -269,7 +275,28 @@ MAMBART_VNNI QX quantize_x(const float* x, int64_t ldx, int64_t M, int64_t K, in
             }
         }
     }
-    return QX{q.data(), s.data(), off.data(), K, nb, G};
+    QX out{q.data(), s.data(), off.data(), K, nb, G};
+    if (group && group % 64 == 0) {
+        thread_local std::vector<int8_t> xp;
+        thread_local std::vector<float> s2;
+        const int64_t P = K / 64;
+        if (xp.size() < size_t(M * K)) xp.resize(size_t(M * K));
+        if (s2.size() < size_t(M * P * 8)) s2.resize(size_t(M * P * 8));
+        for (int64_t m = 0; m < M; ++m)
+            for (int64_t pr = 0; pr < P; ++pr) {
+                const int8_t* src = q.data() + m * K + pr * 64;
+                int8_t* dst = xp.data() + m * K + pr * 64;
+                std::memcpy(dst, src, 16);            // b0 k0..16
+                std::memcpy(dst + 16, src + 32, 16);  // b1 k0..16
+                std::memcpy(dst + 32, src + 16, 16);  // b0 k16..32
+                std::memcpy(dst + 48, src + 48, 16);  // b1 k16..32
+                float* sv = s2.data() + (m * P + pr) * 8;
+                for (int l = 0; l < 8; ++l) sv[l] = s[size_t(m * nb + 2 * pr + l / 4)];
+            }
+        out.xp = xp.data();
+        out.s2 = s2.data();
+    }
+    return out;
 }
 
 // int8 weights, MR x NR tile: y[i][j] = ws[j] · Σ_b sx[i][b] · Σ_{k in b} xq[i][k] · q_j[k] (+ bias).
@@ -354,6 +381,59 @@ MAMBART_VNNI inline void tile4(const QX& X, const uint8_t* w, const float* ws, c
             y[i * ldy + j] = hsum8(tot[i][j]) + corr[i][j] + (bias ? bias[j] : 0.0f);
 }
 
+// tile4 for groups of a multiple of 64: two blocks of 32 weights per 32-byte load, their low
+// and high nibbles each one VPDPBUSD operand against X.xp, the lanes scaled by X.s2.
+template <int MR, int NR>
+MAMBART_VNNI inline void tile4p(const QX& X, const uint8_t* w, const float* ws, const float* bias,
+                                float* y, int64_t ldy) {
+    const int64_t K = X.K, rb = K / 2, G = X.G, group = K / G, P = K / 64;
+    const __m256i lo4 = _mm256_set1_epi8(0x0f);
+    __m256 tot[MR][NR];
+    float corr[MR][NR];
+    for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NR; ++j) {
+            tot[i][j] = _mm256_setzero_ps();
+            corr[i][j] = 0.0f;
+        }
+    for (int64_t g = 0; g < G; ++g) {
+        __m256 gs[MR][NR];
+        for (int i = 0; i < MR; ++i)
+            for (int j = 0; j < NR; ++j) gs[i][j] = _mm256_setzero_ps();
+        for (int64_t k = g * group; k < (g + 1) * group; k += 64) {
+            if (k % 128 == 0)
+                for (int j = 0; j < NR; ++j) __builtin_prefetch(w + (j + NR) * rb + k / 2, 0, 3);
+            __m256i lo[NR], hi[NR];
+            for (int j = 0; j < NR; ++j) {
+                const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * rb + k / 2));
+                lo[j] = _mm256_and_si256(b, lo4);
+                hi[j] = _mm256_and_si256(_mm256_srli_epi16(b, 4), lo4);
+            }
+            for (int i = 0; i < MR; ++i) {
+                const int8_t* xr = X.xp + i * K + k;
+                const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr));
+                const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 32));
+                const __m256 sv = _mm256_loadu_ps(X.s2 + (i * P + k / 64) * 8);
+                for (int j = 0; j < NR; ++j) {
+                    const __m256i d = _mm256_dpbusd_epi32(
+                        _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo[j], xa), hi[j], xb);
+                    gs[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), sv, gs[i][j]);
+                }
+            }
+        }
+        for (int j = 0; j < NR; ++j) {
+            const float wsc = ws[j * G + g];
+            const __m256 wv = _mm256_set1_ps(wsc);
+            for (int i = 0; i < MR; ++i) {
+                tot[i][j] = _mm256_fmadd_ps(gs[i][j], wv, tot[i][j]);
+                corr[i][j] += X.off[i * G + g] * wsc;
+            }
+        }
+    }
+    for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NR; ++j)
+            y[i * ldy + j] = hsum8(tot[i][j]) + corr[i][j] + (bias ? bias[j] : 0.0f);
+}
+
 template <int MR>
 MAMBART_VNNI void gemv(const QX& X, const Weight& W, int64_t N, const float* bias, float* y,
                        int64_t ldy) {
@@ -371,6 +451,8 @@ MAMBART_VNNI void gemv(const QX& X, const Weight& W, int64_t N, const float* bia
             if (k8)
                 tile8<MR, NR>(X, reinterpret_cast<const int8_t*>(w + n * rb), W.scales + n,
                               bias ? bias + n : nullptr, y + n, ldy);
+            else if (X.xp)
+                tile4p<MR, NR>(X, w + n * rb, W.scales + n * G, bias ? bias + n : nullptr, y + n, ldy);
             else
                 tile4<MR, NR>(X, w + n * rb, W.scales + n * G, bias ? bias + n : nullptr, y + n, ldy);
         }
@@ -378,6 +460,8 @@ MAMBART_VNNI void gemv(const QX& X, const Weight& W, int64_t N, const float* bia
             if (k8)
                 tile8<MR, 1>(X, reinterpret_cast<const int8_t*>(w + n * rb), W.scales + n,
                              bias ? bias + n : nullptr, y + n, ldy);
+            else if (X.xp)
+                tile4p<MR, 1>(X, w + n * rb, W.scales + n * G, bias ? bias + n : nullptr, y + n, ldy);
             else
                 tile4<MR, 1>(X, w + n * rb, W.scales + n * G, bias ? bias + n : nullptr, y + n, ldy);
         }
