@@ -11,6 +11,15 @@ void Backend::mamba3_scan(const Mamba3ScanParams&) {
                               " backend yet (they run on device='cpu')"));
 }
 
+void Backend::project(const ProjParams&) {
+    throw Unsupported(str_cat("the ", name(), " backend has no fused decode projection"));
+}
+
+void Backend::attention(const AttentionParams&) {
+    throw Unsupported(str_cat("attention layers are not implemented by the ", name(),
+                              " backend"));
+}
+
 void* Backend::alloc_host(size_t bytes, const char* what) {
     void* p = std::malloc(std::max<size_t>(bytes, 1));
     if (!p) throw Error(str_cat("out of host memory allocating ", bytes, " bytes for ", what));

@@ -121,6 +121,11 @@ class Backend {
                                int64_t n, int64_t E, int64_t group_size, float eps, float* out) = 0;
     // y (n, E) contiguous *= silu(z (n, E) row stride ld_z)
     virtual void silu_gate(float* y, const float* z, int64_t ld_z, int64_t n, int64_t E) = 0;
+    // y (n, E) contiguous = relu(y)^2 (the MLP activation of Nemotron-H's relu2).
+    virtual void relu_sq(float* y, int64_t n, int64_t E) = 0;
+    // Attention with a KV cache (op_params.h: AttentionParams); default: Unsupported naming the
+    // backend.
+    virtual void attention(const AttentionParams& p);
     // Mamba-3 layer scan (op_params.h); default: Unsupported naming the backend.
     virtual void mamba3_scan(const Mamba3ScanParams& p);
     // Fused decode steps (see Mamba1DecodeParams / Mamba2DecodeParams): false = not done.
@@ -132,6 +137,17 @@ class Backend {
         (void)p;
         return false;
     }
+
+    // A decode projection with its norm / residual add / conv step folded in (ProjParams):
+    // whether this backend runs it for M rows of K input features (with a gated norm of
+    // `groups` groups, or 0), and the op (default: Unsupported; callers ask first).
+    virtual bool fused_projection(int64_t M, int64_t K, int64_t groups = 0) const {
+        (void)M;
+        (void)K;
+        (void)groups;
+        return false;
+    }
+    virtual void project(const ProjParams& p);
 
     // ---- decode fast path (optional; backends whose supports_graphs() is true) ----
     virtual bool supports_graphs() const { return false; }

@@ -86,6 +86,15 @@ int64_t ModelConfig::num_params() const {
     return total;
 }
 
+int64_t ModelConfig::max_context() const {
+    int64_t m = 0;
+    for (const auto& l : layers) {
+        const int64_t x = l->max_context();
+        if (x > 0 && (m == 0 || x < m)) m = x;
+    }
+    return m;
+}
+
 std::string ModelConfig::layer_types_summary() const {
     std::string out;
     std::map<std::string, int> seen;

@@ -58,6 +58,9 @@ class LayerConfig {
     virtual std::vector<StateSpec> state(const ModelConfig& m) const = 0;
     // The entry of config.json's `layers` list that gives this config back (JSON text).
     virtual std::string to_json() const = 0;
+    // The most tokens a sequence may hold in this layer's state (an attention layer's KV cache);
+    // 0: unbounded (a recurrent state).
+    virtual int64_t max_context() const { return 0; }
 };
 
 // What the config reader needs of the layer registry (cpp/layers/registry.h), passed in so
@@ -104,6 +107,9 @@ struct ModelConfig {
     int64_t num_params() const;
     // The layer types, e.g. "mamba1" when every layer is one, else "mamba2, attention, ...".
     std::string layer_types_summary() const;
+    // The most tokens a sequence may hold: the smallest of the layers' max_context(), 0 when
+    // every layer's state is recurrent (unbounded).
+    int64_t max_context() const;
 
     // Parses and validates `path` (at most kMaxConfigBytes); throws ModelLoadError naming the
     // file and key.

@@ -242,6 +242,9 @@ void Engine::check(const EngineRequest& req, const std::string& row) const {
     MAMBART_CHECK_ARG(!req.prompt.empty() || req.start, "prompt is empty: give at least one token",
                       row);
     gen_.check_ids(req.prompt, "prompt" + row);
+    gen_.check_context((req.start ? int64_t(req.start->tokens.size()) : 0) +
+                           int64_t(req.prompt.size()) + o.max_new_tokens,
+                       str_cat(req.start ? "state + " : "", "prompt + max_new_tokens", row));
     MAMBART_CHECK_ARG(req.logprobs >= -1, "logprobs must be >= -1 (-1: off), got ", req.logprobs,
                       row);
     MAMBART_CHECK_ARG(std::isfinite(req.timeout_s) && req.timeout_s >= 0.0,
@@ -343,6 +346,7 @@ void Engine::loop() {
                 return stop_ || !queue_.empty() || !running_.empty() || !prefilling_.empty();
             });
             if (stop_) break;
+            coalesce_arrivals(lk);
         }
         step();
     }
@@ -377,6 +381,26 @@ void Engine::loop() {
     running_.clear();
     prefilling_.clear();
     deliver();
+}
+
+// An idle engine (nothing running, prefilling or in flight) that is woken by a request waits
+// until arrivals pause for `engine_admit_wait_us` (at most four such windows in all, and not
+// once a full prefill group waits): requests arriving together (a burst of clients, a server's
+// first requests) then form one prefill group, which reads the weights once, instead of a group
+// of the first arrival alone followed by one of the rest. A busy engine never waits: its steps
+// take newcomers as they come.
+void Engine::coalesce_arrivals(std::unique_lock<std::mutex>& lk) {
+    const int64_t wait_us = runtime_options().engine_admit_wait_us;
+    if (wait_us <= 0 || queue_.empty() || !running_.empty() || !prefilling_.empty() ||
+        !launches_.empty())
+        return;
+    const auto quiet = std::chrono::microseconds(wait_us);
+    const auto cap = Clock::now() + 4 * quiet;
+    while (!stop_ && !queue_.empty() && int64_t(queue_.size()) < opt_.prefill_rows) {
+        const auto until = std::min(queue_.back()->submitted_ + quiet, cap);
+        if (Clock::now() >= until) break;
+        work_cv_.wait_until(lk, until);
+    }
 }
 
 void Engine::step() {

@@ -198,6 +198,7 @@ class Engine {
     // The decode (see step()): the device path enqueues launches and collects them a step
     // later; the host path runs at once.
     bool device_path() const;      // every running row can sample on the device
+    void coalesce_arrivals(std::unique_lock<std::mutex>& lk);  // an idle engine's burst wait (mu_ held)
     bool can_launch_ahead() const;  // the newest launch's rows, unchanged, none needs its state
     void launch(bool in_place);    // enqueues the running rows' decode (device path)
     void collect_oldest();         // the oldest launch's tokens, emitted

@@ -122,6 +122,16 @@ void Generator::check_ids(const std::vector<int32_t>& ids, const std::string& wh
                                           " is outside the vocabulary [0, ", V, ")"));
 }
 
+void Generator::check_context(int64_t tokens, const std::string& what) const {
+    const int64_t m = config().max_context();
+    if (m > 0 && tokens > m)
+        throw InvalidArgument(str_cat(what, " needs ", tokens,
+                                      " tokens of context, but this model's attention layers "
+                                      "hold at most max_context = ", m,
+                                      " (the attention layers' config; mambart convert "
+                                      "--max-context sets it)"));
+}
+
 void Generator::prefill_row(State& st, int64_t row, const std::vector<int32_t>& ids,
                             float* last_logits, float* all_logits, int64_t chunk,
                             const SequenceState* from) {
@@ -322,6 +332,8 @@ std::shared_ptr<SequenceState> Generator::prefill(const std::vector<int32_t>& id
     check_ids(ids, "prompt");
     if (from) check_state(*from, "state");
     MAMBART_CHECK_ARG(!ids.empty() || from, "prompt is empty: give at least one token");
+    check_context((from ? int64_t(from->tokens.size()) : 0) + int64_t(ids.size()),
+                  from ? "state + prompt" : "prompt");
     auto s = std::make_shared<SequenceState>();
     s->backend = model_->backend_shared();
     s->state = std::make_unique<State>(config(), *s->backend, 1);
@@ -357,6 +369,8 @@ void Generator::score(const std::vector<int32_t>& ids, const SequenceState* from
                       double* logprobs, uint8_t* greedy) {
     check_ids(ids, "token_ids");
     if (from) check_state(*from, "state");
+    check_context((from ? int64_t(from->tokens.size()) : 0) + int64_t(ids.size()),
+                  from ? "state + token_ids" : "token_ids");
     MAMBART_CHECK_ARG(from ? !ids.empty() : ids.size() >= 2,
                       from ? "token_ids must not be empty"
                            : "token_ids needs at least 2 tokens to score (the first has no "
@@ -419,6 +433,9 @@ std::unique_ptr<GenerationStream> Generator::start(
         MAMBART_CHECK_ARG(!prompts[i].empty() || from, "prompt ", i,
                           " is empty: give at least one token");
         check_ids(prompts[i], B == 1 ? "prompt" : str_cat("prompts[", i, "]"));
+        check_context((from ? int64_t(from->tokens.size()) : 0) + int64_t(prompts[i].size()) +
+                          o.max_new_tokens,
+                      str_cat(from ? "state + " : "", "prompt + max_new_tokens", row));
     }
     std::vector<GenerationOptions> opts(B, row_opts[0]);
     if (row_opts.size() == B) opts = row_opts;
@@ -431,6 +448,7 @@ std::unique_ptr<GenerationStream> Generator::start(
 void Generator::logits(const std::vector<int32_t>& ids, float* out, int64_t chunk) {
     MAMBART_CHECK_ARG(!ids.empty(), "token_ids must not be empty");
     check_ids(ids, "token_ids");
+    check_context(int64_t(ids.size()), "token_ids");
     std::lock_guard<std::mutex> lock(compute_mu_);
     State st(config(), model_->backend(), 1);
     prefill_row(st, 0, ids, nullptr, out, chunk);
@@ -445,6 +463,9 @@ std::unique_ptr<GenerationStream> Generator::start(
     for (size_t i = 0; i < prompts.size(); ++i) {
         MAMBART_CHECK_ARG(!prompts[i].empty(), "prompt ", i, " is empty: give at least one token");
         check_ids(prompts[i], prompts.size() == 1 ? "prompt" : str_cat("prompts[", i, "]"));
+        check_context(int64_t(prompts[i].size()) + opt.max_new_tokens,
+                      str_cat("prompt + max_new_tokens",
+                              prompts.size() == 1 ? "" : str_cat(" (row ", i, ")")));
     }
     check_ids(opt.stop_token_ids, "stop_token_ids");
     return std::unique_ptr<GenerationStream>(new GenerationStream(

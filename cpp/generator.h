@@ -246,6 +246,10 @@ class Generator {
 
     // Checks ids are in [0, vocab_size); `what` names the argument in the error.
     void check_ids(const std::vector<int32_t>& ids, const std::string& what) const;
+    // Checks that a sequence of `tokens` tokens fits the model's context (ModelConfig::
+    // max_context(): its attention layers' KV caches; unbounded for recurrent-only models);
+    // `what` names what asked for them in the error.
+    void check_context(int64_t tokens, const std::string& what) const;
 
     // ---- issue 7: states, per-row options, scoring ----
     // start() with one options struct per row and a start state per row (empty vector or

@@ -6,6 +6,7 @@
 
 #include "error.h"
 #include "layers/registry.h"
+#include "options.h"
 
 namespace mambart {
 
@@ -155,6 +156,11 @@ Model::Model(const std::string& dir, std::shared_ptr<Backend> backend, const DTy
                                     : Param{});
         layers_[i]->bind(PrefixedTensors(*weights_, pre));
     }
+    fuse_projections_ = runtime_options().fused_projections;
+    for (const auto& l : layers_) fuse_projections_ = fuse_projections_ && l->takes_fused_projections();
+    // The fused projection kernels read float weights: a quantized model runs its projections
+    // unfused (issue 18), whatever the option says.
+    if (!config_.quant.empty()) fuse_projections_ = false;
 }
 
 Model::~Model() {
@@ -291,6 +297,34 @@ const float* Model::forward(State& st, int64_t row0, int64_t B, int64_t L, const
 
     be.embedding(ids, R, weights_->embedding, hidden_);
     be.copy_device(residual_, hidden_, size_t(R * d) * sizeof(float));
+    // The fused decode projections (option fused_projections, issue 16): no add_norm kernels;
+    // each layer's input projection norms the residual itself, its output projection adds into
+    // the residual, and the head norms it too. The same values, bit for bit.
+    const bool fused = fuse_projections_ && L == 1 && !trace && be.fused_projection(R, d);
+    if (fused) {
+        float* state_ptrs[kMaxLayerStateTensors];
+        for (int64_t i = 0; i < c.n_layer; ++i) {
+            st.layer_tensors(i, row0, state_ptrs);
+            LayerIO io{normed_, hidden_, layer_ws_.data(), state_ptrs, B, L};
+            io.residual = residual_;
+            io.norm = ProjNorm{residual_, block_norm_w_[size_t(i)].data,
+                               block_norm_b_[size_t(i)].data, c.norm == NormKind::RMSNorm,
+                               float(c.norm_eps)};
+            layers_[size_t(i)]->forward(be, io);
+        }
+        if (mode == LogitsMode::None) return nullptr;
+        ProjParams p;
+        p.M = B;
+        p.W = weights_->lm_head;
+        p.N = c.vocab_size;
+        p.y = logits_;
+        p.ldy = c.vocab_size;
+        p.norm = ProjNorm{residual_, weights_->norm_f_w.data, weights_->norm_f_b.data,
+                          c.norm == NormKind::RMSNorm, float(c.norm_eps)};
+        p.scratch_x = normed_;
+        be.project(p);
+        return logits_;
+    }
     float* state_ptrs[kMaxLayerStateTensors];
     float* trace_ptrs[kMaxLayerStateTensors];
     for (int64_t i = 0; i < c.n_layer; ++i) {

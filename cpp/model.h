@@ -79,6 +79,9 @@ enum class LogitsMode {
 
 class Model {
  public:
+    // Whether decode steps (L = 1) run the fused projections (option fused_projections, read at
+    // load; every layer takes them; the backend decides per call by the rows).
+    bool fused_projections() const { return fuse_projections_; }
     // Loads `dir` (config.json + model.safetensors) onto `backend`; `dtype` of the large matrices
     // (defaults to the stored dtype).
     Model(const std::string& dir, std::shared_ptr<Backend> backend, const DType* dtype);
@@ -137,6 +140,7 @@ class Model {
     std::unique_ptr<ModelWeights> weights_;
     std::vector<std::unique_ptr<Layer>> layers_;  // n_layer, from the layer registry
     std::vector<Param> block_norm_w_, block_norm_b_;  // per layer (d): the pre-norm of its block
+    bool fuse_projections_ = false;  // option fused_projections, every layer takes them (issue 16)
 
     // Workspace (device), rows = ws_rows_ token rows:
     int64_t ws_rows_ = 0;

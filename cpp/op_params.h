@@ -37,7 +37,7 @@ struct Param {
     int64_t numel = 0;
 };
 
-struct ConvParams {          // causal depthwise conv1d + SiLU, with a rolling state
+struct ConvParams {          // causal depthwise conv1d (+ SiLU), with a rolling state
     const float* x;          // (B, L, C) pre-conv input, row stride ld_x
     int64_t ld_x;
     float* conv_state;       // (B, C, W) inout: the last W pre-conv inputs, oldest first
@@ -48,6 +48,7 @@ struct ConvParams {          // causal depthwise conv1d + SiLU, with a rolling s
     // Speculative verification (issue 25): (B, L, C, W) contiguous, or nullptr: the conv state
     // after each token (row (b, t) = the last W inputs up to token t of row b).
     float* state_trace = nullptr;
+    bool silu = true;        // SiLU on the output (false: the plain conv, mamba2attn's qkv)
 };
 
 struct SelectiveScanParams {  // Mamba-1: fused dt softplus, scan, D skip, SiLU(z) gate
@@ -109,6 +110,56 @@ struct Mamba1DecodeParams {   // = linear(dt_proj) + selective_scan at L = 1
     int64_t B, E, N, R;
 };
 
+// A decode projection with its neighbours folded in (option fused_projections; backends whose
+// fused_projection(M, K) is true): y[M, N] = x[M, K] · Wᵀ + bias, where
+//  - norm.residual != nullptr: x is not read; x[m, :] = norm(residual[m, :]) * w (+ b), the
+//    model's pre-layer RMSNorm (rms) or LayerNorm, from residual (M, K) contiguous;
+//  - gate.z != nullptr: x[m, :] is first put through Mamba-2's grouped gated RMSNorm
+//    (norm_before_gate=False): v = x * silu(z); v * rsqrt(mean_group(v²) + eps) * w;
+//  - accumulate: y += x · Wᵀ + bias (the residual add of a layer's output);
+//  - conv.state != nullptr (Mamba-1's conv step at L = 1, on y's first conv.C columns):
+//    conv.out[m, c] = silu(bias[c] + Σ_{k<W-1} w[c, k] state[m, c, k+1] + w[c, W-1] y[m, c]),
+//    state[m, c, :] <- [state[m, c, 1:], y[m, c]]  (what conv1d does at L = 1).
+// The result is the separate ops' (add_norm, linear, the add, conv1d) bit for bit.
+// scratch_x (M, K) / scratch_y (M, N): buffers a backend that runs the separate ops may use.
+struct ProjNorm {
+    const float* residual = nullptr;  // (M, K) contiguous, or nullptr: x is read
+    const float* w = nullptr;         // (K) or nullptr (no weight)
+    const float* b = nullptr;         // (K) or nullptr (LayerNorm only)
+    bool rms = true;
+    float eps = 0.0f;
+};
+struct ProjGate {
+    const float* z = nullptr;         // (M, K) row stride ld_z, or nullptr: no gated norm
+    int64_t ld_z = 0;
+    const float* w = nullptr;         // (K)
+    int64_t group_size = 0;           // divides K
+    float eps = 0.0f;
+};
+struct ProjConv {
+    float* state = nullptr;           // (M, C, W) inout, or nullptr: no conv step
+    const float* w = nullptr;         // (C, W)
+    const float* bias = nullptr;      // (C) or nullptr
+    float* out = nullptr;             // (M, C) contiguous, post-SiLU
+    int64_t C = 0, W = 0;
+};
+struct ProjParams {
+    const float* x = nullptr;         // (M, K) row stride ldx (unless norm.residual)
+    int64_t ldx = 0;
+    int64_t M = 0;
+    Weight W;                         // (>= N, K)
+    int64_t N = 0;
+    const float* bias = nullptr;      // (N) or nullptr
+    float* y = nullptr;               // (M, N) row stride ldy
+    int64_t ldy = 0;
+    ProjNorm norm;
+    ProjGate gate;
+    bool accumulate = false;
+    ProjConv conv;
+    float* scratch_x = nullptr;       // (M, K)
+    float* scratch_y = nullptr;       // (M, N)
+};
+
 struct Mamba2DecodeParams {   // = conv1d + ssd_scan at L = 1
     ConvParams conv;          // conv of [x | B | C] (L = 1); conv.out is not written
     SsdParams ssd;            // x, Bm, Cm are ignored (the conv's results are used directly)
@@ -150,6 +201,38 @@ struct Mamba3ScanParams {
     bool softplus_a;          // A activation softplus (older checkpoints) instead of heavy tail
     float a_floor;            // A <= -a_floor
     float eps;                // of the B/C norms and the output norm
+};
+
+// Causal multi-head / grouped-query attention with a per-sequence KV cache (the attention
+// layer unit, cpp/layers/attention/), any L. Per row b with cache length n0 = pos[b] (tokens
+// seen before this call), token t (absolute position n0 + t), q head h (kv head
+// j = h / (Hq / Hkv)):
+//   q, k <- rope(q, k; position n0 + t) on their first rotary_dim dims (rotate-half / NeoX form,
+//   inv_freq_i = theta^(-2i / rotary_dim), i < rotary_dim / 2; none when rotary_dim = 0);
+//   k_cache[b, n0 + t, j] = k; v_cache[b, n0 + t, j] = v;
+//   o[b, t, h] = softmax_s(scale q·k_cache[b, s, j]) · v_cache[b, s, j] over the keys
+//   s <= n0 + t with s > n0 + t - window (window 0: all);
+//   then pos[b] = n0 + L.
+// A row whose n0 + L would exceed max_ctx is refused (the CPU backend throws; device backends
+// never write past max_ctx: callers check lengths up front, ModelConfig::max_context()).
+struct AttentionParams {
+    float* qkv;               // (B, L, ld_qkv) inout: [q (Hq, hd) | k (Hkv, hd) | v (Hkv, hd)];
+                              //   q and k are rotated in place
+    int64_t ld_qkv;
+    float* k_cache;           // (B, max_ctx, Hkv, hd) inout, per row at stride cache_stride
+    float* v_cache;           // (B, max_ctx, Hkv, hd) inout, per row at stride cache_stride
+    int64_t cache_stride;     // floats between rows' caches (and between rows' pos)
+    float* pos;               // (B) inout at stride pos_stride: tokens in the cache (an integer)
+    int64_t pos_stride;
+    float* o;                 // (B, L, Hq, hd) out, contiguous
+    float* partial;           // (>= B * Hq * max_splits * (hd + 2)) decode split-K scratch, or
+    int64_t max_splits;       //   nullptr / 0 (no split); backends that do not split ignore it
+    int64_t B, L, Hq, Hkv, hd;
+    int64_t max_ctx;          // cache capacity per row, in tokens
+    int64_t rotary_dim;       // 0 (NoPE) or even, <= hd
+    float rope_theta;
+    int64_t window;           // sliding window in tokens (0: none)
+    float scale;              // softmax scale (usually hd^-1/2)
 };
 
 // Device-side sampling of one token per row (decode fast path), with mambart::Sampler's

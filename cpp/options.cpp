@@ -34,6 +34,9 @@ const std::vector<OptionInfo> kTable = {
      "programmatic dependent launch for the decode chain (compute capability 9.0+)"},
     {"cuda_prefetch", "MAMBART_CUDA_PREFETCH", "bool", "", "1",
      "GEMVs prefetch their weight rows into L2 before waiting on the previous kernel"},
+    {"fused_projections", "MAMBART_FUSED_PROJECTIONS", "bool", "", "0",
+     "decode projections with the block norm, the residual add and Mamba-1's conv step folded "
+     "in (issue 16: fewer kernels a token, the same values); read when a model is loaded"},
     {"cuda_sync", "MAMBART_CUDA_SYNC", "bool", "", "0",
      "synchronise and check errors after every kernel (debugging; slow); read once"},
     {"cuda_free_bytes_limit", "MAMBART_CUDA_FREE_BYTES_LIMIT", "bytes", "", "0",
@@ -43,6 +46,10 @@ const std::vector<OptionInfo> kTable = {
     {"engine_launch_ahead", "MAMBART_ENGINE_LAUNCH_AHEAD", "bool", "", "1",
      "the engine enqueues the next device decode before collecting the previous step's tokens "
      "when its rows did not change (0: each decode is collected before the next is launched)"},
+    {"engine_admit_wait_us", "MAMBART_ENGINE_ADMIT_WAIT_US", "int", "", "500",
+     "microseconds an idle engine woken by a request waits for arrivals to pause (at most four "
+     "times this in all, and not once a whole prefill group is waiting), so that requests "
+     "arriving together prefill as one group (0: admit each at once)"},
     {"generation_memory_limit", "MAMBART_GENERATION_MEMORY_LIMIT", "bytes", "", "0",
      "bytes of host memory one generation may take (its rows' buffers; on the CPU backend also "
      "its state and workspace); a larger request is refused up front with the estimate (0: the "
@@ -170,9 +177,11 @@ RuntimeOptions runtime_options() {
         else if (n == "cuda_pdl") r.cuda_pdl = parse_bool(o, v);
         else if (n == "cuda_prefetch") r.cuda_prefetch = parse_bool(o, v);
         else if (n == "cuda_sync") r.cuda_sync = parse_bool(o, v);
+        else if (n == "fused_projections") r.fused_projections = parse_bool(o, v);
         else if (n == "cuda_free_bytes_limit") r.cuda_free_bytes_limit = parse_uint(o, v, UINT64_MAX);
         else if (n == "device_sampling") r.device_sampling = parse_bool(o, v);
         else if (n == "engine_launch_ahead") r.engine_launch_ahead = parse_bool(o, v);
+        else if (n == "engine_admit_wait_us") r.engine_admit_wait_us = int64_t(parse_uint(o, v, 1000000));
         else if (n == "generation_memory_limit") r.generation_memory_limit = parse_uint(o, v, UINT64_MAX);
         else if (n == "cpu_portable") r.cpu_portable = parse_bool(o, v);
         else if (n == "cpu_ssd")

@@ -31,12 +31,17 @@ struct RuntimeOptions {
     std::string cublas_library;         // a libcublas to try first ("" : the default search)
     bool cuda_pdl = true;               // programmatic dependent launch (sm_90+)
     bool cuda_prefetch = true;          // GEMVs prefetch weight rows into L2 ahead of PDL waits
+    bool fused_projections = false;     // decode projections with the norm, residual add and
+                                        // Mamba-1 conv step folded in (read at model load)
     bool cuda_sync = false;             // synchronise and check after every kernel (debugging)
     uint64_t cuda_free_bytes_limit = 0; // cap on the free device memory a load or generation sees
     // ---- generation ----
     bool device_sampling = true;        // sample on the device in graph decode steps
     bool engine_launch_ahead = true;    // the engine enqueues the next device decode before
                                         // collecting the previous one (rows unchanged)
+    int64_t engine_admit_wait_us = 500; // an idle engine woken by a request waits until arrivals
+                                        // pause this long (at most 4x in all) so that a burst
+                                        // prefills as one group (0: admit at once)
     uint64_t generation_memory_limit = 0;  // bytes of host memory one generation may take
                                            // (0: what is available, host_memory_available())
     // ---- CPU backend and loading ----

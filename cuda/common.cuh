@@ -86,6 +86,14 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
+// add_norm's per-thread accumulation, shared by add_norm_kernel and the fused projection's norm
+// prologue (cuda/linear.cu) so both round alike: s + v² (RMSNorm: one rounding) or s + v.
+__device__ __forceinline__ float add_norm_acc(float s, float v, bool rms) {
+    return rms ? __fmaf_rn(v, v, s) : __fadd_rn(s, v);
+}
+// A conv tap, a + w x with one rounding (conv1d_kernel and the fused projection's conv step).
+__device__ __forceinline__ float conv_acc(float a, float w, float x) { return __fmaf_rn(w, x, a); }
+
 // Sum over the block (blockDim.x a multiple of 32, <= 1024). `smem` holds 32 floats. Every
 // thread gets the total. Contains __syncthreads: call from uniform control flow.
 __device__ __forceinline__ float block_sum(float v, float* smem) {

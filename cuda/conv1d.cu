@@ -1,7 +1,8 @@
-// cuda/conv1d.cu: causal depthwise conv1d + bias + SiLU over [conv_state | x], and the conv
+// cuda/conv1d.cu: causal depthwise conv1d + bias (+ SiLU) over [conv_state | x], and the conv
 // state roll. Serves prefill (L tokens) and the single-token decode update (L = 1).
 //
-//   out[b, t, c] = silu(bias[c] + Σ_{k<W} w[c, k] · in[b, t - W + 1 + k, c])
+//   out[b, t, c] = silu(bias[c] + Σ_{k<W} w[c, k] · in[b, t - W + 1 + k, c])  (no silu: p.silu
+//                  false)
 //   in[b, τ, c]  = x[b, τ, c] for τ >= 0, else conv_state[b, c, W + τ]   (oldest first)
 //   conv_state[b, c, :] <- the last W entries of [conv_state | x]
 //
@@ -48,10 +49,10 @@ __global__ void __launch_bounds__(kConvThreads) conv1d_kernel(Conv1dParams p) {
             if (k < W) {
                 const int64_t tau = t - (W - 1) + k;
                 const float* src = tau >= 0 ? xb + tau * p.ld_x : st + (W + tau);
-                acc += w[k] * *src;
+                acc = conv_acc(acc, w[k], *src);
             }
         }
-        ob[t * p.C] = silu_f(acc);
+        ob[t * p.C] = p.silu ? silu_f(acc) : acc;
         if (p.state_trace) {  // the window after token t (issue 25), before the state rolls
             float* tr = p.state_trace + ((b * L + t) * p.C + c) * W;
             for (int64_t j = 0; j < W; ++j) {

@@ -6,6 +6,8 @@
 //   -1, and its result is discarded).
 // silu_gate: y[i, j] *= silu(z[i * ld_z + j])
 //   Grid: ceil(n*E / 256); one element per thread.
+// relu_sq: y[i] = relu(y[i])^2
+//   Grid: ceil(n / 256), grid-stride.
 // convert: dst[i] = dst_dtype(src[i]) (round to nearest even)
 //   Grid: ceil(n / 256), grid-stride.
 #include "common.cuh"
@@ -37,6 +39,14 @@ __global__ void silu_gate_kernel(float* __restrict__ y, const float* __restrict_
     if (idx >= n * E) return;
     const int64_t i = idx / E, j = idx % E;
     y[idx] *= silu_f(z[i * ld_z + j]);
+}
+
+__global__ void relu_sq_kernel(float* __restrict__ y, int64_t n) {
+    for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+         i += int64_t(gridDim.x) * blockDim.x) {
+        const float r = fmaxf(y[i], 0.0f);
+        y[i] = r * r;
+    }
 }
 
 template <typename S, typename D>
@@ -91,6 +101,14 @@ void launch_silu_gate(const SiluGateParams& p, cudaStream_t s) {
     const int64_t total = p.n * p.E;
     silu_gate_kernel<<<unsigned(ceil_div(total, 256)), 256, 0, s>>>(p.y, p.z, p.ld_z, p.n, p.E);
     check_launch("silu_gate_kernel", s);
+}
+
+void launch_relu_sq(float* y, int64_t n, cudaStream_t s) {
+    MAMBART_CHECK_ARG(n >= 0 && (n == 0 || y), "launch_relu_sq: n=", n);
+    if (n == 0) return;
+    const int grid = int(std::min<int64_t>(ceil_div(n, 256), 65535));
+    relu_sq_kernel<<<grid, 256, 0, s>>>(y, n);
+    check_launch("relu_sq_kernel", s);
 }
 
 void launch_convert(const void* src, DType st, void* dst, DType dt, int64_t n, cudaStream_t s) {

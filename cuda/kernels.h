@@ -52,10 +52,19 @@ struct LinearParams {
     int64_t ldy;
     int64_t M, N, K;
     bool prefetch;        // set by launch_linear (weight_prefetch_enabled()); callers leave it
+    // The fused decode projection (ProjParams, cpp/op_params.h; GEMV rows only): the norm
+    // prologue (x is then not read; M <= kFusedMaxRows, M K <= kFusedMaxNormElems), the
+    // accumulating epilogue and Mamba-1's conv step.
+    ProjNorm norm = {};
+    ProjGate gate = {};   // Mamba-2's gated norm of x as the prologue (same limits as norm)
+    bool accumulate = false;
+    ProjConv conv = {};
 };
 // M <= kGemvMaxRows: a bandwidth-bound GEMV; larger M: a tiled tensor-core GEMM (fp16/bf16
 // weights; x rounded to the weight dtype, fp32 accumulation) or an fp32 SIMT GEMM.
 constexpr int64_t kGemvMaxRows = 8;
+constexpr int64_t kFusedMaxRows = 4;
+constexpr int64_t kFusedMaxNormElems = 12288;  // 48 KB of normed rows in shared memory
 void launch_linear(const LinearParams& p, cudaStream_t stream);
 
 // Quantized weights (issue 18; cuda/linear_quant.cu, layouts in op_params.h Weight).
@@ -177,6 +186,16 @@ struct SiluGateParams {
     int64_t n, E;
 };
 void launch_silu_gate(const SiluGateParams& p, cudaStream_t stream);
+
+// y[i] = relu(y[i])^2 for i < n.
+void launch_relu_sq(float* y, int64_t n, cudaStream_t stream);
+
+// Attention with a KV cache (cuda/attention.cu; AttentionParams in cpp/op_params.h): RoPE and
+// the cache append, then a tiled online-softmax kernel (any L), or for L == 1 with scratch
+// (partial, max_splits >= 2) split-K over the cache in min(max_splits, kAttnMaxSplits) parts
+// and a combine; then pos += L. head_dim <= 256.
+constexpr int64_t kAttnMaxSplits = 64;
+void launch_attention(const AttentionParams& p, cudaStream_t stream);
 
 using SampleParams = DeviceSampleParams;  // cpp/op_params.h
 // Samples one token per row with the semantics of mambart::Sampler (cpp/sampling.h).

@@ -19,6 +19,10 @@
 //   GEMM (cuBLAS). Grid: (ceil(K / (4 * 256)), M); 4 consecutive elements per thread (a float4
 //   load when K % 4 == 0, ldx % 4 == 0 and x is 16-byte aligned, else scalar).
 // add_bias_kernel: y[m * ldy + n] += bias[n]. Grid: (ceil(N / 256), M).
+// The fused decode projections (ProjParams, cpp/op_params.h) are the two GEMVs with a prologue
+//   (kPro 1: each block norms the residual rows into shared memory; kPro 2: Mamba-2's gated norm
+//   of x) emulating add_norm_kernel / gated_rmsnorm_kernel's 1024-thread reductions bit for bit,
+//   and an epilogue (accumulate into y; Mamba-1's conv step for n < conv.C).
 // Preconditions: y does not alias x; ldx >= K; ldy >= N.
 #include <mma.h>
 
@@ -65,8 +69,121 @@ template <> struct Vec<__nv_bfloat16> {
     }
 };
 
-template <typename T, int M, bool kVec>
+// The fused decode projection's norm prologue (ProjParams::norm, kPro 1): xs[m, :] = the normed row m
+// of the residual, computed with add_norm_kernel's arithmetic as it runs for decode (a 1024-thread
+// block: thread t sums elements t + 1024 i, then block_sum), by this block's 256 threads each
+// standing for threads t + 256 j (j < 4) in the same order, so the values are bitwise add_norm's.
+constexpr int kNormVirt = 1024 / (kGemvWarps * 32);
+static_assert(kNormVirt * kGemvWarps * 32 == 1024, "the norm prologue stands for 1024 threads");
+
+__device__ __forceinline__ float sum_as_1024(const float (&s)[kNormVirt], float* red) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();  // red may still be read by a previous call
+#pragma unroll
+    for (int j = 0; j < kNormVirt; ++j) {
+        const float v = warp_sum(s[j]);
+        if (lane == 0) red[warp + kGemvWarps * j] = v;  // the warp of thread t + 256 j
+    }
+    __syncthreads();
+    return warp_sum(red[lane]);  // 32 warps: every lane reads one
+}
+
+template <int M>
+__device__ void norm_rows(const ProjNorm& q, int64_t d, float* xs, float* red) {
+    const int t = threadIdx.x;
+    constexpr int kStride = kNormVirt * kGemvWarps * 32;
+    for (int m = 0; m < M; ++m) {
+        const float* r = q.residual + m * d;
+        float* o = xs + m * d;
+        float s[kNormVirt];
+#pragma unroll
+        for (int j = 0; j < kNormVirt; ++j) {
+            s[j] = 0.0f;
+            for (int64_t k = t + kGemvWarps * 32 * j; k < d; k += kStride) {
+                const float v = r[k];
+                s[j] = add_norm_acc(s[j], v, q.rms);
+            }
+        }
+        const float tot = sum_as_1024(s, red);
+        if (q.rms) {
+            const float rstd = rsqrtf(tot / float(d) + q.eps);
+            for (int64_t k = t; k < d; k += blockDim.x) o[k] = r[k] * rstd * (q.w ? q.w[k] : 1.0f);
+        } else {
+            const float mean = tot / float(d);
+#pragma unroll
+            for (int j = 0; j < kNormVirt; ++j) {
+                s[j] = 0.0f;
+                for (int64_t k = t + kGemvWarps * 32 * j; k < d; k += kStride) {
+                    const float c = r[k] - mean;
+                    s[j] = __fmaf_rn(c, c, s[j]);  // as add_norm_kernel
+                }
+            }
+            const float ss = sum_as_1024(s, red);
+            const float rstd = rsqrtf(ss / float(d) + q.eps);
+            for (int64_t k = t; k < d; k += blockDim.x)
+                o[k] = (r[k] - mean) * rstd * (q.w ? q.w[k] : 1.0f) + (q.b ? q.b[k] : 0.0f);
+        }
+    }
+    __syncthreads();
+}
+
+// The gated prologue (ProjParams::gate): xs[m, :] = Mamba-2's grouped gated RMSNorm of x[m, :]
+// with gated_rmsnorm_kernel's arithmetic as it runs for decode (1024 threads a group), emulated
+// as in norm_rows.
+template <int M>
+__device__ void gate_rows(const LinearParams& p, float* xs, float* red) {
+    const ProjGate& q = p.gate;
+    const int t = threadIdx.x;
+    constexpr int kStride = kNormVirt * kGemvWarps * 32;
+    const int64_t gs = q.group_size;
+    for (int m = 0; m < M; ++m) {
+        for (int64_t g0 = 0; g0 < p.K; g0 += gs) {
+            const float* y = p.x + m * p.ldx + g0;
+            const float* z = q.z + m * q.ld_z + g0;
+            float* o = xs + m * p.K + g0;
+            float s[kNormVirt];
+#pragma unroll
+            for (int j = 0; j < kNormVirt; ++j) {
+                s[j] = 0.0f;
+                for (int64_t k = t + kGemvWarps * 32 * j; k < gs; k += kStride) {
+                    const float v = y[k] * silu_f(z[k]);
+                    s[j] = __fmaf_rn(v, v, s[j]);  // as gated_rmsnorm_kernel
+                }
+            }
+            const float tot = sum_as_1024(s, red);
+            const float rstd = rsqrtf(tot / float(gs) + q.eps);
+            const float* w = q.w + g0;
+            for (int64_t k = t; k < gs; k += blockDim.x) o[k] = y[k] * silu_f(z[k]) * rstd * w[k];
+        }
+    }
+    __syncthreads();
+}
+
+// The epilogue of output (m, n): y = acc + bias, or y += acc + bias (accumulate); then, for
+// n < conv.C, Mamba-1's conv step on the new y (conv1d_kernel's arithmetic at L = 1).
+__device__ __forceinline__ void gemv_store(const LinearParams& p, int64_t m, int64_t n, float acc) {
+    const float v = acc + (p.bias ? p.bias[n] : 0.0f);
+    float* y = p.y + m * p.ldy + n;
+    const float out = p.accumulate ? *y + v : v;
+    *y = out;
+    if (p.conv.state && n < p.conv.C) {
+        const int64_t W = p.conv.W;
+        float* st = p.conv.state + (m * p.conv.C + n) * W;
+        const float* w = p.conv.w + n * W;
+        float a = p.conv.bias ? p.conv.bias[n] : 0.0f;
+        for (int64_t k = 0; k + 1 < W; ++k) a = conv_acc(a, w[k], st[k + 1]);
+        a = conv_acc(a, w[W - 1], out);
+        p.conv.out[m * p.conv.C + n] = silu_f(a);
+        for (int64_t k = 0; k + 1 < W; ++k) st[k] = st[k + 1];
+        st[W - 1] = out;
+    }
+}
+
+// kPro: 0, x is read; 1 (norm) or 2 (gate), x is the block's prologue rows in shared memory.
+template <typename T, int M, bool kVec, int kPro>
 __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(LinearParams p) {
+    extern __shared__ float4 smem4[];  // kPro != 0: (M, K) the prologue rows
+    __shared__ float red[32];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int64_t n = int64_t(blockIdx.x) * kGemvWarps + warp;
     const T* w = static_cast<const T*>(p.W) + n * p.K;
@@ -74,6 +191,17 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(LinearParams p) {
     if (p.prefetch && n < p.N) prefetch_l2(w, p.K * int64_t(sizeof(T)), lane, 32);
     pdl_wait();
     pdl_trigger();
+    const float* x = p.x;
+    int64_t ldx = p.ldx;
+    if (kPro != 0) {
+        float* xs = reinterpret_cast<float*>(smem4);
+        if (kPro == 1)
+            norm_rows<M>(p.norm, p.K, xs, red);
+        else
+            gate_rows<M>(p, xs, red);
+        x = xs;
+        ldx = p.K;
+    }
     if (n >= p.N) return;
     float acc[M];
 #pragma unroll
@@ -97,10 +225,10 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(LinearParams p) {
                 Vec<T>::unpack(raw[u], wf);
 #pragma unroll
                 for (int m = 0; m < M; ++m) {
-                    const float4* xr = reinterpret_cast<const float4*>(p.x + m * p.ldx + v * kE);
+                    const float4* xr = reinterpret_cast<const float4*>(x + m * ldx + v * kE);
 #pragma unroll
                     for (int q = 0; q < kE / 4; ++q) {
-                        const float4 xv = __ldg(xr + q);
+                        const float4 xv = kPro != 0 ? xr[q] : __ldg(xr + q);
                         acc[m] += wf[4 * q] * xv.x + wf[4 * q + 1] * xv.y + wf[4 * q + 2] * xv.z +
                                   wf[4 * q + 3] * xv.w;
                     }
@@ -111,15 +239,14 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(LinearParams p) {
         for (int64_t k = lane; k < p.K; k += 32) {
             const float wk = to_f32(w[k]);
 #pragma unroll
-            for (int m = 0; m < M; ++m) acc[m] += wk * p.x[m * p.ldx + k];
+            for (int m = 0; m < M; ++m) acc[m] += wk * x[m * ldx + k];
         }
     }
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[m] = warp_sum(acc[m]);
     if (lane == 0) {
-        const float b = p.bias ? p.bias[n] : 0.0f;
 #pragma unroll
-        for (int m = 0; m < M; ++m) p.y[m * p.ldy + n] = acc[m] + b;
+        for (int m = 0; m < M; ++m) gemv_store(p, m, n, acc[m]);
     }
 }
 
@@ -127,15 +254,28 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(LinearParams p) {
 // decode): one block per output column, its 8 warps splitting K, a shared-memory reduction.
 constexpr int64_t kGemvNarrow = 1024;
 
-template <typename T, int M, bool kVec>
+template <typename T, int M, bool kVec, int kPro>
 __global__ void __launch_bounds__(kGemvWarps * 32) gemv_rows_kernel(LinearParams p) {
+    extern __shared__ float4 smem4[];  // kPro != 0: (M, K) the prologue rows
     __shared__ float part[kGemvWarps][M];
+    __shared__ float red[32];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int64_t n = blockIdx.x;
     const T* w = static_cast<const T*>(p.W) + n * p.K;
     if (p.prefetch) prefetch_l2(w, p.K * int64_t(sizeof(T)), threadIdx.x, blockDim.x);  // PDL
     pdl_wait();
     pdl_trigger();
+    const float* x = p.x;
+    int64_t ldx = p.ldx;
+    if (kPro != 0) {
+        float* xs = reinterpret_cast<float*>(smem4);
+        if (kPro == 1)
+            norm_rows<M>(p.norm, p.K, xs, red);
+        else
+            gate_rows<M>(p, xs, red);
+        x = xs;
+        ldx = p.K;
+    }
     float acc[M];
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[m] = 0.0f;
@@ -148,10 +288,10 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_rows_kernel(LinearParams
             Vec<T>::unpack(__ldcs(wv + v), wf);
 #pragma unroll
             for (int m = 0; m < M; ++m) {
-                const float4* xr = reinterpret_cast<const float4*>(p.x + m * p.ldx + v * kE);
+                const float4* xr = reinterpret_cast<const float4*>(x + m * ldx + v * kE);
 #pragma unroll
                 for (int q = 0; q < kE / 4; ++q) {
-                    const float4 xv = __ldg(xr + q);
+                    const float4 xv = kPro != 0 ? xr[q] : __ldg(xr + q);
                     acc[m] += wf[4 * q] * xv.x + wf[4 * q + 1] * xv.y + wf[4 * q + 2] * xv.z +
                               wf[4 * q + 3] * xv.w;
                 }
@@ -161,7 +301,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_rows_kernel(LinearParams
         for (int64_t k = threadIdx.x; k < p.K; k += blockDim.x) {
             const float wk = to_f32(w[k]);
 #pragma unroll
-            for (int m = 0; m < M; ++m) acc[m] += wk * p.x[m * p.ldx + k];
+            for (int m = 0; m < M; ++m) acc[m] += wk * x[m * ldx + k];
         }
     }
 #pragma unroll
@@ -174,7 +314,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_rows_kernel(LinearParams
         float v = 0.0f;
 #pragma unroll
         for (int w2 = 0; w2 < kGemvWarps; ++w2) v += part[w2][threadIdx.x];
-        p.y[threadIdx.x * p.ldy + n] = v + (p.bias ? p.bias[n] : 0.0f);
+        gemv_store(p, threadIdx.x, n, v);
     }
 }
 
@@ -400,42 +540,50 @@ __global__ void __launch_bounds__(256) gemm_f32_kernel(LinearParams p) {
         }
 }
 
+template <typename T, int M, bool kVec, int kPro>
+void gemv_launch_m(const LinearParams& p, cudaStream_t s) {
+    const int threads = kGemvWarps * 32;
+    const size_t smem = kPro != 0 ? size_t(M * p.K) * sizeof(float) : 0;
+    if (p.N < kGemvNarrow)
+        launch_pdl(gemv_rows_kernel<T, M, kVec, kPro>, dim3(unsigned(p.N)), dim3(threads), smem, s, p);
+    else
+        launch_pdl(gemv_kernel<T, M, kVec, kPro>, dim3(unsigned(ceil_div(p.N, kGemvWarps))),
+                   dim3(threads), smem, s, p);
+}
+
+template <typename T, bool kVec, int kPro>
+void gemv_fused_m(const LinearParams& p, cudaStream_t s) {
+    switch (p.M) {
+        case 1: gemv_launch_m<T, 1, kVec, kPro>(p, s); break;
+        case 2: gemv_launch_m<T, 2, kVec, kPro>(p, s); break;
+        case 3: gemv_launch_m<T, 3, kVec, kPro>(p, s); break;
+        case 4: gemv_launch_m<T, 4, kVec, kPro>(p, s); break;
+    }
+}
+
 template <typename T, bool kVec>
 void gemv_dispatch(const LinearParams& p, cudaStream_t s) {
-    const int threads = kGemvWarps * 32;
-    if (p.N < kGemvNarrow) {
-        const unsigned g = unsigned(p.N);
-        switch (p.M) {
-            case 1: launch_pdl(gemv_rows_kernel<T, 1, kVec>, dim3(g), dim3(threads), 0, s, p); break;
-            case 2: launch_pdl(gemv_rows_kernel<T, 2, kVec>, dim3(g), dim3(threads), 0, s, p); break;
-            case 3: launch_pdl(gemv_rows_kernel<T, 3, kVec>, dim3(g), dim3(threads), 0, s, p); break;
-            case 4: launch_pdl(gemv_rows_kernel<T, 4, kVec>, dim3(g), dim3(threads), 0, s, p); break;
-            case 5: launch_pdl(gemv_rows_kernel<T, 5, kVec>, dim3(g), dim3(threads), 0, s, p); break;
-            case 6: launch_pdl(gemv_rows_kernel<T, 6, kVec>, dim3(g), dim3(threads), 0, s, p); break;
-            case 7: launch_pdl(gemv_rows_kernel<T, 7, kVec>, dim3(g), dim3(threads), 0, s, p); break;
-            case 8: launch_pdl(gemv_rows_kernel<T, 8, kVec>, dim3(g), dim3(threads), 0, s, p); break;
-        }
-        return;
-    }
-    const unsigned grid = unsigned(ceil_div(p.N, kGemvWarps));
+    // the fused projection's prologues: M <= kFusedMaxRows
+    if (p.norm.residual) return gemv_fused_m<T, kVec, 1>(p, s);
+    if (p.gate.z) return gemv_fused_m<T, kVec, 2>(p, s);
     switch (p.M) {
-        case 1: launch_pdl(gemv_kernel<T, 1, kVec>, dim3(grid), dim3(threads), 0, s, p); break;
-        case 2: launch_pdl(gemv_kernel<T, 2, kVec>, dim3(grid), dim3(threads), 0, s, p); break;
-        case 3: launch_pdl(gemv_kernel<T, 3, kVec>, dim3(grid), dim3(threads), 0, s, p); break;
-        case 4: launch_pdl(gemv_kernel<T, 4, kVec>, dim3(grid), dim3(threads), 0, s, p); break;
-        case 5: launch_pdl(gemv_kernel<T, 5, kVec>, dim3(grid), dim3(threads), 0, s, p); break;
-        case 6: launch_pdl(gemv_kernel<T, 6, kVec>, dim3(grid), dim3(threads), 0, s, p); break;
-        case 7: launch_pdl(gemv_kernel<T, 7, kVec>, dim3(grid), dim3(threads), 0, s, p); break;
-        case 8: launch_pdl(gemv_kernel<T, 8, kVec>, dim3(grid), dim3(threads), 0, s, p); break;
+        case 1: gemv_launch_m<T, 1, kVec, 0>(p, s); break;
+        case 2: gemv_launch_m<T, 2, kVec, 0>(p, s); break;
+        case 3: gemv_launch_m<T, 3, kVec, 0>(p, s); break;
+        case 4: gemv_launch_m<T, 4, kVec, 0>(p, s); break;
+        case 5: gemv_launch_m<T, 5, kVec, 0>(p, s); break;
+        case 6: gemv_launch_m<T, 6, kVec, 0>(p, s); break;
+        case 7: gemv_launch_m<T, 7, kVec, 0>(p, s); break;
+        case 8: gemv_launch_m<T, 8, kVec, 0>(p, s); break;
     }
 }
 
 template <typename T>
 void gemv_launch(const LinearParams& p, cudaStream_t s) {
     constexpr int kE = 16 / int(sizeof(T));
-    const bool vec = p.K % kE == 0 && p.ldx % 4 == 0 &&
-                     reinterpret_cast<uintptr_t>(p.W) % 16 == 0 &&
-                     reinterpret_cast<uintptr_t>(p.x) % 16 == 0;
+    const bool vec = p.K % kE == 0 && reinterpret_cast<uintptr_t>(p.W) % 16 == 0 &&
+                     (p.norm.residual || p.gate.z ||  // x: the block's rows in shared memory
+                      (p.ldx % 4 == 0 && reinterpret_cast<uintptr_t>(p.x) % 16 == 0));
     if (vec)
         gemv_dispatch<T, true>(p, s);
     else
@@ -510,9 +658,24 @@ void launch_linear(const LinearParams& params, cudaStream_t s) {
     p.prefetch = weight_prefetch_enabled();
     MAMBART_CHECK_ARG(p.M >= 0 && p.N > 0 && p.K > 0, "launch_linear: bad sizes M=", p.M,
                       " N=", p.N, " K=", p.K);
-    MAMBART_CHECK_ARG(p.ldx >= p.K, "launch_linear: ldx=", p.ldx, " < K=", p.K);
+    MAMBART_CHECK_ARG(p.norm.residual || p.ldx >= p.K, "launch_linear: ldx=", p.ldx, " < K=", p.K);
     MAMBART_CHECK_ARG(p.ldy >= p.N, "launch_linear: ldy=", p.ldy, " < N=", p.N);
-    MAMBART_CHECK_ARG(p.x && p.W && p.y, "launch_linear: null pointer");
+    MAMBART_CHECK_ARG((p.x || p.norm.residual) && p.W && p.y, "launch_linear: null pointer");
+    const bool prologue = p.norm.residual || p.gate.z;
+    if (prologue || p.accumulate || p.conv.state) {  // a fused decode projection
+        MAMBART_CHECK_ARG(p.M >= 1 && p.M <= (prologue ? kFusedMaxRows : kGemvMaxRows),
+                          "launch_linear: a fused projection of ", p.M, " rows");
+        MAMBART_CHECK_ARG(!prologue || p.M * p.K <= kFusedMaxNormElems,
+                          "launch_linear: the prologue's ", p.M, " x ", p.K,
+                          " rows exceed shared memory");
+        MAMBART_CHECK_ARG(!(p.norm.residual && p.gate.z), "launch_linear: two prologues");
+        MAMBART_CHECK_ARG(!p.gate.z || (p.x && p.gate.w && p.gate.group_size > 0 &&
+                                        p.K % p.gate.group_size == 0 && p.gate.ld_z >= p.K),
+                          "launch_linear: bad gated norm group_size=", p.gate.group_size);
+        MAMBART_CHECK_ARG(!p.conv.state || (p.conv.C <= p.N && p.conv.W >= 1 &&
+                                            p.conv.W <= kConvMaxWidth && p.conv.w && p.conv.out),
+                          "launch_linear: bad conv step C=", p.conv.C, " W=", p.conv.W);
+    }
     if (p.M == 0) return;
     if (p.M <= kGemvMaxRows) {
         MAMBART_CHECK_ARG(ceil_div(p.N, kGemvWarps) <= 0x7fffffff, "launch_linear: N too large");

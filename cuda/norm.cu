@@ -34,7 +34,7 @@ __global__ void add_norm_kernel(AddNormParams p) {
             v += h[j];
             r[j] = v;
         }
-        s += p.rms ? v * v : v;
+        s = add_norm_acc(s, v, p.rms);
     }
     s = block_sum(s, red);
     float* o = p.out + i * d;
@@ -47,7 +47,7 @@ __global__ void add_norm_kernel(AddNormParams p) {
         float ss = 0.0f;
         for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
             const float c = r[j] - mean;
-            ss += c * c;
+            ss = __fmaf_rn(c, c, ss);
         }
         ss = block_sum(ss, red);
         const float rstd = rsqrtf(ss / float(d) + p.eps);
@@ -67,7 +67,7 @@ __global__ void gated_rmsnorm_kernel(GatedRmsNormParams p) {
     float s = 0.0f;
     for (int64_t j = threadIdx.x; j < p.group_size; j += blockDim.x) {
         const float v = y[j] * silu_f(z[j]);
-        s += v * v;
+        s = __fmaf_rn(v, v, s);
     }
     s = block_sum(s, red);
     const float rstd = rsqrtf(s / float(p.group_size) + p.eps);

@@ -1,5 +1,5 @@
 """Tiny random transformers checkpoints (MambaForCausalLM, Mamba2ForCausalLM,
-FalconMambaForCausalLM) for the oracle
+FalconMambaForCausalLM, NemotronHForCausalLM) for the oracle
 tests, with every parameter perturbed away from its structured initialisation (norm weights 1,
 D 1, zero biases) so that a mistake in any of them shows in the logits."""
 
@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 from transformers import (FalconMambaConfig, FalconMambaForCausalLM, Mamba2Config,
-                          Mamba2ForCausalLM, MambaConfig, MambaForCausalLM)
+                          Mamba2ForCausalLM, MambaConfig, MambaForCausalLM, NemotronHConfig,
+                          NemotronHForCausalLM)
 
 
 def mamba1_config(**kw) -> MambaConfig:
@@ -41,7 +42,19 @@ def falcon_config(**kw) -> FalconMambaConfig:
     return FalconMambaConfig(**base)
 
 
-CLASSES = ((FalconMambaConfig, FalconMambaForCausalLM), (Mamba2Config, Mamba2ForCausalLM),
+def nemotron_h_config(**kw) -> NemotronHConfig:
+    """Nemotron-H: Mamba-2 (M), NoPE GQA attention (*) and relu² MLP (-) blocks, one mixer per
+    pre-norm block, by hybrid_override_pattern."""
+    base = dict(vocab_size=97, hidden_size=32, hybrid_override_pattern="M-*M-*M",
+                num_attention_heads=4, num_key_value_heads=2, head_dim=8, mamba_num_heads=8,
+                mamba_head_dim=8, ssm_state_size=12, n_groups=2, conv_kernel=4, chunk_size=8,
+                intermediate_size=48, layer_norm_epsilon=1e-5, tie_word_embeddings=False,
+                max_position_embeddings=128, eos_token_id=0, bos_token_id=0, pad_token_id=0)
+    base.update(kw)
+    return NemotronHConfig(**base)
+
+
+CLASSES = ((NemotronHConfig, NemotronHForCausalLM), (FalconMambaConfig, FalconMambaForCausalLM), (Mamba2Config, Mamba2ForCausalLM),
            (MambaConfig, MambaForCausalLM))
 
 

@@ -167,3 +167,20 @@ def test_bench_mamba3_cpu_smoke(tmp_path):
         a = _one(m, metric="accuracy", dtype=dt)
         assert a["max_rel_err"] <= 1e-4 and a["greedy_prefix_agree"] == a["greedy_tokens"] == 4
     assert _one(recs, engine="mamba_ssm", metric="missing")["value"].startswith("needs torch")
+
+
+def test_bench_hybrid_cpu_smoke(tmp_path):
+    """tools/bench_hybrid.py's CPU smoke run (issue 19): a tiny Nemotron-H shape's decode (with the
+    bytes a step reads), batched decode and prefill records."""
+    out = tmp_path / "h.jsonl"
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_hybrid.py"), "--device", "cpu",
+                        "--models", "tiny-h", "--context", "40", "--prefill", "16", "24",
+                        "--batches", "1", "2", "--gen", "4", "--repeats", "1", "--engines",
+                        "mambart", "--work", str(tmp_path / "work"), "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    d = _one(recs, metric="decode_ms_per_token", batch=1)
+    assert _pos(d["value"]) and d["context"] == 40 and d["step_bytes"] > 0 and _pos(d["gb_s"])
+    assert _pos(_one(recs, metric="decode_tokens_per_s", batch=2)["value"])
+    assert {x["prompt_len"] for x in recs if x["metric"] == "prefill_ms"} == {16, 24}

@@ -225,8 +225,9 @@ def test_special_ids_are_always_written(tmp_path):
 
 
 @pytest.mark.parametrize("overrides,pattern", [
+    # attention layers convert since issue 19; these weights have a Mamba mixer at layer 1
     (dict(attn_layer_idx=[1], attn_cfg={"num_heads": 2, "causal": True}),
-     "attention layers"),
+     "layer 1: attn_layer_idx lists an attention layer but .* it is a Mamba layer"),
     (dict(d_intermediate=64), "MLP layers"),
     # Mamba-3 converts since issue 15; these weights are Mamba-2 ones at another width
     (dict(ssm_cfg={"layer": "Mamba3"}), "headdim=64 does not divide d_inner=32"),

@@ -1219,3 +1219,147 @@ def test_falcon_decode_graph_steps_equal_prefill_logits(falcon_dir, dtype):
     if dtype == "float32":
         for r, p in enumerate(prompts):
             assert toks[r] == cpu.generate(p, max_new_tokens=16, ignore_eos=True).token_ids
+
+
+# ---- attention and MLP layers, Nemotron-H-like hybrids (issue 19) ------------------------------
+
+# (B, L, Hq, Hkv, hd, rotary_dim, window, n0 per row, max_ctx, max_splits)
+ATTN_CASES = {
+    "prefill-nope-gqa": (1, 77, 8, 2, 64, 0, 0, [0], 96, 0),
+    "prefill-rope-cached": (2, 33, 4, 4, 24, 12, 0, [5, 40], 80, 0),
+    "prefill-window": (1, 150, 4, 1, 128, 64, 37, [0], 160, 0),
+    "prefill-hd256": (2, 19, 2, 1, 256, 256, 0, [0, 3], 24, 0),
+    "prefill-hd8-odd": (3, 5, 6, 3, 8, 4, 3, [1, 0, 9], 16, 0),
+    "decode-nosplit": (3, 1, 8, 2, 64, 32, 0, [0, 17, 200], 256, 0),
+    "decode-split4": (3, 1, 8, 2, 64, 32, 0, [0, 17, 200], 256, 4),
+    "decode-split64-few-keys": (2, 1, 4, 2, 128, 0, 0, [2, 9], 32, 64),
+    "decode-split-window": (2, 1, 4, 4, 96, 48, 50, [300, 49], 512, 8),
+}
+
+
+@pytest.mark.parametrize("name", list(ATTN_CASES))
+def test_attention_op_cuda_vs_cpu(gpu, cpu, name):
+    B, L, Hq, Hkv, hd, rd, win, n0, T, S = ATTN_CASES[name]
+    rng = np.random.default_rng(len(name))
+    qkv = rnd(rng, B, L, (Hq + 2 * Hkv) * hd)
+    kc, vc = rnd(rng, B, T, Hkv, hd), rnd(rng, B, T, Hkv, hd)
+    pos = np.array(n0, np.float32)
+    args = (Hq, rd, 10000.0, win, hd ** -0.5, S)
+    o_g, q_g, k_g, v_g, p_g = gpu.attention(qkv, kc, vc, pos, *args)
+    o_c, q_c, k_c, v_c, p_c = cpu.attention(qkv, kc, vc, pos, *args)
+    close(o_g, o_c, 2e-5, f"{name} o")
+    close(q_g, q_c, 2e-5, f"{name} rotated q/k")
+    close(k_g, k_c, 2e-5, f"{name} key cache")
+    np.testing.assert_array_equal(v_g, v_c)
+    np.testing.assert_array_equal(p_g, p_c)
+
+
+def test_relu_sq_cuda(gpu, cpu):
+    y = rnd(np.random.default_rng(3), 37, 101)
+    np.testing.assert_array_equal(gpu.relu_sq(y), cpu.relu_sq(y))
+
+
+@pytest.fixture(scope="module")
+def hybrid_dir(tmp_path_factory):
+    """A Nemotron-H-like listed model: Mamba-2, NoPE GQA attention, relu² MLP blocks, a
+    RoPE + window attention block with SwiGLU, and a mamba2attn block (fused qkv with a conv):
+    the other options of the units."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from model_dirs import random_tensor, save_tensors, write_config
+
+    m2 = {"type": "mamba2", "d_inner": 128, "d_state": 32, "d_conv": 4, "conv_bias": True,
+          "bias": False, "headdim": 16, "nheads": 8, "ngroups": 2, "chunk_size": 16,
+          "dt_limit": [0.0, None], "gated_norm": True, "norm_before_gate": False}
+    att = {"type": "attention", "num_heads": 8, "num_kv_heads": 2, "head_dim": 64,
+           "rotary_dim": 0, "rope_theta": 10000.0, "window": 0, "qkv_bias": False,
+           "out_bias": False, "scale": 0.125, "max_context": 400,
+           "fused_qkv": False, "d_conv": 0}
+    att2 = dict(att, rotary_dim=32, window=45, qkv_bias=True, num_kv_heads=4)
+    mlp = {"type": "mlp", "intermediate_size": 160, "activation": "relu2", "bias": False}
+    mlp2 = dict(mlp, activation="swiglu")
+    # mamba_ssm's MHA (mamba2attn): fused in_proj, conv on qkv, partial RoPE, biases
+    att3 = dict(att, fused_qkv=True, d_conv=4, rotary_dim=32, qkv_bias=True, out_bias=True,
+                num_kv_heads=8)
+    layers = [m2, mlp, att, m2, mlp2, att2, m2, att3]
+    c = {"mambart_format": 1, "architecture": "nemotron_h", "d_model": 64,
+         "n_layer": len(layers), "vocab_size": 300, "vocab_size_padded": 304, "norm": "rmsnorm",
+         "norm_eps": 1e-5, "residual_in_fp32": True, "tie_embeddings": False,
+         "bos_token_id": None, "eos_token_id": 0, "pad_token_id": None, "dtype": "float32",
+         "layers": layers}
+    spec = _C.config_spec(json.dumps(c), "hybrid")
+    rng = np.random.default_rng(7)
+    t = {s["name"]: random_tensor(s["name"], tuple(s["shape"]), rng) for s in spec["tensors"]}
+    d = tmp_path_factory.mktemp("hybrid")
+    write_config(d, c)
+    save_tensors(d / "model.safetensors", t)
+    return d
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_hybrid_logits_cuda_vs_cpu(hybrid_dir, dtype):
+    ids = _ids(170, seed=31)
+    ref32 = _gen(hybrid_dir, "cpu", "float32").logits(ids)
+    got = _gen(hybrid_dir, "cuda", dtype).logits(ids)
+    if dtype == "float32":
+        close(got, ref32, 2e-4, "hybrid fp32")
+    else:
+        cpu_lp = _gen(hybrid_dir, "cpu", dtype).logits(ids)
+        lowp_rule(got, cpu_lp, ref32, 2e-3 * max(1.0, float(np.abs(ref32).max())),
+                  f"hybrid {dtype}")
+
+
+def test_hybrid_prefill_equals_prefill_plus_steps_cuda(hybrid_dir):
+    g = _gen(hybrid_dir, "cuda")
+    ids = _ids(90, seed=32)
+    full = g.logits(ids)
+    close(g._g.logits(ids, 1), full, 1e-4, "steps")
+    close(g._g.logits(ids, 13), full, 1e-4, "chunks of 13")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_hybrid_decode_graph_steps_equal_prefill_logits(hybrid_dir, dtype):
+    """The decode fast path (graph replay with the KV caches' positions read on the device,
+    split-K attention, device sampling) of 3 rows of different lengths sees the logits a
+    prefill of each row's tokens gives; fp32 tokens equal the CPU's."""
+    g = _gen(hybrid_dir, "cuda", dtype)
+    prompts = [_ids(n, seed=33 + n) for n in (60, 5, 23)]
+    opts = _C.GenerationOptions()
+    opts.max_new_tokens = 24
+    opts.ignore_eos = True
+    stream = g._g.start(prompts, opts)
+    toks = [[] for _ in prompts]
+    logits = [[] for _ in prompts]
+    while True:
+        ev = stream.next()
+        if ev is None:
+            break
+        for r, t in ev:
+            logits[r].append(stream.last_logits[r].copy())
+            toks[r].append(t)
+    for r, p in enumerate(prompts):
+        assert len(toks[r]) == 24
+        full = g.logits(p + toks[r])
+        rel = 1e-4 if dtype == "float32" else 2e-2
+        for i, lg in enumerate(logits[r]):
+            close(lg, full[len(p) - 1 + i], rel, f"row {r} step {i}")
+    if dtype == "float32":
+        cpu = _gen(hybrid_dir, "cpu")
+        for r, p in enumerate(prompts):
+            assert toks[r] == cpu.generate(p, max_new_tokens=24, ignore_eos=True).token_ids
+
+
+def test_hybrid_engine_and_state_files_cuda(hybrid_dir, tmp_path):
+    """Continuation from a saved state (KV caches, positions) on the GPU == one run; the
+    engine's continuous batching gives the single runs' tokens."""
+    g = _gen(hybrid_dir, "cuda")
+    prompt = _ids(31, seed=40)
+    full = g.generate(prompt, max_new_tokens=20, ignore_eos=True)
+    a = g.generate(prompt, max_new_tokens=8, ignore_eos=True, return_state=True)
+    a.state.save(tmp_path / "s.safetensors")
+    b = g.generate(None, state=g.load_state(tmp_path / "s.safetensors"), max_new_tokens=12,
+                   ignore_eos=True)
+    assert a.token_ids + b.token_ids == full.token_ids
+    prompts = [_ids(n, seed=41 + n) for n in (7, 40, 19, 2)]
+    singles = [g.generate(p, max_new_tokens=10, ignore_eos=True).token_ids for p in prompts]
+    rows = g.generate(prompts, max_new_tokens=10, ignore_eos=True)  # the engine's batching
+    assert [r.token_ids for r in rows] == singles

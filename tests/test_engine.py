@@ -304,3 +304,37 @@ def test_vocabulary_bytes_match_the_tokenizers_decoding(tmp_path, kind):
     for bad in ["", "{", '{"model": 3}', '{"model": {}}']:
         with pytest.raises(mambart.ModelLoadError):
             _C.token_bytes(bad)
+
+
+def test_a_burst_into_an_idle_engine_prefills_as_one_group(model_dir):
+    # engine_admit_wait_us: an idle engine woken by the first of a burst waits for arrivals to
+    # pause, so the burst forms one prefill group (one forward for equal-length prompts) instead
+    # of the first arrival alone and then the rest. The window is wide here so that threads
+    # started on a loaded machine still arrive within it; the tokens are those of lone runs.
+    rng = np.random.default_rng(7)
+    ps = [rng.integers(1, 90, 12).tolist() for _ in range(8)]
+    want = [lone(model_dir, p, max_new_tokens=6).token_ids for p in ps]
+    g = mambart.Generator(model_dir)
+    g.generate(ps[0], max_new_tokens=1, ignore_eos=True)  # the engine is started, then idle
+    mambart.set_options(engine_admit_wait_us=300_000)
+    try:
+        s0 = g.engine_stats()
+        got = [None] * 8
+        barrier = threading.Barrier(8)
+
+        def client(i):
+            barrier.wait()
+            got[i] = list(g.stream(ps[i], max_new_tokens=6, ignore_eos=True))
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        s1 = g.engine_stats()
+    finally:
+        mambart.set_options(engine_admit_wait_us=None)
+    assert got == want
+    assert s1["prompt_tokens"] - s0["prompt_tokens"] == 8 * 12
+    assert s1["prefill_calls"] - s0["prefill_calls"] == 1
+    assert (s1["rows_decoded"] - s0["rows_decoded"]) / (s1["steps"] - s0["steps"]) > 7

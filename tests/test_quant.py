@@ -229,6 +229,21 @@ def test_convert_quantize_records_and_runs(tmp_path, arch, scheme):
     np.testing.assert_allclose(got, want, rtol=0, atol=0.1)
 
 
+def test_fused_projections_option_runs_quantized_models_unfused(tmp_path):
+    """The fused decode projections (issue 16) read float weights: a quantized model loads with
+    the option on, runs its projections unfused, and gives the same tokens."""
+    out = Path(convert(_tiny(tmp_path), tmp_path / "q", quantize="int4", int4_group_size=32))
+    want = mambart.Generator(str(out)).generate([1, 2, 3], max_new_tokens=8, ignore_eos=True)
+    mambart.set_options(fused_projections=True)
+    try:
+        g = mambart.Generator(str(out))
+    finally:
+        mambart.set_options(fused_projections=None)
+    assert g._g.fused_projections is False
+    got = g.generate([1, 2, 3], max_new_tokens=8, ignore_eos=True)
+    assert got.token_ids == want.token_ids
+
+
 def test_convert_quantize_options(tmp_path):
     src = _tiny(tmp_path)
     # int4 with the default group 128: K = 64 does not fit, so those tensors fall back to int8

@@ -73,6 +73,9 @@ def main() -> int:
     ap.add_argument("--prefill", type=int, nargs="*", default=[8192])
     ap.add_argument("--decode", type=int, default=64, help="tokens of the decode run (batch rows each)")
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prompt-rows", type=int, nargs="*", default=[],
+                    help="also profile a generate of 1 token for this many 16-token prompts "
+                         "(the engine's short-prompt prefill group)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -89,6 +92,11 @@ def main() -> int:
     g.generate(p, max_new_tokens=8, ignore_eos=True)  # records the decode graph
     phase(f"decode b{args.batch} x {args.decode} tokens (+16-token prompt)",
           lambda: g.generate(p, max_new_tokens=args.decode, ignore_eos=True), out)
+    for n in args.prompt_rows:
+        rows = [[int(t) for t in rng.integers(0, 50000, size=16)] for _ in range(n)]
+        g.generate(rows, max_new_tokens=1, ignore_eos=True)  # warm-up (workspaces)
+        phase(f"prefill {n} rows x 16 tokens (generate 1 token)",
+              lambda: g.generate(rows, max_new_tokens=1, ignore_eos=True), out)
     for L in args.prefill:
         ids = [int(t) for t in rng.integers(0, 50000, size=L)]
         g.prefill(ids)  # warm-up (workspaces)

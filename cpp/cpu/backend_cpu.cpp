@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "backend.h"
+#include "cpu/attention.h"
 #include "cpu/linear.h"
 #include "cpu/pool.h"
 #include "cpu/vec.h"
@@ -139,6 +140,49 @@ class CpuBackend final : public Backend {
         });
     }
 
+    // The fused decode projection as the separate ops (the oracle of the CUDA kernel, and what
+    // lets the model's fused path be tested here): bitwise the unfused path's results.
+    bool fused_projection(int64_t M, int64_t K, int64_t) const override { return M >= 1 && K >= 1; }
+    void project(const ProjParams& p) override {
+        MAMBART_CHECK_ARG(p.M >= 1 && p.N >= 1 && p.N <= p.W.rows && p.y && p.ldy >= p.N,
+                          "project: bad sizes M=", p.M, " N=", p.N);
+        const int64_t K = p.W.cols;
+        const float* x = p.x;
+        int64_t ldx = p.ldx;
+        if (p.norm.residual) {
+            MAMBART_CHECK_ARG(p.scratch_x, "project: the norm prologue needs scratch_x");
+            add_norm(const_cast<float*>(p.norm.residual), nullptr, Param{p.norm.w, K},
+                     Param{p.norm.b, p.norm.b ? K : 0},
+                     p.norm.rms ? NormKind::RMSNorm : NormKind::LayerNorm, p.norm.eps, p.M, K,
+                     p.scratch_x);
+            x = p.scratch_x;
+            ldx = K;
+        }
+        MAMBART_CHECK_ARG(x && ldx >= K, "project: no input rows");
+        if (p.gate.z) {
+            MAMBART_CHECK_ARG(p.scratch_x && !p.norm.residual, "project: the gated norm needs "
+                              "scratch_x and no residual norm");
+            MAMBART_CHECK_ARG(ldx == K, "project: the gated norm reads contiguous rows");
+            gated_rmsnorm(x, p.gate.z, p.gate.ld_z, p.gate.w, p.M, K, p.gate.group_size,
+                          p.gate.eps, p.scratch_x);
+            x = p.scratch_x;
+        }
+        if (p.accumulate) {
+            MAMBART_CHECK_ARG(p.scratch_y, "project: accumulate needs scratch_y");
+            linear(x, ldx, p.M, p.W, p.N, p.bias, p.scratch_y, p.N);
+            for (int64_t m = 0; m < p.M; ++m)
+                for (int64_t n = 0; n < p.N; ++n)
+                    p.y[m * p.ldy + n] = p.y[m * p.ldy + n] + p.scratch_y[m * p.N + n];
+        } else {
+            linear(x, ldx, p.M, p.W, p.N, p.bias, p.y, p.ldy);
+        }
+        if (p.conv.state) {
+            MAMBART_CHECK_ARG(p.conv.C <= p.N, "project: conv channels ", p.conv.C, " > N ", p.N);
+            conv1d(ConvParams{p.y, p.ldy, p.conv.state, p.conv.w, p.conv.bias, p.conv.out, p.M, 1,
+                              p.conv.C, p.conv.W});
+        }
+    }
+
     void linear(const float* x, int64_t ldx, int64_t M, const Weight& W, int64_t N,
                 const float* bias, float* y, int64_t ldy) override {
         cpu::PoolScope scope(pool_.get());
@@ -184,7 +228,7 @@ class CpuBackend final : public Backend {
                                     o[c] += wk[c] * state[c * W + (W + tau)];
                             }
                         }
-                        silu_inplace(o + c0, c1 - c0);
+                        if (p.silu) silu_inplace(o + c0, c1 - c0);
                         if (p.state_trace) {  // the window after token t: in[t - W + 1 .. t]
                             float* tr = p.state_trace + (b * L + t) * C * W;  // (C, W) of token t
                             for (int64_t c = c0; c < c1; ++c)
@@ -668,6 +712,18 @@ class CpuBackend final : public Backend {
             for (int64_t r = 0; r < Rm; ++r) std::memcpy(kprev(r), k + r * N, size_t(N) * sizeof(float));
             std::memcpy(vst, x, size_t(P) * sizeof(float));
         }
+    }
+
+    void relu_sq(float* y, int64_t n, int64_t E) override {
+        for (int64_t i = 0; i < n * E; ++i) {
+            const float r = std::max(y[i], 0.0f);
+            y[i] = r * r;
+        }
+    }
+
+    void attention(const AttentionParams& p) override {
+        cpu::PoolScope scope(pool_.get());
+        cpu::attention(p);
     }
 
     void silu_gate(float* y, const float* z, int64_t ld_z, int64_t n, int64_t E) override {

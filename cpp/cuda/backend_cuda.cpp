@@ -323,6 +323,34 @@ class CudaBackend final : public Backend {
         return bytes > old ? bytes - old : 0;
     }
 
+    // The fused decode projections run where linear() would run the GEMV (fewer rows than
+    // cuBLAS takes), up to kFusedMaxRows rows whose normed inputs fit shared memory.
+    bool fused_projection(int64_t M, int64_t K, int64_t groups) const override {
+        const bool gemm = cublas_ && cublas_->available() && M >= cublas_min_rows_;
+        // a gated norm is emulated as gated_rmsnorm_kernel runs it for fewer than 64 blocks
+        return M >= 1 && M <= cuda::kFusedMaxRows && M * K <= cuda::kFusedMaxNormElems && !gemm &&
+               M * groups < 64;
+    }
+    void project(const ProjParams& p) override {
+        dev();
+        MAMBART_CHECK_ARG(p.N <= p.W.rows, "project: N=", p.N, " exceeds the weight's ", p.W.rows,
+                          " rows");
+        MAMBART_CHECK_ARG(p.W.quant == QuantScheme::None, "project: ",
+                          quant_scheme_name(p.W.quant), " weights are not fused (the model runs "
+                          "quantized weights' projections unfused)");
+        const int64_t groups = p.gate.z ? p.W.cols / std::max<int64_t>(p.gate.group_size, 1) : 0;
+        MAMBART_CHECK_ARG(p.norm.residual || p.gate.z ? fused_projection(p.M, p.W.cols, groups)
+                                                      : fused_projection(p.M, 1, 0),
+                          "project: ", p.M, " rows of ", p.W.cols, " are not fused here");
+        cuda::LinearParams q{p.x, p.x ? p.ldx : p.W.cols, p.W.data, p.W.dtype, p.bias, p.y, p.ldy,
+                             p.M, p.N, p.W.cols, false};
+        q.norm = p.norm;
+        q.gate = p.gate;
+        q.accumulate = p.accumulate;
+        q.conv = p.conv;
+        cuda::launch_linear(q, stream_);
+    }
+
     uint64_t scratch_bytes(int64_t rows, int64_t cols) const override {
         if (!cublas_ || !cublas_->available() || rows < cublas_min_rows_) return half_x_bytes_;
         // (rows, cols) fp16/bf16 GEMM operand; it only grows
@@ -426,6 +454,16 @@ class CudaBackend final : public Backend {
     void silu_gate(float* y, const float* z, int64_t ld_z, int64_t n, int64_t E) override {
         dev();
         cuda::launch_silu_gate({y, z, ld_z, n, E}, stream_);
+    }
+
+    void relu_sq(float* y, int64_t n, int64_t E) override {
+        dev();
+        cuda::launch_relu_sq(y, n * E, stream_);
+    }
+
+    void attention(const AttentionParams& p) override {
+        dev();
+        cuda::launch_attention(p, stream_);
     }
 
     // ---- decode fast path ----

@@ -42,7 +42,63 @@ struct LayerIO {
     // can keep the state after any prefix of the L tokens (the layer's `state` still ends at
     // the last token). Only for layers whose supports_state_trace() is true.
     float* const* trace = nullptr;
+    // The fused decode projections (issue 16; option fused_projections, L = 1, layers whose
+    // takes_fused_projections() is true), or nullptr: the block's input is then
+    // norm(residual) (`norm`), which the layer's input projection computes itself, and the
+    // layer's output projection adds into `residual` (R, d); `in` and `out` are (R, d)
+    // scratch buffers then, not the input and the output. See project_in / project_out.
+    float* residual = nullptr;
+    ProjNorm norm;
 };
+
+// A layer's input projection y (R, N) row stride ldy = x · Wᵀ + bias of the block's normed
+// input: from io.in, or with the fused decode projections from norm(io.residual), in one op.
+inline void project_in(Backend& be, const LayerIO& io, int64_t d, const Weight& W, int64_t N,
+                       const float* bias, float* y, int64_t ldy, const ProjConv& conv = {}) {
+    if (!io.residual) {
+        be.linear(io.in, d, io.B * io.L, W, N, bias, y, ldy);
+        return;
+    }
+    ProjParams p;
+    p.M = io.B * io.L;
+    p.W = W;
+    p.N = N;
+    p.bias = bias;
+    p.y = y;
+    p.ldy = ldy;
+    p.norm = io.norm;
+    p.conv = conv;
+    p.scratch_x = io.out;  // (R, d)
+    be.project(p);
+}
+
+// A layer's output projection x (R, K) row stride ldx -> the block output: written to io.out,
+// or with the fused decode projections added into io.residual in the same op (gate.z: x put
+// through the gated norm first, in the op's prologue, with gate_scratch (R, K) for a backend
+// that runs the separate ops; the caller checked fused_projection(R, K, groups)).
+inline void project_out(Backend& be, const LayerIO& io, const float* x, int64_t ldx,
+                        const Weight& W, int64_t d, const float* bias, const ProjGate& gate = {},
+                        float* gate_scratch = nullptr) {
+    const int64_t R = io.B * io.L;
+    if (!io.residual) {
+        be.linear(x, ldx, R, W, d, bias, io.out, d);
+        return;
+    }
+    ProjParams p;
+    p.x = x;
+    p.ldx = ldx;
+    p.M = R;
+    p.W = W;
+    p.N = d;
+    p.bias = bias;
+    p.y = io.residual;
+    p.ldy = d;
+    p.accumulate = true;
+    p.gate = gate;
+    p.scratch_x = gate_scratch;
+    p.scratch_y = io.out;  // (R, d)
+    be.project(p);
+}
 
 class Layer {
  public:
@@ -59,6 +115,8 @@ class Layer {
     virtual void forward(Backend& be, const LayerIO& io) = 0;
     // Whether forward honours LayerIO::trace (speculative decoding, issue 25).
     virtual bool supports_state_trace() const { return false; }
+    // Whether forward honours LayerIO::residual (the fused decode projections, issue 16).
+    virtual bool takes_fused_projections() const { return false; }
 };
 
 }  // namespace mambart

@@ -3,9 +3,11 @@
 #include <cstring>
 
 #include "error.h"
+#include "layers/attention/attention.h"
 #include "layers/mamba1/mamba1.h"
 #include "layers/mamba2/mamba2.h"
 #include "layers/mamba3/mamba3.h"
+#include "layers/mlp/mlp.h"
 
 namespace mambart {
 namespace {
@@ -15,6 +17,8 @@ const LayerUnit kUnits[] = {
     mamba1::unit(),
     mamba2::unit(),
     mamba3::unit(),
+    attention::unit(),
+    mlp::unit(),
 };
 
 const LayerUnit* find(const std::string& type) {

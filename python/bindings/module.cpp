@@ -522,6 +522,11 @@ void register_engine_api(py::module_& m) {
             py::arg("prefill_chunk") = 0, py::arg("max_queue") = 1024,
             py::arg("prompt_cache_bytes") = 0)
         .def_property_readonly("engine_started", &Generator::engine_started)
+        .def_property_readonly(
+            "fused_projections",
+            [](const Generator& g) { return g.model().fused_projections(); },
+            "whether decode steps run the fused projections (option fused_projections; every "
+            "layer takes them)")
         .def("engine_stats",
              [](Generator& g) {
                  if (g.engine_started()) return stats_dict(g.engine().stats());

@@ -492,6 +492,66 @@ void register_ops(py::module_& parent) {
                                   E, group_size, eps, out.as<float>());
                  return out.download<float>({n, E});
              })
+        .def("relu_sq",
+             [](Ops& o, const F32& y) {
+                 Backend& be = *o.be;
+                 need(y.ndim() == 2, "relu_sq: y (n, E)");
+                 Buf dy(be, y);
+                 be.relu_sq(dy.as<float>(), y.shape(0), y.shape(1));
+                 return dy.download<float>({y.shape(0), y.shape(1)});
+             })
+        .def("attention",
+             [](Ops& o, const F32& qkv, const F32& k_cache, const F32& v_cache, const F32& pos,
+                int64_t Hq, int64_t rotary_dim, float rope_theta, int64_t window, float scale,
+                int64_t max_splits) {
+                 // qkv (B, L, (Hq + 2 Hkv) hd); caches (B, max_ctx, Hkv, hd); pos (B).
+                 // Returns (o (B, L, Hq hd), qkv after RoPE, k_cache, v_cache, pos).
+                 Backend& be = *o.be;
+                 need(qkv.ndim() == 3 && k_cache.ndim() == 4 && v_cache.ndim() == 4 &&
+                          pos.ndim() == 1, "attention: bad ranks");
+                 const int64_t B = qkv.shape(0), L = qkv.shape(1), ld = qkv.shape(2);
+                 const int64_t T = k_cache.shape(1), Hkv = k_cache.shape(2),
+                               hd = k_cache.shape(3);
+                 need(B >= 1 && L >= 1 && Hq >= 1 && Hkv >= 1 && hd >= 1 && Hq % Hkv == 0 &&
+                          ld == (Hq + 2 * Hkv) * hd && k_cache.shape(0) == B &&
+                          v_cache.size() == k_cache.size() && pos.shape(0) == B &&
+                          max_splits >= 0 && max_splits <= 1024,
+                      "attention: shapes do not match qkv (B, L, (Hq + 2 Hkv) hd), caches "
+                      "(B, max_ctx, Hkv, hd), pos (B)");
+                 Buf dq(be, qkv), dk(be, k_cache), dv(be, v_cache), dp(be, pos),
+                     out(be, size_t(B * L * Hq * hd) * 4),
+                     part(be, size_t(std::max<int64_t>(B * Hq * max_splits * (hd + 2), 1)) * 4);
+                 AttentionParams p{};
+                 p.qkv = dq.as<float>();
+                 p.ld_qkv = ld;
+                 p.k_cache = dk.as<float>();
+                 p.v_cache = dv.as<float>();
+                 p.cache_stride = T * Hkv * hd;
+                 p.pos = dp.as<float>();
+                 p.pos_stride = 1;
+                 p.o = out.as<float>();
+                 p.partial = max_splits > 0 ? part.as<float>() : nullptr;
+                 p.max_splits = max_splits;
+                 p.B = B;
+                 p.L = L;
+                 p.Hq = Hq;
+                 p.Hkv = Hkv;
+                 p.hd = hd;
+                 p.max_ctx = T;
+                 p.rotary_dim = rotary_dim;
+                 p.rope_theta = rope_theta;
+                 p.window = window;
+                 p.scale = scale;
+                 be.attention(p);
+                 return py::make_tuple(out.download<float>({B, L, Hq * hd}),
+                                       dq.download<float>({B, L, ld}),
+                                       dk.download<float>({B, T, Hkv, hd}),
+                                       dv.download<float>({B, T, Hkv, hd}),
+                                       dp.download<float>({B}));
+             },
+             py::arg("qkv"), py::arg("k_cache"), py::arg("v_cache"), py::arg("pos"),
+             py::arg("Hq"), py::arg("rotary_dim") = 0, py::arg("rope_theta") = 10000.0f,
+             py::arg("window") = 0, py::arg("scale") = 0.0f, py::arg("max_splits") = 0)
         .def("silu_gate",
              [](Ops& o, const F32& y, const F32& z) {
                  Backend& be = *o.be;

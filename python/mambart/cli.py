@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--a-activation", choices=["heavy_tail", "softplus"], default=None,
                    help="Mamba-3 only: the A activation (default heavy_tail, mamba_ssm since "
                         "2026-06-02; softplus for checkpoints trained before)")
+    c.add_argument("--max-context", type=int, default=None, metavar="N",
+                   help="models with attention layers: the tokens a sequence may hold (the KV "
+                        "cache's capacity; default the checkpoint's max_position_embeddings)")
     c.add_argument("--dtype", choices=DTYPES, default=None,
                    help="storage dtype of the large matrices (default: the checkpoint's)")
     c.add_argument("--revision", default=None, metavar="REV",
@@ -305,7 +308,7 @@ def _cmd_convert(a) -> int:
                       progress=not a.no_progress,
                       a_activation=a.a_activation, source_info=info,
                       quantize=a.quantize, int4_group_size=a.group_size,
-                      quantize_head=not a.keep_head)
+                      quantize_head=not a.keep_head, max_context=a.max_context)
     finally:
         hub.release_tokenizer(temp_tok)
     d = _describe(out)

@@ -186,6 +186,7 @@ class Source:
     head: str = "lm_head.weight"     # the source name of an untied head
     optional_tied: Optional[str] = None  # source name of an lm_head to drop when tied
     notes: List[str] = field(default_factory=list)
+    ignored: Tuple[str, ...] = ()    # source-name prefixes not loaded (e.g. Nemotron-H's "mtp.")
 
     def source_name(self, canon: str) -> str:
         if canon == "embedding.weight":
@@ -243,11 +244,168 @@ def _mixer_rms_eps(cfg: dict, where: str) -> float:
     return float(eps)
 
 
+# Nemotron-H (NemotronHForCausalLM): one mixer per pre-norm block, by the letters of
+# hybrid_override_pattern (or the layers_block_type list transformers 5 writes).
+NEMOTRON_LETTERS = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
+NEMOTRON_TYPES = {"linear_attention": "M", "mamba": "M", "full_attention": "*", "attention": "*",
+                  "mlp": "-", "moe": "E"}
+# The tensor (under backbone.layers.{i}.mixer.) that shows each block kind in a checkpoint.
+NEMOTRON_MARKERS = {"M": "in_proj.weight", "*": "q_proj.weight", "-": "up_proj.weight",
+                    "E": "gate.weight"}
+NEMOTRON_KIND = {"M": "Mamba-2", "*": "attention", "-": "MLP", "E": "MoE"}
+
+
+def _nemotron_pattern(cfg: dict, where: str) -> str:
+    """The block letters, one per layer, from layers_block_type or hybrid_override_pattern."""
+    if cfg.get("layers_block_type") is not None:
+        types = cfg["layers_block_type"]
+        if not isinstance(types, list) or not types:
+            raise ConversionError(f"{where}: config key 'layers_block_type' must be a non-empty "
+                                  f"list")
+        out = []
+        for i, t in enumerate(types):
+            if t not in NEMOTRON_TYPES:
+                raise ConversionError(
+                    f"{where}: layer {i}: config key 'layers_block_type' has unknown block type "
+                    f"{str(t)[:40]!r} (known: {', '.join(sorted(NEMOTRON_TYPES))})")
+            out.append(NEMOTRON_TYPES[t])
+        return "".join(out)
+    pat = cfg.get("hybrid_override_pattern")
+    if not isinstance(pat, str) or not pat:
+        raise ConversionError(f"{where}: Nemotron-H config needs 'hybrid_override_pattern' (a "
+                              f"string of M, *, -, E) or 'layers_block_type'")
+    for i, ch in enumerate(pat):
+        if ch not in NEMOTRON_LETTERS:
+            raise ConversionError(
+                f"{where}: layer {i}: config key 'hybrid_override_pattern' has unknown block "
+                f"letter {ch!r} (M: Mamba-2, *: attention, -: MLP, E: MoE)")
+    return pat
+
+
+def _num(cfg: dict, key: str, where: str, default, lo: float, hi: float) -> float:
+    v = cfg.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo < v < hi:
+        raise ConversionError(f"{where}: config key '{key}' must be a number in ({lo}, {hi}), "
+                              f"got {str(v)[:40]}")
+    return float(v)
+
+
+def _nemotron_source(cfg: dict, where: str, weights: WeightSet) -> Source:
+    pat = _nemotron_pattern(cfg, where)
+    n = len(pat)
+    if n > 4096:
+        raise ConversionError(f"{where}: {n} layers (at most 4096)")
+    tensors = weights.tensors
+    files = ", ".join(sorted(set(weights.files))) or "the checkpoint"
+    # The pattern against the checkpoint, layer by layer: a block's mixer tensors show its kind.
+    for i, ch in enumerate(pat):
+        pre = f"backbone.layers.{i}.mixer."
+        found = [k for k, m in NEMOTRON_MARKERS.items() if pre + m in tensors]
+        if ch not in found:
+            has = (f"its tensors are those of a {NEMOTRON_KIND[found[0]]} block "
+                   f"('{pre + NEMOTRON_MARKERS[found[0]]}')") if found else \
+                  f"'{pre + NEMOTRON_MARKERS[ch]}' is missing"
+            raise ConversionError(
+                f"{where}: layer {i}: the pattern says {ch!r} ({NEMOTRON_KIND[ch]}) but in "
+                f"{files} {has}")
+    extra_layers = [k for k in tensors
+                    if re.match(r"backbone\.layers\.(\d+)\.", k)
+                    and int(k.split(".")[2]) >= n]
+    if extra_layers:
+        raise ConversionError(f"{where}: the pattern has {n} layers but {files} holds "
+                              f"'{extra_layers[0]}'")
+    if "E" in pat:
+        raise ConversionError(f"{where}: layer {pat.index('E')}: MoE blocks ('E') are not "
+                          f"supported yet (Nemotron-H with M, *, - blocks is)")
+    d = _int(cfg, "hidden_size", where)
+    V = _int(cfg, "vocab_size", where)
+    eps = _num(cfg, "layer_norm_epsilon", where, 1e-5, 0.0, 1.0)
+    c = _base_config("nemotron_h")
+    c.update(d_model=d, n_layer=n, vocab_size=V, vocab_size_padded=V, norm="rmsnorm",
+             norm_eps=eps, residual_in_fp32=True,
+             # transformers' NemotronH ties nothing (tie_word_embeddings is not read): the head
+             # is lm_head.weight; a checkpoint without one shares the embedding.
+             tie_embeddings="lm_head.weight" not in tensors)
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        c[k] = _opt_id(cfg.get(k), where, k)
+    layers = []
+    mamba = attn = mlp = None
+    if "M" in pat:
+        act = cfg.get("mamba_hidden_act", "silu")
+        if act != "silu":
+            raise ConversionError(f"{where}: config key 'mamba_hidden_act' = {act!r} is not "
+                                  f"supported (silu)")
+        H = _int(cfg, "mamba_num_heads", where)
+        P = _int(cfg, "mamba_head_dim", where)
+        G = _int(cfg, "n_groups", where, _int(cfg, "mamba_n_groups", where, 8))
+        if H % G:
+            raise ConversionError(f"{where}: layer {pat.index('M')}: n_groups ({G}) must divide "
+                                  f"mamba_num_heads ({H})")
+        mamba = {"type": "mamba2", "d_inner": H * P,
+                 "d_state": _int(cfg, "ssm_state_size", where, 128),
+                 "d_conv": _int(cfg, "conv_kernel", where, _int(cfg, "mamba_d_conv", where, 4)),
+                 "conv_bias": _bool(cfg, "use_conv_bias", where, True),
+                 "bias": _bool(cfg, "use_bias", where, False),
+                 "headdim": P, "nheads": H, "ngroups": G,
+                 "chunk_size": _int(cfg, "chunk_size", where, 128),
+                 "dt_limit": _dt_limit(cfg.get("time_step_limit", [0.0, math.inf]), where,
+                                       "time_step_limit"),
+                 "gated_norm": True, "norm_before_gate": False}
+    if "*" in pat:
+        i = pat.index("*")
+        Hq = _int(cfg, "num_attention_heads", where)
+        kv = cfg.get("num_key_value_heads")
+        Hkv = Hq if kv is None else _int(cfg, "num_key_value_heads", where)
+        q = tensors.get(f"backbone.layers.{i}.mixer.q_proj.weight")
+        rows = q.shape[0] if q is not None and len(q.shape) == 2 else 0
+        # The head size from the weights (older configs' attention_head_dim is not read by
+        # transformers either); then checked against the config's head_dim.
+        if rows % Hq:
+            raise ConversionError(f"{where}: layer {i}: num_attention_heads ({Hq}) does not "
+                                  f"divide the rows of q_proj ({rows})")
+        hd = rows // Hq
+        if "head_dim" in cfg and cfg["head_dim"] is not None and cfg["head_dim"] != hd:
+            raise ConversionError(f"{where}: layer {i}: config key 'head_dim' = "
+                                  f"{cfg['head_dim']} but q_proj holds {Hq} heads of {hd}")
+        if Hq % Hkv:
+            raise ConversionError(f"{where}: layer {i}: num_key_value_heads ({Hkv}) must divide "
+                                  f"num_attention_heads ({Hq})")
+        # The KV cache's capacity: the trained context (convert's max_context changes it).
+        ctx = _int(cfg, "max_position_embeddings", where, 8192)
+        # NoPE, no biases (hard-coded in transformers' NemotronHAttention), scale hd^-1/2.
+        attn = {"type": "attention", "num_heads": Hq, "num_kv_heads": Hkv, "head_dim": hd,
+                "rotary_dim": 0, "rope_theta": 10000.0, "window": 0, "qkv_bias": False,
+                "out_bias": False, "scale": hd ** -0.5, "max_context": ctx,
+                "fused_qkv": False, "d_conv": 0}
+    if "-" in pat:
+        act = cfg.get("mlp_hidden_act", "relu2")
+        if act != "relu2":
+            raise ConversionError(f"{where}: config key 'mlp_hidden_act' = {act!r} is not "
+                                  f"supported (relu2)")
+        mlp = {"type": "mlp", "intermediate_size": _int(cfg, "intermediate_size", where),
+               "activation": "relu2", "bias": _bool(cfg, "mlp_bias", where, False)}
+    for ch in pat:
+        layers.append(dict({"M": mamba, "*": attn, "-": mlp}[ch]))
+    c["layers"] = layers
+    src = Source("transformers", c, prefix="backbone.", emb="backbone.embeddings.weight",
+                 ignored=("mtp.",))
+    emb = tensors.get(src.emb)
+    if emb is not None and len(emb.shape) == 2:
+        if emb.shape[0] < V:
+            raise ConversionError(f"{weights.files[0]}: tensor '{src.emb}' has {emb.shape[0]} "
+                                  f"rows, fewer than vocab_size {V}")
+        c["vocab_size_padded"] = emb.shape[0]
+    return src
+
+
 def _hf_source(cfg: dict, where: str, weights: WeightSet) -> Source:
     mt = cfg.get("model_type")
+    if mt == "nemotron_h":
+        return _nemotron_source(cfg, where, weights)
     if mt not in ("mamba", "mamba2", "falcon_mamba"):
         raise ConversionError(f"{where}: model_type {mt!r} is not supported (mamba, mamba2, "
-                              f"falcon_mamba; Jamba, Zamba, Mamba-3 and hybrids are not)")
+                              f"falcon_mamba, nemotron_h; Jamba, Zamba, Granite and Bamba are "
+                              f"not)")
     falcon = mt == "falcon_mamba"
     arch = "mamba2" if mt == "mamba2" else "mamba1"
     d = _int(cfg, "hidden_size", where)
@@ -431,11 +589,6 @@ def _ss_source(cfg: dict, where: str, weights: WeightSet,
         raise ConversionError(f"{where}: unknown state-spaces config key(s) {unknown} "
                               f"(mamba_ssm's MambaConfig would refuse them too)")
     attn = cfg.get("attn_layer_idx") or []
-    if attn:
-        raise ConversionError(
-            f"{where}: this checkpoint has attention layers (attn_layer_idx={attn}, a "
-            f"Mamba/attention hybrid such as mamba2attn); mambart does not run attention "
-            f"layers yet")
     di = cfg.get("d_intermediate", 0)
     if di:
         raise ConversionError(f"{where}: this checkpoint has MLP layers (d_intermediate={di}); "
@@ -447,6 +600,9 @@ def _ss_source(cfg: dict, where: str, weights: WeightSet,
     if layer not in ("Mamba1", "Mamba2", "Mamba3"):
         raise ConversionError(f"{where}: unknown layer type ssm_cfg.layer={layer!r} (mambart "
                               f"runs Mamba1, Mamba2 and Mamba3)")
+    if layer == "Mamba3" and attn:
+        raise ConversionError(f"{where}: attention layers (attn_layer_idx) with Mamba3 layers "
+                              f"are not supported")
     if layer == "Mamba3":
         entry = _ss_mamba3(cfg, ssm, where, a_activation)
         c = _base_config("mamba3")
@@ -524,10 +680,91 @@ def _ss_source(cfg: dict, where: str, weights: WeightSet,
     c["residual_in_fp32"] = _bool(cfg, "residual_in_fp32", where, True)
     c["tie_embeddings"] = _bool(cfg, "tie_embeddings", where, True)
     c["bos_token_id"] = c["eos_token_id"] = c["pad_token_id"] = None  # set from the tokenizer
+    if attn:
+        c = _ss_with_attention(c, cfg, attn, where, weights)
     src = Source("state-spaces", c, prefix="backbone.", emb="backbone.embedding.weight")
     if c["tie_embeddings"]:
         src.optional_tied = "lm_head.weight"
     return src
+
+
+# mamba_ssm's MHA constructor arguments (attn_cfg); spec hybrids §3.2.
+SS_ATTN_KEYS = {"num_heads", "num_heads_kv", "head_dim", "mlp_dim", "qkv_proj_bias",
+                "out_proj_bias", "softmax_scale", "causal", "d_conv", "rotary_emb_dim",
+                "rotary_emb_base", "rotary_emb_interleaved"}
+M2_ENTRY_KEYS = ("d_inner", "d_state", "d_conv", "conv_bias", "bias", "headdim", "nheads",
+                 "ngroups", "chunk_size", "dt_limit", "gated_norm", "norm_before_gate")
+# state-spaces configs record no context length: the KV caches hold this many tokens unless
+# convert's max_context says otherwise (the Mamba-2 series was trained on 2048).
+SS_ATTN_CONTEXT = 2048
+
+
+def _ss_with_attention(c: dict, cfg: dict, attn, where: str, weights: WeightSet) -> dict:
+    """A flat state-spaces config `c` with mamba_ssm MHA mixers at `attn` (attn_layer_idx), as a
+    `layers` list (mamba2attn): the attention entries read attn_cfg as MHA(...) would."""
+    n = c["n_layer"]
+    if not isinstance(attn, list) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                             and 0 <= i < n for i in attn) \
+            or len(set(attn)) != len(attn):
+        raise ConversionError(f"{where}: config key 'attn_layer_idx' must be a list of distinct "
+                              f"layer indices in [0, {n}), got {str(attn)[:80]}")
+    # The layer kinds against the checkpoint: a Mamba mixer has A_log, an MHA mixer none.
+    files = ", ".join(sorted(set(weights.files))) or "the checkpoint"
+    for i in range(n):
+        a_log = f"backbone.layers.{i}.mixer.A_log"
+        if i in attn and a_log in weights.tensors:
+            raise ConversionError(f"{where}: layer {i}: attn_layer_idx lists an attention layer "
+                                  f"but in {files} it is a Mamba layer ('{a_log}')")
+        if i not in attn and f"backbone.layers.{i}.mixer.in_proj.weight" in weights.tensors \
+                and a_log not in weights.tensors:
+            raise ConversionError(f"{where}: layer {i}: not in attn_layer_idx, but in {files} its "
+                                  f"mixer has no '{a_log}' (an attention layer?)")
+    a = cfg.get("attn_cfg", {}) or {}
+    if not isinstance(a, dict):
+        raise ConversionError(f"{where}: config key 'attn_cfg' must be an object")
+    bad = sorted(set(a) - SS_ATTN_KEYS)
+    if bad:
+        raise ConversionError(f"{where}: unknown attn_cfg key(s) {bad} (mamba_ssm's MHA takes "
+                              f"{', '.join(sorted(SS_ATTN_KEYS))})")
+    w = where + " attn_cfg"
+    d = c["d_model"]
+    Hq = _int(a, "num_heads", w)
+    kv = a.get("num_heads_kv")
+    Hkv = Hq if kv is None else _int(a, "num_heads_kv", w)
+    if Hq % Hkv:
+        raise ConversionError(f"{where}: layer {attn[0]}: attn_cfg.num_heads_kv ({Hkv}) must "
+                              f"divide num_heads ({Hq})")
+    if a.get("head_dim") is None:
+        if d % Hq:
+            raise ConversionError(f"{where}: layer {attn[0]}: attn_cfg.num_heads ({Hq}) does not "
+                                  f"divide d_model ({d}) and head_dim is not given")
+        hd = d // Hq
+    else:
+        hd = _int(a, "head_dim", w, hi=1024)
+    if a.get("mlp_dim", 0):
+        raise ConversionError(f"{where}: attn_cfg.mlp_dim={a['mlp_dim']} (an MLP inside the "
+                              f"attention mixer) is not supported")
+    if not _bool(a, "causal", w, False):
+        raise ConversionError(f"{where}: attn_cfg.causal must be true for a language model")
+    if _bool(a, "rotary_emb_interleaved", w, False):
+        raise ConversionError(f"{where}: attn_cfg.rotary_emb_interleaved=true is not supported "
+                              f"(the rotate-half form is)")
+    rd = _int(a, "rotary_emb_dim", w, 0, lo=0, hi=hd)
+    if rd % 2:
+        raise ConversionError(f"{where}: attn_cfg.rotary_emb_dim={rd} must be even")
+    scale = a.get("softmax_scale")
+    scale = hd ** -0.5 if scale is None else _num(a, "softmax_scale", w, None, 0.0, 1e6)
+    entry = {"type": "attention", "num_heads": Hq, "num_kv_heads": Hkv, "head_dim": hd,
+             "rotary_dim": rd, "rope_theta": _num(a, "rotary_emb_base", w, 10000.0, 1.0, 1e12),
+             "window": 0, "qkv_bias": _bool(a, "qkv_proj_bias", w, True),
+             "out_bias": _bool(a, "out_proj_bias", w, True), "scale": scale,
+             "max_context": SS_ATTN_CONTEXT, "fused_qkv": True,
+             "d_conv": _int(a, "d_conv", w, 0, lo=0, hi=8)}
+    keys = MAMBA1_KEYS if c["architecture"] == "mamba1" else M2_ENTRY_KEYS
+    out = _listed(c, c["architecture"] + "attn", keys, {})
+    for i in attn:
+        out["layers"][i] = dict(entry)
+    return out
 
 
 def validate_config(c: dict, where: str) -> None:
@@ -664,7 +901,8 @@ def plan(source: Source, weights: WeightSet, dtype: Optional[str], quantize: Opt
         used.add(sname)
         q = _quant_scheme(canon, shape, quantize, group, quantize_head) if spec["matrix"] else None
         items.append(PlanItem(canon, t, "float32" if spec["store_fp32"] else T, q))
-    extra = [n for n in weights.tensors if n not in used]
+    extra = [n for n in weights.tensors
+             if n not in used and not any(n.startswith(p) for p in source.ignored)]
     if source.optional_tied in extra:
         emb = weights.tensors[source.emb]
         head = weights.tensors[source.optional_tied]
@@ -723,10 +961,11 @@ def convert(src, dst, dtype: Optional[str] = None, *, overwrite: bool = False,
             progress: bool = False, tokenizer=None, source_info: Optional[dict] = None,
             a_activation: Optional[str] = None, announce: Optional[str] = None,
             quantize: Optional[str] = None, int4_group_size: int = 128,
-            quantize_head: bool = True) -> str:
+            quantize_head: bool = True, max_context: Optional[int] = None) -> str:
     """Converts a checkpoint directory into a mambart model directory at `dst`.
 
-    src: a transformers (MambaForCausalLM / Mamba2ForCausalLM / FalconMambaForCausalLM),
+    src: a transformers (MambaForCausalLM / Mamba2ForCausalLM / FalconMambaForCausalLM /
+        NemotronHForCausalLM),
         state-spaces or Mistral native (Mamba-Codestral) checkpoint directory, or a mambart
         directory (to change its dtype).
     dtype: None keeps the checkpoint's dtype (float64 becomes float32); "float32", "float16" or
@@ -745,6 +984,9 @@ def convert(src, dst, dtype: Optional[str] = None, *, overwrite: bool = False,
         weights"). Quantizes the in / out projections and Mamba-1's x_proj, plus the embedding
         and lm_head when quantize_head; int4 tensors whose K is not a multiple of the group
         are int8. Scales are stored in bfloat16 for a bfloat16 model, else float16.
+    max_context: models with attention layers only: the tokens a sequence may hold (each
+        attention layer's KV cache capacity, laid out in full in every sequence state); default
+        the checkpoint's max_position_embeddings.
 
     Returns str(dst). Raises ConversionError naming the file and tensor on any bad input; an
     interrupted conversion leaves `dst` untouched (the output appears only when complete).
@@ -765,6 +1007,18 @@ def convert(src, dst, dtype: Optional[str] = None, *, overwrite: bool = False,
                                   f"{a_activation!r}")
         for e in m3:  # also re-converting a mambart directory
             e["a_activation"] = a_activation
+    if max_context is not None:
+        attn = [e for e in source.config.get("layers", [])
+                if isinstance(e, dict) and e.get("type") == "attention"]
+        if not attn:
+            raise ConversionError(f"{src_p}: max_context applies to models with attention "
+                                  f"layers only")
+        if isinstance(max_context, bool) or not isinstance(max_context, int) or \
+                not 1 <= max_context <= MAX_DIM:
+            raise ConversionError(f"max_context must be an integer in [1, {MAX_DIM}], got "
+                                  f"{max_context!r}")
+        for e in attn:
+            e["max_context"] = max_context
     if quantize is not None and quantize not in QUANT_SCHEMES:
         raise ConversionError(f"quantize must be None, 'int8' or 'int4', got {quantize!r}")
     if (isinstance(int4_group_size, bool) or not isinstance(int4_group_size, int)

@@ -26,11 +26,15 @@ SHORT_NAMES: Dict[str, str] = {
         "mamba3-siso-187m", "mamba3-siso-1.5b", "mamba3-mimo-187m", "mamba3-mimo-1.5b",
         "mamba-130m-hf", "mamba-370m-hf", "mamba-790m-hf", "mamba-1.4b-hf", "mamba-2.8b-hf")
 }
-# Flavours from other publishers (transformers layouts: FalconMambaForCausalLM, Mamba2ForCausalLM).
+# Flavours and hybrids from other publishers (transformers layouts: FalconMambaForCausalLM,
+# Mamba2ForCausalLM, NemotronHForCausalLM).
 SHORT_NAMES.update({
     "falcon-mamba-7b": "tiiuae/falcon-mamba-7b",
     "falcon-mamba-7b-instruct": "tiiuae/falcon-mamba-7b-instruct",
     "mamba-codestral-7b": "mistralai/Mamba-Codestral-7B-v0.1",
+    # NemotronHForCausalLM (Mamba-2, attention and MLP blocks); repository name as quoted by the
+    # spec's third-party sources, not checked against the hub from here.
+    "nemotron-h-8b": "nvidia/Nemotron-H-8B-Base-8K",
 })
 NEOX_TOKENIZER_REPO = "EleutherAI/gpt-neox-20b"
 

@@ -115,6 +115,7 @@ class Mamba1 final : public Layer {
     }
     int64_t max_linear_cols() const override { return std::max(d_model_, c_->d_inner); }
     bool supports_state_trace() const override { return true; }
+    bool takes_fused_projections() const override { return true; }
 
     void forward(Backend& be, const LayerIO& io) override {
         const int64_t B = io.B, L = io.L, R = B * L;
@@ -126,11 +127,16 @@ class Mamba1 final : public Layer {
         float* y = io.ws[4];      // (R, E)
         float* conv_state = io.state[0];  // (B, E, W)
         float* ssm_state = io.state[1];   // (B, E, N)
-        be.linear(io.in, d_model_, R, in_proj_, 2 * E, in_proj_b_.data, proj, 2 * E);
-        ConvParams cp{proj, 2 * E, conv_state, conv_w_.data, conv_b_.data, xconv, B, L,
-                      E, c_->d_conv};
-        cp.state_trace = io.trace ? io.trace[0] : nullptr;  // (B, L, E, W)
-        be.conv1d(cp);
+        if (io.residual) {  // fused decode projections: the norm and the conv step folded in
+            project_in(be, io, d_model_, in_proj_, 2 * E, in_proj_b_.data, proj, 2 * E,
+                       ProjConv{conv_state, conv_w_.data, conv_b_.data, xconv, E, c_->d_conv});
+        } else {
+            be.linear(io.in, d_model_, R, in_proj_, 2 * E, in_proj_b_.data, proj, 2 * E);
+            ConvParams cp{proj, 2 * E, conv_state, conv_w_.data, conv_b_.data, xconv, B, L,
+                          E, c_->d_conv};
+            cp.state_trace = io.trace ? io.trace[0] : nullptr;  // (B, L, E, W)
+            be.conv1d(cp);
+        }
         be.linear(xconv, E, R, x_proj_, X, nullptr, xdbl, X);
         const float* dt_low = xdbl;  // (R, Rdt), row stride ld_dt
         const float* bc = xdbl + Rdt;  // (R, 2N) [B | C], row stride ld_bc
@@ -156,7 +162,7 @@ class Mamba1 final : public Layer {
             Mamba1DecodeParams fp{xconv, xdbl, X, dt_proj_, proj + E, 2 * E, A_.data,
                                   D_.data, dt_bias_.data, ssm_state, y, B, E, N, Rdt};
             if (be.mamba1_decode_fused(fp)) {
-                be.linear(y, E, R, out_proj_, d_model_, out_proj_b_.data, io.out, d_model_);
+                project_out(be, io, y, E, out_proj_, d_model_, out_proj_b_.data);
                 return;
             }
         }
@@ -180,7 +186,7 @@ class Mamba1 final : public Layer {
         sp.N = N;
         sp.state_trace = io.trace ? io.trace[1] : nullptr;  // (B, L, E, N)
         be.selective_scan(sp);
-        be.linear(y, E, R, out_proj_, d_model_, out_proj_b_.data, io.out, d_model_);
+        project_out(be, io, y, E, out_proj_, d_model_, out_proj_b_.data);
     }
 
  private:

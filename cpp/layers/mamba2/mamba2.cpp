@@ -129,6 +129,7 @@ class Mamba2 final : public Layer {
     }
     int64_t max_linear_cols() const override { return std::max(d_model_, c_->d_inner); }
     bool supports_state_trace() const override { return true; }
+    bool takes_fused_projections() const override { return true; }
 
     void forward(Backend& be, const LayerIO& io) override {
         const Config& c = *c_;
@@ -138,7 +139,7 @@ class Mamba2 final : public Layer {
         float* proj = io.ws[0];   // (R, Din)
         float* xconv = io.ws[1];  // (R, conv_dim)
         float* y = io.ws[2];      // (R, E)
-        be.linear(io.in, d_model_, R, in_proj_, Din, in_proj_b_.data, proj, Din);
+        project_in(be, io, d_model_, in_proj_, Din, in_proj_b_.data, proj, Din);
         ConvParams cp{proj + E, Din, io.state[0], conv_w_.data, conv_b_.data,
                       xconv, B, L, conv_dim, c.d_conv};
         cp.state_trace = io.trace ? io.trace[0] : nullptr;  // (B, L, conv_dim, W)
@@ -171,13 +172,19 @@ class Mamba2 final : public Layer {
             be.conv1d(cp);
             be.ssd_scan(sp);
         }
+        if (c.gated_norm && io.residual && be.fused_projection(R, E, G)) {
+            // the fused decode projections: the gated norm in out_proj's prologue as well
+            project_out(be, io, y, E, out_proj_, d_model_, out_proj_b_.data,
+                        ProjGate{proj, Din, norm_w_.data, E / G, norm_eps_}, io.ws[3]);
+            return;
+        }
         const float* out = y;
         if (c.gated_norm) {
             float* y2 = io.ws[3];  // (R, E)
             be.gated_rmsnorm(y, proj, Din, norm_w_.data, R, E, E / G, norm_eps_, y2);
             out = y2;
         }
-        be.linear(out, E, R, out_proj_, d_model_, out_proj_b_.data, io.out, d_model_);
+        project_out(be, io, out, E, out_proj_, d_model_, out_proj_b_.data);
     }
 
  private:

@@ -157,13 +157,14 @@ class Mamba3 final : public Layer {
         return {c_->d_in_proj(), c_->d_inner};
     }
     int64_t max_linear_cols() const override { return std::max(d_model_, c_->d_inner); }
+    bool takes_fused_projections() const override { return true; }
 
     void forward(Backend& be, const LayerIO& io) override {
         const Config& c = *c_;
         const int64_t R = io.B * io.L, E = c.d_inner, Din = c.d_in_proj();
         float* proj = io.ws[0];  // (R, Din)
         float* y = io.ws[1];     // (R, E)
-        be.linear(io.in, d_model_, R, in_proj_, Din, nullptr, proj, Din);
+        project_in(be, io, d_model_, in_proj_, Din, nullptr, proj, Din);
         Mamba3ScanParams p{};
         p.proj = proj;
         p.ld_proj = Din;
@@ -195,7 +196,7 @@ class Mamba3 final : public Layer {
         p.a_floor = float(c.a_floor);
         p.eps = kEps;
         be.mamba3_scan(p);
-        be.linear(y, E, R, out_proj_, d_model_, nullptr, io.out, d_model_);
+        project_out(be, io, y, E, out_proj_, d_model_, nullptr);
     }
 
  private:

@@ -1,0 +1,211 @@
+"""Nemotron-H (transformers NemotronHForCausalLM; issue 19, item 3) on the CPU backend: Mamba-2,
+attention and MLP blocks by hybrid_override_pattern, converted torch-free and checked against
+transformers' own class (tiny random weights): fp32 logits, greedy decoding, prefill == decode,
+state save / load continuation, the prompt cache; the conversion's refusals name the layer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mambart
+from conftest import TOL
+from hf_models import build, hf_greedy, hf_logits, nemotron_h_config
+from mambart.errors import ConversionError
+
+CASES = {
+    # GQA 4/2, groups 2, untied head (as Nemotron-H-8B, scaled down)
+    "nemotron-h": lambda: nemotron_h_config(),
+    # attention first, MHA, biases in the Mamba projections and the MLP, odd sizes;
+    # tie_word_embeddings, which transformers' NemotronH does not read (its lm_head stays)
+    "nemotron-h-mha-bias": lambda: nemotron_h_config(
+        hybrid_override_pattern="*M-M*-", num_attention_heads=3, num_key_value_heads=3,
+        head_dim=10, hidden_size=30, mamba_num_heads=6, mamba_head_dim=6, n_groups=3,
+        use_bias=True, mlp_bias=True, intermediate_size=20, tie_word_embeddings=True,
+        chunk_size=5),
+}
+SEQ = 45  # longer than chunk_size several times over
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    out = {}
+    for i, (name, make) in enumerate(CASES.items()):
+        root = tmp_path_factory.mktemp(name)
+        hf = build(make(), root / "hf", seed=20 + i)
+        conv = mambart.convert(root / "hf", root / "mambart")
+        out[name] = (hf, Path(conv), mambart.Generator(conv, device="cpu"))
+    return out
+
+
+def ids_for(V, n, seed=0):
+    # no id 0: transformers' generate masks the pad id (0 here) out of the prompt
+    return [int(t) for t in np.random.default_rng(seed).integers(1, V, size=n)]
+
+
+def test_conversion_lays_out_the_pattern(models):
+    hf, d, g = models["nemotron-h"]
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["architecture"] == "nemotron_h"
+    assert [e["type"] for e in cfg["layers"]] == ["mamba2", "mlp", "attention", "mamba2", "mlp",
+                                                  "attention", "mamba2"]
+    a = cfg["layers"][2]
+    assert (a["num_heads"], a["num_kv_heads"], a["head_dim"], a["rotary_dim"], a["window"]) == \
+        (4, 2, 8, 0, 0)
+    assert a["max_context"] == hf.config.max_position_embeddings
+    assert cfg["layers"][1] == {"type": "mlp", "intermediate_size": 48, "activation": "relu2",
+                                "bias": False}
+    m = cfg["layers"][0]
+    assert (m["nheads"], m["headdim"], m["ngroups"], m["d_state"]) == (8, 8, 2, 12)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_logits_equal_transformers(models, name):
+    hf, _, g = models[name]
+    ids = ids_for(g.vocab_size, SEQ)
+    ref = hf_logits(hf, ids).numpy()[:, : g.vocab_size]
+    got = g.logits(ids)
+    assert got.shape == (SEQ, g.vocab_size)
+    err = float(np.abs(got - ref).max())
+    assert err < 1e-4 * max(1.0, float(np.abs(ref).max())), f"{name}: max abs err {err}"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_prefill_equals_decode_steps(models, name):
+    _, _, g = models[name]
+    ids = ids_for(g.vocab_size, SEQ, seed=1)
+    full = g.logits(ids)
+    scale = max(1.0, float(np.abs(full).max()))
+    assert np.abs(g._g.logits(ids, 1) - full).max() < 1e-4 * scale  # token by token
+    assert np.abs(g._g.logits(ids, 7) - full).max() < 1e-4 * scale  # chunks, state carried
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_greedy_equals_transformers_generate(models, name):
+    hf, _, g = models[name]
+    prompts = [ids_for(g.vocab_size, n, seed=n) for n in (9, 4, 15)]
+    rows = g.generate(prompts, max_new_tokens=32, ignore_eos=True)
+    for p, r in zip(prompts, rows):
+        assert r.token_ids == hf_greedy(hf, p, 32)
+
+
+def test_state_save_load_continuation_equals_one_run(models, tmp_path):
+    hf, _, g = models["nemotron-h"]
+    prompt = ids_for(g.vocab_size, 11, seed=5)
+    full = g.generate(prompt, max_new_tokens=20, ignore_eos=True)
+    assert full.token_ids == hf_greedy(hf, prompt, 20)
+    a = g.generate(prompt, max_new_tokens=8, ignore_eos=True, return_state=True)
+    path = tmp_path / "s.safetensors"
+    a.state.save(path)
+    b = g.generate(None, state=g.load_state(path), max_new_tokens=12, ignore_eos=True)
+    assert a.token_ids + b.token_ids == full.token_ids
+
+
+def test_prompt_cache_next_turn(models):
+    """The prompt cache (snapshots of sequence states, the KV caches included): the next turn
+    prefills only its new tokens and gives transformers' tokens for the whole conversation."""
+    hf, d, _ = models["nemotron-h"]
+    g = mambart.Generator(d, device="cpu", prompt_cache_bytes=1 << 24)
+    base = ids_for(g.vocab_size, 14, seed=7)
+    t1 = g.generate(base, max_new_tokens=5, ignore_eos=True)
+    assert t1.token_ids == hf_greedy(hf, base, 5)
+    turn2 = base + t1.token_ids + ids_for(g.vocab_size, 6, seed=8)
+    t2 = g.generate(turn2, max_new_tokens=9, ignore_eos=True)
+    assert t2.prefill_tokens == 7  # the pending last token and the 6 new ones
+    assert t2.token_ids == hf_greedy(hf, turn2, 9)
+    assert g.prompt_cache.hits >= 1
+
+
+def test_max_context_option_and_the_bound(models, tmp_path):
+    hf, _, _ = models["nemotron-h"]
+    src = tmp_path / "hf"
+    hf.save_pretrained(src)
+    out = mambart.convert(src, tmp_path / "out", max_context=40)
+    g = mambart.Generator(out, device="cpu")
+    assert {e.get("max_context") for e in g.config["layers"] if e["type"] == "attention"} == {40}
+    with pytest.raises(ValueError, match="max_context = 40"):
+        g.generate(ids_for(g.vocab_size, 30), max_new_tokens=11)
+    with pytest.raises(ConversionError, match="max_context must be an integer"):
+        mambart.convert(src, tmp_path / "out2", max_context=0)
+
+
+# ---------------------------------------------------------------- refusals
+
+def _hf_dir(models, tmp_path, name="nemotron-h", **change):
+    hf = models[name][0]
+    src = tmp_path / "hf"
+    hf.save_pretrained(src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(change)
+    (src / "config.json").write_text(json.dumps(cfg))
+    return src
+
+
+def test_pattern_disagreeing_with_the_tensors_names_the_layer(models, tmp_path):
+    # layers 1 and 2 swapped: the pattern says MLP where the checkpoint has attention
+    src = _hf_dir(models, tmp_path, layers_block_type=None,
+                  hybrid_override_pattern="M*-M-*M")
+    with pytest.raises(ConversionError, match=r"layer 1: the pattern says '\*' \(attention\) but "
+                                              r".* a MLP block \('backbone\.layers\.1\.mixer\."
+                                              r"up_proj\.weight'\)"):
+        mambart.convert(src, tmp_path / "out")
+
+
+def test_pattern_shorter_than_the_checkpoint_is_refused(models, tmp_path):
+    src = _hf_dir(models, tmp_path, layers_block_type=None, hybrid_override_pattern="M-*M-*")
+    with pytest.raises(ConversionError, match=r"the pattern has 6 layers but .* holds "
+                                              r"'backbone\.layers\.6\."):
+        mambart.convert(src, tmp_path / "out")
+
+
+def test_unknown_block_letter_names_the_layer(models, tmp_path):
+    src = _hf_dir(models, tmp_path, layers_block_type=None, hybrid_override_pattern="M-*X-*M")
+    with pytest.raises(ConversionError, match=r"layer 3: config key 'hybrid_override_pattern' "
+                                              r"has unknown block letter 'X'"):
+        mambart.convert(src, tmp_path / "out")
+    src = _hf_dir(models, tmp_path / "b", layers_block_type=["mamba", "mlp", "attention",
+                                                             "mamba", "mlp", "conv", "mamba"])
+    with pytest.raises(ConversionError, match=r"layer 5: config key 'layers_block_type' has "
+                                              r"unknown block type 'conv'"):
+        mambart.convert(src, tmp_path / "out")
+
+
+@pytest.mark.parametrize("change,msg", [
+    ({"num_attention_heads": 3}, r"layer 2: num_attention_heads \(3\) does not divide the rows "
+                                 r"of q_proj \(32\)"),
+    ({"num_key_value_heads": 3}, r"layer 2: num_key_value_heads \(3\) must divide "
+                                 r"num_attention_heads \(4\)"),
+    ({"n_groups": 3}, r"layer 0: n_groups \(3\) must divide mamba_num_heads \(8\)"),
+    ({"head_dim": 16}, r"layer 2: config key 'head_dim' = 16 but q_proj holds 4 heads of 8"),
+])
+def test_head_counts_that_do_not_divide_name_the_layer(models, tmp_path, change, msg):
+    src = _hf_dir(models, tmp_path, **change)
+    with pytest.raises(ConversionError, match=msg):
+        mambart.convert(src, tmp_path / "out")
+
+
+def test_moe_blocks_are_refused_by_name(models, tmp_path):
+    src = _hf_dir(models, tmp_path, layers_block_type=None, hybrid_override_pattern="M-*M-*E")
+    with pytest.raises(ConversionError, match=r"layer 6: the pattern says 'E' \(MoE\)"):
+        mambart.convert(src, tmp_path / "out")
+
+
+def test_mtp_tensors_are_ignored(models, tmp_path):
+    """Multi-token-prediction weights (mtp.*) are not part of the model and are skipped."""
+    from model_dirs import encode, write_safetensors
+    from mambart._tensorio import read_safetensors_header  # noqa: F401 (format check below)
+    import safetensors.numpy as stn
+
+    hf, _, g = models["nemotron-h"]
+    src = tmp_path / "hf"
+    hf.save_pretrained(src)
+    t = stn.load_file(str(src / "model.safetensors"))
+    t["mtp.layers.0.mixer.q_proj.weight"] = np.ones((4, 4), np.float32)
+    write_safetensors(src / "model.safetensors", {k: encode(v, "float32") for k, v in t.items()},
+                      metadata={"format": "pt"})
+    out = mambart.convert(src, tmp_path / "out")
+    ids = ids_for(g.vocab_size, 12, seed=9)
+    np.testing.assert_array_equal(mambart.Generator(out, device="cpu").logits(ids), g.logits(ids))
