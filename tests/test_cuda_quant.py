@@ -118,6 +118,29 @@ def test_quantized_model_cuda_matches_cpu(tmp_path, arch, scheme):
     assert agree >= 7, agree  # GEMV vs GEMM rounding may flip a near tie in a random model
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_hybrid_cuda_matches_cpu(tmp_path, scheme):
+    """Mamba-2, attention and MLP layers with quantized projections: CUDA against the CPU."""
+    from test_quant import hybrid_dir
+
+    out = convert(hybrid_dir(tmp_path / "src"), tmp_path / "q", quantize=scheme,
+                  int4_group_size=32)
+    ids = [int(t) for t in np.random.default_rng(2).integers(1, 100, size=40)]
+    lc = mambart.Generator(out, device="cpu").logits(ids)
+    lg = mambart.Generator(out, device="cuda").logits(ids)
+    scale = float(np.abs(lc).max())
+    assert float(np.abs(lg - lc).max()) <= 0.03 * scale, (float(np.abs(lg - lc).max()), scale)
+    rc = mambart.Generator(out, device="cpu").generate(ids[:8], max_new_tokens=8, ignore_eos=True,
+                                                       logprobs=1)
+    rg = mambart.Generator(out, device="cuda").generate(ids[:8], max_new_tokens=8,
+                                                        ignore_eos=True, logprobs=1)
+    n = next((i for i, (a, b) in enumerate(zip(rc.token_ids, rg.token_ids)) if a != b),
+             len(rc.token_ids))
+    assert n >= 3, (rc.token_ids, rg.token_ids)
+    np.testing.assert_allclose([t.logprob for t in rg.logprobs[:n]],
+                               [t.logprob for t in rc.logprobs[:n]], rtol=0, atol=0.1)
+
+
 def test_quantized_demo_perplexity_cuda(tmp_path):
     """The trained Mamba-2 demo quantized: held-out perplexity on CUDA near the CPU's."""
     from mambart import hub

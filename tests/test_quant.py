@@ -244,6 +244,58 @@ def test_fused_projections_option_runs_quantized_models_unfused(tmp_path):
     assert got.token_ids == want.token_ids
 
 
+def hybrid_dir(path: Path) -> Path:
+    """A listed model with Mamba-2, attention (GQA, RoPE; and mamba_ssm's fused qkv with a conv)
+    and MLP (relu2, swiglu) layers, random weights, bf16."""
+    from model_dirs import random_tensor, save_tensors, write_config
+
+    m2 = {"type": "mamba2", "d_inner": 128, "d_state": 16, "d_conv": 4, "conv_bias": True,
+          "bias": False, "headdim": 16, "nheads": 8, "ngroups": 1, "chunk_size": 16,
+          "dt_limit": [0.0, None], "gated_norm": True, "norm_before_gate": False}
+    att = {"type": "attention", "num_heads": 4, "num_kv_heads": 2, "head_dim": 16,
+           "rotary_dim": 8, "rope_theta": 10000.0, "window": 0, "qkv_bias": False,
+           "out_bias": False, "scale": 0.25, "max_context": 128, "fused_qkv": False, "d_conv": 0}
+    att2 = dict(att, fused_qkv=True, d_conv=4, num_kv_heads=4)
+    mlp = {"type": "mlp", "intermediate_size": 96, "activation": "relu2", "bias": False}
+    layers = [m2, att, mlp, m2, att2, dict(mlp, activation="swiglu")]
+    c = {"mambart_format": 1, "architecture": "hybrid", "d_model": 64, "n_layer": len(layers),
+         "vocab_size": 100, "vocab_size_padded": 104, "norm": "rmsnorm", "norm_eps": 1e-5,
+         "residual_in_fp32": True, "tie_embeddings": False, "bos_token_id": None,
+         "eos_token_id": 0, "pad_token_id": None, "dtype": "bfloat16", "layers": layers}
+    spec = _C.config_spec(json.dumps(c), "hybrid")
+    rng = np.random.default_rng(11)
+    t = {e["name"]: random_tensor(e["name"], tuple(e["shape"]), rng) for e in spec["tensors"]}
+    path.mkdir(parents=True)
+    write_config(path, c)
+    save_tensors(path / "model.safetensors", t, "bfloat16")
+    return path
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_convert_quantize_hybrid(tmp_path, scheme):
+    """Attention and MLP projections quantize too (they run through Backend::linear)."""
+    src = hybrid_dir(tmp_path / "src")
+    out = Path(convert(src, tmp_path / "q", quantize=scheme, int4_group_size=32))
+    t = json.loads((out / "config.json").read_text())["quantization"]["tensors"]
+    for n in ("layers.1.mixer.q_proj.weight", "layers.1.mixer.o_proj.weight",
+              "layers.4.mixer.in_proj.weight", "layers.2.mixer.up_proj.weight",
+              "layers.5.mixer.gate_proj.weight", "layers.5.mixer.down_proj.weight",
+              "lm_head.weight", "layers.0.mixer.in_proj.weight"):
+        assert t[n] == scheme, n
+    assert "layers.4.mixer.conv1d.weight" not in t
+    ids = [1, 5, 9, 2, 7, 3, 30, 31, 44, 45, 12, 13]
+    ref = mambart.Generator(str(src)).logits(ids)
+    g = mambart.Generator(str(out))
+    got = g.logits(ids)
+    err = np.abs(got - ref).max() / np.abs(ref).max()
+    assert 0 < err < (0.05 if scheme == "int8" else 0.5), err
+    r = g.generate(ids, max_new_tokens=6, ignore_eos=True, logprobs=1)
+    full = g.logits(ids + list(r.token_ids)).astype(np.float64)[len(ids) - 1:-1]
+    lse = np.log(np.exp(full - full.max(1, keepdims=True)).sum(1)) + full.max(1)
+    want = full[np.arange(len(r.token_ids)), r.token_ids] - lse
+    np.testing.assert_allclose([lp.logprob for lp in r.logprobs], want, rtol=0, atol=0.1)
+
+
 def test_convert_quantize_options(tmp_path):
     src = _tiny(tmp_path)
     # int4 with the default group 128: K = 64 does not fit, so those tensors fall back to int8

@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tokenizer", default=None, metavar="PATH",
                    help="a tokenizer.json to copy in instead of the model's")
     c.add_argument("--quantize", choices=["int8", "int4"], default=None,
-                   help="quantize the in/out projections, x_proj, embedding and head: int8 per "
+                   help="quantize the projections, embedding and head: int8 per "
                         "output channel, or int4 in groups along K (docs/format.md)")
     c.add_argument("--group-size", type=int, default=128, metavar="G",
                    help="int4: weights per scale along K (a multiple of 32; default 128)")

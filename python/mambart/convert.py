@@ -835,9 +835,12 @@ class PlanItem:
 
 
 # The matrices `quantize=` quantizes (issue 18): the in / out projections, Mamba-1's x_proj,
-# and, with quantize_head, the embedding and lm_head (tied or not). Conv weights, norms, A, D,
-# dt_bias and dt_proj (tiny; the fused decode step reads it directly) keep their dtype.
-_QUANT_SUFFIXES = (".mixer.in_proj.weight", ".mixer.out_proj.weight", ".mixer.x_proj.weight")
+# attention's q / k / v / o projections and the MLP's up / gate / down projections, and, with
+# quantize_head, the embedding and lm_head (tied or not). Conv weights, norms, A, D, dt_bias
+# and dt_proj (tiny; the fused decode step reads it directly) keep their dtype.
+_QUANT_SUFFIXES = tuple(f".mixer.{n}.weight" for n in (
+    "in_proj", "out_proj", "x_proj", "q_proj", "k_proj", "v_proj", "o_proj", "up_proj",
+    "gate_proj", "down_proj"))
 _QUANT_HEAD = ("embedding.weight", "lm_head.weight")
 QUANT_SCHEMES = ("int8", "int4")
 
@@ -981,8 +984,8 @@ def convert(src, dst, dtype: Optional[str] = None, *, overwrite: bool = False,
     announce: a line written to stderr once the source has been checked, before writing.
     quantize: None, "int8" (per output channel, symmetric) or "int4" (groups of
         int4_group_size along K, symmetric); round to nearest (docs/format.md "Quantized
-        weights"). Quantizes the in / out projections and Mamba-1's x_proj, plus the embedding
-        and lm_head when quantize_head; int4 tensors whose K is not a multiple of the group
+        weights"). Quantizes the in / out projections, Mamba-1's x_proj and the attention and
+        MLP projections, plus the embedding and lm_head when quantize_head; int4 tensors whose K is not a multiple of the group
         are int8. Scales are stored in bfloat16 for a bfloat16 model, else float16.
     max_context: models with attention layers only: the tokens a sequence may hold (each
         attention layer's KV cache capacity, laid out in full in every sequence state); default
