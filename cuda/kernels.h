@@ -64,7 +64,8 @@ struct LinearParams {
 // weights; x rounded to the weight dtype, fp32 accumulation) or an fp32 SIMT GEMM.
 constexpr int64_t kGemvMaxRows = 8;
 constexpr int64_t kFusedMaxRows = 4;
-constexpr int64_t kFusedMaxNormElems = 12288;  // 48 KB of normed rows in shared memory
+constexpr int64_t kFusedMaxNormElems = 11264;  // 44 KB of prologue rows in shared memory (with
+                                               // the static arrays, within the 48 KB default)
 void launch_linear(const LinearParams& p, cudaStream_t stream);
 
 // Quantized weights (issue 18; cuda/linear_quant.cu, layouts in op_params.h Weight).

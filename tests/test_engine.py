@@ -153,7 +153,9 @@ def test_busy_queue_timeout_and_bad_requests(model_dir):
     g._g.start_engine(capacity=1, max_slots=1, prefill_rows=1, max_queue=2)
     opts = g._options(10**6, 0.0, 0, 1.0, 0.0, 1.0, 0, None, True)  # runs until cancelled
     running = g._g.submit(PROMPT, opts, None, [], False, 0.0, False)
-    time.sleep(0.05)
+    deadline = time.monotonic() + 30  # admitted (a loaded machine may take a while)
+    while g.engine_stats()["queued"] and time.monotonic() < deadline:
+        time.sleep(0.005)
     queued = [g._g.submit(PROMPT, opts, None, [], False, 0.0, False) for _ in range(2)]
     with pytest.raises(_C.EngineBusy, match="busy: 2 requests are waiting"):
         g._g.submit(PROMPT, opts, None, [], False, 0.0, False)

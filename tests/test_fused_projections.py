@@ -23,6 +23,13 @@ CASES = {
     "m2-nogate": ("mamba2", dict(d_model=64, d_inner=128, d_state=32, headdim=16, nheads=8,
                                  ngroups=4, chunk_size=8, gated_norm=False)),
     "m3": ("mamba3", None),
+    # wide enough that in_proj and the head take the warp-per-column GEMV (N >= 1024), as real
+    # models do, and the norm prologue strides over more than 1024 elements once
+    "m1-wide": ("mamba1", dict(d_model=1280, d_inner=512, d_state=16, dt_rank=16,
+                               vocab_size=1100, vocab_size_padded=1104, n_layer=2)),
+    "m2-wide": ("mamba2", dict(d_model=256, d_inner=2560, d_state=32, headdim=64, nheads=40,
+                               ngroups=1, chunk_size=16, vocab_size=1100, vocab_size_padded=1104,
+                               n_layer=2)),
 }
 PROMPTS = [[5, 17, 33, 2, 60, 9, 41], [7, 7, 1, 90], [250, 3, 3, 3, 3, 3, 3, 3, 3, 18]]
 
@@ -31,8 +38,8 @@ def model_dir(tmp_path, name):
     arch, kw = CASES[name]
     if arch == "mamba3":
         return make_m3(tmp_path / name, [VARIANTS["siso"], VARIANTS["mimo2"]], seed=4)[0]
-    return make_model_dir(tmp_path / name, arch, seed=2, n_layer=3, vocab_size=300,
-                          vocab_size_padded=304, **kw)
+    kw = dict(dict(n_layer=3, vocab_size=300, vocab_size_padded=304), **kw)
+    return make_model_dir(tmp_path / name, arch, seed=2, **kw)
 
 
 def runs(d, device, dtype, fused, tmp_path):
