@@ -87,6 +87,13 @@ class Backend {
         (void)rows;
         (void)cols;
     }
+    // Quantized weights of at most `cols` input features are placed (issue 18): a backend whose
+    // prefill GEMM dequantizes them into a workspace allocates it here (CUDA: a bounded bf16
+    // slab of rows), at load, outside the hot path. Bytes it holds are returned.
+    virtual uint64_t reserve_dequant(int64_t cols) {
+        (void)cols;
+        return 0;
+    }
     // Bytes reserve_scratch(rows, cols) holds afterwards (for estimates made before it runs).
     virtual uint64_t scratch_bytes(int64_t rows, int64_t cols) const {
         (void)rows;

@@ -67,6 +67,12 @@ std::vector<TensorSpec> ModelConfig::tensors() const {
             out.push_back(std::move(t));
         }
     }
+    for (TensorSpec& t : out) {
+        auto it = quant.find(t.name);
+        if (it == quant.end()) continue;
+        t.quant = it->second;
+        t.group = t.quant == QuantScheme::Int4 ? int4_group : t.shape.back();
+    }
     return out;
 }
 
@@ -179,6 +185,27 @@ ModelConfig ModelConfig::from_json_text(const std::string& text, const std::stri
         }
     }();
     r.skip("source");
+    // "quantization": {"int4_group_size": g, "tensors": {name: "int8" | "int4", ...}}, checked
+    // against the tensors below once the layers are known.
+    if (r.has("quantization")) {
+        const json& q = r.need("quantization");
+        const std::string qo = str_cat(origin, ": quantization");
+        if (!q.is_object()) r.fail("quantization", "must be an object");
+        ConfigReader qr(q, qo);
+        c.int4_group = qr.integer("int4_group_size", 32, 1 << 16);
+        if (c.int4_group % 32 != 0) qr.fail("int4_group_size", "must be a multiple of 32");
+        const json& t = qr.need("tensors");
+        if (!t.is_object()) qr.fail("tensors", "must be an object {tensor name: scheme}");
+        for (auto it = t.begin(); it != t.end(); ++it) {
+            QuantScheme s = QuantScheme::None;
+            if (!it.value().is_string() || !quant_scheme_from_name(it.value().get<std::string>(), &s))
+                throw ModelLoadError(str_cat(qo, ": tensor '", it.key(), "' has scheme ",
+                                             it.value().dump(), ", which this build does not "
+                                             "support (int8, int4)"));
+            c.quant[it.key()] = s;
+        }
+        qr.reject_unknown();
+    }
 
     if (listed) {
         // One entry per layer: {"type": ..., the type's fields}; each read by its unit.
@@ -209,6 +236,25 @@ ModelConfig ModelConfig::from_json_text(const std::string& text, const std::stri
     }
 
     if (c.eos_token_id >= c.vocab_size) r.fail("eos_token_id", "is outside the vocabulary");
+    if (!c.quant.empty()) {
+        // Every quantized name is a large matrix of this config, and int4 fits its group.
+        std::map<std::string, TensorSpec> mats;
+        for (TensorSpec& t : c.tensors())
+            if (t.matrix) mats[t.name] = t;
+        for (const auto& kv : c.quant) {
+            auto it = mats.find(kv.first);
+            const std::string qo = str_cat(origin, ": quantization: tensor '", kv.first, "' (",
+                                           quant_scheme_name(kv.second), ")");
+            if (it == mats.end())
+                throw ModelLoadError(str_cat(qo, " is not a weight matrix of this model"));
+            const int64_t K = it->second.shape.back();
+            if (it->second.shape.size() != 2)
+                throw ModelLoadError(str_cat(qo, ": only 2-d matrices are quantized"));
+            if (kv.second == QuantScheme::Int4 && K % c.int4_group != 0)
+                throw ModelLoadError(str_cat(qo, ": its ", K, " input features are not a "
+                                             "multiple of int4_group_size ", c.int4_group));
+        }
+    }
     // Parameter-count sanity bound: reject configs no machine could hold before allocating.
     // (Sizes are bounded by kMaxDim, so each tensor's element count fits in int64.)
     double approx = 2.0 * static_cast<double>(c.vocab_size_padded) * c.d_model;

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -32,6 +33,11 @@ struct TensorSpec {
     // Small parameters only: converted files store it as float32 whatever their dtype (tiny,
     // and it feeds exponentials); other small parameters are stored in the model's dtype.
     bool store_fp32 = false;
+    // Large matrices only: the quantization config.json records for it (docs/format.md), and
+    // its group size (weights per scale along K; Int8: the row, cols). Its scales are the
+    // tensor `name + "_scale"`, (rows) for Int8 and (rows, cols / group) for Int4.
+    QuantScheme quant = QuantScheme::None;
+    int64_t group = 0;
 };
 
 // One per-sequence state tensor of a layer (fp32), e.g. a conv window or an SSM state.
@@ -88,6 +94,10 @@ struct ModelConfig {
     int64_t eos_token_id = -1;
     int64_t pad_token_id = -1;
     DType dtype = DType::F32;       // storage dtype of the large matrices
+    // Quantized matrices (config.json "quantization", issue 18): full tensor name -> scheme;
+    // empty for an unquantized model. int4_group: weights per int4 scale along K.
+    std::map<std::string, QuantScheme> quant;
+    int64_t int4_group = 0;
     std::vector<std::shared_ptr<const LayerConfig>> layers;  // n_layer entries
 
     // Every tensor of model.safetensors the config implies, in load order: embedding, norm_f,

@@ -21,6 +21,8 @@ size_t dtype_size(DType dt) {
         case DType::F32: return 4;
         case DType::F16: return 2;
         case DType::BF16: return 2;
+        case DType::I8: return 1;
+        case DType::U8: return 1;
     }
     return 0;
 }
@@ -30,8 +32,26 @@ const char* dtype_name(DType dt) {
         case DType::F32: return "float32";
         case DType::F16: return "float16";
         case DType::BF16: return "bfloat16";
+        case DType::I8: return "int8";
+        case DType::U8: return "uint8";
     }
     return "?";
+}
+
+const char* quant_scheme_name(QuantScheme q) {
+    switch (q) {
+        case QuantScheme::None: return "none";
+        case QuantScheme::Int8: return "int8";
+        case QuantScheme::Int4: return "int4";
+    }
+    return "?";
+}
+
+bool quant_scheme_from_name(const std::string& name, QuantScheme* out) {
+    if (name == "int8") *out = QuantScheme::Int8;
+    else if (name == "int4") *out = QuantScheme::Int4;
+    else return false;
+    return true;
 }
 
 DType dtype_from_name(const std::string& name, const char* what) {
@@ -104,6 +124,9 @@ uint16_t f32_to_f16(float f) {
 // libFuzzer safetensors target under UBSan).
 void convert_to_f32(const void* src, DType src_dt, float* dst, size_t n) {
     if (n == 0) return;
+    if (!dtype_is_float(src_dt))
+        throw InvalidArgument(str_cat("convert_to_f32: ", dtype_name(src_dt),
+                                      " data is quantized, not a float tensor"));
     const unsigned char* s = static_cast<const unsigned char*>(src);
     switch (src_dt) {
         case DType::F32:
@@ -137,6 +160,7 @@ void convert_to_f32(const void* src, DType src_dt, float* dst, size_t n) {
             }
             return;
         }
+        default: return;  // integer dtypes: refused above
     }
 }
 
@@ -202,6 +226,8 @@ void f32_to_f16_neon(const float* src, uint16_t* dst, size_t n) {
 
 void convert_from_f32(const float* src, void* dst, DType dst_dt, size_t n) {
     if (n == 0) return;
+    if (!dtype_is_float(dst_dt))
+        throw InvalidArgument(str_cat("convert_from_f32: cannot convert to ", dtype_name(dst_dt)));
     switch (dst_dt) {
         case DType::F32:
             std::memcpy(dst, src, n * 4);
@@ -226,6 +252,7 @@ void convert_from_f32(const float* src, void* dst, DType dst_dt, size_t n) {
             for (size_t i = 0; i < n; ++i) d[i] = f32_to_bf16(src[i]);
             return;
         }
+        default: return;  // integer dtypes: refused above
     }
 }
 

@@ -158,6 +158,9 @@ Model::Model(const std::string& dir, std::shared_ptr<Backend> backend, const DTy
     }
     fuse_projections_ = runtime_options().fused_projections;
     for (const auto& l : layers_) fuse_projections_ = fuse_projections_ && l->takes_fused_projections();
+    // The fused projection kernels read float weights: a quantized model runs its projections
+    // unfused (issue 18), whatever the option says.
+    if (!config_.quant.empty()) fuse_projections_ = false;
 }
 
 Model::~Model() {

@@ -13,12 +13,22 @@
 
 namespace mambart {
 
-// A large matrix (N rows of K elements) in its storage dtype.
+// A large matrix (N rows of K elements) in its storage dtype, or quantized (issue 18):
+//   quant None: data (N, K) in dtype (F32 / F16 / BF16);
+//   quant Int8: data (N, K) int8 (dtype I8), w[n, k] = scales[n] * q[n, k]   (group == K);
+//   quant Int4: data (N, K / 2) bytes (dtype U8), K % 32 == 0, group % 32 == 0, K % group == 0.
+//     Each block of 32 weights along K is 16 bytes: byte j holds weight j in its low nibble and
+//     weight j + 16 in its high nibble, unsigned u; w[n, k] = scales[n, k / group] * (u - 8).
+//     (So 8 consecutive bytes widen to 8 consecutive weights twice, low then high nibbles: the
+//     SIMD and CUDA kernels dequantize in registers without shuffles.)
 struct Weight {
     const void* data = nullptr;
     DType dtype = DType::F32;
     int64_t rows = 0;  // N (output features)
     int64_t cols = 0;  // K (input features)
+    QuantScheme quant = QuantScheme::None;
+    const float* scales = nullptr;  // (N, K / group) fp32, quantized weights only
+    int64_t group = 0;              // weights per scale along K (Int8: K)
 };
 
 // A small fp32 parameter vector or matrix.

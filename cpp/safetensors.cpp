@@ -26,7 +26,9 @@ namespace {
 
 // The dtype strings of the safetensors format. Anything else (or an integer dtype) is refused
 // with a message naming it: a Mamba checkpoint holds only floating-point tensors.
-bool parse_st_dtype(const std::string& s, DType* out) {
+bool parse_st_dtype(const std::string& s, DType* out, bool quantized) {
+    if (quantized && s == "I8") { *out = DType::I8; return true; }
+    if (quantized && s == "U8") { *out = DType::U8; return true; }
     if (s == "F32") { *out = DType::F32; return true; }
     if (s == "F16") { *out = DType::F16; return true; }
     if (s == "BF16") { *out = DType::BF16; return true; }
@@ -43,7 +45,7 @@ bool known_st_dtype(const std::string& s) {
 
 }  // namespace
 
-SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
+SafetensorsFile::SafetensorsFile(const std::string& path, bool quantized) : path_(path) {
     auto fail = [&](const std::string& what) -> ModelLoadError {
         return ModelLoadError(str_cat(path_, ": invalid safetensors file: ", what));
     };
@@ -108,10 +110,11 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
             const std::string dts = t["dtype"].get<std::string>();
             TensorInfo info;
             info.name = name;
-            if (!parse_st_dtype(dts, &info.dtype)) {
+            if (!parse_st_dtype(dts, &info.dtype, quantized)) {
                 if (known_st_dtype(dts))
-                    throw tfail(str_cat("dtype ", dts,
-                                        " is not supported (weights must be F32, F16 or BF16)"));
+                    throw tfail(str_cat("dtype ", dts, " is not supported (weights must be F32, "
+                                        "F16 or BF16", quantized ? "; quantized ones I8 or U8" : "",
+                                        ")"));
                 throw tfail(str_cat("unknown dtype '", dts, "'"));
             }
             uint64_t numel = 1;

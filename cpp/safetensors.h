@@ -27,7 +27,9 @@ struct TensorInfo {
 class SafetensorsFile {
  public:
     // Maps and validates `path`; throws ModelLoadError naming the file and the problem.
-    explicit SafetensorsFile(const std::string& path);
+    // `quantized`: I8 and U8 tensors are accepted too (a quantized model's file, issue 18);
+    // otherwise only F32, F16 and BF16.
+    explicit SafetensorsFile(const std::string& path, bool quantized = false);
     ~SafetensorsFile();
     SafetensorsFile(const SafetensorsFile&) = delete;
     SafetensorsFile& operator=(const SafetensorsFile&) = delete;

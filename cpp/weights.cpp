@@ -1,5 +1,6 @@
 #include "weights.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -28,11 +29,13 @@ ModelWeights::ModelWeights(const std::string& dir, const ModelConfig& c, Backend
                            DType dt)
     : dtype(dt), backend_(backend) {
     const std::string path = dir + "/model.safetensors";
-    file_ = std::make_unique<SafetensorsFile>(path);
+    file_ = std::make_unique<SafetensorsFile>(path, !c.quant.empty());
     const std::vector<TensorSpec> specs = c.tensors();
-    std::set<std::string> matrix_names;
-    for (const TensorSpec& s : specs)
-        if (s.matrix) matrix_names.insert(s.name);
+    std::set<std::string> matrix_names, quant_names;  // quant_names: quantized data, as stored
+    for (const TensorSpec& s : specs) {
+        if (s.matrix && s.quant == QuantScheme::None) matrix_names.insert(s.name);
+        if (s.quant != QuantScheme::None) quant_names.insert(s.name);
+    }
 
     // Resource limit (issue 6): on the CPU, weights that must be copied (another dtype, or
     // misaligned in the file) and the fp32 small parameters take host memory, while the rest are
@@ -42,7 +45,9 @@ ModelWeights::ModelWeights(const std::string& dir, const ModelConfig& c, Backend
         uint64_t need = 0;
         for (const auto& kv : file_->tensors()) {
             const TensorInfo& t = kv.second;
-            if (matrix_names.count(kv.first)) {
+            if (quant_names.count(kv.first)) {
+                // zero-copy views (byte data)
+            } else if (matrix_names.count(kv.first)) {
                 const bool aligned = reinterpret_cast<uintptr_t>(t.data) % dtype_size(t.dtype) == 0;
                 if (t.dtype != dt || !aligned) need += uint64_t(t.numel()) * dtype_size(dt);
             } else {
@@ -60,8 +65,10 @@ ModelWeights::ModelWeights(const std::string& dir, const ModelConfig& c, Backend
         // allocation when it cannot fit.
         uint64_t need = 0;
         for (const auto& kv : file_->tensors())
-            need += uint64_t(kv.second.numel()) *
-                    (matrix_names.count(kv.first) ? dtype_size(dt) : sizeof(float));
+            need += quant_names.count(kv.first)
+                        ? uint64_t(kv.second.nbytes)
+                        : uint64_t(kv.second.numel()) *
+                              (matrix_names.count(kv.first) ? dtype_size(dt) : sizeof(float));
         const uint64_t avail = backend.free_memory();
         if (need > avail)
             throw ModelLoadError(str_cat(path, ": the weights need ", need,
@@ -73,6 +80,11 @@ ModelWeights::ModelWeights(const std::string& dir, const ModelConfig& c, Backend
     std::set<std::string> used;
     auto fetch = [&](const TensorSpec& s) -> const TensorInfo& {
         const TensorInfo& t = file_->get(s.name);
+        if (!dtype_is_float(t.dtype))
+            throw ModelLoadError(str_cat(path, ": tensor '", s.name, "' holds ",
+                                         dtype_name(t.dtype), " data but config.json does not "
+                                         "mark it quantized (expected float32, float16 or "
+                                         "bfloat16)"));
         if (t.shape != s.shape)
             throw ModelLoadError(str_cat(path, ": tensor '", s.name, "' has shape ",
                                          shape_str(t.shape), " but the config implies ",
@@ -124,13 +136,82 @@ ModelWeights::ModelWeights(const std::string& dir, const ModelConfig& c, Backend
         return Param{static_cast<const float*>(p), int64_t(n)};
     };
 
+    // A quantized matrix (op_params.h Weight): its data as stored (int8, or int4 packed in
+    // bytes) and its scales `name_scale` as fp32, every one checked finite and >= 0.
+    auto place_quant = [&](const TensorSpec& s) {
+        const char* scheme = quant_scheme_name(s.quant);
+        const std::string what = str_cat(path, ": tensor '", s.name, "' (quantized ", scheme, ")");
+        const int64_t N = s.shape[0], K = s.shape[1];
+        const bool int4 = s.quant == QuantScheme::Int4;
+        const DType want = int4 ? DType::U8 : DType::I8;
+        const std::vector<int64_t> data_shape{N, int4 ? K / 2 : K};
+        const TensorInfo& t = file_->get(s.name);
+        if (t.dtype != want)
+            throw ModelLoadError(str_cat(what, " holds ", dtype_name(t.dtype), " data; ", scheme,
+                                         " weights are stored as ", dtype_name(want)));
+        if (t.shape != data_shape)
+            throw ModelLoadError(str_cat(what, " has shape ", shape_str(t.shape), " but ",
+                                         scheme, " of ", shape_str(s.shape), " is stored as ",
+                                         shape_str(data_shape)));
+        used.insert(s.name);
+        const std::string sname = s.name + "_scale";
+        const std::vector<int64_t> scale_shape =
+            int4 ? std::vector<int64_t>{N, K / s.group} : std::vector<int64_t>{N};
+        if (!file_->contains(sname))
+            throw ModelLoadError(str_cat(what, ": its scales '", sname, "' ",
+                                         shape_str(scale_shape), " are missing"));
+        const TensorInfo& st = file_->get(sname);
+        if (st.shape != scale_shape)
+            throw ModelLoadError(str_cat(what, ": its scales '", sname, "' have shape ",
+                                         shape_str(st.shape), " but ", scheme, " needs ",
+                                         shape_str(scale_shape)));
+        if (!dtype_is_float(st.dtype))
+            throw ModelLoadError(str_cat(what, ": its scales '", sname, "' are ",
+                                         dtype_name(st.dtype), ", not a float type"));
+        used.insert(sname);
+        const size_t ns = size_t(st.numel());
+        std::vector<float> host(ns);  // (N, K / group)
+        convert_to_f32(st.data, st.dtype, host.data(), ns);
+        for (float v : host)
+            if (!std::isfinite(v) || v < 0.0f)
+                throw ModelLoadError(str_cat(what, ": its scales '", sname, "' hold ",
+                                             std::isnan(v) ? "NaN" : v < 0 ? "a negative value"
+                                                                           : "Inf"));
+        Weight w;
+        bool owned = false;
+        w.data = backend.place_weight(t.data, want, size_t(t.numel()), want, &owned);
+        track(w.data, owned, t.nbytes);
+        const void* p = backend.place_weight(host.data(), DType::F32, ns, DType::F32, &owned);
+        if (!owned) {  // the CPU backend returns views: copy, since `host` dies here
+            void* q = backend.alloc(ns * 4, sname.c_str());
+            backend.copy_to_device(q, host.data(), ns * 4);
+            p = q;
+            owned = true;
+        }
+        track(p, owned, ns * 4);
+        w.dtype = want;
+        w.rows = N;
+        w.cols = K;
+        w.quant = s.quant;
+        w.scales = static_cast<const float*>(p);
+        w.group = s.group;
+        return w;
+    };
+
     try {
         for (const TensorSpec& s : specs) {
-            if (s.matrix)
+            if (s.quant != QuantScheme::None)
+                matrices_[s.name] = place_quant(s);
+            else if (s.matrix)
                 matrices_[s.name] = place_matrix(s);
             else
                 params_[s.name] = place_param(s);
         }
+        int64_t max_qcols = 0;
+        for (const auto& kv : matrices_)
+            if (kv.second.quant != QuantScheme::None)
+                max_qcols = std::max(max_qcols, kv.second.cols);
+        if (max_qcols > 0) device_bytes += backend.reserve_dequant(max_qcols);
         for (const auto& kv : file_->tensors())
             if (!used.count(kv.first))
                 throw ModelLoadError(str_cat(path, ": unexpected tensor '", kv.first,

@@ -64,6 +64,7 @@ void convert_from(const S* src, void* dst, DType dt, int64_t n, int grid, cudaSt
         case DType::BF16:
             convert_kernel<<<grid, 256, 0, s>>>(src, static_cast<__nv_bfloat16*>(dst), n);
             break;
+        default: throw Unsupported(str_cat("launch_convert: to ", dtype_name(dt)));
     }
 }
 
@@ -120,6 +121,7 @@ void launch_convert(const void* src, DType st, void* dst, DType dt, int64_t n, c
         case DType::BF16:
             convert_from(static_cast<const __nv_bfloat16*>(src), dst, dt, n, grid, s);
             break;
+        default: throw Unsupported(str_cat("launch_convert: from ", dtype_name(st)));
     }
     check_launch("convert_kernel", s);
 }

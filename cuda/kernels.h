@@ -68,6 +68,29 @@ constexpr int64_t kFusedMaxNormElems = 11264;  // 44 KB of prologue rows in shar
                                                // the static arrays, within the 48 KB default)
 void launch_linear(const LinearParams& p, cudaStream_t stream);
 
+// Quantized weights (issue 18; cuda/linear_quant.cu, layouts in op_params.h Weight).
+struct QuantLinearParams {
+    const float* x;       // (M, K) row stride ldx
+    int64_t ldx;
+    const void* W;        // int8 (>= N, K) or int4 bytes (>= N, K / 2), contiguous rows
+    QuantScheme quant;    // Int8 or Int4
+    const float* scales;  // (>= N, K / group) fp32
+    int64_t group;        // Int8: K
+    const float* bias;    // (N) or nullptr
+    float* y;             // (M, N) row stride ldy
+    int64_t ldy;
+    int64_t M, N, K;      // M <= kGemvMaxRows
+    bool prefetch;        // set by the launcher (weight_prefetch_enabled()); callers leave it
+};
+// The decode GEMV, dequantizing in registers (M <= kGemvMaxRows).
+void launch_linear_quant(const QuantLinearParams& p, cudaStream_t stream);
+// out (rows, K) bf16 = dequant(W) rows [r0, r0 + rows): the operand of a bf16 GEMM (prefill).
+void launch_dequant_bf16(const void* W, QuantScheme q, const float* scales, int64_t group,
+                         int64_t K, int64_t r0, int64_t rows, void* out, cudaStream_t stream);
+// launch_embedding for a quantized table (p.table: the quantized data, p.dtype ignored).
+void launch_embedding_quant(const EmbeddingParams& p, QuantScheme q, const float* scales,
+                            int64_t group, cudaStream_t stream);
+
 // The operand of a library GEMM (cpp/cuda/cublas_gemm.h): out[m, k] = dtype(x[m * ldx + k]),
 // contiguous (M, K) in `dtype` (F16 or BF16, round to nearest even).
 void launch_rows_to_half(const float* x, int64_t ldx, int64_t M, int64_t K, void* out,

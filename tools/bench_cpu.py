@@ -16,7 +16,15 @@ random checkpoint (same dtypes, same threads). Each figure is the median of --re
   --llama-cpp   llama.cpp as an engine: llama-bench from PATH or $LLAMA_CPP_DIR/build/bin, and
                 $LLAMA_CPP_DIR/convert_hf_to_gguf.py (LLAMA_CPP_DIR: a llama.cpp source tree)
 
+  --dtypes      float32, float16, bfloat16, and int8 / int4: bf16 models quantized by
+                `mambart convert --quantize` (issue 18; llama.cpp is not run for these)
+  --stat        median (default) or min: best-of---reps, for a machine shared with other work
+  --interleave  mambart only: every --dtypes model loaded at once and timed in turn, rep by rep
+                (a shared machine's load then falls on all of them alike)
+
     python tools/bench_cpu.py --model mamba-130m --prompt-len 256 --gen-len 32
+    python tools/bench_cpu.py --skip-transformers --threads 2 --dtypes bfloat16,int8,int4 \
+        --reps 7 --stat min
     LLAMA_CPP_DIR=~/llama.cpp python tools/bench_cpu.py --model mamba2-130m --threads 1,2 \
         --llama-cpp --bandwidth --skip-transformers
 """
@@ -177,6 +185,9 @@ def time_llama(exe: Path, gguf: Path, prompt_len, gen_len, threads, reps):
     return pre, 1e3 / dec, f"{pp.get('build_commit', '?')} (build {pp.get('build_number', '?')})"
 
 
+STAT = statistics.median
+
+
 def time_mambart(g, prompt, gen_len, reps):
     g.logits(prompt[:8])  # warm-up
     g.generate(prompt[:8], max_new_tokens=4, ignore_eos=True)
@@ -185,7 +196,39 @@ def time_mambart(g, prompt, gen_len, reps):
         r = g.generate(prompt, max_new_tokens=gen_len, ignore_eos=True)
         pre.append(r.prefill_ms)
         dec.append(r.decode_ms / max(len(r.token_ids) - 1, 1))
-    return len(prompt) / (statistics.median(pre) / 1e3), statistics.median(dec)
+    return len(prompt) / (STAT(pre) / 1e3), STAT(dec)
+
+
+def interleaved(args, work, hf_dir, prompt, threads, bw, env):
+    """Every --dtypes model on the CPU, timed one generate each in turn per rep."""
+    import mambart
+
+    rows = []
+    for t in threads:
+        gens = {}
+        for dt in args.dtypes.split(","):
+            out = work / f"{args.model}-mambart-{dt}"
+            quant = dt if dt in ("int8", "int4") else None
+            if not (out / "config.json").exists():
+                mambart.convert(hf_dir, out, dtype="bfloat16" if quant else dt, quantize=quant)
+            g = mambart.Generator(out, threads=t)
+            g.generate(prompt[:8], max_new_tokens=4, ignore_eos=True)  # warm-up
+            gens[dt] = (g, weight_bytes(out), [], [])
+        for _ in range(args.reps):
+            for dt, (g, _, pre, dec) in gens.items():
+                r = g.generate(prompt, max_new_tokens=args.gen_len, ignore_eos=True)
+                pre.append(r.prefill_ms)
+                dec.append(r.decode_ms / max(len(r.token_ids) - 1, 1))
+        for dt, (g, wb, pre, dec) in gens.items():
+            dm = STAT(dec)
+            row = dict(env, engine=f"mambart {mambart.__version__} ({g.device})", threads=t,
+                       dtype=dt, prefill_tok_s=len(prompt) / (STAT(pre) / 1e3), decode_ms=dm,
+                       weight_bytes=wb, interleaved=True)
+            if t in bw:
+                row["read_gb_s"] = bw[t] / 1e9
+                row["decode_of_bandwidth"] = wb / (dm / 1e3) / bw[t]
+            rows.append(row)
+    return rows
 
 
 def main():
@@ -205,7 +248,13 @@ def main():
     ap.add_argument("--work-dir", type=Path, default=None,
                     help="keep the checkpoints and converted files here (reused when present)")
     ap.add_argument("--json", type=Path, help="append JSON lines here too")
+    ap.add_argument("--interleave", action="store_true",
+                    help="time the mambart dtypes in turn, rep by rep (see above)")
+    ap.add_argument("--stat", choices=["median", "min"], default="median",
+                    help="each figure: the median of --reps runs, or the best (min time)")
     args = ap.parse_args()
+    global STAT
+    STAT = min if args.stat == "min" else statistics.median
 
     import numpy as np
 
@@ -216,7 +265,7 @@ def main():
     prompt = [int(t) for t in rng.integers(1, 50000, size=args.prompt_len)]
     env = {"git_sha": git_sha(), "cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)),
            "model": args.model, "prompt_len": args.prompt_len, "gen_len": args.gen_len,
-           "reps": args.reps, "load": args.load, "date": time.strftime("%Y-%m-%d"),
+           "reps": args.reps, "stat": args.stat, "load": args.load, "date": time.strftime("%Y-%m-%d"),
            "loadavg_1m": os.getloadavg()[0]}
     rows = []
     llama = find_llama_bench() if args.llama_cpp else None
@@ -243,13 +292,16 @@ def main():
                              dtype="float32", prefill_tok_s=pf, decode_ms=dm))
         del model
         bw = {t: read_bandwidth(t, args.reps) for t in threads} if args.bandwidth else {}
-        for dt in args.dtypes.split(","):
+        if args.interleave:
+            rows += interleaved(args, work, hf_dir, prompt, threads, bw, env)
+        for dt in ([] if args.interleave else args.dtypes.split(",")):
             out = work / f"{args.model}-mambart-{dt}"
+            quant = dt if dt in ("int8", "int4") else None
             if not (out / "config.json").exists():
-                mambart.convert(hf_dir, out, dtype=dt)
+                mambart.convert(hf_dir, out, dtype="bfloat16" if quant else dt, quantize=quant)
             wb = weight_bytes(out)
             gguf = make_gguf(hf_dir, dt, work / f"{args.model}-{GGUF_TYPES[dt]}.gguf") \
-                if llama else None
+                if llama and not quant else None
             for t in threads:
                 g = mambart.Generator(out, threads=t)
                 pf, dm = time_mambart(g, prompt, args.gen_len, args.reps)
@@ -260,7 +312,7 @@ def main():
                     row["decode_of_bandwidth"] = wb / (dm / 1e3) / bw[t]
                 rows.append(row)
                 del g
-                if llama:
+                if gguf:
                     pf, dm, build = time_llama(llama, gguf, args.prompt_len, args.gen_len, t,
                                                args.reps)
                     row = dict(env, engine=f"llama.cpp {build}", threads=t, dtype=dt,
@@ -276,7 +328,7 @@ def main():
             with open(args.json, "a") as f:
                 f.write(line + "\n")
     print(f"\n{args.model}, prompt {args.prompt_len} tokens, {args.gen_len} new tokens, "
-          f"commit {env['git_sha']}, {env['cpu']}, {env['cores']} cores, median of {args.reps}"
+          f"commit {env['git_sha']}, {env['cpu']}, {env['cores']} cores, {args.stat} of {args.reps}"
           f"{', one core busy (--load)' if args.load else ''}, load average "
           f"{env['loadavg_1m']:.1f} at the start\n")
     print("| engine | dtype | threads | prefill tok/s | decode ms/token | vs llama.cpp "

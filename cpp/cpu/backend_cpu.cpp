@@ -112,6 +112,10 @@ class CpuBackend final : public Backend {
 
     void embedding(const int32_t* ids, int64_t n, const Weight& table, float* out) override {
         const int64_t d = table.cols;
+        if (table.quant != QuantScheme::None) {  // a quantized table: the rows dequantized
+            for (int64_t i = 0; i < n; ++i) cpu::dequantize_rows(table, ids[i], 1, out + i * d);
+            return;
+        }
         const size_t es = dtype_size(table.dtype);
         for (int64_t i = 0; i < n; ++i)
             convert_to_f32(static_cast<const char*>(table.data) + size_t(ids[i]) * d * es,
@@ -198,7 +202,10 @@ class CpuBackend final : public Backend {
     void linear(const float* x, int64_t ldx, int64_t M, const Weight& W, int64_t N,
                 const float* bias, float* y, int64_t ldy) override {
         cpu::PoolScope scope(pool_.get());
-        cpu::linear(x, ldx, M, W.cols, W.data, W.dtype, N, bias, y, ldy);
+        if (W.quant != QuantScheme::None)
+            cpu::linear_quant(x, ldx, M, W, N, bias, y, ldy);
+        else
+            cpu::linear(x, ldx, M, W.cols, W.data, W.dtype, N, bias, y, ldy);
     }
 
     // Causal depthwise conv over [history | x]: out[t, c] = silu(bias[c] + Σ_k w[c, k]·in[t-W+1+k, c])

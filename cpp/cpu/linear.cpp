@@ -19,10 +19,12 @@
 // the cpu_portable option, the generic scalar path runs (the same sums in another order).
 #include "cpu/linear.h"
 #include "cpu/pool.h"
+#include "error.h"
 #include "options.h"
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -46,6 +48,8 @@ namespace {
 // Up to this many rows: the GEMV path (weights streamed once, each output summed as at M = 1).
 // 16: a speculative verification pass of up to 16 tokens (k <= 15) gets a decode step's sums.
 constexpr int64_t kGemvMaxM = 16;
+// The quantized GEMVs (int8 / int4) take up to 8 rows; more rows take the quantized GEMM.
+constexpr int64_t kQuantGemvMaxM = 8;
 
 // ---- portable path ---------------------------------------------------------------------------
 
@@ -54,6 +58,7 @@ inline float load_w(const void* W, DType dt, size_t i) {
         case DType::F32: return static_cast<const float*>(W)[i];
         case DType::F16: return f16_to_f32(static_cast<const uint16_t*>(W)[i]);
         case DType::BF16: return bf16_to_f32(static_cast<const uint16_t*>(W)[i]);
+        default: break;
     }
     return 0.0f;
 }
@@ -65,6 +70,43 @@ void linear_portable(const float* x, int64_t ldx, int64_t M, int64_t K, const vo
         if (wrow.size() < static_cast<size_t>(K)) wrow.resize(static_cast<size_t>(K));
         for (int64_t n = n0; n < n1; ++n) {
             for (int64_t k = 0; k < K; ++k) wrow[size_t(k)] = load_w(W, dt, size_t(n * K + k));
+            const float b = bias ? bias[n] : 0.0f;
+            for (int64_t m = 0; m < M; ++m) {
+                const float* xm = x + m * ldx;
+                float acc = 0.0f;
+                for (int64_t k = 0; k < K; ++k) acc += xm[k] * wrow[size_t(k)];
+                y[m * ldy + n] = acc + b;
+            }
+        }
+    });
+}
+
+// Row n of a quantized weight dequantized, scalar: out (K) fp32 (layouts in op_params.h).
+void dequant_row_portable(const Weight& W, int64_t n, float* out) {
+    const int64_t K = W.cols, groups = K / W.group;
+    const float* sc = W.scales + n * groups;
+    if (W.quant == QuantScheme::Int8) {
+        const int8_t* r = static_cast<const int8_t*>(W.data) + n * K;
+        for (int64_t k = 0; k < K; ++k) out[k] = float(r[k]) * sc[0];
+        return;
+    }
+    const uint8_t* r = static_cast<const uint8_t*>(W.data) + n * (K / 2);
+    for (int64_t k = 0; k < K; k += 32)
+        for (int64_t j = 0; j < 16; ++j) {
+            const uint8_t b = r[k / 2 + j];
+            out[k + j] = float(int(b & 15) - 8) * sc[k / W.group];
+            out[k + 16 + j] = float(int(b >> 4) - 8) * sc[(k + 16) / W.group];
+        }
+}
+
+void linear_quant_portable(const float* x, int64_t ldx, int64_t M, const Weight& W, int64_t N,
+                           const float* bias, float* y, int64_t ldy) {
+    const int64_t K = W.cols;
+    parallel_for(N, 1, [&](int64_t n0, int64_t n1) {
+        thread_local std::vector<float> wrow;  // (K) one weight row dequantized, grown once
+        if (wrow.size() < static_cast<size_t>(K)) wrow.resize(static_cast<size_t>(K));
+        for (int64_t n = n0; n < n1; ++n) {
+            dequant_row_portable(W, n, wrow.data());
             const float b = bias ? bias[n] : 0.0f;
             for (int64_t m = 0; m < M; ++m) {
                 const float* xm = x + m * ldx;
@@ -136,6 +178,17 @@ MAMBART_SIMD inline V8 v_load_w(const void* row, int64_t k) {
         if constexpr (D == DType::F16) return _mm256_cvtph_ps(h);
         else return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
     }
+}
+MAMBART_SIMD inline V8 v_load_q8(const int8_t* p) {
+    return _mm256_cvtepi32_ps(
+        _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+MAMBART_SIMD inline void v_load_q4(const uint8_t* p, V8& lo, V8& hi) {
+    const __m256i b =
+        _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    const __m256i eight = _mm256_set1_epi32(8);
+    lo = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(b, _mm256_set1_epi32(15)), eight));
+    hi = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(b, 4), eight));
 }
 #undef MAMBART_SIMD
 #define MAMBART_SIMD __attribute__((target("avx2,fma,f16c")))
@@ -309,6 +362,303 @@ __attribute__((target("avx512f,avx512dq,avx2,fma,f16c"))) void gemv(
 
 }  // namespace avx512
 
+
+// ---- AVX-512 VNNI (x86-64 with AVX512F/BW/VL/VNNI): the quantized GEMV --------------------------
+// Decode (M <= kQuantGemvMaxM) with int8 / int4 weights, K % 32 == 0. The fp32 activations are rounded
+// to int8 per block of 32, x ~= sx[b] * xq, on the calling thread, once per call; then VPDPBUSD
+// (u8 x s8, 32 products a 256-bit instruction, int32 sums) takes the products: int8 weights as
+// |w| x sign(x, w), int4 weights as the unsigned nibbles u against xq, the offset of
+// Σ (u - 8) xq = Σ u xq - 8 Σ xq added per group from the activations' block sums. Each block's
+// int32 sum is scaled by its sx in fp32 (int4: each group's sum then by the group's scale).
+// Rounding the activations costs at most half a step, max|x_block| / 254, per activation (the
+// bound of tests/test_quant.py); llama.cpp's CPU kernels do the same with its Q8 activation
+// blocks of 32. The GEMM (prefill) keeps fp32 activations (linear_simd.inc qgemm).
+
+namespace vnni {
+
+#define MAMBART_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
+
+constexpr int64_t kBlock = 32;  // activations per int8 scale
+
+// The activations of one call, rounded: q (M, K) int8, s (M, K / 32) scales; for int4 weights
+// off (M, K / group) = Σ_{blocks b of the group} -8 · sx[b] · Σ_{k in b} xq[k].
+// With int4 groups of a multiple of 64 (pairs), also xp: q with each 64 permuted to the order of
+// one 32-byte load's nibbles, [b0 k0..16 | b1 k0..16 | b0 k16..32 | b1 k16..32] (b0, b1 the
+// pair's two blocks), and s2 (M, K / 64, 8): [sx[b0] x 4 | sx[b1] x 4], the scales of the
+// lanes of VPDPBUSD's sums.
+struct QX {
+    const int8_t* q;
+    const float* s;
+    const float* off;
+    int64_t K, nb, G;
+    const int8_t* xp = nullptr;
+    const float* s2 = nullptr;
+};
+
+MAMBART_VNNI inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+// x (M, K) fp32 row stride ldx -> QX in thread-local scratch of the calling thread (grown once).
+// group: the int4 group (0 for int8 weights: no offsets).
+MAMBART_VNNI QX quantize_x(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t group) {
+    thread_local std::vector<int8_t> q;
+    thread_local std::vector<float> s, off;
+    const int64_t nb = K / kBlock, G = group ? K / group : 0;
+    if (q.size() < size_t(M * K)) q.resize(size_t(M * K));
+    if (s.size() < size_t(M * nb)) s.resize(size_t(M * nb));
+    if (off.size() < size_t(M * G)) off.resize(size_t(M * G));
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    for (int64_t m = 0; m < M; ++m) {
+        const float* xr = x + m * ldx;
+        for (int64_t g = 0; g < G; ++g) off[size_t(m * G + g)] = 0.0f;
+        for (int64_t b = 0; b < nb; ++b) {
+            const int64_t k0 = b * kBlock;
+            __m256 v[4];
+            __m256 mx = _mm256_setzero_ps();
+            for (int t = 0; t < 4; ++t) {
+                v[t] = _mm256_loadu_ps(xr + k0 + 8 * t);
+                mx = _mm256_max_ps(mx, _mm256_and_ps(v[t], absmask));
+            }
+            __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+            h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+            h = _mm_max_ss(h, _mm_movehdup_ps(h));
+            const float amax = _mm_cvtss_f32(h);
+            // a NaN or Inf activation: its block's scale is NaN / Inf, and so is the result
+            const bool finite = std::isfinite(amax);
+            const __m256 inv = _mm256_set1_ps(amax > 0.0f && finite ? 127.0f / amax : 0.0f);
+            __m256i tot = _mm256_setzero_si256();
+            for (int t = 0; t < 4; ++t) {
+                const __m256i qi = _mm256_cvtps_epi32(_mm256_mul_ps(v[t], inv));
+                tot = _mm256_add_epi32(tot, qi);
+                _mm256_mask_cvtepi32_storeu_epi8(q.data() + m * K + k0 + 8 * t, 0xff, qi);
+            }
+            const float sc = finite ? amax / 127.0f : amax;
+            s[size_t(m * nb + b)] = sc;
+            if (G) {
+                __m128i t = _mm_add_epi32(_mm256_castsi256_si128(tot),
+                                          _mm256_extracti128_si256(tot, 1));
+                t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
+                t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
+                off[size_t(m * G + k0 / group)] += -8.0f * sc * float(_mm_cvtsi128_si32(t));
+            }
+        }
+    }
+    QX out{q.data(), s.data(), off.data(), K, nb, G};
+    if (group && group % 64 == 0) {
+        thread_local std::vector<int8_t> xp;
+        thread_local std::vector<float> s2;
+        const int64_t P = K / 64;
+        if (xp.size() < size_t(M * K)) xp.resize(size_t(M * K));
+        if (s2.size() < size_t(M * P * 8)) s2.resize(size_t(M * P * 8));
+        for (int64_t m = 0; m < M; ++m)
+            for (int64_t pr = 0; pr < P; ++pr) {
+                const int8_t* src = q.data() + m * K + pr * 64;
+                int8_t* dst = xp.data() + m * K + pr * 64;
+                std::memcpy(dst, src, 16);            // b0 k0..16
+                std::memcpy(dst + 16, src + 32, 16);  // b1 k0..16
+                std::memcpy(dst + 32, src + 16, 16);  // b0 k16..32
+                std::memcpy(dst + 48, src + 48, 16);  // b1 k16..32
+                float* sv = s2.data() + (m * P + pr) * 8;
+                for (int l = 0; l < 8; ++l) sv[l] = s[size_t(m * nb + 2 * pr + l / 4)];
+            }
+        out.xp = xp.data();
+        out.s2 = s2.data();
+    }
+    return out;
+}
+
+// int8 weights, MR x NR tile: y[i][j] = ws[j] · Σ_b sx[i][b] · Σ_{k in b} xq[i][k] · q_j[k] (+ bias).
+template <int MR, int NR>
+MAMBART_VNNI inline void tile8(const QX& X, const int8_t* w, const float* ws, const float* bias,
+                               float* y, int64_t ldy) {
+    const int64_t K = X.K;
+    __m256 tot[MR][NR];
+    for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NR; ++j) tot[i][j] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < X.nb; ++b) {
+        const int64_t k = b * kBlock;
+        if (k % 64 == 0)
+            for (int j = 0; j < NR; ++j) __builtin_prefetch(w + (j + NR) * K + k, 0, 3);
+        __m256i wv[NR], aw[NR];
+        for (int j = 0; j < NR; ++j) {
+            wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * K + k));
+            aw[j] = _mm256_abs_epi8(wv[j]);
+        }
+        for (int i = 0; i < MR; ++i) {
+            const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(X.q + i * K + k));
+            const __m256 sx = _mm256_set1_ps(X.s[i * X.nb + b]);
+            for (int j = 0; j < NR; ++j) {
+                const __m256i d = _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw[j],
+                                                      _mm256_sign_epi8(xv, wv[j]));
+                tot[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), sx, tot[i][j]);
+            }
+        }
+    }
+    for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NR; ++j)
+            y[i * ldy + j] = hsum8(tot[i][j]) * ws[j] + (bias ? bias[j] : 0.0f);
+}
+
+// int4 weights (groups of K / G), MR x NR tile: y[i][j] = Σ_g ws[j][g] · (Σ_{b in g} sx[i][b] ·
+// Σ_{k in b} u_j[k] · xq[i][k] + off[i][g]) (+ bias).
+template <int MR, int NR>
+MAMBART_VNNI inline void tile4(const QX& X, const uint8_t* w, const float* ws, const float* bias,
+                               float* y, int64_t ldy) {
+    const int64_t K = X.K, rb = K / 2, G = X.G, group = K / G;
+    const __m128i lo4 = _mm_set1_epi8(0x0f);
+    __m256 tot[MR][NR];
+    float corr[MR][NR];
+    for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NR; ++j) {
+            tot[i][j] = _mm256_setzero_ps();
+            corr[i][j] = 0.0f;
+        }
+    for (int64_t g = 0; g < G; ++g) {
+        __m256 gs[MR][NR];
+        for (int i = 0; i < MR; ++i)
+            for (int j = 0; j < NR; ++j) gs[i][j] = _mm256_setzero_ps();
+        for (int64_t k = g * group; k < (g + 1) * group; k += kBlock) {
+            if (k % 128 == 0)
+                for (int j = 0; j < NR; ++j) __builtin_prefetch(w + (j + NR) * rb + k / 2, 0, 3);
+            __m256i u[NR];
+            for (int j = 0; j < NR; ++j) {
+                const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * rb + k / 2));
+                u[j] = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(b, lo4)),
+                                               _mm_and_si128(_mm_srli_epi16(b, 4), lo4), 1);
+            }
+            for (int i = 0; i < MR; ++i) {
+                const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(X.q + i * K + k));
+                const __m256 sx = _mm256_set1_ps(X.s[i * X.nb + k / kBlock]);
+                for (int j = 0; j < NR; ++j) {
+                    const __m256i d = _mm256_dpbusd_epi32(_mm256_setzero_si256(), u[j], xv);
+                    gs[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), sx, gs[i][j]);
+                }
+            }
+        }
+        for (int j = 0; j < NR; ++j) {
+            const float wsc = ws[j * G + g];
+            const __m256 wv = _mm256_set1_ps(wsc);
+            for (int i = 0; i < MR; ++i) {
+                tot[i][j] = _mm256_fmadd_ps(gs[i][j], wv, tot[i][j]);
+                corr[i][j] += X.off[i * G + g] * wsc;
+            }
+        }
+    }
+    for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NR; ++j)
+            y[i * ldy + j] = hsum8(tot[i][j]) + corr[i][j] + (bias ? bias[j] : 0.0f);
+}
+
+// tile4 for groups of a multiple of 64: two blocks of 32 weights per 32-byte load, their low
+// and high nibbles each one VPDPBUSD operand against X.xp, the lanes scaled by X.s2.
+template <int MR, int NR>
+MAMBART_VNNI inline void tile4p(const QX& X, const uint8_t* w, const float* ws, const float* bias,
+                                float* y, int64_t ldy) {
+    const int64_t K = X.K, rb = K / 2, G = X.G, group = K / G, P = K / 64;
+    const __m256i lo4 = _mm256_set1_epi8(0x0f);
+    __m256 tot[MR][NR];
+    float corr[MR][NR];
+    for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NR; ++j) {
+            tot[i][j] = _mm256_setzero_ps();
+            corr[i][j] = 0.0f;
+        }
+    for (int64_t g = 0; g < G; ++g) {
+        __m256 gs[MR][NR];
+        for (int i = 0; i < MR; ++i)
+            for (int j = 0; j < NR; ++j) gs[i][j] = _mm256_setzero_ps();
+        for (int64_t k = g * group; k < (g + 1) * group; k += 64) {
+            if (k % 128 == 0)
+                for (int j = 0; j < NR; ++j) __builtin_prefetch(w + (j + NR) * rb + k / 2, 0, 3);
+            __m256i lo[NR], hi[NR];
+            for (int j = 0; j < NR; ++j) {
+                const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * rb + k / 2));
+                lo[j] = _mm256_and_si256(b, lo4);
+                hi[j] = _mm256_and_si256(_mm256_srli_epi16(b, 4), lo4);
+            }
+            for (int i = 0; i < MR; ++i) {
+                const int8_t* xr = X.xp + i * K + k;
+                const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr));
+                const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 32));
+                const __m256 sv = _mm256_loadu_ps(X.s2 + (i * P + k / 64) * 8);
+                for (int j = 0; j < NR; ++j) {
+                    const __m256i d = _mm256_dpbusd_epi32(
+                        _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo[j], xa), hi[j], xb);
+                    gs[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), sv, gs[i][j]);
+                }
+            }
+        }
+        for (int j = 0; j < NR; ++j) {
+            const float wsc = ws[j * G + g];
+            const __m256 wv = _mm256_set1_ps(wsc);
+            for (int i = 0; i < MR; ++i) {
+                tot[i][j] = _mm256_fmadd_ps(gs[i][j], wv, tot[i][j]);
+                corr[i][j] += X.off[i * G + g] * wsc;
+            }
+        }
+    }
+    for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NR; ++j)
+            y[i * ldy + j] = hsum8(tot[i][j]) + corr[i][j] + (bias ? bias[j] : 0.0f);
+}
+
+template <int MR>
+MAMBART_VNNI void gemv(const QX& X, const Weight& W, int64_t N, const float* bias, float* y,
+                       int64_t ldy) {
+    constexpr int NR = MR <= 2 ? 4 : MR <= 4 ? 2 : 1;
+    const bool k8 = W.quant == QuantScheme::Int8;
+    const int64_t K = W.cols, rb = k8 ? K : K / 2, G = K / W.group;
+    constexpr int64_t kChunk = 16;
+    const int64_t chunks = (N + kChunk - 1) / kChunk;
+    const int64_t grain = N * K > 65536 ? (65536 + kChunk * K - 1) / (kChunk * K) : chunks;
+    const uint8_t* w = static_cast<const uint8_t*>(W.data);
+    parallel_for(chunks, grain, [&](int64_t c0, int64_t c1) {
+        const int64_t n0 = c0 * kChunk, n1 = c1 * kChunk < N ? c1 * kChunk : N;
+        int64_t n = n0;
+        for (; n + NR <= n1; n += NR) {
+            if (k8)
+                tile8<MR, NR>(X, reinterpret_cast<const int8_t*>(w + n * rb), W.scales + n,
+                              bias ? bias + n : nullptr, y + n, ldy);
+            else if (X.xp)
+                tile4p<MR, NR>(X, w + n * rb, W.scales + n * G, bias ? bias + n : nullptr, y + n, ldy);
+            else
+                tile4<MR, NR>(X, w + n * rb, W.scales + n * G, bias ? bias + n : nullptr, y + n, ldy);
+        }
+        for (; n < n1; ++n) {
+            if (k8)
+                tile8<MR, 1>(X, reinterpret_cast<const int8_t*>(w + n * rb), W.scales + n,
+                             bias ? bias + n : nullptr, y + n, ldy);
+            else if (X.xp)
+                tile4p<MR, 1>(X, w + n * rb, W.scales + n * G, bias ? bias + n : nullptr, y + n, ldy);
+            else
+                tile4<MR, 1>(X, w + n * rb, W.scales + n * G, bias ? bias + n : nullptr, y + n, ldy);
+        }
+    });
+}
+
+MAMBART_VNNI void linear_quant(const float* x, int64_t ldx, int64_t M, const Weight& W, int64_t N,
+                               const float* bias, float* y, int64_t ldy) {
+    const QX X = quantize_x(x, ldx, M, W.cols, W.quant == QuantScheme::Int4 ? W.group : 0);
+    switch (M) {
+        case 1: gemv<1>(X, W, N, bias, y, ldy); break;
+        case 2: gemv<2>(X, W, N, bias, y, ldy); break;
+        case 3: gemv<3>(X, W, N, bias, y, ldy); break;
+        case 4: gemv<4>(X, W, N, bias, y, ldy); break;
+        case 5: gemv<5>(X, W, N, bias, y, ldy); break;
+        case 6: gemv<6>(X, W, N, bias, y, ldy); break;
+        case 7: gemv<7>(X, W, N, bias, y, ldy); break;
+        default: gemv<8>(X, W, N, bias, y, ldy); break;
+    }
+}
+
+#undef MAMBART_VNNI
+
+}  // namespace vnni
+
 #endif  // MAMBART_X86
 
 #ifdef MAMBART_ARM64
@@ -376,6 +726,18 @@ MAMBART_SIMD inline V8 v_load_w(const void* row, int64_t k) {
         return V8{vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(h), 16)),
                   vreinterpretq_f32_u32(vshll_high_n_u16(h, 16))};
     }
+}
+// int8 / int4 weights: SXTL / USHR widening, then SCVTF.
+MAMBART_SIMD inline V8 v_widen_s8(int8x8_t b) {
+    const int16x8_t h = vmovl_s8(b);
+    return V8{vcvtq_f32_s32(vmovl_s16(vget_low_s16(h))), vcvtq_f32_s32(vmovl_high_s16(h))};
+}
+MAMBART_SIMD inline V8 v_load_q8(const int8_t* p) { return v_widen_s8(vld1_s8(p)); }
+MAMBART_SIMD inline void v_load_q4(const uint8_t* p, V8& lo, V8& hi) {
+    const uint8x8_t b = vld1_u8(p);
+    const int8x8_t eight = vdup_n_s8(8);
+    lo = v_widen_s8(vsub_s8(vreinterpret_s8_u8(vand_u8(b, vdup_n_u8(15))), eight));
+    hi = v_widen_s8(vsub_s8(vreinterpret_s8_u8(vshr_n_u8(b, 4)), eight));
 }
 #undef MAMBART_SIMD
 #define MAMBART_SIMD
@@ -669,6 +1031,15 @@ Kernels detect_kernels() {
     return Kernels::Generic;
 }
 
+#ifdef MAMBART_X86
+// The VNNI quantized GEMV (vnni above): AVX512F/BW/VL + AVX512-VNNI, read once.
+bool quant_vnni() {
+    static const bool v = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+    return v;
+}
+#endif
+
 // Read once, at the first projection (the option is documented as read once).
 Kernels kernels() {
     static const Kernels k = detect_kernels();
@@ -769,7 +1140,48 @@ void linear(const float* x, int64_t ldx, int64_t M, int64_t K, const void* W, DT
         case DType::F32: return linear_typed<DType::F32>(k, x, ldx, M, K, W, N, bias, y, ldy);
         case DType::F16: return linear_typed<DType::F16>(k, x, ldx, M, K, W, N, bias, y, ldy);
         case DType::BF16: return linear_typed<DType::BF16>(k, x, ldx, M, K, W, N, bias, y, ldy);
+        default: break;
     }
+    throw InvalidArgument(str_cat("cpu::linear: ", dtype_name(w_dtype),
+                                  " weights need linear_quant"));
+}
+
+void linear_quant(const float* x, int64_t ldx, int64_t M, const Weight& W, int64_t N,
+                  const float* bias, float* y, int64_t ldy) {
+    if (M <= 0 || N <= 0) return;
+    const Kernels k = kernels();
+    const bool int8 = W.quant == QuantScheme::Int8;
+    switch (k) {
+#ifdef MAMBART_X86
+        case Kernels::Avx2:
+            if (M <= kQuantGemvMaxM && W.cols % 32 == 0 && quant_vnni())
+                return vnni::linear_quant(x, ldx, M, W, N, bias, y, ldy);
+            if (int8) return avx2::linear_quant_simd<QuantScheme::Int8>(x, ldx, M, W, N, bias, y, ldy);
+            return avx2::linear_quant_simd<QuantScheme::Int4>(x, ldx, M, W, N, bias, y, ldy);
+#endif
+#ifdef MAMBART_ARM64
+        case Kernels::Neon:
+        case Kernels::NeonBf16:
+            if (int8) return neon::linear_quant_simd<QuantScheme::Int8>(x, ldx, M, W, N, bias, y, ldy);
+            return neon::linear_quant_simd<QuantScheme::Int4>(x, ldx, M, W, N, bias, y, ldy);
+#endif
+        default: return linear_quant_portable(x, ldx, M, W, N, bias, y, ldy);
+    }
+}
+
+const char* linear_quant_kernels() {
+    switch (kernels()) {
+#ifdef MAMBART_X86
+        case Kernels::Avx2: return quant_vnni() ? "avx512vnni" : "avx2";
+#endif
+        case Kernels::Neon:
+        case Kernels::NeonBf16: return "neon";
+        default: return "generic";
+    }
+}
+
+void dequantize_rows(const Weight& W, int64_t r0, int64_t n, float* out) {
+    for (int64_t i = 0; i < n; ++i) dequant_row_portable(W, r0 + i, out + i * W.cols);
 }
 
 }  // namespace cpu

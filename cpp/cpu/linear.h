@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "dtype.h"
+#include "op_params.h"
 
 namespace mambart {
 namespace cpu {
@@ -27,6 +28,21 @@ void linear(const float* x, int64_t ldx, int64_t M, int64_t K,
             const void* W, DType w_dtype, int64_t N,
             const float* bias,
             float* y, int64_t ldy);
+
+// y[M, N] = x[M, K] · dequant(W)[N, K]ᵀ + bias[N] for a quantized weight (W.quant Int8 or
+// Int4, layout in op_params.h), K = W.cols, N <= W.rows. The weights are dequantized in
+// registers: the GEMV (M <= 8, decode) sums each scale group's products and scales the group's
+// sum; the GEMM dequantizes each panel of 16 rows to fp32 once and runs the float micro-kernel.
+void linear_quant(const float* x, int64_t ldx, int64_t M, const Weight& W, int64_t N,
+                  const float* bias, float* y, int64_t ldy);
+
+// The quantized GEMV's kernels: "avx512vnni" (x86-64 with AVX512F/BW/VL/VNNI: the activations
+// rounded to int8 per block, integer dot products; see linear.cpp), "avx2", "neon" or "generic"
+// (both fp32 activations). The GEMM keeps fp32 activations everywhere.
+const char* linear_quant_kernels();
+
+// Rows [r0, r0 + n) of a quantized weight, dequantized: out (n, W.cols) fp32.
+void dequantize_rows(const Weight& W, int64_t r0, int64_t n, float* out);
 
 // The machine's read bandwidth as the projections could see it: a buffer of `bytes` (allocated
 // and written once here) summed `passes` times on the current pool (cpu/pool.h), each pass

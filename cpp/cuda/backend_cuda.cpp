@@ -90,6 +90,7 @@ class CudaBackend final : public Backend {
         if (stream_) cudaStreamSynchronize(stream_);
         cublas_.reset();
         if (half_x_) cudaFree(half_x_);
+        if (dq_) cudaFree(dq_);
         if (counters_) cudaFree(counters_);
         if (ws_) cudaFree(ws_);
         for (int i = 0; i < 2; ++i) {
@@ -249,6 +250,11 @@ class CudaBackend final : public Backend {
     // ---- ops ----
     void embedding(const int32_t* ids, int64_t n, const Weight& table, float* out) override {
         dev();
+        if (table.quant != QuantScheme::None) {
+            cuda::launch_embedding_quant({ids, table.data, table.dtype, out, n, table.cols, table.rows},
+                                         table.quant, table.scales, table.group, stream_);
+            return;
+        }
         cuda::launch_embedding({ids, table.data, table.dtype, out, n, table.cols, table.rows}, stream_);
     }
 
@@ -264,6 +270,31 @@ class CudaBackend final : public Backend {
         dev();
         MAMBART_CHECK_ARG(N <= W.rows, "linear: N=", N, " exceeds the weight's ", W.rows, " rows");
         const int64_t K = W.cols;
+        if (W.quant != QuantScheme::None) {
+            if (M <= cuda::kGemvMaxRows) {  // decode: dequantized in registers
+                cuda::launch_linear_quant({x, ldx, W.data, W.quant, W.scales, W.group, bias, y,
+                                           ldy, M, N, K, false}, stream_);
+                return;
+            }
+            // prefill: slabs of rows dequantized to bf16 (the workspace of reserve_dequant),
+            // each through the bf16 GEMM below
+            MAMBART_CHECK_ARG(dq_ && K <= dq_cols_, "linear: a quantized weight of K=", K,
+                              " with M=", M, " needs reserve_dequant (the load does it)");
+            // rows per slab: the workspace's, at most 65535 (the dequant kernel's grid.y)
+            const int64_t slab = std::min<int64_t>(int64_t(dq_bytes_ / (size_t(K) * 2)), 65535);
+            for (int64_t n0 = 0; n0 < N; n0 += slab) {
+                const int64_t nr = std::min(slab, N - n0);
+                cuda::launch_dequant_bf16(W.data, W.quant, W.scales, W.group, K, n0, nr, dq_,
+                                          stream_);
+                Weight t;
+                t.data = dq_;
+                t.dtype = DType::BF16;
+                t.rows = nr;
+                t.cols = K;
+                linear(x, ldx, M, t, nr, bias ? bias + n0 : nullptr, y + n0, ldy);
+            }
+            return;
+        }
         if (cublas_ && cublas_->available() && M >= cublas_min_rows_ && M <= 65535 &&
             W.dtype != DType::F32 && size_t(M * K) * 2 <= half_x_bytes_) {
             // x rounded to the weight dtype (as the hand-written tensor-core GEMM does), then
@@ -274,6 +305,22 @@ class CudaBackend final : public Backend {
             return;
         }
         cuda::launch_linear({x, ldx, W.data, W.dtype, bias, y, ldy, M, N, K, false}, stream_);
+    }
+
+    uint64_t reserve_dequant(int64_t cols) override {
+        // (slab, cols) bf16: at most kDequantBytes, at least one row; grows only
+        const size_t bytes = std::max<size_t>(kDequantBytes / (size_t(cols) * 2), 1) * size_t(cols) * 2;
+        if (cols <= dq_cols_ && bytes <= dq_bytes_) return 0;
+        dev();
+        check(cudaStreamSynchronize(stream_), "reserve_dequant");
+        const size_t old = dq_bytes_;
+        if (dq_) cudaFree(dq_);
+        dq_ = nullptr;
+        dq_bytes_ = 0;
+        dq_ = alloc(bytes, "the dequantized-weight workspace");
+        dq_bytes_ = bytes;
+        dq_cols_ = cols;
+        return bytes > old ? bytes - old : 0;
     }
 
     // The fused decode projections run where linear() would run the GEMV (fewer rows than
@@ -288,6 +335,9 @@ class CudaBackend final : public Backend {
         dev();
         MAMBART_CHECK_ARG(p.N <= p.W.rows, "project: N=", p.N, " exceeds the weight's ", p.W.rows,
                           " rows");
+        MAMBART_CHECK_ARG(p.W.quant == QuantScheme::None, "project: ",
+                          quant_scheme_name(p.W.quant), " weights are not fused (the model runs "
+                          "quantized weights' projections unfused)");
         const int64_t groups = p.gate.z ? p.W.cols / std::max<int64_t>(p.gate.group_size, 1) : 0;
         MAMBART_CHECK_ARG(p.norm.residual || p.gate.z ? fused_projection(p.M, p.W.cols, groups)
                                                       : fused_projection(p.M, 1, 0),
@@ -527,6 +577,12 @@ class CudaBackend final : public Backend {
     int64_t cublas_min_rows_ = 4;  // MAMBART_CUBLAS_MIN_ROWS
     int64_t fused_max_batch_ = 8;  // MAMBART_CUDA_FUSED_MAX_BATCH
     uint64_t free_bytes_limit_ = 0;  // MAMBART_CUDA_FREE_BYTES_LIMIT (0: none)
+    // Quantized weights' prefill: rows dequantized to bf16, a slab of at most kDequantBytes
+    // (reserve_dequant): (dq_bytes_ / (2 K), K) for a weight of K input features.
+    static constexpr size_t kDequantBytes = size_t(32) << 20;
+    void* dq_ = nullptr;
+    size_t dq_bytes_ = 0;
+    int64_t dq_cols_ = 0;
     void* half_x_ = nullptr;  // (rows, cols) fp16/bf16: the GEMM operand (reserve_scratch)
     size_t half_x_bytes_ = 0;
 };

@@ -91,6 +91,49 @@ class PlacedWeight {
     bool owned_;
 };
 
+// A quantized weight (op_params.h layout) placed on the backend: `q` int8 (N, K) or packed int4
+// bytes (N, K / 2), `scales` (N, K / group) fp32.
+class PlacedQuantWeight {
+ public:
+    PlacedQuantWeight(Backend& be, const py::array& q, const F32& scales,
+                      const std::string& scheme, int64_t group)
+        : be_(be) {
+        QuantScheme qs = QuantScheme::None;
+        need(quant_scheme_from_name(scheme, &qs), "scheme must be 'int8' or 'int4'");
+        need(q.ndim() == 2 && q.itemsize() == 1 && (q.flags() & py::array::c_style),
+             "q must be a C-contiguous 2-D int8 / uint8 array");
+        const int64_t N = q.shape(0);
+        const int64_t K = qs == QuantScheme::Int4 ? q.shape(1) * 2 : q.shape(1);
+        if (qs == QuantScheme::Int8) group = K;
+        need(group > 0 && K % group == 0 && (qs == QuantScheme::Int8 || (K % 32 == 0 && group % 32 == 0)),
+             "group must divide K (int4: K and group multiples of 32)");
+        need(scales.size() == N * (K / group), "scales must be (N, K / group)");
+        const DType dt = qs == QuantScheme::Int4 ? DType::U8 : DType::I8;
+        bool owned = false;
+        data_ = be.place_weight(q.data(), dt, size_t(q.size()), dt, &owned);
+        owned_ = owned;
+        sc_ = std::make_unique<Buf>(be, scales);
+        be.reserve_dequant(K);  // as a model load does (CUDA: the prefill GEMM's workspace)
+        weight.data = data_;
+        weight.dtype = dt;
+        weight.rows = N;
+        weight.cols = K;
+        weight.quant = qs;
+        weight.scales = sc_->as<float>();
+        weight.group = group;
+    }
+    ~PlacedQuantWeight() {
+        if (owned_) be_.dealloc(const_cast<void*>(data_));
+    }
+    Weight weight;
+
+ private:
+    Backend& be_;
+    const void* data_;
+    bool owned_;
+    std::unique_ptr<Buf> sc_;
+};
+
 struct Ops {
     std::shared_ptr<Backend> be;
 };
@@ -113,6 +156,8 @@ void register_ops(py::module_& parent) {
             return cpu::read_bandwidth(bytes, passes);
         },
         py::arg("bytes"), py::arg("threads") = 0, py::arg("passes") = 10);
+    m.def("linear_quant_kernels", [] { return std::string(cpu::linear_quant_kernels()); },
+          "The CPU's quantized GEMV kernels (cpu/linear.h linear_quant_kernels).");
     py::class_<Ops>(m, "Backend")
         .def(py::init([](const std::string& device, int threads) {
                  need(threads >= 0 && threads <= 4096, "threads must be in [0, 4096]");
@@ -175,6 +220,61 @@ void register_ops(py::module_& parent) {
              },
              py::arg("x"), py::arg("W"), py::arg("dtype"), py::arg("bias") = py::none(),
              py::arg("N") = 0)
+        .def("linear_quant",
+             [](Ops& o, const F32& x, const py::array& q, const F32& scales,
+                const std::string& scheme, int64_t group, const std::optional<F32>& bias,
+                int64_t N) {
+                 Backend& be = *o.be;
+                 need(x.ndim() == 2, "x must be (M, ldx)");
+                 PlacedQuantWeight w(be, q, scales, scheme, group);
+                 const int64_t M = x.shape(0), ldx = x.shape(1);
+                 if (N <= 0) N = w.weight.rows;
+                 need(N <= w.weight.rows && ldx >= w.weight.cols && (!bias || bias->size() >= N),
+                      "linear_quant: N <= rows of W, ldx >= K, bias (N)");
+                 Buf dx(be, x), y(be, size_t(M * N) * 4);
+                 auto bb = maybe(be, bias);
+                 be.reserve_scratch(M, w.weight.cols);
+                 be.linear(dx.as<float>(), ldx, M, w.weight, N, ptr<float>(bb), y.as<float>(), N);
+                 return y.download<float>({M, N});
+             },
+             py::arg("x"), py::arg("q"), py::arg("scales"), py::arg("scheme"),
+             py::arg("group") = 0, py::arg("bias") = py::none(), py::arg("N") = 0)
+        .def("embedding_quant",
+             [](Ops& o, const I32& ids, const py::array& q, const F32& scales,
+                const std::string& scheme, int64_t group) {
+                 Backend& be = *o.be;
+                 PlacedQuantWeight w(be, q, scales, scheme, group);
+                 for (py::ssize_t i = 0; i < ids.size(); ++i)
+                     need(ids.data()[i] >= 0 && ids.data()[i] < w.weight.rows, "ids outside the table");
+                 const int64_t d = w.weight.cols;
+                 Buf d_ids(be, ids), out(be, size_t(ids.size() * d) * 4);
+                 be.embedding(d_ids.as<int32_t>(), ids.size(), w.weight, out.as<float>());
+                 return out.download<float>({ids.size(), d});
+             })
+        .def("bench_linear_quant",
+             [](Ops& o, const F32& x, const py::array& q, const F32& scales,
+                const std::string& scheme, int64_t group, int reps) {
+                 Backend& be = *o.be;
+                 PlacedQuantWeight w(be, q, scales, scheme, group);
+                 need(x.ndim() == 2 && x.shape(1) == w.weight.cols && reps >= 1,
+                      "bench_linear_quant: x (M, K), reps >= 1");
+                 const int64_t M = x.shape(0), N = w.weight.rows;
+                 Buf dx(be, x), y(be, size_t(M * N) * 4);
+                 be.reserve_scratch(M, w.weight.cols);
+                 std::vector<double> secs;
+                 py::gil_scoped_release release;
+                 for (int r = 0; r < reps; ++r) {
+                     const auto t0 = std::chrono::steady_clock::now();
+                     be.linear(dx.as<float>(), w.weight.cols, M, w.weight, N, nullptr,
+                               y.as<float>(), N);
+                     be.synchronize();
+                     secs.push_back(std::chrono::duration<double>(
+                                        std::chrono::steady_clock::now() - t0).count());
+                 }
+                 return secs;
+             },
+             py::arg("x"), py::arg("q"), py::arg("scales"), py::arg("scheme"),
+             py::arg("group") = 0, py::arg("reps") = 10)
         .def(
             "bench_linear",
             [](Ops& o, const F32& x, const F32& W, const std::string& dtype, int reps) {

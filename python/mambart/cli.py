@@ -164,6 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hub revision (branch, tag or commit)")
     c.add_argument("--tokenizer", default=None, metavar="PATH",
                    help="a tokenizer.json to copy in instead of the model's")
+    c.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="quantize the projections, embedding and head: int8 per "
+                        "output channel, or int4 in groups along K (docs/format.md)")
+    c.add_argument("--group-size", type=int, default=128, metavar="G",
+                   help="int4: weights per scale along K (a multiple of 32; default 128)")
+    c.add_argument("--keep-head", action="store_true",
+                   help="with --quantize: keep the embedding and lm_head in --dtype")
     c.add_argument("--force", action="store_true", help="replace DST if it exists")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -302,7 +309,8 @@ def _cmd_convert(a) -> int:
         out = convert(src, a.dst, dtype=a.dtype, overwrite=a.force, tokenizer=tok,
                       progress=not a.no_progress,
                       a_activation=a.a_activation, source_info=info,
-                      max_context=a.max_context)
+                      quantize=a.quantize, int4_group_size=a.group_size,
+                      quantize_head=not a.keep_head, max_context=a.max_context)
     finally:
         hub.release_tokenizer(temp_tok)
     d = _describe(out)

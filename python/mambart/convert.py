@@ -31,9 +31,10 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ._tensorio import (CHUNK_ELEMS, FLOAT_DTYPES, OUT_DTYPES, LazyTensor, SafetensorsWriter,
-                        WeightSet, convert_chunk, read_safetensors_header)
+                        WeightSet, convert_chunk, read_safetensors_header, to_float32)
 from ._files import (_UMASK, MAX_JSON_BYTES, MAX_TOKENIZER_BYTES, check_not_nested,
                      read_bounded, read_bounded_text, write_atomic)
+from ._quant import quantize as quantize_matrix
 from .errors import ConversionError
 
 CONVERTER_VERSION = "mambart-convert 1"
@@ -776,6 +777,9 @@ def validate_config(c: dict, where: str) -> None:
 
 
 def _mambart_source(cfg: dict, where: str) -> Source:
+    if "quantization" in cfg:
+        raise ConversionError(f"{where}: the model is already quantized; convert (or quantize) "
+                              f"from the unquantized model")
     validate_config(cfg, where)
     c = {k: v for k, v in cfg.items() if k not in ("dtype", "source")}
     return Source("mambart", c)
@@ -827,6 +831,30 @@ class PlanItem:
     name: str
     tensor: LazyTensor
     out_dtype: str
+    quant: Optional[str] = None  # "int8" / "int4": written as data + `name`_scale
+
+
+# The matrices `quantize=` quantizes (issue 18): the in / out projections, Mamba-1's x_proj,
+# attention's q / k / v / o projections and the MLP's up / gate / down projections, and, with
+# quantize_head, the embedding and lm_head (tied or not). Conv weights, norms, A, D, dt_bias
+# and dt_proj (tiny; the fused decode step reads it directly) keep their dtype.
+_QUANT_SUFFIXES = tuple(f".mixer.{n}.weight" for n in (
+    "in_proj", "out_proj", "x_proj", "q_proj", "k_proj", "v_proj", "o_proj", "up_proj",
+    "gate_proj", "down_proj"))
+_QUANT_HEAD = ("embedding.weight", "lm_head.weight")
+QUANT_SCHEMES = ("int8", "int4")
+
+
+def _quant_scheme(name: str, shape, scheme: Optional[str], group: int, head: bool) -> Optional[str]:
+    """The scheme tensor `name` gets: None (kept float), or int8 / int4. int4 falls back to int8
+    where K is not a multiple of the group."""
+    if scheme is None or len(shape) != 2:
+        return None
+    if not (name.endswith(_QUANT_SUFFIXES) or (head and name in _QUANT_HEAD)):
+        return None
+    if scheme == "int4" and shape[1] % group:
+        return "int8"
+    return scheme
 
 
 def _same_data(a: LazyTensor, b: LazyTensor) -> bool:
@@ -849,7 +877,8 @@ def _source_dtype(weights: WeightSet, source: Source) -> str:
     return "float32" if dt not in OUT_DTYPES else dt
 
 
-def plan(source: Source, weights: WeightSet, dtype: Optional[str]) -> Tuple[List[PlanItem], str]:
+def plan(source: Source, weights: WeightSet, dtype: Optional[str], quantize: Optional[str] = None,
+         group: int = 128, quantize_head: bool = True) -> Tuple[List[PlanItem], str]:
     """Validates every tensor against the config; returns what to write, in file order."""
     if dtype is not None and dtype not in OUT_DTYPES:
         raise ConversionError(f"dtype must be None, 'float32', 'float16' or 'bfloat16', got "
@@ -873,7 +902,8 @@ def plan(source: Source, weights: WeightSet, dtype: Optional[str]) -> Tuple[List
             raise ConversionError(f"{origin[sname]}: tensor '{sname}' has dtype {t.dtype}, not a "
                                   f"floating-point type")
         used.add(sname)
-        items.append(PlanItem(canon, t, "float32" if spec["store_fp32"] else T))
+        q = _quant_scheme(canon, shape, quantize, group, quantize_head) if spec["matrix"] else None
+        items.append(PlanItem(canon, t, "float32" if spec["store_fp32"] else T, q))
     extra = [n for n in weights.tensors
              if n not in used and not any(n.startswith(p) for p in source.ignored)]
     if source.optional_tied in extra:
@@ -893,8 +923,9 @@ def plan(source: Source, weights: WeightSet, dtype: Optional[str]) -> Tuple[List
         shown = ", ".join(f"'{n}'" for n in extra[:5]) + (" ..." if len(extra) > 5 else "")
         raise ConversionError(f"{origin[extra[0]]}: unexpected tensor(s) {shown} not part of a "
                               f"{source.config['architecture']} model with this config{hint}")
-    # 4-byte tensors first keeps every tensor aligned to its element size.
-    items.sort(key=lambda it: 0 if it.out_dtype == "float32" else 1)
+    # 4-byte tensors first, then 2-byte, then quantized bytes: every tensor aligned to its
+    # element size.
+    items.sort(key=lambda it: 2 if it.quant else 0 if it.out_dtype == "float32" else 1)
     return items, T
 
 
@@ -925,10 +956,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _scale_dtype(T: str) -> str:
+    return "bfloat16" if T == "bfloat16" else "float16"
+
+
 def convert(src, dst, dtype: Optional[str] = None, *, overwrite: bool = False,
             progress: bool = False, tokenizer=None, source_info: Optional[dict] = None,
             a_activation: Optional[str] = None, announce: Optional[str] = None,
-            max_context: Optional[int] = None) -> str:
+            quantize: Optional[str] = None, int4_group_size: int = 128,
+            quantize_head: bool = True, max_context: Optional[int] = None) -> str:
     """Converts a checkpoint directory into a mambart model directory at `dst`.
 
     src: a transformers (MambaForCausalLM / Mamba2ForCausalLM / FalconMambaForCausalLM /
@@ -946,6 +982,11 @@ def convert(src, dst, dtype: Optional[str] = None, *, overwrite: bool = False,
         2026-06-02, the default) or "softplus" (checkpoints trained before); the checkpoint does
         not record it (spec 4.7), the converted config does.
     announce: a line written to stderr once the source has been checked, before writing.
+    quantize: None, "int8" (per output channel, symmetric) or "int4" (groups of
+        int4_group_size along K, symmetric); round to nearest (docs/format.md "Quantized
+        weights"). Quantizes the in / out projections, Mamba-1's x_proj and the attention and
+        MLP projections, plus the embedding and lm_head when quantize_head; int4 tensors whose K is not a multiple of the group
+        are int8. Scales are stored in bfloat16 for a bfloat16 model, else float16.
     max_context: models with attention layers only: the tokens a sequence may hold (each
         attention layer's KV cache capacity, laid out in full in every sequence state); default
         the checkpoint's max_position_embeddings.
@@ -981,7 +1022,13 @@ def convert(src, dst, dtype: Optional[str] = None, *, overwrite: bool = False,
                                   f"{max_context!r}")
         for e in attn:
             e["max_context"] = max_context
-    items, T = plan(source, weights, dtype)
+    if quantize is not None and quantize not in QUANT_SCHEMES:
+        raise ConversionError(f"quantize must be None, 'int8' or 'int4', got {quantize!r}")
+    if (isinstance(int4_group_size, bool) or not isinstance(int4_group_size, int)
+            or int4_group_size < 32 or int4_group_size % 32):
+        raise ConversionError(f"int4_group_size must be a positive multiple of 32, got "
+                              f"{int4_group_size!r}")
+    items, T = plan(source, weights, dtype, quantize, int4_group_size, quantize_head)
 
     tok_path = Path(os.fspath(tokenizer)) if tokenizer is not None else None
     if tok_path is None and (src_p / "tokenizer.json").is_file():
@@ -1002,6 +1049,10 @@ def convert(src, dst, dtype: Optional[str] = None, *, overwrite: bool = False,
         if cfg.get(k) is not None and cfg[k] >= cfg["vocab_size"]:
             cfg[k] = None  # an id outside the vocabulary can never be generated
     cfg["dtype"] = T
+    qt = {it.name: it.quant for it in items if it.quant}
+    if qt:
+        cfg["quantization"] = {"int4_group_size": int4_group_size,
+                               "tensors": {n: qt[n] for n in sorted(qt)}}
     validate_config(cfg, "the converted config")  # what the runtime will check, before writing
     prov = {"format": source.fmt, "path": str(src_p.resolve()), "converter": CONVERTER_VERSION,
             "weights": [os.path.basename(f) for f in weights.files],
@@ -1031,9 +1082,23 @@ def convert(src, dst, dtype: Optional[str] = None, *, overwrite: bool = False,
     os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700: the user's umask, as mkdir gives
     bar = None
     try:
+        SD = _scale_dtype(T)
+        entries = []
+        for it in items:
+            if not it.quant:
+                entries.append((it.name, it.out_dtype, it.tensor.shape))
+        for it in items:  # scales (2-byte) before the quantized data (bytes)
+            if it.quant:
+                N, K = it.tensor.shape
+                entries.append((it.name + "_scale", SD,
+                                (N,) if it.quant == "int8" else (N, K // int4_group_size)))
+        for it in items:
+            if it.quant:
+                N, K = it.tensor.shape
+                entries.append((it.name, "int8" if it.quant == "int8" else "uint8",
+                                (N, K) if it.quant == "int8" else (N, K // 2)))
         writer = SafetensorsWriter(
-            str(tmp / "model.safetensors"),
-            [(it.name, it.out_dtype, it.tensor.shape) for it in items],
+            str(tmp / "model.safetensors"), entries,
             metadata={"format": "mambart", "mambart_format": str(FORMAT_VERSION)})
         total = sum(it.tensor.numel * (4 if it.out_dtype == "float32" else 2) for it in items)
         if progress:
@@ -1042,7 +1107,20 @@ def convert(src, dst, dtype: Optional[str] = None, *, overwrite: bool = False,
             bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
                        desc=f"converting {src_p.name}", leave=True)
         try:
+            quantized = {}
+            for it in items:  # the quantized ones first: their scales precede their data
+                if not it.quant:
+                    continue
+                what = f"{it.tensor.origin}: tensor '{source.source_name(it.name)}'"
+                w = to_float32(it.tensor.read(), it.tensor.dtype).reshape(it.tensor.shape)
+                try:
+                    quantized[it.name] = quantize_matrix(w, it.quant, int4_group_size, SD, what)
+                except ValueError as e:
+                    raise ConversionError(str(e)) from None
+                del w
             for it in items:
+                if it.quant:
+                    continue
                 what = f"{it.tensor.origin}: tensor '{source.source_name(it.name)}'"
                 for chunk in it.tensor.chunks(CHUNK_ELEMS):
                     out = convert_chunk(chunk, it.tensor.dtype, it.out_dtype, what)
@@ -1050,6 +1128,13 @@ def convert(src, dst, dtype: Optional[str] = None, *, overwrite: bool = False,
                     if bar is not None:
                         bar.update(out.nbytes)
                     del out, chunk
+            for phase in (1, 0):  # the scales, then the data (the header's order)
+                for it in items:
+                    if it.quant:
+                        arr = quantized[it.name][phase]
+                        writer.write(it.name + "_scale" if phase else it.name, arr)
+                        if bar is not None:
+                            bar.update(arr.nbytes)
             writer.close()
         except BaseException:
             writer.abort()

@@ -157,7 +157,8 @@ class Mamba1 final : public Layer {
             bc = bcn;
             ld_dt = Rdt;
             ld_bc = 2 * N;
-        } else if (L == 1 && !io.trace) {  // decode: dt_proj + scan fused where the backend can
+        } else if (L == 1 && !io.trace && dt_proj_.quant == QuantScheme::None) {
+            // decode: dt_proj + scan fused where the backend can (dt_proj unquantized)
             Mamba1DecodeParams fp{xconv, xdbl, X, dt_proj_, proj + E, 2 * E, A_.data,
                                   D_.data, dt_bias_.data, ssm_state, y, B, E, N, Rdt};
             if (be.mamba1_decode_fused(fp)) {
