@@ -1,5 +1,6 @@
 """Tiny random transformers checkpoints (MambaForCausalLM, Mamba2ForCausalLM,
-FalconMambaForCausalLM, NemotronHForCausalLM, GraniteMoeHybridForCausalLM) for the oracle
+FalconMambaForCausalLM, NemotronHForCausalLM, GraniteMoeHybridForCausalLM, BambaForCausalLM) for
+the oracle
 tests, with every parameter perturbed away from its structured initialisation (norm weights 1,
 D 1, zero biases) so that a mistake in any of them shows in the logits."""
 
@@ -8,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import (FalconMambaConfig, FalconMambaForCausalLM, GraniteMoeHybridConfig,
+from transformers import (BambaConfig, BambaForCausalLM, FalconMambaConfig, FalconMambaForCausalLM, GraniteMoeHybridConfig,
                           GraniteMoeHybridForCausalLM, Mamba2Config, Mamba2ForCausalLM,
                           MambaConfig, MambaForCausalLM, NemotronHConfig, NemotronHForCausalLM)
 
@@ -71,7 +72,19 @@ def granite_config(**kw) -> GraniteMoeHybridConfig:
     return GraniteMoeHybridConfig(**base)
 
 
-CLASSES = ((GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM),
+def bamba_config(**kw) -> BambaConfig:
+    """Bamba: Mamba-2 layers with attention at attn_layer_indices (GQA, RoPE on half of hd), each
+    layer with a SwiGLU MLP."""
+    base = dict(vocab_size=93, hidden_size=32, num_hidden_layers=4, attn_layer_indices=[1],
+                num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
+                mamba_n_heads=8, mamba_n_groups=2, mamba_d_state=12, mamba_d_conv=4,
+                mamba_chunk_size=8, rms_norm_eps=1e-5, max_position_embeddings=128,
+                tie_word_embeddings=False, eos_token_id=0, bos_token_id=0, pad_token_id=0)
+    base.update(kw)
+    return BambaConfig(**base)
+
+
+CLASSES = ((BambaConfig, BambaForCausalLM), (GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM),
            (NemotronHConfig, NemotronHForCausalLM), (FalconMambaConfig, FalconMambaForCausalLM), (Mamba2Config, Mamba2ForCausalLM),
            (MambaConfig, MambaForCausalLM))
 

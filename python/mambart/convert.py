@@ -437,12 +437,32 @@ def _granite_pattern(cfg: dict, where: str, n: int) -> str:
     return "".join(out)
 
 
-def _granite_source(cfg: dict, where: str, weights: WeightSet) -> Source:
+def _bamba_pattern(cfg: dict, where: str, n: int) -> str:
+    idx = cfg.get("attn_layer_indices")
+    if idx is None:
+        return "M" * n
+    if not isinstance(idx, list):
+        raise ConversionError(f"{where}: config key 'attn_layer_indices' must be a list of layer "
+                              f"indices")
+    out = ["M"] * n
+    for v in idx:
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < n:
+            raise ConversionError(f"{where}: config key 'attn_layer_indices' entry "
+                                  f"{str(v)[:40]} is not a layer index in [0, {n})")
+        out[v] = "A"
+    return "".join(out)
+
+
+def _granite_source(cfg: dict, where: str, weights: WeightSet, bamba: bool = False) -> Source:
+    """Granite-4.0-H, or with `bamba` Bamba (BambaForCausalLM): the same two blocks per source
+    layer, Bamba's FFN a plain SwiGLU MLP (feed_forward.{gate,up,down}_proj, pre_ff_layernorm),
+    its attention with partial RoPE (half of hd, as transformers forces) and scale hd^-1/2, no
+    multipliers, final norm model.final_layernorm."""
     n = _int(cfg, "num_hidden_layers", where, hi=2048)
-    pat = _granite_pattern(cfg, where, n)
+    pat = (_bamba_pattern if bamba else _granite_pattern)(cfg, where, n)
     tensors = weights.tensors
     files = ", ".join(sorted(set(weights.files))) or "the checkpoint"
-    X = _int(cfg, "num_local_experts", where, 0, lo=0, hi=1 << 16)
+    X = 0 if bamba else _int(cfg, "num_local_experts", where, 0, lo=0, hi=1 << 16)
     for i, ch in enumerate(pat):
         pre = f"model.layers.{i}."
         found = [k for k, m in GRANITE_MARKERS.items() if pre + m in tensors]
@@ -453,7 +473,7 @@ def _granite_source(cfg: dict, where: str, weights: WeightSet) -> Source:
             raise ConversionError(f"{where}: layer {i}: the config says {GRANITE_KIND[ch]} but "
                                   f"in {files} {has}")
         moe = pre + GRANITE_FFN["router.weight"]
-        if (X > 0) != (moe in tensors):
+        if not bamba and (X > 0) != (moe in tensors):
             raise ConversionError(
                 f"{where}: layer {i}: num_local_experts is {X} but in {files} '{moe}' is "
                 f"{'missing' if X > 0 else 'present'}")
@@ -468,14 +488,16 @@ def _granite_source(cfg: dict, where: str, weights: WeightSet) -> Source:
                               f"supported (silu)")
     d = _int(cfg, "hidden_size", where)
     V = _int(cfg, "vocab_size", where)
-    c = _base_config("granitemoehybrid")
+    c = _base_config("bamba" if bamba else "granitemoehybrid")
     c.update(d_model=d, n_layer=2 * n, vocab_size=V, vocab_size_padded=V, norm="rmsnorm",
-             norm_eps=_num(cfg, "rms_norm_eps", where, 1e-6, 0.0, 1.0), residual_in_fp32=True,
+             norm_eps=_num(cfg, "rms_norm_eps", where, 1e-5 if bamba else 1e-6, 0.0, 1.0),
+             residual_in_fp32=True,
              tie_embeddings=_bool(cfg, "tie_word_embeddings", where, False))
     for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
         c[k] = _opt_id(cfg.get(k), where, k)
-    for k in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
-        c[k] = _num(cfg, k, where, 1.0, 0.0, 1e6)
+    if not bamba:
+        for k in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
+            c[k] = _num(cfg, k, where, 1.0, 0.0, 1e6)
     mamba = attn = None
     if "M" in pat:
         i = pat.index("M")
@@ -523,7 +545,7 @@ def _granite_source(cfg: dict, where: str, weights: WeightSet) -> Source:
         if Hq % Hkv:
             raise ConversionError(f"{where}: layer {i}: num_key_value_heads ({Hkv}) must divide "
                                   f"num_attention_heads ({Hq})")
-        pe = cfg.get("position_embedding_type")
+        pe = "rope" if bamba else cfg.get("position_embedding_type")
         rotary, theta = 0, 10000.0
         if pe == "rope":
             rp = cfg.get("rope_parameters") or {}
@@ -536,6 +558,11 @@ def _granite_source(cfg: dict, where: str, weights: WeightSet) -> Source:
             theta = _num(rp if "rope_theta" in rp else cfg, "rope_theta", where, 10000.0, 1.0,
                          1e12)
             rotary = hd
+            if bamba:  # transformers' BambaConfig sets partial_rotary_factor 0.5 whatever it says
+                rotary = int(hd * 0.5)
+                if rotary % 2:
+                    raise ConversionError(f"{where}: layer {i}: the head size {hd} gives an odd "
+                                          f"rotary size {rotary} (half of it); not supported")
         elif pe not in (None, "nope"):
             raise ConversionError(f"{where}: config key 'position_embedding_type' = "
                                   f"{str(pe)[:40]!r} is not supported (rope, nope or null)")
@@ -543,11 +570,16 @@ def _granite_source(cfg: dict, where: str, weights: WeightSet) -> Source:
         attn = {"type": "attention", "num_heads": Hq, "num_kv_heads": Hkv, "head_dim": hd,
                 "rotary_dim": rotary, "rope_theta": theta, "window": 0, "qkv_bias": bias,
                 "out_bias": bias,
-                "scale": _num(cfg, "attention_multiplier", where, 1.0, 0.0, 1e6),
-                "max_context": _int(cfg, "max_position_embeddings", where, 4096),
+                "scale": hd ** -0.5 if bamba else
+                _num(cfg, "attention_multiplier", where, 1.0, 0.0, 1e6),
+                "max_context": _int(cfg, "max_position_embeddings", where,
+                                    262144 if bamba else 4096),
                 "fused_qkv": False, "d_conv": 0}
-    S = _int(cfg, "shared_intermediate_size", where, 1024)
-    if X > 0:
+    S = 0 if bamba else _int(cfg, "shared_intermediate_size", where, 1024)
+    if bamba:
+        ffn = {"type": "mlp", "intermediate_size": _int(cfg, "intermediate_size", where, 14336),
+               "activation": "swiglu", "bias": _bool(cfg, "mlp_bias", where, False)}
+    elif X > 0:
         k = _int(cfg, "num_experts_per_tok", where, 2, hi=32)
         if k > X:
             raise ConversionError(f"{where}: num_experts_per_tok ({k}) exceeds "
@@ -569,7 +601,7 @@ def _granite_source(cfg: dict, where: str, weights: WeightSet) -> Source:
         if canon == "embedding.weight":
             return "model.embed_tokens.weight"
         if canon == "norm_f.weight":
-            return "model.norm.weight"
+            return "model.final_layernorm.weight" if bamba else "model.norm.weight"
         m = re.match(r"layers\.(\d+)\.(.*)$", canon)
         if not m:
             return canon
@@ -577,10 +609,11 @@ def _granite_source(cfg: dict, where: str, weights: WeightSet) -> Source:
         pre = f"model.layers.{j // 2}."
         if rest == "norm.weight":
             return pre + ("input_layernorm.weight" if j % 2 == 0 else
+                          "pre_ff_layernorm.weight" if bamba else
                           "post_attention_layernorm.weight")
         rest = rest[len("mixer."):]
         if j % 2 == 1:
-            return pre + GRANITE_FFN.get(rest, rest)
+            return pre + ("feed_forward." + rest if bamba else GRANITE_FFN.get(rest, rest))
         return pre + ("mamba." if pat[j // 2] == "M" else "self_attn.") + rest
 
     src = Source("transformers", c, emb="model.embed_tokens.weight", rename=rename)
@@ -599,12 +632,12 @@ def _hf_source(cfg: dict, where: str, weights: WeightSet) -> Source:
     mt = cfg.get("model_type")
     if mt == "nemotron_h":
         return _nemotron_source(cfg, where, weights)
-    if mt == "granitemoehybrid":
-        return _granite_source(cfg, where, weights)
+    if mt in ("granitemoehybrid", "bamba"):
+        return _granite_source(cfg, where, weights, bamba=mt == "bamba")
     if mt not in ("mamba", "mamba2", "falcon_mamba"):
         raise ConversionError(f"{where}: model_type {mt!r} is not supported (mamba, mamba2, "
-                              f"falcon_mamba, nemotron_h, granitemoehybrid; Jamba, Zamba and "
-                              f"Bamba are not)")
+                              f"falcon_mamba, nemotron_h, granitemoehybrid, bamba; Jamba and "
+                              f"Zamba are not)")
     falcon = mt == "falcon_mamba"
     arch = "mamba2" if mt == "mamba2" else "mamba1"
     d = _int(cfg, "hidden_size", where)
