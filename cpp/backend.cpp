@@ -20,6 +20,10 @@ void Backend::attention(const AttentionParams&) {
                               " backend"));
 }
 
+void Backend::moe(const MoeParams&) {
+    throw Unsupported(str_cat("MoE layers are not implemented by the ", name(), " backend"));
+}
+
 void* Backend::alloc_host(size_t bytes, const char* what) {
     void* p = std::malloc(std::max<size_t>(bytes, 1));
     if (!p) throw Error(str_cat("out of host memory allocating ", bytes, " bytes for ", what));

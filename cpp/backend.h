@@ -123,11 +123,15 @@ class Backend {
     virtual void silu_gate(float* y, const float* z, int64_t ld_z, int64_t n, int64_t E) = 0;
     // y (n, E) contiguous = relu(y)^2 (the MLP activation of Nemotron-H's relu2).
     virtual void relu_sq(float* y, int64_t n, int64_t E) = 0;
+    // y (n) contiguous *= s (Granite's embedding / residual / logits multipliers).
+    virtual void scale(float* y, int64_t n, float s) = 0;
     // Attention with a KV cache (op_params.h: AttentionParams); default: Unsupported naming the
     // backend.
     virtual void attention(const AttentionParams& p);
     // Mamba-3 layer scan (op_params.h); default: Unsupported naming the backend.
     virtual void mamba3_scan(const Mamba3ScanParams& p);
+    // Routed SwiGLU experts (op_params.h: MoeParams); default: Unsupported naming the backend.
+    virtual void moe(const MoeParams& p);
     // Fused decode steps (see Mamba1DecodeParams / Mamba2DecodeParams): false = not done.
     virtual bool mamba1_decode_fused(const Mamba1DecodeParams& p) {
         (void)p;

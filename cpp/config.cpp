@@ -206,6 +206,14 @@ ModelConfig ModelConfig::from_json_text(const std::string& text, const std::stri
         }
         qr.reject_unknown();
     }
+    for (auto [key, field] : {std::pair<const char*, double*>{"embedding_multiplier",
+                                                              &c.embedding_multiplier},
+                              {"residual_multiplier", &c.residual_multiplier},
+                              {"logits_scaling", &c.logits_scaling}}) {
+        if (!r.has(key)) continue;
+        *field = r.number(key);
+        if (!(*field > 1e-6 && *field < 1e6)) r.fail(key, "must be in (1e-6, 1e6)");
+    }
 
     if (listed) {
         // One entry per layer: {"type": ..., the type's fields}; each read by its unit.

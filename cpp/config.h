@@ -98,6 +98,13 @@ struct ModelConfig {
     // empty for an unquantized model. int4_group: weights per int4 scale along K.
     std::map<std::string, QuantScheme> quant;
     int64_t int4_group = 0;
+    // Granite-4.0-H's scalars (1: none; config keys of the same names, optional):
+    //   h0 = embedding(ids) * embedding_multiplier;
+    //   each block: h = h + layer(norm(h)) * residual_multiplier;
+    //   logits = lm_head(norm_f(h)) / logits_scaling.
+    double embedding_multiplier = 1.0;
+    double residual_multiplier = 1.0;
+    double logits_scaling = 1.0;
     std::vector<std::shared_ptr<const LayerConfig>> layers;  // n_layer entries
 
     // Every tensor of model.safetensors the config implies, in load order: embedding, norm_f,

@@ -296,11 +296,14 @@ const float* Model::forward(State& st, int64_t row0, int64_t B, int64_t L, const
     }
 
     be.embedding(ids, R, weights_->embedding, hidden_);
+    if (c.embedding_multiplier != 1.0) be.scale(hidden_, R * d, float(c.embedding_multiplier));
     be.copy_device(residual_, hidden_, size_t(R * d) * sizeof(float));
     // The fused decode projections (option fused_projections, issue 16): no add_norm kernels;
     // each layer's input projection norms the residual itself, its output projection adds into
     // the residual, and the head norms it too. The same values, bit for bit.
-    const bool fused = fuse_projections_ && L == 1 && !trace && be.fused_projection(R, d);
+    // (Not with Granite's residual multiplier or logits scaling: the fused ops have no scale.)
+    const bool fused = fuse_projections_ && L == 1 && !trace && be.fused_projection(R, d) &&
+                       c.residual_multiplier == 1.0 && c.logits_scaling == 1.0;
     if (fused) {
         float* state_ptrs[kMaxLayerStateTensors];
         for (int64_t i = 0; i < c.n_layer; ++i) {
@@ -338,6 +341,7 @@ const float* Model::forward(State& st, int64_t row0, int64_t B, int64_t L, const
             io.trace = trace_ptrs;
         }
         layers_[size_t(i)]->forward(be, io);
+        if (c.residual_multiplier != 1.0) be.scale(hidden_, R * d, float(c.residual_multiplier));
     }
     be.add_norm(residual_, hidden_, weights_->norm_f_w, weights_->norm_f_b, c.norm, c.norm_eps,
                 R, d, normed_);
@@ -351,6 +355,7 @@ const float* Model::forward(State& st, int64_t row0, int64_t B, int64_t L, const
     }
     // Only the first vocab_size rows of the (padded) head: padding rows never get logits.
     be.linear(x, ldx, M, weights_->lm_head, c.vocab_size, nullptr, logits_, c.vocab_size);
+    if (c.logits_scaling != 1.0) be.scale(logits_, M * c.vocab_size, float(1.0 / c.logits_scaling));
     return logits_;
 }
 

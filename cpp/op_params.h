@@ -235,6 +235,28 @@ struct AttentionParams {
     float scale;              // softmax scale (usually hd^-1/2)
 };
 
+// A mixture of experts over R token rows (the MoE layer unit, cpp/layers/moe/): routing from the
+// router logits, then per routed (row, slot) the SwiGLU expert, accumulated into `out`:
+//   sel  = the k largest logits of row r (ties: the lower expert id), in descending order;
+//   w_j  = normalize ? softmax over the k selected logits
+//                    : the full softmax over all X logits, taken at the k selected;
+//   out[r] += scale * Σ_j w_j · W_out[e_j] (silu(W_gate[e_j] x_r) * (W_up[e_j] x_r))
+// with W_gate[e] = rows [0, I) and W_up[e] = rows [I, 2I) of expert e's (2I, d) input matrix.
+constexpr int64_t kMoeMaxTopK = 32;  // the most experts one token routes to (k)
+struct MoeParams {
+    const float* x;           // (R, d) the normed input
+    const float* logits;      // (R, X) router logits (fp32)
+    Weight w_in;              // (X, 2I * d): expert e's (2I, d) gate|up matrix at row e
+    Weight w_out;             // (X, d * I): expert e's (d, I) output matrix at row e
+    float* route;             // (R, 2k) scratch: per row k expert ids (int32 bits), k weights
+    float* h;                 // (R, max(k, 2) * I) scratch: activated expert hiddens
+    float* xy;                // (R, 2d) scratch: gathered rows (backends that group by expert)
+    float* out;               // (R, d) inout: the routed experts are added
+    int64_t R, d, X, k, I;
+    bool normalize = true;    // renormalized top-k weights (see above)
+    float scale = 1.0f;       // a routed scaling factor (1: none)
+};
+
 // Device-side sampling of one token per row (decode fast path), with mambart::Sampler's
 // semantics (cpp/sampling.h) given the same draw uniform(seed, stream, counter).
 struct DeviceSampleParams {

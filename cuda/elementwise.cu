@@ -8,6 +8,8 @@
 //   Grid: ceil(n*E / 256); one element per thread.
 // relu_sq: y[i] = relu(y[i])^2
 //   Grid: ceil(n / 256), grid-stride.
+// scale: y[i] *= s
+//   Grid: ceil(n / 256), grid-stride.
 // convert: dst[i] = dst_dtype(src[i]) (round to nearest even)
 //   Grid: ceil(n / 256), grid-stride.
 #include "common.cuh"
@@ -47,6 +49,12 @@ __global__ void relu_sq_kernel(float* __restrict__ y, int64_t n) {
         const float r = fmaxf(y[i], 0.0f);
         y[i] = r * r;
     }
+}
+
+__global__ void scale_kernel(float* __restrict__ y, int64_t n, float s) {
+    for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+         i += int64_t(gridDim.x) * blockDim.x)
+        y[i] *= s;
 }
 
 template <typename S, typename D>
@@ -109,6 +117,14 @@ void launch_relu_sq(float* y, int64_t n, cudaStream_t s) {
     const int grid = int(std::min<int64_t>(ceil_div(n, 256), 65535));
     relu_sq_kernel<<<grid, 256, 0, s>>>(y, n);
     check_launch("relu_sq_kernel", s);
+}
+
+void launch_scale(float* y, int64_t n, float s, cudaStream_t st) {
+    MAMBART_CHECK_ARG(n >= 0 && (n == 0 || y), "launch_scale: n=", n);
+    if (n == 0) return;
+    const int grid = int(std::min<int64_t>(ceil_div(n, 256), 65535));
+    scale_kernel<<<grid, 256, 0, st>>>(y, n, s);
+    check_launch("scale_kernel", st);
 }
 
 void launch_convert(const void* src, DType st, void* dst, DType dt, int64_t n, cudaStream_t s) {

@@ -190,6 +190,11 @@ void launch_silu_gate(const SiluGateParams& p, cudaStream_t stream);
 
 // y[i] = relu(y[i])^2 for i < n.
 void launch_relu_sq(float* y, int64_t n, cudaStream_t stream);
+// y[i] *= s (cuda/elementwise.cu)
+void launch_scale(float* y, int64_t n, float s, cudaStream_t stream);
+// Routed SwiGLU experts (cuda/moe.cu; MoeParams in cpp/op_params.h): routing, then gather
+// GEMVs per (row, slot); p.xy is not used.
+void launch_moe(const MoeParams& p, cudaStream_t stream);
 
 // Attention with a KV cache (cuda/attention.cu; AttentionParams in cpp/op_params.h): RoPE and
 // the cache append, then a tiled online-softmax kernel (any L), or for L == 1 with scratch

@@ -1,5 +1,6 @@
 """Tiny random transformers checkpoints (MambaForCausalLM, Mamba2ForCausalLM,
-FalconMambaForCausalLM, NemotronHForCausalLM) for the oracle
+FalconMambaForCausalLM, NemotronHForCausalLM, GraniteMoeHybridForCausalLM, BambaForCausalLM) for
+the oracle
 tests, with every parameter perturbed away from its structured initialisation (norm weights 1,
 D 1, zero biases) so that a mistake in any of them shows in the logits."""
 
@@ -8,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import (FalconMambaConfig, FalconMambaForCausalLM, Mamba2Config,
-                          Mamba2ForCausalLM, MambaConfig, MambaForCausalLM, NemotronHConfig,
-                          NemotronHForCausalLM)
+from transformers import (BambaConfig, BambaForCausalLM, FalconMambaConfig, FalconMambaForCausalLM, GraniteMoeHybridConfig,
+                          GraniteMoeHybridForCausalLM, Mamba2Config, Mamba2ForCausalLM,
+                          MambaConfig, MambaForCausalLM, NemotronHConfig, NemotronHForCausalLM)
 
 
 def mamba1_config(**kw) -> MambaConfig:
@@ -54,7 +55,37 @@ def nemotron_h_config(**kw) -> NemotronHConfig:
     return NemotronHConfig(**base)
 
 
-CLASSES = ((NemotronHConfig, NemotronHForCausalLM), (FalconMambaConfig, FalconMambaForCausalLM), (Mamba2Config, Mamba2ForCausalLM),
+def granite_config(**kw) -> GraniteMoeHybridConfig:
+    """Granite-4.0-H: Mamba-2 / attention layers by layer_types, each with an FFN (the MoE plus
+    the shared SwiGLU MLP; the shared MLP alone with num_local_experts=0), and its multipliers
+    (moderate values, so that the layers' outputs weigh in the logits)."""
+    base = dict(vocab_size=101, hidden_size=32, num_hidden_layers=4,
+                layer_types=["mamba", "attention", "mamba", "mamba"], num_attention_heads=4,
+                num_key_value_heads=2, intermediate_size=24, num_local_experts=5,
+                num_experts_per_tok=2, shared_intermediate_size=40, mamba_n_heads=8,
+                mamba_n_groups=2, mamba_d_state=12, mamba_d_conv=4, mamba_chunk_size=8,
+                embedding_multiplier=3.0, attention_multiplier=0.2, residual_multiplier=0.5,
+                logits_scaling=2.5, position_embedding_type="nope", rms_norm_eps=1e-5,
+                max_position_embeddings=128, tie_word_embeddings=False, eos_token_id=0,
+                bos_token_id=0, pad_token_id=0)
+    base.update(kw)
+    return GraniteMoeHybridConfig(**base)
+
+
+def bamba_config(**kw) -> BambaConfig:
+    """Bamba: Mamba-2 layers with attention at attn_layer_indices (GQA, RoPE on half of hd), each
+    layer with a SwiGLU MLP."""
+    base = dict(vocab_size=93, hidden_size=32, num_hidden_layers=4, attn_layer_indices=[1],
+                num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
+                mamba_n_heads=8, mamba_n_groups=2, mamba_d_state=12, mamba_d_conv=4,
+                mamba_chunk_size=8, rms_norm_eps=1e-5, max_position_embeddings=128,
+                tie_word_embeddings=False, eos_token_id=0, bos_token_id=0, pad_token_id=0)
+    base.update(kw)
+    return BambaConfig(**base)
+
+
+CLASSES = ((BambaConfig, BambaForCausalLM), (GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM),
+           (NemotronHConfig, NemotronHForCausalLM), (FalconMambaConfig, FalconMambaForCausalLM), (Mamba2Config, Mamba2ForCausalLM),
            (MambaConfig, MambaForCausalLM))
 
 

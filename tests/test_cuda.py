@@ -1363,3 +1363,141 @@ def test_hybrid_engine_and_state_files_cuda(hybrid_dir, tmp_path):
     singles = [g.generate(p, max_new_tokens=10, ignore_eos=True).token_ids for p in prompts]
     rows = g.generate(prompts, max_new_tokens=10, ignore_eos=True)  # the engine's batching
     assert [r.token_ids for r in rows] == singles
+
+
+# ---- MoE layers, Granite-4.0-H-like hybrids (issue 19, item 4) ------------------------------
+
+# (R, d, X, k, I, normalize, scale)
+MOE_CASES = {
+    "decode-1": (1, 64, 8, 2, 32, True, 1.0),
+    "decode-batch": (5, 64, 8, 3, 48, True, 1.0),
+    "prefill-full-softmax-scaled": (97, 96, 16, 4, 40, False, 2.5),
+    "prefill-k-equals-X": (33, 32, 3, 3, 24, True, 1.0),
+    "odd-sizes-k1": (19, 30, 5, 1, 13, False, 1.0),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", list(MOE_CASES))
+def test_moe_op_cuda_vs_cpu(gpu, cpu, name, dtype):
+    """Routing (ids identical, weights close) and the routed experts added into out: the CUDA
+    gather GEMVs against the CPU's grouped GEMMs, on the same placed weights."""
+    R, d, X, k, I, normalize, scale = MOE_CASES[name]
+    rng = np.random.default_rng(len(name))
+    x, logits = rnd(rng, R, d), rnd(rng, R, X)
+    w_in, w_out = rnd(rng, X, 2 * I * d, scale=0.2), rnd(rng, X, d * I, scale=0.2)
+    out0 = rnd(rng, R, d)
+    args = (x, logits, w_in, w_out, dtype, k, I, normalize, scale, out0)
+    o_g, r_g = gpu.moe(*args)
+    o_c, r_c = cpu.moe(*args)
+    np.testing.assert_array_equal(r_g[:, :k].view(np.int32), r_c[:, :k].view(np.int32))
+    close(r_g[:, k:], r_c[:, k:], 1e-6, f"{name} weights")
+    close(o_g, o_c, 2e-5, f"{name} {dtype} out")
+
+
+def test_scale_cuda(gpu, cpu):
+    y = rnd(np.random.default_rng(4), 1001)
+    np.testing.assert_array_equal(gpu.scale(y, 0.22), cpu.scale(y, 0.22))
+
+
+@pytest.fixture(scope="module")
+def granite_dir(tmp_path_factory):
+    """A Granite-4.0-H-like listed model: Mamba-2 and NoPE GQA attention mixers, each followed by
+    an MoE FFN with a shared expert (or, once, the dense shared MLP with fused gate|up, and once
+    an MoE without a shared expert and the full softmax), and the multipliers."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from model_dirs import random_tensor, save_tensors, write_config
+
+    m2 = {"type": "mamba2", "d_inner": 128, "d_state": 32, "d_conv": 4, "conv_bias": True,
+          "bias": False, "headdim": 16, "nheads": 8, "ngroups": 1, "chunk_size": 16,
+          "dt_limit": [0.0, None], "gated_norm": True, "norm_before_gate": False}
+    att = {"type": "attention", "num_heads": 8, "num_kv_heads": 2, "head_dim": 8,
+           "rotary_dim": 0, "rope_theta": 10000.0, "window": 0, "qkv_bias": False,
+           "out_bias": False, "scale": 0.2, "max_context": 400, "fused_qkv": False, "d_conv": 0}
+    moe = {"type": "moe", "num_experts": 12, "top_k": 3, "intermediate_size": 40,
+           "shared_intermediate_size": 96, "activation": "swiglu", "normalize": True,
+           "routed_scale": 1.0}
+    moe2 = dict(moe, shared_intermediate_size=0, normalize=False, routed_scale=1.5, top_k=2)
+    mlp = {"type": "mlp", "intermediate_size": 96, "activation": "swiglu", "bias": False,
+           "fused_gate_up": True}
+    layers = [m2, moe, att, moe, m2, mlp, m2, moe2]
+    c = {"mambart_format": 1, "architecture": "granitemoehybrid", "d_model": 64,
+         "n_layer": len(layers), "vocab_size": 300, "vocab_size_padded": 304, "norm": "rmsnorm",
+         "norm_eps": 1e-5, "residual_in_fp32": True, "tie_embeddings": False,
+         "bos_token_id": None, "eos_token_id": 0, "pad_token_id": None, "dtype": "float32",
+         "embedding_multiplier": 4.0, "residual_multiplier": 0.5, "logits_scaling": 2.5,
+         "layers": layers}
+    spec = _C.config_spec(json.dumps(c), "granite")
+    rng = np.random.default_rng(8)
+    t = {s["name"]: random_tensor(s["name"], tuple(s["shape"]), rng) for s in spec["tensors"]}
+    d = tmp_path_factory.mktemp("granite")
+    write_config(d, c)
+    save_tensors(d / "model.safetensors", t)
+    return d
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_granite_logits_cuda_vs_cpu(granite_dir, dtype):
+    ids = _ids(170, seed=51)
+    ref32 = _gen(granite_dir, "cpu", "float32").logits(ids)
+    got = _gen(granite_dir, "cuda", dtype).logits(ids)
+    if dtype == "float32":
+        close(got, ref32, 2e-4, "granite fp32")
+    else:
+        cpu_lp = _gen(granite_dir, "cpu", dtype).logits(ids)
+        lowp_rule(got, cpu_lp, ref32, 2e-3 * max(1.0, float(np.abs(ref32).max())),
+                  f"granite {dtype}")
+
+
+def test_granite_prefill_equals_prefill_plus_steps_cuda(granite_dir):
+    g = _gen(granite_dir, "cuda")
+    ids = _ids(90, seed=52)
+    full = g.logits(ids)
+    close(g._g.logits(ids, 1), full, 1e-4, "steps")
+    close(g._g.logits(ids, 13), full, 1e-4, "chunks of 13")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_granite_decode_graph_steps_equal_prefill_logits(granite_dir, dtype):
+    """Decode graphs with the MoE routing on the device (3 rows of different lengths) see the
+    logits a prefill of each row's tokens gives; fp32 tokens equal the CPU's."""
+    g = _gen(granite_dir, "cuda", dtype)
+    prompts = [_ids(n, seed=53 + n) for n in (60, 5, 23)]
+    opts = _C.GenerationOptions()
+    opts.max_new_tokens = 24
+    opts.ignore_eos = True
+    stream = g._g.start(prompts, opts)
+    toks = [[] for _ in prompts]
+    logits = [[] for _ in prompts]
+    while True:
+        ev = stream.next()
+        if ev is None:
+            break
+        for r, t in ev:
+            logits[r].append(stream.last_logits[r].copy())
+            toks[r].append(t)
+    for r, p in enumerate(prompts):
+        assert len(toks[r]) == 24
+        full = g.logits(p + toks[r])
+        rel = 1e-4 if dtype == "float32" else 2e-2
+        for i, lg in enumerate(logits[r]):
+            close(lg, full[len(p) - 1 + i], rel, f"row {r} step {i}")
+    if dtype == "float32":
+        cpu = _gen(granite_dir, "cpu")
+        for r, p in enumerate(prompts):
+            assert toks[r] == cpu.generate(p, max_new_tokens=24, ignore_eos=True).token_ids
+
+
+def test_granite_engine_and_state_files_cuda(granite_dir, tmp_path):
+    g = _gen(granite_dir, "cuda")
+    prompt = _ids(31, seed=60)
+    full = g.generate(prompt, max_new_tokens=20, ignore_eos=True)
+    a = g.generate(prompt, max_new_tokens=8, ignore_eos=True, return_state=True)
+    a.state.save(tmp_path / "s.safetensors")
+    b = g.generate(None, state=g.load_state(tmp_path / "s.safetensors"), max_new_tokens=12,
+                   ignore_eos=True)
+    assert a.token_ids + b.token_ids == full.token_ids
+    prompts = [_ids(n, seed=61 + n) for n in (7, 40, 19, 2)]
+    singles = [g.generate(p, max_new_tokens=10, ignore_eos=True).token_ids for p in prompts]
+    rows = g.generate(prompts, max_new_tokens=10, ignore_eos=True)  # the engine's batching
+    assert [r.token_ids for r in rows] == singles

@@ -220,7 +220,7 @@ def test_config_spec_is_the_converters_source_of_names():
             "layers.1.mixer.dt_bias"} <= fp32
     assert spec["layer_types"] == ["mamba1", "mamba2", "mamba1", "mamba2"]
     with pytest.raises(mambart.ModelLoadError, match=r"x: layers\[0\]: config key 'type'"):
-        _C.config_spec(json.dumps(_with_layer(0, type="moe")), "x")
+        _C.config_spec(json.dumps(_with_layer(0, type="shared_block")), "x")
 
 
 def test_converter_keeps_a_layers_list(tmp_path, hybrid_dir):

@@ -16,6 +16,7 @@
 #include "backend.h"
 #include "cpu/attention.h"
 #include "cpu/linear.h"
+#include "cpu/moe.h"
 #include "cpu/pool.h"
 #include "cpu/vec.h"
 #include "error.h"
@@ -786,6 +787,15 @@ class CpuBackend final : public Backend {
     void attention(const AttentionParams& p) override {
         cpu::PoolScope scope(pool_.get());
         cpu::attention(p);
+    }
+
+    void moe(const MoeParams& p) override {
+        cpu::PoolScope scope(pool_.get());
+        cpu::moe(p);
+    }
+
+    void scale(float* y, int64_t n, float s) override {
+        for (int64_t i = 0; i < n; ++i) y[i] *= s;
     }
 
     void silu_gate(float* y, const float* z, int64_t ld_z, int64_t n, int64_t E) override {

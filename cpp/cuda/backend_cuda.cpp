@@ -461,6 +461,16 @@ class CudaBackend final : public Backend {
         cuda::launch_relu_sq(y, n * E, stream_);
     }
 
+    void scale(float* y, int64_t n, float s) override {
+        dev();
+        cuda::launch_scale(y, n, s, stream_);
+    }
+
+    void moe(const MoeParams& p) override {
+        dev();
+        cuda::launch_moe(p, stream_);
+    }
+
     void attention(const AttentionParams& p) override {
         dev();
         cuda::launch_attention(p, stream_);

@@ -8,6 +8,7 @@
 #include "layers/mamba2/mamba2.h"
 #include "layers/mamba3/mamba3.h"
 #include "layers/mlp/mlp.h"
+#include "layers/moe/moe.h"
 
 namespace mambart {
 namespace {
@@ -19,6 +20,7 @@ const LayerUnit kUnits[] = {
     mamba3::unit(),
     attention::unit(),
     mlp::unit(),
+    moe::unit(),
 };
 
 const LayerUnit* find(const std::string& type) {

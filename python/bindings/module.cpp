@@ -74,6 +74,9 @@ py::dict config_to_dict(const ModelConfig& c) {
     d["norm_eps"] = c.norm_eps;
     d["residual_in_fp32"] = c.residual_in_fp32;
     d["tie_embeddings"] = c.tie_embeddings;
+    if (c.embedding_multiplier != 1.0) d["embedding_multiplier"] = c.embedding_multiplier;
+    if (c.residual_multiplier != 1.0) d["residual_multiplier"] = c.residual_multiplier;
+    if (c.logits_scaling != 1.0) d["logits_scaling"] = c.logits_scaling;
     d["eos_token_id"] = c.eos_token_id >= 0 ? py::object(py::int_(c.eos_token_id)) : py::none();
     d["bos_token_id"] = c.bos_token_id >= 0 ? py::object(py::int_(c.bos_token_id)) : py::none();
     d["dtype"] = dtype_name(c.dtype);

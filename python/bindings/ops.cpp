@@ -500,6 +500,51 @@ void register_ops(py::module_& parent) {
                  be.relu_sq(dy.as<float>(), y.shape(0), y.shape(1));
                  return dy.download<float>({y.shape(0), y.shape(1)});
              })
+        .def("moe",
+             [](Ops& o, const F32& x, const F32& logits, const F32& w_in, const F32& w_out,
+                const std::string& dtype, int64_t k, int64_t I, bool normalize, float scale,
+                const F32& out) {
+                 // x (R, d); logits (R, X); w_in (X, 2I d); w_out (X, d I); out (R, d) the
+                 // initial value. Returns (out, route (R, 2k): ids as int32 bits, weights).
+                 Backend& be = *o.be;
+                 need(x.ndim() == 2 && logits.ndim() == 2 && out.ndim() == 2,
+                      "moe: x (R, d), logits (R, X), out (R, d)");
+                 const int64_t R = x.shape(0), d = x.shape(1), X = logits.shape(1);
+                 need(logits.shape(0) == R && out.shape(0) == R && out.shape(1) == d && k >= 1,
+                      "moe: shapes do not match x (R, d)");
+                 PlacedWeight wi(be, w_in, dtype), wo(be, w_out, dtype);
+                 Buf dx(be, x), dl(be, logits), dout(be, out),
+                     route(be, size_t(std::max<int64_t>(R * 2 * k, 1)) * 4),
+                     h(be, size_t(std::max<int64_t>(R * std::max<int64_t>(k, 2) * I, 1)) * 4),
+                     xy(be, size_t(std::max<int64_t>(R * 2 * d, 1)) * 4);
+                 MoeParams p;
+                 p.x = dx.as<float>();
+                 p.logits = dl.as<float>();
+                 p.w_in = wi.weight;
+                 p.w_out = wo.weight;
+                 p.route = route.as<float>();
+                 p.h = h.as<float>();
+                 p.xy = xy.as<float>();
+                 p.out = dout.as<float>();
+                 p.R = R;
+                 p.d = d;
+                 p.X = X;
+                 p.k = k;
+                 p.I = I;
+                 p.normalize = normalize;
+                 p.scale = scale;
+                 be.moe(p);
+                 return py::make_tuple(dout.download<float>({R, d}),
+                                       route.download<float>({R, 2 * k}));
+             })
+        .def("scale",
+             [](Ops& o, const F32& y, float s) {
+                 Backend& be = *o.be;
+                 need(y.ndim() == 1, "scale: y (n)");
+                 Buf dy(be, y);
+                 be.scale(dy.as<float>(), y.shape(0), s);
+                 return dy.download<float>({y.shape(0)});
+             })
         .def("attention",
              [](Ops& o, const F32& qkv, const F32& k_cache, const F32& v_cache, const F32& pos,
                 int64_t Hq, int64_t rotary_dim, float rope_theta, int64_t window, float scale,

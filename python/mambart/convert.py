@@ -28,7 +28,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ._tensorio import (CHUNK_ELEMS, FLOAT_DTYPES, OUT_DTYPES, LazyTensor, SafetensorsWriter,
                         WeightSet, convert_chunk, read_safetensors_header, to_float32)
@@ -187,8 +187,11 @@ class Source:
     optional_tied: Optional[str] = None  # source name of an lm_head to drop when tied
     notes: List[str] = field(default_factory=list)
     ignored: Tuple[str, ...] = ()    # source-name prefixes not loaded (e.g. Nemotron-H's "mtp.")
+    rename: Optional[Callable[[str], str]] = None  # canonical -> source name, where not a prefix
 
     def source_name(self, canon: str) -> str:
+        if self.rename is not None:
+            return self.rename(canon)
         if canon == "embedding.weight":
             return self.emb
         if canon == "lm_head.weight":
@@ -398,14 +401,244 @@ def _nemotron_source(cfg: dict, where: str, weights: WeightSet) -> Source:
     return src
 
 
+# Granite-4.0-H (GraniteMoeHybridForCausalLM): every source layer is two pre-norm blocks here,
+# its mixer (Mamba-2 or attention; input_layernorm) and its feed-forward (post_attention_layernorm:
+# the MoE with the shared expert, or the shared MLP alone where num_local_experts is 0). Its
+# multipliers are the model's embedding_multiplier / residual_multiplier / logits_scaling; the
+# attention_multiplier is the attention's softmax scale.
+GRANITE_TYPES = {"mamba": "M", "linear_attention": "M", "attention": "A", "full_attention": "A"}
+GRANITE_MARKERS = {"M": "mamba.in_proj.weight", "A": "self_attn.q_proj.weight"}
+GRANITE_KIND = {"M": "Mamba-2", "A": "attention"}
+GRANITE_A = {"M": "a Mamba-2", "A": "an attention"}
+GRANITE_FFN = {  # canonical name under layers.{2i+1}.mixer. -> source name under model.layers.{i}.
+    "router.weight": "block_sparse_moe.router.layer.weight",
+    "experts.input_linear.weight": "block_sparse_moe.input_linear.weight",
+    "experts.output_linear.weight": "block_sparse_moe.output_linear.weight",
+    "shared.input_linear.weight": "shared_mlp.input_linear.weight",
+    "shared.output_linear.weight": "shared_mlp.output_linear.weight",
+    "gate_up_proj.weight": "shared_mlp.input_linear.weight",
+    "down_proj.weight": "shared_mlp.output_linear.weight",
+}
+
+
+def _granite_pattern(cfg: dict, where: str, n: int) -> str:
+    key = "layer_types" if cfg.get("layer_types") is not None else "layers_block_type"
+    types = cfg.get(key)
+    if types is None:
+        return "M" * n  # transformers' default: every layer Mamba-2
+    if not isinstance(types, list) or len(types) != n:
+        raise ConversionError(f"{where}: config key '{key}' must be a list of "
+                              f"num_hidden_layers ({n}) layer types")
+    out = []
+    for i, t in enumerate(types):
+        if t not in GRANITE_TYPES:
+            raise ConversionError(f"{where}: layer {i}: {key} entry {str(t)[:40]!r} is not a "
+                                  f"known layer type ({', '.join(GRANITE_TYPES)})")
+        out.append(GRANITE_TYPES[t])
+    return "".join(out)
+
+
+def _bamba_pattern(cfg: dict, where: str, n: int) -> str:
+    idx = cfg.get("attn_layer_indices")
+    if idx is None:
+        return "M" * n
+    if not isinstance(idx, list):
+        raise ConversionError(f"{where}: config key 'attn_layer_indices' must be a list of layer "
+                              f"indices")
+    out = ["M"] * n
+    for v in idx:
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < n:
+            raise ConversionError(f"{where}: config key 'attn_layer_indices' entry "
+                                  f"{str(v)[:40]} is not a layer index in [0, {n})")
+        out[v] = "A"
+    return "".join(out)
+
+
+def _granite_source(cfg: dict, where: str, weights: WeightSet, bamba: bool = False) -> Source:
+    """Granite-4.0-H, or with `bamba` Bamba (BambaForCausalLM): the same two blocks per source
+    layer, Bamba's FFN a plain SwiGLU MLP (feed_forward.{gate,up,down}_proj, pre_ff_layernorm),
+    its attention with partial RoPE (half of hd, as transformers forces) and scale hd^-1/2, no
+    multipliers, final norm model.final_layernorm."""
+    n = _int(cfg, "num_hidden_layers", where, hi=2048)
+    pat = (_bamba_pattern if bamba else _granite_pattern)(cfg, where, n)
+    tensors = weights.tensors
+    files = ", ".join(sorted(set(weights.files))) or "the checkpoint"
+    X = 0 if bamba else _int(cfg, "num_local_experts", where, 0, lo=0, hi=1 << 16)
+    for i, ch in enumerate(pat):
+        pre = f"model.layers.{i}."
+        found = [k for k, m in GRANITE_MARKERS.items() if pre + m in tensors]
+        if ch not in found:
+            has = (f"its tensors are those of {GRANITE_A[found[0]]} layer "
+                   f"('{pre + GRANITE_MARKERS[found[0]]}')") if found else \
+                  f"'{pre + GRANITE_MARKERS[ch]}' is missing"
+            raise ConversionError(f"{where}: layer {i}: the config says {GRANITE_KIND[ch]} but "
+                                  f"in {files} {has}")
+        moe = pre + GRANITE_FFN["router.weight"]
+        if not bamba and (X > 0) != (moe in tensors):
+            raise ConversionError(
+                f"{where}: layer {i}: num_local_experts is {X} but in {files} '{moe}' is "
+                f"{'missing' if X > 0 else 'present'}")
+    extra_layers = [k for k in tensors
+                    if re.match(r"model\.layers\.(\d+)\.", k) and int(k.split(".")[2]) >= n]
+    if extra_layers:
+        raise ConversionError(f"{where}: num_hidden_layers is {n} but {files} holds "
+                              f"'{extra_layers[0]}'")
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConversionError(f"{where}: config key 'hidden_act' = {str(act)[:40]!r} is not "
+                              f"supported (silu)")
+    d = _int(cfg, "hidden_size", where)
+    V = _int(cfg, "vocab_size", where)
+    c = _base_config("bamba" if bamba else "granitemoehybrid")
+    c.update(d_model=d, n_layer=2 * n, vocab_size=V, vocab_size_padded=V, norm="rmsnorm",
+             norm_eps=_num(cfg, "rms_norm_eps", where, 1e-5 if bamba else 1e-6, 0.0, 1.0),
+             residual_in_fp32=True,
+             tie_embeddings=_bool(cfg, "tie_word_embeddings", where, False))
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        c[k] = _opt_id(cfg.get(k), where, k)
+    if not bamba:
+        for k in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
+            c[k] = _num(cfg, k, where, 1.0, 0.0, 1e6)
+    mamba = attn = None
+    if "M" in pat:
+        i = pat.index("M")
+        expand = cfg.get("mamba_expand", 2)
+        if isinstance(expand, bool) or not isinstance(expand, int) or not 1 <= expand <= 64:
+            raise ConversionError(f"{where}: config key 'mamba_expand' must be an integer in "
+                                  f"[1, 64], got {str(expand)[:40]}")
+        E = expand * d
+        H = _int(cfg, "mamba_n_heads", where, 128)
+        if cfg.get("mamba_d_head", "auto") == "auto":
+            if E % H:
+                raise ConversionError(f"{where}: layer {i}: mamba_n_heads ({H}) does not divide "
+                                      f"mamba_expand x hidden_size ({E})")
+            P = E // H
+        else:
+            P = _int(cfg, "mamba_d_head", where)
+        if H * P != E:
+            raise ConversionError(f"{where}: layer {i}: mamba_n_heads x mamba_d_head ({H} x {P}) "
+                                  f"must equal mamba_expand x hidden_size ({E})")
+        G = _int(cfg, "mamba_n_groups", where, 1)
+        if H % G:
+            raise ConversionError(f"{where}: layer {i}: mamba_n_groups ({G}) must divide "
+                                  f"mamba_n_heads ({H})")
+        mamba = {"type": "mamba2", "d_inner": E, "d_state": _int(cfg, "mamba_d_state", where, 256),
+                 "d_conv": _int(cfg, "mamba_d_conv", where, 4),
+                 "conv_bias": _bool(cfg, "mamba_conv_bias", where, True),
+                 "bias": _bool(cfg, "mamba_proj_bias", where, False),
+                 "headdim": P, "nheads": H, "ngroups": G,
+                 "chunk_size": _int(cfg, "mamba_chunk_size", where, 256),
+                 "dt_limit": _dt_limit(cfg.get("time_step_limit", [0.0, math.inf]), where,
+                                       "time_step_limit"),
+                 "gated_norm": True, "norm_before_gate": False}
+    if "A" in pat:
+        i = pat.index("A")
+        Hq = _int(cfg, "num_attention_heads", where)
+        kv = cfg.get("num_key_value_heads")
+        Hkv = Hq if kv is None else _int(cfg, "num_key_value_heads", where)
+        if cfg.get("head_dim") is not None:
+            hd = _int(cfg, "head_dim", where)
+        else:
+            if d % Hq:
+                raise ConversionError(f"{where}: layer {i}: num_attention_heads ({Hq}) does not "
+                                      f"divide hidden_size ({d})")
+            hd = d // Hq
+        if Hq % Hkv:
+            raise ConversionError(f"{where}: layer {i}: num_key_value_heads ({Hkv}) must divide "
+                                  f"num_attention_heads ({Hq})")
+        pe = "rope" if bamba else cfg.get("position_embedding_type")
+        rotary, theta = 0, 10000.0
+        if pe == "rope":
+            rp = cfg.get("rope_parameters") or {}
+            if not isinstance(rp, dict):
+                raise ConversionError(f"{where}: config key 'rope_parameters' must be an object")
+            if rp.get("rope_type", "default") != "default":
+                raise ConversionError(f"{where}: rope_parameters.rope_type = "
+                                      f"{str(rp.get('rope_type'))[:40]!r} is not supported "
+                                      f"(default)")
+            theta = _num(rp if "rope_theta" in rp else cfg, "rope_theta", where, 10000.0, 1.0,
+                         1e12)
+            rotary = hd
+            if bamba:  # transformers' BambaConfig sets partial_rotary_factor 0.5 whatever it says
+                rotary = int(hd * 0.5)
+                if rotary % 2:
+                    raise ConversionError(f"{where}: layer {i}: the head size {hd} gives an odd "
+                                          f"rotary size {rotary} (half of it); not supported")
+        elif pe not in (None, "nope"):
+            raise ConversionError(f"{where}: config key 'position_embedding_type' = "
+                                  f"{str(pe)[:40]!r} is not supported (rope, nope or null)")
+        bias = _bool(cfg, "attention_bias", where, False)
+        attn = {"type": "attention", "num_heads": Hq, "num_kv_heads": Hkv, "head_dim": hd,
+                "rotary_dim": rotary, "rope_theta": theta, "window": 0, "qkv_bias": bias,
+                "out_bias": bias,
+                "scale": hd ** -0.5 if bamba else
+                _num(cfg, "attention_multiplier", where, 1.0, 0.0, 1e6),
+                "max_context": _int(cfg, "max_position_embeddings", where,
+                                    262144 if bamba else 4096),
+                "fused_qkv": False, "d_conv": 0}
+    S = 0 if bamba else _int(cfg, "shared_intermediate_size", where, 1024)
+    if bamba:
+        ffn = {"type": "mlp", "intermediate_size": _int(cfg, "intermediate_size", where, 14336),
+               "activation": "swiglu", "bias": _bool(cfg, "mlp_bias", where, False)}
+    elif X > 0:
+        k = _int(cfg, "num_experts_per_tok", where, 2, hi=32)
+        if k > X:
+            raise ConversionError(f"{where}: num_experts_per_tok ({k}) exceeds "
+                                  f"num_local_experts ({X})")
+        ffn = {"type": "moe", "num_experts": X, "top_k": k,
+               "intermediate_size": _int(cfg, "intermediate_size", where, 1024),
+               "shared_intermediate_size": S, "activation": "swiglu", "normalize": True,
+               "routed_scale": 1.0}
+    else:
+        ffn = {"type": "mlp", "intermediate_size": S, "activation": "swiglu", "bias": False,
+               "fused_gate_up": True}
+    layers = []
+    for ch in pat:
+        layers.append(dict(mamba if ch == "M" else attn))
+        layers.append(dict(ffn))
+    c["layers"] = layers
+
+    def rename(canon: str) -> str:
+        if canon == "embedding.weight":
+            return "model.embed_tokens.weight"
+        if canon == "norm_f.weight":
+            return "model.final_layernorm.weight" if bamba else "model.norm.weight"
+        m = re.match(r"layers\.(\d+)\.(.*)$", canon)
+        if not m:
+            return canon
+        j, rest = int(m.group(1)), m.group(2)
+        pre = f"model.layers.{j // 2}."
+        if rest == "norm.weight":
+            return pre + ("input_layernorm.weight" if j % 2 == 0 else
+                          "pre_ff_layernorm.weight" if bamba else
+                          "post_attention_layernorm.weight")
+        rest = rest[len("mixer."):]
+        if j % 2 == 1:
+            return pre + ("feed_forward." + rest if bamba else GRANITE_FFN.get(rest, rest))
+        return pre + ("mamba." if pat[j // 2] == "M" else "self_attn.") + rest
+
+    src = Source("transformers", c, emb="model.embed_tokens.weight", rename=rename)
+    emb = tensors.get(src.emb)
+    if emb is not None and len(emb.shape) == 2:
+        if emb.shape[0] < V:
+            raise ConversionError(f"{weights.files[0]}: tensor '{src.emb}' has {emb.shape[0]} "
+                                  f"rows, fewer than vocab_size {V}")
+        c["vocab_size_padded"] = emb.shape[0]
+    if c["tie_embeddings"]:
+        src.optional_tied = "lm_head.weight"
+    return src
+
+
 def _hf_source(cfg: dict, where: str, weights: WeightSet) -> Source:
     mt = cfg.get("model_type")
     if mt == "nemotron_h":
         return _nemotron_source(cfg, where, weights)
+    if mt in ("granitemoehybrid", "bamba"):
+        return _granite_source(cfg, where, weights, bamba=mt == "bamba")
     if mt not in ("mamba", "mamba2", "falcon_mamba"):
         raise ConversionError(f"{where}: model_type {mt!r} is not supported (mamba, mamba2, "
-                              f"falcon_mamba, nemotron_h; Jamba, Zamba, Granite and Bamba are "
-                              f"not)")
+                              f"falcon_mamba, nemotron_h, granitemoehybrid, bamba; Jamba and "
+                              f"Zamba are not)")
     falcon = mt == "falcon_mamba"
     arch = "mamba2" if mt == "mamba2" else "mamba1"
     d = _int(cfg, "hidden_size", where)

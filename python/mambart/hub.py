@@ -27,7 +27,7 @@ SHORT_NAMES: Dict[str, str] = {
         "mamba-130m-hf", "mamba-370m-hf", "mamba-790m-hf", "mamba-1.4b-hf", "mamba-2.8b-hf")
 }
 # Flavours and hybrids from other publishers (transformers layouts: FalconMambaForCausalLM,
-# Mamba2ForCausalLM, NemotronHForCausalLM).
+# Mamba2ForCausalLM, NemotronHForCausalLM, GraniteMoeHybridForCausalLM, BambaForCausalLM).
 SHORT_NAMES.update({
     "falcon-mamba-7b": "tiiuae/falcon-mamba-7b",
     "falcon-mamba-7b-instruct": "tiiuae/falcon-mamba-7b-instruct",
@@ -35,6 +35,15 @@ SHORT_NAMES.update({
     # NemotronHForCausalLM (Mamba-2, attention and MLP blocks); repository name as quoted by the
     # spec's third-party sources, not checked against the hub from here.
     "nemotron-h-8b": "nvidia/Nemotron-H-8B-Base-8K",
+    # GraniteMoeHybridForCausalLM (Mamba-2 and attention layers, each with the shared MLP, tiny
+    # and small with MoE); repository names as public pages quote them, not checked against the
+    # hub from here.
+    "granite-4.0-h-micro": "ibm-granite/granite-4.0-h-micro",
+    "granite-4.0-h-tiny": "ibm-granite/granite-4.0-h-tiny",
+    "granite-4.0-h-small": "ibm-granite/granite-4.0-h-small",
+    # BambaForCausalLM (Mamba-2 with three attention layers); repository name as public pages
+    # quote it (formerly ibm-fms/Bamba-9B), not checked against the hub from here.
+    "bamba-9b": "ibm-ai-platform/Bamba-9B",
 })
 NEOX_TOKENIZER_REPO = "EleutherAI/gpt-neox-20b"
 

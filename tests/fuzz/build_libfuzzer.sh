@@ -37,7 +37,7 @@ FLAGS=(-std=c++17 -O1 -g -fno-omit-frame-pointer -fsanitize=fuzzer,address,undef
 #  polymorphic casts to check)
 CORE=(cpp/options.cpp cpp/safetensors.cpp cpp/config.cpp cpp/dtype.cpp cpp/error.cpp cpp/layers/registry.cpp
       cpp/layers/mamba1/mamba1.cpp cpp/layers/mamba2/mamba2.cpp cpp/layers/mamba3/mamba3.cpp
-      cpp/layers/attention/attention.cpp cpp/layers/mlp/mlp.cpp
+      cpp/layers/attention/attention.cpp cpp/layers/mlp/mlp.cpp cpp/layers/moe/moe.cpp
       cpp/state_file.cpp cpp/sha256.cpp)
 TARGETS=(safetensors config run_args state_file)
 for t in "${TARGETS[@]}"; do

@@ -4,7 +4,9 @@
 //   swiglu: out = down_proj(silu(gate_proj(u)) * up_proj(u))  (Llama-style gated MLP)
 //
 // config.json `layers` entry: {"type": "mlp", "intermediate_size": I,
-// "activation": "relu2" | "swiglu", "bias": bool}. No state.
+// "activation": "relu2" | "swiglu", "bias": bool, optionally "fused_gate_up": bool}. No state.
+// fused_gate_up (swiglu, no bias): one (2I, d) mixer.gate_up_proj.weight, the gate's rows
+// first (Granite-4.0-H's shared_mlp.input_linear), instead of gate_proj and up_proj.
 #include "layers/mlp/mlp.h"
 
 #include <algorithm>
@@ -22,11 +24,17 @@ struct Config final : LayerConfig {
     int64_t intermediate_size = 0;  // I
     Act act = Act::Relu2;
     bool bias = false;
+    bool fused_gate_up = false;  // [swiglu] one (2I, d) gate_up_proj, gate rows first
 
     const char* type() const override { return "mlp"; }
     std::vector<TensorSpec> tensors(const ModelConfig& m) const override {
         const int64_t d = m.d_model, I = intermediate_size;
         std::vector<TensorSpec> t;
+        if (fused_gate_up) {
+            t.push_back({"mixer.gate_up_proj.weight", {2 * I, d}, true, false});
+            t.push_back({"mixer.down_proj.weight", {d, I}, true, false});
+            return t;
+        }
         if (act == Act::SwiGLU) {
             t.push_back({"mixer.gate_proj.weight", {I, d}, true, false});
             if (bias) t.push_back({"mixer.gate_proj.bias", {I}, false, false});
@@ -39,11 +47,12 @@ struct Config final : LayerConfig {
     }
     std::vector<StateSpec> state(const ModelConfig&) const override { return {}; }
     std::string to_json() const override {
-        return nlohmann::ordered_json{{"type", type()},
-                                      {"intermediate_size", intermediate_size},
-                                      {"activation", act == Act::SwiGLU ? "swiglu" : "relu2"},
-                                      {"bias", bias}}
-            .dump();
+        nlohmann::ordered_json j{{"type", type()},
+                                 {"intermediate_size", intermediate_size},
+                                 {"activation", act == Act::SwiGLU ? "swiglu" : "relu2"},
+                                 {"bias", bias}};
+        if (fused_gate_up) j["fused_gate_up"] = true;
+        return j.dump();
     }
 };
 
@@ -55,6 +64,9 @@ std::shared_ptr<const LayerConfig> parse(ConfigReader& r, const ModelConfig&) {
     else if (a == "swiglu") c->act = Act::SwiGLU;
     else r.fail("activation", str_cat("= '", a, "' is not supported (relu2, swiglu)"));
     c->bias = r.boolean("bias");
+    if (r.has("fused_gate_up")) c->fused_gate_up = r.boolean("fused_gate_up");
+    if (c->fused_gate_up && (c->act != Act::SwiGLU || c->bias))
+        r.fail("fused_gate_up", "needs activation swiglu and no bias");
     return c;
 }
 
@@ -66,6 +78,15 @@ class Mlp final : public Layer {
     const LayerConfig& config() const override { return *c_; }
 
     void bind(const LayerTensors& t) override {
+        if (c_->fused_gate_up) {
+            const int64_t I = c_->intermediate_size;
+            const Weight gu = t.matrix("mixer.gate_up_proj.weight");
+            const size_t half = size_t(I * d_model_) * dtype_size(gu.dtype);
+            gate_ = Weight{gu.data, gu.dtype, I, d_model_};
+            up_ = Weight{static_cast<const char*>(gu.data) + half, gu.dtype, I, d_model_};
+            down_ = t.matrix("mixer.down_proj.weight");
+            return;
+        }
         if (c_->act == Act::SwiGLU) {
             gate_ = t.matrix("mixer.gate_proj.weight");
             if (c_->bias) gate_b_ = t.param("mixer.gate_proj.bias");

@@ -1,0 +1,131 @@
+"""Bamba (transformers BambaForCausalLM; issue 19, item 4) on the CPU backend: Mamba-2 layers and
+attention at attn_layer_indices (GQA, RoPE on the first half of each head), each followed by a
+SwiGLU MLP, converted torch-free and checked against transformers' own class (tiny random
+weights): fp32 logits, greedy decoding, prefill == decode, state save / load continuation; the
+conversion's refusals name the layer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mambart
+from hf_models import bamba_config, build, hf_greedy, hf_logits
+from mambart.errors import ConversionError
+
+CASES = {
+    "bamba": lambda: bamba_config(),
+    # two attention layers (one first), MHA, attention and MLP biases, Mamba projection biases,
+    # a tied head, rope_theta 500
+    "bamba-mha-bias": lambda: bamba_config(
+        attn_layer_indices=[0, 2], num_key_value_heads=4, attention_bias=True, mlp_bias=True,
+        mamba_proj_bias=True, tie_word_embeddings=True, mamba_n_groups=1,
+        rope_parameters={"rope_type": "default", "rope_theta": 500.0}),
+}
+SEQ = 45
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    out = {}
+    for i, (name, make) in enumerate(CASES.items()):
+        root = tmp_path_factory.mktemp(name)
+        hf = build(make(), root / "hf", seed=60 + i)
+        conv = mambart.convert(root / "hf", root / "mambart")
+        out[name] = (hf, Path(conv), mambart.Generator(conv, device="cpu"))
+    return out
+
+
+def ids_for(V, n, seed=0):
+    return [int(t) for t in np.random.default_rng(seed).integers(1, V, size=n)]
+
+
+def test_conversion_lays_out_the_layers(models):
+    _, d, _ = models["bamba"]
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["architecture"] == "bamba"
+    assert [e["type"] for e in cfg["layers"]] == ["mamba2", "mlp", "attention", "mlp", "mamba2",
+                                                  "mlp", "mamba2", "mlp"]
+    a = cfg["layers"][2]
+    assert (a["num_heads"], a["num_kv_heads"], a["head_dim"], a["rotary_dim"]) == (4, 2, 8, 4)
+    assert a["scale"] == 8 ** -0.5 and a["max_context"] == 128
+    assert cfg["layers"][1] == {"type": "mlp", "intermediate_size": 48, "activation": "swiglu",
+                                "bias": False}
+    assert "embedding_multiplier" not in cfg
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_logits_equal_transformers(models, name):
+    hf, _, g = models[name]
+    ids = ids_for(g.vocab_size, SEQ)
+    ref = hf_logits(hf, ids).numpy()[:, : g.vocab_size]
+    got = g.logits(ids)
+    err = float(np.abs(got - ref).max())
+    assert err < 1e-4 * max(1.0, float(np.abs(ref).max())), f"{name}: max abs err {err}"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_prefill_equals_decode_steps(models, name):
+    _, _, g = models[name]
+    ids = ids_for(g.vocab_size, SEQ, seed=1)
+    full = g.logits(ids)
+    scale = max(1.0, float(np.abs(full).max()))
+    assert np.abs(g._g.logits(ids, 1) - full).max() < 1e-4 * scale
+    assert np.abs(g._g.logits(ids, 7) - full).max() < 1e-4 * scale
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_greedy_equals_transformers_generate(models, name):
+    hf, _, g = models[name]
+    prompts = [ids_for(g.vocab_size, n, seed=n) for n in (9, 4, 15)]
+    rows = g.generate(prompts, max_new_tokens=32, ignore_eos=True)
+    for p, r in zip(prompts, rows):
+        assert r.token_ids == hf_greedy(hf, p, 32)
+
+
+def test_state_save_load_continuation_equals_one_run(models, tmp_path):
+    hf, _, g = models["bamba"]
+    prompt = ids_for(g.vocab_size, 11, seed=5)
+    full = g.generate(prompt, max_new_tokens=20, ignore_eos=True)
+    assert full.token_ids == hf_greedy(hf, prompt, 20)
+    a = g.generate(prompt, max_new_tokens=8, ignore_eos=True, return_state=True)
+    path = tmp_path / "s.safetensors"
+    a.state.save(path)
+    b = g.generate(None, state=g.load_state(path), max_new_tokens=12, ignore_eos=True)
+    assert a.token_ids + b.token_ids == full.token_ids
+
+
+# ---------------------------------------------------------------- refusals
+
+def _hf_dir(models, tmp_path, name="bamba", **change):
+    src = tmp_path / "hf"
+    models[name][0].save_pretrained(src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(change)
+    (src / "config.json").write_text(json.dumps(cfg))
+    return src
+
+
+def test_attention_indices_disagreeing_with_the_tensors_name_the_layer(models, tmp_path):
+    src = _hf_dir(models, tmp_path, attn_layer_indices=[2])
+    with pytest.raises(ConversionError, match=r"layer 1: the config says Mamba-2 but .* an "
+                                              r"attention layer \('model\.layers\.1\.self_attn"):
+        mambart.convert(src, tmp_path / "out")
+
+
+@pytest.mark.parametrize("change,msg", [
+    ({"attn_layer_indices": [1, 7]}, r"'attn_layer_indices' entry 7 is not a layer index in "
+                                     r"\[0, 4\)"),
+    ({"attn_layer_indices": "1"}, r"'attn_layer_indices' must be a list"),
+    ({"num_key_value_heads": 3}, r"layer 1: num_key_value_heads \(3\) must divide "
+                                 r"num_attention_heads \(4\)"),
+    ({"mamba_n_groups": 3}, r"layer 0: mamba_n_groups \(3\) must divide mamba_n_heads \(8\)"),
+    ({"num_hidden_layers": 3}, r"num_hidden_layers is 3 but .* holds 'model\.layers\.3\."),
+])
+def test_bad_config_values_are_named(models, tmp_path, change, msg):
+    src = _hf_dir(models, tmp_path, **change)
+    with pytest.raises(ConversionError, match=msg):
+        mambart.convert(src, tmp_path / "out")
