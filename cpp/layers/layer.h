@@ -48,7 +48,7 @@ struct LayerIO {
     // layer's output projection adds into `residual` (R, d); `in` and `out` are (R, d)
     // scratch buffers then, not the input and the output. See project_in / project_out.
     float* residual = nullptr;
-    ProjNorm norm;
+    ProjNorm norm = {};
 };
 
 // A layer's input projection y (R, N) row stride ldy = x · Wᵀ + bias of the block's normed

@@ -161,7 +161,7 @@ class Mamba3 final : public Layer {
 
     void forward(Backend& be, const LayerIO& io) override {
         const Config& c = *c_;
-        const int64_t R = io.B * io.L, E = c.d_inner, Din = c.d_in_proj();
+        const int64_t E = c.d_inner, Din = c.d_in_proj();  // R = io.B * io.L token rows
         float* proj = io.ws[0];  // (R, Din)
         float* y = io.ws[1];     // (R, E)
         project_in(be, io, d_model_, in_proj_, Din, nullptr, proj, Din);
