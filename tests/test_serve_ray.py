@@ -7,6 +7,7 @@ and .ci/run installs ray[serve] and runs it again with a skip counted as a failu
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -60,8 +61,15 @@ def test_two_replicas_answer_the_openai_client_through_rays_proxy(tmp_path):
         assert asyncio.run(many()) == [ref.generate(f"Numbers: {i}", max_new_tokens=8).text
                                        for i in range(16)]
         # Both replicas serve: Ray's proxy spreads requests (each /health names its process).
-        pids = {httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).json()["pid"]
-                for _ in range(40)}
+        # The proxy's router learns of replicas asynchronously (a long poll from the
+        # controller), so on a loaded machine it may still route to one replica for a while
+        # after the application reports ready: ask until both have answered or 60 s pass.
+        pids: set = set()
+        deadline = time.monotonic() + 60
+        while len(pids) < 2 and time.monotonic() < deadline:
+            pids.add(httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).json()["pid"])
+            if len(pids) < 2:
+                time.sleep(0.05)
         assert len(pids) == 2, pids
         st = serve.status().applications["mambart"]
         assert st.status == "RUNNING"
