@@ -8,13 +8,14 @@ the conversion's refusals name the layer."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import mambart
-from hf_models import build, granite_config, hf_greedy, hf_logits
+from hf_models import (check_greedy, check_logits, check_prefill_equals_decode,
+                       check_prompt_cache_next_turn, check_state_continuation, convert_cases,
+                       granite_config, hf_dir, ids_for)
 from mambart.errors import ConversionError
 
 CASES = {
@@ -37,18 +38,7 @@ SEQ = 45  # longer than mamba_chunk_size several times over
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    out = {}
-    for i, (name, make) in enumerate(CASES.items()):
-        root = tmp_path_factory.mktemp(name)
-        hf = build(make(), root / "hf", seed=40 + i)
-        conv = mambart.convert(root / "hf", root / "mambart")
-        out[name] = (hf, Path(conv), mambart.Generator(conv, device="cpu"))
-    return out
-
-
-def ids_for(V, n, seed=0):
-    # no id 0: transformers' generate masks the pad id (0 here) out of the prompt
-    return [int(t) for t in np.random.default_rng(seed).integers(1, V, size=n)]
+    return convert_cases(tmp_path_factory, CASES, seed=40, device="cpu")
 
 
 def test_conversion_lays_out_the_layers(models):
@@ -79,56 +69,30 @@ def test_conversion_lays_out_the_layers(models):
 @pytest.mark.parametrize("name", list(CASES))
 def test_logits_equal_transformers(models, name):
     hf, _, g = models[name]
-    ids = ids_for(g.vocab_size, SEQ)
-    ref = hf_logits(hf, ids).numpy()[:, : g.vocab_size]
-    got = g.logits(ids)
-    assert got.shape == (SEQ, g.vocab_size)
-    err = float(np.abs(got - ref).max())
-    assert err < 1e-4 * max(1.0, float(np.abs(ref).max())), f"{name}: max abs err {err}"
+    check_logits(hf, g, ids_for(g.vocab_size, SEQ), name)
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_prefill_equals_decode_steps(models, name):
     _, _, g = models[name]
-    ids = ids_for(g.vocab_size, SEQ, seed=1)
-    full = g.logits(ids)
-    scale = max(1.0, float(np.abs(full).max()))
-    assert np.abs(g._g.logits(ids, 1) - full).max() < 1e-4 * scale  # token by token
-    assert np.abs(g._g.logits(ids, 7) - full).max() < 1e-4 * scale  # chunks, state carried
+    check_prefill_equals_decode(g, ids_for(g.vocab_size, SEQ, seed=1), chunk=7)
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_greedy_equals_transformers_generate(models, name):
     hf, _, g = models[name]
-    prompts = [ids_for(g.vocab_size, n, seed=n) for n in (9, 4, 15)]
-    rows = g.generate(prompts, max_new_tokens=32, ignore_eos=True)
-    for p, r in zip(prompts, rows):
-        assert r.token_ids == hf_greedy(hf, p, 32)
+    check_greedy(hf, g, [ids_for(g.vocab_size, n, seed=n) for n in (9, 4, 15)], 32)
 
 
 @pytest.mark.parametrize("name", ["granite-moe", "granite-dense-rope"])
 def test_state_save_load_continuation_equals_one_run(models, tmp_path, name):
     hf, _, g = models[name]
-    prompt = ids_for(g.vocab_size, 11, seed=5)
-    full = g.generate(prompt, max_new_tokens=20, ignore_eos=True)
-    assert full.token_ids == hf_greedy(hf, prompt, 20)
-    a = g.generate(prompt, max_new_tokens=8, ignore_eos=True, return_state=True)
-    path = tmp_path / "s.safetensors"
-    a.state.save(path)
-    b = g.generate(None, state=g.load_state(path), max_new_tokens=12, ignore_eos=True)
-    assert a.token_ids + b.token_ids == full.token_ids
+    check_state_continuation(hf, g, ids_for(g.vocab_size, 11, seed=5), 8, 12, tmp_path)
 
 
 def test_prompt_cache_next_turn(models):
     hf, d, _ = models["granite-moe"]
-    g = mambart.Generator(d, device="cpu", prompt_cache_bytes=1 << 24)
-    base = ids_for(g.vocab_size, 14, seed=7)
-    t1 = g.generate(base, max_new_tokens=5, ignore_eos=True)
-    assert t1.token_ids == hf_greedy(hf, base, 5)
-    turn2 = base + t1.token_ids + ids_for(g.vocab_size, 6, seed=8)
-    t2 = g.generate(turn2, max_new_tokens=9, ignore_eos=True)
-    assert t2.prefill_tokens == 7  # the pending last token and the 6 new ones
-    assert t2.token_ids == hf_greedy(hf, turn2, 9)
+    check_prompt_cache_next_turn(hf, d)
 
 
 def test_fused_projections_option_keeps_the_logits(models, tmp_path):
@@ -146,13 +110,7 @@ def test_fused_projections_option_keeps_the_logits(models, tmp_path):
 # ---------------------------------------------------------------- refusals
 
 def _hf_dir(models, tmp_path, name="granite-moe", **change):
-    hf = models[name][0]
-    src = tmp_path / "hf"
-    hf.save_pretrained(src)
-    cfg = json.loads((src / "config.json").read_text())
-    cfg.update(change)
-    (src / "config.json").write_text(json.dumps(cfg))
-    return src
+    return hf_dir(models[name][0], tmp_path, **change)
 
 
 def test_layer_types_disagreeing_with_the_tensors_name_the_layer(models, tmp_path):
