@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import mambart
 from conftest import TOL
