@@ -17,7 +17,7 @@ import mambart
 from hf_models import (check_greedy, check_logits, check_prefill_equals_decode,
                        check_prompt_cache_next_turn, check_state_continuation, convert_cases,
                        hf_dir, ids_for, jamba_config)
-from mambart import _C
+from mambart import _C, hub
 from mambart.errors import ConversionError
 
 CASES = {
@@ -248,3 +248,7 @@ def test_dt_bc_rms_weight_needs_the_eps():
     names = [t["name"] for t in _C.config_spec(json.dumps(c), "config.json")["tensors"]]
     assert "layers.0.mixer.dt_layernorm.weight" in names and \
         "layers.1.mixer.c_layernorm.weight" in names
+
+
+def test_short_name():
+    assert hub.resolve_repo_id("jamba-v0.1") == "ai21labs/Jamba-v0.1"
