@@ -107,9 +107,10 @@ def jamba_config(**kw) -> JambaConfig:
     return JambaConfig(**base)
 
 
-CLASSES = ((JambaConfig, JambaForCausalLM), (BambaConfig, BambaForCausalLM), (GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM),
-           (NemotronHConfig, NemotronHForCausalLM), (FalconMambaConfig, FalconMambaForCausalLM), (Mamba2Config, Mamba2ForCausalLM),
-           (MambaConfig, MambaForCausalLM))
+CLASSES = ((JambaConfig, JambaForCausalLM), (BambaConfig, BambaForCausalLM),
+           (GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM),
+           (NemotronHConfig, NemotronHForCausalLM), (FalconMambaConfig, FalconMambaForCausalLM),
+           (Mamba2Config, Mamba2ForCausalLM), (MambaConfig, MambaForCausalLM))
 
 
 def build(config, out_dir: Path | None = None, seed: int = 0, scale: float = 0.2):
@@ -226,3 +227,44 @@ def check_prompt_cache_next_turn(hf, d: Path):
     assert t2.prefill_tokens == 7  # the pending last token and the 6 new ones
     assert t2.token_ids == hf_greedy(hf, turn2, 9)
     assert g.prompt_cache.hits >= 1
+
+
+class FamilyChecks:
+    """The checks every converted family runs against transformers' class, as tests: a test
+    module subclasses this (class name Test...) with its CASES and a module fixture `models`
+    (convert_cases of CASES); conftest's pytest_generate_tests runs the `name` tests once per
+    case and the `state_name` test once per STATE_CASES entry."""
+
+    FAMILY_CHECKS = True
+    CASES: dict = {}          # name -> transformers config maker
+    STATE_CASES: tuple = ()   # the cases of the state save / load continuation test
+    CACHE_CASE = ""           # the case of the prompt cache test
+    SEQ = 45                  # prompt length of the logits and prefill tests
+    CHUNK = 7                 # the prefill test's chunk length
+    GREEDY = 32               # greedy tokens against generate
+    STATE_SPLIT = (8, 12)     # tokens before / after the state is saved and loaded
+    LO = 1                    # the lowest token id in the prompts
+    REL = 1e-4                # the logits' tolerance, relative to max(1, max |logit|)
+
+    def test_logits_equal_transformers(self, models, name):
+        hf, _, g = models[name]
+        check_logits(hf, g, ids_for(g.vocab_size, self.SEQ, lo=self.LO), name, self.REL)
+
+    def test_prefill_equals_decode_steps(self, models, name):
+        _, _, g = models[name]
+        check_prefill_equals_decode(g, ids_for(g.vocab_size, self.SEQ, seed=1, lo=self.LO),
+                                    self.CHUNK)
+
+    def test_greedy_equals_transformers_generate(self, models, name):
+        hf, _, g = models[name]
+        check_greedy(hf, g, [ids_for(g.vocab_size, n, seed=n, lo=self.LO) for n in (9, 4, 15)],
+                     self.GREEDY)
+
+    def test_state_save_load_continuation_equals_one_run(self, models, tmp_path, state_name):
+        hf, _, g = models[state_name]
+        check_state_continuation(hf, g, ids_for(g.vocab_size, 11, seed=5, lo=self.LO),
+                                 *self.STATE_SPLIT, tmp_path)
+
+    def test_prompt_cache_next_turn(self, models):
+        hf, d, _ = models[self.CACHE_CASE]
+        check_prompt_cache_next_turn(hf, d)

@@ -11,8 +11,7 @@ import json
 import pytest
 
 import mambart
-from hf_models import (bamba_config, check_greedy, check_logits, check_prefill_equals_decode,
-                       check_state_continuation, convert_cases, hf_dir, ids_for)
+from hf_models import FamilyChecks, bamba_config, convert_cases, hf_dir
 from mambart.errors import ConversionError
 
 CASES = {
@@ -46,27 +45,10 @@ def test_conversion_lays_out_the_layers(models):
     assert "embedding_multiplier" not in cfg
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_logits_equal_transformers(models, name):
-    hf, _, g = models[name]
-    check_logits(hf, g, ids_for(g.vocab_size, SEQ), name)
-
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_prefill_equals_decode_steps(models, name):
-    _, _, g = models[name]
-    check_prefill_equals_decode(g, ids_for(g.vocab_size, SEQ, seed=1), chunk=7)
-
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_greedy_equals_transformers_generate(models, name):
-    hf, _, g = models[name]
-    check_greedy(hf, g, [ids_for(g.vocab_size, n, seed=n) for n in (9, 4, 15)], 32)
-
-
-def test_state_save_load_continuation_equals_one_run(models, tmp_path):
-    hf, _, g = models["bamba"]
-    check_state_continuation(hf, g, ids_for(g.vocab_size, 11, seed=5), 8, 12, tmp_path)
+class TestBamba(FamilyChecks):
+    CASES = CASES
+    STATE_CASES = ("bamba",)
+    CACHE_CASE = "bamba"
 
 
 # ---------------------------------------------------------------- refusals

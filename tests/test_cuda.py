@@ -1158,19 +1158,12 @@ def falcon_dir(request, tmp_path_factory):
     attention, SwiGLU MLPs and MoEs with the full softmax (no shared expert)."""
     d = _model_dir(tmp_path_factory.mktemp(request.param), "mamba1", dt_rank=8,
                    tie_embeddings=False)
-    cfg = json.loads((d / "config.json").read_text())
-    layer = {k: cfg.pop(k) for k in ("d_inner", "d_state", "d_conv", "conv_bias", "bias",
-                                      "dt_rank")}
-    for k in ("headdim", "nheads", "ngroups", "chunk_size", "dt_limit", "gated_norm",
-              "norm_before_gate"):
-        cfg.pop(k)
-    cfg["architecture"] = "falcon_mamba"
-    cfg["layers"] = [dict(layer, type="mamba1", dt_bc_rms_eps=1e-6)
-                     for _ in range(cfg["n_layer"])]
-    if request.param == "jamba":
-        from model_dirs import random_tensor, save_tensors
+    from model_dirs import listed_mamba1, random_tensor, save_tensors
 
-        m1 = dict(layer, type="mamba1", dt_bc_rms_eps=1e-6, dt_bc_rms_weight=True)
+    cfg = listed_mamba1(json.loads((d / "config.json").read_text()), "falcon_mamba",
+                        dt_bc_rms_eps=1e-6)
+    if request.param == "jamba":
+        m1 = dict(cfg["layers"][0], dt_bc_rms_weight=True)
         att = {"type": "attention", "num_heads": 8, "num_kv_heads": 2, "head_dim": 8,
                "rotary_dim": 0, "rope_theta": 10000.0, "window": 0, "qkv_bias": False,
                "out_bias": False, "scale": 8 ** -0.5, "max_context": 400, "fused_qkv": False,

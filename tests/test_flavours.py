@@ -17,12 +17,11 @@ import pytest
 
 import mambart
 from conftest import TOL
-from hf_models import (assert_close, build, check_greedy, check_logits,
-                       check_prefill_equals_decode, check_state_continuation, convert_cases,
-                       falcon_config, hf_dir, hf_logits, ids_for, mamba2_config)
+from hf_models import (FamilyChecks, assert_close, build, convert_cases, falcon_config, hf_dir,
+                       hf_logits, ids_for, mamba2_config)
 from mambart import _C, hub
 from mambart.errors import ConversionError
-from model_dirs import config_dict, model_tensors, save_tensors, write_config
+from model_dirs import config_dict, listed_mamba1, model_tensors, save_tensors, write_config
 
 SEQ = 37
 
@@ -60,27 +59,15 @@ def test_falcon_conversion_writes_the_norm_option(falcons):
     assert cfg["layers"][1]["d_inner"] == 36
 
 
-@pytest.mark.parametrize("name", list(FALCON_CASES))
-def test_falcon_logits_equal_transformers(falcons, name):
-    hf, _, g = falcons[name]
-    check_logits(hf, g, ids_for(g.vocab_size, SEQ, lo=0), name, rel=TOL["float32"])
+class TestFalcon(FamilyChecks):
+    CASES = FALCON_CASES
+    STATE_CASES = ("falcon",)
+    CACHE_CASE = "falcon"
+    SEQ, CHUNK, GREEDY, STATE_SPLIT, LO, REL = 37, 6, 12, (4, 6), 0, TOL["float32"]
 
-
-@pytest.mark.parametrize("name", list(FALCON_CASES))
-def test_falcon_prefill_equals_decode_steps(falcons, name):
-    _, _, g = falcons[name]
-    check_prefill_equals_decode(g, ids_for(g.vocab_size, SEQ, seed=1, lo=0), chunk=6)
-
-
-@pytest.mark.parametrize("name", list(FALCON_CASES))
-def test_falcon_greedy_batch_equals_transformers_generate(falcons, name):
-    hf, _, g = falcons[name]
-    check_greedy(hf, g, [ids_for(g.vocab_size, n, seed=n, lo=0) for n in (9, 4, 15)], 12)
-
-
-def test_falcon_state_continuation_equals_one_run(falcons, tmp_path):
-    hf, _, g = falcons["falcon"]
-    check_state_continuation(hf, g, ids_for(g.vocab_size, 11, seed=5, lo=0), 4, 6, tmp_path)
+    @pytest.fixture
+    def models(self, falcons):
+        return falcons
 
 
 def test_falcon_without_intermediate_size_takes_in_proj_rows(falcons, tmp_path):
@@ -115,16 +102,7 @@ def test_falcon_width_disagreeing_with_the_weights_names_the_tensor(falcons, tmp
 
 
 def _listed_m1(**entry):
-    c = config_dict("mamba1")
-    layer = {k: c.pop(k) for k in ("d_inner", "d_state", "d_conv", "conv_bias", "bias",
-                                    "dt_rank")}
-    for k in ("headdim", "nheads", "ngroups", "chunk_size", "dt_limit", "gated_norm",
-              "norm_before_gate"):
-        c.pop(k)
-    layer.update(entry)
-    c["architecture"] = "falcon_mamba"
-    c["layers"] = [dict(layer, type="mamba1") for _ in range(c["n_layer"])]
-    return c
+    return listed_mamba1(config_dict("mamba1"), "falcon_mamba", **entry)
 
 
 @pytest.mark.parametrize("eps,msg", [(0.0, "must be in (0, 1)"), (1.0, "must be in (0, 1)"),

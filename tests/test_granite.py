@@ -13,9 +13,7 @@ import numpy as np
 import pytest
 
 import mambart
-from hf_models import (check_greedy, check_logits, check_prefill_equals_decode,
-                       check_prompt_cache_next_turn, check_state_continuation, convert_cases,
-                       granite_config, hf_dir, ids_for)
+from hf_models import FamilyChecks, convert_cases, granite_config, hf_dir, ids_for
 from mambart.errors import ConversionError
 
 CASES = {
@@ -66,33 +64,10 @@ def test_conversion_lays_out_the_layers(models):
     assert cfg2["tie_embeddings"] is True
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_logits_equal_transformers(models, name):
-    hf, _, g = models[name]
-    check_logits(hf, g, ids_for(g.vocab_size, SEQ), name)
-
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_prefill_equals_decode_steps(models, name):
-    _, _, g = models[name]
-    check_prefill_equals_decode(g, ids_for(g.vocab_size, SEQ, seed=1), chunk=7)
-
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_greedy_equals_transformers_generate(models, name):
-    hf, _, g = models[name]
-    check_greedy(hf, g, [ids_for(g.vocab_size, n, seed=n) for n in (9, 4, 15)], 32)
-
-
-@pytest.mark.parametrize("name", ["granite-moe", "granite-dense-rope"])
-def test_state_save_load_continuation_equals_one_run(models, tmp_path, name):
-    hf, _, g = models[name]
-    check_state_continuation(hf, g, ids_for(g.vocab_size, 11, seed=5), 8, 12, tmp_path)
-
-
-def test_prompt_cache_next_turn(models):
-    hf, d, _ = models["granite-moe"]
-    check_prompt_cache_next_turn(hf, d)
+class TestGranite(FamilyChecks):
+    CASES = CASES
+    STATE_CASES = ("granite-moe", "granite-dense-rope")
+    CACHE_CASE = "granite-moe"
 
 
 def test_fused_projections_option_keeps_the_logits(models, tmp_path):

@@ -14,9 +14,7 @@ import numpy as np
 import pytest
 
 import mambart
-from hf_models import (check_greedy, check_logits, check_prefill_equals_decode,
-                       check_prompt_cache_next_turn, check_state_continuation, convert_cases,
-                       hf_dir, ids_for, jamba_config)
+from hf_models import FamilyChecks, check_logits, convert_cases, hf_dir, ids_for, jamba_config
 from mambart import _C, hub
 from mambart.errors import ConversionError
 
@@ -78,33 +76,10 @@ def test_the_stacked_experts_are_transformers_experts(models):
                                   ex.down_proj.detach().numpy())
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_logits_equal_transformers(models, name):
-    hf, _, g = models[name]
-    check_logits(hf, g, ids_for(g.vocab_size, SEQ), name)
-
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_prefill_equals_decode_steps(models, name):
-    _, _, g = models[name]
-    check_prefill_equals_decode(g, ids_for(g.vocab_size, SEQ, seed=1), chunk=7)
-
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_greedy_equals_transformers_generate(models, name):
-    hf, _, g = models[name]
-    check_greedy(hf, g, [ids_for(g.vocab_size, n, seed=n) for n in (9, 4, 15)], 32)
-
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_state_save_load_continuation_equals_one_run(models, tmp_path, name):
-    hf, _, g = models[name]
-    check_state_continuation(hf, g, ids_for(g.vocab_size, 11, seed=5), 8, 12, tmp_path)
-
-
-def test_prompt_cache_next_turn(models):
-    hf, d, _ = models["jamba"]
-    check_prompt_cache_next_turn(hf, d)
+class TestJamba(FamilyChecks):
+    CASES = CASES
+    STATE_CASES = tuple(CASES)
+    CACHE_CASE = "jamba"
 
 
 def test_norm_weights_change_the_model(models, tmp_path):
@@ -230,21 +205,13 @@ def test_bad_expert_tensors_are_named(models, tmp_path, edit, msg):
 
 
 def test_dt_bc_rms_weight_needs_the_eps():
-    from model_dirs import config_dict
+    from model_dirs import config_dict, listed_mamba1
 
-    c = config_dict("mamba1")
-    layer = {k: c.pop(k) for k in ("d_inner", "d_state", "d_conv", "conv_bias", "bias",
-                                    "dt_rank")}
-    for k in ("headdim", "nheads", "ngroups", "chunk_size", "dt_limit", "gated_norm",
-              "norm_before_gate"):
-        c.pop(k)
-    c["architecture"] = "jamba"
-    c["layers"] = [dict(layer, type="mamba1", dt_bc_rms_weight=True)] * c["n_layer"]
+    c = listed_mamba1(config_dict("mamba1"), "jamba", dt_bc_rms_weight=True)
     with pytest.raises(ValueError, match=r"layers\[0\].*'dt_bc_rms_weight'.*needs "
                                          r"'dt_bc_rms_eps'"):
         _C.config_spec(json.dumps(c), "config.json")
-    c["layers"] = [dict(layer, type="mamba1", dt_bc_rms_eps=1e-6, dt_bc_rms_weight=True)] * \
-        c["n_layer"]
+    c = listed_mamba1(config_dict("mamba1"), "jamba", dt_bc_rms_eps=1e-6, dt_bc_rms_weight=True)
     names = [t["name"] for t in _C.config_spec(json.dumps(c), "config.json")["tensors"]]
     assert "layers.0.mixer.dt_layernorm.weight" in names and \
         "layers.1.mixer.c_layernorm.weight" in names

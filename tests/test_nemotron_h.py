@@ -11,9 +11,7 @@ import numpy as np
 import pytest
 
 import mambart
-from hf_models import (check_greedy, check_logits, check_prefill_equals_decode,
-                       check_prompt_cache_next_turn, check_state_continuation, convert_cases,
-                       hf_dir, ids_for, nemotron_h_config)
+from hf_models import FamilyChecks, convert_cases, hf_dir, ids_for, nemotron_h_config
 from mambart.errors import ConversionError
 
 CASES = {
@@ -51,32 +49,10 @@ def test_conversion_lays_out_the_pattern(models):
     assert (m["nheads"], m["headdim"], m["ngroups"], m["d_state"]) == (8, 8, 2, 12)
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_logits_equal_transformers(models, name):
-    hf, _, g = models[name]
-    check_logits(hf, g, ids_for(g.vocab_size, SEQ), name)
-
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_prefill_equals_decode_steps(models, name):
-    _, _, g = models[name]
-    check_prefill_equals_decode(g, ids_for(g.vocab_size, SEQ, seed=1), chunk=7)
-
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_greedy_equals_transformers_generate(models, name):
-    hf, _, g = models[name]
-    check_greedy(hf, g, [ids_for(g.vocab_size, n, seed=n) for n in (9, 4, 15)], 32)
-
-
-def test_state_save_load_continuation_equals_one_run(models, tmp_path):
-    hf, _, g = models["nemotron-h"]
-    check_state_continuation(hf, g, ids_for(g.vocab_size, 11, seed=5), 8, 12, tmp_path)
-
-
-def test_prompt_cache_next_turn(models):
-    hf, d, _ = models["nemotron-h"]
-    check_prompt_cache_next_turn(hf, d)
+class TestNemotronH(FamilyChecks):
+    CASES = CASES
+    STATE_CASES = ("nemotron-h",)
+    CACHE_CASE = "nemotron-h"
 
 
 def test_max_context_option_and_the_bound(models, tmp_path):
