@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from transformers import (BambaConfig, BambaForCausalLM, FalconMambaConfig,
                           FalconMambaForCausalLM, GraniteMoeHybridConfig,
@@ -19,6 +20,7 @@ from transformers import (BambaConfig, BambaForCausalLM, FalconMambaConfig,
                           NemotronHConfig, NemotronHForCausalLM)
 
 import mambart
+from mambart.errors import ConversionError
 
 
 def mamba1_config(**kw) -> MambaConfig:
@@ -173,6 +175,14 @@ def hf_dir(hf, tmp_path: Path, **change) -> Path:
     cfg.update(change)
     (src / "config.json").write_text(json.dumps(cfg))
     return src
+
+
+def assert_refused(hf, tmp_path: Path, msg: str, **change):
+    """Converting hf with its config.json keys changed by `change` raises a ConversionError
+    matching `msg`."""
+    src = hf_dir(hf, tmp_path, **change)
+    with pytest.raises(ConversionError, match=msg):
+        mambart.convert(src, tmp_path / "out")
 
 
 def assert_close(got, ref, what: str = "", rel: float = 1e-4):

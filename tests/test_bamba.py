@@ -11,7 +11,7 @@ import json
 import pytest
 
 import mambart
-from hf_models import FamilyChecks, bamba_config, convert_cases, hf_dir
+from hf_models import FamilyChecks, assert_refused, bamba_config, convert_cases, hf_dir
 from mambart.errors import ConversionError
 
 CASES = {
@@ -23,7 +23,6 @@ CASES = {
         mamba_proj_bias=True, tie_word_embeddings=True, mamba_n_groups=1,
         rope_parameters={"rope_type": "default", "rope_theta": 500.0}),
 }
-SEQ = 45
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +73,4 @@ def test_attention_indices_disagreeing_with_the_tensors_name_the_layer(models, t
     ({"num_hidden_layers": 3}, r"num_hidden_layers is 3 but .* holds 'model\.layers\.3\."),
 ])
 def test_bad_config_values_are_named(models, tmp_path, change, msg):
-    src = _hf_dir(models, tmp_path, **change)
-    with pytest.raises(ConversionError, match=msg):
-        mambart.convert(src, tmp_path / "out")
+    assert_refused(models["bamba"][0], tmp_path, msg, **change)
