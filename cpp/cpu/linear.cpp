@@ -51,6 +51,14 @@ constexpr int64_t kGemvMaxM = 16;
 // The quantized GEMVs (int8 / int4) take up to 8 rows; more rows take the quantized GEMM.
 constexpr int64_t kQuantGemvMaxM = 8;
 
+// The GEMV tiles prefetch the weights at least this many bytes ahead of the rows they read (the
+// same place in the next tile's rows, or further where a tile is smaller): int4 rows of a
+// d_model 768 matrix are 384 bytes, so a tile of 4 rows ahead was 1.5 KB, too close to cover
+// the memory latency at full bandwidth; 8 KB measured best (mamba-130m int4 decode on one core
+// of an EPYC: 4.2-4.5 -> 2.6-2.8 ms/token; 4, 12, 16 and 32 KB no better; issue 18).
+constexpr size_t kPrefetchMinBytes = 8192;
+inline size_t prefetch_ahead(size_t tile_bytes) { return std::max(tile_bytes, kPrefetchMinBytes); }
+
 // ---- portable path ---------------------------------------------------------------------------
 
 inline float load_w(const void* W, DType dt, size_t i) {
@@ -266,7 +274,7 @@ MAMBART_SIMD512 inline void tile(const float* x, int64_t ldx, int64_t K, const v
 #pragma GCC unroll 4
         for (int p = 0; p < NP; ++p) acc[i][p] = _mm512_setzero_ps();
     constexpr int64_t kLine = 64 / int64_t(es);
-    const size_t ahead = size_t(2 * NP * ldw) * es;
+    const size_t ahead = prefetch_ahead(size_t(2 * NP * ldw) * es);
     int64_t k = 0;
     for (; k + 8 <= K; k += 8) {
         if (k % kLine == 0)
@@ -476,13 +484,14 @@ template <int MR, int NR>
 MAMBART_VNNI inline void tile8(const QX& X, const int8_t* w, const float* ws, const float* bias,
                                float* y, int64_t ldy) {
     const int64_t K = X.K;
+    const int64_t ahead = int64_t(prefetch_ahead(size_t(NR * K)));  // bytes ahead of the rows
     __m256 tot[MR][NR];
     for (int i = 0; i < MR; ++i)
         for (int j = 0; j < NR; ++j) tot[i][j] = _mm256_setzero_ps();
     for (int64_t b = 0; b < X.nb; ++b) {
         const int64_t k = b * kBlock;
         if (k % 64 == 0)
-            for (int j = 0; j < NR; ++j) __builtin_prefetch(w + (j + NR) * K + k, 0, 3);
+            for (int j = 0; j < NR; ++j) __builtin_prefetch(w + j * K + k + ahead, 0, 3);
         __m256i wv[NR], aw[NR];
         for (int j = 0; j < NR; ++j) {
             wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * K + k));
@@ -509,6 +518,7 @@ template <int MR, int NR>
 MAMBART_VNNI inline void tile4(const QX& X, const uint8_t* w, const float* ws, const float* bias,
                                float* y, int64_t ldy) {
     const int64_t K = X.K, rb = K / 2, G = X.G, group = K / G;
+    const int64_t ahead = int64_t(prefetch_ahead(size_t(NR * rb)));  // bytes ahead of the rows
     const __m128i lo4 = _mm_set1_epi8(0x0f);
     __m256 tot[MR][NR];
     float corr[MR][NR];
@@ -523,7 +533,7 @@ MAMBART_VNNI inline void tile4(const QX& X, const uint8_t* w, const float* ws, c
             for (int j = 0; j < NR; ++j) gs[i][j] = _mm256_setzero_ps();
         for (int64_t k = g * group; k < (g + 1) * group; k += kBlock) {
             if (k % 128 == 0)
-                for (int j = 0; j < NR; ++j) __builtin_prefetch(w + (j + NR) * rb + k / 2, 0, 3);
+                for (int j = 0; j < NR; ++j) __builtin_prefetch(w + j * rb + k / 2 + ahead, 0, 3);
             __m256i u[NR];
             for (int j = 0; j < NR; ++j) {
                 const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * rb + k / 2));
@@ -559,6 +569,7 @@ template <int MR, int NR>
 MAMBART_VNNI inline void tile4p(const QX& X, const uint8_t* w, const float* ws, const float* bias,
                                 float* y, int64_t ldy) {
     const int64_t K = X.K, rb = K / 2, G = X.G, group = K / G, P = K / 64;
+    const int64_t ahead = int64_t(prefetch_ahead(size_t(NR * rb)));  // bytes ahead of the rows
     const __m256i lo4 = _mm256_set1_epi8(0x0f);
     __m256 tot[MR][NR];
     float corr[MR][NR];
@@ -573,7 +584,7 @@ MAMBART_VNNI inline void tile4p(const QX& X, const uint8_t* w, const float* ws, 
             for (int j = 0; j < NR; ++j) gs[i][j] = _mm256_setzero_ps();
         for (int64_t k = g * group; k < (g + 1) * group; k += 64) {
             if (k % 128 == 0)
-                for (int j = 0; j < NR; ++j) __builtin_prefetch(w + (j + NR) * rb + k / 2, 0, 3);
+                for (int j = 0; j < NR; ++j) __builtin_prefetch(w + j * rb + k / 2 + ahead, 0, 3);
             __m256i lo[NR], hi[NR];
             for (int j = 0; j < NR; ++j) {
                 const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * rb + k / 2));
