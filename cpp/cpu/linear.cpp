@@ -480,18 +480,46 @@ MAMBART_VNNI QX quantize_x(const float* x, int64_t ldx, int64_t M, int64_t K, in
 }
 
 // int8 weights, MR x NR tile: y[i][j] = ws[j] · Σ_b sx[i][b] · Σ_{k in b} xq[i][k] · q_j[k] (+ bias).
+// Two blocks of 32 a step in 512-bit registers (lanes 0..7 of the int32 sums hold block b,
+// lanes 8..15 block b + 1, scaled by [sx[b] x 8 | sx[b + 1] x 8]); an odd last block in 256
+// bits. The product of u8 |w| and s8 x·sign(w): VPDPBUSD needs one unsigned operand, and
+// AVX-512 has no VPSIGNB, so x is negated under the mask of w's sign bits.
 template <int MR, int NR>
 MAMBART_VNNI inline void tile8(const QX& X, const int8_t* w, const float* ws, const float* bias,
                                float* y, int64_t ldy) {
     const int64_t K = X.K;
     const int64_t ahead = int64_t(prefetch_ahead(size_t(NR * K)));  // bytes ahead of the rows
-    __m256 tot[MR][NR];
+    __m512 tot[MR][NR];
     for (int i = 0; i < MR; ++i)
-        for (int j = 0; j < NR; ++j) tot[i][j] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < X.nb; ++b) {
+        for (int j = 0; j < NR; ++j) tot[i][j] = _mm512_setzero_ps();
+    int64_t b = 0;
+    for (; b + 2 <= X.nb; b += 2) {
         const int64_t k = b * kBlock;
-        if (k % 64 == 0)
-            for (int j = 0; j < NR; ++j) __builtin_prefetch(w + j * K + k + ahead, 0, 3);
+        for (int j = 0; j < NR; ++j) __builtin_prefetch(w + j * K + k + ahead, 0, 3);
+        __m512i aw[NR];
+        __mmask64 neg[NR];
+        for (int j = 0; j < NR; ++j) {
+            const __m512i wv = _mm512_loadu_si512(w + j * K + k);
+            aw[j] = _mm512_abs_epi8(wv);
+            neg[j] = _mm512_movepi8_mask(wv);
+        }
+        for (int i = 0; i < MR; ++i) {
+            const __m512i xv = _mm512_loadu_si512(X.q + i * K + k);
+            const __m512 sx = _mm512_castpd_ps(_mm512_insertf64x4(  // (AVX512F: no DQ needed)
+                _mm512_castps_pd(_mm512_castps256_ps512(_mm256_set1_ps(X.s[i * X.nb + b]))),
+                _mm256_castps_pd(_mm256_set1_ps(X.s[i * X.nb + b + 1])), 1));
+            for (int j = 0; j < NR; ++j) {
+                const __m512i xs = _mm512_mask_sub_epi8(xv, neg[j], _mm512_setzero_si512(), xv);
+                const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), aw[j], xs);
+                tot[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sx, tot[i][j]);
+            }
+        }
+    }
+    __m256 tail[MR][NR];
+    for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NR; ++j) tail[i][j] = _mm256_setzero_ps();
+    if (b < X.nb) {  // an odd last block
+        const int64_t k = b * kBlock;
         __m256i wv[NR], aw[NR];
         for (int j = 0; j < NR; ++j) {
             wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * K + k));
@@ -503,13 +531,17 @@ MAMBART_VNNI inline void tile8(const QX& X, const int8_t* w, const float* ws, co
             for (int j = 0; j < NR; ++j) {
                 const __m256i d = _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw[j],
                                                       _mm256_sign_epi8(xv, wv[j]));
-                tot[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), sx, tot[i][j]);
+                tail[i][j] = _mm256_mul_ps(_mm256_cvtepi32_ps(d), sx);
             }
         }
     }
     for (int i = 0; i < MR; ++i)
-        for (int j = 0; j < NR; ++j)
-            y[i * ldy + j] = hsum8(tot[i][j]) * ws[j] + (bias ? bias[j] : 0.0f);
+        for (int j = 0; j < NR; ++j) {
+            const __m256 t = _mm256_add_ps(
+                _mm512_castps512_ps256(tot[i][j]),
+                _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(tot[i][j]), 1)));
+            y[i * ldy + j] = hsum8(_mm256_add_ps(t, tail[i][j])) * ws[j] + (bias ? bias[j] : 0.0f);
+        }
 }
 
 // int4 weights (groups of K / G), MR x NR tile: y[i][j] = Σ_g ws[j][g] · (Σ_{b in g} sx[i][b] ·
