@@ -366,6 +366,82 @@ __attribute__((target("avx512f,avx512dq,avx2,fma,f16c"))) void gemv(
     });
 }
 
+// ---- AVX-512 GEMM (M > kGemvMaxM: prefill, large batches) ----
+// As avx2's gemm (linear_simd.inc): panels of 16 weight rows widened and packed (K, 16) by
+// avx2::pack_panel, then an outer-product micro-kernel; here the panel's 16 columns are the 16
+// lanes of one 512-bit accumulator per row of x instead of two 256-bit ones. Every output's sum
+// is formed as there (k in order within blocks of 64, each block's sum added into a running
+// total, the bias last), so the bits are the AVX2 GEMM's; only the vector width and the tile
+// height (12 rows of x: 12 accumulators + 12 totals in 32 registers) change.
+constexpr int kGemmRows512 = 12;
+
+template <int MR>
+MAMBART_SIMD512 inline void panel_tile(const float* x, int64_t ldx, int64_t K, const float* wp,
+                                       const float* bias, float* y, int64_t ldy,
+                                       int64_t ncols) {
+    constexpr int64_t kKBlock = 64;  // as avx2::panel_tile
+    __m512 tot[MR], acc[MR];
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; ++i) tot[i] = _mm512_setzero_ps();
+    for (int64_t kb = 0; kb < K; kb += kKBlock) {
+        const int64_t ke = K < kb + kKBlock ? K : kb + kKBlock;
+#pragma GCC unroll 12
+        for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_ps();
+        for (int64_t k = kb; k < ke; ++k) {
+            const __m512 w = _mm512_loadu_ps(wp + k * 16);
+#pragma GCC unroll 12
+            for (int i = 0; i < MR; ++i)
+                acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(x[i * ldx + k]), w, acc[i]);
+        }
+#pragma GCC unroll 12
+        for (int i = 0; i < MR; ++i) tot[i] = _mm512_add_ps(tot[i], acc[i]);
+    }
+    alignas(64) float out[16];
+    for (int i = 0; i < MR; ++i) {
+        _mm512_store_ps(out, tot[i]);
+        float* yi = y + i * ldy;
+        for (int64_t j = 0; j < ncols; ++j) yi[j] = out[j] + (bias ? bias[j] : 0.0f);
+    }
+}
+
+template <int R>
+MAMBART_SIMD512 inline void panel_rows(const float* x, int64_t ldx, int64_t K, const float* wp,
+                                       const float* bias, float* y, int64_t ldy, int64_t nc,
+                                       int64_t rows) {
+    if constexpr (R >= 1) {
+        if (rows == R) return panel_tile<R>(x, ldx, K, wp, bias, y, ldy, nc);
+        return panel_rows<R - 1>(x, ldx, K, wp, bias, y, ldy, nc, rows);
+    }
+}
+
+// Panels [p0, p1): each packed into this thread's scratch, then every 12-row tile of x over it.
+template <DType D>
+__attribute__((target("avx512f,avx512dq,avx2,fma,f16c"))) void gemm_panels(
+    const float* x, int64_t ldx, int64_t M, int64_t K, const void* W, int64_t N,
+    const float* bias, float* y, int64_t ldy, int64_t p0, int64_t p1) {
+    constexpr int MR = kGemmRows512;
+    float* wp = panel_scratch(K * 16);  // (K, 16) packed panel, this thread's
+    for (int64_t pnl = p0; pnl < p1; ++pnl) {
+        const int64_t n0 = pnl * 16, nc = N - n0 < 16 ? N - n0 : 16;
+        avx2::pack_panel<D>(W, K, n0, nc, wp);
+        const float* bb = bias ? bias + n0 : nullptr;
+        int64_t m = 0;
+        for (; m + MR <= M; m += MR)
+            panel_tile<MR>(x + m * ldx, ldx, K, wp, bb, y + m * ldy + n0, ldy, nc);
+        if (m < M)
+            panel_rows<MR - 1>(x + m * ldx, ldx, K, wp, bb, y + m * ldy + n0, ldy, nc, M - m);
+    }
+}
+
+template <DType D>
+void gemm(const float* x, int64_t ldx, int64_t M, int64_t K, const void* W, int64_t N,
+          const float* bias, float* y, int64_t ldy) {
+    const int64_t npanels = (N + 15) / 16;
+    parallel_for(npanels, 1, [&](int64_t p0, int64_t p1) {
+        gemm_panels<D>(x, ldx, M, K, W, N, bias, y, ldy, p0, p1);
+    });
+}
+
 #undef MAMBART_SIMD512
 
 }  // namespace avx512
@@ -1100,6 +1176,7 @@ void linear_typed(Kernels k, const float* x, int64_t ldx, int64_t M, int64_t K, 
             // made fp32 weights slower from the cache (measured); the same sums either way.
             if (M >= 2 && M <= kGemvMaxM)
                 return avx512::gemv<D>(x, ldx, M, K, W, N, bias, y, ldy);
+            if (M > kGemvMaxM) return avx512::gemm<D>(x, ldx, M, K, W, N, bias, y, ldy);
             return avx2::linear_simd<D>(x, ldx, M, K, W, N, bias, y, ldy);
 #endif
 #ifdef MAMBART_ARM64
