@@ -229,12 +229,22 @@ for dt in ("float32", "float16", "bfloat16"):
         b = rng.standard_normal(N).astype(np.float32)
         out["y"][f"{dt}/{M}/{K}/{N}"] = [be.linear(x, W, dt, b).view(np.uint32).tolist(),
                                           be.linear(x, W, dt).view(np.uint32).tolist()]
+from mambart._quant import quantize
+for scheme, group in (("int8", 0), ("int4", 32), ("int4", 128)):
+    for M, K, N in ((9, 128, 5), (13, 256, 33), (37, 384, 21)):
+        x = rng.standard_normal((M, K)).astype(np.float32)
+        W = rng.standard_normal((N, K)).astype(np.float32)
+        b = rng.standard_normal(N).astype(np.float32)
+        q, sc = quantize(W, scheme, group, "float16")
+        y = be.linear_quant(x, q, sc.astype(np.float32), scheme, group, b)
+        out["y"][f"{scheme}/{group}/{M}/{K}/{N}"] = [y.view(np.uint32).tolist()]
 print(json.dumps(out))
 """
 
 
 def test_gemm_avx512_as_avx2():
-    """The GEMM (more than 16 rows: prefill) on AVX-512 runs a 512-bit micro-kernel of 12 rows;
+    """The GEMM (more than 16 rows: prefill; int8 / int4 weights from 9 rows, dequantized per
+    panel) on AVX-512 runs a 512-bit micro-kernel of 12 rows;
     its bits equal the AVX2 GEMM's (MAMBART_CPU_AVX512=0): each output is summed in the same
     order, only the vector width and the tile height differ. Row tails (M % 12), K tails (K % 4,
     the 64-step blocks) and partial panels (N % 16), with and without bias."""

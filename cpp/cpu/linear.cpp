@@ -414,23 +414,58 @@ MAMBART_SIMD512 inline void panel_rows(const float* x, int64_t ldx, int64_t K, c
     }
 }
 
-// Panels [p0, p1): each packed into this thread's scratch, then every 12-row tile of x over it.
+// Every 12-row tile of x (M rows) over one packed panel wp (K, 16) of nc columns: y[:, 0..nc).
+MAMBART_SIMD512 inline void panel_tiles(const float* x, int64_t ldx, int64_t M, int64_t K,
+                                        const float* wp, const float* bias, float* y,
+                                        int64_t ldy, int64_t nc) {
+    constexpr int MR = kGemmRows512;
+    int64_t m = 0;
+    for (; m + MR <= M; m += MR) panel_tile<MR>(x + m * ldx, ldx, K, wp, bias, y + m * ldy, ldy, nc);
+    if (m < M) panel_rows<MR - 1>(x + m * ldx, ldx, K, wp, bias, y + m * ldy, ldy, nc, M - m);
+}
+
+// Panels [p0, p1): each packed into this thread's scratch, then the row tiles over it.
 template <DType D>
 __attribute__((target("avx512f,avx512dq,avx2,fma,f16c"))) void gemm_panels(
     const float* x, int64_t ldx, int64_t M, int64_t K, const void* W, int64_t N,
     const float* bias, float* y, int64_t ldy, int64_t p0, int64_t p1) {
-    constexpr int MR = kGemmRows512;
     float* wp = panel_scratch(K * 16);  // (K, 16) packed panel, this thread's
     for (int64_t pnl = p0; pnl < p1; ++pnl) {
         const int64_t n0 = pnl * 16, nc = N - n0 < 16 ? N - n0 : 16;
         avx2::pack_panel<D>(W, K, n0, nc, wp);
-        const float* bb = bias ? bias + n0 : nullptr;
-        int64_t m = 0;
-        for (; m + MR <= M; m += MR)
-            panel_tile<MR>(x + m * ldx, ldx, K, wp, bb, y + m * ldy + n0, ldy, nc);
-        if (m < M)
-            panel_rows<MR - 1>(x + m * ldx, ldx, K, wp, bb, y + m * ldy + n0, ldy, nc, M - m);
+        panel_tiles(x, ldx, M, K, wp, bias ? bias + n0 : nullptr, y + n0, ldy, nc);
     }
+}
+
+// The quantized GEMM's panels [p0, p1): rows dequantized as avx2::qgemm does (the same fp32
+// weights), packed, then the row tiles: the bits of avx2::qgemm.
+template <QuantScheme Q>
+__attribute__((target("avx512f,avx512dq,avx2,fma,f16c"))) void qgemm_panels(
+    const float* x, int64_t ldx, int64_t M, const Weight& W, int64_t N, const float* bias,
+    float* y, int64_t ldy, int64_t p0, int64_t p1) {
+    const int64_t K = W.cols;
+    float* wp = panel_scratch(K * 17);  // (K, 16) packed panel, then (K) a row
+    float* row = wp + K * 16;
+    for (int64_t pnl = p0; pnl < p1; ++pnl) {
+        const int64_t n0 = pnl * 16, nc = N - n0 < 16 ? N - n0 : 16;
+        for (int64_t j = 0; j < 16; ++j) {
+            if (j < nc) {
+                avx2::qdequant_row<Q>(W, n0 + j, row);
+                for (int64_t k = 0; k < K; ++k) wp[k * 16 + j] = row[k];
+            } else {
+                for (int64_t k = 0; k < K; ++k) wp[k * 16 + j] = 0.0f;
+            }
+        }
+        panel_tiles(x, ldx, M, K, wp, bias ? bias + n0 : nullptr, y + n0, ldy, nc);
+    }
+}
+
+template <QuantScheme Q>
+void qgemm(const float* x, int64_t ldx, int64_t M, const Weight& W, int64_t N, const float* bias,
+           float* y, int64_t ldy) {
+    parallel_for((N + 15) / 16, 1, [&](int64_t p0, int64_t p1) {
+        qgemm_panels<Q>(x, ldx, M, W, N, bias, y, ldy, p0, p1);
+    });
 }
 
 template <DType D>
@@ -1274,9 +1309,13 @@ void linear_quant(const float* x, int64_t ldx, int64_t M, const Weight& W, int64
     switch (k) {
 #ifdef MAMBART_X86
         case Kernels::Avx2:
-        case Kernels::Avx512:  // the AVX-512 GEMV is for float weights; quantized as AVX2's
+        case Kernels::Avx512:  // the GEMV: VNNI or AVX2's; the GEMM: AVX-512's panel tiles
             if (M <= kQuantGemvMaxM && W.cols % 32 == 0 && quant_vnni())
                 return vnni::linear_quant(x, ldx, M, W, N, bias, y, ldy);
+            if (k == Kernels::Avx512 && M > kQuantGemvMaxM) {
+                if (int8) return avx512::qgemm<QuantScheme::Int8>(x, ldx, M, W, N, bias, y, ldy);
+                return avx512::qgemm<QuantScheme::Int4>(x, ldx, M, W, N, bias, y, ldy);
+            }
             if (int8) return avx2::linear_quant_simd<QuantScheme::Int8>(x, ldx, M, W, N, bias, y, ldy);
             return avx2::linear_quant_simd<QuantScheme::Int4>(x, ldx, M, W, N, bias, y, ldy);
 #endif
