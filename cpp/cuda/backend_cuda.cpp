@@ -382,6 +382,7 @@ class CudaBackend final : public Backend {
 
     void selective_scan(const SelectiveScanParams& p) override {
         dev();
+        if (p.ssm_state_bf16) throw Unsupported("selective_scan: no bf16 SSM state on CUDA yet");
         const bool lanes = scan_mode_ == ScanMode::Lanes;
         const bool chunked = scan_mode_ == ScanMode::Chunked ||
                              (scan_mode_ == ScanMode::Auto && p.N <= cuda::kCptMaxN);
@@ -401,6 +402,7 @@ class CudaBackend final : public Backend {
 
     void ssd_scan(const SsdParams& p) override {
         dev();
+        if (p.ssm_state_bf16) throw Unsupported("ssd_scan: no bf16 SSM state on CUDA yet");
         // decode step or a trace (issue 25): the recurrent form
         if (p.L <= 1 || !ssd_chunked_ || p.state_trace) {
             cuda::launch_ssd_scan(p, stream_);

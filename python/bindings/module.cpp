@@ -94,7 +94,7 @@ py::list state_spec(const ModelConfig& c) {
         py::dict e;
         e["name"] = x.name;
         e["shape"] = py::tuple(py::cast(shape));
-        e["dtype"] = "F32";
+        e["dtype"] = x.dtype == DType::BF16 ? "BF16" : "F32";  // on the device (option state_dtype)
         e["layers"] = py::cast(x.layers);
         out.append(e);
     }
@@ -713,13 +713,20 @@ PYBIND11_MODULE(_C, m) {
 
     py::class_<Generator>(m, "Generator")
         .def(py::init([](const std::string& dir, const std::string& device,
-                         const std::optional<std::string>& dtype, int threads) {
+                         const std::optional<std::string>& dtype, int threads,
+                         const std::optional<std::string>& state_dtype) {
                  auto dt = parse_dtype(dtype);
+                 auto sdt = parse_dtype(state_dtype);
                  py::gil_scoped_release release;
-                 return std::make_unique<Generator>(dir, device, dt ? &*dt : nullptr, threads);
+                 return std::make_unique<Generator>(dir, device, dt ? &*dt : nullptr, threads,
+                                                    sdt ? &*sdt : nullptr);
              }),
              py::arg("model_dir"), py::arg("device") = "cpu", py::arg("dtype") = py::none(),
-             py::arg("threads") = 0)
+             py::arg("threads") = 0, py::arg("state_dtype") = py::none())
+        .def_property_readonly(
+            "state_dtype",
+            [](const Generator& g) { return std::string(dtype_name(g.model().state_dtype())); },
+            "the SSM states' storage: 'float32' or 'bfloat16' (option state_dtype, issue 18)")
         .def_property_readonly("threads", &Generator::threads)
         .def_property_readonly("config",
                                [](const Generator& g) { return config_to_dict(g.config()); })
