@@ -39,9 +39,10 @@ const std::vector<OptionInfo> kTable = {
      "in (issue 16: fewer kernels a token, the same values); read when a model is loaded"},
     {"state_dtype", "MAMBART_STATE_DTYPE", "choice", "float32|bfloat16", "float32",
      "storage of the Mamba-1 / Mamba-2 SSM states (issue 18): float32, or bfloat16 (half the "
-     "state bytes per sequence; kernels read bf16, compute in fp32 and round to nearest even "
-     "when they write it back; conv windows stay float32; CPU backend only, Mamba-3 refuses "
-     "it); read when a model is loaded"},
+     "state bytes per sequence; the scans read bf16, compute in fp32 and round to nearest even "
+     "after every token; conv windows stay float32; on CUDA prefill then runs the sequential / "
+     "recurrent scan forms; models with Mamba-3 layers refuse it); read when a model is loaded; "
+     "Generator(state_dtype=...) overrides it"},
     {"cuda_sync", "MAMBART_CUDA_SYNC", "bool", "", "0",
      "synchronise and check errors after every kernel (debugging; slow); read once"},
     {"cuda_free_bytes_limit", "MAMBART_CUDA_FREE_BYTES_LIMIT", "bytes", "", "0",

@@ -594,8 +594,9 @@ PYBIND11_MODULE(_C, m) {
     m.def("cuda_available", &cuda_available, "Whether this build has a usable CUDA backend.");
     m.def(
         "config_spec",
-        [](const std::string& text, const std::string& origin) {
-            const ModelConfig c = ModelConfig::from_json_text(text, origin, layer_types());
+        [](const std::string& text, const std::string& origin, const std::string& state_dtype) {
+            ModelConfig c = ModelConfig::from_json_text(text, origin, layer_types());
+            c.state_dtype = dtype_from_name(state_dtype, "state_dtype");
             py::list tensors;
             for (const TensorSpec& t : c.tensors()) {
                 py::dict e;
@@ -609,14 +610,16 @@ PYBIND11_MODULE(_C, m) {
             d["config"] = config_to_dict(c);
             d["tensors"] = tensors;
             d["state"] = state_spec(c);
+            d["state_row_bytes"] = State::row_bytes(c);
             d["layer_types"] = layer_type_list(c);
             return d;
         },
-        py::arg("text"), py::arg("origin"),
+        py::arg("text"), py::arg("origin"), py::arg("state_dtype") = "float32",
         "Parses and validates a mambart config.json text with the runtime's reader (errors name "
         "`origin`, the layer and the key) and returns {config, tensors: [{name, shape, matrix, "
-        "store_fp32}] in load order, state: the state tensors, layer_types}: the one source of "
-        "tensor names, used by the converter.");
+        "store_fp32}] in load order, state: the state tensors (with state_dtype, the SSM "
+        "states' storage), state_row_bytes: bytes of state per sequence, layer_types}: the one "
+        "source of tensor names, used by the converter.");
     m.def("options", [] { return runtime_options_text(); },
           "The runtime options now (name -> text): explicit settings over the environment.");
     m.def("set_option", &set_runtime_option, py::arg("name"), py::arg("value"),
