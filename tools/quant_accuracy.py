@@ -202,8 +202,8 @@ def main() -> int:
         if "prefill_ppl" in r:
             print(f"| {r['model']} | {r['scheme']} | {r['state']} | "
                   f"{r['weight_bytes'] / 1e6:.2f} | "
-                  f"{r['prefill_ppl']:.3f} | {100 * r['prefill_vs_bf16']:+.2f}% | "
-                  f"{r['decode_ppl']:.3f} | {100 * r['decode_vs_bf16']:+.2f}% |")
+                  f"{r['prefill_ppl']:.3f} | {100 * r['prefill_vs_bf16']:+.3f}% | "
+                  f"{r['decode_ppl']:.3f} | {100 * r['decode_vs_bf16']:+.3f}% |")
     if any("top1_agreement" in r for r in rows):
         print("\n| model | scheme | logit RMS error / RMS logit | max abs logit error | "
               "top-1 agreement (teacher-forced, 256) | greedy: first divergence (of 256) |")

@@ -163,6 +163,9 @@ class Generator(SequenceAPI):
     threads: CPU threads (1..4096, the calling thread included) for this generator's CPU
         backend; None takes the cpu_threads option (MAMBART_CPU_THREADS), else OMP_NUM_THREADS,
         else the cores this process may run on (its CPU affinity). See README "Threads".
+    state_dtype: storage of the Mamba-1 / Mamba-2 SSM states, "float32" or "bfloat16" (half the
+        state bytes per sequence, rounded after every token; README "State precision"); None
+        takes the option state_dtype (MAMBART_STATE_DTYPE, default "float32").
     """
 
     def __init__(self, model, device: str = "cpu", dtype: Optional[str] = None,
