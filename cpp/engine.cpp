@@ -345,6 +345,7 @@ void Engine::loop() {
             });
             if (stop_) break;
             coalesce_arrivals(lk);
+            if (stop_) break;  // stopped during the wait: no step, straight to the shutdown
         }
         step();
     }

@@ -356,17 +356,30 @@ const float* Model::forward(State& st, int64_t row0, int64_t B, int64_t L, const
     // (Not with Granite's residual multiplier or logits scaling: the fused ops have no scale.)
     const bool fused = fuse_projections_ && L == 1 && !trace && be.fused_projection(R, d) &&
                        c.residual_multiplier == 1.0 && c.logits_scaling == 1.0;
-    if (fused) {
-        float* state_ptrs[kMaxLayerStateTensors];
-        for (int64_t i = 0; i < c.n_layer; ++i) {
-            st.layer_tensors(i, row0, state_ptrs);
-            LayerIO io{normed_, hidden_, layer_ws_.data(), state_ptrs, B, L};
+    float* state_ptrs[kMaxLayerStateTensors];
+    float* trace_ptrs[kMaxLayerStateTensors];
+    for (int64_t i = 0; i < c.n_layer; ++i) {
+        // Layer 0 norms the embedding itself; later layers add the previous layer output first
+        // (fused: the layer's input projection does both).
+        if (!fused)
+            be.add_norm(residual_, i == 0 ? nullptr : hidden_, block_norm_w_[size_t(i)],
+                        block_norm_b_[size_t(i)], c.norm, c.norm_eps, R, d, normed_);
+        st.layer_tensors(i, row0, state_ptrs);
+        LayerIO io{normed_, hidden_, layer_ws_.data(), state_ptrs, B, L};
+        if (fused) {
             io.residual = residual_;
             io.norm = ProjNorm{residual_, block_norm_w_[size_t(i)].data,
                                block_norm_b_[size_t(i)].data, c.norm == NormKind::RMSNorm,
                                float(c.norm_eps)};
-            layers_[size_t(i)]->forward(be, io);
         }
+        if (trace) {
+            trace->layer_tensors(i, 0, trace_ptrs);  // rows [0, B * L): (B, L, shape...)
+            io.trace = trace_ptrs;
+        }
+        layers_[size_t(i)]->forward(be, io);
+        if (c.residual_multiplier != 1.0) be.scale(hidden_, R * d, float(c.residual_multiplier));
+    }
+    if (fused) {
         if (mode == LogitsMode::None) return nullptr;
         ProjParams p;
         p.M = B;
@@ -379,21 +392,6 @@ const float* Model::forward(State& st, int64_t row0, int64_t B, int64_t L, const
         p.scratch_x = normed_;
         be.project(p);
         return logits_;
-    }
-    float* state_ptrs[kMaxLayerStateTensors];
-    float* trace_ptrs[kMaxLayerStateTensors];
-    for (int64_t i = 0; i < c.n_layer; ++i) {
-        // Layer 0 norms the embedding itself; later layers add the previous layer output first.
-        be.add_norm(residual_, i == 0 ? nullptr : hidden_, block_norm_w_[size_t(i)],
-                    block_norm_b_[size_t(i)], c.norm, c.norm_eps, R, d, normed_);
-        st.layer_tensors(i, row0, state_ptrs);
-        LayerIO io{normed_, hidden_, layer_ws_.data(), state_ptrs, B, L};
-        if (trace) {
-            trace->layer_tensors(i, 0, trace_ptrs);  // rows [0, B * L): (B, L, shape...)
-            io.trace = trace_ptrs;
-        }
-        layers_[size_t(i)]->forward(be, io);
-        if (c.residual_multiplier != 1.0) be.scale(hidden_, R * d, float(c.residual_multiplier));
     }
     be.add_norm(residual_, hidden_, weights_->norm_f_w, weights_->norm_f_b, c.norm, c.norm_eps,
                 R, d, normed_);

@@ -42,6 +42,39 @@ int64_t checked_vocab(int64_t v) {
     return v;
 }
 
+// Greedy and the finiteness check read all V logits once or twice per token (V ~ 50k-256k):
+// 16 independent lanes of selects the compiler vectorises, not one chain of branches.
+constexpr int kLanes = 16;
+
+// Whether every value of v[0, n) is finite (no NaN, no +-inf).
+bool all_finite(const float* v, int64_t n) {
+    int bad[kLanes] = {};
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes)
+        for (int j = 0; j < kLanes; ++j)
+            bad[j] |= !(std::fabs(v[i + j]) <= std::numeric_limits<float>::max());
+    int any = 0;
+    for (int j = 0; j < kLanes; ++j) any |= bad[j];
+    for (; i < n; ++i) any |= !std::isfinite(v[i]);
+    return !any;
+}
+
+// The lowest index of the largest of v[0, n) (n >= 1, no NaN): as a scan that keeps the first
+// strict maximum, in two passes (the maximum by lanes, then the first index holding it).
+int32_t argmax_first(const float* v, int64_t n) {
+    float m[kLanes];
+    for (int j = 0; j < kLanes; ++j) m[j] = -std::numeric_limits<float>::infinity();
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes)
+        for (int j = 0; j < kLanes; ++j) m[j] = v[i + j] > m[j] ? v[i + j] : m[j];
+    float mx = m[0];
+    for (int j = 1; j < kLanes; ++j) mx = m[j] > mx ? m[j] : mx;
+    for (; i < n; ++i) mx = v[i] > mx ? v[i] : mx;
+    for (int64_t k = 0; k < n; ++k)  // == also matches -0 to +0, as the scan's > treats them
+        if (v[k] == mx) return int32_t(k);
+    return 0;  // every value is -inf: the scan keeps index 0
+}
+
 // The candidate list of the calling thread: 8 bytes x V once per thread that samples, instead
 // of once per row of a batch. filter() fills it and its caller reads it before returning.
 std::vector<Sampler::Cand>& thread_candidates() {
@@ -73,10 +106,11 @@ double Sampler::filter(float* logits, const SamplingOptions& o, std::vector<Cand
     const int64_t V = vocab_;
     // A NaN or infinite logit has no probability: an error, never a draw from NaNs. (The
     // generator raises naming the row and step before this; the raw entry points reach here.)
-    for (int64_t i = 0; i < V; ++i)
-        if (!std::isfinite(logits[i]))
-            throw InvalidArgument(str_cat("sampler: logits must be finite, got ", logits[i],
-                                          " for token id ", i));
+    if (!all_finite(logits, V))
+        for (int64_t i = 0; i < V; ++i)
+            if (!std::isfinite(logits[i]))
+                throw InvalidArgument(str_cat("sampler: logits must be finite, got ", logits[i],
+                                              " for token id ", i));
     if (o.repetition_penalty != 1.0f && !track_seen_)
         throw Error("sampler: repetition_penalty != 1 needs a Sampler that tracks seen ids");
     if (o.repetition_penalty != 1.0f)
@@ -85,9 +119,7 @@ double Sampler::filter(float* logits, const SamplingOptions& o, std::vector<Cand
             l = l < 0.0f ? l * o.repetition_penalty : l / o.repetition_penalty;
         }
     auto greedy = [&]() {
-        int32_t best = 0;
-        for (int64_t i = 1; i < V; ++i)
-            if (logits[i] > logits[best]) best = int32_t(i);
+        const int32_t best = argmax_first(logits, V);
         cand.clear();
         cand.push_back({1.0f, best});
         return 1.0;

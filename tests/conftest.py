@@ -26,6 +26,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_generate_tests(metafunc):
+    """hf_models.FamilyChecks subclasses: `name` over the class's CASES, `state_name` over its
+    STATE_CASES."""
+    cls = metafunc.cls
+    if cls is None or not getattr(cls, "FAMILY_CHECKS", False):
+        return
+    if "name" in metafunc.fixturenames:
+        metafunc.parametrize("name", list(cls.CASES))
+    if "state_name" in metafunc.fixturenames:
+        metafunc.parametrize("state_name", list(cls.STATE_CASES))
+
+
 # Tolerances (max abs error on logits of the tiny test models, |logits| ~ 1..10).
 # fp32 against transformers' fp32: both are exact-math implementations in fp32 with different
 # summation orders (chunked SSD vs sequential scan), so errors are a few ulps of the logits.

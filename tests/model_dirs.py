@@ -46,6 +46,20 @@ def config_dict(arch: str = "mamba1", **overrides) -> dict:
     return base
 
 
+def listed_mamba1(c: dict, architecture: str, **entry) -> dict:
+    """Flat mamba1 config `c` in the listed form: `architecture`, every layer a mamba1 entry
+    with `c`'s layer fields and `entry` (e.g. Falcon's dt_bc_rms_eps)."""
+    c = dict(c)
+    layer = {k: c.pop(k) for k in ("d_inner", "d_state", "d_conv", "conv_bias", "bias",
+                                    "dt_rank")}
+    for k in ("headdim", "nheads", "ngroups", "chunk_size", "dt_limit", "gated_norm",
+              "norm_before_gate"):
+        c.pop(k)
+    c["architecture"] = architecture
+    c["layers"] = [dict(layer, type="mamba1", **entry) for _ in range(c["n_layer"])]
+    return c
+
+
 def tensor_shapes(c: dict) -> Dict[str, Tuple[int, ...]]:
     """The canonical tensor names and shapes a config implies (docs/format.md)."""
     d, E, N, W = c["d_model"], c["d_inner"], c["d_state"], c["d_conv"]

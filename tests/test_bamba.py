@@ -7,13 +7,11 @@ conversion's refusals name the layer."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import numpy as np
 import pytest
 
 import mambart
-from hf_models import bamba_config, build, hf_greedy, hf_logits
+from hf_models import FamilyChecks, assert_refused, bamba_config, convert_cases, hf_dir
 from mambart.errors import ConversionError
 
 CASES = {
@@ -25,22 +23,11 @@ CASES = {
         mamba_proj_bias=True, tie_word_embeddings=True, mamba_n_groups=1,
         rope_parameters={"rope_type": "default", "rope_theta": 500.0}),
 }
-SEQ = 45
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    out = {}
-    for i, (name, make) in enumerate(CASES.items()):
-        root = tmp_path_factory.mktemp(name)
-        hf = build(make(), root / "hf", seed=60 + i)
-        conv = mambart.convert(root / "hf", root / "mambart")
-        out[name] = (hf, Path(conv), mambart.Generator(conv, device="cpu"))
-    return out
-
-
-def ids_for(V, n, seed=0):
-    return [int(t) for t in np.random.default_rng(seed).integers(1, V, size=n)]
+    return convert_cases(tmp_path_factory, CASES, seed=60, device="cpu")
 
 
 def test_conversion_lays_out_the_layers(models):
@@ -57,56 +44,16 @@ def test_conversion_lays_out_the_layers(models):
     assert "embedding_multiplier" not in cfg
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_logits_equal_transformers(models, name):
-    hf, _, g = models[name]
-    ids = ids_for(g.vocab_size, SEQ)
-    ref = hf_logits(hf, ids).numpy()[:, : g.vocab_size]
-    got = g.logits(ids)
-    err = float(np.abs(got - ref).max())
-    assert err < 1e-4 * max(1.0, float(np.abs(ref).max())), f"{name}: max abs err {err}"
-
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_prefill_equals_decode_steps(models, name):
-    _, _, g = models[name]
-    ids = ids_for(g.vocab_size, SEQ, seed=1)
-    full = g.logits(ids)
-    scale = max(1.0, float(np.abs(full).max()))
-    assert np.abs(g._g.logits(ids, 1) - full).max() < 1e-4 * scale
-    assert np.abs(g._g.logits(ids, 7) - full).max() < 1e-4 * scale
-
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_greedy_equals_transformers_generate(models, name):
-    hf, _, g = models[name]
-    prompts = [ids_for(g.vocab_size, n, seed=n) for n in (9, 4, 15)]
-    rows = g.generate(prompts, max_new_tokens=32, ignore_eos=True)
-    for p, r in zip(prompts, rows):
-        assert r.token_ids == hf_greedy(hf, p, 32)
-
-
-def test_state_save_load_continuation_equals_one_run(models, tmp_path):
-    hf, _, g = models["bamba"]
-    prompt = ids_for(g.vocab_size, 11, seed=5)
-    full = g.generate(prompt, max_new_tokens=20, ignore_eos=True)
-    assert full.token_ids == hf_greedy(hf, prompt, 20)
-    a = g.generate(prompt, max_new_tokens=8, ignore_eos=True, return_state=True)
-    path = tmp_path / "s.safetensors"
-    a.state.save(path)
-    b = g.generate(None, state=g.load_state(path), max_new_tokens=12, ignore_eos=True)
-    assert a.token_ids + b.token_ids == full.token_ids
+class TestBamba(FamilyChecks):
+    CASES = CASES
+    STATE_CASES = ("bamba",)
+    CACHE_CASE = "bamba"
 
 
 # ---------------------------------------------------------------- refusals
 
 def _hf_dir(models, tmp_path, name="bamba", **change):
-    src = tmp_path / "hf"
-    models[name][0].save_pretrained(src)
-    cfg = json.loads((src / "config.json").read_text())
-    cfg.update(change)
-    (src / "config.json").write_text(json.dumps(cfg))
-    return src
+    return hf_dir(models[name][0], tmp_path, **change)
 
 
 def test_attention_indices_disagreeing_with_the_tensors_name_the_layer(models, tmp_path):
@@ -126,6 +73,4 @@ def test_attention_indices_disagreeing_with_the_tensors_name_the_layer(models, t
     ({"num_hidden_layers": 3}, r"num_hidden_layers is 3 but .* holds 'model\.layers\.3\."),
 ])
 def test_bad_config_values_are_named(models, tmp_path, change, msg):
-    src = _hf_dir(models, tmp_path, **change)
-    with pytest.raises(ConversionError, match=msg):
-        mambart.convert(src, tmp_path / "out")
+    assert_refused(models["bamba"][0], tmp_path, msg, **change)

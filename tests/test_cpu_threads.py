@@ -139,3 +139,14 @@ def test_ssd_forms_agree(tmp_path, chunk):
     for form in ("chunked", "auto"):
         np.testing.assert_allclose(out[form][0], ref, rtol=0, atol=2e-4 * np.abs(ref).max())
         assert out[form][1] == out["recurrent"][1]
+
+
+def test_straggler_guard_runs_jobs_on_the_caller_while_a_worker_stalls():
+    # Every chunk a worker runs sleeps 2 ms (a worker preempted mid-chunk by another process):
+    # the caller's waits then dominate and the pool runs jobs on the caller alone (the straggler
+    # guard, cpu/pool.h), so most of the 400 jobs see no worker; every item is still computed.
+    serial, caller_only, correct = _C._ops.pool_straggler_probe(threads=2, jobs=400, sleep_us=2000)
+    assert correct == 400 * 64
+    assert serial >= 100, (serial, caller_only)
+    assert caller_only >= serial
+

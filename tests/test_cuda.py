@@ -1151,19 +1151,34 @@ def test_add_norm_without_weight(gpu, cpu, n, d):
     close(o_gpu, o_cpu, 2e-5, "weightless rms")
 
 
-@pytest.fixture(scope="module")
-def falcon_dir(tmp_path_factory):
-    """A tiny Falcon-Mamba directory (listed form, every layer mamba1 with dt_bc_rms_eps)."""
-    d = _model_dir(tmp_path_factory.mktemp("falcon"), "mamba1", dt_rank=8, tie_embeddings=False)
-    cfg = json.loads((d / "config.json").read_text())
-    layer = {k: cfg.pop(k) for k in ("d_inner", "d_state", "d_conv", "conv_bias", "bias",
-                                      "dt_rank")}
-    for k in ("headdim", "nheads", "ngroups", "chunk_size", "dt_limit", "gated_norm",
-              "norm_before_gate"):
-        cfg.pop(k)
-    cfg["architecture"] = "falcon_mamba"
-    cfg["layers"] = [dict(layer, type="mamba1", dt_bc_rms_eps=1e-6)
-                     for _ in range(cfg["n_layer"])]
+@pytest.fixture(scope="module", params=["falcon", "jamba"])
+def falcon_dir(request, tmp_path_factory):
+    """A tiny Falcon-Mamba directory (listed form, every layer mamba1 with dt_bc_rms_eps); or
+    a Jamba-like one: mamba1 with the weighted dt / B / C norms (dt_bc_rms_weight), NoPE GQA
+    attention, SwiGLU MLPs and MoEs with the full softmax (no shared expert)."""
+    d = _model_dir(tmp_path_factory.mktemp(request.param), "mamba1", dt_rank=8,
+                   tie_embeddings=False)
+    from model_dirs import listed_mamba1, random_tensor, save_tensors
+
+    cfg = listed_mamba1(json.loads((d / "config.json").read_text()), "falcon_mamba",
+                        dt_bc_rms_eps=1e-6)
+    if request.param == "jamba":
+        m1 = dict(cfg["layers"][0], dt_bc_rms_weight=True)
+        att = {"type": "attention", "num_heads": 8, "num_kv_heads": 2, "head_dim": 8,
+               "rotary_dim": 0, "rope_theta": 10000.0, "window": 0, "qkv_bias": False,
+               "out_bias": False, "scale": 8 ** -0.5, "max_context": 400, "fused_qkv": False,
+               "d_conv": 0}
+        moe = {"type": "moe", "num_experts": 6, "top_k": 2, "intermediate_size": 40,
+               "shared_intermediate_size": 0, "activation": "swiglu", "normalize": False,
+               "routed_scale": 1.0}
+        mlp = {"type": "mlp", "intermediate_size": 96, "activation": "swiglu", "bias": False}
+        cfg["layers"] = [m1, mlp, att, moe, m1, moe]
+        cfg.update(architecture="jamba", n_layer=6)
+        spec = _C.config_spec(json.dumps(dict(cfg, dtype="float32")), "jamba")
+        rng = np.random.default_rng(9)
+        save_tensors(d / "model.safetensors",
+                     {s["name"]: random_tensor(s["name"], tuple(s["shape"]), rng)
+                      for s in spec["tensors"]})
     (d / "config.json").write_text(json.dumps(cfg))
     return d
 

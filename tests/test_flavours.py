@@ -10,19 +10,18 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import mambart
 from conftest import TOL
-from hf_models import build, falcon_config, hf_greedy, hf_logits, mamba2_config
+from hf_models import (FamilyChecks, assert_close, build, convert_cases, falcon_config, hf_dir,
+                       hf_logits, ids_for, mamba2_config)
 from mambart import _C, hub
 from mambart.errors import ConversionError
-from model_dirs import config_dict, model_tensors, save_tensors, write_config
+from model_dirs import config_dict, listed_mamba1, model_tensors, save_tensors, write_config
 
 SEQ = 37
 
@@ -41,22 +40,7 @@ FALCON_CASES = {
 @pytest.fixture(scope="module")
 def falcons(tmp_path_factory):
     """name -> (transformers model, converted directory, mambart Generator)."""
-    out = {}
-    for i, (name, make) in enumerate(FALCON_CASES.items()):
-        root = tmp_path_factory.mktemp(name)
-        hf = build(make(), root / "hf", seed=10 + i)
-        conv = mambart.convert(root / "hf", root / "mambart")
-        out[name] = (hf, Path(conv), mambart.Generator(conv))
-    return out
-
-
-def ids_for(V, n, seed=0):
-    return [int(t) for t in np.random.default_rng(seed).integers(0, V, size=n)]
-
-
-def check_close(got, ref, what=""):
-    err = float(np.abs(got - ref).max())
-    assert err < TOL["float32"] * max(1.0, float(np.abs(ref).max())), f"{what}: max abs err {err}"
+    return convert_cases(tmp_path_factory, FALCON_CASES, seed=10)
 
 
 # ---------------------------------------------------------------- Falcon-Mamba
@@ -75,45 +59,15 @@ def test_falcon_conversion_writes_the_norm_option(falcons):
     assert cfg["layers"][1]["d_inner"] == 36
 
 
-@pytest.mark.parametrize("name", list(FALCON_CASES))
-def test_falcon_logits_equal_transformers(falcons, name):
-    hf, _, g = falcons[name]
-    ids = ids_for(g.vocab_size, SEQ)
-    ref = hf_logits(hf, ids).numpy()[:, : g.vocab_size]
-    got = g.logits(ids)
-    assert got.shape == (SEQ, g.vocab_size)
-    check_close(got, ref, name)
+class TestFalcon(FamilyChecks):
+    CASES = FALCON_CASES
+    STATE_CASES = ("falcon",)
+    CACHE_CASE = "falcon"
+    SEQ, CHUNK, GREEDY, STATE_SPLIT, LO, REL = 37, 6, 12, (4, 6), 0, TOL["float32"]
 
-
-@pytest.mark.parametrize("name", list(FALCON_CASES))
-def test_falcon_prefill_equals_decode_steps(falcons, name):
-    _, _, g = falcons[name]
-    ids = ids_for(g.vocab_size, SEQ, seed=1)
-    full = g.logits(ids)
-    scale = max(1.0, float(np.abs(full).max()))
-    assert np.abs(g._g.logits(ids, 1) - full).max() < 1e-4 * scale  # token by token
-    assert np.abs(g._g.logits(ids, 6) - full).max() < 1e-4 * scale  # chunks, state carried
-
-
-@pytest.mark.parametrize("name", list(FALCON_CASES))
-def test_falcon_greedy_batch_equals_transformers_generate(falcons, name):
-    hf, _, g = falcons[name]
-    prompts = [ids_for(g.vocab_size, n, seed=n) for n in (9, 4, 15)]
-    rows = g.generate(prompts, max_new_tokens=12, ignore_eos=True)
-    for p, r in zip(prompts, rows):
-        assert r.token_ids == hf_greedy(hf, p, 12)
-
-
-def test_falcon_state_continuation_equals_one_run(falcons, tmp_path):
-    hf, _, g = falcons["falcon"]
-    prompt = ids_for(g.vocab_size, 11, seed=5)
-    full = g.generate(prompt, max_new_tokens=10, ignore_eos=True)
-    assert full.token_ids == hf_greedy(hf, prompt, 10)
-    a = g.generate(prompt, max_new_tokens=4, ignore_eos=True, return_state=True)
-    path = tmp_path / "s.safetensors"
-    a.state.save(path)
-    b = g.generate(None, state=g.load_state(path), max_new_tokens=6, ignore_eos=True)
-    assert a.token_ids + b.token_ids == full.token_ids
+    @pytest.fixture
+    def models(self, falcons):
+        return falcons
 
 
 def test_falcon_without_intermediate_size_takes_in_proj_rows(falcons, tmp_path):
@@ -126,18 +80,12 @@ def test_falcon_without_intermediate_size_takes_in_proj_rows(falcons, tmp_path):
     del cfg["intermediate_size"]
     (src / "config.json").write_text(json.dumps(cfg))
     out = mambart.convert(src, tmp_path / "out")
-    ids = ids_for(g.vocab_size, 13, seed=3)
+    ids = ids_for(g.vocab_size, 13, seed=3, lo=0)
     np.testing.assert_array_equal(mambart.Generator(out).logits(ids), g.logits(ids))
 
 
 def _hf_dir(falcons, tmp_path, **change):
-    hf = falcons["falcon"][0]
-    src = tmp_path / "hf"
-    hf.save_pretrained(src)
-    cfg = json.loads((src / "config.json").read_text())
-    cfg.update(change)
-    (src / "config.json").write_text(json.dumps(cfg))
-    return src
+    return hf_dir(falcons["falcon"][0], tmp_path, **change)
 
 
 @pytest.mark.parametrize("eps", [0, -1e-6, 1.5, "1e-6", True])
@@ -154,16 +102,7 @@ def test_falcon_width_disagreeing_with_the_weights_names_the_tensor(falcons, tmp
 
 
 def _listed_m1(**entry):
-    c = config_dict("mamba1")
-    layer = {k: c.pop(k) for k in ("d_inner", "d_state", "d_conv", "conv_bias", "bias",
-                                    "dt_rank")}
-    for k in ("headdim", "nheads", "ngroups", "chunk_size", "dt_limit", "gated_norm",
-              "norm_before_gate"):
-        c.pop(k)
-    layer.update(entry)
-    c["architecture"] = "falcon_mamba"
-    c["layers"] = [dict(layer, type="mamba1") for _ in range(c["n_layer"])]
-    return c
+    return listed_mamba1(config_dict("mamba1"), "falcon_mamba", **entry)
 
 
 @pytest.mark.parametrize("eps,msg", [(0.0, "must be in (0, 1)"), (1.0, "must be in (0, 1)"),
@@ -248,8 +187,9 @@ def test_codestral_hf_layout_equals_transformers(codestral):
     hf, _, d = codestral
     g = mambart.Generator(str(d))
     assert g.config["layers"][0]["ngroups"] == 4
-    ids = ids_for(g.vocab_size, SEQ, seed=2)
-    check_close(g.logits(ids), hf_logits(hf, ids).numpy()[:, : g.vocab_size], "codestral hf")
+    ids = ids_for(g.vocab_size, SEQ, seed=2, lo=0)
+    assert_close(g.logits(ids), hf_logits(hf, ids).numpy()[:, : g.vocab_size], "codestral hf",
+                 TOL["float32"])
 
 
 @pytest.mark.parametrize("prefix", ["model.", ""])
@@ -268,7 +208,7 @@ def test_codestral_native_layout_equals_hf_layout(codestral, tmp_path, prefix):
     assert sorted(a) == sorted(b)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-    ids = ids_for(120, 20, seed=4)
+    ids = ids_for(120, 20, seed=4, lo=0)
     np.testing.assert_array_equal(mambart.Generator(str(out)).logits(ids),
                                   mambart.Generator(str(from_hf)).logits(ids))
 

@@ -8,13 +8,12 @@ the conversion's refusals name the layer."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import mambart
-from hf_models import build, granite_config, hf_greedy, hf_logits
+from hf_models import FamilyChecks, assert_refused, convert_cases, granite_config, hf_dir, ids_for
 from mambart.errors import ConversionError
 
 CASES = {
@@ -32,23 +31,11 @@ CASES = {
         embedding_multiplier=12.0, residual_multiplier=1 / 128, attention_multiplier=0.22,
         logits_scaling=8.0, num_local_experts=6, num_experts_per_tok=3),
 }
-SEQ = 45  # longer than mamba_chunk_size several times over
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    out = {}
-    for i, (name, make) in enumerate(CASES.items()):
-        root = tmp_path_factory.mktemp(name)
-        hf = build(make(), root / "hf", seed=40 + i)
-        conv = mambart.convert(root / "hf", root / "mambart")
-        out[name] = (hf, Path(conv), mambart.Generator(conv, device="cpu"))
-    return out
-
-
-def ids_for(V, n, seed=0):
-    # no id 0: transformers' generate masks the pad id (0 here) out of the prompt
-    return [int(t) for t in np.random.default_rng(seed).integers(1, V, size=n)]
+    return convert_cases(tmp_path_factory, CASES, seed=40, device="cpu")
 
 
 def test_conversion_lays_out_the_layers(models):
@@ -76,59 +63,10 @@ def test_conversion_lays_out_the_layers(models):
     assert cfg2["tie_embeddings"] is True
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_logits_equal_transformers(models, name):
-    hf, _, g = models[name]
-    ids = ids_for(g.vocab_size, SEQ)
-    ref = hf_logits(hf, ids).numpy()[:, : g.vocab_size]
-    got = g.logits(ids)
-    assert got.shape == (SEQ, g.vocab_size)
-    err = float(np.abs(got - ref).max())
-    assert err < 1e-4 * max(1.0, float(np.abs(ref).max())), f"{name}: max abs err {err}"
-
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_prefill_equals_decode_steps(models, name):
-    _, _, g = models[name]
-    ids = ids_for(g.vocab_size, SEQ, seed=1)
-    full = g.logits(ids)
-    scale = max(1.0, float(np.abs(full).max()))
-    assert np.abs(g._g.logits(ids, 1) - full).max() < 1e-4 * scale  # token by token
-    assert np.abs(g._g.logits(ids, 7) - full).max() < 1e-4 * scale  # chunks, state carried
-
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_greedy_equals_transformers_generate(models, name):
-    hf, _, g = models[name]
-    prompts = [ids_for(g.vocab_size, n, seed=n) for n in (9, 4, 15)]
-    rows = g.generate(prompts, max_new_tokens=32, ignore_eos=True)
-    for p, r in zip(prompts, rows):
-        assert r.token_ids == hf_greedy(hf, p, 32)
-
-
-@pytest.mark.parametrize("name", ["granite-moe", "granite-dense-rope"])
-def test_state_save_load_continuation_equals_one_run(models, tmp_path, name):
-    hf, _, g = models[name]
-    prompt = ids_for(g.vocab_size, 11, seed=5)
-    full = g.generate(prompt, max_new_tokens=20, ignore_eos=True)
-    assert full.token_ids == hf_greedy(hf, prompt, 20)
-    a = g.generate(prompt, max_new_tokens=8, ignore_eos=True, return_state=True)
-    path = tmp_path / "s.safetensors"
-    a.state.save(path)
-    b = g.generate(None, state=g.load_state(path), max_new_tokens=12, ignore_eos=True)
-    assert a.token_ids + b.token_ids == full.token_ids
-
-
-def test_prompt_cache_next_turn(models):
-    hf, d, _ = models["granite-moe"]
-    g = mambart.Generator(d, device="cpu", prompt_cache_bytes=1 << 24)
-    base = ids_for(g.vocab_size, 14, seed=7)
-    t1 = g.generate(base, max_new_tokens=5, ignore_eos=True)
-    assert t1.token_ids == hf_greedy(hf, base, 5)
-    turn2 = base + t1.token_ids + ids_for(g.vocab_size, 6, seed=8)
-    t2 = g.generate(turn2, max_new_tokens=9, ignore_eos=True)
-    assert t2.prefill_tokens == 7  # the pending last token and the 6 new ones
-    assert t2.token_ids == hf_greedy(hf, turn2, 9)
+class TestGranite(FamilyChecks):
+    CASES = CASES
+    STATE_CASES = ("granite-moe", "granite-dense-rope")
+    CACHE_CASE = "granite-moe"
 
 
 def test_fused_projections_option_keeps_the_logits(models, tmp_path):
@@ -146,13 +84,7 @@ def test_fused_projections_option_keeps_the_logits(models, tmp_path):
 # ---------------------------------------------------------------- refusals
 
 def _hf_dir(models, tmp_path, name="granite-moe", **change):
-    hf = models[name][0]
-    src = tmp_path / "hf"
-    hf.save_pretrained(src)
-    cfg = json.loads((src / "config.json").read_text())
-    cfg.update(change)
-    (src / "config.json").write_text(json.dumps(cfg))
-    return src
+    return hf_dir(models[name][0], tmp_path, **change)
 
 
 def test_layer_types_disagreeing_with_the_tensors_name_the_layer(models, tmp_path):
@@ -206,9 +138,7 @@ def test_experts_disagreeing_with_the_tensors_name_the_layer(models, tmp_path):
                                            r"supported"),
 ])
 def test_bad_config_values_are_named(models, tmp_path, change, msg):
-    src = _hf_dir(models, tmp_path, **change)
-    with pytest.raises(ConversionError, match=msg):
-        mambart.convert(src, tmp_path / "out")
+    assert_refused(models["granite-moe"][0], tmp_path, msg, **change)
 
 
 def test_expert_tensor_of_the_wrong_shape_names_it(models, tmp_path):

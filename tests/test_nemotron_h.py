@@ -6,14 +6,13 @@ state save / load continuation, the prompt cache; the conversion's refusals name
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import mambart
-from conftest import TOL
-from hf_models import build, hf_greedy, hf_logits, nemotron_h_config
+from hf_models import (FamilyChecks, assert_refused, convert_cases, hf_dir, ids_for,
+                       nemotron_h_config)
 from mambart.errors import ConversionError
 
 CASES = {
@@ -27,23 +26,11 @@ CASES = {
         use_bias=True, mlp_bias=True, intermediate_size=20, tie_word_embeddings=True,
         chunk_size=5),
 }
-SEQ = 45  # longer than chunk_size several times over
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    out = {}
-    for i, (name, make) in enumerate(CASES.items()):
-        root = tmp_path_factory.mktemp(name)
-        hf = build(make(), root / "hf", seed=20 + i)
-        conv = mambart.convert(root / "hf", root / "mambart")
-        out[name] = (hf, Path(conv), mambart.Generator(conv, device="cpu"))
-    return out
-
-
-def ids_for(V, n, seed=0):
-    # no id 0: transformers' generate masks the pad id (0 here) out of the prompt
-    return [int(t) for t in np.random.default_rng(seed).integers(1, V, size=n)]
+    return convert_cases(tmp_path_factory, CASES, seed=20, device="cpu")
 
 
 def test_conversion_lays_out_the_pattern(models):
@@ -62,61 +49,10 @@ def test_conversion_lays_out_the_pattern(models):
     assert (m["nheads"], m["headdim"], m["ngroups"], m["d_state"]) == (8, 8, 2, 12)
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_logits_equal_transformers(models, name):
-    hf, _, g = models[name]
-    ids = ids_for(g.vocab_size, SEQ)
-    ref = hf_logits(hf, ids).numpy()[:, : g.vocab_size]
-    got = g.logits(ids)
-    assert got.shape == (SEQ, g.vocab_size)
-    err = float(np.abs(got - ref).max())
-    assert err < 1e-4 * max(1.0, float(np.abs(ref).max())), f"{name}: max abs err {err}"
-
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_prefill_equals_decode_steps(models, name):
-    _, _, g = models[name]
-    ids = ids_for(g.vocab_size, SEQ, seed=1)
-    full = g.logits(ids)
-    scale = max(1.0, float(np.abs(full).max()))
-    assert np.abs(g._g.logits(ids, 1) - full).max() < 1e-4 * scale  # token by token
-    assert np.abs(g._g.logits(ids, 7) - full).max() < 1e-4 * scale  # chunks, state carried
-
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_greedy_equals_transformers_generate(models, name):
-    hf, _, g = models[name]
-    prompts = [ids_for(g.vocab_size, n, seed=n) for n in (9, 4, 15)]
-    rows = g.generate(prompts, max_new_tokens=32, ignore_eos=True)
-    for p, r in zip(prompts, rows):
-        assert r.token_ids == hf_greedy(hf, p, 32)
-
-
-def test_state_save_load_continuation_equals_one_run(models, tmp_path):
-    hf, _, g = models["nemotron-h"]
-    prompt = ids_for(g.vocab_size, 11, seed=5)
-    full = g.generate(prompt, max_new_tokens=20, ignore_eos=True)
-    assert full.token_ids == hf_greedy(hf, prompt, 20)
-    a = g.generate(prompt, max_new_tokens=8, ignore_eos=True, return_state=True)
-    path = tmp_path / "s.safetensors"
-    a.state.save(path)
-    b = g.generate(None, state=g.load_state(path), max_new_tokens=12, ignore_eos=True)
-    assert a.token_ids + b.token_ids == full.token_ids
-
-
-def test_prompt_cache_next_turn(models):
-    """The prompt cache (snapshots of sequence states, the KV caches included): the next turn
-    prefills only its new tokens and gives transformers' tokens for the whole conversation."""
-    hf, d, _ = models["nemotron-h"]
-    g = mambart.Generator(d, device="cpu", prompt_cache_bytes=1 << 24)
-    base = ids_for(g.vocab_size, 14, seed=7)
-    t1 = g.generate(base, max_new_tokens=5, ignore_eos=True)
-    assert t1.token_ids == hf_greedy(hf, base, 5)
-    turn2 = base + t1.token_ids + ids_for(g.vocab_size, 6, seed=8)
-    t2 = g.generate(turn2, max_new_tokens=9, ignore_eos=True)
-    assert t2.prefill_tokens == 7  # the pending last token and the 6 new ones
-    assert t2.token_ids == hf_greedy(hf, turn2, 9)
-    assert g.prompt_cache.hits >= 1
+class TestNemotronH(FamilyChecks):
+    CASES = CASES
+    STATE_CASES = ("nemotron-h",)
+    CACHE_CASE = "nemotron-h"
 
 
 def test_max_context_option_and_the_bound(models, tmp_path):
@@ -135,13 +71,7 @@ def test_max_context_option_and_the_bound(models, tmp_path):
 # ---------------------------------------------------------------- refusals
 
 def _hf_dir(models, tmp_path, name="nemotron-h", **change):
-    hf = models[name][0]
-    src = tmp_path / "hf"
-    hf.save_pretrained(src)
-    cfg = json.loads((src / "config.json").read_text())
-    cfg.update(change)
-    (src / "config.json").write_text(json.dumps(cfg))
-    return src
+    return hf_dir(models[name][0], tmp_path, **change)
 
 
 def test_pattern_disagreeing_with_the_tensors_names_the_layer(models, tmp_path):
@@ -182,9 +112,7 @@ def test_unknown_block_letter_names_the_layer(models, tmp_path):
     ({"head_dim": 16}, r"layer 2: config key 'head_dim' = 16 but q_proj holds 4 heads of 8"),
 ])
 def test_head_counts_that_do_not_divide_name_the_layer(models, tmp_path, change, msg):
-    src = _hf_dir(models, tmp_path, **change)
-    with pytest.raises(ConversionError, match=msg):
-        mambart.convert(src, tmp_path / "out")
+    assert_refused(models["nemotron-h"][0], tmp_path, msg, **change)
 
 
 def test_moe_blocks_are_refused_by_name(models, tmp_path):

@@ -25,6 +25,34 @@ def test_greedy_is_argmax_lowest_id_on_ties():
     assert _C.sample_token(LOGITS.copy(), temperature=0.0, seed=123) == 1
 
 
+@pytest.mark.parametrize("V", [1, 15, 16, 17, 50280, 50283])
+def test_greedy_over_a_vocabulary_is_the_first_maximum(V):
+    # The greedy pass runs 16 lanes at a time with a scalar tail: ties across lanes and in the
+    # tail, a maximum in the tail, signed zeros, and a repetition penalty.
+    rng = np.random.default_rng(V)
+    rows = [rng.standard_normal(V).astype(np.float32)]
+    r = np.round(rng.standard_normal(V), 1).astype(np.float32)  # many ties
+    rows.append(r)
+    t = rng.standard_normal(V).astype(np.float32)
+    t[-1] = 10.0  # the maximum in the scalar tail
+    rows.append(t)
+    z = -np.ones(V, dtype=np.float32)
+    z[V // 2:] = 0.0
+    z[V // 2::2] = -0.0
+    rows.append(z)
+    for row in rows:
+        assert _C.sample_token(row.copy(), temperature=0.0, seed=1) == int(np.argmax(row))
+    x = rng.standard_normal(V).astype(np.float32)
+    seen = np.argsort(-x)[: max(1, V // 10)]
+    pen = x.copy()
+    pen[seen] = np.where(pen[seen] < 0, pen[seen] * 3.0, pen[seen] / 3.0)
+    be = _C._ops.Backend("cpu")
+    mask = np.zeros((1, V), dtype=np.uint8)
+    mask[0, seen] = 1
+    ids, _ = be.sample(x[None].copy(), 0.0, 0, 1.0, 0.0, 3.0, 1, 0, mask)
+    assert int(ids[0]) == int(np.argmax(pen))
+
+
 def test_temperature_is_softmax_of_scaled_logits():
     for t in (0.5, 1.0, 2.0):
         np.testing.assert_allclose(probs(temperature=t), softmax(LOGITS / t), rtol=1e-5, atol=1e-7)

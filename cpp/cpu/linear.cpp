@@ -1154,6 +1154,7 @@ void linear_quant(const float* x, int64_t ldx, int64_t M, const Weight& W, int64
     switch (k) {
 #ifdef MAMBART_X86
         case Kernels::Avx2:
+        case Kernels::Avx512:  // the AVX-512 GEMV is for float weights; quantized as AVX2's
             if (M <= kQuantGemvMaxM && W.cols % 32 == 0 && quant_vnni())
                 return vnni::linear_quant(x, ldx, M, W, N, bias, y, ldy);
             if (int8) return avx2::linear_quant_simd<QuantScheme::Int8>(x, ldx, M, W, N, bias, y, ldy);
@@ -1172,7 +1173,8 @@ void linear_quant(const float* x, int64_t ldx, int64_t M, const Weight& W, int64
 const char* linear_quant_kernels() {
     switch (kernels()) {
 #ifdef MAMBART_X86
-        case Kernels::Avx2: return quant_vnni() ? "avx512vnni" : "avx2";
+        case Kernels::Avx2:
+        case Kernels::Avx512: return quant_vnni() ? "avx512vnni" : "avx2";
 #endif
         case Kernels::Neon:
         case Kernels::NeonBf16: return "neon";

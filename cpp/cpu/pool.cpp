@@ -20,6 +20,17 @@ constexpr int64_t kChunksPerThread = 8; // a job is split into up to threads * t
 constexpr int kEpochBits = 24, kCountBits = 20;
 constexpr uint64_t kCountMask = (uint64_t(1) << kCountBits) - 1;
 constexpr uint32_t kEpochMask = (uint32_t(1) << kEpochBits) - 1;
+// The straggler guard (pool.h): a window of this many parallel jobs; serial once the caller's
+// waits reach this share of it; serial periods from kSerialMinNs doubling to kSerialMaxNs.
+constexpr int kWindowJobs = 64;
+constexpr double kWaitShare = 0.25;
+constexpr int64_t kSerialMinNs = 100'000'000, kSerialMaxNs = 3'200'000'000;
+
+inline int64_t now_ns() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(
+               std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+}
 
 uint64_t pack(uint32_t epoch, uint64_t chunks, uint64_t next) {
     return (uint64_t(epoch & kEpochMask) << (2 * kCountBits)) | (chunks << kCountBits) | next;
@@ -150,6 +161,19 @@ void ThreadPool::run(int64_t n, int64_t grain, ChunkFn fn, void* ctx) {
         fn(ctx, 0, n);
         return;
     }
+    if (serial_until_ns_ != 0) {  // the straggler guard's serial period
+        if (now_ns() < serial_until_ns_) {
+            serial_jobs_.fetch_add(1, std::memory_order_relaxed);
+            fn(ctx, 0, n);
+            return;
+        }
+        serial_until_ns_ = 0;  // over: a new window measures the threads again
+        window_jobs_ = 0;
+    }
+    if (window_jobs_ == 0) {
+        window_start_ns_ = now_ns();
+        window_wait_ns_ = 0;
+    }
     if (workers_.empty()) {  // the first job: start the workers (epoch_ is still 0, as they expect)
         workers_.reserve(size_t(threads_ - 1));
         for (int i = 1; i < threads_; ++i) workers_.emplace_back([this] { worker_loop(); });
@@ -169,10 +193,23 @@ void ThreadPool::run(int64_t n, int64_t grain, ChunkFn fn, void* ctx) {
     work(e);
     tl_in_job = false;
     // Wait for chunks other threads claimed (never for a thread that claimed none).
-    int spins = 0;
-    while (done_.load(std::memory_order_acquire) < chunks) {
-        if (++spins < 4096) cpu_relax();
-        else std::this_thread::yield();
+    if (done_.load(std::memory_order_acquire) < chunks) {
+        const int64_t t0 = now_ns();
+        int spins = 0;
+        while (done_.load(std::memory_order_acquire) < chunks) {
+            if (++spins < 4096) cpu_relax();
+            else std::this_thread::yield();
+        }
+        window_wait_ns_ += now_ns() - t0;
+    }
+    if (++window_jobs_ < kWindowJobs) return;
+    const int64_t t = now_ns();
+    window_jobs_ = 0;
+    if (double(window_wait_ns_) > kWaitShare * double(t - window_start_ns_)) {
+        serial_ns_ = serial_ns_ == 0 ? kSerialMinNs : std::min(2 * serial_ns_, kSerialMaxNs);
+        serial_until_ns_ = t + serial_ns_;
+    } else {
+        serial_ns_ = 0;  // a clean window: the next stall starts from the shortest period
     }
 }
 

@@ -11,6 +11,12 @@
 //     has not woken up;
 //   - idle workers spin for a short while (kSpinMicros), then sleep on a condition variable,
 //     so between tokens they do not take a core from anyone;
+//   - a straggler guard: the caller measures how long it waits, after its own share, for chunks
+//     other threads claimed. When that exceeds a quarter of the wall time over a window of jobs
+//     (a worker keeps being preempted mid-chunk: another process has its core), the pool runs
+//     jobs on the caller alone for a while (100 ms, doubling while the stalls persist, at most
+//     3.2 s), then tries its threads again: a busy core costs about the single-thread speed,
+//     not a time slice per op (issue 22);
 //   - every thread of a job (the caller included, its own MXCSR restored afterwards) runs with
 //     flush-to-zero and denormals-are-zero on x86-64: denormal arithmetic is slow on many cores
 //     (Intel: ~100x), and the runtime's results do not depend on values below 1e-38.
@@ -40,6 +46,9 @@ class ThreadPool {
     ThreadPool& operator=(const ThreadPool&) = delete;
 
     int threads() const { return threads_; }
+
+    // Jobs the straggler guard ran on the caller alone (they would have gone to the pool).
+    uint64_t serial_jobs() const { return serial_jobs_.load(std::memory_order_relaxed); }
 
     // Runs f(begin, end) over [0, n) split into chunks of at least `grain` items: on the pool
     // when n >= 2 * grain and it has more than one thread, else on the caller in one call.
@@ -74,6 +83,14 @@ class ThreadPool {
     std::atomic<uint32_t> epoch_{0};   // bumped once per job (and at shutdown)
     std::atomic<int> sleepers_{0};     // workers waiting on cv_
     std::atomic<bool> stop_{false};
+    // The straggler guard (read and written only by the holder of busy_): the current window's
+    // start, its jobs and the caller's waits in it; the end of a serial period and its length.
+    int64_t window_start_ns_ = 0;
+    int64_t window_wait_ns_ = 0;
+    int window_jobs_ = 0;
+    int64_t serial_until_ns_ = 0;
+    int64_t serial_ns_ = 0;  // the next serial period (0: none yet)
+    std::atomic<uint64_t> serial_jobs_{0};
     std::mutex mu_;
     std::condition_variable cv_;
 };

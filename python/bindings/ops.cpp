@@ -5,10 +5,13 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <memory>
 #include <optional>
+#include <thread>
 #include <vector>
 
 #include "backend.h"
@@ -187,6 +190,46 @@ void register_ops(py::module_& parent) {
             return cpu::read_bandwidth(bytes, passes);
         },
         py::arg("bytes"), py::arg("threads") = 0, py::arg("passes") = 10);
+    m.def(
+        "pool_straggler_probe",
+        [](int threads, int jobs, int sleep_us) {
+            // The straggler guard (cpu/pool.h): `jobs` parallel loops of 64 items (about 5 us of
+            // work each) on a pool of `threads`, where every chunk a worker (not the caller) runs
+            // sleeps sleep_us first, as a worker preempted by another process would. Returns
+            // (jobs the guard ran on the caller alone, jobs in which no worker ran a chunk,
+            // items computed correctly).
+            need(threads >= 2 && threads <= 64 && jobs >= 1 && jobs <= 100000 && sleep_us >= 0 &&
+                     sleep_us <= 100000,
+                 "pool_straggler_probe: threads in [2, 64], jobs in [1, 100000], sleep_us in [0, 1e5]");
+            int64_t serial = 0, caller_only = 0, correct = 0;
+            {
+            py::gil_scoped_release release;
+            cpu::ThreadPool pool(threads);
+            const std::thread::id caller = std::this_thread::get_id();
+            std::vector<int64_t> out(64);
+            for (int j = 0; j < jobs; ++j) {
+                std::atomic<bool> worker_ran{false};
+                std::fill(out.begin(), out.end(), -1);
+                pool.parallel_for(64, 1, [&](int64_t b, int64_t e) {
+                    if (std::this_thread::get_id() != caller) {
+                        worker_ran.store(true);
+                        std::this_thread::sleep_for(std::chrono::microseconds(sleep_us));
+                    }
+                    for (int64_t i = b; i < e; ++i) {  // about 5 us of work an item
+                        const auto t0 = std::chrono::steady_clock::now();
+                        while (std::chrono::steady_clock::now() - t0 < std::chrono::microseconds(5)) {
+                        }
+                        out[size_t(i)] = i * j;
+                    }
+                });
+                if (!worker_ran.load()) ++caller_only;
+                for (int64_t i = 0; i < 64; ++i) correct += out[size_t(i)] == i * j;
+            }
+            serial = int64_t(pool.serial_jobs());
+            }
+            return py::make_tuple(serial, caller_only, correct);
+        },
+        py::arg("threads"), py::arg("jobs"), py::arg("sleep_us"));
     m.def("linear_quant_kernels", [] { return std::string(cpu::linear_quant_kernels()); },
           "The CPU's quantized GEMV kernels (cpu/linear.h linear_quant_kernels).");
     py::class_<Ops>(m, "Backend")

@@ -165,6 +165,26 @@ class LazyTensor:
         return f"LazyTensor({self.dtype}, {self.shape}, {self.origin})"
 
 
+class StackedTensor(LazyTensor):
+    """Tensors of one dtype read one after another as one C-ordered tensor of `shape`: row blocks
+    of its (prod(shape[:-1]), shape[-1]) view, in order (per-expert matrices stacked into the
+    (X, rows, cols) tensor a layer unit reads). Reads nothing until chunks() or read()."""
+
+    def __init__(self, parts: Sequence[LazyTensor], shape: Sequence[int]):
+        self.parts = list(parts)
+        self.dtype = self.parts[0].dtype
+        self.shape = tuple(int(s) for s in shape)
+        self.origin = self.parts[0].origin
+        self.key = tuple(t.key for t in self.parts)
+
+    def chunks(self, max_elems: int = CHUNK_ELEMS) -> Iterator[np.ndarray]:
+        for t in self.parts:
+            yield from t.chunks(max_elems)
+
+    def __repr__(self) -> str:
+        return f"StackedTensor({self.dtype}, {self.shape}, {len(self.parts)} parts, {self.origin})"
+
+
 class _NullCtx:
     def __enter__(self):
         return None

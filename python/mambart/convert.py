@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ._tensorio import (CHUNK_ELEMS, FLOAT_DTYPES, OUT_DTYPES, LazyTensor, SafetensorsWriter,
+                        StackedTensor,
                         WeightSet, convert_chunk, read_safetensors_header, to_float32)
 from ._files import (_UMASK, MAX_JSON_BYTES, MAX_TOKENIZER_BYTES, check_not_nested,
                      read_bounded, read_bounded_text, write_atomic)
@@ -188,8 +189,14 @@ class Source:
     notes: List[str] = field(default_factory=list)
     ignored: Tuple[str, ...] = ()    # source-name prefixes not loaded (e.g. Nemotron-H's "mtp.")
     rename: Optional[Callable[[str], str]] = None  # canonical -> source name, where not a prefix
+    # canonical name -> the source tensors stacked into it (row blocks, in order; Jamba's
+    # per-expert matrices); source_name then gives a description of them.
+    stacked: Dict[str, List[str]] = field(default_factory=dict)
 
     def source_name(self, canon: str) -> str:
+        if canon in self.stacked:
+            parts = self.stacked[canon]
+            return f"{parts[0]}' ... '{parts[-1]}" if len(parts) > 1 else parts[0]
         if self.rename is not None:
             return self.rename(canon)
         if canon == "embedding.weight":
@@ -454,27 +461,64 @@ def _bamba_pattern(cfg: dict, where: str, n: int) -> str:
     return "".join(out)
 
 
-def _granite_source(cfg: dict, where: str, weights: WeightSet, bamba: bool = False) -> Source:
-    """Granite-4.0-H, or with `bamba` Bamba (BambaForCausalLM): the same two blocks per source
-    layer, Bamba's FFN a plain SwiGLU MLP (feed_forward.{gate,up,down}_proj, pre_ff_layernorm),
-    its attention with partial RoPE (half of hd, as transformers forces) and scale hd^-1/2, no
-    multipliers, final norm model.final_layernorm."""
+def _period(cfg: dict, where: str, what: str, period: int, offset: int) -> Tuple[int, int]:
+    """Jamba's `{what}_layer_period` / `{what}_layer_offset`, checked (offset < period)."""
+    p = _int(cfg, f"{what}_layer_period", where, period)
+    o = _int(cfg, f"{what}_layer_offset", where, offset, lo=0)
+    if o >= p:
+        raise ConversionError(f"{where}: config key '{what}_layer_offset' ({o}) must be smaller "
+                              f"than '{what}_layer_period' ({p})")
+    return p, o
+
+
+def _jamba_pattern(cfg: dict, where: str, n: int) -> str:
+    """Jamba: attention where i mod attn_layer_period = attn_layer_offset, else Mamba-1."""
+    p, o = _period(cfg, where, "attn", 8, 4)
+    return "".join("A" if i % p == o else "M" for i in range(n))
+
+
+def _granite_source(cfg: dict, where: str, weights: WeightSet,
+                    family: str = "granitemoehybrid") -> Source:
+    """Granite-4.0-H; or Bamba (BambaForCausalLM): the same two blocks per source layer, Bamba's
+    FFN a plain SwiGLU MLP (feed_forward.{gate,up,down}_proj, pre_ff_layernorm), its attention
+    with partial RoPE (half of hd, as transformers forces) and scale hd^-1/2, no multipliers,
+    final norm model.final_layernorm; or Jamba (JambaForCausalLM): Bamba's layout with Mamba-1
+    mixers (their dt / B / C RMS norms with weights) and NoPE attention by attn_layer_period /
+    offset, each FFN the MoE (the softmax over all experts at the top k, not renormalized; the
+    per-expert matrices stacked) where i mod expert_layer_period = expert_layer_offset, else a
+    SwiGLU MLP."""
+    bamba, jamba = family == "bamba", family == "jamba"
+    ai21 = bamba or jamba  # the feed_forward / pre_ff_layernorm / final_layernorm layout
     n = _int(cfg, "num_hidden_layers", where, hi=2048)
-    pat = (_bamba_pattern if bamba else _granite_pattern)(cfg, where, n)
+    pat = (_jamba_pattern if jamba else _bamba_pattern if bamba else _granite_pattern)(
+        cfg, where, n)
     tensors = weights.tensors
     files = ", ".join(sorted(set(weights.files))) or "the checkpoint"
-    X = 0 if bamba else _int(cfg, "num_local_experts", where, 0, lo=0, hi=1 << 16)
+    kind = dict(GRANITE_KIND, M="Mamba-1") if jamba else GRANITE_KIND
+    article = dict(GRANITE_A, M="a Mamba-1") if jamba else GRANITE_A
+    if jamba:
+        X = _int(cfg, "num_experts", where, _int(cfg, "num_local_experts", where, 16), hi=1 << 16)
+        ep, eo = _period(cfg, where, "expert", 2, 1)
+        moe_at = [X > 1 and i % ep == eo for i in range(n)]  # transformers: 1 expert = an MLP
+    else:
+        X = 0 if bamba else _int(cfg, "num_local_experts", where, 0, lo=0, hi=1 << 16)
+        moe_at = [X > 0] * n
     for i, ch in enumerate(pat):
         pre = f"model.layers.{i}."
         found = [k for k, m in GRANITE_MARKERS.items() if pre + m in tensors]
         if ch not in found:
-            has = (f"its tensors are those of {GRANITE_A[found[0]]} layer "
+            has = (f"its tensors are those of {article[found[0]]} layer "
                    f"('{pre + GRANITE_MARKERS[found[0]]}')") if found else \
                   f"'{pre + GRANITE_MARKERS[ch]}' is missing"
-            raise ConversionError(f"{where}: layer {i}: the config says {GRANITE_KIND[ch]} but "
+            raise ConversionError(f"{where}: layer {i}: the config says {kind[ch]} but "
                                   f"in {files} {has}")
-        moe = pre + GRANITE_FFN["router.weight"]
-        if not bamba and (X > 0) != (moe in tensors):
+        moe = pre + ("feed_forward.router.weight" if jamba else GRANITE_FFN["router.weight"])
+        if jamba and moe_at[i] != (moe in tensors):
+            raise ConversionError(
+                f"{where}: layer {i}: the config says {'an MoE' if moe_at[i] else 'an MLP'} "
+                f"(num_experts {X}, expert_layer_period {ep}, expert_layer_offset {eo}) but in "
+                f"{files} '{moe}' is {'missing' if moe_at[i] else 'present'}")
+        if not ai21 and (X > 0) != (moe in tensors):
             raise ConversionError(
                 f"{where}: layer {i}: num_local_experts is {X} but in {files} '{moe}' is "
                 f"{'missing' if X > 0 else 'present'}")
@@ -489,18 +533,30 @@ def _granite_source(cfg: dict, where: str, weights: WeightSet, bamba: bool = Fal
                               f"supported (silu)")
     d = _int(cfg, "hidden_size", where)
     V = _int(cfg, "vocab_size", where)
-    c = _base_config("bamba" if bamba else "granitemoehybrid")
+    c = _base_config(family)
+    eps = _num(cfg, "rms_norm_eps", where, 1e-5 if bamba else 1e-6, 0.0, 1.0)
     c.update(d_model=d, n_layer=2 * n, vocab_size=V, vocab_size_padded=V, norm="rmsnorm",
-             norm_eps=_num(cfg, "rms_norm_eps", where, 1e-5 if bamba else 1e-6, 0.0, 1.0),
+             norm_eps=eps,
              residual_in_fp32=True,
              tie_embeddings=_bool(cfg, "tie_word_embeddings", where, False))
     for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
         c[k] = _opt_id(cfg.get(k), where, k)
-    if not bamba:
+    if not ai21:
         for k in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
             c[k] = _num(cfg, k, where, 1.0, 0.0, 1e6)
     mamba = attn = None
-    if "M" in pat:
+    if "M" in pat and jamba:
+        expand = _int(cfg, "mamba_expand", where, 2, hi=64)
+        r = cfg.get("mamba_dt_rank", "auto")
+        mamba = {"type": "mamba1", "d_inner": expand * d,
+                 "d_state": _int(cfg, "mamba_d_state", where, 16),
+                 "d_conv": _int(cfg, "mamba_d_conv", where, 4),
+                 "conv_bias": _bool(cfg, "mamba_conv_bias", where, True),
+                 "bias": _bool(cfg, "mamba_proj_bias", where, False),
+                 "dt_rank": math.ceil(d / 16) if r == "auto" else
+                 _int(cfg, "mamba_dt_rank", where),
+                 "dt_bc_rms_eps": eps, "dt_bc_rms_weight": True}
+    elif "M" in pat:
         i = pat.index("M")
         expand = cfg.get("mamba_expand", 2)
         if isinstance(expand, bool) or not isinstance(expand, int) or not 1 <= expand <= 64:
@@ -546,7 +602,7 @@ def _granite_source(cfg: dict, where: str, weights: WeightSet, bamba: bool = Fal
         if Hq % Hkv:
             raise ConversionError(f"{where}: layer {i}: num_key_value_heads ({Hkv}) must divide "
                                   f"num_attention_heads ({Hq})")
-        pe = "rope" if bamba else cfg.get("position_embedding_type")
+        pe = "rope" if bamba else "nope" if jamba else cfg.get("position_embedding_type")
         rotary, theta = 0, 10000.0
         if pe == "rope":
             rp = cfg.get("rope_parameters") or {}
@@ -567,42 +623,50 @@ def _granite_source(cfg: dict, where: str, weights: WeightSet, bamba: bool = Fal
         elif pe not in (None, "nope"):
             raise ConversionError(f"{where}: config key 'position_embedding_type' = "
                                   f"{str(pe)[:40]!r} is not supported (rope, nope or null)")
-        bias = _bool(cfg, "attention_bias", where, False)
+        bias = False if jamba else _bool(cfg, "attention_bias", where, False)
         attn = {"type": "attention", "num_heads": Hq, "num_kv_heads": Hkv, "head_dim": hd,
                 "rotary_dim": rotary, "rope_theta": theta, "window": 0, "qkv_bias": bias,
                 "out_bias": bias,
-                "scale": hd ** -0.5 if bamba else
+                "scale": hd ** -0.5 if ai21 else
                 _num(cfg, "attention_multiplier", where, 1.0, 0.0, 1e6),
                 "max_context": _int(cfg, "max_position_embeddings", where,
-                                    262144 if bamba else 4096),
+                                    262144 if ai21 else 4096),
                 "fused_qkv": False, "d_conv": 0}
-    S = 0 if bamba else _int(cfg, "shared_intermediate_size", where, 1024)
-    if bamba:
-        ffn = {"type": "mlp", "intermediate_size": _int(cfg, "intermediate_size", where, 14336),
-               "activation": "swiglu", "bias": _bool(cfg, "mlp_bias", where, False)}
-    elif X > 0:
+    S = 0 if ai21 else _int(cfg, "shared_intermediate_size", where, 1024)
+    I = _int(cfg, "intermediate_size", where, 14336 if ai21 else 1024)
+    moe = None
+    if any(moe_at):
         k = _int(cfg, "num_experts_per_tok", where, 2, hi=32)
         if k > X:
             raise ConversionError(f"{where}: num_experts_per_tok ({k}) exceeds "
-                                  f"num_local_experts ({X})")
-        ffn = {"type": "moe", "num_experts": X, "top_k": k,
-               "intermediate_size": _int(cfg, "intermediate_size", where, 1024),
-               "shared_intermediate_size": S, "activation": "swiglu", "normalize": True,
+                                  f"{'num_experts' if jamba else 'num_local_experts'} ({X})")
+        moe = {"type": "moe", "num_experts": X, "top_k": k, "intermediate_size": I,
+               "shared_intermediate_size": S, "activation": "swiglu", "normalize": not jamba,
                "routed_scale": 1.0}
+    if ai21:
+        mlp = {"type": "mlp", "intermediate_size": I, "activation": "swiglu",
+               "bias": _bool(cfg, "mlp_bias", where, False) if bamba else False}
     else:
-        ffn = {"type": "mlp", "intermediate_size": S, "activation": "swiglu", "bias": False,
+        mlp = {"type": "mlp", "intermediate_size": S, "activation": "swiglu", "bias": False,
                "fused_gate_up": True}
     layers = []
-    for ch in pat:
+    stacked = {}
+    for i, ch in enumerate(pat):
         layers.append(dict(mamba if ch == "M" else attn))
-        layers.append(dict(ffn))
+        layers.append(dict(moe if moe_at[i] else mlp))
+        if jamba and moe_at[i]:  # per-expert matrices on disk: [gate_e; up_e] and down_e
+            pre, canon = f"model.layers.{i}.feed_forward.experts.", f"layers.{2 * i + 1}.mixer."
+            stacked[canon + "experts.input_linear.weight"] = [
+                f"{pre}{e}.{p}_proj.weight" for e in range(X) for p in ("gate", "up")]
+            stacked[canon + "experts.output_linear.weight"] = [
+                f"{pre}{e}.down_proj.weight" for e in range(X)]
     c["layers"] = layers
 
     def rename(canon: str) -> str:
         if canon == "embedding.weight":
             return "model.embed_tokens.weight"
         if canon == "norm_f.weight":
-            return "model.final_layernorm.weight" if bamba else "model.norm.weight"
+            return "model.final_layernorm.weight" if ai21 else "model.norm.weight"
         m = re.match(r"layers\.(\d+)\.(.*)$", canon)
         if not m:
             return canon
@@ -610,14 +674,15 @@ def _granite_source(cfg: dict, where: str, weights: WeightSet, bamba: bool = Fal
         pre = f"model.layers.{j // 2}."
         if rest == "norm.weight":
             return pre + ("input_layernorm.weight" if j % 2 == 0 else
-                          "pre_ff_layernorm.weight" if bamba else
+                          "pre_ff_layernorm.weight" if ai21 else
                           "post_attention_layernorm.weight")
         rest = rest[len("mixer."):]
         if j % 2 == 1:
-            return pre + ("feed_forward." + rest if bamba else GRANITE_FFN.get(rest, rest))
+            return pre + ("feed_forward." + rest if ai21 else GRANITE_FFN.get(rest, rest))
         return pre + ("mamba." if pat[j // 2] == "M" else "self_attn.") + rest
 
-    src = Source("transformers", c, emb="model.embed_tokens.weight", rename=rename)
+    src = Source("transformers", c, emb="model.embed_tokens.weight", rename=rename,
+                 stacked=stacked)
     emb = tensors.get(src.emb)
     if emb is not None and len(emb.shape) == 2:
         if emb.shape[0] < V:
@@ -633,12 +698,12 @@ def _hf_source(cfg: dict, where: str, weights: WeightSet) -> Source:
     mt = cfg.get("model_type")
     if mt == "nemotron_h":
         return _nemotron_source(cfg, where, weights)
-    if mt in ("granitemoehybrid", "bamba"):
-        return _granite_source(cfg, where, weights, bamba=mt == "bamba")
+    if mt in ("granitemoehybrid", "bamba", "jamba"):
+        return _granite_source(cfg, where, weights, family=mt)
     if mt not in ("mamba", "mamba2", "falcon_mamba"):
         raise ConversionError(f"{where}: model_type {mt!r} is not supported (mamba, mamba2, "
-                              f"falcon_mamba, nemotron_h, granitemoehybrid, bamba; Jamba and "
-                              f"Zamba are not)")
+                              f"falcon_mamba, nemotron_h, granitemoehybrid, bamba, jamba; "
+                              f"Zamba2 is not)")
     falcon = mt == "falcon_mamba"
     arch = "mamba2" if mt == "mamba2" else "mamba1"
     d = _int(cfg, "hidden_size", where)
@@ -1122,9 +1187,8 @@ def plan(source: Source, weights: WeightSet, dtype: Optional[str], quantize: Opt
     files = ", ".join(sorted(set(weights.files))) or "the checkpoint"
     items: List[PlanItem] = []
     used = set()
-    for spec in specs:
-        canon, shape = spec["name"], tuple(spec["shape"])
-        sname = source.source_name(canon)
+
+    def checked(sname: str, shape: tuple) -> LazyTensor:
         t = weights.tensors.get(sname)
         if t is None:
             raise ConversionError(f"{files}: missing tensor '{sname}' (the config implies it)")
@@ -1135,6 +1199,25 @@ def plan(source: Source, weights: WeightSet, dtype: Optional[str], quantize: Opt
             raise ConversionError(f"{origin[sname]}: tensor '{sname}' has dtype {t.dtype}, not a "
                                   f"floating-point type")
         used.add(sname)
+        return t
+
+    for spec in specs:
+        canon, shape = spec["name"], tuple(spec["shape"])
+        parts = source.stacked.get(canon)
+        if parts:  # row blocks of the (rows, cols) view, each (rows / len(parts), cols)
+            rows = math.prod(shape[:-1])
+            if rows % len(parts):
+                raise ConversionError(f"{files}: {len(parts)} tensors cannot stack into "
+                                      f"'{canon}' {shape}")
+            ts = [checked(n, (rows // len(parts), shape[-1])) for n in parts]
+            bad = next((n for n, x in zip(parts, ts) if x.dtype != ts[0].dtype), None)
+            if bad is not None:
+                raise ConversionError(f"{origin[bad]}: tensor '{bad}' has dtype "
+                                      f"{weights.tensors[bad].dtype} but '{parts[0]}' has "
+                                      f"{ts[0].dtype} (they are stacked into one tensor)")
+            t = StackedTensor(ts, shape)
+        else:
+            t = checked(source.source_name(canon), shape)
         q = _quant_scheme(canon, shape, quantize, group, quantize_head) if spec["matrix"] else None
         items.append(PlanItem(canon, t, "float32" if spec["store_fp32"] else T, q))
     extra = [n for n in weights.tensors

@@ -27,7 +27,8 @@ SHORT_NAMES: Dict[str, str] = {
         "mamba-130m-hf", "mamba-370m-hf", "mamba-790m-hf", "mamba-1.4b-hf", "mamba-2.8b-hf")
 }
 # Flavours and hybrids from other publishers (transformers layouts: FalconMambaForCausalLM,
-# Mamba2ForCausalLM, NemotronHForCausalLM, GraniteMoeHybridForCausalLM, BambaForCausalLM).
+# Mamba2ForCausalLM, NemotronHForCausalLM, GraniteMoeHybridForCausalLM, BambaForCausalLM,
+# JambaForCausalLM).
 SHORT_NAMES.update({
     "falcon-mamba-7b": "tiiuae/falcon-mamba-7b",
     "falcon-mamba-7b-instruct": "tiiuae/falcon-mamba-7b-instruct",
@@ -44,6 +45,9 @@ SHORT_NAMES.update({
     # BambaForCausalLM (Mamba-2 with three attention layers); repository name as public pages
     # quote it (formerly ibm-fms/Bamba-9B), not checked against the hub from here.
     "bamba-9b": "ibm-ai-platform/Bamba-9B",
+    # JambaForCausalLM (Mamba-1 and attention layers, MoE every other layer; 52B total);
+    # repository name as public pages quote it, not checked against the hub from here.
+    "jamba-v0.1": "ai21labs/Jamba-v0.1",
 })
 NEOX_TOKENIZER_REPO = "EleutherAI/gpt-neox-20b"
 

@@ -5,10 +5,12 @@
 //
 // Falcon-Mamba option (`dt_bc_rms_eps`): δ, B and C are each RMS-normalised without a weight
 // (fp32, that eps) right after the x_proj split, δ over its Rdt dims before dt_proj.
+// Jamba option (`dt_bc_rms_weight`, with dt_bc_rms_eps): the same norms, each then multiplied by
+// its learned weight (dt_layernorm (Rdt), b_layernorm (N), c_layernorm (N)).
 //
 // config.json `layers` entry: {"type": "mamba1", "d_inner": E, "d_state": N, "d_conv": W,
-// "conv_bias": bool, "bias": bool, "dt_rank": Rdt[, "dt_bc_rms_eps": eps]}; the flat form
-// has no dt_bc_rms_eps.
+// "conv_bias": bool, "bias": bool, "dt_rank": Rdt[, "dt_bc_rms_eps": eps[,
+// "dt_bc_rms_weight": bool]]}; the flat form has neither.
 // State per sequence: conv (E, W), the last W pre-conv inputs, oldest first, fp32; ssm (E, N)
 // in the model's state_dtype (fp32, or bf16 with the option state_dtype).
 #include "layers/mamba1/mamba1.h"
@@ -31,6 +33,7 @@ struct Config final : LayerConfig {
     int64_t dt_rank = 0;  // Rdt
     bool dt_bc_rms = false;     // Falcon-Mamba: weightless RMS norms on δ, B, C
     double dt_bc_rms_eps = 0.0;  // their eps (as written in the config), when dt_bc_rms
+    bool dt_bc_rms_weight = false;  // Jamba: the norms have learned weights
 
     int64_t x_proj_dim() const { return dt_rank + 2 * d_state; }
 
@@ -49,6 +52,11 @@ struct Config final : LayerConfig {
         t.push_back({"mixer.D", {E}, false, false, true});
         t.push_back({"mixer.out_proj.weight", {d, E}, true, false});
         if (bias) t.push_back({"mixer.out_proj.bias", {d}, false, false});
+        if (dt_bc_rms_weight) {
+            t.push_back({"mixer.dt_layernorm.weight", {dt_rank}, false, false});
+            t.push_back({"mixer.b_layernorm.weight", {N}, false, false});
+            t.push_back({"mixer.c_layernorm.weight", {N}, false, false});
+        }
         return t;
     }
     std::vector<StateSpec> state(const ModelConfig&) const override {
@@ -59,6 +67,7 @@ struct Config final : LayerConfig {
                                  {"d_conv", d_conv},     {"conv_bias", conv_bias},
                                  {"bias", bias},         {"dt_rank", dt_rank}};
         if (dt_bc_rms) j["dt_bc_rms_eps"] = dt_bc_rms_eps;
+        if (dt_bc_rms_weight) j["dt_bc_rms_weight"] = true;
         return j.dump();
     }
 };
@@ -77,6 +86,11 @@ std::shared_ptr<const LayerConfig> parse(ConfigReader& r, const ModelConfig&) {
         c->dt_bc_rms_eps = r.number("dt_bc_rms_eps");
         if (!(c->dt_bc_rms_eps > 0.0 && c->dt_bc_rms_eps < 1.0))
             r.fail("dt_bc_rms_eps", "must be in (0, 1)");
+    }
+    if (r.has("dt_bc_rms_weight")) {
+        c->dt_bc_rms_weight = r.boolean("dt_bc_rms_weight");
+        if (c->dt_bc_rms_weight && !c->dt_bc_rms)
+            r.fail("dt_bc_rms_weight", "needs 'dt_bc_rms_eps' (the norms' eps)");
     }
     return c;
 }
@@ -100,11 +114,16 @@ class Mamba1 final : public Layer {
         D_ = t.param("mixer.D");
         out_proj_ = t.matrix("mixer.out_proj.weight");
         if (c_->bias) out_proj_b_ = t.param("mixer.out_proj.bias");
+        if (c_->dt_bc_rms_weight) {
+            dt_norm_w_ = t.param("mixer.dt_layernorm.weight");
+            b_norm_w_ = t.param("mixer.b_layernorm.weight");
+            c_norm_w_ = t.param("mixer.c_layernorm.weight");
+        }
     }
 
     // proj (R, 2E): [x | z]; xconv (R, E) post-conv, post-SiLU; xdbl (R, Rdt + 2N):
     // [dt_low | B | C]; dt (R, E) before bias; y (R, E) scan output; with dt_bc_rms also
-    // dtn (R, Rdt) and bcn (R, 2N): the normed dt_low and [B | C].
+    // dtn (R, Rdt) and bcn (2, R, N): the normed dt_low, then all normed B rows, all C rows.
     std::vector<int64_t> workspace_cols() const override {
         const int64_t E = c_->d_inner;
         std::vector<int64_t> cols{2 * E, E, c_->x_proj_dim(), E, E};
@@ -140,24 +159,28 @@ class Mamba1 final : public Layer {
         }
         be.linear(xconv, E, R, x_proj_, X, nullptr, xdbl, X);
         const float* dt_low = xdbl;  // (R, Rdt), row stride ld_dt
-        const float* bc = xdbl + Rdt;  // (R, 2N) [B | C], row stride ld_bc
+        const float* bc = xdbl + Rdt;  // B (R, N), row stride ld_bc (C: sp.Cm below)
         int64_t ld_dt = X, ld_bc = X;
         if (c_->dt_bc_rms) {
-            // Falcon-Mamba: contiguous copies, normed in place by the backend's RMSNorm without
-            // a weight; [B | C] of a token row are two rows of N. The fused decode step has no
-            // norms, so it is not used.
+            // Falcon-Mamba / Jamba: contiguous copies, normed in place by the backend's RMSNorm
+            // (the weights Param{} without dt_bc_rms_weight); B and C each a block of R rows of
+            // N, so that C sits R rows after B (ld_bc = N). The fused decode step has no norms,
+            // so it is not used.
             float* dtn = io.ws[5];  // (R, Rdt)
-            float* bcn = io.ws[6];  // (R, 2N)
+            float* bn = io.ws[6];   // (R, N) then cn = bn + R·N (R, N)
+            float* cn = bn + R * N;
             const float eps = float(c_->dt_bc_rms_eps);
             const size_t f = sizeof(float);
             be.copy_device_2d(dtn, Rdt * f, xdbl, X * f, Rdt * f, R);
-            be.add_norm(dtn, nullptr, Param{}, Param{}, NormKind::RMSNorm, eps, R, Rdt, dtn);
-            be.copy_device_2d(bcn, 2 * N * f, xdbl + Rdt, X * f, 2 * N * f, R);
-            be.add_norm(bcn, nullptr, Param{}, Param{}, NormKind::RMSNorm, eps, 2 * R, N, bcn);
+            be.add_norm(dtn, nullptr, dt_norm_w_, Param{}, NormKind::RMSNorm, eps, R, Rdt, dtn);
+            be.copy_device_2d(bn, N * f, xdbl + Rdt, X * f, N * f, R);
+            be.add_norm(bn, nullptr, b_norm_w_, Param{}, NormKind::RMSNorm, eps, R, N, bn);
+            be.copy_device_2d(cn, N * f, xdbl + Rdt + N, X * f, N * f, R);
+            be.add_norm(cn, nullptr, c_norm_w_, Param{}, NormKind::RMSNorm, eps, R, N, cn);
             dt_low = dtn;
-            bc = bcn;
             ld_dt = Rdt;
-            ld_bc = 2 * N;
+            bc = bn;
+            ld_bc = N;
         } else if (L == 1 && !io.trace && dt_proj_.quant == QuantScheme::None && !bf16_state_) {
             // decode: dt_proj + scan fused where the backend can (dt_proj unquantized)
             Mamba1DecodeParams fp{xconv, xdbl, X, dt_proj_, proj + E, 2 * E, A_.data,
@@ -172,7 +195,7 @@ class Mamba1 final : public Layer {
         sp.x = xconv;
         sp.dt = dt;
         sp.Bm = bc;
-        sp.Cm = bc + N;
+        sp.Cm = c_->dt_bc_rms ? bc + R * N : bc + N;  // the normed C block, or C in xdbl
         sp.ld_bc = ld_bc;
         sp.z = proj + E;
         sp.ld_z = 2 * E;
@@ -205,6 +228,9 @@ class Mamba1 final : public Layer {
     Param D_;           // (E)
     Weight out_proj_;   // (d, E)
     Param out_proj_b_;  // (d) [bias]
+    Param dt_norm_w_;   // (Rdt) [dt_bc_rms_weight]
+    Param b_norm_w_;    // (N) [dt_bc_rms_weight]
+    Param c_norm_w_;    // (N) [dt_bc_rms_weight]
 };
 
 std::unique_ptr<Layer> create(std::shared_ptr<const LayerConfig> c, const ModelConfig& m) {
