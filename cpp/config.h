@@ -40,10 +40,12 @@ struct TensorSpec {
     int64_t group = 0;
 };
 
-// One per-sequence state tensor of a layer (fp32), e.g. a conv window or an SSM state.
+// One per-sequence state tensor of a layer, e.g. a conv window or an SSM state: fp32, or for
+// an SSM state (`ssm` true) the model's state_dtype (option state_dtype, issue 18).
 struct StateSpec {
     std::string name;            // "conv", "ssm", ...: the tensor name in state files
     std::vector<int64_t> shape;  // per sequence
+    bool ssm = false;            // stored in ModelConfig::state_dtype (else always fp32)
     int64_t numel() const;
 };
 
@@ -61,6 +63,10 @@ class LayerConfig {
     // The most tokens a sequence may hold in this layer's state (an attention layer's KV cache);
     // 0: unbounded (a recurrent state).
     virtual int64_t max_context() const { return 0; }
+    // Whether the layer runs with state_dtype bfloat16 (its SSM state tensors, StateSpec::ssm,
+    // stored as bf16). False for a layer whose recurrent state has no bf16 form yet (Mamba-3):
+    // the model then refuses the option at load.
+    virtual bool supports_bf16_state() const { return true; }
 };
 
 // What the config reader needs of the layer registry (cpp/layers/registry.h), passed in so
@@ -94,6 +100,9 @@ struct ModelConfig {
     int64_t eos_token_id = -1;
     int64_t pad_token_id = -1;
     DType dtype = DType::F32;       // storage dtype of the large matrices
+    // Storage of the SSM state tensors (StateSpec::ssm): F32, or BF16 with the option
+    // state_dtype (issue 18). Not in config.json: the Model sets it at load.
+    DType state_dtype = DType::F32;
     // Quantized matrices (config.json "quantization", issue 18): full tensor name -> scheme;
     // empty for an unquantized model. int4_group: weights per int4 scale along K.
     std::map<std::string, QuantScheme> quant;

@@ -6,7 +6,8 @@
 // config.json `layers` entry: {"type": "mamba2", "d_inner": E, "d_state": N, "d_conv": W,
 // "conv_bias": bool, "bias": bool, "headdim": P, "nheads": H, "ngroups": G, "chunk_size": Q,
 // "dt_limit": [min, max or null], "gated_norm": bool, "norm_before_gate": false}.
-// State per sequence: conv (E + 2GN, W), oldest first; ssm (H, P, N).
+// State per sequence: conv (E + 2GN, W), oldest first, fp32; ssm (H, P, N) in the model's
+// state_dtype (fp32, or bf16 with the option state_dtype).
 #include "layers/mamba2/mamba2.h"
 
 #include <algorithm>
@@ -54,7 +55,7 @@ struct Config final : LayerConfig {
         return t;
     }
     std::vector<StateSpec> state(const ModelConfig&) const override {
-        return {{"conv", {conv_dim(), d_conv}}, {"ssm", {nheads, headdim, d_state}}};
+        return {{"conv", {conv_dim(), d_conv}}, {"ssm", {nheads, headdim, d_state}, /*ssm=*/true}};
     }
     std::string to_json() const override {
         return nlohmann::ordered_json{{"type", type()},
@@ -103,7 +104,10 @@ std::shared_ptr<const LayerConfig> parse(ConfigReader& r, const ModelConfig&) {
 class Mamba2 final : public Layer {
  public:
     Mamba2(std::shared_ptr<const Config> c, const ModelConfig& m)
-        : c_(std::move(c)), d_model_(m.d_model), norm_eps_(m.norm_eps) {}
+        : c_(std::move(c)),
+          d_model_(m.d_model),
+          norm_eps_(m.norm_eps),
+          bf16_state_(m.state_dtype == DType::BF16) {}
 
     const LayerConfig& config() const override { return *c_; }
 
@@ -157,7 +161,6 @@ class Mamba2 final : public Layer {
         sp.dt_bias = dt_bias_.data;
         sp.dt_min = c.dt_min;
         sp.dt_max = c.dt_max;
-        sp.ssm_state = io.state[1];
         sp.y = y;
         sp.B = B;
         sp.L = L;
@@ -166,9 +169,12 @@ class Mamba2 final : public Layer {
         sp.G = G;
         sp.N = N;
         sp.chunk_size = c.chunk_size;
-        sp.state_trace = io.trace ? io.trace[1] : nullptr;  // (B, L, H, P, N)
-        // decode: conv update + scan fused where the backend can (not with a trace)
-        if (!(L == 1 && !io.trace && be.mamba2_decode_fused(Mamba2DecodeParams{cp, sp}))) {
+        set_ssm_state(sp, io.state[1], io.trace ? io.trace[1] : nullptr /* (B, L, H, P, N) */,
+                      bf16_state_);
+        // decode: conv update + scan fused where the backend can (not with a trace, nor with a
+        // bf16 state)
+        if (!(L == 1 && !io.trace && !bf16_state_ &&
+              be.mamba2_decode_fused(Mamba2DecodeParams{cp, sp}))) {
             be.conv1d(cp);
             be.ssd_scan(sp);
         }
@@ -191,6 +197,7 @@ class Mamba2 final : public Layer {
     std::shared_ptr<const Config> c_;
     int64_t d_model_;
     float norm_eps_;
+    bool bf16_state_;   // the ssm state is bf16 (option state_dtype)
     Weight in_proj_;    // (Din, d)
     Param in_proj_b_;   // (Din) [bias]
     Param conv_w_;      // (E + 2GN, W)
