@@ -7,6 +7,7 @@
 #include "error.h"
 #include "footprint.h"
 #include "options.h"
+#include "threads.h"
 
 namespace mambart {
 
@@ -177,7 +178,7 @@ Engine::Engine(Generator& gen, const EngineOptions& opt, TokenBytes vocab_bytes)
     scratch_.resize(size_t(V_));
     if (opt_.prompt_cache_bytes > 0)
         set_prompt_cache(std::make_shared<PrefixCache>(opt_.prompt_cache_bytes));
-    thread_ = std::thread([this] { loop(); });
+    thread_ = start_runtime_thread("mambart-engine", [this] { loop(); });
 }
 
 void Engine::set_prompt_cache(std::shared_ptr<PrefixCache> cache) {

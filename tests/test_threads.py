@@ -249,3 +249,42 @@ def test_sigint_during_threads(model_dir):
     for t in ts:
         t.join(60)
     assert got == [want] * 3
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads Linux's /proc")
+def test_runtime_threads_block_asynchronous_signals(model_dir):
+    """The engine's thread and the CPU pool's workers (named mambart-engine, mambart-cpu) block
+    SIGINT / SIGTERM (cpp/threads.h): a signal sent to the process reaches the application's
+    threads (Python's main thread), never a runtime thread."""
+    def tasks():
+        out = set()
+        for t in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{t}/comm") as f:
+                    if f.read().strip() in ("mambart-engine", "mambart-cpu"):
+                        out.add(t)
+            except OSError:  # the thread ended meanwhile
+                pass
+        return out
+
+    def blocked(tid):
+        with open(f"/proc/self/task/{tid}/status") as f:
+            for line in f:
+                if line.startswith("SigBlk:"):
+                    return int(line.split()[1], 16)
+        return 0
+
+    before = tasks()
+    g = mambart.Generator(model_dir, threads=2)
+    # a 32-token prompt: its GEMMs are parallel jobs, which start the pool's worker
+    g.generate([1 + i % 20 for i in range(32)], max_new_tokens=4)
+    ours = sorted(tasks() - before)
+    assert len(ours) >= 2, ours  # this generator's engine thread and its pool's worker
+    for tid in ours:
+        mask = blocked(tid)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            assert mask & (1 << (sig - 1)), (tid, hex(mask), sig)
+        assert not mask & (1 << (signal.SIGSEGV - 1)), (tid, hex(mask))
+    main_mask = blocked(threading.get_native_id())
+    assert not main_mask & (1 << (signal.SIGINT - 1))
+    del g

@@ -1,6 +1,8 @@
 // The CPU backend's thread pool (see pool.h).
 #include "cpu/pool.h"
 
+#include "threads.h"
+
 #include <algorithm>
 #include <chrono>
 
@@ -176,7 +178,7 @@ void ThreadPool::run(int64_t n, int64_t grain, ChunkFn fn, void* ctx) {
     }
     if (workers_.empty()) {  // the first job: start the workers (epoch_ is still 0, as they expect)
         workers_.reserve(size_t(threads_ - 1));
-        for (int i = 1; i < threads_; ++i) workers_.emplace_back([this] { worker_loop(); });
+        for (int i = 1; i < threads_; ++i) workers_.push_back(start_runtime_thread("mambart-cpu", [this] { worker_loop(); }));
     }
     fn_ = fn;
     ctx_ = ctx;
