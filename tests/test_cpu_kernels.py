@@ -214,6 +214,18 @@ def test_f32_to_f16_rounds_to_nearest_even():
     assert np.array_equal(out.view(np.uint32), want.view(np.uint32))
 
 
+def _run_child(code, env_extra):
+    """Runs `code` in a fresh interpreter (the kernel choice is read once per process) with the
+    SIMD kernels (MAMBART_CPU_PORTABLE unset) and env_extra; -> its last line of JSON."""
+    env = dict(os.environ)
+    env.pop("MAMBART_CPU_PORTABLE", None)
+    env.update(env_extra)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 _GEMM_CHILD = r"""
 import json
 import numpy as np
@@ -248,19 +260,10 @@ def test_gemm_avx512_as_avx2():
     its bits equal the AVX2 GEMM's (MAMBART_CPU_AVX512=0): each output is summed in the same
     order, only the vector width and the tile height differ. Row tails (M % 12), K tails (K % 4,
     the 64-step blocks) and partial panels (N % 16), with and without bias."""
-    def run(env_extra):
-        env = dict(os.environ)
-        env.pop("MAMBART_CPU_PORTABLE", None)
-        env.update(env_extra)
-        r = subprocess.run([sys.executable, "-c", _GEMM_CHILD], env=env, capture_output=True,
-                           text=True, timeout=600)
-        assert r.returncode == 0, r.stderr
-        return json.loads(r.stdout.strip().splitlines()[-1])
-
-    main = run({})
+    main = _run_child(_GEMM_CHILD, {})
     if _kernels(main["name"]) != "avx512":
         pytest.skip("the AVX-512 GEMM runs on x86-64 CPUs with AVX-512 F and DQ only")
-    avx2 = run({"MAMBART_CPU_AVX512": "0"})
+    avx2 = _run_child(_GEMM_CHILD, {"MAMBART_CPU_AVX512": "0"})
     assert _kernels(avx2["name"]) == "avx2", avx2["name"]
     assert avx2["y"].keys() == main["y"].keys()
     for key in main["y"]:
@@ -291,21 +294,12 @@ def test_gemv_rows_sum_as_one_row_and_avx512_as_avx2():
     """The GEMV (1 to 16 rows) sums every output as at M = 1, bit for bit: a speculative
     verification pass of up to 16 tokens gets a decode step's logits. Where the CPU runs the
     AVX-512 GEMV, its bits equal the AVX2 kernels' (MAMBART_CPU_AVX512=0) at every M."""
-    def run(env_extra):
-        env = dict(os.environ)
-        env.pop("MAMBART_CPU_PORTABLE", None)
-        env.update(env_extra)
-        r = subprocess.run([sys.executable, "-c", _ROWS_CHILD], env=env, capture_output=True,
-                           text=True, timeout=600)
-        assert r.returncode == 0, r.stderr
-        return json.loads(r.stdout.strip().splitlines()[-1])
-
-    main = run({})
+    main = _run_child(_ROWS_CHILD, {})
     for key, ys in main["y"].items():
         for m in range(1, 17):  # row i of an M-row call equals the same row alone
             for i in range(m):
                 assert ys["calls"][m - 1][i] == ys["alone"][i], (key, m, i)
     if _kernels(main["name"]) == "avx512":
-        avx2 = run({"MAMBART_CPU_AVX512": "0"})
+        avx2 = _run_child(_ROWS_CHILD, {"MAMBART_CPU_AVX512": "0"})
         assert _kernels(avx2["name"]) == "avx2", avx2["name"]
         assert avx2["y"] == main["y"]
