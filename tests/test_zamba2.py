@@ -159,7 +159,7 @@ def test_the_dt_clamp_is_prefill_only_as_in_transformers(tmp_path):
         out = hf(torch.tensor([ids[:3]]), use_cache=True)
         ref, cache = [out.logits[0, -1]], out.past_key_values
         for p, tok in enumerate(ids[3:], start=3):
-            out = hf(torch.tensor([[tok]]), past_key_values=cache, use_cache=True,
+            out = hf(torch.tensor([[tok]]), cache=cache, use_cache=True,
                      position_ids=torch.tensor([[p]]), cache_position=torch.tensor([p]))
             ref.append(out.logits[0, -1])
             cache = out.past_key_values
