@@ -436,21 +436,72 @@ GRANITE_FFN = {  # canonical name under layers.{2i+1}.mixer. -> source name unde
 }
 
 
-def _granite_pattern(cfg: dict, where: str, n: int) -> str:
-    key = "layer_types" if cfg.get("layer_types") is not None else "layers_block_type"
-    types = cfg.get(key)
-    if types is None:
-        return "M" * n  # transformers' default: every layer Mamba-2
+def _layer_letters(types, where: str, key: str, n: int, names: Dict[str, str]) -> str:
+    """Config key `key`, a list of n layer types, as one letter per layer by `names`."""
     if not isinstance(types, list) or len(types) != n:
         raise ConversionError(f"{where}: config key '{key}' must be a list of "
                               f"num_hidden_layers ({n}) layer types")
     out = []
     for i, t in enumerate(types):
-        if t not in GRANITE_TYPES:
+        if t not in names:
             raise ConversionError(f"{where}: layer {i}: {key} entry {str(t)[:40]!r} is not a "
-                                  f"known layer type ({', '.join(GRANITE_TYPES)})")
-        out.append(GRANITE_TYPES[t])
+                                  f"known layer type ({', '.join(names)})")
+        out.append(names[t])
     return "".join(out)
+
+
+def _check_layer_kinds(pat: str, weights: WeightSet, where: str, markers: Dict[str, str],
+                       says: Dict[str, str], has: Dict[str, str]) -> None:
+    """Each layer's tensors are those of the kind the config gives it (`markers`: letter ->
+    a tensor under model.layers.{i}. that only that kind has), and no tensor names a layer past
+    the last; errors name the layer, the kinds (`says`, `has`) and the tensor."""
+    files = ", ".join(sorted(set(weights.files))) or "the checkpoint"
+    for i, ch in enumerate(pat):
+        pre = f"model.layers.{i}."
+        found = [k for k, m in markers.items() if pre + m in weights.tensors]
+        if ch not in found:
+            got = (f"its tensors are those of {has[found[0]]} ('{pre + markers[found[0]]}')"
+                   if found else f"'{pre + markers[ch]}' is missing")
+            raise ConversionError(f"{where}: layer {i}: the config says {says[ch]} but in "
+                                  f"{files} {got}")
+    extra = [k for k in weights.tensors
+             if re.match(r"model\.layers\.(\d+)\.", k) and int(k.split(".")[2]) >= len(pat)]
+    if extra:
+        raise ConversionError(f"{where}: num_hidden_layers is {len(pat)} but {files} holds "
+                              f"'{extra[0]}'")
+
+
+def _padded_vocab(src: Source, weights: WeightSet, V: int) -> Source:
+    """vocab_size_padded from the embedding's rows (at least V); a tied head is optional."""
+    c = src.config
+    emb = weights.tensors.get(src.emb)
+    if emb is not None and len(emb.shape) == 2:
+        if emb.shape[0] < V:
+            raise ConversionError(f"{weights.files[0]}: tensor '{src.emb}' has {emb.shape[0]} "
+                                  f"rows, fewer than vocab_size {V}")
+        c["vocab_size_padded"] = emb.shape[0]
+    if c["tie_embeddings"]:
+        src.optional_tied = "lm_head.weight"
+    return src
+
+
+def _rope_theta(cfg: dict, where: str) -> float:
+    """RoPE's theta from transformers 5's `rope_parameters` (or the older top-level
+    `rope_theta`); only the default rope type is supported."""
+    rp = cfg.get("rope_parameters") or {}
+    if not isinstance(rp, dict):
+        raise ConversionError(f"{where}: config key 'rope_parameters' must be an object")
+    if rp.get("rope_type", "default") != "default":
+        raise ConversionError(f"{where}: rope_parameters.rope_type = "
+                              f"{str(rp.get('rope_type'))[:40]!r} is not supported (default)")
+    return _num(rp if "rope_theta" in rp else cfg, "rope_theta", where, 10000.0, 1.0, 1e12)
+
+
+def _granite_pattern(cfg: dict, where: str, n: int) -> str:
+    key = "layer_types" if cfg.get("layer_types") is not None else "layers_block_type"
+    if cfg.get(key) is None:
+        return "M" * n  # transformers' default: every layer Mamba-2
+    return _layer_letters(cfg.get(key), where, key, n, GRANITE_TYPES)
 
 
 def _bamba_pattern(cfg: dict, where: str, n: int) -> str:
@@ -511,15 +562,10 @@ def _granite_source(cfg: dict, where: str, weights: WeightSet,
     else:
         X = 0 if bamba else _int(cfg, "num_local_experts", where, 0, lo=0, hi=1 << 16)
         moe_at = [X > 0] * n
-    for i, ch in enumerate(pat):
+    _check_layer_kinds(pat, weights, where, GRANITE_MARKERS, kind,
+                       {k: v + " layer" for k, v in article.items()})
+    for i in range(n):
         pre = f"model.layers.{i}."
-        found = [k for k, m in GRANITE_MARKERS.items() if pre + m in tensors]
-        if ch not in found:
-            has = (f"its tensors are those of {article[found[0]]} layer "
-                   f"('{pre + GRANITE_MARKERS[found[0]]}')") if found else \
-                  f"'{pre + GRANITE_MARKERS[ch]}' is missing"
-            raise ConversionError(f"{where}: layer {i}: the config says {kind[ch]} but "
-                                  f"in {files} {has}")
         moe = pre + ("feed_forward.router.weight" if jamba else GRANITE_FFN["router.weight"])
         if jamba and moe_at[i] != (moe in tensors):
             raise ConversionError(
@@ -530,11 +576,6 @@ def _granite_source(cfg: dict, where: str, weights: WeightSet,
             raise ConversionError(
                 f"{where}: layer {i}: num_local_experts is {X} but in {files} '{moe}' is "
                 f"{'missing' if X > 0 else 'present'}")
-    extra_layers = [k for k in tensors
-                    if re.match(r"model\.layers\.(\d+)\.", k) and int(k.split(".")[2]) >= n]
-    if extra_layers:
-        raise ConversionError(f"{where}: num_hidden_layers is {n} but {files} holds "
-                              f"'{extra_layers[0]}'")
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
         raise ConversionError(f"{where}: config key 'hidden_act' = {str(act)[:40]!r} is not "
@@ -613,15 +654,7 @@ def _granite_source(cfg: dict, where: str, weights: WeightSet,
         pe = "rope" if bamba else "nope" if jamba else cfg.get("position_embedding_type")
         rotary, theta = 0, 10000.0
         if pe == "rope":
-            rp = cfg.get("rope_parameters") or {}
-            if not isinstance(rp, dict):
-                raise ConversionError(f"{where}: config key 'rope_parameters' must be an object")
-            if rp.get("rope_type", "default") != "default":
-                raise ConversionError(f"{where}: rope_parameters.rope_type = "
-                                      f"{str(rp.get('rope_type'))[:40]!r} is not supported "
-                                      f"(default)")
-            theta = _num(rp if "rope_theta" in rp else cfg, "rope_theta", where, 10000.0, 1.0,
-                         1e12)
+            theta = _rope_theta(cfg, where)
             rotary = hd
             if bamba:  # transformers' BambaConfig sets partial_rotary_factor 0.5 whatever it says
                 rotary = int(hd * 0.5)
@@ -689,17 +722,8 @@ def _granite_source(cfg: dict, where: str, weights: WeightSet,
             return pre + ("feed_forward." + rest if ai21 else GRANITE_FFN.get(rest, rest))
         return pre + ("mamba." if pat[j // 2] == "M" else "self_attn.") + rest
 
-    src = Source("transformers", c, emb="model.embed_tokens.weight", rename=rename,
-                 stacked=stacked)
-    emb = tensors.get(src.emb)
-    if emb is not None and len(emb.shape) == 2:
-        if emb.shape[0] < V:
-            raise ConversionError(f"{weights.files[0]}: tensor '{src.emb}' has {emb.shape[0]} "
-                                  f"rows, fewer than vocab_size {V}")
-        c["vocab_size_padded"] = emb.shape[0]
-    if c["tie_embeddings"]:
-        src.optional_tied = "lm_head.weight"
-    return src
+    return _padded_vocab(Source("transformers", c, emb="model.embed_tokens.weight",
+                                rename=rename, stacked=stacked), weights, V)
 
 
 # Zamba2: layers_block_type entries (5.25's names and the legacy "mamba").
@@ -713,16 +737,7 @@ def _zamba2_pattern(cfg: dict, where: str, n: int) -> str:
     if types is None:  # transformers' default: the 54-layer Zamba2-2.7B pattern
         types = ["mamba"] + (["mamba"] * 5 + ["hybrid"]) * 7 + ["mamba"] * 4 + ["hybrid"] + \
             ["mamba"] * 3 + ["hybrid"] + ["mamba"] * 2
-    if not isinstance(types, list) or len(types) != n:
-        raise ConversionError(f"{where}: config key 'layers_block_type' must be a list of "
-                              f"num_hidden_layers ({n}) layer types")
-    out = []
-    for i, t in enumerate(types):
-        if t not in ZAMBA2_TYPES:
-            raise ConversionError(f"{where}: layer {i}: layers_block_type entry {str(t)[:40]!r} "
-                                  f"is not a known layer type ({', '.join(ZAMBA2_TYPES)})")
-        out.append(ZAMBA2_TYPES[t])
-    return "".join(out)
+    return _layer_letters(types, where, "layers_block_type", n, ZAMBA2_TYPES)
 
 
 def _zamba2_source(cfg: dict, where: str, weights: WeightSet) -> Source:
@@ -738,22 +753,7 @@ def _zamba2_source(cfg: dict, where: str, weights: WeightSet) -> Source:
     applies to prefill only (dt_limit_prefill_only), their gated norm eps is 1e-5."""
     n = _int(cfg, "num_hidden_layers", where, 54, hi=2048)
     pat = _zamba2_pattern(cfg, where, n)
-    tensors = weights.tensors
-    files = ", ".join(sorted(set(weights.files))) or "the checkpoint"
-    for i, ch in enumerate(pat):
-        pre = f"model.layers.{i}."
-        found = [k for k, m in ZAMBA2_MARKERS.items() if pre + m in tensors]
-        if ch not in found:
-            has = (f"its tensors are those of {ZAMBA2_KIND[found[0]]} "
-                   f"('{pre + ZAMBA2_MARKERS[found[0]]}')") if found else \
-                  f"'{pre + ZAMBA2_MARKERS[ch]}' is missing"
-            raise ConversionError(f"{where}: layer {i}: the config says {ZAMBA2_KIND[ch]} but "
-                                  f"in {files} {has}")
-    extra_layers = [k for k in tensors
-                    if re.match(r"model\.layers\.(\d+)\.", k) and int(k.split(".")[2]) >= n]
-    if extra_layers:
-        raise ConversionError(f"{where}: num_hidden_layers is {n} but {files} holds "
-                              f"'{extra_layers[0]}'")
+    _check_layer_kinds(pat, weights, where, ZAMBA2_MARKERS, ZAMBA2_KIND, ZAMBA2_KIND)
     act = cfg.get("hidden_act", "gelu")
     if act != "gelu":
         raise ConversionError(f"{where}: config key 'hidden_act' = {str(act)[:40]!r} is not "
@@ -804,15 +804,7 @@ def _zamba2_source(cfg: dict, where: str, weights: WeightSet) -> Source:
                                   f"(the k / v adapters write 2 x hidden_size)")
         rotary, theta = 0, 10000.0
         if _bool(cfg, "use_mem_rope", where, False):
-            rp = cfg.get("rope_parameters") or {}
-            if not isinstance(rp, dict):
-                raise ConversionError(f"{where}: config key 'rope_parameters' must be an object")
-            if rp.get("rope_type", "default") != "default":
-                raise ConversionError(f"{where}: rope_parameters.rope_type = "
-                                      f"{str(rp.get('rope_type'))[:40]!r} is not supported "
-                                      f"(default)")
-            theta = _num(rp if "rope_theta" in rp else cfg, "rope_theta", where, 10000.0, 1.0,
-                         1e12)
+            theta = _rope_theta(cfg, where)
             rotary = hd
         # transformers 5.25: use_long_context only raises max_position_embeddings to 16384
         # (Zyphra's original code also rescaled rope_theta; 5.25 does not, nor do we).
@@ -892,17 +884,9 @@ def _zamba2_source(cfg: dict, where: str, weights: WeightSet) -> Source:
             return None
         return f"model.layers.{occ[int(m.group(1))][1]}.shared_transformer.{m.group(2)}"
 
-    src = Source("transformers", c, emb="model.embed_tokens.weight", rename=rename, lora=lora,
-                 tied_copy=tied_copy, ignored=tuple(ignored))
-    emb = tensors.get(src.emb)
-    if emb is not None and len(emb.shape) == 2:
-        if emb.shape[0] < V:
-            raise ConversionError(f"{weights.files[0]}: tensor '{src.emb}' has {emb.shape[0]} "
-                                  f"rows, fewer than vocab_size {V}")
-        c["vocab_size_padded"] = emb.shape[0]
-    if c["tie_embeddings"]:
-        src.optional_tied = "lm_head.weight"
-    return src
+    return _padded_vocab(Source("transformers", c, emb="model.embed_tokens.weight",
+                                rename=rename, lora=lora, tied_copy=tied_copy,
+                                ignored=tuple(ignored)), weights, V)
 
 
 def _hf_source(cfg: dict, where: str, weights: WeightSet) -> Source:
