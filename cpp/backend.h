@@ -4,8 +4,9 @@
 //
 // Conventions shared by every op:
 //   - Activations are fp32 at this interface (a backend may compute in lower precision inside an
-//     op, e.g. tensor-core GEMMs, but inputs and outputs are fp32 buffers). SSM and conv states are
-//     always fp32.
+//     op, e.g. tensor-core GEMMs, but inputs and outputs are fp32 buffers). Conv states are fp32;
+//     SSM states fp32, or bf16 on a backend that supports_state_dtype(BF16) when the option
+//     state_dtype asks for it (the scan ops read bf16, compute in fp32, round when they write).
 //   - Large weights keep their storage dtype (Weight::dtype); small per-channel parameters (norm
 //     weights, conv weights and biases, A, D, dt biases) are fp32 (Param).
 //   - Shapes use mamba_ssm's names: B batch rows, L tokens per row, d d_model, E d_inner, N
@@ -158,6 +159,9 @@ class Backend {
     virtual void project(const ProjParams& p);
 
     // ---- decode fast path (optional; backends whose supports_graphs() is true) ----
+    // Whether the SSM scan ops take a state of this dtype (op_params.h: ssm_state_bf16; option
+    // state_dtype, issue 18). F32 always.
+    virtual bool supports_state_dtype(DType dt) const { return dt == DType::F32; }
     virtual bool supports_graphs() const { return false; }
     // Runs what `record` enqueues. Graph backends record it once per `key` into a graph and
     // replay that graph for later calls with the same key: `record` must only enqueue ops (no

@@ -40,10 +40,12 @@ struct TensorSpec {
     int64_t group = 0;
 };
 
-// One per-sequence state tensor of a layer (fp32), e.g. a conv window or an SSM state.
+// One per-sequence state tensor of a layer, e.g. a conv window or an SSM state: fp32, or for
+// an SSM state (`ssm` true) the model's state_dtype (option state_dtype, issue 18).
 struct StateSpec {
     std::string name;            // "conv", "ssm", ...: the tensor name in state files
     std::vector<int64_t> shape;  // per sequence
+    bool ssm = false;            // stored in ModelConfig::state_dtype (else always fp32)
     int64_t numel() const;
 };
 
@@ -66,6 +68,10 @@ class LayerConfig {
     virtual bool norms_own_input() const { return false; }
     // Whether the layer reads the embedding output (LayerIO::embedding), kept by the model.
     virtual bool reads_embedding() const { return false; }
+    // Whether the layer runs with state_dtype bfloat16 (its SSM state tensors, StateSpec::ssm,
+    // stored as bf16). False for a layer whose recurrent state has no bf16 form yet (Mamba-3):
+    // the model then refuses the option at load.
+    virtual bool supports_bf16_state() const { return true; }
 };
 
 // What the config reader needs of the layer registry (cpp/layers/registry.h), passed in so
@@ -99,6 +105,9 @@ struct ModelConfig {
     int64_t eos_token_id = -1;
     int64_t pad_token_id = -1;
     DType dtype = DType::F32;       // storage dtype of the large matrices
+    // Storage of the SSM state tensors (StateSpec::ssm): F32, or BF16 with the option
+    // state_dtype (issue 18). Not in config.json: the Model sets it at load.
+    DType state_dtype = DType::F32;
     // Quantized matrices (config.json "quantization", issue 18): full tensor name -> scheme;
     // empty for an unquantized model. int4_group: weights per int4 scale along K.
     std::map<std::string, QuantScheme> quant;

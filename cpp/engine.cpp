@@ -158,9 +158,7 @@ Engine::Engine(Generator& gen, const EngineOptions& opt, TokenBytes vocab_bytes)
     // memory (5 rows). Each group's prefill reads the weights once, so requests arriving
     // together should prefill together.
     if (opt_.prefill_rows == 0) {
-        uint64_t row = 0;
-        for (const State::Slot& sl : State::layout(gen_.config()))
-            row += uint64_t(sl.layers.size()) * uint64_t(sl.elems) * sizeof(float);
+        const uint64_t row = State::row_bytes(gen_.config());
         const uint64_t budget =
             gen_.model_->backend().kind() == DeviceKind::CPU ? uint64_t(512) << 20 : uint64_t(2) << 30;
         opt_.prefill_rows = int64_t(std::clamp<uint64_t>(budget / std::max<uint64_t>(row, 1), 1, 64));

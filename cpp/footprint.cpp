@@ -30,9 +30,7 @@ MemoryEstimate estimate_generation(const Model& m, const GenerationRequest& req)
         T += f;
         in_place = in_place && f > 0 && (r == 0 || req.feed[r] <= req.feed[r - 1]);
     }
-    uint64_t state_row = 0;  // bytes of one row of State
-    for (const State::Slot& s : State::layout(c))
-        state_row += uint64_t(s.layers.size()) * uint64_t(s.elems) * sizeof(float);
+    const uint64_t state_row = State::row_bytes(c);  // bytes of one row of State
 
     MemoryEstimate e;
     auto add = [&](std::string what, uint64_t bytes, bool device) {
@@ -125,9 +123,7 @@ MemoryEstimate estimate_engine_requests(const Model& m, const EngineRequestShape
     const ModelConfig& c = m.config();
     const bool on_device = m.backend().kind() != DeviceKind::CPU;
     const uint64_t B = req.feed.size(), V = uint64_t(c.vocab_size);
-    uint64_t state_row = 0;
-    for (const State::Slot& s : State::layout(c))
-        state_row += uint64_t(s.layers.size()) * uint64_t(s.elems) * sizeof(float);
+    const uint64_t state_row = State::row_bytes(c);  // bytes of one row of State
     uint64_t T = 0, N = 0;  // prompt tokens, counted new tokens
     for (size_t r = 0; r < B; ++r) {
         T += uint64_t(std::max<int64_t>(req.feed[r], 0));

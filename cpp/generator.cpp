@@ -53,13 +53,13 @@ std::vector<PrefillCall> plan_prefill(const std::vector<int64_t>& lens, int64_t 
 // ---- Generator -------------------------------------------------------------------------------
 
 Generator::Generator(const std::string& model_dir, const std::string& device, const DType* dtype,
-                     int threads) {
+                     int threads, const DType* state_dtype) {
     (void)runtime_options();  // a bad option value is refused here, naming it
     MAMBART_CHECK_ARG(threads >= 0 && threads <= kMaxThreads, "threads must be an integer from 1 to ",
                       kMaxThreads, " (or None: the cpu_threads option, else the cores this "
                       "process may run on), got ", threads);
     std::shared_ptr<Backend> backend = make_backend(device, threads);
-    model_ = std::make_unique<Model>(model_dir, std::move(backend), dtype);
+    model_ = std::make_unique<Model>(model_dir, std::move(backend), dtype, state_dtype);
     model_dir_ = model_dir;
 }
 
@@ -111,7 +111,10 @@ std::shared_ptr<PrefixCache> Generator::prompt_cache() const {
 }
 
 std::string Generator::prompt_cache_key() const {
-    return str_cat(fingerprint(), "/", dtype_name(model_->dtype()), "/", device_name());
+    // A bf16 state (option state_dtype) is another key: its entries are bf16 states.
+    const DType st = model_->state_dtype();
+    return str_cat(fingerprint(), "/", dtype_name(model_->dtype()), "/", device_name(),
+                   st == DType::F32 ? "" : str_cat("/state_", dtype_name(st)));
 }
 
 void Generator::check_ids(const std::vector<int32_t>& ids, const std::string& what) const {
@@ -191,11 +194,13 @@ void Generator::check_state(const SequenceState& s, const std::string& what) con
 }
 
 void Generator::restore_row(State& st, int64_t row, const SequenceState& from) {
-    if (&from.state->backend() == &st.backend()) {
+    if (&from.state->backend() == &st.backend() && from.state->same_layout(st)) {
         st.copy_row_from(*from.state, 0, row);
         return;
     }
-    // Another backend (e.g. a CPU state continued on CUDA): through the host.
+    // Another backend (e.g. a CPU state continued on CUDA) or another state_dtype (a generator
+    // loaded with the other option): through the host, converted (bf16 -> fp32 exactly, fp32 ->
+    // bf16 rounded to nearest even).
     st.row_from_host(row, from.state->row_to_host(0));
 }
 
@@ -232,6 +237,7 @@ StateFile state_file_of(const SequenceState& s, const StateIdentity& id) {
         t.shape.push_back(int64_t(slots[i].layers.size()));
         t.shape.insert(t.shape.end(), slots[i].shape.begin(), slots[i].shape.end());
         t.layers = slots[i].layers;
+        t.bf16 = slots[i].dtype == DType::BF16;
         t.data = std::move(host[i]);
         f.tensors.push_back(std::move(t));
     }

@@ -181,8 +181,9 @@ class Generator {
     // threads: the CPU backend's threads, 1..kMaxThreads (0: the cpu_threads option, else the
     // cores this process may run on).
     static constexpr int kMaxThreads = 4096;
+    // state_dtype: the SSM states' storage (F32 / BF16), or nullptr: the option state_dtype.
     Generator(const std::string& model_dir, const std::string& device, const DType* dtype,
-              int threads = 0);
+              int threads = 0, const DType* state_dtype = nullptr);
     ~Generator();
 
     const ModelConfig& config() const { return model_->config(); }

@@ -17,10 +17,12 @@ std::vector<State::Slot> State::layout(const ModelConfig& c, LayerSlots* where) 
     if (where) where->assign(c.layers.size(), {});
     for (int64_t l = 0; l < int64_t(c.layers.size()); ++l) {
         for (const StateSpec& s : c.layers[size_t(l)]->state(c)) {
+            const DType dt = s.ssm ? c.state_dtype : DType::F32;
             size_t k = slots.size();
             for (size_t j = 0; j < slots.size(); ++j)
-                if (slots[j].name == s.name && slots[j].shape == s.shape) k = j;
-            if (k == slots.size()) slots.push_back(Slot{s.name, s.shape, s.numel(), {}, 0});
+                if (slots[j].name == s.name && slots[j].shape == s.shape && slots[j].dtype == dt)
+                    k = j;
+            if (k == slots.size()) slots.push_back(Slot{s.name, s.shape, s.numel(), {}, 0, dt});
             if (where) (*where)[size_t(l)].emplace_back(k, int64_t(slots[k].layers.size()));
             slots[k].layers.push_back(l);
         }
@@ -35,6 +37,12 @@ std::vector<State::Slot> State::layout(const ModelConfig& c, LayerSlots* where) 
     return slots;
 }
 
+uint64_t State::row_bytes(const ModelConfig& c) {
+    uint64_t n = 0;
+    for (const Slot& s : layout(c)) n += s.row_bytes();
+    return n;
+}
+
 State::State(const ModelConfig& c, Backend& backend, int64_t batch)
     : backend_(backend), batch_(batch) {
     if (batch < 1) throw InvalidArgument(str_cat("batch size must be >= 1, got ", batch));
@@ -42,62 +50,80 @@ State::State(const ModelConfig& c, Backend& backend, int64_t batch)
     size_t off = 0;
     for (Slot& x : slots_) {
         x.offset = off;
-        off += size_t(x.layers.size()) * size_t(batch_) * size_t(x.elems);
+        off += size_t(x.row_bytes()) * size_t(batch_);
+        off = (off + 3) & ~size_t(3);  // the next slot 4-byte aligned (after an odd bf16 count)
     }
-    bytes_ = off * sizeof(float);
-    base_ = static_cast<float*>(backend_.alloc(bytes_, "the recurrent state"));
+    bytes_ = off;
+    base_ = backend_.alloc(bytes_, "the recurrent state");
     backend_.zero(base_, bytes_);
 }
 
 State::~State() { backend_.dealloc(base_); }
 
-float* State::at(size_t slot, int64_t i, int64_t row) const {
+void* State::at(size_t slot, int64_t i, int64_t row) const {
     const Slot& x = slots_[slot];
-    return base_ + x.offset + size_t((i * batch_ + row) * x.elems);
+    return static_cast<char*>(base_) + x.offset +
+           size_t((i * batch_ + row) * x.elems) * dtype_size(x.dtype);
 }
 
 void State::layer_tensors(int64_t layer, int64_t row, float** out) const {
     const auto& w = where_[size_t(layer)];
-    for (size_t k = 0; k < w.size(); ++k) out[k] = at(w[k].first, w[k].second, row);
+    for (size_t k = 0; k < w.size(); ++k)
+        out[k] = static_cast<float*>(at(w[k].first, w[k].second, row));
 }
 
-// A row of a slot is one block per layer, `batch_ * elems` floats apart: one strided call per
-// slot (cudaMemcpy2DAsync / cudaMemset2DAsync on CUDA), not one per layer.
+// A row of a slot is one block per layer, `batch_ * elems` elements apart: one strided call
+// per slot (cudaMemcpy2DAsync / cudaMemset2DAsync on CUDA), not one per layer.
 void State::reset_row(int64_t row) {
     for (size_t s = 0; s < slots_.size(); ++s) {
         const Slot& x = slots_[s];
-        backend_.zero_2d(at(s, 0, row), size_t(batch_ * x.elems) * sizeof(float),
-                         size_t(x.elems) * sizeof(float), x.layers.size());
+        const size_t e = dtype_size(x.dtype);
+        backend_.zero_2d(at(s, 0, row), size_t(batch_ * x.elems) * e, size_t(x.elems) * e,
+                         x.layers.size());
     }
 }
 
-void State::copy_row_from(const State& src, int64_t src_row, int64_t dst_row) {
-    bool same = &src.backend_ == &backend_ && src.slots_.size() == slots_.size();
+bool State::same_layout(const State& o) const {
+    bool same = o.slots_.size() == slots_.size();
     for (size_t s = 0; same && s < slots_.size(); ++s)
-        same = src.slots_[s].name == slots_[s].name && src.slots_[s].shape == slots_[s].shape &&
-               src.slots_[s].layers == slots_[s].layers;
-    if (!same)
+        same = o.slots_[s].name == slots_[s].name && o.slots_[s].shape == slots_[s].shape &&
+               o.slots_[s].layers == slots_[s].layers && o.slots_[s].dtype == slots_[s].dtype;
+    return same;
+}
+
+void State::copy_row_from(const State& src, int64_t src_row, int64_t dst_row) {
+    if (&src.backend_ != &backend_ || !same_layout(src))
         throw InvalidArgument("State::copy_row_from: the source state belongs to another model "
-                              "or backend");
+                              "or backend, or has another state_dtype");
     if (src_row < 0 || src_row >= src.batch_ || dst_row < 0 || dst_row >= batch_)
         throw InvalidArgument(str_cat("State::copy_row_from: row ", src_row, " -> ", dst_row,
                                       " out of range"));
     for (size_t s = 0; s < slots_.size(); ++s) {
         const Slot& x = slots_[s];
-        backend_.copy_device_2d(at(s, 0, dst_row), size_t(batch_ * x.elems) * sizeof(float),
-                                src.at(s, 0, src_row), size_t(src.batch_ * x.elems) * sizeof(float),
-                                size_t(x.elems) * sizeof(float), x.layers.size());
+        const size_t e = dtype_size(x.dtype);
+        backend_.copy_device_2d(at(s, 0, dst_row), size_t(batch_ * x.elems) * e,
+                                src.at(s, 0, src_row), size_t(src.batch_ * x.elems) * e,
+                                size_t(x.elems) * e, x.layers.size());
     }
 }
 
 std::vector<std::vector<float>> State::row_to_host(int64_t row) const {
     std::vector<std::vector<float>> out;
+    std::vector<uint16_t> half;  // a BF16 slot's layer, as stored
     for (size_t s = 0; s < slots_.size(); ++s) {
         const size_t n = size_t(slots_[s].elems);
+        const bool f32 = slots_[s].dtype == DType::F32;
         out.emplace_back(slots_[s].layers.size() * n);
-        for (size_t i = 0; i < slots_[s].layers.size(); ++i)
-            backend_.copy_to_host(out.back().data() + i * n, at(s, int64_t(i), row),
-                                  n * sizeof(float));
+        for (size_t i = 0; i < slots_[s].layers.size(); ++i) {
+            float* dst = out.back().data() + i * n;
+            if (f32) {
+                backend_.copy_to_host(dst, at(s, int64_t(i), row), n * sizeof(float));
+                continue;
+            }
+            half.resize(n);
+            backend_.copy_to_host(half.data(), at(s, int64_t(i), row), n * sizeof(uint16_t));
+            convert_to_f32(half.data(), DType::BF16, dst, n);
+        }
     }
     return out;
 }
@@ -105,14 +131,22 @@ std::vector<std::vector<float>> State::row_to_host(int64_t row) const {
 void State::row_from_host(int64_t row, const std::vector<std::vector<float>>& in) {
     MAMBART_CHECK_ARG(in.size() == slots_.size(), "the state has ", in.size(),
                       " tensors, this model needs ", slots_.size());
+    std::vector<uint16_t> half;
     for (size_t s = 0; s < slots_.size(); ++s) {
         const size_t n = size_t(slots_[s].elems);
         MAMBART_CHECK_ARG(in[s].size() == slots_[s].layers.size() * n, slots_[s].name,
                           " state has ", in[s].size(), " values, this model needs ",
                           slots_[s].layers.size() * n);
-        for (size_t i = 0; i < slots_[s].layers.size(); ++i)
-            backend_.copy_to_device(at(s, int64_t(i), row), in[s].data() + i * n,
-                                    n * sizeof(float));
+        for (size_t i = 0; i < slots_[s].layers.size(); ++i) {
+            const float* src = in[s].data() + i * n;
+            if (slots_[s].dtype == DType::F32) {
+                backend_.copy_to_device(at(s, int64_t(i), row), src, n * sizeof(float));
+                continue;
+            }
+            half.resize(n);
+            convert_from_f32(src, half.data(), DType::BF16, n);
+            backend_.copy_to_device(at(s, int64_t(i), row), half.data(), n * sizeof(uint16_t));
+        }
     }
 }
 
@@ -137,9 +171,27 @@ constexpr size_t kMaxLayerStateTensors = 16;
 
 }  // namespace
 
-Model::Model(const std::string& dir, std::shared_ptr<Backend> backend, const DType* dtype)
+Model::Model(const std::string& dir, std::shared_ptr<Backend> backend, const DType* dtype,
+             const DType* state_dtype)
     : config_(ModelConfig::from_file(dir + "/config.json", layer_types())),
       backend_(std::move(backend)) {
+    // The SSM states' storage (option state_dtype, issue 18): checked before anything is placed.
+    config_.state_dtype = state_dtype ? *state_dtype : runtime_options().state_dtype;
+    MAMBART_CHECK_ARG(config_.state_dtype == DType::F32 || config_.state_dtype == DType::BF16,
+                      "state_dtype must be float32 or bfloat16, got ",
+                      dtype_name(config_.state_dtype));
+    if (config_.state_dtype != DType::F32) {
+        if (!backend_->supports_state_dtype(config_.state_dtype))
+            throw Unsupported(str_cat("option state_dtype=", dtype_name(config_.state_dtype),
+                                      ": the ", backend_->name(), " backend has no ",
+                                      dtype_name(config_.state_dtype),
+                                      " SSM state yet (use state_dtype=float32)"));
+        for (const auto& lc : config_.layers)
+            if (!lc->supports_bf16_state())
+                throw Unsupported(str_cat("option state_dtype=", dtype_name(config_.state_dtype),
+                                          ": ", lc->type(), " layers keep a float32 state "
+                                          "(use state_dtype=float32 for this model)"));
+    }
     for (const auto& lc : config_.layers) {
         layers_.push_back(create_layer(lc, config_));
         if (lc->state(config_).size() > kMaxLayerStateTensors)
@@ -295,7 +347,7 @@ const float* Model::forward(State& st, int64_t row0, int64_t B, int64_t L, const
             if (!l->supports_state_trace())
                 throw Unsupported(str_cat("speculative decoding: ", l->config().type(),
                                           " layers cannot keep per-token states yet"));
-        if (trace->batch() < R || trace->slots().size() != st.slots().size())
+        if (trace->batch() < R || !trace->same_layout(st))
             throw InvalidArgument(str_cat("Model::forward: the state trace holds ",
                                           trace->batch(), " rows, ", B, " x ", L, " needed"));
     }

@@ -20,8 +20,9 @@ namespace mambart {
 
 // The recurrent state of B sequences, laid out from the layers' state specs in one device
 // allocation made at construction. Layers' state tensors with the same name and shape share a
-// slot: slot s holds (layers in the slot) x B x (elements per row), fp32. For a Mamba model
-// that is two slots, conv (n_layer, B, C, W) and ssm (n_layer, B, ...).
+// slot: slot s holds (layers in the slot) x B x (elements per row), in the slot's dtype (fp32,
+// or for SSM states the config's state_dtype: bf16 with the option state_dtype, issue 18). For
+// a Mamba model that is two slots, conv (n_layer, B, C, W) and ssm (n_layer, B, ...).
 class State {
  public:
     struct Slot {
@@ -29,7 +30,12 @@ class State {
         std::vector<int64_t> shape;  // per sequence and layer
         int64_t elems = 0;           // per sequence and layer
         std::vector<int64_t> layers; // the layers whose state this slot holds, in order
-        size_t offset = 0;           // floats from the start of the allocation
+        size_t offset = 0;           // bytes from the start of the allocation
+        DType dtype = DType::F32;    // F32, or BF16 (an SSM state with state_dtype bfloat16)
+        // Bytes of one sequence's slot in all its layers.
+        uint64_t row_bytes() const {
+            return uint64_t(layers.size()) * uint64_t(elems) * dtype_size(dtype);
+        }
     };
 
     State(const ModelConfig& config, Backend& backend, int64_t batch);
@@ -41,23 +47,29 @@ class State {
     using LayerSlots = std::vector<std::vector<std::pair<size_t, int64_t>>>;
     // The slots a config's layers give (no allocation): the layout of states and state files.
     static std::vector<Slot> layout(const ModelConfig& config, LayerSlots* where = nullptr);
+    // Bytes of state one sequence takes (all slots, all layers).
+    static uint64_t row_bytes(const ModelConfig& config);
 
     int64_t batch() const { return batch_; }
     int64_t n_layer() const { return int64_t(where_.size()); }
     const std::vector<Slot>& slots() const { return slots_; }
-    // The layer's state tensors at `row`, in state() order, into out[0..] (for LayerIO::state).
+    // The layer's state tensors at `row`, in state() order, into out[0..] (for LayerIO::state;
+    // a BF16 slot's pointer addresses bf16 values: the layer passes it on as such).
     void layer_tensors(int64_t layer, int64_t row, float** out) const;
-    float* base() const { return base_; }
+    void* base() const { return base_; }
     void reset_row(int64_t row);  // a fresh sequence: zero history
     size_t bytes() const { return bytes_; }
     Backend& backend() const { return backend_; }
+    // Whether `other` has this state's slots (names, shapes, layers and dtypes).
+    bool same_layout(const State& other) const;
 
     // Snapshot / restore (issue 7), backend-generic (Backend copies only):
     // Copies row `src_row` of `src` into row `dst_row` of this state (device to device). `src`
     // must have the same layout and live on the same backend (InvalidArgument otherwise).
     void copy_row_from(const State& src, int64_t src_row, int64_t dst_row);
-    // Host copies of one row: per slot, (layers in the slot, shape...) fp32. row_from_host
-    // checks the count and sizes (InvalidArgument naming the state tensor).
+    // Host copies of one row: per slot, (layers in the slot, shape...) fp32 (a BF16 slot's
+    // values widened, exactly). row_from_host checks the count and sizes (InvalidArgument
+    // naming the state tensor); into a BF16 slot it rounds to nearest even.
     std::vector<std::vector<float>> row_to_host(int64_t row) const;
     void row_from_host(int64_t row, const std::vector<std::vector<float>>& in);
 
@@ -66,9 +78,9 @@ class State {
     int64_t batch_;
     std::vector<Slot> slots_;
     LayerSlots where_;
-    float* at(size_t slot, int64_t i, int64_t row) const;  // layer i of the slot, at `row`
+    void* at(size_t slot, int64_t i, int64_t row) const;  // layer i of the slot, at `row`
     size_t bytes_ = 0;
-    float* base_ = nullptr;
+    void* base_ = nullptr;
 };
 
 enum class LogitsMode {
@@ -83,8 +95,11 @@ class Model {
     // load; every layer takes them; the backend decides per call by the rows).
     bool fused_projections() const { return fuse_projections_; }
     // Loads `dir` (config.json + model.safetensors) onto `backend`; `dtype` of the large matrices
-    // (defaults to the stored dtype).
-    Model(const std::string& dir, std::shared_ptr<Backend> backend, const DType* dtype);
+    // (defaults to the stored dtype); `state_dtype` of the SSM states, F32 or BF16 (defaults to
+    // the option state_dtype; Unsupported where the backend or a layer type has no bf16 state).
+    Model(const std::string& dir, std::shared_ptr<Backend> backend, const DType* dtype,
+          const DType* state_dtype = nullptr);
+    DType state_dtype() const { return config_.state_dtype; }
     ~Model();
 
     const ModelConfig& config() const { return config_; }

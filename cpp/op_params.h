@@ -2,7 +2,8 @@
 // the layer units that fill them, the backends that run them and the CUDA kernels' launchers
 // (cuda/kernels.h), so no field is copied between look-alike structs.
 //
-// Conventions (see backend.h): fp32 activations and states, sizes and strides in elements,
+// Conventions (see backend.h): fp32 activations and states (an SSM state may be bf16: the
+// ssm_state_bf16 fields below), sizes and strides in elements,
 // mamba_ssm's dimension names (B batch rows, L tokens per row, d d_model, E d_inner, N d_state,
 // W d_conv, H nheads, P headdim, G ngroups), row-major, device pointers of the backend.
 #pragma once
@@ -62,12 +63,16 @@ struct SelectiveScanParams {  // Mamba-1: fused dt softplus, scan, D skip, SiLU(
     const float* A;           // (E, N) = -exp(A_log)
     const float* D;           // (E)
     const float* dt_bias;     // (E)
-    float* ssm_state;         // (B, E, N) inout
+    float* ssm_state;         // (B, E, N) inout (nullptr when ssm_state_bf16 is set)
     float* y;                 // (B, L, E) out, contiguous
     int64_t B, L, E, N;
     // Speculative verification (issue 25): (B, L, E, N) contiguous, or nullptr: the state
     // after each token (row (b, t) = ssm_state of row b after token t).
     float* state_trace = nullptr;
+    // Option state_dtype bfloat16 (issue 18), or nullptr: the state (and trace) as bf16 bits in
+    // place of ssm_state (state_trace), same shapes. See BF16_STATE_RULE below.
+    uint16_t* ssm_state_bf16 = nullptr;
+    uint16_t* state_trace_bf16 = nullptr;
 };
 
 struct SsdParams {            // Mamba-2: dt softplus + clamp, chunked SSD scan, D skip, optional gate
@@ -83,14 +88,24 @@ struct SsdParams {            // Mamba-2: dt softplus + clamp, chunked SSD scan,
     const float* D;           // (H)
     const float* dt_bias;     // (H)
     float dt_min, dt_max;     // clamp of dt after softplus
-    float* ssm_state;         // (B, H, P, N) inout
+    float* ssm_state;         // (B, H, P, N) inout (nullptr when ssm_state_bf16 is set)
     float* y;                 // (B, L, H*P) out, contiguous
     int64_t B, L, H, P, G, N;
     int64_t chunk_size;       // Q
     // Speculative verification (issue 25): (B, L, H, P, N) contiguous, or nullptr: the state
     // after each token (row (b, t) = ssm_state of row b after token t).
     float* state_trace = nullptr;
+    // Option state_dtype bfloat16 (issue 18), or nullptr: as in SelectiveScanParams.
+    uint16_t* ssm_state_bf16 = nullptr;
+    uint16_t* state_trace_bf16 = nullptr;
 };
+
+// BF16_STATE_RULE (option state_dtype bfloat16, issue 18): a scan op given ssm_state_bf16
+// reads the state as bf16, computes in fp32 exactly as with an fp32 state, and rounds the state
+// to bf16 (nearest even) after every token, so a prompt prefilled leaves the state that decoding
+// it token by token would, and a trace row equals the state a decode step would leave (exact
+// speculative rollback). The fused decode steps (Mamba1DecodeParams, Mamba2DecodeParams) take an
+// fp32 state only: the layers run the separate ops with a bf16 state.
 
 // Fused single-token (L = 1) mixer steps, optional: a backend that returns true from
 // mamba1_decode_fused / mamba2_decode_fused has done the work of the ops listed, else the model

@@ -37,6 +37,12 @@ const std::vector<OptionInfo> kTable = {
     {"fused_projections", "MAMBART_FUSED_PROJECTIONS", "bool", "", "0",
      "decode projections with the block norm, the residual add and Mamba-1's conv step folded "
      "in (issue 16: fewer kernels a token, the same values); read when a model is loaded"},
+    {"state_dtype", "MAMBART_STATE_DTYPE", "choice", "float32|bfloat16", "float32",
+     "storage of the Mamba-1 / Mamba-2 SSM states (issue 18): float32, or bfloat16 (half the "
+     "state bytes per sequence; the scans read bf16, compute in fp32 and round to nearest even "
+     "after every token; conv windows stay float32; on CUDA prefill then runs the sequential / "
+     "recurrent scan forms; models with Mamba-3 layers refuse it); read when a model is loaded; "
+     "Generator(state_dtype=...) overrides it"},
     {"cuda_sync", "MAMBART_CUDA_SYNC", "bool", "", "0",
      "synchronise and check errors after every kernel (debugging; slow); read once"},
     {"cuda_free_bytes_limit", "MAMBART_CUDA_FREE_BYTES_LIMIT", "bytes", "", "0",
@@ -181,6 +187,7 @@ RuntimeOptions runtime_options() {
         else if (n == "cuda_prefetch") r.cuda_prefetch = parse_bool(o, v);
         else if (n == "cuda_sync") r.cuda_sync = parse_bool(o, v);
         else if (n == "fused_projections") r.fused_projections = parse_bool(o, v);
+        else if (n == "state_dtype") r.state_dtype = v == "bfloat16" ? DType::BF16 : DType::F32;
         else if (n == "cuda_free_bytes_limit") r.cuda_free_bytes_limit = parse_uint(o, v, UINT64_MAX);
         else if (n == "device_sampling") r.device_sampling = parse_bool(o, v);
         else if (n == "engine_launch_ahead") r.engine_launch_ahead = parse_bool(o, v);

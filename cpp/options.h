@@ -11,6 +11,8 @@
 #include <string>
 #include <vector>
 
+#include "dtype.h"
+
 namespace mambart {
 
 enum class CudaSsd { Chunked, Recurrent, Tf32 };
@@ -33,6 +35,8 @@ struct RuntimeOptions {
     bool cuda_prefetch = true;          // GEMVs prefetch weight rows into L2 ahead of PDL waits
     bool fused_projections = false;     // decode projections with the norm, residual add and
                                         // Mamba-1 conv step folded in (read at model load)
+    DType state_dtype = DType::F32;     // SSM state storage: F32 or BF16 (read at model load;
+                                        // issue 18)
     bool cuda_sync = false;             // synchronise and check after every kernel (debugging)
     uint64_t cuda_free_bytes_limit = 0; // cap on the free device memory a load or generation sees
     // ---- generation ----

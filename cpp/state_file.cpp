@@ -14,6 +14,7 @@
 #include <limits>
 
 #include "config.h"
+#include "dtype.h"
 #include "error.h"
 #include "regular_file.h"
 #include "sha256.h"
@@ -164,6 +165,7 @@ struct Placed {
     std::string name;
     std::vector<int64_t> shape;
     uint64_t off = 0, nbytes = 0;
+    bool bf16 = false;  // a state tensor stored as BF16 (option state_dtype)
 };
 
 StateFile parse(const Source& src, const std::string& path, const LayerTypes& types) {
@@ -239,8 +241,13 @@ StateFile parse(const Source& src, const std::string& path, const LayerTypes& ty
         const std::string shown = printable_ascii(name);
         const char* dtype = want(name);
         if (!dtype) bad(path, str_cat("unexpected tensor '", shown, "'"));
-        if (!info->is_object() || !info->contains("dtype") || (*info)["dtype"] != dtype)
-            bad(path, str_cat("tensor '", shown, "' must be ", dtype));
+        // A state tensor may be BF16: the state of a generator with state_dtype bfloat16.
+        const bool state_tensor = name != "tokens" && name != "logits";
+        const bool bf16 = state_tensor && info->is_object() && info->contains("dtype") &&
+                          (*info)["dtype"] == "BF16";
+        if (!bf16 && (!info->is_object() || !info->contains("dtype") || (*info)["dtype"] != dtype))
+            bad(path, str_cat("tensor '", shown, "' must be ", dtype,
+                              state_tensor ? " or BF16" : ""));
         const json* shape = info->contains("shape") ? &(*info)["shape"] : nullptr;
         const json* offs = info->contains("data_offsets") ? &(*info)["data_offsets"] : nullptr;
         bool ok = shape && shape->is_array() && offs && offs->is_array() && offs->size() == 2 &&
@@ -249,8 +256,9 @@ StateFile parse(const Source& src, const std::string& path, const LayerTypes& ty
         if (!ok) bad(path, str_cat("tensor '", shown, "' has a malformed shape or data_offsets"));
         Placed p;
         p.name = name;
-        bool fits = true;  // no overflow: prod(shape) * 4 and the offsets as uint64
-        uint64_t nbytes = 4;
+        p.bf16 = bf16;
+        bool fits = true;  // no overflow: prod(shape) * element size and the offsets as uint64
+        uint64_t nbytes = bf16 ? 2 : 4;
         for (const json& d : *shape) {
             const uint64_t v = d.get<uint64_t>();
             fits = fits && v <= uint64_t(std::numeric_limits<int64_t>::max()) &&
@@ -295,8 +303,16 @@ StateFile parse(const Source& src, const std::string& path, const LayerTypes& ty
     for (StateTensor& t : f.tensors) {
         const Placed& p = *find(t.name);
         t.shape = p.shape;
-        t.data.resize(size_t(p.nbytes / 4));
-        load(p, t.data.data());
+        t.bf16 = p.bf16;
+        if (p.bf16) {  // widened to fp32 (exact)
+            std::vector<uint16_t> half(size_t(p.nbytes / 2));
+            load(p, half.data());
+            t.data.resize(half.size());
+            convert_to_f32(half.data(), DType::BF16, t.data.data(), half.size());
+        } else {
+            t.data.resize(size_t(p.nbytes / 4));
+            load(p, t.data.data());
+        }
         finite(t.data, t.name);
     }
     const Placed& tp = *find("tokens");
@@ -455,14 +471,16 @@ std::string state_file_bytes(const StateFile& f) {
         for (int64_t d : shape) n *= uint64_t(d);
         MAMBART_CHECK_ARG(n == count, "state: tensor '", name, "' has ", count,
                           " values for shape ", list_text(shape));
+        const uint64_t bytes = (std::strcmp(dtype, "BF16") == 0 ? 2 : 4) * n;
         ojson e = ojson::object();
         e["dtype"] = dtype;
         e["shape"] = shape;
-        e["data_offsets"] = {off, off + 4 * n};
+        e["data_offsets"] = {off, off + bytes};
         header[name] = e;
-        off += 4 * n;
+        off += bytes;
     };
-    for (const StateTensor& t : f.tensors) entry(t.name, "F32", t.shape, t.data.size());
+    for (const StateTensor& t : f.tensors)
+        entry(t.name, t.bf16 ? "BF16" : "F32", t.shape, t.data.size());
     entry("tokens", "I32", {int64_t(f.tokens.size())}, f.tokens.size());
     if (!f.logits.empty()) entry("logits", "F32", {int64_t(f.logits.size())}, f.logits.size());
     std::string hb = header.dump(-1, ' ', true);
@@ -472,7 +490,16 @@ std::string state_file_bytes(const StateFile& f) {
     for (int i = 0; i < 8; ++i) out += char((uint64_t(hb.size()) >> (8 * i)) & 0xff);
     out += hb;
     auto put = [&](const void* p, size_t n) { out.append(static_cast<const char*>(p), n); };
-    for (const StateTensor& t : f.tensors) put(t.data.data(), t.data.size() * 4);
+    std::vector<uint16_t> half;
+    for (const StateTensor& t : f.tensors) {
+        if (!t.bf16) {
+            put(t.data.data(), t.data.size() * 4);
+            continue;
+        }
+        half.resize(t.data.size());  // the values are bf16 already: exact
+        convert_from_f32(t.data.data(), half.data(), DType::BF16, half.size());
+        put(half.data(), half.size() * 2);
+    }
     put(f.tokens.data(), f.tokens.size() * 4);
     put(f.logits.data(), f.logits.size() * 4);
     return out;

@@ -3,8 +3,11 @@
 // (mambart_state_save / mambart_state_load), so a file written by either loads in the other.
 //
 // The format is safetensors: an 8-byte little-endian header length, a JSON header, the tensors.
-//   tensors:  one F32 tensor per state tensor of the model (State::layout order: for Mamba-1/2
-//             `conv` and `ssm`, each (layers in it, per-layer shape...)), `tokens` (I32, the
+//   tensors:  one tensor per state tensor of the model (State::layout order: for Mamba-1/2
+//             `conv` and `ssm`, each (layers in it, per-layer shape...)) in the state's dtype:
+//             F32, or BF16 for an SSM state of a generator with state_dtype bfloat16 (issue 18;
+//             a reader widens it to fp32, and a generator loading it converts to its own
+//             state_dtype), `tokens` (I32, the
 //             whole sequence), `logits` (F32 (V), only when no token is pending), contiguous
 //             from offset 0 in that order;
 //   __metadata__ (strings): format "mambart-state", format_version "2", model_fingerprint, dtype,
@@ -40,6 +43,7 @@ struct StateTensor {
     std::vector<int64_t> shape;   // (layers in the tensor, per-layer shape...)
     std::vector<int64_t> layers;  // the layers it holds (empty in version-1 files)
     std::vector<float> data;      // prod(shape) floats
+    bool bf16 = false;            // stored as BF16 (the values are bf16: exact either way)
 };
 
 struct StateFile {

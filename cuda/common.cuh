@@ -28,6 +28,26 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
     return __float2bfloat16_rn(v);
 }
 
+// ---- SSM state storage (option state_dtype, issue 18; op_params.h BF16_STATE_RULE) ----------
+// A scan kernel templated on its state's storage S (float or __nv_bfloat16) reads it through
+// to_f32, keeps it in fp32 registers, rounds it after every token (state_round) and writes it
+// with from_f32<S>. For S = float each is the identity: the fp32 kernels are unchanged.
+template <typename S> __device__ __forceinline__ float state_round(float v) {
+    return to_f32(from_f32<S>(v));
+}
+template <typename S, typename Params> __host__ __device__ inline S* state_ptr(const Params& p) {
+    if constexpr (sizeof(S) == 2)
+        return reinterpret_cast<S*>(p.ssm_state_bf16);
+    else
+        return p.ssm_state;
+}
+template <typename S, typename Params> __host__ __device__ inline S* trace_ptr(const Params& p) {
+    if constexpr (sizeof(S) == 2)
+        return reinterpret_cast<S*>(p.state_trace_bf16);
+    else
+        return p.state_trace;
+}
+
 // The reference's softplus: v > 20 -> v, else log(1 + exp(v)).
 __device__ __forceinline__ float softplus_f(float v) { return v > 20.0f ? v : log1pf(expf(v)); }
 __device__ __forceinline__ float silu_f(float v) { return v / (1.0f + expf(-v)); }

@@ -36,6 +36,9 @@
 //   (a few ulps of the segment's decay); everything is fp32.
 // With state_trace (speculative verification, issue 25), the output pass also stores each
 // token's state: trace[b, t, e, :] = h after token t (the sequential form is used then).
+// State storage S of the sequential form: float, or bf16 (ssm_state_bf16, option state_dtype):
+// read as bf16, stepped in fp32, rounded to bf16 (nearest even) after every token (op_params.h
+// BF16_STATE_RULE), the trace bf16 too. The chunked form takes an fp32 state only.
 // Preconditions: 1 <= N <= 256; ld_bc >= N (B and C rows are slices of x_proj's output);
 // ld_z >= E; y does not alias the inputs; B <= 65535 (chunked: nseg <= 65535).
 #include <algorithm>
@@ -90,14 +93,15 @@ __device__ __forceinline__ Channel channel_of(int64_t E, int g) {
     return c;
 }
 
-template <int SPL>
-__device__ __forceinline__ void store_states(const float (&v)[SPL], float* row, int j, int g,
+template <int SPL, typename S>
+__device__ __forceinline__ void store_states(const float (&v)[SPL], S* row, int j, int g,
                                              int64_t N);
 
 // Runs the recurrence over tokens t_begin .. t_end - 1 (t_begin < t_end <= L, uniform across
 // the block) of row b on the states h (this lane's n = j + g·i), returning Σ_t δ_t.
 // kOutput: also writes y[b, t, e] (lane j == 0 of a valid channel); else C and z are not read.
-template <int SPL, bool kOutput>
+// S: the state's storage (bf16: h rounded after every token, the trace stored as bf16).
+template <int SPL, bool kOutput, typename S = float>
 __device__ __forceinline__ float scan_tokens(const SelectiveScanParams& p, int64_t b,
                                              const Channel& c, int g, int64_t t_begin,
                                              int64_t t_end, float (&h)[SPL],
@@ -105,6 +109,7 @@ __device__ __forceinline__ float scan_tokens(const SelectiveScanParams& p, int64
     constexpr int kT = SPL <= 2 ? 8 : (SPL <= 4 ? 4 : 2);  // tokens prefetched per group
     const int64_t E = p.E, N = p.N, e = c.e;
     const float dtb = p.dt_bias[e], Dv = p.D[e];
+    S* const trace = trace_ptr<S>(p);  // (B, L, E, N) or nullptr
     float delta_sum = 0.0f;
     for (int64_t t0 = t_begin; t0 < t_end; t0 += kT) {
         float dtv[kT], uv[kT], zv[kT], Bv[kT][SPL], Cv[kT][SPL];
@@ -139,36 +144,40 @@ __device__ __forceinline__ float scan_tokens(const SelectiveScanParams& p, int64
                     if (kOutput) acc += Cv[s][i] * h[i];
                 }
             }
+            if constexpr (sizeof(S) == 2) {  // the stored state after every token
+#pragma unroll
+                for (int i = 0; i < SPL; ++i) h[i] = state_round<S>(h[i]);
+            }
             if (kOutput) {
                 for (int o = g >> 1; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
                 if (c.j == 0 && c.valid)
                     p.y[(b * p.L + t) * E + e] = (acc + Dv * uv[s]) * silu_f(zv[s]);
-                if (p.state_trace && c.valid)  // the state after token t (issue 25)
-                    store_states(h, p.state_trace + ((b * p.L + t) * E + e) * N, c.j, g, N);
+                if (trace && c.valid)  // the state after token t (issue 25)
+                    store_states(h, trace + ((b * p.L + t) * E + e) * N, c.j, g, N);
             }
         }
     }
     return delta_sum;
 }
 
-// Loads this lane's states n = j + g·i of a row of N floats (0 beyond N).
-template <int SPL>
-__device__ __forceinline__ void load_states(float (&v)[SPL], const float* row, int j, int g,
+// Loads this lane's states n = j + g·i of a row of N values (float or bf16; 0 beyond N).
+template <int SPL, typename S>
+__device__ __forceinline__ void load_states(float (&v)[SPL], const S* row, int j, int g,
                                             int64_t N) {
 #pragma unroll
     for (int i = 0; i < SPL; ++i) {
         const int64_t n = j + int64_t(g) * i;
-        v[i] = n < N ? row[n] : 0.0f;
+        v[i] = n < N ? to_f32(row[n]) : 0.0f;
     }
 }
 
-template <int SPL>
-__device__ __forceinline__ void store_states(const float (&v)[SPL], float* row, int j, int g,
+template <int SPL, typename S>
+__device__ __forceinline__ void store_states(const float (&v)[SPL], S* row, int j, int g,
                                              int64_t N) {
 #pragma unroll
     for (int i = 0; i < SPL; ++i) {
         const int64_t n = j + int64_t(g) * i;
-        if (n < N) row[n] = v[i];
+        if (n < N) row[n] = from_f32<S>(v[i]);
     }
 }
 
@@ -184,16 +193,16 @@ __host__ __device__ inline SegmentWs split_ws(float* ws, const SelectiveScanPara
 }
 
 // selective_scan_kernel: the sequential form. Grid: (ceil(E / channels per block), B).
-template <int SPL>
+template <int SPL, typename S>
 __global__ void __launch_bounds__(kScanWarps * 32)
     selective_scan_kernel(SelectiveScanParams p, int g) {
     const Channel c = channel_of(p.E, g);
     const int64_t b = blockIdx.y;
-    float* state = p.ssm_state + (b * p.E + c.e) * p.N;  // (N) row of (B, E, N)
+    S* state = state_ptr<S>(p) + (b * p.E + c.e) * p.N;  // (N) row of (B, E, N)
     float h[SPL], A[SPL];
     load_states(h, state, c.j, g, p.N);
     load_states(A, p.A + c.e * p.N, c.j, g, p.N);
-    scan_tokens<SPL, true>(p, b, c, g, 0, p.L, h, A);
+    scan_tokens<SPL, true, S>(p, b, c, g, 0, p.L, h, A);
     if (c.valid) store_states(h, state, c.j, g, p.N);
 }
 
@@ -281,10 +290,11 @@ __device__ __forceinline__ CptChannel cpt_channel_of(int64_t E) {
     return c;
 }
 
-// v[n] = row[n] for n < N, 0 beyond (float4 loads where N == NS and row is 16-byte aligned).
-template <int NS>
-__device__ __forceinline__ void cpt_load(float (&v)[NS], const float* row, int64_t N) {
-    if (N == NS && (reinterpret_cast<uintptr_t>(row) & 15) == 0) {
+// v[n] = row[n] for n < N, 0 beyond (float4 loads where N == NS and a float row is 16-byte
+// aligned; a bf16 row (option state_dtype) element by element).
+template <int NS, typename S>
+__device__ __forceinline__ void cpt_load(float (&v)[NS], const S* row, int64_t N) {
+    if (sizeof(S) == 4 && N == NS && (reinterpret_cast<uintptr_t>(row) & 15) == 0) {
 #pragma unroll
         for (int n = 0; n < NS; n += 4) {
             const float4 q = *reinterpret_cast<const float4*>(row + n);
@@ -293,12 +303,12 @@ __device__ __forceinline__ void cpt_load(float (&v)[NS], const float* row, int64
         return;
     }
 #pragma unroll
-    for (int n = 0; n < NS; ++n) v[n] = n < N ? row[n] : 0.0f;
+    for (int n = 0; n < NS; ++n) v[n] = n < N ? to_f32(row[n]) : 0.0f;
 }
 
-template <int NS>
-__device__ __forceinline__ void cpt_store(const float (&v)[NS], float* row, int64_t N) {
-    if (N == NS && (reinterpret_cast<uintptr_t>(row) & 15) == 0) {
+template <int NS, typename S>
+__device__ __forceinline__ void cpt_store(const float (&v)[NS], S* row, int64_t N) {
+    if (sizeof(S) == 4 && N == NS && (reinterpret_cast<uintptr_t>(row) & 15) == 0) {
 #pragma unroll
         for (int n = 0; n < NS; n += 4)
             *reinterpret_cast<float4*>(row + n) = make_float4(v[n], v[n + 1], v[n + 2], v[n + 3]);
@@ -306,7 +316,7 @@ __device__ __forceinline__ void cpt_store(const float (&v)[NS], float* row, int6
     }
 #pragma unroll
     for (int n = 0; n < NS; ++n)
-        if (n < N) row[n] = v[n];
+        if (n < N) row[n] = from_f32<S>(v[n]);
 }
 
 // A[e, n] · log2(e) for n < N, 0 beyond: states n >= N then stay exactly 0 (their B is 0 too).
@@ -320,7 +330,8 @@ __device__ __forceinline__ void cpt_load_a2(float (&A2)[NS], const float* Arow, 
 // Runs tokens t_begin .. t_end - 1 (t_begin < t_end <= L, uniform across the block) of row b
 // on the states h of channel c, returning Σ_t δ_t. Every thread of the block calls it (it holds
 // barriers). kOutput: also writes y[b, t, e] (valid channels); else C and z are not read.
-template <int NS, bool kOutput>
+// S: the state's storage (bf16: h rounded after every token, the trace stored as bf16).
+template <int NS, bool kOutput, typename S = float>
 __device__ __forceinline__ float cpt_tokens(const SelectiveScanParams& p, int64_t b,
                                             const CptChannel& c, int64_t t_begin, int64_t t_end,
                                             float (&h)[NS], const float (&A2)[NS]) {
@@ -328,6 +339,7 @@ __device__ __forceinline__ float cpt_tokens(const SelectiveScanParams& p, int64_
     __shared__ __align__(16) float Cs[kOutput ? kCptTile : 1][NS];  // C rows (kOutput)
     const int64_t E = p.E, N = p.N, e = c.e;
     const float dtb = p.dt_bias[e], Dv = kOutput ? p.D[e] : 0.0f;
+    S* const trace = trace_ptr<S>(p);  // (B, L, E, N) or nullptr
     float delta_sum = 0.0f;
     for (int64_t t0 = t_begin; t0 < t_end; t0 += kCptTile) {
         const int nt = int(t_end - t0 < kCptTile ? t_end - t0 : kCptTile);
@@ -362,10 +374,14 @@ __device__ __forceinline__ float cpt_tokens(const SelectiveScanParams& p, int64_
                     h[n] = exp2f(delta * A2[n]) * h[n] + du * Bs[s][n];
                     if (kOutput) acc += Cs[s][n] * h[n];
                 }
+                if constexpr (sizeof(S) == 2) {  // the stored state after every token
+#pragma unroll
+                    for (int n = 0; n < NS; ++n) h[n] = state_round<S>(h[n]);
+                }
                 if (kOutput && c.valid)
                     p.y[(b * p.L + t0 + s) * E + e] = (acc + Dv * uv[k]) * silu_f(zv[k]);
-                if (kOutput && c.valid && p.state_trace)  // the state after the token (issue 25)
-                    cpt_store(h, p.state_trace + ((b * p.L + t0 + s) * E + e) * N, N);
+                if (kOutput && c.valid && trace)  // the state after the token (issue 25)
+                    cpt_store(h, trace + ((b * p.L + t0 + s) * E + e) * N, N);
             }
         }
     }
@@ -373,15 +389,15 @@ __device__ __forceinline__ float cpt_tokens(const SelectiveScanParams& p, int64_
 }
 
 // selective_scan_cpt_kernel: the sequential form. Grid: (ceil(E / kCptThreads), B).
-template <int NS>
+template <int NS, typename S>
 __global__ void __launch_bounds__(kCptThreads) selective_scan_cpt_kernel(SelectiveScanParams p) {
     const CptChannel c = cpt_channel_of(p.E);
     const int64_t b = blockIdx.y;
-    float* state = p.ssm_state + (b * p.E + c.e) * p.N;  // (N) row of (B, E, N)
+    S* state = state_ptr<S>(p) + (b * p.E + c.e) * p.N;  // (N) row of (B, E, N)
     float h[NS], A2[NS];
     cpt_load(h, state, p.N);
     cpt_load_a2(A2, p.A + c.e * p.N, p.N);
-    cpt_tokens<NS, true>(p, b, c, 0, p.L, h, A2);
+    cpt_tokens<NS, true, S>(p, b, c, 0, p.L, h, A2);
     if (c.valid) cpt_store(h, state, p.N);
 }
 
@@ -432,9 +448,11 @@ void validate(const SelectiveScanParams& p, const char* who) {
     if (!(p.N >= 1 && p.N <= 256))
         throw Unsupported(str_cat(who, ": d_state=", p.N, " unsupported (1..256)"));
     MAMBART_CHECK_ARG(p.ld_bc >= p.N && p.ld_z >= p.E, who, ": bad strides");
-    MAMBART_CHECK_ARG(p.x && p.dt && p.Bm && p.Cm && p.z && p.A && p.D && p.dt_bias &&
-                          p.ssm_state && p.y,
-                      who, ": null pointer");
+    const bool bf16 = p.ssm_state_bf16 != nullptr;  // option state_dtype
+    MAMBART_CHECK_ARG(p.x && p.dt && p.Bm && p.Cm && p.z && p.A && p.D && p.dt_bias && p.y &&
+                          (bf16 ? !p.ssm_state && !p.state_trace
+                                : p.ssm_state && !p.state_trace_bf16),
+                      who, ": null pointer, or fp32 and bf16 state pointers mixed");
     MAMBART_CHECK_ARG(p.B <= 65535, who, ": batch ", p.B, " too large");
 }
 
@@ -444,17 +462,15 @@ inline int spl_bucket(int64_t N, int g) {
     return spl <= 2 ? spl : (spl <= 4 ? 4 : 8);
 }
 
-}  // namespace
-
-void launch_selective_scan(const SelectiveScanParams& p, bool lanes, cudaStream_t s) {
-    validate(p, "launch_selective_scan");
-    if (p.B == 0) return;
+// The sequential form with state storage S (float, or bf16: option state_dtype).
+template <typename S>
+void launch_sequential(const SelectiveScanParams& p, bool lanes, cudaStream_t s) {
     if (use_cpt(p, lanes)) {
         const dim3 grid(unsigned(ceil_div(p.E, kCptThreads)), unsigned(p.B));
         switch (cpt_bucket(p.N)) {
-            case 4: selective_scan_cpt_kernel<4><<<grid, kCptThreads, 0, s>>>(p); break;
-            case 8: selective_scan_cpt_kernel<8><<<grid, kCptThreads, 0, s>>>(p); break;
-            default: selective_scan_cpt_kernel<16><<<grid, kCptThreads, 0, s>>>(p); break;
+            case 4: selective_scan_cpt_kernel<4, S><<<grid, kCptThreads, 0, s>>>(p); break;
+            case 8: selective_scan_cpt_kernel<8, S><<<grid, kCptThreads, 0, s>>>(p); break;
+            default: selective_scan_cpt_kernel<16, S><<<grid, kCptThreads, 0, s>>>(p); break;
         }
         check_launch("selective_scan_cpt_kernel", s);
         return;
@@ -464,12 +480,23 @@ void launch_selective_scan(const SelectiveScanParams& p, bool lanes, cudaStream_
     const dim3 grid(unsigned(ceil_div(p.E, per_block)), unsigned(p.B));
     const int threads = kScanWarps * 32;
     switch (spl_bucket(p.N, g)) {
-        case 1: selective_scan_kernel<1><<<grid, threads, 0, s>>>(p, g); break;
-        case 2: selective_scan_kernel<2><<<grid, threads, 0, s>>>(p, g); break;
-        case 4: selective_scan_kernel<4><<<grid, threads, 0, s>>>(p, g); break;
-        default: selective_scan_kernel<8><<<grid, threads, 0, s>>>(p, g); break;
+        case 1: selective_scan_kernel<1, S><<<grid, threads, 0, s>>>(p, g); break;
+        case 2: selective_scan_kernel<2, S><<<grid, threads, 0, s>>>(p, g); break;
+        case 4: selective_scan_kernel<4, S><<<grid, threads, 0, s>>>(p, g); break;
+        default: selective_scan_kernel<8, S><<<grid, threads, 0, s>>>(p, g); break;
     }
     check_launch("selective_scan_kernel", s);
+}
+
+}  // namespace
+
+void launch_selective_scan(const SelectiveScanParams& p, bool lanes, cudaStream_t s) {
+    validate(p, "launch_selective_scan");
+    if (p.B == 0) return;
+    if (p.ssm_state_bf16)
+        launch_sequential<__nv_bfloat16>(p, lanes, s);
+    else
+        launch_sequential<float>(p, lanes, s);
 }
 
 int64_t selective_scan_segment_len(const SelectiveScanParams& p, bool lanes) {
@@ -490,6 +517,8 @@ int64_t selective_scan_chunked_workspace_floats(const SelectiveScanParams& p, in
 void launch_selective_scan_chunked(const SelectiveScanChunkedParams& q, cudaStream_t s) {
     const SelectiveScanParams& p = q.s;
     validate(p, "launch_selective_scan_chunked");
+    MAMBART_CHECK_ARG(!p.ssm_state_bf16, "launch_selective_scan_chunked: an fp32 state only "
+                      "(a bf16 state takes the sequential form)");
     MAMBART_CHECK_ARG(q.T >= 1, "launch_selective_scan_chunked: segment length T=", q.T,
                       " must be >= 1");
     MAMBART_CHECK_ARG(q.ws, "launch_selective_scan_chunked: null workspace");

@@ -13,6 +13,9 @@
 // exp(δA) in shared memory (at most 21 KB); each row's y is a warp reduction over n.
 // With state_trace (speculative verification, issue 25) each token's state is also stored:
 // trace[b, t, h, p, n] (coalesced over n).
+// State storage S: float, or bf16 (ssm_state_bf16, option state_dtype): read as bf16, stepped in
+// fp32, rounded to bf16 (nearest even) after every token (op_params.h BF16_STATE_RULE); the
+// trace is then bf16 too.
 // Preconditions: 1 <= P <= 128, 1 <= N <= 256, H % G == 0; ld_xbc >= H*P (B and C are
 // separate pointers into the same rows); y does not alias the inputs.
 #include "common.cuh"
@@ -25,7 +28,7 @@ namespace {
 constexpr int kSsdWarps = 8;
 constexpr int kT = 8;  // tokens staged per group
 
-template <int RPW, int SPL>
+template <int RPW, int SPL, typename S>
 __global__ void __launch_bounds__(kSsdWarps * 32) ssd_scan_kernel(SsdParams p) {
     extern __shared__ float smem[];
     const int64_t N = p.N, P = p.P, H = p.H;
@@ -39,14 +42,15 @@ __global__ void __launch_bounds__(kSsdWarps * 32) ssd_scan_kernel(SsdParams p) {
     const int64_t h = blockIdx.x, b = blockIdx.y;
     const int64_t g = h / (H / p.G);
     const int64_t prow0 = int64_t(blockIdx.z) * kSsdWarps * RPW;  // this block's first row p
-    float* state = p.ssm_state + (b * H + h) * P * N;
+    S* state = state_ptr<S>(p) + (b * H + h) * P * N;  // (P, N) of (B, H, P, N)
+    S* const trace = trace_ptr<S>(p);                   // (B, L, H, P, N) or nullptr
     float s[RPW][SPL];
 #pragma unroll
     for (int r = 0; r < RPW; ++r)
 #pragma unroll
         for (int i = 0; i < SPL; ++i) {
             const int64_t pp = prow0 + warp + kSsdWarps * r, n = lane + 32 * i;
-            s[r][i] = (pp < P && n < N) ? state[pp * N + n] : 0.0f;
+            s[r][i] = (pp < P && n < N) ? to_f32(state[pp * N + n]) : 0.0f;
         }
     const float A = p.A[h], Dv = p.D[h], dtb = p.dt_bias[h];
     // Tokens in groups of kT: the block stages a group's B, C, x, silu(z), δ and exp(δA) in
@@ -93,11 +97,15 @@ __global__ void __launch_bounds__(kSsdWarps * 32) ssd_scan_kernel(SsdParams p) {
                     }
                 }
                 acc = warp_sum(acc);
-                if (p.state_trace) {  // the state after token bt (issue 25)
-                    float* tr = p.state_trace + (bt * H + h) * P * N + pp * N;
+                if constexpr (sizeof(S) == 2) {  // the stored state after every token
+#pragma unroll
+                    for (int i = 0; i < SPL; ++i) s[r][i] = state_round<S>(s[r][i]);
+                }
+                if (trace) {  // the state after token bt (issue 25)
+                    S* tr = trace + (bt * H + h) * P * N + pp * N;
 #pragma unroll
                     for (int i = 0; i < SPL; ++i)
-                        if (lane + 32 * i < N) tr[lane + 32 * i] = s[r][i];
+                        if (lane + 32 * i < N) tr[lane + 32 * i] = from_f32<S>(s[r][i]);
                 }
                 if (lane == 0) {
                     float yv = acc + Dv * xt[pp];
@@ -112,21 +120,21 @@ __global__ void __launch_bounds__(kSsdWarps * 32) ssd_scan_kernel(SsdParams p) {
 #pragma unroll
         for (int i = 0; i < SPL; ++i) {
             const int64_t pp = prow0 + warp + kSsdWarps * r, n = lane + 32 * i;
-            if (pp < P && n < N) state[pp * N + n] = s[r][i];
+            if (pp < P && n < N) state[pp * N + n] = from_f32<S>(s[r][i]);
         }
 }
 
-template <int RPW>
+template <int RPW, typename S>
 void dispatch_spl(const SsdParams& p, int spl, dim3 grid, size_t smem, cudaStream_t s) {
     const int threads = kSsdWarps * 32;
     if (spl == 1)
-        ssd_scan_kernel<RPW, 1><<<grid, threads, smem, s>>>(p);
+        ssd_scan_kernel<RPW, 1, S><<<grid, threads, smem, s>>>(p);
     else if (spl == 2)
-        ssd_scan_kernel<RPW, 2><<<grid, threads, smem, s>>>(p);
+        ssd_scan_kernel<RPW, 2, S><<<grid, threads, smem, s>>>(p);
     else if (spl <= 4)
-        ssd_scan_kernel<RPW, 4><<<grid, threads, smem, s>>>(p);
+        ssd_scan_kernel<RPW, 4, S><<<grid, threads, smem, s>>>(p);
     else
-        ssd_scan_kernel<RPW, 8><<<grid, threads, smem, s>>>(p);
+        ssd_scan_kernel<RPW, 8, S><<<grid, threads, smem, s>>>(p);
 }
 
 }  // namespace
@@ -142,8 +150,10 @@ void launch_ssd_scan(const SsdParams& p, cudaStream_t s) {
         throw Unsupported(str_cat("launch_ssd_scan: d_state=", p.N, " unsupported (1..256)"));
     MAMBART_CHECK_ARG(p.ld_xbc >= p.H * p.P && p.ld_dt >= p.H && (!p.z || p.ld_z >= p.H * p.P),
                       "launch_ssd_scan: bad strides");
-    MAMBART_CHECK_ARG(p.x && p.Bm && p.Cm && p.dt && p.A && p.D && p.dt_bias && p.ssm_state && p.y,
-                      "launch_ssd_scan: null pointer");
+    const bool bf16 = p.ssm_state_bf16 != nullptr;  // option state_dtype
+    MAMBART_CHECK_ARG(p.x && p.Bm && p.Cm && p.dt && p.A && p.D && p.dt_bias && p.y &&
+                          (bf16 ? !p.ssm_state && !p.state_trace : p.ssm_state && !p.state_trace_bf16),
+                      "launch_ssd_scan: null pointer, or fp32 and bf16 state pointers mixed");
     MAMBART_CHECK_ARG(p.B <= 65535 && p.H <= 0x7fffffff, "launch_ssd_scan: grid too large");
     if (p.B == 0) return;
     // The head's rows spread over ceil(P / 8) blocks of one row per warp: H * P / 8 blocks
@@ -153,7 +163,10 @@ void launch_ssd_scan(const SsdParams& p, cudaStream_t s) {
     const size_t smem = size_t(kT * (2 * p.N + 2 * p.P + 2)) * sizeof(float);
     static_assert(kSsdWarps == 8, "one row per warp");
     (void)rpw;
-    dispatch_spl<1>(p, spl, grid, smem, s);
+    if (bf16)
+        dispatch_spl<1, __nv_bfloat16>(p, spl, grid, smem, s);
+    else
+        dispatch_spl<1, float>(p, spl, grid, smem, s);
     check_launch("ssd_scan_kernel", s);
 }
 

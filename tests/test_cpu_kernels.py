@@ -214,6 +214,59 @@ def test_f32_to_f16_rounds_to_nearest_even():
     assert np.array_equal(out.view(np.uint32), want.view(np.uint32))
 
 
+_GEMM_CHILD = r"""
+import json
+import numpy as np
+from mambart import _C
+be = _C._ops.Backend("cpu", 2)
+rng = np.random.default_rng(11)
+out = {"name": be.name, "y": {}}
+for dt in ("float32", "float16", "bfloat16"):
+    for M, K, N in ((17, 12, 5), (24, 64, 16), (25, 65, 33), (37, 130, 21), (100, 768, 40),
+                    (29, 1539, 17)):
+        x = rng.standard_normal((M, K)).astype(np.float32)
+        W = rng.standard_normal((N, K)).astype(np.float32)
+        b = rng.standard_normal(N).astype(np.float32)
+        out["y"][f"{dt}/{M}/{K}/{N}"] = [be.linear(x, W, dt, b).view(np.uint32).tolist(),
+                                          be.linear(x, W, dt).view(np.uint32).tolist()]
+from mambart._quant import quantize
+for scheme, group in (("int8", 0), ("int4", 32), ("int4", 128)):
+    for M, K, N in ((9, 128, 5), (13, 256, 33), (37, 384, 21)):
+        x = rng.standard_normal((M, K)).astype(np.float32)
+        W = rng.standard_normal((N, K)).astype(np.float32)
+        b = rng.standard_normal(N).astype(np.float32)
+        q, sc = quantize(W, scheme, group, "float16")
+        y = be.linear_quant(x, q, sc.astype(np.float32), scheme, group, b)
+        out["y"][f"{scheme}/{group}/{M}/{K}/{N}"] = [y.view(np.uint32).tolist()]
+print(json.dumps(out))
+"""
+
+
+def test_gemm_avx512_as_avx2():
+    """The GEMM (more than 16 rows: prefill; int8 / int4 weights from 9 rows, dequantized per
+    panel) on AVX-512 runs a 512-bit micro-kernel of 12 rows;
+    its bits equal the AVX2 GEMM's (MAMBART_CPU_AVX512=0): each output is summed in the same
+    order, only the vector width and the tile height differ. Row tails (M % 12), K tails (K % 4,
+    the 64-step blocks) and partial panels (N % 16), with and without bias."""
+    def run(env_extra):
+        env = dict(os.environ)
+        env.pop("MAMBART_CPU_PORTABLE", None)
+        env.update(env_extra)
+        r = subprocess.run([sys.executable, "-c", _GEMM_CHILD], env=env, capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    main = run({})
+    if _kernels(main["name"]) != "avx512":
+        pytest.skip("the AVX-512 GEMM runs on x86-64 CPUs with AVX-512 F and DQ only")
+    avx2 = run({"MAMBART_CPU_AVX512": "0"})
+    assert _kernels(avx2["name"]) == "avx2", avx2["name"]
+    assert avx2["y"].keys() == main["y"].keys()
+    for key in main["y"]:
+        assert avx2["y"][key] == main["y"][key], key
+
+
 _ROWS_CHILD = r"""
 import json, sys
 import numpy as np

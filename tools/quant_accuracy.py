@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
-"""Accuracy of quantized weights (issue 18): bf16 against int8 and int4 (`mambart convert
---quantize`), on the CPU backend.
+"""Accuracy of quantized weights and of the state's precision (issue 18): bf16 against int8 and
+int4 (`mambart convert --quantize`), each with the SSM state in float32 and in bfloat16 (the
+option state_dtype: the `state` column), on the CPU backend; and the bytes of state per sequence
+(stream) at the published shapes, float32 against bfloat16 state, from the runtime's state spec.
 
 1. Trained models: the bundled demos (tools/train_demo.py: a Mamba-1, d_model 192, 6 layers, and
    a Mamba-2, d_model 256, 4 layers, trained on the standard library's source), held-out
@@ -11,7 +13,9 @@
    50280): the logits' error relative to bf16 (RMS error over the RMS of centred bf16 logits),
    the teacher-forced top-1 agreement over 256 positions, and the first position where free
    greedy decoding (256 tokens) leaves bf16's. Random weights give near-uniform, chaotic
-   next-token distributions: these show the error's size, not a model's quality.
+   next-token distributions: these show the error's size, not a model's quality. The bf16 state
+   (with bf16 weights) is measured the same way against the float32 state.
+3. State bytes per sequence (--state-shapes): mamba-130m, mamba-1.4b, mamba2-1.3b.
 
     python tools/quant_accuracy.py --json out.jsonl
 
@@ -39,6 +43,24 @@ SHAPES = {"mamba-130m": dict(arch="mamba1", d_model=768, n_layer=24, d_inner=153
                              dt_rank=48),
           "mamba2-130m": dict(arch="mamba2", d_model=768, n_layer=24, d_inner=1536, d_state=128,
                               headdim=64, nheads=24)}
+# The published shapes whose state per sequence is reported (vocab 50280, padded 50288).
+STATE_SHAPES = {
+    "mamba-130m": dict(SHAPES["mamba-130m"]),
+    "mamba-1.4b": dict(arch="mamba1", d_model=2048, n_layer=48, d_inner=4096, d_state=16,
+                       dt_rank=128),
+    "mamba2-1.3b": dict(arch="mamba2", d_model=2048, n_layer=48, d_inner=4096, d_state=128,
+                        headdim=64, nheads=64, ngroups=1, chunk_size=256),
+}
+
+
+def state_bytes(shape: dict, state_dtype: str) -> int:
+    """Bytes of state one sequence takes at `shape` (the runtime's layout: State::row_bytes)."""
+    from mambart import _C
+    from model_dirs import config_dict
+
+    sh = dict(shape)
+    cfg = config_dict(sh.pop("arch"), vocab_size=50280, vocab_size_padded=50288, **sh)
+    return int(_C.config_spec(json.dumps(cfg), "shape", state_dtype)["state_row_bytes"])
 
 
 def git_sha() -> str:
@@ -89,6 +111,9 @@ def main() -> int:
     ap.add_argument("--shape", default="mamba-130m", choices=sorted(SHAPES) + ["none"])
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--state-dtypes", default="float32,bfloat16",
+                    help="SSM state dtypes to run each scheme with (option state_dtype)")
+    ap.add_argument("--schemes", default="bf16,int8,int4")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
 
@@ -98,27 +123,34 @@ def main() -> int:
 
     env = {"git_sha": git_sha(), "date": time.strftime("%Y-%m-%d"),
            "quant_kernels": _C._ops.linear_quant_kernels(), "group_size": a.group_size}
+    states = a.state_dtypes.split(",")
     rows = []
+    for name, shape in STATE_SHAPES.items():
+        r = dict(env, model=name, state_bytes={sd: state_bytes(shape, sd)
+                                              for sd in ("float32", "bfloat16")})
+        rows.append(r)
+        print(json.dumps(r), flush=True)
     texts = heldout(a.texts, a.chars)
     dtexts = heldout(a.decode_texts, 1500)
     with tempfile.TemporaryDirectory() as tmp:
         for demo in ("mambart-demo", "mambart2-demo"):
             src = hub.bundled_model_dir(demo)
-            base = None
-            for scheme in ("bf16", "int8", "int4"):
+            base = None  # bf16 weights, float32 state
+            for scheme in a.schemes.split(","):
                 d = src if scheme == "bf16" else convert(
                     src, Path(tmp) / f"{demo}-{scheme}", quantize=scheme,
                     int4_group_size=a.group_size)
-                g = mambart.Generator(d, threads=a.threads)
-                r = dict(env, model=demo, scheme=scheme, prefill_ppl=prefill_ppl(g, texts),
-                         decode_ppl=decode_ppl(g, dtexts), texts=len(texts), chars=a.chars,
-                         decode_texts=len(dtexts),
-                         weight_bytes=(Path(d) / "model.safetensors").stat().st_size)
-                base = base or r
-                r["prefill_vs_bf16"] = r["prefill_ppl"] / base["prefill_ppl"] - 1
-                r["decode_vs_bf16"] = r["decode_ppl"] / base["decode_ppl"] - 1
-                rows.append(r)
-                print(json.dumps(r), flush=True)
+                for sd in states:
+                    g = mambart.Generator(d, threads=a.threads, state_dtype=sd)
+                    r = dict(env, model=demo, scheme=scheme, state=sd,
+                             prefill_ppl=prefill_ppl(g, texts), decode_ppl=decode_ppl(g, dtexts),
+                             texts=len(texts), chars=a.chars, decode_texts=len(dtexts),
+                             weight_bytes=(Path(d) / "model.safetensors").stat().st_size)
+                    base = base or r
+                    r["prefill_vs_bf16"] = r["prefill_ppl"] / base["prefill_ppl"] - 1
+                    r["decode_vs_bf16"] = r["decode_ppl"] / base["decode_ppl"] - 1
+                    rows.append(r)
+                    print(json.dumps(r), flush=True)
         if a.shape != "none":
             from model_dirs import make_model_dir
 
@@ -133,10 +165,13 @@ def main() -> int:
             seq = prompt + free_b
             lb = gb.logits(seq)[len(prompt) - 1:-1].astype(np.float64)
             cen = np.sqrt(((lb - lb.mean(1, keepdims=True)) ** 2).mean())
-            for scheme in ("int8", "int4"):
-                d = convert(src, Path(tmp) / f"{a.shape}-{scheme}", quantize=scheme,
-                            int4_group_size=a.group_size)
-                g = mambart.Generator(d, threads=a.threads)
+            for scheme in [x for x in a.schemes.split(",") if x != "bf16"] + ["bf16 state"]:
+                if scheme == "bf16 state":  # bf16 weights, the SSM state in bf16
+                    g = mambart.Generator(src, threads=a.threads, state_dtype="bfloat16")
+                else:
+                    d = convert(src, Path(tmp) / f"{a.shape}-{scheme}", quantize=scheme,
+                                int4_group_size=a.group_size)
+                    g = mambart.Generator(d, threads=a.threads)
                 lq = g.logits(seq)[len(prompt) - 1:-1].astype(np.float64)
                 free = list(g.generate(prompt, max_new_tokens=256, ignore_eos=True).token_ids)
                 first = next((i for i, (x, y) in enumerate(zip(free_b, free)) if x != y), 256)
@@ -153,14 +188,22 @@ def main() -> int:
                 f.write(json.dumps(r) + "\n")
     print(f"\ncommit {env['git_sha']}, {env['date']}, CPU quantized GEMV kernels "
           f"{env['quant_kernels']}, int4 group {a.group_size}\n")
-    print("| model | scheme | weights MB | held-out ppl (prefill) | vs bf16 | held-out ppl "
-          "(decode path) | vs bf16 |")
-    print("|---|---|---|---|---|---|---|")
+    print("| shape | state per sequence, float32 state | bfloat16 state | ratio |")
+    print("|---|---|---|---|")
+    for r in rows:
+        if "state_bytes" in r:
+            f32, b16 = r["state_bytes"]["float32"], r["state_bytes"]["bfloat16"]
+            print(f"| {r['model']} | {f32:,} B ({f32 / 1e6:.2f} MB) | {b16:,} B "
+                  f"({b16 / 1e6:.2f} MB) | {b16 / f32:.3f} |")
+    print("\n| model | scheme | state | weights MB | held-out ppl (prefill) | vs bf16 / fp32 state "
+          "| held-out ppl (decode path) | vs bf16 / fp32 state |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "prefill_ppl" in r:
-            print(f"| {r['model']} | {r['scheme']} | {r['weight_bytes'] / 1e6:.2f} | "
-                  f"{r['prefill_ppl']:.3f} | {100 * r['prefill_vs_bf16']:+.2f}% | "
-                  f"{r['decode_ppl']:.3f} | {100 * r['decode_vs_bf16']:+.2f}% |")
+            print(f"| {r['model']} | {r['scheme']} | {r['state']} | "
+                  f"{r['weight_bytes'] / 1e6:.2f} | "
+                  f"{r['prefill_ppl']:.3f} | {100 * r['prefill_vs_bf16']:+.3f}% | "
+                  f"{r['decode_ppl']:.3f} | {100 * r['decode_vs_bf16']:+.3f}% |")
     if any("top1_agreement" in r for r in rows):
         print("\n| model | scheme | logit RMS error / RMS logit | max abs logit error | "
               "top-1 agreement (teacher-forced, 256) | greedy: first divergence (of 256) |")

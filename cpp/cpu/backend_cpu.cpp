@@ -161,6 +161,10 @@ class CpuBackend final : public Backend {
     // The fused decode projection as the separate ops (the oracle of the CUDA kernel, and what
     // lets the model's fused path be tested here): bitwise the unfused path's results.
     bool fused_projection(int64_t M, int64_t K, int64_t) const override { return M >= 1 && K >= 1; }
+    // A bf16 SSM state (option state_dtype): the scans follow BF16_STATE_RULE (op_params.h).
+    bool supports_state_dtype(DType dt) const override {
+        return dt == DType::F32 || dt == DType::BF16;
+    }
     void project(const ProjParams& p) override {
         MAMBART_CHECK_ARG(p.M >= 1 && p.N >= 1 && p.N <= p.W.rows && p.y && p.ldy >= p.N,
                           "project: bad sizes M=", p.M, " N=", p.N);
@@ -281,7 +285,9 @@ class CpuBackend final : public Backend {
     // vector holds the block's channels of one state entry n (moved in and out by 8 x 8
     // transposes); the tokens then run in order with every operation a block wide. B_t[n] and
     // C_t[n] are broadcast (shared by all channels). The state is read once and written once
-    // per call (and once per token into the trace of a verification pass).
+    // per call (and once per token into the trace of a verification pass). A bf16 state
+    // (ssm_state_bf16) is widened into the tile, and the tile rounded to bf16 after every token
+    // (BF16_STATE_RULE, op_params.h).
     static constexpr int64_t kMaxScanN = 256;  // larger d_state takes the scalar path
 
     void selective_scan(const SelectiveScanParams& p) override {
@@ -290,26 +296,33 @@ class CpuBackend final : public Backend {
         constexpr int BW = kScanBlock;
         const int64_t E = p.E, N = p.N, L = p.L;
         const int64_t nblk = (E + BW - 1) / BW;
+        const bool bf = p.ssm_state_bf16 != nullptr;
         for (int64_t b = 0; b < p.B; ++b) {
             par(nblk * L * N * BW > 65536, nblk, [&](int64_t blk0, int64_t blk1) {
                 for (int64_t blk = blk0; blk < blk1; ++blk) {
                     const int64_t e0 = blk * BW, ne = std::min<int64_t>(BW, E - e0);
                     alignas(64) float h[kMaxScanN][BW];   // (N, BW) state of channels e0..
                     alignas(64) float At[kMaxScanN][BW];  // (N, BW) A of those channels
-                    float* st = p.ssm_state + (b * E + e0) * N;  // (ne, N) rows of the state
+                    // (ne, N) rows of the state: fp32, or bf16 (st16)
+                    float* st = bf ? nullptr : p.ssm_state + (b * E + e0) * N;
+                    uint16_t* st16 = bf ? p.ssm_state_bf16 + (b * E + e0) * N : nullptr;
                     const float* Ab = p.A + e0 * N;  // (ne, N) rows of A
                     int64_t nt = 0;  // the first n not yet moved: blocks of 8 when ne == BW
                     if (ne == BW)
                         for (; nt + 8 <= N; nt += 8)
                             for (int jb = 0; jb < BW; jb += 8) {
-                                transpose8x8(st + jb * N + nt, N, &h[nt][jb], BW);
+                                if (st) transpose8x8(st + jb * N + nt, N, &h[nt][jb], BW);
                                 transpose8x8(Ab + jb * N + nt, N, &At[nt][jb], BW);
                             }
                     for (int64_t n = nt; n < N; ++n)
                         for (int64_t j = 0; j < BW; ++j) {
-                            h[n][j] = j < ne ? st[j * N + n] : 0.0f;
+                            h[n][j] = j < ne && st ? st[j * N + n] : 0.0f;
                             At[n][j] = j < ne ? Ab[j * N + n] : 0.0f;
                         }
+                    if (bf)
+                        for (int64_t n = 0; n < N; ++n)
+                            for (int64_t j = 0; j < BW; ++j)
+                                h[n][j] = j < ne ? bf16_to_f32(st16[j * N + n]) : 0.0f;
                     // The block's inputs, padded with zeros past ne (the padded lanes compute
                     // finite values that are never stored).
                     alignas(64) float bias[BW], D[BW];
@@ -326,22 +339,37 @@ class CpuBackend final : public Backend {
                         for (int j0 = 0; j0 < BW; j0 += kScanLanes)
                             scan_step<ScanVec>(j0, N, h, At, bias, D, dt, x, z, Bt, Ct, y);
                         for (int64_t j = 0; j < ne; ++j) p.y[bt * E + e0 + j] = y[j];
+                        if (bf) round_tile_bf16(h, N);
                         if (p.state_trace)  // the state after token t: (ne, N) rows at e0
                             store_state(h, ne, N, p.state_trace + (bt * E + e0) * N);
+                        if (p.state_trace_bf16)
+                            store_state_bf16(h, ne, N, p.state_trace_bf16 + (bt * E + e0) * N);
                     }
-                    store_state(h, ne, N, st);
+                    if (bf)
+                        store_state_bf16(h, ne, N, st16);
+                    else
+                        store_state(h, ne, N, st);
                 }
             });
         }
     }
 
-    // The same recurrence one channel at a time (d_state > kMaxScanN).
+    // The same recurrence one channel at a time (d_state > kMaxScanN); a bf16 state row is
+    // widened into hb, rounded after every token and written back.
+    static constexpr int64_t kMaxDState = 4096;  // the d_state bound of the layer configs
+
     void selective_scan_scalar(const SelectiveScanParams& p) {
         const int64_t E = p.E, N = p.N, L = p.L;
+        const bool bf = p.ssm_state_bf16 != nullptr;
+        MAMBART_CHECK_ARG(!bf || N <= kMaxDState, "selective_scan: d_state ", N, " > ",
+                          kMaxDState, " with a bf16 state");
         for (int64_t b = 0; b < p.B; ++b) {
             par(E * L > 256, E, [&](int64_t e0, int64_t e1) {
+                float hb[kMaxDState];  // (N) a bf16 state row, widened
                 for (int64_t e = e0; e < e1; ++e) {
-                    float* h = p.ssm_state + (b * E + e) * N;
+                    uint16_t* h16 = bf ? p.ssm_state_bf16 + (b * E + e) * N : nullptr;
+                    if (bf) convert_to_f32(h16, DType::BF16, hb, size_t(N));
+                    float* h = bf ? hb : p.ssm_state + (b * E + e) * N;
                     const float* A = p.A + e * N;
                     for (int64_t t = 0; t < L; ++t) {
                         const int64_t bt = b * L + t;
@@ -356,8 +384,12 @@ class CpuBackend final : public Backend {
                             acc += Ct[n] * hn;
                         }
                         p.y[bt * E + e] = (acc + p.D[e] * u) * cpu::silu1(p.z[bt * p.ld_z + e]);
+                        if (bf) round_bf16(h, N, h16);
                         if (p.state_trace)
                             std::memcpy(p.state_trace + (bt * E + e) * N, h, size_t(N) * sizeof(float));
+                        if (p.state_trace_bf16)
+                            std::memcpy(p.state_trace_bf16 + (bt * E + e) * N, h16,
+                                        size_t(N) * sizeof(uint16_t));
                     }
                 }
             });
@@ -418,6 +450,24 @@ class CpuBackend final : public Backend {
         for (int64_t n = nt; n < N; ++n)
             for (int64_t j = 0; j < ne; ++j) dst[j * N + n] = h[n][j];
     }
+    // The same into bf16 rows: the tile holds bf16 values (rounded after each token): exact.
+    static void store_state_bf16(const float (*h)[kScanBlock], int64_t ne, int64_t N,
+                                 uint16_t* dst) {
+        for (int64_t j = 0; j < ne; ++j)
+            for (int64_t n = 0; n < N; ++n) dst[j * N + n] = f32_to_bf16(h[n][j]);
+    }
+    // The scan tile h (N, kScanBlock) rounded to bf16 values (nearest even), in place.
+    static void round_tile_bf16(float (*h)[kScanBlock], int64_t N) {
+        for (int64_t n = 0; n < N; ++n)
+            for (int j = 0; j < kScanBlock; ++j) h[n][j] = bf16_to_f32(f32_to_bf16(h[n][j]));
+    }
+    // v[0 .. n) rounded to bf16 (nearest even) into dst, and v given the rounded values.
+    static void round_bf16(float* v, int64_t n, uint16_t* dst) {
+        for (int64_t i = 0; i < n; ++i) {
+            dst[i] = f32_to_bf16(v[i]);
+            v[i] = bf16_to_f32(dst[i]);
+        }
+    }
     // dst[0 .. kScanBlock) = src[0 .. n), zeros past n.
     static void copy_part(float* dst, const float* src, int64_t n) {
         if (n == kScanBlock) {
@@ -442,7 +492,10 @@ class CpuBackend final : public Backend {
         // group): more whenever Q >= N, and its small GEMMs did not make up for it (issue 22,
         // mamba2-130m shape, 1 and 2 threads: the recurrent form 8-20% faster at 256 and 2048
         // tokens). The cpu_ssd option forces either (not with state_trace).
-        const bool recurrent = p.L == 1 || p.state_trace || ssd_form_ == CpuSsd::Recurrent ||
+        // A bf16 state (option state_dtype) is rounded after every token (BF16_STATE_RULE):
+        // the recurrent form.
+        const bool recurrent = p.L == 1 || p.state_trace || p.ssm_state_bf16 ||
+                               ssd_form_ == CpuSsd::Recurrent ||
                                (ssd_form_ == CpuSsd::Auto && p.chunk_size >= p.N);
         if (recurrent)
             ssd_recurrent(p);
@@ -828,12 +881,18 @@ class CpuBackend final : public Backend {
     // Threads split the (row, head) pairs; a head's state (P x N) stays in L1 while its tokens
     // run. Each token does exactly the arithmetic of a decode step (L = 1), so a prompt
     // prefilled this way leaves the state that decoding it token by token would.
+    // A bf16 state is read a row (pp) at a time into sb and rounded back after every token.
     void ssd_recurrent(const SsdParams& p) {
         const int64_t H = p.H, P = p.P, N = p.N, L = p.L, heads_per_group = p.H / p.G;
+        const bool bf = p.ssm_state_bf16 != nullptr;
+        MAMBART_CHECK_ARG(!bf || N <= kMaxDState, "ssd_scan: d_state ", N, " > ", kMaxDState,
+                          " with a bf16 state");
         par(p.B * H * P * N * L > 16384, p.B * H, [&](int64_t i0, int64_t i1) {
+            float sb[kMaxDState];  // (N) a row of a bf16 state, widened
             for (int64_t bh = i0; bh < i1; ++bh) {
                 const int64_t b = bh / H, h = bh % H, g = h / heads_per_group;
-                float* s = p.ssm_state + (b * H + h) * P * N;
+                float* s = bf ? nullptr : p.ssm_state + (b * H + h) * P * N;
+                uint16_t* s16 = bf ? p.ssm_state_bf16 + (b * H + h) * P * N : nullptr;
                 for (int64_t t = 0; t < L; ++t) {
                     const int64_t bt = b * L + t;  // token row
                     const float delta = dt_value(p, bt, h);
@@ -844,7 +903,8 @@ class CpuBackend final : public Backend {
                     float* y = p.y + bt * H * P + h * P;
                     for (int64_t pp = 0; pp < P; ++pp) {
                         const float dx = delta * x[pp];
-                        float* sp = s + pp * N;
+                        float* sp = bf ? sb : s + pp * N;
+                        if (bf) convert_to_f32(s16 + pp * N, DType::BF16, sb, size_t(N));
                         float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
                         for (int64_t n = 0; n < N; ++n) {
@@ -853,6 +913,7 @@ class CpuBackend final : public Backend {
                             acc += v * Cv[n];
                         }
                         y[pp] = acc + p.D[h] * x[pp];
+                        if (bf) round_bf16(sb, N, s16 + pp * N);
                     }
                     if (p.z) {
                         const float* z = p.z + bt * p.ld_z + h * P;
@@ -861,6 +922,9 @@ class CpuBackend final : public Backend {
                     if (p.state_trace)
                         std::memcpy(p.state_trace + (bt * H + h) * P * N, s,
                                     size_t(P * N) * sizeof(float));
+                    if (p.state_trace_bf16)
+                        std::memcpy(p.state_trace_bf16 + (bt * H + h) * P * N, s16,
+                                    size_t(P * N) * sizeof(uint16_t));
                 }
             }
         });

@@ -51,6 +51,14 @@ constexpr int64_t kGemvMaxM = 16;
 // The quantized GEMVs (int8 / int4) take up to 8 rows; more rows take the quantized GEMM.
 constexpr int64_t kQuantGemvMaxM = 8;
 
+// The GEMV tiles prefetch the weights at least this many bytes ahead of the rows they read (the
+// same place in the next tile's rows, or further where a tile is smaller): int4 rows of a
+// d_model 768 matrix are 384 bytes, so a tile of 4 rows ahead was 1.5 KB, too close to cover
+// the memory latency at full bandwidth; 8 KB measured best (mamba-130m int4 decode on one core
+// of an EPYC: 4.2-4.5 -> 2.6-2.8 ms/token; 4, 12, 16 and 32 KB no better; issue 18).
+constexpr size_t kPrefetchMinBytes = 8192;
+inline size_t prefetch_ahead(size_t tile_bytes) { return std::max(tile_bytes, kPrefetchMinBytes); }
+
 // ---- portable path ---------------------------------------------------------------------------
 
 inline float load_w(const void* W, DType dt, size_t i) {
@@ -266,7 +274,7 @@ MAMBART_SIMD512 inline void tile(const float* x, int64_t ldx, int64_t K, const v
 #pragma GCC unroll 4
         for (int p = 0; p < NP; ++p) acc[i][p] = _mm512_setzero_ps();
     constexpr int64_t kLine = 64 / int64_t(es);
-    const size_t ahead = size_t(2 * NP * ldw) * es;
+    const size_t ahead = prefetch_ahead(size_t(2 * NP * ldw) * es);
     int64_t k = 0;
     for (; k + 8 <= K; k += 8) {
         if (k % kLine == 0)
@@ -355,6 +363,117 @@ __attribute__((target("avx512f,avx512dq,avx2,fma,f16c"))) void gemv(
                 default: sweep<8, D>(xm, ldx, K, W, n0, n1, bias, ym, ldy); break;
             }
         }
+    });
+}
+
+// ---- AVX-512 GEMM (M > kGemvMaxM: prefill, large batches) ----
+// As avx2's gemm (linear_simd.inc): panels of 16 weight rows widened and packed (K, 16) by
+// avx2::pack_panel, then an outer-product micro-kernel; here the panel's 16 columns are the 16
+// lanes of one 512-bit accumulator per row of x instead of two 256-bit ones. Every output's sum
+// is formed as there (k in order within blocks of 64, each block's sum added into a running
+// total, the bias last), so the bits are the AVX2 GEMM's; only the vector width and the tile
+// height (12 rows of x: 12 accumulators + 12 totals in 32 registers) change.
+constexpr int kGemmRows512 = 12;
+
+template <int MR>
+MAMBART_SIMD512 inline void panel_tile(const float* x, int64_t ldx, int64_t K, const float* wp,
+                                       const float* bias, float* y, int64_t ldy,
+                                       int64_t ncols) {
+    constexpr int64_t kKBlock = 64;  // as avx2::panel_tile
+    __m512 tot[MR], acc[MR];
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; ++i) tot[i] = _mm512_setzero_ps();
+    for (int64_t kb = 0; kb < K; kb += kKBlock) {
+        const int64_t ke = K < kb + kKBlock ? K : kb + kKBlock;
+#pragma GCC unroll 12
+        for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_ps();
+        for (int64_t k = kb; k < ke; ++k) {
+            const __m512 w = _mm512_loadu_ps(wp + k * 16);
+#pragma GCC unroll 12
+            for (int i = 0; i < MR; ++i)
+                acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(x[i * ldx + k]), w, acc[i]);
+        }
+#pragma GCC unroll 12
+        for (int i = 0; i < MR; ++i) tot[i] = _mm512_add_ps(tot[i], acc[i]);
+    }
+    alignas(64) float out[16];
+    for (int i = 0; i < MR; ++i) {
+        _mm512_store_ps(out, tot[i]);
+        float* yi = y + i * ldy;
+        for (int64_t j = 0; j < ncols; ++j) yi[j] = out[j] + (bias ? bias[j] : 0.0f);
+    }
+}
+
+template <int R>
+MAMBART_SIMD512 inline void panel_rows(const float* x, int64_t ldx, int64_t K, const float* wp,
+                                       const float* bias, float* y, int64_t ldy, int64_t nc,
+                                       int64_t rows) {
+    if constexpr (R >= 1) {
+        if (rows == R) return panel_tile<R>(x, ldx, K, wp, bias, y, ldy, nc);
+        return panel_rows<R - 1>(x, ldx, K, wp, bias, y, ldy, nc, rows);
+    }
+}
+
+// Every 12-row tile of x (M rows) over one packed panel wp (K, 16) of nc columns: y[:, 0..nc).
+MAMBART_SIMD512 inline void panel_tiles(const float* x, int64_t ldx, int64_t M, int64_t K,
+                                        const float* wp, const float* bias, float* y,
+                                        int64_t ldy, int64_t nc) {
+    constexpr int MR = kGemmRows512;
+    int64_t m = 0;
+    for (; m + MR <= M; m += MR) panel_tile<MR>(x + m * ldx, ldx, K, wp, bias, y + m * ldy, ldy, nc);
+    if (m < M) panel_rows<MR - 1>(x + m * ldx, ldx, K, wp, bias, y + m * ldy, ldy, nc, M - m);
+}
+
+// Panels [p0, p1): each packed into this thread's scratch, then the row tiles over it.
+template <DType D>
+__attribute__((target("avx512f,avx512dq,avx2,fma,f16c"))) void gemm_panels(
+    const float* x, int64_t ldx, int64_t M, int64_t K, const void* W, int64_t N,
+    const float* bias, float* y, int64_t ldy, int64_t p0, int64_t p1) {
+    float* wp = panel_scratch(K * 16);  // (K, 16) packed panel, this thread's
+    for (int64_t pnl = p0; pnl < p1; ++pnl) {
+        const int64_t n0 = pnl * 16, nc = N - n0 < 16 ? N - n0 : 16;
+        avx2::pack_panel<D>(W, K, n0, nc, wp);
+        panel_tiles(x, ldx, M, K, wp, bias ? bias + n0 : nullptr, y + n0, ldy, nc);
+    }
+}
+
+// The quantized GEMM's panels [p0, p1): rows dequantized as avx2::qgemm does (the same fp32
+// weights), packed, then the row tiles: the bits of avx2::qgemm.
+template <QuantScheme Q>
+__attribute__((target("avx512f,avx512dq,avx2,fma,f16c"))) void qgemm_panels(
+    const float* x, int64_t ldx, int64_t M, const Weight& W, int64_t N, const float* bias,
+    float* y, int64_t ldy, int64_t p0, int64_t p1) {
+    const int64_t K = W.cols;
+    float* wp = panel_scratch(K * 17);  // (K, 16) packed panel, then (K) a row
+    float* row = wp + K * 16;
+    for (int64_t pnl = p0; pnl < p1; ++pnl) {
+        const int64_t n0 = pnl * 16, nc = N - n0 < 16 ? N - n0 : 16;
+        for (int64_t j = 0; j < 16; ++j) {
+            if (j < nc) {
+                avx2::qdequant_row<Q>(W, n0 + j, row);
+                for (int64_t k = 0; k < K; ++k) wp[k * 16 + j] = row[k];
+            } else {
+                for (int64_t k = 0; k < K; ++k) wp[k * 16 + j] = 0.0f;
+            }
+        }
+        panel_tiles(x, ldx, M, K, wp, bias ? bias + n0 : nullptr, y + n0, ldy, nc);
+    }
+}
+
+template <QuantScheme Q>
+void qgemm(const float* x, int64_t ldx, int64_t M, const Weight& W, int64_t N, const float* bias,
+           float* y, int64_t ldy) {
+    parallel_for((N + 15) / 16, 1, [&](int64_t p0, int64_t p1) {
+        qgemm_panels<Q>(x, ldx, M, W, N, bias, y, ldy, p0, p1);
+    });
+}
+
+template <DType D>
+void gemm(const float* x, int64_t ldx, int64_t M, int64_t K, const void* W, int64_t N,
+          const float* bias, float* y, int64_t ldy) {
+    const int64_t npanels = (N + 15) / 16;
+    parallel_for(npanels, 1, [&](int64_t p0, int64_t p1) {
+        gemm_panels<D>(x, ldx, M, K, W, N, bias, y, ldy, p0, p1);
     });
 }
 
@@ -472,17 +591,46 @@ MAMBART_VNNI QX quantize_x(const float* x, int64_t ldx, int64_t M, int64_t K, in
 }
 
 // int8 weights, MR x NR tile: y[i][j] = ws[j] · Σ_b sx[i][b] · Σ_{k in b} xq[i][k] · q_j[k] (+ bias).
+// Two blocks of 32 a step in 512-bit registers (lanes 0..7 of the int32 sums hold block b,
+// lanes 8..15 block b + 1, scaled by [sx[b] x 8 | sx[b + 1] x 8]); an odd last block in 256
+// bits. The product of u8 |w| and s8 x·sign(w): VPDPBUSD needs one unsigned operand, and
+// AVX-512 has no VPSIGNB, so x is negated under the mask of w's sign bits.
 template <int MR, int NR>
 MAMBART_VNNI inline void tile8(const QX& X, const int8_t* w, const float* ws, const float* bias,
                                float* y, int64_t ldy) {
     const int64_t K = X.K;
-    __m256 tot[MR][NR];
+    const int64_t ahead = int64_t(prefetch_ahead(size_t(NR * K)));  // bytes ahead of the rows
+    __m512 tot[MR][NR];
     for (int i = 0; i < MR; ++i)
-        for (int j = 0; j < NR; ++j) tot[i][j] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < X.nb; ++b) {
+        for (int j = 0; j < NR; ++j) tot[i][j] = _mm512_setzero_ps();
+    int64_t b = 0;
+    for (; b + 2 <= X.nb; b += 2) {
         const int64_t k = b * kBlock;
-        if (k % 64 == 0)
-            for (int j = 0; j < NR; ++j) __builtin_prefetch(w + (j + NR) * K + k, 0, 3);
+        for (int j = 0; j < NR; ++j) __builtin_prefetch(w + j * K + k + ahead, 0, 3);
+        __m512i aw[NR];
+        __mmask64 neg[NR];
+        for (int j = 0; j < NR; ++j) {
+            const __m512i wv = _mm512_loadu_si512(w + j * K + k);
+            aw[j] = _mm512_abs_epi8(wv);
+            neg[j] = _mm512_movepi8_mask(wv);
+        }
+        for (int i = 0; i < MR; ++i) {
+            const __m512i xv = _mm512_loadu_si512(X.q + i * K + k);
+            const __m512 sx = _mm512_castpd_ps(_mm512_insertf64x4(  // (AVX512F: no DQ needed)
+                _mm512_castps_pd(_mm512_castps256_ps512(_mm256_set1_ps(X.s[i * X.nb + b]))),
+                _mm256_castps_pd(_mm256_set1_ps(X.s[i * X.nb + b + 1])), 1));
+            for (int j = 0; j < NR; ++j) {
+                const __m512i xs = _mm512_mask_sub_epi8(xv, neg[j], _mm512_setzero_si512(), xv);
+                const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), aw[j], xs);
+                tot[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sx, tot[i][j]);
+            }
+        }
+    }
+    __m256 tail[MR][NR];
+    for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NR; ++j) tail[i][j] = _mm256_setzero_ps();
+    if (b < X.nb) {  // an odd last block
+        const int64_t k = b * kBlock;
         __m256i wv[NR], aw[NR];
         for (int j = 0; j < NR; ++j) {
             wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * K + k));
@@ -494,13 +642,17 @@ MAMBART_VNNI inline void tile8(const QX& X, const int8_t* w, const float* ws, co
             for (int j = 0; j < NR; ++j) {
                 const __m256i d = _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw[j],
                                                       _mm256_sign_epi8(xv, wv[j]));
-                tot[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), sx, tot[i][j]);
+                tail[i][j] = _mm256_mul_ps(_mm256_cvtepi32_ps(d), sx);
             }
         }
     }
     for (int i = 0; i < MR; ++i)
-        for (int j = 0; j < NR; ++j)
-            y[i * ldy + j] = hsum8(tot[i][j]) * ws[j] + (bias ? bias[j] : 0.0f);
+        for (int j = 0; j < NR; ++j) {
+            const __m256 t = _mm256_add_ps(
+                _mm512_castps512_ps256(tot[i][j]),
+                _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(tot[i][j]), 1)));
+            y[i * ldy + j] = hsum8(_mm256_add_ps(t, tail[i][j])) * ws[j] + (bias ? bias[j] : 0.0f);
+        }
 }
 
 // int4 weights (groups of K / G), MR x NR tile: y[i][j] = Σ_g ws[j][g] · (Σ_{b in g} sx[i][b] ·
@@ -509,6 +661,7 @@ template <int MR, int NR>
 MAMBART_VNNI inline void tile4(const QX& X, const uint8_t* w, const float* ws, const float* bias,
                                float* y, int64_t ldy) {
     const int64_t K = X.K, rb = K / 2, G = X.G, group = K / G;
+    const int64_t ahead = int64_t(prefetch_ahead(size_t(NR * rb)));  // bytes ahead of the rows
     const __m128i lo4 = _mm_set1_epi8(0x0f);
     __m256 tot[MR][NR];
     float corr[MR][NR];
@@ -523,7 +676,7 @@ MAMBART_VNNI inline void tile4(const QX& X, const uint8_t* w, const float* ws, c
             for (int j = 0; j < NR; ++j) gs[i][j] = _mm256_setzero_ps();
         for (int64_t k = g * group; k < (g + 1) * group; k += kBlock) {
             if (k % 128 == 0)
-                for (int j = 0; j < NR; ++j) __builtin_prefetch(w + (j + NR) * rb + k / 2, 0, 3);
+                for (int j = 0; j < NR; ++j) __builtin_prefetch(w + j * rb + k / 2 + ahead, 0, 3);
             __m256i u[NR];
             for (int j = 0; j < NR; ++j) {
                 const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * rb + k / 2));
@@ -559,6 +712,7 @@ template <int MR, int NR>
 MAMBART_VNNI inline void tile4p(const QX& X, const uint8_t* w, const float* ws, const float* bias,
                                 float* y, int64_t ldy) {
     const int64_t K = X.K, rb = K / 2, G = X.G, group = K / G, P = K / 64;
+    const int64_t ahead = int64_t(prefetch_ahead(size_t(NR * rb)));  // bytes ahead of the rows
     const __m256i lo4 = _mm256_set1_epi8(0x0f);
     __m256 tot[MR][NR];
     float corr[MR][NR];
@@ -573,7 +727,7 @@ MAMBART_VNNI inline void tile4p(const QX& X, const uint8_t* w, const float* ws, 
             for (int j = 0; j < NR; ++j) gs[i][j] = _mm256_setzero_ps();
         for (int64_t k = g * group; k < (g + 1) * group; k += 64) {
             if (k % 128 == 0)
-                for (int j = 0; j < NR; ++j) __builtin_prefetch(w + (j + NR) * rb + k / 2, 0, 3);
+                for (int j = 0; j < NR; ++j) __builtin_prefetch(w + j * rb + k / 2 + ahead, 0, 3);
             __m256i lo[NR], hi[NR];
             for (int j = 0; j < NR; ++j) {
                 const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * rb + k / 2));
@@ -1057,6 +1211,7 @@ void linear_typed(Kernels k, const float* x, int64_t ldx, int64_t M, int64_t K, 
             // made fp32 weights slower from the cache (measured); the same sums either way.
             if (M >= 2 && M <= kGemvMaxM)
                 return avx512::gemv<D>(x, ldx, M, K, W, N, bias, y, ldy);
+            if (M > kGemvMaxM) return avx512::gemm<D>(x, ldx, M, K, W, N, bias, y, ldy);
             return avx2::linear_simd<D>(x, ldx, M, K, W, N, bias, y, ldy);
 #endif
 #ifdef MAMBART_ARM64
@@ -1154,9 +1309,13 @@ void linear_quant(const float* x, int64_t ldx, int64_t M, const Weight& W, int64
     switch (k) {
 #ifdef MAMBART_X86
         case Kernels::Avx2:
-        case Kernels::Avx512:  // the AVX-512 GEMV is for float weights; quantized as AVX2's
+        case Kernels::Avx512:  // the GEMV: VNNI or AVX2's; the GEMM: AVX-512's panel tiles
             if (M <= kQuantGemvMaxM && W.cols % 32 == 0 && quant_vnni())
                 return vnni::linear_quant(x, ldx, M, W, N, bias, y, ldy);
+            if (k == Kernels::Avx512 && M > kQuantGemvMaxM) {
+                if (int8) return avx512::qgemm<QuantScheme::Int8>(x, ldx, M, W, N, bias, y, ldy);
+                return avx512::qgemm<QuantScheme::Int4>(x, ldx, M, W, N, bias, y, ldy);
+            }
             if (int8) return avx2::linear_quant_simd<QuantScheme::Int8>(x, ldx, M, W, N, bias, y, ldy);
             return avx2::linear_quant_simd<QuantScheme::Int4>(x, ldx, M, W, N, bias, y, ldy);
 #endif

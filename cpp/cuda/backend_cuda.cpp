@@ -386,8 +386,10 @@ class CudaBackend final : public Backend {
         const bool chunked = scan_mode_ == ScanMode::Chunked ||
                              (scan_mode_ == ScanMode::Auto && p.N <= cuda::kCptMaxN);
         // A trace (speculative verification, issue 25: L = k + 1 small) takes the sequential
-        // form, which has every token's state anyway.
-        const int64_t T = chunked && !p.state_trace && p.L >= cuda::kScanChunkedMinL
+        // form, which has every token's state anyway; so does a bf16 state (option
+        // state_dtype), rounded after every token (BF16_STATE_RULE).
+        const int64_t T = chunked && !p.state_trace && !p.ssm_state_bf16 &&
+                                  p.L >= cuda::kScanChunkedMinL
                               ? cuda::selective_scan_segment_len(p, lanes)
                               : p.L;  // p.L: the sequential kernel
         if (T >= p.L) {  // decode, short L, or the chunked form not asked for
@@ -401,8 +403,9 @@ class CudaBackend final : public Backend {
 
     void ssd_scan(const SsdParams& p) override {
         dev();
-        // decode step or a trace (issue 25): the recurrent form
-        if (p.L <= 1 || !ssd_chunked_ || p.state_trace) {
+        // decode step, a trace (issue 25) or a bf16 state (option state_dtype, rounded after
+        // every token: BF16_STATE_RULE): the recurrent form
+        if (p.L <= 1 || !ssd_chunked_ || p.state_trace || p.ssm_state_bf16) {
             cuda::launch_ssd_scan(p, stream_);
             return;
         }
@@ -423,6 +426,12 @@ class CudaBackend final : public Backend {
         }
         const int64_t need = cuda::mamba3_chunked_workspace_floats(p);
         cuda::launch_mamba3_chunked({p, workspace(need, "mamba3_scan"), ssd_tf32_}, stream_);
+    }
+
+    // A bf16 SSM state (option state_dtype): the sequential scan and recurrent SSD kernels
+    // (cuda/selective_scan.cu, cuda/ssd_scan.cu) take it; prefill then runs those forms.
+    bool supports_state_dtype(DType dt) const override {
+        return dt == DType::F32 || dt == DType::BF16;
     }
 
     bool mamba1_decode_fused(const Mamba1DecodeParams& p) override {

@@ -39,7 +39,8 @@ struct LayerIO {
     float* out;           // (R, d) the layer's output (the residual add happens in the model)
     float* const* ws;     // workspace buffers in workspace_cols() order, buffer k (R, cols[k])
     float* const* state;  // state tensors in LayerConfig::state() order, each (B, shape...),
-                          // starting at the first of the B rows
+                          // starting at the first of the B rows; an SSM state (StateSpec::ssm)
+                          // holds bf16 bits when the model's state_dtype is BF16 (set_ssm_state)
     int64_t B, L;
     // Speculative verification (issue 25), or nullptr: per state tensor (state() order), a
     // (B, L, shape...) buffer that gets the tensor's value after each token, so that a caller
@@ -105,6 +106,20 @@ inline void project_out(Backend& be, const LayerIO& io, const float* x, int64_t 
     p.scratch_x = gate_scratch;
     p.scratch_y = io.out;  // (R, d)
     be.project(p);
+}
+
+// A scan op's state pointers (SelectiveScanParams, SsdParams) from the layer's SSM state tensor
+// and its trace (LayerIO::state / trace, or nullptr): fp32, or bf16 with the option state_dtype.
+template <class ScanParams>
+inline void set_ssm_state(ScanParams& p, float* state, float* trace, bool bf16) {
+    if (bf16) {
+        p.ssm_state = nullptr;
+        p.ssm_state_bf16 = reinterpret_cast<uint16_t*>(state);
+        p.state_trace_bf16 = reinterpret_cast<uint16_t*>(trace);
+    } else {
+        p.ssm_state = state;
+        p.state_trace = trace;
+    }
 }
 
 class Layer {

@@ -94,7 +94,7 @@ py::list state_spec(const ModelConfig& c) {
         py::dict e;
         e["name"] = x.name;
         e["shape"] = py::tuple(py::cast(shape));
-        e["dtype"] = "F32";
+        e["dtype"] = x.dtype == DType::BF16 ? "BF16" : "F32";  // on the device (option state_dtype)
         e["layers"] = py::cast(x.layers);
         out.append(e);
     }
@@ -594,8 +594,9 @@ PYBIND11_MODULE(_C, m) {
     m.def("cuda_available", &cuda_available, "Whether this build has a usable CUDA backend.");
     m.def(
         "config_spec",
-        [](const std::string& text, const std::string& origin) {
-            const ModelConfig c = ModelConfig::from_json_text(text, origin, layer_types());
+        [](const std::string& text, const std::string& origin, const std::string& state_dtype) {
+            ModelConfig c = ModelConfig::from_json_text(text, origin, layer_types());
+            c.state_dtype = dtype_from_name(state_dtype, "state_dtype");
             py::list tensors;
             for (const TensorSpec& t : c.tensors()) {
                 py::dict e;
@@ -609,14 +610,16 @@ PYBIND11_MODULE(_C, m) {
             d["config"] = config_to_dict(c);
             d["tensors"] = tensors;
             d["state"] = state_spec(c);
+            d["state_row_bytes"] = State::row_bytes(c);
             d["layer_types"] = layer_type_list(c);
             return d;
         },
-        py::arg("text"), py::arg("origin"),
+        py::arg("text"), py::arg("origin"), py::arg("state_dtype") = "float32",
         "Parses and validates a mambart config.json text with the runtime's reader (errors name "
         "`origin`, the layer and the key) and returns {config, tensors: [{name, shape, matrix, "
-        "store_fp32}] in load order, state: the state tensors, layer_types}: the one source of "
-        "tensor names, used by the converter.");
+        "store_fp32}] in load order, state: the state tensors (with state_dtype, the SSM "
+        "states' storage), state_row_bytes: bytes of state per sequence, layer_types}: the one "
+        "source of tensor names, used by the converter.");
     m.def("options", [] { return runtime_options_text(); },
           "The runtime options now (name -> text): explicit settings over the environment.");
     m.def("set_option", &set_runtime_option, py::arg("name"), py::arg("value"),
@@ -713,13 +716,20 @@ PYBIND11_MODULE(_C, m) {
 
     py::class_<Generator>(m, "Generator")
         .def(py::init([](const std::string& dir, const std::string& device,
-                         const std::optional<std::string>& dtype, int threads) {
+                         const std::optional<std::string>& dtype, int threads,
+                         const std::optional<std::string>& state_dtype) {
                  auto dt = parse_dtype(dtype);
+                 auto sdt = parse_dtype(state_dtype);
                  py::gil_scoped_release release;
-                 return std::make_unique<Generator>(dir, device, dt ? &*dt : nullptr, threads);
+                 return std::make_unique<Generator>(dir, device, dt ? &*dt : nullptr, threads,
+                                                    sdt ? &*sdt : nullptr);
              }),
              py::arg("model_dir"), py::arg("device") = "cpu", py::arg("dtype") = py::none(),
-             py::arg("threads") = 0)
+             py::arg("threads") = 0, py::arg("state_dtype") = py::none())
+        .def_property_readonly(
+            "state_dtype",
+            [](const Generator& g) { return std::string(dtype_name(g.model().state_dtype())); },
+            "the SSM states' storage: 'float32' or 'bfloat16' (option state_dtype, issue 18)")
         .def_property_readonly("threads", &Generator::threads)
         .def_property_readonly("config",
                                [](const Generator& g) { return config_to_dict(g.config()); })

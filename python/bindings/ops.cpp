@@ -58,6 +58,37 @@ class Buf {
     void* p_ = nullptr;
 };
 
+// An SSM state on the backend: fp32, or rounded to bf16 (nearest even) when `bf16` (option
+// state_dtype, issue 18); download() gives it back as fp32 (bf16 values widened).
+class StateBuf {
+ public:
+    StateBuf(Backend& be, const F32& s, bool bf16)
+        : bf16_(bf16), n_(size_t(s.size())), buf_(be, n_ * (bf16 ? 2 : 4)) {
+        if (!bf16) {
+            be.copy_to_device(buf_.as<void>(), s.data(), n_ * 4);
+            return;
+        }
+        std::vector<uint16_t> h(n_);
+        convert_from_f32(s.data(), h.data(), DType::BF16, n_);
+        be.copy_to_device(buf_.as<void>(), h.data(), n_ * 2);
+    }
+    float* f32() const { return bf16_ ? nullptr : buf_.as<float>(); }
+    uint16_t* b16() const { return bf16_ ? buf_.as<uint16_t>() : nullptr; }
+    py::array_t<float> download(Backend& be, std::vector<py::ssize_t> shape) const {
+        if (!bf16_) return buf_.download<float>(shape);
+        std::vector<uint16_t> h(n_);
+        be.copy_to_host(h.data(), buf_.as<void>(), n_ * 2);
+        py::array_t<float> out(shape);
+        convert_to_f32(h.data(), DType::BF16, out.mutable_data(), n_);
+        return out;
+    }
+
+ private:
+    bool bf16_;
+    size_t n_;
+    Buf buf_;
+};
+
 std::unique_ptr<Buf> maybe(Backend& be, const std::optional<F32>& a) {
     if (!a) return nullptr;
     return std::make_unique<Buf>(be, *a);
@@ -377,7 +408,7 @@ void register_ops(py::module_& parent) {
         .def("selective_scan",
              [](Ops& o, const F32& x, const F32& dt, const F32& bc, int64_t b_off, int64_t c_off,
                 const F32& z, int64_t z_off, const F32& A, const F32& D, const F32& dt_bias,
-                const F32& state) {
+                const F32& state, bool state_bf16) {
                  // x, dt: (B, L, E); bc: (B, L, ld_bc) holding B at b_off and C at c_off;
                  // z: (B, L, ld_z) at z_off; A (E, N); state (B, E, N)
                  Backend& be = *o.be;
@@ -392,7 +423,8 @@ void register_ops(py::module_& parent) {
                           state.shape(1) == E,
                       "selective_scan: shapes or offsets do not match x (B, L, E), state (B, E, N)");
                  Buf dx(be, x), ddt(be, dt), dbc(be, bc), dz(be, z), dA(be, A), dD(be, D),
-                     db(be, dt_bias), st(be, state), y(be, size_t(B * L * E) * 4);
+                     db(be, dt_bias), y(be, size_t(B * L * E) * 4);
+                 StateBuf st(be, state, state_bf16);  // fp32, or bf16 (option state_dtype)
                  SelectiveScanParams p{};
                  p.x = dx.as<float>();
                  p.dt = ddt.as<float>();
@@ -404,21 +436,24 @@ void register_ops(py::module_& parent) {
                  p.A = dA.as<float>();
                  p.D = dD.as<float>();
                  p.dt_bias = db.as<float>();
-                 p.ssm_state = st.as<float>();
+                 p.ssm_state = st.f32();
+                 p.ssm_state_bf16 = st.b16();
                  p.y = y.as<float>();
                  p.B = B;
                  p.L = L;
                  p.E = E;
                  p.N = N;
                  be.selective_scan(p);
-                 return py::make_tuple(y.download<float>({B, L, E}),
-                                       st.download<float>({B, E, N}));
-             })
+                 return py::make_tuple(y.download<float>({B, L, E}), st.download(be, {B, E, N}));
+             },
+             py::arg("x"), py::arg("dt"), py::arg("bc"), py::arg("b_off"), py::arg("c_off"),
+             py::arg("z"), py::arg("z_off"), py::arg("A"), py::arg("D"), py::arg("dt_bias"),
+             py::arg("state"), py::arg("state_bf16") = false)
         .def("ssd_scan",
              [](Ops& o, const F32& xbc, int64_t b_off, int64_t c_off, const F32& dt,
                 int64_t dt_off, const std::optional<F32>& z, const F32& A, const F32& D,
                 const F32& dt_bias, float dt_min, float dt_max, const F32& state, int64_t G,
-                int64_t chunk_size) {
+                int64_t chunk_size, bool state_bf16) {
                  // xbc: (B, L, ld) with x (H*P) at column 0, B at b_off, C at c_off;
                  // dt: (B, L, ld_dt) with dt at dt_off; z: (B, L, H*P); state (B, H, P, N)
                  Backend& be = *o.be;
@@ -435,7 +470,8 @@ void register_ops(py::module_& parent) {
                           dt_bias.size() == H,
                       "ssd_scan: shapes or offsets do not match xbc (B, L, ld), state (B, H, P, N)");
                  Buf dx(be, xbc), ddt(be, dt), dA(be, A), dD(be, D), db(be, dt_bias),
-                     st(be, state), y(be, size_t(B * L * H * P) * 4);
+                     y(be, size_t(B * L * H * P) * 4);
+                 StateBuf st(be, state, state_bf16);  // fp32, or bf16 (option state_dtype)
                  auto dz = maybe(be, z);
                  SsdParams p{};
                  p.x = dx.as<float>();
@@ -451,7 +487,8 @@ void register_ops(py::module_& parent) {
                  p.dt_bias = db.as<float>();
                  p.dt_min = dt_min;
                  p.dt_max = dt_max;
-                 p.ssm_state = st.as<float>();
+                 p.ssm_state = st.f32();
+                 p.ssm_state_bf16 = st.b16();
                  p.y = y.as<float>();
                  p.B = B;
                  p.L = L;
@@ -462,8 +499,12 @@ void register_ops(py::module_& parent) {
                  p.chunk_size = chunk_size;
                  be.ssd_scan(p);
                  return py::make_tuple(y.download<float>({B, L, H * P}),
-                                       st.download<float>({B, H, P, N}));
-             })
+                                       st.download(be, {B, H, P, N}));
+             },
+             py::arg("xbc"), py::arg("b_off"), py::arg("c_off"), py::arg("dt"),
+             py::arg("dt_off"), py::arg("z"), py::arg("A"), py::arg("D"), py::arg("dt_bias"),
+             py::arg("dt_min"), py::arg("dt_max"), py::arg("state"), py::arg("G"),
+             py::arg("chunk_size"), py::arg("state_bf16") = false)
         .def("mamba3_scan",
              [](Ops& o, const F32& proj, const F32& dt_bias, const F32& B_bias, const F32& C_bias,
                 const F32& B_norm_w, const F32& C_norm_w, const F32& D,

@@ -50,13 +50,14 @@ void register_state_files(py::module_& m) {
                                    return py::make_tuple(f.seed, f.stream, f.counter);
                                })
         .def_property_readonly("spec",
-                               [](const StateFile& f) {  // [{name, shape, layers}]
+                               [](const StateFile& f) {  // [{name, shape, layers, dtype}]
                                    py::list out;
                                    for (const StateTensor& t : f.tensors) {
                                        py::dict e;
                                        e["name"] = t.name;
                                        e["shape"] = py::cast(t.shape);
                                        e["layers"] = py::cast(t.layers);
+                                       e["dtype"] = t.bf16 ? "BF16" : "F32";  // as stored
                                        out.append(e);
                                    }
                                    return out;

@@ -163,13 +163,19 @@ class Generator(SequenceAPI):
     threads: CPU threads (1..4096, the calling thread included) for this generator's CPU
         backend; None takes the cpu_threads option (MAMBART_CPU_THREADS), else OMP_NUM_THREADS,
         else the cores this process may run on (its CPU affinity). See README "Threads".
+    state_dtype: storage of the Mamba-1 / Mamba-2 SSM states, "float32" or "bfloat16" (half the
+        state bytes per sequence, rounded after every token; README "State precision"); None
+        takes the option state_dtype (MAMBART_STATE_DTYPE, default "float32").
     """
 
     def __init__(self, model, device: str = "cpu", dtype: Optional[str] = None,
                  tokenizer=None, revision: Optional[str] = None, prompt_cache_bytes: int = 0,
-                 threads: Optional[int] = None):
+                 threads: Optional[int] = None, state_dtype: Optional[str] = None):
         if dtype is not None and dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be None, 'float32', 'float16' or 'bfloat16', got {dtype!r}")
+        if state_dtype is not None and state_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"state_dtype must be None (the option state_dtype), 'float32' or "
+                             f"'bfloat16', got {_args.show(state_dtype)}")
         if not isinstance(device, str):
             raise ValueError(f"device must be a string ('cpu', 'cuda', 'cuda:N' or 'auto'), got "
                              f"{_args.show(device)}")
@@ -183,7 +189,8 @@ class Generator(SequenceAPI):
         n_threads = 0 if threads is None else _args.integer("threads", threads, 1, 4096)
         model_dir, tok_path = _resolve(model, revision, dtype)
         self.model_dir = Path(model_dir)
-        self._g = _C.Generator(str(self.model_dir), device, dtype, n_threads)
+        self._g = _C.Generator(str(self.model_dir), device, dtype, n_threads, state_dtype)
+        self.state_dtype: str = self._g.state_dtype  # the SSM states' storage (issue 18)
         self.config = self._g.config
         self.vocab_size: int = self.config["vocab_size"]
         self.tokenizer = self._load_tokenizer(tokenizer, tok_path)

@@ -11,7 +11,8 @@
 // config.json `layers` entry: {"type": "mamba1", "d_inner": E, "d_state": N, "d_conv": W,
 // "conv_bias": bool, "bias": bool, "dt_rank": Rdt[, "dt_bc_rms_eps": eps[,
 // "dt_bc_rms_weight": bool]]}; the flat form has neither.
-// State per sequence: conv (E, W), the last W pre-conv inputs, oldest first; ssm (E, N).
+// State per sequence: conv (E, W), the last W pre-conv inputs, oldest first, fp32; ssm (E, N)
+// in the model's state_dtype (fp32, or bf16 with the option state_dtype).
 #include "layers/mamba1/mamba1.h"
 
 #include <algorithm>
@@ -59,7 +60,7 @@ struct Config final : LayerConfig {
         return t;
     }
     std::vector<StateSpec> state(const ModelConfig&) const override {
-        return {{"conv", {d_inner, d_conv}}, {"ssm", {d_inner, d_state}}};
+        return {{"conv", {d_inner, d_conv}}, {"ssm", {d_inner, d_state}, /*ssm=*/true}};
     }
     std::string to_json() const override {
         nlohmann::ordered_json j{{"type", type()},       {"d_inner", d_inner}, {"d_state", d_state},
@@ -97,7 +98,7 @@ std::shared_ptr<const LayerConfig> parse(ConfigReader& r, const ModelConfig&) {
 class Mamba1 final : public Layer {
  public:
     Mamba1(std::shared_ptr<const Config> c, const ModelConfig& m)
-        : c_(std::move(c)), d_model_(m.d_model) {}
+        : c_(std::move(c)), d_model_(m.d_model), bf16_state_(m.state_dtype == DType::BF16) {}
 
     const LayerConfig& config() const override { return *c_; }
 
@@ -145,7 +146,7 @@ class Mamba1 final : public Layer {
         float* dt = io.ws[3];     // (R, E)
         float* y = io.ws[4];      // (R, E)
         float* conv_state = io.state[0];  // (B, E, W)
-        float* ssm_state = io.state[1];   // (B, E, N)
+        float* ssm_state = io.state[1];   // (B, E, N), bf16 bits when bf16_state_
         if (io.residual) {  // fused decode projections: the norm and the conv step folded in
             project_in(be, io, d_model_, in_proj_, 2 * E, in_proj_b_.data, proj, 2 * E,
                        ProjConv{conv_state, conv_w_.data, conv_b_.data, xconv, E, c_->d_conv});
@@ -180,7 +181,7 @@ class Mamba1 final : public Layer {
             ld_dt = Rdt;
             bc = bn;
             ld_bc = N;
-        } else if (L == 1 && !io.trace && dt_proj_.quant == QuantScheme::None) {
+        } else if (L == 1 && !io.trace && dt_proj_.quant == QuantScheme::None && !bf16_state_) {
             // decode: dt_proj + scan fused where the backend can (dt_proj unquantized)
             Mamba1DecodeParams fp{xconv, xdbl, X, dt_proj_, proj + E, 2 * E, A_.data,
                                   D_.data, dt_bias_.data, ssm_state, y, B, E, N, Rdt};
@@ -201,13 +202,13 @@ class Mamba1 final : public Layer {
         sp.A = A_.data;
         sp.D = D_.data;
         sp.dt_bias = dt_bias_.data;
-        sp.ssm_state = ssm_state;
         sp.y = y;
         sp.B = B;
         sp.L = L;
         sp.E = E;
         sp.N = N;
-        sp.state_trace = io.trace ? io.trace[1] : nullptr;  // (B, L, E, N)
+        set_ssm_state(sp, ssm_state, io.trace ? io.trace[1] : nullptr /* (B, L, E, N) */,
+                      bf16_state_);
         be.selective_scan(sp);
         project_out(be, io, y, E, out_proj_, d_model_, out_proj_b_.data);
     }
@@ -215,6 +216,7 @@ class Mamba1 final : public Layer {
  private:
     std::shared_ptr<const Config> c_;
     int64_t d_model_;
+    bool bf16_state_;   // the ssm state is bf16 (option state_dtype)
     Weight in_proj_;    // (2E, d)
     Param in_proj_b_;   // (2E) [bias]
     Param conv_w_;      // (E, W)

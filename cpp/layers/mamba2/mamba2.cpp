@@ -9,7 +9,8 @@
 // "gated_norm_eps": the gated norm's eps (default the model's norm_eps; Zamba2 fixes 1e-5) and
 // "dt_limit_prefill_only": true to clamp dt in calls of L > 1 tokens only (transformers' chunked
 // path clamps, its one-token decode step does not; Zamba2's dt_limit [0.001, inf]).
-// State per sequence: conv (E + 2GN, W), oldest first; ssm (H, P, N).
+// State per sequence: conv (E + 2GN, W), oldest first, fp32; ssm (H, P, N) in the model's
+// state_dtype (fp32, or bf16 with the option state_dtype).
 #include "layers/mamba2/mamba2.h"
 
 #include <algorithm>
@@ -59,7 +60,7 @@ struct Config final : LayerConfig {
         return t;
     }
     std::vector<StateSpec> state(const ModelConfig&) const override {
-        return {{"conv", {conv_dim(), d_conv}}, {"ssm", {nheads, headdim, d_state}}};
+        return {{"conv", {conv_dim(), d_conv}}, {"ssm", {nheads, headdim, d_state}, /*ssm=*/true}};
     }
     std::string to_json() const override {
         nlohmann::ordered_json j{{"type", type()},
@@ -119,7 +120,8 @@ class Mamba2 final : public Layer {
     Mamba2(std::shared_ptr<const Config> c, const ModelConfig& m)
         : c_(std::move(c)),
           d_model_(m.d_model),
-          norm_eps_(c_->gated_norm_eps >= 0.0 ? float(c_->gated_norm_eps) : m.norm_eps) {}
+          norm_eps_(c_->gated_norm_eps >= 0.0 ? float(c_->gated_norm_eps) : m.norm_eps),
+          bf16_state_(m.state_dtype == DType::BF16) {}
 
     const LayerConfig& config() const override { return *c_; }
 
@@ -174,7 +176,6 @@ class Mamba2 final : public Layer {
         const bool clamp = !(c.dt_limit_prefill_only && L == 1);
         sp.dt_min = clamp ? c.dt_min : 0.0f;
         sp.dt_max = clamp ? c.dt_max : INFINITY;
-        sp.ssm_state = io.state[1];
         sp.y = y;
         sp.B = B;
         sp.L = L;
@@ -183,9 +184,12 @@ class Mamba2 final : public Layer {
         sp.G = G;
         sp.N = N;
         sp.chunk_size = c.chunk_size;
-        sp.state_trace = io.trace ? io.trace[1] : nullptr;  // (B, L, H, P, N)
-        // decode: conv update + scan fused where the backend can (not with a trace)
-        if (!(L == 1 && !io.trace && be.mamba2_decode_fused(Mamba2DecodeParams{cp, sp}))) {
+        set_ssm_state(sp, io.state[1], io.trace ? io.trace[1] : nullptr /* (B, L, H, P, N) */,
+                      bf16_state_);
+        // decode: conv update + scan fused where the backend can (not with a trace, nor with a
+        // bf16 state)
+        if (!(L == 1 && !io.trace && !bf16_state_ &&
+              be.mamba2_decode_fused(Mamba2DecodeParams{cp, sp}))) {
             be.conv1d(cp);
             be.ssd_scan(sp);
         }
@@ -208,6 +212,7 @@ class Mamba2 final : public Layer {
     std::shared_ptr<const Config> c_;
     int64_t d_model_;
     float norm_eps_;    // the gated norm's
+    bool bf16_state_;   // the ssm state is bf16 (option state_dtype)
     Weight in_proj_;    // (Din, d)
     Param in_proj_b_;   // (Din) [bias]
     Param conv_w_;      // (E + 2GN, W)

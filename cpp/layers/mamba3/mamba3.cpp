@@ -73,6 +73,8 @@ struct Config final : LayerConfig {
                 {"k", {mimo_rank, nheads, d_state}},
                 {"v", {nheads, headdim}}};
     }
+    // Its states stay fp32: no bf16 form of the Mamba-3 scan yet (option state_dtype).
+    bool supports_bf16_state() const override { return false; }
     std::string to_json() const override {
         return nlohmann::ordered_json{{"type", type()},
                                       {"d_inner", d_inner},

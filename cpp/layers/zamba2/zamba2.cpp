@@ -67,6 +67,9 @@ struct Config final : LayerConfig {
     int64_t max_context() const override { return attn->max_context(); }
     bool norms_own_input() const override { return true; }
     bool reads_embedding() const override { return true; }
+    bool supports_bf16_state() const override {
+        return attn->supports_bf16_state() && mamba->supports_bf16_state();
+    }
 };
 
 // The part under `key`: a layers entry of type `type`, read by that unit (errors name
