@@ -107,7 +107,8 @@ class Backend {
     virtual void embedding(const int32_t* ids, int64_t n, const Weight& table, float* out) = 0;
     // residual (n, d) inout: residual += hidden (when hidden != nullptr);
     // out (n, d) = norm(residual) * w (+ b for LayerNorm); w.data == nullptr: no weight (1).
-    // out may be residual when hidden is nullptr (an in-place norm).
+    // out may be residual when hidden is nullptr (an in-place norm); out == nullptr: the add
+    // alone (no norm; w and b unused).
     virtual void add_norm(float* residual, const float* hidden, const Param& w, const Param& b,
                           NormKind kind, float eps, int64_t n, int64_t d, float* out) = 0;
     // y[M, N] = x[M, K] · Wᵀ + bias, with row strides ldx / ldy; N may be < W.rows (first N rows).
@@ -122,6 +123,9 @@ class Backend {
                                int64_t n, int64_t E, int64_t group_size, float eps, float* out) = 0;
     // y (n, E) contiguous *= silu(z (n, E) row stride ld_z)
     virtual void silu_gate(float* y, const float* z, int64_t ld_z, int64_t n, int64_t E) = 0;
+    // y (n, E) contiguous *= gelu(z (n, E) row stride ld_z), the exact (erf) GELU:
+    // gelu(v) = v/2 (1 + erf(v / sqrt 2)) (a GeGLU MLP, Zamba2's "gelu").
+    virtual void gelu_gate(float* y, const float* z, int64_t ld_z, int64_t n, int64_t E) = 0;
     // y (n, E) contiguous = relu(y)^2 (the MLP activation of Nemotron-H's relu2).
     virtual void relu_sq(float* y, int64_t n, int64_t E) = 0;
     // y (n) contiguous *= s (Granite's embedding / residual / logits multipliers).

@@ -59,9 +59,12 @@ std::vector<TensorSpec> ModelConfig::tensors() const {
     if (!tie_embeddings) out.push_back({"lm_head.weight", {vocab_size_padded, d}, true, false});
     for (size_t i = 0; i < layers.size(); ++i) {
         const std::string pre = str_cat("layers.", i, ".");
-        // Every layer is a pre-norm residual block: the block norm is the model's.
-        out.push_back({pre + "norm.weight", {d}, false, false});
-        if (ln) out.push_back({pre + "norm.bias", {d}, false, false});
+        // Every layer is a pre-norm residual block: the block norm is the model's, unless the
+        // layer norms its own input.
+        if (!layers[i]->norms_own_input()) {
+            out.push_back({pre + "norm.weight", {d}, false, false});
+            if (ln) out.push_back({pre + "norm.bias", {d}, false, false});
+        }
         for (TensorSpec t : layers[i]->tensors(*this)) {
             t.name = pre + t.name;
             out.push_back(std::move(t));

@@ -63,6 +63,11 @@ class LayerConfig {
     // The most tokens a sequence may hold in this layer's state (an attention layer's KV cache);
     // 0: unbounded (a recurrent state).
     virtual int64_t max_context() const { return 0; }
+    // Whether the layer norms its own input (Zamba2's hybrid layer): the model then has no block
+    // norm for it (no layers.{i}.norm.* tensors) and hands it the raw residual stream.
+    virtual bool norms_own_input() const { return false; }
+    // Whether the layer reads the embedding output (LayerIO::embedding), kept by the model.
+    virtual bool reads_embedding() const { return false; }
     // Whether the layer runs with state_dtype bfloat16 (its SSM state tensors, StateSpec::ssm,
     // stored as bf16). False for a layer whose recurrent state has no bf16 form yet (Mamba-3):
     // the model then refuses the option at load.

@@ -202,10 +202,12 @@ Model::Model(const std::string& dir, std::shared_ptr<Backend> backend, const DTy
                                               dtype ? *dtype : config_.dtype);
     for (size_t i = 0; i < layers_.size(); ++i) {
         const std::string pre = str_cat("layers.", i, ".");
-        block_norm_w_.push_back(weights_->param(pre + "norm.weight"));
-        block_norm_b_.push_back(config_.norm == NormKind::LayerNorm
+        const bool own = config_.layers[i]->norms_own_input();  // no block norm
+        block_norm_w_.push_back(own ? Param{} : weights_->param(pre + "norm.weight"));
+        block_norm_b_.push_back(!own && config_.norm == NormKind::LayerNorm
                                     ? weights_->param(pre + "norm.bias")
                                     : Param{});
+        keep_embedding_ = keep_embedding_ || config_.layers[i]->reads_embedding();
         layers_[i]->bind(PrefixedTensors(*weights_, pre));
     }
     fuse_projections_ = runtime_options().fused_projections;
@@ -226,7 +228,8 @@ Model::~Model() {
 void Model::free_workspace() {
     for (void* p : {static_cast<void*>(ids_), static_cast<void*>(dids_),
                     static_cast<void*>(hidden_), static_cast<void*>(residual_),
-                    static_cast<void*>(normed_), static_cast<void*>(logits_),
+                    static_cast<void*>(normed_), static_cast<void*>(embed_),
+                    static_cast<void*>(logits_),
                     static_cast<void*>(rng_)})
         if (p) backend_->dealloc(p);
     for (float* p : layer_ws_)
@@ -235,7 +238,7 @@ void Model::free_workspace() {
     backend_->clear_graphs();  // recorded graphs use these buffers
     rng_ = nullptr;
     ids_ = dids_ = nullptr;
-    hidden_ = residual_ = normed_ = logits_ = nullptr;
+    hidden_ = residual_ = normed_ = embed_ = logits_ = nullptr;
     ws_rows_ = logits_rows_ = 0;
 }
 
@@ -276,7 +279,8 @@ uint64_t Model::workspace_bytes(int64_t rows, int64_t logits_rows) const {
     std::vector<int64_t> layer_cols;
     int64_t scratch_cols = 0;
     workspace_cols(&layer_cols, &scratch_cols);
-    uint64_t cols = 3 * uint64_t(config_.d_model);  // hidden, residual, normed
+    // hidden, residual, normed (and the kept embedding)
+    uint64_t cols = (keep_embedding_ ? 4 : 3) * uint64_t(config_.d_model);
     for (int64_t c : layer_cols) cols += uint64_t(c);
     const uint64_t r = uint64_t(std::max<int64_t>(rows, 0));
     // ids_ and the two lanes' dids_; rng_; the activations; the logits.
@@ -310,6 +314,7 @@ void Model::reserve(int64_t rows, int64_t logits_rows) {
     hidden_ = buf(c.d_model, "hidden activations");
     residual_ = buf(c.d_model, "the residual stream");
     normed_ = buf(c.d_model, "normed activations");
+    if (keep_embedding_) embed_ = buf(c.d_model, "the embedding output");
     int64_t scratch_cols = 0;
     workspace_cols(&layer_ws_cols_, &scratch_cols);
     for (int64_t cols : layer_ws_cols_) layer_ws_.push_back(buf(cols, "layer activations"));
@@ -350,6 +355,7 @@ const float* Model::forward(State& st, int64_t row0, int64_t B, int64_t L, const
     be.embedding(ids, R, weights_->embedding, hidden_);
     if (c.embedding_multiplier != 1.0) be.scale(hidden_, R * d, float(c.embedding_multiplier));
     be.copy_device(residual_, hidden_, size_t(R * d) * sizeof(float));
+    if (keep_embedding_) be.copy_device(embed_, hidden_, size_t(R * d) * sizeof(float));
     // The fused decode projections (option fused_projections, issue 16): no add_norm kernels;
     // each layer's input projection norms the residual itself, its output projection adds into
     // the residual, and the head norms it too. The same values, bit for bit.
@@ -360,12 +366,16 @@ const float* Model::forward(State& st, int64_t row0, int64_t B, int64_t L, const
     float* trace_ptrs[kMaxLayerStateTensors];
     for (int64_t i = 0; i < c.n_layer; ++i) {
         // Layer 0 norms the embedding itself; later layers add the previous layer output first
-        // (fused: the layer's input projection does both).
-        if (!fused)
+        // (fused: the layer's input projection does both). A layer that norms its own input
+        // gets the residual stream (the add alone: add_norm without output).
+        const bool own = c.layers[size_t(i)]->norms_own_input();
+        if (!fused && (!own || i > 0))
             be.add_norm(residual_, i == 0 ? nullptr : hidden_, block_norm_w_[size_t(i)],
-                        block_norm_b_[size_t(i)], c.norm, c.norm_eps, R, d, normed_);
+                        block_norm_b_[size_t(i)], c.norm, c.norm_eps, R, d,
+                        own ? nullptr : normed_);
         st.layer_tensors(i, row0, state_ptrs);
-        LayerIO io{normed_, hidden_, layer_ws_.data(), state_ptrs, B, L};
+        LayerIO io{own ? residual_ : normed_, hidden_, layer_ws_.data(), state_ptrs, B, L};
+        io.embedding = embed_;
         if (fused) {
             io.residual = residual_;
             io.norm = ProjNorm{residual_, block_norm_w_[size_t(i)].data,

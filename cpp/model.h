@@ -155,6 +155,7 @@ class Model {
     std::unique_ptr<ModelWeights> weights_;
     std::vector<std::unique_ptr<Layer>> layers_;  // n_layer, from the layer registry
     std::vector<Param> block_norm_w_, block_norm_b_;  // per layer (d): the pre-norm of its block
+    bool keep_embedding_ = false;    // a layer reads the embedding output (LayerIO::embedding)
     bool fuse_projections_ = false;  // option fused_projections, every layer takes them (issue 16)
 
     // Workspace (device), rows = ws_rows_ token rows:
@@ -165,6 +166,7 @@ class Model {
     float* hidden_ = nullptr;     // (rows, d)     layer output / embedding
     float* residual_ = nullptr;   // (rows, d)     residual stream (fp32)
     float* normed_ = nullptr;     // (rows, d)     normed input of the layer
+    float* embed_ = nullptr;      // (rows, d)     the embedding output [keep_embedding_]
     // The layers' workspace buffers: buffer k is (rows, max over layers of workspace_cols()[k]).
     std::vector<float*> layer_ws_;
     std::vector<int64_t> layer_ws_cols_;

@@ -6,6 +6,8 @@
 //   -1, and its result is discarded).
 // silu_gate: y[i, j] *= silu(z[i * ld_z + j])
 //   Grid: ceil(n*E / 256); one element per thread.
+// gelu_gate: y[i, j] *= gelu(z[i * ld_z + j]), gelu(v) = v/2 (1 + erf(v / sqrt 2))
+//   Grid: ceil(n*E / 256); one element per thread.
 // relu_sq: y[i] = relu(y[i])^2
 //   Grid: ceil(n / 256), grid-stride.
 // scale: y[i] *= s
@@ -35,12 +37,33 @@ __global__ void embedding_kernel(const int32_t* __restrict__ ids, const T* __res
     for (int64_t j = threadIdx.x; j < d; j += blockDim.x) o[j] = to_f32(row[j]);
 }
 
-__global__ void silu_gate_kernel(float* __restrict__ y, const float* __restrict__ z, int64_t ld_z,
-                                 int64_t n, int64_t E) {
+struct SiluAct {
+    __device__ float operator()(float v) const { return silu_f(v); }
+};
+struct GeluAct {  // exact (erf) GELU
+    __device__ float operator()(float v) const {
+        return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+    }
+};
+
+// silu_gate / gelu_gate: y[i, j] *= act(z[i * ld_z + j])
+template <typename Act>
+__global__ void gate_kernel(float* __restrict__ y, const float* __restrict__ z, int64_t ld_z,
+                            int64_t n, int64_t E) {
     const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
     if (idx >= n * E) return;
     const int64_t i = idx / E, j = idx % E;
-    y[idx] *= silu_f(z[i * ld_z + j]);
+    y[idx] *= Act()(z[i * ld_z + j]);
+}
+
+template <typename Act>
+void launch_gate(const SiluGateParams& p, cudaStream_t s, const char* name) {
+    MAMBART_CHECK_ARG(p.n >= 0 && p.E > 0 && p.ld_z >= p.E, name, ": bad sizes n=", p.n, " E=",
+                      p.E, " ld_z=", p.ld_z);
+    if (p.n == 0) return;
+    const int64_t total = p.n * p.E;
+    gate_kernel<Act><<<unsigned(ceil_div(total, 256)), 256, 0, s>>>(p.y, p.z, p.ld_z, p.n, p.E);
+    check_launch(name, s);
 }
 
 __global__ void relu_sq_kernel(float* __restrict__ y, int64_t n) {
@@ -103,12 +126,11 @@ void launch_embedding(const EmbeddingParams& p, cudaStream_t s) {
 }
 
 void launch_silu_gate(const SiluGateParams& p, cudaStream_t s) {
-    MAMBART_CHECK_ARG(p.n >= 0 && p.E > 0 && p.ld_z >= p.E, "launch_silu_gate: bad sizes n=", p.n,
-                      " E=", p.E, " ld_z=", p.ld_z);
-    if (p.n == 0) return;
-    const int64_t total = p.n * p.E;
-    silu_gate_kernel<<<unsigned(ceil_div(total, 256)), 256, 0, s>>>(p.y, p.z, p.ld_z, p.n, p.E);
-    check_launch("silu_gate_kernel", s);
+    launch_gate<SiluAct>(p, s, "silu_gate_kernel");
+}
+
+void launch_gelu_gate(const SiluGateParams& p, cudaStream_t s) {
+    launch_gate<GeluAct>(p, s, "gelu_gate_kernel");
 }
 
 void launch_relu_sq(float* y, int64_t n, cudaStream_t s) {

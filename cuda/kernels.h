@@ -187,6 +187,8 @@ struct SiluGateParams {
     int64_t n, E;
 };
 void launch_silu_gate(const SiluGateParams& p, cudaStream_t stream);
+// y[i, j] *= gelu(z[i * ld_z + j]) (exact erf GELU), the same params.
+void launch_gelu_gate(const SiluGateParams& p, cudaStream_t stream);
 
 // y[i] = relu(y[i])^2 for i < n.
 void launch_relu_sq(float* y, int64_t n, cudaStream_t stream);

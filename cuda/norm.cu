@@ -3,7 +3,8 @@
 // add_norm:  r = residual + hidden (written back to residual, fp32);
 //            RMSNorm:   out = r * rsqrt(mean(r²) + eps) * w
 //            LayerNorm: out = (r - mean(r)) * rsqrt(var(r) + eps) * w + b
-//            (w == nullptr: no weight, i.e. 1; out may alias residual when hidden is nullptr)
+//            (w == nullptr: no weight, i.e. 1; out may alias residual when hidden is nullptr;
+//            out == nullptr: the add alone)
 //   Grid: (n rows); block: 256 threads (1024 when n < 64) striding over d; fp32 block reductions.
 //
 // gated_rmsnorm (norm_before_gate=False): v = y * silu(z);
@@ -36,6 +37,7 @@ __global__ void add_norm_kernel(AddNormParams p) {
         }
         s = add_norm_acc(s, v, p.rms);
     }
+    if (!p.out) return;  // the add alone (uniform across the block)
     s = block_sum(s, red);
     float* o = p.out + i * d;
     if (p.rms) {
@@ -80,7 +82,7 @@ __global__ void gated_rmsnorm_kernel(GatedRmsNormParams p) {
 
 void launch_add_norm(const AddNormParams& p, cudaStream_t s) {
     MAMBART_CHECK_ARG(p.n >= 0 && p.d > 0, "launch_add_norm: bad sizes n=", p.n, " d=", p.d);
-    MAMBART_CHECK_ARG(p.residual && p.out, "launch_add_norm: null pointer");
+    MAMBART_CHECK_ARG(p.residual && (p.out || p.hidden), "launch_add_norm: null pointer");
     MAMBART_CHECK_ARG(p.n <= 0x7fffffff, "launch_add_norm: n=", p.n, " too large");
     if (p.n == 0) return;
     // few rows (decode): wide blocks, so one row's reductions finish quickly

@@ -199,7 +199,7 @@ def test_context_bound_is_a_clear_error(models):
     (attn(hd=8, rd=10), "rotary_dim", "<= head_dim = 8"),
     (attn(scale=0.0), "scale", "must be in (0, 1e6)"),
     (attn(max_context=0), "max_context", "out of range"),
-    (mlp(act="gelu"), "activation", "is not supported (relu2, swiglu)"),
+    (mlp(act="gelu"), "activation", "is not supported (relu2, swiglu, geglu)"),
     (attn(d_conv=4), "d_conv", "needs fused_qkv"),
     (attn(fused=True, d_conv=9), "d_conv", "out of range"),
 ])

@@ -297,8 +297,8 @@ def test_bad_directories_and_configs(tmp_path):
     src = tmp_path / "hf"
     hf_model("mamba1", 104, src)
     cfg = json.loads((src / "config.json").read_text())
-    (src / "config.json").write_text(json.dumps(dict(cfg, model_type="zamba2")))
-    with pytest.raises(ConversionError, match="model_type 'zamba2' is not supported"):
+    (src / "config.json").write_text(json.dumps(dict(cfg, model_type="zamba")))
+    with pytest.raises(ConversionError, match="model_type 'zamba' is not supported"):
         mambart.convert(src, tmp_path / "out")
     (src / "config.json").write_text(json.dumps(dict(cfg, hidden_size=32)))
     with pytest.raises(ConversionError, match="has shape .* but the config implies"):

@@ -286,6 +286,22 @@ def test_silu_gate(gpu, cpu):
     close(gpu.silu_gate(y, z), cpu.silu_gate(y, z), 1e-6)
 
 
+def test_gelu_gate(gpu, cpu):
+    rng = np.random.default_rng(4)
+    y, z = rnd(rng, 7, 45), rnd(rng, 7, 90, scale=3.0)
+    close(gpu.gelu_gate(y, z), cpu.gelu_gate(y, z), 1e-6)
+
+
+@pytest.mark.parametrize("n,d", [(3, 64), (70, 200)])
+def test_add_norm_without_output_is_the_add(gpu, cpu, n, d):
+    rng = np.random.default_rng(n + d)
+    res, h = rnd(rng, n, d), rnd(rng, n, d)
+    r_gpu, o_gpu = gpu.add_norm(res, h, None, None, "rms", 1e-5, add_only=True)
+    r_cpu, _ = cpu.add_norm(res, h, None, None, "rms", 1e-5, add_only=True)
+    assert o_gpu is None
+    close(r_gpu, r_cpu, 1e-6)
+
+
 SAMPLING = [
     dict(temperature=0.0),
     dict(temperature=0.0, repetition_penalty=1.3),
@@ -1274,11 +1290,13 @@ def test_relu_sq_cuda(gpu, cpu):
     np.testing.assert_array_equal(gpu.relu_sq(y), cpu.relu_sq(y))
 
 
-@pytest.fixture(scope="module")
-def hybrid_dir(tmp_path_factory):
+@pytest.fixture(scope="module", params=["nemotron", "zamba2"])
+def hybrid_dir(request, tmp_path_factory):
     """A Nemotron-H-like listed model: Mamba-2, NoPE GQA attention, relu² MLP blocks, a
     RoPE + window attention block with SwiGLU, and a mamba2attn block (fused qkv with a conv):
-    the other options of the units."""
+    the other options of the units; or a Zamba2-like one: Mamba-2 and zamba2_hybrid layers
+    (a hybrid first: it norms its own input; RoPE MHA reading [h | embedding], a GeGLU MLP with
+    biases, the mamba's gated_norm_eps and prefill-only dt clamp)."""
     sys.path.insert(0, os.path.dirname(__file__))
     from model_dirs import random_tensor, save_tensors, write_config
 
@@ -1296,7 +1314,14 @@ def hybrid_dir(tmp_path_factory):
     att3 = dict(att, fused_qkv=True, d_conv=4, rotary_dim=32, qkv_bias=True, out_bias=True,
                 num_kv_heads=8)
     layers = [m2, mlp, att, m2, mlp2, att2, m2, att3]
-    c = {"mambart_format": 1, "architecture": "nemotron_h", "d_model": 64,
+    if request.param == "zamba2":
+        zm = dict(m2, gated_norm_eps=1e-5, dt_limit_prefill_only=True)
+        hyb = {"type": "zamba2_hybrid",
+               "attention": dict(att, num_kv_heads=8, head_dim=16, rotary_dim=16, d_in=128),
+               "mlp": dict(mlp, activation="geglu", bias=True, fused_gate_up=True),
+               "mamba": zm}
+        layers = [hyb, zm, zm, hyb, zm, hyb]
+    c = {"mambart_format": 1, "architecture": request.param, "d_model": 64,
          "n_layer": len(layers), "vocab_size": 300, "vocab_size_padded": 304, "norm": "rmsnorm",
          "norm_eps": 1e-5, "residual_in_fp32": True, "tie_embeddings": False,
          "bos_token_id": None, "eos_token_id": 0, "pad_token_id": None, "dtype": "float32",

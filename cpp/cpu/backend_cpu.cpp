@@ -133,6 +133,7 @@ class CpuBackend final : public Backend {
                     const float* h = hidden + i * d;
                     for (int64_t j = 0; j < d; ++j) r[j] += h[j];
                 }
+                if (!out) continue;  // the add alone
                 float* o = out + i * d;
                 if (kind == NormKind::RMSNorm) {
                     double ss = 0.0;
@@ -854,6 +855,14 @@ class CpuBackend final : public Backend {
     void silu_gate(float* y, const float* z, int64_t ld_z, int64_t n, int64_t E) override {
         for (int64_t i = 0; i < n; ++i)
             for (int64_t j = 0; j < E; ++j) y[i * E + j] *= silu(z[i * ld_z + j]);
+    }
+
+    void gelu_gate(float* y, const float* z, int64_t ld_z, int64_t n, int64_t E) override {
+        for (int64_t i = 0; i < n; ++i)
+            for (int64_t j = 0; j < E; ++j) {
+                const float v = z[i * ld_z + j];
+                y[i * E + j] *= 0.5f * v * (1.0f + std::erf(v * 0.70710678118654752f));
+            }
     }
 
  private:

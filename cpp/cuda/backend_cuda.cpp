@@ -465,6 +465,11 @@ class CudaBackend final : public Backend {
         cuda::launch_silu_gate({y, z, ld_z, n, E}, stream_);
     }
 
+    void gelu_gate(float* y, const float* z, int64_t ld_z, int64_t n, int64_t E) override {
+        dev();
+        cuda::launch_gelu_gate({y, z, ld_z, n, E}, stream_);
+    }
+
     void relu_sq(float* y, int64_t n, int64_t E) override {
         dev();
         cuda::launch_relu_sq(y, n * E, stream_);

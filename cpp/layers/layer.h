@@ -3,6 +3,10 @@
 // the model norms the residual stream into `in`, the layer writes its output to `out`, and the
 // model adds `out` to the residual before the next block's norm.
 //
+// A layer whose config norms_own_input() gets the raw residual stream as `in` instead (and the
+// model has no block norm for it); one whose config reads_embedding() also gets the embedding
+// output (LayerIO::embedding).
+//
 // A unit holds everything about its type: its config fields and their validation (a
 // LayerConfig subclass, parsed through ConfigReader), its tensors (names and shapes as
 // functions of the config: LayerConfig::tensors), its per-sequence state (LayerConfig::state),
@@ -31,7 +35,7 @@ class LayerTensors {
 
 // One forward call of B rows x L tokens (R = B * L token rows, rows contiguous per sequence).
 struct LayerIO {
-    const float* in;      // (R, d) the normed input
+    const float* in;      // (R, d) the normed input (norms_own_input(): the residual stream)
     float* out;           // (R, d) the layer's output (the residual add happens in the model)
     float* const* ws;     // workspace buffers in workspace_cols() order, buffer k (R, cols[k])
     float* const* state;  // state tensors in LayerConfig::state() order, each (B, shape...),
@@ -43,6 +47,9 @@ struct LayerIO {
     // can keep the state after any prefix of the L tokens (the layer's `state` still ends at
     // the last token). Only for layers whose supports_state_trace() is true.
     float* const* trace = nullptr;
+    // (R, d) the embedding output of these tokens (after embedding_multiplier), for layers
+    // whose config reads_embedding(); nullptr otherwise.
+    const float* embedding = nullptr;
     // The fused decode projections (issue 16; option fused_projections, L = 1, layers whose
     // takes_fused_projections() is true), or nullptr: the block's input is then
     // norm(residual) (`norm`), which the layer's input projection computes itself, and the

@@ -9,6 +9,7 @@
 #include "layers/mamba3/mamba3.h"
 #include "layers/mlp/mlp.h"
 #include "layers/moe/moe.h"
+#include "layers/zamba2/zamba2.h"
 
 namespace mambart {
 namespace {
@@ -21,6 +22,7 @@ const LayerUnit kUnits[] = {
     attention::unit(),
     mlp::unit(),
     moe::unit(),
+    zamba2::unit(),
 };
 
 const LayerUnit* find(const std::string& type) {

@@ -172,6 +172,18 @@ struct Ops {
     std::shared_ptr<Backend> be;
 };
 
+// y (n, E) *= act(z (n, ld_z >= E)): silu_gate / gelu_gate.
+py::array_t<float> gate_op(Ops& o, const F32& y, const F32& z,
+                           void (Backend::*op)(float*, const float*, int64_t, int64_t, int64_t)) {
+    Backend& be = *o.be;
+    need(y.ndim() == 2 && z.ndim() == 2, "y (n, E), z (n, ld_z)");
+    const int64_t n = y.shape(0), E = y.shape(1);
+    need(z.shape(0) == n && z.shape(1) >= E, "gate: z (n, >= E)");
+    Buf dy(be, y), dz(be, z);
+    (be.*op)(dy.as<float>(), dz.as<float>(), z.shape(1), n, E);
+    return dy.download<float>({n, E});
+}
+
 }  // namespace
 
 void register_ops(py::module_& parent) {
@@ -258,7 +270,7 @@ void register_ops(py::module_& parent) {
         .def("add_norm",
              [](Ops& o, const F32& residual, const std::optional<F32>& hidden,
                 const std::optional<F32>& w, const std::optional<F32>& b,
-                const std::string& kind, float eps) {
+                const std::string& kind, float eps, bool add_only) -> py::tuple {
                  Backend& be = *o.be;
                  need(residual.ndim() == 2, "residual must be (n, d)");
                  const int64_t n = residual.shape(0), d = residual.shape(1);
@@ -272,9 +284,12 @@ void register_ops(py::module_& parent) {
                  be.add_norm(r.as<float>(), ptr<float>(h), Param{ptr<float>(wb), wb ? d : 0},
                              Param{ptr<float>(bb), bb ? d : 0},
                              kind == "rms" ? NormKind::RMSNorm : NormKind::LayerNorm, eps, n, d,
-                             out.as<float>());
+                             add_only ? nullptr : out.as<float>());
+                 if (add_only) return py::make_tuple(r.download<float>({n, d}), py::none());
                  return py::make_tuple(r.download<float>({n, d}), out.download<float>({n, d}));
-             })
+             },
+             py::arg("residual"), py::arg("hidden"), py::arg("w"), py::arg("b"), py::arg("kind"),
+             py::arg("eps"), py::arg("add_only") = false)
         .def("linear",
              [](Ops& o, const F32& x, const F32& W, const std::string& dtype,
                 const std::optional<F32>& bias, int64_t N) {
@@ -682,15 +697,9 @@ void register_ops(py::module_& parent) {
              py::arg("Hq"), py::arg("rotary_dim") = 0, py::arg("rope_theta") = 10000.0f,
              py::arg("window") = 0, py::arg("scale") = 0.0f, py::arg("max_splits") = 0)
         .def("silu_gate",
-             [](Ops& o, const F32& y, const F32& z) {
-                 Backend& be = *o.be;
-                 need(y.ndim() == 2 && z.ndim() == 2, "y (n, E), z (n, ld_z)");
-                 const int64_t n = y.shape(0), E = y.shape(1);
-                 need(z.shape(0) == n && z.shape(1) >= E, "silu_gate: z (n, >= E)");
-                 Buf dy(be, y), dz(be, z);
-                 be.silu_gate(dy.as<float>(), dz.as<float>(), z.shape(1), n, E);
-                 return dy.download<float>({n, E});
-             })
+             [](Ops& o, const F32& y, const F32& z) { return gate_op(o, y, z, &Backend::silu_gate); })
+        .def("gelu_gate",
+             [](Ops& o, const F32& y, const F32& z) { return gate_op(o, y, z, &Backend::gelu_gate); })
         .def("sample",
              [](Ops& o, const F32& logits, float temperature, int64_t top_k, float top_p,
                 float min_p, float repetition_penalty, uint64_t seed, uint64_t counter,

@@ -185,6 +185,33 @@ class StackedTensor(LazyTensor):
         return f"StackedTensor({self.dtype}, {self.shape}, {len(self.parts)} parts, {self.origin})"
 
 
+class LoraTensor(LazyTensor):
+    """W (N, K) + B (N, r) · A (r, K), computed in float32 chunk by chunk (a LoRA adapter merged
+    into its weight); dtype float32. Reads A and B whole (r is small), W in chunks."""
+
+    def __init__(self, w: LazyTensor, a: LazyTensor, b: LazyTensor):
+        self.w, self.a, self.b = w, a, b
+        self.dtype = "float32"
+        self.shape = tuple(w.shape)
+        self.origin = w.origin
+        self.key = ("lora", w.key, a.key, b.key)
+
+    def chunks(self, max_elems: int = CHUNK_ELEMS) -> Iterator[np.ndarray]:
+        K = self.shape[1]
+        A = to_float32(self.a.read(), self.a.dtype).astype(np.float32)  # (r, K)
+        B = to_float32(self.b.read(), self.b.dtype).astype(np.float32)  # (N, r)
+        pos = 0
+        for c in self.w.chunks(max(max_elems, K)):
+            w = to_float32(c, self.w.dtype).astype(np.float32)
+            r0, r1 = pos // K, (pos + w.size - 1) // K + 1
+            ba = (B[r0:r1] @ A).reshape(-1)[pos - r0 * K:pos - r0 * K + w.size]
+            yield w + ba
+            pos += w.size
+
+    def __repr__(self) -> str:
+        return f"LoraTensor({self.shape}, rank {self.a.shape[0]}, {self.origin})"
+
+
 class _NullCtx:
     def __enter__(self):
         return None

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from ._tensorio import (CHUNK_ELEMS, FLOAT_DTYPES, OUT_DTYPES, LazyTensor, SafetensorsWriter,
-                        StackedTensor,
+from ._tensorio import (CHUNK_ELEMS, FLOAT_DTYPES, OUT_DTYPES, LazyTensor, LoraTensor,
+                        SafetensorsWriter, StackedTensor,
                         WeightSet, convert_chunk, read_safetensors_header, to_float32)
 from ._files import (_UMASK, MAX_JSON_BYTES, MAX_TOKENIZER_BYTES, check_not_nested,
                      read_bounded, read_bounded_text, write_atomic)
@@ -192,8 +192,16 @@ class Source:
     # canonical name -> the source tensors stacked into it (row blocks, in order; Jamba's
     # per-expert matrices); source_name then gives a description of them.
     stacked: Dict[str, List[str]] = field(default_factory=dict)
+    # canonical name -> (W, A, B) source names: the tensor written is W + B·A (a LoRA adapter
+    # merged into its weight: Zamba2's per-occurrence adapters of a shared block).
+    lora: Dict[str, Tuple[str, str, str]] = field(default_factory=dict)
+    # source name -> the source tensor it is a tied copy of (accepted when equal, not loaded),
+    # or None; e.g. the later occurrences of Zamba2's shared blocks where a file repeats them.
+    tied_copy: Optional[Callable[[str], Optional[str]]] = None
 
     def source_name(self, canon: str) -> str:
+        if canon in self.lora:
+            return self.lora[canon][0]
         if canon in self.stacked:
             parts = self.stacked[canon]
             return f"{parts[0]}' ... '{parts[-1]}" if len(parts) > 1 else parts[0]
@@ -428,21 +436,72 @@ GRANITE_FFN = {  # canonical name under layers.{2i+1}.mixer. -> source name unde
 }
 
 
-def _granite_pattern(cfg: dict, where: str, n: int) -> str:
-    key = "layer_types" if cfg.get("layer_types") is not None else "layers_block_type"
-    types = cfg.get(key)
-    if types is None:
-        return "M" * n  # transformers' default: every layer Mamba-2
+def _layer_letters(types, where: str, key: str, n: int, names: Dict[str, str]) -> str:
+    """Config key `key`, a list of n layer types, as one letter per layer by `names`."""
     if not isinstance(types, list) or len(types) != n:
         raise ConversionError(f"{where}: config key '{key}' must be a list of "
                               f"num_hidden_layers ({n}) layer types")
     out = []
     for i, t in enumerate(types):
-        if t not in GRANITE_TYPES:
+        if t not in names:
             raise ConversionError(f"{where}: layer {i}: {key} entry {str(t)[:40]!r} is not a "
-                                  f"known layer type ({', '.join(GRANITE_TYPES)})")
-        out.append(GRANITE_TYPES[t])
+                                  f"known layer type ({', '.join(names)})")
+        out.append(names[t])
     return "".join(out)
+
+
+def _check_layer_kinds(pat: str, weights: WeightSet, where: str, markers: Dict[str, str],
+                       says: Dict[str, str], has: Dict[str, str]) -> None:
+    """Each layer's tensors are those of the kind the config gives it (`markers`: letter ->
+    a tensor under model.layers.{i}. that only that kind has), and no tensor names a layer past
+    the last; errors name the layer, the kinds (`says`, `has`) and the tensor."""
+    files = ", ".join(sorted(set(weights.files))) or "the checkpoint"
+    for i, ch in enumerate(pat):
+        pre = f"model.layers.{i}."
+        found = [k for k, m in markers.items() if pre + m in weights.tensors]
+        if ch not in found:
+            got = (f"its tensors are those of {has[found[0]]} ('{pre + markers[found[0]]}')"
+                   if found else f"'{pre + markers[ch]}' is missing")
+            raise ConversionError(f"{where}: layer {i}: the config says {says[ch]} but in "
+                                  f"{files} {got}")
+    extra = [k for k in weights.tensors
+             if re.match(r"model\.layers\.(\d+)\.", k) and int(k.split(".")[2]) >= len(pat)]
+    if extra:
+        raise ConversionError(f"{where}: num_hidden_layers is {len(pat)} but {files} holds "
+                              f"'{extra[0]}'")
+
+
+def _padded_vocab(src: Source, weights: WeightSet, V: int) -> Source:
+    """vocab_size_padded from the embedding's rows (at least V); a tied head is optional."""
+    c = src.config
+    emb = weights.tensors.get(src.emb)
+    if emb is not None and len(emb.shape) == 2:
+        if emb.shape[0] < V:
+            raise ConversionError(f"{weights.files[0]}: tensor '{src.emb}' has {emb.shape[0]} "
+                                  f"rows, fewer than vocab_size {V}")
+        c["vocab_size_padded"] = emb.shape[0]
+    if c["tie_embeddings"]:
+        src.optional_tied = "lm_head.weight"
+    return src
+
+
+def _rope_theta(cfg: dict, where: str) -> float:
+    """RoPE's theta from transformers 5's `rope_parameters` (or the older top-level
+    `rope_theta`); only the default rope type is supported."""
+    rp = cfg.get("rope_parameters") or {}
+    if not isinstance(rp, dict):
+        raise ConversionError(f"{where}: config key 'rope_parameters' must be an object")
+    if rp.get("rope_type", "default") != "default":
+        raise ConversionError(f"{where}: rope_parameters.rope_type = "
+                              f"{str(rp.get('rope_type'))[:40]!r} is not supported (default)")
+    return _num(rp if "rope_theta" in rp else cfg, "rope_theta", where, 10000.0, 1.0, 1e12)
+
+
+def _granite_pattern(cfg: dict, where: str, n: int) -> str:
+    key = "layer_types" if cfg.get("layer_types") is not None else "layers_block_type"
+    if cfg.get(key) is None:
+        return "M" * n  # transformers' default: every layer Mamba-2
+    return _layer_letters(cfg.get(key), where, key, n, GRANITE_TYPES)
 
 
 def _bamba_pattern(cfg: dict, where: str, n: int) -> str:
@@ -503,15 +562,10 @@ def _granite_source(cfg: dict, where: str, weights: WeightSet,
     else:
         X = 0 if bamba else _int(cfg, "num_local_experts", where, 0, lo=0, hi=1 << 16)
         moe_at = [X > 0] * n
-    for i, ch in enumerate(pat):
+    _check_layer_kinds(pat, weights, where, GRANITE_MARKERS, kind,
+                       {k: v + " layer" for k, v in article.items()})
+    for i in range(n):
         pre = f"model.layers.{i}."
-        found = [k for k, m in GRANITE_MARKERS.items() if pre + m in tensors]
-        if ch not in found:
-            has = (f"its tensors are those of {article[found[0]]} layer "
-                   f"('{pre + GRANITE_MARKERS[found[0]]}')") if found else \
-                  f"'{pre + GRANITE_MARKERS[ch]}' is missing"
-            raise ConversionError(f"{where}: layer {i}: the config says {kind[ch]} but "
-                                  f"in {files} {has}")
         moe = pre + ("feed_forward.router.weight" if jamba else GRANITE_FFN["router.weight"])
         if jamba and moe_at[i] != (moe in tensors):
             raise ConversionError(
@@ -522,11 +576,6 @@ def _granite_source(cfg: dict, where: str, weights: WeightSet,
             raise ConversionError(
                 f"{where}: layer {i}: num_local_experts is {X} but in {files} '{moe}' is "
                 f"{'missing' if X > 0 else 'present'}")
-    extra_layers = [k for k in tensors
-                    if re.match(r"model\.layers\.(\d+)\.", k) and int(k.split(".")[2]) >= n]
-    if extra_layers:
-        raise ConversionError(f"{where}: num_hidden_layers is {n} but {files} holds "
-                              f"'{extra_layers[0]}'")
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
         raise ConversionError(f"{where}: config key 'hidden_act' = {str(act)[:40]!r} is not "
@@ -605,15 +654,7 @@ def _granite_source(cfg: dict, where: str, weights: WeightSet,
         pe = "rope" if bamba else "nope" if jamba else cfg.get("position_embedding_type")
         rotary, theta = 0, 10000.0
         if pe == "rope":
-            rp = cfg.get("rope_parameters") or {}
-            if not isinstance(rp, dict):
-                raise ConversionError(f"{where}: config key 'rope_parameters' must be an object")
-            if rp.get("rope_type", "default") != "default":
-                raise ConversionError(f"{where}: rope_parameters.rope_type = "
-                                      f"{str(rp.get('rope_type'))[:40]!r} is not supported "
-                                      f"(default)")
-            theta = _num(rp if "rope_theta" in rp else cfg, "rope_theta", where, 10000.0, 1.0,
-                         1e12)
+            theta = _rope_theta(cfg, where)
             rotary = hd
             if bamba:  # transformers' BambaConfig sets partial_rotary_factor 0.5 whatever it says
                 rotary = int(hd * 0.5)
@@ -681,17 +722,171 @@ def _granite_source(cfg: dict, where: str, weights: WeightSet,
             return pre + ("feed_forward." + rest if ai21 else GRANITE_FFN.get(rest, rest))
         return pre + ("mamba." if pat[j // 2] == "M" else "self_attn.") + rest
 
-    src = Source("transformers", c, emb="model.embed_tokens.weight", rename=rename,
-                 stacked=stacked)
-    emb = tensors.get(src.emb)
-    if emb is not None and len(emb.shape) == 2:
-        if emb.shape[0] < V:
-            raise ConversionError(f"{weights.files[0]}: tensor '{src.emb}' has {emb.shape[0]} "
-                                  f"rows, fewer than vocab_size {V}")
-        c["vocab_size_padded"] = emb.shape[0]
-    if c["tie_embeddings"]:
-        src.optional_tied = "lm_head.weight"
-    return src
+    return _padded_vocab(Source("transformers", c, emb="model.embed_tokens.weight",
+                                rename=rename, stacked=stacked), weights, V)
+
+
+# Zamba2: layers_block_type entries (5.25's names and the legacy "mamba").
+ZAMBA2_TYPES = {"mamba": "M", "linear_attention": "M", "hybrid": "H"}
+ZAMBA2_MARKERS = {"M": "mamba.in_proj.weight", "H": "mamba_decoder.mamba.in_proj.weight"}
+ZAMBA2_KIND = {"M": "a Mamba-2 layer", "H": "a hybrid layer"}
+
+
+def _zamba2_pattern(cfg: dict, where: str, n: int) -> str:
+    types = cfg.get("layers_block_type")
+    if types is None:  # transformers' default: the 54-layer Zamba2-2.7B pattern
+        types = ["mamba"] + (["mamba"] * 5 + ["hybrid"]) * 7 + ["mamba"] * 4 + ["hybrid"] + \
+            ["mamba"] * 3 + ["hybrid"] + ["mamba"] * 2
+    return _layer_letters(types, where, "layers_block_type", n, ZAMBA2_TYPES)
+
+
+def _zamba2_source(cfg: dict, where: str, weights: WeightSet) -> Source:
+    """Zamba2 (Zamba2ForCausalLM): Mamba-2 layers, and hybrid layers (a shared attention + GeGLU
+    MLP block fed [h | embedding], its `linear`, then a Mamba-2 layer: the zamba2_hybrid unit).
+    Block k mod num_mem_blocks serves the k-th hybrid layer; transformers ties its weights to the
+    block's first occurrence (save_pretrained writes only that one; copies in a file must be
+    equal), and each occurrence j has its own LoRA adapters (`..._adapter_list.{j}.{0,1}`, in
+    the first occurrence's module), merged here into that occurrence's weights (W + B·A), so each
+    hybrid layer of the output owns its block. transformers 5.25 ties the blocks only where
+    tie_word_embeddings is true (as the published checkpoints are); otherwise each hybrid layer
+    has a block of its own (`model.layers.{i}.shared_transformer`), read as such. The Mamba-2 mixers' dt clamp (time_step_min, inf)
+    applies to prefill only (dt_limit_prefill_only), their gated norm eps is 1e-5."""
+    n = _int(cfg, "num_hidden_layers", where, 54, hi=2048)
+    pat = _zamba2_pattern(cfg, where, n)
+    _check_layer_kinds(pat, weights, where, ZAMBA2_MARKERS, ZAMBA2_KIND, ZAMBA2_KIND)
+    act = cfg.get("hidden_act", "gelu")
+    if act != "gelu":
+        raise ConversionError(f"{where}: config key 'hidden_act' = {str(act)[:40]!r} is not "
+                              f"supported (gelu)")
+    d = _int(cfg, "hidden_size", where, 2560)
+    V = _int(cfg, "vocab_size", where, 32000)
+    eps = _num(cfg, "rms_norm_eps", where, 1e-5, 0.0, 1.0)
+    c = _base_config("zamba2")
+    c.update(d_model=d, n_layer=n, vocab_size=V, vocab_size_padded=V, norm="rmsnorm",
+             norm_eps=eps, residual_in_fp32=True,
+             tie_embeddings=_bool(cfg, "tie_word_embeddings", where, True))
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        c[k] = _opt_id(cfg.get(k), where, k)
+    E = _int(cfg, "mamba_expand", where, 2, hi=64) * d
+    H = _int(cfg, "n_mamba_heads", where, 8)
+    if E % H:
+        raise ConversionError(f"{where}: n_mamba_heads ({H}) does not divide mamba_expand x "
+                              f"hidden_size ({E})")
+    G = _int(cfg, "mamba_ngroups", where, 1)
+    if H % G:
+        raise ConversionError(f"{where}: mamba_ngroups ({G}) must divide n_mamba_heads ({H})")
+    mamba = {"type": "mamba2", "d_inner": E, "d_state": _int(cfg, "mamba_d_state", where, 64),
+             "d_conv": _int(cfg, "mamba_d_conv", where, 4), "conv_bias": True,
+             "bias": _bool(cfg, "add_bias_linear", where, False), "headdim": E // H, "nheads": H,
+             "ngroups": G, "chunk_size": _int(cfg, "chunk_size", where, 256),
+             "dt_limit": _dt_limit([_num(cfg, "time_step_min", where, 0.001, -1.0, 1e6),
+                                    math.inf], where, "time_step_min"),
+             "gated_norm": True, "norm_before_gate": False, "gated_norm_eps": 1e-5,
+             "dt_limit_prefill_only": True}
+    hybrids = [i for i, ch in enumerate(pat) if ch == "H"]
+    M = _int(cfg, "num_mem_blocks", where, 1, hi=4096)
+    adapters = _bool(cfg, "use_shared_attention_adapter", where, False)
+    attn = mlp = None
+    if hybrids:
+        Hq = _int(cfg, "num_attention_heads", where, 32)
+        kv = cfg.get("num_key_value_heads")
+        Hkv = Hq if kv is None else _int(cfg, "num_key_value_heads", where)
+        if (2 * d) % Hq:
+            raise ConversionError(f"{where}: num_attention_heads ({Hq}) does not divide the "
+                                  f"attention width 2 x hidden_size ({2 * d})")
+        hd = 2 * d // Hq
+        if Hq % Hkv:
+            raise ConversionError(f"{where}: num_key_value_heads ({Hkv}) must divide "
+                                  f"num_attention_heads ({Hq})")
+        if adapters and Hkv != Hq:
+            raise ConversionError(f"{where}: num_key_value_heads ({Hkv}) must equal "
+                                  f"num_attention_heads ({Hq}) with use_shared_attention_adapter "
+                                  f"(the k / v adapters write 2 x hidden_size)")
+        rotary, theta = 0, 10000.0
+        if _bool(cfg, "use_mem_rope", where, False):
+            theta = _rope_theta(cfg, where)
+            rotary = hd
+        # transformers 5.25: use_long_context only raises max_position_embeddings to 16384
+        # (Zyphra's original code also rescaled rope_theta; 5.25 does not, nor do we).
+        ctx = 16384 if _bool(cfg, "use_long_context", where, False) else \
+            _int(cfg, "max_position_embeddings", where, 4096)
+        attn = {"type": "attention", "num_heads": Hq, "num_kv_heads": Hkv, "head_dim": hd,
+                "rotary_dim": rotary, "rope_theta": theta, "window": 0, "qkv_bias": False,
+                "out_bias": False, "scale": (hd / 2) ** -0.5, "max_context": ctx,
+                "fused_qkv": False, "d_conv": 0, "d_in": 2 * d}
+        ffn = cfg.get("intermediate_size")
+        mlp = {"type": "mlp", "intermediate_size": 4 * d if ffn is None else
+               _int(cfg, "intermediate_size", where), "activation": "geglu",
+               "bias": mamba["bias"], "fused_gate_up": True}
+    c["layers"] = [dict(mamba) if ch == "M" else
+                   {"type": "zamba2_hybrid", "attention": attn, "mlp": mlp, "mamba": mamba}
+                   for ch in pat]
+    # hybrid layer i -> (occurrence j, the layer whose block it reads: its block's first
+    # occurrence where transformers ties them, itself otherwise)
+    first: Dict[int, int] = {}
+    occ = {}
+    for j, i in enumerate(hybrids):
+        occ[i] = (j, first.setdefault(j % M, i) if c["tie_embeddings"] else i)
+    lora = {}
+    for i, (j, f) in occ.items():
+        S = f"model.layers.{f}.shared_transformer."
+        if adapters:
+            for x in "qkv":
+                lora[f"layers.{i}.attn.mixer.{x}_proj.weight"] = (
+                    f"{S}self_attn.{x}_proj.weight",
+                    f"{S}self_attn.linear_{x}_adapter_list.{j}.0.weight",
+                    f"{S}self_attn.linear_{x}_adapter_list.{j}.1.weight")
+        lora[f"layers.{i}.mlp.mixer.gate_up_proj.weight"] = (
+            f"{S}feed_forward.gate_up_proj.weight",
+            f"{S}feed_forward.gate_up_proj_adapter_list.{j}.0.weight",
+            f"{S}feed_forward.gate_up_proj_adapter_list.{j}.1.weight")
+    ignored = []  # without ties: the adapter slots of a layer's block that others use
+    for i, (j, f) in occ.items():
+        if f != i:
+            continue
+        S = f"model.layers.{i}.shared_transformer."
+        for k in range(j % M, len(hybrids), M):
+            if k != j and not (c["tie_embeddings"] and occ[hybrids[k]][1] == i):
+                ignored += [f"{S}self_attn.linear_{x}_adapter_list.{k}." for x in "qkv"]
+                ignored.append(f"{S}feed_forward.gate_up_proj_adapter_list.{k}.")
+    shared = {"attn_norm.weight": "input_layernorm.weight",
+              "mlp_norm.weight": "pre_ff_layernorm.weight"}
+
+    def rename(canon: str) -> str:
+        if canon == "embedding.weight":
+            return "model.embed_tokens.weight"
+        if canon == "norm_f.weight":
+            return "model.final_layernorm.weight"
+        m = re.match(r"layers\.(\d+)\.(.*)$", canon)
+        if not m:
+            return canon
+        i, rest = int(m.group(1)), m.group(2)
+        pre = f"model.layers.{i}."
+        if pat[i] == "M":
+            return pre + ("input_layernorm.weight" if rest == "norm.weight" else
+                          "mamba." + rest[len("mixer."):])
+        S = f"model.layers.{occ[i][1]}.shared_transformer."
+        if rest in shared:
+            return S + shared[rest]
+        if rest.startswith("attn.mixer."):
+            return S + "self_attn." + rest[len("attn.mixer."):]
+        if rest.startswith("mlp.mixer."):
+            return S + "feed_forward." + rest[len("mlp.mixer."):]
+        if rest == "mamba_norm.weight":
+            return pre + "mamba_decoder.input_layernorm.weight"
+        if rest.startswith("mamba.mixer."):
+            return pre + "mamba_decoder.mamba." + rest[len("mamba.mixer."):]
+        return pre + rest  # linear.weight
+
+    def tied_copy(name: str) -> Optional[str]:
+        m = re.match(r"model\.layers\.(\d+)\.shared_transformer\.(.*)$", name)
+        if not m or int(m.group(1)) not in occ or occ[int(m.group(1))][1] == int(m.group(1)):
+            return None
+        return f"model.layers.{occ[int(m.group(1))][1]}.shared_transformer.{m.group(2)}"
+
+    return _padded_vocab(Source("transformers", c, emb="model.embed_tokens.weight",
+                                rename=rename, lora=lora, tied_copy=tied_copy,
+                                ignored=tuple(ignored)), weights, V)
 
 
 def _hf_source(cfg: dict, where: str, weights: WeightSet) -> Source:
@@ -700,10 +895,12 @@ def _hf_source(cfg: dict, where: str, weights: WeightSet) -> Source:
         return _nemotron_source(cfg, where, weights)
     if mt in ("granitemoehybrid", "bamba", "jamba"):
         return _granite_source(cfg, where, weights, family=mt)
+    if mt == "zamba2":
+        return _zamba2_source(cfg, where, weights)
     if mt not in ("mamba", "mamba2", "falcon_mamba"):
         raise ConversionError(f"{where}: model_type {mt!r} is not supported (mamba, mamba2, "
-                              f"falcon_mamba, nemotron_h, granitemoehybrid, bamba, jamba; "
-                              f"Zamba2 is not)")
+                              f"falcon_mamba, nemotron_h, granitemoehybrid, bamba, jamba, "
+                              f"zamba2)")
     falcon = mt == "falcon_mamba"
     arch = "mamba2" if mt == "mamba2" else "mamba1"
     d = _int(cfg, "hidden_size", where)
@@ -1216,6 +1413,12 @@ def plan(source: Source, weights: WeightSet, dtype: Optional[str], quantize: Opt
                                       f"{weights.tensors[bad].dtype} but '{parts[0]}' has "
                                       f"{ts[0].dtype} (they are stacked into one tensor)")
             t = StackedTensor(ts, shape)
+        elif canon in source.lora:  # W (N, K) + B (N, r) · A (r, K)
+            wn, an, bn = source.lora[canon]
+            a = weights.tensors.get(an)
+            r = a.shape[0] if a is not None and len(a.shape) == 2 else 0
+            t = LoraTensor(checked(wn, shape), checked(an, (r, shape[1])),
+                           checked(bn, (shape[0], r)))
         else:
             t = checked(source.source_name(canon), shape)
         q = _quant_scheme(canon, shape, quantize, group, quantize_head) if spec["matrix"] else None
@@ -1230,6 +1433,14 @@ def plan(source: Source, weights: WeightSet, dtype: Optional[str], quantize: Opt
                 f"{origin[source.optional_tied]}: tensor '{source.optional_tied}' differs from "
                 f"the embedding, but the config says the embeddings are tied")
         extra.remove(source.optional_tied)
+    for n in list(extra):
+        twin = source.tied_copy(n) if source.tied_copy else None
+        if twin is None or twin not in weights.tensors:
+            continue
+        if not _same_data(weights.tensors[n], weights.tensors[twin]):
+            raise ConversionError(f"{origin[n]}: tensor '{n}' differs from '{twin}', but the "
+                                  f"config ties them (a shared block's later occurrence)")
+        extra.remove(n)
     if extra:
         hint = ""
         if any(".mlp." in n or "norm2" in n for n in extra):

@@ -28,7 +28,7 @@ SHORT_NAMES: Dict[str, str] = {
 }
 # Flavours and hybrids from other publishers (transformers layouts: FalconMambaForCausalLM,
 # Mamba2ForCausalLM, NemotronHForCausalLM, GraniteMoeHybridForCausalLM, BambaForCausalLM,
-# JambaForCausalLM).
+# JambaForCausalLM, Zamba2ForCausalLM).
 SHORT_NAMES.update({
     "falcon-mamba-7b": "tiiuae/falcon-mamba-7b",
     "falcon-mamba-7b-instruct": "tiiuae/falcon-mamba-7b-instruct",
@@ -48,6 +48,12 @@ SHORT_NAMES.update({
     # JambaForCausalLM (Mamba-1 and attention layers, MoE every other layer; 52B total);
     # repository name as public pages quote it, not checked against the hub from here.
     "jamba-v0.1": "ai21labs/Jamba-v0.1",
+    # Zamba2ForCausalLM (Mamba-2 and shared attention blocks with LoRA adapters); repository
+    # names as stored hub pages show them; their config.json files not read from here, so the
+    # conversion of the real checkpoints is unverified.
+    "zamba2-1.2b": "Zyphra/Zamba2-1.2B",
+    "zamba2-2.7b": "Zyphra/Zamba2-2.7B",
+    "zamba2-7b": "Zyphra/Zamba2-7B",
 })
 NEOX_TOKENIZER_REPO = "EleutherAI/gpt-neox-20b"
 

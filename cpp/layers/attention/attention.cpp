@@ -10,7 +10,9 @@
 // config.json `layers` entry: {"type": "attention", "num_heads": Hq, "num_kv_heads": Hkv,
 // "head_dim": hd, "rotary_dim": 0 or even <= hd, "rope_theta": θ, "window": 0 (none) or tokens,
 // "qkv_bias": bool, "out_bias": bool, "scale": softmax scale, "max_context": tokens,
-// "fused_qkv": bool, "d_conv": 0 or W}.
+// "fused_qkv": bool, "d_conv": 0 or W}, optionally "d_in": the input width of q/k/v_proj
+// (default d_model; Zamba2's shared block reads concat(h, embedding), 2 d; o_proj still
+// writes d_model).
 // State per sequence: key_cache and value_cache (max_context, Hkv, hd), pos (1): the tokens
 // held, and with d_conv conv ((Hq + 2 Hkv) hd, W): the last W pre-conv inputs, oldest first. The cache is laid out at its full capacity (max_context) when the state is made; a
 // sequence longer than max_context is refused (ModelConfig::max_context; the CPU backend also
@@ -44,17 +46,19 @@ struct Config final : LayerConfig {
     int64_t max_ctx = 0;       // max_context
     bool fused_qkv = false;    // one in_proj / out_proj (mamba_ssm) instead of q/k/v/o_proj
     int64_t d_conv = 0;        // W: conv over qkv (0: none)
+    int64_t d_in = 0;          // input features of the projections (0: d_model)
 
     int64_t q_dim() const { return num_heads * head_dim; }
     int64_t kv_dim() const { return num_kv_heads * head_dim; }
     int64_t qkv_dim() const { return q_dim() + 2 * kv_dim(); }
+    int64_t in_dim(const ModelConfig& m) const { return d_in > 0 ? d_in : m.d_model; }
 
     const char* type() const override { return "attention"; }
     std::vector<TensorSpec> tensors(const ModelConfig& m) const override {
-        const int64_t d = m.d_model;
+        const int64_t d = m.d_model, din = in_dim(m);
         std::vector<TensorSpec> t;
         if (fused_qkv) {
-            t.push_back({"mixer.in_proj.weight", {qkv_dim(), d}, true, false});
+            t.push_back({"mixer.in_proj.weight", {qkv_dim(), din}, true, false});
             if (qkv_bias) t.push_back({"mixer.in_proj.bias", {qkv_dim()}, false, false});
             if (d_conv > 0) {
                 t.push_back({"mixer.conv1d.weight", {qkv_dim(), 1, d_conv}, false, false});
@@ -64,9 +68,9 @@ struct Config final : LayerConfig {
             if (out_bias) t.push_back({"mixer.out_proj.bias", {d}, false, false});
             return t;
         }
-        t.push_back({"mixer.q_proj.weight", {q_dim(), d}, true, false});
-        t.push_back({"mixer.k_proj.weight", {kv_dim(), d}, true, false});
-        t.push_back({"mixer.v_proj.weight", {kv_dim(), d}, true, false});
+        t.push_back({"mixer.q_proj.weight", {q_dim(), din}, true, false});
+        t.push_back({"mixer.k_proj.weight", {kv_dim(), din}, true, false});
+        t.push_back({"mixer.v_proj.weight", {kv_dim(), din}, true, false});
         if (qkv_bias) {
             t.push_back({"mixer.q_proj.bias", {q_dim()}, false, false});
             t.push_back({"mixer.k_proj.bias", {kv_dim()}, false, false});
@@ -84,7 +88,7 @@ struct Config final : LayerConfig {
         return s;
     }
     std::string to_json() const override {
-        return nlohmann::ordered_json{{"type", type()},
+        nlohmann::ordered_json j{{"type", type()},
                                       {"num_heads", num_heads},
                                       {"num_kv_heads", num_kv_heads},
                                       {"head_dim", head_dim},
@@ -96,8 +100,9 @@ struct Config final : LayerConfig {
                                       {"scale", scale},
                                       {"max_context", max_ctx},
                                       {"fused_qkv", fused_qkv},
-                                      {"d_conv", d_conv}}
-            .dump();
+                                      {"d_conv", d_conv}};
+        if (d_in > 0) j["d_in"] = d_in;
+        return j.dump();
     }
     int64_t max_context() const override { return max_ctx; }
 };
@@ -116,6 +121,7 @@ std::shared_ptr<const LayerConfig> parse(ConfigReader& r, const ModelConfig&) {
     c->max_ctx = r.integer("max_context", 1, kMaxDim);
     c->fused_qkv = r.boolean("fused_qkv");
     c->d_conv = r.integer("d_conv", 0, 8);
+    if (r.has("d_in")) c->d_in = r.integer("d_in", 1, kMaxDim);
     if (c->d_conv > 0 && !c->fused_qkv)
         r.fail("d_conv", "needs fused_qkv (the conv runs over mamba_ssm's fused in_proj output)");
     if (c->num_heads % c->num_kv_heads != 0)
@@ -137,7 +143,7 @@ std::shared_ptr<const LayerConfig> parse(ConfigReader& r, const ModelConfig&) {
 class Attention final : public Layer {
  public:
     Attention(std::shared_ptr<const Config> c, const ModelConfig& m)
-        : c_(std::move(c)), d_model_(m.d_model) {}
+        : c_(std::move(c)), d_model_(m.d_model), d_in_(c_->in_dim(m)) {}
 
     const LayerConfig& config() const override { return *c_; }
 
@@ -173,7 +179,9 @@ class Attention final : public Layer {
         if (c_->d_conv > 0) w.push_back(c_->qkv_dim());
         return w;
     }
-    int64_t max_linear_cols() const override { return std::max(d_model_, c_->q_dim()); }
+    int64_t max_linear_cols() const override {
+        return std::max({d_model_, d_in_, c_->q_dim()});
+    }
 
     void forward(Backend& be, const LayerIO& io) override {
         const Config& c = *c_;
@@ -182,17 +190,17 @@ class Attention final : public Layer {
         float* o = io.ws[2];    // (R, Hq hd)
         if (c.d_conv > 0) {
             float* pre = io.ws[3];  // (R, qkv_dim)
-            be.linear(io.in, d_model_, R, in_proj_, ld, in_b_.data, pre, ld);
+            be.linear(io.in, d_in_, R, in_proj_, ld, in_b_.data, pre, ld);
             ConvParams cp{pre, ld, io.state[3], conv_w_.data, conv_b_.data, qkv,
                           io.B, io.L, ld, c.d_conv};
             cp.silu = false;
             be.conv1d(cp);
         } else if (c.fused_qkv) {
-            be.linear(io.in, d_model_, R, in_proj_, ld, in_b_.data, qkv, ld);
+            be.linear(io.in, d_in_, R, in_proj_, ld, in_b_.data, qkv, ld);
         } else {
-            be.linear(io.in, d_model_, R, q_proj_, c.q_dim(), q_b_.data, qkv, ld);
-            be.linear(io.in, d_model_, R, k_proj_, c.kv_dim(), k_b_.data, qkv + c.q_dim(), ld);
-            be.linear(io.in, d_model_, R, v_proj_, c.kv_dim(), v_b_.data,
+            be.linear(io.in, d_in_, R, q_proj_, c.q_dim(), q_b_.data, qkv, ld);
+            be.linear(io.in, d_in_, R, k_proj_, c.kv_dim(), k_b_.data, qkv + c.q_dim(), ld);
+            be.linear(io.in, d_in_, R, v_proj_, c.kv_dim(), v_b_.data,
                       qkv + c.q_dim() + c.kv_dim(), ld);
         }
         AttentionParams p{};
@@ -223,6 +231,7 @@ class Attention final : public Layer {
  private:
     std::shared_ptr<const Config> c_;
     int64_t d_model_;
+    int64_t d_in_;    // input features of the projections (d_in, or d)
     Weight in_proj_;  // ((Hq + 2 Hkv) hd, d) [fused_qkv]
     Param in_b_;      // ((Hq + 2 Hkv) hd) [fused_qkv, qkv_bias]
     Param conv_w_;    // ((Hq + 2 Hkv) hd, W) [d_conv]

@@ -5,7 +5,10 @@
 //
 // config.json `layers` entry: {"type": "mamba2", "d_inner": E, "d_state": N, "d_conv": W,
 // "conv_bias": bool, "bias": bool, "headdim": P, "nheads": H, "ngroups": G, "chunk_size": Q,
-// "dt_limit": [min, max or null], "gated_norm": bool, "norm_before_gate": false}.
+// "dt_limit": [min, max or null], "gated_norm": bool, "norm_before_gate": false}, optionally
+// "gated_norm_eps": the gated norm's eps (default the model's norm_eps; Zamba2 fixes 1e-5) and
+// "dt_limit_prefill_only": true to clamp dt in calls of L > 1 tokens only (transformers' chunked
+// path clamps, its one-token decode step does not; Zamba2's dt_limit [0.001, inf]).
 // State per sequence: conv (E + 2GN, W), oldest first, fp32; ssm (H, P, N) in the model's
 // state_dtype (fp32, or bf16 with the option state_dtype).
 #include "layers/mamba2/mamba2.h"
@@ -34,6 +37,8 @@ struct Config final : LayerConfig {
     float dt_max = 0.0f;     //   (+inf when unbounded)
     std::string dt_limit;    // as written in the config (to_json gives it back unrounded)
     bool gated_norm = true;  // RMSNormGated before out_proj
+    double gated_norm_eps = -1.0;        // < 0: the model's norm_eps
+    bool dt_limit_prefill_only = false;  // decode steps (L = 1) do not clamp dt
 
     int64_t conv_dim() const { return d_inner + 2 * ngroups * d_state; }
     int64_t d_in_proj() const { return 2 * d_inner + 2 * ngroups * d_state + nheads; }
@@ -58,7 +63,7 @@ struct Config final : LayerConfig {
         return {{"conv", {conv_dim(), d_conv}}, {"ssm", {nheads, headdim, d_state}, /*ssm=*/true}};
     }
     std::string to_json() const override {
-        return nlohmann::ordered_json{{"type", type()},
+        nlohmann::ordered_json j{{"type", type()},
                               {"d_inner", d_inner},
                               {"d_state", d_state},
                               {"d_conv", d_conv},
@@ -70,8 +75,10 @@ struct Config final : LayerConfig {
                               {"chunk_size", chunk_size},
                               {"dt_limit", nlohmann::ordered_json::parse(dt_limit)},
                               {"gated_norm", gated_norm},
-                              {"norm_before_gate", false}}
-            .dump();
+                              {"norm_before_gate", false}};
+        if (gated_norm_eps >= 0.0) j["gated_norm_eps"] = gated_norm_eps;
+        if (dt_limit_prefill_only) j["dt_limit_prefill_only"] = true;
+        return j.dump();
     }
 };
 
@@ -91,6 +98,13 @@ std::shared_ptr<const LayerConfig> parse(ConfigReader& r, const ModelConfig&) {
     c->gated_norm = r.boolean("gated_norm");
     if (r.boolean("norm_before_gate"))
         throw Unsupported(str_cat(r.origin(), ": norm_before_gate=true is not supported"));
+    if (r.has("gated_norm_eps")) {
+        c->gated_norm_eps = r.number("gated_norm_eps");
+        if (!(c->gated_norm_eps > 0.0 && c->gated_norm_eps < 1.0))
+            r.fail("gated_norm_eps", "must be in (0, 1)");
+    }
+    if (r.has("dt_limit_prefill_only"))
+        c->dt_limit_prefill_only = r.boolean("dt_limit_prefill_only");
     if (c->headdim < 1) r.fail("headdim", "must be >= 1 for mamba2");
     if (c->nheads * c->headdim != c->d_inner)
         r.fail("nheads", str_cat("x headdim (", c->nheads, " x ", c->headdim,
@@ -106,7 +120,7 @@ class Mamba2 final : public Layer {
     Mamba2(std::shared_ptr<const Config> c, const ModelConfig& m)
         : c_(std::move(c)),
           d_model_(m.d_model),
-          norm_eps_(m.norm_eps),
+          norm_eps_(c_->gated_norm_eps >= 0.0 ? float(c_->gated_norm_eps) : m.norm_eps),
           bf16_state_(m.state_dtype == DType::BF16) {}
 
     const LayerConfig& config() const override { return *c_; }
@@ -159,8 +173,9 @@ class Mamba2 final : public Layer {
         sp.A = A_.data;
         sp.D = D_.data;
         sp.dt_bias = dt_bias_.data;
-        sp.dt_min = c.dt_min;
-        sp.dt_max = c.dt_max;
+        const bool clamp = !(c.dt_limit_prefill_only && L == 1);
+        sp.dt_min = clamp ? c.dt_min : 0.0f;
+        sp.dt_max = clamp ? c.dt_max : INFINITY;
         sp.y = y;
         sp.B = B;
         sp.L = L;
@@ -196,7 +211,7 @@ class Mamba2 final : public Layer {
  private:
     std::shared_ptr<const Config> c_;
     int64_t d_model_;
-    float norm_eps_;
+    float norm_eps_;    // the gated norm's
     bool bf16_state_;   // the ssm state is bf16 (option state_dtype)
     Weight in_proj_;    // (Din, d)
     Param in_proj_b_;   // (Din) [bias]

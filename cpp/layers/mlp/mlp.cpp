@@ -2,11 +2,13 @@
 //
 //   relu2:  out = down_proj(relu(up_proj(u))²)                (Nemotron-H "-" blocks)
 //   swiglu: out = down_proj(silu(gate_proj(u)) * up_proj(u))  (Llama-style gated MLP)
+//   geglu:  out = down_proj(gelu(gate_proj(u)) * up_proj(u))  (exact erf GELU; Zamba2's "gelu")
 //
 // config.json `layers` entry: {"type": "mlp", "intermediate_size": I,
-// "activation": "relu2" | "swiglu", "bias": bool, optionally "fused_gate_up": bool}. No state.
-// fused_gate_up (swiglu, no bias): one (2I, d) mixer.gate_up_proj.weight, the gate's rows
-// first (Granite-4.0-H's shared_mlp.input_linear), instead of gate_proj and up_proj.
+// "activation": "relu2" | "swiglu" | "geglu", "bias": bool, optionally "fused_gate_up": bool}.
+// No state. fused_gate_up (swiglu or geglu): one (2I, d) mixer.gate_up_proj.weight (and with
+// bias its (2I) mixer.gate_up_proj.bias), the gate's rows first (Granite-4.0-H's
+// shared_mlp.input_linear, Zamba2's gate_up_proj), instead of gate_proj and up_proj.
 #include "layers/mlp/mlp.h"
 
 #include <algorithm>
@@ -18,13 +20,15 @@ namespace mambart {
 namespace mlp {
 namespace {
 
-enum class Act { Relu2, SwiGLU };
+enum class Act { Relu2, SwiGLU, GeGLU };
 
 struct Config final : LayerConfig {
     int64_t intermediate_size = 0;  // I
     Act act = Act::Relu2;
     bool bias = false;
-    bool fused_gate_up = false;  // [swiglu] one (2I, d) gate_up_proj, gate rows first
+    bool fused_gate_up = false;  // [gated] one (2I, d) gate_up_proj, gate rows first
+
+    bool gated() const { return act != Act::Relu2; }
 
     const char* type() const override { return "mlp"; }
     std::vector<TensorSpec> tensors(const ModelConfig& m) const override {
@@ -32,10 +36,12 @@ struct Config final : LayerConfig {
         std::vector<TensorSpec> t;
         if (fused_gate_up) {
             t.push_back({"mixer.gate_up_proj.weight", {2 * I, d}, true, false});
+            if (bias) t.push_back({"mixer.gate_up_proj.bias", {2 * I}, false, false});
             t.push_back({"mixer.down_proj.weight", {d, I}, true, false});
+            if (bias) t.push_back({"mixer.down_proj.bias", {d}, false, false});
             return t;
         }
-        if (act == Act::SwiGLU) {
+        if (gated()) {
             t.push_back({"mixer.gate_proj.weight", {I, d}, true, false});
             if (bias) t.push_back({"mixer.gate_proj.bias", {I}, false, false});
         }
@@ -49,7 +55,9 @@ struct Config final : LayerConfig {
     std::string to_json() const override {
         nlohmann::ordered_json j{{"type", type()},
                                  {"intermediate_size", intermediate_size},
-                                 {"activation", act == Act::SwiGLU ? "swiglu" : "relu2"},
+                                 {"activation", act == Act::SwiGLU  ? "swiglu"
+                                                : act == Act::GeGLU ? "geglu"
+                                                                    : "relu2"},
                                  {"bias", bias}};
         if (fused_gate_up) j["fused_gate_up"] = true;
         return j.dump();
@@ -62,11 +70,12 @@ std::shared_ptr<const LayerConfig> parse(ConfigReader& r, const ModelConfig&) {
     const std::string a = r.string("activation");
     if (a == "relu2") c->act = Act::Relu2;
     else if (a == "swiglu") c->act = Act::SwiGLU;
-    else r.fail("activation", str_cat("= '", a, "' is not supported (relu2, swiglu)"));
+    else if (a == "geglu") c->act = Act::GeGLU;
+    else r.fail("activation", str_cat("= '", a, "' is not supported (relu2, swiglu, geglu)"));
     c->bias = r.boolean("bias");
     if (r.has("fused_gate_up")) c->fused_gate_up = r.boolean("fused_gate_up");
-    if (c->fused_gate_up && (c->act != Act::SwiGLU || c->bias))
-        r.fail("fused_gate_up", "needs activation swiglu and no bias");
+    if (c->fused_gate_up && !c->gated())
+        r.fail("fused_gate_up", "needs a gated activation (swiglu, geglu)");
     return c;
 }
 
@@ -85,9 +94,15 @@ class Mlp final : public Layer {
             gate_ = Weight{gu.data, gu.dtype, I, d_model_};
             up_ = Weight{static_cast<const char*>(gu.data) + half, gu.dtype, I, d_model_};
             down_ = t.matrix("mixer.down_proj.weight");
+            if (c_->bias) {
+                const Param gub = t.param("mixer.gate_up_proj.bias");  // (2I): gate, then up
+                gate_b_ = Param{gub.data, I};
+                up_b_ = Param{gub.data + I, I};
+                down_b_ = t.param("mixer.down_proj.bias");
+            }
             return;
         }
-        if (c_->act == Act::SwiGLU) {
+        if (c_->gated()) {
             gate_ = t.matrix("mixer.gate_proj.weight");
             if (c_->bias) gate_b_ = t.param("mixer.gate_proj.bias");
         }
@@ -97,10 +112,10 @@ class Mlp final : public Layer {
         if (c_->bias) down_b_ = t.param("mixer.down_proj.bias");
     }
 
-    // h (R, I) the activated hidden; g (R, I) the gate [swiglu].
+    // h (R, I) the activated hidden; g (R, I) the gate [gated].
     std::vector<int64_t> workspace_cols() const override {
         const int64_t I = c_->intermediate_size;
-        if (c_->act == Act::SwiGLU) return {I, I};
+        if (c_->gated()) return {I, I};
         return {I};
     }
     int64_t max_linear_cols() const override {
@@ -111,10 +126,11 @@ class Mlp final : public Layer {
         const int64_t R = io.B * io.L, I = c_->intermediate_size;
         float* h = io.ws[0];  // (R, I)
         be.linear(io.in, d_model_, R, up_, I, up_b_.data, h, I);
-        if (c_->act == Act::SwiGLU) {
+        if (c_->gated()) {
             float* g = io.ws[1];  // (R, I)
             be.linear(io.in, d_model_, R, gate_, I, gate_b_.data, g, I);
-            be.silu_gate(h, g, I, R, I);
+            if (c_->act == Act::GeGLU) be.gelu_gate(h, g, I, R, I);
+            else be.silu_gate(h, g, I, R, I);
         } else {
             be.relu_sq(h, R, I);
         }
@@ -124,8 +140,8 @@ class Mlp final : public Layer {
  private:
     std::shared_ptr<const Config> c_;
     int64_t d_model_;
-    Weight gate_;    // (I, d) [swiglu]
-    Param gate_b_;   // (I) [bias, swiglu]
+    Weight gate_;    // (I, d) [gated]
+    Param gate_b_;   // (I) [bias, gated]
     Weight up_;      // (I, d)
     Param up_b_;     // (I) [bias]
     Weight down_;    // (d, I)
