@@ -11,6 +11,8 @@
 //     is widened to fp32 and packed transposed (K, 16) once into thread-local scratch, then
 //     every tile of kGemmRows rows of x (6 on x86-64, 4 on aarch64) runs an outer-product
 //     micro-kernel (kGemmRows x 16 accumulators) over it, so the conversion is amortised over M.
+//     On CPUs with AVX-512 F + DQ the micro-kernel holds a panel's 16 columns in one 512-bit
+//     register per row of x, 12 rows a tile, with the same sums (avx512::gemm).
 // The kernels are written once (cpu/linear_simd.inc) over an 8-lane vector and compiled here
 // for AVX2 + FMA + F16C (x86-64, function-level target attributes) and NEON (aarch64); on
 // aarch64 CPUs with BF16 the bf16 weights' GEMM has a BFMMLA kernel of its own (neon_bf16
