@@ -1290,13 +1290,14 @@ def test_relu_sq_cuda(gpu, cpu):
     np.testing.assert_array_equal(gpu.relu_sq(y), cpu.relu_sq(y))
 
 
-@pytest.fixture(scope="module", params=["nemotron", "zamba2"])
+@pytest.fixture(scope="module", params=["nemotron", "zamba2", "granite"])
 def hybrid_dir(request, tmp_path_factory):
     """A Nemotron-H-like listed model: Mamba-2, NoPE GQA attention, relu² MLP blocks, a
     RoPE + window attention block with SwiGLU, and a mamba2attn block (fused qkv with a conv):
     the other options of the units; or a Zamba2-like one: Mamba-2 and zamba2_hybrid layers
     (a hybrid first: it norms its own input; RoPE MHA reading [h | embedding], a GeGLU MLP with
-    biases, the mamba's gated_norm_eps and prefill-only dt clamp)."""
+    biases, the mamba's gated_norm_eps and prefill-only dt clamp); or a Granite-4.0-H-like one
+    (_granite_config: MoE blocks routed on the device, the multipliers)."""
     sys.path.insert(0, os.path.dirname(__file__))
     from model_dirs import random_tensor, save_tensors, write_config
 
@@ -1326,6 +1327,8 @@ def hybrid_dir(request, tmp_path_factory):
          "norm_eps": 1e-5, "residual_in_fp32": True, "tie_embeddings": False,
          "bos_token_id": None, "eos_token_id": 0, "pad_token_id": None, "dtype": "float32",
          "layers": layers}
+    if request.param == "granite":  # (the layers above unused)
+        c = _granite_config()
     spec = _C.config_spec(json.dumps(c), "hybrid")
     rng = np.random.default_rng(7)
     t = {s["name"]: random_tensor(s["name"], tuple(s["shape"]), rng) for s in spec["tensors"]}
@@ -1440,14 +1443,10 @@ def test_scale_cuda(gpu, cpu):
     np.testing.assert_array_equal(gpu.scale(y, 0.22), cpu.scale(y, 0.22))
 
 
-@pytest.fixture(scope="module")
-def granite_dir(tmp_path_factory):
+def _granite_config():
     """A Granite-4.0-H-like listed model: Mamba-2 and NoPE GQA attention mixers, each followed by
     an MoE FFN with a shared expert (or, once, the dense shared MLP with fused gate|up, and once
     an MoE without a shared expert and the full softmax), and the multipliers."""
-    sys.path.insert(0, os.path.dirname(__file__))
-    from model_dirs import random_tensor, save_tensors, write_config
-
     m2 = {"type": "mamba2", "d_inner": 128, "d_state": 32, "d_conv": 4, "conv_bias": True,
           "bias": False, "headdim": 16, "nheads": 8, "ngroups": 1, "chunk_size": 16,
           "dt_limit": [0.0, None], "gated_norm": True, "norm_before_gate": False}
@@ -1461,83 +1460,9 @@ def granite_dir(tmp_path_factory):
     mlp = {"type": "mlp", "intermediate_size": 96, "activation": "swiglu", "bias": False,
            "fused_gate_up": True}
     layers = [m2, moe, att, moe, m2, mlp, m2, moe2]
-    c = {"mambart_format": 1, "architecture": "granitemoehybrid", "d_model": 64,
-         "n_layer": len(layers), "vocab_size": 300, "vocab_size_padded": 304, "norm": "rmsnorm",
-         "norm_eps": 1e-5, "residual_in_fp32": True, "tie_embeddings": False,
-         "bos_token_id": None, "eos_token_id": 0, "pad_token_id": None, "dtype": "float32",
-         "embedding_multiplier": 4.0, "residual_multiplier": 0.5, "logits_scaling": 2.5,
-         "layers": layers}
-    spec = _C.config_spec(json.dumps(c), "granite")
-    rng = np.random.default_rng(8)
-    t = {s["name"]: random_tensor(s["name"], tuple(s["shape"]), rng) for s in spec["tensors"]}
-    d = tmp_path_factory.mktemp("granite")
-    write_config(d, c)
-    save_tensors(d / "model.safetensors", t)
-    return d
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_granite_logits_cuda_vs_cpu(granite_dir, dtype):
-    ids = _ids(170, seed=51)
-    ref32 = _gen(granite_dir, "cpu", "float32").logits(ids)
-    got = _gen(granite_dir, "cuda", dtype).logits(ids)
-    if dtype == "float32":
-        close(got, ref32, 2e-4, "granite fp32")
-    else:
-        cpu_lp = _gen(granite_dir, "cpu", dtype).logits(ids)
-        lowp_rule(got, cpu_lp, ref32, 2e-3 * max(1.0, float(np.abs(ref32).max())),
-                  f"granite {dtype}")
-
-
-def test_granite_prefill_equals_prefill_plus_steps_cuda(granite_dir):
-    g = _gen(granite_dir, "cuda")
-    ids = _ids(90, seed=52)
-    full = g.logits(ids)
-    close(g._g.logits(ids, 1), full, 1e-4, "steps")
-    close(g._g.logits(ids, 13), full, 1e-4, "chunks of 13")
-
-
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_granite_decode_graph_steps_equal_prefill_logits(granite_dir, dtype):
-    """Decode graphs with the MoE routing on the device (3 rows of different lengths) see the
-    logits a prefill of each row's tokens gives; fp32 tokens equal the CPU's."""
-    g = _gen(granite_dir, "cuda", dtype)
-    prompts = [_ids(n, seed=53 + n) for n in (60, 5, 23)]
-    opts = _C.GenerationOptions()
-    opts.max_new_tokens = 24
-    opts.ignore_eos = True
-    stream = g._g.start(prompts, opts)
-    toks = [[] for _ in prompts]
-    logits = [[] for _ in prompts]
-    while True:
-        ev = stream.next()
-        if ev is None:
-            break
-        for r, t in ev:
-            logits[r].append(stream.last_logits[r].copy())
-            toks[r].append(t)
-    for r, p in enumerate(prompts):
-        assert len(toks[r]) == 24
-        full = g.logits(p + toks[r])
-        rel = 1e-4 if dtype == "float32" else 2e-2
-        for i, lg in enumerate(logits[r]):
-            close(lg, full[len(p) - 1 + i], rel, f"row {r} step {i}")
-    if dtype == "float32":
-        cpu = _gen(granite_dir, "cpu")
-        for r, p in enumerate(prompts):
-            assert toks[r] == cpu.generate(p, max_new_tokens=24, ignore_eos=True).token_ids
-
-
-def test_granite_engine_and_state_files_cuda(granite_dir, tmp_path):
-    g = _gen(granite_dir, "cuda")
-    prompt = _ids(31, seed=60)
-    full = g.generate(prompt, max_new_tokens=20, ignore_eos=True)
-    a = g.generate(prompt, max_new_tokens=8, ignore_eos=True, return_state=True)
-    a.state.save(tmp_path / "s.safetensors")
-    b = g.generate(None, state=g.load_state(tmp_path / "s.safetensors"), max_new_tokens=12,
-                   ignore_eos=True)
-    assert a.token_ids + b.token_ids == full.token_ids
-    prompts = [_ids(n, seed=61 + n) for n in (7, 40, 19, 2)]
-    singles = [g.generate(p, max_new_tokens=10, ignore_eos=True).token_ids for p in prompts]
-    rows = g.generate(prompts, max_new_tokens=10, ignore_eos=True)  # the engine's batching
-    assert [r.token_ids for r in rows] == singles
+    return {"mambart_format": 1, "architecture": "granitemoehybrid", "d_model": 64,
+            "n_layer": len(layers), "vocab_size": 300, "vocab_size_padded": 304,
+            "norm": "rmsnorm", "norm_eps": 1e-5, "residual_in_fp32": True,
+            "tie_embeddings": False, "bos_token_id": None, "eos_token_id": 0,
+            "pad_token_id": None, "dtype": "float32", "embedding_multiplier": 4.0,
+            "residual_multiplier": 0.5, "logits_scaling": 2.5, "layers": layers}
