@@ -12,6 +12,7 @@
 
 #include "engine.h"
 #include "error.h"
+#include "options.h"
 #include "generator.h"
 #include "layers/registry.h"
 #include "state_file.h"
@@ -196,6 +197,9 @@ mambart_status mambart_model_load(const char* model_dir, const mambart_load_opti
         MAMBART_CHECK_ARG(out, "out is NULL");
         *out = nullptr;
         MAMBART_CHECK_ARG(model_dir && *model_dir, "model_dir is NULL or empty");
+        // The MAMBART_* variables are read here, on the caller's thread (cpp/options.h); the
+        // model's threads use what was read.
+        refresh_option_environment();
         mambart_load_options o;
         mambart_load_options_init(&o);
         if (options) {

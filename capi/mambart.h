@@ -14,6 +14,9 @@
  *     model directory's tokenizer.json, and mambart_token_bytes() gives those bytes for output.
  *   - Threads: every function is thread-safe. Token callbacks run on the engine's thread and
  *     must return quickly and must not call back into the library.
+ *   - Environment: the MAMBART_* variables (docs/options.md) are read in mambart_model_load,
+ *     on its caller's thread (do not change the environment from another thread meanwhile:
+ *     getenv is not safe against a concurrent setenv); the library's own threads never read it.
  *
  * Build against it with CMake (find_package(mambart) -> target mambart::mambart) or pkg-config
  * (pkg-config --cflags --libs mambart); `python -m mambart --cmake-dir / --include-dir /
@@ -94,7 +97,7 @@ typedef struct mambart_load_options {
 
 MAMBART_API void mambart_load_options_init(mambart_load_options* o);
 /* Loads a mambart model directory (config.json + model.safetensors, as written by
- * `mambart convert`). `options` may be NULL. */
+ * `mambart convert`). `options` may be NULL. Reads the MAMBART_* environment variables. */
 MAMBART_API mambart_status mambart_model_load(const char* model_dir,
                                               const mambart_load_options* options,
                                               mambart_model** out);

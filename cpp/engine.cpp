@@ -165,6 +165,8 @@ Engine::Engine(Generator& gen, const EngineOptions& opt, TokenBytes vocab_bytes)
         opt_.prefill_rows = int64_t(std::clamp<uint64_t>(budget / std::max<uint64_t>(row, 1), 1, 64));
     }
     if (opt_.prefill_chunk == 0) opt_.prefill_chunk = gen_.model_->prefill_chunk();
+    rt_version_ = runtime_options_version();
+    rt_ = runtime_options();
     V_ = gen_.config().vocab_size;
     {
         std::lock_guard<std::mutex> lock(gen_.compute_mu_);
@@ -337,6 +339,15 @@ void add_cache_stats(const PrefixCache& cache, EngineStats* s) {
     s->cache_max_bytes = int64_t(cs.max_bytes);
 }
 
+// Once a turn of the loop. A value that does not parse (from the environment: explicit
+// settings are checked when set) keeps the options the engine had.
+void Engine::refresh_options() {
+    const uint64_t v = runtime_options_version();
+    if (v == rt_version_) return;
+    rt_version_ = v;
+    rt_ = runtime_options();
+}
+
 void Engine::loop() {
     for (;;) {
         {
@@ -345,6 +356,10 @@ void Engine::loop() {
                 return stop_ || !queue_.empty() || !running_.empty() || !prefilling_.empty();
             });
             if (stop_) break;
+            try {
+                refresh_options();  // what was set before the work that woke us came
+            } catch (const std::exception&) {  // a bad value in the environment: as before
+            }
             coalesce_arrivals(lk);
             if (stop_) break;  // stopped during the wait: no step, straight to the shutdown
         }
@@ -390,7 +405,7 @@ void Engine::loop() {
 // of the first arrival alone followed by one of the rest. A busy engine never waits: its steps
 // take newcomers as they come.
 void Engine::coalesce_arrivals(std::unique_lock<std::mutex>& lk) {
-    const int64_t wait_us = runtime_options().engine_admit_wait_us;
+    const int64_t wait_us = rt_.engine_admit_wait_us;
     if (wait_us <= 0 || queue_.empty() || !running_.empty() || !prefilling_.empty() ||
         !launches_.empty())
         return;
@@ -731,7 +746,7 @@ void Engine::prompt_done(Slot& s, const float* lg) {
 // per stream, not per slot) and without logprobs (computed from host logits): the device path.
 bool Engine::device_path() const {
     const Model& m = *gen_.model_;
-    if (running_.empty() || !m.backend().supports_graphs() || !runtime_options().device_sampling)
+    if (running_.empty() || !m.backend().supports_graphs() || !rt_.device_sampling)
         return false;
     const SamplingOptions& so = running_[0]->req->opt.sampling;
     if (so.repetition_penalty != 1.0f) return false;
@@ -746,7 +761,7 @@ bool Engine::device_path() const {
 // with the collected token has then run one more step, whose result is dropped, and its state
 // has moved past the token it ended with.
 bool Engine::can_launch_ahead() const {
-    if (launches_.size() != 1 || !runtime_options().engine_launch_ahead) return false;
+    if (launches_.size() != 1 || !rt_.engine_launch_ahead) return false;
     const Launch& L = launches_.back();
     if (L.pool != pool_.get() || int64_t(running_.size()) != L.n) return false;
     if (cache(nullptr)) return false;

@@ -40,6 +40,7 @@
 
 #include "error.h"
 #include "generator.h"
+#include "options.h"
 #include "prefix_cache.h"
 #include "token_bytes.h"
 
@@ -206,6 +207,7 @@ class Engine {
     void decode_host();            // the host path: forward, host sampling, emit
     void compact();                // finished rows leave the decode pool
     void grow(int64_t slots);
+    void refresh_options();
     void finish(Slot& s, FinishReason reason, const std::string& error = "");
     void emit(Slot& s, int32_t token, const float* logits);
     void deliver();
@@ -217,6 +219,11 @@ class Engine {
 
     Generator& gen_;
     EngineOptions opt_;
+    // The runtime options the loop reads (device_sampling, engine_launch_ahead,
+    // engine_admit_wait_us), read again only when runtime_options_version() moved
+    // (refresh_options(), once a turn of the loop).
+    RuntimeOptions rt_;
+    uint64_t rt_version_ = 0;
     TokenBytes vocab_;
     int64_t V_ = 0;
 

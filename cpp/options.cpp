@@ -1,5 +1,6 @@
 #include "options.h"
 
+#include <atomic>
 #include <cerrno>
 #include <cstdlib>
 #include <mutex>
@@ -84,6 +85,30 @@ const std::vector<OptionInfo> kTable = {
 
 std::mutex g_mu;
 std::map<std::string, std::string> g_set;  // explicit settings (Python / CLI)
+// The options' environment variables (variable -> value; unset ones absent), as the last
+// refresh_option_environment() read them (g_env_read: one has run).
+std::map<std::string, std::string> g_env;
+bool g_env_read = false;
+std::atomic<uint64_t> g_version{0};  // runtime_options_version()
+
+// Variables read beside the options' own (environment_value()).
+const char* const kOtherVariables[] = {"OMP_NUM_THREADS"};
+
+std::map<std::string, std::string> read_environment() {
+    std::map<std::string, std::string> env;
+    for (const OptionInfo& o : kTable)
+        if (const char* e = std::getenv(o.env.c_str())) env[o.env] = e;
+    for (const char* v : kOtherVariables)
+        if (const char* e = std::getenv(v)) env[v] = e;
+    return env;
+}
+
+void ensure_read_locked() {
+    if (!g_env_read) {  // nothing refreshed the snapshot yet: read it now
+        g_env = read_environment();
+        g_env_read = true;
+    }
+}
 
 const OptionInfo* find(const std::string& name) {
     for (const OptionInfo& o : kTable)
@@ -123,15 +148,14 @@ void check(const OptionInfo& o, const std::string& v) {
     }
 }
 
-// The text of option `o` now: the explicit setting, else the environment, else the default.
-std::string text(const OptionInfo& o) {
-    {
-        std::lock_guard<std::mutex> lock(g_mu);
-        auto it = g_set.find(o.name);
-        if (it != g_set.end()) return it->second;
-    }
-    const char* e = std::getenv(o.env.c_str());
-    if (e && *e) return e;
+// The text of option `o` now: the explicit setting, else the environment's snapshot, else the
+// default. g_mu held.
+std::string text_locked(const OptionInfo& o) {
+    auto it = g_set.find(o.name);
+    if (it != g_set.end()) return it->second;
+    ensure_read_locked();
+    auto e = g_env.find(o.env);
+    if (e != g_env.end() && !e->second.empty()) return e->second;
     return o.deflt;
 }
 
@@ -141,7 +165,8 @@ const std::vector<OptionInfo>& option_table() { return kTable; }
 
 std::map<std::string, std::string> runtime_options_text() {
     std::map<std::string, std::string> out;
-    for (const OptionInfo& o : kTable) out[o.name] = text(o);
+    std::lock_guard<std::mutex> lock(g_mu);
+    for (const OptionInfo& o : kTable) out[o.name] = text_locked(o);
     return out;
 }
 
@@ -162,12 +187,40 @@ void set_runtime_option(const std::string& name, const std::string& value) {
         g_set.erase(name);
     else
         g_set[name] = value;
+    g_version.fetch_add(1);
+}
+
+uint64_t runtime_options_version() { return g_version.load(); }
+
+const char* environment_value(const char* name, std::string* buf) {
+    std::lock_guard<std::mutex> lock(g_mu);
+    ensure_read_locked();
+    auto e = g_env.find(name);
+    if (e == g_env.end()) return nullptr;
+    *buf = e->second;
+    return buf->c_str();
+}
+
+void refresh_option_environment() {
+    std::map<std::string, std::string> env = read_environment();
+    std::lock_guard<std::mutex> lock(g_mu);
+    if (g_env_read && env == g_env) return;
+    g_env.swap(env);
+    g_env_read = true;
+    g_version.fetch_add(1);
 }
 
 RuntimeOptions runtime_options() {
+    std::vector<std::string> texts;
+    texts.reserve(kTable.size());
+    {
+        std::lock_guard<std::mutex> lock(g_mu);
+        for (const OptionInfo& o : kTable) texts.push_back(text_locked(o));
+    }
     RuntimeOptions r;
-    for (const OptionInfo& o : kTable) {
-        const std::string v = text(o);
+    for (size_t i = 0; i < kTable.size(); ++i) {
+        const OptionInfo& o = kTable[i];
+        const std::string& v = texts[i];
         check(o, v);
         const std::string& n = o.name;
         if (n == "cuda_graphs") r.cuda_graphs = parse_bool(o, v);

@@ -65,6 +65,22 @@ struct RuntimeOptions {
 // InvalidArgument naming the option (and variable) for a value it cannot parse.
 RuntimeOptions runtime_options();
 
+// The environment is read only by refresh_option_environment(), into a process-wide snapshot
+// that runtime_options() reads: getenv is not safe against a concurrent setenv / putenv (glibc
+// may move the environment array while another thread reads it), an application's threads
+// change their environment at any time (Python's os.environ[...] = ... calls putenv, pytest
+// sets PYTEST_CURRENT_TEST at every test phase), and the runtime's own threads (the engine's
+// loop) read options. The surfaces refresh the snapshot where the application is not changing
+// its environment: the Python bindings with the GIL held (every call that releases it), the
+// C API in mambart_model_load. The first read of an option refreshes it if nothing has.
+void refresh_option_environment();
+// Bumped by every set_runtime_option() and by every refresh that changed a value: a runtime
+// thread re-reads its options only when this moved.
+uint64_t runtime_options_version();
+// A variable of the snapshot that is not an option's (OMP_NUM_THREADS), as getenv would give
+// it (nullptr where unset; the text is copied into *buf).
+const char* environment_value(const char* name, std::string* buf);
+
 // Sets option `name` (the field name, e.g. "cuda_graphs") from its text form, as its
 // environment variable would ("0"/"1"/"true"/"false" for booleans); an empty value clears the
 // override (the environment applies again). Throws InvalidArgument for an unknown name or a

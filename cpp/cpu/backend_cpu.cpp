@@ -63,7 +63,11 @@ class CpuBackend final : public Backend {
     explicit CpuBackend(int threads)
         : m3_mode_(runtime_options().cpu_mamba3),
           pool_(std::make_unique<cpu::ThreadPool>(threads)),
-          ssd_form_(runtime_options().cpu_ssd) {}
+          ssd_form_(runtime_options().cpu_ssd) {
+        // The projection kernels are chosen (reading options: the environment) here, on the
+        // thread that makes the backend, never first inside an op on a runtime thread.
+        (void)cpu::linear_kernels();
+    }
     DeviceKind kind() const override { return DeviceKind::CPU; }
     std::string name() const override {
         return str_cat("cpu (", pool_->threads(), " threads, ", cpu::linear_kernels(), ")");
@@ -1057,7 +1061,8 @@ class CpuBackend final : public Backend {
 std::unique_ptr<Backend> make_cpu_backend(int threads) {
     if (threads <= 0) threads = int(runtime_options().cpu_threads);
     if (threads <= 0) {  // OMP_NUM_THREADS, as before the pool (a positive integer), else the cores
-        const char* omp = std::getenv("OMP_NUM_THREADS");
+        std::string buf;
+        const char* omp = environment_value("OMP_NUM_THREADS", &buf);  // options.h
         char* end = nullptr;
         const long v = omp ? std::strtol(omp, &end, 10) : 0;
         threads = omp && *omp && *end == '\0' && v >= 1 && v <= 4096 ? int(v) : cpu::affinity_cores();

@@ -25,6 +25,7 @@
 #include "options.h"
 #include "safetensors.h"
 #include "sampling.h"
+#include "release_gil.h"
 
 namespace py = pybind11;
 using namespace mambart;
@@ -201,7 +202,7 @@ void register_state_api(py::module_& m) {
     stream
         .def("row_state",
              [](GenerationStream& s, int64_t row) {
-                 py::gil_scoped_release release;
+                 ReleaseGil release;
                  return s.row_state(row);
              })
         .def("prompt_state", &GenerationStream::prompt_state)
@@ -241,7 +242,7 @@ void register_state_api(py::module_& m) {
             "prefill",
             [](Generator& g, const std::vector<int32_t>& ids,
                std::shared_ptr<SequenceState> from) {
-                py::gil_scoped_release release;
+                ReleaseGil release;
                 return g.prefill(ids, from.get());
             },
             py::arg("token_ids"), py::arg("state") = nullptr)
@@ -255,7 +256,7 @@ void register_state_api(py::module_& m) {
                 std::vector<uint8_t> gr(size_t(std::max<int64_t>(n, 0)));
                 {
                     double* p = lp.mutable_data();
-                    py::gil_scoped_release release;
+                    ReleaseGil release;
                     g.score(ids, from.get(), p, gr.data());
                 }
                 bool* gp = greedy.mutable_data();
@@ -463,7 +464,7 @@ void register_engine_api(py::module_& m) {
                r.timeout_s = timeout;
                r.logprobs = logprobs;
                r.on_ready = notify_callback(notifier, key);
-               py::gil_scoped_release release;
+               ReleaseGil release;
                return g.engine().submit(std::move(r), block);
            },
            py::arg("prompt"), py::arg("options"), py::arg("state") = nullptr,
@@ -497,7 +498,7 @@ void register_engine_api(py::module_& m) {
                     reqs[i].logprobs = logprobs;
                     if (notifier) reqs[i].on_ready = notify_callback(notifier, keys[i]);
                 }
-                py::gil_scoped_release release;
+                ReleaseGil release;
                 return g.engine().submit_many(std::move(reqs), block);
             },
             py::arg("prompts"), py::arg("options"), py::arg("states") = py::none(),
@@ -518,7 +519,7 @@ void register_engine_api(py::module_& m) {
                 o.max_queue = max_queue;
                 o.prompt_cache_bytes = prompt_cache_bytes;
                 MAMBART_CHECK_ARG(!g.engine_started(), "the engine has already started");
-                py::gil_scoped_release release;
+                ReleaseGil release;
                 g.engine(&o);
             },
             py::arg("capacity") = 0, py::arg("max_slots") = 0, py::arg("prefill_rows") = 0,
@@ -620,7 +621,7 @@ PYBIND11_MODULE(_C, m) {
         "store_fp32}] in load order, state: the state tensors (with state_dtype, the SSM "
         "states' storage), state_row_bytes: bytes of state per sequence, layer_types}: the one "
         "source of tensor names, used by the converter.");
-    m.def("options", [] { return runtime_options_text(); },
+    m.def("options", [] { refresh_option_environment(); return runtime_options_text(); },
           "The runtime options now (name -> text): explicit settings over the environment.");
     m.def("set_option", &set_runtime_option, py::arg("name"), py::arg("value"),
           "Sets a runtime option from its text form ('' clears the setting); ValueError for an "
@@ -720,7 +721,7 @@ PYBIND11_MODULE(_C, m) {
                          const std::optional<std::string>& state_dtype) {
                  auto dt = parse_dtype(dtype);
                  auto sdt = parse_dtype(state_dtype);
-                 py::gil_scoped_release release;
+                 ReleaseGil release;
                  return std::make_unique<Generator>(dir, device, dt ? &*dt : nullptr, threads,
                                                     sdt ? &*sdt : nullptr);
              }),
@@ -749,7 +750,7 @@ PYBIND11_MODULE(_C, m) {
                 py::array_t<float> out({int64_t(ids.size()), V});
                 float* p = out.mutable_data();
                 {
-                    py::gil_scoped_release release;
+                    ReleaseGil release;
                     g.logits(ids, p, chunk);
                 }
                 return out;
@@ -781,7 +782,7 @@ PYBIND11_MODULE(_C, m) {
             "generate",
             [](Generator& g, const std::vector<std::vector<int32_t>>& prompts,
                const GenerationOptions& opt) {
-                py::gil_scoped_release release;
+                ReleaseGil release;
                 return g.generate(prompts, opt);
             },
             py::arg("prompts"), py::arg("options"));

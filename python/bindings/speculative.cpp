@@ -8,6 +8,7 @@
 
 #include "error.h"
 #include "generator.h"
+#include "release_gil.h"
 
 namespace py = pybind11;
 using namespace mambart;
@@ -46,7 +47,7 @@ void register_speculative_api(py::module_& m) {
                            py::gil_scoped_acquire gil;
                            return callback(tok).cast<bool>();
                        };
-                   py::gil_scoped_release release;
+                   ReleaseGil release;
                    r = g.generate_speculative(prompt, opt, so, draft, &st, cb);
                }
                py::dict d;
@@ -74,7 +75,7 @@ void register_speculative_api(py::module_& m) {
                 std::vector<std::vector<std::vector<float>>> st;
                 float* lp = logits.mutable_data();
                 {
-                    py::gil_scoped_release release;
+                    ReleaseGil release;
                     st = g.traced_states(prompt, tokens, lp);
                 }
                 py::list out;
@@ -97,7 +98,7 @@ void register_speculative_api(py::module_& m) {
                const std::vector<int32_t>& tokens, int64_t iters, bool trace) {
                 double keep = 0.0, ms;
                 {
-                    py::gil_scoped_release release;
+                    ReleaseGil release;
                     ms = g.verification_ms(prompt, tokens, iters, trace, &keep);
                 }
                 return py::make_tuple(ms, keep);

@@ -9,6 +9,7 @@
 #include "layers/registry.h"
 #include "prefix_cache.h"
 #include "state_file.h"
+#include "release_gil.h"
 
 namespace py = pybind11;
 using namespace mambart;
@@ -84,14 +85,14 @@ void register_state_files(py::module_& m) {
     m.def(
         "read_state_file",
         [](const std::string& path) {
-            py::gil_scoped_release release;
+            ReleaseGil release;
             return std::make_shared<StateFile>(read_state_file(path, layer_types()));
         },
         py::arg("path"), "Reads and validates a state file (StateError naming it otherwise).");
     m.def(
         "write_state_file",
         [](const std::string& path, const StateFile& f) {
-            py::gil_scoped_release release;
+            ReleaseGil release;
             write_state_file(path, f);
         },
         py::arg("path"), py::arg("file"), "Writes a state file atomically.");
@@ -101,7 +102,7 @@ void register_state_files(py::module_& m) {
            const std::string& dtype, const std::string& architecture,
            const std::vector<std::string>& layer_types) {
             StateIdentity id{fingerprint, dtype, architecture, true, layer_types};
-            py::gil_scoped_release release;
+            ReleaseGil release;
             write_state_file(path, state_file_of(s, id));
         },
         py::arg("path"), py::arg("state"), py::arg("fingerprint"), py::arg("dtype"),
@@ -114,7 +115,7 @@ void register_state_files(py::module_& m) {
     m.def(
         "model_fingerprint",
         [](const std::string& model_dir) {
-            py::gil_scoped_release release;
+            ReleaseGil release;
             return model_fingerprint(model_dir);
         },
         py::arg("model_dir"), "sha256 identity of a model directory (cpp/state_file.h).");
@@ -158,7 +159,7 @@ void register_state_files(py::module_& m) {
         .def(
             "state_from_file",
             [](Generator& g, const StateFile& f, const std::string& source, bool check_identity) {
-                py::gil_scoped_release release;
+                ReleaseGil release;
                 return g.state_from_file(f, source, check_identity);
             },
             py::arg("file"), py::arg("source") = "", py::arg("check_identity") = true,
