@@ -248,6 +248,7 @@ void register_ops(py::module_& parent) {
     py::class_<Ops>(m, "Backend")
         .def(py::init([](const std::string& device, int threads) {
                  need(threads >= 0 && threads <= 4096, "threads must be in [0, 4096]");
+                 refresh_option_environment();  // the backend reads its options (GIL held)
                  return Ops{std::shared_ptr<Backend>(make_backend(device, threads))};
              }),
              py::arg("device"), py::arg("threads") = 0)
