@@ -15,6 +15,8 @@ import mambart
 from attention_ref import attention_op, model_logits
 from mambart import _C
 from model_dirs import random_tensor, save_tensors, write_config
+from native_checks import (check_batch_rows_equal_single_runs, check_prefill_equals_decode,
+                           check_state_save_load_continuation, ids_for)
 
 OPS = _C._ops.Backend("cpu")
 
@@ -135,10 +137,6 @@ def models(tmp_path_factory):
     return {n: make_model(root, n, layers, seed=i) for i, (n, layers) in enumerate(MODELS.items())}
 
 
-def ids_for(V, n, seed=0):
-    return [int(t) for t in np.random.default_rng(seed).integers(0, V, size=n)]
-
-
 @pytest.mark.parametrize("name", list(MODELS))
 def test_model_logits_equal_reference(models, name):
     c, t, g = models[name]
@@ -151,31 +149,18 @@ def test_model_logits_equal_reference(models, name):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_model_prefill_equals_decode(models, name):
     c, _, g = models[name]
-    ids = ids_for(c["vocab_size"], 33, seed=2)
-    full = g.logits(ids)
-    scale = max(1.0, float(np.abs(full).max()))
-    assert np.abs(g._g.logits(ids, 1) - full).max() < 1e-5 * scale
-    assert np.abs(g._g.logits(ids, 5) - full).max() < 1e-5 * scale
+    check_prefill_equals_decode(g, c["vocab_size"])
 
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_model_batch_rows_equal_single_runs(models, name):
     c, _, g = models[name]
-    prompts = [ids_for(c["vocab_size"], n, seed=n) for n in (9, 3, 14)]
-    rows = g.generate(prompts, max_new_tokens=10, ignore_eos=True)
-    for p, r in zip(prompts, rows):
-        assert r.token_ids == g.generate(p, max_new_tokens=10, ignore_eos=True).token_ids
+    check_batch_rows_equal_single_runs(g, c["vocab_size"])
 
 
 def test_model_state_save_load_continuation(models, tmp_path):
     c, _, g = models["partial-rope-window"]
-    prompt = ids_for(c["vocab_size"], 12, seed=5)
-    full = g.generate(prompt, max_new_tokens=14, ignore_eos=True)
-    a = g.generate(prompt, max_new_tokens=5, ignore_eos=True, return_state=True)
-    path = tmp_path / "s.safetensors"
-    a.state.save(path)
-    b = g.generate(None, state=g.load_state(path), max_new_tokens=9, ignore_eos=True)
-    assert a.token_ids + b.token_ids == full.token_ids
+    check_state_save_load_continuation(g, c["vocab_size"], tmp_path)
 
 
 def test_context_bound_is_a_clear_error(models):
