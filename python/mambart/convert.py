@@ -164,6 +164,17 @@ def _opt_id(v, where: str, key: str):
     return v
 
 
+def _mamba2_entry(E: int, H: int, G: int, d_state: int, d_conv: int, conv_bias: bool,
+                  bias: bool, chunk_size: int, dt_limit, **extra) -> dict:
+    """A mamba2 layer of a mambart config for the HF hybrids' Mamba-2 mixers (d_inner E in H
+    heads and G groups; a gated RMSNorm after the gate), from values their configs give under
+    their own keys; `extra`: the family's other fields."""
+    return {"type": "mamba2", "d_inner": E, "d_state": d_state, "d_conv": d_conv,
+            "conv_bias": conv_bias, "bias": bias, "headdim": E // H, "nheads": H, "ngroups": G,
+            "chunk_size": chunk_size, "dt_limit": dt_limit, "gated_norm": True,
+            "norm_before_gate": False, **extra}
+
+
 def _dt_limit(v, where: str, key: str):
     if not isinstance(v, (list, tuple)) or len(v) != 2 or \
             not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
@@ -359,16 +370,12 @@ def _nemotron_source(cfg: dict, where: str, weights: WeightSet) -> Source:
         if H % G:
             raise ConversionError(f"{where}: layer {pat.index('M')}: n_groups ({G}) must divide "
                                   f"mamba_num_heads ({H})")
-        mamba = {"type": "mamba2", "d_inner": H * P,
-                 "d_state": _int(cfg, "ssm_state_size", where, 128),
-                 "d_conv": _int(cfg, "conv_kernel", where, _int(cfg, "mamba_d_conv", where, 4)),
-                 "conv_bias": _bool(cfg, "use_conv_bias", where, True),
-                 "bias": _bool(cfg, "use_bias", where, False),
-                 "headdim": P, "nheads": H, "ngroups": G,
-                 "chunk_size": _int(cfg, "chunk_size", where, 128),
-                 "dt_limit": _dt_limit(cfg.get("time_step_limit", [0.0, math.inf]), where,
-                                       "time_step_limit"),
-                 "gated_norm": True, "norm_before_gate": False}
+        mamba = _mamba2_entry(
+            H * P, H, G, _int(cfg, "ssm_state_size", where, 128),
+            _int(cfg, "conv_kernel", where, _int(cfg, "mamba_d_conv", where, 4)),
+            _bool(cfg, "use_conv_bias", where, True), _bool(cfg, "use_bias", where, False),
+            _int(cfg, "chunk_size", where, 128),
+            _dt_limit(cfg.get("time_step_limit", [0.0, math.inf]), where, "time_step_limit"))
     if "*" in pat:
         i = pat.index("*")
         Hq = _int(cfg, "num_attention_heads", where)
@@ -627,15 +634,11 @@ def _granite_source(cfg: dict, where: str, weights: WeightSet,
         if H % G:
             raise ConversionError(f"{where}: layer {i}: mamba_n_groups ({G}) must divide "
                                   f"mamba_n_heads ({H})")
-        mamba = {"type": "mamba2", "d_inner": E, "d_state": _int(cfg, "mamba_d_state", where, 256),
-                 "d_conv": _int(cfg, "mamba_d_conv", where, 4),
-                 "conv_bias": _bool(cfg, "mamba_conv_bias", where, True),
-                 "bias": _bool(cfg, "mamba_proj_bias", where, False),
-                 "headdim": P, "nheads": H, "ngroups": G,
-                 "chunk_size": _int(cfg, "mamba_chunk_size", where, 256),
-                 "dt_limit": _dt_limit(cfg.get("time_step_limit", [0.0, math.inf]), where,
-                                       "time_step_limit"),
-                 "gated_norm": True, "norm_before_gate": False}
+        mamba = _mamba2_entry(
+            E, H, G, _int(cfg, "mamba_d_state", where, 256), _int(cfg, "mamba_d_conv", where, 4),
+            _bool(cfg, "mamba_conv_bias", where, True),
+            _bool(cfg, "mamba_proj_bias", where, False), _int(cfg, "mamba_chunk_size", where, 256),
+            _dt_limit(cfg.get("time_step_limit", [0.0, math.inf]), where, "time_step_limit"))
     if "A" in pat:
         i = pat.index("A")
         Hq = _int(cfg, "num_attention_heads", where)
@@ -775,14 +778,12 @@ def _zamba2_source(cfg: dict, where: str, weights: WeightSet) -> Source:
     G = _int(cfg, "mamba_ngroups", where, 1)
     if H % G:
         raise ConversionError(f"{where}: mamba_ngroups ({G}) must divide n_mamba_heads ({H})")
-    mamba = {"type": "mamba2", "d_inner": E, "d_state": _int(cfg, "mamba_d_state", where, 64),
-             "d_conv": _int(cfg, "mamba_d_conv", where, 4), "conv_bias": True,
-             "bias": _bool(cfg, "add_bias_linear", where, False), "headdim": E // H, "nheads": H,
-             "ngroups": G, "chunk_size": _int(cfg, "chunk_size", where, 256),
-             "dt_limit": _dt_limit([_num(cfg, "time_step_min", where, 0.001, -1.0, 1e6),
-                                    math.inf], where, "time_step_min"),
-             "gated_norm": True, "norm_before_gate": False, "gated_norm_eps": 1e-5,
-             "dt_limit_prefill_only": True}
+    mamba = _mamba2_entry(
+        E, H, G, _int(cfg, "mamba_d_state", where, 64), _int(cfg, "mamba_d_conv", where, 4), True,
+        _bool(cfg, "add_bias_linear", where, False), _int(cfg, "chunk_size", where, 256),
+        _dt_limit([_num(cfg, "time_step_min", where, 0.001, -1.0, 1e6), math.inf], where,
+                  "time_step_min"),
+        gated_norm_eps=1e-5, dt_limit_prefill_only=True)
     hybrids = [i for i, ch in enumerate(pat) if ch == "H"]
     M = _int(cfg, "num_mem_blocks", where, 1, hi=4096)
     adapters = _bool(cfg, "use_shared_attention_adapter", where, False)
