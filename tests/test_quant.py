@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -429,31 +428,22 @@ def _heldout_texts(n: int = 8, chars: int = 4000):
     return [p.read_text(encoding="utf-8", errors="replace")[:chars] for p in held[:n]]
 
 
+def _quant_accuracy():
+    """tools/quant_accuracy.py: the perplexity measures of the issue's report, shared here."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import quant_accuracy
+
+    return quant_accuracy
+
+
 def decode_perplexity(model_dir, texts) -> float:
     """Teacher-forced perplexity through the decode path: each token a one-token step on the
     state of the tokens before it (the GEMV kernels, where prefill runs the GEMM)."""
-    g = mambart.Generator(str(model_dir))
-    tot, n = 0.0, 0
-    for t in texts:
-        ids = g.tokenizer.encode(t).ids
-        st = None
-        for i in range(len(ids) - 1):
-            r = g.generate([ids[i]], state=st, max_new_tokens=1, ignore_eos=True,
-                           logprobs=g.vocab_size)
-            tot -= dict(r.logprobs[0].top)[ids[i + 1]]
-            n += 1
-            st = g.generate([ids[i]], state=st, max_new_tokens=0, return_state=True).state
-    return math.exp(tot / n)
+    return _quant_accuracy().decode_ppl(mambart.Generator(str(model_dir)), texts)
 
 
 def perplexity(model_dir, texts) -> float:
-    g = mambart.Generator(str(model_dir))
-    tot, n = 0.0, 0
-    for t in texts:
-        sc = g.score(t)
-        tot -= sc.sum
-        n += len(sc.token_ids)
-    return math.exp(tot / n)
+    return _quant_accuracy().prefill_ppl(mambart.Generator(str(model_dir)), texts)
 
 
 @pytest.mark.parametrize("demo", ["mambart-demo", "mambart2-demo"])
