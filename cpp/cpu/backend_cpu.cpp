@@ -228,6 +228,7 @@ class CpuBackend final : public Backend {
         cpu::PoolScope scope(pool_.get());
         const int64_t C = p.C, W = p.W, L = p.L;
         if (W > kMaxConvW) throw Unsupported(str_cat("conv1d: d_conv = ", W, " > ", kMaxConvW));
+        if (L == 1 && !p.state_trace) return conv1d_step(p);
         constexpr int64_t kBlock = 64;
         const int64_t nblocks = (C + kBlock - 1) / kBlock;
         for (int64_t b = 0; b < p.B; ++b) {
@@ -281,6 +282,36 @@ class CpuBackend final : public Backend {
                 }
             });
         }
+    }
+
+    // conv1d for one token (decode steps): the general loop's arithmetic, expression for
+    // expression (the same values: prefill == decode steps), without its transposed weight
+    // tile, which costs more than the arithmetic at L = 1.
+    void conv1d_step(const ConvParams& p) {
+        const int64_t C = p.C, W = p.W;
+        par(p.B * C > 16384, p.B, [&](int64_t b0, int64_t b1) {
+            for (int64_t b = b0; b < b1; ++b) {
+                float* state = p.conv_state + b * C * W;  // (C, W) this row's windows
+                const float* xr = p.x + b * p.ld_x;       // (C) this row's input
+                float* o = p.out + b * C;                 // (C)
+                for (int64_t c = 0; c < C; ++c) o[c] = p.bias ? p.bias[c] : 0.0f;
+                for (int64_t k = 0; k < W; ++k) {
+                    const int64_t tau = k - (W - 1);
+                    if (tau >= 0) {
+                        for (int64_t c = 0; c < C; ++c) o[c] += p.weight[c * W + k] * xr[c];
+                    } else {
+                        for (int64_t c = 0; c < C; ++c)
+                            o[c] += p.weight[c * W + k] * state[c * W + (W + tau)];
+                    }
+                }
+                if (p.silu) silu_inplace(o, C);
+                for (int64_t c = 0; c < C; ++c) {
+                    float* win = state + c * W;
+                    for (int64_t j = 0; j + 1 < W; ++j) win[j] = win[j + 1];
+                    win[W - 1] = xr[c];
+                }
+            }
+        });
     }
 
     // Mamba-1: Δ = softplus(dt + dt_bias); h = exp(Δ A) h + Δ B u; y = (C·h + D u) silu(z).
@@ -516,11 +547,22 @@ class CpuBackend final : public Backend {
                 const float* yi = y + i * E;
                 const float* zi = z + i * ld_z;
                 float* oi = out + i * E;
-                for (int64_t j = 0; j < E; ++j) oi[j] = yi[j] * silu(zi[j]);
+                // y silu(z), a vector at a time (the scalar silu is lane 0 of the same code:
+                // identical values)
+                int64_t j = 0;
+                for (; j + kVecLanes <= E; j += kVecLanes)
+                    cpu::vstore(oi + j, cpu::vload<Vec>(yi + j) * cpu::siluv(cpu::vload<Vec>(zi + j)));
+                for (; j < E; ++j) oi[j] = yi[j] * silu(zi[j]);
                 for (int64_t g = 0; g < groups; ++g) {
                     float* og = oi + g * group_size;
-                    double ss = 0.0;
-                    for (int64_t j = 0; j < group_size; ++j) ss += double(og[j]) * og[j];
+                    // Σ og² in double, four running sums (a sequential double sum waits on
+                    // each add); the float below rounds the same but for the rarest ties
+                    double s4[4] = {0.0, 0.0, 0.0, 0.0};
+                    int64_t k = 0;
+                    for (; k + 4 <= group_size; k += 4)
+                        for (int q = 0; q < 4; ++q) s4[q] += double(og[k + q]) * og[k + q];
+                    for (; k < group_size; ++k) s4[0] += double(og[k]) * og[k];
+                    const double ss = (s4[0] + s4[1]) + (s4[2] + s4[3]);
                     const float rstd = 1.0f / std::sqrt(float(ss / group_size) + eps);
                     const float* wg = w + g * group_size;
                     for (int64_t j = 0; j < group_size; ++j) og[j] = og[j] * rstd * wg[j];
@@ -921,7 +963,10 @@ class CpuBackend final : public Backend {
                     }
                     if (p.z) {
                         const float* z = p.z + bt * p.ld_z + h * P;
-                        for (int64_t pp = 0; pp < P; ++pp) y[pp] *= silu(z[pp]);
+                        int64_t q = 0;
+                        for (; q + kVecLanes <= P; q += kVecLanes)
+                            cpu::vstore(y + q, cpu::vload<Vec>(y + q) * cpu::siluv(cpu::vload<Vec>(z + q)));
+                        for (; q < P; ++q) y[q] *= silu(z[q]);
                     }
                     if (p.state_trace)
                         std::memcpy(p.state_trace + (bt * H + h) * P * N, s,
