@@ -158,6 +158,13 @@ class Backend {
     }
     virtual void project(const ProjParams& p);
 
+    // The persistent batch-1 decode of a run of layers (PersistentDecodeParams): false = not
+    // done (nothing enqueued; the model runs the separate ops).
+    virtual bool persistent_decode(const PersistentDecodeParams& p) {
+        (void)p;
+        return false;
+    }
+
     // ---- decode fast path (optional; backends whose supports_graphs() is true) ----
     // Whether the SSM scan ops take a state of this dtype (op_params.h: ssm_state_bf16; option
     // state_dtype, issue 18). F32 always.

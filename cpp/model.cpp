@@ -215,6 +215,41 @@ Model::Model(const std::string& dir, std::shared_ptr<Backend> backend, const DTy
     // The fused projection kernels read float weights: a quantized model runs its projections
     // unfused (issue 18), whatever the option says.
     if (!config_.quant.empty()) fuse_projections_ = false;
+    // The persistent batch-1 decode (option cuda_persistent_decode, issue 16): tried when the
+    // option is on, no layer norms its own input or reads the embedding, and the residual stream
+    // is not scaled; each layer and the backend may still decline (persistent_step).
+    persistent_ = runtime_options().cuda_persistent_decode && !keep_embedding_ &&
+                  config_.residual_multiplier == 1.0 && config_.logits_scaling == 1.0 &&
+                  config_.embedding_multiplier == 1.0;
+    for (const auto& l : config_.layers) persistent_ = persistent_ && !l->norms_own_input();
+    if (persistent_) persistent_layers_.resize(size_t(config_.n_layer));
+}
+
+// Every layer of one batch-1 decode step (row0 of st) in the backend's persistent decode, from
+// residual_ (the embedding) to residual_ after the last layer's add; false (nothing enqueued):
+// a layer or the backend declined, the separate ops run instead.
+bool Model::persistent_step(State& st, int64_t row0) {
+    const ModelConfig& c = config_;
+    float* state_ptrs[kMaxLayerStateTensors];
+    for (int64_t i = 0; i < c.n_layer; ++i) {
+        st.layer_tensors(i, row0, state_ptrs);
+        LayerIO io{normed_, hidden_, layer_ws_.data(), state_ptrs, 1, 1};
+        PersistentLayer& pl = persistent_layers_[size_t(i)];
+        pl = PersistentLayer{};
+        if (!layers_[size_t(i)]->persistent_layer(io, pl)) return false;
+        pl.norm_w = block_norm_w_[size_t(i)].data;
+        pl.norm_b = block_norm_b_[size_t(i)].data;
+    }
+    PersistentDecodeParams p;
+    p.layers = persistent_layers_.data();
+    p.n_layers = c.n_layer;
+    p.d = c.d_model;
+    p.rms = c.norm == NormKind::RMSNorm;
+    p.eps = float(c.norm_eps);
+    p.residual = residual_;
+    if (!backend_->persistent_decode(p)) return false;
+    ++persistent_steps_;
+    return true;
 }
 
 Model::~Model() {
@@ -362,9 +397,12 @@ const float* Model::forward(State& st, int64_t row0, int64_t B, int64_t L, const
     // (Not with Granite's residual multiplier or logits scaling: the fused ops have no scale.)
     const bool fused = fuse_projections_ && L == 1 && !trace && be.fused_projection(R, d) &&
                        c.residual_multiplier == 1.0 && c.logits_scaling == 1.0;
+    // The persistent decode leaves the last layer's output added into residual_ already.
+    const bool persistent = persistent_ && R == 1 && !trace && !fused && persistent_step(st, row0);
+    const float* last_hidden = persistent ? nullptr : hidden_;
     float* state_ptrs[kMaxLayerStateTensors];
     float* trace_ptrs[kMaxLayerStateTensors];
-    for (int64_t i = 0; i < c.n_layer; ++i) {
+    for (int64_t i = 0; i < (persistent ? 0 : c.n_layer); ++i) {
         // Layer 0 norms the embedding itself; later layers add the previous layer output first
         // (fused: the layer's input projection does both). A layer that norms its own input
         // gets the residual stream (the add alone: add_norm without output).
@@ -403,8 +441,8 @@ const float* Model::forward(State& st, int64_t row0, int64_t B, int64_t L, const
         be.project(p);
         return logits_;
     }
-    be.add_norm(residual_, hidden_, weights_->norm_f_w, weights_->norm_f_b, c.norm, c.norm_eps,
-                R, d, normed_);
+    be.add_norm(residual_, last_hidden, weights_->norm_f_w, weights_->norm_f_b, c.norm,
+                c.norm_eps, R, d, normed_);
     if (mode == LogitsMode::None) return nullptr;
     const float* x = normed_;
     int64_t ldx = d, M = R;

@@ -122,6 +122,10 @@ class Model {
                          LogitsMode mode, State* trace = nullptr);
     // Whether every layer can write per-token states (forward's trace).
     bool supports_state_trace() const;
+    // Whether batch-1 decode steps try the persistent decode (option cuda_persistent_decode).
+    bool persistent_decode() const { return persistent_; }
+    // Forwards that ran (or were recorded into a graph) as the persistent decode.
+    int64_t persistent_steps() const { return persistent_steps_; }
 
     // Grows the scratch workspace to hold `rows` = B * L token rows and `logits_rows` rows of
     // logits (allocation happens here, never inside forward).
@@ -157,6 +161,10 @@ class Model {
     std::vector<Param> block_norm_w_, block_norm_b_;  // per layer (d): the pre-norm of its block
     bool keep_embedding_ = false;    // a layer reads the embedding output (LayerIO::embedding)
     bool fuse_projections_ = false;  // option fused_projections, every layer takes them (issue 16)
+    bool persistent_step(State& st, int64_t row0);
+    bool persistent_ = false;  // option cuda_persistent_decode, tried per batch-1 step (issue 16)
+    std::vector<PersistentLayer> persistent_layers_;  // (n_layer) the step's descriptions
+    int64_t persistent_steps_ = 0;
 
     // Workspace (device), rows = ws_rows_ token rows:
     int64_t ws_rows_ = 0;

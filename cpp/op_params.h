@@ -125,6 +125,51 @@ struct Mamba1DecodeParams {   // = linear(dt_proj) + selective_scan at L = 1
     int64_t B, E, N, R;
 };
 
+// The persistent decode (issue 16; option cuda_persistent_decode; backends whose
+// persistent_decode() returns true): one batch-1 decode step of a run of layers as one
+// cooperative kernel (a launch per group of layers), stages separated by grid-wide barriers
+// instead of kernel boundaries, each stage prefetching the next stages' weight rows into L2.
+// Per layer: norm(residual) -> in_proj (+ conv step) -> x_proj -> dt_proj + scan + gate ->
+// out_proj added into the residual, with the same arithmetic as the separate kernels (the same
+// values, bit for bit). A layer unit describes itself (Layer::persistent_layer); the model
+// adds its block norm. Only kinds the backend knows run; any other layer keeps the whole step
+// on the separate ops.
+struct PersistentLayer {
+    enum Kind : int { None = 0, Mamba1 = 1 };
+    Kind kind = None;
+    DType dtype = DType::F32;    // of every matrix below (unquantized)
+    int64_t E = 0, N = 0, W = 0, R = 0;  // d_inner, d_state, d_conv, dt_rank
+    const void* in_proj = nullptr;   // (2E, d)
+    const float* in_bias = nullptr;  // (2E) or nullptr
+    const float* conv_w = nullptr;   // (E, W)
+    const float* conv_b = nullptr;   // (E) or nullptr
+    const void* x_proj = nullptr;    // (R + 2N, E)
+    const void* dt_proj = nullptr;   // (E, R)
+    const float* dt_bias = nullptr;  // (E)
+    const float* A = nullptr;        // (E, N) = -exp(A_log)
+    const float* D = nullptr;        // (E)
+    const void* out_proj = nullptr;  // (d, E)
+    const float* out_bias = nullptr; // (d) or nullptr
+    const float* norm_w = nullptr;   // (d) the block norm's weight (the model's), or nullptr: 1
+    const float* norm_b = nullptr;   // (d) LayerNorm bias, or nullptr
+    float* conv_state = nullptr;     // (E, W) inout, oldest first
+    float* ssm_state = nullptr;      // (E, N) inout, fp32
+    float* proj = nullptr;           // (2E) workspace: [x | z]
+    float* xconv = nullptr;          // (E) workspace: post-conv, post-SiLU x
+    float* xdbl = nullptr;           // (R + 2N) workspace: [dt_low | B | C]
+    float* y = nullptr;              // (E) workspace: the gated scan output
+};
+
+struct PersistentDecodeParams {
+    const PersistentLayer* layers = nullptr;  // host array of n_layers
+    int64_t n_layers = 0;
+    int64_t d = 0;              // d_model
+    bool rms = true;            // block norms: RMSNorm, else LayerNorm
+    float eps = 0.0f;
+    float* residual = nullptr;  // (d) inout: the residual stream after the embedding (before
+                                // layer 0's norm); after the call, after the last layer's add
+};
+
 // A decode projection with its neighbours folded in (option fused_projections; backends whose
 // fused_projection(M, K) is true): y[M, N] = x[M, K] · Wᵀ + bias, where
 //  - norm.residual != nullptr: x is not read; x[m, :] = norm(residual[m, :]) * w (+ b), the

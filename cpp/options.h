@@ -35,6 +35,10 @@ struct RuntimeOptions {
     bool cuda_prefetch = true;          // GEMVs prefetch weight rows into L2 ahead of PDL waits
     bool fused_projections = false;     // decode projections with the norm, residual add and
                                         // Mamba-1 conv step folded in (read at model load)
+    bool cuda_persistent_decode = false;  // batch-1 decode as persistent kernels (issue 16;
+                                          // read at model load)
+    int64_t cuda_persistent_ctas = 2;     // blocks per SM of the persistent decode kernel
+    bool cuda_persistent_prefetch = true; // its blocks prefetch the next stages' weights
     DType state_dtype = DType::F32;     // SSM state storage: F32 or BF16 (read at model load;
                                         // issue 18)
     bool cuda_sync = false;             // synchronise and check after every kernel (debugging)

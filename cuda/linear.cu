@@ -28,6 +28,7 @@
 
 #include "common.cuh"
 #include "kernels.h"
+#include "vec.cuh"
 
 namespace mambart {
 namespace cuda {
@@ -35,39 +36,6 @@ namespace {
 
 constexpr int kGemvWarps = 8;
 constexpr int kGemvUnroll = 4;
-
-// Unpacks a 16-byte vector of T into floats.
-template <typename T> struct Vec;
-template <> struct Vec<float> {
-    static constexpr int kN = 4;
-    __device__ static void unpack(const uint4& r, float* f) {
-        f[0] = __uint_as_float(r.x); f[1] = __uint_as_float(r.y);
-        f[2] = __uint_as_float(r.z); f[3] = __uint_as_float(r.w);
-    }
-};
-template <> struct Vec<__half> {
-    static constexpr int kN = 8;
-    __device__ static void unpack(const uint4& r, float* f) {
-        const uint32_t u[4] = {r.x, r.y, r.z, r.w};
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            __half2 h = *reinterpret_cast<const __half2*>(&u[i]);
-            float2 v = __half22float2(h);
-            f[2 * i] = v.x; f[2 * i + 1] = v.y;
-        }
-    }
-};
-template <> struct Vec<__nv_bfloat16> {
-    static constexpr int kN = 8;
-    __device__ static void unpack(const uint4& r, float* f) {
-        const uint32_t u[4] = {r.x, r.y, r.z, r.w};
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            f[2 * i] = __uint_as_float(u[i] << 16);
-            f[2 * i + 1] = __uint_as_float(u[i] & 0xffff0000u);
-        }
-    }
-};
 
 // The fused decode projection's norm prologue (ProjParams::norm, kPro 1): xs[m, :] = the normed row m
 // of the residual, computed with add_norm_kernel's arithmetic as it runs for decode (a 1024-thread

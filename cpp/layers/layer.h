@@ -139,6 +139,14 @@ class Layer {
     virtual bool supports_state_trace() const { return false; }
     // Whether forward honours LayerIO::residual (the fused decode projections, issue 16).
     virtual bool takes_fused_projections() const { return false; }
+    // The persistent decode (issue 16, PersistentLayer): fills `out` with this layer's weights
+    // and io's state rows and workspace for one batch-1 decode step (io.B == io.L == 1), or
+    // returns false where the layer cannot run in it (the model then runs the separate ops).
+    virtual bool persistent_layer(const LayerIO& io, PersistentLayer& out) const {
+        (void)io;
+        (void)out;
+        return false;
+    }
 };
 
 }  // namespace mambart

@@ -531,6 +531,11 @@ void register_engine_api(py::module_& m) {
             [](const Generator& g) { return g.model().fused_projections(); },
             "whether decode steps run the fused projections (option fused_projections; every "
             "layer takes them)")
+        .def_property_readonly(
+            "persistent_decode_steps",
+            [](const Generator& g) { return g.model().persistent_steps(); },
+            "batch-1 decode forwards recorded or run as the persistent decode kernels (option "
+            "cuda_persistent_decode; a CUDA graph records one and replays it)")
         .def("engine_stats",
              [](Generator& g) {
                  if (g.engine_started()) return stats_dict(g.engine().stats());

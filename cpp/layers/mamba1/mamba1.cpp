@@ -137,6 +137,37 @@ class Mamba1 final : public Layer {
     bool supports_state_trace() const override { return true; }
     bool takes_fused_projections() const override { return true; }
 
+    bool persistent_layer(const LayerIO& io, PersistentLayer& o) const override {
+        const DType dt = in_proj_.dtype;
+        if (c_->dt_bc_rms || bf16_state_ || io.B != 1 || io.L != 1 || io.trace) return false;
+        for (const Weight* w : {&in_proj_, &x_proj_, &dt_proj_, &out_proj_})
+            if (w->quant != QuantScheme::None || w->dtype != dt) return false;
+        o.kind = PersistentLayer::Mamba1;
+        o.dtype = dt;
+        o.E = c_->d_inner;
+        o.N = c_->d_state;
+        o.W = c_->d_conv;
+        o.R = c_->dt_rank;
+        o.in_proj = in_proj_.data;
+        o.in_bias = in_proj_b_.data;
+        o.conv_w = conv_w_.data;
+        o.conv_b = conv_b_.data;
+        o.x_proj = x_proj_.data;
+        o.dt_proj = dt_proj_.data;
+        o.dt_bias = dt_bias_.data;
+        o.A = A_.data;
+        o.D = D_.data;
+        o.out_proj = out_proj_.data;
+        o.out_bias = out_proj_b_.data;
+        o.conv_state = io.state[0];  // (1, E, W)
+        o.ssm_state = io.state[1];   // (1, E, N)
+        o.proj = io.ws[0];
+        o.xconv = io.ws[1];
+        o.xdbl = io.ws[2];
+        o.y = io.ws[4];
+        return true;
+    }
+
     void forward(Backend& be, const LayerIO& io) override {
         const int64_t B = io.B, L = io.L, R = B * L;
         const int64_t E = c_->d_inner, N = c_->d_state, Rdt = c_->dt_rank, X = c_->x_proj_dim();
