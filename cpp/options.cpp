@@ -42,10 +42,12 @@ const std::vector<OptionInfo> kTable = {
      "batch-1 decode of Mamba-1 layers as persistent cooperative kernels (issue 16: grid-wide "
      "barriers in place of ~6 kernels a layer, weights prefetched into L2 ahead; the same values "
      "bit for bit); read when a model is loaded"},
-    {"cuda_persistent_ctas", "MAMBART_CUDA_PERSISTENT_CTAS", "int", "", "2",
-     "blocks per multiprocessor of the persistent decode kernel (fewer if they do not fit)"},
-    {"cuda_persistent_prefetch", "MAMBART_CUDA_PERSISTENT_PREFETCH", "bool", "", "1",
-     "the persistent decode's blocks prefetch their next stages' weight rows into L2"},
+    {"cuda_persistent_warps", "MAMBART_CUDA_PERSISTENT_WARPS", "int", "", "16",
+     "warps per multiprocessor of the persistent decode kernel: 16 (up to 128 registers a "
+     "thread), or 32 from 32 (64 registers)"},
+    {"cuda_persistent_prefetch", "MAMBART_CUDA_PERSISTENT_PREFETCH", "bool", "", "0",
+     "the persistent decode's blocks prefetch later stages' weight rows into L2 (out_proj's during "
+     "S1, the next layer's in_proj during S4)"},
     {"state_dtype", "MAMBART_STATE_DTYPE", "choice", "float32|bfloat16", "float32",
      "storage of the Mamba-1 / Mamba-2 SSM states (issue 18): float32, or bfloat16 (half the "
      "state bytes per sequence; the scans read bf16, compute in fp32 and round to nearest even "
@@ -249,7 +251,7 @@ RuntimeOptions runtime_options() {
         else if (n == "cuda_sync") r.cuda_sync = parse_bool(o, v);
         else if (n == "fused_projections") r.fused_projections = parse_bool(o, v);
         else if (n == "cuda_persistent_decode") r.cuda_persistent_decode = parse_bool(o, v);
-        else if (n == "cuda_persistent_ctas") r.cuda_persistent_ctas = int64_t(parse_uint(o, v, 64));
+        else if (n == "cuda_persistent_warps") r.cuda_persistent_warps = int64_t(parse_uint(o, v, 1024));
         else if (n == "cuda_persistent_prefetch") r.cuda_persistent_prefetch = parse_bool(o, v);
         else if (n == "state_dtype") r.state_dtype = v == "bfloat16" ? DType::BF16 : DType::F32;
         else if (n == "cuda_free_bytes_limit") r.cuda_free_bytes_limit = parse_uint(o, v, UINT64_MAX);

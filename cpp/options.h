@@ -37,8 +37,8 @@ struct RuntimeOptions {
                                         // Mamba-1 conv step folded in (read at model load)
     bool cuda_persistent_decode = false;  // batch-1 decode as persistent kernels (issue 16;
                                           // read at model load)
-    int64_t cuda_persistent_ctas = 2;     // blocks per SM of the persistent decode kernel
-    bool cuda_persistent_prefetch = true; // its blocks prefetch the next stages' weights
+    int64_t cuda_persistent_warps = 16;   // warps per SM of the persistent decode kernel
+    bool cuda_persistent_prefetch = false; // its blocks prefetch later stages' weights
     DType state_dtype = DType::F32;     // SSM state storage: F32 or BF16 (read at model load;
                                         // issue 18)
     bool cuda_sync = false;             // synchronise and check after every kernel (debugging)

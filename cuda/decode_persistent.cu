@@ -19,10 +19,13 @@
 // gemv_rows_kernel's block per row for fewer than kNarrow rows, the conv epilogue of the fused
 // projection, mamba1_decode_kernel's lane groups), so the results equal the separate ops' bit
 // for bit (tests/test_cuda.py test_persistent_decode_*).
-// Grid: (SMs x blocks per SM, all co-resident: a cooperative launch); block: 8 warps. Warp-row
-//   GEMVs: global warp gw = blockIdx.x * 8 + warp takes rows gw, gw + 8 grid, ...; block-row
-//   GEMVs: block b takes rows b, b + grid, ...; the scan: warp gw takes channels in groups of
-//   32 / g lanes (g = min(32, next_pow2(N))), as mamba1_decode_kernel's warps do.
+// Grid: one block a multiprocessor (all co-resident: a cooperative launch) of 2 or 4 groups of
+//   8 warps; a group stands for one block of the separate kernels (its own shared memory and
+//   named barrier), virtual block vb = blockIdx.x * groups + group. Warp-row GEMVs: global warp
+//   gw = vb * 8 + warp takes rows gw, gw + all warps, ...; group-row GEMVs: group vb takes rows
+//   vb, vb + all groups, ...; the scan: warp gw takes channels in groups of 32 / g lanes
+//   (g = min(32, next_pow2(N))), as mamba1_decode_kernel's warps do. Before each barrier a warp
+//   loads its next stage's first weights (and the scan's operands) into registers.
 // Data written by other blocks in the same launch is read through L2 (__ldcg): L1 is not
 // coherent across blocks.
 // Preconditions (launch_persistent_decode checks; it returns false instead of launching when
@@ -43,17 +46,22 @@ namespace {
 
 namespace cg = cooperative_groups;
 
-constexpr int kPWarps = 8;  // the separate GEMVs' and add_norm emulation's block size
+// A block is 1, 2 or 4 groups of 8 warps (256 threads: the separate GEMVs' and the add_norm
+// emulation's size); a group is the unit the separate kernels' blocks map to ("virtual block"),
+// synchronised by its own named barrier.
+constexpr int kPWarps = 8;
 constexpr int kPThreads = kPWarps * 32;
 constexpr int kPUnroll = 4;          // gemv_kernel's loads in flight per lane
 constexpr int64_t kNarrow = 1024;    // gemv_rows_kernel below this many output rows (linear.cu)
 constexpr int kNormVirt = 1024 / kPThreads;  // add_norm_kernel runs 1024 threads at decode
+constexpr int kMaxDtPerLane = 16;    // dt_proj weights a lane preloads (R <= 16 g)
 
 struct PArgs {
     PersistentLayer layers[kPersistentMaxLayers];
     int n;          // layers in this launch
     int g;          // lanes per scan channel
     int64_t d;
+    int64_t xs_stride;  // floats of shared memory a group owns: xs (m), red (32), part (8)
     float eps;
     bool rms;
     bool prefetch;
@@ -61,23 +69,52 @@ struct PArgs {
 };
 static_assert(sizeof(PArgs) <= 4000, "the persistent decode's arguments exceed 4 KB");
 
+// This thread's place: its group (virtual block) and the thread within it.
+struct Place {
+    int grp;      // group within the block
+    int t;        // thread within the group
+    int64_t vb;   // virtual block: blockIdx.x * groups + grp
+    int64_t nvb;  // virtual blocks in the grid
+    int64_t gw;   // global warp: vb * 8 + warp within the group
+    int64_t tw;   // warps in the grid
+};
+
+__device__ __forceinline__ Place place() {
+    Place p;
+    const int groups = blockDim.x / kPThreads;
+    p.grp = threadIdx.x / kPThreads;
+    p.t = threadIdx.x % kPThreads;
+    p.vb = int64_t(blockIdx.x) * groups + p.grp;
+    p.nvb = int64_t(gridDim.x) * groups;
+    p.gw = p.vb * kPWarps + (p.t >> 5);
+    p.tw = p.nvb * kPWarps;
+    return p;
+}
+
+// The group's barrier (named barrier 1 + grp over its 256 threads; 0 is __syncthreads').
+__device__ __forceinline__ void group_sync(const Place& P) {
+    asm volatile("bar.sync %0, %1;" ::"r"(P.grp + 1), "r"(kPThreads) : "memory");
+}
+
 // add_norm_kernel's block_sum over 1024 threads, thread t standing for threads t + 256 j.
-__device__ __forceinline__ float sum_as_1024(const float (&s)[kNormVirt], float* red) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    __syncthreads();
+__device__ __forceinline__ float sum_as_1024(const Place& P, const float (&s)[kNormVirt],
+                                             float* red) {
+    const int lane = P.t & 31, warp = P.t >> 5;
+    group_sync(P);
 #pragma unroll
     for (int j = 0; j < kNormVirt; ++j) {
         const float v = warp_sum(s[j]);
         if (lane == 0) red[warp + kPWarps * j] = v;
     }
-    __syncthreads();
+    group_sync(P);
     return warp_sum(red[lane]);
 }
 
 // xs (d) = the block norm of the residual, add_norm_kernel's arithmetic (its add happened in the
 // previous layer's S4, as the separate add_norm does it: r + h).
-__device__ void norm_into(const PArgs& a, const PersistentLayer& L, float* xs, float* red) {
-    const int t = threadIdx.x;
+__device__ void norm_into(const Place& P, const PArgs& a, const PersistentLayer& L, float* xs,
+                          float* red) {
+    const int t = P.t;
     const int64_t d = a.d;
     const float* r = a.residual;
     constexpr int kStride = kNormVirt * kPThreads;
@@ -87,7 +124,7 @@ __device__ void norm_into(const PArgs& a, const PersistentLayer& L, float* xs, f
         s[j] = 0.0f;
         for (int64_t k = t + kPThreads * j; k < d; k += kStride) s[j] = add_norm_acc(s[j], __ldcg(r + k), a.rms);
     }
-    const float tot = sum_as_1024(s, red);
+    const float tot = sum_as_1024(P, s, red);
     if (a.rms) {
         const float rstd = rsqrtf(tot / float(d) + a.eps);
         for (int64_t k = t; k < d; k += kPThreads) xs[k] = __ldcg(r + k) * rstd * (L.norm_w ? L.norm_w[k] : 1.0f);
@@ -101,23 +138,51 @@ __device__ void norm_into(const PArgs& a, const PersistentLayer& L, float* xs, f
                 s[j] = __fmaf_rn(c, c, s[j]);
             }
         }
-        const float ss = sum_as_1024(s, red);
+        const float ss = sum_as_1024(P, s, red);
         const float rstd = rsqrtf(ss / float(d) + a.eps);
         for (int64_t k = t; k < d; k += kPThreads)
             xs[k] = (__ldcg(r + k) - mean) * rstd * (L.norm_w ? L.norm_w[k] : 1.0f) + (L.norm_b ? L.norm_b[k] : 0.0f);
     }
-    __syncthreads();
+    group_sync(P);
 }
 
-// xs (K) = x, written by other blocks of this launch.
-__device__ __forceinline__ void stage_in(float* xs, const float* x, int64_t K) {
-    for (int64_t k = threadIdx.x; k < K; k += kPThreads) xs[k] = __ldcg(x + k);
-    __syncthreads();
+// xs (K) = x, written by other blocks of this launch (through L2).
+__device__ __forceinline__ void stage_in(const Place& P, float* xs, const float* x, int64_t K) {
+    for (int64_t k = P.t; k < K; k += kPThreads) xs[k] = __ldcg(x + k);
+    group_sync(P);
 }
 
-// One output row's dot product by one warp: gemv_kernel's loop for M = 1 (x in shared memory).
+// A GEMV stage's first weight loads, issued before the grid barrier that precedes the stage
+// (weights do not depend on it): the first row's first kPUnroll vectors of each lane (warp
+// rows), or the first vector of each thread (group rows).
+struct Pre {
+    uint4 raw[kPUnroll];
+};
+
 template <typename T>
-__device__ __forceinline__ float dot_warp(const T* w, const float* xs, int64_t K) {
+__device__ __forceinline__ void preload(const Place& P, const void* W, int64_t N, int64_t K,
+                                        Pre& pre) {
+    constexpr int kE = Vec<T>::kN;
+    const int64_t nvec = K / kE;
+    const T* w = static_cast<const T*>(W);
+    if (N < kNarrow) {
+        const uint4* wv = reinterpret_cast<const uint4*>(w + P.vb * K);
+        pre.raw[0] = P.vb < N && P.t < nvec ? __ldcs(wv + P.t) : make_uint4(0, 0, 0, 0);
+    } else {
+        const int lane = P.t & 31;
+        const uint4* wv = reinterpret_cast<const uint4*>(w + P.gw * K);
+#pragma unroll
+        for (int u = 0; u < kPUnroll; ++u) {
+            const int64_t v = lane + int64_t(u) * 32;
+            pre.raw[u] = P.gw < N && v < nvec ? __ldcs(wv + v) : make_uint4(0, 0, 0, 0);
+        }
+    }
+}
+
+// One output row's dot product by one warp: gemv_kernel's loop for M = 1 (x in shared memory);
+// `pre`: the row's first vectors, already loaded.
+template <typename T>
+__device__ __forceinline__ float dot_warp(const T* w, const float* xs, int64_t K, const Pre* pre) {
     constexpr int kE = Vec<T>::kN;
     const int lane = threadIdx.x & 31;
     const int64_t nvec = K / kE;
@@ -125,10 +190,15 @@ __device__ __forceinline__ float dot_warp(const T* w, const float* xs, int64_t K
     float acc = 0.0f;
     for (int64_t v0 = lane; v0 < nvec; v0 += 32 * kPUnroll) {
         uint4 raw[kPUnroll];
+        if (pre && v0 == lane) {
 #pragma unroll
-        for (int u = 0; u < kPUnroll; ++u) {
-            const int64_t v = v0 + int64_t(u) * 32;
-            raw[u] = v < nvec ? __ldcs(wv + v) : make_uint4(0, 0, 0, 0);
+            for (int u = 0; u < kPUnroll; ++u) raw[u] = pre->raw[u];
+        } else {
+#pragma unroll
+            for (int u = 0; u < kPUnroll; ++u) {
+                const int64_t v = v0 + int64_t(u) * 32;
+                raw[u] = v < nvec ? __ldcs(wv + v) : make_uint4(0, 0, 0, 0);
+            }
         }
 #pragma unroll
         for (int u = 0; u < kPUnroll; ++u) {
@@ -148,18 +218,19 @@ __device__ __forceinline__ float dot_warp(const T* w, const float* xs, int64_t K
     return warp_sum(acc);
 }
 
-// One output row's dot product by the whole block: gemv_rows_kernel's loop for M = 1; the total
-// is returned to thread 0.
+// One output row's dot product by the group: gemv_rows_kernel's loop for M = 1; the total is
+// returned to the group's thread 0.
 template <typename T>
-__device__ __forceinline__ float dot_block(const T* w, const float* xs, int64_t K, float* part) {
+__device__ __forceinline__ float dot_group(const Place& P, const T* w, const float* xs, int64_t K,
+                                           float* part, const Pre* pre) {
     constexpr int kE = Vec<T>::kN;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int lane = P.t & 31, warp = P.t >> 5;
     const int64_t nvec = K / kE;
     const uint4* wv = reinterpret_cast<const uint4*>(w);
     float acc = 0.0f;
-    for (int64_t v = threadIdx.x; v < nvec; v += kPThreads) {
+    for (int64_t v = P.t; v < nvec; v += kPThreads) {
         float wf[kE];
-        Vec<T>::unpack(__ldcs(wv + v), wf);
+        Vec<T>::unpack(pre && v == P.t ? pre->raw[0] : __ldcs(wv + v), wf);
         const float4* xr = reinterpret_cast<const float4*>(xs + v * kE);
 #pragma unroll
         for (int q = 0; q < kE / 4; ++q) {
@@ -169,11 +240,11 @@ __device__ __forceinline__ float dot_block(const T* w, const float* xs, int64_t 
         }
     }
     const float v = warp_sum(acc);
-    __syncthreads();  // part may still be read for the previous row
+    group_sync(P);  // part may still be read for the previous row
     if (lane == 0) part[warp] = v;
-    __syncthreads();
+    group_sync(P);
     float tot = 0.0f;
-    if (threadIdx.x == 0) {
+    if (P.t == 0) {
 #pragma unroll
         for (int w2 = 0; w2 < kPWarps; ++w2) tot += part[w2];
     }
@@ -181,110 +252,132 @@ __device__ __forceinline__ float dot_block(const T* w, const float* xs, int64_t 
 }
 
 // y[n] for n < N rows of W (N, K) · xs, stored by store(n, acc): a warp per row from kNarrow
-// rows, else a block per row (the separate GEMV's choice).
+// rows, else a group per row (the separate GEMV's choice); the first row from `pre`.
 template <typename T, class Store>
-__device__ __forceinline__ void gemv(const void* W, int64_t N, int64_t K, const float* xs,
-                                     float* part, Store store) {
+__device__ __forceinline__ void gemv(const Place& P, const void* W, int64_t N, int64_t K,
+                                     const float* xs, float* part, const Pre& pre, Store store) {
     const T* w = static_cast<const T*>(W);
     if (N < kNarrow) {
-        for (int64_t n = blockIdx.x; n < N; n += gridDim.x) {
-            const float t = dot_block<T>(w + n * K, xs, K, part);
-            if (threadIdx.x == 0) store(n, t);
+        for (int64_t n = P.vb; n < N; n += P.nvb) {
+            const float t = dot_group<T>(P, w + n * K, xs, K, part, n == P.vb ? &pre : nullptr);
+            if (P.t == 0) store(n, t);
         }
     } else {
-        const int64_t tw = int64_t(gridDim.x) * kPWarps;
-        for (int64_t n = int64_t(blockIdx.x) * kPWarps + (threadIdx.x >> 5); n < N; n += tw) {
-            const float t = dot_warp<T>(w + n * K, xs, K);
-            if ((threadIdx.x & 31) == 0) store(n, t);
+        for (int64_t n = P.gw; n < N; n += P.tw) {
+            const float t = dot_warp<T>(w + n * K, xs, K, n == P.gw ? &pre : nullptr);
+            if ((P.t & 31) == 0) store(n, t);
         }
     }
 }
 
-// L2 prefetch of the rows this block (or warp) takes in gemv() above.
+// L2 prefetch of the rows this group (or warp) takes in gemv() above.
 template <typename T>
-__device__ __forceinline__ void prefetch_rows(const void* W, int64_t N, int64_t K) {
+__device__ __forceinline__ void prefetch_rows(const Place& P, const void* W, int64_t N, int64_t K) {
     const T* w = static_cast<const T*>(W);
     const int64_t bytes = K * int64_t(sizeof(T));
     if (N < kNarrow) {
-        for (int64_t n = blockIdx.x; n < N; n += gridDim.x)
-            prefetch_l2(w + n * K, bytes, threadIdx.x, kPThreads);
+        for (int64_t n = P.vb; n < N; n += P.nvb) prefetch_l2(w + n * K, bytes, P.t, kPThreads);
     } else {
-        const int64_t tw = int64_t(gridDim.x) * kPWarps;
-        for (int64_t n = int64_t(blockIdx.x) * kPWarps + (threadIdx.x >> 5); n < N; n += tw)
-            prefetch_l2(w + n * K, bytes, threadIdx.x & 31, 32);
+        for (int64_t n = P.gw; n < N; n += P.tw) prefetch_l2(w + n * K, bytes, P.t & 31, 32);
     }
 }
 
-// S3 for the channels of this warp: mamba1_decode_kernel's arithmetic (batch 1); xd = xdbl in
-// shared memory.
+// S3's operands that do not depend on this step's earlier stages, loaded before its barrier for
+// the warp's first channel group: the lane's dt_proj weights, A, the state, D and dt_bias.
+template <int SPL>
+struct ScanPre {
+    float wdt[kMaxDtPerLane];
+    float A[SPL], h[SPL];
+    float D, dt_bias;
+};
+
 template <typename T, int SPL>
-__device__ __forceinline__ void scan_channels(const PersistentLayer& L, int g, const float* xd) {
-    const int lane = threadIdx.x & 31;
+__device__ __forceinline__ void scan_load(const PersistentLayer& L, int g, int64_t e,
+                                          ScanPre<SPL>& q) {
+    const int j = (threadIdx.x & 31) % g;
+    const T* wrow = static_cast<const T*>(L.dt_proj) + e * L.R;
+#pragma unroll
+    for (int i = 0; i < kMaxDtPerLane; ++i) {
+        const int64_t r = j + int64_t(g) * i;
+        q.wdt[i] = r < L.R ? to_f32(wrow[r]) : 0.0f;
+    }
+#pragma unroll
+    for (int i = 0; i < SPL; ++i) {
+        const int64_t n = j + int64_t(g) * i;
+        q.A[i] = n < L.N ? L.A[e * L.N + n] : 0.0f;
+        q.h[i] = n < L.N ? L.ssm_state[e * L.N + n] : 0.0f;
+    }
+    q.D = L.D[e];
+    q.dt_bias = L.dt_bias[e];
+}
+
+// S3 for the channels of this warp: mamba1_decode_kernel's arithmetic (batch 1); xd = xdbl in
+// shared memory; `pre` holds the first channel group's operands.
+template <typename T, int SPL>
+__device__ __forceinline__ void scan_channels(const Place& P, const PersistentLayer& L, int g,
+                                              const float* xd, const ScanPre<SPL>& pre) {
+    const int lane = P.t & 31;
     const int j = lane % g, cpw = 32 / g;
     const int64_t N = L.N, R = L.R, E = L.E;
-    const int64_t tw = int64_t(gridDim.x) * kPWarps;
-    for (int64_t base = (int64_t(blockIdx.x) * kPWarps + (threadIdx.x >> 5)) * cpw; base < E;
-         base += tw * cpw) {
+    for (int64_t base = P.gw * cpw; base < E; base += P.tw * cpw) {
         const int64_t e_raw = base + lane / g;
         const bool valid = e_raw < E;
         const int64_t e = valid ? e_raw : E - 1;  // idle lanes still join the shuffles
-        const T* wrow = static_cast<const T*>(L.dt_proj) + e * R;
+        ScanPre<SPL> q;
+        if (base == P.gw * cpw)
+            q = pre;
+        else
+            scan_load<T, SPL>(L, g, e, q);
         float dt = 0.0f;
-        for (int64_t r = j; r < R; r += g) dt += to_f32(wrow[r]) * xd[r];
+#pragma unroll
+        for (int i = 0; i < kMaxDtPerLane; ++i)
+            if (j + int64_t(g) * i < R) dt += q.wdt[i] * xd[j + g * i];
         for (int o = g >> 1; o > 0; o >>= 1) dt += __shfl_xor_sync(0xffffffffu, dt, o);
-        const float delta = softplus_f(dt + L.dt_bias[e]);
+        const float delta = softplus_f(dt + q.dt_bias);
         const float u = __ldcg(L.xconv + e);
         const float du = delta * u;
-        float* state = L.ssm_state + e * N;
         float acc = 0.0f;
         float hn[SPL];
 #pragma unroll
         for (int i = 0; i < SPL; ++i) {
             const int64_t n = j + int64_t(g) * i;
             if (n < N) {
-                hn[i] = expf(delta * L.A[e * N + n]) * state[n] + du * xd[R + n];
+                hn[i] = expf(delta * q.A[i]) * q.h[i] + du * xd[R + n];
                 acc += xd[R + N + n] * hn[i];
             }
         }
         for (int o = g >> 1; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
         if (valid) {
+            float* state = L.ssm_state + e * N;
 #pragma unroll
             for (int i = 0; i < SPL; ++i) {
                 const int64_t n = j + int64_t(g) * i;
                 if (n < N) state[n] = hn[i];
             }
-            if (j == 0) L.y[e] = (acc + L.D[e] * u) * silu_f(__ldcg(L.proj + E + e));
+            if (j == 0) L.y[e] = (acc + q.D * u) * silu_f(__ldcg(L.proj + E + e));
         }
     }
 }
 
-template <typename T>
-__device__ __forceinline__ void prefetch_dt_rows(const PersistentLayer& L, int g) {
-    const int cpw = 32 / g;
-    const int64_t tw = int64_t(gridDim.x) * kPWarps;
-    const int64_t bytes = int64_t(cpw) * L.R * int64_t(sizeof(T));
-    for (int64_t base = (int64_t(blockIdx.x) * kPWarps + (threadIdx.x >> 5)) * cpw; base < L.E;
-         base += tw * cpw)
-        prefetch_l2(static_cast<const T*>(L.dt_proj) + base * L.R,
-                    base + cpw <= L.E ? bytes : (L.E - base) * L.R * int64_t(sizeof(T)),
-                    threadIdx.x & 31, 32);
-}
-
-template <typename T, int SPL>
-__global__ void __launch_bounds__(kPThreads) persistent_decode_kernel(PArgs a) {
-    extern __shared__ float4 smem4[];  // (max(d, E, R + 2N)) the current stage's input
-    float* xs = reinterpret_cast<float*>(smem4);
-    __shared__ float red[32];
-    __shared__ float part[kPWarps];
+template <typename T, int SPL, int kThreads>
+__global__ void __launch_bounds__(kThreads) persistent_decode_kernel(PArgs a) {
+    extern __shared__ float4 smem4[];  // per group: xs (m) the stage's input, red (32), part (8)
+    const Place P = place();
+    float* xs = reinterpret_cast<float*>(smem4) + P.grp * a.xs_stride;
+    float* red = xs + (a.xs_stride - 40);
+    float* part = red + 32;
     cg::grid_group grid = cg::this_grid();
     const int64_t d = a.d;
-    if (a.prefetch) prefetch_rows<T>(a.layers[0].in_proj, 2 * a.layers[0].E, d);
+    const int cpw = 32 / a.g;
+    Pre pre;
     for (int l = 0; l < a.n; ++l) {
         const PersistentLayer& L = a.layers[l];
         const int64_t E = L.E, X = L.R + 2 * L.N, W = L.W;
         // S1: norm, in_proj, conv step
-        norm_into(a, L, xs, red);
-        gemv<T>(L.in_proj, 2 * E, d, xs, part, [&](int64_t n, float acc) {
+        preload<T>(P, L.in_proj, 2 * E, d, pre);
+        if (l > 0) grid.sync();
+        norm_into(P, a, L, xs, red);
+        gemv<T>(P, L.in_proj, 2 * E, d, xs, part, pre, [&](int64_t n, float acc) {
             const float out = acc + (L.in_bias ? L.in_bias[n] : 0.0f);
             L.proj[n] = out;
             if (n < E) {  // the fused projection's conv epilogue (= conv1d_kernel at L = 1)
@@ -298,46 +391,53 @@ __global__ void __launch_bounds__(kPThreads) persistent_decode_kernel(PArgs a) {
                 st[W - 1] = out;
             }
         });
-        if (a.prefetch) {
-            prefetch_rows<T>(L.x_proj, X, E);
-            prefetch_dt_rows<T>(L, a.g);
-            prefetch_rows<T>(L.out_proj, d, E);
-        }
-        grid.sync();
+        if (a.prefetch) prefetch_rows<T>(P, L.out_proj, d, E);
         // S2: x_proj
-        stage_in(xs, L.xconv, E);
-        gemv<T>(L.x_proj, X, E, xs, part, [&](int64_t n, float acc) { L.xdbl[n] = acc; });
+        preload<T>(P, L.x_proj, X, E, pre);
         grid.sync();
+        stage_in(P, xs, L.xconv, E);
+        gemv<T>(P, L.x_proj, X, E, xs, part, pre, [&](int64_t n, float acc) { L.xdbl[n] = acc; });
         // S3: dt_proj, scan, gate
-        stage_in(xs, L.xdbl, X);
-        scan_channels<T, SPL>(L, a.g, xs);
-        grid.sync();
+        {
+            ScanPre<SPL> sp;
+            const int64_t e0 = P.gw * cpw + (P.t & 31) / a.g;
+            scan_load<T, SPL>(L, a.g, e0 < E ? e0 : E - 1, sp);
+            grid.sync();
+            stage_in(P, xs, L.xdbl, X);
+            scan_channels<T, SPL>(P, L, a.g, xs, sp);
+        }
         // S4: out_proj, the residual add
-        stage_in(xs, L.y, E);
-        gemv<T>(L.out_proj, d, E, xs, part, [&](int64_t n, float acc) {
+        preload<T>(P, L.out_proj, d, E, pre);
+        grid.sync();
+        stage_in(P, xs, L.y, E);
+        gemv<T>(P, L.out_proj, d, E, xs, part, pre, [&](int64_t n, float acc) {
             const float v = acc + (L.out_bias ? L.out_bias[n] : 0.0f);
             a.residual[n] = __ldcg(a.residual + n) + v;
         });
-        if (l + 1 < a.n) {
-            if (a.prefetch) prefetch_rows<T>(a.layers[l + 1].in_proj, 2 * a.layers[l + 1].E, d);
-            grid.sync();
-        }
+        if (a.prefetch && l + 1 < a.n) prefetch_rows<T>(P, a.layers[l + 1].in_proj, 2 * a.layers[l + 1].E, d);
     }
 }
 
-template <typename T, int SPL>
-void launch_typed(const PArgs& a, int ctas_per_sm, size_t smem, cudaStream_t s) {
-    auto* kernel = persistent_decode_kernel<T, SPL>;
-    int dev = 0, sms = 0, fit = 0;
+// One block a multiprocessor of 16 warps (512 threads, up to 128 registers a thread) or 32
+// warps (1,024 threads, 64 registers: some spill); `warps` >= 32 asks for the wider one.
+template <typename T, int SPL, int kThreads>
+void launch_block(const PArgs& a, int64_t m, cudaStream_t s) {
+    auto* kernel = persistent_decode_kernel<T, SPL, kThreads>;
+    int dev = 0, sms = 0;
     check(cudaGetDevice(&dev), "cudaGetDevice");
     check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
-    check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fit, kernel, kPThreads, smem),
+    PArgs args = a;
+    args.xs_stride = (m + 3) / 4 * 4 + 40;
+    const size_t smem = size_t(kThreads / kPThreads) * size_t(args.xs_stride) * sizeof(float);
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+          "cudaFuncSetAttribute (persistent decode shared memory)");
+    int fit = 0;
+    check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fit, kernel, kThreads, smem),
           "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
-    const int per_sm = std::max(1, std::min(ctas_per_sm, fit));
     if (fit < 1) throw Unsupported("launch_persistent_decode: the kernel does not fit a multiprocessor");
     cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(unsigned(sms * per_sm));
-    cfg.blockDim = dim3(kPThreads);
+    cfg.gridDim = dim3(unsigned(sms));
+    cfg.blockDim = dim3(unsigned(kThreads));
     cfg.dynamicSmemBytes = smem;
     cfg.stream = s;
     cudaLaunchAttribute attr[1];
@@ -345,19 +445,27 @@ void launch_typed(const PArgs& a, int ctas_per_sm, size_t smem, cudaStream_t s) 
     attr[0].val.cooperative = 1;
     cfg.attrs = attr;
     cfg.numAttrs = 1;
-    check(cudaLaunchKernelEx(&cfg, kernel, a), "cudaLaunchKernelEx (persistent decode)");
+    check(cudaLaunchKernelEx(&cfg, kernel, args), "cudaLaunchKernelEx (persistent decode)");
+}
+
+template <typename T, int SPL>
+void launch_typed(const PArgs& a, int warps, int64_t m, cudaStream_t s) {
+    if (warps >= 32)
+        launch_block<T, SPL, 1024>(a, m, s);
+    else
+        launch_block<T, SPL, 512>(a, m, s);
 }
 
 template <typename T>
-void launch_spl(const PArgs& a, int spl, int ctas_per_sm, size_t smem, cudaStream_t s) {
+void launch_spl(const PArgs& a, int spl, int warps, int64_t m, cudaStream_t s) {
     if (spl == 1)
-        launch_typed<T, 1>(a, ctas_per_sm, smem, s);
+        launch_typed<T, 1>(a, warps, m, s);
     else if (spl == 2)
-        launch_typed<T, 2>(a, ctas_per_sm, smem, s);
+        launch_typed<T, 2>(a, warps, m, s);
     else if (spl <= 4)
-        launch_typed<T, 4>(a, ctas_per_sm, smem, s);
+        launch_typed<T, 4>(a, warps, m, s);
     else
-        launch_typed<T, 8>(a, ctas_per_sm, smem, s);
+        launch_typed<T, 8>(a, warps, m, s);
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -379,6 +487,9 @@ bool persistent_decode_supported(const PersistentDecodeParams& p) {
         if (!aligned16(L.in_proj) || !aligned16(L.x_proj) || !aligned16(L.out_proj)) return false;
         const int64_t m = std::max(p.d, std::max(L.E, L.R + 2 * L.N));
         if (m * int64_t(sizeof(float)) > 48 * 1024) return false;
+        int g = 1;
+        while (g < L.N && g < 32) g <<= 1;
+        if (L.R > int64_t(kMaxDtPerLane) * g) return false;  // S3's preloaded dt_proj weights
         if (!L.in_proj || !L.conv_w || !L.x_proj || !L.dt_proj || !L.dt_bias || !L.A || !L.D ||
             !L.out_proj || !L.conv_state || !L.ssm_state || !L.proj || !L.xconv || !L.xdbl || !L.y)
             return false;
@@ -386,10 +497,9 @@ bool persistent_decode_supported(const PersistentDecodeParams& p) {
     return true;
 }
 
-bool launch_persistent_decode(const PersistentDecodeParams& p, int ctas_per_sm, bool prefetch,
+bool launch_persistent_decode(const PersistentDecodeParams& p, int warps, bool prefetch,
                               cudaStream_t s) {
     if (!persistent_decode_supported(p)) return false;
-    MAMBART_CHECK_ARG(ctas_per_sm >= 1, "launch_persistent_decode: ctas_per_sm=", ctas_per_sm);
     int g = 1;
     while (g < p.layers[0].N && g < 32) g <<= 1;
     const int spl = int(ceil_div(p.layers[0].N, g));
@@ -407,11 +517,10 @@ bool launch_persistent_decode(const PersistentDecodeParams& p, int ctas_per_sm, 
             a.layers[i] = p.layers[l0 + i];
             m = std::max(m, std::max(a.layers[i].E, a.layers[i].R + 2 * a.layers[i].N));
         }
-        const size_t smem = size_t(m) * sizeof(float);
         switch (p.layers[0].dtype) {
-            case DType::F32: launch_spl<float>(a, spl, ctas_per_sm, smem, s); break;
-            case DType::F16: launch_spl<__half>(a, spl, ctas_per_sm, smem, s); break;
-            default: launch_spl<__nv_bfloat16>(a, spl, ctas_per_sm, smem, s); break;
+            case DType::F32: launch_spl<float>(a, spl, warps, m, s); break;
+            case DType::F16: launch_spl<__half>(a, spl, warps, m, s); break;
+            default: launch_spl<__nv_bfloat16>(a, spl, warps, m, s); break;
         }
         check_launch("persistent_decode_kernel", s);
     }

@@ -52,24 +52,19 @@ def lowp_rule(cuda_lp, cpu_lp, ref32, atol, what=""):
     assert e_cuda <= 2 * e_cpu + atol, f"{what}: cuda err {e_cuda:.3g} > 2 x cpu err {e_cpu:.3g} + {atol}"
 
 
-def steps_match_prefill(step_logits, full, n_prompt, dtype, what, router=False):
-    """Decode-step logits (the graph path: GEMVs on fp32 activations) against the prefill's logits
-    of the same tokens (cuBLAS on activations rounded to the weight dtype). fp32: 1e-4 of the
-    scale. fp16 / bf16: 3e-2 (measured up to 2.1e-2 on an H100 for the Zamba2-like model's 24th
-    step; the two paths round the activations differently and the gap grows with the context).
-    A model with a top-k router may flip a near-tied expert choice between the two roundings,
-    which moves that step's logits by far more: one such step a row is allowed there."""
-    rel = 1e-4 if dtype == "float32" else 3e-2
-    over = []
+def steps_match(g, prompt, toks, step_logits, dtype, what):
+    """Decode-step logits of the graph path (graph replay, device sampling, a batch of rows) against
+    an eager run of the same tokens. fp32: a prefill of them, to 1e-4 of the scale. fp16 / bf16: a
+    prefill rounds the activations to the weight dtype for its GEMMs while decode steps keep them
+    in fp32, which moves logits by a few % and flips near-tied top-k expert choices (a router's
+    step then moves far more), so the reference is the eager one-token steps (the decode
+    kernels, one row at a time, no graph), to 1e-3 of the scale."""
+    if dtype == "float32":
+        full, rel = g.logits(prompt + toks), 1e-4
+    else:
+        full, rel = g._g.logits(prompt + toks, 1), 1e-3
     for i, lg in enumerate(step_logits):
-        ref = full[n_prompt - 1 + i]
-        scale = max(1.0, float(np.abs(ref).max()))
-        err = float(np.abs(lg - ref).max())
-        if err > rel * scale:
-            over.append((i, err, scale))
-    allowed = 1 if (router and dtype != "float32") else 0
-    assert len(over) <= allowed, f"{what}: steps over {rel} of the scale: {over}"
-
+        close(lg, full[len(prompt) - 1 + i], rel, f"{what} step {i}")
 
 # ---- ops ------------------------------------------------------------------------------------
 
@@ -1261,9 +1256,7 @@ def test_falcon_decode_graph_steps_equal_prefill_logits(falcon_dir, dtype):
             toks[r].append(t)
     for r, p in enumerate(prompts):
         assert len(toks[r]) == 16
-        full = g.logits(p + toks[r])
-        steps_match_prefill(logits[r], full, len(p), dtype, f"row {r}",
-                            router="jamba" in str(falcon_dir))
+        steps_match(g, p, toks[r], logits[r], dtype, f"row {r}")
     cpu = _gen(falcon_dir, "cpu")
     if dtype == "float32":
         for r, p in enumerate(prompts):
@@ -1399,8 +1392,7 @@ def test_hybrid_decode_graph_steps_equal_prefill_logits(hybrid_dir, dtype):
             toks[r].append(t)
     for r, p in enumerate(prompts):
         assert len(toks[r]) == 24
-        full = g.logits(p + toks[r])
-        steps_match_prefill(logits[r], full, len(p), dtype, f"row {r}")
+        steps_match(g, p, toks[r], logits[r], dtype, f"row {r}")
     if dtype == "float32":
         cpu = _gen(hybrid_dir, "cpu")
         for r, p in enumerate(prompts):

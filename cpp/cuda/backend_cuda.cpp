@@ -48,7 +48,7 @@ class CudaBackend final : public Backend {
         // The runtime options (cpp/options.h, docs/options.md): read once, here.
         const RuntimeOptions opt = runtime_options();
         graphs_enabled_ = opt.cuda_graphs;  // false: run decode steps eagerly
-        persistent_ctas_ = int(opt.cuda_persistent_ctas);
+        persistent_warps_ = int(opt.cuda_persistent_warps);
         cooperative_ = prop.cooperativeLaunch != 0;
         persistent_prefetch_ = opt.cuda_persistent_prefetch;
         fused_enabled_ = opt.cuda_fused;    // false: decode steps run the unfused ops
@@ -460,7 +460,7 @@ class CudaBackend final : public Backend {
     bool persistent_decode(const PersistentDecodeParams& p) override {
         if (!cooperative_ || !cuda::persistent_decode_supported(p)) return false;
         dev();
-        return cuda::launch_persistent_decode(p, persistent_ctas_, persistent_prefetch_, stream_);
+        return cuda::launch_persistent_decode(p, persistent_warps_, persistent_prefetch_, stream_);
     }
 
     void gated_rmsnorm(const float* y, const float* z, int64_t ld_z, const float* w, int64_t n,
@@ -597,9 +597,9 @@ class CudaBackend final : public Backend {
     bool fused_enabled_ = true;  // fused decode mixer steps (MAMBART_CUDA_FUSED=0: off)
     bool ssd_chunked_ = true;    // chunked SSD for L > 1 (MAMBART_CUDA_SSD=recurrent: off)
     bool ssd_tf32_ = false;      // chunked SSD in plain TF32 (MAMBART_CUDA_SSD=tf32), else split
-    int persistent_ctas_ = 2;         // option cuda_persistent_ctas
+    int persistent_warps_ = 16;       // option cuda_persistent_warps
     bool cooperative_ = false;        // the device takes cooperative launches
-    bool persistent_prefetch_ = true; // option cuda_persistent_prefetch
+    bool persistent_prefetch_ = false; // option cuda_persistent_prefetch
     int* counters_ = nullptr;    // (kDecodeCounters) device ints, see launch_mamba2_decode
     enum class ScanMode { Auto, Chunked, Sequential, Lanes };
     ScanMode scan_mode_ = ScanMode::Auto;  // the Mamba-1 prefill scan (MAMBART_CUDA_SCAN)
