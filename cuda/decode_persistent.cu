@@ -179,6 +179,20 @@ __device__ __forceinline__ void preload(const Place& P, const void* W, int64_t N
     }
 }
 
+// acc += one 16-byte weight vector · its kE activations, as the separate GEMVs add them.
+template <typename T>
+__device__ __forceinline__ void acc_vec(float& acc, const uint4& raw, const float* x) {
+    constexpr int kE = Vec<T>::kN;
+    float wf[kE];
+    Vec<T>::unpack(raw, wf);
+    const float4* xr = reinterpret_cast<const float4*>(x);
+#pragma unroll
+    for (int q = 0; q < kE / 4; ++q) {
+        const float4 xv = xr[q];
+        acc += wf[4 * q] * xv.x + wf[4 * q + 1] * xv.y + wf[4 * q + 2] * xv.z + wf[4 * q + 3] * xv.w;
+    }
+}
+
 // One output row's dot product by one warp: gemv_kernel's loop for M = 1 (x in shared memory);
 // `pre`: the row's first vectors, already loaded.
 template <typename T>
@@ -204,15 +218,7 @@ __device__ __forceinline__ float dot_warp(const T* w, const float* xs, int64_t K
         for (int u = 0; u < kPUnroll; ++u) {
             const int64_t v = v0 + int64_t(u) * 32;
             if (v >= nvec) break;
-            float wf[kE];
-            Vec<T>::unpack(raw[u], wf);
-            const float4* xr = reinterpret_cast<const float4*>(xs + v * kE);
-#pragma unroll
-            for (int q = 0; q < kE / 4; ++q) {
-                const float4 xv = xr[q];
-                acc += wf[4 * q] * xv.x + wf[4 * q + 1] * xv.y + wf[4 * q + 2] * xv.z +
-                       wf[4 * q + 3] * xv.w;
-            }
+            acc_vec<T>(acc, raw[u], xs + v * kE);
         }
     }
     return warp_sum(acc);
@@ -229,15 +235,7 @@ __device__ __forceinline__ float dot_group(const Place& P, const T* w, const flo
     const uint4* wv = reinterpret_cast<const uint4*>(w);
     float acc = 0.0f;
     for (int64_t v = P.t; v < nvec; v += kPThreads) {
-        float wf[kE];
-        Vec<T>::unpack(pre && v == P.t ? pre->raw[0] : __ldcs(wv + v), wf);
-        const float4* xr = reinterpret_cast<const float4*>(xs + v * kE);
-#pragma unroll
-        for (int q = 0; q < kE / 4; ++q) {
-            const float4 xv = xr[q];
-            acc += wf[4 * q] * xv.x + wf[4 * q + 1] * xv.y + wf[4 * q + 2] * xv.z +
-                   wf[4 * q + 3] * xv.w;
-        }
+        acc_vec<T>(acc, pre && v == P.t ? pre->raw[0] : __ldcs(wv + v), xs + v * kE);
     }
     const float v = warp_sum(acc);
     group_sync(P);  // part may still be read for the previous row
