@@ -45,6 +45,8 @@ const std::vector<OptionInfo> kTable = {
     {"cuda_persistent_warps", "MAMBART_CUDA_PERSISTENT_WARPS", "int", "", "16",
      "warps per multiprocessor of the persistent decode kernel: 16 (up to 128 registers a "
      "thread), or 32 from 32 (64 registers)"},
+    {"cuda_persistent_rows", "MAMBART_CUDA_PERSISTENT_ROWS", "int", "", "2",
+     "weight rows a warp of the persistent decode streams at once (1 or 2)"},
     {"cuda_persistent_prefetch", "MAMBART_CUDA_PERSISTENT_PREFETCH", "bool", "", "0",
      "the persistent decode's blocks prefetch later stages' weight rows into L2 (out_proj's during "
      "S1, the next layer's in_proj during S4)"},
@@ -252,6 +254,7 @@ RuntimeOptions runtime_options() {
         else if (n == "fused_projections") r.fused_projections = parse_bool(o, v);
         else if (n == "cuda_persistent_decode") r.cuda_persistent_decode = parse_bool(o, v);
         else if (n == "cuda_persistent_warps") r.cuda_persistent_warps = int64_t(parse_uint(o, v, 1024));
+        else if (n == "cuda_persistent_rows") r.cuda_persistent_rows = int64_t(parse_uint(o, v, 2));
         else if (n == "cuda_persistent_prefetch") r.cuda_persistent_prefetch = parse_bool(o, v);
         else if (n == "state_dtype") r.state_dtype = v == "bfloat16" ? DType::BF16 : DType::F32;
         else if (n == "cuda_free_bytes_limit") r.cuda_free_bytes_limit = parse_uint(o, v, UINT64_MAX);

@@ -38,6 +38,7 @@ struct RuntimeOptions {
     bool cuda_persistent_decode = false;  // batch-1 decode as persistent kernels (issue 16;
                                           // read at model load)
     int64_t cuda_persistent_warps = 16;   // warps per SM of the persistent decode kernel
+    int64_t cuda_persistent_rows = 2;     // weight rows a warp streams at once (1 or 2)
     bool cuda_persistent_prefetch = false; // its blocks prefetch later stages' weights
     DType state_dtype = DType::F32;     // SSM state storage: F32 or BF16 (read at model load;
                                         // issue 18)

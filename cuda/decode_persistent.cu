@@ -65,6 +65,7 @@ struct PArgs {
     float eps;
     bool rms;
     bool prefetch;
+    bool rows2;       // warp-row GEMVs stream two rows at once
     float* residual;  // (d)
 };
 static_assert(sizeof(PArgs) <= 4000, "the persistent decode's arguments exceed 4 KB");
@@ -224,6 +225,40 @@ __device__ __forceinline__ float dot_warp(const T* w, const float* xs, int64_t K
     return warp_sum(acc);
 }
 
+// Two output rows' dot products by one warp, their loads interleaved (twice the bytes in flight
+// a lane), each summed exactly as dot_warp sums it; `has_b` uniform over the warp.
+template <typename T>
+__device__ __forceinline__ void dot_warp2(const T* wa, const T* wb, bool has_b, const float* xs,
+                                          int64_t K, const Pre* pre, float& ta, float& tb) {
+    constexpr int kE = Vec<T>::kN;
+    const int lane = threadIdx.x & 31;
+    const int64_t nvec = K / kE;
+    const uint4* va = reinterpret_cast<const uint4*>(wa);
+    const uint4* vb = reinterpret_cast<const uint4*>(wb);
+    float acc_a = 0.0f, acc_b = 0.0f;
+    for (int64_t v0 = lane; v0 < nvec; v0 += 32 * kPUnroll) {
+        uint4 ra[kPUnroll], rb[kPUnroll];
+#pragma unroll
+        for (int u = 0; u < kPUnroll; ++u) {
+            const int64_t v = v0 + int64_t(u) * 32;
+            if (pre && v0 == lane)
+                ra[u] = pre->raw[u];
+            else
+                ra[u] = v < nvec ? __ldcs(va + v) : make_uint4(0, 0, 0, 0);
+            rb[u] = has_b && v < nvec ? __ldcs(vb + v) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < kPUnroll; ++u) {
+            const int64_t v = v0 + int64_t(u) * 32;
+            if (v >= nvec) break;
+            acc_vec<T>(acc_a, ra[u], xs + v * kE);
+            if (has_b) acc_vec<T>(acc_b, rb[u], xs + v * kE);
+        }
+    }
+    ta = warp_sum(acc_a);
+    tb = has_b ? warp_sum(acc_b) : 0.0f;
+}
+
 // One output row's dot product by the group: gemv_rows_kernel's loop for M = 1; the total is
 // returned to the group's thread 0.
 template <typename T>
@@ -253,12 +288,24 @@ __device__ __forceinline__ float dot_group(const Place& P, const T* w, const flo
 // rows, else a group per row (the separate GEMV's choice); the first row from `pre`.
 template <typename T, class Store>
 __device__ __forceinline__ void gemv(const Place& P, const void* W, int64_t N, int64_t K,
-                                     const float* xs, float* part, const Pre& pre, Store store) {
+                                     const float* xs, float* part, const Pre& pre, bool rows2,
+                                     Store store) {
     const T* w = static_cast<const T*>(W);
     if (N < kNarrow) {
         for (int64_t n = P.vb; n < N; n += P.nvb) {
             const float t = dot_group<T>(P, w + n * K, xs, K, part, n == P.vb ? &pre : nullptr);
             if (P.t == 0) store(n, t);
+        }
+    } else if (rows2) {  // rows n and n + tw together
+        for (int64_t n = P.gw; n < N; n += 2 * P.tw) {
+            const bool has_b = n + P.tw < N;
+            float ta, tb;
+            dot_warp2<T>(w + n * K, w + (has_b ? n + P.tw : n) * K, has_b, xs, K,
+                         n == P.gw ? &pre : nullptr, ta, tb);
+            if ((P.t & 31) == 0) {
+                store(n, ta);
+                if (has_b) store(n + P.tw, tb);
+            }
         }
     } else {
         for (int64_t n = P.gw; n < N; n += P.tw) {
@@ -375,7 +422,7 @@ __global__ void __launch_bounds__(kThreads) persistent_decode_kernel(PArgs a) {
         preload<T>(P, L.in_proj, 2 * E, d, pre);
         if (l > 0) grid.sync();
         norm_into(P, a, L, xs, red);
-        gemv<T>(P, L.in_proj, 2 * E, d, xs, part, pre, [&](int64_t n, float acc) {
+        gemv<T>(P, L.in_proj, 2 * E, d, xs, part, pre, a.rows2, [&](int64_t n, float acc) {
             const float out = acc + (L.in_bias ? L.in_bias[n] : 0.0f);
             L.proj[n] = out;
             if (n < E) {  // the fused projection's conv epilogue (= conv1d_kernel at L = 1)
@@ -394,7 +441,7 @@ __global__ void __launch_bounds__(kThreads) persistent_decode_kernel(PArgs a) {
         preload<T>(P, L.x_proj, X, E, pre);
         grid.sync();
         stage_in(P, xs, L.xconv, E);
-        gemv<T>(P, L.x_proj, X, E, xs, part, pre, [&](int64_t n, float acc) { L.xdbl[n] = acc; });
+        gemv<T>(P, L.x_proj, X, E, xs, part, pre, a.rows2, [&](int64_t n, float acc) { L.xdbl[n] = acc; });
         // S3: dt_proj, scan, gate
         {
             ScanPre<SPL> sp;
@@ -408,7 +455,7 @@ __global__ void __launch_bounds__(kThreads) persistent_decode_kernel(PArgs a) {
         preload<T>(P, L.out_proj, d, E, pre);
         grid.sync();
         stage_in(P, xs, L.y, E);
-        gemv<T>(P, L.out_proj, d, E, xs, part, pre, [&](int64_t n, float acc) {
+        gemv<T>(P, L.out_proj, d, E, xs, part, pre, a.rows2, [&](int64_t n, float acc) {
             const float v = acc + (L.out_bias ? L.out_bias[n] : 0.0f);
             a.residual[n] = __ldcg(a.residual + n) + v;
         });
@@ -495,7 +542,7 @@ bool persistent_decode_supported(const PersistentDecodeParams& p) {
     return true;
 }
 
-bool launch_persistent_decode(const PersistentDecodeParams& p, int warps, bool prefetch,
+bool launch_persistent_decode(const PersistentDecodeParams& p, int warps, int rows, bool prefetch,
                               cudaStream_t s) {
     if (!persistent_decode_supported(p)) return false;
     int g = 1;
@@ -509,6 +556,7 @@ bool launch_persistent_decode(const PersistentDecodeParams& p, int warps, bool p
         a.eps = p.eps;
         a.rms = p.rms;
         a.prefetch = prefetch;
+        a.rows2 = rows >= 2;
         a.residual = p.residual;
         int64_t m = p.d;
         for (int i = 0; i < a.n; ++i) {

@@ -222,12 +222,13 @@ void launch_convert(const void* src, DType src_dtype, void* dst, DType dst_dtype
 
 // The persistent batch-1 decode (cuda/decode_persistent.cu, op_params.h PersistentDecodeParams):
 // whether it can run these layers, and the launches (one per kPersistentMaxLayers layers, each
-// cooperative, one block a multiprocessor of 16 warps, or 32 where warps >= 32; prefetch: each
-// block prefetches later stages' weight rows into L2). Returns false, launching nothing, where
-// persistent_decode_supported() is false.
+// cooperative, one block a multiprocessor of 16 warps, or 32 where warps >= 32; rows: 1, or 2 for
+// warp-row GEMVs streaming two rows at once; prefetch: each block prefetches later stages'
+// weight rows into L2). Returns false, launching nothing, where persistent_decode_supported() is
+// false.
 constexpr int kPersistentMaxLayers = 16;
 bool persistent_decode_supported(const PersistentDecodeParams& p);
-bool launch_persistent_decode(const PersistentDecodeParams& p, int warps, bool prefetch,
+bool launch_persistent_decode(const PersistentDecodeParams& p, int warps, int rows, bool prefetch,
                               cudaStream_t stream);
 
 }  // namespace cuda

@@ -49,6 +49,7 @@ class CudaBackend final : public Backend {
         const RuntimeOptions opt = runtime_options();
         graphs_enabled_ = opt.cuda_graphs;  // false: run decode steps eagerly
         persistent_warps_ = int(opt.cuda_persistent_warps);
+        persistent_rows_ = int(opt.cuda_persistent_rows);
         cooperative_ = prop.cooperativeLaunch != 0;
         persistent_prefetch_ = opt.cuda_persistent_prefetch;
         fused_enabled_ = opt.cuda_fused;    // false: decode steps run the unfused ops
@@ -460,7 +461,8 @@ class CudaBackend final : public Backend {
     bool persistent_decode(const PersistentDecodeParams& p) override {
         if (!cooperative_ || !cuda::persistent_decode_supported(p)) return false;
         dev();
-        return cuda::launch_persistent_decode(p, persistent_warps_, persistent_prefetch_, stream_);
+        return cuda::launch_persistent_decode(p, persistent_warps_, persistent_rows_,
+                                              persistent_prefetch_, stream_);
     }
 
     void gated_rmsnorm(const float* y, const float* z, int64_t ld_z, const float* w, int64_t n,
@@ -598,6 +600,7 @@ class CudaBackend final : public Backend {
     bool ssd_chunked_ = true;    // chunked SSD for L > 1 (MAMBART_CUDA_SSD=recurrent: off)
     bool ssd_tf32_ = false;      // chunked SSD in plain TF32 (MAMBART_CUDA_SSD=tf32), else split
     int persistent_warps_ = 16;       // option cuda_persistent_warps
+    int persistent_rows_ = 2;         // option cuda_persistent_rows
     bool cooperative_ = false;        // the device takes cooperative launches
     bool persistent_prefetch_ = false; // option cuda_persistent_prefetch
     int* counters_ = nullptr;    // (kDecodeCounters) device ints, see launch_mamba2_decode
