@@ -92,3 +92,17 @@ def test_persistent_decode_without_graphs_cuda(tmp_path):
         check(tmp_path, "m1-deep", "cuda", "float32")
     finally:
         mambart.set_options(cuda_graphs=None)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["m1-wide", "m1-n48"])
+@pytest.mark.parametrize("knobs", [dict(cuda_persistent_warps=32), dict(cuda_persistent_rows=1),
+                                   dict(cuda_persistent_prefetch=True)])
+def test_persistent_decode_variants_cuda(tmp_path, name, knobs):
+    """The 32-warp blocks (64 registers a thread), one row a warp at a time, the L2 prefetch:
+    the same values."""
+    mambart.set_options(**knobs)
+    try:
+        check(tmp_path, name, "cuda", "bfloat16")
+    finally:
+        mambart.set_options(**{k: None for k in knobs})
