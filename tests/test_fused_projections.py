@@ -12,6 +12,7 @@ import pytest
 
 import mambart
 from model_dirs import make_model_dir
+from option_runs import generations, load
 from test_mamba3 import VARIANTS, make_dir as make_m3
 
 CASES = {
@@ -31,9 +32,6 @@ CASES = {
                                ngroups=1, chunk_size=16, vocab_size=1100, vocab_size_padded=1104,
                                n_layer=2)),
 }
-PROMPTS = [[5, 17, 33, 2, 60, 9, 41], [7, 7, 1, 90], [250, 3, 3, 3, 3, 3, 3, 3, 3, 18]]
-
-
 def model_dir(tmp_path, name):
     arch, kw = CASES[name]
     if arch == "mamba3":
@@ -43,23 +41,9 @@ def model_dir(tmp_path, name):
 
 
 def runs(d, device, dtype, fused, tmp_path):
-    mambart.set_options(fused_projections=fused)
-    try:
-        g = mambart.Generator(str(d), device=device, dtype=dtype)
-    finally:
-        mambart.set_options(fused_projections=None)
+    g = load(d, device, dtype, fused_projections=fused)
     assert g._g.fused_projections == fused
-    vocab = g.vocab_size
-    ps = [[t % vocab for t in p] for p in PROMPTS]
-    one = g.generate(ps[0], max_new_tokens=24, ignore_eos=True, logprobs=3, return_state=True,
-                     seed=5)
-    path = tmp_path / f"state-{device}-{dtype}-{int(fused)}.bin"
-    one.state.save(path)
-    many = g.generate(ps, max_new_tokens=12, ignore_eos=True, logprobs=2,
-                      temperature=0.8, top_k=20, seed=[1, 2, 3])
-    out = [(r.token_ids, [(lp.token_id, lp.logprob, lp.top) for lp in r.logprobs])
-           for r in [one, *many]]
-    return out, path.read_bytes()
+    return generations(g, tmp_path / f"state-{device}-{dtype}-{int(fused)}.bin")
 
 
 def check(tmp_path, name, device, dtype):

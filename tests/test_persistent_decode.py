@@ -13,6 +13,7 @@ import pytest
 
 import mambart
 from model_dirs import make_model_dir
+from option_runs import generations, load
 
 CASES = {
     "m1": ("mamba1", dict(d_model=64, d_inner=128, d_state=16, dt_rank=4)),
@@ -31,9 +32,6 @@ CASES = {
     "m2": ("mamba2", dict(d_model=64, d_inner=128, d_state=64, headdim=16, nheads=8, ngroups=2,
                           chunk_size=16)),
 }
-PROMPTS = [[5, 17, 33, 2, 60, 9, 41], [7, 7, 1, 90], [250, 3, 3, 3, 3, 3, 3, 3, 3, 18]]
-
-
 def model_dir(tmp_path, name):
     arch, kw = CASES[name]
     kw = dict(dict(n_layer=3, vocab_size=300, vocab_size_padded=304), **kw)
@@ -41,24 +39,9 @@ def model_dir(tmp_path, name):
 
 
 def runs(d, device, dtype, on, tmp_path):
-    mambart.set_options(cuda_persistent_decode=on)
-    try:
-        g = mambart.Generator(str(d), device=device, dtype=dtype)
-    finally:
-        mambart.set_options(cuda_persistent_decode=None)
-    vocab = g.vocab_size
-    ps = [[t % vocab for t in p] for p in PROMPTS]
-    # batch 1 (greedy, then sampled): the persistent path; a batch of 3: the separate ops
-    one = g.generate(ps[0], max_new_tokens=40, ignore_eos=True, logprobs=3, return_state=True,
-                     seed=5)
-    path = tmp_path / f"state-{device}-{dtype}-{int(on)}.bin"
-    one.state.save(path)
-    two = g.generate(ps[2], max_new_tokens=20, ignore_eos=True, logprobs=2, temperature=0.9,
-                     top_k=30, seed=7)
-    many = g.generate(ps, max_new_tokens=8, ignore_eos=True, logprobs=2, seed=[1, 2, 3])
-    out = [(r.token_ids, [(lp.token_id, lp.logprob, lp.top) for lp in r.logprobs])
-           for r in [one, two, *many]]
-    return out, path.read_bytes(), g._g.persistent_decode_steps
+    g = load(d, device, dtype, cuda_persistent_decode=on)
+    out, state = generations(g, tmp_path / f"state-{device}-{dtype}-{int(on)}.bin")
+    return out, state, g._g.persistent_decode_steps
 
 
 def check(tmp_path, name, device, dtype):
