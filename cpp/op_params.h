@@ -128,7 +128,7 @@ struct Mamba1DecodeParams {   // = linear(dt_proj) + selective_scan at L = 1
 // The persistent decode (issue 16; option cuda_persistent_decode; backends whose
 // persistent_decode() returns true): one batch-1 decode step of a run of layers as one
 // cooperative kernel (a launch per group of layers), stages separated by grid-wide barriers
-// instead of kernel boundaries, each stage prefetching the next stages' weight rows into L2.
+// instead of kernel boundaries, each stage's first weight loads issued before its barrier.
 // Per layer: norm(residual) -> in_proj (+ conv step) -> x_proj -> dt_proj + scan + gate ->
 // out_proj added into the residual, with the same arithmetic as the separate kernels (the same
 // values, bit for bit). A layer unit describes itself (Layer::persistent_layer); the model

@@ -459,8 +459,8 @@ class CudaBackend final : public Backend {
     }
 
     bool persistent_decode(const PersistentDecodeParams& p) override {
-        if (!cooperative_ || !cuda::persistent_decode_supported(p)) return false;
-        dev();
+        if (!cooperative_) return false;
+        dev();  // the launcher checks persistent_decode_supported and declines (false) itself
         return cuda::launch_persistent_decode(p, persistent_warps_, persistent_rows_,
                                               persistent_prefetch_, stream_);
     }

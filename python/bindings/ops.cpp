@@ -197,7 +197,7 @@ void register_ops(py::module_& parent) {
             need(bytes >= 65536 && bytes <= (int64_t(1) << 36) && passes >= 1 && passes <= 1000 &&
                      threads >= 0 && threads <= 4096,
                  "read_bandwidth: bytes in [64 KiB, 64 GiB], passes in [1, 1000], threads in [0, 4096]");
-            py::gil_scoped_release release;  // reads no option
+            py::gil_scoped_release release;  // no getenv: options come from the snapshot
             cpu::ThreadPool pool(threads > 0 ? threads : cpu::affinity_cores());
             cpu::PoolScope scope(&pool);
             return cpu::read_bandwidth(bytes, passes);
@@ -216,7 +216,7 @@ void register_ops(py::module_& parent) {
                  "pool_straggler_probe: threads in [2, 64], jobs in [1, 100000], sleep_us in [0, 1e5]");
             int64_t serial = 0, caller_only = 0, correct = 0;
             {
-            py::gil_scoped_release release;  // reads no option
+            py::gil_scoped_release release;  // no getenv: options come from the snapshot
             cpu::ThreadPool pool(threads);
             const std::thread::id caller = std::this_thread::get_id();
             std::vector<int64_t> out(64);
@@ -353,7 +353,7 @@ void register_ops(py::module_& parent) {
                  Buf dx(be, x), y(be, size_t(M * N) * 4);
                  be.reserve_scratch(M, w.weight.cols);
                  std::vector<double> secs;
-                 py::gil_scoped_release release;  // reads no option
+                 py::gil_scoped_release release;  // no getenv: options come from the snapshot
                  for (int r = 0; r < reps; ++r) {
                      const auto t0 = std::chrono::steady_clock::now();
                      be.linear(dx.as<float>(), w.weight.cols, M, w.weight, N, nullptr,
@@ -380,7 +380,7 @@ void register_ops(py::module_& parent) {
                 be.reserve_scratch(M, w.weight.cols);
                 const int64_t ldx = x.shape(1);
                 std::vector<double> secs;
-                py::gil_scoped_release release;  // reads no option
+                py::gil_scoped_release release;  // no getenv: options come from the snapshot
                 for (int r = 0; r < reps; ++r) {
                     const auto t0 = std::chrono::steady_clock::now();
                     be.linear(dx.as<float>(), ldx, M, w.weight, N, nullptr, y.as<float>(), N);
