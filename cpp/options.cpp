@@ -50,6 +50,10 @@ const std::vector<OptionInfo> kTable = {
     {"cuda_persistent_prefetch", "MAMBART_CUDA_PERSISTENT_PREFETCH", "bool", "", "0",
      "the persistent decode's blocks prefetch later stages' weight rows into L2 (out_proj's during "
      "S1, the next layer's in_proj during S4)"},
+    {"cuda_persistent_ring", "MAMBART_CUDA_PERSISTENT_RING", "int", "", "0",
+     "the persistent decode's weight ring: each thread keeps up to this many 16-byte cp.async "
+     "copies of its next weights in flight in shared memory, through the grid barriers (24, 16 "
+     "or 8, the deepest that fits; 0: off, the weights loaded as each stage begins)"},
     {"state_dtype", "MAMBART_STATE_DTYPE", "choice", "float32|bfloat16", "float32",
      "storage of the Mamba-1 / Mamba-2 SSM states (issue 18): float32, or bfloat16 (half the "
      "state bytes per sequence; the scans read bf16, compute in fp32 and round to nearest even "
@@ -150,6 +154,7 @@ uint64_t parse_uint(const OptionInfo& o, const std::string& v, uint64_t max) {
 void check(const OptionInfo& o, const std::string& v) {
     if (o.kind == "bool") parse_bool(o, v);
     else if (o.name == "cpu_threads") parse_uint(o, v, 4096);
+    else if (o.name == "cuda_persistent_ring") parse_uint(o, v, 24);
     else if (o.kind == "int") {
         if (parse_uint(o, v, 1 << 30) < 1) bad(o, v, "must be >= 1");
     } else if (o.kind == "bytes") parse_uint(o, v, UINT64_MAX);
@@ -256,6 +261,7 @@ RuntimeOptions runtime_options() {
         else if (n == "cuda_persistent_warps") r.cuda_persistent_warps = int64_t(parse_uint(o, v, 1024));
         else if (n == "cuda_persistent_rows") r.cuda_persistent_rows = int64_t(parse_uint(o, v, 2));
         else if (n == "cuda_persistent_prefetch") r.cuda_persistent_prefetch = parse_bool(o, v);
+        else if (n == "cuda_persistent_ring") r.cuda_persistent_ring = int64_t(parse_uint(o, v, 24));
         else if (n == "state_dtype") r.state_dtype = v == "bfloat16" ? DType::BF16 : DType::F32;
         else if (n == "cuda_free_bytes_limit") r.cuda_free_bytes_limit = parse_uint(o, v, UINT64_MAX);
         else if (n == "device_sampling") r.device_sampling = parse_bool(o, v);

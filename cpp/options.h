@@ -40,6 +40,7 @@ struct RuntimeOptions {
     int64_t cuda_persistent_warps = 16;   // warps per SM of the persistent decode kernel
     int64_t cuda_persistent_rows = 2;     // weight rows a warp streams at once (1 or 2)
     bool cuda_persistent_prefetch = false; // its blocks prefetch later stages' weights
+    int64_t cuda_persistent_ring = 0;     // its weight ring: cp.async copies in flight a thread
     DType state_dtype = DType::F32;     // SSM state storage: F32 or BF16 (read at model load;
                                         // issue 18)
     bool cuda_sync = false;             // synchronise and check after every kernel (debugging)

@@ -327,6 +327,133 @@ __device__ __forceinline__ void prefetch_rows(const Place& P, const void* W, int
     }
 }
 
+// ---- the weight ring (option cuda_persistent_ring; RING = D > 0) ----------------------------
+// Every thread owns D 16-byte slots of shared memory (slot s at ring[s * blockDim.x + thread])
+// and keeps D cp.async copies of its own future weight vectors in flight, in the order it will
+// consume them across stages and layers: per layer in_proj (job 3l), x_proj (3l + 1), out_proj
+// (3l + 2); in each, its rows in gemv()'s order and, in each row, its vectors in the order the
+// separate GEMVs add them (lane + 32 j for a warp row, t + 256 j for a group row). Weights do
+// not depend on the step, so the copies run on through the grid barriers and the short stages
+// (S2's tail, S3): the memory system keeps streaming while a dependency resolves. A thread reads
+// only slots it filled itself, so cp.async.wait_group (per thread) is the only synchronisation;
+// D groups are always pending (an empty group once its stream has ended), so the oldest is
+// complete after wait_group D - 1.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(src) : "memory");
+#else
+    *static_cast<uint4*>(dst) = __ldcs(static_cast<const uint4*>(src));
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#endif
+}
+
+template <typename T, int D>
+struct Ring {
+    uint4* slots;  // this thread's slot 0; slot s at slots[s * blockDim.x]
+    int pos;       // the oldest pending slot, refilled as soon as it is read
+    int njobs;     // 3 a layer of this launch
+    // The next vector to copy: job, row n, vector v of the row; the job's matrix and steps.
+    int job;
+    int64_t n, v, N, nvec, n0, sn, v0, sv;
+    const uint4* w;
+
+    // Position at the first vector of job `k` or later that this thread has (job = njobs: none).
+    __device__ void start(const Place& P, const PArgs& a, int k) {
+        constexpr int kE = Vec<T>::kN;
+        for (job = k; job < njobs; ++job) {
+            const PersistentLayer& L = a.layers[job / 3];
+            const int s = job % 3;
+            const void* W = s == 0 ? L.in_proj : s == 1 ? L.x_proj : L.out_proj;
+            N = s == 0 ? 2 * L.E : s == 1 ? L.R + 2 * L.N : a.d;
+            nvec = (s == 0 ? a.d : L.E) / kE;
+            w = static_cast<const uint4*>(W);
+            if (N < kNarrow) {
+                n0 = P.vb, sn = P.nvb, v0 = P.t, sv = kPThreads;
+            } else {
+                n0 = P.gw, sn = P.tw, v0 = P.t & 31, sv = 32;
+            }
+            n = n0, v = v0;
+            if (n < N && v < nvec) return;
+        }
+    }
+    // Copy the next vector into slot `pos` (or nothing once the stream has ended); one group.
+    __device__ __forceinline__ void produce(const Place& P, const PArgs& a) {
+        if (job < njobs) {
+            cp_async16(slots + int64_t(pos) * blockDim.x, w + n * nvec + v);
+            v += sv;
+            if (v >= nvec) {
+                v = v0;
+                n += sn;
+                if (n >= N) start(P, a, job + 1);
+            }
+        }
+        cp_async_commit();
+    }
+    __device__ void init(const Place& P, const PArgs& a, uint4* base) {
+        slots = base + threadIdx.x;
+        pos = 0;
+        njobs = 3 * a.n;
+        start(P, a, 0);
+#pragma unroll 1
+        for (int i = 0; i < D; ++i) {
+            produce(P, a);
+            pos = pos + 1 == D ? 0 : pos + 1;
+        }
+    }
+    // The oldest vector; its slot refilled with the next one.
+    __device__ __forceinline__ uint4 take(const Place& P, const PArgs& a) {
+        cp_async_wait<D - 1>();
+        const uint4 raw = slots[int64_t(pos) * blockDim.x];
+        produce(P, a);
+        pos = pos + 1 == D ? 0 : pos + 1;
+        return raw;
+    }
+};
+
+// gemv() over the ring: the same rows, order and sums, the weights from the thread's slots.
+template <typename T, int D, class Store>
+__device__ __forceinline__ void gemv_ring(const Place& P, const PArgs& a, Ring<T, D>& ring,
+                                          int64_t N, int64_t K, const float* xs, float* part,
+                                          Store store) {
+    constexpr int kE = Vec<T>::kN;
+    const int64_t nvec = K / kE;
+    const int lane = P.t & 31, warp = P.t >> 5;
+    if (N < kNarrow) {
+        for (int64_t n = P.vb; n < N; n += P.nvb) {
+            float acc = 0.0f;
+            for (int64_t v = P.t; v < nvec; v += kPThreads) acc_vec<T>(acc, ring.take(P, a), xs + v * kE);
+            const float s = warp_sum(acc);
+            group_sync(P);  // part may still be read for the previous row
+            if (lane == 0) part[warp] = s;
+            group_sync(P);
+            if (P.t == 0) {
+                float tot = 0.0f;
+#pragma unroll
+                for (int w2 = 0; w2 < kPWarps; ++w2) tot += part[w2];
+                store(n, tot);
+            }
+        }
+    } else {
+        for (int64_t n = P.gw; n < N; n += P.tw) {
+            float acc = 0.0f;
+            for (int64_t v = lane; v < nvec; v += 32) acc_vec<T>(acc, ring.take(P, a), xs + v * kE);
+            const float t = warp_sum(acc);
+            if (lane == 0) store(n, t);
+        }
+    }
+}
+
 // S3's operands that do not depend on this step's earlier stages, loaded before its barrier for
 // the warp's first channel group: the lane's dt_proj weights, A, the state, D and dt_bias.
 template <int SPL>
@@ -404,9 +531,11 @@ __device__ __forceinline__ void scan_channels(const Place& P, const PersistentLa
     }
 }
 
-template <typename T, int SPL, int kThreads>
+template <typename T, int SPL, int kThreads, int RING>
 __global__ void __launch_bounds__(kThreads) persistent_decode_kernel(PArgs a) {
-    extern __shared__ float4 smem4[];  // per group: xs (m) the stage's input, red (32), part (8)
+    // Shared memory, per group: xs (m) the stage's input, red (32), part (8); then (RING > 0)
+    // the weight ring: RING 16-byte slots a thread.
+    extern __shared__ float4 smem4[];
     const Place P = place();
     float* xs = reinterpret_cast<float*>(smem4) + P.grp * a.xs_stride;
     float* red = xs + (a.xs_stride - 40);
@@ -414,15 +543,27 @@ __global__ void __launch_bounds__(kThreads) persistent_decode_kernel(PArgs a) {
     cg::grid_group grid = cg::this_grid();
     const int64_t d = a.d;
     const int cpw = 32 / a.g;
+    constexpr int kRing = RING > 0 ? RING : 1;
+    Ring<T, kRing> ring;
+    if constexpr (RING > 0)
+        ring.init(P, a, reinterpret_cast<uint4*>(reinterpret_cast<float*>(smem4) +
+                                                 int64_t(kThreads / kPThreads) * a.xs_stride));
     Pre pre;
+    // y[n] for the rows of W (N, K): from the ring, or streamed by gemv() after `pre`.
+    auto run_gemv = [&](const void* W, int64_t N, int64_t K, auto store) {
+        if constexpr (RING > 0)
+            gemv_ring<T, kRing>(P, a, ring, N, K, xs, part, store);
+        else
+            gemv<T>(P, W, N, K, xs, part, pre, a.rows2, store);
+    };
     for (int l = 0; l < a.n; ++l) {
         const PersistentLayer& L = a.layers[l];
         const int64_t E = L.E, X = L.R + 2 * L.N, W = L.W;
         // S1: norm, in_proj, conv step
-        preload<T>(P, L.in_proj, 2 * E, d, pre);
+        if constexpr (RING == 0) preload<T>(P, L.in_proj, 2 * E, d, pre);
         if (l > 0) grid.sync();
         norm_into(P, a, L, xs, red);
-        gemv<T>(P, L.in_proj, 2 * E, d, xs, part, pre, a.rows2, [&](int64_t n, float acc) {
+        run_gemv(L.in_proj, 2 * E, d, [&](int64_t n, float acc) {
             const float out = acc + (L.in_bias ? L.in_bias[n] : 0.0f);
             L.proj[n] = out;
             if (n < E) {  // the fused projection's conv epilogue (= conv1d_kernel at L = 1)
@@ -436,12 +577,12 @@ __global__ void __launch_bounds__(kThreads) persistent_decode_kernel(PArgs a) {
                 st[W - 1] = out;
             }
         });
-        if (a.prefetch) prefetch_rows<T>(P, L.out_proj, d, E);
+        if (RING == 0 && a.prefetch) prefetch_rows<T>(P, L.out_proj, d, E);
         // S2: x_proj
-        preload<T>(P, L.x_proj, X, E, pre);
+        if constexpr (RING == 0) preload<T>(P, L.x_proj, X, E, pre);
         grid.sync();
         stage_in(P, xs, L.xconv, E);
-        gemv<T>(P, L.x_proj, X, E, xs, part, pre, a.rows2, [&](int64_t n, float acc) { L.xdbl[n] = acc; });
+        run_gemv(L.x_proj, X, E, [&](int64_t n, float acc) { L.xdbl[n] = acc; });
         // S3: dt_proj, scan, gate
         {
             ScanPre<SPL> sp;
@@ -452,28 +593,44 @@ __global__ void __launch_bounds__(kThreads) persistent_decode_kernel(PArgs a) {
             scan_channels<T, SPL>(P, L, a.g, xs, sp);
         }
         // S4: out_proj, the residual add
-        preload<T>(P, L.out_proj, d, E, pre);
+        if constexpr (RING == 0) preload<T>(P, L.out_proj, d, E, pre);
         grid.sync();
         stage_in(P, xs, L.y, E);
-        gemv<T>(P, L.out_proj, d, E, xs, part, pre, a.rows2, [&](int64_t n, float acc) {
+        run_gemv(L.out_proj, d, E, [&](int64_t n, float acc) {
             const float v = acc + (L.out_bias ? L.out_bias[n] : 0.0f);
             a.residual[n] = __ldcg(a.residual + n) + v;
         });
-        if (a.prefetch && l + 1 < a.n) prefetch_rows<T>(P, a.layers[l + 1].in_proj, 2 * a.layers[l + 1].E, d);
+        if (RING == 0 && a.prefetch && l + 1 < a.n)
+            prefetch_rows<T>(P, a.layers[l + 1].in_proj, 2 * a.layers[l + 1].E, d);
     }
+    if constexpr (RING > 0) cp_async_wait<0>();  // only empty groups are left
+}
+
+// Shared memory of a block: its groups' xs / red / part, then RING slots a thread.
+template <int kThreads, int RING>
+size_t block_smem(int64_t xs_stride) {
+    return size_t(kThreads / kPThreads) * size_t(xs_stride) * sizeof(float) +
+           size_t(RING) * kThreads * sizeof(uint4);
+}
+
+int64_t xs_stride_for(int64_t m) { return (m + 3) / 4 * 4 + 40; }
+
+int device_attr(cudaDeviceAttr attr) {
+    int dev = 0, v = 0;
+    check(cudaGetDevice(&dev), "cudaGetDevice");
+    check(cudaDeviceGetAttribute(&v, attr, dev), "cudaDeviceGetAttribute");
+    return v;
 }
 
 // One block a multiprocessor of 16 warps (512 threads, up to 128 registers a thread) or 32
 // warps (1,024 threads, 64 registers: some spill); `warps` >= 32 asks for the wider one.
-template <typename T, int SPL, int kThreads>
+template <typename T, int SPL, int kThreads, int RING>
 void launch_block(const PArgs& a, int64_t m, cudaStream_t s) {
-    auto* kernel = persistent_decode_kernel<T, SPL, kThreads>;
-    int dev = 0, sms = 0;
-    check(cudaGetDevice(&dev), "cudaGetDevice");
-    check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
+    auto* kernel = persistent_decode_kernel<T, SPL, kThreads, RING>;
+    const int sms = device_attr(cudaDevAttrMultiProcessorCount);
     PArgs args = a;
-    args.xs_stride = (m + 3) / 4 * 4 + 40;
-    const size_t smem = size_t(kThreads / kPThreads) * size_t(args.xs_stride) * sizeof(float);
+    args.xs_stride = xs_stride_for(m);
+    const size_t smem = block_smem<kThreads, RING>(args.xs_stride);
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
           "cudaFuncSetAttribute (persistent decode shared memory)");
     int fit = 0;
@@ -493,24 +650,41 @@ void launch_block(const PArgs& a, int64_t m, cudaStream_t s) {
     check(cudaLaunchKernelEx(&cfg, kernel, args), "cudaLaunchKernelEx (persistent decode)");
 }
 
+// The ring's depth: the deepest of 24, 16, 8 slots a thread, at most `ring`, whose shared memory
+// fits a block (512 threads); 0 where none does (the form without the ring runs).
+int ring_depth(int ring, int64_t m) {
+    const size_t optin = size_t(device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin));
+    const int64_t st = xs_stride_for(m);
+    if (ring >= 24 && block_smem<512, 24>(st) <= optin) return 24;
+    if (ring >= 16 && block_smem<512, 16>(st) <= optin) return 16;
+    if (ring >= 8 && block_smem<512, 8>(st) <= optin) return 8;
+    return 0;
+}
+
 template <typename T, int SPL>
-void launch_typed(const PArgs& a, int warps, int64_t m, cudaStream_t s) {
+void launch_typed(const PArgs& a, int warps, int ring, int64_t m, cudaStream_t s) {
+    switch (ring > 0 ? ring_depth(ring, m) : 0) {
+        case 24: return launch_block<T, SPL, 512, 24>(a, m, s);
+        case 16: return launch_block<T, SPL, 512, 16>(a, m, s);
+        case 8: return launch_block<T, SPL, 512, 8>(a, m, s);
+        default: break;
+    }
     if (warps >= 32)
-        launch_block<T, SPL, 1024>(a, m, s);
+        launch_block<T, SPL, 1024, 0>(a, m, s);
     else
-        launch_block<T, SPL, 512>(a, m, s);
+        launch_block<T, SPL, 512, 0>(a, m, s);
 }
 
 template <typename T>
-void launch_spl(const PArgs& a, int spl, int warps, int64_t m, cudaStream_t s) {
+void launch_spl(const PArgs& a, int spl, int warps, int ring, int64_t m, cudaStream_t s) {
     if (spl == 1)
-        launch_typed<T, 1>(a, warps, m, s);
+        launch_typed<T, 1>(a, warps, ring, m, s);
     else if (spl == 2)
-        launch_typed<T, 2>(a, warps, m, s);
+        launch_typed<T, 2>(a, warps, ring, m, s);
     else if (spl <= 4)
-        launch_typed<T, 4>(a, warps, m, s);
+        launch_typed<T, 4>(a, warps, ring, m, s);
     else
-        launch_typed<T, 8>(a, warps, m, s);
+        launch_typed<T, 8>(a, warps, ring, m, s);
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -543,7 +717,7 @@ bool persistent_decode_supported(const PersistentDecodeParams& p) {
 }
 
 bool launch_persistent_decode(const PersistentDecodeParams& p, int warps, int rows, bool prefetch,
-                              cudaStream_t s) {
+                              int ring, cudaStream_t s) {
     if (!persistent_decode_supported(p)) return false;
     int g = 1;
     while (g < p.layers[0].N && g < 32) g <<= 1;
@@ -564,9 +738,9 @@ bool launch_persistent_decode(const PersistentDecodeParams& p, int warps, int ro
             m = std::max(m, std::max(a.layers[i].E, a.layers[i].R + 2 * a.layers[i].N));
         }
         switch (p.layers[0].dtype) {
-            case DType::F32: launch_spl<float>(a, spl, warps, m, s); break;
-            case DType::F16: launch_spl<__half>(a, spl, warps, m, s); break;
-            default: launch_spl<__nv_bfloat16>(a, spl, warps, m, s); break;
+            case DType::F32: launch_spl<float>(a, spl, warps, ring, m, s); break;
+            case DType::F16: launch_spl<__half>(a, spl, warps, ring, m, s); break;
+            default: launch_spl<__nv_bfloat16>(a, spl, warps, ring, m, s); break;
         }
         check_launch("persistent_decode_kernel", s);
     }

@@ -224,12 +224,13 @@ void launch_convert(const void* src, DType src_dtype, void* dst, DType dst_dtype
 // whether it can run these layers, and the launches (one per kPersistentMaxLayers layers, each
 // cooperative, one block a multiprocessor of 16 warps, or 32 where warps >= 32; rows: 1, or 2 for
 // warp-row GEMVs streaming two rows at once; prefetch: each block prefetches later stages'
-// weight rows into L2). Returns false, launching nothing, where persistent_decode_supported() is
-// false.
+// weight rows into L2; ring > 0: the weight ring of up to `ring` 16-byte cp.async copies in
+// flight a thread, 16 warps, where its shared memory fits: 24, 16 or 8). Returns false,
+// launching nothing, where persistent_decode_supported() is false.
 constexpr int kPersistentMaxLayers = 16;
 bool persistent_decode_supported(const PersistentDecodeParams& p);
 bool launch_persistent_decode(const PersistentDecodeParams& p, int warps, int rows, bool prefetch,
-                              cudaStream_t stream);
+                              int ring, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace mambart

@@ -68,6 +68,20 @@ def test_persistent_decode_equals_the_separate_ops_cuda(tmp_path, name, dtype):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_persistent_decode_weight_ring_cuda(tmp_path, name, dtype):
+    """The weight ring (cp.async copies in flight through the barriers, each thread reading its
+    own): the same rows and sums, so the same values; 19 layers check the stream across
+    launches, d_state 48 / 100 and the narrow GEMVs check every job shape."""
+    mambart.set_options(cuda_persistent_ring=16)
+    try:
+        check(tmp_path, name, "cuda", dtype)
+    finally:
+        mambart.set_options(cuda_persistent_ring=None)
+
+
+@pytest.mark.cuda
 def test_persistent_decode_without_graphs_cuda(tmp_path):
     """Eager decode steps (cuda_graphs off): a cooperative launch a step, the same values."""
     mambart.set_options(cuda_graphs=False)
@@ -80,10 +94,11 @@ def test_persistent_decode_without_graphs_cuda(tmp_path):
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", ["m1-wide", "m1-n48"])
 @pytest.mark.parametrize("knobs", [dict(cuda_persistent_warps=32), dict(cuda_persistent_rows=1),
-                                   dict(cuda_persistent_prefetch=True)])
+                                   dict(cuda_persistent_prefetch=True), dict(cuda_persistent_ring=8),
+                                   dict(cuda_persistent_ring=16), dict(cuda_persistent_ring=24)])
 def test_persistent_decode_variants_cuda(tmp_path, name, knobs):
-    """The 32-warp blocks (64 registers a thread), one row a warp at a time, the L2 prefetch:
-    the same values."""
+    """The 32-warp blocks (64 registers a thread), one row a warp at a time, the L2 prefetch,
+    the weight ring at each depth: the same values."""
     mambart.set_options(**knobs)
     try:
         check(tmp_path, name, "cuda", "bfloat16")

@@ -52,6 +52,7 @@ class CudaBackend final : public Backend {
         persistent_rows_ = int(opt.cuda_persistent_rows);
         cooperative_ = prop.cooperativeLaunch != 0;
         persistent_prefetch_ = opt.cuda_persistent_prefetch;
+        persistent_ring_ = int(opt.cuda_persistent_ring);
         fused_enabled_ = opt.cuda_fused;    // false: decode steps run the unfused ops
         ssd_chunked_ = opt.cuda_ssd != CudaSsd::Recurrent;  // prefill SSD in the chunked form
         ssd_tf32_ = opt.cuda_ssd == CudaSsd::Tf32;          // plain TF32 products
@@ -462,7 +463,7 @@ class CudaBackend final : public Backend {
         if (!cooperative_) return false;
         dev();  // the launcher checks persistent_decode_supported and declines (false) itself
         return cuda::launch_persistent_decode(p, persistent_warps_, persistent_rows_,
-                                              persistent_prefetch_, stream_);
+                                              persistent_prefetch_, persistent_ring_, stream_);
     }
 
     void gated_rmsnorm(const float* y, const float* z, int64_t ld_z, const float* w, int64_t n,
@@ -603,6 +604,7 @@ class CudaBackend final : public Backend {
     int persistent_rows_ = 2;         // option cuda_persistent_rows
     bool cooperative_ = false;        // the device takes cooperative launches
     bool persistent_prefetch_ = false; // option cuda_persistent_prefetch
+    int persistent_ring_ = 0;         // option cuda_persistent_ring
     int* counters_ = nullptr;    // (kDecodeCounters) device ints, see launch_mamba2_decode
     enum class ScanMode { Auto, Chunked, Sequential, Lanes };
     ScanMode scan_mode_ = ScanMode::Auto;  // the Mamba-1 prefill scan (MAMBART_CUDA_SCAN)
