@@ -3,8 +3,10 @@
 //
 // One cooperative launch runs up to kPersistentMaxLayers layers of one decode step; the
 // separate kernels' boundaries become grid-wide barriers (cooperative_groups grid.sync), and
-// each block prefetches the weight rows of its next stages into L2 before it waits, so that the
-// memory system keeps streaming weights while a barrier or a short stage resolves. Per layer,
+// each warp loads its next stage's first weights before it waits (or, with the weight ring, each
+// thread keeps its next weight vectors streaming into shared memory through the barriers: see
+// Ring), so that the memory system keeps streaming weights while a barrier or a short stage
+// resolves. Per layer,
 // with r the residual stream (d), batch 1:
 //   S1  x = norm(r) (RMSNorm or LayerNorm, every block computes it into shared memory);
 //       proj = in_proj · x (+ bias) (2E rows); for n < E, Mamba-1's conv step on proj[n]:
