@@ -83,6 +83,10 @@ const std::vector<OptionInfo> kTable = {
     {"cpu_avx512", "MAMBART_CPU_AVX512", "bool", "", "1",
      "the AVX-512 GEMV of 2 to 16 rows where the CPU has AVX-512 F + DQ (0: the AVX2 kernels; "
      "the same sums, bit for bit, in twice the instructions); read once"},
+    {"cpu_amx", "MAMBART_CPU_AMX", "bool", "", "1",
+     "bf16 weights' GEMM (prefill) on AMX tiles where the CPU has AMX-BF16 and the AVX-512 "
+     "kernels run (issue 22: each activation split into three bf16 parts, fp32 sums, the same "
+     "bound against float64; 0: the AVX-512 GEMM); read once"},
     {"cpu_threads", "MAMBART_CPU_THREADS", "int", "", "0",
      "threads of a CPU backend, the caller's included (0: the cores this process may run on, its "
      "CPU affinity); Generator(threads=N) and --threads override it for one generator"},
@@ -270,6 +274,7 @@ RuntimeOptions runtime_options() {
         else if (n == "generation_memory_limit") r.generation_memory_limit = parse_uint(o, v, UINT64_MAX);
         else if (n == "cpu_portable") r.cpu_portable = parse_bool(o, v);
         else if (n == "cpu_avx512") r.cpu_avx512 = parse_bool(o, v);
+        else if (n == "cpu_amx") r.cpu_amx = parse_bool(o, v);
         else if (n == "cpu_ssd")
             r.cpu_ssd = v == "chunked" ? CpuSsd::Chunked : v == "recurrent" ? CpuSsd::Recurrent : CpuSsd::Auto;
         else if (n == "cpu_threads") r.cpu_threads = int64_t(parse_uint(o, v, 4096));

@@ -57,6 +57,7 @@ struct RuntimeOptions {
     // ---- CPU backend and loading ----
     bool cpu_portable = false;          // the generic CPU projections even where AVX2 / NEON run
     bool cpu_avx512 = true;             // the AVX-512 GEMV where the CPU has it (0: AVX2's)
+    bool cpu_amx = true;                // bf16 weights' GEMM on AMX where the CPU has it
     int64_t cpu_threads = 0;            // CPU backend threads (0: the cores of this process's
                                         // CPU affinity); a Generator's threads= wins
     CpuSsd cpu_ssd = CpuSsd::Auto;      // Mamba-2 prefill form on the CPU (auto: by shape)

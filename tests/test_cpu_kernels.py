@@ -30,6 +30,9 @@ SHAPES = [  # (M, K, N): GEMV rows 1..16 (tiles of 4 / 2 / 1 weight rows; AVX-51
     # and 1, an odd row count (a half row pair), an odd last weight panel, and a model's K
     (10, 7, 19), (11, 33, 16), (12, 770, 20),
     (18, 7, 19), (19, 33, 16), (20, 770, 20),
+    # the AMX GEMM (bf16 weights): K a multiple of 32, a partial last panel of 32 weight rows,
+    # an odd count of 16-row blocks, and more rows than one packed chunk (512)
+    (45, 96, 70), (600, 64, 33),
 ]
 DTYPES = ["float32", "float16", "bfloat16"]
 
@@ -73,7 +76,9 @@ def machine_kernels() -> str:
         if all(f" {x}" in flags for x in ("avx2", "fma", "f16c")):
             off = os.environ.get("MAMBART_CPU_AVX512", "1") in ("0", "false", "False", "off", "no")
             if not off and all(f" {x}" in flags for x in ("avx512f", "avx512dq")):
-                return "avx512"
+                amx_off = os.environ.get("MAMBART_CPU_AMX", "1") in ("0", "false", "False", "off", "no")
+                amx = all(f" {x}" in flags for x in ("amx_tile", "amx_bf16", "avx512bw", "avx512vl"))
+                return "avx512+amx" if amx and not amx_off else "avx512"
             return "avx2"
     return "generic"
 
@@ -118,12 +123,12 @@ def test_kernels_chosen_at_run_time():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M", [1, 12])
+@pytest.mark.parametrize("M", [1, 12, 40])
 def test_linear_non_finite_activations(dtype, M):
     """An infinite activation gives an infinite output of the right sign and a NaN gives NaN, on
     every path (the BF16 kernel splits each activation into bf16 parts: inf and NaN must survive
     the split whole)."""
-    K, N = 24, 9
+    K, N = (64 if M > 16 else 24), 9  # 64: the AMX GEMM's tiles (K % 32 == 0)
     rng = np.random.default_rng(11)
     x = rng.standard_normal((M, K)).astype(np.float32)
     W = rng.uniform(0.5, 1.0, (N, K)).astype(np.float32)  # positive: no inf - inf
@@ -260,7 +265,7 @@ def test_gemm_avx512_as_avx2():
     its bits equal the AVX2 GEMM's (MAMBART_CPU_AVX512=0): each output is summed in the same
     order, only the vector width and the tile height differ. Row tails (M % 12), K tails (K % 4,
     the 64-step blocks) and partial panels (N % 16), with and without bias."""
-    main = _run_child(_GEMM_CHILD, {})
+    main = _run_child(_GEMM_CHILD, {"MAMBART_CPU_AMX": "0"})  # AMX: its own test above
     if _kernels(main["name"]) != "avx512":
         pytest.skip("the AVX-512 GEMM runs on x86-64 CPUs with AVX-512 F and DQ only")
     avx2 = _run_child(_GEMM_CHILD, {"MAMBART_CPU_AVX512": "0"})
@@ -294,7 +299,7 @@ def test_gemv_rows_sum_as_one_row_and_avx512_as_avx2():
     """The GEMV (1 to 16 rows) sums every output as at M = 1, bit for bit: a speculative
     verification pass of up to 16 tokens gets a decode step's logits. Where the CPU runs the
     AVX-512 GEMV, its bits equal the AVX2 kernels' (MAMBART_CPU_AVX512=0) at every M."""
-    main = _run_child(_ROWS_CHILD, {})
+    main = _run_child(_ROWS_CHILD, {"MAMBART_CPU_AMX": "0"})  # the GEMV is the same with AMX
     for key, ys in main["y"].items():
         for m in range(1, 17):  # row i of an M-row call equals the same row alone
             for i in range(m):

@@ -36,6 +36,8 @@
 #if defined(__x86_64__)
 #include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #define MAMBART_X86 1
 #elif defined(__aarch64__)
 #include <arm_neon.h>
@@ -815,6 +817,234 @@ MAMBART_VNNI void linear_quant(const float* x, int64_t ldx, int64_t M, const Wei
 
 }  // namespace vnni
 
+// ---- AMX (x86-64 with AMX-TILE + AMX-BF16, Sapphire Rapids and later): bf16 weights' GEMM ------
+// Only the GEMM of bf16 weights (prefill, and batches past kGemvMaxM) changes; every GEMV and the
+// other weight dtypes keep the AVX-512 / AVX2 kernels. TDPBF16PS multiplies a 16 x 32 bf16 tile
+// by a 32 x 16 one into 16 x 16 fp32 sums: 512 multiply-adds a cycle against AVX-512 FMA's 32.
+// As for BFMMLA (neon_bf16 above), each fp32 activation is split exactly into three bf16 parts,
+//     x = h + m + l,   h = x's top 16 bits,  m = the top 16 bits of x - h,  l = the rest,
+// so every product of a part and a bf16 weight is exact in fp32 and the three parts' sums are the
+// fp32 projection with fp32 sums. TDPBF16PS adds each product into its fp32 accumulator with
+// round-to-nearest-even, inputs and outputs subnormal flushed to zero (as the pool's FTZ/DAZ).
+// The results are not the AVX-512 path's bit for bit (other sums in another order) and are held
+// to the same bound against float64 (tests/test_cpu_kernels.py). Option cpu_amx (on).
+//
+// Layout: the weights are read in place as the A operand (16 weight rows x 32 k: tileloadd with
+// the row stride K); the activations are split and packed once a call into B tiles
+// xp[mb][kb][s] (16 k pairs x 16 rows of x x 2, VNNI order), 1 KB each. C tile (i, j) holds
+// C[n][m] = Σ_k W[n][k] x[m][k] for 16 weight rows x 16 rows of x, stored transposed into y.
+// Tiles: 0..3 C (weight rows n0 / n0 + 16 x rows of x m0 / m0 + 16), 4, 5 A, 6, 7 B.
+// K % 32 (tests' shapes; the models' K are multiples of 32) is summed after the tiles in fp32.
+
+namespace amx {
+
+#define MAMBART_AMX \
+    __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,amx-tile,amx-bf16")))
+
+constexpr int64_t kChunkRows = 512;  // rows of x packed at a time (scratch: 6 K bytes a row)
+
+// Linux gives a process the AMX tile data state only on request (arch_prctl
+// ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA, kernel 5.16+); false where it refuses.
+bool request_tiles() {
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+
+// CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE; the split needs AVX-512 F/BW/DQ/VL.
+bool cpu_has_amx() {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) == 0) return false;
+    return ((edx >> 22) & 1u) && ((edx >> 24) & 1u) && __builtin_cpu_supports("avx512f") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512vl");
+}
+
+// Whether this process runs the AMX GEMM: the CPU has it, the option allows it, the OS grants
+// the tile state; read once.
+bool enabled() {
+    static const bool on = runtime_options().cpu_amx && cpu_has_amx() && request_tiles();
+    return on;
+}
+
+struct alignas(64) TileConfig {
+    uint8_t palette = 1, start_row = 0;
+    uint8_t reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+};
+
+// Eight tiles of 16 rows x 64 bytes; per thread (tile configuration is thread state).
+MAMBART_AMX inline void configure() {
+    TileConfig c;
+    for (int t = 0; t < 8; ++t) c.colsb[t] = 64, c.rows[t] = 16;
+    _tile_loadconfig(&c);
+}
+
+// Sixteen activations split into their three bf16 parts; infinities and NaNs go whole into h (a
+// NaN kept a NaN by its quiet bit), m = l = 0 (neon_bf16::split4's rule).
+MAMBART_AMX inline void split16(__m512 v, __m256i& h, __m256i& m, __m256i& l) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i hi16 = _mm512_set1_epi32(int(0xFFFF0000u));
+    const __m512i expm = _mm512_set1_epi32(0x7F800000);
+    const __mmask16 finite = _mm512_cmplt_epu32_mask(_mm512_and_si512(u, expm), expm);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    const __m512i hb = _mm512_and_si512(_mm512_mask_or_epi32(u, nan, u, _mm512_set1_epi32(0x00400000)), hi16);
+    // x - h and (x - h) - m are exact (Sterbenz); zero for the non-finite lanes
+    const __m512 r1 = _mm512_maskz_sub_ps(finite, v, _mm512_castsi512_ps(_mm512_and_si512(u, hi16)));
+    const __m512i mb = _mm512_and_si512(_mm512_castps_si512(r1), hi16);
+    const __m512 r2 = _mm512_sub_ps(r1, _mm512_castsi512_ps(mb));
+    h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(hb, 16));
+    m = _mm512_cvtepi32_epi16(_mm512_srli_epi32(mb, 16));
+    l = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(r2), 16));
+}
+
+// B tiles of rows [m0, m0 + 16) of x (rows past M zero), k in [0, KB * 32):
+//   xp[kb][s][p][j] = the bf16 pair (part s of x[m0 + j][k0 + 2p], of x[m0 + j][k0 + 2p + 1])
+// as 32-bit words, k0 = 32 kb.      xp: (KB, 3, 16, 16) uint32
+MAMBART_AMX void pack_block(const float* x, int64_t ldx, int64_t M, int64_t m0, int64_t KB,
+                            uint32_t* xp) {
+    alignas(64) uint32_t w[3][16];
+    for (int j = 0; j < 16; ++j) {
+        const bool row = m0 + j < M;
+        const float* xr = x + (m0 + j) * ldx;
+        for (int64_t kb = 0; kb < KB; ++kb) {
+            uint32_t* t = xp + kb * 768;
+            if (!row) {
+                for (int s = 0; s < 3; ++s)
+                    for (int p = 0; p < 16; ++p) t[s * 256 + p * 16 + j] = 0;
+                continue;
+            }
+            for (int half = 0; half < 2; ++half) {
+                __m256i h, m, l;
+                split16(_mm512_loadu_ps(xr + kb * 32 + half * 16), h, m, l);
+                _mm256_store_si256(reinterpret_cast<__m256i*>(w[0] + half * 8), h);
+                _mm256_store_si256(reinterpret_cast<__m256i*>(w[1] + half * 8), m);
+                _mm256_store_si256(reinterpret_cast<__m256i*>(w[2] + half * 8), l);
+            }
+            for (int s = 0; s < 3; ++s)
+                for (int p = 0; p < 16; ++p) t[s * 256 + p * 16 + j] = w[s][p];
+        }
+    }
+}
+
+// Thread-local scratch, grown once (never shrunk): the packed activations (the call's) and a
+// zero-padded copy of a last, partial weight panel (each worker's).
+uint32_t* xp_scratch(int64_t n) {
+    thread_local std::vector<uint32_t> v;
+    if (v.size() < static_cast<size_t>(n)) v.resize(static_cast<size_t>(n));
+    return v.data();
+}
+uint16_t* w_scratch(int64_t n) {
+    thread_local std::vector<uint16_t> v;
+    if (v.size() < static_cast<size_t>(n)) v.resize(static_cast<size_t>(n));
+    return v.data();
+}
+
+// y[m0 + j][n0 + i] = C tiles of weight rows [n0, n0 + nrows) x rows [m0, m0 + mrows)
+// (+ bias[n0 + i] where bias is given).
+MAMBART_AMX inline void store_block(float* y, int64_t ldy, int64_t nrows, int64_t mrows,
+                                    const float* bias) {
+    alignas(64) float c[4][16][16];
+    _tile_stored(0, c[0], 64);
+    _tile_stored(1, c[1], 64);
+    _tile_stored(2, c[2], 64);
+    _tile_stored(3, c[3], 64);
+    for (int64_t j = 0; j < mrows; ++j) {
+        float* yr = y + j * ldy;
+        const int mh = int(j / 16), jj = int(j % 16);
+        for (int64_t i = 0; i < nrows; ++i)
+            yr[i] = c[(i / 16) * 2 + mh][i % 16][jj] + (bias ? bias[i] : 0.0f);
+    }
+}
+
+// Panels [p0, p1) of 32 weight rows against the packed rows [0, Mc) of the chunk.
+MAMBART_AMX void panels(const uint16_t* W, int64_t K, int64_t N, const uint32_t* xp, int64_t KB,
+                        int64_t Mc, const float* bias, float* y, int64_t ldy, int64_t p0,
+                        int64_t p1) {
+    configure();
+    const int64_t K32 = KB * 32, ldw = K * 2;  // bytes
+    const int64_t mbs = (Mc + 15) / 16;       // packed m blocks (an even count)
+    for (int64_t mb = 0; mb < mbs; mb += 2) {
+        const uint32_t* b0 = xp + mb * KB * 768;
+        const uint32_t* b1 = b0 + KB * 768;
+        const int64_t mrows = std::min<int64_t>(32, Mc - mb * 16);
+        for (int64_t pnl = p0; pnl < p1; ++pnl) {
+            const int64_t n0 = pnl * 32, nrows = std::min<int64_t>(32, N - n0);
+            const uint16_t* w = W + n0 * K;
+            if (nrows < 32) {  // the last panel, zero-padded to 32 rows (K32 columns)
+                uint16_t* ws = w_scratch(32 * K);
+                for (int64_t i = 0; i < 32; ++i)
+                    for (int64_t k = 0; k < K32; ++k) ws[i * K + k] = i < nrows ? w[i * K + k] : 0;
+                w = ws;
+            }
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int64_t kb = 0; kb < KB; ++kb) {
+                _tile_loadd(4, w + kb * 32, ldw);
+                _tile_loadd(5, w + 16 * K + kb * 32, ldw);
+                for (int s = 0; s < 3; ++s) {
+                    _tile_loadd(6, b0 + kb * 768 + s * 256, 64);
+                    _tile_loadd(7, b1 + kb * 768 + s * 256, 64);
+                    _tile_dpbf16ps(0, 4, 6);
+                    _tile_dpbf16ps(1, 4, 7);
+                    _tile_dpbf16ps(2, 5, 6);
+                    _tile_dpbf16ps(3, 5, 7);
+                }
+            }
+            store_block(y + mb * 16 * ldy + n0, ldy, nrows, mrows, bias ? bias + n0 : nullptr);
+        }
+    }
+    _tile_release();
+}
+
+// y[M, N] = x[M, K] · W[N, K]ᵀ + bias, bf16 W: chunks of kChunkRows rows of x, each split and
+// packed by the pool's threads (one m block each), then the weight panels split by the threads;
+// the K % 32 tail and the bias added after the tiles.
+MAMBART_AMX void gemm(const float* x, int64_t ldx, int64_t M, int64_t K, const void* Wv,
+                      int64_t N, const float* bias, float* y, int64_t ldy) {
+    const uint16_t* W = static_cast<const uint16_t*>(Wv);
+    const int64_t KB = K / 32, K32 = KB * 32;
+    for (int64_t c0 = 0; c0 < M; c0 += kChunkRows) {
+        const int64_t Mc = std::min(kChunkRows, M - c0);
+        const float* xc = x + c0 * ldx;
+        float* yc = y + c0 * ldy;
+        if (KB > 0) {
+            const int64_t mbs = (Mc + 31) / 32 * 2;  // m blocks, an even count
+            uint32_t* xp = xp_scratch(mbs * KB * 768);
+            parallel_for(mbs, 1, [&](int64_t b0, int64_t b1) {
+                for (int64_t b = b0; b < b1; ++b) pack_block(xc, ldx, Mc, b * 16, KB, xp + b * KB * 768);
+            });
+            parallel_for((N + 31) / 32, 1, [&](int64_t p0, int64_t p1) {
+                panels(W, K, N, xp, KB, Mc, K32 == K ? bias : nullptr, yc, ldy, p0, p1);
+            });
+        }
+        if (K32 == K) continue;
+        // K % 32 in fp32 after the tiles' sums, then the bias
+        parallel_for(Mc, 1, [&](int64_t m0, int64_t m1) {
+            for (int64_t m = m0; m < m1; ++m) {
+                float* yr = yc + m * ldy;
+                const float* xr = xc + m * ldx;
+                for (int64_t n = 0; n < N; ++n) {
+                    float s = KB > 0 ? yr[n] : 0.0f;
+                    for (int64_t k = K32; k < K; ++k) {
+                        const uint32_t u = uint32_t(W[n * K + k]) << 16;
+                        float wf;
+                        std::memcpy(&wf, &u, 4);
+                        s = std::fma(xr[k], wf, s);
+                    }
+                    yr[n] = s + (bias ? bias[n] : 0.0f);
+                }
+            }
+        });
+    }
+}
+
+#undef MAMBART_AMX
+
+}  // namespace amx
+
 #endif  // MAMBART_X86
 
 #ifdef MAMBART_ARM64
@@ -1213,7 +1443,12 @@ void linear_typed(Kernels k, const float* x, int64_t ldx, int64_t M, int64_t K, 
             // made fp32 weights slower from the cache (measured); the same sums either way.
             if (M >= 2 && M <= kGemvMaxM)
                 return avx512::gemv<D>(x, ldx, M, K, W, N, bias, y, ldy);
-            if (M > kGemvMaxM) return avx512::gemm<D>(x, ldx, M, K, W, N, bias, y, ldy);
+            if (M > kGemvMaxM) {
+                if constexpr (D == DType::BF16) {
+                    if (amx::enabled()) return amx::gemm(x, ldx, M, K, W, N, bias, y, ldy);
+                }
+                return avx512::gemm<D>(x, ldx, M, K, W, N, bias, y, ldy);
+            }
             return avx2::linear_simd<D>(x, ldx, M, K, W, N, bias, y, ldy);
 #endif
 #ifdef MAMBART_ARM64
@@ -1271,7 +1506,11 @@ std::vector<double> read_bandwidth(int64_t bytes, int passes) {
 const char* linear_kernels() {
     switch (kernels()) {
         case Kernels::Avx2: return "avx2";
-        case Kernels::Avx512: return "avx512";
+        case Kernels::Avx512:
+#ifdef MAMBART_X86
+            if (amx::enabled()) return "avx512+amx";
+#endif
+            return "avx512";
         case Kernels::Neon: return "neon";
         case Kernels::NeonBf16: return "neon+bf16";
         case Kernels::Generic: break;
