@@ -52,19 +52,52 @@ def lowp_rule(cuda_lp, cpu_lp, ref32, atol, what=""):
     assert e_cuda <= 2 * e_cpu + atol, f"{what}: cuda err {e_cuda:.3g} > 2 x cpu err {e_cpu:.3g} + {atol}"
 
 
-def steps_match(g, prompt, toks, step_logits, dtype, what):
-    """Decode-step logits of the graph path (graph replay, device sampling, a batch of rows) against
-    an eager run of the same tokens. fp32: a prefill of them, to 1e-4 of the scale. fp16 / bf16: a
-    prefill rounds the activations to the weight dtype for its GEMMs while decode steps keep them
-    in fp32, which moves logits by a few % and flips near-tied top-k expert choices (a router's
-    step then moves far more), so the reference is the eager one-token steps (the decode
-    kernels, one row at a time, no graph), to 1e-3 of the scale."""
+def stream_steps(g, prompts, n):
+    """Greedy decode of `prompts` (one batch, n tokens a row) on the generation stream: each
+    row's tokens and the logits of each step."""
+    opts = _C.GenerationOptions()
+    opts.max_new_tokens = n
+    opts.ignore_eos = True
+    stream = g._g.start(prompts, opts)
+    toks = [[] for _ in prompts]
+    logits = [[] for _ in prompts]
+    while True:
+        ev = stream.next()
+        if ev is None:
+            break
+        for r, t in ev:
+            logits[r].append(stream.last_logits[r].copy())
+            toks[r].append(t)
+    for r in range(len(prompts)):
+        assert len(toks[r]) == n
+    return toks, logits
+
+
+def steps_match(g, path, dtype, prompts, toks, step_logits, what):
+    """Decode-step logits of the graph path (graph replay, device sampling, a batch of rows)
+    against an eager run. fp32: a prefill of each row's tokens, to 1e-4 of the scale. fp16 /
+    bf16: a prefill rounds the activations to the weight dtype for its GEMMs while decode steps
+    keep them in fp32 (a few % of the logits; near-tied top-k expert choices flip), so the
+    reference is the same batch decoded by a generator with cuda_graphs off (the same kernels
+    launched one by one), to 1e-4 of the scale, with the same tokens."""
     if dtype == "float32":
-        full, rel = g.logits(prompt + toks), 1e-4
-    else:
-        full, rel = g._g.logits(prompt + toks, 1), 1e-3
-    for i, lg in enumerate(step_logits):
-        close(lg, full[len(prompt) - 1 + i], rel, f"{what} step {i}")
+        for r, p in enumerate(prompts):
+            full = g.logits(p + toks[r])
+            for i, lg in enumerate(step_logits[r]):
+                close(lg, full[len(p) - 1 + i], 1e-4, f"{what} row {r} step {i}")
+        return
+    import mambart
+
+    mambart.set_options(cuda_graphs=False)
+    try:
+        eager = _gen(path, "cuda", dtype)
+    finally:
+        mambart.set_options(cuda_graphs=None)
+    etoks, elogits = stream_steps(eager, prompts, len(toks[0]))
+    assert etoks == toks, what
+    for r in range(len(prompts)):
+        for i, lg in enumerate(step_logits[r]):
+            close(lg, elogits[r][i], 1e-4, f"{what} row {r} step {i}")
 
 # ---- ops ------------------------------------------------------------------------------------
 
@@ -1238,25 +1271,12 @@ def test_falcon_prefill_equals_prefill_plus_steps_cuda(falcon_dir):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_falcon_decode_graph_steps_equal_prefill_logits(falcon_dir, dtype):
     """The decode fast path (graph replay, device sampling; the fused Mamba-1 step is not used
-    with the norms) of a batch of 3 rows sees the logits a prefill of each row's tokens gives."""
+    with the norms) of a batch of 3 rows: fp32 sees the logits a prefill of each row's tokens
+    gives, bf16 those of eager decode steps (steps_match)."""
     g = _gen(falcon_dir, "cuda", dtype)
     prompts = [_ids(n, seed=23 + n) for n in (20, 5, 13)]
-    opts = _C.GenerationOptions()
-    opts.max_new_tokens = 16
-    opts.ignore_eos = True
-    stream = g._g.start(prompts, opts)
-    toks = [[] for _ in prompts]
-    logits = [[] for _ in prompts]
-    while True:
-        ev = stream.next()
-        if ev is None:
-            break
-        for r, t in ev:
-            logits[r].append(stream.last_logits[r].copy())
-            toks[r].append(t)
-    for r, p in enumerate(prompts):
-        assert len(toks[r]) == 16
-        steps_match(g, p, toks[r], logits[r], dtype, f"row {r}")
+    toks, logits = stream_steps(g, prompts, 16)
+    steps_match(g, falcon_dir, dtype, prompts, toks, logits, "falcon")
     cpu = _gen(falcon_dir, "cpu")
     if dtype == "float32":
         for r, p in enumerate(prompts):
@@ -1373,26 +1393,13 @@ def test_hybrid_prefill_equals_prefill_plus_steps_cuda(hybrid_dir):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_hybrid_decode_graph_steps_equal_prefill_logits(hybrid_dir, dtype):
     """The decode fast path (graph replay with the KV caches' positions read on the device,
-    split-K attention, device sampling) of 3 rows of different lengths sees the logits a
-    prefill of each row's tokens gives; fp32 tokens equal the CPU's."""
+    split-K attention, device sampling) of 3 rows of different lengths: fp32 sees the logits a
+    prefill of each row's tokens gives and the CPU's tokens, bf16 the logits of eager decode
+    steps (steps_match)."""
     g = _gen(hybrid_dir, "cuda", dtype)
     prompts = [_ids(n, seed=33 + n) for n in (60, 5, 23)]
-    opts = _C.GenerationOptions()
-    opts.max_new_tokens = 24
-    opts.ignore_eos = True
-    stream = g._g.start(prompts, opts)
-    toks = [[] for _ in prompts]
-    logits = [[] for _ in prompts]
-    while True:
-        ev = stream.next()
-        if ev is None:
-            break
-        for r, t in ev:
-            logits[r].append(stream.last_logits[r].copy())
-            toks[r].append(t)
-    for r, p in enumerate(prompts):
-        assert len(toks[r]) == 24
-        steps_match(g, p, toks[r], logits[r], dtype, f"row {r}")
+    toks, logits = stream_steps(g, prompts, 24)
+    steps_match(g, hybrid_dir, dtype, prompts, toks, logits, "hybrid")
     if dtype == "float32":
         cpu = _gen(hybrid_dir, "cpu")
         for r, p in enumerate(prompts):
