@@ -834,7 +834,8 @@ MAMBART_VNNI void linear_quant(const float* x, int64_t ldx, int64_t M, const Wei
 // xp[mb][kb][s] (16 k pairs x 16 rows of x x 2, VNNI order), 1 KB each. C tile (i, j) holds
 // C[n][m] = Σ_k W[n][k] x[m][k] for 16 weight rows x 16 rows of x, stored transposed into y.
 // Tiles: 0..3 C (weight rows n0 / n0 + 16 x rows of x m0 / m0 + 16), 4, 5 A, 6, 7 B.
-// K % 32 (tests' shapes; the models' K are multiples of 32) is summed after the tiles in fp32.
+// K must be a multiple of 32 (every published model's projections but Mamba-1's dt_proj, whose K
+// is dt_rank; the rest take the AVX-512 GEMM).
 
 namespace amx {
 
@@ -893,9 +894,10 @@ MAMBART_AMX inline void split16(__m512 v, __m256i& h, __m256i& m, __m256i& l) {
     const __m512 r1 = _mm512_maskz_sub_ps(finite, v, _mm512_castsi512_ps(_mm512_and_si512(u, hi16)));
     const __m512i mb = _mm512_and_si512(_mm512_castps_si512(r1), hi16);
     const __m512 r2 = _mm512_sub_ps(r1, _mm512_castsi512_ps(mb));
-    h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(hb, 16));
-    m = _mm512_cvtepi32_epi16(_mm512_srli_epi32(mb, 16));
-    l = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(r2), 16));
+    // (zero-masked forms: GCC 12 warns of the unmasked ones' undefined pass-through)
+    h = _mm512_maskz_cvtepi32_epi16(0xFFFF, _mm512_maskz_srli_epi32(0xFFFF, hb, 16));
+    m = _mm512_maskz_cvtepi32_epi16(0xFFFF, _mm512_maskz_srli_epi32(0xFFFF, mb, 16));
+    l = _mm512_maskz_cvtepi32_epi16(0xFFFF, _mm512_maskz_srli_epi32(0xFFFF, _mm512_castps_si512(r2), 16));
 }
 
 // B tiles of rows [m0, m0 + 16) of x (rows past M zero), k in [0, KB * 32):
@@ -962,7 +964,7 @@ MAMBART_AMX void panels(const uint16_t* W, int64_t K, int64_t N, const uint32_t*
                         int64_t Mc, const float* bias, float* y, int64_t ldy, int64_t p0,
                         int64_t p1) {
     configure();
-    const int64_t K32 = KB * 32, ldw = K * 2;  // bytes
+    const int64_t ldw = K * 2;  // bytes
     const int64_t mbs = (Mc + 15) / 16;       // packed m blocks (an even count)
     for (int64_t mb = 0; mb < mbs; mb += 2) {
         const uint32_t* b0 = xp + mb * KB * 768;
@@ -971,10 +973,10 @@ MAMBART_AMX void panels(const uint16_t* W, int64_t K, int64_t N, const uint32_t*
         for (int64_t pnl = p0; pnl < p1; ++pnl) {
             const int64_t n0 = pnl * 32, nrows = std::min<int64_t>(32, N - n0);
             const uint16_t* w = W + n0 * K;
-            if (nrows < 32) {  // the last panel, zero-padded to 32 rows (K32 columns)
+            if (nrows < 32) {  // the last panel, zero-padded to 32 rows
                 uint16_t* ws = w_scratch(32 * K);
                 for (int64_t i = 0; i < 32; ++i)
-                    for (int64_t k = 0; k < K32; ++k) ws[i * K + k] = i < nrows ? w[i * K + k] : 0;
+                    for (int64_t k = 0; k < K; ++k) ws[i * K + k] = i < nrows ? w[i * K + k] : 0;
                 w = ws;
             }
             _tile_zero(0);
@@ -999,44 +1001,23 @@ MAMBART_AMX void panels(const uint16_t* W, int64_t K, int64_t N, const uint32_t*
     _tile_release();
 }
 
-// y[M, N] = x[M, K] · W[N, K]ᵀ + bias, bf16 W: chunks of kChunkRows rows of x, each split and
-// packed by the pool's threads (one m block each), then the weight panels split by the threads;
-// the K % 32 tail and the bias added after the tiles.
+// y[M, N] = x[M, K] · W[N, K]ᵀ + bias, bf16 W, K a positive multiple of 32 (linear_typed
+// sends other K to the AVX-512 GEMM): chunks of kChunkRows rows of x, each split and packed by
+// the pool's threads (one m block each), then the weight panels split by the threads.
 MAMBART_AMX void gemm(const float* x, int64_t ldx, int64_t M, int64_t K, const void* Wv,
                       int64_t N, const float* bias, float* y, int64_t ldy) {
     const uint16_t* W = static_cast<const uint16_t*>(Wv);
-    const int64_t KB = K / 32, K32 = KB * 32;
+    const int64_t KB = K / 32;
     for (int64_t c0 = 0; c0 < M; c0 += kChunkRows) {
         const int64_t Mc = std::min(kChunkRows, M - c0);
         const float* xc = x + c0 * ldx;
-        float* yc = y + c0 * ldy;
-        if (KB > 0) {
-            const int64_t mbs = (Mc + 31) / 32 * 2;  // m blocks, an even count
-            uint32_t* xp = xp_scratch(mbs * KB * 768);
-            parallel_for(mbs, 1, [&](int64_t b0, int64_t b1) {
-                for (int64_t b = b0; b < b1; ++b) pack_block(xc, ldx, Mc, b * 16, KB, xp + b * KB * 768);
-            });
-            parallel_for((N + 31) / 32, 1, [&](int64_t p0, int64_t p1) {
-                panels(W, K, N, xp, KB, Mc, K32 == K ? bias : nullptr, yc, ldy, p0, p1);
-            });
-        }
-        if (K32 == K) continue;
-        // K % 32 in fp32 after the tiles' sums, then the bias
-        parallel_for(Mc, 1, [&](int64_t m0, int64_t m1) {
-            for (int64_t m = m0; m < m1; ++m) {
-                float* yr = yc + m * ldy;
-                const float* xr = xc + m * ldx;
-                for (int64_t n = 0; n < N; ++n) {
-                    float s = KB > 0 ? yr[n] : 0.0f;
-                    for (int64_t k = K32; k < K; ++k) {
-                        const uint32_t u = uint32_t(W[n * K + k]) << 16;
-                        float wf;
-                        std::memcpy(&wf, &u, 4);
-                        s = std::fma(xr[k], wf, s);
-                    }
-                    yr[n] = s + (bias ? bias[n] : 0.0f);
-                }
-            }
+        const int64_t mbs = (Mc + 31) / 32 * 2;  // m blocks, an even count
+        uint32_t* xp = xp_scratch(mbs * KB * 768);
+        parallel_for(mbs, 1, [&](int64_t b0, int64_t b1) {
+            for (int64_t b = b0; b < b1; ++b) pack_block(xc, ldx, Mc, b * 16, KB, xp + b * KB * 768);
+        });
+        parallel_for((N + 31) / 32, 1, [&](int64_t p0, int64_t p1) {
+            panels(W, K, N, xp, KB, Mc, bias, y + c0 * ldy, ldy, p0, p1);
         });
     }
 }
@@ -1445,7 +1426,8 @@ void linear_typed(Kernels k, const float* x, int64_t ldx, int64_t M, int64_t K, 
                 return avx512::gemv<D>(x, ldx, M, K, W, N, bias, y, ldy);
             if (M > kGemvMaxM) {
                 if constexpr (D == DType::BF16) {
-                    if (amx::enabled()) return amx::gemm(x, ldx, M, K, W, N, bias, y, ldy);
+                    if (K % 32 == 0 && amx::enabled())
+                        return amx::gemm(x, ldx, M, K, W, N, bias, y, ldy);
                 }
                 return avx512::gemm<D>(x, ldx, M, K, W, N, bias, y, ldy);
             }
