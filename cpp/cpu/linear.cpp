@@ -130,13 +130,16 @@ void linear_quant_portable(const float* x, int64_t ldx, int64_t M, const Weight&
     });
 }
 
-// Thread-local (n) floats for the GEMM's packed panel, grown once (never shrunk), so decode at
-// batch > kGemvMaxM allocates nothing per step.
-float* panel_scratch(int64_t n) {
-    thread_local std::vector<float> wp;
-    if (wp.size() < static_cast<size_t>(n)) wp.resize(static_cast<size_t>(n));
-    return wp.data();
+// Thread-local (n) scratch of T, one buffer a (T, Tag) and thread, grown once (never shrunk), so
+// decode at batch > kGemvMaxM allocates nothing per step.
+template <typename T, int Tag>
+T* thread_scratch(int64_t n) {
+    thread_local std::vector<T> v;
+    if (v.size() < static_cast<size_t>(n)) v.resize(static_cast<size_t>(n));
+    return v.data();
 }
+// The GEMM's packed panel (n floats).
+float* panel_scratch(int64_t n) { return thread_scratch<float, 0>(n); }
 
 #ifdef MAMBART_X86
 
@@ -929,18 +932,10 @@ MAMBART_AMX void pack_block(const float* x, int64_t ldx, int64_t M, int64_t m0, 
     }
 }
 
-// Thread-local scratch, grown once (never shrunk): the packed activations (the call's) and a
-// zero-padded copy of a last, partial weight panel (each worker's).
-uint32_t* xp_scratch(int64_t n) {
-    thread_local std::vector<uint32_t> v;
-    if (v.size() < static_cast<size_t>(n)) v.resize(static_cast<size_t>(n));
-    return v.data();
-}
-uint16_t* w_scratch(int64_t n) {
-    thread_local std::vector<uint16_t> v;
-    if (v.size() < static_cast<size_t>(n)) v.resize(static_cast<size_t>(n));
-    return v.data();
-}
+// Thread-local scratch (thread_scratch): the packed activations (the call's) and a zero-padded
+// copy of a last, partial weight panel (each worker's).
+uint32_t* xp_scratch(int64_t n) { return thread_scratch<uint32_t, 1>(n); }
+uint16_t* w_scratch(int64_t n) { return thread_scratch<uint16_t, 2>(n); }
 
 // y[m0 + j][n0 + i] = C tiles of weight rows [n0, n0 + nrows) x rows [m0, m0 + mrows)
 // (+ bias[n0 + i] where bias is given).
@@ -1135,18 +1130,10 @@ namespace neon_bf16 {
 
 #define MAMBART_BF16 __attribute__((target("arch=armv8.2-a+bf16")))
 
-// Thread-local (n) bf16 scratch, grown once (never shrunk): the split activations (the calling
-// thread's) and the packed weight panel (each worker's).
-uint16_t* x_scratch(int64_t n) {
-    thread_local std::vector<uint16_t> v;
-    if (v.size() < static_cast<size_t>(n)) v.resize(static_cast<size_t>(n));
-    return v.data();
-}
-uint16_t* panel_scratch16(int64_t n) {
-    thread_local std::vector<uint16_t> v;
-    if (v.size() < static_cast<size_t>(n)) v.resize(static_cast<size_t>(n));
-    return v.data();
-}
+// Thread-local (n) bf16 scratch (thread_scratch): the split activations (the calling thread's)
+// and the packed weight panel (each worker's).
+uint16_t* x_scratch(int64_t n) { return thread_scratch<uint16_t, 3>(n); }
+uint16_t* panel_scratch16(int64_t n) { return thread_scratch<uint16_t, 4>(n); }
 
 // Four activations split into their three bf16 parts (the top halves of h, m, l as fp32 bits).
 // Infinities and NaNs go whole into h (a NaN kept a NaN by its quiet bit), m = l = 0.
