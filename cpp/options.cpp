@@ -52,8 +52,9 @@ const std::vector<OptionInfo> kTable = {
      "S1, the next layer's in_proj during S4)"},
     {"cuda_persistent_ring", "MAMBART_CUDA_PERSISTENT_RING", "int", "", "0",
      "the persistent decode's weight ring: each thread keeps up to this many 16-byte cp.async "
-     "copies of its next weights in flight in shared memory, through the grid barriers (24, 16 "
-     "or 8, the deepest that fits; 0: off, the weights loaded as each stage begins)"},
+     "copies of its next weights in flight in shared memory, through the grid barriers (8, 16 or "
+     "24; a shallower one where its shared memory does not fit; 0: off, the weights loaded as "
+     "each stage begins)"},
     {"state_dtype", "MAMBART_STATE_DTYPE", "choice", "float32|bfloat16", "float32",
      "storage of the Mamba-1 / Mamba-2 SSM states (issue 18): float32, or bfloat16 (half the "
      "state bytes per sequence; the scans read bf16, compute in fp32 and round to nearest even "
@@ -158,7 +159,10 @@ uint64_t parse_uint(const OptionInfo& o, const std::string& v, uint64_t max) {
 void check(const OptionInfo& o, const std::string& v) {
     if (o.kind == "bool") parse_bool(o, v);
     else if (o.name == "cpu_threads") parse_uint(o, v, 4096);
-    else if (o.name == "cuda_persistent_ring") parse_uint(o, v, 24);
+    else if (o.name == "cuda_persistent_ring") {
+        const uint64_t d = parse_uint(o, v, 24);
+        if (d != 0 && d != 8 && d != 16 && d != 24) bad(o, v, "must be 0, 8, 16 or 24");
+    }
     else if (o.kind == "int") {
         if (parse_uint(o, v, 1 << 30) < 1) bad(o, v, "must be >= 1");
     } else if (o.kind == "bytes") parse_uint(o, v, UINT64_MAX);

@@ -57,6 +57,7 @@ def test_defaults_set_and_clear(monkeypatch):
     (dict(cuda_ssd="fast"), ("cuda_ssd", "MAMBART_CUDA_SSD", "'fast'", "chunked|recurrent|tf32")),
     (dict(cuda_graphs="maybe"), ("cuda_graphs", "must be 0 or 1")),
     (dict(cublas_min_rows=0), ("cublas_min_rows", "must be >= 1")),
+    (dict(cuda_persistent_ring=5), ("cuda_persistent_ring", "must be 0, 8, 16 or 24")),
     (dict(cublas_min_rows=-3), ("cublas_min_rows", "non-negative integer")),
     (dict(host_memory_limit="1e9"), ("host_memory_limit", "non-negative integer")),
     (dict(cuda_fused_max_batch=10**12), ("cuda_fused_max_batch", "at most")),

@@ -960,20 +960,23 @@ MAMBART_AMX void panels(const uint16_t* W, int64_t K, int64_t N, const uint32_t*
                         int64_t p1) {
     configure();
     const int64_t ldw = K * 2;  // bytes
-    const int64_t mbs = (Mc + 15) / 16;       // packed m blocks (an even count)
+    const int64_t mbs = (Mc + 15) / 16;  // m blocks holding rows (gemm packs an even count)
+    // A last, partial panel in these: its rows zero-padded to 32, copied once
+    const uint16_t* last = nullptr;
+    if (p1 * 32 > N) {
+        const int64_t n0 = (p1 - 1) * 32, nrows = N - n0;
+        uint16_t* ws = w_scratch(32 * K);
+        for (int64_t i = 0; i < 32; ++i)
+            for (int64_t k = 0; k < K; ++k) ws[i * K + k] = i < nrows ? W[(n0 + i) * K + k] : 0;
+        last = ws;
+    }
     for (int64_t mb = 0; mb < mbs; mb += 2) {
         const uint32_t* b0 = xp + mb * KB * 768;
         const uint32_t* b1 = b0 + KB * 768;
         const int64_t mrows = std::min<int64_t>(32, Mc - mb * 16);
         for (int64_t pnl = p0; pnl < p1; ++pnl) {
             const int64_t n0 = pnl * 32, nrows = std::min<int64_t>(32, N - n0);
-            const uint16_t* w = W + n0 * K;
-            if (nrows < 32) {  // the last panel, zero-padded to 32 rows
-                uint16_t* ws = w_scratch(32 * K);
-                for (int64_t i = 0; i < 32; ++i)
-                    for (int64_t k = 0; k < K; ++k) ws[i * K + k] = i < nrows ? w[i * K + k] : 0;
-                w = ws;
-            }
+            const uint16_t* w = nrows < 32 ? last : W + n0 * K;
             _tile_zero(0);
             _tile_zero(1);
             _tile_zero(2);
