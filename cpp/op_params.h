@@ -104,8 +104,9 @@ struct SsdParams {            // Mamba-2: dt softplus + clamp, chunked SSD scan,
 // reads the state as bf16, computes in fp32 exactly as with an fp32 state, and rounds the state
 // to bf16 (nearest even) after every token, so a prompt prefilled leaves the state that decoding
 // it token by token would, and a trace row equals the state a decode step would leave (exact
-// speculative rollback). The fused decode steps (Mamba1DecodeParams, Mamba2DecodeParams) take an
-// fp32 state only: the layers run the separate ops with a bf16 state.
+// speculative rollback). The fused Mamba-1 decode step (Mamba1DecodeParams) takes an fp32
+// state only (the layer runs the separate ops with a bf16 state); the Mamba-2 one
+// (Mamba2DecodeParams) takes either storage.
 
 // Fused single-token (L = 1) mixer steps, optional: a backend that returns true from
 // mamba1_decode_fused / mamba2_decode_fused has done the work of the ops listed, else the model

@@ -17,7 +17,8 @@ const std::vector<OptionInfo> kTable = {
     {"cuda_fused", "MAMBART_CUDA_FUSED", "bool", "", "1",
      "fused single-token mixer kernels in decode (0: the separate ops)"},
     {"cuda_fused_max_batch", "MAMBART_CUDA_FUSED_MAX_BATCH", "int", "", "8",
-     "the fused decode steps up to this many rows; larger batches run the separate ops"},
+     "Mamba-1's fused decode step up to this many rows; larger batches run the separate ops "
+     "(Mamba-2's is fused at every batch size)"},
     {"cuda_ssd", "MAMBART_CUDA_SSD", "choice", "chunked|recurrent|tf32", "chunked",
      "Mamba-2 and Mamba-3 prefill: chunked SSD with split-TF32 products, the recurrent form, or "
      "chunked with plain TF32 products"},

@@ -25,6 +25,13 @@ bool sync_after_launch() {
 }
 }  // namespace
 
+int device_attr(cudaDeviceAttr attr) {
+    int dev = 0, v = 0;
+    check(cudaGetDevice(&dev), "cudaGetDevice");
+    check(cudaDeviceGetAttribute(&v, attr, dev), "cudaDeviceGetAttribute");
+    return v;
+}
+
 bool pdl_enabled() { return g_pdl.load(std::memory_order_relaxed); }
 void set_programmatic_launch(bool on) { g_pdl.store(on, std::memory_order_relaxed); }
 bool weight_prefetch_enabled() {

@@ -77,6 +77,9 @@ __device__ __forceinline__ void prefetch_l2(const void* p, int64_t bytes, int la
         asm volatile("prefetch.global.L2 [%0];" ::"l"(c + off));
 }
 
+// An attribute of the current device (cudaDeviceGetAttribute; throws CudaError on failure).
+int device_attr(cudaDeviceAttr attr);
+
 // Whether launch_pdl() sets the programmatic-serialization attribute (set_programmatic_launch).
 bool pdl_enabled();
 // Whether the GEMVs prefetch weight rows to L2 before pdl_wait(): PDL on and the prefetch not

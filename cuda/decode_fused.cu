@@ -16,12 +16,18 @@
 //   δ = clamp(softplus(dt[h] + dt_bias[h]), dt_min, dt_max)
 //   s[h, p, n] <- exp(δ A[h]) s[h, p, n] + δ x[p] B[n];  y[p] = Σ_n C[n] s[h, p, n] + D[h] x[p]
 //   (· silu(z[p]) when z is given);  g(h) = h / (H / G)
-//   Grid: (H, B, ceil(P / 8)); block: 8 warps, warp w owns row p = 8 blockIdx.z + w, lane l the
-//   states n = l + 32 i. Each block computes the conv of its 8 x channels (and rolls their conv
-//   state: no other block reads them) and of its group's 2N B/C channels into shared memory.
-//   The B/C conv states are shared by the (H / G) ceil(P / 8) blocks of (b, g): each block
-//   counts itself in counters[b G + g] after its reads; the block that counts last rolls those
-//   states and resets the counter to 0 (so every launch starts from zero).
+//   Grid: (H, B, ceil(P / R)); block: 8 warps, warp w owns rows p = R blockIdx.z + w + 8 r
+//   (r < R / 8), lane l the states n = V l + 32 V i + k (k < V: one V-wide access). R = 8 (a row
+//   a warp) where fewer than 2 blocks per SM would result (batch 1), else 64 (batched decode:
+//   the per-block work below amortised over 8 rows a warp); V = 4 (or 2) where N is a multiple
+//   of 128 (64) and the state is aligned for it, else 1. A thread loads its state rows first
+//   (all in flight together), then the block computes the conv of its R x channels (and rolls
+//   their conv state: no other block reads them) and of its group's 2N B/C channels into shared
+//   memory. The B/C conv states are shared by the (H / G) ceil(P / R) blocks of (b, g): each
+//   block counts itself in counters[b G + g] after its reads; the block that counts last rolls
+//   those states and resets the counter to 0 (so every launch starts from zero).
+//   State storage S: fp32, or bf16 (option state_dtype, BF16_STATE_RULE: y from the fp32 step,
+//   the state rounded to bf16 when stored).
 //   Preconditions: 1 <= P, 1 <= N <= 256, 1 <= W <= kConvMaxWidth, H % G == 0,
 //   B * G <= kDecodeCounters, ld_xbc >= H*P + 2GN, ld_dt >= H.
 #include "common.cuh"
@@ -126,40 +132,110 @@ struct M2Args {
     const float* D;       // (H)
     const float* dt_bias; // (H)
     float dt_min, dt_max;
-    float* ssm_state;     // (B, H, P, N) inout
+    float* ssm_state;          // (B, H, P, N) inout, fp32 storage (or nullptr)
+    uint16_t* ssm_state_bf16;  // (B, H, P, N) inout, bf16 storage (or nullptr; BF16_STATE_RULE)
     float* y;             // (B, H*P)
     int* counters;        // (B*G) device ints, zero between launches (the kernel restores them)
     int64_t B, H, P, G, N;
 };
 
-template <int SPL>
+// A lane's VEC consecutive state elements: one 4 / 8 / 16-byte access for S = float or bf16.
+template <typename S, int VEC>
+__device__ __forceinline__ void load_state(const S* p, float (&v)[VEC]) {
+    if constexpr (sizeof(S) == 4 && VEC == 4) {
+        const float4 r = *reinterpret_cast<const float4*>(p);
+        v[0] = r.x; v[1] = r.y; v[2] = r.z; v[3] = r.w;
+    } else if constexpr (sizeof(S) == 4 && VEC == 2) {
+        const float2 r = *reinterpret_cast<const float2*>(p);
+        v[0] = r.x; v[1] = r.y;
+    } else if constexpr (sizeof(S) == 2 && VEC == 4) {
+        const uint2 r = *reinterpret_cast<const uint2*>(p);
+        v[0] = __uint_as_float(r.x << 16); v[1] = __uint_as_float(r.x & 0xffff0000u);
+        v[2] = __uint_as_float(r.y << 16); v[3] = __uint_as_float(r.y & 0xffff0000u);
+    } else if constexpr (sizeof(S) == 2 && VEC == 2) {
+        const uint32_t r = *reinterpret_cast<const uint32_t*>(p);
+        v[0] = __uint_as_float(r << 16); v[1] = __uint_as_float(r & 0xffff0000u);
+    } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) v[k] = to_f32(p[k]);
+    }
+}
+template <typename S, int VEC>
+__device__ __forceinline__ void store_state(S* p, const float (&v)[VEC]) {
+    if constexpr (sizeof(S) == 4 && VEC == 4) {
+        *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+    } else if constexpr (sizeof(S) == 4 && VEC == 2) {
+        *reinterpret_cast<float2*>(p) = make_float2(v[0], v[1]);
+    } else if constexpr (sizeof(S) == 2 && VEC >= 2) {
+        uint32_t u[VEC / 2];
+#pragma unroll
+        for (int k = 0; k < VEC / 2; ++k) {
+            const __nv_bfloat162 h = __floats2bfloat162_rn(v[2 * k], v[2 * k + 1]);
+            u[k] = *reinterpret_cast<const uint32_t*>(&h);
+        }
+        if constexpr (VEC == 4)
+            *reinterpret_cast<uint2*>(p) = make_uint2(u[0], u[1]);
+        else
+            *reinterpret_cast<uint32_t*>(p) = u[0];
+    } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) p[k] = from_f32<S>(v[k]);
+    }
+}
+
+// Rows p = p0 + warp + 8 r (r < RPW) of head h, row b; lane l owns the states
+// n = VEC l + 32 VEC i + k (i < SPL, k < VEC): one VEC-wide access per (r, i).
+template <int RPW, int VEC, int SPL, typename S>
 __global__ void __launch_bounds__(kM2Warps * 32) mamba2_decode_kernel(M2Args p) {
     extern __shared__ float smem[];
     float* Bs = smem;         // (N) post-conv B of the group
     float* Cs = Bs + p.N;     // (N) post-conv C of the group
-    __shared__ float xs[kM2Warps];
+    __shared__ float xs[kM2Warps * RPW];  // post-conv x of the block's rows
     __shared__ float dls[2];
-    pdl_wait();  // launched with launch_pdl (see common.cuh)
-    pdl_trigger();
     __shared__ int last;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int64_t h = blockIdx.x, b = blockIdx.y, H = p.H, P = p.P, N = p.N, G = p.G, W = p.W;
     const int64_t g = h / (H / G), E = H * P, C = E + 2 * G * N;
-    const int64_t p0 = int64_t(blockIdx.z) * kM2Warps;
+    const int64_t p0 = int64_t(blockIdx.z) * kM2Warps * RPW;
     const float* xin = p.xbc + b * p.ld_xbc;
     float* cst = p.conv_state + b * C * W;
+    S* const state = state_ptr<S>(p) + (b * H + h) * P * N;  // (P, N) of (B, H, P, N)
+    pdl_wait();  // launched with launch_pdl (see common.cuh)
+    pdl_trigger();
+    // The state rows first (all of a lane's loads in flight together), then the conv and δ.
+    float s[RPW][SPL][VEC];
+#pragma unroll
+    for (int r = 0; r < RPW; ++r) {
+        const int64_t pp = p0 + warp + kM2Warps * r;
+#pragma unroll
+        for (int i = 0; i < SPL; ++i) {
+            const int64_t n = int64_t(VEC) * lane + 32 * VEC * i;
+            if (pp < P && n < N)
+                load_state<S, VEC>(state + pp * N + n, s[r][i]);
+            else
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) s[r][i][k] = 0.0f;
+        }
+    }
+    float zg[RPW];  // silu(z) of row r, loaded by lane r
+#pragma unroll
+    for (int r = 0; r < RPW; ++r) {
+        const int64_t pp = p0 + warp + kM2Warps * r;
+        zg[r] = (p.z && lane == r && pp < P) ? p.z[b * p.ld_z + h * P + pp] : 0.0f;
+    }
     for (int64_t i = threadIdx.x; i < 2 * N; i += blockDim.x) {
         const int64_t c = i < N ? E + g * N + i : E + G * N + g * N + (i - N);
         const float v = conv_step(cst + c * W, p.conv_w + c * W, p.conv_b ? p.conv_b[c] : 0.0f,
                                   xin[c], W, false);
         (i < N ? Bs[i] : Cs[i - N]) = v;
     }
-    if (threadIdx.x < kM2Warps) {
-        const int64_t pp = p0 + threadIdx.x;
+    if (threadIdx.x >= 64 && threadIdx.x < 64 + kM2Warps * RPW) {
+        const int j = threadIdx.x - 64;
+        const int64_t pp = p0 + j;
         if (pp < P) {
             const int64_t c = h * P + pp;
-            xs[threadIdx.x] = conv_step(cst + c * W, p.conv_w + c * W,
-                                        p.conv_b ? p.conv_b[c] : 0.0f, xin[c], W, true);
+            xs[j] = conv_step(cst + c * W, p.conv_w + c * W, p.conv_b ? p.conv_b[c] : 0.0f,
+                              xin[c], W, true);
         }
     }
     if (threadIdx.x == 32) {
@@ -169,24 +245,40 @@ __global__ void __launch_bounds__(kM2Warps * 32) mamba2_decode_kernel(M2Args p) 
         dls[1] = expf(d * p.A[h]);
     }
     __syncthreads();
-    const int64_t pp = p0 + warp;
-    if (pp < P) {  // warp-uniform
-        const float delta = dls[0], dA = dls[1], xv = xs[warp], dx = delta * xv;
-        float* srow = p.ssm_state + ((b * H + h) * P + pp) * N;
+    const float delta = dls[0], dA = dls[1], Dv = p.D[h];
+    float Bv[SPL][VEC], Cv[SPL][VEC];
+#pragma unroll
+    for (int i = 0; i < SPL; ++i)
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+            const int64_t n = int64_t(VEC) * lane + 32 * VEC * i + k;
+            Bv[i][k] = n < N ? Bs[n] : 0.0f;
+            Cv[i][k] = n < N ? Cs[n] : 0.0f;
+        }
+#pragma unroll
+    for (int r = 0; r < RPW; ++r) {
+        const int64_t pp = p0 + warp + kM2Warps * r;
+        if (pp >= P) break;  // warp-uniform
+        const float xv = xs[warp + kM2Warps * r], dx = delta * xv;
         float acc = 0.0f;
 #pragma unroll
-        for (int i = 0; i < SPL; ++i) {
-            const int64_t n = lane + 32 * i;
-            if (n < N) {
-                const float v = srow[n] * dA + dx * Bs[n];
-                srow[n] = v;
-                acc += v * Cs[n];
+        for (int i = 0; i < SPL; ++i)
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) {
+                const float v = s[r][i][k] * dA + dx * Bv[i][k];
+                s[r][i][k] = v;
+                acc += v * Cv[i][k];
             }
+#pragma unroll
+        for (int i = 0; i < SPL; ++i) {
+            const int64_t n = int64_t(VEC) * lane + 32 * VEC * i;
+            if (n < N) store_state<S, VEC>(state + pp * N + n, s[r][i]);  // rounded for bf16
         }
         acc = warp_sum(acc);
+        const float zr = __shfl_sync(0xffffffffu, zg[r], r);
         if (lane == 0) {
-            float yv = acc + p.D[h] * xv;
-            if (p.z) yv *= silu_f(p.z[b * p.ld_z + h * P + pp]);
+            float yv = acc + Dv * xv;
+            if (p.z) yv *= silu_f(zr);
             p.y[b * E + h * P + pp] = yv;
         }
     }
@@ -205,6 +297,25 @@ __global__ void __launch_bounds__(kM2Warps * 32) mamba2_decode_kernel(M2Args p) 
         (void)conv_step(cst + c * W, p.conv_w + c * W, 0.0f, xin[c], W, true);
     }
     if (threadIdx.x == 0) p.counters[b * G + g] = 0;
+}
+
+template <int RPW, typename S>
+void m2_dispatch(const M2Args& p, int vec, int spl, dim3 grid, size_t smem, cudaStream_t s) {
+    const dim3 block(kM2Warps * 32);
+    if (vec == 4 && spl == 1)
+        launch_pdl(mamba2_decode_kernel<RPW, 4, 1, S>, grid, block, smem, s, p);
+    else if (vec == 4)
+        launch_pdl(mamba2_decode_kernel<RPW, 4, 2, S>, grid, block, smem, s, p);
+    else if (vec == 2)
+        launch_pdl(mamba2_decode_kernel<RPW, 2, 1, S>, grid, block, smem, s, p);
+    else if (spl == 1)
+        launch_pdl(mamba2_decode_kernel<RPW, 1, 1, S>, grid, block, smem, s, p);
+    else if (spl == 2)
+        launch_pdl(mamba2_decode_kernel<RPW, 1, 2, S>, grid, block, smem, s, p);
+    else if (spl <= 4)
+        launch_pdl(mamba2_decode_kernel<RPW, 1, 4, S>, grid, block, smem, s, p);
+    else
+        launch_pdl(mamba2_decode_kernel<RPW, 1, 8, S>, grid, block, smem, s, p);
 }
 
 }  // namespace
@@ -241,10 +352,10 @@ void launch_mamba2_decode(const Mamba2DecodeParams& in, int* counters, cudaStrea
     MAMBART_CHECK_ARG(c.L == 1 && q.L == 1 && c.B == q.B && c.C == q.H * q.P + 2 * q.G * q.N,
                       "launch_mamba2_decode: conv and ssd params disagree (L=", c.L, "/", q.L,
                       " B=", c.B, "/", q.B, " C=", c.C, ")");
-    const M2Args p{c.x,     c.ld_x,      q.dt,        q.ld_dt,  c.conv_state, c.weight,
-                   c.bias,  c.W,         q.z,         q.ld_z,   q.A,          q.D,
-                   q.dt_bias, q.dt_min,  q.dt_max,    q.ssm_state, q.y,       counters,
-                   q.B,     q.H,         q.P,         q.G,      q.N};
+    const M2Args p{c.x,       c.ld_x,   q.dt,     q.ld_dt,     c.conv_state,     c.weight,
+                   c.bias,    c.W,      q.z,      q.ld_z,      q.A,              q.D,
+                   q.dt_bias, q.dt_min, q.dt_max, q.ssm_state, q.ssm_state_bf16, q.y,
+                   counters,  q.B,      q.H,      q.P,         q.G,              q.N};
     MAMBART_CHECK_ARG(p.B >= 0 && p.H > 0 && p.G > 0 && p.P >= 1,
                       "launch_mamba2_decode: bad sizes B=", p.B, " H=", p.H, " G=", p.G, " P=", p.P);
     MAMBART_CHECK_ARG(p.H % p.G == 0, "launch_mamba2_decode: nheads=", p.H,
@@ -256,25 +367,38 @@ void launch_mamba2_decode(const Mamba2DecodeParams& in, int* counters, cudaStrea
     MAMBART_CHECK_ARG(p.ld_xbc >= p.H * p.P + 2 * p.G * p.N && p.ld_dt >= p.H &&
                           (!p.z || p.ld_z >= p.H * p.P),
                       "launch_mamba2_decode: bad strides");
+    const bool bf16 = p.ssm_state_bf16 != nullptr;  // option state_dtype
     MAMBART_CHECK_ARG(p.xbc && p.dt && p.conv_state && p.conv_w && p.A && p.D && p.dt_bias &&
-                          p.ssm_state && p.y && p.counters,
-                      "launch_mamba2_decode: null pointer");
+                          (bf16 != (p.ssm_state != nullptr)) && !q.state_trace &&
+                          !q.state_trace_bf16 && p.y && p.counters,
+                      "launch_mamba2_decode: null pointer, both state storages, or a trace");
     MAMBART_CHECK_ARG(p.B * p.G <= kDecodeCounters && p.B <= 65535 && p.H <= 0x7fffffff,
                       "launch_mamba2_decode: batch ", p.B, " x ngroups ", p.G, " too large");
     if (p.B == 0) return;
-    const dim3 grid(unsigned(p.H), unsigned(p.B), unsigned(ceil_div(p.P, kM2Warps)));
+    // Rows a block: 8 (a row a warp) while that leaves too few blocks to fill the GPU (batch 1:
+    // H * P / 8 blocks), else 64 (8 a warp: the group's B/C conv and the state loads of a
+    // thread amortised over 8 rows; batched decode).
+    static const int sms = device_attr(cudaDevAttrMultiProcessorCount);
+    const bool wide = p.H * p.B * ceil_div(p.P, kM2Warps * 8) >= 2 * int64_t(sms);
+    const int64_t rows = wide ? kM2Warps * 8 : kM2Warps;
+    const dim3 grid(unsigned(p.H), unsigned(p.B), unsigned(ceil_div(p.P, rows)));
     const size_t smem = size_t(2 * p.N) * sizeof(float);
-    const int threads = kM2Warps * 32;
-    const int spl = int(ceil_div(p.N, 32));
-    const dim3 block(threads);
-    if (spl == 1)
-        launch_pdl(mamba2_decode_kernel<1>, grid, block, smem, s, p);
-    else if (spl == 2)
-        launch_pdl(mamba2_decode_kernel<2>, grid, block, smem, s, p);
-    else if (spl <= 4)
-        launch_pdl(mamba2_decode_kernel<4>, grid, block, smem, s, p);
+    // Vector accesses of 4 (or 2) consecutive states a lane when every row allows them.
+    const void* base = bf16 ? static_cast<const void*>(p.ssm_state_bf16) : p.ssm_state;
+    const size_t esz = bf16 ? 2 : 4;
+    const auto fits = [&](int v) {
+        return p.N % (32 * v) == 0 && reinterpret_cast<uintptr_t>(base) % (v * esz) == 0;
+    };
+    const int vec = fits(4) ? 4 : fits(2) ? 2 : 1;
+    const int spl = int(ceil_div(p.N, 32 * vec));
+    if (wide && bf16)
+        m2_dispatch<8, __nv_bfloat16>(p, vec, spl, grid, smem, s);
+    else if (wide)
+        m2_dispatch<8, float>(p, vec, spl, grid, smem, s);
+    else if (bf16)
+        m2_dispatch<1, __nv_bfloat16>(p, vec, spl, grid, smem, s);
     else
-        launch_pdl(mamba2_decode_kernel<8>, grid, block, smem, s, p);
+        m2_dispatch<1, float>(p, vec, spl, grid, smem, s);
     check_launch("mamba2_decode_kernel", s);
 }
 

@@ -617,13 +617,6 @@ size_t block_smem(int64_t xs_stride) {
 
 int64_t xs_stride_for(int64_t m) { return (m + 3) / 4 * 4 + 40; }
 
-int device_attr(cudaDeviceAttr attr) {
-    int dev = 0, v = 0;
-    check(cudaGetDevice(&dev), "cudaGetDevice");
-    check(cudaDeviceGetAttribute(&v, attr, dev), "cudaDeviceGetAttribute");
-    return v;
-}
-
 // One block a multiprocessor of 16 warps (512 threads, up to 128 registers a thread) or 32
 // warps (1,024 threads, 64 registers: some spill); `warps` >= 32 asks for the wider one.
 template <typename T, int SPL, int kThreads, int RING>

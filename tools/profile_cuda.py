@@ -4,6 +4,7 @@ model shape with random weights, captured with torch.profiler (CUPTI records eve
 process, the ones mambart launches from C++ and from CUDA graph replays included).
 
     python tools/profile_cuda.py --model mamba-1.4b --dtype bfloat16 --prefill 8192 --decode 64
+    python tools/profile_cuda.py --model mamba2-1.3b --prefill --decode 32 --batch 128 --per-step
 
 Prints, for each phase, the kernels sorted by total time (calls, total ms, mean us, share) and
 the phase's wall time, and writes them as JSON lines to --out. torch is needed on the GPU machine
@@ -34,7 +35,8 @@ def short(name: str) -> str:
     return n[:110] or name[:110]
 
 
-def phase(label: str, fn, out) -> None:
+def kernel_times(fn) -> tuple[dict, float]:
+    """Runs fn under the profiler: ({kernel: [calls, total us]}, wall seconds)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -52,17 +54,41 @@ def phase(label: str, fn, out) -> None:
         r = rows.setdefault(k, [0, 0.0])
         r[0] += 1
         r[1] += ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+    return rows, wall
+
+
+def report(label: str, rows: dict, wall: float, out) -> None:
     total = sum(v[1] for v in rows.values())
     print(f"\n== {label}: wall {wall * 1e3:.2f} ms, kernels {total / 1e3:.2f} ms "
           f"({sum(v[0] for v in rows.values())} launches)")
     print(f"{'calls':>7} {'total ms':>9} {'mean us':>8} {'share':>6}  kernel")
     for k, (n, us) in sorted(rows.items(), key=lambda kv: -kv[1][1]):
-        print(f"{n:7d} {us / 1e3:9.3f} {us / n:8.2f} {100 * us / max(total, 1e-9):5.1f}%  {k}")
+        print(f"{n:7.4g} {us / 1e3:9.3f} {us / n:8.2f} {100 * us / max(total, 1e-9):5.1f}%  {k}")
         if out:
             out.write(json.dumps(dict(phase=label, kernel=k, calls=n, total_us=round(us, 2))) + "\n")
     if out:
         out.write(json.dumps(dict(phase=label, wall_ms=round(wall * 1e3, 3),
                                   kernel_ms=round(total / 1e3, 3))) + "\n")
+
+
+def phase(label: str, fn, out) -> None:
+    rows, wall = kernel_times(fn)
+    report(label, rows, wall, out)
+
+
+def per_step(label: str, short_fn, long_fn, steps: int, out) -> None:
+    """One decode step's kernels: (a run of `steps` more tokens - the shorter run) / steps, so
+    the prompt's prefill and the run's set-up cancel. Calls are averaged (may be fractional
+    where the runs differ in set-up, e.g. one more graph launch)."""
+    a, wa = kernel_times(short_fn)
+    b, wb = kernel_times(long_fn)
+    rows = {}
+    for k in set(a) | set(b):
+        n = (b.get(k, [0, 0.0])[0] - a.get(k, [0, 0.0])[0]) / steps
+        us = (b.get(k, [0, 0.0])[1] - a.get(k, [0, 0.0])[1]) / steps
+        if n > 0 or us > 0.5:
+            rows[k] = [max(n, 1e-9), us]
+    report(label, rows, (wb - wa) / steps, out)
 
 
 def main() -> int:
@@ -76,6 +102,9 @@ def main() -> int:
     ap.add_argument("--prompt-rows", type=int, nargs="*", default=[],
                     help="also profile a generate of 1 token for this many 16-token prompts "
                          "(the engine's short-prompt prefill group)")
+    ap.add_argument("--per-step", action="store_true",
+                    help="the decode phase as one step's kernels: a run of --decode more tokens "
+                         "minus a run of 1 token, divided by --decode")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -90,8 +119,14 @@ def main() -> int:
     prompts = [[int(t) for t in rng.integers(0, 50000, size=16)] for _ in range(args.batch)]
     p = prompts if args.batch > 1 else prompts[0]
     g.generate(p, max_new_tokens=8, ignore_eos=True)  # records the decode graph
-    phase(f"decode b{args.batch} x {args.decode} tokens (+16-token prompt)",
-          lambda: g.generate(p, max_new_tokens=args.decode, ignore_eos=True), out)
+    if args.per_step:
+        per_step(f"decode b{args.batch}, one step (mean of {args.decode})",
+                 lambda: g.generate(p, max_new_tokens=1, ignore_eos=True),
+                 lambda: g.generate(p, max_new_tokens=1 + args.decode, ignore_eos=True),
+                 args.decode, out)
+    else:
+        phase(f"decode b{args.batch} x {args.decode} tokens (+16-token prompt)",
+              lambda: g.generate(p, max_new_tokens=args.decode, ignore_eos=True), out)
     for n in args.prompt_rows:
         rows = [[int(t) for t in rng.integers(0, 50000, size=16)] for _ in range(n)]
         g.generate(rows, max_new_tokens=1, ignore_eos=True)  # warm-up (workspaces)

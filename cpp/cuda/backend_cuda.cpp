@@ -451,7 +451,9 @@ class CudaBackend final : public Backend {
     bool mamba2_decode_fused(const Mamba2DecodeParams& p) override {
         const ConvParams& c = p.conv;
         const SsdParams& s = p.ssd;
-        if (!fused_enabled_ || c.B > fused_max_batch_ || c.L != 1 || s.L != 1 || c.B != s.B ||
+        // every batch size (cuda_fused_max_batch is Mamba-1's: its fused step reads dt_proj's
+        // weights once a row; this one's per-block work is amortised over 64 rows when batched)
+        if (!fused_enabled_ || c.L != 1 || s.L != 1 || c.B != s.B ||
             c.C != s.H * s.P + 2 * s.G * s.N || s.B * s.G > cuda::kDecodeCounters)
             return false;
         dev();

@@ -186,9 +186,8 @@ class Mamba2 final : public Layer {
         sp.chunk_size = c.chunk_size;
         set_ssm_state(sp, io.state[1], io.trace ? io.trace[1] : nullptr /* (B, L, H, P, N) */,
                       bf16_state_);
-        // decode: conv update + scan fused where the backend can (not with a trace, nor with a
-        // bf16 state)
-        if (!(L == 1 && !io.trace && !bf16_state_ &&
+        // decode: conv update + scan fused where the backend can (not with a trace)
+        if (!(L == 1 && !io.trace &&
               be.mamba2_decode_fused(Mamba2DecodeParams{cp, sp}))) {
             be.conv1d(cp);
             be.ssd_scan(sp);
