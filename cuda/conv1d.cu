@@ -7,7 +7,8 @@
 //   conv_state[b, c, :] <- the last W entries of [conv_state | x]
 //
 // conv1d_kernel: Grid: (ceil(C / 128), ceil(L / kConvTokens), B); block: 128 threads, one
-//   channel each, kConvTokens consecutive tokens per thread (coalesced over channels). When the
+//   channel each, kConvTokens consecutive tokens per thread (coalesced over channels; the
+//   thread's input window is loaded into registers before any output is computed). When the
 //   grid has one token block, each thread also rolls its own state after reading it
 //   (kUpdateState); otherwise conv_state_kernel does so afterwards (then L > kConvTokens >= W).
 // With state_trace (speculative verification, issue 25): trace[b, t, c, :] = the window
@@ -42,7 +43,35 @@ __global__ void __launch_bounds__(kConvThreads) conv1d_kernel(Conv1dParams p) {
     // Every load below picks its address first and reads only inside this row's x and state.
     const float bias = p.bias ? p.bias[c] : 0.0f;
     float* ob = p.out + b * L * p.C + c;
-    for (int64_t t = t0; t < t1; ++t) {
+    if (!p.state_trace) {
+        // The window in[t0 - kMaxW + 1 .. t1 - 1] loaded into registers first (every load in
+        // flight together, each input read once), the taps aligned right: w2[kMaxW - W + k] =
+        // w[k], zero before, so token t0 + i sums w2[j] · win[i + j] over j < kMaxW with
+        // compile-time indices. The leading zero taps add fma(0, 0, acc) = acc exactly: the
+        // same sums, in the same order, as the loop below.
+        constexpr int kWin = kConvTokens + kMaxW - 1;
+        const int nt = int(t1 - t0);
+        float win[kWin];
+#pragma unroll
+        for (int j = 0; j < kWin; ++j) {
+            const int64_t tau = t0 - (kMaxW - 1) + j;
+            const bool used = j >= kMaxW - W && j < nt + kMaxW - 1;
+            win[j] = !used ? 0.0f : (tau >= 0 ? xb[tau * p.ld_x] : st[W + tau]);
+        }
+        float w2[kMaxW];
+#pragma unroll
+        for (int j = 0; j < kMaxW; ++j)
+            w2[j] = j >= kMaxW - W ? p.weight[c * W + j - (kMaxW - W)] : 0.0f;
+#pragma unroll
+        for (int i = 0; i < kConvTokens; ++i) {
+            if (i >= nt) break;
+            float acc = bias;
+#pragma unroll
+            for (int j = 0; j < kMaxW; ++j) acc = conv_acc(acc, w2[j], win[i + j]);
+            ob[(t0 + i) * p.C] = p.silu ? silu_f(acc) : acc;
+        }
+    }
+    for (int64_t t = p.state_trace ? t0 : t1; t < t1; ++t) {
         float acc = bias;
 #pragma unroll
         for (int k = 0; k < kMaxW; ++k) {

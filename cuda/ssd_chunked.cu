@@ -227,12 +227,27 @@ __global__ void __launch_bounds__(kPassThreads) ssd_state_passing_kernel(SsdPara
     if (e >= PN) return;
     float* state = s.ssm_state + (b * s.H + h) * PN;
     float S = state[e];
-    for (int64_t c = 0; c < w.nc; ++c) {
-        float* slot = w.states + ((b * w.nc + c) * s.H + h) * PN + e;
-        const float dS = *slot;
-        *slot = S;
-        const int64_t tl = lmin(s.L, (c + 1) * w.Q) - 1;
-        S = expf(w.cum[(b * s.H + h) * s.L + tl]) * S + dS;
+    // kPass chunks at a time: their dS_c and Λ_last loaded first (all in flight), then the
+    // recurrence over them.
+    constexpr int kPass = 8;
+    for (int64_t c0 = 0; c0 < w.nc; c0 += kPass) {
+        float dS[kPass], lam[kPass];
+#pragma unroll
+        for (int k = 0; k < kPass; ++k) {
+            const int64_t c = c0 + k;
+            if (c < w.nc) {
+                dS[k] = w.states[((b * w.nc + c) * s.H + h) * PN + e];
+                lam[k] = w.cum[(b * s.H + h) * s.L + lmin(s.L, (c + 1) * w.Q) - 1];
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < kPass; ++k) {
+            const int64_t c = c0 + k;
+            if (c < w.nc) {
+                w.states[((b * w.nc + c) * s.H + h) * PN + e] = S;
+                S = expf(lam[k]) * S + dS[k];
+            }
+        }
     }
     state[e] = S;
 }
