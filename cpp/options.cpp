@@ -30,6 +30,9 @@ const std::vector<OptionInfo> kTable = {
      "hand-written GEMM)"},
     {"cublas_min_rows", "MAMBART_CUBLAS_MIN_ROWS", "int", "", "4",
      "token rows from which a projection runs on cuBLAS"},
+    {"cuda_gemv_tc", "MAMBART_CUDA_GEMV_TC", "bool", "", "0",
+     "projections of cublas_min_rows to 32 token rows (decode batches) on the tensor-core GEMV "
+     "instead of cuBLAS (fp16/bf16 weights, K a multiple of 32)"},
     {"cublas_library", "MAMBART_CUBLAS_LIBRARY", "path", "", "",
      "a libcublas.so to load before the default search"},
     {"cuda_pdl", "MAMBART_CUDA_PDL", "bool", "", "1",
@@ -260,6 +263,7 @@ RuntimeOptions runtime_options() {
                           : v == "lanes"      ? CudaScan::Lanes
                                               : CudaScan::Auto;
         else if (n == "cublas") r.cublas = parse_bool(o, v);
+        else if (n == "cuda_gemv_tc") r.cuda_gemv_tc = parse_bool(o, v);
         else if (n == "cublas_min_rows") r.cublas_min_rows = int64_t(parse_uint(o, v, 1 << 30));
         else if (n == "cublas_library") r.cublas_library = v;
         else if (n == "cuda_pdl") r.cuda_pdl = parse_bool(o, v);

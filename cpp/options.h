@@ -30,6 +30,7 @@ struct RuntimeOptions {
     CudaScan cuda_scan = CudaScan::Auto;   // Mamba-1 prefill scan form
     bool cublas = true;                 // cuBLAS for prefill / batched projections
     int64_t cublas_min_rows = 4;        // token rows from which cuBLAS runs a projection
+    bool cuda_gemv_tc = false;          // decode batches' projections on the tensor-core GEMV
     std::string cublas_library;         // a libcublas to try first ("" : the default search)
     bool cuda_pdl = true;               // programmatic dependent launch (sm_90+)
     bool cuda_prefetch = true;          // GEMVs prefetch weight rows into L2 ahead of PDL waits

@@ -67,6 +67,12 @@ constexpr int64_t kFusedMaxRows = 4;
 constexpr int64_t kFusedMaxNormElems = 11264;  // 44 KB of prologue rows in shared memory (with
                                                // the static arrays, within the 48 KB default)
 void launch_linear(const LinearParams& p, cudaStream_t stream);
+// Decode batches on tensor cores (cuda/linear.cu, gemv_tc_kernel): x rounded to the weight
+// dtype, fp32 sums; for 1 <= M <= kGemvTcMaxRows fp16/bf16 weights with K % 32 == 0, W and x
+// 16-byte aligned, ldx % 4 == 0, and none of the fused projection's parts (gemv_tc_supported).
+constexpr int64_t kGemvTcMaxRows = 32;
+bool gemv_tc_supported(const LinearParams& p);
+void launch_gemv_tc(const LinearParams& p, cudaStream_t stream);
 
 // Quantized weights (issue 18; cuda/linear_quant.cu, layouts in op_params.h Weight).
 struct QuantLinearParams {

@@ -5,6 +5,16 @@
 //   n = blockIdx.x * kGemvWarps + w for all M rows. Lanes stride over K with 16-byte weight
 //   vectors (kVec: K % (16 / sizeof(T)) == 0, W and x 16-byte aligned, ldx % 4 == 0), several
 //   in flight per lane; fp32 accumulation; a warp reduction at the end.
+// gemv_tc_kernel (launch_gemv_tc; decode batches of 2..kGemvTcMaxRows rows, fp16/bf16
+//   weights, K % 32 == 0, W and x 16-byte aligned, ldx % 4 == 0): bandwidth-bound like the
+//   GEMV, with the products on tensor cores: mma.sync m16n8k16, W as the A operand (16 output
+//   columns n a block), x rounded to the weight dtype as B (8 rows m per n-block, MB n-blocks),
+//   fp32 accumulators. Within each 32-wide k step the k order is permuted, the same way for A and
+//   B (each product still pairs W[n, k] with x[m, k]): lane (r, q) = (lane / 4, lane % 4) loads
+//   the 16 bytes of k0 + 8q .. k0 + 8q + 7 of W rows n0 + r and n0 + r + 8 and of x row r, and
+//   uses their first halves in the step's first mma and second halves in its second.
+//   Grid: ceil(N / 16); block: 8 warps taking the K steps round robin (several loads in flight a
+//   lane); the 8 partial 16 x 8 MB tiles summed in shared memory in warp order.
 // gemm_tc_kernel (M > kGemvMaxRows, fp16/bf16 weights, aligned: K % 8 == 0, ldx % 4 == 0):
 //   tensor cores (WMMA 16x16x16), x rounded to the weight dtype while staged into shared
 //   memory, fp32 accumulation, the next K tile loaded into registers during the MMAs.
@@ -25,6 +35,8 @@
 //   and an epilogue (accumulate into y; Mamba-1's conv step for n < conv.C).
 // Preconditions: y does not alias x; ldx >= K; ldy >= N.
 #include <mma.h>
+
+#include <type_traits>
 
 #include "common.cuh"
 #include "kernels.h"
@@ -508,6 +520,116 @@ __global__ void __launch_bounds__(256) gemm_f32_kernel(LinearParams p) {
         }
 }
 
+constexpr int kGemvTcWarps = 8;
+constexpr int kGemvTcUnroll = 4;
+
+// Packs two floats into the weight dtype's 2-element register (x rounded to nearest).
+template <typename T> __device__ __forceinline__ uint32_t pack2(float a, float b);
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<const uint32_t*>(&h);
+}
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
+    const __half2 h = __floats2half2_rn(a, b);
+    return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+// d += a · b, m16n8k16, row.col, fp32 accumulators.
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                         uint32_t a3, uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    if constexpr (std::is_same<T, __nv_bfloat16>::value)
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    else
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+}
+
+template <typename T, int MB>
+__global__ void __launch_bounds__(kGemvTcWarps * 32) gemv_tc_kernel(LinearParams p) {
+    __shared__ float part[kGemvTcWarps][MB][16][9];  // (warp, n-block, n, m) partial sums
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, r = lane >> 2, q = lane & 3;
+    const int64_t n0 = int64_t(blockIdx.x) * 16, K = p.K, steps = K / 32;
+    // rows past N read row N - 1 (their sums are not stored)
+    const int64_t na = n0 + r < p.N ? n0 + r : p.N - 1;
+    const int64_t nb = n0 + r + 8 < p.N ? n0 + r + 8 : p.N - 1;
+    const uint4* wa = reinterpret_cast<const uint4*>(static_cast<const T*>(p.W) + na * K) + q;
+    const uint4* wb = reinterpret_cast<const uint4*>(static_cast<const T*>(p.W) + nb * K) + q;
+    pdl_wait();  // launched with launch_pdl (see common.cuh)
+    pdl_trigger();
+    float c[MB][4];
+#pragma unroll
+    for (int j = 0; j < MB; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) c[j][i] = 0.0f;
+    for (int64_t s0 = warp; s0 < steps; s0 += int64_t(kGemvTcWarps) * kGemvTcUnroll) {
+        uint4 A[kGemvTcUnroll], Bw[kGemvTcUnroll];
+#pragma unroll
+        for (int u = 0; u < kGemvTcUnroll; ++u) {
+            const int64_t st = s0 + int64_t(u) * kGemvTcWarps;
+            A[u] = st < steps ? __ldcs(wa + st * 4) : make_uint4(0, 0, 0, 0);
+            Bw[u] = st < steps ? __ldcs(wb + st * 4) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < kGemvTcUnroll; ++u) {
+            const int64_t st = s0 + int64_t(u) * kGemvTcWarps;
+            if (st >= steps) break;  // warp-uniform
+#pragma unroll
+            for (int j = 0; j < MB; ++j) {
+                const int64_t m = int64_t(j) * 8 + r;
+                float4 x0 = make_float4(0.0f, 0.0f, 0.0f, 0.0f), x1 = x0;
+                if (m < p.M) {
+                    const float4* xr = reinterpret_cast<const float4*>(p.x + m * p.ldx + st * 32 + 8 * q);
+                    x0 = __ldg(xr);
+                    x1 = __ldg(xr + 1);
+                }
+                const uint32_t b0 = pack2<T>(x0.x, x0.y), b1 = pack2<T>(x0.z, x0.w);
+                const uint32_t b2 = pack2<T>(x1.x, x1.y), b3 = pack2<T>(x1.z, x1.w);
+                mma16816<T>(c[j], A[u].x, Bw[u].x, A[u].y, Bw[u].y, b0, b1);
+                mma16816<T>(c[j], A[u].z, Bw[u].z, A[u].w, Bw[u].w, b2, b3);
+            }
+        }
+    }
+    // c[j]: (n r, m 2q), (n r, m 2q + 1), (n r + 8, m 2q), (n r + 8, m 2q + 1) of n-block j
+#pragma unroll
+    for (int j = 0; j < MB; ++j) {
+        part[warp][j][r][2 * q] = c[j][0];
+        part[warp][j][r][2 * q + 1] = c[j][1];
+        part[warp][j][r + 8][2 * q] = c[j][2];
+        part[warp][j][r + 8][2 * q + 1] = c[j][3];
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < MB * 16 * 8; i += kGemvTcWarps * 32) {
+        const int j = i / 128, nn = (i / 8) % 16, mm = i % 8;
+        const int64_t m = int64_t(j) * 8 + mm, n = n0 + nn;
+        if (m >= p.M || n >= p.N) continue;
+        float acc = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kGemvTcWarps; ++w) acc += part[w][j][nn][mm];
+        gemv_store(p, m, n, acc);
+    }
+}
+
+template <typename T>
+void gemv_tc_dispatch(const LinearParams& p, cudaStream_t s) {
+    const dim3 grid(unsigned(ceil_div(p.N, 16))), block(kGemvTcWarps * 32);
+    if (p.M <= 8)
+        launch_pdl(gemv_tc_kernel<T, 1>, grid, block, 0, s, p);
+    else if (p.M <= 16)
+        launch_pdl(gemv_tc_kernel<T, 2>, grid, block, 0, s, p);
+    else
+        launch_pdl(gemv_tc_kernel<T, 4>, grid, block, 0, s, p);
+}
+
 template <typename T, int M, bool kVec, int kPro>
 void gemv_launch_m(const LinearParams& p, cudaStream_t s) {
     const int threads = kGemvWarps * 32;
@@ -680,6 +802,25 @@ void launch_linear(const LinearParams& params, cudaStream_t s) {
     else
         gemm_wmma_kernel<__nv_bfloat16><<<grid, 256, 0, s>>>(p);
     check_launch("gemm_wmma_kernel", s);
+}
+
+bool gemv_tc_supported(const LinearParams& p) {
+    return p.M >= 1 && p.M <= kGemvTcMaxRows && (p.dtype == DType::BF16 || p.dtype == DType::F16) &&
+           p.K % 32 == 0 && p.ldx % 4 == 0 && p.ldy >= p.N && p.x && !p.norm.residual &&
+           !p.gate.z && !p.accumulate && !p.conv.state &&
+           reinterpret_cast<uintptr_t>(p.W) % 16 == 0 && reinterpret_cast<uintptr_t>(p.x) % 16 == 0;
+}
+
+void launch_gemv_tc(const LinearParams& p, cudaStream_t s) {
+    MAMBART_CHECK_ARG(p.N > 0 && p.K > 0 && gemv_tc_supported(p),
+                      "launch_gemv_tc: unsupported shape or layout M=", p.M, " N=", p.N, " K=", p.K,
+                      " ldx=", p.ldx);
+    MAMBART_CHECK_ARG(ceil_div(p.N, 16) <= 0x7fffffff, "launch_gemv_tc: N too large");
+    if (p.dtype == DType::F16)
+        gemv_tc_dispatch<__half>(p, s);
+    else
+        gemv_tc_dispatch<__nv_bfloat16>(p, s);
+    check_launch("gemv_tc_kernel", s);
 }
 
 }  // namespace cuda

@@ -185,6 +185,30 @@ def test_linear(gpu, gpu_own_gemm, cpu, own_gemm, M, K, N, dtype, bias, pad):
         lowp_rule(got, cpu.linear(x, W, dtype, bvec, N), ref32, 1e-3, f"linear {dtype}")
 
 
+@pytest.fixture(scope="module")
+def gpu_gemv_tc():
+    """A CUDA backend whose decode-batch projections take the tensor-core GEMV
+    (MAMBART_CUDA_GEMV_TC=1: 4..32 rows, fp16/bf16 weights, K % 32 == 0, aligned x)."""
+    return cuda_backend_with("MAMBART_CUDA_GEMV_TC", "1")
+
+
+@pytest.mark.parametrize("M", [4, 7, 8, 9, 16, 17, 32])
+@pytest.mark.parametrize("K,N", [(32, 5), (96, 33), (2048, 1100), (4096, 16), (128, 4096)])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_gemv_tc(gpu_gemv_tc, cpu, M, K, N, dtype, bias):
+    # rows 16-byte aligned (pad 8): every case takes gemv_tc_kernel (one, two and four 8-row
+    # n-blocks, a partial last 16-column block, fewer K steps than warps)
+    rng = np.random.default_rng(M * 1000 + K + N)
+    x = rnd(rng, M, K + 8)
+    W = rnd(rng, N + 2, K, scale=K ** -0.5)
+    bvec = rnd(rng, N) if bias else None
+    ref32 = cpu.linear(x, W, "float32", bvec, N)
+    got = gpu_gemv_tc.linear(x, W, dtype, bvec, N)
+    assert got.shape == (M, N)
+    lowp_rule(got, cpu.linear(x, W, dtype, bvec, N), ref32, 1e-3, f"gemv_tc {dtype}")
+
+
 @pytest.mark.parametrize("B,L", [(1, 1), (2, 1), (1, 3), (2, 33), (1, 100), (3, 70)])
 @pytest.mark.parametrize("C,W", [(5, 4), (130, 4), (64, 2), (33, 3)])
 @pytest.mark.parametrize("bias", [True, False])
@@ -1140,6 +1164,21 @@ def test_mamba2_decode_large_batch(model_dirs, tmp_path, monkeypatch, shape, sta
         # another order, so a stored state may differ by one bf16 ulp from the separate ops'.
         close(fused[0], unfused[0], 2e-2, f"{shape} fused vs unfused, bf16 state")
         assert np.isfinite(fused[0]).all()
+
+
+@pytest.mark.parametrize("name", ["m1", "m2-g4"])
+def test_gemv_tc_decode_batch(model_dirs, monkeypatch, name):
+    """A bf16 decode batch of 12 rows (its projections on the tensor-core GEMV with
+    MAMBART_CUDA_GEMV_TC=1, through the CUDA graph) against the default (cuBLAS) path: both
+    round the rows to bf16 for the products, so logits agree to bf16 rounding."""
+    d = model_dirs[name]
+    prompts = [_ids(3 + 2 * i, seed=500 + i) for i in range(12)]
+    base = _batch_steps(_gen(d, "cuda", "bfloat16"), prompts, 6)
+    monkeypatch.setenv("MAMBART_CUDA_GEMV_TC", "1")
+    got = _batch_steps(_gen(d, "cuda", "bfloat16"), prompts, 6)
+    monkeypatch.delenv("MAMBART_CUDA_GEMV_TC")
+    close(got[0][:2], base[0][:2], 5e-2, f"{name} gemv_tc vs cuBLAS")
+    assert np.isfinite(got[0]).all()
 
 
 @pytest.mark.parametrize("name", ["m1", "m2"])

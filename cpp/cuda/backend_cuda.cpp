@@ -70,6 +70,7 @@ class CudaBackend final : public Backend {
         // where libcublas loads; cublas = false keeps the hand-written GEMM everywhere.
         if (opt.cublas) cublas_ = std::make_unique<cublas::Gemm>(stream_);
         cublas_min_rows_ = opt.cublas_min_rows;
+        gemv_tc_ = opt.cuda_gemv_tc;
         // The fused decode steps up to this many rows; larger batches run the separate ops.
         // Mamba-2: each fused block redoes the group's B/C conv, which costs more than it saves
         // at large batches (mamba2-1.3b b128 7,282 vs 6,153 tokens/s on an H100). Mamba-1: the
@@ -299,6 +300,14 @@ class CudaBackend final : public Backend {
                 linear(x, ldx, M, t, nr, bias ? bias + n0 : nullptr, y + n0, ldy);
             }
             return;
+        }
+        if (gemv_tc_ && M >= cublas_min_rows_ && M <= cuda::kGemvTcMaxRows) {
+            // decode batches: the tensor-core GEMV (x rounded to the weight dtype in registers)
+            const cuda::LinearParams lp{x, ldx, W.data, W.dtype, bias, y, ldy, M, N, K, false};
+            if (cuda::gemv_tc_supported(lp)) {
+                cuda::launch_gemv_tc(lp, stream_);
+                return;
+            }
         }
         if (cublas_ && cublas_->available() && M >= cublas_min_rows_ && M <= 65535 &&
             W.dtype != DType::F32 && size_t(M * K) * 2 <= half_x_bytes_) {
@@ -618,6 +627,7 @@ class CudaBackend final : public Backend {
     // 2.27 ms a step, more than the GEMV's 1-row step (1.9 ms, the same weight bytes); the
     // GEMV at 2 and 3 rows was not measured.
     int64_t cublas_min_rows_ = 4;  // MAMBART_CUBLAS_MIN_ROWS
+    bool gemv_tc_ = false;         // MAMBART_CUDA_GEMV_TC: decode batches on gemv_tc_kernel
     int64_t fused_max_batch_ = 8;  // MAMBART_CUDA_FUSED_MAX_BATCH
     uint64_t free_bytes_limit_ = 0;  // MAMBART_CUDA_FREE_BYTES_LIMIT (0: none)
     // Quantized weights' prefill: rows dequantized to bf16, a slab of at most kDequantBytes
