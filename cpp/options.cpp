@@ -37,6 +37,9 @@ const std::vector<OptionInfo> kTable = {
      "a libcublas.so to load before the default search"},
     {"cuda_pdl", "MAMBART_CUDA_PDL", "bool", "", "1",
      "programmatic dependent launch for the decode chain (compute capability 9.0+)"},
+    {"cuda_load_ahead", "MAMBART_CUDA_LOAD_AHEAD", "bool", "", "1",
+     "conv1d, the gated RMSNorm and the SSD state passing load their inputs into registers "
+     "ahead of use (0: their earlier loops; the same results)"},
     {"cuda_prefetch", "MAMBART_CUDA_PREFETCH", "bool", "", "1",
      "GEMVs prefetch their weight rows into L2 before waiting on the previous kernel"},
     {"fused_projections", "MAMBART_FUSED_PROJECTIONS", "bool", "", "0",
@@ -268,6 +271,7 @@ RuntimeOptions runtime_options() {
         else if (n == "cublas_library") r.cublas_library = v;
         else if (n == "cuda_pdl") r.cuda_pdl = parse_bool(o, v);
         else if (n == "cuda_prefetch") r.cuda_prefetch = parse_bool(o, v);
+        else if (n == "cuda_load_ahead") r.cuda_load_ahead = parse_bool(o, v);
         else if (n == "cuda_sync") r.cuda_sync = parse_bool(o, v);
         else if (n == "fused_projections") r.fused_projections = parse_bool(o, v);
         else if (n == "cuda_persistent_decode") r.cuda_persistent_decode = parse_bool(o, v);

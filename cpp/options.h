@@ -34,6 +34,7 @@ struct RuntimeOptions {
     std::string cublas_library;         // a libcublas to try first ("" : the default search)
     bool cuda_pdl = true;               // programmatic dependent launch (sm_90+)
     bool cuda_prefetch = true;          // GEMVs prefetch weight rows into L2 ahead of PDL waits
+    bool cuda_load_ahead = true;        // conv1d / gated norm / SSD state passing load ahead
     bool fused_projections = false;     // decode projections with the norm, residual add and
                                         // Mamba-1 conv step folded in (read at model load)
     bool cuda_persistent_decode = false;  // batch-1 decode as persistent kernels (issue 16;

@@ -18,6 +18,7 @@ void check(cudaError_t e, const char* what) {
 namespace {
 std::atomic<bool> g_pdl{false};
 std::atomic<bool> g_prefetch{true};
+std::atomic<bool> g_load_ahead{true};
 
 bool sync_after_launch() {
     static const bool on = runtime_options().cuda_sync;  // MAMBART_CUDA_SYNC
@@ -38,6 +39,8 @@ bool weight_prefetch_enabled() {
     return g_prefetch.load(std::memory_order_relaxed) && pdl_enabled();
 }
 void set_weight_prefetch(bool on) { g_prefetch.store(on, std::memory_order_relaxed); }
+bool load_ahead_enabled() { return g_load_ahead.load(std::memory_order_relaxed); }
+void set_load_ahead(bool on) { g_load_ahead.store(on, std::memory_order_relaxed); }
 
 void check_launch(const char* kernel, cudaStream_t stream) {
     cudaError_t e = cudaGetLastError();

@@ -77,6 +77,11 @@ __device__ __forceinline__ void prefetch_l2(const void* p, int64_t bytes, int la
         asm volatile("prefetch.global.L2 [%0];" ::"l"(c + off));
 }
 
+// Whether conv1d, the gated RMSNorm and the SSD state passing load their inputs into registers
+// ahead of use (option cuda_load_ahead, set_load_ahead); off: their earlier loops (the same
+// sums in the same order either way).
+bool load_ahead_enabled();
+
 // An attribute of the current device (cudaDeviceGetAttribute; throws CudaError on failure).
 int device_attr(cudaDeviceAttr attr);
 

@@ -8,7 +8,8 @@
 //
 // conv1d_kernel: Grid: (ceil(C / 128), ceil(L / kConvTokens), B); block: 128 threads, one
 //   channel each, kConvTokens consecutive tokens per thread (coalesced over channels; the
-//   thread's input window is loaded into registers before any output is computed). When the
+//   thread's input window is loaded into registers before any output is computed, with
+//   load_ahead_enabled(); else each output reads its W inputs in turn). When the
 //   grid has one token block, each thread also rolls its own state after reading it
 //   (kUpdateState); otherwise conv_state_kernel does so afterwards (then L > kConvTokens >= W).
 // With state_trace (speculative verification, issue 25): trace[b, t, c, :] = the window
@@ -26,7 +27,7 @@ constexpr int kConvTokens = 32;
 constexpr int kMaxW = int(kConvMaxWidth);
 static_assert(kConvTokens >= kMaxW, "the state kernel assumes L > kConvTokens >= W");
 
-template <bool kUpdateState>
+template <bool kUpdateState, bool kWindow>
 __global__ void __launch_bounds__(kConvThreads) conv1d_kernel(Conv1dParams p) {
     pdl_wait();  // launched with launch_pdl (see common.cuh)
     pdl_trigger();
@@ -43,7 +44,8 @@ __global__ void __launch_bounds__(kConvThreads) conv1d_kernel(Conv1dParams p) {
     // Every load below picks its address first and reads only inside this row's x and state.
     const float bias = p.bias ? p.bias[c] : 0.0f;
     float* ob = p.out + b * L * p.C + c;
-    if (!p.state_trace) {
+    const bool window = kWindow && !p.state_trace;
+    if (window) {
         // The window in[t0 - kMaxW + 1 .. t1 - 1] loaded into registers first (every load in
         // flight together, each input read once), the taps aligned right: w2[kMaxW - W + k] =
         // w[k], zero before, so token t0 + i sums w2[j] · win[i + j] over j < kMaxW with
@@ -71,7 +73,7 @@ __global__ void __launch_bounds__(kConvThreads) conv1d_kernel(Conv1dParams p) {
             ob[(t0 + i) * p.C] = p.silu ? silu_f(acc) : acc;
         }
     }
-    for (int64_t t = p.state_trace ? t0 : t1; t < t1; ++t) {
+    for (int64_t t = window ? t1 : t0; t < t1; ++t) {
         float acc = bias;
 #pragma unroll
         for (int k = 0; k < kMaxW; ++k) {
@@ -125,11 +127,18 @@ void launch_conv1d(const Conv1dParams& p, cudaStream_t s) {
     const int64_t tblocks = ceil_div(p.L, kConvTokens);
     MAMBART_CHECK_ARG(tblocks <= 65535, "launch_conv1d: L=", p.L, " too large for one call");
     const dim3 grid(unsigned(ceil_div(p.C, kConvThreads)), unsigned(tblocks), unsigned(p.B));
+    const bool ahead = load_ahead_enabled();
     if (tblocks == 1) {
-        launch_pdl(conv1d_kernel<true>, grid, dim3(kConvThreads), 0, s, p);
+        if (ahead)
+            launch_pdl(conv1d_kernel<true, true>, grid, dim3(kConvThreads), 0, s, p);
+        else
+            launch_pdl(conv1d_kernel<true, false>, grid, dim3(kConvThreads), 0, s, p);
         check_launch("conv1d_kernel", s);
     } else {
-        conv1d_kernel<false><<<grid, kConvThreads, 0, s>>>(p);
+        if (ahead)
+            conv1d_kernel<false, true><<<grid, kConvThreads, 0, s>>>(p);
+        else
+            conv1d_kernel<false, false><<<grid, kConvThreads, 0, s>>>(p);
         check_launch("conv1d_kernel", s);
         conv_state_kernel<<<dim3(grid.x, unsigned(p.B)), kConvThreads, 0, s>>>(p);
         check_launch("conv_state_kernel", s);

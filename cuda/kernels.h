@@ -221,6 +221,9 @@ void set_programmatic_launch(bool on);
 // Whether the GEMVs prefetch their weight rows into L2 before pdl_wait() (only useful with PDL:
 // the prefetch overlaps the previous kernel). On by default; MAMBART_CUDA_PREFETCH=0 turns it off.
 void set_weight_prefetch(bool on);
+// conv1d, the gated RMSNorm and the SSD state passing with their inputs loaded into registers
+// ahead of use (MAMBART_CUDA_LOAD_AHEAD; per process).
+void set_load_ahead(bool on);
 
 // Converts n elements of `src` (src_dtype) into `dst` (dst_dtype), on the device.
 void launch_convert(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64_t n,

@@ -10,7 +10,8 @@
 // gated_rmsnorm (norm_before_gate=False): v = y * silu(z);
 //            out = v * rsqrt(mean_group(v²) + eps) * w, per group of group_size along E
 //   Grid: (n rows, E / group_size groups); block: 256 threads (1024 for fewer than 64 blocks)
-//   striding over the group; groups of up to 16 elements a thread keep y silu(z) in registers.
+//   striding over the group; groups of up to 16 elements a thread keep y silu(z) in registers
+//   (with load_ahead_enabled(); else y and z are read again for the output).
 //   Requires E % group_size == 0.
 #include "common.cuh"
 #include "kernels.h"
@@ -129,7 +130,9 @@ void launch_gated_rmsnorm(const GatedRmsNormParams& p, cudaStream_t s) {
     const int threads = p.n * (p.E / p.group_size) < 64 ? 1024 : kThreads;
     const dim3 grid(unsigned(p.n), unsigned(p.E / p.group_size));
     const int64_t per = ceil_div(p.group_size, threads);
-    if (per <= 4)
+    if (!load_ahead_enabled())
+        launch_pdl(gated_rmsnorm_kernel<0>, grid, dim3(threads), 0, s, p);
+    else if (per <= 4)
         launch_pdl(gated_rmsnorm_kernel<4>, grid, dim3(threads), 0, s, p);
     else if (per <= 16)
         launch_pdl(gated_rmsnorm_kernel<16>, grid, dim3(threads), 0, s, p);

@@ -221,15 +221,15 @@ __global__ void __launch_bounds__(kThreads) ssd_chunk_state_kernel(SsdParams s, 
 // ssd_state_passing_kernel: S_0 = ssm_state; per chunk c: slot c <- S_c (replacing dS_c),
 // S_{c+1} = exp(Λ_last(c)) S_c + dS_c; ssm_state <- S_nc.
 // Grid: (ceil(P*N / 256), H, B); block: 256 threads, one state element each, chunks in order.
+template <int kPass>
 __global__ void __launch_bounds__(kPassThreads) ssd_state_passing_kernel(SsdParams s, Ws w) {
     const int64_t e = int64_t(blockIdx.x) * kPassThreads + threadIdx.x;
     const int64_t h = blockIdx.y, b = blockIdx.z, PN = s.P * s.N;
     if (e >= PN) return;
     float* state = s.ssm_state + (b * s.H + h) * PN;
     float S = state[e];
-    // kPass chunks at a time: their dS_c and Λ_last loaded first (all in flight), then the
-    // recurrence over them.
-    constexpr int kPass = 8;
+    // kPass chunks at a time: their dS_c and Λ_last loaded first (all in flight, for kPass > 1:
+    // load_ahead_enabled()), then the recurrence over them.
     for (int64_t c0 = 0; c0 < w.nc; c0 += kPass) {
         float dS[kPass], lam[kPass];
 #pragma unroll
@@ -362,9 +362,11 @@ void launch_all(const SsdParams& p, const Ws& w, cudaStream_t st) {
         <<<dim3(unsigned(w.nc), unsigned(p.H * w.tilesP * w.tilesN), unsigned(p.B)), kThreads, 0,
            st>>>(p, w);
     check_launch("ssd_chunk_state_kernel", st);
-    ssd_state_passing_kernel<<<dim3(unsigned(cdiv(p.P * p.N, kPassThreads)), unsigned(p.H),
-                                    unsigned(p.B)),
-                               kPassThreads, 0, st>>>(p, w);
+    const dim3 pgrid(unsigned(cdiv(p.P * p.N, kPassThreads)), unsigned(p.H), unsigned(p.B));
+    if (load_ahead_enabled())
+        ssd_state_passing_kernel<8><<<pgrid, kPassThreads, 0, st>>>(p, w);
+    else
+        ssd_state_passing_kernel<1><<<pgrid, kPassThreads, 0, st>>>(p, w);
     check_launch("ssd_state_passing_kernel", st);
     ssd_chunk_scan_kernel<kSplit>
         <<<dim3(unsigned(w.nc * T), unsigned(p.H * w.tilesP), unsigned(p.B)), kThreads, 0, st>>>(

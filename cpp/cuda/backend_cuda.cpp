@@ -82,6 +82,7 @@ class CudaBackend final : public Backend {
         cuda::set_programmatic_launch(prop.major >= 9 && opt.cuda_pdl);
         // The GEMVs' L2 prefetch of their weight rows ahead of pdl_wait (with PDL only).
         cuda::set_weight_prefetch(opt.cuda_prefetch);
+        cuda::set_load_ahead(opt.cuda_load_ahead);
         free_bytes_limit_ = opt.cuda_free_bytes_limit;
         // (B * G) counters of the fused Mamba-2 decode kernel; zero, restored by each launch.
         counters_ = static_cast<int*>(alloc(size_t(cuda::kDecodeCounters) * sizeof(int),
