@@ -18,8 +18,8 @@
 //   (· silu(z[p]) when z is given);  g(h) = h / (H / G)
 //   Grid: (H, B, ceil(P / R)); block: 8 warps, warp w owns rows p = R blockIdx.z + w + 8 r
 //   (r < R / 8), lane l the states n = V l + 32 V i + k (k < V: one V-wide access). R = 8 (a row
-//   a warp) where fewer than 2 blocks per SM would result (batch 1), else 64 (batched decode:
-//   the per-block work below amortised over 8 rows a warp); V = 4 (or 2) where N is a multiple
+//   a warp); with option cuda_m2_decode_wide, 64 where that still leaves 2 blocks per SM
+//   (batched decode: the per-block work below amortised over 8 rows a warp); V = 4 (or 2) where N is a multiple
 //   of 128 (64) and the state is aligned for it, else 1. A thread loads its state rows first
 //   (all in flight together), then the block computes the conv of its R x channels (and rolls
 //   their conv state: no other block reads them) and of its group's 2N B/C channels into shared
@@ -346,7 +346,8 @@ void launch_mamba1_decode(const Mamba1DecodeParams& p, cudaStream_t s) {
     check_launch("mamba1_decode_kernel", s);
 }
 
-void launch_mamba2_decode(const Mamba2DecodeParams& in, int* counters, cudaStream_t s) {
+void launch_mamba2_decode(const Mamba2DecodeParams& in, bool wide_ok, int* counters,
+                          cudaStream_t s) {
     const ConvParams& c = in.conv;
     const SsdParams& q = in.ssd;
     MAMBART_CHECK_ARG(c.L == 1 && q.L == 1 && c.B == q.B && c.C == q.H * q.P + 2 * q.G * q.N,
@@ -379,7 +380,7 @@ void launch_mamba2_decode(const Mamba2DecodeParams& in, int* counters, cudaStrea
     // H * P / 8 blocks), else 64 (8 a warp: the group's B/C conv and the state loads of a
     // thread amortised over 8 rows; batched decode).
     static const int sms = device_attr(cudaDevAttrMultiProcessorCount);
-    const bool wide = p.H * p.B * ceil_div(p.P, kM2Warps * 8) >= 2 * int64_t(sms);
+    const bool wide = wide_ok && p.H * p.B * ceil_div(p.P, kM2Warps * 8) >= 2 * int64_t(sms);
     const int64_t rows = wide ? kM2Warps * 8 : kM2Warps;
     const dim3 grid(unsigned(p.H), unsigned(p.B), unsigned(ceil_div(p.P, rows)));
     const size_t smem = size_t(2 * p.N) * sizeof(float);

@@ -156,7 +156,10 @@ void launch_mamba1_decode(const Mamba1DecodeParams& p, cudaStream_t stream);
 // SSM state update, C·s + D x, optional silu(z) gate. `counters`: (B*G) device ints, zero
 // between launches (the kernel restores them).
 constexpr int64_t kDecodeCounters = 1 << 16;
-void launch_mamba2_decode(const Mamba2DecodeParams& p, int* counters, cudaStream_t stream);
+// wide: 64 rows a block where that still fills the GPU (batched decode), else 8 (see
+// decode_fused.cu).
+void launch_mamba2_decode(const Mamba2DecodeParams& p, bool wide, int* counters,
+                          cudaStream_t stream);
 
 // The Mamba-3 layer scan, recurrent form (cuda/mamba3.cu; Mamba3ScanParams in cpp/op_params.h).
 void launch_mamba3_scan(const Mamba3ScanParams& p, cudaStream_t stream);

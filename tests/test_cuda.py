@@ -1155,7 +1155,8 @@ def test_mamba1_decode_large_batch(model_dirs, monkeypatch, name, dtype):
 @pytest.mark.parametrize("shape", ["m2", "m2-g4", "m2-n48"])
 @pytest.mark.parametrize("state", ["float32", "bfloat16"])
 def test_mamba2_decode_large_batch(model_dirs, tmp_path, monkeypatch, shape, state):
-    """Mamba-2's fused decode step at a batch wide enough for its 64-rows-a-block form (72 rows:
+    """Mamba-2's fused decode step (MAMBART_CUDA_M2_DECODE_WIDE=1: at every batch size) at a
+    batch wide enough for its 64-rows-a-block form (72 rows:
     H x 72 >= 2 blocks per SM on an H100 / H200) with each state access width: N = 64 (2 states
     a lane access), 128 (4) and 48 (1); fp32 and bf16 state storage. Against the separate
     conv1d + ssd_scan ops (MAMBART_CUDA_FUSED=0, same state storage) and, for the fp32 state,
@@ -1175,7 +1176,7 @@ def test_mamba2_decode_large_batch(model_dirs, tmp_path, monkeypatch, shape, sta
             for k in env:
                 monkeypatch.delenv(k)
 
-    fused = run("cuda", {})
+    fused = run("cuda", {"MAMBART_CUDA_M2_DECODE_WIDE": "1"})
     unfused = run("cuda", {"MAMBART_CUDA_FUSED": "0"})
     if state == "float32":
         close(fused[0], unfused[0], 1e-4, f"{shape} fused vs unfused")

@@ -71,6 +71,7 @@ class CudaBackend final : public Backend {
         if (opt.cublas) cublas_ = std::make_unique<cublas::Gemm>(stream_);
         cublas_min_rows_ = opt.cublas_min_rows;
         gemv_tc_ = opt.cuda_gemv_tc;
+        m2_wide_ = opt.cuda_m2_decode_wide;
         // The fused decode steps up to this many rows; larger batches run the separate ops.
         // Mamba-2: each fused block redoes the group's B/C conv, which costs more than it saves
         // at large batches (mamba2-1.3b b128 7,282 vs 6,153 tokens/s on an H100). Mamba-1: the
@@ -461,13 +462,14 @@ class CudaBackend final : public Backend {
     bool mamba2_decode_fused(const Mamba2DecodeParams& p) override {
         const ConvParams& c = p.conv;
         const SsdParams& s = p.ssd;
-        // every batch size (cuda_fused_max_batch is Mamba-1's: its fused step reads dt_proj's
-        // weights once a row; this one's per-block work is amortised over 64 rows when batched)
-        if (!fused_enabled_ || c.L != 1 || s.L != 1 || c.B != s.B ||
+        // up to cuda_fused_max_batch rows, or every batch size with cuda_m2_decode_wide (its
+        // 64-rows-a-block form amortises the per-block work when batched)
+        if (!fused_enabled_ || (!m2_wide_ && c.B > fused_max_batch_) || c.L != 1 || s.L != 1 ||
+            c.B != s.B ||
             c.C != s.H * s.P + 2 * s.G * s.N || s.B * s.G > cuda::kDecodeCounters)
             return false;
         dev();
-        cuda::launch_mamba2_decode(p, counters_, stream_);
+        cuda::launch_mamba2_decode(p, m2_wide_, counters_, stream_);
         return true;
     }
 
@@ -629,6 +631,7 @@ class CudaBackend final : public Backend {
     // GEMV at 2 and 3 rows was not measured.
     int64_t cublas_min_rows_ = 4;  // MAMBART_CUBLAS_MIN_ROWS
     bool gemv_tc_ = false;         // MAMBART_CUDA_GEMV_TC: decode batches on gemv_tc_kernel
+    bool m2_wide_ = false;         // MAMBART_CUDA_M2_DECODE_WIDE: Mamba-2's batched decode form
     int64_t fused_max_batch_ = 8;  // MAMBART_CUDA_FUSED_MAX_BATCH
     uint64_t free_bytes_limit_ = 0;  // MAMBART_CUDA_FREE_BYTES_LIMIT (0: none)
     // Quantized weights' prefill: rows dequantized to bf16, a slab of at most kDequantBytes
