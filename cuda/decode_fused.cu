@@ -19,13 +19,14 @@
 //   Grid: (H, B, ceil(P / R)); block: 8 warps, warp w owns rows p = R blockIdx.z + w + 8 r
 //   (r < R / 8), lane l the states n = V l + 32 V i + k (k < V: one V-wide access). R = 8 (a row
 //   a warp); with option cuda_m2_decode_wide, 64 where that still leaves 2 blocks per SM
-//   (batched decode: the per-block work below amortised over 8 rows a warp); V = 4 (or 2) where N is a multiple
-//   of 128 (64) and the state is aligned for it, else 1. A thread loads its state rows first
-//   (all in flight together), then the block computes the conv of its R x channels (and rolls
-//   their conv state: no other block reads them) and of its group's 2N B/C channels into shared
-//   memory. The B/C conv states are shared by the (H / G) ceil(P / R) blocks of (b, g): each
-//   block counts itself in counters[b G + g] after its reads; the block that counts last rolls
-//   those states and resets the counter to 0 (so every launch starts from zero).
+//   (batched decode: the per-block work below amortised over 8 rows a warp); V = 4 (or 2)
+//   where N is a multiple of 128 (64) and the state is aligned for it, else 1. A thread loads
+//   its state rows first (all in flight together), then the block computes the conv of its R x
+//   channels (and rolls their conv state: no other block reads them) and of its group's 2N B/C
+//   channels into shared memory. The B/C conv states are shared by the (H / G) ceil(P / R)
+//   blocks of (b, g): each block counts itself in counters[b G + g] after its reads; the block
+//   that counts last rolls those states and resets the counter to 0 (so every launch starts
+//   from zero).
 //   State storage S: fp32, or bf16 (option state_dtype, BF16_STATE_RULE: y from the fp32 step,
 //   the state rounded to bf16 when stored).
 //   Preconditions: 1 <= P, 1 <= N <= 256, 1 <= W <= kConvMaxWidth, H % G == 0,

@@ -588,7 +588,8 @@ __global__ void __launch_bounds__(kGemvTcWarps * 32) gemv_tc_kernel(LinearParams
                 const int64_t m = int64_t(j) * 8 + r;
                 float4 x0 = make_float4(0.0f, 0.0f, 0.0f, 0.0f), x1 = x0;
                 if (m < p.M) {
-                    const float4* xr = reinterpret_cast<const float4*>(p.x + m * p.ldx + st * 32 + 8 * q);
+                    const float4* xr =
+                        reinterpret_cast<const float4*>(p.x + m * p.ldx + st * 32 + 8 * q);
                     x0 = __ldg(xr);
                     x1 = __ldg(xr + 1);
                 }
