@@ -60,10 +60,11 @@ def kernel_times(fn) -> tuple[dict, float]:
 def report(label: str, rows: dict, wall: float, out) -> None:
     total = sum(v[1] for v in rows.values())
     print(f"\n== {label}: wall {wall * 1e3:.2f} ms, kernels {total / 1e3:.2f} ms "
-          f"({sum(v[0] for v in rows.values())} launches)")
+          f"({sum(v[0] for v in rows.values()):.6g} launches)")
     print(f"{'calls':>7} {'total ms':>9} {'mean us':>8} {'share':>6}  kernel")
     for k, (n, us) in sorted(rows.items(), key=lambda kv: -kv[1][1]):
-        print(f"{n:7.4g} {us / 1e3:9.3f} {us / n:8.2f} {100 * us / max(total, 1e-9):5.1f}%  {k}")
+        mean = f"{us / n:8.2f}" if n > 0 else f"{'-':>8}"  # per step: n may be 0 or fractional
+        print(f"{n:7.4g} {us / 1e3:9.3f} {mean} {100 * us / max(total, 1e-9):5.1f}%  {k}")
         if out:
             out.write(json.dumps(dict(phase=label, kernel=k, calls=n, total_us=round(us, 2))) + "\n")
     if out:
@@ -87,7 +88,7 @@ def per_step(label: str, short_fn, long_fn, steps: int, out) -> None:
         n = (b.get(k, [0, 0.0])[0] - a.get(k, [0, 0.0])[0]) / steps
         us = (b.get(k, [0, 0.0])[1] - a.get(k, [0, 0.0])[1]) / steps
         if n > 0 or us > 0.5:
-            rows[k] = [max(n, 1e-9), us]
+            rows[k] = [n, us]
     report(label, rows, (wb - wa) / steps, out)
 
 
