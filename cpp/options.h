@@ -31,11 +31,11 @@ struct RuntimeOptions {
     bool cublas = true;                 // cuBLAS for prefill / batched projections
     int64_t cublas_min_rows = 4;        // token rows from which cuBLAS runs a projection
     bool cuda_gemv_tc = false;          // decode batches' projections on the tensor-core GEMV
-    bool cuda_m2_decode_wide = false;   // Mamba-2's fused decode step, batched form
+    bool cuda_m2_decode_wide = true;    // Mamba-2's fused decode step, batched form
     std::string cublas_library;         // a libcublas to try first ("" : the default search)
     bool cuda_pdl = true;               // programmatic dependent launch (sm_90+)
     bool cuda_prefetch = true;          // GEMVs prefetch weight rows into L2 ahead of PDL waits
-    bool cuda_load_ahead = false;       // conv1d / gated norm / SSD state passing load ahead
+    bool cuda_load_ahead = true;        // conv1d / gated norm / SSD state passing load ahead
     bool fused_projections = false;     // decode projections with the norm, residual add and
                                         // Mamba-1 conv step folded in (read at model load)
     bool cuda_persistent_decode = false;  // batch-1 decode as persistent kernels (issue 16;
