@@ -22,9 +22,11 @@ const std::vector<OptionInfo> kTable = {
     {"cuda_m2_decode_wide", "MAMBART_CUDA_M2_DECODE_WIDE", "bool", "", "1",
      "Mamba-2's fused decode step at every batch size, 64 state rows a block when batched "
      "(0: the separate ops past cuda_fused_max_batch rows)"},
-    {"cuda_ssd", "MAMBART_CUDA_SSD", "choice", "chunked|recurrent|tf32", "chunked",
-     "Mamba-2 and Mamba-3 prefill: chunked SSD with split-TF32 products, the recurrent form, or "
-     "chunked with plain TF32 products"},
+    {"cuda_ssd", "MAMBART_CUDA_SSD", "choice", "chunked|auto|recurrent|tf32", "chunked",
+     "Mamba-2 and Mamba-3 prefill: chunked SSD with split-TF32 products; auto (the chunked SSD "
+     "with plain TF32 products for Mamba-2 layers with fp16 / bf16 / quantized weights, split "
+     "TF32 otherwise; not yet measured on a GPU); the recurrent form; or chunked with plain "
+     "TF32 products"},
     {"cuda_scan", "MAMBART_CUDA_SCAN", "choice", "auto|chunked|sequential|lanes", "auto",
      "Mamba-1 prefill scan: auto (time-parallel for long scans with d_state <= 16), always "
      "chunked, always sequential, or the lane-group kernel"},
@@ -263,7 +265,10 @@ RuntimeOptions runtime_options() {
         else if (n == "cuda_fused") r.cuda_fused = parse_bool(o, v);
         else if (n == "cuda_fused_max_batch") r.cuda_fused_max_batch = int64_t(parse_uint(o, v, 1 << 30));
         else if (n == "cuda_ssd")
-            r.cuda_ssd = v == "recurrent" ? CudaSsd::Recurrent : v == "tf32" ? CudaSsd::Tf32 : CudaSsd::Chunked;
+            r.cuda_ssd = v == "recurrent" ? CudaSsd::Recurrent
+                         : v == "tf32"    ? CudaSsd::Tf32
+                         : v == "auto"    ? CudaSsd::Auto
+                                          : CudaSsd::Chunked;
         else if (n == "cuda_scan")
             r.cuda_scan = v == "chunked"      ? CudaScan::Chunked
                           : v == "sequential" ? CudaScan::Sequential

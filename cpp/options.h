@@ -15,7 +15,7 @@
 
 namespace mambart {
 
-enum class CudaSsd { Chunked, Recurrent, Tf32 };
+enum class CudaSsd { Auto, Chunked, Recurrent, Tf32 };
 enum class CudaScan { Auto, Chunked, Sequential, Lanes };
 enum class CpuSsd { Auto, Chunked, Recurrent };
 enum class CpuMamba3 { Auto, Chunked, Recurrent };
@@ -26,7 +26,8 @@ struct RuntimeOptions {
     bool cuda_fused = true;             // fused single-token mixer steps (false: the separate ops)
     int64_t cuda_fused_max_batch = 8;   // the fused decode steps up to this many rows
     CudaSsd cuda_ssd = CudaSsd::Chunked;   // Mamba-2 / Mamba-3 prefill: chunked SSD (split
-                                           // TF32), the recurrent form, or chunked in plain TF32
+                                           // TF32; auto: plain TF32 for half-precision Mamba-2
+                                           // layers), the recurrent form, or plain TF32
     CudaScan cuda_scan = CudaScan::Auto;   // Mamba-1 prefill scan form
     bool cublas = true;                 // cuBLAS for prefill / batched projections
     int64_t cublas_min_rows = 4;        // token rows from which cuBLAS runs a projection

@@ -736,6 +736,21 @@ def test_load_ahead_kernels_are_bitwise_the_loops(model_dirs, name, dtype):
     assert on == off
 
 
+@pytest.mark.parametrize("name", ["m2", "m2-g4"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_ssd_auto_picks_the_products_by_weight_dtype(model_dirs, name, dtype):
+    """MAMBART_CUDA_SSD=auto: a Mamba-2 layer with bf16 weights runs the chunked SSD with plain
+    TF32 products (bitwise what `tf32` gives), one with fp32 weights the split products (bitwise
+    what `chunked` gives); the two forms differ, so the check can fail."""
+    code = LOGITS_CODE.format(path=str(model_dirs[name]), dtype=dtype)
+    half = dtype == "bfloat16"
+    auto = _run_isolated(code, {"MAMBART_CUDA_SSD": "auto"})
+    same = _run_isolated(code, {"MAMBART_CUDA_SSD": "tf32" if half else "chunked"})
+    other = _run_isolated(code, {"MAMBART_CUDA_SSD": "chunked" if half else "tf32"})
+    assert auto == same
+    assert auto != other
+
+
 @pytest.mark.parametrize("name", ["m1", "m1-ln", "m2", "m2-g4"])
 def test_graph_replay_equals_eager_and_host_sampling(model_dirs, name):
     code = GEN_CODE.format(path=str(model_dirs[name]))

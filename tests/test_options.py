@@ -54,7 +54,7 @@ def test_defaults_set_and_clear(monkeypatch):
 
 
 @pytest.mark.parametrize("kw,fragments", [
-    (dict(cuda_ssd="fast"), ("cuda_ssd", "MAMBART_CUDA_SSD", "'fast'", "chunked|recurrent|tf32")),
+    (dict(cuda_ssd="fast"), ("cuda_ssd", "MAMBART_CUDA_SSD", "'fast'", "chunked|auto|recurrent|tf32")),
     (dict(cuda_graphs="maybe"), ("cuda_graphs", "must be 0 or 1")),
     (dict(cublas_min_rows=0), ("cublas_min_rows", "must be >= 1")),
     (dict(cuda_persistent_ring=5), ("cuda_persistent_ring", "must be 0, 8, 16 or 24")),

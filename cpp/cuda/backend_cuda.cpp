@@ -56,6 +56,7 @@ class CudaBackend final : public Backend {
         fused_enabled_ = opt.cuda_fused;    // false: decode steps run the unfused ops
         ssd_chunked_ = opt.cuda_ssd != CudaSsd::Recurrent;  // prefill SSD in the chunked form
         ssd_tf32_ = opt.cuda_ssd == CudaSsd::Tf32;          // plain TF32 products
+        ssd_auto_ = opt.cuda_ssd == CudaSsd::Auto;          // plain TF32 for half layers
         // The Mamba-1 prefill scan (cuda/selective_scan.cu). Default: the time-parallel
         // (chunked) form for long scans with a thread per channel (d_state <= 16), the
         // sequential form with lane groups (d_state > 16; in the lane-group mapping the chunked
@@ -428,7 +429,8 @@ class CudaBackend final : public Backend {
         MAMBART_CHECK_ARG(p.chunk_size >= 1, "ssd_scan: chunk_size=", p.chunk_size,
                           " must be >= 1");
         const int64_t need = cuda::ssd_chunked_workspace_floats(p, p.chunk_size);
-        cuda::launch_ssd_chunked({p, p.chunk_size, workspace(need, "ssd_scan"), ssd_tf32_},
+        cuda::launch_ssd_chunked({p, p.chunk_size, workspace(need, "ssd_scan"),
+                                   ssd_tf32_ || (ssd_auto_ && p.half_weights)},
                                  stream_);
     }
 
@@ -614,6 +616,7 @@ class CudaBackend final : public Backend {
     bool fused_enabled_ = true;  // fused decode mixer steps (MAMBART_CUDA_FUSED=0: off)
     bool ssd_chunked_ = true;    // chunked SSD for L > 1 (MAMBART_CUDA_SSD=recurrent: off)
     bool ssd_tf32_ = false;      // chunked SSD in plain TF32 (MAMBART_CUDA_SSD=tf32), else split
+    bool ssd_auto_ = false;      // cuda_ssd auto: plain TF32 where SsdParams::half_weights
     int persistent_warps_ = 16;       // option cuda_persistent_warps
     int persistent_rows_ = 2;         // option cuda_persistent_rows
     bool cooperative_ = false;        // the device takes cooperative launches
