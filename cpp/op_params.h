@@ -98,7 +98,7 @@ struct SsdParams {            // Mamba-2: dt softplus + clamp, chunked SSD scan,
     // Option state_dtype bfloat16 (issue 18), or nullptr: as in SelectiveScanParams.
     uint16_t* ssm_state_bf16 = nullptr;
     uint16_t* state_trace_bf16 = nullptr;
-    // The layer's projections are half precision (fp16 / bf16, or quantized): their GEMMs round
+    // The layer's projections are half precision (fp16 / bf16 weights): their GEMMs round
     // activations to 8 or 11 significant bits, so a chunked form may take plain TF32 products
     // (11 bits) at no loss against them (option cuda_ssd auto).
     bool half_weights = false;

@@ -24,8 +24,8 @@ const std::vector<OptionInfo> kTable = {
      "(0: the separate ops past cuda_fused_max_batch rows)"},
     {"cuda_ssd", "MAMBART_CUDA_SSD", "choice", "chunked|auto|recurrent|tf32", "chunked",
      "Mamba-2 and Mamba-3 prefill: chunked SSD with split-TF32 products; auto (the chunked SSD "
-     "with plain TF32 products for Mamba-2 layers with fp16 / bf16 / quantized weights, split "
-     "TF32 otherwise; not yet measured on a GPU); the recurrent form; or chunked with plain "
+     "with plain TF32 products for Mamba-2 layers with fp16 / bf16 weights, split TF32 "
+     "otherwise; not yet measured on a GPU); the recurrent form; or chunked with plain "
      "TF32 products"},
     {"cuda_scan", "MAMBART_CUDA_SCAN", "choice", "auto|chunked|sequential|lanes", "auto",
      "Mamba-1 prefill scan: auto (time-parallel for long scans with d_state <= 16), always "

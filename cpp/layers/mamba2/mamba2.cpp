@@ -184,7 +184,7 @@ class Mamba2 final : public Layer {
         sp.G = G;
         sp.N = N;
         sp.chunk_size = c.chunk_size;
-        sp.half_weights = in_proj_.dtype != DType::F32;
+        sp.half_weights = in_proj_.dtype == DType::F16 || in_proj_.dtype == DType::BF16;
         set_ssm_state(sp, io.state[1], io.trace ? io.trace[1] : nullptr /* (B, L, H, P, N) */,
                       bf16_state_);
         // decode: conv update + scan fused where the backend can (not with a trace)
